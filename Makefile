@@ -1,0 +1,47 @@
+# Two entry points for a fresh machine: `make report` (the pipeline on the embedded default) and
+# `make test` (the test suite). Both create .venv if missing (torch==2.13.0 first, so nothing pulls a
+# CUDA build), install the package editable with its C kernels, and are idempotent.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+# Memory for --resources mem_mb: 80% of what is available now, so --cores 8 never starts more
+# full-size model copies than fit in RAM.
+MEM_MB := $(shell awk '/MemAvailable/ {printf "%d", $$2/1024*0.8}' /proc/meminfo 2>/dev/null || echo 4000)
+CORES ?= 8
+SNAKEMAKE_ARGS ?=
+KERNEL_SOURCES := $(wildcard kernels_c/src/*.c kernels_c/include/*.h src/actdiff/kernels/_build.py setup.py)
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup report test test-python test-c lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(KERNEL_SOURCES)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "$(TORCH_VERSION)")' 2>/dev/null \
+	  || $(BIN)/pip install "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install --upgrade "setuptools>=68" wheel "cffi>=1.16"
+	$(BIN)/pip install -e '.[test]'
+	@touch $(STAMP)
+
+report: setup
+	$(BIN)/snakemake --cores $(CORES) --resources mem_mb=$(MEM_MB) $(SNAKEMAKE_ARGS)
+
+test: setup test-c test-python
+
+test-c:
+	@if [ -f kernels_c/Makefile ]; then $(MAKE) -C kernels_c test test-sanitize; fi
+
+test-python:
+	$(BIN)/python -m pytest --durations=15
+
+lint: setup
+	$(BIN)/ruff check src tests workflow bench
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,90 @@
+"""Command-line entry point: ``actdiff <command>``.
+
+Commands:
+  nodes MODEL_DIR_OR_CONFIG [--markdown]   print the canonical node graph of a model
+  make-tiny OUT_DIR [--seed N]             generate the embedded tiny-nomic-moe model
+  validate-config CONFIG.yaml              validate a workflow config against the schema
+  inspect DUMP.h5                          summarise an activation dump
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ActdiffError
+
+REPO_SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
+
+
+def _graph(target: str):
+    from .nodes import build_graph, graph_for_model_dir
+
+    p = Path(target)
+    if p.is_dir():
+        return graph_for_model_dir(p)
+    return build_graph(json.loads(p.read_text(encoding="utf-8")), str(p))
+
+
+def nodes_markdown(graph, hf_prefix: str = "") -> str:
+    sym = graph.dims.symbols()
+    lines = [
+        "| # | node | op | inputs | shape | kind | reference tap (module, hook) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in graph:
+        dims = ", ".join(s if s in ("T", "1") else f"{s}={sym[s]}" for s in n.shape)
+        tap = f"`{hf_prefix}{n.tap[0]}` ({'forward output' if n.tap[1] == 'output' else 'forward input'})"
+        inputs = ", ".join(f"`{i}`" for i in n.inputs)
+        lines.append(f"| {n.index} | `{n.name}` | {n.op} | {inputs} | [{dims}] | {n.kind} | {tap} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="actdiff", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("nodes", help="print the canonical node graph")
+    p.add_argument("target", help="model directory or config.json")
+    p.add_argument("--markdown", action="store_true")
+    p = sub.add_parser("make-tiny", help="generate tiny-nomic-moe")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", default=str(Path(__file__).resolve().parents[2] / "resources/tokenizer_training.txt"))
+    p = sub.add_parser("validate-config", help="validate a workflow config")
+    p.add_argument("config")
+    p.add_argument("--schema", default=str(REPO_SCHEMA))
+    p = sub.add_parser("inspect", help="summarise an activation dump")
+    p.add_argument("dump")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "nodes":
+            g = _graph(args.target)
+            print(nodes_markdown(g) if args.markdown else g.describe())
+        elif args.cmd == "make-tiny":
+            from .models.tiny import generate_tiny_model
+            from .pipeline import released_config
+
+            generate_tiny_model(args.out_dir, args.text, released_config(), seed=args.seed)
+            print(f"wrote {args.out_dir}")
+        elif args.cmd == "validate-config":
+            from .config import load_config
+
+            load_config(args.config, args.schema)
+            print(f"{args.config}: valid")
+        elif args.cmd == "inspect":
+            from .h5io import ActivationReader
+
+            with ActivationReader(args.dump) as r:
+                print(f"{args.dump}: model={r.attrs.get('model')} side={r.attrs.get('side')} "
+                      f"variant={r.attrs.get('variant')} prompts={len(r.prompt_ids)} tokens={int(r.offsets[-1])} "
+                      f"nodes={len(r.node_names)}")
+    except ActdiffError as e:
+        print(f"actdiff: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Workflow configuration: validation against workflow/schemas/config.schema.yaml.
+
+Errors name the offending key as a dotted path (``models.tiny-nomic-moe.max_length``) and the file, and
+schema defaults are filled in so the rules can rely on every key being present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+from .variants import parse_variant
+
+
+def _extend_with_default(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = _copy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _copy(v):
+    import copy
+
+    return copy.deepcopy(v)
+
+
+_DefaultFilling = _extend_with_default(jsonschema.Draft7Validator)
+
+
+def _key_path(err) -> str:
+    parts = [str(p) for p in err.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def validate_config(config: dict, schema_path: str | Path, source: str = "the config") -> dict:
+    """Validate (and fill defaults in) a config dict in place; raise ConfigError naming the key."""
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: the configuration must be a mapping of keys to values")
+    errors = sorted(_DefaultFilling(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors[:5]:
+            lines.append(f"config key '{_key_path(e)}': {e.message}")
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines) + more)
+    for i, v in enumerate(config.get("variants", [])):
+        try:
+            parse_variant(v)
+        except ConfigError as e:
+            raise ConfigError(f"config key 'variants.{i}': {e}") from None
+    return config
+
+
+def load_config(path: str | Path, schema_path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    return validate_config(cfg, schema_path, source=str(p))

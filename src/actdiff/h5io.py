@@ -1,0 +1,208 @@
+"""HDF5 activation dumps (schema documented in docs/formats.md).
+
+One file per (model, side, variant, shard). For every node of the canonical graph there is ONE ragged
+dataset ``/nodes/<node name>`` holding all the shard's real tokens concatenated (``[sum T, ...]``), or
+one row per prompt for prompt-level nodes (``pooled``, ``embedding``). ``/prompt_ids`` (utf-8 strings)
+and ``/token_offsets`` (int64, length N+1) say which rows belong to which prompt: prompt i owns rows
+``token_offsets[i]:token_offsets[i+1]``. Datasets are chunked and gzip-compressed with shuffle.
+File attributes: schema_version, model, side, variant, shard, weights_sha256, graph (JSON), library
+versions, creation time. Per-node attributes: op, node index, shape template, kind, count of non-finite
+values.
+
+Writes are atomic: the file is built under a temporary name and renamed when complete, so a killed run
+never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import DumpError
+from .nodes import Graph, build_graph
+
+SCHEMA_VERSION = 1
+_FLUSH_ROWS = 4096
+_CHUNK_BYTES = 1 << 20
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("actdiff", "torch", "transformers", "tokenizers", "numpy", "h5py", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class ActivationWriter:
+    """Stream per-prompt node values into one HDF5 file; use as a context manager."""
+
+    def __init__(self, path: str | Path, graph: Graph, attrs: dict, compression_level: int = 1):
+        self.path = Path(path)
+        self.graph = graph
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.f = h5py.File(self.tmp, "w")
+        self.prompt_ids: list[str] = []
+        self.offsets = [0]
+        self.nonfinite = {n.name: 0 for n in graph}
+        self._buf: dict[str, list[np.ndarray]] = {n.name: [] for n in graph}
+        self._buf_rows = 0
+        grp = self.f.create_group("nodes")
+        self.ds = {}
+        for n in graph:
+            trailing = graph.trailing_shape(n.name)
+            dtype = np.dtype(n.dtype)
+            row_bytes = max(1, int(np.prod(trailing)) * dtype.itemsize)
+            chunk_rows = max(1, min(1024, _CHUNK_BYTES // row_bytes))
+            d = grp.create_dataset(
+                n.name,
+                shape=(0, *trailing),
+                maxshape=(None, *trailing),
+                dtype=dtype,
+                chunks=(chunk_rows, *trailing),
+                compression="gzip",
+                compression_opts=compression_level,
+                shuffle=True,
+            )
+            d.attrs.update({"op": n.op, "index": n.index, "shape": n.shape_template, "kind": n.kind, "axis": n.axis})
+            self.ds[n.name] = d
+        self.f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+        self.f.attrs["schema_version"] = SCHEMA_VERSION
+        self.f.attrs["graph"] = graph.to_json()
+        self.f.attrs["library_versions"] = json.dumps(library_versions())
+        self.f.attrs["created_unix"] = time.time()
+
+    def append(self, prompt_id: str, values: dict[str, np.ndarray]) -> list[str]:
+        """Add one prompt's values (every node, shaped per the graph). Returns nodes with NaN/Inf."""
+        T = None
+        bad = []
+        for n in self.graph:
+            if n.name not in values:
+                raise DumpError(f"prompt {prompt_id!r}: node {n.name!r} was not recorded")
+            a = np.asarray(values[n.name])
+            if n.axis == "token":
+                T = a.shape[0] if T is None else T
+            expected = self.graph.shape(n.name, T if n.axis == "token" else 1)
+            if a.shape != expected:
+                raise DumpError(f"prompt {prompt_id!r}: node {n.name!r} has shape {a.shape}, graph says {expected}")
+            a = a.astype(n.dtype, copy=False)
+            if n.kind != "index":
+                nf = int(a.size - np.count_nonzero(np.isfinite(a)))
+                if nf:
+                    self.nonfinite[n.name] += nf
+                    bad.append(n.name)
+            self._buf[n.name].append(a)
+        self.prompt_ids.append(prompt_id)
+        self.offsets.append(self.offsets[-1] + int(T))
+        self._buf_rows += int(T)
+        if self._buf_rows >= _FLUSH_ROWS:
+            self._flush()
+        return bad
+
+    def _flush(self) -> None:
+        for name, parts in self._buf.items():
+            if not parts:
+                continue
+            block = np.concatenate(parts, axis=0)
+            d = self.ds[name]
+            start = d.shape[0]
+            d.resize(start + block.shape[0], axis=0)
+            d[start:] = block
+            parts.clear()
+        self._buf_rows = 0
+
+    def close(self) -> None:
+        self._flush()
+        self.f.create_dataset("prompt_ids", data=np.array(self.prompt_ids, dtype=object), dtype=h5py.string_dtype())
+        self.f.create_dataset("token_offsets", data=np.asarray(self.offsets, dtype=np.int64))
+        for name, count in self.nonfinite.items():
+            self.ds[name].attrs["nonfinite"] = count
+        self.f.attrs["n_prompts"] = len(self.prompt_ids)
+        self.f.attrs["n_tokens"] = self.offsets[-1]
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class ActivationReader:
+    """Read a dump; every failure to read is a DumpError naming the file and what to do."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DumpError(f"{self.path}: activation dump not found; rerun the pipeline to produce it")
+        try:
+            self.f = h5py.File(self.path, "r")
+            version = int(self.f.attrs["schema_version"])
+            self.prompt_ids = [s.decode() if isinstance(s, bytes) else s for s in self.f["prompt_ids"][()]]
+            self.offsets = self.f["token_offsets"][()]
+            self.graph_json = json.loads(self.f.attrs["graph"])
+        except (OSError, KeyError, ValueError) as e:
+            raise DumpError(
+                f"{self.path}: not a readable actdiff dump ({type(e).__name__}: {e}); the file is corrupted or "
+                "incomplete. Delete it and rerun the pipeline to recompute it."
+            ) from None
+        if version != SCHEMA_VERSION:
+            raise DumpError(f"{self.path}: schema version {version}, this actdiff reads {SCHEMA_VERSION}; rerun")
+        self.attrs = dict(self.f.attrs)
+        self.index = {p: i for i, p in enumerate(self.prompt_ids)}
+
+    @property
+    def node_names(self) -> list[str]:
+        return list(self.f["nodes"].keys())
+
+    def graph(self) -> Graph:
+        from .nodes import ModelDims
+
+        return build_graph(ModelDims(**self.graph_json["dims"]))
+
+    def node_all(self, name: str) -> np.ndarray:
+        try:
+            return self.f["nodes"][name][()]
+        except KeyError:
+            raise DumpError(f"{self.path}: node {name!r} is not in this dump") from None
+        except OSError as e:
+            raise DumpError(f"{self.path}: node {name!r} cannot be read ({e}); the file is corrupted, rerun") from None
+
+    def node(self, name: str, prompt: int | str) -> np.ndarray:
+        i = self.index[prompt] if isinstance(prompt, str) else prompt
+        d = self.f["nodes"][name]
+        if d.attrs.get("axis", "token") == "prompt":
+            return d[i : i + 1]
+        return d[self.offsets[i] : self.offsets[i + 1]]
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

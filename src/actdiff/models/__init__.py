@@ -1,0 +1,1 @@
+"""Reference models: our NomicBERT-MoE implementation, loaders, and the embedded default models."""

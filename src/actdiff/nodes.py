@@ -1,0 +1,529 @@
+"""The canonical node graph: the contract every stage of actdiff shares.
+
+For each supported architecture, :func:`build_graph` derives from a model's ``config.json`` a DAG of
+named nodes in execution order. The reference dump, the engine, the statistics tables and the reports
+all use exactly these names. A node records:
+
+- ``name``: canonical name, e.g. ``encoder.layers.0.norm1`` (module-path style, architecture-neutral:
+  MiniLM's ``encoder.layer.0.attention.output.LayerNorm`` is also ``encoder.layers.0.norm1``);
+- ``op``: the op type (EMBED, LAYERNORM, MATMUL, SPLIT, ROPE, ATTENTION, ADD, GELU, ROUTER, SOFTMAX,
+  TOPK, EXPERT_FC1, EXPERT_FC2, MOE_SUM, BIAS_ADD, POOL, L2NORM);
+- ``inputs``: names of the nodes it reads (``input_ids`` is the graph input);
+- ``shape``: template such as ``("T", "H")``; :meth:`Graph.shape` resolves it for T tokens;
+- ``kind``: ``float``, ``prob`` (a probability) or ``index`` (integer expert ids);
+- ``axis``: ``token`` (one row per real token) or ``prompt`` (one row per prompt);
+- ``tap``: where the reference observes it: ``(module_path, "output" | "input")``; ``"input"`` means the
+  first positional input of that module (a forward pre-hook);
+- ``weights``: the checkpoint tensors the op uses.
+
+See docs/nodes.md for the full table with the HuggingFace module path of every node.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ModelError
+
+ARCH_NOMIC_MOE = "nomic_bert_moe"
+ARCH_BERT = "bert"
+INPUT_IDS = "input_ids"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Architecture sizes read from config.json (released key names for NomicBERT, BERT names for BERT)."""
+
+    arch: str
+    hidden: int
+    heads: int
+    layers: int
+    inner: int
+    vocab: int
+    eps: float
+    max_positions: int
+    type_vocab: int = 1
+    experts: int = 0
+    top_k: int = 0
+    moe_every_n_layers: int = 0
+    rotary_base: float = 10000.0
+    rotary_fraction: float = 1.0
+    rotary_interleaved: bool = False
+    normalize_expert_weights: bool = False
+    activation: str = "gelu"
+    pad_token_id: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        # released model: MoE where layer_index % moe_every_n_layers == 1 (layers 1, 3, 5, ...)
+        n = self.moe_every_n_layers
+        return self.arch == ARCH_NOMIC_MOE and self.experts > 0 and n > 0 and i % n == 1
+
+    def symbols(self) -> dict[str, int]:
+        return {
+            "H": self.hidden,
+            "3H": 3 * self.hidden,
+            "nh": self.heads,
+            "hd": self.head_dim,
+            "F": self.inner,
+            "E": self.experts,
+            "k": self.top_k,
+            "1": 1,
+        }
+
+
+def _req(cfg: dict, key: str, source: str, typ):
+    if key not in cfg:
+        raise ModelError(f"{source}: required key {key!r} is missing from config.json")
+    val = cfg[key]
+    if typ is float and isinstance(val, int) and not isinstance(val, bool):
+        val = float(val)
+    if not isinstance(val, typ) or isinstance(val, bool) and typ is not bool:
+        raise ModelError(
+            f"{source}: key {key!r} must be {typ.__name__}, got {val!r} ({type(val).__name__}); fix config.json"
+        )
+    return val
+
+
+def detect_arch(cfg: dict, source: str = "config.json") -> str:
+    mt = cfg.get("model_type")
+    if mt in ("nomic_bert", "actdiff_nomic_bert_moe"):
+        return ARCH_NOMIC_MOE
+    if mt == "bert":
+        return ARCH_BERT
+    raise ModelError(
+        f"{source}: model_type {mt!r} is not supported (supported: 'nomic_bert' for NomicBERT(-MoE), "
+        "'bert' for BERT such as all-MiniLM-L6-v2)"
+    )
+
+
+def dims_from_config(cfg: dict, source: str = "config.json") -> ModelDims:
+    """Read architecture sizes from a raw config.json dict; errors name the key and file."""
+    arch = detect_arch(cfg, source)
+    if arch == ARCH_NOMIC_MOE:
+        d = ModelDims(
+            arch=arch,
+            hidden=_req(cfg, "n_embd", source, int),
+            heads=_req(cfg, "n_head", source, int),
+            layers=_req(cfg, "n_layer", source, int),
+            inner=_req(cfg, "n_inner", source, int),
+            vocab=_req(cfg, "vocab_size", source, int),
+            eps=_req(cfg, "layer_norm_epsilon", source, float),
+            max_positions=_req(cfg, "n_positions", source, int),
+            type_vocab=int(cfg.get("type_vocab_size", 1)),
+            experts=int(cfg.get("num_experts", 0) or 0),
+            top_k=int(cfg.get("moe_top_k", 0) or 0),
+            moe_every_n_layers=int(cfg.get("moe_every_n_layers", 0) or 0),
+            rotary_base=float(_req(cfg, "rotary_emb_base", source, float)),
+            rotary_fraction=float(cfg.get("rotary_emb_fraction", 1.0)),
+            rotary_interleaved=bool(cfg.get("rotary_emb_interleaved", False)),
+            normalize_expert_weights=bool(cfg.get("moe_normalize_expert_weights", False)),
+            activation=str(cfg.get("activation_function", "gelu")),
+            pad_token_id=int(cfg.get("pad_token_id", 1)),
+        )
+        if d.experts and not (0 < d.top_k <= d.experts):
+            raise ModelError(f"{source}: moe_top_k={d.top_k} must be between 1 and num_experts={d.experts}")
+        if cfg.get("prenorm", False):
+            raise ModelError(f"{source}: prenorm=true is not supported (the released model is post-norm)")
+        if d.rotary_fraction != 1.0:
+            raise ModelError(f"{source}: rotary_emb_fraction={d.rotary_fraction} is not supported (only 1.0)")
+        if d.activation not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise ModelError(f"{source}: activation_function {d.activation!r} is not supported")
+    else:
+        d = ModelDims(
+            arch=arch,
+            hidden=_req(cfg, "hidden_size", source, int),
+            heads=_req(cfg, "num_attention_heads", source, int),
+            layers=_req(cfg, "num_hidden_layers", source, int),
+            inner=_req(cfg, "intermediate_size", source, int),
+            vocab=_req(cfg, "vocab_size", source, int),
+            eps=_req(cfg, "layer_norm_eps", source, float),
+            max_positions=_req(cfg, "max_position_embeddings", source, int),
+            type_vocab=int(cfg.get("type_vocab_size", 2)),
+            activation=str(cfg.get("hidden_act", "gelu")),
+            pad_token_id=int(cfg.get("pad_token_id", 0)),
+        )
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ModelError(f"{source}: only position_embedding_type='absolute' is supported")
+    for key, val in (("hidden", d.hidden), ("heads", d.heads), ("layers", d.layers), ("inner", d.inner)):
+        if val <= 0:
+            raise ModelError(f"{source}: {key} must be positive, got {val}")
+    if d.hidden % d.heads:
+        raise ModelError(f"{source}: hidden size {d.hidden} is not divisible by the number of heads {d.heads}")
+    return d
+
+
+@dataclass(frozen=True)
+class Node:
+    index: int
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    shape: tuple[str, ...]
+    kind: str = "float"
+    axis: str = "token"
+    tap: tuple[str, str] = ("", "output")
+    weights: tuple[str, ...] = ()
+    layer: int | None = None
+    attrs: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def shape_template(self) -> str:
+        return "[" + ", ".join(self.shape) + "]"
+
+    @property
+    def dtype(self) -> str:
+        return "int64" if self.kind == "index" else "float32"
+
+
+class Graph:
+    """Ordered canonical nodes of one model; node order is execution (topological) order."""
+
+    def __init__(self, dims: ModelDims, nodes: list[Node]):
+        self.dims = dims
+        self.nodes = nodes
+        self.by_name = {n.name: n for n in nodes}
+        if len(self.by_name) != len(nodes):
+            raise AssertionError("duplicate node names in graph")
+        seen = {INPUT_IDS}
+        for n in nodes:  # topological by construction; check it so later stages can rely on it
+            missing = [i for i in n.inputs if i not in seen]
+            if missing:
+                raise AssertionError(f"node {n.name} reads {missing} before they are computed")
+            seen.add(n.name)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def __getitem__(self, name: str) -> Node:
+        return self.by_name[name]
+
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def trailing_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one row (one token, or one prompt) of the node, i.e. the template without T/1."""
+        sym = self.dims.symbols()
+        return tuple(sym[s] for s in self.by_name[name].shape[1:])
+
+    def shape(self, name: str, tokens: int) -> tuple[int, ...]:
+        n = self.by_name[name]
+        lead = tokens if n.axis == "token" else 1
+        return (lead, *self.trailing_shape(name))
+
+    def describe(self) -> str:
+        lines = []
+        sym = self.dims.symbols()
+        for n in self.nodes:
+            dims = ", ".join(s if s in ("T", "1") else str(sym[s]) for s in n.shape)
+            lines.append(f"node {n.index:3d} {n.op:<10} {n.name} [{dims}]")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"dims": asdict(self.dims), "nodes": [asdict(n) for n in self.nodes]}, separators=(",", ":"))
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes: list[Node] = []
+
+    def add(self, name, op, inputs, shape, *, kind="float", axis="token", tap, weights=(), layer=None, **attrs):
+        self.nodes.append(
+            Node(len(self.nodes), name, op, tuple(inputs), tuple(shape), kind, axis, tap, tuple(weights), layer, attrs)
+        )
+        return name
+
+
+def _nomic_nodes(d: ModelDims) -> list[Node]:
+    b = _Builder()
+    x = b.add(
+        "embeddings",
+        "EMBED",
+        [INPUT_IDS],
+        ("T", "H"),
+        tap=("embeddings", "output"),
+        weights=("embeddings.word_embeddings.weight", "embeddings.token_type_embeddings.weight"),
+    )
+    x = b.add(
+        "emb_ln", "LAYERNORM", [x], ("T", "H"), tap=("emb_ln", "output"), weights=("emb_ln.weight", "emb_ln.bias")
+    )
+    for i in range(d.layers):
+        p = f"encoder.layers.{i}."
+        qkv = b.add(
+            p + "attn.qkv",
+            "MATMUL",
+            [x],
+            ("T", "3H"),
+            tap=(p + "attn.Wqkv", "output"),
+            layer=i,
+            weights=(p + "attn.Wqkv.weight", p + "attn.Wqkv.bias"),
+        )
+        q = b.add(p + "attn.q", "SPLIT", [qkv], ("T", "nh", "hd"), tap=(p + "attn.q", "output"), layer=i, part=0)
+        k = b.add(p + "attn.k", "SPLIT", [qkv], ("T", "nh", "hd"), tap=(p + "attn.k", "output"), layer=i, part=1)
+        v = b.add(p + "attn.v", "SPLIT", [qkv], ("T", "nh", "hd"), tap=(p + "attn.v", "output"), layer=i, part=2)
+        qr = b.add(p + "attn.q_rot", "ROPE", [q], ("T", "nh", "hd"), tap=(p + "attn.q_rot", "output"), layer=i)
+        kr = b.add(p + "attn.k_rot", "ROPE", [k], ("T", "nh", "hd"), tap=(p + "attn.k_rot", "output"), layer=i)
+        ctx = b.add(
+            p + "attn.context", "ATTENTION", [qr, kr, v], ("T", "H"), tap=(p + "attn.context", "output"), layer=i
+        )
+        o = b.add(
+            p + "attn.out_proj",
+            "MATMUL",
+            [ctx],
+            ("T", "H"),
+            tap=(p + "attn.out_proj", "output"),
+            layer=i,
+            weights=(p + "attn.out_proj.weight", p + "attn.out_proj.bias"),
+        )
+        r1 = b.add(p + "resid_attn", "ADD", [x, o], ("T", "H"), tap=(p + "resid_attn", "output"), layer=i)
+        h = b.add(
+            p + "norm1",
+            "LAYERNORM",
+            [r1],
+            ("T", "H"),
+            tap=(p + "norm1", "output"),
+            layer=i,
+            weights=(p + "norm1.weight", p + "norm1.bias"),
+        )
+        if d.is_moe_layer(i):
+            m = p + "mlp."
+            lg = b.add(
+                m + "router.logits",
+                "ROUTER",
+                [h],
+                ("T", "E"),
+                tap=(m + "router.layer", "output"),
+                layer=i,
+                weights=(m + "router.layer.weight",),
+            )
+            pr = b.add(
+                m + "router.probs",
+                "SOFTMAX",
+                [lg],
+                ("T", "E"),
+                kind="prob",
+                tap=(m + "router.probs", "output"),
+                layer=i,
+            )
+            tw = b.add(
+                m + "router.topk_weights",
+                "TOPK",
+                [pr],
+                ("T", "k"),
+                kind="prob",
+                tap=(m + "router.topk_weights", "output"),
+                layer=i,
+                part="weights",
+            )
+            ti = b.add(
+                m + "router.topk_indices",
+                "TOPK",
+                [pr],
+                ("T", "k"),
+                kind="index",
+                tap=(m + "router.topk_indices", "output"),
+                layer=i,
+                part="indices",
+            )
+            f1 = b.add(
+                m + "experts.fc1",
+                "EXPERT_FC1",
+                [h, ti],
+                ("T", "k", "F"),
+                tap=(m + "experts.fc1", "output"),
+                layer=i,
+                weights=(m + "experts.mlp.w1",),
+            )
+            ac = b.add(m + "experts.act", "GELU", [f1], ("T", "k", "F"), tap=(m + "experts.act", "output"), layer=i)
+            eo = b.add(
+                m + "experts.out",
+                "EXPERT_FC2",
+                [ac, ti],
+                ("T", "k", "H"),
+                tap=(m + "experts.out", "output"),
+                layer=i,
+                weights=(m + "experts.mlp.w2",),
+            )
+            ws = b.add(
+                m + "experts.weighted_sum",
+                "MOE_SUM",
+                [eo, tw],
+                ("T", "H"),
+                tap=(m + "experts.weighted_sum", "output"),
+                layer=i,
+            )
+            mo = b.add(
+                m + "experts.bias_add",
+                "BIAS_ADD",
+                [ws],
+                ("T", "H"),
+                tap=(m + "experts.bias_add", "output"),
+                layer=i,
+                weights=(m + "experts.bias",),
+            )
+        else:
+            m = p + "mlp."
+            f1 = b.add(
+                m + "fc1",
+                "MATMUL",
+                [h],
+                ("T", "F"),
+                tap=(m + "fc1", "output"),
+                layer=i,
+                weights=(m + "fc1.weight", m + "fc1.bias"),
+            )
+            ac = b.add(m + "act", "GELU", [f1], ("T", "F"), tap=(m + "act", "output"), layer=i)
+            mo = b.add(
+                m + "fc2",
+                "MATMUL",
+                [ac],
+                ("T", "H"),
+                tap=(m + "fc2", "output"),
+                layer=i,
+                weights=(m + "fc2.weight", m + "fc2.bias"),
+            )
+        r2 = b.add(p + "resid_mlp", "ADD", [h, mo], ("T", "H"), tap=(p + "resid_mlp", "output"), layer=i)
+        x = b.add(
+            p + "norm2",
+            "LAYERNORM",
+            [r2],
+            ("T", "H"),
+            tap=(p + "norm2", "output"),
+            layer=i,
+            weights=(p + "norm2.weight", p + "norm2.bias"),
+        )
+    _pool_nodes(b, x)
+    return b.nodes
+
+
+def _bert_nodes(d: ModelDims) -> list[Node]:
+    b = _Builder()
+    x = b.add(
+        "embeddings",
+        "EMBED",
+        [INPUT_IDS],
+        ("T", "H"),
+        tap=("embeddings.LayerNorm", "input"),
+        weights=(
+            "embeddings.word_embeddings.weight",
+            "embeddings.position_embeddings.weight",
+            "embeddings.token_type_embeddings.weight",
+        ),
+    )
+    x = b.add(
+        "emb_ln",
+        "LAYERNORM",
+        [x],
+        ("T", "H"),
+        tap=("embeddings.LayerNorm", "output"),
+        weights=("embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"),
+    )
+    for i in range(d.layers):
+        p = f"encoder.layers.{i}."
+        hf = f"encoder.layer.{i}."
+        qkv = []
+        for short, mod in (("q", "query"), ("k", "key"), ("v", "value")):
+            qkv.append(
+                b.add(
+                    p + f"attn.{short}",
+                    "MATMUL",
+                    [x],
+                    ("T", "nh", "hd"),
+                    tap=(hf + f"attention.self.{mod}", "output"),
+                    layer=i,
+                    weights=(hf + f"attention.self.{mod}.weight", hf + f"attention.self.{mod}.bias"),
+                )
+            )
+        ctx = b.add(
+            p + "attn.context", "ATTENTION", qkv, ("T", "H"), tap=(hf + "attention.output.dense", "input"), layer=i
+        )
+        o = b.add(
+            p + "attn.out_proj",
+            "MATMUL",
+            [ctx],
+            ("T", "H"),
+            tap=(hf + "attention.output.dense", "output"),
+            layer=i,
+            weights=(hf + "attention.output.dense.weight", hf + "attention.output.dense.bias"),
+        )
+        r1 = b.add(
+            p + "resid_attn", "ADD", [x, o], ("T", "H"), tap=(hf + "attention.output.LayerNorm", "input"), layer=i
+        )
+        h = b.add(
+            p + "norm1",
+            "LAYERNORM",
+            [r1],
+            ("T", "H"),
+            tap=(hf + "attention.output.LayerNorm", "output"),
+            layer=i,
+            weights=(hf + "attention.output.LayerNorm.weight", hf + "attention.output.LayerNorm.bias"),
+        )
+        f1 = b.add(
+            p + "mlp.fc1",
+            "MATMUL",
+            [h],
+            ("T", "F"),
+            tap=(hf + "intermediate.dense", "output"),
+            layer=i,
+            weights=(hf + "intermediate.dense.weight", hf + "intermediate.dense.bias"),
+        )
+        ac = b.add(
+            p + "mlp.act", "GELU", [f1], ("T", "F"), tap=(hf + "intermediate.intermediate_act_fn", "output"), layer=i
+        )
+        f2 = b.add(
+            p + "mlp.fc2",
+            "MATMUL",
+            [ac],
+            ("T", "H"),
+            tap=(hf + "output.dense", "output"),
+            layer=i,
+            weights=(hf + "output.dense.weight", hf + "output.dense.bias"),
+        )
+        r2 = b.add(p + "resid_mlp", "ADD", [h, f2], ("T", "H"), tap=(hf + "output.LayerNorm", "input"), layer=i)
+        x = b.add(
+            p + "norm2",
+            "LAYERNORM",
+            [r2],
+            ("T", "H"),
+            tap=(hf + "output.LayerNorm", "output"),
+            layer=i,
+            weights=(hf + "output.LayerNorm.weight", hf + "output.LayerNorm.bias"),
+        )
+    _pool_nodes(b, x)
+    return b.nodes
+
+
+def _pool_nodes(b: _Builder, x: str) -> None:
+    # Pooling is outside the HF model (sentence-transformers' Pooling + Normalize); the reference
+    # runner wraps it in actdiff.models.pooling.MeanPoolNormalize, whose taps live under "pooling.".
+    p = b.add("pooled", "POOL", [x], ("1", "H"), axis="prompt", tap=("pooling.pooled", "output"))
+    b.add("embedding", "L2NORM", [p], ("1", "H"), axis="prompt", tap=("pooling.embedding", "output"))
+
+
+def build_graph(config: dict | ModelDims, source: str = "config.json") -> Graph:
+    """Build the canonical graph from a raw config.json dict (or already parsed dims)."""
+    dims = config if isinstance(config, ModelDims) else dims_from_config(config, source)
+    nodes = _nomic_nodes(dims) if dims.arch == ARCH_NOMIC_MOE else _bert_nodes(dims)
+    return Graph(dims, nodes)
+
+
+def load_config_json(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: config.json not found; is {model_dir} a model directory?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e}); fix or re-download the file") from None
+
+
+def graph_for_model_dir(model_dir: str | Path) -> Graph:
+    return build_graph(load_config_json(model_dir), source=str(Path(model_dir) / "config.json"))

@@ -1,0 +1,128 @@
+"""Stage functions called by the workflow's script adapters (one function per rule).
+
+Each reads its inputs, does one thing, and writes its outputs atomically, so a rerun after a kill
+recomputes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from .atomic import atomic_path, write_json_atomic
+from .errors import ModelError
+from .models.loading import check_model_dir, model_summary, resolve_model_dir
+from .nodes import build_graph
+from .prompts import load_prompt_sheet, split_into_shards
+
+log = logging.getLogger(__name__)
+
+
+def released_config() -> dict:
+    return json.loads(resources.files("actdiff").joinpath("data/nomic-embed-text-v2-moe.config.json").read_text())
+
+
+def generate_model(kind: str, out_dir: str, text_file: str, seed: int) -> None:
+    from .models.tiny import generate_tiny_model
+
+    if kind != "tiny-nomic-moe":
+        raise ModelError(f"unknown generated model {kind!r}; available: tiny-nomic-moe")
+    t0 = time.perf_counter()
+    generate_tiny_model(out_dir, text_file, released_config(), seed=seed)
+    log.info("generated %s (seed %d) in %s in %.1f s", kind, seed, out_dir, time.perf_counter() - t0)
+
+
+def resolve_model(name: str, source: dict, out_json: str, resources_dir: str = "resources/models") -> None:
+    """Locate the model, check it, and record its directory, architecture and weights hash."""
+    d = resolve_model_dir(name, source, resources_dir)
+    check_model_dir(d)
+    summary = model_summary(name, d)
+    graph = build_graph(summary["config"], str(d / "config.json"))
+    summary["n_nodes"] = len(graph)
+    write_json_atomic(out_json, summary)
+    log.info(
+        "model %s: %s (%s), %d graph nodes, weights sha256 %s",
+        name,
+        d,
+        summary["arch"],
+        len(graph),
+        summary["weights_sha256"][:16],
+    )
+
+
+def split_prompts(sheet: str, n_shards: int, outputs: list[str]) -> None:
+    df = load_prompt_sheet(sheet)
+    shards = split_into_shards(df, n_shards)
+    for s, (part, out) in enumerate(zip(shards, outputs, strict=True)):
+        with atomic_path(out) as tmp:
+            part.to_parquet(tmp, index=False)
+        log.info("shard %d: %d prompts", s, len(part))
+    log.info("%s: %d prompts in %d shards", sheet, len(df), n_shards)
+
+
+def tokenize(model_json: str, prompts: str, max_length: int, out: str) -> None:
+    from .tokenize import tokenize_shard
+
+    info = json.loads(Path(model_json).read_text())
+    df = pd.read_parquet(prompts)
+    t0 = time.perf_counter()
+    res = tokenize_shard(df, info["dir"], max_length, out, model_name=info["name"])
+    dt = time.perf_counter() - t0
+    log.info(
+        "tokenized %d prompts (%d truncated) in %.2f s (%.0f prompts/s)",
+        len(res),
+        int(res["reference_truncated"].sum()),
+        dt,
+        len(res) / max(dt, 1e-9),
+    )
+
+
+def dump_reference(
+    model_json: str, tokens: str, out: str, batch_size: int, impl: str, shard: int, allow_pickle: bool = False
+) -> None:
+    from .h5io import ActivationWriter
+    from .models.loading import load_reference_model
+    from .reference import ReferenceRunner
+
+    info = json.loads(Path(model_json).read_text())
+    model, cfg, arch = load_reference_model(info["dir"], impl=impl, allow_pickle=allow_pickle)
+    graph = build_graph(cfg, str(Path(info["dir"]) / "config.json"))
+    toks = pd.read_parquet(tokens, columns=["prompt_id", "reference_ids"])
+    runner = ReferenceRunner(model, graph)
+    attrs = {
+        "model": info["name"],
+        "side": "reference",
+        "variant": "fp32",
+        "shard": int(shard),
+        "arch": arch,
+        "weights_sha256": info["weights_sha256"],
+        "model_dir": info["dir"],
+        "impl": impl,
+        "dtypes": json.dumps({"weights": "float32", "activations": "float32", "indices": "int64"}),
+        "batch_size": int(batch_size),
+    }
+    t0 = time.perf_counter()
+    n_bad = 0
+    items = ((pid, [int(i) for i in ids]) for pid, ids in zip(toks["prompt_id"], toks["reference_ids"], strict=True))
+    with ActivationWriter(out, graph, attrs) as w:
+        for pid, vals in runner.run(items, batch_size=batch_size):
+            bad = w.append(pid, vals)
+            if bad:
+                n_bad += 1
+                log.warning("prompt %r: NaN/Inf in reference node(s) %s (recorded as is)", pid, bad[:5])
+    runner.close()
+    dt = time.perf_counter() - t0
+    log.info(
+        "dumped %d prompts, %d tokens, %d nodes in %.1f s (%.1f prompts/s); %d prompts with NaN/Inf",
+        len(toks),
+        int(sum(len(x) for x in toks["reference_ids"])),
+        len(graph),
+        dt,
+        len(toks) / max(dt, 1e-9),
+        n_bad,
+    )

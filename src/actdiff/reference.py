@@ -1,0 +1,118 @@
+"""Run the fp32 reference model and record every node of the canonical graph with forward hooks.
+
+Prompts run at batch 1 by default. With a larger batch, sequences are padded on the right with the
+model's pad id and an attention mask; only each prompt's real tokens are kept, so the values equal the
+batch-1 values within float32 rounding of the padded attention (tests/test_reference.py checks 1e-6).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .models.pooling import MeanPoolNormalize
+from .nodes import ARCH_BERT, Graph
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceRunner:
+    def __init__(self, model: torch.nn.Module, graph: Graph):
+        self.model = model
+        self.graph = graph
+        self.pooling = MeanPoolNormalize()
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = []
+        modules = dict(model.named_modules())
+        modules.update({f"pooling.{k}": m for k, m in self.pooling.named_modules() if k})
+        missing = [n.name for n in graph if n.tap[0] not in modules]
+        if missing:
+            raise RuntimeError(f"reference model has no module for node(s) {missing[:5]}: graph and model disagree")
+        by_tap: dict[tuple[str, str], list[str]] = {}
+        for n in graph:
+            by_tap.setdefault(tuple(n.tap), []).append(n.name)
+        for (path, kind), names in by_tap.items():
+            mod = modules[path]
+            if kind == "output":
+                h = mod.register_forward_hook(self._out_hook(names))
+            else:
+                h = mod.register_forward_pre_hook(self._in_hook(names))
+            self._handles.append(h)
+
+    def _out_hook(self, names):
+        def hook(_mod, _args, output):
+            t = output[0] if isinstance(output, tuple) else output
+            for n in names:
+                self._captured[n] = t.detach()
+
+        return hook
+
+    def _in_hook(self, names):
+        def hook(_mod, args):
+            for n in names:
+                self._captured[n] = args[0].detach()
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    @torch.inference_mode()
+    def run_batch(self, batch_ids: list[list[int]]) -> list[dict[str, np.ndarray]]:
+        """Run prompts (token id lists) as one right-padded batch; return per-prompt node values."""
+        B = len(batch_ids)
+        S = max(len(x) for x in batch_ids)
+        pad = self.graph.dims.pad_token_id
+        ids = torch.full((B, S), pad, dtype=torch.long)
+        mask = torch.zeros((B, S), dtype=torch.long)
+        for b, seq in enumerate(batch_ids):
+            ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[b, : len(seq)] = 1
+        self._captured.clear()
+        if self.graph.dims.arch == ARCH_BERT:
+            hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+            hidden = hidden.last_hidden_state
+        else:
+            hidden = self.model(input_ids=ids, attention_mask=mask)
+        self.pooling(hidden, mask)
+        out: list[dict[str, np.ndarray]] = [{} for _ in range(B)]
+        for n in self.graph:
+            t = self._captured[n.name]
+            trailing = self.graph.trailing_shape(n.name)
+            if n.axis == "prompt":
+                t = t.reshape(B, 1, *trailing)
+            else:
+                t = t.reshape(B, S, *trailing)  # MoE nodes are captured flat as (B*S, ...)
+            arr = t.to(torch.int64 if n.kind == "index" else torch.float32).numpy()
+            for b, seq in enumerate(batch_ids):
+                out[b][n.name] = arr[b] if n.axis == "prompt" else arr[b, : len(seq)]
+        return out
+
+    def run(
+        self, prompts: Iterable[tuple[str, list[int]]], batch_size: int = 1, progress_every: int = 50
+    ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """Stream (prompt_id, node values) for prompts, a batch at a time."""
+        batch: list[tuple[str, list[int]]] = []
+        done, t0 = 0, time.perf_counter()
+
+        def flush():
+            nonlocal done
+            for (pid, _), vals in zip(batch, self.run_batch([ids for _, ids in batch]), strict=True):
+                yield pid, vals
+            done += len(batch)
+            if done % progress_every < len(batch):
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                log.info("reference: %d prompts done (%.1f prompts/s)", done, rate)
+            batch.clear()
+
+        for item in prompts:
+            batch.append(item)
+            if len(batch) >= batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()

@@ -1,0 +1,57 @@
+"""Variant grammar: ``precision[+fault=name[:param]]``.
+
+A variant says how the engine side runs: the precision policy (``fp32``, ``fp16``, ``bf16``,
+``int8``, ``fp16-act``) and optionally one deliberate fault, for example ``fp32+fault=gelu_tanh``
+or ``fp32+fault=ln_eps:1e-2``. The reference side always runs at ``fp32`` with no fault.
+
+The same regular expression is used as the Snakemake ``wildcard_constraints`` for ``{variant}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp16-act")
+REFERENCE_VARIANT = "fp32"
+
+_PRECISION_RE = "|".join(re.escape(p) for p in sorted(PRECISIONS, key=len, reverse=True))
+# fault names are identifiers; a parameter is a number or identifier-like token.
+FAULT_NAME_RE = r"[a-z][a-z0-9_]*"
+FAULT_PARAM_RE = r"[A-Za-z0-9_.eE+\-]+"
+VARIANT_RE = rf"(?:{_PRECISION_RE})(?:\+fault={FAULT_NAME_RE}(?::{FAULT_PARAM_RE})?)?"
+_VARIANT_FULL = re.compile(
+    rf"^(?P<precision>{_PRECISION_RE})(?:\+fault=(?P<fault>{FAULT_NAME_RE})(?::(?P<param>{FAULT_PARAM_RE}))?)?$"
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    precision: str
+    fault: str | None = None
+    fault_param: str | None = None
+
+    def __str__(self) -> str:
+        s = self.precision
+        if self.fault:
+            s += f"+fault={self.fault}"
+            if self.fault_param is not None:
+                s += f":{self.fault_param}"
+        return s
+
+    @property
+    def is_reference_precision(self) -> bool:
+        return self.precision == REFERENCE_VARIANT and self.fault is None
+
+
+def parse_variant(text: str) -> Variant:
+    """Parse a variant string; raise ConfigError naming the string and the grammar if it is invalid."""
+    m = _VARIANT_FULL.match(text)
+    if not m:
+        raise ConfigError(
+            f"variant {text!r} is not valid: expected precision[+fault=name[:param]] with precision one of "
+            f"{', '.join(PRECISIONS)} (for example 'fp32', 'int8', 'fp32+fault=gelu_tanh')"
+        )
+    return Variant(m["precision"], m["fault"], m["param"])

@@ -1,0 +1,47 @@
+"""Glue for the Snakemake ``script:`` adapters: logging to the rule's log file, thread pinning, and
+turning an ActdiffError into a clear one-paragraph message (no traceback) and exit status 1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .errors import ActdiffError
+
+
+def setup_logging(log_path: str | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
+
+
+def pin_threads(n: int) -> None:
+    """Pin BLAS/OpenMP/torch threads for this process to the rule's thread count."""
+    n = max(1, int(n))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(n)
+        torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
+
+
+def run(snakemake, func, **kwargs):
+    """Call ``func(**kwargs)`` for a rule; log to the rule's log; clean error and exit 1 on ActdiffError."""
+    log_path = str(snakemake.log[0]) if len(snakemake.log) else None
+    setup_logging(log_path)
+    pin_threads(snakemake.threads)
+    log = logging.getLogger(f"actdiff.rule.{snakemake.rule}")
+    log.info("rule %s: wildcards %s, threads %d", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
+    try:
+        return func(**kwargs)
+    except ActdiffError as e:
+        log.error("%s", e)
+        print(f"\nactdiff error in rule {snakemake.rule}: {e}\n", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import sys
+
+from actdiff.config import validate_config
+from actdiff.errors import ConfigError, ModelError
+from actdiff.models.loading import resolve_model_dir
+from actdiff.variants import VARIANT_RE
+
+
+try:
+    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+except ConfigError as e:  # a clear message naming the key, not a traceback
+    sys.exit(f"actdiff: {e}")
+
+R = config["results"]  # every output lives under this directory
+MODELS = list(config["models"])
+SHARDS = list(range(config["shards"]))
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    side="reference|[a-z][a-z0-9_]*",
+    variant=VARIANT_RE,
+    shard=r"\d+",
+
+
+def model_cfg(wildcards):
+    return config["models"][wildcards.model]
+
+
+def generated_model_files(wildcards):
+    """Inputs of resolve_model: the generated model's files, or nothing for shipped/local models."""
+    src = config["models"][wildcards.model]["source"]
+    if "generate" in src:
+        return {"config": f"resources/models/{wildcards.model}/config.json"}
+    return {}
+
+
+def reference_mem_mb(wildcards):
+    """Memory of one reference run: the config's mem_mb, else ~3x the checkpoint + 1 GB (weights, a
+    meta-device build, activations, allocator slack); 2 GB when the checkpoint is not there yet."""
+    m = config["models"][wildcards.model]
+    if "mem_mb" in m:
+        return m["mem_mb"]
+    try:
+        d = resolve_model_dir(wildcards.model, m["source"])
+        return int(3 * (d / "model.safetensors").stat().st_size / 2**20) + 1000
+    except (ModelError, OSError):
+        return 2000
+
+
+def all_targets():
+    out = []
+    for m in MODELS:
+        out.append(f"{R}/{m}/model.json")
+        for s in SHARDS:
+            out.append(f"{R}/{m}/tokens/shard-{s}.parquet")
+            out.append(f"{R}/{m}/reference/fp32/activations/shard-{s}.h5")
+    return out

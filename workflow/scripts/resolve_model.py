@@ -1,0 +1,12 @@
+"""Adapter for rule resolve_model: locate and fingerprint a model."""
+
+from actdiff.pipeline import resolve_model
+from actdiff.workflow_support import run
+
+run(
+    snakemake,  # noqa: F821
+    resolve_model,
+    name=snakemake.wildcards.model,  # noqa: F821
+    source=dict(snakemake.params.source),  # noqa: F821
+    out_json=snakemake.output.model,  # noqa: F821
+)

@@ -1,0 +1,13 @@
+"""Adapter for rule tokenize: reference token ids for one shard."""
+
+from actdiff.pipeline import tokenize
+from actdiff.workflow_support import run
+
+run(
+    snakemake,  # noqa: F821
+    tokenize,
+    model_json=snakemake.input.model,  # noqa: F821
+    prompts=snakemake.input.prompts,  # noqa: F821
+    max_length=snakemake.params.max_length,  # noqa: F821
+    out=snakemake.output.tokens,  # noqa: F821
+)
