@@ -34,7 +34,7 @@ report: setup
 test: setup test-c test-python
 
 test-c:
-	@if [ -f kernels_c/Makefile ]; then $(MAKE) -C kernels_c test test-sanitize; fi
+	$(MAKE) -C kernels_c test test-sanitize test-python-sanitize PYTHON=$(BIN)/python
 
 test-python:
 	$(BIN)/python -m pytest --durations=15

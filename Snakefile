@@ -26,6 +26,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/reference.smk"
+include: "workflow/rules/engine.smk"
 
 
 rule all:

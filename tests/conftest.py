@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,22 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data"
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def run_cmd(args: list[str], cwd: Path = REPO, timeout: float = 1200, env: dict | None = None):
-    e = dict(os.environ)
-    e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
-    if env:
-        e.update(env)
-    return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
-
-
-def snakemake(*args: str, timeout: float = 1800):
-    return run_cmd([str(BIN / "snakemake"), *args], timeout=timeout)
+from helpers import DATA, REPO, snakemake  # noqa: E402
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
 
 from actdiff.config import validate_config
 from actdiff.errors import ConfigError, PromptError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import REPO
+from helpers import REPO
 
 from actdiff.cli import nodes_markdown
 from actdiff.nodes import graph_for_model_dir

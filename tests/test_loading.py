@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_cmd
+from helpers import run_cmd
 from safetensors.numpy import load_file, save_file
 
 from actdiff.errors import ModelError

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BIN, REPO, run_cmd, snakemake
+from helpers import BIN, REPO, run_cmd, snakemake
 
 from actdiff.h5io import ActivationReader
 from actdiff.prompts import load_prompt_sheet, shard_of
@@ -46,9 +46,15 @@ def expected_nodes(cfg: dict) -> dict[str, tuple]:
     return out
 
 
+DUMPS = [(m, "reference", "fp32") for m in MODELS] + [
+    ("tiny-nomic-moe", "actdiff", "fp32"), ("tiny-nomic-moe", "actdiff", "fp32+fault=causal_mask"),
+    ("minilm-l6", "actdiff", "fp32"),
+]
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("model", MODELS)
-def test_hdf5_holds_exactly_the_graph(ci_run, model):
+@pytest.mark.parametrize("model, side, variant", DUMPS)
+def test_hdf5_holds_exactly_the_graph(ci_run, model, side, variant):
     info = json.loads((ci_run.results / model / "model.json").read_text())
     want = expected_nodes(info["config"])
     n_layers = info["config"].get("n_layer", info["config"].get("num_hidden_layers"))
@@ -58,7 +64,7 @@ def test_hdf5_holds_exactly_the_graph(ci_run, model):
         assert len(want) == 4 + 12 * n_layers
     total_prompts = 0
     for s in range(ci_run.config["shards"]):
-        path = ci_run.results / model / "reference/fp32/activations" / f"shard-{s}.h5"
+        path = ci_run.results / model / side / variant / "activations" / f"shard-{s}.h5"
         with h5py.File(path) as f:
             assert set(f["nodes"]) == set(want)
             offsets = f["token_offsets"][()]
@@ -72,7 +78,8 @@ def test_hdf5_holds_exactly_the_graph(ci_run, model):
                 assert d.dtype == (np.int64 if name.endswith("topk_indices") else np.float32), name
                 assert d.compression == "gzip" and d.chunks is not None
             assert f.attrs["schema_version"] == 1 and f.attrs["weights_sha256"] == info["weights_sha256"]
-            assert f.attrs["model"] == model and f.attrs["side"] == "reference" and f.attrs["variant"] == "fp32"
+            assert f.attrs["model"] == model and f.attrs["side"] == side and f.attrs["variant"] == variant
+            assert f["nodes"]["emb_ln"].attrs["op"] == "LAYERNORM" and f["nodes"]["emb_ln"].attrs["index"] == 1
             assert json.loads(f.attrs["library_versions"])["torch"]
             assert len(json.loads(f.attrs["graph"])["nodes"]) == len(want)
     assert total_prompts == 47
@@ -93,6 +100,9 @@ def test_token_parquet(ci_run, model):
     for col in ("reference_ids", "reference_length", "reference_truncated", "engine_ids", "ids_match", "first_diff"):
         assert col in df.columns
     assert (df["reference_length"] == df["reference_ids"].map(len)).all()
+    # the engine's own tokenizer agrees on every prompt (full corpus: tests/test_engine_tokenizer.py)
+    assert df["ids_match"].all() and df["first_diff"].isna().all()
+    assert (df["engine_ids"].map(list) == df["reference_ids"].map(list)).all()
     assert (df["reference_length"] <= max_len).all()
     long = df[df["category"] == "long"]
     assert len(long) == 2 and long["reference_truncated"].all() and (long["reference_length"] == max_len).all()
@@ -136,6 +146,26 @@ def test_reference_dump_matches_a_direct_run(ci_run, tiny_model_dir):
             for name in ("emb_ln", "encoder.layers.1.mlp.experts.out", "encoder.layers.3.norm2", "embedding"):
                 np.testing.assert_array_equal(r.node(name, pid), vals[name])
     torch.set_num_threads(threads)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("variant", ["fp32", "fp32+fault=causal_mask"])
+def test_engine_dump_matches_a_direct_run(ci_run, tiny_model_dir, variant):
+    """The engine dump holds what the engine computes (bitwise: same kernels, same thread count)."""
+    from actdiff import kernels
+    from actdiff.engine.core import Engine
+
+    tokens = pd.read_parquet(ci_run.results / "tiny-nomic-moe/tokens/shard-0.parquet").set_index("prompt_id")
+    engine = Engine(tiny_model_dir, threads=ci_run.config["engine_threads"])
+    path = ci_run.results / "tiny-nomic-moe/actdiff" / variant / "activations/shard-0.h5"
+    with ActivationReader(path) as r:
+        assert json.loads(r.attrs["understood_config"])["attention"] == (
+            "causal" if "causal" in variant else "bidirectional")
+        for pid in r.prompt_ids[:3]:
+            vals = engine.forward(list(tokens.loc[pid, "reference_ids"]), variant)
+            for name in r.node_names:
+                np.testing.assert_array_equal(r.node(name, pid), vals[name], err_msg=name)
+    kernels.set_num_threads(2)
 
 
 @pytest.mark.e2e

@@ -6,7 +6,7 @@ Built on the meta device: no 1.9 GB allocation.
 from __future__ import annotations
 
 import torch
-from conftest import DATA
+from helpers import DATA
 
 from actdiff.models.loading import nomic_config_from_dict
 from actdiff.models.nomic_moe import NomicBertMoeModel

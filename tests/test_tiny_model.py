@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from actdiff.models.tiny import generate_tiny_model
 

@@ -54,11 +54,19 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "the co
             lines.append(f"config key '{_key_path(e)}': {e.message}")
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines) + more)
-    for i, v in enumerate(config.get("variants", [])):
-        try:
-            parse_variant(v)
-        except ConfigError as e:
-            raise ConfigError(f"config key 'variants.{i}': {e}") from None
+    lists = [("variants", config.get("variants", []))]
+    lists += [(f"models.{m}.variants", c.get("variants", [])) for m, c in config.get("models", {}).items()]
+    for key, variants in lists:
+        for i, v in enumerate(variants):
+            try:
+                parsed = parse_variant(v)
+                if parsed.fault:
+                    from .engine.faults import FAULTS
+
+                    if parsed.fault not in FAULTS:
+                        raise ConfigError(f"unknown fault {parsed.fault!r}; available: {', '.join(sorted(FAULTS))}")
+            except ConfigError as e:
+                raise ConfigError(f"config key '{key}.{i}': {e}") from None
     return config
 
 

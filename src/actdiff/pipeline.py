@@ -65,21 +65,22 @@ def split_prompts(sheet: str, n_shards: int, outputs: list[str]) -> None:
     log.info("%s: %d prompts in %d shards", sheet, len(df), n_shards)
 
 
-def tokenize(model_json: str, prompts: str, max_length: int, out: str) -> None:
+def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_side: bool = True) -> None:
     from .tokenize import tokenize_shard
 
     info = json.loads(Path(model_json).read_text())
     df = pd.read_parquet(prompts)
+    engine_tok = None
+    if engine_side:
+        from .engine.tokenizer import EngineTokenizer
+
+        engine_tok = EngineTokenizer.from_file(Path(info["dir"]) / "tokenizer.json")
     t0 = time.perf_counter()
-    res = tokenize_shard(df, info["dir"], max_length, out, model_name=info["name"])
+    res = tokenize_shard(df, info["dir"], max_length, out, model_name=info["name"], engine_tokenizer=engine_tok)
     dt = time.perf_counter() - t0
-    log.info(
-        "tokenized %d prompts (%d truncated) in %.2f s (%.0f prompts/s)",
-        len(res),
-        int(res["reference_truncated"].sum()),
-        dt,
-        len(res) / max(dt, 1e-9),
-    )
+    parity = f", engine ids equal on {int(res['ids_match'].sum())}/{len(res)}" if engine_side else ""
+    log.info("tokenized %d prompts (%d truncated%s) in %.2f s (%.0f prompts/s)", len(res),
+             int(res["reference_truncated"].sum()), parity, dt, len(res) / max(dt, 1e-9))
 
 
 def dump_reference(
@@ -126,3 +127,38 @@ def dump_reference(
         len(toks) / max(dt, 1e-9),
         n_bad,
     )
+
+
+def dump_engine(model_json: str, tokens: str, out: str, variant: str, shard: int, engine_ids: str = "reference",
+                threads: int = 1) -> None:
+    """Run the actdiff engine (C kernels, no torch) over one shard and record every graph node."""
+    from .engine.core import Engine
+    from .h5io import ActivationWriter
+
+    info = json.loads(Path(model_json).read_text())
+    engine = Engine(info["dir"], threads=threads)
+    engine.prepare(variant)  # reads and converts every tensor first: a bad checkpoint fails here
+    column = "reference_ids" if engine_ids == "reference" else "engine_ids"
+    toks = pd.read_parquet(tokens, columns=["prompt_id", column])
+    if toks[column].isna().any():
+        raise ModelError(f"{tokens}: column {column} is empty; engine_ids: own needs the engine tokenizer side")
+    attrs = {
+        "model": info["name"], "side": "actdiff", "variant": variant, "shard": int(shard), "arch": engine.dims.arch,
+        "weights_sha256": info["weights_sha256"], "model_dir": info["dir"], "engine": "actdiff",
+        "engine_ids": engine_ids, "understood_config": json.dumps(engine.understood_config(variant)),
+        "dtypes": json.dumps({"activations": "float32", "indices": "int64", "precision": variant}),
+    }
+    t0 = time.perf_counter()
+    n_bad = 0
+    with ActivationWriter(out, engine.graph, attrs) as w:
+        for i, (pid, ids) in enumerate(zip(toks["prompt_id"], toks[column], strict=True)):
+            bad = w.append(pid, engine.forward([int(x) for x in ids], variant))
+            if bad:
+                n_bad += 1
+                log.warning("prompt %r: NaN/Inf in engine node(s) %s (recorded as is)", pid, bad[:5])
+            if (i + 1) % 100 == 0:
+                log.info("engine %s: %d/%d prompts (%.1f prompts/s)", variant, i + 1, len(toks),
+                         (i + 1) / (time.perf_counter() - t0))
+    dt = time.perf_counter() - t0
+    log.info("engine %s: dumped %d prompts in %.1f s (%.1f prompts/s); %d prompts with NaN/Inf", variant, len(toks),
+             dt, len(toks) / max(dt, 1e-9), n_bad)

@@ -22,6 +22,8 @@ from .errors import ModelError, PromptError
 log = logging.getLogger(__name__)
 
 SIDES = ("reference", "engine")
+ENGINE_COLUMNS = ("engine_ids", "engine_length", "engine_length_untruncated", "engine_truncated", "ids_match",
+                  "first_diff")
 
 
 def load_reference_tokenizer(model_dir: str | Path):
@@ -62,10 +64,25 @@ def arrow_schema(meta_columns: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """First position where two id sequences differ (the shorter length if one is a prefix); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def tokenize_shard(
-    prompts: pd.DataFrame, model_dir: str | Path, max_length: int, out_path: str | Path, model_name: str = ""
+    prompts: pd.DataFrame,
+    model_dir: str | Path,
+    max_length: int,
+    out_path: str | Path,
+    model_name: str = "",
+    engine_tokenizer=None,
 ) -> pd.DataFrame:
-    """Tokenize one shard's prompts with the reference tokenizer and write the Parquet atomically."""
+    """Tokenize one shard's prompts with the reference tokenizer (and the engine's own tokenizer, if given:
+    both id sequences and a per-prompt parity flag with the first differing position); write the Parquet
+    atomically."""
     tok = load_reference_tokenizer(model_dir)
     texts = prompts["text"].tolist()
     res = tokenize_texts(tok, texts, max_length)
@@ -93,15 +110,22 @@ def tokenize_shard(
     data["reference_length_untruncated"] = [r["length_untruncated"] for r in res]
     data["reference_truncated"] = [r["truncated"] for r in res]
     n = len(res)
-    for col in (
-        "engine_ids",
-        "engine_length",
-        "engine_length_untruncated",
-        "engine_truncated",
-        "ids_match",
-        "first_diff",
-    ):
-        data[col] = [None] * n
+    if engine_tokenizer is None:
+        for col in ENGINE_COLUMNS:
+            data[col] = [None] * n
+    else:
+        eng = [engine_tokenizer.encode(t, max_length) for t in texts]
+        data["engine_ids"] = [ids for ids, _ in eng]
+        data["engine_length"] = [len(ids) for ids, _ in eng]
+        data["engine_length_untruncated"] = [full for _, full in eng]
+        data["engine_truncated"] = [full > max_length for _, full in eng]
+        data["first_diff"] = [first_difference(e, r) for e, r in zip(data["engine_ids"], data["reference_ids"],
+                                                                      strict=True)]
+        data["ids_match"] = [d is None for d in data["first_diff"]]
+        for pid, pos in zip(data["prompt_id"], data["first_diff"], strict=True):
+            if pos is not None:
+                log.warning("model %s: prompt %r: engine tokenizer ids differ from the reference at position %d",
+                            model_name, pid, pos)
     table = pa.Table.from_pydict(data, schema=arrow_schema(meta))
     with atomic_path(out_path) as tmp:
         pq.write_table(table, tmp)

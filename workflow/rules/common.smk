@@ -50,6 +50,11 @@ def reference_mem_mb(wildcards):
         return 2000
 
 
+def variants_of(model):
+    """The model's own variant list if it has one, else the global one."""
+    return config["models"][model].get("variants", config["variants"])
+
+
 def all_targets():
     out = []
     for m in MODELS:
@@ -57,4 +62,6 @@ def all_targets():
         for s in SHARDS:
             out.append(f"{R}/{m}/tokens/shard-{s}.parquet")
             out.append(f"{R}/{m}/reference/fp32/activations/shard-{s}.h5")
+            if "actdiff" in config["engines"]:
+                out += [f"{R}/{m}/actdiff/{v}/activations/shard-{s}.h5" for v in variants_of(m)]
     return out

@@ -26,6 +26,7 @@ rule tokenize:
         tokens=f"{R}/{{model}}/tokens/shard-{{shard}}.parquet",
     params:
         max_length=lambda wc: config["models"][wc.model]["max_length"],
+        engine_side="actdiff" in config["engines"],
     log:
         f"{R}/logs/tokenize/{{model}}/shard-{{shard}}.log",
     benchmark:

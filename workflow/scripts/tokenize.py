@@ -10,4 +10,5 @@ run(
     prompts=snakemake.input.prompts,  # noqa: F821
     max_length=snakemake.params.max_length,  # noqa: F821
     out=snakemake.output.tokens,  # noqa: F821
+    engine_side=snakemake.params.engine_side,  # noqa: F821
 )

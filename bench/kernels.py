@@ -1,0 +1,233 @@
+"""Benchmark the C kernels against numpy (OpenBLAS) and torch eager at the real model's shapes.
+
+    .venv/bin/python bench/kernels.py [--quick] [--out results/bench/kernels.json]
+
+Prints a table and writes ratios (ours / theirs throughput, >1 means the C kernels are faster)
+to results/bench/kernels.json.  numpy is timed in a subprocess with OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE removed from the environment (OpenBLAS reads them at load time) and
+OPENBLAS_NUM_THREADS set to the thread count; the BLAS that ran is recorded via threadpoolctl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+H, F, NH, HD, E, TOPK = 768, 3072, 12, 64, 8, 2
+MATMUL_SHAPES = [(C, OC) for C, OC in [(768, 2304), (768, 768), (768, 3072), (3072, 768)]]
+
+
+def timeit(fn, min_time=0.25, min_reps=3):
+    fn()
+    ts = []
+    t_end = time.perf_counter() + min_time
+    while len(ts) < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+        if len(ts) > 200:
+            break
+    return float(np.median(ts))
+
+
+NUMPY_CHILD = r"""
+import json, sys, time
+import numpy as np
+from threadpoolctl import threadpool_info
+tokens, shapes, min_time = json.loads(sys.argv[1])
+def timeit(fn):
+    fn(); ts = []; t_end = time.perf_counter() + min_time
+    while len(ts) < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+        if len(ts) > 200: break
+    return float(np.median(ts))
+res = {}
+rng = np.random.default_rng(0)
+for T in tokens:
+    for C, OC in shapes:
+        x = rng.standard_normal((T, C), dtype=np.float32); w = rng.standard_normal((OC, C), dtype=np.float32)
+        o = np.empty((T, OC), np.float32)
+        res[f"{T}x{C}x{OC}"] = 2.0 * T * C * OC / timeit(lambda: np.matmul(x, w.T, out=o)) / 1e9
+info = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "filepath")}
+        for d in threadpool_info() if d.get("user_api") == "blas"]
+print(json.dumps({"gflops": res, "blas": info}))
+"""
+
+
+def numpy_gflops(tokens, nthreads, min_time):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    env["OPENBLAS_NUM_THREADS"] = str(nthreads)
+    env["OMP_NUM_THREADS"] = str(nthreads)
+    r = subprocess.run(
+        [sys.executable, "-c", NUMPY_CHILD, json.dumps([tokens, MATMUL_SHAPES, min_time])],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(r.stdout)
+
+
+def cpu_info():
+    mhz, model, flags = None, None, ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz") and mhz is None:
+                mhz = float(line.split(":")[1])
+            elif line.startswith("model name") and model is None:
+                model = line.split(":")[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    fpc = 32 if "avx512f" in flags else 16  # fp32 FLOP/cycle/core with FMA (Zen 4: 512-bit double-pumped)
+    return {"model": model, "mhz": mhz, "fp32_flop_per_cycle_per_core": fpc, "cores": os.cpu_count()}
+
+
+def torch_attention(q, k, v, mask, scale):
+    import torch
+
+    T, nh, hd = q.shape
+    qt, kt, vt = (a.permute(1, 0, 2) for a in (q, k, v))
+    s = (qt @ kt.transpose(1, 2)) * scale
+    s = s.masked_fill(~mask[None, None, :], float("-inf"))
+    p = torch.softmax(s, -1)
+    return (p @ vt).permute(1, 0, 2).reshape(T, nh * hd)
+
+
+def torch_moe(h, rw, w1, w2, bias, k):
+    """Straightforward torch eager MoE layer as specified (fp32)."""
+    import torch
+    import torch.nn.functional as TF
+
+    probs = torch.softmax(h @ rw.T, -1)
+    wts, idx = torch.topk(probs, k, -1)
+    out = torch.zeros_like(h)
+    for e in range(w1.shape[0]):
+        tok, slot = torch.nonzero(idx == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        y = TF.gelu(h[tok] @ w1[e].T) @ w2[e]
+        out.index_add_(0, tok, y * wts[tok, slot, None])
+    return out + bias
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="results/bench/kernels.json")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    import torch
+
+    import actdiff.kernels as K
+
+    min_time = 0.1 if args.quick else 0.3
+    tokens = [128, 512] if args.quick else [128, 256, 512]
+    threads = [int(t) for t in args.threads.split(",")]
+    cpu = cpu_info()
+    peak_core = cpu["mhz"] * 1e6 * cpu["fp32_flop_per_cycle_per_core"] / 1e9 if cpu["mhz"] else None
+    rng = np.random.default_rng(0)
+    res = {
+        "cpu": cpu,
+        "peak_gflops_per_core_nominal_clock": peak_core,
+        "isa": K.get_isa(),
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python": platform.python_version(),
+        "matmul": {},
+        "attention": {},
+        "moe": {},
+        "numpy_blas": {},
+    }
+    print(
+        f"CPU {cpu['model']} @ {cpu['mhz']} MHz, peak {peak_core:.1f} GFLOP/s/core (nominal clock), isa={K.get_isa()}"
+    )
+    for nt in threads:
+        K.set_num_threads(nt)
+        torch.set_num_threads(nt)
+        npres = numpy_gflops(tokens, nt, min_time)
+        res["numpy_blas"][str(nt)] = npres["blas"]
+        print(f"\n== {nt} thread(s); numpy BLAS: {npres['blas']}")
+        print(
+            f"{'shape TxCxOC':>18} {'ak GF/s':>9} {'%peak':>6} {'numpy':>8} {'torch':>8} {'ak/np':>6} {'ak/torch':>8}"
+        )
+        for T in tokens:
+            for C, OC in MATMUL_SHAPES:
+                x = rng.standard_normal((T, C), dtype=np.float32)
+                w = rng.standard_normal((OC, C), dtype=np.float32)
+                o = np.empty((T, OC), np.float32)
+                fl = 2.0 * T * C * OC
+                g_ak = fl / timeit(lambda: K.matmul(x, w, out=o), min_time) / 1e9
+                xt, wt, ot = torch.from_numpy(x), torch.from_numpy(w), torch.empty(T, OC)
+                g_t = fl / timeit(lambda: torch.mm(xt, wt.T, out=ot), min_time) / 1e9
+                key = f"{T}x{C}x{OC}"
+                g_np = npres["gflops"][key]
+                pk = 100 * g_ak / (peak_core * nt) if peak_core else None
+                res["matmul"][f"{key}/threads={nt}"] = {
+                    "ak_gflops": g_ak,
+                    "numpy_openblas_gflops": g_np,
+                    "torch_gflops": g_t,
+                    "ratio_ak_over_numpy_openblas": g_ak / g_np,
+                    "ratio_ak_over_torch": g_ak / g_t,
+                    "ak_pct_of_nominal_peak": pk,
+                }
+                print(f"{key:>18} {g_ak:9.1f} {pk:6.1f} {g_np:8.1f} {g_t:8.1f} {g_ak / g_np:6.2f} {g_ak / g_t:8.2f}")
+        # attention (bidirectional, key padding mask), 12 heads x 64
+        for T in tokens:
+            q, k, v = (rng.standard_normal((T, NH, HD), dtype=np.float32) for _ in range(3))
+            mask = np.ones(T, bool)
+            mask[-T // 8 :] = False
+            o = np.empty((T, NH * HD), np.float32)
+            t_ak = timeit(lambda: K.attention(q, k, v, mask, 0.125, out=o), min_time)
+            qt, kt, vt, mt = torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(mask)
+            t_t = timeit(lambda: torch_attention(qt, kt, vt, mt, 0.125), min_time)
+            ref = torch_attention(qt, kt, vt, mt, 0.125).numpy()
+            err = float(np.abs(o - ref).max())
+            res["attention"][f"T={T}/threads={nt}"] = {
+                "ak_ms": t_ak * 1e3,
+                "torch_eager_ms": t_t * 1e3,
+                "ratio_torch_time_over_ak_time": t_t / t_ak,
+                "max_abs_diff": err,
+            }
+            print(
+                f"attention T={T:4d}: ak {t_ak * 1e3:7.2f} ms  torch eager {t_t * 1e3:7.2f} ms"
+                f"  speedup {t_t / t_ak:5.2f}x"
+            )
+        # one MoE layer: H=768, F=3072, 8 experts, top-2
+        w1 = (rng.standard_normal((E, F, H), dtype=np.float32) / np.sqrt(H)).astype(np.float32)
+        w2 = (rng.standard_normal((E, F, H), dtype=np.float32) / np.sqrt(F)).astype(np.float32)
+        rw = rng.standard_normal((E, H), dtype=np.float32)
+        bias = rng.standard_normal(H, dtype=np.float32)
+        for T in tokens:
+            h = rng.standard_normal((T, H), dtype=np.float32)
+            o = np.empty((T, H), np.float32)
+            t_ak = timeit(lambda: K.moe(h, rw, w1, w2, bias, top_k=TOPK, out=o), min_time)
+            ts = [torch.from_numpy(a) for a in (h, rw, w1, w2, bias)]
+            t_t = timeit(lambda: torch_moe(*ts, TOPK), min_time)
+            err = float(np.abs(o - torch_moe(*ts, TOPK).numpy()).max())
+            fl = 2.0 * 2 * T * TOPK * H * F
+            res["moe"][f"T={T}/threads={nt}"] = {
+                "ak_ms": t_ak * 1e3,
+                "torch_eager_ms": t_t * 1e3,
+                "ratio_torch_time_over_ak_time": t_t / t_ak,
+                "ak_expert_gflops": fl / t_ak / 1e9,
+                "max_abs_diff": err,
+            }
+            print(
+                f"moe T={T:4d}: ak {t_ak * 1e3:7.2f} ms ({fl / t_ak / 1e9:5.1f} GF/s)  torch eager {t_t * 1e3:7.2f} ms"
+                f"  speedup {t_t / t_ak:5.2f}x  max|diff| {err:.2e}"
+            )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

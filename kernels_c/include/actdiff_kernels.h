@@ -1,0 +1,169 @@
+/*
+ * actdiff_kernels.h -- the public C API of the actdiff kernel library.
+ *
+ * This header is the single source of truth for the Python binding: the build
+ * script (src/actdiff/kernels/_build.py) hands the text between the CFFI_BEGIN
+ * and CFFI_END markers verbatim to cffi's cdef(), so that region must stay
+ * plain C declarations: no preprocessor directives, no macros, no inline code.
+ *
+ * Conventions (llm.c style):
+ *   - every op returns an int status code (AK_OK == 0); ak_status_string()
+ *     turns it into text;
+ *   - argument order: outputs first, then inputs, then weights, then sizes and
+ *     scalar options;
+ *   - all tensors are dense, C-contiguous, fp32 unless the comment says
+ *     otherwise; the comment above each function gives every shape;
+ *   - optional pointers (bias, masks, intermediate outputs) may be NULL where
+ *     the comment says "or NULL";
+ *   - threads split output rows / output columns / heads, never a reduction
+ *     dimension, so results are bitwise identical across runs and thread
+ *     counts (and, for matmul, across ISA paths and batch sizes).
+ */
+#ifndef ACTDIFF_KERNELS_H
+#define ACTDIFF_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define AK_VERSION "0.1.0"
+#define AK_MAX_THREADS 64
+
+/* CFFI_BEGIN */
+
+/* ---- status codes ---- */
+enum {
+    AK_OK = 0,
+    AK_ERR_NULL_POINTER = 1,     /* a required pointer was NULL */
+    AK_ERR_INVALID_SIZE = 2,     /* a size was negative / zero where not allowed / too large */
+    AK_ERR_INVALID_ARGUMENT = 3, /* a scalar option is out of range (dtype, top_k, eps ...) */
+    AK_ERR_INDEX_OUT_OF_RANGE = 4, /* an index (token id, expert id) is outside its table */
+    AK_ERR_OUT_OF_MEMORY = 5,    /* scratch allocation failed */
+    AK_ERR_UNSUPPORTED = 6,      /* e.g. requested ISA not supported by this CPU */
+    AK_ERR_THREAD = 7            /* thread creation failed */
+};
+
+/* ---- weight storage dtypes for matmul / moe weights ---- */
+enum {
+    AK_DTYPE_F32 = 0,  /* float */
+    AK_DTYPE_F16 = 1,  /* IEEE binary16 stored as uint16_t */
+    AK_DTYPE_BF16 = 2, /* bfloat16 stored as uint16_t (upper half of a float) */
+    AK_DTYPE_I8 = 3    /* int8 with a per-output-channel fp32 scale: w = q * scale[oc] */
+};
+
+/* ---- instruction-set paths ---- */
+enum {
+    AK_ISA_AUTO = -1,   /* best the CPU supports (default) */
+    AK_ISA_SCALAR = 0,  /* portable C (fmaf) */
+    AK_ISA_AVX2 = 1,    /* AVX2 + FMA + F16C */
+    AK_ISA_AVX512 = 2   /* AVX-512F */
+};
+
+/* ---- library info / runtime configuration ---- */
+const char *ak_version(void);                  /* "MAJOR.MINOR.PATCH", must equal actdiff.__version__ */
+const char *ak_status_string(int status);      /* never NULL */
+int ak_set_num_threads(int n);                 /* 1 <= n <= AK_MAX_THREADS (64) */
+int ak_get_num_threads(void);
+int ak_set_isa(int isa);                       /* AK_ISA_*; AK_ERR_UNSUPPORTED if the CPU lacks it */
+int ak_get_isa(void);                          /* the ISA path currently in use (never AUTO) */
+int ak_cpu_supports_isa(int isa);              /* 1 if usable on this CPU */
+const char *ak_isa_name(int isa);
+
+/* ---- per-op call counters (incremented on every call of a public op) ---- */
+int ak_num_ops(void);
+const char *ak_op_name(int op);                /* NULL if op out of range */
+int ak_get_call_counts(uint64_t *out, int n);  /* out is (n), n >= ak_num_ops() */
+void ak_reset_call_counts(void);
+
+/* ---- matmul: out = inp @ W^T + bias ----
+ * out is (T,OC), inp is (T,C), weight is (OC,C) stored as weight_dtype,
+ * scales is (OC) for AK_DTYPE_I8 (else NULL), bias is (OC) or NULL.
+ * Each output element is the fp32 fma chain over c = 0..C-1 (starting from 0)
+ * followed by "+ bias": identical for every thread count, T, tile and ISA. */
+int ak_matmul(float *out, const float *inp, const void *weight, const float *scales,
+              const float *bias, int T, int C, int OC, int weight_dtype);
+/* naive triple loop with the same per-element arithmetic (reference) */
+int ak_matmul_naive(float *out, const float *inp, const void *weight, const float *scales,
+                    const float *bias, int T, int C, int OC, int weight_dtype);
+
+/* ---- elementwise / row ops ---- */
+/* out is (T,C), inp is (T,C), weight is (C) or NULL (=1), bias is (C) or NULL (=0) */
+int ak_layernorm(float *out, const float *inp, const float *weight, const float *bias,
+                 int T, int C, float eps);
+/* out is (n), inp is (n); approximate: 0 = exact erf, 1 = tanh approximation. out may equal inp. */
+int ak_gelu(float *out, const float *inp, int64_t n, int approximate);
+/* out is (T,C), inp is (T,C); row softmax with max subtraction. out may equal inp. */
+int ak_softmax(float *out, const float *inp, int T, int C);
+/* out is (n), a is (n), b is (n). out may alias a or b. */
+int ak_add(float *out, const float *a, const float *b, int64_t n);
+/* out is (T,C), ids is (T) int64 in [0,V), table is (V,C) */
+int ak_embedding(float *out, const int64_t *ids, const float *table, int T, int V, int C);
+/* out is (T,nh,hd), inp is (T,nh,hd), positions is (T) int64.
+ * Rotates the first rot_dim (even, <= hd) channels of every head; the rest is copied.
+ * interleaved = 0: half-split "NeoX" pairs (i, i+rot_dim/2); 1: "GPT-J" pairs (2i, 2i+1).
+ * inv_freq_i = 1 / base^(2i/rot_dim), angle = position * inv_freq_i (fp32, like HF). out may equal inp. */
+int ak_rotary(float *out, const float *inp, const int64_t *positions, int T, int nh, int hd,
+              int rot_dim, float base, int interleaved);
+
+/* ---- attention ----
+ * out is (T, nh*hd) context, q, k, v are (T,nh,hd), key_mask is (T) uint8 (nonzero = attend) or NULL.
+ * scores = (q_h k_h^T) * scale, masked keys (and keys j > i when causal) get zero weight,
+ * softmax with max subtraction, out_h = P @ v_h. A query row with no visible key gets zeros. */
+int ak_attention(float *out, const float *q, const float *k, const float *v,
+                 const uint8_t *key_mask, int T, int nh, int hd, float scale, int causal);
+int ak_attention_naive(float *out, const float *q, const float *k, const float *v,
+                       const uint8_t *key_mask, int T, int nh, int hd, float scale, int causal);
+
+/* ---- mixture of experts ----
+ * out is (T,H); inp is (T,H); router_w is (E,H) fp32; w1 is (E,F,H) and w2 is (E,F,H), both
+ * stored as weight_dtype (w1_scales (E,F) and w2_scales (E,H) for AK_DTYPE_I8, else NULL);
+ * bias is (H) or NULL.  Expert e: y = gelu(x @ w1[e]^T) @ w2[e]  (w2[e] is (F,H), un-transposed).
+ * Routing: logits = inp @ router_w^T; probs = softmax(logits) in fp32; top_k experts in
+ * descending probability, ties to the lower expert index; weights = their probs, divided by
+ * their sum when renormalize != 0.  out = sum_j weight_j * y_{e_j} (slot order) + bias.
+ * forced != 0: topk_indices (T,K) and topk_weights (T,K) are INPUTS (routing skipped; the
+ * logits/probs outputs are still computed if requested).
+ * Optional outputs (NULL to skip): router_logits (T,E), probs (T,E), topk_weights (T,K),
+ * topk_indices (T,K) int32, fc1 (T,K,F), act (T,K,F), expert_out (T,K,H), weighted (T,H)
+ * (weighted sum before bias).  Slot j is the j-th selected expert. */
+int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights,
+           int32_t *topk_indices, float *fc1, float *act, float *expert_out, float *weighted,
+           const float *inp, const float *router_w, const void *w1, const float *w1_scales,
+           const void *w2, const float *w2_scales, const float *bias,
+           int T, int H, int F, int E, int top_k, int weight_dtype, int renormalize,
+           int gelu_approximate, int forced);
+
+/* ---- MoE parts as separate ops (node replay and the node-by-node path), same arithmetic as ak_moe ----
+ * weights is (T,K), indices is (T,K) int64, probs is (T,E): top-K per row in descending probability,
+ * ties to the lower expert index; weights = the selected probs [/ their sum if renormalize]. */
+int ak_topk(float *weights, int64_t *indices, const float *probs, int T, int E, int K, int renormalize);
+/* out is (T,K,F), inp is (T,H), indices is (T,K) int64 in [0,E), w1 is (E,F,H) as weight_dtype,
+ * w1_scales (E,F) for AK_DTYPE_I8: out[t,j] = inp[t] @ w1[indices[t,j]]^T */
+int ak_expert_up(float *out, const float *inp, const int64_t *indices, const void *w1, const float *w1_scales,
+                 int T, int K, int H, int F, int E, int weight_dtype);
+/* out is (T,K,H), act is (T,K,F), indices is (T,K) int64, w2 is (E,F,H) as weight_dtype,
+ * w2_scales (E,H) for AK_DTYPE_I8: out[t,j] = act[t,j] @ w2[indices[t,j]]  (w2[e] is (F,H), un-transposed) */
+int ak_expert_down(float *out, const float *act, const int64_t *indices, const void *w2, const float *w2_scales,
+                   int T, int K, int F, int H, int E, int weight_dtype);
+/* out is (T,H), expert_out is (T,K,H), weights is (T,K), bias is (H) or NULL:
+ * out = sum_j weights[:,j] * expert_out[:,j] (slot order, product then add) + bias */
+int ak_moe_combine(float *out, const float *expert_out, const float *weights, const float *bias, int T, int K,
+                   int H);
+
+/* ---- pooling / normalisation ---- */
+/* out is (B,C), inp is (B,T,C), mask is (B,T) uint8 or NULL (all ones).
+ * out = sum_t mask*inp / max(count, 1e-9)  (zeros when no token is set). */
+int ak_mean_pool(float *out, const float *inp, const uint8_t *mask, int B, int T, int C);
+/* out is (T,C), inp is (T,C); out = x / max(||x||_2, eps) per row. out may equal inp. */
+int ak_l2_normalize(float *out, const float *inp, int T, int C, float eps);
+
+/* CFFI_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ACTDIFF_KERNELS_H */

@@ -1,0 +1,109 @@
+/* ak_internal.h -- private helpers shared by the kernel sources (not part of the API). */
+#ifndef AK_INTERNAL_H
+#define AK_INTERNAL_H
+
+#include "actdiff_kernels.h"
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+/* op ids for the call counters; names in core.c must follow this order */
+enum {
+    AK_OP_MATMUL = 0, AK_OP_MATMUL_NAIVE, AK_OP_LAYERNORM, AK_OP_GELU, AK_OP_SOFTMAX, AK_OP_ADD,
+    AK_OP_EMBEDDING, AK_OP_ROTARY, AK_OP_ATTENTION, AK_OP_ATTENTION_NAIVE, AK_OP_MOE,
+    AK_OP_MEAN_POOL, AK_OP_L2_NORMALIZE, AK_OP_TOPK, AK_OP_EXPERT_UP, AK_OP_EXPERT_DOWN,
+    AK_OP_MOE_COMBINE, AK_NUM_OPS
+};
+
+void ak_count_call(int op);
+
+/* thread pool: fn(ctx, tid, nth) is called for tid = 0..nth-1 (tid 0 on the caller). */
+typedef void (*ak_task_fn)(void *ctx, int tid, int nth);
+void ak_parallel(int nth, ak_task_fn fn, void *ctx);
+/* number of threads to use for a job of `work` units of roughly `unit_cost` flops */
+int ak_threads_for(int64_t units, double flops);
+
+int ak_isa(void); /* current ISA path */
+
+/* even split of [0,n) into nth contiguous parts, part tid -> [*b,*e) */
+static inline void ak_split(int64_t n, int tid, int nth, int64_t *b, int64_t *e) {
+    int64_t q = n / nth, r = n % nth;
+    *b = tid * q + (tid < r ? tid : r);
+    *e = *b + q + (tid < r ? 1 : 0);
+}
+
+void *ak_aligned_alloc(size_t bytes);
+void ak_aligned_free(void *p);
+
+/* ---- scalar conversions ---- */
+static inline float ak_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do { e++; man <<= 1; } while ((man & 0x400u) == 0);
+            man &= 0x3ffu;
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | (man << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13); /* inf / nan (payload kept) */
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline float ak_bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ---- generic GEMM core: C = A @ op(B) (+ bias) ----
+ * A is (M,K) with row stride lda (fp32).
+ * b_trans = 1: B is stored (N,K) with row stride ldb (nn.Linear weight layout, op(B) = B^T)
+ * b_trans = 0: B is stored (K,N) with row stride ldb.
+ * B dtype is b_dtype (AK_DTYPE_*), scales (N) for int8: element = q * scales[n].
+ * C is (M,N) with row stride ldc.  Each C element = fma chain over k=0..K-1 from 0, then + bias[n]. */
+typedef struct {
+    int M, N, K;
+    const float *A; int64_t lda;
+    const void *B; int64_t ldb; int b_dtype; int b_trans;
+    const float *scales;
+    const float *bias;
+    float *C; int64_t ldc;
+} ak_gemm_args;
+
+/* run on the calling thread for output columns [n_begin, n_end); returns status */
+int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end);
+/* run with the global thread count (threads split output columns) */
+int ak_gemm(const ak_gemm_args *g);
+/* reference: plain loops, same per-element arithmetic */
+void ak_gemm_naive(const ak_gemm_args *g);
+
+/* row softmax helpers (serial), exp implemented per ISA */
+void ak_softmax_row(float *out, const float *in, int n);
+/* exp of n values, out may equal in */
+void ak_exp_inplace(float *x, int64_t n);
+void ak_gelu_serial(float *out, const float *in, int64_t n, int approximate);
+/* gelu split over the global threads (contiguous element ranges) */
+void ak_gelu_par(float *out, const float *in, int64_t n, int approximate);
+
+/* MoE parts shared by ak_moe and the separate part ops (moe_parts.c) */
+/* weights is (T,K), indices is (T,K), probs is (T,E): descending prob, ties -> lower index, NaN first */
+void ak_topk_rows(float *weights, int32_t *indices, const float *probs, int T, int E, int K, int renormalize);
+/* out/weighted are (T,H) (either may be NULL), expert_out is (T,K,H), weights is (T,K), bias is (H) or NULL:
+ * weighted = sum_j weights[:,j] * expert_out[:,j] in slot order (product then add), out = weighted + bias */
+void ak_combine_rows(float *out, float *weighted, const float *expert_out, const float *weights, const float *bias,
+                     int T, int K, int H);
+
+#define AK_CHECK_PTR(p) do { if ((p) == NULL) return AK_ERR_NULL_POINTER; } while (0)
+
+#endif

@@ -1,0 +1,215 @@
+/* core.c -- version, status strings, thread pool, ISA dispatch, call counters. */
+#define _GNU_SOURCE
+#include "ak_internal.h"
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+const char *ak_version(void) { return AK_VERSION; }
+
+const char *ak_status_string(int status) {
+    switch (status) {
+    case AK_OK: return "ok";
+    case AK_ERR_NULL_POINTER: return "null pointer argument";
+    case AK_ERR_INVALID_SIZE: return "invalid size";
+    case AK_ERR_INVALID_ARGUMENT: return "invalid argument";
+    case AK_ERR_INDEX_OUT_OF_RANGE: return "index out of range";
+    case AK_ERR_OUT_OF_MEMORY: return "out of memory";
+    case AK_ERR_UNSUPPORTED: return "unsupported on this CPU";
+    case AK_ERR_THREAD: return "thread creation failed";
+    default: return "unknown status";
+    }
+}
+
+/* ---------------- call counters ---------------- */
+static uint64_t g_counts[AK_NUM_OPS];
+static const char *g_op_names[AK_NUM_OPS] = {
+    "matmul", "matmul_naive", "layernorm", "gelu", "softmax", "add", "embedding", "rotary",
+    "attention", "attention_naive", "moe", "mean_pool", "l2_normalize", "topk", "expert_up", "expert_down",
+    "moe_combine",
+};
+void ak_count_call(int op) { __atomic_fetch_add(&g_counts[op], 1, __ATOMIC_RELAXED); }
+int ak_num_ops(void) { return AK_NUM_OPS; }
+const char *ak_op_name(int op) { return (op >= 0 && op < AK_NUM_OPS) ? g_op_names[op] : NULL; }
+int ak_get_call_counts(uint64_t *out, int n) {
+    AK_CHECK_PTR(out);
+    if (n < AK_NUM_OPS) return AK_ERR_INVALID_SIZE;
+    for (int i = 0; i < AK_NUM_OPS; i++) out[i] = __atomic_load_n(&g_counts[i], __ATOMIC_RELAXED);
+    for (int i = AK_NUM_OPS; i < n; i++) out[i] = 0;
+    return AK_OK;
+}
+void ak_reset_call_counts(void) {
+    for (int i = 0; i < AK_NUM_OPS; i++) __atomic_store_n(&g_counts[i], 0, __ATOMIC_RELAXED);
+}
+
+/* ---------------- memory ---------------- */
+void *ak_aligned_alloc(size_t bytes) {
+    void *p = NULL;
+    if (bytes == 0) bytes = 64;
+    if (posix_memalign(&p, 64, bytes) != 0) return NULL;
+    return p;
+}
+void ak_aligned_free(void *p) { free(p); }
+
+/* ---------------- ISA dispatch ---------------- */
+static int g_isa = -2; /* -2: not initialised */
+
+int ak_cpu_supports_isa(int isa) {
+    __builtin_cpu_init();
+    switch (isa) {
+    case AK_ISA_SCALAR: return 1;
+    case AK_ISA_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+    case AK_ISA_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                       __builtin_cpu_supports("fma") ? 1 : 0;
+    default: return 0;
+    }
+}
+static int best_isa(void) {
+    if (ak_cpu_supports_isa(AK_ISA_AVX512)) return AK_ISA_AVX512;
+    if (ak_cpu_supports_isa(AK_ISA_AVX2)) return AK_ISA_AVX2;
+    return AK_ISA_SCALAR;
+}
+int ak_isa(void) {
+    int v = __atomic_load_n(&g_isa, __ATOMIC_RELAXED);
+    if (v == -2) {
+        v = best_isa();
+        const char *env = getenv("ACTDIFF_KERNELS_ISA");
+        if (env) {
+            int want = -3;
+            if (!strcmp(env, "scalar")) want = AK_ISA_SCALAR;
+            else if (!strcmp(env, "avx2")) want = AK_ISA_AVX2;
+            else if (!strcmp(env, "avx512")) want = AK_ISA_AVX512;
+            if (want >= 0 && ak_cpu_supports_isa(want)) v = want;
+        }
+        __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+int ak_set_isa(int isa) {
+    if (isa == AK_ISA_AUTO) { __atomic_store_n(&g_isa, best_isa(), __ATOMIC_RELAXED); return AK_OK; }
+    if (isa < AK_ISA_SCALAR || isa > AK_ISA_AVX512) return AK_ERR_INVALID_ARGUMENT;
+    if (!ak_cpu_supports_isa(isa)) return AK_ERR_UNSUPPORTED;
+    __atomic_store_n(&g_isa, isa, __ATOMIC_RELAXED);
+    return AK_OK;
+}
+int ak_get_isa(void) { return ak_isa(); }
+const char *ak_isa_name(int isa) {
+    switch (isa) {
+    case AK_ISA_AUTO: return "auto";
+    case AK_ISA_SCALAR: return "scalar";
+    case AK_ISA_AVX2: return "avx2";
+    case AK_ISA_AVX512: return "avx512";
+    default: return "unknown";
+    }
+}
+
+/* ---------------- thread pool ----------------
+ * Persistent workers sleeping on a condition variable.  One job at a time
+ * (g_dispatch serialises concurrent callers).  The caller runs tid 0. */
+static int g_num_threads = 0; /* 0: not initialised */
+
+int ak_set_num_threads(int n) {
+    if (n < 1 || n > AK_MAX_THREADS) return AK_ERR_INVALID_ARGUMENT;
+    __atomic_store_n(&g_num_threads, n, __ATOMIC_RELAXED);
+    return AK_OK;
+}
+int ak_get_num_threads(void) {
+    int n = __atomic_load_n(&g_num_threads, __ATOMIC_RELAXED);
+    if (n == 0) {
+        const char *env = getenv("ACTDIFF_NUM_THREADS");
+        long v = env ? strtol(env, NULL, 10) : 0;
+        if (v < 1) v = sysconf(_SC_NPROCESSORS_ONLN);
+        if (v < 1) v = 1;
+        if (v > AK_MAX_THREADS) v = AK_MAX_THREADS;
+        n = (int)v;
+        __atomic_store_n(&g_num_threads, n, __ATOMIC_RELAXED);
+    }
+    return n;
+}
+
+int ak_threads_for(int64_t units, double flops) {
+    int n = ak_get_num_threads();
+    if (units < n) n = (int)(units < 1 ? 1 : units);
+    if (flops < 2.0e5) n = 1; /* too small to amortise a wake-up */
+    return n;
+}
+
+static pthread_mutex_t g_dispatch = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_cv_start = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t g_cv_done = PTHREAD_COND_INITIALIZER;
+static int g_nworkers = 0;
+static uint64_t g_gen = 0;
+static int g_pending = 0;
+static ak_task_fn g_fn = NULL;
+static void *g_ctx = NULL;
+static int g_nth = 1;
+static int g_atfork_registered = 0;
+static uint64_t g_start_gen[AK_MAX_THREADS + 1];
+
+static void *worker_main(void *arg) {
+    int tid = (int)(intptr_t)arg;
+    pthread_mutex_lock(&g_mu);
+    uint64_t seen = g_start_gen[tid]; /* generation at creation: a job posted later is not missed */
+    for (;;) {
+        while (g_gen == seen) pthread_cond_wait(&g_cv_start, &g_mu);
+        seen = g_gen;
+        if (tid < g_nth) {
+            ak_task_fn fn = g_fn;
+            void *ctx = g_ctx;
+            int nth = g_nth;
+            pthread_mutex_unlock(&g_mu);
+            fn(ctx, tid, nth);
+            pthread_mutex_lock(&g_mu);
+            if (--g_pending == 0) pthread_cond_signal(&g_cv_done);
+        }
+    }
+    return NULL;
+}
+
+static void atfork_child(void) {
+    /* threads do not survive fork: forget them and reinitialise the locks */
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    g_dispatch = m; g_mu = m; g_cv_start = c; g_cv_done = c;
+    g_nworkers = 0; g_pending = 0;
+}
+
+static void ensure_workers(int want) { /* called with g_dispatch held */
+    if (!g_atfork_registered) {
+        pthread_atfork(NULL, NULL, atfork_child);
+        g_atfork_registered = 1;
+    }
+    while (g_nworkers < want) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_mutex_lock(&g_mu);
+        g_start_gen[g_nworkers + 1] = g_gen;
+        pthread_mutex_unlock(&g_mu);
+        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)(g_nworkers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break; /* run with fewer threads: results do not depend on it */
+        g_nworkers++;
+    }
+}
+
+void ak_parallel(int nth, ak_task_fn fn, void *ctx) {
+    if (nth <= 1) { fn(ctx, 0, 1); return; }
+    pthread_mutex_lock(&g_dispatch);
+    ensure_workers(nth - 1);
+    if (nth > g_nworkers + 1) nth = g_nworkers + 1;
+    if (nth <= 1) { pthread_mutex_unlock(&g_dispatch); fn(ctx, 0, 1); return; }
+    pthread_mutex_lock(&g_mu);
+    g_fn = fn; g_ctx = ctx; g_nth = nth; g_pending = nth - 1; g_gen++;
+    pthread_cond_broadcast(&g_cv_start);
+    pthread_mutex_unlock(&g_mu);
+    fn(ctx, 0, nth);
+    pthread_mutex_lock(&g_mu);
+    while (g_pending > 0) pthread_cond_wait(&g_cv_done, &g_mu);
+    pthread_mutex_unlock(&g_mu);
+    pthread_mutex_unlock(&g_dispatch);
+}

@@ -1,0 +1,116 @@
+/* moe.c -- mixture-of-experts layer.
+ *
+ *   logits (T,E) = inp @ router_w^T             (gemm core, fp32)
+ *   probs  (T,E) = softmax(logits)               (fp32, max-subtracted)
+ *   top-k per token: descending prob, ties -> lower expert index (NaN ranks highest)
+ *   weights = selected probs [/ their sum if renormalize]
+ *   tokens grouped per expert (token order), expert e on its n_e rows:
+ *       fc1 = X_e @ w1[e]^T  (n_e,F); act = gelu(fc1); y = act @ w2[e]  (n_e,H)
+ *   weighted[t] = sum_j w[t,j] * y[t,j]  (slot order j = 0..k-1; product then add)
+ *   out = weighted + bias
+ * Threads split output columns inside every gemm and element ranges in gelu; each row's
+ * value does not depend on how many rows an expert got (gemm is batch invariant). */
+#include "ak_internal.h"
+#include <math.h>
+#include <stdlib.h>
+
+static size_t dtype_size(int dt) {
+    return dt == AK_DTYPE_F32 ? 4 : dt == AK_DTYPE_I8 ? 1 : 2;
+}
+
+int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, int32_t *topk_indices, float *fc1,
+           float *act, float *expert_out, float *weighted, const float *inp, const float *router_w, const void *w1,
+           const float *w1_scales, const void *w2, const float *w2_scales, const float *bias, int T, int H, int F,
+           int E, int top_k, int weight_dtype, int renormalize, int gelu_approximate, int forced) {
+    ak_count_call(AK_OP_MOE);
+    AK_CHECK_PTR(out);
+    AK_CHECK_PTR(inp);
+    AK_CHECK_PTR(w1);
+    AK_CHECK_PTR(w2);
+    if (T < 0 || H <= 0 || F <= 0 || E <= 0) return AK_ERR_INVALID_SIZE;
+    if (top_k < 1 || top_k > E) return AK_ERR_INVALID_ARGUMENT;
+    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_I8) return AK_ERR_INVALID_ARGUMENT;
+    if (weight_dtype == AK_DTYPE_I8 && (!w1_scales || !w2_scales)) return AK_ERR_NULL_POINTER;
+    if (gelu_approximate != 0 && gelu_approximate != 1) return AK_ERR_INVALID_ARGUMENT;
+    if (forced) {
+        AK_CHECK_PTR(topk_weights);
+        AK_CHECK_PTR(topk_indices);
+        for (int64_t i = 0; i < (int64_t)T * top_k; i++)
+            if (topk_indices[i] < 0 || topk_indices[i] >= E) return AK_ERR_INDEX_OUT_OF_RANGE;
+    } else {
+        AK_CHECK_PTR(router_w);
+    }
+    if (T == 0) return AK_OK;
+    const int K = top_k;
+    int status = AK_OK;
+    int need_router = !forced || router_logits || probs;
+    float *lg = router_logits, *pr = probs, *tw = topk_weights, *eo = expert_out;
+    int32_t *ti = topk_indices;
+    float *own_lg = NULL, *own_pr = NULL, *own_tw = NULL, *own_eo = NULL, *xe = NULL, *he = NULL, *ae = NULL,
+          *ye = NULL;
+    int32_t *own_ti = NULL, *rows = NULL;
+    if (need_router) {
+        AK_CHECK_PTR(router_w);
+        if (!lg) lg = own_lg = (float *)ak_aligned_alloc((size_t)T * E * sizeof(float));
+        if (!pr) pr = own_pr = (float *)ak_aligned_alloc((size_t)T * E * sizeof(float));
+    }
+    if (!tw) tw = own_tw = (float *)ak_aligned_alloc((size_t)T * K * sizeof(float));
+    if (!ti) ti = own_ti = (int32_t *)ak_aligned_alloc((size_t)T * K * sizeof(int32_t));
+    if (!eo) eo = own_eo = (float *)ak_aligned_alloc((size_t)T * K * H * sizeof(float));
+    size_t nrow = (size_t)T * K;
+    xe = (float *)ak_aligned_alloc(nrow * H * sizeof(float));
+    he = (float *)ak_aligned_alloc(nrow * F * sizeof(float));
+    ae = (float *)ak_aligned_alloc(nrow * F * sizeof(float));
+    ye = (float *)ak_aligned_alloc(nrow * H * sizeof(float));
+    rows = (int32_t *)ak_aligned_alloc(nrow * sizeof(int32_t));
+    if ((need_router && (!lg || !pr)) || !tw || !ti || !eo || !xe || !he || !ae || !ye || !rows) {
+        status = AK_ERR_OUT_OF_MEMORY;
+        goto done;
+    }
+    if (need_router) {
+        ak_gemm_args g = {T, E, H, inp, H, router_w, H, AK_DTYPE_F32, 1, NULL, NULL, lg, E};
+        status = ak_gemm(&g);
+        if (status) goto done;
+        for (int t = 0; t < T; t++) ak_softmax_row(pr + (int64_t)t * E, lg + (int64_t)t * E, E);
+    }
+    if (!forced) ak_topk_rows(tw, ti, pr, T, E, K, renormalize);
+    size_t es = dtype_size(weight_dtype);
+    for (int e = 0; e < E; e++) {
+        int ne = 0;
+        for (int64_t r = 0; r < (int64_t)T * K; r++)
+            if (ti[r] == e) rows[ne++] = (int32_t)r;
+        if (ne == 0) continue;
+        for (int i = 0; i < ne; i++)
+            memcpy(xe + (int64_t)i * H, inp + (int64_t)(rows[i] / K) * H, (size_t)H * sizeof(float));
+        const char *w1e = (const char *)w1 + (size_t)e * F * H * es;
+        const char *w2e = (const char *)w2 + (size_t)e * F * H * es;
+        ak_gemm_args g1 = {ne, F, H, xe, H, w1e, H, weight_dtype, 1,
+                           weight_dtype == AK_DTYPE_I8 ? w1_scales + (int64_t)e * F : NULL, NULL, he, F};
+        status = ak_gemm(&g1);
+        if (status) goto done;
+        ak_gelu_par(ae, he, (int64_t)ne * F, gelu_approximate);
+        ak_gemm_args g2 = {ne, H, F, ae, F, w2e, H, weight_dtype, 0,
+                           weight_dtype == AK_DTYPE_I8 ? w2_scales + (int64_t)e * H : NULL, NULL, ye, H};
+        status = ak_gemm(&g2);
+        if (status) goto done;
+        for (int i = 0; i < ne; i++) {
+            int64_t r = rows[i];
+            memcpy(eo + r * H, ye + (int64_t)i * H, (size_t)H * sizeof(float));
+            if (fc1) memcpy(fc1 + r * F, he + (int64_t)i * F, (size_t)F * sizeof(float));
+            if (act) memcpy(act + r * F, ae + (int64_t)i * F, (size_t)F * sizeof(float));
+        }
+    }
+    ak_combine_rows(out, weighted, eo, tw, bias, T, K, H);
+done:
+    ak_aligned_free(own_lg);
+    ak_aligned_free(own_pr);
+    ak_aligned_free(own_tw);
+    ak_aligned_free(own_ti);
+    ak_aligned_free(own_eo);
+    ak_aligned_free(xe);
+    ak_aligned_free(he);
+    ak_aligned_free(ae);
+    ak_aligned_free(ye);
+    ak_aligned_free(rows);
+    return status;
+}

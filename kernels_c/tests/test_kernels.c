@@ -1,0 +1,232 @@
+/* test_kernels.c -- plain C tests of the kernel library (no framework).
+ * Every output buffer is followed by a guard region of sentinel values that must
+ * stay untouched; every library call goes through CHECK(), which reports file:line. */
+#include "actdiff_kernels.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int g_fail = 0, g_pass = 0;
+
+#define CHECK(call)                                                                              \
+    do {                                                                                         \
+        int st_ = (call);                                                                        \
+        if (st_ != AK_OK) {                                                                      \
+            fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #call, ak_status_string(st_)); \
+            exit(1);                                                                             \
+        }                                                                                        \
+    } while (0)
+#define EXPECT(cond, ...)                                                                        \
+    do {                                                                                         \
+        if (!(cond)) {                                                                           \
+            fprintf(stderr, "%s:%d: FAILED %s: ", __FILE__, __LINE__, #cond);                    \
+            fprintf(stderr, __VA_ARGS__);                                                        \
+            fprintf(stderr, "\n");                                                               \
+            g_fail++;                                                                            \
+        } else {                                                                                 \
+            g_pass++;                                                                            \
+        }                                                                                        \
+    } while (0)
+
+#define GUARD 64
+static const uint32_t SENTINEL = 0x7fc0dead; /* a NaN pattern */
+
+/* allocate n floats followed by GUARD sentinel floats */
+static float *galloc(size_t n) {
+    float *p = (float *)malloc((n + GUARD) * sizeof(float));
+    for (size_t i = 0; i < GUARD; i++) memcpy(p + n + i, &SENTINEL, 4);
+    return p;
+}
+static int guard_ok(const float *p, size_t n) {
+    for (size_t i = 0; i < GUARD; i++)
+        if (memcmp(p + n + i, &SENTINEL, 4) != 0) return 0;
+    return 1;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static float frand(void) { /* uniform in [-1, 1) */
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    return (float)((rng >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+static float *rand_buf(size_t n) {
+    float *p = galloc(n);
+    for (size_t i = 0; i < n; i++) p[i] = frand();
+    return p;
+}
+static double nmse(const float *a, const float *ref, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? num / den : num;
+}
+static uint16_t f32_to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    b += 0x7fff + ((b >> 16) & 1);
+    return (uint16_t)(b >> 16);
+}
+
+static void test_matmul(void) {
+    const int shapes[][3] = {{1, 1, 1}, {1, 17, 5}, {3, 33, 47}, {13, 64, 70}, {25, 129, 100}, {40, 300, 33}, {7, 768, 97}};
+    int nisa = 0, isas[3];
+    for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int T = shapes[s][0], C = shapes[s][1], OC = shapes[s][2];
+        float *inp = rand_buf((size_t)T * C), *w = rand_buf((size_t)OC * C), *b = rand_buf(OC);
+        uint16_t *wbf = malloc((size_t)OC * C * 2);
+        int8_t *wq = malloc((size_t)OC * C);
+        float *sc = rand_buf(OC);
+        for (size_t i = 0; i < (size_t)OC * C; i++) { wbf[i] = f32_to_bf16(w[i]); wq[i] = (int8_t)(127 * w[i]); }
+        for (int dt = 0; dt < 4; dt++) {
+            if (dt == AK_DTYPE_F16) continue; /* f16 covered by the Python suite (numpy float16) */
+            const void *W = dt == AK_DTYPE_F32 ? (const void *)w : dt == AK_DTYPE_I8 ? (const void *)wq : (const void *)wbf;
+            float *ref = galloc((size_t)T * OC), *out = galloc((size_t)T * OC);
+            CHECK(ak_matmul_naive(ref, inp, W, sc, b, T, C, OC, dt));
+            for (int ii = 0; ii < nisa; ii++) {
+                CHECK(ak_set_isa(isas[ii]));
+                for (int nt = 1; nt <= 2; nt++) {
+                    CHECK(ak_set_num_threads(nt));
+                    memset(out, 0, (size_t)T * OC * 4);
+                    CHECK(ak_matmul(out, inp, W, sc, b, T, C, OC, dt));
+                    /* same fma chain per element: bitwise identical to the naive loop */
+                    EXPECT(memcmp(out, ref, (size_t)T * OC * 4) == 0, "matmul T=%d C=%d OC=%d dt=%d isa=%d nt=%d nmse=%g",
+                           T, C, OC, dt, isas[ii], nt, nmse(out, ref, (size_t)T * OC));
+                    EXPECT(guard_ok(out, (size_t)T * OC), "guard matmul");
+                }
+            }
+            CHECK(ak_set_isa(AK_ISA_AUTO));
+            free(ref); free(out);
+        }
+        free(inp); free(w); free(b); free(wbf); free(wq); free(sc);
+    }
+}
+
+static void test_attention(void) {
+    const int cases[][4] = {{1, 1, 8, 0}, {5, 2, 16, 0}, {70, 3, 24, 1}, {130, 4, 32, 0}, {65, 2, 64, 1}};
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        int T = cases[c][0], nh = cases[c][1], hd = cases[c][2], causal = cases[c][3];
+        size_t n = (size_t)T * nh * hd;
+        float *q = rand_buf(n), *k = rand_buf(n), *v = rand_buf(n);
+        uint8_t *mask = malloc(T);
+        for (int t = 0; t < T; t++) mask[t] = (t % 5 != 3) || t == 0;
+        float *ref = galloc(n), *o1 = galloc(n), *o2 = galloc(n);
+        float scale = 1.0f / sqrtf((float)hd);
+        CHECK(ak_attention_naive(ref, q, k, v, mask, T, nh, hd, scale, causal));
+        CHECK(ak_set_num_threads(1));
+        CHECK(ak_attention(o1, q, k, v, mask, T, nh, hd, scale, causal));
+        CHECK(ak_set_num_threads(2));
+        CHECK(ak_attention(o2, q, k, v, mask, T, nh, hd, scale, causal));
+        EXPECT(memcmp(o1, o2, n * 4) == 0, "attention threads differ T=%d", T);
+        /* fp32 softmax + two length<=T dot chains: error ~ sqrt(T) 2^-24 relative; 1e-10 NMSE is loose */
+        double e = nmse(o1, ref, n);
+        EXPECT(e < 1e-10, "attention nmse %g T=%d nh=%d hd=%d causal=%d", e, T, nh, hd, causal);
+        EXPECT(guard_ok(o1, n) && guard_ok(o2, n) && guard_ok(ref, n), "guard attention");
+        free(q); free(k); free(v); free(mask); free(ref); free(o1); free(o2);
+    }
+}
+
+static void test_moe(void) {
+    int T = 37, H = 48, F = 80, E = 5, K = 2;
+    float *x = rand_buf((size_t)T * H), *rw = rand_buf((size_t)E * H), *w1 = rand_buf((size_t)E * F * H),
+          *w2 = rand_buf((size_t)E * F * H), *b = rand_buf(H);
+    float *o1 = galloc((size_t)T * H), *o2 = galloc((size_t)T * H), *pr = galloc((size_t)T * E),
+          *lg = galloc((size_t)T * E), *tw = galloc((size_t)T * K), *eo = galloc((size_t)T * K * H);
+    int32_t *ti = malloc((size_t)T * K * 4);
+    CHECK(ak_set_num_threads(1));
+    CHECK(ak_moe(o1, lg, pr, tw, ti, NULL, NULL, eo, NULL, x, rw, w1, NULL, w2, NULL, b, T, H, F, E, K, AK_DTYPE_F32, 1, 0, 0));
+    CHECK(ak_set_num_threads(2));
+    CHECK(ak_moe(o2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, x, rw, w1, NULL, w2, NULL, b, T, H, F, E, K, AK_DTYPE_F32, 1, 0, 0));
+    EXPECT(memcmp(o1, o2, (size_t)T * H * 4) == 0, "moe threads differ");
+    /* reference for token 0 with plain loops */
+    int ok = 1;
+    for (int t = 0; t < T; t++) {
+        EXPECT(ti[t * K] != ti[t * K + 1], "distinct experts");
+        EXPECT(pr[t * E + ti[t * K]] >= pr[t * E + ti[t * K + 1]], "descending");
+        EXPECT(fabsf(tw[t * K] + tw[t * K + 1] - 1.0f) < 1e-6f, "renormalised");
+        for (int j = 0; j < K; j++) {
+            int e = ti[t * K + j];
+            float *hbuf = malloc(F * 4);
+            for (int f = 0; f < F; f++) {
+                double a = 0;
+                for (int h = 0; h < H; h++) a += (double)x[t * H + h] * w1[((size_t)e * F + f) * H + h];
+                hbuf[f] = (float)(0.5 * a * (1.0 + erf(a / sqrt(2.0))));
+            }
+            for (int h = 0; h < H; h++) {
+                double a = 0;
+                for (int f = 0; f < F; f++) a += (double)hbuf[f] * w2[((size_t)e * F + f) * H + h];
+                if (fabs(a - eo[((size_t)t * K + j) * H + h]) > 1e-4 * (1 + fabs(a))) ok = 0;
+            }
+            free(hbuf);
+        }
+    }
+    EXPECT(ok, "moe expert outputs match double reference");
+    EXPECT(guard_ok(o1, (size_t)T * H) && guard_ok(o2, (size_t)T * H) && guard_ok(pr, (size_t)T * E) &&
+           guard_ok(lg, (size_t)T * E) && guard_ok(tw, (size_t)T * K) && guard_ok(eo, (size_t)T * K * H), "guard moe");
+    /* forced routing with the same indices/weights reproduces the routed result bitwise */
+    float *o3 = galloc((size_t)T * H);
+    CHECK(ak_moe(o3, NULL, NULL, tw, ti, NULL, NULL, NULL, NULL, x, NULL, w1, NULL, w2, NULL, b, T, H, F, E, K, AK_DTYPE_F32, 0, 0, 1));
+    EXPECT(memcmp(o1, o3, (size_t)T * H * 4) == 0, "forced routing");
+    ti[0] = E;
+    EXPECT(ak_moe(o3, NULL, NULL, tw, ti, NULL, NULL, NULL, NULL, x, NULL, w1, NULL, w2, NULL, b, T, H, F, E, K, 0, 0, 0, 1) ==
+           AK_ERR_INDEX_OUT_OF_RANGE, "bad index");
+    free(x); free(rw); free(w1); free(w2); free(b); free(o1); free(o2); free(o3); free(pr); free(lg); free(tw); free(eo); free(ti);
+}
+
+static void test_small_ops(void) {
+    int T = 9, C = 37;
+    size_t n = (size_t)T * C;
+    float *x = rand_buf(n), *o = galloc(n), *w = rand_buf(C), *b = rand_buf(C);
+    x[5] = 30.0f;
+    CHECK(ak_softmax(o, x, T, C));
+    for (int t = 0; t < T; t++) {
+        double s = 0;
+        for (int c = 0; c < C; c++) s += o[t * C + c];
+        EXPECT(fabs(s - 1.0) < 1e-5, "softmax row sum %g", s);
+    }
+    EXPECT(guard_ok(o, n), "guard softmax");
+    CHECK(ak_layernorm(o, x, w, b, T, C, 1e-5f));
+    for (int t = 0; t < T; t++) {
+        double m = 0, v = 0;
+        for (int c = 0; c < C; c++) m += x[t * C + c];
+        m /= C;
+        for (int c = 0; c < C; c++) v += (x[t * C + c] - m) * (x[t * C + c] - m);
+        v /= C;
+        for (int c = 0; c < C; c++) {
+            double r = (x[t * C + c] - m) / sqrt(v + 1e-5) * w[c] + b[c];
+            EXPECT(fabs(r - o[t * C + c]) < 1e-5, "layernorm");
+        }
+    }
+    EXPECT(guard_ok(o, n), "guard layernorm");
+    CHECK(ak_gelu(o, x, (int64_t)n, 0));
+    for (size_t i = 0; i < n; i++) EXPECT(fabs(o[i] - 0.5 * x[i] * (1 + erf(x[i] / sqrt(2.0)))) < 1e-6, "gelu");
+    EXPECT(guard_ok(o, n), "guard gelu");
+    int64_t ids[3] = {2, 0, 8};
+    CHECK(ak_embedding(o, ids, x, 3, T, C));
+    EXPECT(memcmp(o + C, x, C * 4) == 0, "embedding");
+    ids[1] = 9;
+    EXPECT(ak_embedding(o, ids, x, 3, T, C) == AK_ERR_INDEX_OUT_OF_RANGE, "embedding range");
+    EXPECT(ak_matmul(NULL, x, w, NULL, NULL, 1, 1, 1, 0) == AK_ERR_NULL_POINTER, "null");
+    EXPECT(ak_matmul(o, x, w, NULL, NULL, -1, 1, 1, 0) == AK_ERR_INVALID_SIZE, "size");
+    EXPECT(strcmp(ak_version(), AK_VERSION) == 0, "version");
+    EXPECT(strlen(ak_status_string(12345)) > 0, "status string");
+    uint64_t counts[64];
+    CHECK(ak_get_call_counts(counts, 64));
+    EXPECT(counts[0] > 0, "call counts");
+    ak_reset_call_counts();
+    CHECK(ak_get_call_counts(counts, 64));
+    EXPECT(counts[0] == 0, "reset call counts");
+    free(x); free(o); free(w); free(b);
+}
+
+int main(void) {
+    test_matmul();
+    test_attention();
+    test_moe();
+    test_small_ops();
+    printf("%d passed, %d failed\n", g_pass, g_fail);
+    return g_fail ? 1 : 0;
+}

@@ -1,0 +1,265 @@
+"""The actdiff inference engine: NomicBERT-MoE and BERT on the C kernels (actdiff.kernels) and numpy.
+
+No torch anywhere on this path: weights come from safetensors' numpy loader, every compute node runs in
+C (the kernels library counts calls per op), numpy only moves data (splits, reshapes, gathers of expert
+rows, fp16 rounding of activations for ``fp16-act``).
+
+The graph is the canonical one from actdiff.nodes: the engine executes its nodes in order, each through
+:meth:`Engine.run_node`, so any node can be tapped, and any node can be replayed on other inputs (the
+comparison stage replays every node on the reference's inputs: teacher forcing). For speed the forward
+pass runs a whole MoE block as one fused C kernel (router, top-k, grouped experts, weighted sum, bias)
+that returns every intermediate node; with ``fp16-act`` the block runs node by node so activations are
+rounded between ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import kernels
+from ..errors import ActdiffError
+from ..nodes import ARCH_NOMIC_MOE, INPUT_IDS, Graph, build_graph, load_config_json
+from ..variants import Variant, parse_variant
+from .faults import Fault, get_fault
+from .weights import Checkpoint, EngineTensor, convert
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Weights and settings of one variant."""
+
+    variant: Variant
+    weights: dict[str, EngineTensor]
+    fault: Fault | None
+    fault_param: float | None
+
+    def w(self, key: str) -> EngineTensor:
+        return self.weights[key]
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, threads: int | None = None):
+        self.model_dir = Path(model_dir)
+        self.config = load_config_json(self.model_dir)
+        self.graph: Graph = build_graph(self.config, str(self.model_dir / "config.json"))
+        self.dims = self.graph.dims
+        self.checkpoint = Checkpoint(self.model_dir / "model.safetensors")
+        self._prepared: dict[str, Prepared] = {}
+        if threads is not None:
+            kernels.set_num_threads(int(threads))
+
+    # ------------------------------------------------------------------ graph
+    def describe(self) -> str:
+        """The graph, one line per node: ``node 17 LAYERNORM encoder.layers.0.norm1 [T, 768]``."""
+        return self.graph.describe()
+
+    # ---------------------------------------------------------------- weights
+    def prepare(self, variant: str | Variant = "fp32") -> Prepared:
+        key = str(variant)
+        if key not in self._prepared:
+            v = parse_variant(key) if isinstance(variant, str) else variant
+            fault, param = get_fault(v.fault, v.fault_param, self.dims.arch)
+            weights = convert(self.graph, self.checkpoint, v.precision, fault.name if fault else None)
+            self._prepared = {key: Prepared(v, weights, fault, param)}  # one variant's weights at a time
+        return self._prepared[key]
+
+    def export_weights(self, variant: str = "fp32") -> dict[str, EngineTensor]:
+        """Every tensor the engine uses, after its layout and quantisation, with source and transform."""
+        return self.prepare(variant).weights
+
+    def understood_config(self, variant: str = "fp32") -> dict:
+        """Config values as the engine applies them (for config parity checks)."""
+        p = self.prepare(variant)
+        d = self.dims
+        faulty = p.fault.name if p.fault else None
+        return {
+            "arch": d.arch,
+            "hidden": d.hidden,
+            "heads": d.heads,
+            "head_dim": d.head_dim,
+            "layers": d.layers,
+            "inner": d.inner,
+            "experts": d.experts,
+            "top_k": d.top_k,
+            "moe_every_n_layers": d.moe_every_n_layers,
+            "layer_norm_eps": p.fault_param if faulty == "ln_eps" else d.eps,
+            "rotary_base": d.rotary_base if d.arch == ARCH_NOMIC_MOE else None,
+            "rotary_interleaved": faulty == "rotary_interleaved" if d.arch == ARCH_NOMIC_MOE else None,
+            "activation": "gelu_tanh" if faulty == "gelu_tanh" else "gelu_erf",
+            "attention": "causal" if faulty == "causal_mask" else "bidirectional",
+            "topk_renormalize": faulty == "topk_renorm" or d.normalize_expert_weights,
+            "expert_bias": faulty != "expert_bias_dropped",
+            "precision": p.variant.precision,
+        }
+
+    # ------------------------------------------------------------- one node
+    def _faulty(self, p: Prepared, node) -> bool:
+        return p.fault is not None and p.fault.changes(node)
+
+    def run_node(self, name: str, inputs: dict[str, np.ndarray], variant: str = "fp32") -> np.ndarray:
+        """Run one node on the given input arrays (its graph inputs by name, shaped as the graph says)."""
+        p = self.prepare(variant)
+        node = self.graph[name]
+        missing = [i for i in node.inputs if i not in inputs]
+        if missing:
+            raise ActdiffError(f"node {name}: missing input(s) {missing}")
+        x = [inputs[i] for i in node.inputs]
+        if node.op != "EMBED":
+            x = [np.ascontiguousarray(a, dtype=np.int64 if a.dtype.kind in "iu" else np.float32) for a in x]
+        op = getattr(self, f"_op_{node.op.lower()}")
+        return op(node, x, p)
+
+    # ops: each takes (node, input arrays, prepared variant) and returns the node value
+    def _op_embed(self, node, x, p):
+        ids = np.asarray(x[0], dtype=np.int64)
+        T = ids.shape[0]
+        if T and (ids.min() < 0 or ids.max() >= self.dims.vocab):
+            raise ActdiffError(f"token id out of range [0, {self.dims.vocab}) in input_ids")
+        w = [p.w(k).data for k in node.weights]
+        out = kernels.embedding(ids, w[0])
+        if self.dims.arch != ARCH_NOMIC_MOE:  # BERT: absolute positions
+            if T > self.dims.max_positions:
+                raise ActdiffError(f"{T} tokens exceed max_position_embeddings={self.dims.max_positions}")
+            kernels.add(out, kernels.embedding(np.arange(T, dtype=np.int64), w[1]), out=out)
+        kernels.add(out, kernels.embedding(np.zeros(T, dtype=np.int64), w[-1]), out=out)  # token type 0
+        return out
+
+    def _op_layernorm(self, node, x, p):
+        eps = p.fault_param if self._faulty(p, node) else self.dims.eps
+        return kernels.layernorm(x[0], p.w(node.weights[0]).data, p.w(node.weights[1]).data, eps=eps)
+
+    def _matmul(self, inp, wt: EngineTensor, bias: EngineTensor | None):
+        return kernels.matmul(inp, wt.data, None if bias is None else bias.data, scales=wt.scales)
+
+    def _op_matmul(self, node, x, p):
+        inp = x[0].reshape(x[0].shape[0], -1)
+        out = self._matmul(inp, p.w(node.weights[0]), p.w(node.weights[1]) if len(node.weights) > 1 else None)
+        return out.reshape(self.graph.shape(node.name, inp.shape[0]))
+
+    def _op_split(self, node, x, p):
+        T = x[0].shape[0]
+        nh, hd = self.dims.heads, self.dims.head_dim
+        part = node.attrs["part"]
+        if self._faulty(p, node):  # head-major: rows read as (nh, 3, hd)
+            return np.ascontiguousarray(x[0].reshape(T, nh, 3, hd)[:, :, part, :])
+        return np.ascontiguousarray(x[0].reshape(T, 3, nh, hd)[:, part])
+
+    def _op_rope(self, node, x, p):
+        return kernels.rotary(
+            x[0], base=self.dims.rotary_base, interleaved=self._faulty(p, node) or self.dims.rotary_interleaved
+        )
+
+    def _op_attention(self, node, x, p):
+        q, k, v = x
+        return kernels.attention(
+            q, k, v, key_mask=None, scale=1.0 / math.sqrt(self.dims.head_dim), causal=self._faulty(p, node)
+        )
+
+    def _op_add(self, node, x, p):
+        return kernels.add(x[0], x[1])
+
+    def _gelu_kind(self, p: Prepared, node) -> str:
+        return "tanh" if self._faulty(p, node) or self.dims.activation != "gelu" else "none"
+
+    def _op_gelu(self, node, x, p):
+        return kernels.gelu(x[0], approximate=self._gelu_kind(p, node))
+
+    def _op_router(self, node, x, p):
+        return kernels.matmul(x[0], p.w(node.weights[0]).data)
+
+    def _op_softmax(self, node, x, p):
+        return kernels.softmax(x[0])
+
+    def _renormalize(self, p: Prepared) -> bool:
+        return self.dims.normalize_expert_weights or (p.fault is not None and p.fault.name == "topk_renorm")
+
+    def _op_topk(self, node, x, p):
+        w, idx = kernels.topk(x[0], self.dims.top_k, renormalize=self._renormalize(p))
+        return w if node.attrs["part"] == "weights" else idx
+
+    def _op_expert_fc1(self, node, x, p):
+        w1 = p.w(node.weights[0])
+        return kernels.expert_up(x[0], x[1], w1.data, scales=w1.scales)
+
+    def _op_expert_fc2(self, node, x, p):
+        w2 = p.w(node.weights[0])
+        return kernels.expert_down(x[0], x[1], w2.data, scales=w2.scales)
+
+    def _op_moe_sum(self, node, x, p):
+        return kernels.moe_combine(x[0], x[1])
+
+    def _op_bias_add(self, node, x, p):
+        if self._faulty(p, node):  # expert bias dropped
+            return x[0].copy()
+        bias = p.w(node.weights[0]).data
+        return kernels.add(x[0], np.ascontiguousarray(np.broadcast_to(bias, x[0].shape)))
+
+    def _op_pool(self, node, x, p):
+        return kernels.mean_pool(x[0]).reshape(1, -1)
+
+    def _op_l2norm(self, node, x, p):
+        return kernels.l2_normalize(x[0], eps=1e-12)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, ids, variant: str = "fp32", fused_moe: bool = True) -> dict[str, np.ndarray]:
+        """Run the whole graph on one prompt's token ids; return every node's value."""
+        p = self.prepare(variant)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 1 or ids.shape[0] == 0:
+            raise ActdiffError(f"input_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+        round_act = p.variant.precision == "fp16-act"
+        vals: dict[str, np.ndarray] = {INPUT_IDS: ids}
+        skip: set[str] = set()
+        for node in self.graph:
+            if node.name in skip:
+                continue
+            if node.op == "ROUTER" and fused_moe and not round_act:
+                moe_vals = self._fused_moe(node, vals[node.inputs[0]], p)
+                vals.update(moe_vals)
+                skip.update(moe_vals)
+                continue
+            out = self.run_node(node.name, {i: vals[i] for i in node.inputs}, variant)
+            if round_act and node.kind != "index":
+                out = out.astype(np.float16).astype(np.float32)
+            vals[node.name] = out
+        del vals[INPUT_IDS]
+        return vals
+
+    def _fused_moe(self, router_node, h, p: Prepared) -> dict[str, np.ndarray]:
+        prefix = router_node.name[: -len("router.logits")]
+        g = self.graph
+        w1 = p.w(g[prefix + "experts.fc1"].weights[0])
+        w2 = p.w(g[prefix + "experts.out"].weights[0])
+        bias_node = g[prefix + "experts.bias_add"]
+        bias = None if self._faulty(p, bias_node) else p.w(bias_node.weights[0]).data
+        r = kernels.moe(
+            h,
+            p.w(router_node.weights[0]).data,
+            w1.data,
+            w2.data,
+            bias,
+            top_k=self.dims.top_k,
+            renormalize=self._renormalize(p),
+            gelu_approximate=self._gelu_kind(p, g[prefix + "experts.act"]),
+            w1_scales=w1.scales,
+            w2_scales=w2.scales,
+            return_intermediates=True,
+        )
+        return {
+            prefix + "router.logits": r.router_logits,
+            prefix + "router.probs": r.probs,
+            prefix + "router.topk_weights": r.topk_weights,
+            prefix + "router.topk_indices": r.topk_indices,
+            prefix + "experts.fc1": r.fc1,
+            prefix + "experts.act": r.act,
+            prefix + "experts.out": r.expert_out,
+            prefix + "experts.weighted_sum": r.weighted,
+            prefix + "experts.bias_add": r.out,
+        }

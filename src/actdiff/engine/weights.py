@@ -1,0 +1,186 @@
+"""Engine weights: read the checkpoint with safetensors' numpy loader and convert each tensor into the
+engine's own layout and precision.
+
+Precision policy (the ``precision`` part of a variant):
+
+| precision | matmul + expert weights | router, embeddings | LayerNorm params, biases | activations |
+|---|---|---|---|---|
+| fp32 | float32 | float32 | float32 | float32 |
+| fp16 | float16 storage, fp32 accumulation in C | values rounded to fp16, stored fp32 | float32 | float32 |
+| bf16 | bf16 storage (uint16, round-to-nearest-even) | values rounded to bf16, stored fp32 | float32 | float32 |
+| int8 | int8, symmetric per output channel (fp32 scales) | float32 | float32 | float32 |
+| fp16-act | float32 | float32 | float32 | rounded to fp16 after every node |
+
+Routers and embedding gathers need fp32 arrays in the C library, so reduced precision there is applied to
+the values (bitwise what a reduced-storage kernel would read) rather than the storage. Norm parameters and
+biases stay fp32, as engines usually keep them.
+
+Layout: the fused Wqkv stays fused (the SPLIT nodes split its output); experts are stored per expert,
+``w1`` and ``w2`` as (E, F, H) as released (``w2_transposed`` fault: the buffer read as (E, H, F) and
+transposed). Each engine tensor records the checkpoint tensor it came from and the transform applied, so
+the comparison stage can check weight parity (``Engine.export_weights``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError
+from ..nodes import ARCH_NOMIC_MOE, Graph
+
+
+@dataclass
+class EngineTensor:
+    name: str  # the engine's name for it
+    source: str  # checkpoint tensor it came from
+    transform: str  # what the engine did to it
+    data: np.ndarray  # storage as the C kernels read it
+    scales: np.ndarray | None = None  # int8 per-output-channel scales
+    storage: str = "float32"  # float32 | float16 | bf16 | int8
+    int8_axis: int | None = None  # the reduced (input) axis the int8 scales were taken over
+
+    def as_float32(self) -> np.ndarray:
+        """The values the engine computes with, in float32, in the storage layout."""
+        from .. import kernels
+
+        if self.storage == "bf16":
+            return kernels.bf16_to_f32(self.data)
+        if self.storage == "int8":
+            return (self.data.astype(np.float32) * np.expand_dims(self.scales, self.int8_axis)).astype(np.float32)
+        return self.data.astype(np.float32)
+
+
+def round_to(x: np.ndarray, storage: str) -> np.ndarray:
+    from .. import kernels
+
+    if storage == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if storage == "bf16":
+        return kernels.bf16_to_f32(kernels.f32_to_bf16(x))
+    return x
+
+
+class Checkpoint:
+    """Lazy reader of model.safetensors that checks names, shapes and dtypes as tensors are read."""
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: model.safetensors not found")
+        try:
+            self._f = safe_open(str(self.path), framework="numpy")
+            self.keys = set(self._f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ModelError(
+                f"{self.path}: cannot read safetensors file ({e}); is it truncated or corrupted?"
+            ) from None
+
+    def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.keys:
+            raise ModelError(f"{self.path}: missing tensor {key!r} (expected shape {list(shape)})")
+        try:
+            a = self._f.get_tensor(key)
+        except Exception as e:  # safetensors raises several types for damaged data
+            raise ModelError(f"{self.path}: tensor {key!r} cannot be read ({e})") from None
+        if tuple(a.shape) != tuple(shape):
+            raise ModelError(
+                f"{self.path}: tensor {key!r} has shape {list(a.shape)}, config.json implies {list(shape)}"
+            )
+        if a.dtype.kind != "f":
+            raise ModelError(f"{self.path}: tensor {key!r} has dtype {a.dtype}, expected a floating-point dtype")
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def expected_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor the engine reads, with the shape config.json implies."""
+    d = graph.dims
+    H, F, E = d.hidden, d.inner, d.experts
+    rules = [  # first matching suffix wins
+        ("word_embeddings.weight", (d.vocab, H)),
+        ("position_embeddings.weight", (d.max_positions, H)),
+        ("token_type_embeddings.weight", (d.type_vocab, H)),
+        ("Wqkv.weight", (3 * H, H)),
+        ("Wqkv.bias", (3 * H,)),
+        ("router.layer.weight", (E, H)),
+        ("experts.mlp.w1", (E * F, H)),
+        ("experts.mlp.w2", (E * F, H)),
+        ("fc1.weight", (F, H)),
+        ("fc1.bias", (F,)),
+        ("fc2.weight", (H, F)),
+        ("intermediate.dense.weight", (F, H)),
+        ("intermediate.dense.bias", (F,)),
+        ("attention.output.dense.weight", (H, H)),
+        ("output.dense.weight", (H, F)),  # BERT's FFN down projection
+        ("query.weight", (H, H)),
+        ("key.weight", (H, H)),
+        ("value.weight", (H, H)),
+        ("out_proj.weight", (H, H)),
+        ("", (H,)),  # biases and LayerNorm parameters
+    ]
+    out: dict[str, tuple[int, ...]] = {}
+    for n in graph:
+        for w in n.weights:
+            out[w] = next(shape for suffix, shape in rules if w.endswith(suffix))
+    return out
+
+
+def convert(graph: Graph, ckpt: Checkpoint, precision: str, fault: str | None) -> dict[str, EngineTensor]:
+    """Read every tensor once and convert it to the engine layout for ``precision``."""
+    d = graph.dims
+    shapes = expected_shapes(graph)
+    matmul_storage = {"fp32": "float32", "fp16": "float16", "bf16": "bf16", "int8": "int8", "fp16-act": "float32"}
+    value_storage = {"fp16": "float16", "bf16": "bf16"}.get(precision, "float32")
+    st = matmul_storage[precision]
+    out: dict[str, EngineTensor] = {}
+    for key, shape in shapes.items():
+        a = ckpt.get(key, shape)
+        is_matrix_weight = len(shape) == 2 and not key.endswith(("embeddings.weight", "router.layer.weight"))
+        if key.endswith(("experts.mlp.w1", "experts.mlp.w2")):
+            E, F, H = d.experts, d.inner, d.hidden
+            if key.endswith("w2") and fault == "w2_transposed":
+                a3 = np.ascontiguousarray(a.reshape(E, H, F).transpose(0, 2, 1))
+                layout = "viewed as (E, H, F) and transposed to (E, F, H) [fault w2_transposed]"
+            else:
+                a3 = a.reshape(E, F, H)
+                layout = "viewed as (E, F, H), one (F, H) block per expert"
+            out[key] = _store(key, a3, st, layout, int8_axis=2 if key.endswith("w1") else 1)
+        elif is_matrix_weight:
+            out[key] = _store(key, a, st, "as is (OC, IC)", int8_axis=1)
+        elif len(shape) == 2:  # router and embedding tables: fp32 storage, reduced values
+            v = round_to(a, value_storage)
+            t = "as is" if value_storage == "float32" else f"values rounded to {value_storage}, stored float32"
+            out[key] = EngineTensor(key, key, t, v)
+        else:
+            out[key] = EngineTensor(key, key, "as is (float32)", a)
+        del a
+    return out
+
+
+def _store(key: str, a: np.ndarray, storage: str, layout: str, int8_axis: int) -> EngineTensor:
+    from .. import kernels
+
+    if storage == "float32":
+        return EngineTensor(key, key, f"{layout}; float32", np.ascontiguousarray(a))
+    if storage == "float16":
+        return EngineTensor(key, key, f"{layout}; float16 storage", a.astype(np.float16), storage="float16")
+    if storage == "bf16":
+        return EngineTensor(key, key, f"{layout}; bf16 storage (RNE)", kernels.f32_to_bf16(a), storage="bf16")
+    q, s = kernels.quantize_int8(a, axis=int8_axis)
+    return EngineTensor(
+        key,
+        key,
+        f"{layout}; int8 symmetric per output channel",
+        np.ascontiguousarray(q),
+        np.ascontiguousarray(s, dtype=np.float32),
+        storage="int8",
+        int8_axis=int8_axis,
+    )
+
+
+def is_nomic(graph: Graph) -> bool:
+    return graph.dims.arch == ARCH_NOMIC_MOE

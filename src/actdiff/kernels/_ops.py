@@ -1,0 +1,521 @@
+"""Python wrappers for the C kernels (see kernels_c/include/actdiff_kernels.h)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._loader import ffi, lib
+
+ISA_NAMES = {"scalar": 0, "avx2": 1, "avx512": 2}
+_ISA_BY_ID = {v: k for k, v in ISA_NAMES.items()}
+_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.uint16): 2, np.dtype(np.int8): 3}
+_GELU = {"none": 0, "tanh": 1}
+_INT_MAX = 2**31 - 1
+
+
+class KernelError(RuntimeError):
+    """A C kernel returned a non-zero status code."""
+
+    def __init__(self, op: str, status: int):
+        self.op = op
+        self.status = int(status)
+        self.status_string = ffi.string(lib.ak_status_string(status)).decode()
+        super().__init__(f"{op}: kernel failed with status {self.status} ({self.status_string})")
+
+
+def _call(op: str, status: int) -> None:
+    if status != 0:
+        raise KernelError(op, status)
+
+
+# ---------------------------------------------------------------- validation helpers
+def _arr(name: str, x, dtypes, ndim=None, shape=None) -> np.ndarray:
+    """Check x is a C-contiguous ndarray with an allowed dtype / ndim / shape (None = any dim)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if isinstance(dtypes, (type, np.dtype)):
+        dtypes = (dtypes,)
+    allowed = tuple(np.dtype(d) for d in dtypes)
+    if x.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype {' or '.join(str(d) for d in allowed)}, got {x.dtype}")
+    if ndim is not None and x.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {x.shape}")
+    if shape is not None:
+        if len(shape) != x.ndim or any(s is not None and s != d for s, d in zip(shape, x.shape, strict=True)):
+            want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {x.shape}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    if any(d > _INT_MAX for d in x.shape):
+        raise ValueError(f"{name}: dimension too large for the kernel library")
+    return x
+
+
+def _out(name: str, out, shape, inputs=(), dtype=np.float32) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    _arr(name, out, dtype, shape=tuple(shape))
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    for iname, a in inputs:
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"{name} must not overlap {iname}")
+    return out
+
+
+def _p(x, ctype="float *"):
+    if x is None:
+        return ffi.NULL
+    return ffi.cast(ctype, ffi.from_buffer(x))
+
+
+def _float(name: str, v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {v!r}") from None
+    return f
+
+
+# ---------------------------------------------------------------- runtime configuration
+def set_num_threads(n: int) -> None:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if not 1 <= n <= 64:
+        raise ValueError(f"n must be in [1, 64], got {n}")
+    _call("set_num_threads", lib.ak_set_num_threads(int(n)))
+
+
+def get_num_threads() -> int:
+    return int(lib.ak_get_num_threads())
+
+
+def cpu_supports(isa: str) -> bool:
+    if isa not in ISA_NAMES:
+        raise ValueError(f"isa must be one of {sorted(ISA_NAMES)}, got {isa!r}")
+    return bool(lib.ak_cpu_supports_isa(ISA_NAMES[isa]))
+
+
+def set_isa(isa: str) -> None:
+    """Force an instruction-set path ('scalar', 'avx2', 'avx512') or 'auto'."""
+    if isa == "auto":
+        _call("set_isa", lib.ak_set_isa(-1))
+        return
+    if isa not in ISA_NAMES:
+        raise ValueError(f"isa must be 'auto' or one of {sorted(ISA_NAMES)}, got {isa!r}")
+    _call("set_isa", lib.ak_set_isa(ISA_NAMES[isa]))
+
+
+def get_isa() -> str:
+    return _ISA_BY_ID[int(lib.ak_get_isa())]
+
+
+def call_counts() -> dict[str, int]:
+    """{op_name: number of calls} since load or the last reset_call_counts()."""
+    n = int(lib.ak_num_ops())
+    buf = ffi.new("uint64_t[]", n)
+    _call("call_counts", lib.ak_get_call_counts(buf, n))
+    return {ffi.string(lib.ak_op_name(i)).decode(): int(buf[i]) for i in range(n)}
+
+
+def reset_call_counts() -> None:
+    lib.ak_reset_call_counts()
+
+
+# ---------------------------------------------------------------- dtype helpers
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 storage (uint16) with round-to-nearest-even; NaN stays a (quiet) NaN."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    b = x.view(np.uint32).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        r[nan] = ((b[nan] >> 16) | 0x40).astype(np.uint16)
+    return r
+
+
+def bf16_to_f32(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.uint16)
+    return (x.astype(np.uint32) << 16).view(np.float32)
+
+
+def quantize_int8(w: np.ndarray, axis: int = -1):
+    """Symmetric int8 quantisation per output channel: w ~= q * scale[..., None].
+
+    Reduces over ``axis`` (the input dimension); returns (q int8, scales float32)."""
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.max(np.abs(w), axis=axis, keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, np.ascontiguousarray(np.squeeze(scale, axis=axis))
+
+
+# ---------------------------------------------------------------- ops
+def _matmul(fn, opname, inp, weight, bias, scales, out):
+    _arr("inp", inp, np.float32)
+    if inp.ndim < 1:
+        raise ValueError("inp must have at least 1 dimension")
+    _arr("weight", weight, tuple(_DTYPE_CODES), ndim=2)
+    OC, C = weight.shape
+    if inp.shape[-1] != C:
+        raise ValueError(f"inp last dimension {inp.shape[-1]} does not match weight (OC={OC}, C={C})")
+    T = int(np.prod(inp.shape[:-1], dtype=np.int64))
+    if T > _INT_MAX:
+        raise ValueError("inp has too many rows")
+    dt = _DTYPE_CODES[weight.dtype]
+    if bias is not None:
+        _arr("bias", bias, np.float32, shape=(OC,))
+    if dt == 3:
+        if scales is None:
+            raise ValueError("scales is required for an int8 weight")
+        _arr("scales", scales, np.float32, shape=(OC,))
+    elif scales is not None:
+        raise ValueError("scales is only used with an int8 weight")
+    out = _out("out", out, inp.shape[:-1] + (OC,), [("inp", inp), ("weight", weight), ("bias", bias)])
+    _call(opname, fn(_p(out), _p(inp), _p(weight, "void *"), _p(scales), _p(bias), T, C, OC, dt))
+    return out
+
+
+def matmul(inp, weight, bias=None, *, scales=None, out=None):
+    """out (..., OC) = inp (..., C) @ weight(OC, C)^T + bias (OC).
+
+    weight dtype selects the kernel: float32, float16, uint16 (bf16 storage, see f32_to_bf16),
+    or int8 with ``scales`` (OC,) float32 (w = q * scale per output channel)."""
+    return _matmul(lib.ak_matmul, "matmul", inp, weight, bias, scales, out)
+
+
+def matmul_naive(inp, weight, bias=None, *, scales=None, out=None):
+    """Reference triple loop with the same per-element arithmetic as matmul."""
+    return _matmul(lib.ak_matmul_naive, "matmul_naive", inp, weight, bias, scales, out)
+
+
+def _rows(name, x):
+    _arr(name, x, np.float32)
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have at least 1 dimension")
+    C = x.shape[-1]
+    T = int(np.prod(x.shape[:-1], dtype=np.int64))
+    return T, C
+
+
+def layernorm(x, weight=None, bias=None, eps: float = 1e-5, *, out=None):
+    """LayerNorm over the last axis (biased variance); weight/bias (C,) or None."""
+    T, C = _rows("x", x)
+    if C == 0:
+        raise ValueError("x last dimension must be > 0")
+    if weight is not None:
+        _arr("weight", weight, np.float32, shape=(C,))
+    if bias is not None:
+        _arr("bias", bias, np.float32, shape=(C,))
+    eps = _float("eps", eps)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    out = _out("out", out, x.shape, [("x", x)])
+    _call("layernorm", lib.ak_layernorm(_p(out), _p(x), _p(weight), _p(bias), T, C, eps))
+    return out
+
+
+def gelu(x, approximate: str = "none", *, out=None):
+    """GELU, exact (erf) or approximate='tanh'. out may be x (in place)."""
+    _arr("x", x, np.float32)
+    if approximate not in _GELU:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if out is not x:
+        out = _out("out", out, x.shape, [("x", x)])
+    _call("gelu", lib.ak_gelu(_p(out), _p(x), x.size, _GELU[approximate]))
+    return out
+
+
+def softmax(x, *, out=None):
+    """Softmax over the last axis (max-subtracted). out may be x."""
+    T, C = _rows("x", x)
+    if out is not x:
+        out = _out("out", out, x.shape, [("x", x)])
+    _call("softmax", lib.ak_softmax(_p(out), _p(x), T, C))
+    return out
+
+
+def add(a, b, *, out=None):
+    """Elementwise a + b (same shape, no broadcasting). out may be a or b."""
+    _arr("a", a, np.float32)
+    _arr("b", b, np.float32, shape=a.shape)
+    if out is not a and out is not b:
+        out = _out("out", out, a.shape, [("a", a), ("b", b)])
+    _call("add", lib.ak_add(_p(out), _p(a), _p(b), a.size))
+    return out
+
+
+def embedding(ids, table, *, out=None):
+    """Gather rows: out (T, C) = table (V, C)[ids (T,)]. ids: any integer dtype (copied to int64)."""
+    if not isinstance(ids, np.ndarray):
+        raise TypeError(f"ids must be a numpy.ndarray, got {type(ids).__name__}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must have an integer dtype, got {ids.dtype}")
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be 1-dimensional, got shape {ids.shape}")
+    ids64 = np.ascontiguousarray(ids, dtype=np.int64)
+    _arr("table", table, np.float32, ndim=2)
+    V, C = table.shape
+    out = _out("out", out, (ids.shape[0], C), [("table", table)])
+    _call("embedding", lib.ak_embedding(_p(out), _p(ids64, "int64_t *"), _p(table), ids.shape[0], V, C))
+    return out
+
+
+def rotary(x, positions=None, *, offset: int = 0, base: float = 10000.0, interleaved: bool = False,
+           rot_dim: int | None = None, out=None):
+    """Rotary embedding of x (T, nh, hd) at positions (T,) (default offset + arange(T)).
+
+    interleaved=False: half-split "NeoX" layout; True: "GPT-J" interleaved pairs."""
+    _arr("x", x, np.float32, ndim=3)
+    T, nh, hd = x.shape
+    if positions is None:
+        pos = np.arange(offset, offset + T, dtype=np.int64)
+    else:
+        if not isinstance(positions, np.ndarray) or positions.dtype.kind not in "iu":
+            raise TypeError("positions must be an integer numpy.ndarray")
+        if positions.shape != (T,):
+            raise ValueError(f"positions must have shape ({T},), got {positions.shape}")
+        pos = np.ascontiguousarray(positions, dtype=np.int64)
+    rd = hd if rot_dim is None else int(rot_dim)
+    if rd < 0 or rd > hd or rd % 2:
+        raise ValueError(f"rot_dim must be even and in [0, {hd}], got {rd}")
+    base = _float("base", base)
+    if not base > 0:
+        raise ValueError(f"base must be > 0, got {base}")
+    if out is not x:
+        out = _out("out", out, x.shape, [("x", x)])
+    _call("rotary", lib.ak_rotary(_p(out), _p(x), _p(pos, "int64_t *"), T, nh, hd, rd, base, int(bool(interleaved))))
+    return out
+
+
+def _mask_u8(name, mask, shape):
+    if mask is None:
+        return None
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(mask).__name__}")
+    if mask.dtype.kind not in "biu":
+        raise TypeError(f"{name} must be bool or integer, got {mask.dtype}")
+    if mask.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {mask.shape}")
+    return np.ascontiguousarray(mask != 0, dtype=np.uint8)
+
+
+def _attention(fn, opname, q, k, v, key_mask, scale, causal, out):
+    _arr("q", q, np.float32, ndim=3)
+    T, nh, hd = q.shape
+    _arr("k", k, np.float32, shape=q.shape)
+    _arr("v", v, np.float32, shape=q.shape)
+    m = _mask_u8("key_mask", key_mask, (T,))
+    scale = 1.0 / math.sqrt(hd) if scale is None else _float("scale", scale)
+    out = _out("out", out, (T, nh * hd), [("q", q), ("k", k), ("v", v)])
+    _call(opname, fn(_p(out), _p(q), _p(k), _p(v), _p(m, "uint8_t *"), T, nh, hd, scale, int(bool(causal))))
+    return out
+
+
+def attention(q, k, v, key_mask=None, scale=None, causal: bool = False, *, out=None):
+    """Multi-head attention: q, k, v (T, nh, hd) -> context (T, nh*hd).
+
+    key_mask (T,) bool/int (nonzero = attend) or None; scale default 1/sqrt(hd).
+    A query with no visible key gets zeros."""
+    return _attention(lib.ak_attention, "attention", q, k, v, key_mask, scale, causal, out)
+
+
+def attention_naive(q, k, v, key_mask=None, scale=None, causal: bool = False, *, out=None):
+    return _attention(lib.ak_attention_naive, "attention_naive", q, k, v, key_mask, scale, causal, out)
+
+
+@dataclass
+class MoEResult:
+    out: np.ndarray            # (T, H) = weighted + bias
+    router_logits: np.ndarray  # (T, E)  (None with forced routing and no router_w)
+    probs: np.ndarray          # (T, E)
+    topk_weights: np.ndarray   # (T, k)
+    topk_indices: np.ndarray   # (T, k) int64
+    fc1: np.ndarray            # (T, k, F)  slot j = j-th selected expert
+    act: np.ndarray            # (T, k, F)
+    expert_out: np.ndarray     # (T, k, H)
+    weighted: np.ndarray       # (T, H)
+
+
+def moe(h, router_w, w1, w2, bias=None, top_k: int = 2, renormalize: bool = False,
+        gelu_approximate: str = "none", *, w1_scales=None, w2_scales=None, forced_indices=None,
+        forced_weights=None, return_intermediates: bool = False, out=None):
+    """Mixture-of-experts layer (see kernels_c/README.md).
+
+    h (T,H) f32, router_w (E,H) f32, w1 (E,F,H) and w2 (E,F,H) (float32/float16/uint16-bf16/int8
+    with w1_scales (E,F), w2_scales (E,H)), bias (H,) or None.  forced_indices (T,k) int and
+    forced_weights (T,k) f32 bypass the router (router_w may then be None).
+    Returns out (T,H), or a MoEResult when return_intermediates=True."""
+    _arr("h", h, np.float32, ndim=2)
+    T, H = h.shape
+    _arr("w1", w1, tuple(_DTYPE_CODES), ndim=3)
+    E, F, H1 = w1.shape
+    if H1 != H:
+        raise ValueError(f"w1 must have shape (E, F, {H}), got {w1.shape}")
+    _arr("w2", w2, w1.dtype, shape=(E, F, H))
+    dt = _DTYPE_CODES[w1.dtype]
+    if dt == 3:
+        if w1_scales is None or w2_scales is None:
+            raise ValueError("w1_scales and w2_scales are required for int8 expert weights")
+        _arr("w1_scales", w1_scales, np.float32, shape=(E, F))
+        _arr("w2_scales", w2_scales, np.float32, shape=(E, H))
+    elif w1_scales is not None or w2_scales is not None:
+        raise ValueError("w1_scales/w2_scales are only used with int8 expert weights")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+    if gelu_approximate not in _GELU:
+        raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {gelu_approximate!r}")
+    if bias is not None:
+        _arr("bias", bias, np.float32, shape=(H,))
+    forced = forced_indices is not None or forced_weights is not None
+    if forced:
+        if forced_indices is None or forced_weights is None:
+            raise ValueError("forced_indices and forced_weights must be given together")
+        if not isinstance(forced_indices, np.ndarray) or forced_indices.dtype.kind not in "iu":
+            raise TypeError("forced_indices must be an integer numpy.ndarray")
+        if forced_indices.shape != (T, top_k):
+            raise ValueError(f"forced_indices must have shape ({T}, {top_k}), got {forced_indices.shape}")
+        _arr("forced_weights", forced_weights, np.float32, shape=(T, top_k))
+        if forced_indices.size and (forced_indices.min() < 0 or forced_indices.max() >= E):
+            raise ValueError(f"forced_indices must be in [0, {E})")
+        idx = np.ascontiguousarray(forced_indices, dtype=np.int32)
+        tw = forced_weights.copy()
+    else:
+        idx = np.empty((T, top_k), np.int32)
+        tw = np.empty((T, top_k), np.float32)
+    if router_w is not None:
+        _arr("router_w", router_w, np.float32, shape=(E, H))
+    elif not forced:
+        raise ValueError("router_w is required unless forced routing is given")
+    out = _out("out", out, (T, H), [("h", h)])
+    ri = return_intermediates
+    have_router = ri and router_w is not None
+    lg = np.empty((T, E), np.float32) if have_router else None
+    pr = np.empty((T, E), np.float32) if have_router else None
+    fc1 = np.empty((T, top_k, F), np.float32) if ri else None
+    act = np.empty((T, top_k, F), np.float32) if ri else None
+    eo = np.empty((T, top_k, H), np.float32) if ri else None
+    ws = np.empty((T, H), np.float32) if ri else None
+    st = lib.ak_moe(
+        _p(out), _p(lg), _p(pr), _p(tw), _p(idx, "int32_t *"), _p(fc1), _p(act), _p(eo), _p(ws),
+        _p(h), _p(router_w), _p(w1, "void *"), _p(w1_scales), _p(w2, "void *"), _p(w2_scales), _p(bias),
+        T, H, F, E, int(top_k), dt, int(bool(renormalize)), _GELU[gelu_approximate], int(forced))
+    _call("moe", st)
+    if not ri:
+        return out
+    return MoEResult(out, lg, pr, tw, idx.astype(np.int64), fc1, act, eo, ws)
+
+
+def mean_pool(x, mask=None, *, out=None):
+    """Masked mean over tokens: x (T,H) -> (H,) or x (B,T,H) -> (B,H); mask (T,) / (B,T) or None.
+
+    sum(mask * x) / max(count, 1e-9): zeros when no token is set."""
+    _arr("x", x, np.float32, ndim=(2, 3))
+    if x.ndim == 2:
+        B, (T, C) = 1, x.shape
+        oshape = (C,)
+    else:
+        B, T, C = x.shape
+        oshape = (B, C)
+    m = _mask_u8("mask", mask, x.shape[:-1])
+    out = _out("out", out, oshape, [("x", x)])
+    _call("mean_pool", lib.ak_mean_pool(_p(out), _p(x), _p(m, "uint8_t *"), B, T, C))
+    return out
+
+
+def l2_normalize(x, eps: float = 1e-12, *, out=None):
+    """x / max(||x||_2, eps) over the last axis. out may be x."""
+    T, C = _rows("x", x)
+    eps = _float("eps", eps)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if out is not x:
+        out = _out("out", out, x.shape, [("x", x)])
+    _call("l2_normalize", lib.ak_l2_normalize(_p(out), _p(x), T, C, eps))
+    return out
+
+
+# ------------------------------------------------- MoE parts as separate ops
+def topk(probs, k: int, renormalize: bool = False):
+    """Top-k of probs (T,E) per row: (weights (T,k) f32, indices (T,k) int64), descending probability,
+    ties to the lower expert index; renormalize divides the weights by their sum."""
+    T, E = _rows("probs", probs)
+    _arr("probs", probs, np.float32, ndim=2)
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= E:
+        raise ValueError(f"k must be an int in [1, {E}], got {k!r}")
+    w = np.empty((T, k), np.float32)
+    idx = np.empty((T, k), np.int64)
+    _call("topk", lib.ak_topk(_p(w), _p(idx, "int64_t *"), _p(probs), T, E, int(k), int(bool(renormalize))))
+    return w, idx
+
+
+def _indices(name, idx, T, E):
+    if not isinstance(idx, np.ndarray) or idx.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer numpy.ndarray")
+    if idx.ndim != 2 or idx.shape[0] != T:
+        raise ValueError(f"{name} must have shape ({T}, k), got {idx.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= E):
+        raise ValueError(f"{name} must be in [0, {E})")
+    return np.ascontiguousarray(idx, dtype=np.int64)
+
+
+def _expert_weight(name, w, scales_name, scales, scale_shape):
+    _arr(name, w, tuple(_DTYPE_CODES), ndim=3)
+    dt = _DTYPE_CODES[w.dtype]
+    if dt == 3:
+        if scales is None:
+            raise ValueError(f"{scales_name} is required for int8 {name}")
+        _arr(scales_name, scales, np.float32, shape=scale_shape(w.shape))
+    elif scales is not None:
+        raise ValueError(f"{scales_name} is only used with int8 {name}")
+    return dt
+
+
+def expert_up(h, indices, w1, *, scales=None):
+    """Per-slot expert up projection: out (T,k,F)[t,j] = h (T,H)[t] @ w1[indices[t,j]]^T, w1 (E,F,H)."""
+    _arr("h", h, np.float32, ndim=2)
+    T, H = h.shape
+    dt = _expert_weight("w1", w1, "scales", scales, lambda s: (s[0], s[1]))
+    E, F, H1 = w1.shape
+    if H1 != H:
+        raise ValueError(f"w1 must have shape (E, F, {H}), got {w1.shape}")
+    idx = _indices("indices", indices, T, E)
+    K = idx.shape[1]
+    out = np.empty((T, K, F), np.float32)
+    _call("expert_up", lib.ak_expert_up(_p(out), _p(h), _p(idx, "int64_t *"), _p(w1, "void *"), _p(scales),
+                                        T, K, H, F, E, dt))
+    return out
+
+
+def expert_down(act, indices, w2, *, scales=None):
+    """Per-slot expert down projection: out (T,k,H)[t,j] = act (T,k,F)[t,j] @ w2[indices[t,j]], w2 (E,F,H)."""
+    _arr("act", act, np.float32, ndim=3)
+    T, K, F = act.shape
+    dt = _expert_weight("w2", w2, "scales", scales, lambda s: (s[0], s[2]))
+    E, F1, H = w2.shape
+    if F1 != F:
+        raise ValueError(f"w2 must have shape (E, {F}, H), got {w2.shape}")
+    idx = _indices("indices", indices, T, E)
+    if idx.shape[1] != K:
+        raise ValueError(f"indices must have shape ({T}, {K}), got {idx.shape}")
+    out = np.empty((T, K, H), np.float32)
+    _call("expert_down", lib.ak_expert_down(_p(out), _p(act), _p(idx, "int64_t *"), _p(w2, "void *"), _p(scales),
+                                            T, K, F, H, E, dt))
+    return out
+
+
+def moe_combine(expert_out, weights, bias=None):
+    """Weighted sum over slots: out (T,H) = sum_j weights (T,k)[:, j] * expert_out (T,k,H)[:, j] (+ bias (H,))."""
+    _arr("expert_out", expert_out, np.float32, ndim=3)
+    T, K, H = expert_out.shape
+    _arr("weights", weights, np.float32, shape=(T, K))
+    if bias is not None:
+        _arr("bias", bias, np.float32, shape=(H,))
+    out = np.empty((T, H), np.float32)
+    _call("moe_combine", lib.ak_moe_combine(_p(out), _p(expert_out), _p(weights), _p(bias), T, K, H))
+    return out

@@ -1,0 +1,223 @@
+"""The engine against the reference: fp32 parity on the whole bundled corpus for both default models,
+C-only execution, faults, precision policies, bad checkpoints.
+
+fp32 tolerance (derived): engine and reference compute the same fp32 function with different summation
+orders (blocked/vectorised GEMM vs MKL, different exp/erf implementations). For a length-K dot product
+the relative error of each is ~ sqrt(K) * 2^-24 ~ 1.3e-6 at K=3072 (worst here: MiniLM's fc2, K=1536);
+through LayerNorm and a few layers the per-node relative L2 stays a small multiple of that. The issue's
+target, relative L2 <= 1e-5 on every node, is therefore the bound; pooled embeddings cosine >= 0.99999.
+Expert indices must agree exactly, except at a reference near-tie whose margin is within fp32 noise
+(2nd-3rd probability gap < 1e-5), where a flip is legitimate; such prompts are reported and excluded
+from the downstream MoE node check of that layer only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO
+from safetensors.numpy import load_file, save_file
+
+from actdiff.engine.core import Engine
+from actdiff.engine.faults import FAULTS
+from actdiff.errors import ModelError
+from actdiff.models.loading import load_reference_model
+from actdiff.nodes import build_graph
+from actdiff.prompts import load_prompt_sheet
+from actdiff.reference import ReferenceRunner
+from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
+
+REL_L2_FP32 = 1e-5
+NEAR_TIE = 1e-5
+
+
+def rel_l2(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_prompt_sheet(REPO / "config/prompts/default.tsv")
+
+
+def _corpus_ids(model_dir, corpus, max_len):
+    tok = load_reference_tokenizer(model_dir)
+    return [r["ids"] for r in tokenize_texts(tok, corpus["text"].tolist(), max_len)]
+
+
+@pytest.mark.parametrize("model", ["tiny-nomic-moe", "minilm-l6"])
+def test_fp32_engine_matches_reference_on_whole_corpus(model, corpus, tiny_model_dir, minilm_model_dir):
+    model_dir, max_len = (tiny_model_dir, 512) if model == "tiny-nomic-moe" else (minilm_model_dir, 256)
+    ids_all = _corpus_ids(model_dir, corpus, max_len)
+    ref_model, cfg, _ = load_reference_model(model_dir)
+    graph = build_graph(cfg)
+    runner = ReferenceRunner(ref_model, graph)
+    engine = Engine(model_dir, threads=2)
+    worst = {n.name: 0.0 for n in graph}
+    cosines, flips = [], []
+    for pid, ids in zip(corpus["prompt_id"], ids_all, strict=True):
+        ref = runner.run_batch([ids])[0]
+        eng = engine.forward(ids, "fp32")
+        excluded: set[str] = set()
+        for n in graph:
+            if n.kind == "index":
+                if not np.array_equal(eng[n.name], ref[n.name]):
+                    p = -np.sort(-ref[n.name.replace("topk_indices", "probs")], axis=1)
+                    k = graph.dims.top_k
+                    bad = np.nonzero(np.any(eng[n.name] != ref[n.name], axis=1))[0]
+                    margins = p[bad, k - 1] - p[bad, k]
+                    assert np.all(margins < NEAR_TIE), (pid, n.name, margins)
+                    flips.append((pid, n.name))
+                    layer_prefix = n.name.rsplit("mlp.", 1)[0]
+                    excluded |= {m.name for m in graph if m.name.startswith(layer_prefix) or m.index > n.index}
+                continue
+            if n.name in excluded:
+                continue
+            worst[n.name] = max(worst[n.name], rel_l2(eng[n.name], ref[n.name]))
+        e, r = eng["pooled"][0], ref["pooled"][0]
+        cosines.append(float(e @ r / (np.linalg.norm(e) * np.linalg.norm(r))))
+    bad_nodes = {k: v for k, v in worst.items() if v > REL_L2_FP32}
+    assert not bad_nodes, bad_nodes
+    assert min(cosines) >= 0.99999, min(cosines)
+    assert len(flips) <= 2, flips  # near-ties within fp32 noise are rare
+    print(f"{model}: worst node rel L2 {max(worst.values()):.2e}, min cosine {min(cosines):.8f}, flips {flips}")
+
+
+def test_every_compute_node_runs_in_c_without_torch(tiny_model_dir):
+    code = f"""
+import sys, json
+from actdiff import kernels
+from actdiff.engine.core import Engine
+e = Engine({str(tiny_model_dir)!r})
+e.prepare("fp32")
+kernels.reset_call_counts()
+vals = e.forward([0, 10, 20, 30, 2], "fp32")
+counts = {{k: v for k, v in kernels.call_counts().items() if v}}
+kernels.reset_call_counts()
+e.forward([0, 10, 20, 30, 2], "fp32", fused_moe=False)
+unfused = {{k: v for k, v in kernels.call_counts().items() if v}}
+print(json.dumps({{"counts": counts, "unfused": unfused, "torch": "torch" in sys.modules,
+                   "transformers": "transformers" in sys.modules, "nodes": len(vals)}}))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert not r["torch"] and not r["transformers"]
+    assert r["nodes"] == 76
+    L, moe, dense = 4, 2, 2
+    # per layer: 2 matmuls (qkv, out_proj) + 2 per dense MLP; embedding: word + type gathers
+    assert r["counts"] == {
+        "embedding": 2, "add": 1 + L * 2, "layernorm": 1 + 2 * L, "matmul": 2 * L + 2 * dense,
+        "rotary": 2 * L, "attention": L, "gelu": dense, "moe": moe, "mean_pool": 1, "l2_normalize": 1,
+    }
+    assert r["unfused"] == {
+        "embedding": 2, "add": 1 + L * 2 + moe, "layernorm": 1 + 2 * L, "matmul": 2 * L + 2 * dense + moe,
+        "rotary": 2 * L, "attention": L, "gelu": dense + moe, "softmax": moe, "topk": 2 * moe,
+        "expert_up": moe, "expert_down": moe, "moe_combine": moe, "mean_pool": 1, "l2_normalize": 1,
+    }
+
+
+def test_unfused_forward_equals_fused(tiny_model_dir):
+    e = Engine(tiny_model_dir)
+    ids = [0, 5, 99, 1234, 17, 2]
+    a, b = e.forward(ids, "fp32"), e.forward(ids, "fp32", fused_moe=False)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_describe_and_run_node(tiny_model_dir):
+    e = Engine(tiny_model_dir)
+    assert "node  11 LAYERNORM  encoder.layers.0.norm1 [T, 128]" in e.describe()
+    vals = e.forward([0, 7, 8, 2])
+    out = e.run_node("encoder.layers.0.norm1", {"encoder.layers.0.resid_attn": vals["encoder.layers.0.resid_attn"]})
+    np.testing.assert_array_equal(out, vals["encoder.layers.0.norm1"])
+
+
+FAULT_PROMPT = [0, 45, 120, 987, 33, 2001, 64, 5, 2]
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_fault_changes_its_node(fault, tiny_model_dir):
+    """Each fault runs, changes the nodes it declares, and nothing before them.
+
+    Local error at the first changed node (its inputs are identical in both runs, so this is the node's own
+    error) must be >= 10x the fp32 budget REL_L2_FP32."""
+    e = Engine(tiny_model_dir)
+    clean = e.forward(FAULT_PROMPT, "fp32")
+    bad = e.forward(FAULT_PROMPT, f"fp32+fault={fault}")
+    f = FAULTS[fault]
+    first = next(n for n in e.graph if n.kind != "index" and not np.array_equal(clean[n.name], bad[n.name]))
+    assert f.changes(first), (fault, first.name)
+    assert rel_l2(bad[first.name], clean[first.name]) >= 10 * REL_L2_FP32, (fault, first.name)
+    for n in e.graph:
+        if n.index >= first.index:
+            break
+        np.testing.assert_array_equal(bad[n.name], clean[n.name])
+    assert rel_l2(bad["embedding"], clean["embedding"]) > 0
+
+
+@pytest.mark.parametrize("precision, bound", [("fp16", 2e-2), ("bf16", 1e-1), ("int8", 1e-1), ("fp16-act", 2e-2)])
+def test_precision_policies_run_and_stay_close(precision, bound, tiny_model_dir):
+    e = Engine(tiny_model_dir)
+    ids = FAULT_PROMPT
+    ref = e.forward(ids, "fp32")
+    out = e.forward(ids, precision)
+    assert 0 < rel_l2(out["emb_ln"], ref["emb_ln"]) or precision == "int8"
+    assert 0 < rel_l2(out["embedding"], ref["embedding"]) < bound
+    w = e.export_weights(precision)["encoder.layers.0.attn.Wqkv.weight"]
+    assert w.source == "encoder.layers.0.attn.Wqkv.weight" and w.transform
+    if precision in ("fp16", "bf16", "int8"):
+        assert w.storage == {"fp16": "float16", "bf16": "bf16", "int8": "int8"}[precision]
+
+
+def test_export_weights_covers_the_checkpoint(tiny_model_dir):
+    e = Engine(tiny_model_dir)
+    ex = e.export_weights("int8")
+    ck = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert set(ex) == set(ck)
+    w = ex["encoder.layers.1.mlp.experts.mlp.w2"]
+    deq = w.as_float32().reshape(ck["encoder.layers.1.mlp.experts.mlp.w2"].shape)
+    err = np.abs(deq - ck["encoder.layers.1.mlp.experts.mlp.w2"]).max()
+    assert 0 < err <= np.abs(ck["encoder.layers.1.mlp.experts.mlp.w2"]).max() / 127  # half a step per channel, x2
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, dst / f)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda w: w.pop("encoder.layers.2.mlp.fc1.weight"), r"missing tensor 'encoder\.layers\.2\.mlp\.fc1\.weight'"),
+        (lambda w: w.__setitem__("encoder.layers.0.attn.Wqkv.weight", np.zeros((10, 128), np.float32)),
+         r"'encoder\.layers\.0\.attn\.Wqkv\.weight' has shape \[10, 128\], config\.json implies \[384, 128\]"),
+        (lambda w: w.__setitem__("emb_ln.weight", np.zeros(128, np.int64)), r"'emb_ln\.weight' has dtype int64"),
+    ],
+)
+def test_bad_checkpoint_names_the_tensor(tiny_model_dir, tmp_path, mutate, message):
+    d = _copy(tiny_model_dir, tmp_path / "m")
+    w = load_file(str(d / "model.safetensors"))
+    mutate(w)
+    save_file(w, str(d / "model.safetensors"))
+    with pytest.raises(ModelError, match=message):
+        Engine(d).prepare("fp32")
+
+
+def test_engine_inputs_are_checked(tiny_model_dir):
+    from actdiff.errors import ActdiffError
+
+    e = Engine(tiny_model_dir)
+    with pytest.raises(ActdiffError, match="out of range"):
+        e.forward([0, 10**6, 2])
+    with pytest.raises(ActdiffError, match="non-empty"):
+        e.forward([])
