@@ -16,7 +16,7 @@ SNAKEMAKE_ARGS ?=
 KERNEL_SOURCES := $(wildcard kernels_c/src/*.c kernels_c/include/*.h src/actdiff/kernels/_build.py setup.py)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup report test test-python test-c lint clean
+.PHONY: setup report test test-python test-c browser lint clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,13 @@ $(STAMP): pyproject.toml $(KERNEL_SOURCES)
 report: setup
 	$(BIN)/snakemake --cores $(CORES) --resources mem_mb=$(MEM_MB) $(SNAKEMAKE_ARGS)
 
-test: setup test-c test-python
+test: setup browser test-c test-python
+
+# headless Chromium for the report test (Debian's package; Playwright drives it, it never downloads a browser)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	  else echo "chromium is missing: run 'sudo apt-get install -y chromium'" >&2; exit 1; fi; }
 
 test-c:
 	$(MAKE) -C kernels_c test test-sanitize test-python-sanitize PYTHON=$(BIN)/python

@@ -27,6 +27,8 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/engine.smk"
+include: "workflow/rules/stats.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

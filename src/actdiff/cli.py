@@ -5,6 +5,8 @@ Commands:
   make-tiny OUT_DIR [--seed N]             generate the embedded tiny-nomic-moe model
   validate-config CONFIG.yaml              validate a workflow config against the schema
   inspect DUMP.h5                          summarise an activation dump
+  check [RESULTS] [--baseline DIR]         CI gate over a run's statistics (exit 1 on a breach)
+  import SRC --mapping M.yaml ...          turn another engine's per-node dumps into actdiff's HDF5
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ def nodes_markdown(graph, hf_prefix: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from .compare.check import main as check_main
+
+        return check_main(argv[1:])
+    if argv[:1] == ["import"]:
+        from .compare.importer import main as import_main
+
+        try:
+            return import_main(argv[1:]) or 0
+        except ActdiffError as e:
+            print(f"actdiff: {e}", file=sys.stderr)
+            return 1
     ap = argparse.ArgumentParser(prog="actdiff", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("nodes", help="print the canonical node graph")
@@ -57,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schema", default=str(REPO_SCHEMA))
     p = sub.add_parser("inspect", help="summarise an activation dump")
     p.add_argument("dump")
+    sub.add_parser("check", help="CI gate over a run's statistics (see actdiff check --help)")
+    sub.add_parser("import", help="import another engine's dumps (see actdiff import --help)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "nodes":

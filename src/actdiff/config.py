@@ -63,7 +63,7 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "the co
                 if parsed.fault:
                     from .engine.faults import FAULTS
 
-                    if parsed.fault not in FAULTS:
+                    if parsed.fault not in FAULTS and parsed.fault not in config.get("fault_aliases", {}):
                         raise ConfigError(f"unknown fault {parsed.fault!r}; available: {', '.join(sorted(FAULTS))}")
             except ConfigError as e:
                 raise ConfigError(f"config key '{key}.{i}': {e}") from None

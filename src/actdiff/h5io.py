@@ -57,6 +57,8 @@ class ActivationWriter:
         self.nonfinite = {n.name: 0 for n in graph}
         self._buf: dict[str, list[np.ndarray]] = {n.name: [] for n in graph}
         self._buf_rows = 0
+        self._ids: list[np.ndarray] = []
+        self._ids_complete = True
         grp = self.f.create_group("nodes")
         self.ds = {}
         for n in graph:
@@ -82,8 +84,9 @@ class ActivationWriter:
         self.f.attrs["library_versions"] = json.dumps(library_versions())
         self.f.attrs["created_unix"] = time.time()
 
-    def append(self, prompt_id: str, values: dict[str, np.ndarray]) -> list[str]:
-        """Add one prompt's values (every node, shaped per the graph). Returns nodes with NaN/Inf."""
+    def append(self, prompt_id: str, values: dict[str, np.ndarray], input_ids=None) -> list[str]:
+        """Add one prompt's values (every node, shaped per the graph) and, optionally, its token ids (stored in
+        ``/input_ids`` when every prompt has them). Returns the nodes with NaN/Inf."""
         T = None
         bad = []
         for n in self.graph:
@@ -102,6 +105,13 @@ class ActivationWriter:
                     self.nonfinite[n.name] += nf
                     bad.append(n.name)
             self._buf[n.name].append(a)
+        if input_ids is not None:
+            ids = np.asarray(input_ids, dtype=np.int64)
+            if ids.shape != (T,):
+                raise DumpError(f"prompt {prompt_id!r}: {ids.shape[0]} input ids for {T} tokens")
+            self._ids.append(ids)
+        else:
+            self._ids_complete = False
         self.prompt_ids.append(prompt_id)
         self.offsets.append(self.offsets[-1] + int(T))
         self._buf_rows += int(T)
@@ -125,6 +135,8 @@ class ActivationWriter:
         self._flush()
         self.f.create_dataset("prompt_ids", data=np.array(self.prompt_ids, dtype=object), dtype=h5py.string_dtype())
         self.f.create_dataset("token_offsets", data=np.asarray(self.offsets, dtype=np.int64))
+        if self._ids_complete and self._ids:
+            self.f.create_dataset("input_ids", data=np.concatenate(self._ids), compression="gzip", compression_opts=1)
         for name, count in self.nonfinite.items():
             self.ds[name].attrs["nonfinite"] = count
         self.f.attrs["n_prompts"] = len(self.prompt_ids)
@@ -153,12 +165,14 @@ class ActivationWriter:
 class ActivationReader:
     """Read a dump; every failure to read is a DumpError naming the file and what to do."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache_bytes: int = 0):
         self.path = Path(path)
         if not self.path.is_file():
             raise DumpError(f"{self.path}: activation dump not found; rerun the pipeline to produce it")
         try:
-            self.f = h5py.File(self.path, "r")
+            # no chunk cache: it is per dataset, so with hundreds of nodes even 1 MiB each adds up, and grows with
+            # the file; bulk reads go through iter_prompts, which reads whole chunks sequentially
+            self.f = h5py.File(self.path, "r", rdcc_nbytes=cache_bytes)
             version = int(self.f.attrs["schema_version"])
             self.prompt_ids = [s.decode() if isinstance(s, bytes) else s for s in self.f["prompt_ids"][()]]
             self.offsets = self.f["token_offsets"][()]
@@ -196,6 +210,40 @@ class ActivationReader:
         if d.attrs.get("axis", "token") == "prompt":
             return d[i : i + 1]
         return d[self.offsets[i] : self.offsets[i + 1]]
+
+    def iter_prompts(self, names: list[str], block_bytes: int = 32 << 20):
+        """Yield (index, prompt_id, {node: values}) for every prompt in file order, reading each node in blocks
+        of rows holding about ``block_bytes`` over all nodes (sequential reads, bounded memory; at least one
+        prompt per block)."""
+        n = len(self.prompt_ids)
+        has_ids = "input_ids" in self.f
+        dsets = {name: self.f["nodes"][name] for name in names}
+        per_prompt = {name: d.attrs.get("axis", "token") == "prompt" for name, d in dsets.items()}
+        row_bytes = sum(int(np.prod(d.shape[1:])) * d.dtype.itemsize for d in dsets.values())
+        block_tokens = max(1, block_bytes // max(row_bytes, 1))
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and self.offsets[j + 1] - self.offsets[i] <= block_tokens:
+                j += 1
+            lo, hi = int(self.offsets[i]), int(self.offsets[j])
+            block = {name: dsets[name][i:j] if per_prompt[name] else dsets[name][lo:hi] for name in names}
+            ids = self.f["input_ids"][lo:hi] if has_ids else None
+            for p in range(i, j):
+                a, b = int(self.offsets[p]) - lo, int(self.offsets[p + 1]) - lo
+                vals = {
+                    name: block[name][p - i : p - i + 1] if per_prompt[name] else block[name][a:b] for name in names
+                }
+                if ids is not None:
+                    vals["input_ids"] = ids[a:b]
+                yield p, self.prompt_ids[p], vals
+            i = j
+
+    def input_ids(self, prompt: int | str) -> np.ndarray:
+        i = self.index[prompt] if isinstance(prompt, str) else prompt
+        if "input_ids" not in self.f:
+            raise DumpError(f"{self.path}: this dump does not record input ids")
+        return self.f["input_ids"][self.offsets[i] : self.offsets[i + 1]]
 
     def close(self) -> None:
         self.f.close()

@@ -79,8 +79,14 @@ def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_si
     res = tokenize_shard(df, info["dir"], max_length, out, model_name=info["name"], engine_tokenizer=engine_tok)
     dt = time.perf_counter() - t0
     parity = f", engine ids equal on {int(res['ids_match'].sum())}/{len(res)}" if engine_side else ""
-    log.info("tokenized %d prompts (%d truncated%s) in %.2f s (%.0f prompts/s)", len(res),
-             int(res["reference_truncated"].sum()), parity, dt, len(res) / max(dt, 1e-9))
+    log.info(
+        "tokenized %d prompts (%d truncated%s) in %.2f s (%.0f prompts/s)",
+        len(res),
+        int(res["reference_truncated"].sum()),
+        parity,
+        dt,
+        len(res) / max(dt, 1e-9),
+    )
 
 
 def dump_reference(
@@ -111,8 +117,9 @@ def dump_reference(
     n_bad = 0
     items = ((pid, [int(i) for i in ids]) for pid, ids in zip(toks["prompt_id"], toks["reference_ids"], strict=True))
     with ActivationWriter(out, graph, attrs) as w:
+        ids_of = dict(zip(toks["prompt_id"], toks["reference_ids"], strict=True))
         for pid, vals in runner.run(items, batch_size=batch_size):
-            bad = w.append(pid, vals)
+            bad = w.append(pid, vals, input_ids=ids_of[pid])
             if bad:
                 n_bad += 1
                 log.warning("prompt %r: NaN/Inf in reference node(s) %s (recorded as is)", pid, bad[:5])
@@ -129,12 +136,22 @@ def dump_reference(
     )
 
 
-def dump_engine(model_json: str, tokens: str, out: str, variant: str, shard: int, engine_ids: str = "reference",
-                threads: int = 1) -> None:
+def dump_engine(
+    model_json: str,
+    tokens: str,
+    out: str,
+    variant: str,
+    shard: int,
+    engine_ids: str = "reference",
+    threads: int = 1,
+    fault_aliases: dict | None = None,
+) -> None:
     """Run the actdiff engine (C kernels, no torch) over one shard and record every graph node."""
     from .engine.core import Engine
+    from .engine.faults import register_aliases
     from .h5io import ActivationWriter
 
+    register_aliases(fault_aliases or {})
     info = json.loads(Path(model_json).read_text())
     engine = Engine(info["dir"], threads=threads)
     engine.prepare(variant)  # reads and converts every tensor first: a bad checkpoint fails here
@@ -143,22 +160,102 @@ def dump_engine(model_json: str, tokens: str, out: str, variant: str, shard: int
     if toks[column].isna().any():
         raise ModelError(f"{tokens}: column {column} is empty; engine_ids: own needs the engine tokenizer side")
     attrs = {
-        "model": info["name"], "side": "actdiff", "variant": variant, "shard": int(shard), "arch": engine.dims.arch,
-        "weights_sha256": info["weights_sha256"], "model_dir": info["dir"], "engine": "actdiff",
-        "engine_ids": engine_ids, "understood_config": json.dumps(engine.understood_config(variant)),
+        "model": info["name"],
+        "side": "actdiff",
+        "variant": variant,
+        "shard": int(shard),
+        "arch": engine.dims.arch,
+        "weights_sha256": info["weights_sha256"],
+        "model_dir": info["dir"],
+        "engine": "actdiff",
+        "engine_ids": engine_ids,
+        "understood_config": json.dumps(engine.understood_config(variant)),
         "dtypes": json.dumps({"activations": "float32", "indices": "int64", "precision": variant}),
     }
     t0 = time.perf_counter()
     n_bad = 0
     with ActivationWriter(out, engine.graph, attrs) as w:
         for i, (pid, ids) in enumerate(zip(toks["prompt_id"], toks[column], strict=True)):
-            bad = w.append(pid, engine.forward([int(x) for x in ids], variant))
+            bad = w.append(pid, engine.forward([int(x) for x in ids], variant), input_ids=ids)
             if bad:
                 n_bad += 1
                 log.warning("prompt %r: NaN/Inf in engine node(s) %s (recorded as is)", pid, bad[:5])
             if (i + 1) % 100 == 0:
-                log.info("engine %s: %d/%d prompts (%.1f prompts/s)", variant, i + 1, len(toks),
-                         (i + 1) / (time.perf_counter() - t0))
+                log.info(
+                    "engine %s: %d/%d prompts (%.1f prompts/s)",
+                    variant,
+                    i + 1,
+                    len(toks),
+                    (i + 1) / (time.perf_counter() - t0),
+                )
     dt = time.perf_counter() - t0
-    log.info("engine %s: dumped %d prompts in %.1f s (%.1f prompts/s); %d prompts with NaN/Inf", variant, len(toks),
-             dt, len(toks) / max(dt, 1e-9), n_bad)
+    log.info(
+        "engine %s: dumped %d prompts in %.1f s (%.1f prompts/s); %d prompts with NaN/Inf",
+        variant,
+        len(toks),
+        dt,
+        len(toks) / max(dt, 1e-9),
+        n_bad,
+    )
+
+
+STATS_TABLES = ("nodes", "tokens", "routing", "drilldown", "hypotheses", "prompts", "embeddings")
+
+
+def compute_stats(
+    model_json: str,
+    ref_h5: str,
+    eng_h5: str,
+    side: str,
+    variant: str,
+    shard: int,
+    outputs: dict[str, str],
+    budgets: dict | None = None,
+    worst_m: int = 5,
+    embedding_sample: int = 2000,
+    fault_aliases: dict | None = None,
+) -> None:
+    from .compare.stats import StatsConfig, compute_shard_stats
+    from .engine.faults import register_aliases
+
+    register_aliases(fault_aliases or {})  # only the engine replay resolves them
+    info = json.loads(Path(model_json).read_text())
+    cfg = StatsConfig(budgets=budgets or {}, worst_m=worst_m, embedding_sample=embedding_sample)
+    compute_shard_stats(info["dir"], ref_h5, eng_h5, side, variant, shard, outputs, cfg)
+
+
+def aggregate_stats(
+    model_json: str, side: str, variant: str, shard_tables: dict[str, list[str]], outputs: dict[str, str]
+) -> None:
+    from .compare.aggregate import aggregate
+
+    info = json.loads(Path(model_json).read_text())
+    meta = {
+        "model": info["name"],
+        "side": side,
+        "variant": variant,
+        "arch": info["arch"],
+        "weights_sha256": info["weights_sha256"],
+        "experts": int(info["config"].get("num_experts", 0) or 0),
+    }
+    v = aggregate(shard_tables, outputs, meta)
+    log.info("%s", v["plain"])
+
+
+def parity(model_json: str, variant: str, out_weights: str, out_config: str, fault_aliases: dict | None = None) -> None:
+    from .compare.stats import weight_parity
+    from .engine.faults import register_aliases
+
+    register_aliases(fault_aliases or {})
+    info = json.loads(Path(model_json).read_text())
+    rows, config_rows = weight_parity(info["dir"], variant)
+    with atomic_path(out_weights) as tmp:
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
+    write_json_atomic(out_config, config_rows)
+    bad = [k for k, v in config_rows.items() if not v["match"]]
+    log.info(
+        "weight parity: %d tensors, max relative L2 %.2e; config values differing: %s",
+        len(rows),
+        max(r["rel_l2"] for r in rows),
+        bad or "none",
+    )

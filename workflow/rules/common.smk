@@ -5,6 +5,7 @@ import sys
 from actdiff.config import validate_config
 from actdiff.errors import ConfigError, ModelError
 from actdiff.models.loading import resolve_model_dir
+from actdiff.pipeline import STATS_TABLES
 from actdiff.variants import VARIANT_RE
 
 
@@ -55,6 +56,22 @@ def variants_of(model):
     return config["models"][model].get("variants", config["variants"])
 
 
+def stats_tables(wildcards):
+    """Every shard's statistics tables of one (model, side, variant)."""
+    return [
+        f"{R}/{wildcards.model}/{wildcards.side}/{wildcards.variant}/stats/shard-{s}/{t}.parquet"
+        for s in SHARDS
+        for t in STATS_TABLES
+    ]
+
+
+def report_runs():
+    """Every (model, side, variant) that gets a report: the actdiff engine's variants of every model."""
+    if "actdiff" not in config["engines"]:
+        return []
+    return [(m, "actdiff", v) for m in MODELS for v in variants_of(m)]
+
+
 def all_targets():
     out = []
     for m in MODELS:
@@ -64,4 +81,11 @@ def all_targets():
             out.append(f"{R}/{m}/reference/fp32/activations/shard-{s}.h5")
             if "actdiff" in config["engines"]:
                 out += [f"{R}/{m}/actdiff/{v}/activations/shard-{s}.h5" for v in variants_of(m)]
+        if "actdiff" in config["engines"]:
+            for v in variants_of(m):
+                out.append(f"{R}/{m}/actdiff/{v}/summary/verdict.json")
+                out.append(f"{R}/{m}/actdiff/{v}/summary/weights.parquet")
+    out += [f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in report_runs()]
+    if report_runs():
+        out.append(f"{R}/reports/index.html")
     return out

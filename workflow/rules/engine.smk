@@ -7,6 +7,7 @@ rule dump_engine:
         h5=f"{R}/{{model}}/actdiff/{{variant}}/activations/shard-{{shard}}.h5",
     params:
         engine_ids=config["engine_ids"],
+        fault_aliases=config["fault_aliases"],
     log:
         f"{R}/logs/dump_engine/{{model}}/{{variant}}/shard-{{shard}}.log",
     benchmark:

@@ -13,4 +13,5 @@ run(
     shard=int(snakemake.wildcards.shard),  # noqa: F821
     engine_ids=snakemake.params.engine_ids,  # noqa: F821
     threads=snakemake.threads,  # noqa: F821
+    fault_aliases=dict(snakemake.params.fault_aliases),  # noqa: F821
 )

@@ -66,8 +66,10 @@ class Engine:
         if key not in self._prepared:
             v = parse_variant(key) if isinstance(variant, str) else variant
             fault, param = get_fault(v.fault, v.fault_param, self.dims.arch)
+            self._prepared = {}  # one variant's weights at a time: release the previous ones first
             weights = convert(self.graph, self.checkpoint, v.precision, fault.name if fault else None)
-            self._prepared = {key: Prepared(v, weights, fault, param)}  # one variant's weights at a time
+            self.checkpoint.close()
+            self._prepared = {key: Prepared(v, weights, fault, param)}
         return self._prepared[key]
 
     def export_weights(self, variant: str = "fp32") -> dict[str, EngineTensor]:
@@ -115,6 +117,41 @@ class Engine:
             x = [np.ascontiguousarray(a, dtype=np.int64 if a.dtype.kind in "iu" else np.float32) for a in x]
         op = getattr(self, f"_op_{node.op.lower()}")
         return op(node, x, p)
+
+    def replay_node(self, name: str, inputs: dict[str, np.ndarray], variant: str = "fp32") -> np.ndarray:
+        """run_node under the variant's activation policy, as the node runs inside forward(): with
+        ``fp16-act`` the inputs and the output are rounded to fp16 (teacher forcing uses this)."""
+        if self.prepare(variant).variant.precision != "fp16-act":
+            return self.run_node(name, inputs, variant)
+        rounded = {k: v if v.dtype.kind in "iu" else _fp16(v) for k, v in inputs.items()}
+        out = self.run_node(name, rounded, variant)
+        return out if self.graph[name].kind == "index" else _fp16(out)
+
+    def forced_moe(
+        self, router_name: str, h: np.ndarray, indices: np.ndarray, weights: np.ndarray, variant: str = "fp32"
+    ) -> np.ndarray:
+        """The MoE block's output (after the shared bias) with the expert choice given (e.g. the
+        reference's), so expert-kernel error is separated from routing flips."""
+        p = self.prepare(variant)
+        g = self.graph
+        prefix = router_name[: -len("router.logits")]
+        w1 = p.w(g[prefix + "experts.fc1"].weights[0])
+        w2 = p.w(g[prefix + "experts.out"].weights[0])
+        bias_node = g[prefix + "experts.bias_add"]
+        bias = None if self._faulty(p, bias_node) else p.w(bias_node.weights[0]).data
+        return kernels.moe(
+            np.ascontiguousarray(h, dtype=np.float32),
+            None,
+            w1.data,
+            w2.data,
+            bias,
+            top_k=self.dims.top_k,
+            gelu_approximate=self._gelu_kind(p, g[prefix + "experts.act"]),
+            w1_scales=w1.scales,
+            w2_scales=w2.scales,
+            forced_indices=np.ascontiguousarray(indices),
+            forced_weights=np.ascontiguousarray(weights, dtype=np.float32),
+        )
 
     # ops: each takes (node, input arrays, prepared variant) and returns the node value
     def _op_embed(self, node, x, p):
@@ -227,7 +264,7 @@ class Engine:
                 continue
             out = self.run_node(node.name, {i: vals[i] for i in node.inputs}, variant)
             if round_act and node.kind != "index":
-                out = out.astype(np.float16).astype(np.float32)
+                out = _fp16(out)
             vals[node.name] = out
         del vals[INPUT_IDS]
         return vals
@@ -263,3 +300,8 @@ class Engine:
             prefix + "experts.weighted_sum": r.weighted,
             prefix + "experts.bias_add": r.out,
         }
+
+
+def _fp16(a: np.ndarray) -> np.ndarray:
+    """Round float32 values to fp16 precision (fp16-act); kept in float32 for the C kernels."""
+    return a.astype(np.float16).astype(np.float32)

@@ -74,9 +74,26 @@ FAULTS: dict[str, Fault] = {
 }
 
 
+# Opaque labels for faults (``fp32+fault=f7``), so tests can show that the diagnosis never reads a fault's
+# name: the engine resolves the label, every other stage only ever sees the label.
+FAULT_ALIASES: dict[str, str] = {}
+
+
+def register_aliases(aliases: dict[str, str]) -> None:
+    """Register opaque labels: {label: "fault_name" or "fault_name:param"}."""
+    for label, target in aliases.items():
+        if target.split(":", 1)[0] not in FAULTS:
+            raise ConfigError(f"fault alias {label!r} -> {target!r}: unknown fault; available: {', '.join(FAULTS)}")
+        FAULT_ALIASES[label] = target
+
+
 def get_fault(name: str | None, param: str | None, arch: str) -> tuple[Fault | None, float | None]:
     if name is None:
         return None, None
+    if name in FAULT_ALIASES:
+        target = FAULT_ALIASES[name]
+        name, _, alias_param = target.partition(":")
+        param = param if param is not None else (alias_param or None)
     if name not in FAULTS:
         raise ConfigError(f"unknown fault {name!r}; available: {', '.join(sorted(FAULTS))}")
     f = FAULTS[name]

@@ -621,8 +621,12 @@ class _WordPiece:
 
 class _AddedToken:
     def __init__(self, path: Path, spec: dict):
-        _check_keys(path, spec, {"id", "content", "single_word", "lstrip", "rstrip", "normalized", "special"},
-                    "added_tokens entry")
+        _check_keys(
+            path,
+            spec,
+            {"id", "content", "single_word", "lstrip", "rstrip", "normalized", "special"},
+            "added_tokens entry",
+        )
         self.id = spec["id"]
         self.content = spec["content"]
         if not isinstance(self.id, int) or not isinstance(self.content, str) or not self.content:
@@ -677,8 +681,17 @@ class EngineTokenizer:
         _check_keys(
             path,
             spec,
-            {"version", "truncation", "padding", "added_tokens", "normalizer", "pre_tokenizer", "model",
-             "post_processor", "decoder"},
+            {
+                "version",
+                "truncation",
+                "padding",
+                "added_tokens",
+                "normalizer",
+                "pre_tokenizer",
+                "model",
+                "post_processor",
+                "decoder",
+            },
             "top-level",
         )
         model_spec = spec.get("model")
@@ -702,8 +715,9 @@ class EngineTokenizer:
                         raise _unsupported(path, f"model {model_spec.get('type')!r} for {klass} (expected Unigram)")
                     if normalizer_spec is not None and normalizer_spec.get("type") != "Precompiled":
                         raise _unsupported(
-                            path, f"normalizer {normalizer_spec.get('type')!r} with {klass} in {cfg_path.name} "
-                            "(transformers keeps only a Precompiled charsmap)"
+                            path,
+                            f"normalizer {normalizer_spec.get('type')!r} with {klass} in {cfg_path.name} "
+                            "(transformers keeps only a Precompiled charsmap)",
                         )
                     scheme = "always" if cfg.get("add_prefix_space", True) else "never"
                     pre_spec = {
@@ -726,8 +740,9 @@ class EngineTokenizer:
                     pre_spec = {"type": "BertPreTokenizer"}
                 else:
                     raise _unsupported(
-                        path, f"tokenizer_class {klass!r} in {cfg_path} (transformers may rebuild its pipeline; "
-                        "known: XLMRobertaTokenizer, BertTokenizer; or load with transformers_compat=False)"
+                        path,
+                        f"tokenizer_class {klass!r} in {cfg_path} (transformers may rebuild its pipeline; "
+                        "known: XLMRobertaTokenizer, BertTokenizer; or load with transformers_compat=False)",
                     )
                 description["transformers_compat"] = klass
 
@@ -739,8 +754,11 @@ class EngineTokenizer:
         pre_tokenizers = cls._build_pre_tokenizers(path, pre_spec)
         model = cls._build_model(path, model_spec)
         template = cls._build_template(path, spec.get("post_processor"), added, model_spec)
-        description.update(normalizer=normalizer_spec and normalizer_spec.get("type"), pre_tokenizer=pre_spec,
-                           model=model_spec.get("type"))
+        description.update(
+            normalizer=normalizer_spec and normalizer_spec.get("type"),
+            pre_tokenizer=pre_spec,
+            model=model_spec.get("type"),
+        )
         return cls(path, added, normalizers, pre_tokenizers, model, template, description)
 
     @staticmethod
@@ -761,8 +779,12 @@ class EngineTokenizer:
                 return []  # HF: an empty charsmap normalizes nothing
             return [_Precompiled(path, charsmap)]
         if kind == "BertNormalizer":
-            _check_keys(path, spec, {"clean_text", "handle_chinese_chars", "strip_accents", "lowercase"},
-                        "normalizer BertNormalizer")
+            _check_keys(
+                path,
+                spec,
+                {"clean_text", "handle_chinese_chars", "strip_accents", "lowercase"},
+                "normalizer BertNormalizer",
+            )
             lowercase = bool(spec.get("lowercase", True))
             strip = spec.get("strip_accents")
             return [
@@ -793,8 +815,12 @@ class EngineTokenizer:
             _check_keys(path, spec, set(), "pre_tokenizer BertPreTokenizer")
             return [_bert_pre_tokenize]
         if kind == "Metaspace":
-            _check_keys(path, spec, {"replacement", "prepend_scheme", "split", "add_prefix_space", "str_rep"},
-                        "pre_tokenizer Metaspace")
+            _check_keys(
+                path,
+                spec,
+                {"replacement", "prepend_scheme", "split", "add_prefix_space", "str_rep"},
+                "pre_tokenizer Metaspace",
+            )
             rep = spec.get("replacement", "\u2581")
             if not isinstance(rep, str) or len(rep) != 1:
                 raise _unsupported(path, f"pre_tokenizer Metaspace replacement {rep!r} (one character expected)")
@@ -818,8 +844,12 @@ class EngineTokenizer:
                 raise _unsupported(path, "model Unigram option byte_fallback=true")
             return _Unigram(path, spec.get("vocab") or [], spec.get("unk_id"))
         if kind == "WordPiece":
-            _check_keys(path, spec, {"unk_token", "continuing_subword_prefix", "max_input_chars_per_word", "vocab"},
-                        "model WordPiece")
+            _check_keys(
+                path,
+                spec,
+                {"unk_token", "continuing_subword_prefix", "max_input_chars_per_word", "vocab"},
+                "model WordPiece",
+            )
             return _WordPiece(
                 path,
                 spec.get("vocab") or {},
@@ -847,8 +877,10 @@ class EngineTokenizer:
                 elif "SpecialToken" in item:
                     name = item["SpecialToken"].get("id")
                     if name not in specials:
-                        raise ModelError(f"{path}: post_processor TemplateProcessing: special token {name!r} "
-                                         "is not in special_tokens")
+                        raise ModelError(
+                            f"{path}: post_processor TemplateProcessing: special token {name!r} "
+                            "is not in special_tokens"
+                        )
                     out.extend(int(i) for i in specials[name]["ids"])
                 else:
                     raise _unsupported(path, f"post_processor TemplateProcessing single item {item!r}")

@@ -67,11 +67,15 @@ class Checkpoint:
     """Lazy reader of model.safetensors that checks names, shapes and dtypes as tensors are read."""
 
     def __init__(self, path: Path):
-        from safetensors import SafetensorError, safe_open
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model.safetensors not found")
+        self._f = None
+        self._open()
+
+    def _open(self) -> None:
+        from safetensors import SafetensorError, safe_open
+
         try:
             self._f = safe_open(str(self.path), framework="numpy")
             self.keys = set(self._f.keys())
@@ -80,7 +84,13 @@ class Checkpoint:
                 f"{self.path}: cannot read safetensors file ({e}); is it truncated or corrupted?"
             ) from None
 
+    def close(self) -> None:
+        """Drop the file mapping once the weights are converted (it would otherwise stay resident)."""
+        self._f = None
+
     def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if self._f is None:
+            self._open()
         if key not in self.keys:
             raise ModelError(f"{self.path}: missing tensor {key!r} (expected shape {list(shape)})")
         try:

@@ -1,0 +1,458 @@
+"""Benchmark the whole engine forward pass against the torch fp32 reference, on the tiny model and on a
+full-size (released shapes, random weights) NomicBERT-MoE.
+
+    .venv/bin/python bench/engine.py [--threads 1 2] [--tokens 128 512] [--repeats 5] [--quick]
+                                     [--out results/bench/engine.json]
+                                     [--fullsize-dir results/bench/fullsize-random]
+
+For each model, token count and thread count, the engine's fp32 ``Engine.forward`` and the torch
+reference forward run on the same random token ids (fixed seed, ids in [4, 4000)), interleaved: one
+warm-up of each, then alternating engine/torch repeats; the median of each is reported. The engine's
+forward returns every node's value (that is its API), the torch forward returns the last hidden state.
+
+FLOPs are counted analytically (multiply-add = 2): every matmul 2*T*in*out (Wqkv, out_proj, dense fc1 and
+fc2, the router, and expert fc1/fc2 for the top-k experts of each token), plus attention 2*2*T*T*hidden
+(QK^T and PV). Peak = cores used * clock * 32 fp32 FLOP/cycle/core (Zen 4: AVX-512 FMA, double-pumped
+over two 256-bit pipes), with the clock from /proc/cpuinfo "cpu MHz". That is the nominal clock: the cores
+boost above it, so "% of peak" can exceed what the nominal figure suggests (bench/kernels.py measures a
+single-core matmul at ~128 % of it).
+
+The engine is also timed at fp16, bf16 and int8 (full size, 128 tokens, 2 threads) for information.
+Peak RSS is measured first, in two fresh subprocesses (the engine: prepare fp32 + one forward at 512
+tokens; torch: load the reference + one forward at 512 tokens), and divided by the fp32 weight bytes.
+
+numpy's OpenBLAS is not used by the engine (its compute runs in the C kernels); OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE are removed and OPENBLAS_NUM_THREADS is set to 1 before numpy is imported, in this
+process and in the subprocesses, so whatever they were set to cannot matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+    os.environ.pop(_var, None)
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DIR = ROOT / "resources/models/tiny-nomic-moe"
+SEED = 1234
+FP32_FLOP_PER_CYCLE_PER_CORE = 32
+PEAK_NOTE = (
+    "peak = cores used x /proc/cpuinfo 'cpu MHz' (nominal clock) x 32 fp32 FLOP/cycle/core (Zen 4 AVX-512 "
+    "FMA, double-pumped); the cores boost above the nominal clock, so the true peak is higher and % of peak "
+    "is an overestimate (bench/kernels.py: one core sustains ~128 % of the nominal figure on a matmul)"
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+def cpu_info() -> dict:
+    mhz, model, flags = None, None, ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz") and mhz is None:
+                mhz = float(line.split(":")[1])
+            elif line.startswith("model name") and model is None:
+                model = line.split(":")[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    return {"model": model, "mhz_nominal": mhz, "avx512f": "avx512f" in flags, "cores": os.cpu_count()}
+
+
+def peak_gflops(mhz: float, cores: int) -> float:
+    return cores * mhz * 1e6 * FP32_FLOP_PER_CYCLE_PER_CORE / 1e9
+
+
+def is_moe_layer(cfg: dict, i: int) -> bool:
+    n = int(cfg.get("moe_every_n_layers", 0) or 0)
+    return int(cfg.get("num_experts", 0) or 0) > 0 and n > 0 and i % n == 1
+
+
+def count_flops(cfg: dict, T: int) -> dict:
+    """Analytic FLOPs of one forward over T tokens (multiply-add = 2), by part."""
+    H, F, L = cfg["n_embd"], cfg["n_inner"], cfg["n_layer"]
+    E, k = int(cfg.get("num_experts", 0) or 0), int(cfg.get("moe_top_k", 0) or 0)
+    parts = {"qkv": 0, "out_proj": 0, "attention": 0, "dense_mlp": 0, "router": 0, "experts": 0}
+    for i in range(L):
+        parts["qkv"] += 2 * T * H * 3 * H
+        parts["out_proj"] += 2 * T * H * H
+        parts["attention"] += 2 * 2 * T * T * H
+        if is_moe_layer(cfg, i):
+            parts["router"] += 2 * T * H * E
+            parts["experts"] += 2 * T * k * (H * F + F * H)
+        else:
+            parts["dense_mlp"] += 2 * T * (H * F + F * H)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def token_ids(T: int) -> list[int]:
+    return np.random.default_rng(SEED + T).integers(4, 4000, T).tolist()
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the fp32 weights: the data section of model.safetensors (every tensor is fp32)."""
+    import struct
+
+    with open(model_dir / "model.safetensors", "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+
+
+# ----------------------------------------------------------------------------- peak RSS
+RSS_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+side, model_dir, T, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+def status():
+    s = {}
+    for line in open('/proc/self/status'):
+        k, _, v = line.partition(':')
+        if k in ('VmHWM', 'VmRSS', 'RssAnon', 'RssFile'):
+            s[k] = int(v.split()[0]) * 1024
+    return s
+
+ids = np.random.default_rng(int(sys.argv[5])).integers(4, 4000, T).tolist()
+out = {'after_imports': None}
+t0 = time.perf_counter()
+if side == 'engine':
+    from actdiff.engine.core import Engine
+    out['after_imports'] = status()
+    e = Engine(model_dir, threads=threads)
+    e.prepare('fp32')
+    out['after_prepare'] = status()
+    vals = e.forward(ids, 'fp32')
+    out['node_values_bytes'] = int(sum(a.nbytes for a in vals.values()))
+    out['prepared_weight_bytes'] = int(sum(w.data.nbytes for w in e.prepare('fp32').weights.values()))
+else:
+    import torch
+    from actdiff.models.loading import load_reference_model
+    torch.set_num_threads(threads)
+    out['after_imports'] = status()
+    model, cfg, arch = load_reference_model(model_dir)
+    out['after_prepare'] = status()
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, T, dtype=torch.long))
+out['after_forward'] = status()
+out['ru_maxrss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out['seconds'] = time.perf_counter() - t0
+print(json.dumps(out))
+"""
+
+
+def measure_rss(side: str, model_dir: Path, T: int, threads: int) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, side, str(model_dir), str(T), str(threads), str(SEED + T)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=ROOT,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"RSS subprocess ({side}) failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def rss_section(model_dir: Path, T: int, threads: int) -> dict:
+    wb = weight_bytes(model_dir)
+    res: dict = {"model_dir": str(model_dir), "tokens": T, "threads": threads, "fp32_weight_bytes": wb}
+    for side in ("engine", "torch"):
+        m = measure_rss(side, model_dir, T, threads)
+        # ru_maxrss and VmHWM agree for a fresh process; VmHWM is per address space, so it cannot include
+        # the parent's pages (ru_maxrss of an exec'd child can), take the larger to be safe
+        peak = max(m["ru_maxrss_bytes"], m["after_forward"]["VmHWM"])
+        res[side] = {
+            "peak_rss_bytes": peak,
+            "peak_rss_over_fp32_weight_bytes": peak / wb,
+            "rss_after_imports_bytes": m["after_imports"]["VmRSS"],
+            "rss_after_load_bytes": m["after_prepare"]["VmRSS"],
+            "rss_anon_after_load_bytes": m["after_prepare"]["RssAnon"],
+            "rss_file_after_load_bytes": m["after_prepare"]["RssFile"],
+            "rss_after_forward_bytes": m["after_forward"]["VmRSS"],
+            "rss_anon_after_forward_bytes": m["after_forward"]["RssAnon"],
+            "rss_file_after_forward_bytes": m["after_forward"]["RssFile"],
+            "ru_maxrss_bytes": m["ru_maxrss_bytes"],
+            "vm_hwm_bytes": m["after_forward"]["VmHWM"],
+            "seconds": m["seconds"],
+        }
+        if side == "engine":
+            res[side]["node_values_bytes"] = m["node_values_bytes"]
+            res[side]["prepared_weight_bytes"] = m["prepared_weight_bytes"]
+    ratio = res["engine"]["peak_rss_over_fp32_weight_bytes"]
+    res["requirement"] = "engine peak RSS / fp32 weight bytes < 2 (the engine holds at most one fp32 copy)"
+    res["engine_passes"] = bool(ratio < 2)
+    res["note"] = (
+        "RssFile is file-backed memory: pages of model.safetensors mapped by safetensors' safe_open (clean, "
+        "reclaimable page cache, but counted in RSS while mapped); RssAnon is the process's own memory "
+        "(weights copied out of the file, activations)"
+    )
+    return res
+
+
+# ----------------------------------------------------------------------------- timing
+class Pair:
+    """The engine and the torch reference for one model directory."""
+
+    def __init__(self, name: str, model_dir: Path):
+        import torch
+
+        from actdiff.engine.core import Engine
+        from actdiff.models.loading import load_reference_model
+
+        self.name, self.model_dir = name, model_dir
+        t0 = time.perf_counter()
+        self.engine = Engine(model_dir)
+        self.engine.prepare("fp32")
+        self.engine_load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.model, self.cfg, _ = load_reference_model(model_dir)
+        self.torch_load_s = time.perf_counter() - t0
+        self.torch = torch
+        self.last = f"encoder.layers.{self.cfg['n_layer'] - 1}.norm2"
+
+    def run_engine(self, ids, variant="fp32"):
+        t0 = time.perf_counter()
+        vals = self.engine.forward(ids, variant)
+        return time.perf_counter() - t0, vals[self.last]
+
+    def run_torch(self, ids):
+        torch = self.torch
+        x = torch.tensor([ids])
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model(input_ids=x, attention_mask=mask)
+            dt = time.perf_counter() - t0
+        return dt, out[0].numpy()
+
+    def free(self):
+        del self.engine, self.model
+
+
+def bench_pair(p: Pair, T: int, threads: int, repeats: int, mhz: float) -> dict:
+    from actdiff import kernels
+
+    kernels.set_num_threads(threads)
+    p.torch.set_num_threads(threads)
+    ids = token_ids(T)
+    _, h_e = p.run_engine(ids)  # warm-up
+    _, h_t = p.run_torch(ids)
+    te, tt = [], []
+    for _ in range(repeats):
+        te.append(p.run_engine(ids)[0])
+        tt.append(p.run_torch(ids)[0])
+    e_s, t_s = float(np.median(te)), float(np.median(tt))
+    fl = count_flops(p.cfg, T)["total"]
+    pk = peak_gflops(mhz, threads)
+    return {
+        "engine_ms": e_s * 1e3,
+        "torch_ms": t_s * 1e3,
+        "ratio_torch_over_engine": t_s / e_s,
+        "engine_gflops": fl / e_s / 1e9,
+        "torch_gflops": fl / t_s / 1e9,
+        "engine_pct_peak": 100 * fl / e_s / 1e9 / pk,
+        "torch_pct_peak": 100 * fl / t_s / 1e9 / pk,
+        "model_gflop": fl / 1e9,
+        "peak_gflops_nominal": pk,
+        "engine_ms_all": [x * 1e3 for x in te],
+        "torch_ms_all": [x * 1e3 for x in tt],
+        "repeats": repeats,
+        "max_abs_diff_last_hidden_engine_vs_torch": float(np.abs(h_e - h_t).max()),
+    }
+
+
+def bench_precisions(p: Pair, T: int, threads: int, repeats: int, mhz: float, fp32_ms: float | None) -> dict:
+    from actdiff import kernels
+
+    kernels.set_num_threads(threads)
+    ids = token_ids(T)
+    _, ref = p.run_engine(ids, "fp32")
+    fl = count_flops(p.cfg, T)["total"]
+    out = {}
+    for v in ("fp16", "bf16", "int8"):
+        t0 = time.perf_counter()
+        p.engine.prepare(v)  # replaces the fp32 weights (one variant at a time)
+        prep_s = time.perf_counter() - t0
+        _, h = p.run_engine(ids, v)  # warm-up
+        ts = [p.run_engine(ids, v)[0] for _ in range(repeats)]
+        s = float(np.median(ts))
+        out[f"{p.name}/precision={v}/T={T}/threads={threads}"] = {
+            "engine_ms": s * 1e3,
+            "engine_fp32_ms": fp32_ms,
+            "speedup_over_engine_fp32": (fp32_ms / (s * 1e3)) if fp32_ms else None,
+            "engine_gflops_fp32_equivalent": fl / s / 1e9,
+            "engine_pct_peak_fp32": 100 * fl / s / 1e9 / peak_gflops(mhz, threads),
+            "prepare_s": prep_s,
+            "max_abs_diff_last_hidden_vs_engine_fp32": float(np.abs(h - ref).max()),
+            "engine_ms_all": [x * 1e3 for x in ts],
+        }
+    p.engine.prepare("fp32")
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="default 128 512 (--quick: 128)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per side (default 5, --quick 2); "
+        "the tiny model uses 4x as many (its forwards take milliseconds)",
+    )
+    ap.add_argument("--quick", action="store_true", help="128 tokens only, 2 repeats")
+    ap.add_argument("--out", default="results/bench/engine.json")
+    ap.add_argument("--fullsize-dir", default="results/bench/fullsize-random")
+    ap.add_argument("--tiny-dir", default=str(TINY_DIR))
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    args = ap.parse_args()
+    tokens = args.tokens or ([128] if args.quick else [128, 512])
+    repeats = args.repeats or (2 if args.quick else 5)
+    tiny_dir = Path(args.tiny_dir)
+    if not (tiny_dir / "config.json").is_file():
+        sys.exit(
+            f"{tiny_dir} is missing; generate it with\n"
+            "  cd /work/main && .venv/bin/snakemake --cores 2 resources/models/tiny-nomic-moe/config.json"
+        )
+
+    from actdiff.models.fullsize import build_fullsize_random
+
+    t0 = time.perf_counter()
+    full_dir = build_fullsize_random(args.fullsize_dir, seed=0, tokenizer_dir=tiny_dir)
+    build_s = time.perf_counter() - t0
+    print(f"full-size random model: {full_dir} ({build_s:.1f} s to build or reuse)")
+
+    cpu = cpu_info()
+    mhz = cpu["mhz_nominal"]
+    res: dict = {
+        "about": {
+            "what": "whole-model forward, engine fp32 (C kernels) vs torch fp32 reference (eager), same token ids",
+            "timing": "one warm-up each, then engine/torch alternated; median of the repeats",
+            "flops": "analytic: 2*T*in*out per matmul (Wqkv, out_proj, dense fc1/fc2, router, top-k expert "
+            "fc1/fc2) + 2*2*T*T*hidden for attention",
+            "peak": PEAK_NOTE,
+            "ratio_torch_over_engine": "torch time / engine time; > 1 means the engine is faster",
+        },
+        "cpu": cpu,
+        "fp32_flop_per_cycle_per_core": FP32_FLOP_PER_CYCLE_PER_CORE,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "settings": {
+            "threads": args.threads,
+            "tokens": tokens,
+            "repeats": repeats,
+            "quick": args.quick,
+            "token_id_seed": SEED,
+            "fullsize_dir": str(full_dir),
+            "tiny_dir": str(tiny_dir),
+        },
+        "fullsize_build_or_reuse_s": build_s,
+        "loadavg_1_5_15_at_start": os.getloadavg(),
+    }
+    if os.getloadavg()[0] > 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.2f} at start: other processes share the cores")
+
+    if not args.no_rss:  # first, while this process is small
+        T_rss = 512 if 512 in tokens or not args.quick else max(tokens)
+        rss = rss_section(full_dir, T_rss, max(args.threads))
+        res["rss"] = rss
+        gb = 1e9
+        print(
+            f"\npeak RSS, full-size model, one forward at {T_rss} tokens "
+            f"(fp32 weights {rss['fp32_weight_bytes'] / gb:.2f} GB):"
+        )
+        for side in ("engine", "torch"):
+            r = rss[side]
+            print(
+                f"  {side:6s} peak {r['peak_rss_bytes'] / gb:5.2f} GB = {r['peak_rss_over_fp32_weight_bytes']:.2f}x "
+                f"weights; after load: anon {r['rss_anon_after_load_bytes'] / gb:.2f} GB + file-mapped "
+                f"{r['rss_file_after_load_bytes'] / gb:.2f} GB"
+            )
+        print(f"  engine < 2x fp32 weights: {'PASS' if rss['engine_passes'] else 'FAIL'}")
+
+    import torch
+
+    res["torch"] = torch.__version__
+    from actdiff import kernels
+
+    res["isa"] = kernels.get_isa()
+    try:
+        from threadpoolctl import threadpool_info
+
+        res["numpy_blas_threadpools"] = [
+            {k: d.get(k) for k in ("internal_api", "version", "num_threads")}
+            for d in threadpool_info()
+            if d.get("user_api") == "blas"
+        ]
+    except ImportError:
+        pass
+
+    print(
+        f"\nCPU {cpu['model']}, {cpu['cores']} cores @ {mhz} MHz nominal; peak "
+        f"{peak_gflops(mhz, 1):.0f} GFLOP/s/core at the nominal clock (the cores boost above it)"
+    )
+    hdr = (
+        f"{'model':9s} {'T':>4s} {'thr':>3s} {'GFLOP':>6s} {'engine ms':>10s} {'torch ms':>9s} "
+        f"{'torch/eng':>9s} {'eng %pk':>7s} {'torch %pk':>9s} {'max|diff|':>9s}"
+    )
+    fp32_full_128_2 = None
+    for name, d in (("tiny", tiny_dir), ("fullsize", full_dir)):
+        p = Pair(name, d)
+        res[f"{name}/load_s"] = {"engine_prepare_fp32": p.engine_load_s, "torch_load": p.torch_load_s}
+        res[f"{name}/flops_per_forward"] = {f"T={T}": count_flops(p.cfg, T) for T in tokens}
+        print("\n" + hdr)
+        reps = repeats * 4 if name == "tiny" else repeats
+        for T in tokens:
+            for nt in args.threads:
+                r = bench_pair(p, T, nt, reps, mhz)
+                res[f"{name}/T={T}/threads={nt}"] = r
+                if name == "fullsize" and T == 128 and nt == 2:
+                    fp32_full_128_2 = r["engine_ms"]
+                print(
+                    f"{name:9s} {T:4d} {nt:3d} {r['model_gflop']:6.2f} {r['engine_ms']:10.2f} {r['torch_ms']:9.2f} "
+                    f"{r['ratio_torch_over_engine']:9.2f} {r['engine_pct_peak']:7.1f} {r['torch_pct_peak']:9.1f} "
+                    f"{r['max_abs_diff_last_hidden_engine_vs_torch']:9.1e}"
+                )
+        if name == "fullsize":
+            T, nt = 128, 2
+            prec = bench_precisions(p, T, nt, repeats, mhz, fp32_full_128_2)
+            res.update(prec)
+            print(
+                f"\nengine reduced precision, full size, T={T}, {nt} threads (fp32 "
+                f"{fp32_full_128_2 and f'{fp32_full_128_2:.1f} ms'}):"
+            )
+            for k, r in prec.items():
+                sp = r["speedup_over_engine_fp32"]
+                print(
+                    f"  {k.split('/')[1]:16s} {r['engine_ms']:8.2f} ms  speedup vs fp32 "
+                    f"{(f'{sp:.2f}x' if sp else 'n/a'):>6s}  max|diff| vs fp32 "
+                    f"{r['max_abs_diff_last_hidden_vs_engine_fp32']:.1e}"
+                )
+        p.free()
+        del p
+
+    res["loadavg_1_5_15_at_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Comparison and diagnosis: alignment, divergence statistics, teacher forcing, routing, hypotheses."""

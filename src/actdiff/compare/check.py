@@ -1,0 +1,82 @@
+"""``actdiff check``: a CI gate over a run's statistics.
+
+Reads every ``summary/verdict.json`` under a results directory (optionally filtered by model, side,
+variant), prints a short summary in the spirit of a porting session (first divergent node, top
+hypothesis, worst nodes against their budgets), and exits non-zero when any node breaches its budget, or
+when, against a baseline run, a node's p99 local error grew by more than ``--margin`` times (comparing
+against at least 1% of the node's budget, so float noise on near-zero errors never trips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+def find_verdicts(results: Path, pattern: str = "*") -> list[Path]:
+    out = []
+    for v in sorted(results.glob("*/*/*/summary/verdict.json")):
+        model, side, variant = v.parts[-5], v.parts[-4], v.parts[-3]
+        if fnmatch.fnmatchcase(f"{model}/{side}/{variant}", pattern):
+            out.append(v)
+    return out
+
+
+def regressions(run_summary: Path, base_summary: Path, margin: float) -> list[str]:
+    if not base_summary.is_file():
+        return [f"baseline has no {base_summary}"]
+    a = pd.read_parquet(run_summary).set_index("node")
+    b = pd.read_parquet(base_summary).set_index("node")
+    out = []
+    for node in a.index.intersection(b.index):
+        new, old = float(a.at[node, "local_rel_l2_p99"]), float(b.at[node, "local_rel_l2_p99"])
+        floor = 0.01 * float(a.at[node, "budget_median"])
+        if new > margin * max(old, floor):
+            out.append(f"{node}: p99 local relative error {new:.2e} vs baseline {old:.2e} (> {margin}x)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="actdiff check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("results", nargs="?", default="results", help="results directory of a run")
+    ap.add_argument("--only", default="*", help="glob over model/side/variant, e.g. 'tiny-nomic-moe/actdiff/fp32'")
+    ap.add_argument("--baseline", help="results directory of a baseline run to compare against")
+    ap.add_argument("--margin", type=float, default=2.0, help="allowed growth of p99 local error vs baseline")
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    verdicts = find_verdicts(results, args.only)
+    if not verdicts:
+        print(f"actdiff check: no statistics under {results} matching {args.only!r}; run the pipeline first")
+        return 2
+    failed = 0
+    for path in verdicts:
+        v = json.loads(path.read_text())
+        label = f"{v['model']}/{v['side']}/{v['variant']}"
+        print(f"== {label}: {v['status'].upper()} ({v['prompts']} prompts)")
+        if v["status"] != "pass":
+            failed += 1
+            print(f"   first divergent node: {v['first_divergence']} ({v['first_divergence_prompts']} prompts)")
+            if v.get("hypothesis"):
+                says = f" — {v['hypothesis_says']}" if v.get("hypothesis_says") else ""
+                print(f"   top hypothesis: {v['hypothesis']}{says}")
+            for w in v["worst_nodes"][:3]:
+                print(
+                    f"   {w['node']}: local rel L2 max {w['local_rel_l2_max']:.2e} vs budget {w['budget']:.2e}"
+                    f" ({w['fail']} prompts fail)"
+                )
+        if args.baseline:
+            rel = path.relative_to(results)
+            regs = regressions(
+                path.with_name("nodes.parquet"), Path(args.baseline) / rel.with_name("nodes.parquet"), args.margin
+            )
+            for r in regs:
+                print(f"   regression: {r}")
+            failed += bool(regs)
+    print(f"actdiff check: {len(verdicts) - failed} of {len(verdicts)} passed")
+    return 1 if failed else 0

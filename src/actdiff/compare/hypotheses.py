@@ -1,0 +1,265 @@
+"""Root-cause hypotheses: which known bug, if any, turns the spec's value of a node into the engine's?
+
+For a node that diverges under teacher forcing (the engine's op run on the reference's inputs), every
+catalogue entry that applies to the node's op type (``actdiff/data/hypotheses.yaml``: parameter overrides
+of the spec, see :mod:`actdiff.compare.refops`) is computed in float64 on the SAME inputs and compared with
+the engine's output. The diagnosis only sees arrays (inputs, weights, the engine's output): it never reads
+variant names or fault labels, so a hypothesis is named only because its numbers match.
+
+Error measure: relative L2 against the spec value, ``||target - h|| / ||spec||`` with the SAME
+denominator for the baseline and every hypothesis, so errors are directly comparable; for index nodes
+(top-k expert ids) the fraction of entries that differ.
+
+Verdict (``err0`` = baseline error of the spec itself, ``err_best`` = error of the best hypothesis):
+
+- ``matches spec`` if ``err0 <= budget``: the engine is within its error budget, nothing to explain;
+- ``explained`` by the best hypothesis if ``err_best <= max(budget, 0.05 * err0)`` AND
+  ``err_best < err0 / 10``;
+- ``unexplained`` otherwise, reported with the measured baseline error and no hypothesis name.
+
+Why this criterion: a hypothesis is a claim that the engine computes *that* function. If it is right the
+remaining difference is only the engine's numerical noise, i.e. within the node's budget; the
+``0.05 * err0`` allowance keeps a right hypothesis explaining when a large fault sits on top of
+reduced-precision noise that alone exceeds the (fp32-sized) budget (the fault then dominates, the noise
+leaves at most 5% of it). The ``err0 / 10`` condition demands that the hypothesis remove at least 90% of the
+discrepancy: a wrong hypothesis that merely moves in the same direction (eps 1e-3 when the engine uses
+1e-2, bias added twice when it is dropped) improves the error by a factor of order one, never by ten, so
+the closest wrong name is not reported as the cause; without a match the honest answer is "unexplained"
+with the size of the divergence. Hypotheses that equal the spec on these inputs (e.g. the naive softmax in
+float64) have ``err_h == err0`` and can never explain. When several hypotheses pass, the lowest error wins
+and the others are listed in ``also_consistent`` so a report can say the data do not separate them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..errors import ConfigError
+from ..nodes import Graph, Node
+from .refops import OPS, PARAM_NAMES, NotApplicable, aux_inputs, run_op, spec_params
+
+DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "data" / "hypotheses.yaml"
+
+MATCHES_SPEC = "matches spec"
+EXPLAINED = "explained"
+UNEXPLAINED = "unexplained"
+
+RESIDUAL_FRACTION = 0.05  # an explaining hypothesis may leave at most this fraction of err0 (or the budget)
+MIN_IMPROVEMENT = 10.0  # ... and must reduce the error at least this many times
+
+_ENTRY_KEYS = {"name", "op", "params", "says", "when", "note"}
+_WHEN_KEYS = {"arch", "part", "kind", "name_suffix"}
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One catalogue entry: overrides of the spec parameters of one or more op types."""
+
+    name: str
+    ops: tuple[str, ...]
+    params: dict
+    says: str
+    when: dict = field(default_factory=dict)
+    note: str = ""
+
+    def applies(self, graph: Graph, node: Node, spec: dict | None = None) -> bool:
+        """True if this entry is a distinct, meaningful variant of ``node``'s op."""
+        if node.op not in self.ops:
+            return False
+        facts = {"arch": graph.dims.arch, "part": node.attrs.get("part"), "kind": node.kind}
+        for key, want in self.when.items():
+            allowed = want if isinstance(want, list) else [want]
+            if key == "name_suffix":
+                if not any(node.name.endswith(str(s)) for s in allowed):
+                    return False
+            elif facts[key] not in allowed:
+                return False
+        spec = spec_params(graph, node) if spec is None else spec
+        if not set(self.params) <= set(spec):
+            return False  # the node has no such parameter (e.g. positions of a rotary model's EMBED)
+        return {**spec, **self.params} != spec  # an override equal to the spec is not a hypothesis
+
+
+@dataclass(frozen=True)
+class Ranked:
+    name: str
+    error: float
+    says: str
+
+
+@dataclass
+class Diagnosis:
+    node: str
+    op: str
+    metric: str  # "rel_l2" or "mismatch_fraction" (index nodes)
+    budget: float
+    baseline_error: float  # the spec's own error against the engine output
+    verdict: str  # MATCHES_SPEC | EXPLAINED | UNEXPLAINED
+    explained_by: str | None = None
+    says: str | None = None
+    ranked: list[Ranked] = field(default_factory=list)  # best first
+    also_consistent: list[str] = field(default_factory=list)  # other hypotheses that also pass
+    not_tested: list[str] = field(default_factory=list)  # applicable by op, but could not be computed
+
+    @property
+    def best(self) -> Ranked | None:
+        return self.ranked[0] if self.ranked else None
+
+    def sentence(self) -> str:
+        """One plain-words line for reports."""
+        what = "mismatch fraction" if self.metric == "mismatch_fraction" else "relative L2"
+        if self.verdict == MATCHES_SPEC:
+            return f"{self.node}: matches the spec ({what} {self.baseline_error:.2e} <= budget {self.budget:.2e})."
+        if self.verdict == EXPLAINED:
+            b = self.best
+            extra = f" (also consistent: {', '.join(self.also_consistent)})" if self.also_consistent else ""
+            return (
+                f"{self.node}: {self.says} [{b.name}: {what} {self.baseline_error:.2e} against the spec, "
+                f"{b.error:.2e} under this hypothesis]{extra}"
+            )
+        return (
+            f"{self.node}: unexplained divergence ({what} {self.baseline_error:.2e} against the spec, budget "
+            f"{self.budget:.2e}); none of {len(self.ranked)} catalogue hypotheses for {self.op} accounts for it."
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sentence"] = self.sentence()
+        return d
+
+
+# ------------------------------------------------------------------------------------------ catalogue
+def _parse_entry(i: int, e, source: str) -> Hypothesis:
+    where = f"{source}: entry {i + 1}"
+    if not isinstance(e, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {type(e).__name__}")
+    unknown = set(e) - _ENTRY_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(_ENTRY_KEYS)})")
+    for key in ("name", "op", "params", "says"):
+        if key not in e:
+            raise ConfigError(f"{where}: missing key {key!r}")
+    name = e["name"]
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: name must be a non-empty string")
+    where = f"{source}: hypothesis {name!r}"
+    ops = e["op"] if isinstance(e["op"], list) else [e["op"]]
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        raise ConfigError(f"{where}: unknown op type(s) {bad} (known: {', '.join(OPS)})")
+    params = e["params"]
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{where}: params must be a non-empty mapping of overrides")
+    for o in ops:
+        unknown = set(params) - PARAM_NAMES[o]
+        if unknown:
+            raise ConfigError(f"{where}: op {o} has no parameter(s) {sorted(unknown)} (has {sorted(PARAM_NAMES[o])})")
+    when = e.get("when") or {}
+    if not isinstance(when, dict) or set(when) - _WHEN_KEYS:
+        raise ConfigError(f"{where}: when must be a mapping with keys among {sorted(_WHEN_KEYS)}")
+    says = e["says"]
+    if not isinstance(says, str) or not says.strip():
+        raise ConfigError(f"{where}: says must be a non-empty sentence")
+    return Hypothesis(name, tuple(ops), dict(params), " ".join(says.split()), dict(when), str(e.get("note") or ""))
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> tuple[Hypothesis, ...]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{p}: cannot read hypothesis catalogue ({exc})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{p}: the catalogue must be a YAML list of entries")
+    out = [_parse_entry(i, e, str(p)) for i, e in enumerate(data)]
+    seen: set[str] = set()
+    for h in out:
+        if h.name in seen:
+            raise ConfigError(f"{p}: duplicate hypothesis name {h.name!r}")
+        seen.add(h.name)
+    return tuple(out)
+
+
+def load_catalogue(path: str | Path | None = None) -> list[Hypothesis]:
+    """Read and validate a catalogue (default: the packaged ``actdiff/data/hypotheses.yaml``)."""
+    return list(_load(str(Path(path or DEFAULT_CATALOGUE).resolve())))
+
+
+# ------------------------------------------------------------------------------------------- ranking
+def _error(target: np.ndarray, pred: np.ndarray, denom: float, index: bool) -> float:
+    if target.shape != pred.shape:
+        return 1.0 if index else math.inf
+    if index:
+        return float(np.mean(target != pred)) if target.size else 0.0
+    num = float(np.linalg.norm(target.astype(np.float64) - pred))
+    if not math.isfinite(num):
+        return math.inf
+    if denom > 0:
+        return num / denom
+    return 0.0 if num == 0.0 else math.inf
+
+
+def rank_hypotheses(
+    graph: Graph,
+    node: Node | str,
+    inputs: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray],
+    target: np.ndarray,
+    budget: float,
+    catalogue: list[Hypothesis] | None = None,
+) -> Diagnosis:
+    """Rank the catalogue's hypotheses for ``node`` by how well they reproduce ``target``.
+
+    ``inputs``: the node's input values (one prompt, [T, ...]), keyed by node name; extra entries are
+    allowed and used by hypotheses that read other nodes (:func:`refops.aux_inputs`; a hypothesis whose
+    extra input is absent is listed in ``not_tested``). ``weights``: raw checkpoint tensors by name.
+    ``target``: the engine's output for this node on these inputs. ``budget``: the node's relative-L2
+    error budget (for index nodes: the allowed fraction of differing ids)."""
+    if isinstance(node, str):
+        node = graph[node]
+    cat = load_catalogue() if catalogue is None else catalogue
+    index = node.kind == "index"
+    spec = spec_params(graph, node)
+    spec_out = run_op(graph, node, inputs, weights, spec)
+    target = np.asarray(target)
+    if target.shape != spec_out.shape:
+        raise ValueError(f"node {node.name}: engine output has shape {target.shape}, the graph says {spec_out.shape}")
+    denom = float(np.linalg.norm(spec_out)) if not index else 0.0
+    if not index and denom == 0.0:
+        denom = float(np.linalg.norm(target.astype(np.float64)))
+    err0 = _error(target, spec_out, denom, index)
+
+    ranked: list[Ranked] = []
+    not_tested: list[str] = []
+    for h in cat:
+        if not h.applies(graph, node, spec):
+            continue
+        params = {**spec, **h.params}
+        try:
+            if any(n not in inputs for n in aux_inputs(graph, node, params)):
+                not_tested.append(h.name)
+                continue
+            out = run_op(graph, node, inputs, weights, params)
+        except NotApplicable:
+            continue
+        ranked.append(Ranked(h.name, _error(target, out, denom, index), h.says))
+    ranked.sort(key=lambda r: r.error)  # stable: catalogue order breaks ties
+
+    def passes(err: float) -> bool:
+        return err <= max(budget, RESIDUAL_FRACTION * err0) and err < err0 / MIN_IMPROVEMENT
+
+    d = Diagnosis(node.name, node.op, "mismatch_fraction" if index else "rel_l2", float(budget), err0, UNEXPLAINED)
+    d.ranked, d.not_tested = ranked, not_tested
+    if err0 <= budget:
+        d.verdict = MATCHES_SPEC
+    elif ranked and passes(ranked[0].error):
+        d.verdict, d.explained_by, d.says = EXPLAINED, ranked[0].name, ranked[0].says
+        d.also_consistent = [r.name for r in ranked[1:] if passes(r.error)]
+    return d

@@ -1,0 +1,304 @@
+"""Import another engine's activation dumps into actdiff's HDF5 layout (docs/formats.md, docs/mapping.md).
+
+Input folder layouts (detected per prompt):
+
+- ``<src>/<prompt_id>/<name>.npy``: one ``.npy`` per external tensor; the tensor name is the path below
+  the prompt folder without ``.npy`` (``blk.0.attn_qkv.npy`` -> ``blk.0.attn_qkv``; sub-folders give
+  ``a/b``);
+- ``<src>/<prompt_id>.safetensors``: tensor name -> array.
+
+Prompts are taken in the order of the tokens Parquet (``prompt_id``; ``reference_ids`` gives T per
+prompt). The alignment is resolved against the tensor names of the first prompt; every prompt must then
+hold the tensors of every matched node. The mapping (actdiff.compare.align) turns each prompt's tensors
+into canonical arrays, which are written with :class:`actdiff.h5io.ActivationWriter`.
+
+Graph nodes without a source are an error listing them all, unless ``allow_missing=True``: then they are
+written as NaN (``-1`` for integer expert ids, which cannot hold NaN), listed in the file attribute
+``missing_nodes`` (JSON list) and named in a warning. The file attribute ``alignment`` (JSON) records the
+matched specs and the unmatched names on both sides; ``import_dump`` also returns that report and, with
+``report_json=``, writes it to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ActdiffError, DumpError
+from ..nodes import graph_for_model_dir
+from .align import Mapping, alignment_summary, load_mapping
+
+log = logging.getLogger(__name__)
+
+NPY = ".npy"
+SAFETENSORS = ".safetensors"
+
+
+@dataclass
+class PromptDump:
+    """The external tensors of one prompt, in one of the two layouts."""
+
+    prompt_id: str
+    path: Path
+    layout: str  # "npy" | "safetensors"
+
+    def names(self) -> list[str]:
+        if self.layout == "npy":
+            return sorted(p.relative_to(self.path).as_posix()[: -len(NPY)] for p in self.path.rglob("*" + NPY))
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as f:
+                return sorted(f.keys())
+        except Exception as e:  # safetensors raises its own SafetensorError and OSError variants
+            raise DumpError(f"{self.path}: prompt {self.prompt_id!r}: not a readable safetensors file ({e})") from None
+
+    def load(self, names: list[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if self.layout == "npy":
+            for n in names:
+                p = self.path / (n + NPY)
+                try:
+                    out[n] = np.load(p, allow_pickle=False)
+                except (OSError, ValueError, EOFError) as e:
+                    raise DumpError(f"{p}: prompt {self.prompt_id!r}: cannot read tensor {n!r} ({e})") from None
+            return out
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as f:
+                for n in names:
+                    out[n] = f.get_tensor(n)
+        except Exception as e:
+            raise DumpError(f"{self.path}: prompt {self.prompt_id!r}: cannot read tensor(s) ({e})") from None
+        return out
+
+
+def find_prompt_dump(src_dir: Path, prompt_id: str) -> PromptDump:
+    folder = src_dir / prompt_id
+    st = src_dir / (prompt_id + SAFETENSORS)
+    if folder.is_dir() and st.is_file():
+        raise DumpError(f"{src_dir}: prompt {prompt_id!r} has both {folder}/ and {st}; keep only one")
+    if folder.is_dir():
+        return PromptDump(prompt_id, folder, "npy")
+    if st.is_file():
+        return PromptDump(prompt_id, st, "safetensors")
+    raise DumpError(
+        f"{src_dir}: no dump for prompt {prompt_id!r}: expected a folder {folder}/ of .npy files or a file {st}"
+    )
+
+
+def read_tokens(tokens_parquet: str | Path) -> list[tuple[str, int]]:
+    """(prompt_id, T) in file order, T = len(reference_ids)."""
+    import pyarrow.parquet as pq
+
+    path = Path(tokens_parquet)
+    if not path.is_file():
+        raise DumpError(f"{path}: tokens file not found")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a corrupted file
+        raise DumpError(f"{path}: not a readable Parquet file ({e})") from None
+    missing = [c for c in ("prompt_id", "reference_ids") if c not in table.column_names]
+    if missing:
+        raise DumpError(f"{path}: missing column(s) {missing} (a tokens file has prompt_id and reference_ids)")
+    ids = table.column("prompt_id").to_pylist()
+    refs = table.column("reference_ids").to_pylist()
+    out, seen = [], set()
+    for pid, r in zip(ids, refs, strict=True):
+        if not isinstance(pid, str) or not pid:
+            raise DumpError(f"{path}: bad prompt_id {pid!r}")
+        if pid in seen:
+            raise DumpError(f"{path}: prompt_id {pid!r} appears twice")
+        if not r:
+            raise DumpError(f"{path}: prompt {pid!r} has no reference_ids")
+        seen.add(pid)
+        out.append((pid, len(r)))
+    return out
+
+
+def _placeholder(graph, name: str, tokens: int) -> np.ndarray:
+    n = graph[name]
+    fill = -1 if n.kind == "index" else np.nan
+    return np.full(graph.shape(name, tokens), fill, dtype=n.dtype)
+
+
+def import_dump(
+    src_dir: str | Path,
+    mapping_path: str | Path | None,
+    model_dir: str | Path,
+    tokens_parquet: str | Path,
+    out_h5: str | Path,
+    side: str = "external",
+    variant: str = "fp32",
+    shard: int = 0,
+    allow_missing: bool = False,
+    report_json: str | Path | None = None,
+    model_name: str | None = None,
+) -> dict:
+    """Convert ``src_dir`` (another engine's per-prompt dumps) into an actdiff dump at ``out_h5``.
+
+    ``mapping_path`` None aligns by canonical name. Returns the report (also stored as the ``alignment``
+    attribute): source, mapping, counts, the alignment (matched / unmatched_canonical / missing_sources /
+    unused_external) and ``missing_nodes``.
+    """
+    from ..atomic import write_json_atomic
+    from ..h5io import ActivationWriter
+    from ..models.loading import weights_hash
+
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise DumpError(f"{src}: source folder of the external dump not found")
+    model_dir = Path(model_dir)
+    graph = graph_for_model_dir(model_dir)
+    mapping = load_mapping(mapping_path, graph) if mapping_path is not None else Mapping.identity(graph)
+    prompts = read_tokens(tokens_parquet)
+
+    first = find_prompt_dump(src, prompts[0][0]) if prompts else None
+    if first is None:
+        log.warning("%s: no prompts; writing an empty dump", tokens_parquet)
+    alignment = mapping.resolve(first.names() if first else [])
+    missing_nodes = list(alignment.unmatched_canonical) if prompts else []
+    if missing_nodes:
+        detail = "; ".join(
+            f"{n} (external tensor(s) {', '.join(alignment.missing_sources[n])} absent)"
+            if n in alignment.missing_sources
+            else f"{n} (no entry)"
+            for n in missing_nodes
+        )
+        msg = (
+            f"{src}: {len(missing_nodes)} graph node(s) have no source in {mapping.source} for prompt "
+            f"{prompts[0][0]!r}: {detail}"
+        )
+        if not allow_missing:
+            raise DumpError(msg + "; add them to the mapping, or pass allow_missing (--allow-missing) to write NaN")
+        log.warning("%s; writing NaN for them (missing_nodes attribute)", msg)
+
+    report = {
+        "source_dir": str(src.resolve()),
+        "mapping": mapping.source if mapping_path is not None else None,
+        "engine": mapping.engine,
+        "n_prompts": len(prompts),
+        "n_tokens": int(sum(t for _, t in prompts)),
+        "layouts": {},
+        "alignment": alignment.to_dict(),
+        "missing_nodes": missing_nodes,
+    }
+    attrs = {
+        "model": model_name or model_dir.name,
+        "side": side,
+        "variant": variant,
+        "shard": int(shard),
+        "arch": graph.dims.arch,
+        "weights_sha256": weights_hash(model_dir) if (model_dir / "model.safetensors").is_file() else None,
+        "model_dir": str(model_dir.resolve()),
+        "impl": "import",
+        "engine": mapping.engine or side,
+        "source_dir": str(src.resolve()),
+        "mapping": report["mapping"] or "<identity>",
+        "dtypes": json.dumps({"activations": "float32", "indices": "int64"}),
+        "missing_nodes": json.dumps(missing_nodes),
+        "alignment": json.dumps(report["alignment"], separators=(",", ":")),
+    }
+    needed = sorted({s for spec in alignment.matched.values() for s in spec.external_names})
+    matched = list(alignment.matched)
+    layouts: dict[str, int] = {}
+    with ActivationWriter(out_h5, graph, attrs) as w:
+        for k, (pid, T) in enumerate(prompts):
+            dump = first if k == 0 else find_prompt_dump(src, pid)
+            layouts[dump.layout] = layouts.get(dump.layout, 0) + 1
+            if k:
+                absent = sorted(set(needed) - set(dump.names()))
+                if absent:
+                    raise DumpError(
+                        f"{dump.path}: prompt {pid!r} lacks external tensor(s) {absent} that the first prompt "
+                        f"{prompts[0][0]!r} has and the mapping uses"
+                    )
+            try:
+                vals = mapping.apply(dump.load(needed), T, nodes=matched)
+            except DumpError as e:
+                raise DumpError(f"{dump.path}: prompt {pid!r}: {e}") from None
+            for n in missing_nodes:
+                vals[n] = _placeholder(graph, n, T)
+            try:
+                bad = w.append(pid, vals)
+            except DumpError as e:
+                raise DumpError(f"{dump.path}: {e}") from None
+            bad = [b for b in bad if b not in missing_nodes]
+            if bad:
+                log.warning("prompt %r: NaN/Inf in imported node(s) %s (recorded as is)", pid, bad[:5])
+    report["layouts"] = layouts
+    if report_json is not None:
+        write_json_atomic(report_json, report)
+    log.info(
+        "imported %d prompts (%d tokens) from %s: %d/%d nodes matched, %d missing, %d unused external",
+        len(prompts),
+        report["n_tokens"],
+        src,
+        len(alignment.matched),
+        len(graph),
+        len(missing_nodes),
+        len(alignment.unused_external),
+    )
+    return report
+
+
+def build_parser(prog: str = "actdiff import") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Import another engine's per-prompt activation dumps "
+        "(<src>/<prompt_id>/<name>.npy or <src>/<prompt_id>.safetensors) into actdiff's "
+        "HDF5 layout, aligning tensor names with a mapping file (docs/mapping.md).",
+    )
+    ap.add_argument("src", help="folder of per-prompt dumps")
+    ap.add_argument("--mapping", help="mapping YAML (default: tensors are named by canonical node name)")
+    ap.add_argument("--model-dir", required=True, help="model directory (config.json gives the node graph)")
+    ap.add_argument("--tokens", required=True, help="tokens Parquet (prompt_id, reference_ids): prompt order and T")
+    ap.add_argument("--out", required=True, help="output HDF5 dump")
+    ap.add_argument("--side", default="external", help="side name recorded in the dump (default: external)")
+    ap.add_argument("--variant", default="fp32", help="variant recorded in the dump (default: fp32)")
+    ap.add_argument("--shard", type=int, default=0)
+    ap.add_argument("--allow-missing", action="store_true", help="write NaN for nodes without a source")
+    ap.add_argument("--report", help="also write the alignment report to this JSON file")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``actdiff import SRC --mapping M.yaml --model-dir D --tokens T.parquet --out O.h5 [...]``."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        rep = import_dump(
+            args.src,
+            args.mapping,
+            args.model_dir,
+            args.tokens,
+            args.out,
+            side=args.side,
+            variant=args.variant,
+            shard=args.shard,
+            allow_missing=args.allow_missing,
+            report_json=args.report,
+        )
+    except ActdiffError as e:
+        print(f"actdiff: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.out}: {rep['n_prompts']} prompts, {rep['n_tokens']} tokens from {args.src} "
+        f"(mapping: {rep['mapping'] or 'canonical names'})"
+    )
+    print(alignment_summary(rep["alignment"]))
+    if rep["missing_nodes"]:
+        print(f"written as NaN (missing_nodes): {len(rep['missing_nodes'])} node(s)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

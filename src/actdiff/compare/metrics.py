@@ -1,0 +1,96 @@
+"""Error metrics between an engine array and the reference array of one node (one prompt).
+
+All metrics are computed in float64 over the positions where both sides are finite; NaN/Inf are counted
+separately on each side. ``max_ulp`` is the largest distance in units in the last place at fp32 (both
+values viewed as ordered int32), so 1 means "adjacent floats".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FLOAT_METRICS = ("max_abs", "mean_abs", "rmse", "rel_l2", "cosine", "sqnr_db", "nmse", "max_ulp")
+
+
+def _ordered_int(a: np.ndarray) -> np.ndarray:
+    """fp32 bit patterns mapped to integers that are ordered like the floats (adjacent floats differ by 1)."""
+    i = np.ascontiguousarray(a, dtype=np.float32).view(np.int32).astype(np.int64)
+    return np.where(i < 0, np.int64(-0x80000000) - i, i)
+
+
+def _norm(x: np.ndarray) -> float:
+    # elementwise square and sum: no BLAS call (a BLAS dot per small array costs more than the math here)
+    return math.sqrt(float(np.sum(x * x)))
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both are zero)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    num = _norm(a - b)
+    den = _norm(b)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def compare(eng: np.ndarray, ref: np.ndarray) -> dict:
+    """Metrics of ``eng`` against ``ref`` (same shape [rows, ...]). Location: row (token) and flat channel."""
+    if eng.shape != ref.shape:
+        raise ValueError(f"shape mismatch: engine {eng.shape} vs reference {ref.shape}")
+    e = np.asarray(eng, np.float64)
+    r = np.asarray(ref, np.float64)
+    fe, fr = np.isfinite(e), np.isfinite(r)
+    all_finite = bool(fe.all() and fr.all())
+    out = {"nan_ref": 0, "inf_ref": 0, "nan_eng": 0, "inf_eng": 0}
+    if not all_finite:
+        out = {
+            "nan_ref": int(np.isnan(r).sum()),
+            "inf_ref": int(np.isinf(r).sum()),
+            "nan_eng": int(np.isnan(e).sum()),
+            "inf_eng": int(np.isinf(e).sum()),
+        }
+        both = fe & fr
+        if not both.any():
+            out.update({k: math.nan for k in FLOAT_METRICS})
+            out.update(max_abs_token=-1, max_abs_channel=-1)
+            return out
+        e = np.where(both, e, 0.0)
+        r = np.where(both, r, 0.0)
+        n = int(both.sum())
+    else:
+        n = e.size
+    d = e - r
+    ad = np.abs(d)
+    flat = int(np.argmax(ad))
+    per_row = ad.size // max(ad.shape[0], 1)
+    sig = float(np.sum(r * r))
+    err = float(np.sum(d * d))
+    ne, nr = _norm(e), math.sqrt(sig)
+    ulp_e, ulp_r = (eng, ref) if all_finite else (eng[both], ref[both])
+    out.update(
+        max_abs=float(ad.flat[flat]),
+        max_abs_token=flat // per_row if per_row else 0,
+        max_abs_channel=flat % per_row if per_row else 0,
+        mean_abs=float(ad.sum() / n),
+        rmse=math.sqrt(err / n),
+        rel_l2=(math.sqrt(err) / nr) if nr > 0 else (0.0 if err == 0 else math.inf),
+        cosine=float(np.sum(e * r) / (ne * nr)) if ne > 0 and nr > 0 else (1.0 if ne == nr else 0.0),
+        sqnr_db=(10 * math.log10(sig / err)) if err > 0 and sig > 0 else math.inf,
+        nmse=(err / sig) if sig > 0 else (0.0 if err == 0 else math.inf),
+        max_ulp=int(np.max(np.abs(_ordered_int(ulp_e) - _ordered_int(ulp_r)))),
+    )
+    return out
+
+
+def per_token_errors(eng: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max abs error, relative L2) of each row (token)."""
+    e = np.asarray(eng, np.float64).reshape(eng.shape[0], -1)
+    r = np.asarray(ref, np.float64).reshape(ref.shape[0], -1)
+    d = e - r
+    den = np.sqrt(np.sum(r * r, axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(den > 0, np.sqrt(np.sum(d * d, axis=1)) / den, 0.0)
+    return np.abs(d).max(axis=1), rel

@@ -1,0 +1,553 @@
+"""Parametric float64 numpy implementation of every op type of the canonical graph.
+
+Each op is computed from its inputs and the raw checkpoint tensors under a dict of named parameters.
+:func:`spec_params` gives the parameters the model spec prescribes (docs/spec.md); with them
+:func:`run_op` reproduces the reference model's node values (to ~1e-7 relative: the reference is fp32,
+this is float64). Changing one parameter gives the value a specific, plausible bug would produce; the
+hypothesis catalogue (``actdiff/data/hypotheses.yaml``) is a list of such parameter overrides and
+:mod:`actdiff.compare.hypotheses` ranks them against an engine's output.
+
+Inputs are ONE prompt's values, keyed by the node's input names, shaped as the graph says ([T, ...];
+``input_ids`` is [T] int). Weights are keyed by checkpoint tensor name, raw as stored (``Wqkv`` [3H, H],
+experts ``w1``/``w2`` [E*F, H], ...). Results are float64 (int64 for top-k indices).
+
+Parameters (spec value first; every op except TOPK indices also has ``output_precision``):
+
+| op | parameters |
+|---|---|
+| EMBED | token_type: row0/none; weight_precision; BERT only: positions: absolute/none, position_offset: 0 |
+| LAYERNORM | eps; variance: biased/unbiased; centered: True (False = RMSNorm); affine: True; accumulate |
+| MATMUL | bias: once/none/twice; weight_orientation: as_stored/transposed (square only); weight_precision; accumulate |
+| SPLIT | order: qkv_major/head_major |
+| ROPE | layout: neox/gptj/none; base; position_offset: 0 |
+| ATTENTION | mask: bidirectional/causal/query_padding; scale: inv_sqrt_head_dim/inv_head_dim/none; |
+|   | softmax: stable/naive; output_layout: heads_outer/heads_inner; accumulate |
+| ADD | terms: both/first/second |
+| GELU | form: erf/tanh/sigmoid/silu/relu |
+| ROUTER | weight_precision; accumulate |
+| SOFTMAX | function: softmax/sigmoid; softmax: stable/naive; accumulate |
+| TOPK | renormalize: config value; order: by_weight/by_index |
+| EXPERT_FC1 | expert_index_map: identity/reversed/off_by_one/off_by_minus_one; w1_orientation: FH/HF; |
+|   | weight_precision; accumulate |
+| EXPERT_FC2 | expert_index_map; w2_orientation: FH/HF; weight_precision; accumulate |
+| MOE_SUM | renormalize: False; weighted: True; accumulate |
+| BIAS_ADD | bias: once/none/twice/per_expert (per_expert reads the layer's top-k weights, see :func:`aux_inputs`) |
+| POOL | mode: mean/cls/max/sum/last; accumulate |
+| L2NORM | eps: 1e-12; normalize: True; accumulate |
+
+Precision emulation: ``weight_precision`` (fp64/fp32/fp16/bf16/int8) rounds the weight matrices before use
+(int8: symmetric per output channel over the reduced axis); ``accumulate`` (fp64/fp32/fp16/bf16) rounds
+every float input, every weight and the result to that format (a reduced-precision kernel, emulated);
+``output_precision`` (fp64/fp32/fp16/bf16/int8) rounds only the result (reduced-precision activations;
+int8 = symmetric per-row absmax).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..nodes import ARCH_BERT, Graph, Node
+
+try:
+    from scipy.special import erf as _erf
+except ImportError:  # pragma: no cover - scipy is a dependency of the venv
+    _erf = np.vectorize(math.erf, otypes=[np.float64])
+
+OPS = (
+    "EMBED",
+    "LAYERNORM",
+    "MATMUL",
+    "SPLIT",
+    "ROPE",
+    "ATTENTION",
+    "ADD",
+    "GELU",
+    "ROUTER",
+    "SOFTMAX",
+    "TOPK",
+    "EXPERT_FC1",
+    "EXPERT_FC2",
+    "MOE_SUM",
+    "BIAS_ADD",
+    "POOL",
+    "L2NORM",
+)
+
+PRECISIONS = ("fp64", "fp32", "fp16", "bf16", "int8")
+
+# every parameter name each op understands (the catalogue loader validates overrides against this)
+PARAM_NAMES: dict[str, frozenset[str]] = {
+    op: frozenset(names) | {"output_precision"}
+    for op, names in {
+        "EMBED": ("token_type", "positions", "position_offset", "weight_precision"),
+        "LAYERNORM": ("eps", "variance", "centered", "affine", "accumulate"),
+        "MATMUL": ("bias", "weight_orientation", "weight_precision", "accumulate"),
+        "SPLIT": ("order",),
+        "ROPE": ("layout", "base", "position_offset"),
+        "ATTENTION": ("mask", "scale", "softmax", "output_layout", "accumulate"),
+        "ADD": ("terms",),
+        "GELU": ("form",),
+        "ROUTER": ("weight_precision", "accumulate"),
+        "SOFTMAX": ("function", "softmax", "accumulate"),
+        "TOPK": ("renormalize", "order"),
+        "EXPERT_FC1": ("expert_index_map", "w1_orientation", "weight_precision", "accumulate"),
+        "EXPERT_FC2": ("expert_index_map", "w2_orientation", "weight_precision", "accumulate"),
+        "MOE_SUM": ("renormalize", "weighted", "accumulate"),
+        "BIAS_ADD": ("bias",),
+        "POOL": ("mode", "accumulate"),
+        "L2NORM": ("eps", "normalize", "accumulate"),
+    }.items()
+}
+
+
+class NotApplicable(ValueError):
+    """The parameters cannot apply to this node (e.g. transposing a non-square weight)."""
+
+
+# ----------------------------------------------------------------------------------------- spec params
+def spec_params(graph: Graph, node: Node) -> dict:
+    """The parameters the model spec prescribes for ``node`` (a fresh dict)."""
+    d = graph.dims
+    op = node.op
+    if op == "EMBED":
+        p = {"token_type": "row0", "weight_precision": "fp64"}
+        if d.arch == ARCH_BERT:
+            p.update(positions="absolute", position_offset=0)
+    elif op == "LAYERNORM":
+        p = {"eps": float(d.eps), "variance": "biased", "centered": True, "affine": True, "accumulate": "fp64"}
+    elif op == "MATMUL":
+        p = {
+            "bias": "once" if len(node.weights) > 1 else "none",
+            "weight_orientation": "as_stored",
+            "weight_precision": "fp64",
+            "accumulate": "fp64",
+        }
+    elif op == "SPLIT":
+        p = {"order": "qkv_major"}
+    elif op == "ROPE":
+        p = {"layout": "gptj" if d.rotary_interleaved else "neox", "base": float(d.rotary_base), "position_offset": 0}
+    elif op == "ATTENTION":
+        p = {
+            "mask": "bidirectional",
+            "scale": "inv_sqrt_head_dim",
+            "softmax": "stable",
+            "output_layout": "heads_outer",
+            "accumulate": "fp64",
+        }
+    elif op == "ADD":
+        p = {"terms": "both"}
+    elif op == "GELU":
+        p = {"form": "erf" if d.activation == "gelu" else "tanh"}
+    elif op == "ROUTER":
+        p = {"weight_precision": "fp64", "accumulate": "fp64"}
+    elif op == "SOFTMAX":
+        p = {"function": "softmax", "softmax": "stable", "accumulate": "fp64"}
+    elif op == "TOPK":
+        p = {"renormalize": bool(d.normalize_expert_weights), "order": "by_weight"}
+    elif op == "EXPERT_FC1":
+        p = {"expert_index_map": "identity", "w1_orientation": "FH", "weight_precision": "fp64", "accumulate": "fp64"}
+    elif op == "EXPERT_FC2":
+        p = {"expert_index_map": "identity", "w2_orientation": "FH", "weight_precision": "fp64", "accumulate": "fp64"}
+    elif op == "MOE_SUM":
+        p = {"renormalize": False, "weighted": True, "accumulate": "fp64"}
+    elif op == "BIAS_ADD":
+        p = {"bias": "once"}
+    elif op == "POOL":
+        p = {"mode": "mean", "accumulate": "fp64"}
+    elif op == "L2NORM":
+        p = {"eps": 1e-12, "normalize": True, "accumulate": "fp64"}
+    else:
+        raise ValueError(f"node {node.name}: unknown op type {op!r}")
+    if node.kind != "index":
+        p["output_precision"] = "fp64"
+    return p
+
+
+def aux_inputs(graph: Graph, node: Node, params: dict) -> list[str]:
+    """Nodes besides ``node.inputs`` that ``run_op`` reads under ``params`` (values of other nodes).
+
+    Only BIAS_ADD with ``bias: per_expert`` needs one: the layer's top-k weights (bias added inside the
+    per-expert loop is scaled by each expert's weight, so the result depends on their sum)."""
+    if node.op == "BIAS_ADD" and params.get("bias") == "per_expert":
+        for n in graph:
+            if n.op == "TOPK" and n.layer == node.layer and n.attrs.get("part") == "weights":
+                return [n.name]
+        raise NotApplicable(f"node {node.name}: no top-k weights node in layer {node.layer}")
+    return []
+
+
+# ------------------------------------------------------------------------------------------ rounding
+def _bf16(x: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    u = a.view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000  # round to nearest even on the upper 16 bits
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def round_to(x: np.ndarray, precision: str, axis: int = -1) -> np.ndarray:
+    """Round float64 values to ``precision``; int8 is symmetric absmax quantisation along ``axis``."""
+    if precision == "fp64":
+        return np.asarray(x, dtype=np.float64)
+    if precision == "fp32":
+        return np.asarray(x, dtype=np.float32).astype(np.float64)
+    if precision == "fp16":
+        return np.asarray(x, dtype=np.float16).astype(np.float64)
+    if precision == "bf16":
+        return _bf16(x)
+    if precision == "int8":
+        x = np.asarray(x, dtype=np.float64)
+        scale = np.abs(x).max(axis=axis, keepdims=True) / 127.0
+        scale = np.where(scale > 0, scale, 1.0)
+        return np.clip(np.rint(x / scale), -127, 127) * scale
+    raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+
+
+def _f(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------- ops
+def _embed(graph, node, x, w, p):
+    ids = np.asarray(x[0], dtype=np.int64).reshape(-1)
+    T = ids.shape[0]
+    tables = [round_to(_f(w[k]), p["weight_precision"], axis=1) for k in node.weights]
+    out = tables[0][ids].copy()
+    positions = p.get("positions", "none")
+    if positions not in ("absolute", "none"):
+        raise ValueError(f"positions {positions!r}")
+    if positions == "absolute":
+        pos = np.arange(T) + int(p["position_offset"])
+        if pos.size and (pos.min() < 0 or pos.max() >= tables[1].shape[0]):
+            raise NotApplicable(f"positions {pos.min()}..{pos.max()} outside the position table")
+        out += tables[1][pos]
+    if p["token_type"] == "row0":
+        out += tables[-1][0]
+    elif p["token_type"] != "none":
+        raise ValueError(f"token_type {p['token_type']!r}")
+    return out
+
+
+def _layernorm(graph, node, x, w, p):
+    a = _f(x[0])
+    H = a.shape[-1]
+    mean = a.mean(axis=-1, keepdims=True) if p["centered"] else 0.0
+    c = a - mean
+    if not p["centered"]:  # RMSNorm: mean of squares
+        var = (c * c).mean(axis=-1, keepdims=True)
+    elif p["variance"] == "unbiased":
+        var = (c * c).sum(axis=-1, keepdims=True) / max(H - 1, 1)
+    elif p["variance"] == "biased":
+        var = (c * c).mean(axis=-1, keepdims=True)
+    else:
+        raise ValueError(f"variance {p['variance']!r}")
+    y = c / np.sqrt(var + float(p["eps"]))
+    if p["affine"]:
+        y = y * _f(w[node.weights[0]]) + _f(w[node.weights[1]])
+    return y
+
+
+def _apply_bias(y, b, mode, node):
+    if mode == "none":
+        return y
+    if b is None:
+        raise NotApplicable(f"node {node.name} has no bias tensor")
+    if mode == "once":
+        return y + b
+    if mode == "twice":
+        return y + 2.0 * b
+    raise ValueError(f"bias {mode!r}")
+
+
+def _matmul(graph, node, x, w, p):
+    a = _f(x[0])
+    T = a.shape[0]
+    a = a.reshape(T, -1)
+    W = _f(w[node.weights[0]])
+    if p["weight_orientation"] == "transposed":
+        if W.shape[0] != W.shape[1]:
+            raise NotApplicable(f"weight {node.weights[0]} {list(W.shape)} is not square")
+        W = W.T
+    elif p["weight_orientation"] != "as_stored":
+        raise ValueError(f"weight_orientation {p['weight_orientation']!r}")
+    W = round_to(W, p["weight_precision"], axis=1)
+    b = _f(w[node.weights[1]]) if len(node.weights) > 1 else None
+    y = _apply_bias(a @ W.T, b, p["bias"], node)
+    return y.reshape(graph.shape(node.name, T))
+
+
+def _split(graph, node, x, w, p):
+    a = _f(x[0])
+    T = a.shape[0]
+    nh, hd = graph.dims.heads, graph.dims.head_dim
+    part = node.attrs["part"]
+    if p["order"] == "qkv_major":
+        return a.reshape(T, 3, nh, hd)[:, part].copy()
+    if p["order"] == "head_major":
+        return a.reshape(T, nh, 3, hd)[:, :, part].copy()
+    raise ValueError(f"order {p['order']!r}")
+
+
+def _rope(graph, node, x, w, p):
+    a = _f(x[0])
+    T, _, hd = a.shape
+    if p["layout"] == "none":
+        return a.copy()
+    half = hd // 2
+    inv_freq = float(p["base"]) ** (-np.arange(0, 2 * half, 2, dtype=np.float64) / hd)
+    pos = np.arange(T, dtype=np.float64) + float(p["position_offset"])
+    ang = pos[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]  # [T, 1, hd/2]
+    out = a.copy()
+    if p["layout"] == "neox":
+        x1, x2 = a[..., :half], a[..., half : 2 * half]
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half : 2 * half] = x2 * cos + x1 * sin
+    elif p["layout"] == "gptj":
+        x1, x2 = a[..., 0 : 2 * half : 2], a[..., 1 : 2 * half : 2]
+        out[..., 0 : 2 * half : 2] = x1 * cos - x2 * sin
+        out[..., 1 : 2 * half : 2] = x2 * cos + x1 * sin
+    else:
+        raise ValueError(f"layout {p['layout']!r}")
+    return out
+
+
+def _softmax(s, mode, axis=-1):
+    if mode == "stable":
+        e = np.exp(s - s.max(axis=axis, keepdims=True))
+    elif mode == "naive":  # no max subtraction: identical in float64 unless exp overflows
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = np.exp(s)
+    else:
+        raise ValueError(f"softmax {mode!r}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return e / e.sum(axis=axis, keepdims=True)
+
+
+def _attention(graph, node, x, w, p):
+    q, k, v = (_f(a) for a in x)
+    T, nh, hd = q.shape
+    scale = {"inv_sqrt_head_dim": 1.0 / math.sqrt(hd), "inv_head_dim": 1.0 / hd, "none": 1.0}.get(p["scale"])
+    if scale is None:
+        raise ValueError(f"scale {p['scale']!r}")
+    s = np.einsum("qhd,khd->hqk", q, k) * scale
+    if p["mask"] == "causal":
+        s = np.where(np.tril(np.ones((T, T), dtype=bool))[None], s, -np.inf)
+    elif p["mask"] not in ("bidirectional", "query_padding"):
+        # query_padding masks padded QUERY rows instead of padded keys: one prompt of real tokens has no
+        # padding, so under teacher forcing it equals the spec (listed so the catalogue says so explicitly)
+        raise ValueError(f"mask {p['mask']!r}")
+    ctx = np.einsum("hqk,khd->qhd", _softmax(s, p["softmax"]), v)  # [T, nh, hd]
+    if p["output_layout"] == "heads_inner":
+        ctx = ctx.transpose(0, 2, 1)
+    elif p["output_layout"] != "heads_outer":
+        raise ValueError(f"output_layout {p['output_layout']!r}")
+    return ctx.reshape(T, nh * hd)
+
+
+def _add(graph, node, x, w, p):
+    a, b = _f(x[0]), _f(x[1])
+    if p["terms"] == "both":
+        return a + b
+    if p["terms"] == "first":
+        return a.copy()
+    if p["terms"] == "second":
+        return b.copy()
+    raise ValueError(f"terms {p['terms']!r}")
+
+
+def _gelu(graph, node, x, w, p):
+    a = _f(x[0])
+    form = p["form"]
+    if form == "erf":
+        return 0.5 * a * (1.0 + _erf(a / math.sqrt(2.0)))
+    if form == "tanh":
+        return 0.5 * a * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * a**3)))
+    if form == "sigmoid":
+        return a / (1.0 + np.exp(-1.702 * a))
+    if form == "silu":
+        return a / (1.0 + np.exp(-a))
+    if form == "relu":
+        return np.maximum(a, 0.0)
+    raise ValueError(f"form {form!r}")
+
+
+def _router(graph, node, x, w, p):
+    W = round_to(_f(w[node.weights[0]]), p["weight_precision"], axis=1)
+    return _f(x[0]) @ W.T
+
+
+def _softmax_op(graph, node, x, w, p):
+    a = _f(x[0])
+    if p["function"] == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-a))
+    if p["function"] != "softmax":
+        raise ValueError(f"function {p['function']!r}")
+    return _softmax(a, p["softmax"])
+
+
+def _topk(graph, node, x, w, p):
+    probs = _f(x[0])
+    k = graph.dims.top_k
+    idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # descending, ties to the lower index
+    wts = np.take_along_axis(probs, idx, axis=-1)
+    if p["renormalize"]:
+        wts = wts / wts.sum(axis=-1, keepdims=True)
+    if p["order"] == "by_index":
+        o = np.argsort(idx, axis=-1, kind="stable")
+        idx, wts = np.take_along_axis(idx, o, axis=-1), np.take_along_axis(wts, o, axis=-1)
+    elif p["order"] != "by_weight":
+        raise ValueError(f"order {p['order']!r}")
+    return wts if node.attrs["part"] == "weights" else idx.astype(np.int64)
+
+
+def _map_experts(idx: np.ndarray, mode: str, E: int) -> np.ndarray:
+    idx = np.asarray(idx, dtype=np.int64)
+    if mode == "identity":
+        return idx
+    if mode == "reversed":
+        return E - 1 - idx
+    if mode == "off_by_one":
+        return (idx + 1) % E
+    if mode == "off_by_minus_one":
+        return (idx - 1) % E
+    raise ValueError(f"expert_index_map {mode!r}")
+
+
+def _expert_weights(graph, key, w, orientation):
+    """An expert weight (E*F, H) as (E, F, H): ``FH`` as released, ``HF`` = read as (E, H, F), transposed."""
+    d = graph.dims
+    E, F, H = d.experts, d.inner, d.hidden
+    a = _f(w[key])
+    if orientation == "FH":
+        a = a.reshape(E, F, H)
+    elif orientation == "HF":
+        a = a.reshape(E, H, F).transpose(0, 2, 1)
+    else:
+        raise ValueError(f"orientation {orientation!r}")
+    return a
+
+
+def _grouped(rows: np.ndarray, idx: np.ndarray, mats, fn, out_dim: int) -> np.ndarray:
+    """out[t, j] = fn(rows[t, j], mats[idx[t, j]]), looping over experts (memory ~ T*k*out_dim)."""
+    T, k = idx.shape
+    out = np.zeros((T, k, out_dim))
+    for e in np.unique(idx):
+        sel = idx == e
+        out[sel] = fn(rows[sel], mats[e])
+    return out
+
+
+def _expert_fc1(graph, node, x, w, p):
+    h, idx = _f(x[0]), _map_experts(x[1], p["expert_index_map"], graph.dims.experts)
+    w1 = _expert_weights(graph, node.weights[0], w, p["w1_orientation"])
+    w1 = round_to(w1, p["weight_precision"], axis=2)  # reduced axis H
+    rows = np.broadcast_to(h[:, None, :], (*idx.shape, h.shape[-1]))
+    return _grouped(rows, idx, w1, lambda r, m: r @ m.T, graph.dims.inner)
+
+
+def _expert_fc2(graph, node, x, w, p):
+    a, idx = _f(x[0]), _map_experts(x[1], p["expert_index_map"], graph.dims.experts)
+    w2 = _expert_weights(graph, node.weights[0], w, p["w2_orientation"])
+    w2 = round_to(w2, p["weight_precision"], axis=1)  # reduced axis F
+    return _grouped(a, idx, w2, lambda r, m: r @ m, graph.dims.hidden)
+
+
+def _moe_sum(graph, node, x, w, p):
+    eo, tw = _f(x[0]), _f(x[1])
+    if not p["weighted"]:
+        tw = np.ones_like(tw)
+    if p["renormalize"]:
+        tw = tw / tw.sum(axis=-1, keepdims=True)
+    return np.einsum("tkh,tk->th", eo, tw)
+
+
+def _bias_add(graph, node, x, w, p):
+    a = _f(x[0])
+    b = _f(w[node.weights[0]])
+    if p["bias"] == "per_expert":
+        tw = _f(x[1])  # the aux input: top-k weights [T, k]
+        return a + tw.sum(axis=-1, keepdims=True) * b
+    return _apply_bias(a, b, p["bias"], node)
+
+
+def _pool(graph, node, x, w, p):
+    a = _f(x[0])
+    mode = p["mode"]
+    if mode == "mean":
+        r = a.mean(axis=0)
+    elif mode == "sum":
+        r = a.sum(axis=0)
+    elif mode == "cls":
+        r = a[0]
+    elif mode == "last":
+        r = a[-1]
+    elif mode == "max":
+        r = a.max(axis=0)
+    else:
+        raise ValueError(f"mode {mode!r}")
+    return r.reshape(1, -1)
+
+
+def _l2norm(graph, node, x, w, p):
+    a = _f(x[0])
+    if not p["normalize"]:
+        return a.copy()
+    n = np.linalg.norm(a, axis=-1, keepdims=True)
+    return a / np.maximum(n, float(p["eps"]))
+
+
+_IMPL = {
+    "EMBED": _embed,
+    "LAYERNORM": _layernorm,
+    "MATMUL": _matmul,
+    "SPLIT": _split,
+    "ROPE": _rope,
+    "ATTENTION": _attention,
+    "ADD": _add,
+    "GELU": _gelu,
+    "ROUTER": _router,
+    "SOFTMAX": _softmax_op,
+    "TOPK": _topk,
+    "EXPERT_FC1": _expert_fc1,
+    "EXPERT_FC2": _expert_fc2,
+    "MOE_SUM": _moe_sum,
+    "BIAS_ADD": _bias_add,
+    "POOL": _pool,
+    "L2NORM": _l2norm,
+}
+
+
+def run_op(
+    graph: Graph, node: Node | str, inputs: dict[str, np.ndarray], weights: dict[str, np.ndarray], params: dict
+) -> np.ndarray:
+    """Compute ``node`` under ``params`` (start from :func:`spec_params`) in float64 (int64 for indices).
+
+    ``inputs`` holds at least the node's inputs (and :func:`aux_inputs` for some params); ``weights`` at
+    least the node's checkpoint tensors. Raises :class:`NotApplicable` when the params cannot apply."""
+    if isinstance(node, str):
+        node = graph[node]
+    p = {**spec_params(graph, node), **params}
+    unknown = set(p) - PARAM_NAMES[node.op]
+    if unknown:
+        raise ValueError(f"node {node.name} ({node.op}): unknown parameter(s) {sorted(unknown)}")
+    names = list(node.inputs) + aux_inputs(graph, node, p)
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise KeyError(f"node {node.name}: missing input(s) {missing}")
+    xs = [np.asarray(inputs[n]) for n in names]
+    w = {k: weights[k] for k in node.weights}
+    acc = p.get("accumulate", "fp64")
+    if acc != "fp64":  # reduced-precision kernel: operands and result rounded
+        xs = [a if a.dtype.kind in "iu" else round_to(a, acc) for a in xs]
+        w = {k: round_to(v, acc) for k, v in w.items()}
+    out = _IMPL[node.op](graph, node, xs, w, p)
+    if node.kind == "index":
+        return np.asarray(out, dtype=np.int64)
+    if acc != "fp64":
+        out = round_to(out, acc)
+    out_p = p.get("output_precision", "fp64")
+    if out_p != "fp64":
+        out = round_to(out.reshape(out.shape[0], -1), out_p, axis=-1).reshape(out.shape)
+    return np.asarray(out, dtype=np.float64)

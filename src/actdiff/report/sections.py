@@ -1,0 +1,638 @@
+"""Report sections: markdown strings (printed by ``output: asis`` cells) and static figures (PNG).
+
+Every function takes a :class:`actdiff.report.data.Run` and returns markdown or an
+``IPython.display.Image`` (displayed by the cell, embedded in the HTML), or ``None`` when there is
+nothing to draw (the caller prints a sentence instead).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import math
+import platform
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .data import IndexEntry, Run
+
+FLOOR = 1e-12  # zeros are drawn at this floor on log axes
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>$~^@&:\"'=])")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def esc(s) -> str:
+    """Markdown-escape arbitrary text (prompt texts, node names) for an inline table cell."""
+    s = "" if s is None else str(s)
+    s = s.replace("\r", "␍").replace("\n", "⏎").replace("\t", "⇥")
+    return _MD_SPECIAL.sub(r"\\\1", s)
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "no"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        if math.isnan(x):
+            return "–"
+        if math.isinf(x):
+            return "∞" if x > 0 else "-∞"
+        if x == 0:
+            return "0"
+        if 1e-3 <= abs(x) < 1e4:
+            return f"{x:.{digits + 1}g}"
+        return f"{x:.{digits - 1}e}"
+    return esc(x)
+
+
+def md_table(df: pd.DataFrame, formats: dict | None = None) -> str:
+    """A pipe table; cells formatted with ``formats[col]`` (a callable) or :func:`fmt`."""
+    formats = formats or {}
+    if not len(df):
+        return "*(no rows)*\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(esc(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        cells = [formats.get(c, fmt)(v) for c, v in zip(cols, row, strict=False)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def code(s) -> str:
+    """Inline code (no markdown escaping inside; backticks in the text get a longer fence)."""
+    if s is None or s == "":
+        return "–"
+    s = str(s).replace("\r", "␍").replace("\n", "⏎").replace("|", "¦")
+    ticks = "``" if "`" in s else "`"
+    return f"{ticks} {s} {ticks}" if ticks == "``" else f"`{s}`"
+
+
+def _image(fig: Figure):
+    from IPython.display import Image
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return Image(data=buf.getvalue(), format="png")
+
+
+def _floor(a) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    return np.where(np.isfinite(a), np.maximum(a, FLOOR), np.nan)
+
+
+def _nodes(run: Run) -> pd.DataFrame:
+    return run.summary["nodes"].sort_values("node_index").reset_index(drop=True)
+
+
+def failing(run: Run) -> bool:
+    return run.verdict.get("status") == "fail"
+
+
+# ----------------------------------------------------------------------------------------------- verdict
+def verdict_md(run: Run) -> str:
+    v = run.verdict
+    kind = "important" if v.get("status") == "fail" else "note"
+    status = esc(str(v.get("status", "?")).upper())
+    out = [f"::: {{.callout-{kind}}}", f"## Verdict: {status}", "", esc(v.get("plain")), ""]
+    out.append(
+        f"- **Run:** {code(run.model)} / {code(run.side)} / {code(run.variant)}, {v.get('prompts', 0)} inputs, "
+        f"{v.get('failing_nodes', 0)} failing node(s)"
+    )
+    if v.get("first_divergence"):
+        out.append(
+            f"- **First divergent node** (most common across inputs): {code(v['first_divergence'])} in "
+            f"{v.get('first_divergence_prompts', 0)} of {v.get('prompts', 0)} inputs"
+        )
+        hyp = v.get("hypothesis")
+        says = f" — {esc(v.get('hypothesis_says'))}" if v.get("hypothesis_says") else ""
+        out.append(f"- **Top root-cause hypothesis:** {code(hyp)}{says}")
+    else:
+        out.append("- **First divergent node:** none (no input has a failing node)")
+    out += ["", ":::", ""]
+    ev = v.get("evidence") or []
+    if ev:
+        out.append(
+            f"**Evidence** at {code(v.get('first_divergence'))}: the op replayed under each hypothesis, median "
+            f"relative error against the engine's output (lower = reproduces the engine); the op as specified gives "
+            f"{fmt(v.get('baseline_error'))}.\n"
+        )
+        out.append(md_table(pd.DataFrame(ev)[["hypothesis", "error_median"]], {"hypothesis": code}))
+    fd = run.summary["first_divergence"]
+    if len(fd):
+        out.append("\n**First divergent node per input** (histogram):\n")
+        out.append(md_table(fd[["node", "prompts"]], {"node": code}))
+    hy = run.summary["hypotheses"]
+    if len(hy):
+        out.append("\n**Top hypothesis per first divergent node:**\n")
+        cols = [
+            c
+            for c in ["node", "verdict", "explained_by", "prompts", "error_median", "baseline_error_median", "says"]
+            if c in hy.columns
+        ]
+        out.append(md_table(hy[cols], {"node": code, "explained_by": code}))
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ tokenization
+def tokenization_md(run: Run, max_rows: int = 10) -> str:
+    t = run.tokens
+    if t is None or not len(t):
+        return "::: {.callout-warning}\nNo tokenization tables were found for this model.\n:::\n"
+    match = t["ids_match"]
+    n, n_ok, n_null = len(t), int((match == True).sum()), int(match.isna().sum())  # noqa: E712
+    bad = t[match == False]  # noqa: E712
+    out = [
+        md_table(
+            pd.DataFrame(
+                [
+                    {
+                        "inputs": n,
+                        "ids match": n_ok,
+                        "ids differ": len(bad),
+                        "engine side missing": n_null,
+                        "truncated (reference)": int(
+                            t.get("reference_truncated", pd.Series(dtype=bool)).fillna(False).sum()
+                        ),
+                    }
+                ]
+            )
+        )
+    ]
+    if not len(bad):
+        out.append("\nEvery input tokenizes identically on both sides: no failing prompts.\n")
+        return "\n".join(out)
+    out.append(
+        f"\n**{len(bad)} input(s) tokenize differently** (first {min(max_rows, len(bad))} shown; ids around the "
+        "first difference, reference and engine side by side):\n"
+    )
+    rows = []
+    for r in bad.head(max_rows).itertuples():
+        fd = int(r.first_diff) if r.first_diff is not None and not pd.isna(r.first_diff) else 0
+        lo = max(0, fd - 3)
+        ref, eng = list(r.reference_ids), list(r.engine_ids if r.engine_ids is not None else [])
+        rows.append(
+            {
+                "prompt": r.prompt_id,
+                "text": str(r.text)[:60],
+                "first diff": fd,
+                "reference ids": " ".join(map(str, ref[lo : fd + 8])),
+                "engine ids": " ".join(map(str, eng[lo : fd + 8])),
+                "lengths": f"{len(ref)} / {len(eng)}",
+            }
+        )
+    out.append(md_table(pd.DataFrame(rows), {"prompt": code}))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- parity
+def parity_md(run: Run, max_rows: int = 15) -> str:
+    out = []
+    w = run.summary.get("weights")
+    if w is None:
+        out.append("Weight parity is computed for the actdiff engine only; none for this side.\n")
+    else:
+        bad = w[(w["max_abs"] > 0) | (w["rel_l2"] > 0)]
+        out.append(
+            f"**Weights:** {len(w)} tensors as the engine uses them (after layout and quantisation) against "
+            f"the checkpoint; {len(w) - len(bad)} identical, {len(bad)} differ "
+            f"(largest relative L2 {fmt(float(w['rel_l2'].max()) if len(w) else 0.0)}).\n"
+        )
+        show = w.sort_values(["rel_l2", "max_abs"], ascending=False).head(max_rows)
+        cols = [c for c in ["tensor", "source", "transform", "storage", "shape", "max_abs", "rel_l2"] if c in show]
+        show = show[cols]
+        out.append(f"Largest differences first ({len(show)} of {len(w)}):\n")
+        out.append(md_table(show, {"tensor": code, "source": code}))
+    cp = run.config_parity
+    if cp:
+        rows = [
+            {
+                "key": k,
+                "config.json": json.dumps(v.get("config")),
+                "engine": json.dumps(v.get("engine")),
+                "match": bool(v.get("match")),
+            }
+            for k, v in cp.items()
+            if isinstance(v, dict)
+        ]
+        nbad = sum(not r["match"] for r in rows)
+        out.append(f"\n**Config:** {len(rows)} values, {nbad} mismatch(es).\n")
+        out.append(md_table(pd.DataFrame(rows), {"key": code, "match": lambda m: "✔" if m else "**✘ mismatch**"}))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ node errors
+def fig_node_error(run: Run):
+    s = _nodes(run)
+    x = np.arange(len(s))
+    fig = Figure(figsize=(11, 6.5))
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, (m, label) in zip(axes, [("rel_l2", "relative L2 (propagated)"), ("cosine", "1 − cosine")], strict=False):
+        if m == "cosine":
+            p10, p50, p90, mx = (1 - s["cosine_p90"], 1 - s["cosine_p50"], 1 - s["cosine_p10"], 1 - s["cosine_p10"])
+            lo = 1 - s.get("cosine_min", s["cosine_p10"]) if "cosine_min" in s else p90
+            mx = lo
+        else:
+            p10, p50, p90, mx = s[f"{m}_p10"], s[f"{m}_p50"], s[f"{m}_p90"], s[f"{m}_max"]
+        ax.fill_between(x, _floor(p10), _floor(p90), alpha=0.3, color="tab:blue", label="p10–p90 across inputs")
+        ax.plot(x, _floor(p50), color="tab:blue", lw=1.5, label="median")
+        ax.plot(x, _floor(mx), "v" if m == "cosine" else "^", color="tab:red", ms=3, lw=0, label="worst input")
+        if m == "rel_l2":
+            ax.step(x, _floor(s["budget_median"]), where="mid", color="k", ls="--", lw=1, label="local budget")
+            f = s["fail"] > 0
+            if f.any():
+                ax.plot(x[f], _floor(s.loc[f, "rel_l2_max"]), "x", color="darkred", ms=7, label="node fails")
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="major")
+        ax.legend(fontsize=7, loc="upper left", ncol=5)
+    _node_ticks(axes[-1], s)
+    fig.suptitle(f"Error by node in graph order (zeros drawn at {FLOOR:g})", fontsize=10)
+    fig.tight_layout()
+    return _image(fig)
+
+
+def _node_ticks(ax, s: pd.DataFrame, max_labels: int = 60) -> None:
+    step = max(1, math.ceil(len(s) / max_labels))
+    idx = np.arange(0, len(s), step)
+    ax.set_xticks(idx)
+    ax.set_xticklabels([s["node"].iloc[i] for i in idx], rotation=90, fontsize=6)
+    ax.set_xlim(-0.5, len(s) - 0.5)
+
+
+def fail_counts_md(run: Run, max_rows: int = 15) -> str:
+    s = _nodes(run)
+    bad = s[(s["fail"] > 0) | (s["warn"] > 0)]
+    if not len(bad):
+        return f"All {len(s)} nodes pass on every input (no `fail`, no `warn`).\n"
+    n_fail, n_warn = int((s["fail"] > 0).sum()), int(((s["warn"] > 0) & (s["fail"] == 0)).sum())
+    bad = pd.concat([bad[bad["fail"] > 0], bad[bad["fail"] == 0].sort_values("warn", ascending=False)]).head(max_rows)
+    cols = [
+        "node",
+        "op",
+        "layer",
+        "fail",
+        "warn",
+        "budget_median",
+        "local_rel_l2_max",
+        "rel_l2_p50",
+        "rel_l2_max",
+        "cosine_p10",
+    ]
+    return (
+        f"{n_fail} of {len(s)} nodes fail and {n_warn} more only warn on at least one input (`fail` = local "
+        "error over budget or new NaN/Inf, `warn` = inherited error > 10× budget). Failing nodes first, then the "
+        f"most frequent warnings ({len(bad)} rows):\n\n"
+        + md_table(bad[[c for c in cols if c in bad]], {"node": code, "op": code})
+    )
+
+
+def worst_prompts(run: Run, n: int = 20) -> list[str]:
+    """Inputs ranked by their worst local-error / budget ratio, then final relative L2."""
+    d = run.stats["nodes"]
+    r = d.assign(ratio=d["local_rel_l2"] / d["budget"].clip(lower=1e-30))
+    g = (
+        r.groupby("prompt_id")
+        .agg(ratio=("ratio", "max"), rel=("rel_l2", "max"))
+        .sort_values(["ratio", "rel"], ascending=False)
+    )
+    return g.head(n).index.tolist()
+
+
+def fig_heatmap(run: Run, worst_n: int = 20):
+    d = run.stats["nodes"]
+    prompts = worst_prompts(run, worst_n)
+    s = _nodes(run)
+    piv = d[d["prompt_id"].isin(prompts)].pivot_table(
+        index="prompt_id", columns="node_index", values="rel_l2", aggfunc="max"
+    )
+    piv = piv.reindex(index=prompts, columns=s["node_index"])
+    z = np.log10(_floor(piv.to_numpy()))
+    fig = Figure(figsize=(11, 0.25 * len(prompts) + 2.2))
+    ax = fig.subplots()
+    im = ax.imshow(
+        z,
+        aspect="auto",
+        cmap="magma",
+        interpolation="nearest",
+        vmin=math.log10(FLOOR),
+        vmax=max(0.0, float(np.nanmax(z)) if np.isfinite(z).any() else 0.0),
+    )
+    ax.set_yticks(range(len(prompts)))
+    ax.set_yticklabels(prompts, fontsize=7)
+    _node_ticks(ax, s)
+    fig.colorbar(im, ax=ax, label="log10 relative L2 (propagated)", fraction=0.025)
+    ax.set_title(f"Relative L2 by node × input (worst {len(prompts)} inputs, worst first)", fontsize=10)
+    fig.tight_layout()
+    return _image(fig)
+
+
+def fig_token_error(run: Run, max_nodes: int = 4, max_prompts: int = 6):
+    t = run.stats["tokens"]
+    if not len(t):
+        return None
+    order = _nodes(run)[["node", "node_index"]]
+    nodes = [n for n in order["node"] if n in set(t["node"])][:max_nodes]
+    fig = Figure(figsize=(11, 2.6 * len(nodes)))
+    axes = np.atleast_1d(fig.subplots(len(nodes), 1, squeeze=False)[:, 0])
+    for ax, node in zip(axes, nodes, strict=False):
+        g = t[t["node"] == node]
+        top = g.groupby("prompt_id")["local_rel_l2"].max().sort_values(ascending=False).head(max_prompts).index
+        for p in top:
+            h = g[g["prompt_id"] == p].sort_values("token")
+            ax.plot(h["token"], _floor(h["rel_l2"]), lw=1, label=f"{p} (propagated)")
+            ax.plot(h["token"], _floor(h["local_rel_l2"]), lw=0.8, ls=":", color=ax.lines[-1].get_color())
+        ax.set_yscale("log")
+        ax.set_title(f"{node}: error by token position (solid propagated, dotted local)", fontsize=9)
+        ax.set_ylabel("relative L2")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=3)
+    axes[-1].set_xlabel("token position")
+    fig.tight_layout()
+    return _image(fig)
+
+
+def fig_amplification(run: Run):
+    s = _nodes(run)
+    x = np.arange(len(s))
+    fig = Figure(figsize=(11, 5.5))
+    ax, ax2 = fig.subplots(2, 1, sharex=True)
+    ax.plot(x, _floor(s["local_rel_l2_p50"]), color="tab:green", lw=1.3, label="local (op on reference inputs), median")
+    ax.plot(x, _floor(s["local_rel_l2_max"]), "^", color="tab:green", ms=3, label="local, worst input")
+    ax.plot(x, _floor(s["rel_l2_p50"]), color="tab:blue", lw=1.3, label="propagated, median")
+    ax.step(x, _floor(s["budget_median"]), where="mid", color="k", ls="--", lw=1, label="local budget")
+    ax.set_yscale("log")
+    ax.set_ylabel("relative L2")
+    ax.legend(fontsize=7, ncol=4, loc="upper left")
+    ax.grid(alpha=0.3)
+    ax2.bar(x, _floor(s["amplification_p50"]), color="tab:purple", width=0.8, label="amplification, median")
+    ax2.plot(x, _floor(s["amplification_max"]), "_", color="k", ms=6, label="amplification, max")
+    ax2.axhline(1, color="grey", lw=0.8)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("propagated / local")
+    ax2.legend(fontsize=7, loc="upper left")
+    ax2.grid(alpha=0.3)
+    _node_ticks(ax2, s)
+    fig.suptitle(
+        "Local vs propagated error per node (amplification = inherited error carried by the node)", fontsize=10
+    )
+    fig.tight_layout()
+    return _image(fig)
+
+
+# ------------------------------------------------------------------------------------------------- MoE
+def has_routing(run: Run) -> bool:
+    return len(run.summary["routing"]) > 0
+
+
+def routing_md(run: Run) -> str:
+    r = run.summary["routing"]
+    cols = [
+        "layer",
+        "tokens",
+        "agreement",
+        "jaccard_mean",
+        "flips",
+        "flips_explained",
+        "near_ties",
+        "moe_out_rel_l2_median",
+        "forced_rel_l2_median",
+    ]
+    return md_table(r[[c for c in cols if c in r]])
+
+
+def fig_routing(run: Run):
+    r = run.summary["routing"].sort_values("layer")
+    n = len(r)
+    fig = Figure(figsize=(11, 3.0 + 2.4 * n))
+    gs = fig.add_gridspec(1 + n, 2)
+    ax = fig.add_subplot(gs[0, :])
+    ax.bar(r["layer"].astype(str), r["agreement"], color="tab:blue")
+    for i, (a, f) in enumerate(zip(r["agreement"], r["flips"], strict=False)):
+        ax.text(i, a, f"{a:.4f}\n{f} flips", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(min(0.9, float(r["agreement"].min()) - 0.02), 1.02)
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("expert-set agreement")
+    ax.set_title("Routing agreement per MoE layer", fontsize=9)
+    for i, row in enumerate(r.itertuples()):
+        edges = np.asarray(json.loads(row.margin_edges)) if hasattr(row, "margin_edges") else None
+        h, hf = np.asarray(json.loads(row.margin_hist)), np.asarray(json.loads(row.margin_hist_flips))
+        axh = fig.add_subplot(gs[1 + i, 0])
+        centers = np.sqrt(np.maximum(edges[:-1], 1e-7) * edges[1:]) if edges is not None else np.arange(len(h))
+        widths = np.diff(edges) if edges is not None else 1
+        axh.bar(centers, h, width=widths * 0.9, color="tab:grey", label="all tokens")
+        axh.bar(centers, hf, width=widths * 0.9, color="tab:red", label="flips")
+        axh.set_xscale("log")
+        axh.set_yscale("symlog")
+        axh.set_title(f"layer {row.layer}: reference router margin", fontsize=8)
+        axh.legend(fontsize=6)
+        axl = fig.add_subplot(gs[1 + i, 1])
+        ref, eng = np.asarray(json.loads(row.ref_load)), np.asarray(json.loads(row.eng_load))
+        e = np.arange(len(ref))
+        axl.bar(e - 0.2, ref, width=0.4, label="reference")
+        axl.bar(e + 0.2, eng, width=0.4, label="engine")
+        axl.set_title(f"layer {row.layer}: expert load", fontsize=8)
+        axl.set_xticks(e)
+        axl.legend(fontsize=6)
+    fig.tight_layout()
+    return _image(fig)
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+def embeddings_md(run: Run) -> str:
+    e = run.embeddings_summary
+    rows = [
+        ("inputs", e.get("prompts")),
+        ("cosine, minimum", e.get("cosine_min")),
+        ("cosine, 1st percentile", e.get("cosine_p01")),
+        ("cosine, median", e.get("cosine_median")),
+        ("sample size (neighbour metrics)", e.get("sample_size")),
+        ("top-10 neighbour overlap, mean", e.get("neighbour_overlap_mean")),
+        ("top-10 neighbour overlap, min", e.get("neighbour_overlap_min")),
+        ("similarity rank correlation (Spearman)", e.get("similarity_spearman")),
+    ]
+    df = pd.DataFrame(rows, columns=["metric", "value"])
+    fm = {"value": lambda v: f"{v:.10f}" if isinstance(v, float) and 0.99 < v <= 1 else fmt(v, 4)}
+    out = md_table(df, fm)
+    if e.get("worst_cosine_prompts"):
+        out += "\nLowest-cosine inputs: " + ", ".join(code(p) for p in e["worst_cosine_prompts"]) + "\n"
+    return out
+
+
+def fig_embeddings(run: Run):
+    p = run.stats["prompts"]
+    cos = p.loc[p["kind"] == "embedding", "value"].to_numpy(np.float64)
+    if not cos.size:
+        return None
+    d = _floor(1 - np.clip(cos, -1, 1))
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
+    bins = np.logspace(math.log10(FLOOR), 0, 25)
+    ax.hist(d, bins=bins, color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"1 − cosine of the final embeddings (reference vs engine; zeros at {FLOOR:g})")
+    ax.set_ylabel("inputs")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _image(fig)
+
+
+# --------------------------------------------------------------------------------------- worst inputs
+def worst_inputs_md(run: Run, n: int = 5) -> str:
+    d = run.stats["nodes"]
+    prompts = worst_prompts(run, n)
+    emb = run.stats["prompts"]
+    emb = emb[emb["kind"] == "embedding"].set_index("prompt_id")["value"]
+    text = run.tokens.set_index("prompt_id")["text"] if run.tokens is not None else pd.Series(dtype=str)
+    rows = []
+    for p in prompts:
+        g = d[d["prompt_id"] == p]
+        worst = g.assign(ratio=g["local_rel_l2"] / g["budget"].clip(lower=1e-30)).sort_values("ratio").iloc[-1]
+        rows.append(
+            {
+                "input": p,
+                "text": str(text.get(p, ""))[:50],
+                "tokens": int(g["tokens"].max()),
+                "failing nodes": int((g["status"] == "fail").sum()),
+                "first divergence": g["first_divergence"].iloc[0] or "(none)",
+                "worst node": worst["node"],
+                "local / budget": float(worst["ratio"]),
+                "final cosine": emb.get(p, float("nan")),
+            }
+        )
+    out = [
+        md_table(
+            pd.DataFrame(rows),
+            {
+                "input": code,
+                "first divergence": code,
+                "worst node": code,
+                "final cosine": lambda v: f"{v:.10f}" if v == v else "–",
+            },
+        )
+    ]
+    dd = run.stats["drilldown"]
+    out.append(
+        "\n### Drill-down\n\nFirst values of each key node, reference vs engine, with their difference "
+        "(the shards' worst inputs by final-embedding error).\n"
+    )
+    shown = [p for p in prompts if p in set(dd["prompt_id"])] or list(dict.fromkeys(dd["prompt_id"]))[:n]
+    for p in shown[:n]:
+        g = dd[dd["prompt_id"] == p].sort_values("node_index")
+        out.append(f"\n#### {esc(p)}\n")
+        rows = []
+        for r in g.itertuples():
+            ref, eng = np.asarray(r.ref_first, np.float64), np.asarray(r.eng_first, np.float64)
+            k = min(len(ref), len(eng), 4)
+            rows.append(
+                {
+                    "node": r.node,
+                    "rel L2": r.rel_l2,
+                    "reference": " ".join(f"{v:+.5f}" for v in ref[:k]),
+                    "engine": " ".join(f"{v:+.5f}" for v in eng[:k]),
+                    "delta": " ".join(f"{v:+.1e}" for v in (eng[:k] - ref[:k])),
+                }
+            )
+        out.append(md_table(pd.DataFrame(rows), {"node": code, "reference": code, "engine": code, "delta": code}))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------- provenance
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return p.stdout.strip() if p.returncode == 0 else "unavailable"
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return ", ".join(f"{f} {'✔' if f in have else '✘'}" for f in ("avx2", "avx512f", "fma"))
+    except OSError:
+        pass
+    return "unavailable"
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def provenance_md(run: Run) -> str:
+    m = run.model_info
+    rows = [
+        ("model", m.get("name", run.model)),
+        ("architecture", m.get("arch")),
+        ("model directory", m.get("dir")),
+        ("weights sha256", m.get("weights_sha256")),
+        ("side / variant", f"{run.side} / {run.variant}"),
+        ("results", str(run.run_dir)),
+        ("git commit", _git_commit()),
+        ("python", platform.python_version()),
+        (
+            "libraries",
+            ", ".join(
+                f"{p} {_version(p)}"
+                for p in ("actdiff", "numpy", "pandas", "pyarrow", "torch", "matplotlib", "jupytext", "nbclient")
+            ),
+        ),
+        ("CPU flags", _cpu_flags()),
+        ("machine", f"{platform.machine()} {platform.system()} {platform.release()}"),
+        ("date", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
+    ]
+    return md_table(pd.DataFrame(rows, columns=["item", "value"]), {"value": code})
+
+
+# ----------------------------------------------------------------------------------------------- index
+def report_href(e: IndexEntry) -> str:
+    return f"{quote(e.model, safe='')}/{quote(e.side, safe='')}/{quote(e.variant, safe='')}.html"
+
+
+def index_md(entries: list[IndexEntry]) -> str:
+    if not entries:
+        return "No runs.\n"
+    variants = list(dict.fromkeys(e.variant for e in entries))
+    rows = list(dict.fromkeys((e.model, e.side) for e in entries))
+    by = {(e.model, e.side, e.variant): e for e in entries}
+    lines = ["| model / side | " + " | ".join(code(v) for v in variants) + " |", "|---|" + "---|" * len(variants)]
+    for m, s in rows:
+        cells = []
+        for v in variants:
+            e = by.get((m, s, v))
+            if e is None:
+                cells.append("–")
+                continue
+            st = str(e.verdict.get("status", "?")).upper()
+            badge = f"[{st}]{{.badge-{st.lower()}}}"
+            fd = e.verdict.get("first_divergence")
+            hyp = e.verdict.get("hypothesis")
+            extra = f"<br>first divergence: {code(fd)}" if fd else "<br>no divergence"
+            if hyp:
+                extra += f"<br>hypothesis: {code(hyp)}"
+            cells.append(f"[{badge} report]({report_href(e)}){extra}")
+        lines.append(f"| {esc(m)} / {esc(s)} | " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n\n"
+    out += "\n".join(
+        f"- [{esc(e.model)} / {esc(e.side)} / {esc(e.variant)}]({report_href(e)}): {esc(e.verdict.get('plain'))}"
+        for e in entries
+    )
+    return out + "\n"

@@ -1,0 +1,248 @@
+"""HTML reports (actdiff.report): fallback rendering for real, the quarto path with a stand-in executable,
+parameters, failing cells, and the fault report opened in headless Chromium.
+
+The reports are rendered straight from the package (the rules render_report/render_index call the same
+functions). They read the pipeline's results of config/ci.yaml: an existing complete results/ci is reused
+(keeps this module well under 3 minutes); otherwise the session fixture ``ci_run`` produces it.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from actdiff.report import RenderError, render, render_index, render_report
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import REPO  # noqa: E402
+
+render_mod = importlib.import_module("actdiff.report.render")
+
+pytestmark = pytest.mark.e2e
+
+MODEL, SIDE, FAULT = "tiny-nomic-moe", "actdiff", "fp32+fault=causal_mask"
+RUNS = [f"{MODEL}/{SIDE}/fp32", f"{MODEL}/{SIDE}/{FAULT}", f"minilm-l6/{SIDE}/fp32"]
+MAX_BYTES = 5 * 2**20
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _complete(results: Path) -> bool:
+    return all((results / r / "summary" / "verdict.json").is_file() for r in RUNS) and all(
+        (results / r / "stats" / f"shard-{s}" / "nodes.parquet").is_file() for r in RUNS for s in (0, 1)
+    )
+
+
+@pytest.fixture(scope="module")
+def results(request) -> Path:
+    r = REPO / "results" / "ci"
+    if not _complete(r):
+        r = request.getfixturevalue("ci_run").results
+    assert _complete(r), f"pipeline results under {r} are incomplete"
+    return r
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_quarto(results):
+    """The fallback renderer for real, even on a machine that has quarto."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(render_mod, "find_quarto", lambda: None)
+    yield
+    mp.undo()
+
+
+def _text(path: Path) -> str:
+    """Visible text of an HTML file, whitespace-normalised (pandoc wraps lines)."""
+    h = path.read_text(encoding="utf-8")
+    h = re.sub(r"<(script|style)\b.*?</\1>", " ", h, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", h)).split())
+
+
+def _verdict(results: Path, run: str) -> dict:
+    return json.loads((results / run / "summary" / "verdict.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def rendered(results) -> dict[str, Path]:
+    """The three reports and the index, rendered with the fallback into results/ci/reports/."""
+    out = results / "reports"
+    paths = {}
+    for r in RUNS:
+        m, s, v = r.split("/")
+        p = out / m / s / f"{v}.html"
+        assert render_report(str(results), m, s, v, str(p)) == "fallback"
+        paths[r] = p
+    paths["index"] = out / "index.html"
+    assert render_index(str(results), RUNS, str(paths["index"])) == "fallback"
+    return paths
+
+
+def test_reports_exist_small_and_hold_the_verdict(results, rendered):
+    for r in RUNS:
+        p = rendered[r]
+        assert p.is_file() and 0 < p.stat().st_size < MAX_BYTES, p
+        text = _text(p)
+        v = _verdict(results, r)
+        assert " ".join(v["plain"].split()) in text, f"verdict missing from {p}"
+        for section in (
+            "Tokenization parity",
+            "Weight and config parity",
+            "Error by node",
+            "Embeddings",
+            "Worst inputs",
+            "Provenance",
+        ):
+            assert section in text, (section, p)
+        h = p.read_text()
+        assert 'src="data:image/png;base64,' in h  # figures embedded
+        assert not re.search(r'(src|href)="https?://', h), "the report must not reference the network"
+    fault = _verdict(results, f"{MODEL}/{SIDE}/{FAULT}")
+    assert fault["status"] == "fail" and fault["hypothesis"] == "attention_causal_mask"
+    text = _text(rendered[f"{MODEL}/{SIDE}/{FAULT}"])
+    assert "Verdict: FAIL" in text and "attention_causal_mask" in text
+    assert "Mixture of experts" in text and "Drill-down" in text
+    assert "Verdict: PASS" in _text(rendered[f"{MODEL}/{SIDE}/fp32"])
+
+
+def test_index_links_every_report(results, rendered):
+    idx = rendered["index"]
+    assert idx.is_file() and idx.stat().st_size < MAX_BYTES
+    h = idx.read_text()
+    hrefs = re.findall(r'href="([^"#]+\.html)"', h)
+    assert "tiny-nomic-moe/actdiff/fp32%2Bfault%3Dcausal_mask.html" in hrefs
+    from urllib.parse import unquote
+
+    for r in RUNS:
+        m, s, v = r.split("/")
+        assert any(unquote(x) == f"{m}/{s}/{v}.html" for x in hrefs), r
+    for x in hrefs:
+        assert (idx.parent / unquote(x)).is_file(), x
+    text = _text(idx)
+    assert "FAIL" in text and "PASS" in text and "encoder.layers.0.attn.context" in text
+
+
+def test_parameter_change_changes_the_output(results, rendered):
+    a, b = rendered[f"{MODEL}/{SIDE}/fp32"], rendered[f"{MODEL}/{SIDE}/{FAULT}"]
+    ta, tb = _text(a), _text(b)
+    assert ta != tb
+    assert FAULT in tb and FAULT not in ta
+
+
+def test_failing_cell_fails_the_render(tmp_path, caplog):
+    qmd = tmp_path / "bad.qmd"
+    qmd.write_text(
+        textwrap.dedent("""\
+        ---
+        title: bad
+        ---
+
+        ```{python}
+        #| tags: [parameters]
+        x = 1
+        ```
+
+        ```{python}
+        raise ValueError(f"boom-{x}-cell")
+        ```
+        """)
+    )
+    out = tmp_path / "bad.html"
+    with pytest.raises(RenderError, match=r"boom-7-cell"):
+        render(qmd, out, {"x": 7}, logging.getLogger("test"))
+    assert not out.exists(), "a failing cell must not leave a report behind"
+
+
+def test_quarto_path_with_stand_in(results, tmp_path, monkeypatch, caplog):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    args_log = tmp_path / "args.json"
+    fake = bindir / "quarto"
+    fake.write_text(
+        textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        a = sys.argv[1:]
+        json.dump({{"args": a, "cwd": os.getcwd()}}, open({str(args_log)!r}, "w"))
+        assert a[0] == "render" and a[1].endswith(".qmd") and os.path.isfile(a[1]), a
+        params = dict(a[i + 1].split(":", 1) for i in range(len(a)) if a[i] == "-P")
+        assert params["model"] == "tiny-nomic-moe" and params["variant"] == "fp32+fault=causal_mask", params
+        assert params["side"] == "actdiff" and os.path.isdir(params["results"]), params
+        i = a.index("--to"); assert a[i + 1] == "html", a
+        i = a.index("-M"); assert a[i + 1] == "embed-resources:true", a
+        out = os.path.splitext(a[1])[0] + ".html"
+        open(out, "w").write("<html><body>STAND-IN QUARTO " + params["variant"] + "</body></html>")
+        sys.exit(0)
+        """)
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(render_mod, "find_quarto", lambda: shutil.which("quarto"))  # the real PATH lookup
+    out = tmp_path / "q" / "report.html"
+    with caplog.at_level(logging.INFO):
+        kind = render_report(str(results), MODEL, SIDE, FAULT, str(out))
+    assert kind == "quarto"
+    assert "renderer: quarto" in caplog.text
+    assert out.read_text() == "<html><body>STAND-IN QUARTO fp32+fault=causal_mask</body></html>"
+    rec = json.loads(args_log.read_text())
+    assert Path(rec["cwd"]) != REPO and "actdiff-render-" in rec["cwd"], "quarto must run in a temporary directory"
+    assert not Path(rec["cwd"]).exists(), "the temporary directory is removed after the render"
+
+
+def test_quarto_failure_is_an_error(results, tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "quarto"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('ERROR: cell failed', file=sys.stderr)\nsys.exit(1)\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(render_mod, "find_quarto", lambda: str(fake))
+    out = tmp_path / "r.html"
+    with pytest.raises(RenderError, match="cell failed"):
+        render_report(str(results), MODEL, SIDE, "fp32", str(out))
+    assert not out.exists()
+
+
+def test_fault_report_in_headless_chromium(results, rendered):
+    assert CHROMIUM.is_file(), "Debian chromium is required: apt-get install -y chromium"
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    page_path = rendered[f"{MODEL}/{SIDE}/{FAULT}"]
+    shot = results / "reports" / "screenshot.png"
+    errors, requests = [], []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_path.as_uri(), wait_until="load")
+            widths = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+            body = page.inner_text("body")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    external = [u for u in requests if not u.startswith(("data:", "file:"))]
+    assert not external, external
+    assert widths and all(c and w > 0 for c, w in widths), widths
+    v = _verdict(results, f"{MODEL}/{SIDE}/{FAULT}")
+    assert " ".join(v["plain"].split()) in " ".join(body.split())
+    assert shot.is_file() and shot.stat().st_size > 10_000

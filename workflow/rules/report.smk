@@ -1,0 +1,55 @@
+rule render_report:
+    """Self-contained HTML report of one (model, side, variant) (reports/report.qmd, actdiff.report)."""
+    input:
+        qmd="reports/report.qmd",
+        model=f"{R}/{{model}}/model.json",
+        tokens=expand(f"{R}/{{{{model}}}}/tokens/shard-{{shard}}.parquet", shard=SHARDS),
+        summary=f"{R}/{{model}}/{{side}}/{{variant}}/summary/nodes.parquet",
+        first_divergence=f"{R}/{{model}}/{{side}}/{{variant}}/summary/first_divergence.parquet",
+        hypotheses=f"{R}/{{model}}/{{side}}/{{variant}}/summary/hypotheses.parquet",
+        routing=f"{R}/{{model}}/{{side}}/{{variant}}/summary/routing.parquet",
+        embeddings=f"{R}/{{model}}/{{side}}/{{variant}}/summary/embeddings.json",
+        verdict=f"{R}/{{model}}/{{side}}/{{variant}}/summary/verdict.json",
+        parity=lambda wc: (
+            [
+                f"{R}/{wc.model}/actdiff/{wc.variant}/summary/weights.parquet",
+                f"{R}/{wc.model}/actdiff/{wc.variant}/summary/config_parity.json",
+            ]
+            if wc.side == "actdiff"
+            else []
+        ),
+        tables=lambda wc: stats_tables(wc),
+    output:
+        html=f"{R}/reports/{{model}}/{{side}}/{{variant}}.html",
+    params:
+        worst_n=config["report"]["worst_n"],
+    log:
+        f"{R}/logs/render_report/{{model}}/{{side}}/{{variant}}.log",
+    conda:
+        "../envs/actdiff.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    script:
+        "../scripts/render_report.py"
+
+
+rule render_index:
+    """One page comparing the verdicts of every report, linking to each."""
+    input:
+        qmd="reports/index.qmd",
+        verdicts=[f"{R}/{m}/{s}/{v}/summary/verdict.json" for m, s, v in report_runs()],
+        reports=[f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in report_runs()],
+    output:
+        html=f"{R}/reports/index.html",
+    params:
+        runs=[f"{m}/{s}/{v}" for m, s, v in report_runs()],
+    log:
+        f"{R}/logs/render_index/index.log",
+    conda:
+        "../envs/actdiff.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    script:
+        "../scripts/render_index.py"
