@@ -63,46 +63,79 @@ def round_to(x: np.ndarray, storage: str) -> np.ndarray:
     return x
 
 
+_ST_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
 class Checkpoint:
-    """Lazy reader of model.safetensors that checks names, shapes and dtypes as tensors are read."""
+    """Reader of model.safetensors that checks names, shapes and dtypes as tensors are read.
+
+    Tensors are read with plain file reads at the offsets the safetensors header gives, not through a
+    memory map: a mapping keeps the pages it touched resident, so loading would hold the checkpoint twice
+    (mapped pages plus the engine's converted copy). This way the engine's peak is about one fp32 copy.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model.safetensors not found")
-        self._f = None
-        self._open()
+        self.header, self.data_start = self._read_header()
+        self.keys = {k for k in self.header if k != "__metadata__"}
 
-    def _open(self) -> None:
-        from safetensors import SafetensorError, safe_open
+    def _read_header(self) -> tuple[dict, int]:
+        import json
+        import struct
 
+        size = self.path.stat().st_size
         try:
-            self._f = safe_open(str(self.path), framework="numpy")
-            self.keys = set(self._f.keys())
-        except (SafetensorError, OSError) as e:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
+                header = json.loads(f.read(n))
+        except (ValueError, struct.error, UnicodeDecodeError) as e:
             raise ModelError(
                 f"{self.path}: cannot read safetensors file ({e}); is it truncated or corrupted?"
             ) from None
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            lo, hi = v["data_offsets"]
+            if 8 + n + hi > size:
+                raise ModelError(f"{self.path}: tensor {k!r} ends past the end of the file; the file is truncated")
+        return header, 8 + n
 
     def close(self) -> None:
-        """Drop the file mapping once the weights are converted (it would otherwise stay resident)."""
-        self._f = None
+        """Nothing stays open between reads; kept so callers can say they are done."""
 
     def get(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
-        if self._f is None:
-            self._open()
         if key not in self.keys:
             raise ModelError(f"{self.path}: missing tensor {key!r} (expected shape {list(shape)})")
-        try:
-            a = self._f.get_tensor(key)
-        except Exception as e:  # safetensors raises several types for damaged data
-            raise ModelError(f"{self.path}: tensor {key!r} cannot be read ({e})") from None
-        if tuple(a.shape) != tuple(shape):
-            raise ModelError(
-                f"{self.path}: tensor {key!r} has shape {list(a.shape)}, config.json implies {list(shape)}"
-            )
-        if a.dtype.kind != "f":
-            raise ModelError(f"{self.path}: tensor {key!r} has dtype {a.dtype}, expected a floating-point dtype")
+        info = self.header[key]
+        got = tuple(info["shape"])
+        if got != tuple(shape):
+            raise ModelError(f"{self.path}: tensor {key!r} has shape {list(got)}, config.json implies {list(shape)}")
+        dt = info["dtype"]
+        if dt not in ("F32", "F16", "BF16", "F64"):
+            name = np.dtype(_ST_DTYPES[dt]).name if dt in _ST_DTYPES else dt
+            raise ModelError(f"{self.path}: tensor {key!r} has dtype {name}, expected a floating-point dtype")
+        lo, hi = info["data_offsets"]
+        count = int(np.prod(got)) if got else 1
+        if (hi - lo) != count * np.dtype(_ST_DTYPES[dt]).itemsize:
+            raise ModelError(f"{self.path}: tensor {key!r}: {hi - lo} bytes do not hold {list(got)} {dt}")
+        a = np.fromfile(self.path, dtype=_ST_DTYPES[dt], count=count, offset=self.data_start + lo).reshape(got)
+        if dt == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
         return np.ascontiguousarray(a, dtype=np.float32)
 
 
