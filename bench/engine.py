@@ -43,6 +43,8 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 import numpy as np  # noqa: E402
 
+from actdiff import sysinfo  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = ROOT / "resources/models/tiny-nomic-moe"
 SEED = 1234
@@ -56,16 +58,8 @@ PEAK_NOTE = (
 
 # ----------------------------------------------------------------------------- helpers
 def cpu_info() -> dict:
-    mhz, model, flags = None, None, ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("cpu MHz") and mhz is None:
-                mhz = float(line.split(":")[1])
-            elif line.startswith("model name") and model is None:
-                model = line.split(":")[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line
-    return {"model": model, "mhz_nominal": mhz, "avx512f": "avx512f" in flags, "cores": os.cpu_count()}
+    c = sysinfo.cpu_info()
+    return {"model": c["model"], "mhz_nominal": c["mhz"], "avx512f": c["avx512f"], "cores": c["cores"]}
 
 
 def peak_gflops(mhz: float, cores: int) -> float:

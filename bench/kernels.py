@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from actdiff import sysinfo
+
 H, F, NH, HD, E, TOPK = 768, 3072, 12, 64, 8, 2
 MATMUL_SHAPES = [(C, OC) for C, OC in [(768, 2304), (768, 768), (768, 3072), (3072, 768)]]
 
@@ -76,17 +78,9 @@ def numpy_gflops(tokens, nthreads, min_time):
 
 
 def cpu_info():
-    mhz, model, flags = None, None, ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("cpu MHz") and mhz is None:
-                mhz = float(line.split(":")[1])
-            elif line.startswith("model name") and model is None:
-                model = line.split(":")[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line
-    fpc = 32 if "avx512f" in flags else 16  # fp32 FLOP/cycle/core with FMA (Zen 4: 512-bit double-pumped)
-    return {"model": model, "mhz": mhz, "fp32_flop_per_cycle_per_core": fpc, "cores": os.cpu_count()}
+    c = sysinfo.cpu_info()
+    keys = ("model", "mhz", "fp32_flop_per_cycle_per_core", "cores")
+    return {k: c[k] for k in keys}
 
 
 def torch_attention(q, k, v, mask, scale):

@@ -22,3 +22,22 @@ def run_cmd(args: list[str], cwd: Path = REPO, timeout: float = 1200, env: dict 
 
 def snakemake(*args: str, timeout: float = 1800):
     return run_cmd([str(BIN / "snakemake"), *args], timeout=timeout)
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def model_copy(src: Path, dst: Path, mutate=None) -> Path:
+    """Copy a model directory; ``mutate(weights_dict)`` edits its checkpoint (to build bad checkpoints)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for f in MODEL_FILES:
+        shutil.copy(src / f, dst / f)
+    if mutate is not None:
+        w = load_file(str(dst / "model.safetensors"))
+        mutate(w)
+        save_file(w, str(dst / "model.safetensors"))
+    return dst

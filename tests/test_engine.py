@@ -14,14 +14,13 @@ from the downstream MoE node check of that layer only.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import REPO
-from safetensors.numpy import load_file, save_file
+from helpers import REPO, model_copy
+from safetensors.numpy import load_file
 
 from actdiff.engine.core import Engine
 from actdiff.engine.faults import FAULTS
@@ -188,13 +187,6 @@ def test_export_weights_covers_the_checkpoint(tiny_model_dir):
     assert 0 < err <= np.abs(ck["encoder.layers.1.mlp.experts.mlp.w2"]).max() / 127  # half a step per channel, x2
 
 
-def _copy(src, dst):
-    dst.mkdir()
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, dst / f)
-    return dst
-
-
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -205,10 +197,7 @@ def _copy(src, dst):
     ],
 )
 def test_bad_checkpoint_names_the_tensor(tiny_model_dir, tmp_path, mutate, message):
-    d = _copy(tiny_model_dir, tmp_path / "m")
-    w = load_file(str(d / "model.safetensors"))
-    mutate(w)
-    save_file(w, str(d / "model.safetensors"))
+    d = model_copy(tiny_model_dir, tmp_path / "m", mutate)
     with pytest.raises(ModelError, match=message):
         Engine(d).prepare("fp32")
 

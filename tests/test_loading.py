@@ -9,8 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import run_cmd
-from safetensors.numpy import load_file, save_file
+from helpers import model_copy, run_cmd
 
 from actdiff.errors import ModelError
 from actdiff.models.loading import load_reference_model, resolve_model_dir
@@ -76,15 +75,9 @@ def test_remote_code_without_local_code_is_clear(tiny_model_dir, tmp_path, monke
         load_reference_model(tiny_model_dir, impl="remote_code")
 
 
-def _copy_model(src, dst):
-    dst.mkdir()
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, dst / f)
-    return dst
-
 
 def test_pickle_checkpoint_refused_by_default(tiny_model_dir, tmp_path):
-    d = _copy_model(tiny_model_dir, tmp_path / "m")
+    d = model_copy(tiny_model_dir, tmp_path / "m")
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ModelError, match="safetensors only"):
@@ -101,16 +94,13 @@ def test_pickle_checkpoint_refused_by_default(tiny_model_dir, tmp_path):
     ],
 )
 def test_bad_checkpoint_names_the_tensor(tiny_model_dir, tmp_path, mutate, message):
-    d = _copy_model(tiny_model_dir, tmp_path / "m")
-    w = load_file(str(d / "model.safetensors"))
-    mutate(w)
-    save_file(w, str(d / "model.safetensors"))
+    d = model_copy(tiny_model_dir, tmp_path / "m", mutate)
     with pytest.raises(ModelError, match=message):
         load_reference_model(d)
 
 
 def test_truncated_checkpoint_is_clear(tiny_model_dir, tmp_path):
-    d = _copy_model(tiny_model_dir, tmp_path / "m")
+    d = model_copy(tiny_model_dir, tmp_path / "m")
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError, match="truncated or corrupted"):
@@ -127,7 +117,7 @@ def test_truncated_checkpoint_is_clear(tiny_model_dir, tmp_path):
     ],
 )
 def test_malformed_model_config_names_the_key(tiny_model_dir, tmp_path, edit, message):
-    d = _copy_model(tiny_model_dir, tmp_path / "m")
+    d = model_copy(tiny_model_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
     edit(cfg)
     (d / "config.json").write_text(json.dumps(cfg))

@@ -208,7 +208,6 @@ def compute_shard_stats(
                     keys,
                     sample,
                     worst,
-                    side,
                 )
                 n_prompts += 1
                 if n_prompts % 100 == 0:
@@ -305,7 +304,6 @@ def _one_prompt(
     keys,
     sample,
     worst,
-    side,
 ):
     T = ref["emb_ln"].shape[0]
     status_of: dict[str, str] = {}
@@ -464,7 +462,6 @@ def _one_prompt(
             heapq.heappush(worst, item)
         else:
             heapq.heapreplace(worst, item)
-    _ = side
 
 
 def _diagnosis_rows(pid: str, node: str, is_first: bool, d) -> dict[str, list]:

@@ -560,14 +560,12 @@ def _git_commit() -> str:
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return ", ".join(f"{f} {'✔' if f in have else '✘'}" for f in ("avx2", "avx512f", "fma"))
-    except OSError:
-        pass
-    return "unavailable"
+    from ..sysinfo import cpu_info
+
+    have = cpu_info()["flags"]
+    if not have:
+        return "unavailable"
+    return ", ".join(f"{f} {'✔' if f in have else '✘'}" for f in ("avx2", "avx512f", "fma"))
 
 
 def _version(pkg: str) -> str:
