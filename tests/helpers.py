@@ -41,3 +41,17 @@ def model_copy(src: Path, dst: Path, mutate=None) -> Path:
         mutate(w)
         save_file(w, str(dst / "model.safetensors"))
     return dst
+
+
+TINY_MODEL = REPO / "resources/models/tiny-nomic-moe"
+
+
+def ensure_tiny_model() -> Path:
+    """The generated tiny model, built with the pipeline's own rule if it is not there yet (config.json is
+    written last, so its presence marks a complete directory)."""
+    if not (TINY_MODEL / "config.json").is_file():
+        p = snakemake("--cores", "2", "resources/models/tiny-nomic-moe/config.json")
+        assert p.returncode == 0 and (TINY_MODEL / "config.json").is_file(), (
+            f"could not build the tiny model:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        )
+    return TINY_MODEL

@@ -6,11 +6,11 @@ diagnosis sees only arrays. Test ids use opaque labels (f1..f8) so no fault name
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ensure_tiny_model
 
 from actdiff.compare.hypotheses import (
     EXPLAINED,
@@ -78,15 +78,7 @@ class Model:
 
 @pytest.fixture(scope="module")
 def tiny() -> Model:
-    if not (TINY / "config.json").is_file():
-        p = subprocess.run(
-            [str(REPO / ".venv/bin/snakemake"), "--cores", "2", "resources/models/tiny-nomic-moe/config.json"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
+    ensure_tiny_model()
     return Model(TINY, TINY_PROMPTS)
 
 

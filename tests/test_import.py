@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import REPO, snakemake
+from helpers import ensure_tiny_model
 from safetensors.numpy import save_file
 
 from actdiff.compare.align import Mapping, MappingError, load_mapping, normalize
@@ -136,11 +136,7 @@ def write_external(src: Path, per_prompt: dict[str, dict[str, np.ndarray]]) -> N
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    d = REPO / "resources/models/tiny-nomic-moe"
-    if not (d / "config.json").is_file():
-        p = snakemake("--cores", "2", "resources/models/tiny-nomic-moe/config.json")
-        assert p.returncode == 0, p.stderr[-4000:]
-    return d
+    return ensure_tiny_model()
 
 
 @pytest.fixture(scope="module")
