@@ -80,7 +80,8 @@ def test_variant_grammar():
 
 def _pipeline(tmp_path, sheet_text: str, model_block: str):
     sheet = _write(tmp_path, "p.tsv", sheet_text)
-    cfg = _write(tmp_path, "c.yaml", f"prompts: {sheet}\nresults: {tmp_path}/r\nshards: 1\nmodels:\n{model_block}")
+    body = f"prompts: {sheet}\nresults: {tmp_path}/r\nshards: 1\nkeep_activations: true\nmodels:\n{model_block}"
+    cfg = _write(tmp_path, "c.yaml", body)
     return snakemake("--cores", "1", "--configfile", str(cfg))
 
 

@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define AK_VERSION "0.1.0"
+#define AK_VERSION "0.2.0"
 #define AK_MAX_THREADS 64
 
 /* CFFI_BEGIN */
@@ -159,6 +159,20 @@ int ak_moe_combine(float *out, const float *expert_out, const float *weights, co
 int ak_mean_pool(float *out, const float *inp, const uint8_t *mask, int B, int T, int C);
 /* out is (T,C), inp is (T,C); out = x / max(||x||_2, eps) per row. out may equal inp. */
 int ak_l2_normalize(float *out, const float *inp, int T, int C, float eps);
+
+/* ---- comparison (actdiff.compare.metrics) ---- */
+/* Error sums of eng against ref over the positions where both are finite (double accumulators, index order). */
+typedef struct {
+    int64_t n_valid;                        /* positions where both values are finite */
+    int64_t nan_eng, inf_eng, nan_ref, inf_ref;
+    int64_t argmax;                         /* flat index of the first largest |eng-ref| (0 when n == 0) */
+    int64_t max_ulp;                        /* largest fp32 ULP distance over the valid positions */
+    double max_abs, sum_abs, sum_sq_err, sum_sq_ref, sum_sq_eng, dot;
+} ak_compare_result;
+/* out is one result, eng is (n), ref is (n) */
+int ak_compare(ak_compare_result *out, const float *eng, const float *ref, int64_t n);
+/* the same, written as separate passes (reference) */
+int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref, int64_t n);
 
 /* CFFI_END */
 

@@ -222,11 +222,39 @@ static void test_small_ops(void) {
     free(x); free(o); free(w); free(b);
 }
 
+static void test_compare(void) {
+    size_t n = 1001;
+    float *e = rand_buf(n), *r = rand_buf(n);
+    ak_compare_result a, b;
+    CHECK(ak_compare(&a, e, r, (int64_t)n));
+    CHECK(ak_compare_naive(&b, e, r, (int64_t)n));
+    EXPECT(memcmp(&a, &b, sizeof a) == 0, "compare equals its naive reference bitwise");
+    double err = 0, ref = 0;
+    for (size_t i = 0; i < n; i++) {
+        err += ((double)e[i] - r[i]) * ((double)e[i] - r[i]);
+        ref += (double)r[i] * r[i];
+    }
+    /* a different summation order: equal to ~n ulps of the sum */
+    EXPECT(fabs(a.sum_sq_err - err) <= 1e-12 * err && fabs(a.sum_sq_ref - ref) <= 1e-12 * ref, "compare sums");
+    EXPECT(a.n_valid == (int64_t)n, "compare count");
+    /* adjacent floats are 1 ULP apart, also across zero (+0 and -0 are the same place) */
+    float x[4] = {1.0f, -0.0f, 0.0f, INFINITY}, y[4] = {1.0f, 0.0f, 0.0f, 1.0f};
+    x[0] = nextafterf(1.0f, 2.0f);
+    CHECK(ak_compare(&a, x, y, 3));
+    EXPECT(a.max_ulp == 1 && a.argmax == 0, "ulp %lld argmax %lld", (long long)a.max_ulp, (long long)a.argmax);
+    CHECK(ak_compare(&a, x, y, 4));
+    EXPECT(a.inf_eng == 1 && a.n_valid == 3 && a.nan_ref == 0, "non-finite positions are counted, not summed");
+    EXPECT(ak_compare(NULL, x, y, 4) == AK_ERR_NULL_POINTER, "null result");
+    EXPECT(ak_compare(&a, x, y, -1) == AK_ERR_INVALID_SIZE, "negative n");
+    free(e); free(r);
+}
+
 int main(void) {
     test_matmul();
     test_attention();
     test_moe();
     test_small_ops();
+    test_compare();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }

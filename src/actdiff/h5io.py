@@ -23,11 +23,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import temp_path_for
 from .errors import DumpError
 from .nodes import Graph, build_graph
 
 SCHEMA_VERSION = 1
-_FLUSH_ROWS = 4096
+# the writer buffers this many bytes of rows before appending them to the datasets (bytes, not rows: a
+# full-size model's token row is ~20x a tiny model's)
+_FLUSH_BYTES = 64 << 20
 _CHUNK_BYTES = 1 << 20
 
 
@@ -43,20 +46,31 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+# HDF5 filters per `activation_compression` setting. Activations are float32 noise to a compressor: gzip
+# level 1 + shuffle saves ~17% of the bytes at ~50 MB/s, LZF ~7% at ~140 MB/s, none writes at ~600 MB/s
+# (measured on the tiny model's dumps). Dumps are temporary by default, so the default is none.
+COMPRESSIONS: dict[str, dict] = {
+    "none": {},
+    "lzf": {"compression": "lzf", "shuffle": True},
+    "gzip": {"compression": "gzip", "compression_opts": 1, "shuffle": True},
+}
+
+
 class ActivationWriter:
     """Stream per-prompt node values into one HDF5 file; use as a context manager."""
 
-    def __init__(self, path: str | Path, graph: Graph, attrs: dict, compression_level: int = 1):
+    def __init__(self, path: str | Path, graph: Graph, attrs: dict, compression: str = "none"):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"activation compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
         self.path = Path(path)
         self.graph = graph
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path_for(self.path)
         self.f = h5py.File(self.tmp, "w")
         self.prompt_ids: list[str] = []
         self.offsets = [0]
         self.nonfinite = {n.name: 0 for n in graph}
         self._buf: dict[str, list[np.ndarray]] = {n.name: [] for n in graph}
-        self._buf_rows = 0
+        self._buf_bytes = 0
         self._ids: list[np.ndarray] = []
         self._ids_complete = True
         grp = self.f.create_group("nodes")
@@ -72,9 +86,7 @@ class ActivationWriter:
                 maxshape=(None, *trailing),
                 dtype=dtype,
                 chunks=(chunk_rows, *trailing),
-                compression="gzip",
-                compression_opts=compression_level,
-                shuffle=True,
+                **COMPRESSIONS[compression],
             )
             d.attrs.update({"op": n.op, "index": n.index, "shape": n.shape_template, "kind": n.kind, "axis": n.axis})
             self.ds[n.name] = d
@@ -83,6 +95,7 @@ class ActivationWriter:
         self.f.attrs["graph"] = graph.to_json()
         self.f.attrs["library_versions"] = json.dumps(library_versions())
         self.f.attrs["created_unix"] = time.time()
+        self.f.attrs["compression"] = compression
 
     def append(self, prompt_id: str, values: dict[str, np.ndarray], input_ids=None) -> list[str]:
         """Add one prompt's values (every node, shaped per the graph) and, optionally, its token ids (stored in
@@ -105,6 +118,7 @@ class ActivationWriter:
                     self.nonfinite[n.name] += nf
                     bad.append(n.name)
             self._buf[n.name].append(a)
+            self._buf_bytes += a.nbytes
         if input_ids is not None:
             ids = np.asarray(input_ids, dtype=np.int64)
             if ids.shape != (T,):
@@ -114,8 +128,7 @@ class ActivationWriter:
             self._ids_complete = False
         self.prompt_ids.append(prompt_id)
         self.offsets.append(self.offsets[-1] + int(T))
-        self._buf_rows += int(T)
-        if self._buf_rows >= _FLUSH_ROWS:
+        if self._buf_bytes >= _FLUSH_BYTES:
             self._flush()
         return bad
 
@@ -129,14 +142,14 @@ class ActivationWriter:
             d.resize(start + block.shape[0], axis=0)
             d[start:] = block
             parts.clear()
-        self._buf_rows = 0
+        self._buf_bytes = 0
 
     def close(self) -> None:
         self._flush()
         self.f.create_dataset("prompt_ids", data=np.array(self.prompt_ids, dtype=object), dtype=h5py.string_dtype())
         self.f.create_dataset("token_offsets", data=np.asarray(self.offsets, dtype=np.int64))
         if self._ids_complete and self._ids:
-            self.f.create_dataset("input_ids", data=np.concatenate(self._ids), compression="gzip", compression_opts=1)
+            self.f.create_dataset("input_ids", data=np.concatenate(self._ids), **COMPRESSIONS["gzip"])
         for name, count in self.nonfinite.items():
             self.ds[name].attrs["nonfinite"] = count
         self.f.attrs["n_prompts"] = len(self.prompt_ids)

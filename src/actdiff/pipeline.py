@@ -90,7 +90,14 @@ def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_si
 
 
 def dump_reference(
-    model_json: str, tokens: str, out: str, batch_size: int, impl: str, shard: int, allow_pickle: bool = False
+    model_json: str,
+    tokens: str,
+    out: str,
+    batch_size: int,
+    impl: str,
+    shard: int,
+    allow_pickle: bool = False,
+    compression: str = "none",
 ) -> None:
     from .h5io import ActivationWriter
     from .models.loading import load_reference_model
@@ -115,8 +122,8 @@ def dump_reference(
     }
     t0 = time.perf_counter()
     n_bad = 0
-    items = ((pid, [int(i) for i in ids]) for pid, ids in zip(toks["prompt_id"], toks["reference_ids"], strict=True))
-    with ActivationWriter(out, graph, attrs) as w:
+    items = [(pid, [int(i) for i in ids]) for pid, ids in zip(toks["prompt_id"], toks["reference_ids"], strict=True)]
+    with ActivationWriter(out, graph, attrs, compression=compression) as w:
         ids_of = dict(zip(toks["prompt_id"], toks["reference_ids"], strict=True))
         for pid, vals in runner.run(items, batch_size=batch_size):
             bad = w.append(pid, vals, input_ids=ids_of[pid])
@@ -145,6 +152,7 @@ def dump_engine(
     engine_ids: str = "reference",
     threads: int = 1,
     fault_aliases: dict | None = None,
+    compression: str = "none",
 ) -> None:
     """Run the actdiff engine (C kernels, no torch) over one shard and record every graph node."""
     from .engine.core import Engine
@@ -174,7 +182,7 @@ def dump_engine(
     }
     t0 = time.perf_counter()
     n_bad = 0
-    with ActivationWriter(out, engine.graph, attrs) as w:
+    with ActivationWriter(out, engine.graph, attrs, compression=compression) as w:
         for i, (pid, ids) in enumerate(zip(toks["prompt_id"], toks[column], strict=True)):
             bad = w.append(pid, engine.forward([int(x) for x in ids], variant), input_ids=ids)
             if bad:

@@ -3,9 +3,10 @@ from pathlib import Path
 import sys
 
 from actdiff.config import validate_config
-from actdiff.errors import ConfigError, ModelError
+from actdiff.errors import ActdiffError, ConfigError, ModelError
 from actdiff.models.loading import resolve_model_dir
 from actdiff.pipeline import STATS_TABLES
+from actdiff.prompts import n_shards_for
 from actdiff.variants import VARIANT_RE
 
 
@@ -16,7 +17,11 @@ except ConfigError as e:  # a clear message naming the key, not a traceback
 
 R = config["results"]  # every output lives under this directory
 MODELS = list(config["models"])
-SHARDS = list(range(config["shards"]))
+try:
+    N_SHARDS = n_shards_for(config["prompts"], config["shard_size"]) if "shard_size" in config else config["shards"]
+except ActdiffError as e:
+    sys.exit(f"actdiff: {e}")
+SHARDS = list(range(N_SHARDS))
 
 
 wildcard_constraints:
@@ -24,6 +29,12 @@ wildcard_constraints:
     side="reference|[a-z][a-z0-9_]*",
     variant=VARIANT_RE,
     shard=r"\d+",
+
+
+def activations(path):
+    """An activation dump: a temp() output (deleted once every consumer is done, so disk use is bounded by
+    the shards in flight) unless keep_activations is set."""
+    return path if config["keep_activations"] else temp(path)
 
 
 def model_cfg(wildcards):
@@ -78,9 +89,10 @@ def all_targets():
         out.append(f"{R}/{m}/model.json")
         for s in SHARDS:
             out.append(f"{R}/{m}/tokens/shard-{s}.parquet")
-            out.append(f"{R}/{m}/reference/fp32/activations/shard-{s}.h5")
-            if "actdiff" in config["engines"]:
-                out += [f"{R}/{m}/actdiff/{v}/activations/shard-{s}.h5" for v in variants_of(m)]
+            if config["keep_activations"]:
+                out.append(f"{R}/{m}/reference/fp32/activations/shard-{s}.h5")
+                if "actdiff" in config["engines"]:
+                    out += [f"{R}/{m}/actdiff/{v}/activations/shard-{s}.h5" for v in variants_of(m)]
         if "actdiff" in config["engines"]:
             for v in variants_of(m):
                 out.append(f"{R}/{m}/actdiff/{v}/summary/verdict.json")

@@ -18,6 +18,7 @@ rule compute_stats:
         f"{R}/benchmarks/compute_stats/{{model}}/{{side}}/{{variant}}/shard-{{shard}}.tsv"
     conda:
         "../envs/actdiff.yaml"
+    priority: 3  # consumers of temp() dumps first, so finished shards free their disk early
     threads: 1
     resources:
         mem_mb=reference_mem_mb,

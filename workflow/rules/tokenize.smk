@@ -5,7 +5,7 @@ rule split_prompts:
     output:
         shards=expand(f"{R}/prompts/shard-{{shard}}.parquet", shard=SHARDS),
     params:
-        n_shards=config["shards"],
+        n_shards=N_SHARDS,
     log:
         f"{R}/logs/split_prompts/split_prompts.log",
     conda:

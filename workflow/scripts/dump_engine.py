@@ -11,6 +11,7 @@ run(
     out=snakemake.output.h5,  # noqa: F821
     variant=snakemake.wildcards.variant,  # noqa: F821
     shard=int(snakemake.wildcards.shard),  # noqa: F821
+    compression=snakemake.params.compression,  # noqa: F821
     engine_ids=snakemake.params.engine_ids,  # noqa: F821
     threads=snakemake.threads,  # noqa: F821
     fault_aliases=dict(snakemake.params.fault_aliases),  # noqa: F821

@@ -12,5 +12,6 @@ run(
     batch_size=snakemake.params.batch_size,  # noqa: F821
     impl=snakemake.params.impl,  # noqa: F821
     shard=int(snakemake.wildcards.shard),  # noqa: F821
+    compression=snakemake.params.compression,  # noqa: F821
     allow_pickle=snakemake.params.allow_pickle,  # noqa: F821
 )

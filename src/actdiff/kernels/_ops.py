@@ -519,3 +519,20 @@ def moe_combine(expert_out, weights, bias=None):
     out = np.empty((T, H), np.float32)
     _call("moe_combine", lib.ak_moe_combine(_p(out), _p(expert_out), _p(weights), _p(bias), T, K, H))
     return out
+
+
+# ---------------------------------------------------------------- comparison
+COMPARE_FIELDS = (
+    "n_valid", "nan_eng", "inf_eng", "nan_ref", "inf_ref", "argmax", "max_ulp",
+    "max_abs", "sum_abs", "sum_sq_err", "sum_sq_ref", "sum_sq_eng", "dot",
+)  # fmt: skip
+
+
+def compare_sums(eng, ref, *, naive: bool = False) -> dict:
+    """One-pass error sums of eng against ref (same shape, float32): ak_compare_result as a dict."""
+    _arr("eng", eng, np.float32)
+    _arr("ref", ref, np.float32, shape=eng.shape)
+    res = ffi.new("ak_compare_result *")
+    fn = lib.ak_compare_naive if naive else lib.ak_compare
+    _call("compare", fn(res, _p(eng), _p(ref), eng.size))
+    return {k: getattr(res, k) for k in COMPARE_FIELDS}

@@ -246,27 +246,27 @@ class Experts(nn.Module):
         self.weighted_sum, self.bias_add = Tap(), Tap()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        # x is (N, H); weights/indices are (N, k). Tokens are grouped per expert (as megablocks does);
-        # each (token, slot) pair is computed once and scattered into per-slot buffers.
+        # x is (N, H); weights/indices are (N, k). Tokens are grouped per expert (as megablocks does): the
+        # (token, slot) pairs are sorted by expert once, each expert multiplies one contiguous slice, and the
+        # results are put back into per-slot order with one permutation (no per-expert scatter).
         N, H = x.shape
         k = indices.shape[1]
         E, Fi = self.num_experts, self.n_inner
         w1 = self.mlp.w1.view(E, Fi, H)
         w2 = self.mlp.w2.view(E, Fi, H)  # (E, F, H): used as act @ w2[e], NOT transposed
-        fc1 = x.new_zeros(N, k, Fi)
-        act = x.new_zeros(N, k, Fi)
-        out = x.new_zeros(N, k, H)
         flat_idx = indices.reshape(-1)
-        for e in range(E):
-            sel = (flat_idx == e).nonzero(as_tuple=True)[0]
-            if sel.numel() == 0:
-                continue
-            tok, slot = sel // k, sel % k
-            h1 = x[tok] @ w1[e].T
-            a = _gelu(h1, self.activation)
-            fc1[tok, slot] = h1
-            act[tok, slot] = a
-            out[tok, slot] = a @ w2[e]
+        order = torch.argsort(flat_idx, stable=True)  # (N*k,) pair positions grouped by expert
+        counts = torch.bincount(flat_idx, minlength=E).tolist()
+        xs = x[order // k]  # (N*k, H) token rows in expert order
+        bounds = [0, *torch.cumsum(torch.tensor(counts), 0).tolist()]
+        used = [e for e in range(E) if counts[e]]
+        h1 = torch.cat([xs[bounds[e] : bounds[e + 1]] @ w1[e].T for e in used])
+        a = _gelu(h1, self.activation)
+        o = torch.cat([a[bounds[e] : bounds[e + 1]] @ w2[e] for e in used])
+        fc1, act, out = (t.new_empty(t.shape) for t in (h1, a, o))
+        for dst, src in ((fc1, h1), (act, a), (out, o)):
+            dst[order] = src  # back to (token, slot) order
+        fc1, act, out = fc1.view(N, k, Fi), act.view(N, k, Fi), out.view(N, k, H)
         self.fc1(fc1)
         self.act(act)
         out = self.out(out)

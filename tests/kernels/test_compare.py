@@ -1,0 +1,90 @@
+"""ak_compare (the one-pass metric sums) against the numpy definition of the metrics.
+
+The C kernel and numpy both accumulate in float64 but in a different order (sequential vs pairwise), so
+sums agree to a few float64 ulps of the sum: relative 1e-12 is ~4500 ulps of slack for arrays of up to
+~1e5 terms (error bound n * 2^-53 ~ 1e-11 worst case, ~sqrt(n) * 2^-53 typical). Counts, the argmax and
+max_ulp are integers and must be equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actdiff.compare.metrics import FLOAT_METRICS, compare, compare_reference
+from actdiff.kernels import compare_sums
+
+INT_KEYS = ("nan_ref", "inf_ref", "nan_eng", "inf_eng", "max_abs_token", "max_abs_channel", "max_ulp")
+
+
+def _assert_same(fast: dict, ref: dict) -> None:
+    assert fast.keys() == ref.keys()
+    for k in INT_KEYS:
+        same_nan = isinstance(ref[k], float) and math.isnan(ref[k]) and math.isnan(fast[k])
+        assert same_nan or fast[k] == ref[k], k
+    for k in FLOAT_METRICS:
+        a, b = fast[k], ref[k]
+        if math.isnan(b) or math.isinf(b):
+            assert (math.isnan(a) and math.isnan(b)) or a == b, (k, a, b)
+        else:
+            assert a == pytest.approx(b, rel=1e-12, abs=1e-300), k
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 128), (37, 2, 512), (513, 384)])
+def test_compare_matches_numpy_definition(shape):
+    rng = np.random.default_rng(sum(shape))
+    ref = rng.standard_normal(shape).astype(np.float32)
+    eng = (ref + rng.standard_normal(shape).astype(np.float32) * np.float32(1e-4)).astype(np.float32)
+    _assert_same(compare(eng, ref), compare_reference(eng, ref))
+
+
+def test_compare_non_finite_and_ties():
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((5, 8)).astype(np.float32)
+    eng = ref.copy()
+    eng[1, 2], ref[3, 3], eng[4, 0], ref[4, 0] = np.nan, np.inf, -np.inf, -np.inf
+    _assert_same(compare(eng, ref), compare_reference(eng, ref))
+    # every position differs by the same amount: the first maximum wins, as numpy.argmax
+    _assert_same(compare(ref + np.float32(1), ref), compare_reference(ref + np.float32(1), ref))
+    allnan = np.full((2, 3), np.nan, np.float32)
+    _assert_same(compare(allnan, ref[:2, :3].copy()), compare_reference(allnan, ref[:2, :3].copy()))
+
+
+def test_compare_identical_and_zero():
+    z = np.zeros((3, 4), np.float32)
+    assert compare(z, z)["rel_l2"] == 0.0 and compare(z, z)["max_ulp"] == 0
+    _assert_same(compare(z, z), compare_reference(z, z))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0.0, 1e-7, 1e-3, 1.0]),
+)
+def test_compare_property(rows, cols, seed, scale):
+    rng = np.random.default_rng(seed)
+    ref = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+    eng = (ref + rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+    _assert_same(compare(eng, ref), compare_reference(eng, ref))
+
+
+def test_fast_and_naive_kernels_are_bitwise_equal():
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal(10_000).astype(np.float32)
+    b = (a * np.float32(1.0001)).astype(np.float32)
+    a[17] = np.nan
+    assert compare_sums(a, b) == compare_sums(a, b, naive=True)
+
+
+def test_compare_sums_validates_inputs():
+    a = np.zeros(4, np.float32)
+    with pytest.raises(TypeError, match="eng must have dtype float32"):
+        compare_sums(a.astype(np.float64), a)
+    with pytest.raises(ValueError, match="ref must have shape"):
+        compare_sums(a, np.zeros(5, np.float32))
