@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
+LLAMACPP_STAMP := $(VENV)/.installed-llamacpp
+# llama-cpp-python is built from source by pip (PyPI has no wheel); LLaVA/mtmd is not needed
+LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF
 TORCH_VERSION := 2.13.0
 # Memory for --resources mem_mb: 80% of what is available now, so --cores 8 never starts more
 # full-size model copies than fit in RAM.
@@ -16,9 +19,18 @@ SNAKEMAKE_ARGS ?=
 KERNEL_SOURCES := $(wildcard kernels_c/src/*.c kernels_c/include/*.h src/actdiff/kernels/_build.py setup.py)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup report test test-python test-c browser lint clean
+.PHONY: setup setup-llamacpp report test test-python test-c browser lint clean
 
 setup: $(STAMP)
+
+# the optional llama.cpp engine (issue: llama.cpp as a second engine); `make report` uses it when present
+setup-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/pip install -e '.[test,llamacpp]'
+	$(BIN)/python -m actdiff.llamacpp.converter install
+	$(BIN)/python -c 'import sys, actdiff.llamacpp as l; ok, why = l.available(); print(why); sys.exit(not ok)'
+	@touch $(LLAMACPP_STAMP)
 
 $(STAMP): pyproject.toml $(KERNEL_SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +41,10 @@ $(STAMP): pyproject.toml $(KERNEL_SOURCES)
 	@touch $(STAMP)
 
 report: setup
+	@$(BIN)/python -c 'import actdiff.llamacpp as l; ok, why = l.available(); print("actdiff: llama.cpp engine " + ("included (" + why + ")" if ok else "NOT included: " + why))'
 	$(BIN)/snakemake --cores $(CORES) --resources mem_mb=$(MEM_MB) $(SNAKEMAKE_ARGS)
 
-test: setup browser test-c test-python
+test: setup setup-llamacpp browser test-c test-python
 
 # headless Chromium for the report test (Debian's package; Playwright drives it, it never downloads a browser)
 browser:
@@ -42,8 +55,9 @@ browser:
 test-c:
 	$(MAKE) -C kernels_c test test-sanitize test-python-sanitize PYTHON=$(BIN)/python
 
+# under `make test` the optional parts must be there: their tests fail instead of skipping
 test-python:
-	$(BIN)/python -m pytest --durations=15
+	ACTDIFF_REQUIRE_LLAMACPP=1 ACTDIFF_REQUIRE_SLURM=1 $(BIN)/python -m pytest --durations=15
 
 lint: setup
 	$(BIN)/ruff check src tests workflow bench

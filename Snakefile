@@ -27,6 +27,7 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/engine.smk"
+include: "workflow/rules/llamacpp.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/report.smk"
 

@@ -54,12 +54,20 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "the co
             lines.append(f"config key '{_key_path(e)}': {e.message}")
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines) + more)
-    lists = [("variants", config.get("variants", []))]
-    lists += [(f"models.{m}.variants", c.get("variants", [])) for m, c in config.get("models", {}).items()]
-    for key, variants in lists:
+    from .variants import ENGINE_PRECISIONS
+
+    lists = [("variants", config.get("variants", []), "actdiff")]
+    lists += [(f"models.{m}.variants", c.get("variants", []), "actdiff") for m, c in config.get("models", {}).items()]
+    lists += [("llamacpp.variants", config.get("llamacpp", {}).get("variants", []), "llamacpp")]
+    for key, variants, engine in lists:
         for i, v in enumerate(variants):
             try:
                 parsed = parse_variant(v)
+                if parsed.precision not in ENGINE_PRECISIONS[engine] or (engine != "actdiff" and parsed.fault):
+                    raise ConfigError(
+                        f"variant {v!r} is not available for the {engine} engine; it runs "
+                        f"{', '.join(ENGINE_PRECISIONS[engine])}" + (" (no faults)" if engine != "actdiff" else "")
+                    )
                 if parsed.fault:
                     from .engine.faults import FAULTS
 
@@ -67,6 +75,13 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "the co
                         raise ConfigError(f"unknown fault {parsed.fault!r}; available: {', '.join(sorted(FAULTS))}")
             except ConfigError as e:
                 raise ConfigError(f"config key '{key}.{i}': {e}") from None
+    for m, c in config.get("models", {}).items():
+        for i, e in enumerate(c.get("engines", [])):
+            if e not in config.get("engines", []):
+                raise ConfigError(
+                    f"config key 'models.{m}.engines.{i}': engine {e!r} is not in the top-level 'engines' list "
+                    f"{config.get('engines')}; a model can only narrow that list"
+                )
     return config
 
 

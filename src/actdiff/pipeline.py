@@ -222,13 +222,19 @@ def compute_stats(
     worst_m: int = 5,
     embedding_sample: int = 2000,
     fault_aliases: dict | None = None,
+    diagnose_all_failing: bool = True,
 ) -> None:
     from .compare.stats import StatsConfig, compute_shard_stats
     from .engine.faults import register_aliases
 
     register_aliases(fault_aliases or {})  # only the engine replay resolves them
     info = json.loads(Path(model_json).read_text())
-    cfg = StatsConfig(budgets=budgets or {}, worst_m=worst_m, embedding_sample=embedding_sample)
+    cfg = StatsConfig(
+        budgets=budgets or {},
+        worst_m=worst_m,
+        embedding_sample=embedding_sample,
+        diagnose_all_failing=diagnose_all_failing,
+    )
     compute_shard_stats(info["dir"], ref_h5, eng_h5, side, variant, shard, outputs, cfg)
 
 
@@ -267,3 +273,46 @@ def parity(model_json: str, variant: str, out_weights: str, out_config: str, fau
         max(r["rel_l2"] for r in rows),
         bad or "none",
     )
+
+
+# ---------------------------------------------------------------- llama.cpp (optional extra)
+def convert_gguf(model_json: str, variant: str, out: str) -> None:
+    """Convert the model to a GGUF of the variant's weight type with llama.cpp's converter (verified)."""
+    from .llamacpp.convert import convert_to_gguf
+    from .llamacpp.dump import outtype_for_variant
+
+    info = json.loads(Path(model_json).read_text())
+    t0 = time.perf_counter()
+    meta = convert_to_gguf(info["dir"], out, outtype_for_variant(variant))
+    log.info("converted %s to %s (%s) in %.1f s; metadata %s", info["dir"], out, variant, time.perf_counter() - t0, meta)
+
+
+def dump_llamacpp(
+    model_json: str,
+    tokens: str,
+    gguf: str,
+    out: str,
+    variant: str,
+    shard: int,
+    threads: int = 1,
+    engine_ids: str = "reference",
+    compression: str = "none",
+) -> None:
+    """Run llama.cpp over one shard and record every node it has a counterpart for (docs/llamacpp.md)."""
+    from .llamacpp.dump import dump_llamacpp as run
+
+    run(model_json, tokens, gguf, out, variant, shard, threads=threads, engine_ids=engine_ids, compression=compression)
+
+
+def llamacpp_parity(model_json: str, gguf: str, out_config: str) -> None:
+    """Config parity of llama.cpp: the values it applies (GGUF metadata and what its graph hard-codes)."""
+    from .compare.stats import config_parity
+    from .llamacpp.capture import LlamaCppRunner
+
+    info = json.loads(Path(model_json).read_text())
+    with LlamaCppRunner(gguf, threads=1) as runner:
+        understood = runner.understood_config()
+    rows = config_parity(info["dir"], understood)
+    write_json_atomic(out_config, rows)
+    bad = {k: (v["config"], v["engine"]) for k, v in rows.items() if not v["match"]}
+    log.info("llama.cpp config parity: values differing from config.json (config, llama.cpp): %s", bad or "none")

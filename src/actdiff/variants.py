@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp16-act")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp16-act", "q8_0")
+# what each engine can run (q8_0 is llama.cpp's GGUF block format; faults exist only in our engine)
+ENGINE_PRECISIONS = {"actdiff": ("fp32", "fp16", "bf16", "int8", "fp16-act"), "llamacpp": ("fp32", "fp16", "q8_0")}
 REFERENCE_VARIANT = "fp32"
 
 _PRECISION_RE = "|".join(re.escape(p) for p in sorted(PRECISIONS, key=len, reverse=True))

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import sys
+from types import SimpleNamespace
 
 from actdiff.config import validate_config
 from actdiff.errors import ActdiffError, ConfigError, ModelError
@@ -16,6 +17,16 @@ except ConfigError as e:  # a clear message naming the key, not a traceback
     sys.exit(f"actdiff: {e}")
 
 R = config["results"]  # every output lives under this directory
+ENGINES = list(config["engines"])
+if "llamacpp" in ENGINES:
+    from actdiff.llamacpp import available
+
+    LLAMACPP_OK, LLAMACPP_WHY = available()
+    if not LLAMACPP_OK:
+        if config["llamacpp"]["required"]:
+            sys.exit(f"actdiff: the llamacpp engine is required (llamacpp.required) but unavailable: {LLAMACPP_WHY}")
+        print(f"actdiff: NOTE: the llamacpp engine is skipped: {LLAMACPP_WHY}", file=sys.stderr)
+        ENGINES.remove("llamacpp")
 MODELS = list(config["models"])
 try:
     N_SHARDS = n_shards_for(config["prompts"], config["shard_size"]) if "shard_size" in config else config["shards"]
@@ -67,6 +78,31 @@ def variants_of(model):
     return config["models"][model].get("variants", config["variants"])
 
 
+def engines_of(model):
+    """The engines a model is compared on: its own list if it has one, else every configured engine;
+    llamacpp only when llama-cpp-python is installed."""
+    return [e for e in config["models"][model].get("engines", config["engines"]) if e in ENGINES]
+
+
+def engine_variants(model, engine):
+    return variants_of(model) if engine == "actdiff" else config["llamacpp"]["variants"]
+
+
+def runs():
+    """Every (model, side, variant) compared with the reference."""
+    return [(m, e, v) for m in MODELS for e in engines_of(m) for v in engine_variants(m, e)]
+
+
+def parity_files(wildcards):
+    """Weight and config parity of a run: both for our engine, config parity for llama.cpp."""
+    d = f"{R}/{wildcards.model}/{wildcards.side}/{wildcards.variant}/summary"
+    if wildcards.side == "actdiff":
+        return [f"{d}/weights.parquet", f"{d}/config_parity.json"]
+    if wildcards.side == "llamacpp":
+        return [f"{d}/config_parity.json"]
+    return []
+
+
 def stats_tables(wildcards):
     """Every shard's statistics tables of one (model, side, variant)."""
     return [
@@ -77,10 +113,8 @@ def stats_tables(wildcards):
 
 
 def report_runs():
-    """Every (model, side, variant) that gets a report: the actdiff engine's variants of every model."""
-    if "actdiff" not in config["engines"]:
-        return []
-    return [(m, "actdiff", v) for m in MODELS for v in variants_of(m)]
+    """Every (model, side, variant) that gets a report."""
+    return runs()
 
 
 def all_targets():
@@ -91,12 +125,11 @@ def all_targets():
             out.append(f"{R}/{m}/tokens/shard-{s}.parquet")
             if config["keep_activations"]:
                 out.append(f"{R}/{m}/reference/fp32/activations/shard-{s}.h5")
-                if "actdiff" in config["engines"]:
-                    out += [f"{R}/{m}/actdiff/{v}/activations/shard-{s}.h5" for v in variants_of(m)]
-        if "actdiff" in config["engines"]:
-            for v in variants_of(m):
-                out.append(f"{R}/{m}/actdiff/{v}/summary/verdict.json")
-                out.append(f"{R}/{m}/actdiff/{v}/summary/weights.parquet")
+    for m, e, v in runs():
+        out.append(f"{R}/{m}/{e}/{v}/summary/verdict.json")
+        out += parity_files(SimpleNamespace(model=m, side=e, variant=v))
+        if config["keep_activations"]:
+            out += [f"{R}/{m}/{e}/{v}/activations/shard-{s}.h5" for s in SHARDS]
     out += [f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in report_runs()]
     if report_runs():
         out.append(f"{R}/reports/index.html")

@@ -10,14 +10,7 @@ rule render_report:
         routing=f"{R}/{{model}}/{{side}}/{{variant}}/summary/routing.parquet",
         embeddings=f"{R}/{{model}}/{{side}}/{{variant}}/summary/embeddings.json",
         verdict=f"{R}/{{model}}/{{side}}/{{variant}}/summary/verdict.json",
-        parity=lambda wc: (
-            [
-                f"{R}/{wc.model}/actdiff/{wc.variant}/summary/weights.parquet",
-                f"{R}/{wc.model}/actdiff/{wc.variant}/summary/config_parity.json",
-            ]
-            if wc.side == "actdiff"
-            else []
-        ),
+        parity=lambda wc: parity_files(wc),
         tables=lambda wc: stats_tables(wc),
     output:
         html=f"{R}/reports/{{model}}/{{side}}/{{variant}}.html",

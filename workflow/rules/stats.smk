@@ -11,6 +11,7 @@ rule compute_stats:
         budgets=config["budgets"],
         worst_m=config["stats"]["worst_m"],
         embedding_sample=config["stats"]["embedding_sample"],
+        diagnose_all_failing=config["stats"]["diagnose_all_failing"],
         fault_aliases=config["fault_aliases"],
     log:
         f"{R}/logs/compute_stats/{{model}}/{{side}}/{{variant}}/shard-{{shard}}.log",

@@ -17,4 +17,5 @@ run(
     worst_m=snakemake.params.worst_m,  # noqa: F821
     embedding_sample=snakemake.params.embedding_sample,  # noqa: F821
     fault_aliases=dict(snakemake.params.fault_aliases),  # noqa: F821
+    diagnose_all_failing=snakemake.params.diagnose_all_failing,  # noqa: F821
 )

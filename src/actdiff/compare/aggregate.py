@@ -243,8 +243,41 @@ def _verdict(
         }
         for r in worst.itertuples()
     ]
+    v["causes"] = _causes(summary, hyp)
     v["plain"] = plain_words(v)
     return v
+
+
+def _causes(summary: pd.DataFrame, hyp: pd.DataFrame) -> list[dict]:
+    """Every distinct root cause among the failing nodes (hypotheses are ranked at each failing node when
+    stats.diagnose_all_failing is on): one entry per top explanation, with the nodes it explains, in graph
+    order; failing nodes no hypothesis explains are one "unexplained" entry. An engine with two
+    independent bugs (llama.cpp: tanh GELU and no expert bias) gets both named, not only the first."""
+    if not len(hyp) or not len(summary):
+        return []
+    order = dict(zip(summary["node"], summary["node_index"], strict=True))
+    failing = set(summary.loc[summary["fail"] > 0, "node"])
+    h = hyp[hyp["node"].isin(failing)].copy()
+    if not len(h):
+        return []
+    h["cause"] = h["explained_by"].where(h["verdict"] == "explained", "unexplained")
+    # a node's cause: the explanation that holds for most of its prompts
+    per_node = h.sort_values("prompts", ascending=False).drop_duplicates("node")
+    out = []
+    for cause, g in per_node.groupby("cause"):
+        g = g.assign(idx=g["node"].map(order)).sort_values("idx")
+        out.append(
+            {
+                "hypothesis": cause,
+                "says": g["says"].iloc[0] if cause != "unexplained" else None,
+                "nodes": g["node"].tolist(),
+                "first_node_index": int(g["idx"].iloc[0]),
+                "prompts": int(g["prompts"].max()),
+                "error_median": float(g["error_median"].median()),
+                "baseline_error_median": float(g["baseline_error_median"].median()),
+            }
+        )
+    return sorted(out, key=lambda c: (c["hypothesis"] == "unexplained", c["first_node_index"]))
 
 
 def plain_words(v: dict) -> str:
@@ -268,6 +301,19 @@ def plain_words(v: dict) -> str:
         s += (
             f" No hypothesis in the catalogue reproduces the engine's output there (its local error against the "
             f"specified op is {v.get('baseline_error', float('nan')):.2e})."
+        )
+    others = [c for c in v.get("causes", []) if c["hypothesis"] not in (v.get("hypothesis"), "unexplained")]
+    for c in others:
+        nodes = ", ".join(c["nodes"][:4]) + (f" and {len(c['nodes']) - 4} more" if len(c["nodes"]) > 4 else "")
+        s += (
+            f" Also failing, with another cause: {nodes}. Most likely cause there: {c['hypothesis']} — {c['says']} "
+            f"(reproduces the engine to {c['error_median']:.2e}, against {c['baseline_error_median']:.2e})."
+        )
+    unexplained = [c for c in v.get("causes", []) if c["hypothesis"] == "unexplained"]
+    if unexplained and v.get("hypothesis") != "unexplained":
+        nodes = unexplained[0]["nodes"]
+        s += f" Failing without an explanation in the catalogue: {', '.join(nodes[:4])}" + (
+            f" and {len(nodes) - 4} more." if len(nodes) > 4 else "."
         )
     return s
 

@@ -29,7 +29,10 @@ from ..nodes import Graph, Node
 
 SAFETY = 8.0
 U32 = 2.0**-24
-U_WEIGHTS = {"fp32": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8, "int8": 2.0**-7, "fp16-act": 0.0}
+# q8_0 (llama.cpp): blocks of 32 weights sharing an fp16 scale max|w|/127, so like int8 per channel but
+# with a tighter range per block; taken as 2^-7 as well. llama.cpp also rounds the activations entering a
+# quantised matmul to q8_0 (f16 for an f16 GGUF); both stay well inside SAFETY * u_weights.
+U_WEIGHTS = {"fp32": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8, "int8": 2.0**-7, "fp16-act": 0.0, "q8_0": 2.0**-7}
 U_ACT = {"fp16-act": 2.0**-11}
 WEIGHTED_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "EMBED")
 # engines keep routers and embeddings at fp32 storage for int8 (see actdiff.engine.weights)

@@ -19,11 +19,11 @@ Parameters (spec value first; every op except TOPK indices also has ``output_pre
 | LAYERNORM | eps; variance: biased/unbiased; centered: True (False = RMSNorm); affine: True; accumulate |
 | MATMUL | bias: once/none/twice; weight_orientation: as_stored/transposed (square only); weight_precision; accumulate |
 | SPLIT | order: qkv_major/head_major |
-| ROPE | layout: neox/gptj/none; base; position_offset: 0 |
+| ROPE | layout: neox/gptj/none; base; position_offset: 0; angles: fp64/fp32_recurrence (ggml's rope cache) |
 | ATTENTION | mask: bidirectional/causal/query_padding; scale: inv_sqrt_head_dim/inv_head_dim/none; |
 |   | softmax: stable/naive; output_layout: heads_outer/heads_inner; accumulate |
 | ADD | terms: both/first/second |
-| GELU | form: erf/tanh/sigmoid/silu/relu |
+| GELU | form: erf/tanh/sigmoid/silu/relu/tanh_fp16_table (ggml's CPU GELU, see :func:`gelu_tanh_fp16_table`) |
 | ROUTER | weight_precision; accumulate |
 | SOFTMAX | function: softmax/sigmoid; softmax: stable/naive; accumulate |
 | TOPK | renormalize: config value; order: by_weight/by_index |
@@ -85,7 +85,7 @@ PARAM_NAMES: dict[str, frozenset[str]] = {
         "LAYERNORM": ("eps", "variance", "centered", "affine", "accumulate"),
         "MATMUL": ("bias", "weight_orientation", "weight_precision", "accumulate"),
         "SPLIT": ("order",),
-        "ROPE": ("layout", "base", "position_offset"),
+        "ROPE": ("layout", "base", "position_offset", "angles"),
         "ATTENTION": ("mask", "scale", "softmax", "output_layout", "accumulate"),
         "ADD": ("terms",),
         "GELU": ("form",),
@@ -127,7 +127,12 @@ def spec_params(graph: Graph, node: Node) -> dict:
     elif op == "SPLIT":
         p = {"order": "qkv_major"}
     elif op == "ROPE":
-        p = {"layout": "gptj" if d.rotary_interleaved else "neox", "base": float(d.rotary_base), "position_offset": 0}
+        p = {
+            "layout": "gptj" if d.rotary_interleaved else "neox",
+            "base": float(d.rotary_base),
+            "position_offset": 0,
+            "angles": "fp64",
+        }
     elif op == "ATTENTION":
         p = {
             "mask": "bidirectional",
@@ -295,10 +300,26 @@ def _rope(graph, node, x, w, p):
     if p["layout"] == "none":
         return a.copy()
     half = hd // 2
-    inv_freq = float(p["base"]) ** (-np.arange(0, 2 * half, 2, dtype=np.float64) / hd)
     pos = np.arange(T, dtype=np.float64) + float(p["position_offset"])
-    ang = pos[:, None] * inv_freq[None, :]
+    angles = p.get("angles", "fp64")
+    if angles == "fp64":
+        inv_freq = float(p["base"]) ** (-np.arange(0, 2 * half, 2, dtype=np.float64) / hd)
+        ang = pos[:, None] * inv_freq[None, :]
+    elif angles == "fp32_recurrence":
+        # ggml's rope cache (ggml-cpu ggml_rope_cache_init): theta starts at the position and is multiplied by
+        # theta_scale = powf(base, -2/hd) once per pair, all in float32; cosf/sinf of that float32 angle
+        scale = np.float32(np.power(np.float32(p["base"]), np.float32(-2.0) / np.float32(hd)))
+        theta = pos.astype(np.float32)
+        cols = []
+        for _ in range(half):
+            cols.append(theta.astype(np.float64))
+            theta = (theta * scale).astype(np.float32)
+        ang = np.stack(cols, axis=1)
+    else:
+        raise ValueError(f"angles {angles!r}")
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]  # [T, 1, hd/2]
+    if angles == "fp32_recurrence":  # cosf/sinf return float32
+        cos, sin = cos.astype(np.float32).astype(np.float64), sin.astype(np.float32).astype(np.float64)
     out = a.copy()
     if p["layout"] == "neox":
         x1, x2 = a[..., :half], a[..., half : 2 * half]
@@ -357,9 +378,30 @@ def _add(graph, node, x, w, p):
     raise ValueError(f"terms {p['terms']!r}")
 
 
+# ggml-cpu's float constants (vec.h): the table is built from these float32 values
+_GGML_SQRT_2_OVER_PI = float(np.float32(0.79788456080286535587989211986876))
+_GGML_GELU_COEF_A = float(np.float32(0.044715))
+
+
+def gelu_tanh_fp16_table(x: np.ndarray) -> np.ndarray:
+    """GELU as ggml's CPU backend computes it for f32 tensors (GGML_GELU_FP16, ggml-cpu/vec.h
+    ``ggml_vec_gelu_f32``): ``x <= -10`` gives 0, ``x >= 10`` gives x, otherwise x is rounded to fp16
+    (round to nearest even) and looked up in a 65536-entry table filled at init (ggml-cpu.c) with
+    ``fp16(0.5*h*(1 + tanh(SQRT_2_OVER_PI*h*(1 + GELU_COEF_A*h*h))))`` for every fp16 value h. Computed here
+    in float64 with ggml's float32 constants; only a rounding tie of the final fp16 can differ from tanhf."""
+    x32 = np.asarray(x, dtype=np.float32)
+    h = x32.astype(np.float16).astype(np.float64)
+    g = 0.5 * h * (1.0 + np.tanh(_GGML_SQRT_2_OVER_PI * h * (1.0 + _GGML_GELU_COEF_A * h * h)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = g.astype(np.float16).astype(np.float64)
+    return np.where(x32 <= -10.0, 0.0, np.where(x32 >= 10.0, x32.astype(np.float64), t))
+
+
 def _gelu(graph, node, x, w, p):
     a = _f(x[0])
     form = p["form"]
+    if form == "tanh_fp16_table":
+        return gelu_tanh_fp16_table(a)
     if form == "erf":
         return 0.5 * a * (1.0 + _erf(a / math.sqrt(2.0)))
     if form == "tanh":

@@ -106,7 +106,7 @@ class StatsConfig:
     budgets: dict = field(default_factory=dict)  # node glob -> relative L2 budget override
     worst_m: int = 5  # prompts per shard kept for the drill-down
     embedding_sample: int = 2000  # prompts kept for the neighbour analysis
-    diagnose_all_failing: bool = False  # rank hypotheses at every failing node, not only the first
+    diagnose_all_failing: bool = True  # rank hypotheses at every failing node, not only the first
 
 
 class LocalReplay:
@@ -509,9 +509,15 @@ def weight_parity(model_dir: str | Path, variant: str) -> tuple[list[dict], dict
                 "rel_l2": rel_l2(got, ref),
             }
         )
+    return rows, config_parity(model_dir, engine.understood_config(variant))
+
+
+def config_parity(model_dir: str | Path, understood: dict) -> dict:
+    """Config values as an engine understood them (``understood``, Engine.understood_config's keys) next to
+    config.json's; "match" per key. Keys an engine does not report (None) are compared as None."""
+    model_dir = Path(model_dir)
     cfg = load_config_json(model_dir)
-    understood = engine.understood_config(variant)
-    dims = engine.dims
+    dims = build_graph(cfg, str(model_dir / "config.json")).dims
     expected = {
         "hidden": dims.hidden,
         "heads": dims.heads,
@@ -527,8 +533,5 @@ def weight_parity(model_dir: str | Path, variant: str) -> tuple[list[dict], dict
         "topk_renormalize": dims.normalize_expert_weights,
         "expert_bias": True,
     }
-    config_rows = {
-        k: {"config": expected[k], "engine": understood.get(k), "match": expected[k] == understood.get(k)}
-        for k in expected
-    }
-    return rows, config_rows
+    return {k: {"config": expected[k], "engine": understood.get(k), "match": expected[k] == understood.get(k)} for k in expected}
+

@@ -605,29 +605,35 @@ def report_href(e: IndexEntry) -> str:
     return f"{quote(e.model, safe='')}/{quote(e.side, safe='')}/{quote(e.variant, safe='')}.html"
 
 
+def _index_cell(e: IndexEntry) -> str:
+    st = str(e.verdict.get("status", "?")).upper()
+    badge = f"[{st}]{{.badge-{st.lower()}}}"
+    fd = e.verdict.get("first_divergence")
+    extra = f"<br>first divergence: {code(fd)}" if fd else "<br>no divergence"
+    causes = [c["hypothesis"] for c in e.verdict.get("causes", [])]
+    if not causes and e.verdict.get("hypothesis"):
+        causes = [e.verdict["hypothesis"]]
+    if causes:
+        extra += "<br>causes: " + ", ".join(code(c) for c in causes)
+    return f"[{badge} report]({report_href(e)}){extra}"
+
+
 def index_md(entries: list[IndexEntry]) -> str:
+    """One table per model: a row per variant, a column per engine (side), so our engine and llama.cpp
+    are side by side at every variant."""
     if not entries:
         return "No runs.\n"
-    variants = list(dict.fromkeys(e.variant for e in entries))
-    rows = list(dict.fromkeys((e.model, e.side) for e in entries))
     by = {(e.model, e.side, e.variant): e for e in entries}
-    lines = ["| model / side | " + " | ".join(code(v) for v in variants) + " |", "|---|" + "---|" * len(variants)]
-    for m, s in rows:
-        cells = []
+    lines = []
+    for m in dict.fromkeys(e.model for e in entries):
+        sides = list(dict.fromkeys(e.side for e in entries if e.model == m))
+        variants = list(dict.fromkeys(e.variant for e in entries if e.model == m))
+        lines += [f"### {esc(m)}", ""]
+        lines += ["| variant | " + " | ".join(esc(s) for s in sides) + " |", "|---|" + "---|" * len(sides)]
         for v in variants:
-            e = by.get((m, s, v))
-            if e is None:
-                cells.append("–")
-                continue
-            st = str(e.verdict.get("status", "?")).upper()
-            badge = f"[{st}]{{.badge-{st.lower()}}}"
-            fd = e.verdict.get("first_divergence")
-            hyp = e.verdict.get("hypothesis")
-            extra = f"<br>first divergence: {code(fd)}" if fd else "<br>no divergence"
-            if hyp:
-                extra += f"<br>hypothesis: {code(hyp)}"
-            cells.append(f"[{badge} report]({report_href(e)}){extra}")
-        lines.append(f"| {esc(m)} / {esc(s)} | " + " | ".join(cells) + " |")
+            cells = [_index_cell(by[(m, s, v)]) if (m, s, v) in by else "–" for s in sides]
+            lines.append(f"| {code(v)} | " + " | ".join(cells) + " |")
+        lines.append("")
     out = "\n".join(lines) + "\n\n"
     out += "\n".join(
         f"- [{esc(e.model)} / {esc(e.side)} / {esc(e.variant)}]({report_href(e)}): {esc(e.verdict.get('plain'))}"
