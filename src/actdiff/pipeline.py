@@ -284,7 +284,9 @@ def convert_gguf(model_json: str, variant: str, out: str) -> None:
     info = json.loads(Path(model_json).read_text())
     t0 = time.perf_counter()
     meta = convert_to_gguf(info["dir"], out, outtype_for_variant(variant))
-    log.info("converted %s to %s (%s) in %.1f s; metadata %s", info["dir"], out, variant, time.perf_counter() - t0, meta)
+    log.info(
+        "converted %s to %s (%s) in %.1f s; metadata %s", info["dir"], out, variant, time.perf_counter() - t0, meta
+    )
 
 
 def dump_llamacpp(

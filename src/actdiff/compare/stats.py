@@ -533,5 +533,7 @@ def config_parity(model_dir: str | Path, understood: dict) -> dict:
         "topk_renormalize": dims.normalize_expert_weights,
         "expert_bias": True,
     }
-    return {k: {"config": expected[k], "engine": understood.get(k), "match": expected[k] == understood.get(k)} for k in expected}
-
+    return {
+        k: {"config": expected[k], "engine": understood.get(k), "match": expected[k] == understood.get(k)}
+        for k in expected
+    }
