@@ -18,6 +18,8 @@ rule render_report:
         worst_n=config["report"]["worst_n"],
     log:
         f"{R}/logs/render_report/{{model}}/{{side}}/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/render_report/{{model}}/{{side}}/{{variant}}.tsv"
     conda:
         "../envs/actdiff.yaml"
     threads: 1
@@ -39,6 +41,8 @@ rule render_index:
         runs=[f"{m}/{s}/{v}" for m, s, v in report_runs()],
     log:
         f"{R}/logs/render_index/index.log",
+    benchmark:
+        f"{R}/benchmarks/render_index/index.tsv"
     conda:
         "../envs/actdiff.yaml"
     threads: 1

@@ -41,6 +41,8 @@ rule aggregate_stats:
         verdict=f"{R}/{{model}}/{{side}}/{{variant}}/summary/verdict.json",
     log:
         f"{R}/logs/aggregate_stats/{{model}}/{{side}}/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/aggregate_stats/{{model}}/{{side}}/{{variant}}.tsv"
     conda:
         "../envs/actdiff.yaml"
     threads: 1
@@ -61,6 +63,8 @@ rule parity:
         fault_aliases=config["fault_aliases"],
     log:
         f"{R}/logs/parity/{{model}}/{{variant}}.log",
+    benchmark:
+        f"{R}/benchmarks/parity/{{model}}/{{variant}}.tsv"
     conda:
         "../envs/actdiff.yaml"
     threads: 1
