@@ -18,6 +18,7 @@ from .atomic import atomic_path, write_json_atomic
 from .errors import ModelError
 from .models.loading import check_model_dir, model_summary, resolve_model_dir
 from .nodes import build_graph
+from .progress import Progress
 from .prompts import load_prompt_sheet, split_into_shards
 
 log = logging.getLogger(__name__)
@@ -180,30 +181,17 @@ def dump_engine(
         "understood_config": json.dumps(engine.understood_config(variant)),
         "dtypes": json.dumps({"activations": "float32", "indices": "int64", "precision": variant}),
     }
-    t0 = time.perf_counter()
-    n_bad = 0
+    progress = Progress(log, f"engine {variant}", len(toks))
     with ActivationWriter(out, engine.graph, attrs, compression=compression) as w:
-        for i, (pid, ids) in enumerate(zip(toks["prompt_id"], toks[column], strict=True)):
-            bad = w.append(pid, engine.forward([int(x) for x in ids], variant), input_ids=ids)
-            if bad:
-                n_bad += 1
-                log.warning("prompt %r: NaN/Inf in engine node(s) %s (recorded as is)", pid, bad[:5])
-            if (i + 1) % 100 == 0:
-                log.info(
-                    "engine %s: %d/%d prompts (%.1f prompts/s)",
-                    variant,
-                    i + 1,
-                    len(toks),
-                    (i + 1) / (time.perf_counter() - t0),
-                )
-    dt = time.perf_counter() - t0
+        for pid, ids in zip(toks["prompt_id"], toks[column], strict=True):
+            progress.step(pid, w.append(pid, engine.forward([int(x) for x in ids], variant), input_ids=ids))
     log.info(
         "engine %s: dumped %d prompts in %.1f s (%.1f prompts/s); %d prompts with NaN/Inf",
         variant,
         len(toks),
-        dt,
-        len(toks) / max(dt, 1e-9),
-        n_bad,
+        progress.seconds,
+        progress.rate,
+        progress.n_bad,
     )
 
 

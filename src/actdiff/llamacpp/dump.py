@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..errors import ConfigError, ModelError
 from ..nodes import graph_for_model_dir, load_config_json
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,10 @@ def dump_llamacpp(
             "alignment": json.dumps(alignment.to_dict(), separators=(",", ":")),
             "missing_nodes": json.dumps(missing),
         }
-        t0 = time.perf_counter()
+        progress = Progress(log, f"llama.cpp {variant}", len(toks))
         t_fwd = 0.0
-        n_bad = 0
         with ActivationWriter(out, graph, attrs, compression=compression) as w:
-            for i, (pid, ids) in enumerate(zip(toks["prompt_id"], toks[column], strict=True)):
+            for pid, ids in zip(toks["prompt_id"], toks[column], strict=True):
                 ids = [int(x) for x in ids]
                 t1 = time.perf_counter()
                 ext = runner.forward(ids, needed)
@@ -123,28 +123,16 @@ def dump_llamacpp(
                 vals = mp.apply(ext, len(ids), nodes=matched)
                 for n in missing:
                     vals[n] = _placeholder(graph, n, len(ids))
-                bad = [b for b in w.append(pid, vals, input_ids=ids) if b not in missing]
-                if bad:
-                    n_bad += 1
-                    log.warning("prompt %r: NaN/Inf in llama.cpp node(s) %s (recorded as is)", pid, bad[:5])
-                if (i + 1) % 100 == 0:
-                    log.info(
-                        "llama.cpp %s: %d/%d prompts (%.1f prompts/s)",
-                        variant,
-                        i + 1,
-                        len(toks),
-                        (i + 1) / (time.perf_counter() - t0),
-                    )
-    dt = time.perf_counter() - t0
+                progress.step(pid, [b for b in w.append(pid, vals, input_ids=ids) if b not in missing])
     log.info(
         "llama.cpp %s: dumped %d prompts in %.1f s (%.1f prompts/s; forward+capture %.1f ms/prompt); "
         "%d nodes mapped, %d missing; %d prompts with NaN/Inf",
         variant,
         len(toks),
-        dt,
-        len(toks) / max(dt, 1e-9),
+        progress.seconds,
+        progress.rate,
         1000 * t_fwd / max(len(toks), 1),
         len(matched),
         len(missing),
-        n_bad,
+        progress.n_bad,
     )
