@@ -407,3 +407,37 @@ def test_routing_agreement_per_layer(setup):
     # layer 3 runs after the missing expert bias of layer 1 (~10% propagated error): agreement is lower,
     # reported per layer; it must still be far above chance (2 of 8 experts: ~4% exact-set agreement)
     assert 0.5 < per_layer.loc[3, "agree"] <= 1.0
+
+
+def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
+    """A node the mapping cannot fill is "not_captured" (NaN metrics), its consumers are judged on their
+    propagated error only, and the verdict keeps the same causes as with the complete mapping."""
+    import yaml
+
+    from actdiff.compare.aggregate import aggregate
+    from actdiff.compare.stats import StatsConfig, compute_shard_stats
+    from actdiff.llamacpp import mapping_path
+    from actdiff.llamacpp.dump import dump_llamacpp
+    from actdiff.pipeline import STATS_TABLES
+
+    doc = yaml.safe_load(mapping_path().read_text())
+    doc["nodes"]["encoder.layers.{i}.attn.context"] = "no_such_tensor-{i}"
+    edited = tmp_path / "m.yaml"
+    edited.write_text(yaml.safe_dump(doc))
+    eng = tmp_path / "d.h5"
+    dump_llamacpp(str(setup["model_json"]), str(setup["tokens"]), str(setup["gguf"]), str(eng), "fp32", 0,
+                  mapping=str(edited))  # fmt: skip
+    outs = {k: str(tmp_path / f"{k}.parquet") for k in STATS_TABLES}
+    compute_shard_stats(setup["model_dir"], setup["ref"], eng, "llamacpp", "fp32", 0, outs, StatsConfig())
+    nodes = pd.read_parquet(outs["nodes"])
+    ctx = nodes[nodes.node.str.endswith("attn.context")]
+    assert (ctx.status == "not_captured").all() and ctx.rel_l2.isna().all()
+    # out_proj reads the missing context: no replay possible, so never "fail", and its local error is NaN
+    proj = nodes[nodes.node.str.endswith("attn.out_proj")]
+    assert proj.status.isin(["pass", "warn"]).all() and proj.local_rel_l2.isna().all()
+    summ = {k: str(tmp_path / f"sum-{k}.{'json' if k in ('embeddings', 'verdict') else 'parquet'}")
+            for k in ("summary", "first_divergence", "hypotheses", "routing", "embeddings", "verdict")}  # fmt: skip
+    v = aggregate({t: [outs[t]] for t in STATS_TABLES}, summ, {"model": "tiny", "side": "llamacpp", "experts": 8})
+    assert v["not_captured_nodes"] == [f"encoder.layers.{i}.attn.context" for i in range(4)]
+    assert {c["hypothesis"] for c in v["causes"]} == {"gelu_tanh_fp16_table", "expert_bias_missing"}
+    assert "not captured" in v["plain"]

@@ -44,6 +44,7 @@ def node_summary(nodes: pd.DataFrame) -> pd.DataFrame:
             "n_prompts": len(g),
             "fail": int((g["status"] == "fail").sum()),
             "warn": int((g["status"] == "warn").sum()),
+            "not_captured": int((g["status"] == "not_captured").sum()),
             "budget_median": float(g["budget"].median()),
         }
         for m in QUANTILE_METRICS:
@@ -212,6 +213,7 @@ def _verdict(
         "evidence": [],
         "worst_nodes": [],
         "embedding_cosine_min": emb.get("cosine_min"),
+        "not_captured_nodes": summary.loc[summary["not_captured"] > 0, "node"].tolist() if len(summary) else [],
     }
     if len(first_real):
         node = first_real.iloc[0]["node"]
@@ -281,10 +283,17 @@ def _causes(summary: pd.DataFrame, hyp: pd.DataFrame) -> list[dict]:
 
 
 def plain_words(v: dict) -> str:
+    nc = v.get("not_captured_nodes") or []
+    not_captured = (
+        f" {len(nc)} node(s) were not captured by the engine and are not judged: {', '.join(nc[:4])}"
+        + (f" and {len(nc) - 4} more." if len(nc) > 4 else ".")
+        if nc
+        else ""
+    )
     if v["status"] == "pass":
         return (
             f"PASS: every node of {v.get('model')} / {v.get('side')} / {v.get('variant')} is within its error "
-            f"budget on all {v['prompts']} prompts."
+            f"budget on all {v['prompts']} prompts." + not_captured
         )
     s = (
         f"FAIL: {v['failing_nodes']} node(s) exceed their local error budget. The engine first diverges at "
@@ -315,7 +324,7 @@ def plain_words(v: dict) -> str:
         s += f" Failing without an explanation in the catalogue: {', '.join(nodes[:4])}" + (
             f" and {len(nodes) - 4} more." if len(nodes) > 4 else "."
         )
-    return s
+    return s + not_captured
 
 
 def read_verdict(path: str | Path) -> dict:
