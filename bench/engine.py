@@ -1,14 +1,30 @@
-"""Benchmark the whole engine forward pass against the torch fp32 reference, on the tiny model and on a
-full-size (released shapes, random weights) NomicBERT-MoE.
+"""Benchmark the whole engine forward pass against the torch fp32 reference and llama.cpp (f32 GGUF), on
+the tiny model and on a full-size (released shapes, random weights) NomicBERT-MoE.
 
     .venv/bin/python bench/engine.py [--threads 1 2] [--tokens 128 512] [--repeats 5] [--quick]
                                      [--out results/bench/engine.json]
                                      [--fullsize-dir results/bench/fullsize-random]
+                                     [--gguf-dir results/bench] [--no-llamacpp]
 
-For each model, token count and thread count, the engine's fp32 ``Engine.forward`` and the torch
-reference forward run on the same random token ids (fixed seed, ids in [4, 4000)), interleaved: one
-warm-up of each, then alternating engine/torch repeats; the median of each is reported. The engine's
-forward returns every node's value (that is its API), the torch forward returns the last hidden state.
+For each model, token count and thread count, the engine's fp32 ``Engine.forward``, the torch reference
+forward and llama.cpp's ``llama_encode`` run on the same random token ids (fixed seed, ids in [4, 4000)),
+interleaved: one warm-up of each, then rounds of one run of each, the order rotated every round
+(E T L, T L E, L E T, ...) so no side always follows the same other side; the median of each is reported,
+and ratios are ratios of those medians (the median of the per-round ratios is recorded too). Only the
+forward is timed (model loading, weight preparation and GGUF conversion are not). The engine's forward
+returns every node's value (that is its API), the torch forward returns the last hidden state, llama.cpp
+returns the mean-pooled embedding.
+
+llama.cpp: llama-cpp-python 0.3.36 through ``actdiff.llamacpp.capture.LlamaCppRunner(gguf, threads=n,
+capture_nodes=False)``: n_threads = n_threads_batch = n, flash attention disabled, n_ctx = n_batch =
+n_ubatch = the trained context (512), mean pooling, and NO eval callback (the runner's node capture calls
+into Python for every graph node; with ``capture_nodes=False`` ggml runs the graph in one piece). Its
+``forward`` fills a llama_batch from Python (one ctypes store per field and token), calls ``llama_encode``
+and copies the pooled embedding: that is the lowest-overhead path of the module, and what is timed. The
+GGUFs (f32, llama.cpp's own converter via ``actdiff.llamacpp.convert.convert_to_gguf``) are cached as
+``<gguf-dir>/<model dir name>-f32.gguf`` and reused when newer than the checkpoint and their metadata still
+match config.json. llama.cpp's graph differs slightly from ours (no shared expert bias, tanh GELU from an
+fp16 table; docs/llamacpp.md), so its pooled embedding is compared with the engine's for information only.
 
 FLOPs are counted analytically (multiply-add = 2): every matmul 2*T*in*out (Wqkv, out_proj, dense fc1 and
 fc2, the router, and expert fc1/fc2 for the top-k experts of each token), plus attention 2*2*T*T*hidden
@@ -19,7 +35,9 @@ single-core matmul at ~128 % of it).
 
 The engine is also timed at fp16, bf16 and int8 (full size, 128 tokens, 2 threads) for information.
 Peak RSS is measured first, in two fresh subprocesses (the engine: prepare fp32 + one forward at 512
-tokens; torch: load the reference + one forward at 512 tokens), and divided by the fp32 weight bytes.
+tokens; torch: load the reference + one forward at 512 tokens), and divided by the fp32 weight bytes. The
+peak is the child's own VmHWM (/proc/self/status), not ru_maxrss: on Linux ru_maxrss survives exec, so a
+child forked from this (large) process can report the parent's RSS.
 
 numpy's OpenBLAS is not used by the engine (its compute runs in the C kernels); OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE are removed and OPENBLAS_NUM_THREADS is set to 1 before numpy is imported, in this
@@ -164,9 +182,10 @@ def rss_section(model_dir: Path, T: int, threads: int) -> dict:
     res: dict = {"model_dir": str(model_dir), "tokens": T, "threads": threads, "fp32_weight_bytes": wb}
     for side in ("engine", "torch"):
         m = measure_rss(side, model_dir, T, threads)
-        # ru_maxrss and VmHWM agree for a fresh process; VmHWM is per address space, so it cannot include
-        # the parent's pages (ru_maxrss of an exec'd child can), take the larger to be safe
-        peak = max(m["ru_maxrss_bytes"], m["after_forward"]["VmHWM"])
+        # the child's own VmHWM only: it is per address space and starts afresh at exec. ru_maxrss is NOT
+        # used for the peak: on Linux it survives exec, so the child (forked from this process, which may
+        # already hold models) can report the parent's RSS at fork time; it is recorded for information
+        peak = m["after_forward"]["VmHWM"]
         res[side] = {
             "peak_rss_bytes": peak,
             "peak_rss_over_fp32_weight_bytes": peak / wb,
@@ -177,7 +196,7 @@ def rss_section(model_dir: Path, T: int, threads: int) -> dict:
             "rss_after_forward_bytes": m["after_forward"]["VmRSS"],
             "rss_anon_after_forward_bytes": m["after_forward"]["RssAnon"],
             "rss_file_after_forward_bytes": m["after_forward"]["RssFile"],
-            "ru_maxrss_bytes": m["ru_maxrss_bytes"],
+            "ru_maxrss_bytes": m["ru_maxrss_bytes"],  # information only (can include the forking parent)
             "vm_hwm_bytes": m["after_forward"]["VmHWM"],
             "seconds": m["seconds"],
         }
@@ -195,17 +214,55 @@ def rss_section(model_dir: Path, T: int, threads: int) -> dict:
     return res
 
 
-# ----------------------------------------------------------------------------- timing
-class Pair:
-    """The engine and the torch reference for one model directory."""
+# ----------------------------------------------------------------------------- llama.cpp GGUFs
+def checkpoint_mtime(model_dir: Path) -> float:
+    return max(
+        (model_dir / f).stat().st_mtime for f in ("model.safetensors", "config.json") if (model_dir / f).exists()
+    )
 
-    def __init__(self, name: str, model_dir: Path):
+
+def ensure_gguf(model_dir: Path, gguf_dir: Path) -> tuple[Path, dict]:
+    """The f32 GGUF of ``model_dir`` (``<gguf_dir>/<dir name>-f32.gguf``): reused when newer than the
+    checkpoint and its metadata match config.json, otherwise converted (not timed as part of any forward)."""
+    from actdiff.llamacpp.convert import GGUFConfigMismatch, convert_to_gguf, verify_gguf
+    from actdiff.llamacpp.gguf_meta import read_gguf_header
+    from actdiff.nodes import load_config_json
+
+    gguf = gguf_dir / f"{model_dir.name}-f32.gguf"
+    info: dict = {"path": str(gguf)}
+    if gguf.is_file() and gguf.stat().st_mtime > checkpoint_mtime(model_dir):
+        try:
+            meta = verify_gguf(
+                read_gguf_header(gguf), load_config_json(model_dir), "f32", str(model_dir / "config.json")
+            )
+            info.update(reused=True, convert_s=None, tensor_types=meta["tensor_types"], expert_bias=meta["expert_bias"])
+        except GGUFConfigMismatch as e:
+            print(f"  {gguf}: stale ({e}); converting again")
+    if "reused" not in info:
+        t0 = time.perf_counter()
+        meta = convert_to_gguf(str(model_dir), str(gguf), "f32")
+        info.update(
+            reused=False,
+            convert_s=time.perf_counter() - t0,
+            tensor_types=meta["tensor_types"],
+            expert_bias=meta["expert_bias"],
+            sha256=meta["sha256"],
+        )
+    info["bytes"] = gguf.stat().st_size
+    return gguf, info
+
+
+# ----------------------------------------------------------------------------- timing
+class Trio:
+    """The engine, the torch reference and (optionally) llama.cpp for one model directory."""
+
+    def __init__(self, name: str, model_dir: Path, gguf: Path | None = None):
         import torch
 
         from actdiff.engine.core import Engine
         from actdiff.models.loading import load_reference_model
 
-        self.name, self.model_dir = name, model_dir
+        self.name, self.model_dir, self.gguf = name, model_dir, gguf
         t0 = time.perf_counter()
         self.engine = Engine(model_dir)
         self.engine.prepare("fp32")
@@ -215,11 +272,13 @@ class Pair:
         self.torch_load_s = time.perf_counter() - t0
         self.torch = torch
         self.last = f"encoder.layers.{self.cfg['n_layer'] - 1}.norm2"
+        self.runners: dict[int, object] = {}  # threads -> LlamaCppRunner (the GGUF is mmapped: pages shared)
+        self.llamacpp_load_s: dict[int, float] = {}
 
     def run_engine(self, ids, variant="fp32"):
         t0 = time.perf_counter()
         vals = self.engine.forward(ids, variant)
-        return time.perf_counter() - t0, vals[self.last]
+        return time.perf_counter() - t0, vals[self.last], vals["pooled"].reshape(-1)
 
     def run_torch(self, ids):
         torch = self.torch
@@ -231,26 +290,55 @@ class Pair:
             dt = time.perf_counter() - t0
         return dt, out[0].numpy()
 
+    def llamacpp(self, threads: int):
+        if threads not in self.runners:
+            from actdiff.llamacpp.capture import LlamaCppRunner
+
+            t0 = time.perf_counter()
+            self.runners[threads] = LlamaCppRunner(self.gguf, threads=threads, capture_nodes=False)
+            self.llamacpp_load_s[threads] = time.perf_counter() - t0
+        return self.runners[threads]
+
+    def run_llamacpp(self, ids, threads: int):
+        r = self.llamacpp(threads)
+        t0 = time.perf_counter()
+        out = r.forward(ids)
+        return time.perf_counter() - t0, out["result_embd_pooled"]
+
     def free(self):
-        del self.engine, self.model
+        for r in self.runners.values():
+            r.close()
+        del self.engine, self.model, self.runners
 
 
-def bench_pair(p: Pair, T: int, threads: int, repeats: int, mhz: float) -> dict:
+def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float) -> dict:
     from actdiff import kernels
 
     kernels.set_num_threads(threads)
     p.torch.set_num_threads(threads)
     ids = token_ids(T)
-    _, h_e = p.run_engine(ids)  # warm-up
+    with_llama = p.gguf is not None
+    runs = {
+        "engine": lambda: p.run_engine(ids)[0],
+        "torch": lambda: p.run_torch(ids)[0],
+    }
+    if with_llama:
+        runs["llamacpp"] = lambda: p.run_llamacpp(ids, threads)[0]
+    # warm-up (and the outputs for the sanity checks)
+    _, h_e, pooled_e = p.run_engine(ids)
     _, h_t = p.run_torch(ids)
-    te, tt = [], []
-    for _ in range(repeats):
-        te.append(p.run_engine(ids)[0])
-        tt.append(p.run_torch(ids)[0])
-    e_s, t_s = float(np.median(te)), float(np.median(tt))
+    pooled_l = p.run_llamacpp(ids, threads)[1] if with_llama else None
+    sides = list(runs)
+    load_before = os.getloadavg()[0]
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    for i in range(repeats):  # one run of each side per round, order rotated every round
+        for s in sides[i % len(sides) :] + sides[: i % len(sides)]:
+            times[s].append(runs[s]())
+    med = {s: float(np.median(v)) for s, v in times.items()}
+    e_s, t_s = med["engine"], med["torch"]
     fl = count_flops(p.cfg, T)["total"]
     pk = peak_gflops(mhz, threads)
-    return {
+    r = {
         "engine_ms": e_s * 1e3,
         "torch_ms": t_s * 1e3,
         "ratio_torch_over_engine": t_s / e_s,
@@ -260,26 +348,48 @@ def bench_pair(p: Pair, T: int, threads: int, repeats: int, mhz: float) -> dict:
         "torch_pct_peak": 100 * fl / t_s / 1e9 / pk,
         "model_gflop": fl / 1e9,
         "peak_gflops_nominal": pk,
-        "engine_ms_all": [x * 1e3 for x in te],
-        "torch_ms_all": [x * 1e3 for x in tt],
+        "engine_ms_all": [x * 1e3 for x in times["engine"]],
+        "torch_ms_all": [x * 1e3 for x in times["torch"]],
         "repeats": repeats,
         "max_abs_diff_last_hidden_engine_vs_torch": float(np.abs(h_e - h_t).max()),
+        # other processes on the cores inflate OpenMP runtimes (torch, llama.cpp) most at 2 threads
+        "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
     }
+    if with_llama:
+        l_s = med["llamacpp"]
+        te, tt, tl = (np.array(times[s]) for s in ("engine", "torch", "llamacpp"))
+        r.update(
+            {
+                "llamacpp_ms": l_s * 1e3,
+                "ratio_engine_over_llamacpp": e_s / l_s,
+                "ratio_torch_over_llamacpp": t_s / l_s,
+                "ratio_engine_over_llamacpp_median_per_round": float(np.median(te / tl)),
+                "ratio_torch_over_llamacpp_median_per_round": float(np.median(tt / tl)),
+                "llamacpp_gflops": fl / l_s / 1e9,
+                "llamacpp_pct_peak": 100 * fl / l_s / 1e9 / pk,
+                "llamacpp_ms_all": [x * 1e3 for x in times["llamacpp"]],
+                "max_abs_diff_pooled_llamacpp_vs_engine": float(np.abs(pooled_l - pooled_e).max()),
+                "rel_l2_pooled_llamacpp_vs_engine": float(
+                    np.linalg.norm(pooled_l - pooled_e) / np.linalg.norm(pooled_e)
+                ),
+            }
+        )
+    return r
 
 
-def bench_precisions(p: Pair, T: int, threads: int, repeats: int, mhz: float, fp32_ms: float | None) -> dict:
+def bench_precisions(p: Trio, T: int, threads: int, repeats: int, mhz: float, fp32_ms: float | None) -> dict:
     from actdiff import kernels
 
     kernels.set_num_threads(threads)
     ids = token_ids(T)
-    _, ref = p.run_engine(ids, "fp32")
+    _, ref, _ = p.run_engine(ids, "fp32")
     fl = count_flops(p.cfg, T)["total"]
     out = {}
     for v in ("fp16", "bf16", "int8"):
         t0 = time.perf_counter()
         p.engine.prepare(v)  # replaces the fp32 weights (one variant at a time)
         prep_s = time.perf_counter() - t0
-        _, h = p.run_engine(ids, v)  # warm-up
+        _, h, _ = p.run_engine(ids, v)  # warm-up
         ts = [p.run_engine(ids, v)[0] for _ in range(repeats)]
         s = float(np.median(ts))
         out[f"{p.name}/precision={v}/T={T}/threads={threads}"] = {
@@ -294,6 +404,11 @@ def bench_precisions(p: Pair, T: int, threads: int, repeats: int, mhz: float, fp
         }
     p.engine.prepare("fp32")
     return out
+
+
+def cell(r: dict, key: str, width: int, fmt: str) -> str:
+    """One column of the printed table; '-' when the row has no such value (llama.cpp not run)."""
+    return f"{r[key]:{width}{fmt}}" if key in r else f"{'-':>{width}s}"
 
 
 # ----------------------------------------------------------------------------- main
@@ -313,6 +428,8 @@ def main() -> None:
     ap.add_argument("--fullsize-dir", default="results/bench/fullsize-random")
     ap.add_argument("--tiny-dir", default=str(TINY_DIR))
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--gguf-dir", default="results/bench", help="where the f32 GGUFs are cached")
+    ap.add_argument("--no-llamacpp", action="store_true", help="engine and torch only")
     args = ap.parse_args()
     tokens = args.tokens or ([128] if args.quick else [128, 512])
     repeats = args.repeats or (2 if args.quick else 5)
@@ -330,16 +447,44 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     print(f"full-size random model: {full_dir} ({build_s:.1f} s to build or reuse)")
 
+    ggufs: dict[str, Path | None] = {"tiny": None, "fullsize": None}
+    llama_res: dict = {"used": False}
+    if not args.no_llamacpp:
+        from actdiff.llamacpp import available
+
+        ok, why = available()
+        if not ok:
+            print(f"llama.cpp not benchmarked: {why}")
+            llama_res["why_not"] = why
+        else:
+            from actdiff.llamacpp.capture import library_info
+
+            llama_res.update(used=True, **library_info())
+            for name, d in (("tiny", tiny_dir), ("fullsize", full_dir)):
+                ggufs[name], info = ensure_gguf(Path(d), Path(args.gguf_dir))
+                llama_res[f"{name}/gguf"] = info
+                how = "reused" if info["reused"] else f"converted in {info['convert_s']:.1f} s"
+                print(f"llama.cpp f32 GGUF ({name}): {ggufs[name]} ({how})")
+
     cpu = cpu_info()
     mhz = cpu["mhz_nominal"]
     res: dict = {
         "about": {
-            "what": "whole-model forward, engine fp32 (C kernels) vs torch fp32 reference (eager), same token ids",
-            "timing": "one warm-up each, then engine/torch alternated; median of the repeats",
+            "what": "whole-model forward, engine fp32 (C kernels) vs torch fp32 reference (eager) vs llama.cpp "
+            "f32 GGUF, same token ids",
+            "timing": "one warm-up each, then rounds of one run per side (engine, torch, llama.cpp), the order "
+            "rotated every round; median of the repeats; only the forward is timed",
             "flops": "analytic: 2*T*in*out per matmul (Wqkv, out_proj, dense fc1/fc2, router, top-k expert "
             "fc1/fc2) + 2*2*T*T*hidden for attention",
             "peak": PEAK_NOTE,
             "ratio_torch_over_engine": "torch time / engine time; > 1 means the engine is faster",
+            "llamacpp": "llama.cpp (llama-cpp-python 0.3.36) on the f32 GGUF of the same checkpoint: LlamaCppRunner("
+            "capture_nodes=False, no eval callback), n_threads = n_threads_batch = threads, flash attention "
+            "disabled, mean pooling; timed: runner.forward = llama_batch fill + llama_encode + pooled copy",
+            "ratio_engine_over_llamacpp": "engine time / llama.cpp time; <= 1 means the engine is at least as fast",
+            "ratio_torch_over_llamacpp": "torch time / llama.cpp time",
+            "pooled_diff": "llama.cpp's pooled embedding vs the engine's, for information: llama.cpp has no shared "
+            "expert bias and uses tanh GELU from an fp16 table (docs/llamacpp.md), so they differ",
         },
         "cpu": cpu,
         "fp32_flop_per_cycle_per_core": FP32_FLOP_PER_CYCLE_PER_CORE,
@@ -356,6 +501,7 @@ def main() -> None:
         },
         "fullsize_build_or_reuse_s": build_s,
         "loadavg_1_5_15_at_start": os.getloadavg(),
+        "llamacpp": llama_res,
     }
     if os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.2f} at start: other processes share the cores")
@@ -400,25 +546,29 @@ def main() -> None:
         f"{peak_gflops(mhz, 1):.0f} GFLOP/s/core at the nominal clock (the cores boost above it)"
     )
     hdr = (
-        f"{'model':9s} {'T':>4s} {'thr':>3s} {'GFLOP':>6s} {'engine ms':>10s} {'torch ms':>9s} "
-        f"{'torch/eng':>9s} {'eng %pk':>7s} {'torch %pk':>9s} {'max|diff|':>9s}"
+        f"{'model':9s} {'T':>4s} {'thr':>3s} {'GFLOP':>6s} {'engine ms':>10s} {'torch ms':>9s} {'llama ms':>9s} "
+        f"{'torch/eng':>9s} {'eng/llama':>9s} {'torch/llama':>11s} {'eng %pk':>7s} {'torch %pk':>9s} "
+        f"{'llama %pk':>9s} {'max|diff|':>9s}"
     )
     fp32_full_128_2 = None
     for name, d in (("tiny", tiny_dir), ("fullsize", full_dir)):
-        p = Pair(name, d)
+        p = Trio(name, d, ggufs[name])
         res[f"{name}/load_s"] = {"engine_prepare_fp32": p.engine_load_s, "torch_load": p.torch_load_s}
         res[f"{name}/flops_per_forward"] = {f"T={T}": count_flops(p.cfg, T) for T in tokens}
         print("\n" + hdr)
         reps = repeats * 4 if name == "tiny" else repeats
         for T in tokens:
             for nt in args.threads:
-                r = bench_pair(p, T, nt, reps, mhz)
+                r = bench_trio(p, T, nt, reps, mhz)
                 res[f"{name}/T={T}/threads={nt}"] = r
                 if name == "fullsize" and T == 128 and nt == 2:
                     fp32_full_128_2 = r["engine_ms"]
                 print(
                     f"{name:9s} {T:4d} {nt:3d} {r['model_gflop']:6.2f} {r['engine_ms']:10.2f} {r['torch_ms']:9.2f} "
-                    f"{r['ratio_torch_over_engine']:9.2f} {r['engine_pct_peak']:7.1f} {r['torch_pct_peak']:9.1f} "
+                    f"{cell(r, 'llamacpp_ms', 9, '.2f')} {r['ratio_torch_over_engine']:9.2f} "
+                    f"{cell(r, 'ratio_engine_over_llamacpp', 9, '.2f')} "
+                    f"{cell(r, 'ratio_torch_over_llamacpp', 11, '.2f')} "
+                    f"{r['engine_pct_peak']:7.1f} {r['torch_pct_peak']:9.1f} {cell(r, 'llamacpp_pct_peak', 9, '.1f')} "
                     f"{r['max_abs_diff_last_hidden_engine_vs_torch']:9.1e}"
                 )
         if name == "fullsize":
@@ -436,6 +586,8 @@ def main() -> None:
                     f"{(f'{sp:.2f}x' if sp else 'n/a'):>6s}  max|diff| vs fp32 "
                     f"{r['max_abs_diff_last_hidden_vs_engine_fp32']:.1e}"
                 )
+        if p.llamacpp_load_s:
+            res[f"{name}/load_s"]["llamacpp_runner_by_threads"] = {str(k): v for k, v in p.llamacpp_load_s.items()}
         p.free()
         del p
 

@@ -441,3 +441,16 @@ def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
     assert v["not_captured_nodes"] == [f"encoder.layers.{i}.attn.context" for i in range(4)]
     assert {c["hypothesis"] for c in v["causes"]} == {"gelu_tanh_fp16_table", "expert_bias_missing"}
     assert "not captured" in v["plain"]
+
+
+def test_runner_without_capture_gives_the_same_embedding(setup, runner, token_ids):
+    """capture_nodes=False (bench/engine.py times llama.cpp this way): no eval callback, same pooled output."""
+    from actdiff.llamacpp.capture import LlamaCppRunner
+
+    ids = next(iter(token_ids.values()))
+    with LlamaCppRunner(setup["gguf"], threads=1, capture_nodes=False) as bare:
+        got = bare.forward(ids)
+        with pytest.raises(Exception, match="capture_nodes=False"):
+            bare.forward(ids, ["ffn_moe_topk-1"])
+    full = runner.forward(ids)
+    np.testing.assert_array_equal(got["result_embd_pooled"], full["result_embd_pooled"])
