@@ -50,7 +50,7 @@ class EngineTensor:
             return kernels.bf16_to_f32(self.data)
         if self.storage == "int8":
             return (self.data.astype(np.float32) * np.expand_dims(self.scales, self.int8_axis)).astype(np.float32)
-        return self.data.astype(np.float32)
+        return self.data.astype(np.float32, copy=False)
 
 
 def round_to(x: np.ndarray, storage: str) -> np.ndarray:
