@@ -18,11 +18,56 @@ static inline int64_t ordered_int(float x) {
     return i < 0 ? (int64_t)INT32_MIN - (int64_t)i : (int64_t)i;
 }
 
-/* Four interleaved accumulator lanes (position i goes to lane i % 4, lanes summed 0+1+2+3 at the end):
- * the additions of one lane depend on each other, the lanes do not, so the loop is not bound by the
- * latency of one long chain of dependent double additions. The order is fixed, so results are
- * deterministic; ak_compare_naive uses the same lanes and is bitwise equal. */
-#define LANES 4
+/* Eight interleaved accumulator lanes (position i goes to lane i % 8; lanes are summed pairwise at the end):
+ * the additions of one lane depend on each other, the lanes do not, so the loop is not one long chain of
+ * dependent double additions, and the compiler can keep the lanes in vector registers (no reassociation is
+ * needed, so every ISA clone gives the same bits). ak_compare_naive uses the same lanes: bitwise equal. */
+#define LANES 8
+
+static inline int finite_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+static inline double lanes_total(const double *l) {
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/* pass 1: the five sums over the positions where both values are finite (branch-free, vectorisable) */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void compare_sums_pass(double out[5], const float *eng, const float *ref, int64_t n) {
+    double sa[LANES] = {0}, se[LANES] = {0}, sr[LANES] = {0}, sq[LANES] = {0}, dt[LANES] = {0};
+    int64_t full = n - n % LANES;
+    for (int64_t i0 = 0; i0 < full; i0 += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            float fe = eng[i0 + l], fr = ref[i0 + l];
+            int ok = finite_bits(fe) & finite_bits(fr);
+            double e = ok ? (double)fe : 0.0, r = ok ? (double)fr : 0.0, d = e - r;
+            sa[l] += fabs(d);
+            se[l] += d * d;
+            sr[l] += r * r;
+            sq[l] += e * e;
+            dt[l] += e * r;
+        }
+    }
+    for (int64_t i = full; i < n; i++) {
+        int l = (int)(i % LANES);
+        float fe = eng[i], fr = ref[i];
+        int ok = finite_bits(fe) & finite_bits(fr);
+        double e = ok ? (double)fe : 0.0, r = ok ? (double)fr : 0.0, d = e - r;
+        sa[l] += fabs(d);
+        se[l] += d * d;
+        sr[l] += r * r;
+        sq[l] += e * e;
+        dt[l] += e * r;
+    }
+    out[0] = lanes_total(sa);
+    out[1] = lanes_total(se);
+    out[2] = lanes_total(sr);
+    out[3] = lanes_total(sq);
+    out[4] = lanes_total(dt);
+}
 
 /* out is one ak_compare_result, eng is (n), ref is (n).
  * Sums run over the positions where both values are finite, in double. */
@@ -30,49 +75,38 @@ int ak_compare(ak_compare_result *out, const float *eng, const float *ref, int64
     if (!out || ((!eng || !ref) && n > 0)) return AK_ERR_NULL_POINTER;
     if (n < 0) return AK_ERR_INVALID_SIZE;
     memset(out, 0, sizeof *out);
-    double sum_abs[LANES] = {0}, sq_err[LANES] = {0}, sq_ref[LANES] = {0}, sq_eng[LANES] = {0}, dot[LANES] = {0};
-    double max_abs = -1.0;
-    int64_t argmax = 0, max_ulp = 0, valid = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += LANES) {
-        int64_t m = n - i0 < LANES ? n - i0 : LANES;
-        for (int64_t l = 0; l < m; l++) {
-            int64_t i = i0 + l;
-            float fe = eng[i], fr = ref[i];
-            double ad = 0.0; /* a position where either side is not finite counts as 0 for the argmax */
-            if (isfinite(fe) && isfinite(fr)) {
-                double e = fe, r = fr, d = e - r;
-                ad = fabs(d);
-                sum_abs[l] += ad;
-                sq_err[l] += d * d;
-                sq_ref[l] += r * r;
-                sq_eng[l] += e * e;
-                dot[l] += e * r;
-                int64_t u = ordered_int(fe) - ordered_int(fr);
-                if (u < 0) u = -u;
-                if (u > max_ulp) max_ulp = u;
-                valid++;
-            } else {
-                if (isnan(fe)) out->nan_eng++; else if (isinf(fe)) out->inf_eng++;
-                if (isnan(fr)) out->nan_ref++; else if (isinf(fr)) out->inf_ref++;
-            }
-            if (ad > max_abs) { max_abs = ad; argmax = i; } /* strict: the first maximum, as numpy.argmax */
+    double sums[5];
+    compare_sums_pass(sums, eng, ref, n);
+    /* pass 2 (scalar): counts, the first largest |eng - ref| (as numpy.argmax) and the largest ULP distance */
+    double best = -1.0;
+    for (int64_t i = 0; i < n; i++) {
+        float fe = eng[i], fr = ref[i];
+        double ad = 0.0; /* a position where either side is not finite counts as 0 for the argmax */
+        if (finite_bits(fe) & finite_bits(fr)) {
+            ad = fabs((double)fe - (double)fr);
+            int64_t u = ordered_int(fe) - ordered_int(fr);
+            if (u < 0) u = -u;
+            if (u > out->max_ulp) out->max_ulp = u;
+            out->n_valid++;
+        } else {
+            if (isnan(fe)) out->nan_eng++; else if (isinf(fe)) out->inf_eng++;
+            if (isnan(fr)) out->nan_ref++; else if (isinf(fr)) out->inf_ref++;
         }
+        if (ad > best) { best = ad; out->argmax = i; }
     }
-    out->n_valid = valid;
-    out->argmax = argmax;
-    out->max_ulp = max_ulp;
-    out->max_abs = n > 0 ? max_abs : 0.0;
-    out->sum_abs = (sum_abs[0] + sum_abs[1]) + (sum_abs[2] + sum_abs[3]);
-    out->sum_sq_err = (sq_err[0] + sq_err[1]) + (sq_err[2] + sq_err[3]);
-    out->sum_sq_ref = (sq_ref[0] + sq_ref[1]) + (sq_ref[2] + sq_ref[3]);
-    out->sum_sq_eng = (sq_eng[0] + sq_eng[1]) + (sq_eng[2] + sq_eng[3]);
-    out->dot = (dot[0] + dot[1]) + (dot[2] + dot[3]);
+    if (n == 0) best = 0.0;
+    out->max_abs = best;
+    out->sum_abs = sums[0];
+    out->sum_sq_err = sums[1];
+    out->sum_sq_ref = sums[2];
+    out->sum_sq_eng = sums[3];
+    out->dot = sums[4];
     return AK_OK;
 }
 
 /* reference: the same definition written as separate passes per quantity (tests compare the two bitwise) */
 static double lane_sum(const float *eng, const float *ref, int64_t n, int what) {
-    double lane[LANES] = {0};
+    double lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t i = 0; i < n; i++) {
         if (!isfinite(eng[i]) || !isfinite(ref[i])) continue;
         double e = eng[i], r = ref[i], v;
@@ -85,7 +119,7 @@ static double lane_sum(const float *eng, const float *ref, int64_t n, int what) 
         }
         lane[i % LANES] += v;
     }
-    return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+    return lanes_total(lane);
 }
 
 int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref, int64_t n) {
