@@ -1,9 +1,9 @@
 /*
- * compare.c -- one-pass error sums between an engine array and a reference array (actdiff.compare.metrics).
+ * compare.c -- error sums between an engine array and a reference array (actdiff.compare.metrics).
  *
  * The comparison of two dumps computes a dozen metrics per (prompt, node); in numpy that is ~30 array
- * passes with float64 temporaries per call. Here it is one pass with double accumulators; the Python side
- * derives max abs, mean abs, RMSE, relative L2, cosine, SQNR, NMSE from these sums.
+ * passes with float64 temporaries per call. Here it is two passes (the sums; counts and maxima) with double
+ * accumulators; the Python side derives max abs, mean abs, RMSE, relative L2, cosine, SQNR, NMSE from them.
  */
 #include <math.h>
 #include <stdlib.h>
