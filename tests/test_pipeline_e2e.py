@@ -52,6 +52,9 @@ DUMPS = [(m, "reference", "fp32") for m in MODELS] + [
 ]
 
 
+FILTERS = {"none": None, "lzf": "lzf", "gzip": "gzip"}  # activation_compression -> the h5py filter name
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("model, side, variant", DUMPS)
 def test_hdf5_holds_exactly_the_graph(ci_run, model, side, variant):
@@ -76,8 +79,9 @@ def test_hdf5_holds_exactly_the_graph(ci_run, model, side, variant):
                 rows = n_prompts if name in ("pooled", "embedding") else offsets[-1]
                 assert d.shape == (rows, *trailing), name
                 assert d.dtype == (np.int64 if name.endswith("topk_indices") else np.float32), name
-                assert d.compression == "gzip" and d.chunks is not None
+                assert d.compression == FILTERS[ci_run.config["activation_compression"]] and d.chunks is not None
             assert f.attrs["schema_version"] == 1 and f.attrs["weights_sha256"] == info["weights_sha256"]
+            assert f.attrs["compression"] == ci_run.config["activation_compression"]
             assert f.attrs["model"] == model and f.attrs["side"] == side and f.attrs["variant"] == variant
             assert f["nodes"]["emb_ln"].attrs["op"] == "LAYERNORM" and f["nodes"]["emb_ln"].attrs["index"] == 1
             assert json.loads(f.attrs["library_versions"])["torch"]
