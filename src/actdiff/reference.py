@@ -95,24 +95,39 @@ class ReferenceRunner:
         return out
 
     def run(
-        self, prompts: Iterable[tuple[str, list[int]]], batch_size: int = 1, progress_every: int = 100
+        self,
+        prompts: Iterable[tuple[str, list[int]]],
+        batch_size: int = 1,
+        progress_every: int = 100,
+        max_batch_tokens: int = 2048,
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """Stream (prompt_id, node values) for prompts in their input order, a batch at a time.
 
         With batch_size > 1, prompts are taken a window of 8 batches at a time and sorted by length inside
-        the window, so a batch pads little (the shard order is a hash order, lengths are random); results
-        are yielded in the input order, so memory is bounded by the window, not the corpus."""
+        the window, so a batch pads little (the shard order is a hash order, lengths are random); a batch
+        holds at most ``batch_size`` prompts and ``max_batch_tokens`` padded tokens (so a batch of 512-token
+        prompts is smaller than one of short prompts: memory per batch is bounded, not per prompt count).
+        Results are yielded in the input order, so memory is bounded by the window, not the corpus."""
         window: list[tuple[str, list[int]]] = []
         done, t0 = 0, time.perf_counter()
         total = len(prompts) if hasattr(prompts, "__len__") else None
         window_size = batch_size * 8 if batch_size > 1 else 1
 
+        def batches(order: list[int]) -> Iterator[list[int]]:
+            batch: list[int] = []
+            for i in order:  # ascending length: the last prompt added sets the padded length
+                if batch and (len(batch) >= batch_size or (len(batch) + 1) * len(window[i][1]) > max_batch_tokens):
+                    yield batch
+                    batch = []
+                batch.append(i)
+            if batch:
+                yield batch
+
         def flush():
             nonlocal done
             order = sorted(range(len(window)), key=lambda i: len(window[i][1]))
             results: dict[int, dict[str, np.ndarray]] = {}
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in batches(order):
                 for i, vals in zip(idx, self.run_batch([window[i][1] for i in idx]), strict=True):
                     results[i] = vals
             for i, (pid, _) in enumerate(window):
