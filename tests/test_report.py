@@ -73,8 +73,9 @@ def _verdict(results: Path, run: str) -> dict:
 
 @pytest.fixture(scope="module")
 def rendered(results) -> dict[str, Path]:
-    """The three reports and the index, rendered with the fallback into results/ci/reports/."""
-    out = results / "reports"
+    """The three reports and the index, rendered with the fallback into results/ci/test-reports/ (not the
+    pipeline's reports/, whose index covers every run and which other tests read)."""
+    out = results / "test-reports"
     paths = {}
     for r in RUNS:
         m, s, v = r.split("/")
@@ -214,7 +215,7 @@ def test_fault_report_in_headless_chromium(results, rendered):
     assert CHROMIUM.is_file(), "Debian chromium is required: apt-get install -y chromium"
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     page_path = rendered[f"{MODEL}/{SIDE}/{FAULT}"]
-    shot = results / "reports" / "screenshot.png"
+    shot = results / "test-reports" / "screenshot.png"
     errors, requests = [], []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(

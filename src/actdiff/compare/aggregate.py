@@ -22,12 +22,6 @@ from .routing import expert_load
 QUANTILE_METRICS = ("rel_l2", "local_rel_l2", "cosine", "max_abs", "amplification", "sqnr_db", "max_ulp")
 
 
-def _read(paths: list[str]) -> pd.DataFrame:
-    frames = [pd.read_parquet(p) for p in paths]
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.read_parquet(paths[0])
-
-
 def _write(df: pd.DataFrame, path: str) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
@@ -58,137 +52,280 @@ def node_summary(nodes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def aggregate(shard_tables: dict[str, list[str]], outputs: dict[str, str], meta: dict) -> dict:
-    """Combine the shards' tables; write the summaries named in ``outputs`` and the verdict."""
-    nodes = _read(shard_tables["nodes"])
-    summary = node_summary(nodes)
+SAMPLE_PROMPTS = 20_000  # quantiles and medians come from this many prompts (all of them in smaller corpora)
+
+
+def _sample_threshold(paths: list[str], k: int) -> int:
+    """The sample key of the k-th smallest prompt over the shards (every prompt when there are fewer): the
+    prompts whose key is at most this form a fixed, corpus-wide uniform sample, found with a bounded heap."""
+    import heapq
+
+    from .embeddings import sample_key
+
+    heap: list[int] = []  # max-heap of the k smallest keys (negated)
+    for p in paths:
+        for pid in pq_prompt_ids(p):
+            key = -sample_key(pid)
+            if len(heap) < k:
+                heapq.heappush(heap, key)
+            elif key > heap[0]:
+                heapq.heapreplace(heap, key)
+    return -heap[0] if len(heap) >= k else 2**64
+
+
+def pq_prompt_ids(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["prompt_id"]).column(0).unique().to_pylist()
+
+
+def _in_sample(df: pd.DataFrame, threshold: int) -> pd.DataFrame:
+    from .embeddings import sample_key
+
+    if not len(df):
+        return df
+    keys = df["prompt_id"].map(sample_key)
+    return df[keys <= threshold]
+
+
+def aggregate(
+    shard_tables: dict[str, list[str]], outputs: dict[str, str], meta: dict, sample_prompts: int = SAMPLE_PROMPTS
+) -> dict:
+    """Combine the shards' tables; write the summaries named in ``outputs`` and the verdict.
+
+    Shards are read one at a time. Counts, maxima, worst prompts, histograms and expert loads are exact;
+    quantiles and medians come from a fixed sample of ``sample_prompts`` prompts (the smallest sha256 keys
+    of prompt_id: every prompt of a corpus up to that size). So memory is bounded by one shard plus the
+    sample, whatever the corpus size."""
+    threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
+    sampled: dict[str, list[pd.DataFrame]] = {"nodes": [], "hypotheses": [], "prompts": []}
+    exact_nodes: list[pd.DataFrame] = []
+    first_counts: dict[str, int] = {}
+    hyp_counts: dict[tuple, int] = {}
+    hyp_fallback: dict[tuple, tuple[float, float, str]] = {}
+    ev_counts: dict[tuple, int] = {}
+    routing_acc: dict[int, dict] = {}
+    emb_acc = {"n": 0, "min": math.inf, "hist": None, "worst": []}
+    n_experts = int(meta.get("experts", 0) or 0)
+    empty_shape: dict[str, pd.DataFrame] = {}
+    for i in range(len(shard_tables["nodes"])):
+        nodes = pd.read_parquet(shard_tables["nodes"][i])
+        empty_shape.setdefault("nodes", nodes.iloc[:0])
+        if len(nodes):
+            exact_nodes.append(_exact_node_part(nodes))
+            for node, c in (
+                nodes.drop_duplicates("prompt_id")["first_divergence"].replace("", "(none)").value_counts().items()
+            ):
+                first_counts[node] = first_counts.get(node, 0) + int(c)
+            sampled["nodes"].append(_in_sample(nodes, threshold))
+        hyp = pd.read_parquet(shard_tables["hypotheses"][i])
+        if len(hyp):
+            top = hyp[hyp["rank"] == 1]
+            for key, g in top.groupby(["node", "verdict", "explained_by", "hypothesis"]):
+                hyp_counts[key] = hyp_counts.get(key, 0) + g["prompt_id"].nunique()
+                hyp_fallback.setdefault(
+                    key, (float(g["error"].median()), float(g["baseline_error"].median()), g["says"].iloc[0])
+                )
+            for key, g in hyp.groupby(["node", "hypothesis"]):
+                ev_counts[key] = ev_counts.get(key, 0) + g["prompt_id"].nunique()
+            sampled["hypotheses"].append(_in_sample(hyp, threshold))
+        prompts = pd.read_parquet(shard_tables["prompts"][i])
+        sampled["prompts"].append(_in_sample(prompts, threshold))
+        _embedding_accumulate(emb_acc, prompts)
+        _routing_accumulate(routing_acc, pd.read_parquet(shard_tables["routing"][i]), n_experts)
+        del nodes, hyp, prompts
+
+    nodes_s = _concat(sampled["nodes"], empty_shape.get("nodes"))
+    summary = node_summary(nodes_s) if len(nodes_s) else pd.DataFrame()
+    if len(summary):
+        summary = _apply_exact(summary, pd.concat(exact_nodes, ignore_index=True))
     _write(summary, outputs["summary"])
     first = (
-        nodes.drop_duplicates("prompt_id")["first_divergence"]
-        .replace("", "(none)")
-        .value_counts()
-        .rename_axis("node")
-        .reset_index(name="prompts")
+        pd.DataFrame({"node": list(first_counts), "prompts": list(first_counts.values())})
+        .sort_values(["prompts", "node"], ascending=[False, True])
+        .reset_index(drop=True)
     )
     _write(first, outputs["first_divergence"])
-    hyp = _read(shard_tables["hypotheses"])
-    if len(hyp):
-        top = hyp[hyp["rank"] == 1]
-        hyp_summary = (
-            top.groupby(["node", "verdict", "explained_by", "hypothesis"])
-            .agg(
-                prompts=("prompt_id", "nunique"),
-                error_median=("error", "median"),
-                baseline_error_median=("baseline_error", "median"),
-                says=("says", "first"),
-            )
-            .reset_index()
-            .sort_values("prompts", ascending=False)
-        )
-        # evidence: the median error under every hypothesis at the most common first divergent node
-        evidence = (
-            hyp.groupby(["node", "hypothesis"])
-            .agg(error_median=("error", "median"), prompts=("prompt_id", "nunique"))
-            .reset_index()
-        )
-    else:
-        hyp_summary = pd.DataFrame(
-            columns=[
-                "node",
-                "verdict",
-                "explained_by",
-                "hypothesis",
-                "prompts",
-                "error_median",
-                "baseline_error_median",
-                "says",
-            ]
-        )
-        evidence = pd.DataFrame(columns=["node", "hypothesis", "error_median", "prompts"])
+    hyp_s = _concat(sampled["hypotheses"], None)
+    hyp_summary, evidence = _hypothesis_tables(hyp_s, hyp_counts, hyp_fallback, ev_counts)
     _write(hyp_summary, outputs["hypotheses"])
-    routing = _read(shard_tables["routing"])
-    prompts = _read(shard_tables["prompts"])
-    _write(_routing_summary(routing, prompts, meta.get("experts", 0)), outputs["routing"])
-    emb = _embedding_summary(shard_tables["embeddings"], prompts)
+    prompts_s = _concat(sampled["prompts"], None)
+    _write(_routing_table(routing_acc, prompts_s), outputs["routing"])
+    emb = _embedding_summary(shard_tables["embeddings"], prompts_s, emb_acc, meta.get("embedding_sample", 2000))
     write_json_atomic(outputs["embeddings"], emb)
     verdict = _verdict(summary, first, hyp_summary, evidence, emb, meta)
     write_json_atomic(outputs["verdict"], verdict)
     return verdict
 
 
-def _routing_summary(routing: pd.DataFrame, prompts: pd.DataFrame, n_experts: int) -> pd.DataFrame:
-    if not len(routing):
-        return pd.DataFrame(
-            columns=[
-                "layer",
-                "tokens",
-                "agreement",
-                "jaccard_mean",
-                "flips",
-                "flips_explained",
-                "near_ties",
-                "ref_load",
-                "eng_load",
-                "forced_rel_l2_median",
-                "moe_out_rel_l2_median",
-                "margin_hist",
-                "margin_hist_flips",
-            ]
-        )
+def _concat(frames: list[pd.DataFrame], empty: pd.DataFrame | None) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if frames:
+        return pd.concat(frames, ignore_index=True)
+    return empty if empty is not None else pd.DataFrame()
+
+
+def _exact_node_part(nodes: pd.DataFrame) -> pd.DataFrame:
+    """One shard's exact per-node counts, maxima and worst prompts (combined over shards by _apply_exact)."""
+    g = nodes.groupby(["node_index", "node"], sort=True)
+    part = g.agg(
+        n_prompts=("prompt_id", "size"),
+        fail=("status", lambda x: int((x == "fail").sum())),
+        warn=("status", lambda x: int((x == "warn").sum())),
+        not_captured=("status", lambda x: int((x == "not_captured").sum())),
+    )
+    for m in QUANTILE_METRICS:
+        part[f"{m}_max"] = g[m].agg(lambda v: v.replace([np.inf, -np.inf], np.nan).max())
+    # ties (exact zeros are common) broken by prompt_id, so the worst prompts do not depend on shard order
+    worst = nodes.sort_values(["local_rel_l2", "prompt_id"], ascending=[False, True]).groupby("node").head(3)
+    part["worst"] = worst.groupby(["node_index", "node"]).apply(
+        lambda w: list(zip(w["local_rel_l2"].fillna(-np.inf), w["prompt_id"], strict=True)), include_groups=False
+    )
+    return part.reset_index()
+
+
+def _apply_exact(summary: pd.DataFrame, exact: pd.DataFrame) -> pd.DataFrame:
+    g = exact.groupby(["node_index", "node"], sort=True)
+    agg = g[["n_prompts", "fail", "warn", "not_captured"]].sum()
+    for m in QUANTILE_METRICS:
+        agg[f"{m}_max"] = g[f"{m}_max"].max()
+    agg["worst_prompts"] = g["worst"].agg(
+        lambda parts: json.dumps([p for _, p in sorted((x for w in parts for x in w), key=lambda t: (-t[0], t[1]))[:3]])
+    )
+    agg = agg.reset_index()
+    out = summary.drop(columns=[c for c in agg.columns if c not in ("node_index", "node")], errors="ignore")
+    out = out.merge(agg, on=["node_index", "node"], how="left")
+    return out[list(summary.columns)]
+
+
+def _hypothesis_tables(hyp_s, hyp_counts, hyp_fallback, ev_counts):
+    cols = ["node", "verdict", "explained_by", "hypothesis", "prompts", "error_median", "baseline_error_median", "says"]
+    if not hyp_counts:
+        return pd.DataFrame(columns=cols), pd.DataFrame(columns=["node", "hypothesis", "error_median", "prompts"])
+    med = {}
+    if len(hyp_s):
+        top = hyp_s[hyp_s["rank"] == 1]
+        for key, g in top.groupby(["node", "verdict", "explained_by", "hypothesis"]):
+            med[key] = (float(g["error"].median()), float(g["baseline_error"].median()), g["says"].iloc[0])
     rows = []
-    moe = prompts[prompts["kind"] == "moe_layer"]
-    edges = np.concatenate([[0.0], np.logspace(-6, 0, 25)])
+    for key, n in hyp_counts.items():
+        e, b, says = med.get(key, hyp_fallback[key])  # a group outside the sample: its first shard's median
+        rows.append(dict(zip(cols, [*key, n, e, b, says], strict=True)))
+    hyp_summary = pd.DataFrame(rows, columns=cols).sort_values(["prompts", "node"], ascending=[False, True])
+    ev_med = hyp_s.groupby(["node", "hypothesis"])["error"].median().to_dict() if len(hyp_s) else {}
+    evidence = pd.DataFrame(
+        [{"node": k[0], "hypothesis": k[1], "error_median": float(ev_med.get(k, math.nan)), "prompts": n}
+         for k, n in ev_counts.items()]
+    )  # fmt: skip
+    return hyp_summary.reset_index(drop=True), evidence
+
+
+ROUTING_COLUMNS = [
+    "layer", "tokens", "agreement", "jaccard_mean", "flips", "flips_explained", "near_ties", "ref_load", "eng_load",
+    "forced_rel_l2_median", "moe_out_rel_l2_median", "margin_hist", "margin_hist_flips", "margin_edges",
+]  # fmt: skip
+MARGIN_EDGES = np.concatenate([[0.0], np.logspace(-6, 0, 25)])
+
+
+def _routing_accumulate(acc: dict, routing: pd.DataFrame, n_experts: int) -> None:
+    """Add one shard's routing rows to per-layer sums (tokens, agreements, loads, margin histograms)."""
     for layer, g in routing.groupby("layer"):
-        ref_idx = np.array(g["ref_experts"].tolist())
-        eng_idx = np.array(g["eng_experts"].tolist())
+        a = acc.setdefault(
+            int(layer),
+            {"tokens": 0, "agree": 0, "jaccard": 0.0, "flips": 0, "flips_explained": 0, "near_ties": 0,
+             "ref_load": np.zeros(n_experts, np.int64), "eng_load": np.zeros(n_experts, np.int64),
+             "hist": np.zeros(len(MARGIN_EDGES) - 1, np.int64),
+             "hist_flips": np.zeros(len(MARGIN_EDGES) - 1, np.int64)},
+        )  # fmt: skip
         flips = ~g["agree"].to_numpy()
-        m = g["ref_margin"].to_numpy(np.float64)
+        m = np.clip(g["ref_margin"].to_numpy(np.float64), 0, 1)
+        a["tokens"] += len(g)
+        a["agree"] += int(g["agree"].sum())
+        a["jaccard"] += float(g["jaccard"].sum())
+        a["flips"] += int(flips.sum())
+        a["flips_explained"] += int(g["flip_explained"].sum())
+        a["near_ties"] += int(g["near_tie"].sum())
+        a["ref_load"] += expert_load(np.array(g["ref_experts"].tolist()), n_experts)
+        a["eng_load"] += expert_load(np.array(g["eng_experts"].tolist()), n_experts)
+        a["hist"] += np.histogram(m, MARGIN_EDGES)[0]
+        a["hist_flips"] += np.histogram(m[flips], MARGIN_EDGES)[0]
+
+
+def _routing_table(acc: dict, prompts_s: pd.DataFrame) -> pd.DataFrame:
+    if not acc:
+        return pd.DataFrame(columns=ROUTING_COLUMNS)
+    moe = prompts_s[prompts_s["kind"] == "moe_layer"] if len(prompts_s) else pd.DataFrame(columns=["layer"])
+    rows = []
+    for layer in sorted(acc):
+        a = acc[layer]
         ml = moe[moe["layer"] == layer]
         rows.append(
             {
-                "layer": int(layer),
-                "tokens": len(g),
-                "agreement": float(g["agree"].mean()),
-                "jaccard_mean": float(g["jaccard"].mean()),
-                "flips": int(flips.sum()),
-                "flips_explained": int(g["flip_explained"].sum()),
-                "near_ties": int(g["near_tie"].sum()),
-                "ref_load": json.dumps(expert_load(ref_idx, n_experts).tolist()),
-                "eng_load": json.dumps(expert_load(eng_idx, n_experts).tolist()),
+                "layer": layer,
+                "tokens": a["tokens"],
+                "agreement": a["agree"] / a["tokens"] if a["tokens"] else math.nan,
+                "jaccard_mean": a["jaccard"] / a["tokens"] if a["tokens"] else math.nan,
+                "flips": a["flips"],
+                "flips_explained": a["flips_explained"],
+                "near_ties": a["near_ties"],
+                "ref_load": json.dumps(a["ref_load"].tolist()),
+                "eng_load": json.dumps(a["eng_load"].tolist()),
                 "forced_rel_l2_median": float(ml["value2"].median()) if len(ml) else math.nan,
                 "moe_out_rel_l2_median": float(ml["value"].median()) if len(ml) else math.nan,
-                "margin_hist": json.dumps(np.histogram(np.clip(m, 0, 1), edges)[0].tolist()),
-                "margin_hist_flips": json.dumps(np.histogram(np.clip(m[flips], 0, 1), edges)[0].tolist()),
-                "margin_edges": json.dumps(edges.tolist()),
+                "margin_hist": json.dumps(a["hist"].tolist()),
+                "margin_hist_flips": json.dumps(a["hist_flips"].tolist()),
+                "margin_edges": json.dumps(MARGIN_EDGES.tolist()),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=ROUTING_COLUMNS)
 
 
-def _embedding_summary(paths: list[str], prompts: pd.DataFrame) -> dict:
-    e = prompts[prompts["kind"] == "embedding"]
+COSINE_EDGES = np.concatenate([[0], np.logspace(-9, 0, 19)])
+
+
+def _embedding_accumulate(acc: dict, prompts: pd.DataFrame) -> None:
+    """Exact embedding-level counts over every prompt: minimum cosine, histogram of 1 - cosine, worst five."""
+    e = prompts[prompts["kind"] == "embedding"] if len(prompts) else prompts
+    if not len(e):
+        return
     cos = e["value"].to_numpy(np.float64)
-    sample = _read(paths)
+    acc["n"] += len(e)
+    acc["min"] = min(acc["min"], float(np.nanmin(cos)))
+    h = np.histogram(1 - np.clip(cos, -1, 1), COSINE_EDGES)[0]
+    acc["hist"] = h if acc["hist"] is None else acc["hist"] + h
+    acc["worst"] = sorted([*acc["worst"], *zip(cos.tolist(), e["prompt_id"], strict=True)])[:5]
+
+
+def _embedding_summary(paths: list[str], prompts_s: pd.DataFrame, acc: dict, sample_size: int = 2000) -> dict:
+    e = prompts_s[prompts_s["kind"] == "embedding"] if len(prompts_s) else pd.DataFrame(columns=["value"])
+    cos = e["value"].to_numpy(np.float64)  # the prompt sample: quantiles
     out = {
-        "prompts": int(len(e)),
-        "cosine_min": float(cos.min()) if cos.size else math.nan,
+        "prompts": int(acc["n"]),
+        "cosine_min": acc["min"] if acc["n"] else math.nan,
         "cosine_p01": float(np.quantile(cos, 0.01)) if cos.size else math.nan,
         "cosine_median": float(np.median(cos)) if cos.size else math.nan,
-        "cosine_hist": np.histogram(1 - np.clip(cos, -1, 1), np.concatenate([[0], np.logspace(-9, 0, 19)]))[0].tolist()
-        if cos.size
-        else [],
-        "worst_cosine_prompts": e.sort_values("value").head(5)["prompt_id"].tolist(),
+        "cosine_hist": acc["hist"].tolist() if acc["hist"] is not None else [],
+        "worst_cosine_prompts": [p for _, p in acc["worst"]],
     }
-    if len(sample):
-        from .embeddings import sample_key
+    # each shard kept its own smallest-key sample; the corpus sample is the smallest keys over all shards,
+    # merged one shard at a time so at most two shards' samples are in memory
+    from .embeddings import sample_key
 
-        sample = sample.assign(key=sample["prompt_id"].map(sample_key)).sort_values("key")
-        size = len(sample)  # already bounded per shard; the global sample is the smallest keys overall
+    sample = None
+    for p in paths:
+        part = pd.read_parquet(p)
+        if not len(part):
+            continue
+        part = part.assign(key=part["prompt_id"].map(sample_key))
+        sample = part if sample is None else pd.concat([sample, part], ignore_index=True)
+        sample = sample.nsmallest(sample_size, "key")
+    if sample is not None and len(sample):
+        sample = sample.sort_values("key")
         ref = np.array(sample["ref"].tolist(), np.float64)
         eng = np.array(sample["eng"].tolist(), np.float64)
         ov = neighbour_overlap(ref, eng, 10)
         out.update(
-            sample_size=int(size),
+            sample_size=int(len(sample)),
             neighbour_overlap_mean=float(ov.mean()),
             neighbour_overlap_min=float(ov.min()),
             similarity_spearman=similarity_rank_correlation(ref, eng),
