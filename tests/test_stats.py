@@ -270,3 +270,27 @@ print([int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmH
     assert rss[10] - rss[1] < 100, rss
     n1 = len(pd.read_parquet(tmp_path / "1-nodes.parquet"))
     assert len(pd.read_parquet(tmp_path / "10-nodes.parquet")) == 10 * n1
+
+
+def test_aggregate_sample_keeps_counts_exact_and_shard_order_irrelevant(ci_run, tmp_path):
+    """aggregate_stats holds one shard plus a fixed prompt sample: counts, maxima and worst prompts stay exact
+    with a 10-prompt sample, and the result does not depend on the order the shards come in."""
+    run = ci_run.results / "tiny-nomic-moe/actdiff/fp32+fault=causal_mask"
+    tables = {t: sorted(str(p) for p in run.glob(f"stats/shard-*/{t}.parquet")) for t in STATS_TABLES}
+    keys = ("summary", "first_divergence", "hypotheses", "routing", "embeddings", "verdict")
+
+    def agg(name, tabs, **kw):
+        outs = {k: str(tmp_path / f"{name}-{k}.{'json' if k in ('embeddings', 'verdict') else 'parquet'}") for k in keys}
+        v = aggregate(tabs, outs, {"model": "tiny", "side": "actdiff", "variant": "f", "experts": 8}, **kw)
+        return v, {k: pd.read_parquet(p) for k, p in outs.items() if p.endswith(".parquet")}
+
+    v, full = agg("full", tables)
+    _, rev = agg("rev", {t: v[::-1] for t, v in tables.items()})
+    for k in full:
+        pd.testing.assert_frame_equal(full[k], rev[k], obj=k)
+    vs, small = agg("small", tables, sample_prompts=10)
+    exact = ["n_prompts", "fail", "warn", "rel_l2_max", "local_rel_l2_max", "worst_prompts"]
+    pd.testing.assert_frame_equal(small["summary"][exact], full["summary"][exact])
+    pd.testing.assert_frame_equal(small["first_divergence"], full["first_divergence"])
+    assert vs["first_divergence"] == v["first_divergence"] and vs["hypothesis"] == v["hypothesis"]
+    assert small["routing"]["flips"].tolist() == full["routing"]["flips"].tolist()
