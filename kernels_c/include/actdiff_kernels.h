@@ -173,6 +173,9 @@ typedef struct {
 int ak_compare(ak_compare_result *out, const float *eng, const float *ref, int64_t n);
 /* the same, written as separate passes (reference) */
 int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref, int64_t n);
+/* out is one double, a is (n), b is (n): ||a - b|| / ||b|| in double (0 if both norms are 0, inf if only b's);
+ * NaN/Inf propagate */
+int ak_rel_l2(double *out, const float *a, const float *b, int64_t n);
 
 /* CFFI_END */
 

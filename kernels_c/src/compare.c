@@ -150,3 +150,37 @@ int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref,
     out->dot = lane_sum(eng, ref, n, 4);
     return AK_OK;
 }
+
+/* ||a - b|| / ||b|| accumulated in double (8 lanes, same order on every ISA clone); NaN/Inf propagate as in
+ * the arithmetic (no masking), as numpy's definition does. The statistics call this once per node and prompt
+ * for the local error, where the full ak_compare would compute a dozen unused numbers. */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void rel_l2_sums(double *num, double *den, const float *a, const float *b, int64_t n) {
+    double sn[LANES] = {0}, sd[LANES] = {0};
+    int64_t full = n - n % LANES;
+    for (int64_t i0 = 0; i0 < full; i0 += LANES) {
+        for (int l = 0; l < LANES; l++) {
+            double x = a[i0 + l], y = b[i0 + l], d = x - y;
+            sn[l] += d * d;
+            sd[l] += y * y;
+        }
+    }
+    for (int64_t i = full; i < n; i++) {
+        double x = a[i], y = b[i], d = x - y;
+        sn[i % LANES] += d * d;
+        sd[i % LANES] += y * y;
+    }
+    *num = lanes_total(sn);
+    *den = lanes_total(sd);
+}
+
+/* out is one double, a is (n), b is (n): out = ||a - b|| / ||b|| (0 when both norms are 0, inf when only b's) */
+int ak_rel_l2(double *out, const float *a, const float *b, int64_t n) {
+    if (!out || ((!a || !b) && n > 0)) return AK_ERR_NULL_POINTER;
+    if (n < 0) return AK_ERR_INVALID_SIZE;
+    double num, den;
+    rel_l2_sums(&num, &den, a, b, n);
+    if (den == 0.0) *out = num == 0.0 ? 0.0 : INFINITY;
+    else *out = sqrt(num) / sqrt(den);
+    return AK_OK;
+}

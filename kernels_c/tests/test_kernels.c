@@ -244,6 +244,12 @@ static void test_compare(void) {
     EXPECT(a.max_ulp == 1 && a.argmax == 0, "ulp %lld argmax %lld", (long long)a.max_ulp, (long long)a.argmax);
     CHECK(ak_compare(&a, x, y, 4));
     EXPECT(a.inf_eng == 1 && a.n_valid == 3 && a.nan_ref == 0, "non-finite positions are counted, not summed");
+    double rl;
+    CHECK(ak_rel_l2(&rl, e, r, (int64_t)n));
+    EXPECT(fabs(rl - sqrt(err) / sqrt(ref)) <= 1e-12 * rl, "rel_l2 %g vs %g", rl, sqrt(err) / sqrt(ref));
+    CHECK(ak_rel_l2(&rl, y, y, 3));
+    EXPECT(rl == 0.0, "rel_l2 of equal arrays");
+    EXPECT(ak_rel_l2(NULL, x, y, 4) == AK_ERR_NULL_POINTER, "rel_l2 null");
     EXPECT(ak_compare(NULL, x, y, 4) == AK_ERR_NULL_POINTER, "null result");
     EXPECT(ak_compare(&a, x, y, -1) == AK_ERR_INVALID_SIZE, "negative n");
     free(e); free(r);

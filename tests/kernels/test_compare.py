@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actdiff.compare.metrics import FLOAT_METRICS, compare, compare_reference
-from actdiff.kernels import compare_sums
+from actdiff.kernels import compare_sums, rel_l2_f32
 
 INT_KEYS = ("nan_ref", "inf_ref", "nan_eng", "inf_eng", "max_abs_token", "max_abs_channel", "max_ulp")
 
@@ -88,3 +88,20 @@ def test_compare_sums_validates_inputs():
         compare_sums(a.astype(np.float64), a)
     with pytest.raises(ValueError, match="ref must have shape"):
         compare_sums(a, np.zeros(5, np.float32))
+
+
+def test_rel_l2_kernel_matches_numpy():
+    from actdiff.compare.metrics import rel_l2
+
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 8, 9, 1000, 40_001):
+        b = rng.standard_normal(n).astype(np.float32)
+        a = (b + rng.standard_normal(n).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
+        want = np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64))
+        assert rel_l2_f32(a, b) == pytest.approx(want, rel=1e-12)
+        assert rel_l2(a, b) == pytest.approx(want, rel=1e-12)
+    z = np.zeros(5, np.float32)
+    assert rel_l2(z, z) == 0.0 and rel_l2(z + 1, z) == math.inf
+    nan = z.copy()
+    nan[2] = np.nan
+    assert math.isnan(rel_l2(nan, z + 1))

@@ -536,3 +536,12 @@ def compare_sums(eng, ref, *, naive: bool = False) -> dict:
     fn = lib.ak_compare_naive if naive else lib.ak_compare
     _call("compare", fn(res, _p(eng), _p(ref), eng.size))
     return {k: getattr(res, k) for k in COMPARE_FIELDS}
+
+
+def rel_l2_f32(a, b) -> float:
+    """||a - b|| / ||b|| of two float32 arrays of one shape, accumulated in double (ak_rel_l2)."""
+    _arr("a", a, np.float32)
+    _arr("b", b, np.float32, shape=a.shape)
+    res = ffi.new("double *")
+    _call("rel_l2", lib.ak_rel_l2(res, _p(a), _p(b), a.size))
+    return float(res[0])
