@@ -1,0 +1,1033 @@
+"""Benchmark the whole workflow end to end: the bundled corpus replicated to thousands of prompts on the
+tiny model, and a subset on the full-size released config with random weights.
+
+    .venv/bin/python bench/pipeline.py [--sizes 500,1000,2000] [--shard-size 250] [--fullsize-prompts 32]
+                                       [--skip-fullsize] [--quick] [--out results/bench/pipeline.json]
+
+Every run is a real ``snakemake --cores 2 --configfile <run>/config.yaml`` in a fresh directory
+``results/bench/pipeline/<run>/`` (removed first, so every timing is real): one model, variant fp32, the
+actdiff engine on the reference's ids, reference and engine jobs at 1 thread each (two shards run side by
+side on 2 cores), temp() dumps (``keep_activations: false``), ``shard_size`` prompts per shard. The first
+invocation builds everything up to the verdict and the weight parity; a second one renders the report
+alone, so report rendering is timed on its own.
+
+Prompt sheets: ``config/prompts/default.tsv`` (357 prompts) replicated: each row ``n // 357`` times plus
+an evenly spaced subset of the rows for the remainder, so every size has the same mix of prompts; copy k
+of a row has ``prompt_id`` + ``.r<k>`` (the id grammar allows letters, digits and ``. _ : -``); the other
+columns and the text are copied byte for byte. The full-size subset is the first two ``long-*`` prompts
+(truncated at 512 tokens, the memory peak) plus evenly spaced other rows (which may hold more of them).
+
+What is measured, per run (all from one run; the machine may be shared, so rates are noisy):
+
+- per stage (tokenize, dump_reference, dump_engine, compute_stats), from Snakemake's benchmark TSVs (job
+  wall ``s``, ``max_rss``, ``cpu_time``) and the rule logs ("tokenized N prompts ... in X s", "dumped N
+  prompts ... in X s", "engine fp32: dumped N prompts in X s", "stats: N prompts in X s"): steady-state
+  rate = prompts / logged processing seconds (summed over shards), start-up = job wall - logged processing
+  seconds (per job). The tokenize log's seconds include loading the reference tokenizer (transformers), so
+  its steady rate is a lower bound and its start-up excludes that load;
+- the per-prompt stages as one pipeline: 1 / (sum over the four stages of the steady seconds per prompt) is
+  the rate of one shard on one core; x2 is the ideal for 2 cores running two shards side by side (what the
+  workflow does with --cores 2 and 1-thread jobs); the measured 2-core rate of the per-prompt phase
+  (prompts / (end of the last compute_stats - start of the first tokenize), from log timestamps) includes
+  every start-up and scheduling gap; the end-to-end rate is prompts / wall of the whole snakemake run;
+- peak RSS per rule: this script polls every 0.1 s the ``VmHWM`` of every job's processes (the rule's
+  script and what it starts, e.g. the report's Jupyter kernel; VmHWM is the kernel's high-water mark of
+  resident memory, so a peak between two polls is not missed, only growth in the last poll interval before
+  exit is); a job's peak is the sum over its processes (exact for the one-process jobs, an upper bound
+  otherwise). It also reads Snakemake's ``max_rss`` (sampled every 0.5 s for the first 30 s of a job, then
+  every 30 s); the larger is reported, the maximum over the rule's jobs;
+- HDF5 bytes per prompt: the dumps are temp() files, so this script records the size of each final
+  ``activations/shard-*.h5`` while it exists (it is renamed into place complete and lives until its
+  statistics are computed) and the peak bytes of dumps on disk at once; Parquet bytes: the stats and
+  summary tables (and the tokens table) after the run;
+- report rendering: wall of the second snakemake invocation, the render_report log span and peak RSS;
+- scaling (tiny, the ``--sizes``): wall of the snakemake run, per-stage job seconds and per-rule peak RSS
+  against the corpus size; a least-squares line (slope s/prompt, intercept, R^2), the marginal cost per
+  prompt between consecutive sizes and time(largest)/time(smallest).
+
+Targets (reported as information, never asserted): the per-prompt stages of one (model, variant) at >= 50
+prompts/s in steady state on 2 cores on the tiny model; peak RSS of every rule < 4 GB at full size; no
+rule's peak RSS grows with the corpus size (growth from the smallest to the largest size < max(50 MB,
+10 %)).
+
+Writes results/bench/pipeline.json and results/bench/pipeline.md (the markdown table, also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+    os.environ.pop(_var, None)
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+from actdiff import sysinfo  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "config/prompts/default.tsv"
+TINY_DIR = ROOT / "resources/models/tiny-nomic-moe"
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+VARIANT = "fp32"
+SIDE = "actdiff"
+STAGES = ("tokenize", "dump_reference", "dump_engine", "compute_stats")
+MB, GB = 1e6, 1e9
+RSS_TARGET_BYTES = 4 * GB
+RATE_TARGET = 50.0
+POLL_S = 0.1
+
+LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+LOG_DONE = {
+    "tokenize": re.compile(r"tokenized (\d+) prompts .* in ([\d.]+) s \("),
+    "dump_reference": re.compile(r"dumped (\d+) prompts, (?:\d+) tokens, (?:\d+) nodes in ([\d.]+) s \("),
+    "dump_engine": re.compile(r"engine \S+: dumped (\d+) prompts in ([\d.]+) s \("),
+    "compute_stats": re.compile(r"stats: (\d+) prompts in ([\d.]+) s \("),
+}
+SCRIPT_RE = re.compile(r"\.snakemake/scripts/tmp[^/\s]*?\.(\w+)\.py")
+
+
+# ----------------------------------------------------------------------------- helpers
+def cpu_info() -> dict:
+    c = sysinfo.cpu_info()
+    return {"model": c["model"], "mhz_nominal": c["mhz"], "avx512f": c["avx512f"], "cores": c["cores"]}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("actdiff", "snakemake", "numpy", "pandas", "pyarrow", "h5py", "torch", "transformers", "psutil"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_info() -> dict:
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty_files": None if status is None else len([x for x in status.splitlines() if x.strip()]),
+    }
+
+
+def fmt_rate(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else (f"{x:.0f}" if x >= 100 else f"{x:.1f}")
+
+
+def fit_line(x: list[float], y: list[float]) -> dict:
+    """Least squares y = a + b x; slope, intercept, R^2."""
+    xa, ya = np.asarray(x, float), np.asarray(y, float)
+    if len(xa) < 2:
+        return {"slope": None, "intercept": None, "r2": None}
+    b, a = np.polyfit(xa, ya, 1)
+    pred = a + b * xa
+    ss_res = float(((ya - pred) ** 2).sum())
+    ss_tot = float(((ya - ya.mean()) ** 2).sum())
+    return {"slope": float(b), "intercept": float(a), "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0}
+
+
+# ----------------------------------------------------------------------------- prompt sheets and configs
+def corpus_lines() -> tuple[str, list[tuple[str, str]]]:
+    """Header and (prompt_id, rest of the raw line) of the bundled corpus; raw, so escapes stay as they are."""
+    lines = CORPUS.read_text(encoding="utf-8").split("\n")
+    header, rows = lines[0], []
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        pid, _, rest = line.partition("\t")
+        rows.append((pid, rest))
+    return header, rows
+
+
+def evenly_spaced(n_rows: int, k: int) -> list[int]:
+    return [i * n_rows // k for i in range(k)]
+
+
+def write_replicated_sheet(n: int, path: Path) -> int:
+    """n prompts: every corpus row n // len times, plus an evenly spaced subset for the remainder."""
+    header, rows = corpus_lines()
+    full, rem = divmod(n, len(rows))
+    out = [header]
+    for k in range(full):
+        out += [f"{pid}.r{k}\t{rest}" for pid, rest in rows]
+    out += [f"{rows[i][0]}.r{full}\t{rows[i][1]}" for i in evenly_spaced(len(rows), rem)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return len(out) - 1
+
+
+def write_subset_sheet(n: int, path: Path) -> list[str]:
+    """n prompts of the corpus: the first two long-* prompts (512 tokens after truncation) + evenly spaced others."""
+    header, rows = corpus_lines()
+    longs = [i for i, (pid, _) in enumerate(rows) if pid.startswith("long-")][: min(2, n)]
+    others = [i for i in range(len(rows)) if i not in longs]
+    pick = sorted(longs + [others[i] for i in evenly_spaced(len(others), n - len(longs))])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header] + [f"{rows[i][0]}\t{rows[i][1]}" for i in pick]) + "\n", encoding="utf-8")
+    return [rows[i][0] for i in pick]
+
+
+def write_config(run_dir: Path, sheet: Path, model: str, source: dict, batch_size: int, shard_size: int) -> Path:
+    cfg = {
+        "prompts": str(sheet.relative_to(ROOT)),
+        "results": str(run_dir.relative_to(ROOT)),
+        "shard_size": shard_size,
+        "models": {model: {"source": source, "max_length": 512, "batch_size": batch_size, "variants": [VARIANT]}},
+        "reference": {"impl": "actdiff", "threads": 1},
+        "variants": [VARIANT],
+        "engines": [SIDE],
+        "engine_ids": "reference",
+        "engine_threads": 1,
+        "keep_activations": False,
+        "activation_compression": "none",
+    }
+    path = run_dir / "config.yaml"
+    path.write_text(json.dumps(cfg, indent=1) + "\n", encoding="utf-8")  # JSON is YAML
+    return path
+
+
+# ----------------------------------------------------------------------------- monitoring a snakemake run
+class Monitor(threading.Thread):
+    """Poll the snakemake process tree: VmHWM/VmRSS of every rule job (its script process and whatever that
+    starts, e.g. the report's Jupyter kernel), and the HDF5 dumps."""
+
+    def __init__(self, root_pid: int, h5_dirs: list[Path]):
+        super().__init__(daemon=True)
+        self.root_pid, self.h5_dirs = root_pid, h5_dirs
+        self.stop_evt = threading.Event()
+        self.procs: dict[tuple[int, float], dict] = {}
+        self.h5_final: dict[str, int] = {}  # final dump path -> largest size seen
+        self.peak_h5_bytes = 0  # every file in the activation dirs (final and in progress)
+        self.peak_jobs_rss = 0  # sum of VmRSS over the running jobs
+        self.samples = 0
+
+    def run(self) -> None:
+        while not self.stop_evt.is_set():
+            self.sample()
+            self.stop_evt.wait(POLL_S)
+        self.sample()
+
+    def sample(self) -> None:
+        self.samples += 1
+        try:
+            kids = psutil.Process(self.root_pid).children(recursive=True)
+        except psutil.Error:
+            kids = []
+        total_rss = 0
+        for p in kids:
+            try:
+                key = (p.pid, p.create_time())
+                info = self.procs.get(key)
+                if info is None:
+                    info = {"rule": None, "job": None, "hwm": 0, "first": time.time()}
+                    for anc in p.parents():  # a descendant of a job's script belongs to that job
+                        a = self.procs.get((anc.pid, anc.create_time()))
+                        if a is not None and a["job"] is not None:
+                            info["rule"], info["job"] = a["rule"], a["job"]
+                            break
+                    else:
+                        m = SCRIPT_RE.search(" ".join(p.cmdline()))
+                        if m:
+                            info["rule"], info["job"] = m.group(1), key
+                    self.procs[key] = info
+                if info["rule"] is None:
+                    continue
+                st = Path(f"/proc/{p.pid}/status").read_text()
+            except (psutil.Error, OSError):
+                continue
+            vals = {}
+            for line in st.splitlines():
+                k, _, v = line.partition(":")
+                if k in ("VmHWM", "VmRSS"):
+                    vals[k] = int(v.split()[0]) * 1024
+            info["hwm"] = max(info["hwm"], vals.get("VmHWM", 0))
+            info["last"] = time.time()
+            try:
+                ct = p.cpu_times()
+                info["cpu_s"] = ct.user + ct.system
+            except psutil.Error:
+                pass
+            total_rss += vals.get("VmRSS", 0)
+        self.peak_jobs_rss = max(self.peak_jobs_rss, total_rss)
+        h5_total = 0
+        for d in self.h5_dirs:
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
+                try:
+                    size = e.stat().st_size
+                except OSError:
+                    continue
+                h5_total += size
+                if re.fullmatch(r"shard-\d+\.h5", e.name):
+                    self.h5_final[e.path] = max(self.h5_final.get(e.path, 0), size)
+        self.peak_h5_bytes = max(self.peak_h5_bytes, h5_total)
+
+    def per_rule(self) -> dict:
+        """Per rule: jobs, and per job the sum of its processes' VmHWM (exact for a one-process job, an upper
+        bound when the job runs several processes whose peaks need not coincide) and CPU seconds."""
+        jobs: dict = {}
+        for info in self.procs.values():
+            if info["job"] is None or not info["hwm"]:
+                continue
+            j = jobs.setdefault(info["job"], {"rule": info["rule"], "hwm": 0, "cpu_s": 0.0, "processes": 0})
+            j["hwm"] += info["hwm"]
+            j["cpu_s"] += info.get("cpu_s", 0.0)
+            j["processes"] += 1
+        out: dict = {}
+        for j in jobs.values():
+            r = out.setdefault(
+                j["rule"],
+                {"jobs": 0, "processes": 0, "peak_vmhwm_bytes": 0, "vmhwm_bytes_per_job": [], "cpu_s_polled": 0.0},
+            )
+            r["jobs"] += 1
+            r["processes"] += j["processes"]
+            r["cpu_s_polled"] += j["cpu_s"]
+            r["peak_vmhwm_bytes"] = max(r["peak_vmhwm_bytes"], j["hwm"])
+            r["vmhwm_bytes_per_job"].append(j["hwm"])
+        for r in out.values():
+            r["vmhwm_bytes_per_job"].sort()
+            r["median_vmhwm_bytes"] = float(np.median(r["vmhwm_bytes_per_job"]))
+        return out
+
+
+def run_snakemake(config: Path, targets: list[str], log_path: Path, h5_dirs: list[Path]) -> dict:
+    # targets first: --configfile takes several values
+    cmd = [SNAKEMAKE, *targets, "--cores", "2", "--configfile", str(config.relative_to(ROOT))]
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as logf:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
+        mon = Monitor(p.pid, h5_dirs)
+        mon.start()
+        rc = p.wait()
+        wall = time.perf_counter() - t0
+        mon.stop_evt.set()
+        mon.join()
+    if rc != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+        raise RuntimeError(f"snakemake failed (exit {rc}): {' '.join(cmd)}\n{tail}")
+    return {
+        "cmd": " ".join(cmd),
+        "wall_s": wall,
+        "rss_by_rule": mon.per_rule(),
+        "peak_jobs_rss_bytes": mon.peak_jobs_rss,
+        "h5_final_sizes": mon.h5_final,
+        "peak_h5_on_disk_bytes": mon.peak_h5_bytes,
+        "monitor_samples": mon.samples,
+    }
+
+
+# ----------------------------------------------------------------------------- tokenize without the tokenizer load
+TOKENIZE_CHILD = r"""
+import json, logging, sys, time
+logging.disable(logging.CRITICAL)
+from pathlib import Path
+import pandas as pd
+import actdiff.tokenize as T
+from actdiff.engine.tokenizer import EngineTokenizer
+model_json, prompts, out = sys.argv[1:4]
+max_length, repeats = int(sys.argv[4]), int(sys.argv[5])
+info = json.loads(Path(model_json).read_text())
+d = info["dir"]
+df = pd.read_parquet(prompts)
+et = EngineTokenizer.from_file(Path(d) / "tokenizer.json")
+t0 = time.perf_counter()
+tok = T.load_reference_tokenizer(d)  # cold: imports transformers, as the rule's job does
+first = time.perf_counter() - t0
+load, work = [], []
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    T.load_reference_tokenizer(d)
+    load.append(time.perf_counter() - t0)
+T.load_reference_tokenizer = lambda _d: tok  # tokenize_shard with the tokenizer already loaded
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    T.tokenize_shard(df, d, max_length, out, model_name=info["name"], engine_tokenizer=et)
+    work.append(time.perf_counter() - t0)
+print(json.dumps({"prompts": len(df), "first_load_incl_import_s": first, "load_s": load, "tokenize_shard_s": work}))
+"""
+
+
+def tokenize_breakdown(R: Path, model: str, repeats: int = 3) -> dict:
+    """The tokenize stage's work without loading the reference tokenizer, on shard 0 of a finished run, in a
+    fresh process: ``tokenize_shard`` (both tokenizers, parity columns, Parquet write) with the reference
+    tokenizer already loaded, median of ``repeats``; and the tokenizer load itself (first one cold, which
+    imports transformers, then warm)."""
+    out = R / "bench-tokenize-probe.parquet"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TOKENIZE_CHILD,
+            str(R / model / "model.json"),
+            str(R / "prompts/shard-0.parquet"),
+            str(out),
+            "512",
+            str(repeats),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    out.unlink(missing_ok=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"tokenize probe failed:\n{r.stderr[-3000:]}")
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    work = float(np.median(m["tokenize_shard_s"]))
+    m.update(
+        {
+            "load_s_median": float(np.median(m["load_s"])),
+            "tokenize_shard_s_median": work,
+            "steady_s_per_prompt": work / m["prompts"],
+            "steady_prompts_per_s": m["prompts"] / work,
+        }
+    )
+    return m
+
+
+# ----------------------------------------------------------------------------- reading a finished run
+def read_benchmark(path: Path) -> dict:
+    lines = path.read_text().strip().splitlines()
+    cols, vals = lines[0].split("\t"), lines[-1].split("\t")
+    out = {}
+    for c, v in zip(cols, vals, strict=True):
+        try:
+            out[c] = float(v)
+        except ValueError:
+            out[c] = None  # NA: the job ended before the first sample
+    return out
+
+
+def log_times(path: Path) -> tuple[datetime | None, datetime | None]:
+    first = last = None
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = LOG_TS.match(line)
+        if m:
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            first = first or t
+            last = t
+    return first, last
+
+
+def log_span(path: Path) -> float | None:
+    first, last = log_times(path)
+    return (last - first).total_seconds() if first and last else None
+
+
+def stage_jobs(R: Path, model: str, stage: str) -> list[dict]:
+    """One row per shard job of a per-prompt stage: prompts, logged seconds, job wall, RSS, CPU."""
+    sub = {
+        "tokenize": f"{model}",
+        "dump_reference": f"{model}",
+        "dump_engine": f"{model}/{VARIANT}",
+        "compute_stats": f"{model}/{SIDE}/{VARIANT}",
+    }[stage]
+    jobs = []
+    for bench in sorted((R / "benchmarks" / stage / sub).glob("shard-*.tsv")):
+        log = R / "logs" / stage / sub / (bench.stem + ".log")
+        text = log.read_text(encoding="utf-8", errors="replace")
+        m = LOG_DONE[stage].search(text)
+        if not m:
+            raise RuntimeError(f"{log}: no completion line matching {LOG_DONE[stage].pattern!r}")
+        b = read_benchmark(bench)
+        first, last = log_times(log)
+        n, sec = int(m.group(1)), float(m.group(2))
+        jobs.append(
+            {
+                "shard": int(bench.stem.split("-")[1]),
+                "prompts": n,
+                "log_seconds": sec,
+                "job_wall_s": b["s"],
+                "startup_s": b["s"] - sec,
+                "max_rss_bytes_snakemake": None if b.get("max_rss") is None else b["max_rss"] * 2**20,
+                "cpu_time_s": b.get("cpu_time"),
+                "log_first": first.isoformat() if first else None,
+                "log_last": last.isoformat() if last else None,
+            }
+        )
+    return jobs
+
+
+def dir_bytes(d: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in d.glob(pattern) if p.is_file())
+
+
+def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok_probe: dict | None) -> dict:
+    run: dict = {"results_dir": str(R.relative_to(ROOT)), "prompts": n_prompts}
+    # tokens (from the tokens tables)
+    import pyarrow.parquet as pq
+
+    tok_files = sorted((R / model / "tokens").glob("shard-*.parquet"))
+    lengths = [len(x) for f in tok_files for x in pq.read_table(f, columns=["reference_ids"]).column(0).to_pylist()]
+    run["shards"] = len(tok_files)
+    run["tokens"] = int(sum(lengths))
+    run["tokens_per_prompt_mean"] = float(np.mean(lengths)) if lengths else None
+    run["snakemake_wall_s"] = sm["wall_s"]
+    run["end_to_end_prompts_per_s"] = n_prompts / sm["wall_s"]
+    run["peak_jobs_rss_bytes"] = sm["peak_jobs_rss_bytes"]
+    run["peak_h5_on_disk_bytes"] = sm["peak_h5_on_disk_bytes"]
+    rss = sm["rss_by_rule"]
+
+    stages: dict = {}
+    starts, ends = [], []
+    for st in STAGES:
+        jobs = stage_jobs(R, model, st)
+        n = sum(j["prompts"] for j in jobs)
+        sec = sum(j["log_seconds"] for j in jobs)
+        wall = sum(j["job_wall_s"] for j in jobs)
+        bench_rss = max((j["max_rss_bytes_snakemake"] or 0) for j in jobs)
+        hwm = rss.get(st, {}).get("peak_vmhwm_bytes", 0)
+        per_job = rss.get(st, {}).get("vmhwm_bytes_per_job") or []
+        if len(per_job) != len(jobs):  # a job the poller missed: fall back to Snakemake's samples
+            per_job = [j["max_rss_bytes_snakemake"] or 0 for j in jobs]
+        cpu = sum(j["cpu_time_s"] or 0 for j in jobs)
+        stages[st] = {
+            "jobs": len(jobs),
+            "prompts": n,
+            "log_seconds_total": sec,
+            "job_wall_s_total": wall,
+            "steady_prompts_per_s": n / sec if sec > 0 else float("inf"),
+            "steady_s_per_prompt": sec / n,
+            "startup_s_median": float(np.median([j["startup_s"] for j in jobs])),
+            "startup_s_max": max(j["startup_s"] for j in jobs),
+            "job_prompts_per_s_incl_startup": n / wall,
+            "peak_rss_bytes": max(bench_rss, hwm),
+            "peak_rss_bytes_vmhwm_polled": hwm,
+            "median_job_peak_rss_bytes": float(np.median(per_job)),
+            "peak_rss_bytes_snakemake_max_rss": bench_rss,
+            "cpu_time_over_wall": cpu / wall if wall > 0 else None,
+            "per_job": jobs,
+        }
+        if st == "tokenize":
+            starts += [datetime.fromisoformat(j["log_first"]) for j in jobs if j["log_first"]]
+        if st == "compute_stats":
+            ends += [datetime.fromisoformat(j["log_last"]) for j in jobs if j["log_last"]]
+    run["stages"] = stages
+    s_logs = sum(stages[s]["steady_s_per_prompt"] for s in STAGES)
+    s_per_prompt = s_logs
+    if tok_probe:
+        run["tokenize_breakdown"] = tok_probe
+        stages["tokenize"]["steady_prompts_per_s_excl_tokenizer_load"] = tok_probe["steady_prompts_per_s"]
+        s_per_prompt = s_logs - stages["tokenize"]["steady_s_per_prompt"] + tok_probe["steady_s_per_prompt"]
+    phase = (max(ends) - min(starts)).total_seconds() if starts and ends else None
+    run["per_prompt_stages"] = {
+        "steady_s_per_prompt_sum": s_per_prompt,
+        "steady_prompts_per_s_1core": 1 / s_per_prompt,
+        "steady_prompts_per_s_2cores_ideal": 2 / s_per_prompt,
+        "steady_prompts_per_s_2cores_ideal_tokenize_incl_load": 2 / s_logs,
+        "phase_wall_s": phase,
+        "measured_prompts_per_s_2cores_incl_startup": (n_prompts / phase) if phase else None,
+        "note": "1core: one shard through the four stages, steady state (log seconds; tokenize from the "
+        "in-process breakdown without the tokenizer load when measured, the _tokenize_incl_load variant "
+        "uses its log seconds); 2cores_ideal: x2, two 1-thread shards side by side; measured: prompts / "
+        "(last compute_stats log line - first tokenize log line), includes start-ups and scheduling",
+    }
+    # rules without a benchmark directive: log span (script time after imports) and polled peak RSS
+    other: dict = {}
+    for rule, logs in (
+        ("split_prompts", [R / "logs/split_prompts/split_prompts.log"]),
+        ("resolve_model", [R / f"logs/resolve_model/{model}.log"]),
+        ("aggregate_stats", [R / f"logs/aggregate_stats/{model}/{SIDE}/{VARIANT}.log"]),
+        ("parity", [R / f"logs/parity/{model}/{VARIANT}.log"]),
+    ):
+        spans = [log_span(p) for p in logs if p.is_file()]
+        other[rule] = {
+            "log_span_s": sum(s for s in spans if s is not None) if spans else None,
+            "peak_rss_bytes": rss.get(rule, {}).get("peak_vmhwm_bytes"),
+        }
+    run["other_rules"] = other
+    run["polled_rss_by_rule"] = rss
+    # render_report, its own snakemake invocation
+    rlog = R / f"logs/render_report/{model}/{SIDE}/{VARIANT}.log"
+    run["report"] = {
+        "snakemake_wall_s": report["wall_s"],
+        "log_span_s": log_span(rlog) if rlog.is_file() else None,
+        "peak_rss_bytes": report["rss_by_rule"].get("render_report", {}).get("peak_vmhwm_bytes"),
+        "html_bytes": (R / f"reports/{model}/{SIDE}/{VARIANT}.html").stat().st_size,
+    }
+    # peak RSS of every rule (max over jobs)
+    peak = {st: stages[st]["peak_rss_bytes"] for st in STAGES}
+    peak.update({r: v["peak_rss_bytes"] for r, v in other.items() if v["peak_rss_bytes"]})
+    if run["report"]["peak_rss_bytes"]:
+        peak["render_report"] = run["report"]["peak_rss_bytes"]
+    run["peak_rss_bytes_by_rule"] = peak
+    # the typical job: median over shards for the per-shard rules (the max also reflects which shard drew
+    # the most long prompts into one reference batch), the one job for the others
+    run["typical_job_peak_rss_bytes_by_rule"] = {
+        r: (stages[r]["median_job_peak_rss_bytes"] if r in stages else v) for r, v in peak.items()
+    }
+    # HDF5 sizes (seen while they existed), Parquet sizes (after the run)
+    shard_prompts = {j["shard"]: j["prompts"] for j in stages["tokenize"]["per_job"]}
+    shard_tokens = {}
+    for f in tok_files:
+        shard_tokens[int(f.stem.split("-")[1])] = sum(
+            len(x) for x in pq.read_table(f, columns=["reference_ids"]).column(0).to_pylist()
+        )
+    h5: dict = {}
+    for side, sub in (("reference", f"{model}/reference/fp32"), ("engine", f"{model}/{SIDE}/{VARIANT}")):
+        seen = {
+            int(Path(p).stem.split("-")[1]): s
+            for p, s in sm["h5_final_sizes"].items()
+            if Path(p).parent == (R / sub / "activations")
+        }
+        n = sum(shard_prompts[s] for s in seen)
+        t = sum(shard_tokens[s] for s in seen)
+        tot = sum(seen.values())
+        h5[side] = {
+            "shards_seen": len(seen),
+            "shards": len(shard_prompts),
+            "bytes_total_seen": tot,
+            "bytes_per_prompt": tot / n if n else None,
+            "bytes_per_token": tot / t if t else None,
+        }
+    run["hdf5"] = h5
+    stats_b = dir_bytes(R / model / SIDE / VARIANT / "stats", "shard-*/*.parquet")
+    summ_b = dir_bytes(R / model / SIDE / VARIANT / "summary", "*.parquet")
+    summ_all = dir_bytes(R / model / SIDE / VARIANT / "summary", "*")
+    tok_b = dir_bytes(R / model / "tokens", "*.parquet")
+    run["parquet"] = {
+        "stats_bytes": stats_b,
+        "summary_parquet_bytes": summ_b,
+        "summary_all_bytes_incl_json": summ_all,
+        "tokens_bytes": tok_b,
+        "stats_plus_summary_bytes_per_prompt": (stats_b + summ_b) / n_prompts,
+        "stats_bytes_per_prompt": stats_b / n_prompts,
+        "tokens_bytes_per_prompt": tok_b / n_prompts,
+    }
+    return run
+
+
+# ----------------------------------------------------------------------------- one run
+def do_run(
+    name: str,
+    model: str,
+    source: dict,
+    sheet_writer,
+    batch_size: int,
+    shard_size: int,
+    base: Path,
+    tokenize_probe: bool = True,
+) -> dict:
+    run_dir = base / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # fresh results: every job runs, so the timings are real
+    run_dir.mkdir(parents=True)
+    sheet = run_dir / "prompts.tsv"
+    n = sheet_writer(sheet)
+    cfg = write_config(run_dir, sheet, model, source, batch_size, shard_size)
+    R = run_dir
+    rel = str(R.relative_to(ROOT))
+    targets = [
+        f"{rel}/{model}/{SIDE}/{VARIANT}/summary/verdict.json",
+        f"{rel}/{model}/{SIDE}/{VARIANT}/summary/weights.parquet",
+    ]
+    h5_dirs = [R / model / "reference/fp32/activations", R / model / SIDE / VARIANT / "activations"]
+    load0 = os.getloadavg()
+    print(f"\n[{name}] {n} prompts, shard_size {shard_size}: snakemake up to the verdict ...", flush=True)
+    sm = run_snakemake(cfg, targets, R / "snakemake-main.log", h5_dirs)
+    print(f"[{name}]   {sm['wall_s']:.1f} s; rendering the report ...", flush=True)
+    rep = run_snakemake(cfg, [f"{rel}/reports/{model}/{SIDE}/{VARIANT}.html"], R / "snakemake-report.log", [])
+    print(f"[{name}]   {rep['wall_s']:.1f} s", flush=True)
+    probe = None
+    if tokenize_probe:
+        print(f"[{name}]   tokenize breakdown (tokenizer load vs tokenization) ...", flush=True)
+        probe = tokenize_breakdown(R, model)
+    res = analyse_run(R, model, n, sm, rep, probe)
+    res["config"] = json.loads(cfg.read_text())
+    res["loadavg_1_5_15_at_start"] = load0
+    res["loadavg_1_5_15_at_end"] = os.getloadavg()
+    res["snakemake_cmd"] = sm["cmd"]
+    res["git"] = git_info()  # the tree may change between runs on a shared checkout
+    ps = res["per_prompt_stages"]
+    print(
+        f"[{name}]   per-prompt stages steady {ps['steady_prompts_per_s_1core']:.1f} prompts/s on 1 core "
+        f"(x2 = {ps['steady_prompts_per_s_2cores_ideal']:.1f} on 2 cores); "
+        + ", ".join(f"{s} {fmt_rate(res['stages'][s]['steady_prompts_per_s'])}" for s in STAGES),
+        flush=True,
+    )
+    return res
+
+
+# ----------------------------------------------------------------------------- scaling, targets, tables
+def scaling(runs: list[dict]) -> dict:
+    runs = sorted(runs, key=lambda r: r["prompts"])
+    x = [r["prompts"] for r in runs]
+    out: dict = {"prompts": x, "shards": [r["shards"] for r in runs], "tokens": [r["tokens"] for r in runs]}
+    series = {"snakemake_wall_s": [r["snakemake_wall_s"] for r in runs]}
+    for st in STAGES:
+        series[f"{st}_job_wall_s_total"] = [r["stages"][st]["job_wall_s_total"] for r in runs]
+        series[f"{st}_log_seconds_total"] = [r["stages"][st]["log_seconds_total"] for r in runs]
+    series["per_prompt_job_s_total"] = [sum(r["stages"][st]["job_wall_s_total"] for st in STAGES) for r in runs]
+    # CPU seconds (Snakemake's cpu_time of every per-prompt job): what the work costs, nearly independent of
+    # other processes taking the cores, so the linearity check that survives a shared machine
+    series["per_prompt_job_cpu_s_total"] = [
+        sum(j["cpu_time_s"] or 0 for st in STAGES for j in r["stages"][st]["per_job"]) for r in runs
+    ]
+    series["aggregate_stats_log_span_s"] = [r["other_rules"]["aggregate_stats"]["log_span_s"] or 0 for r in runs]
+    series["report_snakemake_wall_s"] = [r["report"]["snakemake_wall_s"] for r in runs]
+    fits = {}
+    for k, y in series.items():
+        f = fit_line(x, y)
+        f["values"] = y
+        f["ratio_largest_over_smallest"] = y[-1] / y[0] if y[0] else None
+        f["marginal_s_per_prompt"] = [(y[i + 1] - y[i]) / (x[i + 1] - x[i]) for i in range(len(x) - 1)]
+        fits[k] = f
+    out["time"] = fits
+    out["size_ratio_largest_over_smallest"] = x[-1] / x[0]
+    rules = sorted({r for run in runs for r in run["peak_rss_bytes_by_rule"]})
+    mem = {}
+    for rule in rules:
+        vals = [run["peak_rss_bytes_by_rule"].get(rule) for run in runs]
+        typ = [run["typical_job_peak_rss_bytes_by_rule"].get(rule) for run in runs]
+        ok = [v for v in vals if v]
+        grow = (typ[-1] - typ[0]) if typ[0] and typ[-1] else None
+        mem[rule] = {
+            "per_shard_rule": rule in STAGES,
+            "peak_rss_bytes_max_over_jobs": vals,
+            "peak_rss_bytes_typical_job": typ,
+            "growth_bytes_smallest_to_largest": grow,
+            "growth_bytes_max_over_jobs": (vals[-1] - vals[0]) if vals[0] and vals[-1] else None,
+            "grows": None if grow is None else bool(grow > max(50 * MB, 0.10 * typ[0])),
+            "max_bytes": max(ok) if ok else None,
+        }
+    out["memory"] = mem
+    return out
+
+
+def markdown(res: dict) -> str:
+    L: list[str] = []
+    tiny = res.get("tiny", {})
+    if tiny:
+        big = max(tiny.values(), key=lambda r: r["prompts"])
+        st = big["stages"]
+        tb = big.get("tokenize_breakdown")
+        rates = [fmt_rate(st[s]["steady_prompts_per_s"]) for s in STAGES]
+        if tb:
+            rates[0] = f"{rates[0]} ({fmt_rate(tb['steady_prompts_per_s'])} without the tokenizer load)"
+        L.append(
+            f"| tiny-nomic-moe fp32, {big['prompts']:,} prompts, {big['shards']} shards, 1-thread jobs, "
+            "`--cores 2` | tokenize | dump_reference | dump_engine | compute_stats |"
+        )
+        L.append("|---|---|---|---|---|")
+        L.append("| steady state, prompts/s per job | " + " | ".join(rates) + " |")
+        L.append(
+            "| start-up per job, s (median) | " + " | ".join(f"{st[s]['startup_s_median']:.1f}" for s in STAGES) + " |"
+        )
+        L.append(
+            "| peak RSS, MB (max over jobs) | "
+            + " | ".join(f"{st[s]['peak_rss_bytes'] / MB:.0f}" for s in STAGES)
+            + " |"
+        )
+        L.append(
+            "| CPU time / wall of the jobs | "
+            + " | ".join(f"{st[s]['cpu_time_over_wall'] or float('nan'):.2f}" for s in STAGES)
+            + " |"
+        )
+        ps = big["per_prompt_stages"]
+        rep = big["report"]
+        L.append("")
+        L.append(
+            f"Per-prompt stages as one pipeline, steady state: {ps['steady_prompts_per_s_1core']:.1f} prompts/s "
+            f"on one core, **{ps['steady_prompts_per_s_2cores_ideal']:.1f} prompts/s on 2 cores** (two shards side "
+            f"by side, x2; {ps['steady_prompts_per_s_2cores_ideal_tokenize_incl_load']:.1f} counting the tokenizer "
+            f"load as tokenize time); measured over the per-prompt phase, start-ups included: "
+            f"{fmt_rate(ps['measured_prompts_per_s_2cores_incl_startup'])} prompts/s; whole snakemake run "
+            f"{big['snakemake_wall_s']:.0f} s = {big['end_to_end_prompts_per_s']:.1f} prompts/s. Report render: "
+            f"{rep['snakemake_wall_s']:.1f} s (its snakemake invocation; the rule's script "
+            f"{rep['log_span_s'] or float('nan'):.1f} s), peak RSS {(rep['peak_rss_bytes'] or 0) / MB:.0f} MB. "
+            f"HDF5 per prompt: reference {big['hdf5']['reference']['bytes_per_prompt'] / MB:.2f} MB, engine "
+            f"{big['hdf5']['engine']['bytes_per_prompt'] / MB:.2f} MB ({big['tokens_per_prompt_mean']:.0f} "
+            f"tokens/prompt; {big['hdf5']['reference']['bytes_per_token'] / 1e3:.0f} kB/token); at most "
+            f"{big['peak_h5_on_disk_bytes'] / GB:.2f} GB of dumps on disk at once. Parquet: stats + summary "
+            f"{big['parquet']['stats_plus_summary_bytes_per_prompt'] / 1e3:.1f} kB/prompt, tokens "
+            f"{big['parquet']['tokens_bytes_per_prompt'] / 1e3:.2f} kB/prompt."
+        )
+        sc = res.get("scaling")
+        if sc and len(sc["prompts"]) > 1:
+            mem_rules = ("dump_reference", "compute_stats", "aggregate_stats", "render_report")
+            L.append("")
+            L.append(
+                "| prompts | shards | snakemake wall, s | per-prompt stage jobs, s (sum) | their CPU, s | aggregate, s "
+                "| report, s | "
+                "peak RSS MB, typical job: " + " / ".join(mem_rules) + " |"
+            )
+            L.append("|---|---|---|---|---|---|---|---|")
+            runs = sorted(tiny.values(), key=lambda r: r["prompts"])
+            for r in runs:
+                typ = r["typical_job_peak_rss_bytes_by_rule"]
+                L.append(
+                    f"| {r['prompts']:,} | {r['shards']} | {r['snakemake_wall_s']:.1f} | "
+                    f"{sum(r['stages'][s]['job_wall_s_total'] for s in STAGES):.1f} | "
+                    f"{sum(j['cpu_time_s'] or 0 for s in STAGES for j in r['stages'][s]['per_job']):.1f} | "
+                    f"{r['other_rules']['aggregate_stats']['log_span_s'] or 0:.1f} | "
+                    f"{r['report']['snakemake_wall_s']:.1f} | "
+                    + " / ".join(f"{typ[m] / MB:.0f}" if typ.get(m) else "n/a" for m in mem_rules)
+                    + " |"
+                )
+            w = sc["time"]["snakemake_wall_s"]
+            p = sc["time"]["per_prompt_job_s_total"]
+            c = sc["time"]["per_prompt_job_cpu_s_total"]
+            grow = [k for k, v in sc["memory"].items() if v["grows"]]
+            mx = max(sc["memory"].items(), key=lambda kv: abs(kv[1]["growth_bytes_smallest_to_largest"] or 0))
+            L.append("")
+            L.append(
+                f"Scaling {sc['prompts'][0]:,} -> {sc['prompts'][-1]:,} prompts "
+                f"({sc['size_ratio_largest_over_smallest']:.0f}x): wall = {w['intercept']:.1f} s + "
+                f"{w['slope'] * 1e3:.1f} ms/prompt (R^2 {w['r2']:.4f}), time ratio "
+                f"{w['ratio_largest_over_smallest']:.2f}x; marginal cost "
+                + " / ".join(f"{m * 1e3:.1f}" for m in w["marginal_s_per_prompt"])
+                + f" ms/prompt between consecutive sizes; per-prompt stage jobs {p['slope'] * 1e3:.1f} ms/prompt "
+                f"(R^2 {p['r2']:.4f}, ratio {p['ratio_largest_over_smallest']:.2f}x); their CPU time "
+                f"{c['slope'] * 1e3:.1f} ms/prompt (R^2 {c['r2']:.4f}, ratio {c['ratio_largest_over_smallest']:.2f}x, "
+                "marginal "
+                + " / ".join(f"{m * 1e3:.1f}" for m in c["marginal_s_per_prompt"])
+                + f" ms/prompt). Rules whose typical peak RSS "
+                f"grows with the corpus: {', '.join(grow) if grow else 'none'} (largest change: {mx[0]} "
+                f"{mx[1]['growth_bytes_smallest_to_largest'] / MB:+.0f} MB)."
+            )
+    fs = res.get("fullsize")
+    if fs:
+        st = fs["stages"]
+        rules = list(STAGES) + ["aggregate_stats", "parity", "render_report"]
+        L.append("")
+        L.append(f"| full size (475M params, random weights), {fs['prompts']} prompts | " + " | ".join(rules) + " |")
+        L.append("|---" * (len(rules) + 1) + "|")
+        L.append(
+            "| steady state, prompts/s | "
+            + " | ".join(fmt_rate(st[s]["steady_prompts_per_s"]) for s in STAGES)
+            + " | - | - | - |"
+        )
+        L.append("| start-up, s | " + " | ".join(f"{st[s]['startup_s_median']:.1f}" for s in STAGES) + " | - | - | - |")
+        L.append(
+            "| peak RSS, GB | "
+            + " | ".join(
+                f"{fs['peak_rss_bytes_by_rule'][r] / GB:.2f}" if fs["peak_rss_bytes_by_rule"].get(r) else "n/a"
+                for r in rules
+            )
+            + " |"
+        )
+        L.append("")
+        L.append(
+            f"Full size: {fs['tokens_per_prompt_mean']:.0f} tokens/prompt (incl. "
+            f"{sum(p.startswith('long-') for p in fs.get('prompt_ids', []))} long prompts truncated at 512); HDF5 "
+            f"{fs['hdf5']['reference']['bytes_per_prompt'] / MB:.0f} MB (reference) and "
+            f"{fs['hdf5']['engine']['bytes_per_prompt'] / MB:.0f} MB (engine) per prompt = "
+            f"{fs['hdf5']['reference']['bytes_per_token'] / MB:.2f} MB/token; whole snakemake run "
+            f"{fs['snakemake_wall_s']:.0f} s, report {fs['report']['snakemake_wall_s']:.0f} s; all jobs running at "
+            f"once peaked at {fs['peak_jobs_rss_bytes'] / GB:.1f} GB."
+        )
+    tg = res.get("targets", {})
+    if tg:
+        L.append("")
+        L.append(
+            "Targets: "
+            + "; ".join(f"{k}: {'PASS' if v['pass'] else 'FAIL'}" for k, v in tg.items() if v.get("pass") is not None)
+            + "."
+        )
+    return "\n".join(L) + "\n"
+
+
+def targets(res: dict) -> dict:
+    t: dict = {}
+    tiny = res.get("tiny", {})
+    if tiny:
+        big = max(tiny.values(), key=lambda r: r["prompts"])
+        v = big["per_prompt_stages"]["steady_prompts_per_s_2cores_ideal"]
+        t["tiny per-prompt stages >= 50 prompts/s steady on 2 cores"] = {
+            "value": v,
+            "measured_2cores_incl_startup": big["per_prompt_stages"]["measured_prompts_per_s_2cores_incl_startup"],
+            "pass": bool(v >= RATE_TARGET),
+        }
+    if res.get("fullsize"):
+        peak = res["fullsize"]["peak_rss_bytes_by_rule"]
+        worst = max(peak, key=peak.get)
+        t["full-size peak RSS of every rule < 4 GB"] = {
+            "value_bytes": peak[worst],
+            "value_gib": peak[worst] / 2**30,
+            "rule": worst,
+            "criterion": "< 4e9 bytes (4 GB; 4 GiB = 4.29e9 bytes)",
+            "pass": bool(peak[worst] < RSS_TARGET_BYTES),
+        }
+    sc = res.get("scaling")
+    if sc and len(sc["prompts"]) > 1:
+        grows = {k: v["grows"] for k, v in sc["memory"].items() if v["grows"] is not None}
+        t["no rule's peak RSS grows with corpus size"] = {
+            "growing_rules": [k for k, g in grows.items() if g],
+            "criterion": "peak RSS of the typical job (median over shards for per-shard rules, the one job "
+            "otherwise) at the largest size - at the smallest > max(50 MB, 10 %) counts as growth",
+            "pass": not any(grows.values()),
+        }
+        w = sc["time"]["snakemake_wall_s"]
+        c = sc["time"]["per_prompt_job_cpu_s_total"]
+
+        def linear(f):
+            m = f["marginal_s_per_prompt"]
+            if len(m) < 2:  # two sizes always lie on a line
+                return None
+            return bool(f["r2"] is not None and f["r2"] >= 0.99 and min(m) > 0 and max(m) <= 1.25 * min(m))
+
+        crit = "R^2 >= 0.99 and the marginal costs between consecutive sizes within 25 % of each other"
+        t["cost linear in corpus size (CPU seconds of the per-prompt jobs)"] = {
+            "r2": c["r2"],
+            "marginal_s_per_prompt": c["marginal_s_per_prompt"],
+            "criterion": crit,
+            "pass": linear(c),
+        }
+        t["wall time linear in corpus size (snakemake run; other load on the cores distorts it)"] = {
+            "r2": w["r2"],
+            "marginal_s_per_prompt": w["marginal_s_per_prompt"],
+            "criterion": crit,
+            "pass": linear(w),
+        }
+    return t
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--sizes", default=None, help="comma-separated corpus sizes (default 500,1000,2000; --quick 60,120)"
+    )
+    ap.add_argument("--shard-size", type=int, default=None, help="prompts per shard (default 250; --quick 30)")
+    ap.add_argument("--fullsize-prompts", type=int, default=None, help="full-size subset (default 32; --quick 3)")
+    ap.add_argument("--skip-fullsize", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    ap.add_argument("--out", default="results/bench/pipeline.json")
+    ap.add_argument("--workdir", default="results/bench/pipeline", help="run directories (removed and rebuilt)")
+    ap.add_argument("--fullsize-dir", default="results/bench/fullsize-random")
+    ap.add_argument(
+        "--reanalyse",
+        metavar="JSON",
+        help="re-derive scaling, targets and the table from a saved pipeline.json (no runs); writes --out",
+    )
+    args = ap.parse_args()
+    if args.reanalyse:
+        res = json.loads((ROOT / args.reanalyse).read_text(encoding="utf-8"))
+        res["reanalysed_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        finish(res, ROOT / args.out)
+        return
+    sizes = [int(s) for s in (args.sizes or ("60,120" if args.quick else "500,1000,2000")).split(",")]
+    shard_size = args.shard_size or (30 if args.quick else 250)
+    n_full = args.fullsize_prompts or (3 if args.quick else 32)
+    base = (ROOT / args.workdir).resolve()
+    if not (TINY_DIR / "config.json").is_file():
+        sys.exit(
+            f"{TINY_DIR} is missing; generate it with\n"
+            "  cd /work/main && .venv/bin/snakemake --cores 2 resources/models/tiny-nomic-moe/config.json"
+        )
+    if os.getloadavg()[0] > 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.2f} at start: other processes share the cores")
+
+    res: dict = {
+        "about": {
+            "what": "the snakemake workflow end to end (tokenize, reference and engine dumps, statistics, "
+            "aggregate, parity; report rendered by a second invocation), one model, variant fp32",
+            "steady_state": "prompts / seconds logged by the stage around its per-prompt loop (after loading "
+            "the model); start-up = Snakemake benchmark wall of the job - those seconds. The tokenize log's "
+            "seconds include loading the reference tokenizer",
+            "per_prompt_pipeline": "1core = 1 / sum over tokenize, dump_reference, dump_engine, compute_stats of "
+            "steady s/prompt; 2cores_ideal = x2 (two 1-thread shards side by side); measured = prompts / per-"
+            "prompt phase wall from log timestamps, start-ups included",
+            "peak_rss": "max over the rule's jobs of max(sum of the job's processes' VmHWM polled every 0.1 s, "
+            "Snakemake max_rss)",
+            "hdf5": "size of each final temp() dump while it exists (polled every 0.1 s)",
+            "units": "bytes; MB = 1e6, GB = 1e9 in the tables",
+        },
+        "cpu": cpu_info(),
+        "versions": versions(),
+        "git": git_info(),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "sizes": sizes,
+            "shard_size": shard_size,
+            "fullsize_prompts": None if args.skip_fullsize else n_full,
+            "quick": args.quick,
+            "snakemake": f"{SNAKEMAKE} <targets> --cores 2 --configfile <run>/config.yaml",
+            "workdir": str(base.relative_to(ROOT)),
+        },
+        "loadavg_1_5_15_at_start": os.getloadavg(),
+    }
+
+    tiny: dict = {}
+    for n in sizes:
+        name = f"tiny-n{n}"
+        tiny[name] = do_run(
+            name,
+            "tiny-nomic-moe",
+            {"generate": "tiny-nomic-moe", "seed": 0},
+            lambda p, n=n: write_replicated_sheet(n, p),
+            16,
+            shard_size,
+            base,
+        )
+    res["tiny"] = tiny
+
+    if not args.skip_fullsize:
+        from actdiff.models.fullsize import build_fullsize_random
+
+        t0 = time.perf_counter()
+        full_dir = build_fullsize_random(ROOT / args.fullsize_dir, seed=0, tokenizer_dir=TINY_DIR)
+        res["fullsize_build_or_reuse_s"] = time.perf_counter() - t0
+        picked: list[str] = []
+
+        def subset(p: Path) -> int:
+            picked[:] = write_subset_sheet(n_full, p)
+            return len(picked)
+
+        fs = do_run(
+            f"fullsize-n{n_full}",
+            "fullsize-random",
+            {"path": str(full_dir)},
+            subset,
+            1,
+            max(n_full, 1),
+            base,
+            tokenize_probe=False,  # the tiny model's tokenizer, measured on the tiny runs
+        )
+        fs["prompt_ids"] = picked
+        res["fullsize"] = fs
+
+    res["loadavg_1_5_15_at_end"] = os.getloadavg()
+    finish(res, ROOT / args.out)
+
+
+def finish(res: dict, out: Path) -> None:
+    """Derive scaling, targets and the markdown table from the runs; write the JSON and the table."""
+    if len(res.get("tiny", {})) > 1:
+        res["scaling"] = scaling(list(res["tiny"].values()))
+    res["targets"] = targets(res)
+    md = markdown(res)
+    res["markdown"] = md
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    md_path = out.with_suffix(".md")
+    md_path.write_text(md, encoding="utf-8")
+    print("\n" + md)
+    print(f"wrote {out.relative_to(ROOT)} and {md_path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
