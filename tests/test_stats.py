@@ -280,7 +280,8 @@ def test_aggregate_sample_keeps_counts_exact_and_shard_order_irrelevant(ci_run, 
     keys = ("summary", "first_divergence", "hypotheses", "routing", "embeddings", "verdict")
 
     def agg(name, tabs, **kw):
-        outs = {k: str(tmp_path / f"{name}-{k}.{'json' if k in ('embeddings', 'verdict') else 'parquet'}") for k in keys}
+        ext = {k: "json" if k in ("embeddings", "verdict") else "parquet" for k in keys}
+        outs = {k: str(tmp_path / f"{name}-{k}.{ext[k]}") for k in keys}
         v = aggregate(tabs, outs, {"model": "tiny", "side": "actdiff", "variant": "f", "experts": 8}, **kw)
         return v, {k: pd.read_parquet(p) for k, p in outs.items() if p.endswith(".parquet")}
 
