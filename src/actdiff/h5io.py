@@ -136,7 +136,7 @@ class ActivationWriter:
         for name, parts in self._buf.items():
             if not parts:
                 continue
-            block = np.concatenate(parts, axis=0)
+            block = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # one long prompt: no copy
             d = self.ds[name]
             start = d.shape[0]
             d.resize(start + block.shape[0], axis=0)

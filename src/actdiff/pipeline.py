@@ -227,7 +227,12 @@ def compute_stats(
 
 
 def aggregate_stats(
-    model_json: str, side: str, variant: str, shard_tables: dict[str, list[str]], outputs: dict[str, str]
+    model_json: str,
+    side: str,
+    variant: str,
+    shard_tables: dict[str, list[str]],
+    outputs: dict[str, str],
+    embedding_sample: int = 2000,
 ) -> None:
     from .compare.aggregate import aggregate
 
@@ -239,6 +244,7 @@ def aggregate_stats(
         "arch": info["arch"],
         "weights_sha256": info["weights_sha256"],
         "experts": int(info["config"].get("num_experts", 0) or 0),
+        "embedding_sample": int(embedding_sample),
     }
     v = aggregate(shard_tables, outputs, meta)
     log.info("%s", v["plain"])

@@ -39,6 +39,8 @@ rule aggregate_stats:
         routing=f"{R}/{{model}}/{{side}}/{{variant}}/summary/routing.parquet",
         embeddings=f"{R}/{{model}}/{{side}}/{{variant}}/summary/embeddings.json",
         verdict=f"{R}/{{model}}/{{side}}/{{variant}}/summary/verdict.json",
+    params:
+        embedding_sample=config["stats"]["embedding_sample"],
     log:
         f"{R}/logs/aggregate_stats/{{model}}/{{side}}/{{variant}}.log",
     benchmark:

@@ -12,4 +12,5 @@ run(
     variant=snakemake.wildcards.variant,  # noqa: F821
     shard_tables={t: [p for p in tables if p.endswith(f"/{t}.parquet")] for t in STATS_TABLES},
     outputs=dict(snakemake.output.items()),  # noqa: F821
+    embedding_sample=snakemake.params.embedding_sample,  # noqa: F821
 )
