@@ -302,21 +302,29 @@ def test_dump_attributes_and_config_parity_vocabulary(setup):
     assert understood["activation"] == "gelu_tanh" and understood["expert_bias"] is False
 
 
-def test_unmapped_node_is_written_as_placeholder(setup, tmp_path):
-    import h5py
+def _dump_without(setup, tmp_path, node_key: str):
+    """A llama.cpp dump whose mapping points ``node_key`` at a tensor llama.cpp does not have."""
     import yaml
 
-    from actdiff.h5io import ActivationReader
     from actdiff.llamacpp import mapping_path
     from actdiff.llamacpp.dump import dump_llamacpp
 
     doc = yaml.safe_load(mapping_path().read_text())
-    doc["nodes"]["encoder.layers.{i}.attn.k"] = "no_such_tensor-{i}"
+    doc["nodes"][node_key] = "no_such_tensor-{i}"
     edited = tmp_path / "m.yaml"
     edited.write_text(yaml.safe_dump(doc))
     out = tmp_path / "d.h5"
     dump_llamacpp(str(setup["model_json"]), str(setup["tokens"]), str(setup["gguf"]), str(out), "fp32", 0,
                   mapping=str(edited))  # fmt: skip
+    return out
+
+
+def test_unmapped_node_is_written_as_placeholder(setup, tmp_path):
+    import h5py
+
+    from actdiff.h5io import ActivationReader
+
+    out = _dump_without(setup, tmp_path, "encoder.layers.{i}.attn.k")
     with h5py.File(out, "r") as f:
         missing = json.loads(f.attrs["missing_nodes"])
     assert missing == [f"encoder.layers.{i}.attn.k" for i in range(4)]
@@ -412,21 +420,11 @@ def test_routing_agreement_per_layer(setup):
 def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
     """A node the mapping cannot fill is "not_captured" (NaN metrics), its consumers are judged on their
     propagated error only, and the verdict keeps the same causes as with the complete mapping."""
-    import yaml
-
     from actdiff.compare.aggregate import aggregate
     from actdiff.compare.stats import StatsConfig, compute_shard_stats
-    from actdiff.llamacpp import mapping_path
-    from actdiff.llamacpp.dump import dump_llamacpp
     from actdiff.pipeline import STATS_TABLES
 
-    doc = yaml.safe_load(mapping_path().read_text())
-    doc["nodes"]["encoder.layers.{i}.attn.context"] = "no_such_tensor-{i}"
-    edited = tmp_path / "m.yaml"
-    edited.write_text(yaml.safe_dump(doc))
-    eng = tmp_path / "d.h5"
-    dump_llamacpp(str(setup["model_json"]), str(setup["tokens"]), str(setup["gguf"]), str(eng), "fp32", 0,
-                  mapping=str(edited))  # fmt: skip
+    eng = _dump_without(setup, tmp_path, "encoder.layers.{i}.attn.context")
     outs = {k: str(tmp_path / f"{k}.parquet") for k in STATS_TABLES}
     compute_shard_stats(setup["model_dir"], setup["ref"], eng, "llamacpp", "fp32", 0, outs, StatsConfig())
     nodes = pd.read_parquet(outs["nodes"])

@@ -39,29 +39,21 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 static void compare_sums_pass(double out[5], const float *eng, const float *ref, int64_t n) {
     double sa[LANES] = {0}, se[LANES] = {0}, sr[LANES] = {0}, sq[LANES] = {0}, dt[LANES] = {0};
     int64_t full = n - n % LANES;
-    for (int64_t i0 = 0; i0 < full; i0 += LANES) {
-        for (int l = 0; l < LANES; l++) {
-            float fe = eng[i0 + l], fr = ref[i0 + l];
-            int ok = finite_bits(fe) & finite_bits(fr);
-            double e = ok ? (double)fe : 0.0, r = ok ? (double)fr : 0.0, d = e - r;
-            sa[l] += fabs(d);
-            se[l] += d * d;
-            sr[l] += r * r;
-            sq[l] += e * e;
-            dt[l] += e * r;
-        }
-    }
-    for (int64_t i = full; i < n; i++) {
-        int l = (int)(i % LANES);
-        float fe = eng[i], fr = ref[i];
-        int ok = finite_bits(fe) & finite_bits(fr);
-        double e = ok ? (double)fe : 0.0, r = ok ? (double)fr : 0.0, d = e - r;
-        sa[l] += fabs(d);
-        se[l] += d * d;
-        sr[l] += r * r;
-        sq[l] += e * e;
-        dt[l] += e * r;
-    }
+    /* one position into lane l: positions where either value is not finite add zeros */
+#define COMPARE_ADD(l, fe, fr)                                                                        \
+    do {                                                                                              \
+        int ok_ = finite_bits(fe) & finite_bits(fr);                                                  \
+        double e_ = ok_ ? (double)(fe) : 0.0, r_ = ok_ ? (double)(fr) : 0.0, d_ = e_ - r_;            \
+        sa[l] += fabs(d_);                                                                            \
+        se[l] += d_ * d_;                                                                             \
+        sr[l] += r_ * r_;                                                                             \
+        sq[l] += e_ * e_;                                                                             \
+        dt[l] += e_ * r_;                                                                             \
+    } while (0)
+    for (int64_t i0 = 0; i0 < full; i0 += LANES)
+        for (int l = 0; l < LANES; l++) COMPARE_ADD(l, eng[i0 + l], ref[i0 + l]);
+    for (int64_t i = full; i < n; i++) COMPARE_ADD(i % LANES, eng[i], ref[i]);
+#undef COMPARE_ADD
     out[0] = lanes_total(sa);
     out[1] = lanes_total(se);
     out[2] = lanes_total(sr);

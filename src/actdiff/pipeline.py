@@ -283,23 +283,6 @@ def convert_gguf(model_json: str, variant: str, out: str) -> None:
     )
 
 
-def dump_llamacpp(
-    model_json: str,
-    tokens: str,
-    gguf: str,
-    out: str,
-    variant: str,
-    shard: int,
-    threads: int = 1,
-    engine_ids: str = "reference",
-    compression: str = "none",
-) -> None:
-    """Run llama.cpp over one shard and record every node it has a counterpart for (docs/llamacpp.md)."""
-    from .llamacpp.dump import dump_llamacpp as run
-
-    run(model_json, tokens, gguf, out, variant, shard, threads=threads, engine_ids=engine_ids, compression=compression)
-
-
 def llamacpp_parity(model_json: str, gguf: str, out_config: str) -> None:
     """Config parity of llama.cpp: the values it applies (GGUF metadata and what its graph hard-codes)."""
     from .compare.stats import config_parity

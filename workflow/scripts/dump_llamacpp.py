@@ -1,6 +1,6 @@
 """Adapter for rule dump_llamacpp: record every mapped node of llama.cpp for one shard and variant."""
 
-from actdiff.pipeline import dump_llamacpp
+from actdiff.llamacpp.dump import dump_llamacpp
 from actdiff.workflow_support import run
 
 run(
