@@ -89,7 +89,7 @@ def engine_variants(model, engine):
 
 
 def runs():
-    """Every (model, side, variant) compared with the reference."""
+    """Every (model, side, variant) compared with the reference; each gets a report."""
     return [(m, e, v) for m in MODELS for e in engines_of(m) for v in engine_variants(m, e)]
 
 
@@ -112,11 +112,6 @@ def stats_tables(wildcards):
     ]
 
 
-def report_runs():
-    """Every (model, side, variant) that gets a report."""
-    return runs()
-
-
 def all_targets():
     out = []
     for m in MODELS:
@@ -130,7 +125,7 @@ def all_targets():
         out += parity_files(SimpleNamespace(model=m, side=e, variant=v))
         if config["keep_activations"]:
             out += [f"{R}/{m}/{e}/{v}/activations/shard-{s}.h5" for s in SHARDS]
-    out += [f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in report_runs()]
-    if report_runs():
+    out += [f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in runs()]
+    if runs():
         out.append(f"{R}/reports/index.html")
     return out

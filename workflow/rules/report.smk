@@ -33,12 +33,12 @@ rule render_index:
     """One page comparing the verdicts of every report, linking to each."""
     input:
         qmd="reports/index.qmd",
-        verdicts=[f"{R}/{m}/{s}/{v}/summary/verdict.json" for m, s, v in report_runs()],
-        reports=[f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in report_runs()],
+        verdicts=[f"{R}/{m}/{s}/{v}/summary/verdict.json" for m, s, v in runs()],
+        reports=[f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in runs()],
     output:
         html=f"{R}/reports/index.html",
     params:
-        runs=[f"{m}/{s}/{v}" for m, s, v in report_runs()],
+        runs=[f"{m}/{s}/{v}" for m, s, v in runs()],
     log:
         f"{R}/logs/render_index/index.log",
     benchmark:
