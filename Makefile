@@ -19,7 +19,7 @@ SNAKEMAKE_ARGS ?=
 KERNEL_SOURCES := $(wildcard kernels_c/src/*.c kernels_c/include/*.h src/actdiff/kernels/_build.py setup.py)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-llamacpp report test test-python test-c browser lint clean
+.PHONY: setup setup-llamacpp report test test-python test-isa test-c browser lint clean
 
 setup: $(STAMP)
 
@@ -44,7 +44,7 @@ report: setup
 	@$(BIN)/python -c 'import actdiff.llamacpp as l; ok, why = l.available(); print("actdiff: llama.cpp engine " + ("included (" + why + ")" if ok else "NOT included: " + why))'
 	$(BIN)/snakemake --cores $(CORES) --resources mem_mb=$(MEM_MB) $(SNAKEMAKE_ARGS)
 
-test: setup setup-llamacpp browser test-c test-python
+test: setup setup-llamacpp browser test-c test-python test-isa
 
 # headless Chromium for the report test (Debian's package; Playwright drives it, it never downloads a browser)
 browser:
@@ -58,6 +58,22 @@ test-c:
 # under `make test` the optional parts must be there: their tests fail instead of skipping
 test-python:
 	ACTDIFF_REQUIRE_LLAMACPP=1 ACTDIFF_REQUIRE_SLURM=1 $(BIN)/python -m pytest --durations=15
+
+# Every C kernel path this CPU runs besides the one the main run used (README: CPU requirements): the tests
+# marked isa_paths (the kernel op suite, the determinism tests, the engine's fp32 parity on the CI prompts, the
+# budget criterion) again with ACTDIFF_KERNELS_ISA forcing the path. An AVX-512 machine proves avx2 and scalar
+# here; an AVX2 machine proves scalar (it cannot execute avx512, and says so in every pytest header).
+test-isa:
+	@main=$$(env -u ACTDIFF_KERNELS_ISA $(BIN)/python -c 'import actdiff.kernels as K; print(K.get_isa())'); \
+	ran="$$main (main run)"; \
+	for isa in $$($(BIN)/python -c 'import actdiff.kernels as K; print(*K.supported_isas())'); do \
+	  [ "$$isa" = "$$main" ] && continue; \
+	  echo "actdiff: kernel path $$isa forced (ACTDIFF_KERNELS_ISA=$$isa): tests marked isa_paths"; \
+	  ACTDIFF_KERNELS_ISA=$$isa $(BIN)/python -m pytest -m isa_paths -p no:cacheprovider \
+	    --parity-corpus tests/data/ci_prompts.tsv --durations=5 || exit 1; \
+	  ran="$$ran, $$isa (forced)"; \
+	done; \
+	echo "actdiff: kernel paths tested on this CPU: $$ran"
 
 lint: setup
 	$(BIN)/ruff check src tests workflow bench

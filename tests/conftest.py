@@ -13,7 +13,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import DATA, REPO, snakemake  # noqa: E402
+from helpers import DATA, REPO, ensure_tiny_model, snakemake  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--parity-corpus",
+        default=str(REPO / "config/prompts/default.tsv"),
+        help="prompt sheet of the engine's fp32 parity test (make test-isa uses the CI subset per forced path)",
+    )
+
+
+def pytest_report_header(config):
+    """Which C kernel path this run exercises, so every test log says what it proved."""
+    import actdiff.kernels as K
+
+    forced = K.forced_isa()
+    runs = K.supported_isas()
+    lacks = ", ".join(i for i in K.ISA_NAMES if i not in runs) or "none"
+    how = f"forced by {K.ISA_ENV}={forced}" if forced else f"auto: the best of {', '.join(runs)}"
+    return [f"actdiff kernels: ISA path {K.get_isa()} ({how}); paths this CPU lacks (untestable here): {lacks}"]
 
 
 @dataclass
@@ -37,10 +56,10 @@ def ci_run() -> PipelineRun:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(ci_run) -> Path:
-    d = REPO / "resources/models/tiny-nomic-moe"
-    assert (d / "config.json").is_file()
-    return d
+def tiny_model_dir() -> Path:
+    """The generated tiny model (built by the pipeline's own rule when missing; no full pipeline run needed,
+    so the forced-ISA runs of `make test-isa` can use it)."""
+    return ensure_tiny_model()
 
 
 @pytest.fixture(scope="session")

@@ -55,3 +55,23 @@ def ensure_tiny_model() -> Path:
             f"could not build the tiny model:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
         )
     return TINY_MODEL
+
+
+def tightness_ratios(nodes):
+    """Per node (non-index): budget median over the fp32 error present, the larger of the engine's local error
+    and the reference's own error against float64 at p99 over prompts (floored at one rounding); and the noise
+    the budgets scale over that same error (actdiff.compare.budgets states the criterion)."""
+    from actdiff.compare.budgets import NOISE_FLOOR
+
+    n = nodes[nodes["ref_fp32_error"].notna()]
+    g = n.groupby("node", sort=False).agg(
+        op=("op", "first"),
+        budget=("budget", "median"),
+        local_p99=("local_rel_l2", lambda s: s.quantile(0.99)),
+        ref_p99=("ref_fp32_error", lambda s: s.quantile(0.99)),
+        noise_p99=("fp32_noise", lambda s: s.quantile(0.99)),
+    )
+    present = g[["local_p99", "ref_p99"]].max(axis=1).clip(lower=NOISE_FLOOR)
+    g["ratio"] = g["budget"] / present
+    g["noise_over_present"] = g["noise_p99"].clip(lower=NOISE_FLOOR) / present
+    return g

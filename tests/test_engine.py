@@ -19,9 +19,10 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, model_copy
+from helpers import model_copy
 from safetensors.numpy import load_file
 
+import actdiff.kernels as K
 from actdiff.engine.core import Engine
 from actdiff.engine.faults import FAULTS
 from actdiff.errors import ModelError
@@ -42,8 +43,9 @@ def rel_l2(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    return load_prompt_sheet(REPO / "config/prompts/default.tsv")
+def corpus(request):
+    """The whole bundled corpus, or the sheet --parity-corpus names (make test-isa: the CI subset per path)."""
+    return load_prompt_sheet(request.config.getoption("--parity-corpus"))
 
 
 def _corpus_ids(model_dir, corpus, max_len):
@@ -51,6 +53,7 @@ def _corpus_ids(model_dir, corpus, max_len):
     return [r["ids"] for r in tokenize_texts(tok, corpus["text"].tolist(), max_len)]
 
 
+@pytest.mark.isa_paths
 @pytest.mark.parametrize("model", ["tiny-nomic-moe", "minilm-l6"])
 def test_fp32_engine_matches_reference_on_whole_corpus(model, corpus, tiny_model_dir, minilm_model_dir):
     model_dir, max_len = (tiny_model_dir, 512) if model == "tiny-nomic-moe" else (minilm_model_dir, 256)
@@ -86,7 +89,10 @@ def test_fp32_engine_matches_reference_on_whole_corpus(model, corpus, tiny_model
     assert not bad_nodes, bad_nodes
     assert min(cosines) >= 0.99999, min(cosines)
     assert len(flips) <= 2, flips  # near-ties within fp32 noise are rare
-    print(f"{model}: worst node rel L2 {max(worst.values()):.2e}, min cosine {min(cosines):.8f}, flips {flips}")
+    print(
+        f"{model} ({K.get_isa()} kernels, {len(ids_all)} prompts): worst node rel L2 {max(worst.values()):.2e}, "
+        f"min cosine {min(cosines):.8f}, flips {flips}"
+    )
 
 
 def test_every_compute_node_runs_in_c_without_torch(tiny_model_dir):
@@ -113,13 +119,32 @@ print(json.dumps({{"counts": counts, "unfused": unfused, "torch": "torch" in sys
     L, moe, dense = 4, 2, 2
     # per layer: 2 matmuls (qkv, out_proj) + 2 per dense MLP; embedding: word + type gathers
     assert r["counts"] == {
-        "embedding": 2, "add": 1 + L * 2, "layernorm": 1 + 2 * L, "matmul": 2 * L + 2 * dense,
-        "rotary": 2 * L, "attention": L, "gelu": dense, "moe": moe, "mean_pool": 1, "l2_normalize": 1,
+        "embedding": 2,
+        "add": 1 + L * 2,
+        "layernorm": 1 + 2 * L,
+        "matmul": 2 * L + 2 * dense,
+        "rotary": 2 * L,
+        "attention": L,
+        "gelu": dense,
+        "moe": moe,
+        "mean_pool": 1,
+        "l2_normalize": 1,
     }
     assert r["unfused"] == {
-        "embedding": 2, "add": 1 + L * 2 + moe, "layernorm": 1 + 2 * L, "matmul": 2 * L + 2 * dense + moe,
-        "rotary": 2 * L, "attention": L, "gelu": dense + moe, "softmax": moe, "topk": 2 * moe,
-        "expert_up": moe, "expert_down": moe, "moe_combine": moe, "mean_pool": 1, "l2_normalize": 1,
+        "embedding": 2,
+        "add": 1 + L * 2 + moe,
+        "layernorm": 1 + 2 * L,
+        "matmul": 2 * L + 2 * dense + moe,
+        "rotary": 2 * L,
+        "attention": L,
+        "gelu": dense + moe,
+        "softmax": moe,
+        "topk": 2 * moe,
+        "expert_up": moe,
+        "expert_down": moe,
+        "moe_combine": moe,
+        "mean_pool": 1,
+        "l2_normalize": 1,
     }
 
 
@@ -191,8 +216,10 @@ def test_export_weights_covers_the_checkpoint(tiny_model_dir):
     "mutate, message",
     [
         (lambda w: w.pop("encoder.layers.2.mlp.fc1.weight"), r"missing tensor 'encoder\.layers\.2\.mlp\.fc1\.weight'"),
-        (lambda w: w.__setitem__("encoder.layers.0.attn.Wqkv.weight", np.zeros((10, 128), np.float32)),
-         r"'encoder\.layers\.0\.attn\.Wqkv\.weight' has shape \[10, 128\], config\.json implies \[384, 128\]"),
+        (
+            lambda w: w.__setitem__("encoder.layers.0.attn.Wqkv.weight", np.zeros((10, 128), np.float32)),
+            r"'encoder\.layers\.0\.attn\.Wqkv\.weight' has shape \[10, 128\], config\.json implies \[384, 128\]",
+        ),
         (lambda w: w.__setitem__("emb_ln.weight", np.zeros(128, np.int64)), r"'emb_ln\.weight' has dtype int64"),
     ],
 )

@@ -348,9 +348,12 @@ def test_variant_grammar(setup, tmp_path):
 
 # --------------------------------------------------------------------------- what the statistics find
 def _per_node(nodes: pd.DataFrame) -> pd.DataFrame:
+    """Per node: worst errors, and how many prompts' local error is over that prompt's budget (budgets follow
+    each prompt's fp32 noise, so they are compared row by row)."""
+    nodes = nodes.assign(over=nodes["local_rel_l2"] > nodes["budget"])
     return nodes.groupby(["node_index", "node", "op"], as_index=False).agg(
-        rel=("rel_l2", "max"), local=("local_rel_l2", "max"), budget=("budget", "min"),
-        fail=("status", lambda s: int((s == "fail").sum())),
+        rel=("rel_l2", "max"), local=("local_rel_l2", "max"), budget=("budget", "median"),
+        over=("over", "sum"), fail=("status", lambda s: int((s == "fail").sum())),
     )  # fmt: skip
 
 
@@ -365,8 +368,8 @@ def test_f32_matches_reference_before_the_first_gelu(setup):
     # (K <= 128 + T here) and the chain embed -> LN -> Wqkv -> RoPE -> attention -> out_proj -> add -> LN -> fc1
     # stacks at most ~10 of them, i.e. <= 10 * 2^-24 * sqrt(256) ~ 1e-5; observed <= 7e-7 (tiny model, 8 prompts).
     assert before.rel.max() < 1e-5, before.sort_values("rel").tail(3).to_string()
-    # local errors stay within the fp32 budgets (8 x the same estimate, per node)
-    assert (before.local <= before.budget).all()
+    # local errors stay within the fp32 budgets (6.3 x the node's fp32 noise on each prompt)
+    assert (before.over == 0).all(), before[before.over > 0].to_string()
 
 
 def test_failing_nodes_are_exactly_gelu_and_expert_bias(setup):
@@ -380,7 +383,7 @@ def test_failing_nodes_are_exactly_gelu_and_expert_bias(setup):
     assert (bias.local > 0.1).all()  # the missing shared expert bias is a large local error (~0.4)
     # everything else inherits error (warn) but computes its own op within budget
     others = n[~n.op.isin(["GELU", "BIAS_ADD"])]
-    assert (others.local <= others.budget).all()
+    assert (others.over == 0).all(), others[others.over > 0].to_string()
 
 
 def test_diagnosis_names_both_llamacpp_differences(setup):

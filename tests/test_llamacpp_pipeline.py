@@ -3,8 +3,8 @@ prompts in 2 shards): the verdict names every real difference between llama.cpp 
 being told, the report and the index show it, config parity flags what llama.cpp applies differently.
 
 The differences (docs/llamacpp.md): GELU is ggml's tanh form through an fp16 table; the shared expert bias
-of the MoE layers is never added; RoPE angles are built in float32 by repeated multiplication (visible only
-on the long prompts, where the angle error reaches ~1e-4 rad).
+of the MoE layers is never added. RoPE angles are built in float32 by repeated multiplication: on the long
+prompts that costs 1.3-1.4x the reference's own fp32 angle error, i.e. fp32 noise, and passes.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ def run(ci_run):
     return ci_run.results / RUN
 
 
-def test_verdict_names_the_three_llamacpp_differences(run):
+def test_verdict_names_the_two_llamacpp_differences(run):
     v = json.loads((run / "summary/verdict.json").read_text())
     assert v["status"] == "fail" and v["side"] == "llamacpp"
     causes = {c["hypothesis"]: c for c in v["causes"]}
     # every failing node is explained: nothing is left as "unexplained"
-    assert set(causes) == {"gelu_tanh_fp16_table", "expert_bias_missing", "rotary_angles_fp32_recurrence"}
+    assert set(causes) == {"gelu_tanh_fp16_table", "expert_bias_missing"}
     assert causes["expert_bias_missing"]["nodes"] == [
         "encoder.layers.1.mlp.experts.bias_add",
         "encoder.layers.3.mlp.experts.bias_add",
@@ -55,24 +55,25 @@ def test_verdict_names_the_three_llamacpp_differences(run):
     # small local error at every GELU node (~3.7e-4), reproduced to the fp16 table's own rounding
     g = causes["gelu_tanh_fp16_table"]
     assert 1e-4 < g["baseline_error_median"] < 1e-3 and g["error_median"] < 1e-5
-    assert all(n.endswith(("q_rot", "k_rot")) for n in causes["rotary_angles_fp32_recurrence"]["nodes"])
-    for word in ("gelu_tanh_fp16_table", "expert_bias_missing", "rotary_angles_fp32_recurrence"):
+    for word in ("gelu_tanh_fp16_table", "expert_bias_missing"):
         assert word in v["plain"]
     assert v["first_divergence"] == "encoder.layers.0.mlp.act"
 
 
-def test_nodes_before_the_first_moe_layer_pass_apart_from_gelu_and_rope(run):
-    """Before the first MoE layer only the two explained approximations fail (GELU on every prompt, RoPE on
-    the long prompts); every other node computes its own op within its fp32 budget on every prompt."""
+def test_nodes_before_the_first_moe_layer_pass_apart_from_gelu(run):
+    """Before the first MoE layer only the explained GELU approximation fails; every other node computes its
+    own op within its fp32 budget on every prompt, RoPE included: ggml's float32 angle recurrence costs about
+    as much as the reference's own float32 angles on the 512-token prompts (both against float64)."""
     nodes = pd.concat(pd.read_parquet(p) for p in sorted(run.glob("stats/shard-*/nodes.parquet")))
     first_moe = nodes.loc[nodes.op == "ROUTER", "node_index"].min()
     before = nodes[nodes.node_index < first_moe]
     failing = before[before.status == "fail"]
-    assert set(failing.op) <= {"GELU", "ROPE"}, failing[["prompt_id", "node"]].drop_duplicates().to_string()
-    rope_prompts = set(failing[failing.op == "ROPE"].prompt_id)
-    assert rope_prompts <= {p for p in before.prompt_id.unique() if p.startswith("long-")}, rope_prompts
-    ok = before[~before.op.isin(["GELU", "ROPE"])]
+    assert set(failing.op) <= {"GELU"}, failing[["prompt_id", "node"]].drop_duplicates().to_string()
+    ok = before[before.op != "GELU"]
     assert (ok.local_rel_l2 <= ok.budget).all()
+    rope = before[(before.op == "ROPE") & before.prompt_id.str.startswith("long-")]
+    ratio = rope.local_rel_l2 / rope.ref_fp32_error
+    assert len(rope) and ratio.between(0.5, 2.0).all(), ratio.describe()
 
 
 def test_routing_agreement_is_reported_per_layer(run):

@@ -60,6 +60,26 @@ def _finished_stats_shards(log_text: str) -> list[int]:
     return sorted({shard_of_job[j] for j in re.findall(r"Finished jobid: (\d+)", log_text) if j in shard_of_job})
 
 
+def _running_python_jobs(pid: int) -> list[str] | None:
+    """Command lines of the live python jobs under ``pid``; None once ``pid`` itself is gone.
+
+    Jobs start and exit while we look: a child that exits, turns zombie or becomes unreadable between
+    ``children()`` and ``cmdline()`` is simply not running any more, so it is left out, never an error."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    running = []
+    for c in children:
+        try:
+            if c.status() == psutil.STATUS_ZOMBIE or "python" not in c.name():
+                continue
+            running.append(" ".join(c.cmdline())[-120:])
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return running
+
+
 def _tables(results: Path) -> dict[str, pd.DataFrame]:
     out = {}
     for p in sorted((results / MODEL / "actdiff/fp32").glob("**/*.parquet")):
@@ -94,9 +114,11 @@ def test_sigkill_then_rerun_recomputes_only_unfinished_shards(tmp_path, uninterr
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             done = _finished_stats_shards((tmp_path / "killed.log").read_text())
-            jobs = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name()]
+            jobs = _running_python_jobs(proc.pid)
+            if jobs is None:
+                break
             if done and len(done) < SHARDS and jobs:
-                killed_while = (done, [" ".join(c.cmdline())[-120:] for c in jobs])
+                killed_while = (done, jobs)
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.05)

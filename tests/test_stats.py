@@ -9,10 +9,9 @@ import sys
 
 import pandas as pd
 import pytest
-from helpers import BIN, REPO, run_cmd
+from helpers import BIN, REPO, run_cmd, tightness_ratios
 
 from actdiff.compare.aggregate import aggregate
-from actdiff.compare.budgets import U32
 from actdiff.compare.stats import compute_shard_stats
 from actdiff.engine.core import Engine
 from actdiff.engine.faults import FAULTS, register_aliases
@@ -99,13 +98,13 @@ def test_check_regression_against_baseline(ci_run, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("model", ["tiny-nomic-moe", "minilm-l6"])
 def test_fp32_budgets_are_tight(ci_run, model):
-    """No fp32 budget is more than 100x the observed p99 local error of a correct run (floored at one fp32
-    rounding, 2^-24, for nodes whose local error is exactly zero such as splits and adds)."""
-    s = pd.read_parquet(ci_run.results / model / "actdiff/fp32/summary/nodes.parquet")
-    observed = s["local_rel_l2_p99"].clip(lower=U32)
-    ratio = s["budget_median"] / observed
-    assert (ratio <= 100).all(), s.loc[ratio > 100, ["node", "budget_median", "local_rel_l2_p99"]].to_string()
-    assert (s["local_rel_l2_max"] <= s["budget_median"] * 1.0001).all()
+    """Every fp32 budget is within 10x of the fp32 error present at its node (the criterion derived in
+    actdiff.compare.budgets; tests/test_budgets.py checks it again under every ISA path and plants a bug)."""
+    d = ci_run.results / model / "actdiff/fp32"
+    nodes = pd.concat(pd.read_parquet(p) for p in sorted(d.glob("stats/shard-*/nodes.parquet")))
+    r = tightness_ratios(nodes)
+    assert (r["ratio"] <= 10).all(), r[r.ratio > 10].to_string()
+    assert (nodes["local_rel_l2"] <= nodes["budget"]).all()
 
 
 @pytest.mark.e2e
@@ -130,6 +129,8 @@ def test_tables_have_the_documented_columns(ci_run):
         "nan_eng",
         "inf_eng",
         "local_rel_l2",
+        "ref_fp32_error",
+        "fp32_noise",
         "budget",
         "amplification",
         "status",

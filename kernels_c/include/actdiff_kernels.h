@@ -56,9 +56,9 @@ enum {
 
 /* ---- instruction-set paths ---- */
 enum {
-    AK_ISA_AUTO = -1,   /* best the CPU supports (default) */
+    AK_ISA_AUTO = -1,   /* ACTDIFF_KERNELS_ISA if set and supported, else the best the CPU supports */
     AK_ISA_SCALAR = 0,  /* portable C (fmaf) */
-    AK_ISA_AVX2 = 1,    /* AVX2 + FMA + F16C */
+    AK_ISA_AVX2 = 1,    /* AVX2 + FMA */
     AK_ISA_AVX512 = 2   /* AVX-512F */
 };
 

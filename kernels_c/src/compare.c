@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "actdiff_kernels.h"
+#include "ak_internal.h"
 
 /* fp32 bit pattern -> integer ordered like the floats (adjacent floats differ by 1) */
 static inline int64_t ordered_int(float x) {
@@ -34,9 +35,12 @@ static inline double lanes_total(const double *l) {
     return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-/* pass 1: the five sums over the positions where both values are finite (branch-free, vectorisable) */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void compare_sums_pass(double out[5], const float *eng, const float *ref, int64_t n) {
+/* pass 1: the five sums over the positions where both values are finite (branch-free, vectorisable).
+ * The body is compiled once per ISA path (AK_ISA_VARIANTS below) and picked by ak_isa(), like every other
+ * kernel, so ACTDIFF_KERNELS_ISA / ak_set_isa() reach it and the tests run each path on any CPU that has it
+ * (target_clones would pick the best path behind the dispatcher's back and leave the others untested). */
+static inline __attribute__((always_inline)) void compare_sums_body(double out[5], const float *eng,
+                                                                    const float *ref, int64_t n) {
     double sa[LANES] = {0}, se[LANES] = {0}, sr[LANES] = {0}, sq[LANES] = {0}, dt[LANES] = {0};
     int64_t full = n - n % LANES;
     /* one position into lane l: positions where either value is not finite add zeros */
@@ -60,6 +64,21 @@ static void compare_sums_pass(double out[5], const float *eng, const float *ref,
     out[3] = lanes_total(sq);
     out[4] = lanes_total(dt);
 }
+
+/* NAME_avx512, NAME_avx2, NAME_scalar: the same body compiled for each path, and NAME choosing by ak_isa() */
+#define AK_ISA_VARIANTS(NAME, BODY, PARAMS, ARGS)                                                     \
+    __attribute__((target("avx512f,avx2,fma"))) static void NAME##_avx512 PARAMS { BODY ARGS; }      \
+    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { BODY ARGS; }                 \
+    static void NAME##_scalar PARAMS { BODY ARGS; }                                                   \
+    static void NAME PARAMS {                                                                         \
+        int isa_ = ak_isa();                                                                          \
+        if (isa_ == AK_ISA_AVX512) NAME##_avx512 ARGS;                                                \
+        else if (isa_ == AK_ISA_AVX2) NAME##_avx2 ARGS;                                               \
+        else NAME##_scalar ARGS;                                                                      \
+    }
+
+AK_ISA_VARIANTS(compare_sums_pass, compare_sums_body,
+                (double out[5], const float *eng, const float *ref, int64_t n), (out, eng, ref, n))
 
 /* out is one ak_compare_result, eng is (n), ref is (n).
  * Sums run over the positions where both values are finite, in double. */
@@ -143,11 +162,11 @@ int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref,
     return AK_OK;
 }
 
-/* ||a - b|| / ||b|| accumulated in double (8 lanes, same order on every ISA clone); NaN/Inf propagate as in
+/* ||a - b|| / ||b|| accumulated in double (8 lanes, same order on every ISA path); NaN/Inf propagate as in
  * the arithmetic (no masking), as numpy's definition does. The statistics call this once per node and prompt
  * for the local error, where the full ak_compare would compute a dozen unused numbers. */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void rel_l2_sums(double *num, double *den, const float *a, const float *b, int64_t n) {
+static inline __attribute__((always_inline)) void rel_l2_body(double *num, double *den, const float *a,
+                                                              const float *b, int64_t n) {
     double sn[LANES] = {0}, sd[LANES] = {0};
     int64_t full = n - n % LANES;
     for (int64_t i0 = 0; i0 < full; i0 += LANES) {
@@ -165,6 +184,9 @@ static void rel_l2_sums(double *num, double *den, const float *a, const float *b
     *num = lanes_total(sn);
     *den = lanes_total(sd);
 }
+
+AK_ISA_VARIANTS(rel_l2_sums, rel_l2_body, (double *num, double *den, const float *a, const float *b, int64_t n),
+                (num, den, a, b, n))
 
 /* out is one double, a is (n), b is (n): out = ||a - b|| / ||b|| (0 when both norms are 0, inf when only b's) */
 int ak_rel_l2(double *out, const float *a, const float *b, int64_t n) {

@@ -71,24 +71,29 @@ static int best_isa(void) {
     if (ak_cpu_supports_isa(AK_ISA_AVX2)) return AK_ISA_AVX2;
     return AK_ISA_SCALAR;
 }
+/* AK_ISA_AUTO: the path ACTDIFF_KERNELS_ISA names when the CPU supports it, else the best one. The Python
+ * wrapper refuses an unknown or unsupported value at import (the C library cannot report it from here), so
+ * a forced run never silently falls back to another path. */
+static int auto_isa(void) {
+    const char *env = getenv("ACTDIFF_KERNELS_ISA");
+    int want = -1;
+    if (env && *env) {
+        if (!strcmp(env, "scalar")) want = AK_ISA_SCALAR;
+        else if (!strcmp(env, "avx2")) want = AK_ISA_AVX2;
+        else if (!strcmp(env, "avx512")) want = AK_ISA_AVX512;
+    }
+    return want >= 0 && ak_cpu_supports_isa(want) ? want : best_isa();
+}
 int ak_isa(void) {
     int v = __atomic_load_n(&g_isa, __ATOMIC_RELAXED);
     if (v == -2) {
-        v = best_isa();
-        const char *env = getenv("ACTDIFF_KERNELS_ISA");
-        if (env) {
-            int want = -3;
-            if (!strcmp(env, "scalar")) want = AK_ISA_SCALAR;
-            else if (!strcmp(env, "avx2")) want = AK_ISA_AVX2;
-            else if (!strcmp(env, "avx512")) want = AK_ISA_AVX512;
-            if (want >= 0 && ak_cpu_supports_isa(want)) v = want;
-        }
+        v = auto_isa();
         __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
     }
     return v;
 }
 int ak_set_isa(int isa) {
-    if (isa == AK_ISA_AUTO) { __atomic_store_n(&g_isa, best_isa(), __ATOMIC_RELAXED); return AK_OK; }
+    if (isa == AK_ISA_AUTO) { __atomic_store_n(&g_isa, auto_isa(), __ATOMIC_RELAXED); return AK_OK; }
     if (isa < AK_ISA_SCALAR || isa > AK_ISA_AVX512) return AK_ERR_INVALID_ARGUMENT;
     if (!ak_cpu_supports_isa(isa)) return AK_ERR_UNSUPPORTED;
     __atomic_store_n(&g_isa, isa, __ATOMIC_RELAXED);

@@ -156,6 +156,7 @@ def dump_engine(
     compression: str = "none",
 ) -> None:
     """Run the actdiff engine (C kernels, no torch) over one shard and record every graph node."""
+    from . import kernels
     from .engine.core import Engine
     from .engine.faults import register_aliases
     from .h5io import ActivationWriter
@@ -178,6 +179,7 @@ def dump_engine(
         "model_dir": info["dir"],
         "engine": "actdiff",
         "engine_ids": engine_ids,
+        "kernel_isa": kernels.get_isa(),  # the C kernels' instruction-set path (ACTDIFF_KERNELS_ISA forces one)
         "understood_config": json.dumps(engine.understood_config(variant)),
         "dtypes": json.dumps({"activations": "float32", "indices": "int64", "precision": variant}),
     }

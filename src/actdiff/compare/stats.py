@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from ..errors import DumpError
 from ..h5io import ActivationReader
 from ..nodes import INPUT_IDS, Graph, build_graph, load_config_json
 from ..variants import parse_variant
-from .budgets import U32, budget, status
+from .budgets import U32, Noise, budget, fp32_noise, status
 from .embeddings import BoundedSample, cosine
 from .metrics import FLOAT_METRICS, compare, per_token_errors, rel_l2
 from .routing import margins, routing_rows
@@ -110,6 +111,29 @@ class StatsConfig:
     diagnose_all_failing: bool = True  # rank hypotheses at every failing node, not only the first
 
 
+class CheckpointTensors(Mapping):
+    """A safetensors checkpoint as a read-only mapping that reads each tensor when asked (memory-mapped), so
+    the fp32-noise ops and the hypotheses never hold a second full copy of a large model's weights."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="numpy")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class LocalReplay:
     """Local (teacher-forced) output of a node: our engine's replay, or the spec op on engine inputs."""
 
@@ -126,11 +150,10 @@ class LocalReplay:
             self.engine.prepare(variant)
 
     @property
-    def weights(self) -> dict[str, np.ndarray]:
+    def weights(self) -> CheckpointTensors:
+        """The raw checkpoint tensors, read on demand (the spec ops of refops take them as stored)."""
         if self._weights64 is None:
-            from safetensors.numpy import load_file
-
-            self._weights64 = load_file(str(self.model_dir / "model.safetensors"))
+            self._weights64 = CheckpointTensors(self.model_dir / "model.safetensors")
         return self._weights64
 
     def local(self, name: str, ref: dict, eng: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +338,8 @@ def _one_prompt(
     worst,
     missing: frozenset = frozenset(),
 ):
-    T = ref["emb_ln"].shape[0]
+    T = len(ref[INPUT_IDS])
+    noise: dict[str, Noise] = {}  # each node's fp32 noise on this prompt (budgets.fp32_noise)
     status_of: dict[str, str] = {}
     local_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     rows: dict[str, list] = {}
@@ -323,7 +347,8 @@ def _one_prompt(
     for node in graph:
         name = node.name
         r, e = ref[name], eng[name]
-        b = budget(graph, node, precision, T, cfg.budgets)
+        noise[name] = fp32_noise(graph, node, ref, replay.weights)
+        b = budget(node, precision, noise[name], cfg.budgets)
         # an external engine's op replays on its own inputs: impossible when one of them was not captured
         blind = replay.engine is None and any(i in missing for i in node.inputs)
         if name in missing:
@@ -344,7 +369,7 @@ def _one_prompt(
             # top-k ids: a disagreement at a reference near-tie (margin within the probabilities' budget) is
             # legitimate; only disagreements at clear margins count against the node
             probs = graph[name.replace("topk_indices", "probs")]
-            tie = budget(graph, probs, precision, T, cfg.budgets)
+            tie = budget(probs, precision, noise[probs.name], cfg.budgets)
             clear = margins(ref[probs.name], e.shape[1]) > tie
             # compared as sets: the order inside the top-k only permutes the expert slots
             mism = float(np.mean(np.any(np.sort(e, 1) != np.sort(r, 1), axis=1))) if r.size else 0.0
@@ -374,6 +399,8 @@ def _one_prompt(
             "tokens": T,
             **m,
             "local_rel_l2": local_rel,
+            "ref_fp32_error": noise[name].measured,
+            "fp32_noise": noise[name].value,
             "budget": b,
             "amplification": amp,
             "status": st,
@@ -416,7 +443,7 @@ def _one_prompt(
             inputs,
             replay.weights,
             target,
-            budget(graph, node, precision, len(ref["emb_ln"]), cfg.budgets),
+            budget(node, precision, noise[name], cfg.budgets),
             catalogue=catalogue,
         )
         writers["hypotheses"].add(_diagnosis_rows(pid, name, name == first, d))
@@ -427,7 +454,7 @@ def _one_prompt(
         probs = prefix + "router.probs"
         if {probs, prefix + "router.topk_indices"} & missing:
             continue
-        pb = budget(graph, graph[probs], precision, T, cfg.budgets)
+        pb = budget(graph[probs], precision, noise[probs], cfg.budgets)
         rr = routing_rows(
             pid,
             layer,

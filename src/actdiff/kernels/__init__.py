@@ -7,6 +7,7 @@ Every function validates shape, dtype and contiguity of its arguments (``TypeErr
 
 from ._loader import LIB_PATH, LIB_VERSION, KernelVersionError, check_version, ffi, lib
 from ._ops import (
+    ISA_ENV,
     ISA_NAMES,
     KernelError,
     MoEResult,
@@ -21,6 +22,7 @@ from ._ops import (
     expert_down,
     expert_up,
     f32_to_bf16,
+    forced_isa,
     gelu,
     get_isa,
     get_num_threads,
@@ -38,10 +40,14 @@ from ._ops import (
     set_isa,
     set_num_threads,
     softmax,
+    supported_isas,
     topk,
 )
 
+forced_isa()  # an unknown or unsupported ACTDIFF_KERNELS_ISA is refused at import, never silently replaced
+
 __all__ = [
+    "ISA_ENV",
     "ISA_NAMES",
     "KernelError",
     "KernelVersionError",
@@ -60,6 +66,7 @@ __all__ = [
     "expert_up",
     "f32_to_bf16",
     "ffi",
+    "forced_isa",
     "gelu",
     "get_isa",
     "get_num_threads",
@@ -79,5 +86,6 @@ __all__ = [
     "set_isa",
     "set_num_threads",
     "softmax",
+    "supported_isas",
     "topk",
 ]

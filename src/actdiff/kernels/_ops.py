@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,8 +100,33 @@ def cpu_supports(isa: str) -> bool:
     return bool(lib.ak_cpu_supports_isa(ISA_NAMES[isa]))
 
 
+ISA_ENV = "ACTDIFF_KERNELS_ISA"
+
+
+def supported_isas() -> list[str]:
+    """The instruction-set paths this CPU can run, slowest first (scalar is always there)."""
+    return [name for name in ISA_NAMES if cpu_supports(name)]
+
+
+def forced_isa() -> str | None:
+    """The path ACTDIFF_KERNELS_ISA forces, None when unset. An unknown name, or a path this CPU cannot run,
+    is an error: the C dispatcher would fall back to another path and a forced test run would prove nothing."""
+    want = os.environ.get(ISA_ENV, "")
+    if not want:
+        return None
+    if want not in ISA_NAMES:
+        raise ValueError(f"{ISA_ENV}={want!r} is not a kernel path: use one of {list(ISA_NAMES)}, or unset it")
+    if not cpu_supports(want):
+        raise ValueError(
+            f"{ISA_ENV}={want} cannot be honoured: this CPU lacks {want} (it runs {supported_isas()}); "
+            f"unset {ISA_ENV} or pick one of those"
+        )
+    return want
+
+
 def set_isa(isa: str) -> None:
-    """Force an instruction-set path ('scalar', 'avx2', 'avx512') or 'auto'."""
+    """Force an instruction-set path ('scalar', 'avx2', 'avx512') or 'auto' (the one ACTDIFF_KERNELS_ISA
+    names, else the best the CPU supports)."""
     if isa == "auto":
         _call("set_isa", lib.ak_set_isa(-1))
         return
@@ -264,8 +290,16 @@ def embedding(ids, table, *, out=None):
     return out
 
 
-def rotary(x, positions=None, *, offset: int = 0, base: float = 10000.0, interleaved: bool = False,
-           rot_dim: int | None = None, out=None):
+def rotary(
+    x,
+    positions=None,
+    *,
+    offset: int = 0,
+    base: float = 10000.0,
+    interleaved: bool = False,
+    rot_dim: int | None = None,
+    out=None,
+):
     """Rotary embedding of x (T, nh, hd) at positions (T,) (default offset + arange(T)).
 
     interleaved=False: half-split "NeoX" layout; True: "GPT-J" interleaved pairs."""
@@ -329,20 +363,34 @@ def attention_naive(q, k, v, key_mask=None, scale=None, causal: bool = False, *,
 
 @dataclass
 class MoEResult:
-    out: np.ndarray            # (T, H) = weighted + bias
+    out: np.ndarray  # (T, H) = weighted + bias
     router_logits: np.ndarray  # (T, E)  (None with forced routing and no router_w)
-    probs: np.ndarray          # (T, E)
-    topk_weights: np.ndarray   # (T, k)
-    topk_indices: np.ndarray   # (T, k) int64
-    fc1: np.ndarray            # (T, k, F)  slot j = j-th selected expert
-    act: np.ndarray            # (T, k, F)
-    expert_out: np.ndarray     # (T, k, H)
-    weighted: np.ndarray       # (T, H)
+    probs: np.ndarray  # (T, E)
+    topk_weights: np.ndarray  # (T, k)
+    topk_indices: np.ndarray  # (T, k) int64
+    fc1: np.ndarray  # (T, k, F)  slot j = j-th selected expert
+    act: np.ndarray  # (T, k, F)
+    expert_out: np.ndarray  # (T, k, H)
+    weighted: np.ndarray  # (T, H)
 
 
-def moe(h, router_w, w1, w2, bias=None, top_k: int = 2, renormalize: bool = False,
-        gelu_approximate: str = "none", *, w1_scales=None, w2_scales=None, forced_indices=None,
-        forced_weights=None, return_intermediates: bool = False, out=None):
+def moe(
+    h,
+    router_w,
+    w1,
+    w2,
+    bias=None,
+    top_k: int = 2,
+    renormalize: bool = False,
+    gelu_approximate: str = "none",
+    *,
+    w1_scales=None,
+    w2_scales=None,
+    forced_indices=None,
+    forced_weights=None,
+    return_intermediates: bool = False,
+    out=None,
+):
     """Mixture-of-experts layer (see kernels_c/README.md).
 
     h (T,H) f32, router_w (E,H) f32, w1 (E,F,H) and w2 (E,F,H) (float32/float16/uint16-bf16/int8
@@ -402,9 +450,32 @@ def moe(h, router_w, w1, w2, bias=None, top_k: int = 2, renormalize: bool = Fals
     eo = np.empty((T, top_k, H), np.float32) if ri else None
     ws = np.empty((T, H), np.float32) if ri else None
     st = lib.ak_moe(
-        _p(out), _p(lg), _p(pr), _p(tw), _p(idx, "int32_t *"), _p(fc1), _p(act), _p(eo), _p(ws),
-        _p(h), _p(router_w), _p(w1, "void *"), _p(w1_scales), _p(w2, "void *"), _p(w2_scales), _p(bias),
-        T, H, F, E, int(top_k), dt, int(bool(renormalize)), _GELU[gelu_approximate], int(forced))
+        _p(out),
+        _p(lg),
+        _p(pr),
+        _p(tw),
+        _p(idx, "int32_t *"),
+        _p(fc1),
+        _p(act),
+        _p(eo),
+        _p(ws),
+        _p(h),
+        _p(router_w),
+        _p(w1, "void *"),
+        _p(w1_scales),
+        _p(w2, "void *"),
+        _p(w2_scales),
+        _p(bias),
+        T,
+        H,
+        F,
+        E,
+        int(top_k),
+        dt,
+        int(bool(renormalize)),
+        _GELU[gelu_approximate],
+        int(forced),
+    )
     _call("moe", st)
     if not ri:
         return out
@@ -487,8 +558,10 @@ def expert_up(h, indices, w1, *, scales=None):
     idx = _indices("indices", indices, T, E)
     K = idx.shape[1]
     out = np.empty((T, K, F), np.float32)
-    _call("expert_up", lib.ak_expert_up(_p(out), _p(h), _p(idx, "int64_t *"), _p(w1, "void *"), _p(scales),
-                                        T, K, H, F, E, dt))
+    _call(
+        "expert_up",
+        lib.ak_expert_up(_p(out), _p(h), _p(idx, "int64_t *"), _p(w1, "void *"), _p(scales), T, K, H, F, E, dt),
+    )
     return out
 
 
@@ -504,8 +577,10 @@ def expert_down(act, indices, w2, *, scales=None):
     if idx.shape[1] != K:
         raise ValueError(f"indices must have shape ({T}, {K}), got {idx.shape}")
     out = np.empty((T, K, H), np.float32)
-    _call("expert_down", lib.ak_expert_down(_p(out), _p(act), _p(idx, "int64_t *"), _p(w2, "void *"), _p(scales),
-                                            T, K, F, H, E, dt))
+    _call(
+        "expert_down",
+        lib.ak_expert_down(_p(out), _p(act), _p(idx, "int64_t *"), _p(w2, "void *"), _p(scales), T, K, F, H, E, dt),
+    )
     return out
 
 
