@@ -40,6 +40,8 @@ def node_summary(nodes: pd.DataFrame) -> pd.DataFrame:
             "warn": int((g["status"] == "warn").sum()),
             "not_captured": int((g["status"] == "not_captured").sum()),
             "budget_median": float(g["budget"].median()),
+            # budgets follow each prompt's fp32 noise: the worst prompt's own ratio, not max over median
+            "local_over_budget_max": float((g["local_rel_l2"] / g["budget"]).replace([np.inf, -np.inf], np.nan).max()),
         }
         for m in QUANTILE_METRICS:
             v = g[m].replace([np.inf, -np.inf], np.nan).dropna().to_numpy(np.float64)
@@ -376,16 +378,13 @@ def _verdict(
             v["evidence"] = [
                 {"hypothesis": r.hypothesis, "error_median": float(r.error_median)} for r in ev.head(8).itertuples()
             ]
-    worst = (
-        summary.assign(ratio=summary["local_rel_l2_max"] / summary["budget_median"])
-        .sort_values("ratio", ascending=False)
-        .head(5)
-    )
+    worst = summary.sort_values("local_over_budget_max", ascending=False).head(5)
     v["worst_nodes"] = [
         {
             "node": r.node,
             "local_rel_l2_max": float(r.local_rel_l2_max),
             "budget": float(r.budget_median),
+            "local_over_budget_max": float(r.local_over_budget_max),
             "fail": int(r.fail),
         }
         for r in worst.itertuples()
