@@ -21,10 +21,16 @@ def setup_logging(log_path: str | None = None) -> None:
 
 
 def pin_threads(n: int) -> None:
-    """Pin BLAS/OpenMP/torch threads for this process to the rule's thread count."""
+    """Pin BLAS/OpenMP/torch threads for this process to the rule's thread count. The environment variables
+    reach libraries loaded later; numpy's BLAS is loaded already (the adapter imported actdiff), so it is
+    limited through threadpoolctl: otherwise its idle threads spin against the other jobs' (a stats job ran
+    10x slower beside two busy cores)."""
+    from threadpoolctl import threadpool_limits
+
     n = max(1, int(n))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
+    threadpool_limits(limits=n)
     if "torch" in sys.modules:
         import torch
 

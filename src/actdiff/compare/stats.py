@@ -180,6 +180,8 @@ def compute_shard_stats(
 ) -> dict:
     """Compare one shard; write the tables named in ``outputs`` (keys: nodes, tokens, routing, drilldown,
     hypotheses, prompts, embeddings). Returns a small summary dict (for the log)."""
+    from threadpoolctl import threadpool_limits
+
     from .hypotheses import load_catalogue, rank_hypotheses
 
     cfg = cfg or StatsConfig()
@@ -197,7 +199,9 @@ def compute_shard_stats(
     t0 = time.perf_counter()
     n_prompts = 0
     try:
-        with ActivationReader(ref_h5) as rr, ActivationReader(eng_h5) as er:
+        # one core (rule threads: 1): the float64 spec ops of the noise and the hypotheses call numpy's BLAS,
+        # whose extra threads would only spin against the other jobs (10x slower on a loaded machine)
+        with threadpool_limits(limits=1), ActivationReader(ref_h5) as rr, ActivationReader(eng_h5) as er:
             missing = [p for p in rr.prompt_ids if p not in er.index]
             if missing:
                 raise DumpError(
