@@ -155,9 +155,18 @@ def test_sigkill_then_rerun_recomputes_only_unfinished_shards(tmp_path, uninterr
     assert not changed, f"finished shards {done} were recomputed: {changed} (jobs running at the kill: {running})"
     rerun = {int(m) for m in re.findall(r"wildcards: [^\n]*shard=(\d+)", p.stdout + p.stderr)}
     assert rerun and not rerun & set(done), f"the rerun ran jobs of shards {sorted(rerun)}; {done} were finished"
-    # no leftover temporaries of the killed jobs, no kept temp() dumps
+    # no leftover temporaries of the killed jobs
     assert not [str(x) for x in results.rglob(".*.tmp-*")]
-    assert not list(results.rglob("*.h5")), "temp() dumps must be removed once their statistics exist"
+    # temp() dumps: Snakemake removes them after their last consumer finishes, in the main process. A kill in
+    # between (more likely on a loaded machine) leaves the dumps of a shard whose statistics are complete, which
+    # no rerun reads again; only such shards may keep them, and --delete-temp-output (README) removes them
+    kept = {int(re.search(r"shard-(\d+)", x.name).group(1)) for x in results.rglob("*.h5")}
+    assert not kept & rerun, f"shards {sorted(kept & rerun)} were recomputed yet kept their temp() dumps"
+    if kept:
+        q = snakemake(*_targets(results), "--cores", "1", "--configfile", str(cfg), "--delete-temp-output")
+        assert q.returncode == 0 and not list(results.rglob("*.h5")), q.stderr[-2000:]
+        q = snakemake(*_targets(results), "--cores", "1", "--configfile", str(cfg), "--dry-run")
+        assert "Nothing to be done" in q.stdout + q.stderr, "deleting leftover dumps must not trigger a rerun"
     whole, resumed = _tables(uninterrupted), _tables(results)
     assert sorted(whole) == sorted(resumed)
     for name, df in whole.items():
