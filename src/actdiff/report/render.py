@@ -180,7 +180,7 @@ def inject_parameters(nb, params: dict) -> None:
 
 def _execute(nb, work: Path, src: Path, log: logging.Logger) -> None:
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, DeadKernelError
 
     client = NotebookClient(
         nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(work)}}, allow_errors=False
@@ -188,11 +188,18 @@ def _execute(nb, work: Path, src: Path, log: logging.Logger) -> None:
     env = {"MPLBACKEND": "Agg"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # The kernel's own stderr goes to a file: ipykernel may print a harmless traceback while it shuts down
+    # (its control thread flushes stderr after the iopub socket closed, zmq "Socket operation on non-socket"),
+    # which would otherwise land in the rule's log as if the report had failed. Shown only when a cell fails.
+    kernel_err = work / "kernel-stderr.log"
     try:
-        client.execute()
-    except CellExecutionError as e:
+        with open(kernel_err, "wb") as err:
+            client.execute(stderr=err)
+    except (CellExecutionError, DeadKernelError) as e:
         # nbclient's message holds the cell source and the traceback
-        raise RenderError(f"a cell of {src.name} failed, no report written:\n{_strip_ansi(str(e))[-6000:]}") from e
+        tail = kernel_err.read_text(errors="replace")[-2000:].strip()
+        extra = f"\nkernel stderr:\n{tail}" if tail else ""
+        raise RenderError(f"a cell of {src.name} failed, no report written:\n{_strip_ansi(str(e))[-6000:]}{extra}") from e
     finally:
         for k, v in old.items():
             if v is None:
