@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return check_main(argv[1:])
     if argv[:1] == ["import"]:
-        from .compare.importer import main as import_main
+        from .sides.imported import main as import_main
 
         try:
             return import_main(argv[1:]) or 0

@@ -34,8 +34,11 @@ class Variant:
     precision: str
     fault: str | None = None
     fault_param: str | None = None
+    label: str | None = None  # the configured text when the fault came through an alias
 
     def __str__(self) -> str:
+        if self.label is not None:
+            return self.label
         s = self.precision
         if self.fault:
             s += f"+fault={self.fault}"
@@ -57,3 +60,15 @@ def parse_variant(text: str) -> Variant:
             f"{', '.join(PRECISIONS)} (for example 'fp32', 'int8', 'fp32+fault=gelu_tanh')"
         )
     return Variant(m["precision"], m["fault"], m["param"])
+
+
+def resolve_variant(text: str | Variant, aliases: dict[str, str] | None = None) -> Variant:
+    """The variant a stage runs, resolved once at the stage boundary: an opaque fault label of the config's
+    ``fault_aliases`` (``{label: "fault" or "fault:param"}``) becomes the fault it stands for. ``str()`` of the
+    result is still the configured text, so paths, attributes and tables only ever show the label."""
+    v = text if isinstance(text, Variant) else parse_variant(text)
+    aliases = aliases or {}
+    if v.fault is None or v.fault not in aliases:
+        return v
+    name, _, param = aliases[v.fault].partition(":")
+    return Variant(v.precision, name, v.fault_param if v.fault_param is not None else (param or None), label=str(v))

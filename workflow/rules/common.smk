@@ -6,7 +6,8 @@ from types import SimpleNamespace
 from actdiff.config import validate_config
 from actdiff.errors import ActdiffError, ConfigError, ModelError
 from actdiff.models.loading import resolve_model_dir
-from actdiff.pipeline import STATS_TABLES
+from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
+from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
 from actdiff.prompts import n_shards_for
 from actdiff.variants import VARIANT_RE
 
@@ -17,6 +18,7 @@ except ConfigError as e:  # a clear message naming the key, not a traceback
     sys.exit(f"actdiff: {e}")
 
 R = config["results"]  # every output lives under this directory
+L = Layout(R)  # every path of a run (actdiff.layout): rules ask it, never spell a path
 ENGINES = list(config["engines"])
 if "llamacpp" in ENGINES:
     from actdiff.llamacpp import available
@@ -48,15 +50,11 @@ def activations(path):
     return path if config["keep_activations"] else temp(path)
 
 
-def model_cfg(wildcards):
-    return config["models"][wildcards.model]
-
-
 def generated_model_files(wildcards):
     """Inputs of resolve_model: the generated model's files, or nothing for shipped/local models."""
     src = config["models"][wildcards.model]["source"]
     if "generate" in src:
-        return {"config": f"resources/models/{wildcards.model}/config.json"}
+        return {"config": L.generated_model(wildcards.model, "config.json")}
     return {}
 
 
@@ -95,37 +93,39 @@ def runs():
 
 def parity_files(wildcards):
     """Weight and config parity of a run: both for our engine, config parity for llama.cpp."""
-    d = f"{R}/{wildcards.model}/{wildcards.side}/{wildcards.variant}/summary"
+    run = (wildcards.model, wildcards.side, wildcards.variant)
     if wildcards.side == "actdiff":
-        return [f"{d}/weights.parquet", f"{d}/config_parity.json"]
+        return [L.summary(*run, "weights"), L.summary_json(*run, "config_parity")]
     if wildcards.side == "llamacpp":
-        return [f"{d}/config_parity.json"]
+        return [L.summary_json(*run, "config_parity")]
     return []
 
 
 def stats_tables(wildcards):
     """Every shard's statistics tables of one (model, side, variant)."""
-    return [
-        f"{R}/{wildcards.model}/{wildcards.side}/{wildcards.variant}/stats/shard-{s}/{t}.parquet"
-        for s in SHARDS
-        for t in STATS_TABLES
-    ]
+    run = (wildcards.model, wildcards.side, wildcards.variant)
+    return [L.stats(*run, s, t) for s in SHARDS for t in SHARD_TABLES]
+
+
+def summary_outputs(model, side, variant):
+    """What aggregation writes for one run: the summary tables and the JSON summaries."""
+    out = {t: L.summary(model, side, variant, t) for t in AGGREGATE_TABLES}
+    out.update({n: L.summary_json(model, side, variant, n) for n in AGGREGATE_JSON})
+    return out
 
 
 def all_targets():
     out = []
+    keep = config["keep_activations"]
     for m in MODELS:
-        out.append(f"{R}/{m}/model.json")
-        for s in SHARDS:
-            out.append(f"{R}/{m}/tokens/shard-{s}.parquet")
-            if config["keep_activations"]:
-                out.append(f"{R}/{m}/reference/fp32/activations/shard-{s}.h5")
+        out.append(L.model_json(m))
+        out += [L.tokens(m, s) for s in SHARDS]
+        out += [L.activations(m, REFERENCE_SIDE, REFERENCE_VARIANT, s) for s in SHARDS if keep]
     for m, e, v in runs():
-        out.append(f"{R}/{m}/{e}/{v}/summary/verdict.json")
+        out.append(L.verdict(m, e, v))
         out += parity_files(SimpleNamespace(model=m, side=e, variant=v))
-        if config["keep_activations"]:
-            out += [f"{R}/{m}/{e}/{v}/activations/shard-{s}.h5" for s in SHARDS]
-    out += [f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in runs()]
+        out += [L.activations(m, e, v, s) for s in SHARDS if keep]
+    out += [L.report(m, s, v) for m, s, v in runs()]
     if runs():
-        out.append(f"{R}/reports/index.html")
+        out.append(L.index())
     return out

@@ -1,18 +1,18 @@
 rule dump_engine:
     """Run the actdiff engine (C kernels, no torch) at one variant over one shard; record every graph node."""
     input:
-        model=f"{R}/{{model}}/model.json",
-        tokens=f"{R}/{{model}}/tokens/shard-{{shard}}.parquet",
+        model=L.model_json("{model}"),
+        tokens=L.tokens("{model}", "{shard}"),
     output:
-        h5=activations(f"{R}/{{model}}/actdiff/{{variant}}/activations/shard-{{shard}}.h5"),
+        h5=activations(L.activations("{model}", "actdiff", "{variant}", "{shard}")),
     params:
         compression=config["activation_compression"],
         engine_ids=config["engine_ids"],
         fault_aliases=config["fault_aliases"],
     log:
-        f"{R}/logs/dump_engine/{{model}}/{{variant}}/shard-{{shard}}.log",
+        L.log("dump_engine", "{model}", "{variant}", "shard-{shard}"),
     benchmark:
-        f"{R}/benchmarks/dump_engine/{{model}}/{{variant}}/shard-{{shard}}.tsv"
+        L.benchmark("dump_engine", "{model}", "{variant}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     priority: 2  # consumers of temp() dumps first, so finished shards free their disk early

@@ -2,13 +2,13 @@ rule convert_gguf:
     """Convert the model to GGUF at the variant's weight type with llama.cpp's own converter (reading
     config.json itself, not through transformers' nomic_bert class); metadata verified against config.json."""
     input:
-        model=f"{R}/{{model}}/model.json",
+        model=L.model_json("{model}"),
     output:
-        gguf=f"{R}/{{model}}/llamacpp/{{variant}}/model.gguf",
+        gguf=L.artifact("{model}", "llamacpp", "{variant}", "model.gguf"),
     log:
-        f"{R}/logs/convert_gguf/{{model}}/{{variant}}.log",
+        L.log("convert_gguf", "{model}", "{variant}"),
     benchmark:
-        f"{R}/benchmarks/convert_gguf/{{model}}/{{variant}}.tsv"
+        L.benchmark("convert_gguf", "{model}", "{variant}")
     conda:
         "../envs/llamacpp.yaml"
     threads: 1
@@ -22,18 +22,18 @@ rule dump_llamacpp:
     """Run llama.cpp over one shard; record every node it has a counterpart for through the packaged
     mapping file (src/actdiff/data/mappings/llamacpp/)."""
     input:
-        model=f"{R}/{{model}}/model.json",
-        tokens=f"{R}/{{model}}/tokens/shard-{{shard}}.parquet",
-        gguf=f"{R}/{{model}}/llamacpp/{{variant}}/model.gguf",
+        model=L.model_json("{model}"),
+        tokens=L.tokens("{model}", "{shard}"),
+        gguf=L.artifact("{model}", "llamacpp", "{variant}", "model.gguf"),
     output:
-        h5=activations(f"{R}/{{model}}/llamacpp/{{variant}}/activations/shard-{{shard}}.h5"),
+        h5=activations(L.activations("{model}", "llamacpp", "{variant}", "{shard}")),
     params:
         compression=config["activation_compression"],
         engine_ids=config["engine_ids"],
     log:
-        f"{R}/logs/dump_llamacpp/{{model}}/{{variant}}/shard-{{shard}}.log",
+        L.log("dump_llamacpp", "{model}", "{variant}", "shard-{shard}"),
     benchmark:
-        f"{R}/benchmarks/dump_llamacpp/{{model}}/{{variant}}/shard-{{shard}}.tsv"
+        L.benchmark("dump_llamacpp", "{model}", "{variant}", "shard-{shard}")
     conda:
         "../envs/llamacpp.yaml"
     priority: 2  # consumers of temp() dumps first, so finished shards free their disk early
@@ -47,12 +47,12 @@ rule dump_llamacpp:
 rule llamacpp_parity:
     """Config parity of llama.cpp: the values it applies (GGUF metadata, graph constants) against config.json."""
     input:
-        model=f"{R}/{{model}}/model.json",
-        gguf=f"{R}/{{model}}/llamacpp/{{variant}}/model.gguf",
+        model=L.model_json("{model}"),
+        gguf=L.artifact("{model}", "llamacpp", "{variant}", "model.gguf"),
     output:
-        config=f"{R}/{{model}}/llamacpp/{{variant}}/summary/config_parity.json",
+        config=L.summary_json("{model}", "llamacpp", "{variant}", "config_parity"),
     log:
-        f"{R}/logs/llamacpp_parity/{{model}}/{{variant}}.log",
+        L.log("llamacpp_parity", "{model}", "{variant}"),
     conda:
         "../envs/llamacpp.yaml"
     threads: 1

@@ -3,14 +3,14 @@ rule generate_model:
     input:
         text="resources/tokenizer_training.txt",
     output:
-        config="resources/models/{model}/config.json",
-        weights="resources/models/{model}/model.safetensors",
-        tokenizer="resources/models/{model}/tokenizer.json",
+        config=L.generated_model("{model}", "config.json"),
+        weights=L.generated_model("{model}", "model.safetensors"),
+        tokenizer=L.generated_model("{model}", "tokenizer.json"),
     params:
         kind=lambda wc: config["models"][wc.model]["source"]["generate"],
         seed=lambda wc: config["models"][wc.model]["source"].get("seed", 0),
     log:
-        f"{R}/logs/generate_model/{{model}}.log",
+        L.log("generate_model", "{model}"),
     conda:
         "../envs/actdiff.yaml"
     threads: 1
@@ -25,11 +25,11 @@ rule resolve_model:
     input:
         unpack(generated_model_files),
     output:
-        model=f"{R}/{{model}}/model.json",
+        model=L.model_json("{model}"),
     params:
         source=lambda wc: config["models"][wc.model]["source"],
     log:
-        f"{R}/logs/resolve_model/{{model}}.log",
+        L.log("resolve_model", "{model}"),
     conda:
         "../envs/actdiff.yaml"
     threads: 1

@@ -1,19 +1,19 @@
 rule dump_reference:
     """Run the fp32 reference model over one shard and record every graph node to HDF5."""
     input:
-        model=f"{R}/{{model}}/model.json",
-        tokens=f"{R}/{{model}}/tokens/shard-{{shard}}.parquet",
+        model=L.model_json("{model}"),
+        tokens=L.tokens("{model}", "{shard}"),
     output:
-        h5=activations(f"{R}/{{model}}/reference/fp32/activations/shard-{{shard}}.h5"),
+        h5=activations(L.activations("{model}", REFERENCE_SIDE, REFERENCE_VARIANT, "{shard}")),
     params:
         compression=config["activation_compression"],
         batch_size=lambda wc: config["models"][wc.model]["batch_size"],
         allow_pickle=lambda wc: config["models"][wc.model]["allow_pickle"],
         impl=config["reference"]["impl"],
     log:
-        f"{R}/logs/dump_reference/{{model}}/shard-{{shard}}.log",
+        L.log("dump_reference", "{model}", "shard-{shard}"),
     benchmark:
-        f"{R}/benchmarks/dump_reference/{{model}}/shard-{{shard}}.tsv"
+        L.benchmark("dump_reference", "{model}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     priority: 1  # consumers of temp() dumps first, so finished shards free their disk early

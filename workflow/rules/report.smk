@@ -1,25 +1,20 @@
 rule render_report:
-    """Self-contained HTML report of one (model, side, variant) (reports/report.qmd, actdiff.report)."""
+    """Self-contained HTML report of one (model, side, variant) (reports/report.qmd, actdiff.report); it reads
+    the run's summaries only, so its memory does not grow with the corpus."""
     input:
         qmd="reports/report.qmd",
-        model=f"{R}/{{model}}/model.json",
-        tokens=expand(f"{R}/{{{{model}}}}/tokens/shard-{{shard}}.parquet", shard=SHARDS),
-        summary=f"{R}/{{model}}/{{side}}/{{variant}}/summary/nodes.parquet",
-        first_divergence=f"{R}/{{model}}/{{side}}/{{variant}}/summary/first_divergence.parquet",
-        hypotheses=f"{R}/{{model}}/{{side}}/{{variant}}/summary/hypotheses.parquet",
-        routing=f"{R}/{{model}}/{{side}}/{{variant}}/summary/routing.parquet",
-        embeddings=f"{R}/{{model}}/{{side}}/{{variant}}/summary/embeddings.json",
-        verdict=f"{R}/{{model}}/{{side}}/{{variant}}/summary/verdict.json",
-        parity=lambda wc: parity_files(wc),
-        tables=lambda wc: stats_tables(wc),
+        model=L.model_json("{model}"),
+        summaries=lambda wc: list(summary_outputs(wc.model, wc.side, wc.variant).values()),
+        parity=parity_files,
     output:
-        html=f"{R}/reports/{{model}}/{{side}}/{{variant}}.html",
+        html=L.report("{model}", "{side}", "{variant}"),
     params:
+        results=R,
         worst_n=config["report"]["worst_n"],
     log:
-        f"{R}/logs/render_report/{{model}}/{{side}}/{{variant}}.log",
+        L.log("render_report", "{model}", "{side}", "{variant}"),
     benchmark:
-        f"{R}/benchmarks/render_report/{{model}}/{{side}}/{{variant}}.tsv"
+        L.benchmark("render_report", "{model}", "{side}", "{variant}")
     conda:
         "../envs/actdiff.yaml"
     threads: 1
@@ -33,16 +28,17 @@ rule render_index:
     """One page comparing the verdicts of every report, linking to each."""
     input:
         qmd="reports/index.qmd",
-        verdicts=[f"{R}/{m}/{s}/{v}/summary/verdict.json" for m, s, v in runs()],
-        reports=[f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in runs()],
+        verdicts=[L.verdict(m, s, v) for m, s, v in runs()],
+        reports=[L.report(m, s, v) for m, s, v in runs()],
     output:
-        html=f"{R}/reports/index.html",
+        html=L.index(),
     params:
+        results=R,
         runs=[f"{m}/{s}/{v}" for m, s, v in runs()],
     log:
-        f"{R}/logs/render_index/index.log",
+        L.log("render_index", "index"),
     benchmark:
-        f"{R}/benchmarks/render_index/index.tsv"
+        L.benchmark("render_index", "index")
     conda:
         "../envs/actdiff.yaml"
     threads: 1

@@ -1,12 +1,12 @@
 rule compute_stats:
-    """Compare one shard of an engine dump with the reference: per-node statistics with teacher-forced local
+    """Compare one shard of a side's dump with the reference: per-node statistics with teacher-forced local
     error, first divergence, root-cause ranking, routing, embeddings (actdiff.compare.stats)."""
     input:
-        model=f"{R}/{{model}}/model.json",
-        ref=f"{R}/{{model}}/reference/fp32/activations/shard-{{shard}}.h5",
-        eng=f"{R}/{{model}}/{{side}}/{{variant}}/activations/shard-{{shard}}.h5",
+        model=L.model_json("{model}"),
+        ref=L.activations("{model}", REFERENCE_SIDE, REFERENCE_VARIANT, "{shard}"),
+        eng=L.activations("{model}", "{side}", "{variant}", "{shard}"),
     output:
-        **{t: f"{R}/{{model}}/{{side}}/{{variant}}/stats/shard-{{shard}}/{t}.parquet" for t in STATS_TABLES},
+        **{t: L.stats("{model}", "{side}", "{variant}", "{shard}", t) for t in SHARD_TABLES},
     params:
         budgets=config["budgets"],
         worst_m=config["stats"]["worst_m"],
@@ -14,9 +14,9 @@ rule compute_stats:
         diagnose_all_failing=config["stats"]["diagnose_all_failing"],
         fault_aliases=config["fault_aliases"],
     log:
-        f"{R}/logs/compute_stats/{{model}}/{{side}}/{{variant}}/shard-{{shard}}.log",
+        L.log("compute_stats", "{model}", "{side}", "{variant}", "shard-{shard}"),
     benchmark:
-        f"{R}/benchmarks/compute_stats/{{model}}/{{side}}/{{variant}}/shard-{{shard}}.tsv"
+        L.benchmark("compute_stats", "{model}", "{side}", "{variant}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     priority: 3  # consumers of temp() dumps first, so finished shards free their disk early
@@ -28,23 +28,21 @@ rule compute_stats:
 
 
 rule aggregate_stats:
-    """Corpus aggregates over the shards and the verdict (actdiff.compare.aggregate)."""
+    """Corpus aggregates over the shards, the worst prompts ranked once, and the verdict
+    (actdiff.compare.aggregate)."""
     input:
-        model=f"{R}/{{model}}/model.json",
-        tables=lambda wc: stats_tables(wc),
+        model=L.model_json("{model}"),
+        tokens=[L.tokens("{model}", s) for s in SHARDS],
+        tables=stats_tables,
     output:
-        summary=f"{R}/{{model}}/{{side}}/{{variant}}/summary/nodes.parquet",
-        first_divergence=f"{R}/{{model}}/{{side}}/{{variant}}/summary/first_divergence.parquet",
-        hypotheses=f"{R}/{{model}}/{{side}}/{{variant}}/summary/hypotheses.parquet",
-        routing=f"{R}/{{model}}/{{side}}/{{variant}}/summary/routing.parquet",
-        embeddings=f"{R}/{{model}}/{{side}}/{{variant}}/summary/embeddings.json",
-        verdict=f"{R}/{{model}}/{{side}}/{{variant}}/summary/verdict.json",
+        **summary_outputs("{model}", "{side}", "{variant}"),
     params:
         embedding_sample=config["stats"]["embedding_sample"],
+        worst_n=config["report"]["worst_n"],
     log:
-        f"{R}/logs/aggregate_stats/{{model}}/{{side}}/{{variant}}.log",
+        L.log("aggregate_stats", "{model}", "{side}", "{variant}"),
     benchmark:
-        f"{R}/benchmarks/aggregate_stats/{{model}}/{{side}}/{{variant}}.tsv"
+        L.benchmark("aggregate_stats", "{model}", "{side}", "{variant}")
     conda:
         "../envs/actdiff.yaml"
     threads: 1
@@ -55,18 +53,18 @@ rule aggregate_stats:
 
 
 rule parity:
-    """Weight and config parity of the actdiff engine at one variant."""
+    """Weight and config parity of the actdiff engine at one variant (actdiff.compare.parity)."""
     input:
-        model=f"{R}/{{model}}/model.json",
+        model=L.model_json("{model}"),
     output:
-        weights=f"{R}/{{model}}/actdiff/{{variant}}/summary/weights.parquet",
-        config=f"{R}/{{model}}/actdiff/{{variant}}/summary/config_parity.json",
+        weights=L.summary("{model}", "actdiff", "{variant}", "weights"),
+        config=L.summary_json("{model}", "actdiff", "{variant}", "config_parity"),
     params:
         fault_aliases=config["fault_aliases"],
     log:
-        f"{R}/logs/parity/{{model}}/{{variant}}.log",
+        L.log("parity", "{model}", "{variant}"),
     benchmark:
-        f"{R}/benchmarks/parity/{{model}}/{{variant}}.tsv"
+        L.benchmark("parity", "{model}", "{variant}")
     conda:
         "../envs/actdiff.yaml"
     threads: 1

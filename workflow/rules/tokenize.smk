@@ -3,11 +3,11 @@ rule split_prompts:
     input:
         sheet=config["prompts"],
     output:
-        shards=expand(f"{R}/prompts/shard-{{shard}}.parquet", shard=SHARDS),
+        shards=[L.prompts(s) for s in SHARDS],
     params:
         n_shards=N_SHARDS,
     log:
-        f"{R}/logs/split_prompts/split_prompts.log",
+        L.log("split_prompts", "split_prompts"),
     conda:
         "../envs/actdiff.yaml"
     threads: 1
@@ -20,17 +20,17 @@ rule split_prompts:
 rule tokenize:
     """Tokenize one shard with the reference tokenizer; over-long prompts are truncated and flagged."""
     input:
-        model=f"{R}/{{model}}/model.json",
-        prompts=f"{R}/prompts/shard-{{shard}}.parquet",
+        model=L.model_json("{model}"),
+        prompts=L.prompts("{shard}"),
     output:
-        tokens=f"{R}/{{model}}/tokens/shard-{{shard}}.parquet",
+        tokens=L.tokens("{model}", "{shard}"),
     params:
         max_length=lambda wc: config["models"][wc.model]["max_length"],
         engine_side="actdiff" in config["engines"],
     log:
-        f"{R}/logs/tokenize/{{model}}/shard-{{shard}}.log",
+        L.log("tokenize", "{model}", "shard-{shard}"),
     benchmark:
-        f"{R}/benchmarks/tokenize/{{model}}/shard-{{shard}}.tsv"
+        L.benchmark("tokenize", "{model}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     threads: 1

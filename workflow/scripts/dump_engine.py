@@ -1,18 +1,19 @@
 """Adapter for rule dump_engine: record every node of the actdiff engine for one shard and variant."""
 
-from actdiff.pipeline import dump_engine
+from actdiff.pipeline import dump
 from actdiff.workflow_support import run
 
 run(
     snakemake,  # noqa: F821
-    dump_engine,
+    dump,
     model_json=snakemake.input.model,  # noqa: F821
     tokens=snakemake.input.tokens,  # noqa: F821
     out=snakemake.output.h5,  # noqa: F821
+    side="actdiff",
     variant=snakemake.wildcards.variant,  # noqa: F821
     shard=int(snakemake.wildcards.shard),  # noqa: F821
     compression=snakemake.params.compression,  # noqa: F821
+    fault_aliases=dict(snakemake.params.fault_aliases),  # noqa: F821
     engine_ids=snakemake.params.engine_ids,  # noqa: F821
     threads=snakemake.threads,  # noqa: F821
-    fault_aliases=dict(snakemake.params.fault_aliases),  # noqa: F821
 )

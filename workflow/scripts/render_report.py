@@ -1,14 +1,12 @@
 """Adapter for rule render_report: the HTML report of one (model, side, variant)."""
 
-from pathlib import Path
-
 from actdiff.report import render_report
 from actdiff.workflow_support import run
 
 run(
     snakemake,  # noqa: F821
     render_report,
-    results=str(Path(snakemake.input.model).parent.parent),  # noqa: F821  ({results}/{model}/model.json)
+    results=snakemake.params.results,  # noqa: F821
     model=snakemake.wildcards.model,  # noqa: F821
     side=snakemake.wildcards.side,  # noqa: F821
     variant=snakemake.wildcards.variant,  # noqa: F821

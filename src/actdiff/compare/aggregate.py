@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, write_json_atomic
+from . import worst as worst_mod
 from .embeddings import neighbour_overlap, similarity_rank_correlation
 from .routing import expert_load
 
@@ -96,14 +97,21 @@ def _in_sample(df: pd.DataFrame, threshold: int) -> pd.DataFrame:
 
 
 def aggregate(
-    shard_tables: dict[str, list[str]], outputs: dict[str, str], meta: dict, sample_prompts: int = SAMPLE_PROMPTS
+    shard_tables: dict[str, list[str]],
+    outputs: dict[str, str],
+    meta: dict,
+    sample_prompts: int = SAMPLE_PROMPTS,
+    tokens: list[str] | None = None,
+    worst_n: int = 20,
 ) -> dict:
     """Combine the shards' tables; write the summaries named in ``outputs`` and the verdict.
 
     Shards are read one at a time. Counts, maxima, worst prompts, histograms and expert loads are exact;
     quantiles and medians come from a fixed sample of ``sample_prompts`` prompts (the smallest sha256 keys
     of prompt_id: every prompt of a corpus up to that size). So memory is bounded by one shard plus the
-    sample, whatever the corpus size."""
+    sample, whatever the corpus size. The worst ``worst_n`` prompts (compare.worst) are ranked here, once, with
+    what the report shows of them (heatmap, per-token errors, drill-down): a report reads summaries only.
+    ``tokens``: the tokens shards (the prompts' texts)."""
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
     sampled: dict[str, list[pd.DataFrame]] = {"nodes": [], "hypotheses": [], "prompts": []}
     exact_nodes: list[pd.DataFrame] = []
@@ -115,6 +123,7 @@ def aggregate(
     emb_acc = {"n": 0, "min": math.inf, "hist": None, "worst": []}
     n_experts = int(meta.get("experts", 0) or 0)
     empty_shape: dict[str, pd.DataFrame] = {}
+    worst = pd.DataFrame(columns=[*worst_mod.WORST_COLUMNS, "embedding_cosine"])
     for i in range(len(shard_tables["nodes"])):
         nodes = pd.read_parquet(shard_tables["nodes"][i])
         empty_shape.setdefault("nodes", nodes.iloc[:0])
@@ -140,6 +149,8 @@ def aggregate(
                 ev_counts[key] = ev_counts.get(key, 0) + g["prompt_id"].nunique()
             sampled["hypotheses"].append(_in_sample(hyp, threshold))
         prompts = pd.read_parquet(shard_tables["prompts"][i])
+        if len(nodes):
+            worst = _worst_update(worst, nodes, prompts, worst_n)
         sampled["prompts"].append(_in_sample(prompts, threshold))
         _embedding_accumulate(emb_acc, prompts)
         _routing_accumulate(routing_acc, pd.read_parquet(shard_tables["routing"][i]), n_experts)
@@ -149,7 +160,7 @@ def aggregate(
     summary = node_summary(nodes_s) if len(nodes_s) else pd.DataFrame()
     if len(summary):
         summary = _apply_exact(summary, pd.concat(exact_nodes, ignore_index=True))
-    _write(summary, outputs["summary"])
+    _write(summary, outputs["nodes"])
     first = (
         pd.DataFrame({"node": list(first_counts), "prompts": list(first_counts.values())})
         .sort_values(["prompts", "node"], ascending=[False, True])
@@ -164,8 +175,116 @@ def aggregate(
     emb = _embedding_summary(shard_tables["embeddings"], prompts_s, emb_acc, meta.get("embedding_sample", 2000))
     write_json_atomic(outputs["embeddings"], emb)
     verdict = _verdict(summary, first, hyp_summary, evidence, emb, meta)
+    _write_worst_tables(worst, shard_tables, tokens or [], outputs)
+    if "tokenization" in outputs:
+        write_json_atomic(outputs["tokenization"], tokenization_summary(tokens or []))
     write_json_atomic(outputs["verdict"], verdict)
     return verdict
+
+
+def _worst_update(worst: pd.DataFrame, nodes: pd.DataFrame, prompts: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The k worst prompts so far, with one more shard's prompts (and their final-embedding cosine)."""
+    part = worst_mod.per_prompt(nodes)
+    emb = prompts[prompts["kind"] == "embedding"].set_index("prompt_id")["value"] if len(prompts) else {}
+    part["embedding_cosine"] = part["prompt_id"].map(lambda p: float(emb.get(p, math.nan)))
+    both = pd.concat([worst, part], ignore_index=True) if len(worst) else part
+    return worst_mod.top(both, k)
+
+
+def _write_worst_tables(worst: pd.DataFrame, shard_tables: dict, tokens: list[str], outputs: dict) -> None:
+    """The worst prompts and what a report shows of them, each read from the shards with a filter (bounded)."""
+    from ..tables import SUMMARY_TABLES
+
+    ids = worst["prompt_id"].tolist()
+    rank = {p: i + 1 for i, p in enumerate(ids)}
+    text = _texts(tokens, set(ids))
+    table = worst.assign(rank=[rank[p] for p in ids], text=[text.get(p, "") for p in ids])
+    built = {
+        "worst_prompts": table,
+        "heatmap": _filtered(shard_tables["nodes"], ids, ["prompt_id", "node_index", "rel_l2"]).assign(
+            rank=lambda d: d["prompt_id"].map(rank)
+        ),
+        "token_errors": _token_errors(shard_tables["tokens"]),
+        "drilldown": _filtered(shard_tables["drilldown"], ids, None).sort_values(
+            ["prompt_id", "node_index"], key=lambda c: c.map(rank) if c.name == "prompt_id" else c
+        ),
+    }
+    for name, df in built.items():
+        if name in outputs:
+            schema = SUMMARY_TABLES[name].schema
+            df = df[[c for c in schema.names]] if schema is not None and len(df) else df
+            _write_table(df, schema, outputs[name])
+
+
+def _write_table(df: pd.DataFrame, schema, path: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pa.Table.from_pandas(df.reset_index(drop=True), schema=schema, preserve_index=False) if len(df) else None
+    with atomic_path(path) as tmp:
+        pq.write_table(t if t is not None else schema.empty_table(), tmp)
+
+
+def _filtered(paths: list[str], ids: list[str], columns: list[str] | None) -> pd.DataFrame:
+    frames = [pd.read_parquet(p, columns=columns, filters=[("prompt_id", "in", ids)]) for p in paths] if ids else []
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or ["prompt_id"])
+
+
+def _texts(tokens: list[str], ids: set[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in tokens:
+        if ids:
+            t = pd.read_parquet(p, columns=["prompt_id", "text"], filters=[("prompt_id", "in", list(ids))])
+            out.update(zip(t["prompt_id"], t["text"].astype(str), strict=True))
+    return out
+
+
+TOKENIZATION_EXAMPLES = 10  # prompts whose ids differ, shown with the ids around the first difference
+
+
+def tokenization_summary(tokens: list[str]) -> dict:
+    """Reference vs engine tokenizer over the corpus: counts, and the first differing prompts (shard order)."""
+    out = {"inputs": 0, "ids_match": 0, "ids_differ": 0, "engine_missing": 0, "truncated": 0, "examples": []}
+    for p in tokens:
+        t = pd.read_parquet(p)
+        match = t["ids_match"]
+        out["inputs"] += len(t)
+        out["ids_match"] += int((match == True).sum())  # noqa: E712
+        out["engine_missing"] += int(match.isna().sum())
+        out["truncated"] += int(t.get("reference_truncated", pd.Series(dtype=bool)).fillna(False).sum())
+        bad = t[match == False]  # noqa: E712
+        out["ids_differ"] += len(bad)
+        for r in bad.head(TOKENIZATION_EXAMPLES - len(out["examples"])).itertuples():
+            fd = int(r.first_diff) if r.first_diff is not None and not pd.isna(r.first_diff) else 0
+            eng = [int(i) for i in (r.engine_ids if r.engine_ids is not None else [])]
+            out["examples"].append(
+                {"prompt_id": r.prompt_id, "text": str(r.text), "first_diff": fd,
+                 "reference_ids": [int(i) for i in r.reference_ids], "engine_ids": eng}
+            )  # fmt: skip
+    return out
+
+
+TOKEN_NODES, TOKEN_PROMPTS = 4, 6  # the per-token plot: the first failing nodes, each on its worst prompts
+
+
+def _token_errors(paths: list[str]) -> pd.DataFrame:
+    """Per-token errors of the first TOKEN_NODES failing nodes (graph order), each on the TOKEN_PROMPTS prompts
+    where its local error is largest: two passes, the second reading only the chosen rows."""
+    best: dict[str, list[tuple[float, str]]] = {}
+    for p in paths:
+        t = pd.read_parquet(p, columns=["prompt_id", "node", "local_rel_l2"])
+        for (node, pid), v in t.groupby(["node", "prompt_id"])["local_rel_l2"].max().items():
+            best.setdefault(node, []).append((-float(v), pid))
+            best[node] = sorted(best[node])[:TOKEN_PROMPTS]
+    if not best:
+        return pd.DataFrame()
+    frames = []
+    for p in paths:
+        t = pd.read_parquet(p, filters=[("node", "in", list(best))])
+        keep = {(n, pid) for n, lst in best.items() for _, pid in lst}
+        frames.append(t[[(n, pid) in keep for n, pid in zip(t["node"], t["prompt_id"], strict=True)]])
+    return pd.concat(frames, ignore_index=True)
 
 
 def _concat(frames: list[pd.DataFrame], empty: pd.DataFrame | None) -> pd.DataFrame:

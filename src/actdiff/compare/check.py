@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..layout import Layout
 
-def find_verdicts(results: Path, pattern: str = "*") -> list[Path]:
-    out = []
-    for v in sorted(results.glob("*/*/*/summary/verdict.json")):
-        model, side, variant = v.parts[-5], v.parts[-4], v.parts[-3]
-        if fnmatch.fnmatchcase(f"{model}/{side}/{variant}", pattern):
-            out.append(v)
-    return out
+
+def find_runs(results: Path, pattern: str = "*") -> list[tuple[str, str, str]]:
+    """(model, side, variant) of the runs with a verdict whose ``model/side/variant`` matches ``pattern``."""
+    return [r for r in Layout(str(results)).runs_with_verdicts() if fnmatch.fnmatchcase("/".join(r), pattern)]
 
 
 def regressions(run_summary: Path, base_summary: Path, margin: float) -> list[str]:
@@ -50,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin", type=float, default=2.0, help="allowed growth of p99 local error vs baseline")
     args = ap.parse_args(argv)
     results = Path(args.results)
-    verdicts = find_verdicts(results, args.only)
-    if not verdicts:
+    L, B = Layout(str(results)), Layout(str(args.baseline)) if args.baseline else None
+    runs = find_runs(results, args.only)
+    if not runs:
         print(f"actdiff check: no statistics under {results} matching {args.only!r}; run the pipeline first")
         return 2
     failed = 0
-    for path in verdicts:
-        v = json.loads(path.read_text())
+    for run in runs:
+        v = json.loads(Path(L.verdict(*run)).read_text())
         label = f"{v['model']}/{v['side']}/{v['variant']}"
         print(f"== {label}: {v['status'].upper()} ({v['prompts']} prompts)")
         if v["status"] != "pass":
@@ -70,13 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"   {w['node']}: local rel L2 max {w['local_rel_l2_max']:.2e} vs budget {w['budget']:.2e}"
                     f" ({w['fail']} prompts fail)"
                 )
-        if args.baseline:
-            rel = path.relative_to(results)
-            regs = regressions(
-                path.with_name("nodes.parquet"), Path(args.baseline) / rel.with_name("nodes.parquet"), args.margin
-            )
+        if B is not None:
+            regs = regressions(Path(L.summary(*run, "nodes")), Path(B.summary(*run, "nodes")), args.margin)
             for r in regs:
                 print(f"   regression: {r}")
             failed += bool(regs)
-    print(f"actdiff check: {len(verdicts) - failed} of {len(verdicts)} passed")
+    print(f"actdiff check: {len(runs) - failed} of {len(runs)} passed")
     return 1 if failed else 0

@@ -53,7 +53,7 @@ UNEXPLAINED = "unexplained"
 RESIDUAL_FRACTION = 0.05  # an explaining hypothesis may leave at most this fraction of err0 (or the budget)
 MIN_IMPROVEMENT = 10.0  # ... and must reduce the error at least this many times
 
-_ENTRY_KEYS = {"name", "op", "params", "says", "when", "note"}
+_ENTRY_KEYS = {"name", "op", "params", "says", "when", "note", "fault"}
 _WHEN_KEYS = {"arch", "part", "kind", "name_suffix"}
 
 
@@ -67,6 +67,7 @@ class Hypothesis:
     says: str
     when: dict = field(default_factory=dict)
     note: str = ""
+    fault: str = ""  # the short name the engine's deliberate fault uses for this entry (actdiff.engine.faults)
 
     def applies(self, graph: Graph, node: Node, spec: dict | None = None) -> bool:
         """True if this entry is a distinct, meaningful variant of ``node``'s op."""
@@ -166,7 +167,10 @@ def _parse_entry(i: int, e, source: str) -> Hypothesis:
     says = e["says"]
     if not isinstance(says, str) or not says.strip():
         raise ConfigError(f"{where}: says must be a non-empty sentence")
-    return Hypothesis(name, tuple(ops), dict(params), " ".join(says.split()), dict(when), str(e.get("note") or ""))
+    fault = str(e.get("fault") or "")
+    return Hypothesis(
+        name, tuple(ops), dict(params), " ".join(says.split()), dict(when), str(e.get("note") or ""), fault
+    )
 
 
 @lru_cache(maxsize=8)

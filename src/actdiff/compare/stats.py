@@ -3,19 +3,19 @@ row groups as prompts are processed, so memory does not grow with the shard's si
 
 For every (prompt, node):
 - propagated error: the engine's value against the reference's (the error the user sees);
-- local error (teacher forcing): the engine's op replayed on the REFERENCE's inputs for that node
-  (our engine: ``Engine.replay_node`` through the same C kernels), against the reference's value. For an
-  external engine, whose ops cannot be replayed, the local error is the engine's output against the
-  specified op run on the ENGINE's own inputs (actdiff.compare.refops): the same separation, from the
-  other side;
+- local error (teacher forcing): the side's own op replayed on the REFERENCE's inputs for that node
+  (:func:`actdiff.sides.open_replay`; our engine replays through the same C kernels), against the
+  reference's value. For a side that cannot replay (an external engine, an imported dump), the local error
+  is the side's output against the specified op run on the side's OWN inputs (actdiff.compare.refops): the
+  same separation, from the other side;
 - amplification = propagated / local: how much inherited error the node carries;
 - status pass/warn/fail from the local error and the node's budget (actdiff.compare.budgets).
 
-Per prompt: the first divergent node (first node in graph order that fails while its inputs pass), the
-root-cause ranking at that node (actdiff.compare.hypotheses), MoE routing agreement and forced-routing
-error per layer, the pooled-embedding cosine. Per shard: the worst prompts' first values of the key
-nodes on both sides (drill-down that survives deleting the HDF5 dumps) and a bounded sample of
-embeddings for the corpus-level neighbour analysis.
+:func:`judge_prompt` does the per-node work once per prompt; each table is then built by its own builder
+(:data:`BUILDERS`) from that shared :class:`Judged` prompt and the per-shard :class:`ShardContext`:
+per-token errors of failing nodes, the root-cause ranking (actdiff.compare.hypotheses), MoE routing and
+forced-routing error, the pooled-embedding cosine, and the drill-down candidates (the shard's worst prompts
+by :mod:`actdiff.compare.worst`, whose first values survive deleting the HDF5 dumps).
 """
 
 from __future__ import annotations
@@ -36,30 +36,27 @@ import pyarrow.parquet as pq
 from ..atomic import atomic_path
 from ..errors import DumpError
 from ..h5io import ActivationReader
-from ..nodes import INPUT_IDS, Graph, build_graph, load_config_json
-from ..variants import parse_variant
+from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph, build_graph, load_config_json
+from ..tables import SHARD_TABLES, empty_table
+from ..variants import Variant, resolve_variant
 from .budgets import U32, Noise, budget, fp32_noise, status
 from .embeddings import BoundedSample, cosine
 from .metrics import FLOAT_METRICS, compare, per_token_errors, rel_l2
 from .routing import margins, routing_rows
+from .worst import prompt_score, rank_key
 
 log = logging.getLogger(__name__)
 
 NOT_CAPTURED = "not_captured"  # status of a node the engine's dump does not provide
 DRILL_VALUES = 8  # first values of token 0 kept per key node
-KEY_SUFFIXES = ("attn.out_proj", "norm1", "mlp.fc2", "experts.bias_add", "router.logits", "router.probs", "norm2")
-KEY_NODES = ("embeddings", "emb_ln", "pooled", "embedding")
-
-
-def key_nodes(graph: Graph) -> list[str]:
-    return [n.name for n in graph if n.name in KEY_NODES or n.name.endswith(KEY_SUFFIXES)]
 
 
 class _TableWriter:
     """Accumulates rows as column lists and writes them as Parquet row groups (streaming)."""
 
-    def __init__(self, path: Path, flush_rows: int = 5000):
+    def __init__(self, path: Path, empty: pa.Table, flush_rows: int = 5000):
         self.path = Path(path)
+        self.empty = empty
         self.cols: dict[str, list] = {}
         self.rows = 0
         self.flush_rows = flush_rows
@@ -89,10 +86,10 @@ class _TableWriter:
         self.cols = {k: [] for k in self.cols}
         self.rows = 0
 
-    def close(self, empty_schema: pa.Schema | None = None) -> None:
+    def close(self) -> None:
         self.flush()
         if self.writer is None:
-            pq.write_table((empty_schema or pa.schema([])).empty_table(), self.tmp)
+            pq.write_table(self.empty, self.tmp)
         else:
             self.writer.close()
         self._ctx.__exit__(None, None, None)
@@ -134,298 +131,165 @@ class CheckpointTensors(Mapping):
         return len(self._keys)
 
 
-class LocalReplay:
-    """Local (teacher-forced) output of a node: our engine's replay, or the spec op on engine inputs."""
+@dataclass
+class ShardContext:
+    """What every prompt of a shard is judged with, and where the tables go."""
 
-    def __init__(self, graph: Graph, model_dir: Path, side: str, variant: str):
-        self.graph = graph
-        self.variant = variant
-        self.engine = None
-        self._weights64 = None
-        self.model_dir = model_dir
-        if side == "actdiff":
-            from ..engine.core import Engine
+    graph: Graph
+    variant: Variant
+    cfg: StatsConfig
+    replay: object  # actdiff.sides.Replay, or None: the side's output is judged against the spec op
+    weights: CheckpointTensors
+    catalogue: list
+    missing: frozenset  # nodes the side did not capture
+    writers: dict[str, _TableWriter]
+    sample: BoundedSample
+    drill: list = field(default_factory=list)  # min-heap of (-rank key, prompt, rows): the shard's worst M
+    keys: list[str] = field(default_factory=list)
 
-            self.engine = Engine(model_dir)
-            self.engine.prepare(variant)
-
-    @property
-    def weights(self) -> CheckpointTensors:
-        """The raw checkpoint tensors, read on demand (the spec ops of refops take them as stored)."""
-        if self._weights64 is None:
-            self._weights64 = CheckpointTensors(self.model_dir / "model.safetensors")
-        return self._weights64
+    def budget(self, name: str, noise: Noise) -> float:
+        return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets)
 
     def local(self, name: str, ref: dict, eng: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(output to judge, the value it is judged against)."""
+        """(output to judge, the value it is judged against) of a node under teacher forcing."""
         node = self.graph[name]
-        if self.engine is not None:
-            out = self.engine.replay_node(name, {i: ref[i] for i in node.inputs}, self.variant)
-            return out, ref[name]
+        if self.replay is not None:
+            return self.replay.replay_node(name, {i: ref[i] for i in node.inputs}), ref[name]
         from .refops import run_op, spec_params
 
         spec = run_op(self.graph, node, {i: eng[i] for i in node.inputs}, self.weights, spec_params(self.graph, node))
         return eng[name], spec
 
 
-def compute_shard_stats(
-    model_dir: str | Path,
-    ref_h5: str | Path,
-    eng_h5: str | Path,
-    side: str,
-    variant: str,
-    shard: int,
-    outputs: dict[str, str],
-    cfg: StatsConfig | None = None,
-) -> dict:
-    """Compare one shard; write the tables named in ``outputs`` (keys: nodes, tokens, routing, drilldown,
-    hypotheses, prompts, embeddings). Returns a small summary dict (for the log)."""
-    from threadpoolctl import threadpool_limits
+@dataclass
+class Judged:
+    """One prompt after judge_prompt: per-node values shared by the table builders."""
 
-    from .hypotheses import load_catalogue, rank_hypotheses
+    pid: str
+    ref: dict
+    eng: dict
+    noise: dict[str, Noise] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+    local: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    rows: dict[str, list] = field(default_factory=dict)  # the nodes table's columns for this prompt
+    failing: list[str] = field(default_factory=list)
+    first: str | None = None
 
-    cfg = cfg or StatsConfig()
-    model_dir = Path(model_dir)
-    graph = build_graph(load_config_json(model_dir), str(model_dir / "config.json"))
-    precision = parse_variant(variant).precision
-    replay = LocalReplay(graph, model_dir, side, variant)
-    catalogue = load_catalogue()
-    dims = graph.dims
-    moe_routers = [n for n in graph if n.op == "ROUTER"]
-    keys = key_nodes(graph)
-    writers = {k: _TableWriter(Path(v)) for k, v in outputs.items() if k != "embeddings"}
-    sample = BoundedSample(cfg.embedding_sample)
-    worst: list[tuple[float, str, dict]] = []  # min-heap of (score, prompt, drill rows)
-    t0 = time.perf_counter()
-    n_prompts = 0
-    try:
-        # one core (rule threads: 1): the float64 spec ops of the noise and the hypotheses call numpy's BLAS,
-        # whose extra threads would only spin against the other jobs (10x slower on a loaded machine)
-        with threadpool_limits(limits=1), ActivationReader(ref_h5) as rr, ActivationReader(eng_h5) as er:
-            missing = [p for p in rr.prompt_ids if p not in er.index]
-            if missing:
-                raise DumpError(
-                    f"{eng_h5}: {len(missing)} prompt(s) of the reference dump are missing, e.g. "
-                    f"{missing[:3]}; the two dumps come from different token files"
-                )
-            names = graph.names()
-            # nodes an external engine could not provide (actdiff import --allow-missing, an incomplete mapping):
-            # stored as NaN placeholders, reported as "not_captured" instead of failing
-            missing_nodes = frozenset(json.loads(er.attrs.get("missing_nodes", "[]") or "[]"))
-            if missing_nodes:
-                log.warning(
-                    "%s: %d node(s) not captured by the engine: %s", eng_h5, len(missing_nodes), sorted(missing_nodes)
-                )
-            same_order = er.prompt_ids == rr.prompt_ids
-            eng_iter = er.iter_prompts(names) if same_order else None
-            for _, pid, ref in rr.iter_prompts(names):
-                if eng_iter is not None:
-                    _, _, eng = next(eng_iter)
-                else:  # different prompt order: random access
-                    eng = {n: er.node(n, pid) for n in names}
-                    if "input_ids" in er.f:
-                        eng[INPUT_IDS] = er.input_ids(pid)
-                if INPUT_IDS not in ref:
-                    raise DumpError(f"{ref_h5}: the reference dump does not record input ids; rerun dump_reference")
-                eng.setdefault(INPUT_IDS, ref[INPUT_IDS])
-                _one_prompt(
-                    graph,
-                    replay,
-                    precision,
-                    cfg,
-                    catalogue,
-                    rank_hypotheses,
-                    pid,
-                    ref,
-                    eng,
-                    writers,
-                    moe_routers,
-                    keys,
-                    sample,
-                    worst,
-                    missing_nodes,
-                )
-                n_prompts += 1
-                if n_prompts % 100 == 0:
-                    log.info(
-                        "stats: %d/%d prompts (%.1f prompts/s)",
-                        n_prompts,
-                        len(rr.prompt_ids),
-                        n_prompts / (time.perf_counter() - t0),
-                    )
-        for _score, _pid, rows in sorted(worst, reverse=True):
-            writers["drilldown"].add({k: [r[k] for r in rows] for k in rows[0]})
-        for key, w in writers.items():
-            w.close(empty_schema=_EMPTY_SCHEMAS.get(key))
-        emb = sample.items()
-        with atomic_path(outputs["embeddings"]) as tmp:
-            pq.write_table(
-                pa.Table.from_pydict(
-                    {
-                        "prompt_id": [p for p, _, _ in emb],
-                        "ref": [r.ravel().tolist() for _, r, _ in emb],
-                        "eng": [e.ravel().tolist() for _, _, e in emb],
-                    },
-                    schema=pa.schema(
-                        [("prompt_id", pa.string()), ("ref", pa.list_(pa.float32())), ("eng", pa.list_(pa.float32()))]
-                    ),
-                ),
-                tmp,
-            )
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    dt = time.perf_counter() - t0
-    log.info("stats: %d prompts in %.1f s (%.1f prompts/s)", n_prompts, dt, n_prompts / max(dt, 1e-9))
-    return {"prompts": n_prompts, "seconds": dt, "dims": dims.hidden}
+    @property
+    def tokens(self) -> int:
+        return len(self.ref[INPUT_IDS])
 
 
-# schemas of the tables that can legitimately be empty (no failing node; no MoE layer)
-_EMPTY_SCHEMAS = {
-    "tokens": pa.schema(
-        [
-            ("prompt_id", pa.string()),
-            ("node", pa.string()),
-            ("token", pa.int64()),
-            ("local_max_abs", pa.float64()),
-            ("local_rel_l2", pa.float64()),
-            ("max_abs", pa.float64()),
-            ("rel_l2", pa.float64()),
-        ]
-    ),
-    "hypotheses": pa.schema(
-        [
-            ("prompt_id", pa.string()),
-            ("node", pa.string()),
-            ("first_divergence", pa.bool_()),
-            ("rank", pa.int64()),
-            ("hypothesis", pa.string()),
-            ("error", pa.float64()),
-            ("says", pa.string()),
-            ("baseline_error", pa.float64()),
-            ("verdict", pa.string()),
-            ("explained_by", pa.string()),
-        ]
-    ),
-    "routing": pa.schema(
-        [
-            ("prompt_id", pa.string()),
-            ("layer", pa.int64()),
-            ("token", pa.int64()),
-            ("ref_experts", pa.list_(pa.int64())),
-            ("eng_experts", pa.list_(pa.int64())),
-            ("agree", pa.bool_()),
-            ("jaccard", pa.float64()),
-            ("ref_margin", pa.float64()),
-            ("near_tie", pa.bool_()),
-            ("flip_explained", pa.bool_()),
-        ]
-    ),
-}
+# ---------------------------------------------------------------------------------------------- judging
+def _nan_metrics(**over) -> dict:
+    m = {k: math.nan for k in FLOAT_METRICS}
+    m.update(nan_ref=0, inf_ref=0, nan_eng=0, inf_eng=0, max_abs_token=-1, max_abs_channel=-1)
+    m.update(over)
+    return m
 
 
-def _one_prompt(
-    graph,
-    replay,
-    precision,
-    cfg,
-    catalogue,
-    rank_hypotheses,
-    pid,
-    ref,
-    eng,
-    writers,
-    moe_routers,
-    keys,
-    sample,
-    worst,
-    missing: frozenset = frozenset(),
-):
-    T = len(ref[INPUT_IDS])
-    noise: dict[str, Noise] = {}  # each node's fp32 noise on this prompt (budgets.fp32_noise)
-    status_of: dict[str, str] = {}
-    local_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    rows: dict[str, list] = {}
-    failing: list[str] = []
-    for node in graph:
-        name = node.name
-        r, e = ref[name], eng[name]
-        noise[name] = fp32_noise(graph, node, ref, replay.weights)
-        b = budget(node, precision, noise[name], cfg.budgets)
-        # an external engine's op replays on its own inputs: impossible when one of them was not captured
-        blind = replay.engine is None and any(i in missing for i in node.inputs)
-        if name in missing:
-            m = {k: math.nan for k in FLOAT_METRICS}
-            m.update(nan_ref=0, inf_ref=0, nan_eng=0, inf_eng=0, max_abs_token=-1, max_abs_channel=-1)
-            local_rel, st = math.nan, NOT_CAPTURED
-        elif blind:  # judged on the propagated error only (pass or warn)
-            if node.kind == "index":
-                m = {k: math.nan for k in FLOAT_METRICS}
-                mism = float(np.mean(np.any(np.sort(e, 1) != np.sort(r, 1), axis=1))) if r.size else 0.0
-                m.update(rel_l2=mism, nan_ref=0, inf_ref=0, nan_eng=0, inf_eng=0, max_abs_token=-1, max_abs_channel=-1)
-            else:
-                m = compare(e, r)
-            local_rel = math.nan
-            st = status(0.0, m["rel_l2"], b, (m["nan_eng"] + m["inf_eng"]) > (m["nan_ref"] + m["inf_ref"]))
-        elif node.kind == "index":
-            lo, lref = replay.local(name, ref, eng)
-            # top-k ids: a disagreement at a reference near-tie (margin within the probabilities' budget) is
-            # legitimate; only disagreements at clear margins count against the node
-            probs = graph[name.replace("topk_indices", "probs")]
-            tie = budget(probs, precision, noise[probs.name], cfg.budgets)
-            clear = margins(ref[probs.name], e.shape[1]) > tie
-            # compared as sets: the order inside the top-k only permutes the expert slots
-            mism = float(np.mean(np.any(np.sort(e, 1) != np.sort(r, 1), axis=1))) if r.size else 0.0
-            lmism = float(np.mean(np.any(np.sort(lo, 1) != np.sort(lref, 1), axis=1) & clear)) if r.size else 0.0
-            m = {k: math.nan for k in FLOAT_METRICS}
-            m.update(rel_l2=mism, nan_ref=0, inf_ref=0, nan_eng=0, inf_eng=0, max_abs_token=-1, max_abs_channel=-1)
-            local_rel = lmism
-            st = "fail" if lmism > 0 else ("warn" if mism > 0 else "pass")
-            local_out[name] = (lo, lref)
-        else:
-            lo, lref = replay.local(name, ref, eng)
-            local_out[name] = (lo, lref)
-            m = compare(e, r)
-            local_rel = rel_l2(lo, lref)
-            new_nonfinite = (m["nan_eng"] + m["inf_eng"]) > (m["nan_ref"] + m["inf_ref"])
-            st = status(local_rel, m["rel_l2"], b, new_nonfinite)
-        status_of[name] = st
-        if st == "fail":
-            failing.append(name)
-        amp = m["rel_l2"] / max(local_rel, U32) if np.isfinite(m["rel_l2"]) and np.isfinite(local_rel) else math.nan
-        row = {
-            "prompt_id": pid,
-            "node": name,
-            "node_index": node.index,
-            "op": node.op,
-            "layer": node.layer if node.layer is not None else -1,
-            "tokens": T,
-            **m,
-            "local_rel_l2": local_rel,
-            "ref_fp32_error": noise[name].measured,
-            "fp32_noise": noise[name].value,
-            "budget": b,
-            "amplification": amp,
-            "status": st,
-        }
-        for k, v in row.items():
-            rows.setdefault(k, []).append(v)
-    first = next((n for n in failing if all(status_of.get(i, "pass") != "fail" for i in graph[n].inputs)), None)
-    rows["first_divergence"] = [first or ""] * len(graph)
-    writers["nodes"].add(rows)
-    # per-token errors of failing nodes (local and propagated), for error-by-position plots
-    for name in failing:
-        node = graph[name]
+def _set_mismatch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per token: do the expert-id sets differ (the order inside the top-k only permutes the expert slots)?"""
+    return np.any(np.sort(a, 1) != np.sort(b, 1), axis=1)
+
+
+def _judge_index(ctx: ShardContext, j: Judged, node, b: float) -> tuple[dict, float, str]:
+    """Top-k expert ids: a disagreement at a reference near-tie (margin within the probabilities' budget) is
+    legitimate; only disagreements at clear margins count against the node."""
+    r, e = j.ref[node.name], j.eng[node.name]
+    lo, lref = ctx.local(node.name, j.ref, j.eng)
+    probs = ctx.graph.moe_block_of(node.name).probs
+    clear = margins(j.ref[probs], e.shape[1]) > ctx.budget(probs, j.noise[probs])
+    mism = float(np.mean(_set_mismatch(e, r))) if r.size else 0.0
+    lmism = float(np.mean(_set_mismatch(lo, lref) & clear)) if r.size else 0.0
+    j.local[node.name] = (lo, lref)
+    return _nan_metrics(rel_l2=mism), lmism, "fail" if lmism > 0 else ("warn" if mism > 0 else "pass")
+
+
+def _judge_blind(j: Judged, node, b: float) -> tuple[dict, float, str]:
+    """An external side's op on its own inputs is impossible when one of them was not captured: the node is
+    judged on its propagated error only (pass or warn)."""
+    r, e = j.ref[node.name], j.eng[node.name]
+    if node.kind == "index":
+        m = _nan_metrics(rel_l2=float(np.mean(_set_mismatch(e, r))) if r.size else 0.0)
+    else:
+        m = compare(e, r)
+    new_nonfinite = (m["nan_eng"] + m["inf_eng"]) > (m["nan_ref"] + m["inf_ref"])
+    return m, math.nan, status(0.0, m["rel_l2"], b, new_nonfinite)
+
+
+def _judge_float(ctx: ShardContext, j: Judged, node, b: float) -> tuple[dict, float, str]:
+    lo, lref = ctx.local(node.name, j.ref, j.eng)
+    j.local[node.name] = (lo, lref)
+    m = compare(j.eng[node.name], j.ref[node.name])
+    local_rel = rel_l2(lo, lref)
+    new_nonfinite = (m["nan_eng"] + m["inf_eng"]) > (m["nan_ref"] + m["inf_ref"])
+    return m, local_rel, status(local_rel, m["rel_l2"], b, new_nonfinite)
+
+
+def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
+    """One node of one prompt: its errors, budget and status (a row of the nodes table)."""
+    noise = j.noise[node.name] = fp32_noise(ctx.graph, node, j.ref, ctx.weights)
+    b = ctx.budget(node.name, noise)
+    if node.name in ctx.missing:
+        m, local_rel, st = _nan_metrics(), math.nan, NOT_CAPTURED
+    elif ctx.replay is None and any(i in ctx.missing for i in node.inputs):
+        m, local_rel, st = _judge_blind(j, node, b)
+    elif node.kind == "index":
+        m, local_rel, st = _judge_index(ctx, j, node, b)
+    else:
+        m, local_rel, st = _judge_float(ctx, j, node, b)
+    j.status[node.name] = st
+    finite = np.isfinite(m["rel_l2"]) and np.isfinite(local_rel)
+    amp = m["rel_l2"] / max(local_rel, U32) if finite else math.nan
+    return {
+        "prompt_id": j.pid,
+        "node": node.name,
+        "node_index": node.index,
+        "op": node.op,
+        "layer": node.layer if node.layer is not None else -1,
+        "tokens": j.tokens,
+        **m,
+        "local_rel_l2": local_rel,
+        "ref_fp32_error": noise.measured,
+        "fp32_noise": noise.value,
+        "budget": b,
+        "amplification": amp,
+        "status": st,
+    }
+
+
+def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict) -> Judged:
+    """Every node of one prompt, in graph order; the first divergent node is the first that fails while its
+    inputs pass."""
+    j = Judged(pid, ref, eng)
+    for node in ctx.graph:
+        for k, v in judge_node(ctx, j, node).items():
+            j.rows.setdefault(k, []).append(v)
+    j.failing = [n for n in ctx.graph.names() if j.status[n] == "fail"]
+    inputs_pass = (all(j.status.get(i, "pass") != "fail" for i in ctx.graph[n].inputs) for n in j.failing)
+    j.first = next((n for n, ok in zip(j.failing, inputs_pass, strict=True) if ok), None)
+    j.rows["first_divergence"] = [j.first or ""] * len(ctx.graph)
+    return j
+
+
+# --------------------------------------------------------------------------------------------- builders
+def build_nodes(ctx: ShardContext, j: Judged) -> None:
+    ctx.writers["nodes"].add(j.rows)
+
+
+def build_tokens(ctx: ShardContext, j: Judged) -> None:
+    """Per-token errors (local and propagated) of the failing nodes, for error-by-position plots."""
+    for name in j.failing:
+        node = ctx.graph[name]
         if node.axis != "token" or node.kind == "index":
             continue
-        lo, lref = local_out[name]
-        lmax, lrel = per_token_errors(lo, lref)
-        pmax, prel = per_token_errors(eng[name], ref[name])
+        lmax, lrel = per_token_errors(*j.local[name])
+        pmax, prel = per_token_errors(j.eng[name], j.ref[name])
         n = len(lmax)
-        writers["tokens"].add(
+        ctx.writers["tokens"].add(
             {
-                "prompt_id": [pid] * n,
+                "prompt_id": [j.pid] * n,
                 "node": [name] * n,
                 "token": list(range(n)),
                 "local_max_abs": lmax.tolist(),
@@ -434,173 +298,224 @@ def _one_prompt(
                 "rel_l2": prel.tolist(),
             }
         )
-    # root-cause ranking at the first divergent node (or every failing node)
-    for name in failing if cfg.diagnose_all_failing else [first] if first else []:
-        node = graph[name]
-        # our engine: its replay on the reference's inputs; external: its output on its own inputs. Every node's
-        # value is passed, since some hypotheses read another node (e.g. per-expert bias needs the top-k weights)
-        inputs = ref if replay.engine is not None else eng
-        target = local_out[name][0] if replay.engine is not None else eng[name]
-        d = rank_hypotheses(
-            graph,
-            node,
-            inputs,
-            replay.weights,
-            target,
-            budget(node, precision, noise[name], cfg.budgets),
-            catalogue=catalogue,
-        )
-        writers["hypotheses"].add(_diagnosis_rows(pid, name, name == first, d))
-    # MoE routing
-    for router in moe_routers:
-        prefix = router.name[: -len("router.logits")]
-        layer = router.layer
-        probs = prefix + "router.probs"
-        if {probs, prefix + "router.topk_indices"} & missing:
+
+
+def build_hypotheses(ctx: ShardContext, j: Judged) -> None:
+    """Root-cause ranking at the first divergent node (or every failing node). A replaying side: its replay
+    on the reference's inputs; otherwise its output on its own inputs. Every node's value is passed, since some
+    hypotheses read another node (e.g. per-expert bias needs the top-k weights)."""
+    from .hypotheses import rank_hypotheses
+
+    inputs = j.ref if ctx.replay is not None else j.eng
+    for name in j.failing if ctx.cfg.diagnose_all_failing else [j.first] if j.first else []:
+        target = j.local[name][0] if ctx.replay is not None else j.eng[name]
+        b = ctx.budget(name, j.noise[name])
+        d = rank_hypotheses(ctx.graph, ctx.graph[name], inputs, ctx.weights, target, b, catalogue=ctx.catalogue)
+        ctx.writers["hypotheses"].add(_diagnosis_rows(j.pid, name, name == j.first, d))
+
+
+def build_routing(ctx: ShardContext, j: Judged) -> None:
+    """Per MoE layer: routing agreement at clear margins, and the block's error with the reference's expert
+    choice forced (expert-kernel error separated from routing flips)."""
+    ref, eng = j.ref, j.eng
+    for block in ctx.graph.moe_blocks():
+        if {block.probs, block.topk_indices} & ctx.missing:
             continue
-        pb = budget(graph[probs], precision, noise[probs], cfg.budgets)
+        pb = ctx.budget(block.probs, j.noise[block.probs])
         rr = routing_rows(
-            pid,
-            layer,
-            ref[prefix + "router.topk_indices"],
-            eng[prefix + "router.topk_indices"],
-            ref[probs],
-            eng[probs],
-            pb,
+            j.pid, block.layer, ref[block.topk_indices], eng[block.topk_indices], ref[block.probs], eng[block.probs], pb
         )
-        writers["routing"].add(rr)
+        ctx.writers["routing"].add(rr)
         forced = math.nan
-        if replay.engine is not None:
-            out = replay.engine.forced_moe(
-                router.name,
-                eng[prefix[: -len("mlp.")] + "norm1"],
-                ref[prefix + "router.topk_indices"],
-                ref[prefix + "router.topk_weights"],
-                replay.variant,
-            )
-            forced = rel_l2(out, ref[prefix + "experts.bias_add"])
-        writers["prompts"].add_row(
+        if ctx.replay is not None:
+            out = ctx.replay.forced_moe(block, eng[block.input], ref[block.topk_indices], ref[block.topk_weights])
+            forced = rel_l2(out, ref[block.output])
+        ctx.writers["prompts"].add_row(
             {
-                "prompt_id": pid,
+                "prompt_id": j.pid,
                 "kind": "moe_layer",
-                "layer": layer,
-                "value": rel_l2(eng[prefix + "experts.bias_add"], ref[prefix + "experts.bias_add"]),
+                "layer": block.layer,
+                "value": rel_l2(eng[block.output], ref[block.output]),
                 "value2": forced,
                 "count": int(np.sum(~np.array(rr["agree"]))),
             }
         )
-    # embedding level
-    if {"pooled", "embedding"} & missing:
+
+
+def build_embedding(ctx: ShardContext, j: Judged) -> None:
+    """Cosine of the pooled and final embeddings; a bounded sample for the neighbour analysis."""
+    if {POOLED, EMBEDDING} & ctx.missing:
         return
-    cos = cosine(eng["pooled"], ref["pooled"])
-    writers["prompts"].add_row(
+    row = {
+        "prompt_id": j.pid,
+        "kind": "embedding",
+        "layer": -1,
+        "value": cosine(j.eng[POOLED], j.ref[POOLED]),
+        "value2": cosine(j.eng[EMBEDDING], j.ref[EMBEDDING]),
+        "count": j.tokens,
+    }
+    ctx.writers["prompts"].add_row(row)
+    ctx.sample.offer(j.pid, j.ref[EMBEDDING], j.eng[EMBEDDING])
+
+
+def build_drilldown(ctx: ShardContext, j: Judged) -> None:
+    """Keep the first values of the key nodes for the shard's worst prompts (compare.worst), so aggregation can
+    show the corpus's worst ones after the dumps are gone."""
+    score = prompt_score(j.rows["local_rel_l2"], j.rows["budget"], j.rows["rel_l2"])
+    key = rank_key(score, j.pid)
+    item = (_Desc(key), j.pid, None)
+    if len(ctx.drill) >= ctx.cfg.worst_m and not item[0] > ctx.drill[0][0]:
+        return
+    rows = [
         {
-            "prompt_id": pid,
-            "kind": "embedding",
-            "layer": -1,
-            "value": cos,
-            "value2": cosine(eng["embedding"], ref["embedding"]),
-            "count": T,
+            "prompt_id": j.pid,
+            "node": k,
+            "node_index": ctx.graph[k].index,
+            "score": score[0],
+            "ref_first": np.asarray(j.ref[k], np.float64).ravel()[:DRILL_VALUES].tolist(),
+            "eng_first": np.asarray(j.eng[k], np.float64).ravel()[:DRILL_VALUES].tolist(),
+            "rel_l2": rel_l2(j.eng[k], j.ref[k]),
         }
-    )
-    sample.offer(pid, ref["embedding"], eng["embedding"])
-    # drill-down candidates: worst prompts by final-embedding error
-    score = rel_l2(eng["embedding"], ref["embedding"])
-    if len(worst) < cfg.worst_m or score > worst[0][0]:
-        drill = [
-            {
-                "prompt_id": pid,
-                "node": k,
-                "node_index": graph[k].index,
-                "score": score,
-                "ref_first": np.asarray(ref[k], np.float64).ravel()[:DRILL_VALUES].tolist(),
-                "eng_first": np.asarray(eng[k], np.float64).ravel()[:DRILL_VALUES].tolist(),
-                "rel_l2": rel_l2(eng[k], ref[k]),
-            }
-            for k in keys
-        ]
-        item = (score, pid, drill)
-        if len(worst) < cfg.worst_m:
-            heapq.heappush(worst, item)
-        else:
-            heapq.heapreplace(worst, item)
+        for k in ctx.keys
+    ]
+    item = (item[0], j.pid, rows)
+    if len(ctx.drill) < ctx.cfg.worst_m:
+        heapq.heappush(ctx.drill, item)
+    else:
+        heapq.heapreplace(ctx.drill, item)
+
+
+class _Desc:
+    """Heap order for rank keys: the min-heap's top is the least bad prompt kept so far."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple):
+        self.key = key
+
+    def __lt__(self, other: _Desc) -> bool:
+        return self.key > other.key  # a larger rank key is a better (less bad) prompt
+
+    def __gt__(self, other: _Desc) -> bool:
+        return self.key < other.key
+
+
+BUILDERS = (build_nodes, build_tokens, build_hypotheses, build_routing, build_embedding, build_drilldown)
 
 
 def _diagnosis_rows(pid: str, node: str, is_first: bool, d) -> dict[str, list]:
     ranked = list(d.ranked)
     n = max(len(ranked), 1)
-    names = [h.name for h in ranked] or [""]
-    errs = [float(h.error) for h in ranked] or [math.nan]
-    says = [h.says for h in ranked] or [""]
     return {
         "prompt_id": [pid] * n,
         "node": [node] * n,
         "first_divergence": [is_first] * n,
         "rank": list(range(1, n + 1)),
-        "hypothesis": names,
-        "error": errs,
-        "says": says,
+        "hypothesis": [h.name for h in ranked] or [""],
+        "error": [float(h.error) for h in ranked] or [math.nan],
+        "says": [h.says for h in ranked] or [""],
         "baseline_error": [float(d.baseline_error)] * n,
         "verdict": [d.verdict] * n,
         "explained_by": [d.explained_by or ""] * n,
     }
 
 
-def weight_parity(model_dir: str | Path, variant: str) -> tuple[list[dict], dict]:
-    """Every tensor the engine uses (after its layout and quantisation) against the checkpoint, and the
-    config values as the engine understood them next to config.json's."""
-    from safetensors import safe_open
+# ------------------------------------------------------------------------------------------------ shard
+def compute_shard_stats(
+    model_dir: str | Path,
+    ref_h5: str | Path,
+    eng_h5: str | Path,
+    side: str,
+    variant: str | Variant,
+    shard: int,
+    outputs: dict[str, str],
+    cfg: StatsConfig | None = None,
+) -> dict:
+    """Compare one shard; write the shard tables (actdiff.tables.SHARD_TABLES) named in ``outputs``. Returns a
+    small summary dict (for the log)."""
+    from threadpoolctl import threadpool_limits
 
-    from ..engine.core import Engine
-    from ..kernels import compare_sums
+    from ..sides import open_replay
+    from .hypotheses import load_catalogue
 
-    engine = Engine(model_dir)
-    rows = []
-    # one checkpoint tensor at a time, compared in one float32 pass (double sums): peak memory is the engine's
-    # weights plus one tensor, not the whole checkpoint twice in float64 (8.5 GB at full size before)
-    with safe_open(str(Path(model_dir) / "model.safetensors"), framework="numpy") as ck:
-        for name, t in engine.export_weights(variant).items():
-            got = np.ascontiguousarray(t.as_float32())
-            ref = np.ascontiguousarray(ck.get_tensor(t.source).astype(np.float32, copy=False).reshape(got.shape))
-            s = compare_sums(got, ref)  # the layout the spec reads the tensor in
-            num, den = math.sqrt(s["sum_sq_err"]), math.sqrt(s["sum_sq_ref"])
-            rows.append(
-                {
-                    "tensor": name,
-                    "source": t.source,
-                    "transform": t.transform,
-                    "storage": t.storage,
-                    "shape": json.dumps(list(got.shape)),
-                    "max_abs": float(s["max_abs"]) if got.size else 0.0,
-                    "rel_l2": num / den if den > 0 else (0.0 if num == 0 else math.inf),
-                }
-            )
-            del got, ref
-    return rows, config_parity(model_dir, engine.understood_config(variant))
-
-
-def config_parity(model_dir: str | Path, understood: dict) -> dict:
-    """Config values as an engine understood them (``understood``, Engine.understood_config's keys) next to
-    config.json's; "match" per key. Keys an engine does not report (None) are compared as None."""
+    cfg = cfg or StatsConfig()
     model_dir = Path(model_dir)
-    cfg = load_config_json(model_dir)
-    dims = build_graph(cfg, str(model_dir / "config.json")).dims
-    expected = {
-        "hidden": dims.hidden,
-        "heads": dims.heads,
-        "layers": dims.layers,
-        "inner": dims.inner,
-        "experts": dims.experts,
-        "top_k": dims.top_k,
-        "layer_norm_eps": dims.eps,
-        "rotary_base": dims.rotary_base if understood.get("rotary_base") is not None else None,
-        "rotary_interleaved": dims.rotary_interleaved if understood.get("rotary_interleaved") is not None else None,
-        "activation": "gelu_erf" if dims.activation == "gelu" else "gelu_tanh",
-        "attention": "causal" if cfg.get("causal") else "bidirectional",
-        "topk_renormalize": dims.normalize_expert_weights,
-        "expert_bias": True,
-    }
-    return {
-        k: {"config": expected[k], "engine": understood.get(k), "match": expected[k] == understood.get(k)}
-        for k in expected
-    }
+    graph = build_graph(load_config_json(model_dir), str(model_dir / "config.json"))
+    variant = resolve_variant(variant)
+    writers = {k: _TableWriter(Path(outputs[k]), empty_table(t)) for k, t in SHARD_TABLES.items() if k != "embeddings"}
+    t0, n_prompts = time.perf_counter(), 0
+    try:
+        # one core (rule threads: 1): the float64 spec ops of the noise and the hypotheses call numpy's BLAS,
+        # whose extra threads would only spin against the other jobs (10x slower on a loaded machine)
+        with threadpool_limits(limits=1), ActivationReader(ref_h5) as rr, ActivationReader(eng_h5) as er:
+            weights = CheckpointTensors(model_dir / "model.safetensors")
+            ctx = ShardContext(
+                graph, variant, cfg, open_replay(side, model_dir, variant), weights, load_catalogue(),
+                _missing_nodes(eng_h5, er), writers, BoundedSample(cfg.embedding_sample), keys=graph.key_nodes(),
+            )  # fmt: skip
+            for pid, ref, eng in _paired_prompts(ref_h5, eng_h5, rr, er, graph.names()):
+                j = judge_prompt(ctx, pid, ref, eng)
+                for build in BUILDERS:
+                    build(ctx, j)
+                n_prompts += 1
+                if n_prompts % 100 == 0:
+                    rate = n_prompts / (time.perf_counter() - t0)
+                    log.info("stats: %d/%d prompts (%.1f prompts/s)", n_prompts, len(rr.prompt_ids), rate)
+        _close(ctx, outputs["embeddings"])
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    dt = time.perf_counter() - t0
+    log.info("stats: %d prompts in %.1f s (%.1f prompts/s)", n_prompts, dt, n_prompts / max(dt, 1e-9))
+    return {"prompts": n_prompts, "seconds": dt, "dims": graph.dims.hidden}
+
+
+def _missing_nodes(eng_h5, er: ActivationReader) -> frozenset:
+    """Nodes a side could not provide (actdiff import --allow-missing, an incomplete mapping): stored as
+    placeholders, reported as "not_captured" instead of failing."""
+    missing = frozenset(json.loads(er.attrs.get("missing_nodes", "[]") or "[]"))
+    if missing:
+        log.warning("%s: %d node(s) not captured by the engine: %s", eng_h5, len(missing), sorted(missing))
+    return missing
+
+
+def _paired_prompts(ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, names: list[str]):
+    """(prompt_id, reference values, side values) for every prompt of the reference dump."""
+    missing = [p for p in rr.prompt_ids if p not in er.index]
+    if missing:
+        raise DumpError(
+            f"{eng_h5}: {len(missing)} prompt(s) of the reference dump are missing, e.g. "
+            f"{missing[:3]}; the two dumps come from different token files"
+        )
+    eng_iter = er.iter_prompts(names) if er.prompt_ids == rr.prompt_ids else None
+    for _, pid, ref in rr.iter_prompts(names):
+        if eng_iter is not None:
+            _, _, eng = next(eng_iter)
+        else:  # different prompt order: random access
+            eng = {n: er.node(n, pid) for n in names}
+            if "input_ids" in er.f:
+                eng[INPUT_IDS] = er.input_ids(pid)
+        if INPUT_IDS not in ref:
+            raise DumpError(f"{ref_h5}: the reference dump does not record input ids; rerun dump_reference")
+        eng.setdefault(INPUT_IDS, ref[INPUT_IDS])
+        yield pid, ref, eng
+
+
+def _close(ctx: ShardContext, embeddings_out: str) -> None:
+    """Write the drill-down (worst first), close the streamed tables, write the embedding sample."""
+    for _key, _pid, rows in sorted(ctx.drill, reverse=True):
+        ctx.writers["drilldown"].add({k: [r[k] for r in rows] for k in rows[0]})
+    for w in ctx.writers.values():
+        w.close()
+    emb = ctx.sample.items()
+    table = pa.Table.from_pydict(
+        {
+            "prompt_id": [p for p, _, _ in emb],
+            "ref": [r.ravel().tolist() for _, r, _ in emb],
+            "eng": [e.ravel().tolist() for _, _, e in emb],
+        },
+        schema=SHARD_TABLES["embeddings"].schema,
+    )
+    with atomic_path(embeddings_out) as tmp:
+        pq.write_table(table, tmp)

@@ -37,8 +37,7 @@ class Prepared:
 
     variant: Variant
     weights: dict[str, EngineTensor]
-    fault: Fault | None
-    fault_param: float | None
+    fault: Fault | None  # a catalogue entry run on purpose (actdiff.engine.faults)
 
     def w(self, key: str) -> EngineTensor:
         return self.weights[key]
@@ -65,11 +64,12 @@ class Engine:
         key = str(variant)
         if key not in self._prepared:
             v = parse_variant(key) if isinstance(variant, str) else variant
-            fault, param = get_fault(v.fault, v.fault_param, self.dims.arch)
+            fault = get_fault(v.fault, v.fault_param, self.graph)
             self._prepared = {}  # one variant's weights at a time: release the previous ones first
-            weights = convert(self.graph, self.checkpoint, v.precision, fault.name if fault else None)
+            w2 = self._param(fault, self._first("EXPERT_FC2"), "w2_orientation", "FH")
+            weights = convert(self.graph, self.checkpoint, v.precision, w2_orientation=w2)
             self.checkpoint.close()
-            self._prepared = {key: Prepared(v, weights, fault, param)}
+            self._prepared = {key: Prepared(v, weights, fault)}
         return self._prepared[key]
 
     def export_weights(self, variant: str = "fp32") -> dict[str, EngineTensor]:
@@ -80,7 +80,7 @@ class Engine:
         """Config values as the engine applies them (for config parity checks)."""
         p = self.prepare(variant)
         d = self.dims
-        faulty = p.fault.name if p.fault else None
+        f = p.fault
         return {
             "arch": d.arch,
             "hidden": d.hidden,
@@ -91,19 +91,33 @@ class Engine:
             "experts": d.experts,
             "top_k": d.top_k,
             "moe_every_n_layers": d.moe_every_n_layers,
-            "layer_norm_eps": p.fault_param if faulty == "ln_eps" else d.eps,
+            "layer_norm_eps": self._param(f, self._first("LAYERNORM"), "eps", d.eps),
             "rotary_base": d.rotary_base if d.arch == ARCH_NOMIC_MOE else None,
-            "rotary_interleaved": faulty == "rotary_interleaved" if d.arch == ARCH_NOMIC_MOE else None,
-            "activation": "gelu_tanh" if faulty == "gelu_tanh" else "gelu_erf",
-            "attention": "causal" if faulty == "causal_mask" else "bidirectional",
-            "topk_renormalize": faulty == "topk_renorm" or d.normalize_expert_weights,
-            "expert_bias": faulty != "expert_bias_dropped",
+            "rotary_interleaved": self._rope_interleaved(f, self._first("ROPE")) if d.arch == ARCH_NOMIC_MOE else None,
+            "activation": "gelu_tanh" if self._gelu_kind(p, self._first("GELU")) == "tanh" else "gelu_erf",
+            "attention": self._param(f, self._first("ATTENTION"), "mask", "bidirectional"),
+            "topk_renormalize": self._renormalize(p),
+            "expert_bias": self._param(f, self._first("BIAS_ADD"), "bias", "once") != "none",
             "precision": p.variant.precision,
         }
 
     # ------------------------------------------------------------- one node
-    def _faulty(self, p: Prepared, node) -> bool:
-        return p.fault is not None and p.fault.changes(node)
+    def _first(self, op: str):
+        """The first node of an op type (None when the model has none): settings are per op type."""
+        return next((n for n in self.graph if n.op == op), None)
+
+    def _param(self, fault: Fault | None, node, key: str, spec):
+        """A spec parameter of ``node`` as the engine runs it: the spec's value unless a fault overrides it."""
+        if fault is None or node is None:
+            return spec
+        return fault.overrides(node, self.dims.arch).get(key, spec)
+
+    def _rope_interleaved(self, fault: Fault | None, node) -> bool:
+        spec = "gptj" if self.dims.rotary_interleaved else "neox"
+        return self._param(fault, node, "layout", spec) == "gptj"
+
+    def _bias_dropped(self, p: Prepared, node) -> bool:
+        return self._param(p.fault, node, "bias", "once") == "none"
 
     def run_node(self, name: str, inputs: dict[str, np.ndarray], variant: str = "fp32") -> np.ndarray:
         """Run one node on the given input arrays (its graph inputs by name, shaped as the graph says)."""
@@ -138,7 +152,7 @@ class Engine:
         w1 = p.w(g[prefix + "experts.fc1"].weights[0])
         w2 = p.w(g[prefix + "experts.out"].weights[0])
         bias_node = g[prefix + "experts.bias_add"]
-        bias = None if self._faulty(p, bias_node) else p.w(bias_node.weights[0]).data
+        bias = None if self._bias_dropped(p, bias_node) else p.w(bias_node.weights[0]).data
         return kernels.moe(
             np.ascontiguousarray(h, dtype=np.float32),
             None,
@@ -169,7 +183,7 @@ class Engine:
         return out
 
     def _op_layernorm(self, node, x, p):
-        eps = p.fault_param if self._faulty(p, node) else self.dims.eps
+        eps = self._param(p.fault, node, "eps", self.dims.eps)
         return kernels.layernorm(x[0], p.w(node.weights[0]).data, p.w(node.weights[1]).data, eps=eps)
 
     def _matmul(self, inp, wt: EngineTensor, bias: EngineTensor | None):
@@ -184,26 +198,24 @@ class Engine:
         T = x[0].shape[0]
         nh, hd = self.dims.heads, self.dims.head_dim
         part = node.attrs["part"]
-        if self._faulty(p, node):  # head-major: rows read as (nh, 3, hd)
+        if self._param(p.fault, node, "order", "qkv_major") == "head_major":  # rows read as (nh, 3, hd)
             return np.ascontiguousarray(x[0].reshape(T, nh, 3, hd)[:, :, part, :])
         return np.ascontiguousarray(x[0].reshape(T, 3, nh, hd)[:, part])
 
     def _op_rope(self, node, x, p):
-        return kernels.rotary(
-            x[0], base=self.dims.rotary_base, interleaved=self._faulty(p, node) or self.dims.rotary_interleaved
-        )
+        return kernels.rotary(x[0], base=self.dims.rotary_base, interleaved=self._rope_interleaved(p.fault, node))
 
     def _op_attention(self, node, x, p):
         q, k, v = x
-        return kernels.attention(
-            q, k, v, key_mask=None, scale=1.0 / math.sqrt(self.dims.head_dim), causal=self._faulty(p, node)
-        )
+        causal = self._param(p.fault, node, "mask", "bidirectional") == "causal"
+        return kernels.attention(q, k, v, key_mask=None, scale=1.0 / math.sqrt(self.dims.head_dim), causal=causal)
 
     def _op_add(self, node, x, p):
         return kernels.add(x[0], x[1])
 
     def _gelu_kind(self, p: Prepared, node) -> str:
-        return "tanh" if self._faulty(p, node) or self.dims.activation != "gelu" else "none"
+        spec = "erf" if self.dims.activation == "gelu" else "tanh"
+        return "tanh" if self._param(p.fault, node, "form", spec) == "tanh" else "none"
 
     def _op_gelu(self, node, x, p):
         return kernels.gelu(x[0], approximate=self._gelu_kind(p, node))
@@ -215,7 +227,7 @@ class Engine:
         return kernels.softmax(x[0])
 
     def _renormalize(self, p: Prepared) -> bool:
-        return self.dims.normalize_expert_weights or (p.fault is not None and p.fault.name == "topk_renorm")
+        return bool(self._param(p.fault, self._first("TOPK"), "renormalize", self.dims.normalize_expert_weights))
 
     def _op_topk(self, node, x, p):
         w, idx = kernels.topk(x[0], self.dims.top_k, renormalize=self._renormalize(p))
@@ -233,7 +245,7 @@ class Engine:
         return kernels.moe_combine(x[0], x[1])
 
     def _op_bias_add(self, node, x, p):
-        if self._faulty(p, node):  # expert bias dropped
+        if self._bias_dropped(p, node):
             return x[0].copy()
         bias = p.w(node.weights[0]).data
         return kernels.add(x[0], np.ascontiguousarray(np.broadcast_to(bias, x[0].shape)))
@@ -275,7 +287,7 @@ class Engine:
         w1 = p.w(g[prefix + "experts.fc1"].weights[0])
         w2 = p.w(g[prefix + "experts.out"].weights[0])
         bias_node = g[prefix + "experts.bias_add"]
-        bias = None if self._faulty(p, bias_node) else p.w(bias_node.weights[0]).data
+        bias = None if self._bias_dropped(p, bias_node) else p.w(bias_node.weights[0]).data
         r = kernels.moe(
             h,
             p.w(router_node.weights[0]).data,

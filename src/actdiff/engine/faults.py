@@ -1,108 +1,122 @@
 """Deliberate faults the engine can run with, to validate the diagnosis (``fp32+fault=<name>[:param]``).
 
-Each fault is a real bug class seen in ports of this model family. It declares the node(s) it changes
-(by op type and name suffix) and a default parameter chosen so that the changed node's LOCAL error is far
-above the fp32 budget (at least 10x; tests/test_engine.py measures it):
+A fault is a hypothesis of the root-cause catalogue (``actdiff/data/hypotheses.yaml``) applied on purpose:
+the engine runs the nodes the entry matches with the entry's parameter overrides of the spec. Faults and
+hypotheses are one vocabulary: ``<name>`` is an entry's name or the short handle its ``fault:`` key gives
+(``causal_mask`` for ``attention_causal_mask``); ``:param`` replaces the entry's one numeric parameter
+(``ln_eps:1e-3``). Any entry whose overrides the engine's kernels can execute (:data:`RUNNABLE`) is a fault;
+the others are refused with the reason. The handles' defaults are chosen so that the changed node's LOCAL
+error is far above the fp32 budget (at least 10x; tests/test_engine.py measures it): LayerNorm eps 1e-2, not
+1e-6 (on unit-variance inputs 1e-6 changes outputs by ~5e-6 relative, 1e-2 by ~5e-3).
 
-- ``ln_eps``: every LayerNorm uses eps=1e-2 instead of 1e-5 (1e-6 would be invisible: on unit-variance
-  inputs it changes outputs by ~5e-6 relative); with 1e-2 the change is ~5e-3 relative.
-- the others are structural (mask, formula, layout) and change their nodes by O(1e-3) to O(1).
-
-The diagnosis stage never reads these names: it only sees the numbers.
+The diagnosis stage never reads a fault's name: it only sees the numbers (``fault_aliases`` give opaque
+labels, resolved once at the stage boundary by :func:`actdiff.variants.resolve_variant`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 
 from ..errors import ConfigError
+
+# (op, parameter) -> the override values the engine's kernels execute (None: any number)
+RUNNABLE: dict[tuple[str, str], frozenset | None] = {
+    ("ATTENTION", "mask"): frozenset({"causal"}),
+    ("GELU", "form"): frozenset({"tanh"}),
+    ("LAYERNORM", "eps"): None,
+    ("ROPE", "layout"): frozenset({"gptj", "neox"}),
+    ("SPLIT", "order"): frozenset({"head_major"}),
+    ("TOPK", "renormalize"): frozenset({True}),
+    ("EXPERT_FC2", "w2_orientation"): frozenset({"HF"}),
+    ("BIAS_ADD", "bias"): frozenset({"none"}),
+}
 
 
 @dataclass(frozen=True)
 class Fault:
-    name: str
-    description: str
-    ops: tuple[str, ...]  # op types of the nodes it changes
-    name_suffixes: tuple[str, ...] = ()  # further restricts the nodes ("" = any)
-    default_param: str | None = None
-    arch: tuple[str, ...] = ("nomic_bert_moe", "bert")
+    """A catalogue entry the engine runs on purpose, with its parameter overrides (``params``)."""
 
-    def changes(self, node) -> bool:
-        if node.op not in self.ops:
+    name: str  # the name the variant uses (handle or entry name)
+    entry: object  # actdiff.compare.hypotheses.Hypothesis
+    params: dict = field(hash=False)
+
+    def changes(self, node, arch: str | None = None) -> bool:
+        """True if the fault runs ``node`` differently: the entry matches its op and conditions."""
+        e = self.entry
+        if node.op not in e.ops:
             return False
-        return not self.name_suffixes or any(node.name.endswith(s) for s in self.name_suffixes)
+        facts = {"arch": arch, "part": node.attrs.get("part"), "kind": node.kind}
+        for key, want in e.when.items():
+            allowed = want if isinstance(want, list) else [want]
+            if key == "name_suffix":
+                if not any(node.name.endswith(str(s)) for s in allowed):
+                    return False
+            elif not (key == "arch" and arch is None) and facts[key] not in allowed:
+                return False
+        return True
+
+    def overrides(self, node, arch: str | None = None) -> dict:
+        """The parameters ``node`` runs with besides the spec's (empty for nodes the fault does not change)."""
+        return self.params if self.changes(node, arch) else {}
 
 
-FAULTS: dict[str, Fault] = {
-    f.name: f
-    for f in (
-        Fault("causal_mask", "attention applies a causal mask although the model is bidirectional", ("ATTENTION",)),
-        Fault("gelu_tanh", "tanh-approximated GELU instead of exact erf", ("GELU",)),
-        Fault("expert_bias_dropped", "the shared expert bias is never added", ("BIAS_ADD",), arch=("nomic_bert_moe",)),
-        Fault(
-            "topk_renorm",
-            "top-k expert weights renormalised to sum to 1",
-            ("TOPK",),
-            ("topk_weights",),
-            arch=("nomic_bert_moe",),
-        ),
-        Fault(
-            "w2_transposed",
-            "expert w2 read as (E, H, F) and transposed instead of (E, F, H)",
-            ("EXPERT_FC2",),
-            arch=("nomic_bert_moe",),
-        ),
-        Fault(
-            "ln_eps",
-            "LayerNorm eps changed (default 1e-2 instead of the config's)",
-            ("LAYERNORM",),
-            default_param="1e-2",
-        ),
-        Fault(
-            "rotary_interleaved",
-            "rotary applied to interleaved (GPT-J) pairs instead of halves",
-            ("ROPE",),
-            arch=("nomic_bert_moe",),
-        ),
-        Fault(
-            "qkv_head_major",
-            "fused QKV split head-major ((nh, 3, hd)) instead of q|k|v-major",
-            ("SPLIT",),
-            arch=("nomic_bert_moe",),
-        ),
-    )
-}
+@cache
+def _catalogue() -> dict[str, object]:
+    from ..compare.hypotheses import load_catalogue
+
+    out: dict[str, object] = {}
+    for h in load_catalogue():
+        out[h.name] = h
+        if h.fault:
+            out[h.fault] = h
+    return out
 
 
-# Opaque labels for faults (``fp32+fault=f7``), so tests can show that the diagnosis never reads a fault's
-# name: the engine resolves the label, every other stage only ever sees the label.
-FAULT_ALIASES: dict[str, str] = {}
+def fault_names() -> list[str]:
+    """Handles of the catalogue entries the engine can run (entry names work too)."""
+    return sorted({h.fault for h in _catalogue().values() if h.fault and _unrunnable(h) is None})
 
 
-def register_aliases(aliases: dict[str, str]) -> None:
-    """Register opaque labels: {label: "fault_name" or "fault_name:param"}."""
-    for label, target in aliases.items():
-        if target.split(":", 1)[0] not in FAULTS:
-            raise ConfigError(f"fault alias {label!r} -> {target!r}: unknown fault; available: {', '.join(FAULTS)}")
-        FAULT_ALIASES[label] = target
+def _unrunnable(entry) -> str | None:
+    for op in entry.ops:
+        for k, v in entry.params.items():
+            allowed = RUNNABLE.get((op, k), frozenset())
+            if allowed is not None and v not in allowed:
+                return f"the engine has no kernel for {op} with {k}={v!r}"
+    return None
 
 
-def get_fault(name: str | None, param: str | None, arch: str) -> tuple[Fault | None, float | None]:
+def get_fault(name: str | None, param: str | None, graph) -> Fault | None:
+    """The fault ``name`` (with ``param``) for ``graph``'s model; ConfigError saying why it cannot run."""
     if name is None:
-        return None, None
-    if name in FAULT_ALIASES:
-        target = FAULT_ALIASES[name]
-        name, _, alias_param = target.partition(":")
-        param = param if param is not None else (alias_param or None)
-    if name not in FAULTS:
-        raise ConfigError(f"unknown fault {name!r}; available: {', '.join(sorted(FAULTS))}")
-    f = FAULTS[name]
-    if arch not in f.arch:
-        raise ConfigError(f"fault {name!r} does not apply to architecture {arch!r} (it changes {', '.join(f.ops)})")
-    p = param if param is not None else f.default_param
-    if p is not None:
-        try:
-            return f, float(p)
-        except ValueError:
-            raise ConfigError(f"fault {name!r}: parameter {p!r} is not a number") from None
-    return f, None
+        return None
+    cat = _catalogue()
+    if name not in cat:
+        raise ConfigError(f"unknown fault {name!r}; available: {', '.join(fault_names())} or a catalogue entry name")
+    entry = cat[name]
+    why = _unrunnable(entry)
+    if why:
+        raise ConfigError(f"fault {name!r} ({entry.name}) cannot run: {why}")
+    f = Fault(name, entry, dict(entry.params))
+    if param is not None:
+        f = Fault(name, entry, _with_param(f, param))
+    if not any(f.changes(n, graph.dims.arch) for n in graph):
+        arch, ops = graph.dims.arch, ", ".join(entry.ops)
+        raise ConfigError(f"fault {name!r} does not apply to architecture {arch!r} (it changes {ops})")
+    return f
+
+
+def _with_param(f: Fault, param: str) -> dict:
+    numeric = [k for k, v in f.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numeric) != 1:
+        raise ConfigError(f"fault {f.name!r} takes no parameter (it has no single numeric setting)")
+    try:
+        return {**f.params, numeric[0]: float(param)}
+    except ValueError:
+        raise ConfigError(f"fault {f.name!r}: parameter {param!r} is not a number") from None
+
+
+def runnable_faults() -> dict[str, Fault]:
+    cat = _catalogue()
+    return {n: Fault(n, cat[n], dict(cat[n].params)) for n in fault_names()}

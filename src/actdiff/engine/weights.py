@@ -172,8 +172,9 @@ def expected_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def convert(graph: Graph, ckpt: Checkpoint, precision: str, fault: str | None) -> dict[str, EngineTensor]:
-    """Read every tensor once and convert it to the engine layout for ``precision``."""
+def convert(graph: Graph, ckpt: Checkpoint, precision: str, w2_orientation: str = "FH") -> dict[str, EngineTensor]:
+    """Read every tensor once and convert it to the engine layout for ``precision``. ``w2_orientation`` "HF"
+    reads the expert w2 buffer as (E, H, F) (the catalogue's expert_w2_transposed, run as a fault)."""
     d = graph.dims
     shapes = expected_shapes(graph)
     matmul_storage = {"fp32": "float32", "fp16": "float16", "bf16": "bf16", "int8": "int8", "fp16-act": "float32"}
@@ -185,7 +186,7 @@ def convert(graph: Graph, ckpt: Checkpoint, precision: str, fault: str | None) -
         is_matrix_weight = len(shape) == 2 and not key.endswith(("embeddings.weight", "router.layer.weight"))
         if key.endswith(("experts.mlp.w1", "experts.mlp.w2")):
             E, F, H = d.experts, d.inner, d.hidden
-            if key.endswith("w2") and fault == "w2_transposed":
+            if key.endswith("w2") and w2_orientation == "HF":
                 a3 = np.ascontiguousarray(a.reshape(E, H, F).transpose(0, 2, 1))
                 layout = "viewed as (E, H, F) and transposed to (E, F, H) [fault w2_transposed]"
             else:

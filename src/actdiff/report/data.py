@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ..errors import ActdiffError
+from ..layout import Layout
+from ..tables import SUMMARY_TABLES
 
 
 @dataclass
 class Run:
-    """Everything a report about one (model, side, variant) needs."""
+    """Everything a report about one (model, side, variant) needs: its summaries only (actdiff.tables), so a
+    report's memory does not grow with the number of prompts."""
 
     results: Path
     model: str
@@ -24,22 +26,19 @@ class Run:
     verdict: dict
     embeddings_summary: dict
     config_parity: dict | None
-    summary: dict[str, pd.DataFrame] = field(default_factory=dict)  # nodes, first_divergence, ...
-    stats: dict[str, pd.DataFrame] = field(default_factory=dict)  # shard tables concatenated
-    tokens: pd.DataFrame | None = None
+    tokenization: dict
+    summary: dict[str, pd.DataFrame] = field(default_factory=dict)  # SUMMARY_TABLES by name
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(str(self.results))
 
     @property
     def run_dir(self) -> Path:
-        return self.results / self.model / self.side / self.variant
+        return Path(self.layout.run_dir(self.model, self.side, self.variant))
 
 
-SUMMARY_TABLES = ("nodes", "first_divergence", "hypotheses", "routing", "weights")
-SHARD_TABLES = ("nodes", "tokens", "routing", "drilldown", "hypotheses", "prompts", "embeddings")
-
-
-def _shard_dirs(d: Path) -> list[Path]:
-    dirs = [p for p in d.glob("shard-*") if re.fullmatch(r"shard-\d+", p.name) and p.is_dir()]
-    return sorted(dirs, key=lambda p: int(p.name.split("-")[1]))
+OPTIONAL_SUMMARIES = ("weights",)  # weight parity exists for the actdiff engine only
 
 
 def _read_json(p: Path, required: bool = True) -> dict | None:
@@ -51,42 +50,26 @@ def _read_json(p: Path, required: bool = True) -> dict | None:
 
 
 def load_run(results: str | Path, model: str, side: str, variant: str) -> Run:
-    """Read every table of one run. Missing required inputs raise an ActdiffError naming the file."""
-    results = Path(results).resolve()
-    run_dir = results / model / side / variant
-    summ = run_dir / "summary"
+    """Read the summaries of one run. Missing required inputs raise an ActdiffError naming the file."""
+    L = Layout(str(Path(results).resolve()))
+    run_id = (model, side, variant)
     run = Run(
-        results=results,
+        results=Path(L.results),
         model=model,
         side=side,
         variant=variant,
-        model_info=_read_json(results / model / "model.json") or {},
-        verdict=_read_json(summ / "verdict.json") or {},
-        embeddings_summary=_read_json(summ / "embeddings.json", required=False) or {},
-        config_parity=_read_json(summ / "config_parity.json", required=False),
+        model_info=_read_json(Path(L.model_json(model))) or {},
+        verdict=_read_json(Path(L.verdict(*run_id))) or {},
+        embeddings_summary=_read_json(Path(L.summary_json(*run_id, "embeddings")), required=False) or {},
+        config_parity=_read_json(Path(L.summary_json(*run_id, "config_parity")), required=False),
+        tokenization=_read_json(Path(L.summary_json(*run_id, "tokenization")), required=False) or {},
     )
     for t in SUMMARY_TABLES:
-        p = summ / f"{t}.parquet"
+        p = Path(L.summary(*run_id, t))
         if p.is_file():
             run.summary[t] = pd.read_parquet(p)
-        elif t != "weights":  # weight parity exists for the actdiff engine only
+        elif t not in OPTIONAL_SUMMARIES:
             raise ActdiffError(f"report input {p} is missing; run the pipeline (snakemake) to produce it")
-    shards = _shard_dirs(run_dir / "stats")
-    if not shards:
-        raise ActdiffError(f"no shard statistics under {run_dir / 'stats'}; run the pipeline to produce them")
-    for t in SHARD_TABLES:
-        frames = []
-        for s in shards:
-            p = s / f"{t}.parquet"
-            if not p.is_file():
-                raise ActdiffError(f"report input {p} is missing; run the pipeline (snakemake) to produce it")
-            df = pd.read_parquet(p)
-            if len(df):
-                frames.append(df.assign(shard=int(s.name.split("-")[1])))
-        run.stats[t] = pd.concat(frames, ignore_index=True) if frames else pd.read_parquet(shards[0] / f"{t}.parquet")
-    tok_files = sorted((results / model / "tokens").glob("shard-*.parquet"))
-    if tok_files:
-        run.tokens = pd.concat([pd.read_parquet(p) for p in tok_files], ignore_index=True)
     return run
 
 
@@ -109,6 +92,6 @@ def load_index(results: str | Path, runs: str | list[str]) -> list[IndexEntry]:
         if len(parts) != 3:
             raise ActdiffError(f"index run {r!r} is not of the form model/side/variant")
         model, side, variant = parts
-        v = _read_json(results / model / side / variant / "summary" / "verdict.json") or {}
+        v = _read_json(Path(Layout(str(results)).verdict(model, side, variant))) or {}
         out.append(IndexEntry(model, side, variant, v))
     return out

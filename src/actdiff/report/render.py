@@ -199,7 +199,8 @@ def _execute(nb, work: Path, src: Path, log: logging.Logger) -> None:
         # nbclient's message holds the cell source and the traceback
         tail = kernel_err.read_text(errors="replace")[-2000:].strip()
         extra = f"\nkernel stderr:\n{tail}" if tail else ""
-        raise RenderError(f"a cell of {src.name} failed, no report written:\n{_strip_ansi(str(e))[-6000:]}{extra}") from e
+        msg = f"a cell of {src.name} failed, no report written:\n{_strip_ansi(str(e))[-6000:]}{extra}"
+        raise RenderError(msg) from e
     finally:
         for k, v in old.items():
             if v is None:

@@ -148,45 +148,33 @@ def verdict_md(run: Run) -> str:
 
 # ------------------------------------------------------------------------------------------ tokenization
 def tokenization_md(run: Run, max_rows: int = 10) -> str:
-    t = run.tokens
-    if t is None or not len(t):
+    t = run.tokenization
+    if not t or not t.get("inputs"):
         return "::: {.callout-warning}\nNo tokenization tables were found for this model.\n:::\n"
-    match = t["ids_match"]
-    n, n_ok, n_null = len(t), int((match == True).sum()), int(match.isna().sum())  # noqa: E712
-    bad = t[match == False]  # noqa: E712
-    out = [
-        md_table(
-            pd.DataFrame(
-                [
-                    {
-                        "inputs": n,
-                        "ids match": n_ok,
-                        "ids differ": len(bad),
-                        "engine side missing": n_null,
-                        "truncated (reference)": int(
-                            t.get("reference_truncated", pd.Series(dtype=bool)).fillna(False).sum()
-                        ),
-                    }
-                ]
-            )
-        )
-    ]
-    if not len(bad):
+    counts = {
+        "inputs": t["inputs"],
+        "ids match": t["ids_match"],
+        "ids differ": t["ids_differ"],
+        "engine side missing": t["engine_missing"],
+        "truncated (reference)": t["truncated"],
+    }
+    out = [md_table(pd.DataFrame([counts]))]
+    if not t["ids_differ"]:
         out.append("\nEvery input tokenizes identically on both sides: no failing prompts.\n")
         return "\n".join(out)
+    ex = t["examples"][:max_rows]
     out.append(
-        f"\n**{len(bad)} input(s) tokenize differently** (first {min(max_rows, len(bad))} shown; ids around the "
+        f"\n**{t['ids_differ']} input(s) tokenize differently** (first {len(ex)} shown; ids around the "
         "first difference, reference and engine side by side):\n"
     )
     rows = []
-    for r in bad.head(max_rows).itertuples():
-        fd = int(r.first_diff) if r.first_diff is not None and not pd.isna(r.first_diff) else 0
+    for r in ex:
+        fd, ref, eng = r["first_diff"], r["reference_ids"], r["engine_ids"]
         lo = max(0, fd - 3)
-        ref, eng = list(r.reference_ids), list(r.engine_ids if r.engine_ids is not None else [])
         rows.append(
             {
-                "prompt": r.prompt_id,
-                "text": str(r.text)[:60],
+                "prompt": r["prompt_id"],
+                "text": str(r["text"])[:60],
                 "first diff": fd,
                 "reference ids": " ".join(map(str, ref[lo : fd + 8])),
                 "engine ids": " ".join(map(str, eng[lo : fd + 8])),
@@ -300,19 +288,12 @@ def fail_counts_md(run: Run, max_rows: int = 15) -> str:
 
 
 def worst_prompts(run: Run, n: int = 20) -> list[str]:
-    """Inputs ranked by their worst local-error / budget ratio, then final relative L2."""
-    d = run.stats["nodes"]
-    r = d.assign(ratio=d["local_rel_l2"] / d["budget"].clip(lower=1e-30))
-    g = (
-        r.groupby("prompt_id")
-        .agg(ratio=("ratio", "max"), rel=("rel_l2", "max"))
-        .sort_values(["ratio", "rel"], ascending=False)
-    )
-    return g.head(n).index.tolist()
+    """The corpus's worst inputs, as aggregation ranked them (actdiff.compare.worst), worst first."""
+    return run.summary["worst_prompts"].sort_values("rank")["prompt_id"].head(n).tolist()
 
 
 def fig_heatmap(run: Run, worst_n: int = 20):
-    d = run.stats["nodes"]
+    d = run.summary["heatmap"]
     prompts = worst_prompts(run, worst_n)
     s = _nodes(run)
     piv = d[d["prompt_id"].isin(prompts)].pivot_table(
@@ -339,8 +320,12 @@ def fig_heatmap(run: Run, worst_n: int = 20):
     return _image(fig)
 
 
+def has_token_errors(run: Run) -> bool:
+    return len(run.summary["token_errors"]) > 0
+
+
 def fig_token_error(run: Run, max_nodes: int = 4, max_prompts: int = 6):
-    t = run.stats["tokens"]
+    t = run.summary["token_errors"]
     if not len(t):
         return None
     order = _nodes(run)[["node", "node_index"]]
@@ -472,15 +457,16 @@ def embeddings_md(run: Run) -> str:
 
 
 def fig_embeddings(run: Run):
-    p = run.stats["prompts"]
-    cos = p.loc[p["kind"] == "embedding", "value"].to_numpy(np.float64)
-    if not cos.size:
+    """Histogram of 1 - cosine of the final embeddings over every input (counted by aggregation)."""
+    from ..compare.aggregate import COSINE_EDGES
+
+    hist = np.asarray(run.embeddings_summary.get("cosine_hist") or [], np.float64)
+    if not hist.size or not hist.sum():
         return None
-    d = _floor(1 - np.clip(cos, -1, 1))
+    edges = np.maximum(COSINE_EDGES, FLOOR)
     fig = Figure(figsize=(8, 3))
     ax = fig.subplots()
-    bins = np.logspace(math.log10(FLOOR), 0, 25)
-    ax.hist(d, bins=bins, color="tab:blue")
+    ax.bar(edges[:-1], hist, width=np.diff(edges), align="edge", color="tab:blue")
     ax.set_xscale("log")
     ax.set_xlabel(f"1 − cosine of the final embeddings (reference vs engine; zeros at {FLOOR:g})")
     ax.set_ylabel("inputs")
@@ -491,27 +477,20 @@ def fig_embeddings(run: Run):
 
 # --------------------------------------------------------------------------------------- worst inputs
 def worst_inputs_md(run: Run, n: int = 5) -> str:
-    d = run.stats["nodes"]
-    prompts = worst_prompts(run, n)
-    emb = run.stats["prompts"]
-    emb = emb[emb["kind"] == "embedding"].set_index("prompt_id")["value"]
-    text = run.tokens.set_index("prompt_id")["text"] if run.tokens is not None else pd.Series(dtype=str)
-    rows = []
-    for p in prompts:
-        g = d[d["prompt_id"] == p]
-        worst = g.assign(ratio=g["local_rel_l2"] / g["budget"].clip(lower=1e-30)).sort_values("ratio").iloc[-1]
-        rows.append(
-            {
-                "input": p,
-                "text": str(text.get(p, ""))[:50],
-                "tokens": int(g["tokens"].max()),
-                "failing nodes": int((g["status"] == "fail").sum()),
-                "first divergence": g["first_divergence"].iloc[0] or "(none)",
-                "worst node": worst["node"],
-                "local / budget": float(worst["ratio"]),
-                "final cosine": emb.get(p, float("nan")),
-            }
-        )
+    w = run.summary["worst_prompts"].sort_values("rank").head(n)
+    rows = [
+        {
+            "input": r.prompt_id,
+            "text": str(r.text)[:50],
+            "tokens": int(r.tokens),
+            "failing nodes": int(r.failing_nodes),
+            "first divergence": r.first_divergence or "(none)",
+            "worst node": r.worst_node,
+            "local / budget": float(r.local_over_budget),
+            "final cosine": float(r.embedding_cosine),
+        }
+        for r in w.itertuples()
+    ]
     out = [
         md_table(
             pd.DataFrame(rows),
@@ -523,30 +502,33 @@ def worst_inputs_md(run: Run, n: int = 5) -> str:
             },
         )
     ]
-    dd = run.stats["drilldown"]
+    dd = run.summary["drilldown"]
     out.append(
         "\n### Drill-down\n\nFirst values of each key node, reference vs engine, with their difference "
-        "(the shards' worst inputs by final-embedding error).\n"
+        "(the corpus's worst inputs, as ranked above).\n"
     )
-    shown = [p for p in prompts if p in set(dd["prompt_id"])] or list(dict.fromkeys(dd["prompt_id"]))[:n]
+    shown = [p for p in w["prompt_id"] if p in set(dd["prompt_id"])]
     for p in shown[:n]:
-        g = dd[dd["prompt_id"] == p].sort_values("node_index")
-        out.append(f"\n#### {esc(p)}\n")
-        rows = []
-        for r in g.itertuples():
-            ref, eng = np.asarray(r.ref_first, np.float64), np.asarray(r.eng_first, np.float64)
-            k = min(len(ref), len(eng), 4)
-            rows.append(
-                {
-                    "node": r.node,
-                    "rel L2": r.rel_l2,
-                    "reference": " ".join(f"{v:+.5f}" for v in ref[:k]),
-                    "engine": " ".join(f"{v:+.5f}" for v in eng[:k]),
-                    "delta": " ".join(f"{v:+.1e}" for v in (eng[:k] - ref[:k])),
-                }
-            )
-        out.append(md_table(pd.DataFrame(rows), {"node": code, "reference": code, "engine": code, "delta": code}))
+        out.append(_drill_md(p, dd[dd["prompt_id"] == p].sort_values("node_index")))
     return "\n".join(out)
+
+
+def _drill_md(prompt: str, g: pd.DataFrame) -> str:
+    rows = []
+    for r in g.itertuples():
+        ref, eng = np.asarray(r.ref_first, np.float64), np.asarray(r.eng_first, np.float64)
+        k = min(len(ref), len(eng), 4)
+        rows.append(
+            {
+                "node": r.node,
+                "rel L2": r.rel_l2,
+                "reference": " ".join(f"{v:+.5f}" for v in ref[:k]),
+                "engine": " ".join(f"{v:+.5f}" for v in eng[:k]),
+                "delta": " ".join(f"{v:+.1e}" for v in (eng[:k] - ref[:k])),
+            }
+        )
+    table = md_table(pd.DataFrame(rows), {"node": code, "reference": code, "engine": code, "delta": code})
+    return f"\n#### {esc(prompt)}\n\n{table}"
 
 
 # ------------------------------------------------------------------------------------------- provenance

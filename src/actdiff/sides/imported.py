@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import ActdiffError, DumpError
 from ..nodes import graph_for_model_dir
-from .align import Mapping, alignment_summary, load_mapping
+from .mapping import Mapping, alignment_summary, load_mapping
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,68 @@ def read_tokens(tokens_parquet: str | Path) -> list[tuple[str, int]]:
     return out
 
 
-def _placeholder(graph, name: str, tokens: int) -> np.ndarray:
-    n = graph[name]
-    fill = -1 if n.kind == "index" else np.nan
-    return np.full(graph.shape(name, tokens), fill, dtype=n.dtype)
+class ImportedSide:
+    """Another engine's per-prompt dumps, aligned by a mapping file: a side whose forward reads files. The
+    alignment is resolved against the tensor names of the first prompt; every prompt must then hold the
+    tensors of every matched node."""
+
+    records_input_ids = False  # the ids the external engine ran on are not known
+
+    def __init__(self, src: Path, mapping: Mapping, graph, prompts: list[tuple[str, int]], name: str, variant: str,
+                 allow_missing: bool):  # fmt: skip
+        self.src, self.mapping, self.graph, self.name, self.variant = src, mapping, graph, name, variant
+        self.first = find_prompt_dump(src, prompts[0][0]) if prompts else None
+        self.alignment = mapping.resolve(self.first.names() if self.first else [])
+        self.missing_nodes = tuple(self.alignment.unmatched_canonical) if prompts else ()
+        if self.missing_nodes:
+            self._missing(prompts[0][0], allow_missing)
+        self.needed = sorted({s for spec in self.alignment.matched.values() for s in spec.external_names})
+        self.layouts: dict[str, int] = {}
+
+    def _missing(self, first_pid: str, allow_missing: bool) -> None:
+        a = self.alignment
+        detail = "; ".join(
+            f"{n} (external tensor(s) {', '.join(a.missing_sources[n])} absent)" if n in a.missing_sources
+            else f"{n} (no entry)"
+            for n in self.missing_nodes
+        )  # fmt: skip
+        msg = (
+            f"{self.src}: {len(self.missing_nodes)} graph node(s) have no source in {self.mapping.source} for prompt "
+            f"{first_pid!r}: {detail}"
+        )
+        if not allow_missing:
+            raise DumpError(msg + "; add them to the mapping, or pass allow_missing (--allow-missing) to write NaN")
+        log.warning("%s; writing NaN for them (missing_nodes attribute)", msg)
+
+    def provenance(self) -> dict:
+        return {
+            "impl": "import",
+            "engine": self.mapping.engine or self.name,
+            "source_dir": str(self.src.resolve()),
+            "mapping": self.mapping.source if self.mapping.source else "<identity>",
+            "dtypes": json.dumps({"activations": "float32", "indices": "int64"}),
+            "missing_nodes": json.dumps(list(self.missing_nodes)),
+            "alignment": json.dumps(self.alignment.to_dict(), separators=(",", ":")),
+        }
+
+    def forward(self, items):
+        matched = list(self.alignment.matched)
+        for k, (pid, ids) in enumerate(items):
+            dump = self.first if k == 0 else find_prompt_dump(self.src, pid)
+            self.layouts[dump.layout] = self.layouts.get(dump.layout, 0) + 1
+            absent = sorted(set(self.needed) - set(dump.names())) if k else []
+            if absent:
+                raise DumpError(
+                    f"{dump.path}: prompt {pid!r} lacks external tensor(s) {absent} that the first prompt "
+                    f"{items[0][0]!r} has and the mapping uses"
+                )
+            try:
+                yield pid, self.mapping.apply(dump.load(self.needed), len(ids), nodes=matched)
+            except DumpError as e:
+                raise DumpError(f"{dump.path}: prompt {pid!r}: {e}") from None
+
+    def close(self) -> None:
+        pass
 
 
 def import_dump(
@@ -149,8 +207,8 @@ def import_dump(
     unused_external) and ``missing_nodes``.
     """
     from ..atomic import write_json_atomic
-    from ..h5io import ActivationWriter
     from ..models.loading import weights_hash
+    from .dump import dump_shard
 
     src = Path(src_dir)
     if not src.is_dir():
@@ -159,81 +217,26 @@ def import_dump(
     graph = graph_for_model_dir(model_dir)
     mapping = load_mapping(mapping_path, graph) if mapping_path is not None else Mapping.identity(graph)
     prompts = read_tokens(tokens_parquet)
-
-    first = find_prompt_dump(src, prompts[0][0]) if prompts else None
-    if first is None:
+    if not prompts:
         log.warning("%s: no prompts; writing an empty dump", tokens_parquet)
-    alignment = mapping.resolve(first.names() if first else [])
-    missing_nodes = list(alignment.unmatched_canonical) if prompts else []
-    if missing_nodes:
-        detail = "; ".join(
-            f"{n} (external tensor(s) {', '.join(alignment.missing_sources[n])} absent)"
-            if n in alignment.missing_sources
-            else f"{n} (no entry)"
-            for n in missing_nodes
-        )
-        msg = (
-            f"{src}: {len(missing_nodes)} graph node(s) have no source in {mapping.source} for prompt "
-            f"{prompts[0][0]!r}: {detail}"
-        )
-        if not allow_missing:
-            raise DumpError(msg + "; add them to the mapping, or pass allow_missing (--allow-missing) to write NaN")
-        log.warning("%s; writing NaN for them (missing_nodes attribute)", msg)
-
+    imported = ImportedSide(src, mapping, graph, prompts, side, variant, allow_missing)
+    model = {
+        "model": model_name or model_dir.name,
+        "weights_sha256": weights_hash(model_dir) if (model_dir / "model.safetensors").is_file() else None,
+        "model_dir": str(model_dir.resolve()),
+    }
+    # T per prompt from the reference ids; the ids themselves are not recorded (records_input_ids)
+    dump_shard(imported, model, [(pid, [0] * T) for pid, T in prompts], out_h5, shard)
     report = {
         "source_dir": str(src.resolve()),
         "mapping": mapping.source if mapping_path is not None else None,
         "engine": mapping.engine,
         "n_prompts": len(prompts),
         "n_tokens": int(sum(t for _, t in prompts)),
-        "layouts": {},
-        "alignment": alignment.to_dict(),
-        "missing_nodes": missing_nodes,
+        "layouts": imported.layouts,
+        "alignment": imported.alignment.to_dict(),
+        "missing_nodes": list(imported.missing_nodes),
     }
-    attrs = {
-        "model": model_name or model_dir.name,
-        "side": side,
-        "variant": variant,
-        "shard": int(shard),
-        "arch": graph.dims.arch,
-        "weights_sha256": weights_hash(model_dir) if (model_dir / "model.safetensors").is_file() else None,
-        "model_dir": str(model_dir.resolve()),
-        "impl": "import",
-        "engine": mapping.engine or side,
-        "source_dir": str(src.resolve()),
-        "mapping": report["mapping"] or "<identity>",
-        "dtypes": json.dumps({"activations": "float32", "indices": "int64"}),
-        "missing_nodes": json.dumps(missing_nodes),
-        "alignment": json.dumps(report["alignment"], separators=(",", ":")),
-    }
-    needed = sorted({s for spec in alignment.matched.values() for s in spec.external_names})
-    matched = list(alignment.matched)
-    layouts: dict[str, int] = {}
-    with ActivationWriter(out_h5, graph, attrs) as w:
-        for k, (pid, T) in enumerate(prompts):
-            dump = first if k == 0 else find_prompt_dump(src, pid)
-            layouts[dump.layout] = layouts.get(dump.layout, 0) + 1
-            if k:
-                absent = sorted(set(needed) - set(dump.names()))
-                if absent:
-                    raise DumpError(
-                        f"{dump.path}: prompt {pid!r} lacks external tensor(s) {absent} that the first prompt "
-                        f"{prompts[0][0]!r} has and the mapping uses"
-                    )
-            try:
-                vals = mapping.apply(dump.load(needed), T, nodes=matched)
-            except DumpError as e:
-                raise DumpError(f"{dump.path}: prompt {pid!r}: {e}") from None
-            for n in missing_nodes:
-                vals[n] = _placeholder(graph, n, T)
-            try:
-                bad = w.append(pid, vals)
-            except DumpError as e:
-                raise DumpError(f"{dump.path}: {e}") from None
-            bad = [b for b in bad if b not in missing_nodes]
-            if bad:
-                log.warning("prompt %r: NaN/Inf in imported node(s) %s (recorded as is)", pid, bad[:5])
-    report["layouts"] = layouts
     if report_json is not None:
         write_json_atomic(report_json, report)
     log.info(
@@ -241,10 +244,10 @@ def import_dump(
         len(prompts),
         report["n_tokens"],
         src,
-        len(alignment.matched),
+        len(imported.alignment.matched),
         len(graph),
-        len(missing_nodes),
-        len(alignment.unused_external),
+        len(imported.missing_nodes),
+        len(imported.alignment.unused_external),
     )
     return report
 

@@ -1,0 +1,52 @@
+"""The protocol every side implements, and the parts every side shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..nodes import Graph
+
+if TYPE_CHECKING:
+    from ..nodes import MoeBlock
+
+
+@runtime_checkable
+class Side(Protocol):
+    """Something that produces every node of the canonical graph for token ids."""
+
+    name: str  # "reference", "actdiff", "llamacpp", an imported engine's name
+    variant: str  # the variant it runs (the reference: fp32)
+    graph: Graph
+    ids_column: str  # the tokens column it reads: "reference_ids" or "engine_ids"
+    records_input_ids: bool  # the dump records the ids it ran on (an import cannot know them)
+    missing_nodes: tuple[str, ...]  # nodes it cannot provide: written as placeholders, judged not_captured
+
+    def provenance(self) -> dict:
+        """HDF5 attributes describing this side (implementation, versions, settings); JSON-safe values."""
+
+    def forward(self, items: Iterable[tuple[str, list[int]]]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """(prompt_id, every node's value except missing_nodes) for each (prompt_id, ids), in input order."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Replay(Protocol):
+    """A side's own code run on given inputs (teacher forcing): the local error of a node is its replay on
+    the reference's inputs against the reference's value."""
+
+    variant: str
+
+    def replay_node(self, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def forced_moe(self, block: MoeBlock, h: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The MoE block's output with the expert choice given (separates expert-kernel error from flips)."""
+
+
+def placeholder(graph: Graph, name: str, tokens: int) -> np.ndarray:
+    """The value stored for a node a side cannot provide: NaN, or -1 for expert ids (int64 holds no NaN)."""
+    n = graph[name]
+    return np.full(graph.shape(name, tokens), -1 if n.kind == "index" else np.nan, dtype=n.dtype)

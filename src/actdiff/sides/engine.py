@@ -1,0 +1,59 @@
+"""Our engine (actdiff.engine on the C kernels) as a side: a forward, and the replay of single nodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..engine.core import Engine
+
+ENGINE = "actdiff"
+
+
+class EngineReplay:
+    """The engine's own per-node code on given inputs, under the variant's activation policy."""
+
+    def __init__(self, engine: Engine, variant):
+        self.engine, self.variant = engine, variant
+        engine.prepare(variant)  # resolved once: the weights and settings of the variant
+
+    def replay_node(self, name, inputs):
+        return self.engine.replay_node(name, inputs, self.variant)
+
+    def forced_moe(self, block, h, indices, weights):
+        return self.engine.forced_moe(block, h, indices, weights, self.variant)
+
+
+class EngineSide(EngineReplay):
+    name = ENGINE
+    records_input_ids = True
+    missing_nodes: tuple[str, ...] = ()
+
+    def __init__(self, record, variant, threads: int = 1, engine_ids: str = "reference"):
+        from .dump import ids_column
+
+        super().__init__(Engine(record.dir, threads=threads), variant)
+        self.graph = self.engine.graph
+        self.engine_ids, self.ids_column = engine_ids, ids_column(engine_ids)
+
+    @classmethod
+    def replay(cls, model_dir: str | Path, variant) -> EngineReplay:
+        return EngineReplay(Engine(model_dir), variant)
+
+    def provenance(self) -> dict:
+        from .. import kernels
+
+        return {
+            "engine": ENGINE,
+            "engine_ids": self.engine_ids,
+            "kernel_isa": kernels.get_isa(),  # the C kernels' instruction-set path (ACTDIFF_KERNELS_ISA forces one)
+            "understood_config": json.dumps(self.engine.understood_config(self.variant)),
+            "dtypes": json.dumps({"activations": "float32", "indices": "int64", "precision": str(self.variant)}),
+        }
+
+    def forward(self, items):
+        for pid, ids in items:
+            yield pid, self.engine.forward(ids, self.variant)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,135 @@
+"""Every Parquet table actdiff writes, named once, with its level and (where it is fixed) its schema.
+
+Statistics (``compare.stats``) write the shard tables, aggregation (``compare.aggregate``) the summary
+tables; the Snakefile, the report and ``actdiff check`` find them through :mod:`actdiff.layout` by these
+names. A table whose columns depend only on the code gets an explicit schema here, so an empty table (no
+failing node, no MoE layer) still has its columns; the others are written from their rows.
+Column meanings: docs/formats.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    level: str  # "shard" (one file per shard, compute_stats) | "summary" (one per run, aggregate_stats)
+    doc: str
+    schema: pa.Schema | None = None  # written as is when the table has no rows
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.parquet"
+
+
+_TOKENS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("node", pa.string()),
+        ("token", pa.int64()),
+        ("local_max_abs", pa.float64()),
+        ("local_rel_l2", pa.float64()),
+        ("max_abs", pa.float64()),
+        ("rel_l2", pa.float64()),
+    ]
+)
+_HYPOTHESES = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("node", pa.string()),
+        ("first_divergence", pa.bool_()),
+        ("rank", pa.int64()),
+        ("hypothesis", pa.string()),
+        ("error", pa.float64()),
+        ("says", pa.string()),
+        ("baseline_error", pa.float64()),
+        ("verdict", pa.string()),
+        ("explained_by", pa.string()),
+    ]
+)
+_ROUTING = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("layer", pa.int64()),
+        ("token", pa.int64()),
+        ("ref_experts", pa.list_(pa.int64())),
+        ("eng_experts", pa.list_(pa.int64())),
+        ("agree", pa.bool_()),
+        ("jaccard", pa.float64()),
+        ("ref_margin", pa.float64()),
+        ("near_tie", pa.bool_()),
+        ("flip_explained", pa.bool_()),
+    ]
+)
+_EMBEDDINGS = pa.schema([("prompt_id", pa.string()), ("ref", pa.list_(pa.float32())), ("eng", pa.list_(pa.float32()))])
+_DRILLDOWN = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("node", pa.string()),
+        ("node_index", pa.int64()),
+        ("score", pa.float64()),
+        ("ref_first", pa.list_(pa.float64())),
+        ("eng_first", pa.list_(pa.float64())),
+        ("rel_l2", pa.float64()),
+    ]
+)
+_WORST_PROMPTS = pa.schema(
+    [
+        ("rank", pa.int64()),
+        ("prompt_id", pa.string()),
+        ("text", pa.string()),
+        ("tokens", pa.int64()),
+        ("failing_nodes", pa.int64()),
+        ("first_divergence", pa.string()),
+        ("worst_node", pa.string()),
+        ("local_over_budget", pa.float64()),
+        ("rel_l2_max", pa.float64()),
+        ("embedding_cosine", pa.float64()),
+    ]
+)
+_HEATMAP = pa.schema(
+    [("prompt_id", pa.string()), ("rank", pa.int64()), ("node_index", pa.int64()), ("rel_l2", pa.float64())]
+)
+
+SHARD_TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table("nodes", "shard", "one row per (prompt, node): errors, budget, status, first divergence"),
+        Table("tokens", "shard", "per-token local and propagated error of each failing node", _TOKENS),
+        Table("routing", "shard", "one row per (prompt, MoE layer, token): expert sets and margins", _ROUTING),
+        Table("drilldown", "shard", "the shard's worst prompts: first values of the key nodes", _DRILLDOWN),
+        Table("hypotheses", "shard", "root-cause ranking at failing nodes", _HYPOTHESES),
+        Table("prompts", "shard", "per-prompt values: MoE layer errors, embedding cosines"),
+        Table("embeddings", "shard", "bounded sample of final embeddings (neighbour analysis)", _EMBEDDINGS),
+    )
+}
+
+SUMMARY_TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table("nodes", "summary", "per node: quantiles of every metric, fail/warn counts, worst prompts"),
+        Table("first_divergence", "summary", "first divergent node -> number of prompts"),
+        Table("hypotheses", "summary", "top hypotheses per failing node with prompt counts"),
+        Table("routing", "summary", "per MoE layer: agreement, flips, expert load, margin histograms"),
+        Table("worst_prompts", "summary", "the corpus's worst prompts, ranked once (compare.worst)", _WORST_PROMPTS),
+        Table("heatmap", "summary", "propagated error per node of the worst prompts", _HEATMAP),
+        Table("token_errors", "summary", "per-token errors of the failing nodes on their worst prompts", _TOKENS),
+        Table("drilldown", "summary", "first values of the key nodes for the worst prompts", _DRILLDOWN),
+        Table("weights", "summary", "weight parity of our engine (compare.parity)"),
+    )
+}
+
+# the summary tables aggregation writes (weights come from the parity rule)
+AGGREGATE_TABLES = tuple(t for t in SUMMARY_TABLES if t != "weights")
+# the JSON summaries of a run
+AGGREGATE_JSON = ("embeddings", "verdict", "tokenization")  # written by aggregation
+SUMMARY_JSON = (*AGGREGATE_JSON, "config_parity")
+
+
+def empty_table(table: Table) -> pa.Table:
+    """The table with no rows: its fixed schema, or no columns when it has none."""
+    return (table.schema or pa.schema([])).empty_table()
