@@ -1,7 +1,7 @@
 """Deliberate faults the engine can run with, to validate the diagnosis (``fp32+fault=<name>[:param]``).
 
 Each fault is a real bug class seen in ports of this model family. It declares the node(s) it changes
-(by op type and name suffix) and a default parameter chosen so that the changed node's LOCAL error is far
+(by op type and part) and a default parameter chosen so that the changed node's LOCAL error is far
 above the fp32 budget (at least 10x; tests/test_engine.py measures it):
 
 - ``ln_eps``: every LayerNorm uses eps=1e-2 instead of 1e-5 (1e-6 would be invisible: on unit-variance
@@ -23,14 +23,14 @@ class Fault:
     name: str
     description: str
     ops: tuple[str, ...]  # op types of the nodes it changes
-    name_suffixes: tuple[str, ...] = ()  # further restricts the nodes ("" = any)
+    parts: tuple[str, ...] = ()  # further restricts the nodes by their ``part`` attribute (() = any)
     default_param: str | None = None
     arch: tuple[str, ...] = ("nomic_bert_moe", "bert")
 
     def changes(self, node) -> bool:
         if node.op not in self.ops:
             return False
-        return not self.name_suffixes or any(node.name.endswith(s) for s in self.name_suffixes)
+        return not self.parts or node.attrs.get("part") in self.parts
 
 
 FAULTS: dict[str, Fault] = {
@@ -43,7 +43,7 @@ FAULTS: dict[str, Fault] = {
             "topk_renorm",
             "top-k expert weights renormalised to sum to 1",
             ("TOPK",),
-            ("topk_weights",),
+            ("weights",),  # the top-k weights, not the expert ids
             arch=("nomic_bert_moe",),
         ),
         Fault(
