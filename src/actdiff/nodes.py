@@ -638,8 +638,8 @@ def _bert_nodes(d: ModelDims) -> list[Node]:
 def _pool_nodes(b: _Builder, x: str) -> None:
     # Pooling is outside the HF model (sentence-transformers' Pooling + Normalize); the reference
     # runner wraps it in actdiff.models.pooling.MeanPoolNormalize, whose taps live under "pooling.".
-    p = b.add(POOLED, "POOL", [x], ("1", "H"), axis="prompt", tap=("pooling." + POOLED, "output"))
-    b.add(EMBEDDING, "L2NORM", [p], ("1", "H"), axis="prompt", tap=("pooling." + EMBEDDING, "output"))
+    p = b.add(POOLED, "POOL", [x], ("1", "H"), axis="prompt", tap=("pooling.pooled", "output"))
+    b.add(EMBEDDING, "L2NORM", [p], ("1", "H"), axis="prompt", tap=("pooling.embedding", "output"))
 
 
 def build_graph(config: dict | ModelDims, source: str = "config.json") -> Graph:
