@@ -17,11 +17,16 @@ all use exactly these names. A node records:
 - ``weights``: the checkpoint tensors the op uses.
 
 See docs/nodes.md for the full table with the HuggingFace module path of every node.
+
+Other modules find nodes by asking the :class:`Graph` (by op, layer, role: :meth:`Graph.moe_blocks`,
+:meth:`Graph.producers`, :meth:`Graph.key_nodes`, ...) rather than by editing names; the few graph-level
+names they legitimately need are the constants below (``INPUT_IDS``, ``POOLED``, ``EMBEDDING``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +34,9 @@ from .errors import ModelError
 
 ARCH_NOMIC_MOE = "nomic_bert_moe"
 ARCH_BERT = "bert"
-INPUT_IDS = "input_ids"
+INPUT_IDS = "input_ids"  # the graph input (token ids), not a node
+POOLED = "pooled"  # mean-pooled last hidden state, one row per prompt
+EMBEDDING = "embedding"  # the L2-normalised sentence embedding: the model's final output
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,47 @@ class Node:
         return "int64" if self.kind == "index" else "float32"
 
 
+@dataclass(frozen=True)
+class MoeBlock:
+    """The node names of one mixture-of-experts block (see :meth:`Graph.moe_blocks`).
+
+    ``input`` is the node the router and the experts both read (the layer's ``norm1``); it belongs to the
+    layer, not to the block. ``output`` is the block's value after the shared expert bias (BIAS_ADD)."""
+
+    layer: int
+    input: str
+    logits: str  # ROUTER
+    probs: str  # SOFTMAX over all experts
+    topk_weights: str  # TOPK part "weights"
+    topk_indices: str  # TOPK part "indices"
+    fc1: str  # EXPERT_FC1
+    act: str  # GELU
+    expert_out: str  # EXPERT_FC2
+    weighted_sum: str  # MOE_SUM
+    output: str  # BIAS_ADD
+
+    def nodes(self) -> tuple[str, ...]:
+        """The block's own nodes in graph order (``input`` excluded)."""
+        return (
+            self.logits,
+            self.probs,
+            self.topk_weights,
+            self.topk_indices,
+            self.fc1,
+            self.act,
+            self.expert_out,
+            self.weighted_sum,
+            self.output,
+        )
+
+
+# Ops that reduce over their first input's row (see Graph.reduction_length): MATMUL and ROUTER flatten a
+# token's row (everything after T) as the engine does; the per-slot expert matmuls and the normalisations
+# reduce over the last dim only (one row per top-k slot, or per token).
+_ROW_REDUCING = ("MATMUL", "ROUTER")
+_LAST_DIM_REDUCING = ("EXPERT_FC1", "EXPERT_FC2", "LAYERNORM", "L2NORM", "SOFTMAX")
+
+
 class Graph:
     """Ordered canonical nodes of one model; node order is execution (topological) order."""
 
@@ -191,11 +239,18 @@ class Graph:
         if len(self.by_name) != len(nodes):
             raise AssertionError("duplicate node names in graph")
         seen = {INPUT_IDS}
+        self._consumers: dict[str, list[Node]] = {INPUT_IDS: []}
         for n in nodes:  # topological by construction; check it so later stages can rely on it
             missing = [i for i in n.inputs if i not in seen]
             if missing:
                 raise AssertionError(f"node {n.name} reads {missing} before they are computed")
             seen.add(n.name)
+            self._consumers[n.name] = []
+            for i in dict.fromkeys(n.inputs):
+                self._consumers[i].append(n)
+        # derived here, so a graph whose MoE wiring is not the expected one fails when it is built
+        self._moe = [self._moe_block(n) for n in nodes if n.op == "ROUTER"]
+        self._block_of = {name: b for b in self._moe for name in b.nodes()}
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -208,6 +263,85 @@ class Graph:
 
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
+
+    # ---------------------------------------------------------------- queries
+    def producers(self, name: str) -> list[Node]:
+        """The nodes ``name`` reads, in its input order (the graph input ``input_ids`` is not a node)."""
+        return [self.by_name[i] for i in self.by_name[name].inputs if i != INPUT_IDS]
+
+    def consumers(self, name: str) -> list[Node]:
+        """The nodes that read ``name`` (a node or ``input_ids``), in graph order."""
+        return list(self._consumers[name])
+
+    def _only_consumer(self, name: str, op: str, part: str | None = None) -> Node:
+        found = [c for c in self._consumers[name] if c.op == op and (part is None or c.attrs.get("part") == part)]
+        if len(found) != 1:
+            raise AssertionError(f"node {name}: expected one {op} consumer, found {[c.name for c in found]}")
+        return found[0]
+
+    def _moe_block(self, router: Node) -> MoeBlock:
+        # follow the data flow from the router, so the block is found by ops, not by how nodes are named
+        probs = self._only_consumer(router.name, "SOFTMAX")
+        tw = self._only_consumer(probs.name, "TOPK", "weights")
+        ti = self._only_consumer(probs.name, "TOPK", "indices")
+        fc1 = self._only_consumer(ti.name, "EXPERT_FC1")
+        act = self._only_consumer(fc1.name, "GELU")
+        out = self._only_consumer(act.name, "EXPERT_FC2")
+        ws = self._only_consumer(out.name, "MOE_SUM")
+        if fc1.inputs[0] != router.inputs[0] or tw.name not in ws.inputs:
+            raise AssertionError(f"MoE block of {router.name}: experts and router read different nodes")
+        bias = self._only_consumer(ws.name, "BIAS_ADD")
+        return MoeBlock(
+            layer=router.layer,
+            input=router.inputs[0],
+            logits=router.name,
+            probs=probs.name,
+            topk_weights=tw.name,
+            topk_indices=ti.name,
+            fc1=fc1.name,
+            act=act.name,
+            expert_out=out.name,
+            weighted_sum=ws.name,
+            output=bias.name,
+        )
+
+    def moe_blocks(self) -> list[MoeBlock]:
+        """Every mixture-of-experts block, in graph order (empty for dense models)."""
+        return list(self._moe)
+
+    def moe_block_of(self, name: str) -> MoeBlock | None:
+        """The MoE block ``name`` belongs to (router, top-k, expert and sum nodes; not its input), else None."""
+        return self._block_of.get(name)
+
+    def reduction_length(self, node: Node | str, tokens: int | None = None) -> int:
+        """Length of the sum the op performs per output element, from the graph's shape templates.
+
+        MATMUL, ROUTER: the width of one row of the input (a token's row is flattened, as the engine does);
+        EXPERT_FC1/EXPERT_FC2: the input's last dim (each top-k slot is one row times an expert matrix);
+        LAYERNORM, L2NORM, SOFTMAX: the normalised row (the input's last dim); MOE_SUM: k (top-k slots);
+        ATTENTION and POOL sum over tokens, whose number is dynamic: pass ``tokens`` (else ValueError).
+        Every other op is elementwise or a copy: 1."""
+        n = self.by_name[node] if isinstance(node, str) else node
+        if n.op in ("ATTENTION", "POOL"):
+            if tokens is None:
+                raise ValueError(f"node {n.name}: {n.op} sums over tokens; pass tokens=")
+            return int(tokens)
+        if n.op == "MOE_SUM":
+            return self.dims.top_k
+        if n.op in _ROW_REDUCING or n.op in _LAST_DIM_REDUCING:
+            row = self.trailing_shape(n.inputs[0])
+            return math.prod(row) if n.op in _ROW_REDUCING else row[-1]
+        return 1
+
+    def key_nodes(self) -> list[str]:
+        """The nodes kept for the drill-down, in graph order: the graph-level nodes (embeddings, their
+        LayerNorm, pooling), every LayerNorm, the output of each residual branch (attention output projection,
+        the MLP's or MoE block's output: the ADD input that is not the residual stream, i.e. not a LayerNorm)
+        and each router's logits and probabilities (where routing decisions are made)."""
+        branch = {i for n in self if n.op == "ADD" for i in n.inputs if self.by_name[i].op != "LAYERNORM"}
+        router = {name for b in self._moe for name in (b.logits, b.probs)}
+        keep = branch | router
+        return [n.name for n in self if n.layer is None or n.op == "LAYERNORM" or n.name in keep]
 
     def trailing_shape(self, name: str) -> tuple[int, ...]:
         """Shape of one row (one token, or one prompt) of the node, i.e. the template without T/1."""
@@ -504,8 +638,8 @@ def _bert_nodes(d: ModelDims) -> list[Node]:
 def _pool_nodes(b: _Builder, x: str) -> None:
     # Pooling is outside the HF model (sentence-transformers' Pooling + Normalize); the reference
     # runner wraps it in actdiff.models.pooling.MeanPoolNormalize, whose taps live under "pooling.".
-    p = b.add("pooled", "POOL", [x], ("1", "H"), axis="prompt", tap=("pooling.pooled", "output"))
-    b.add("embedding", "L2NORM", [p], ("1", "H"), axis="prompt", tap=("pooling.embedding", "output"))
+    p = b.add(POOLED, "POOL", [x], ("1", "H"), axis="prompt", tap=("pooling.pooled", "output"))
+    b.add(EMBEDDING, "L2NORM", [p], ("1", "H"), axis="prompt", tap=("pooling.embedding", "output"))
 
 
 def build_graph(config: dict | ModelDims, source: str = "config.json") -> Graph:

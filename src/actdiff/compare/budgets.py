@@ -123,11 +123,9 @@ def sequential_sum_noise(graph: Graph, node: Node, ref: dict, weights, params: d
     T = len(ref[INPUT_IDS])
     if node.op == "POOL":
         x = np.asarray(ref[node.inputs[0]], dtype=np.float64).reshape(T, -1)
-        k, q, y = T, np.sum(x * x, axis=0), np.sum(x, axis=0)
+        k, q, y = graph.reduction_length(node, tokens=T), np.sum(x * x, axis=0), np.sum(x, axis=0)
     else:
-        k = {"ROUTER": graph.dims.hidden, "EXPERT_FC1": graph.dims.hidden, "EXPERT_FC2": graph.dims.inner}.get(
-            node.op, ref[node.inputs[0]].size // max(T, 1)
-        )
+        k = graph.reduction_length(node)
         squared = dict(ref)
         for i in node.inputs:
             v = np.asarray(ref[i])

@@ -176,9 +176,9 @@ def aux_inputs(graph: Graph, node: Node, params: dict) -> list[str]:
     Only BIAS_ADD with ``bias: per_expert`` needs one: the layer's top-k weights (bias added inside the
     per-expert loop is scaled by each expert's weight, so the result depends on their sum)."""
     if node.op == "BIAS_ADD" and params.get("bias") == "per_expert":
-        for n in graph:
-            if n.op == "TOPK" and n.layer == node.layer and n.attrs.get("part") == "weights":
-                return [n.name]
+        block = graph.moe_block_of(node.name)
+        if block is not None:
+            return [block.topk_weights]
         raise NotApplicable(f"node {node.name}: no top-k weights node in layer {node.layer}")
     return []
 

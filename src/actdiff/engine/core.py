@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import ActdiffError
-from ..nodes import ARCH_NOMIC_MOE, INPUT_IDS, Graph, build_graph, load_config_json
+from ..nodes import ARCH_NOMIC_MOE, INPUT_IDS, Graph, MoeBlock, build_graph, load_config_json
 from ..variants import Variant, parse_variant
 from .faults import Fault, get_fault
 from .weights import Checkpoint, EngineTensor, convert
@@ -141,18 +141,36 @@ class Engine:
         out = self.run_node(name, rounded, variant)
         return out if self.graph[name].kind == "index" else _fp16(out)
 
+    def _moe_block(self, node: str | MoeBlock) -> MoeBlock:
+        """The MoE block of a block node (e.g. its router's name), or the block itself."""
+        if isinstance(node, MoeBlock):
+            return node
+        block = self.graph.moe_block_of(node)
+        if block is None:
+            raise ActdiffError(f"node {node} is not part of a mixture-of-experts block")
+        return block
+
+    def _expert_weights(self, block: MoeBlock, p: Prepared) -> tuple[EngineTensor, EngineTensor, np.ndarray | None]:
+        """w1, w2 and the shared bias (None under the fault that drops it) of one block."""
+        g = self.graph
+        bias_node = g[block.output]
+        bias = None if self._bias_dropped(p, bias_node) else p.w(bias_node.weights[0]).data
+        return p.w(g[block.fc1].weights[0]), p.w(g[block.expert_out].weights[0]), bias
+
     def forced_moe(
-        self, router_name: str, h: np.ndarray, indices: np.ndarray, weights: np.ndarray, variant: str = "fp32"
+        self,
+        router_name: str | MoeBlock,
+        h: np.ndarray,
+        indices: np.ndarray,
+        weights: np.ndarray,
+        variant: str = "fp32",
     ) -> np.ndarray:
         """The MoE block's output (after the shared bias) with the expert choice given (e.g. the
-        reference's), so expert-kernel error is separated from routing flips."""
+        reference's), so expert-kernel error is separated from routing flips. ``router_name``: the block
+        (:meth:`Graph.moe_blocks`) or the name of one of its nodes (its router's, as the statistics pass)."""
         p = self.prepare(variant)
-        g = self.graph
-        prefix = router_name[: -len("router.logits")]
-        w1 = p.w(g[prefix + "experts.fc1"].weights[0])
-        w2 = p.w(g[prefix + "experts.out"].weights[0])
-        bias_node = g[prefix + "experts.bias_add"]
-        bias = None if self._bias_dropped(p, bias_node) else p.w(bias_node.weights[0]).data
+        block = self._moe_block(router_name)
+        w1, w2, bias = self._expert_weights(block, p)
         return kernels.moe(
             np.ascontiguousarray(h, dtype=np.float32),
             None,
@@ -160,7 +178,7 @@ class Engine:
             w2.data,
             bias,
             top_k=self.dims.top_k,
-            gelu_approximate=self._gelu_kind(p, g[prefix + "experts.act"]),
+            gelu_approximate=self._gelu_kind(p, self.graph[block.act]),
             w1_scales=w1.scales,
             w2_scales=w2.scales,
             forced_indices=np.ascontiguousarray(indices),
@@ -282,12 +300,8 @@ class Engine:
         return vals
 
     def _fused_moe(self, router_node, h, p: Prepared) -> dict[str, np.ndarray]:
-        prefix = router_node.name[: -len("router.logits")]
-        g = self.graph
-        w1 = p.w(g[prefix + "experts.fc1"].weights[0])
-        w2 = p.w(g[prefix + "experts.out"].weights[0])
-        bias_node = g[prefix + "experts.bias_add"]
-        bias = None if self._bias_dropped(p, bias_node) else p.w(bias_node.weights[0]).data
+        block = self._moe_block(router_node.name)
+        w1, w2, bias = self._expert_weights(block, p)
         r = kernels.moe(
             h,
             p.w(router_node.weights[0]).data,
@@ -296,21 +310,21 @@ class Engine:
             bias,
             top_k=self.dims.top_k,
             renormalize=self._renormalize(p),
-            gelu_approximate=self._gelu_kind(p, g[prefix + "experts.act"]),
+            gelu_approximate=self._gelu_kind(p, self.graph[block.act]),
             w1_scales=w1.scales,
             w2_scales=w2.scales,
             return_intermediates=True,
         )
         return {
-            prefix + "router.logits": r.router_logits,
-            prefix + "router.probs": r.probs,
-            prefix + "router.topk_weights": r.topk_weights,
-            prefix + "router.topk_indices": r.topk_indices,
-            prefix + "experts.fc1": r.fc1,
-            prefix + "experts.act": r.act,
-            prefix + "experts.out": r.expert_out,
-            prefix + "experts.weighted_sum": r.weighted,
-            prefix + "experts.bias_add": r.out,
+            block.logits: r.router_logits,
+            block.probs: r.probs,
+            block.topk_weights: r.topk_weights,
+            block.topk_indices: r.topk_indices,
+            block.fc1: r.fc1,
+            block.act: r.act,
+            block.expert_out: r.expert_out,
+            block.weighted_sum: r.weighted,
+            block.output: r.out,
         }
 
 

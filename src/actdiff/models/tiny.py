@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path, write_bytes_atomic
+from ..nodes import build_graph
 
 TINY_ARCH = {
     "n_embd": 128,
@@ -128,6 +129,8 @@ def tiny_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     H, F, E, L = cfg["n_embd"], cfg["n_inner"], cfg["num_experts"], cfg["n_layer"]
     V, every = cfg["vocab_size"], cfg["moe_every_n_layers"]
     rng = np.random.default_rng(seed)
+    # the LayerNorm parameter names come from the graph, which names every node's checkpoint tensors
+    layer_norms = {i: [n for n in build_graph(cfg) if n.op == "LAYERNORM" and n.layer == i] for i in range(L)}
 
     def normal(shape, std, mean=0.0):
         return (mean + std * rng.standard_normal(shape)).astype(np.float32)
@@ -158,9 +161,9 @@ def tiny_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
             w[p + "mlp.fc1.bias"] = normal((F,), 0.02)
             w[p + "mlp.fc2.weight"] = normal((H, F), 0.5 / math.sqrt(F))
             w[p + "mlp.fc2.bias"] = normal((H,), 0.02)
-        for n in ("norm1", "norm2"):
-            w[p + n + ".weight"] = normal((H,), 0.05, 1.0)
-            w[p + n + ".bias"] = normal((H,), 0.02)
+        for ln in layer_norms[i]:  # the layer's two LayerNorms in graph order (weight, then bias)
+            w[ln.weights[0]] = normal((H,), 0.05, 1.0)
+            w[ln.weights[1]] = normal((H,), 0.02)
     return w
 
 
