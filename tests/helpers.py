@@ -75,3 +75,19 @@ def tightness_ratios(nodes):
     g["ratio"] = g["budget"] / present
     g["noise_over_present"] = g["noise_p99"].clip(lower=NOISE_FLOOR) / present
     return g
+
+
+def summary_outputs(folder, prefix: str = "sum-") -> dict[str, str]:
+    """Every output of aggregation (actdiff.tables), as files in ``folder``."""
+    from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES
+
+    out = {k: str(Path(folder) / f"{prefix}{k}.parquet") for k in AGGREGATE_TABLES}
+    out.update({k: str(Path(folder) / f"{prefix}{k}.json") for k in AGGREGATE_JSON})
+    return out
+
+
+def shard_outputs(folder, prefix: str = "") -> dict[str, str]:
+    """Every output of compute_shard_stats (actdiff.tables), as files in ``folder``."""
+    from actdiff.tables import SHARD_TABLES
+
+    return {t: str(Path(folder) / f"{prefix}{t}.parquet") for t in SHARD_TABLES}

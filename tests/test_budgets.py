@@ -24,9 +24,9 @@ from actdiff.engine.core import Engine
 from actdiff.h5io import ActivationWriter
 from actdiff.models.loading import load_reference_model, resolve_model_dir
 from actdiff.nodes import build_graph
-from actdiff.pipeline import STATS_TABLES
 from actdiff.prompts import load_prompt_sheet
 from actdiff.reference import ReferenceRunner
+from actdiff.tables import SHARD_TABLES as STATS_TABLES
 from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
 
 pytestmark = pytest.mark.isa_paths

@@ -88,9 +88,9 @@ def minilm(minilm_model_dir) -> Model:
 
 
 def _first_changed(graph, fault_name: str):
-    from actdiff.engine.faults import FAULTS
+    from actdiff.engine.faults import runnable_faults
 
-    return next(n for n in graph if FAULTS[fault_name].changes(n))
+    return next(n for n in graph if runnable_faults()[fault_name].changes(n))
 
 
 # ------------------------------------------------------------------------------- (a) spec params

@@ -1,4 +1,4 @@
-"""Import of another engine's dumps (actdiff.compare.importer) through a name mapping (actdiff.compare.align).
+"""Import of another engine's dumps (actdiff.sides.imported) through a name mapping (actdiff.sides.mapping).
 
 The "external" engine is our own engine with its outputs re-laid-out the way llama.cpp-like engines
 dump them: renamed tensors, a batch axis on every tensor, only the fused QKV (q/k/v come from a split in
@@ -21,11 +21,11 @@ import yaml
 from helpers import ensure_tiny_model
 from safetensors.numpy import save_file
 
-from actdiff.compare.align import Mapping, MappingError, load_mapping, normalize
-from actdiff.compare.importer import import_dump, main
 from actdiff.engine.core import Engine
 from actdiff.errors import DumpError
 from actdiff.h5io import ActivationReader, ActivationWriter
+from actdiff.sides.imported import import_dump, main
+from actdiff.sides.mapping import Mapping, MappingError, load_mapping, normalize
 
 PROMPTS = {"alpha": 6, "b-2": 1, "c.3": 11, "d_4": 17}  # prompt id -> number of tokens
 

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import DATA, ensure_tiny_model
+from helpers import DATA, ensure_tiny_model, summary_outputs
 
 from actdiff.compare.refops import gelu_tanh_fp16_table, run_op, spec_params
 from actdiff.errors import ActdiffError, ModelError
@@ -82,8 +82,8 @@ def setup(tmp_path_factory):
     from actdiff import pipeline
     from actdiff.compare.stats import StatsConfig, compute_shard_stats
     from actdiff.llamacpp.convert import convert_to_gguf
-    from actdiff.llamacpp.dump import dump_llamacpp
     from actdiff.models.loading import model_summary
+    from actdiff.tables import SHARD_TABLES
 
     root = tmp_path_factory.mktemp("llamacpp")
     model_dir = ensure_tiny_model()
@@ -97,12 +97,12 @@ def setup(tmp_path_factory):
     tokens = root / "tokens.parquet"
     pipeline.tokenize(str(mj), str(root / "prompts.parquet"), 512, str(tokens), engine_side=False)
     ref = root / "ref.h5"
-    pipeline.dump_reference(str(mj), str(tokens), str(ref), 1, "actdiff", 0)
+    pipeline.dump(str(mj), str(tokens), str(ref), "reference", "fp32", 0, impl="actdiff", batch_size=1)
     gguf = root / "tiny-f32.gguf"
     meta = convert_to_gguf(str(model_dir), str(gguf), "f32")
     eng = root / "llamacpp.h5"
-    dump_llamacpp(str(mj), str(tokens), str(gguf), str(eng), "fp32", 0, threads=1)
-    outs = {k: str(root / "stats" / f"{k}.parquet") for k in pipeline.STATS_TABLES}
+    pipeline.dump(str(mj), str(tokens), str(eng), "llamacpp", "fp32", 0, gguf=str(gguf), threads=1)
+    outs = {k: str(root / "stats" / f"{k}.parquet") for k in SHARD_TABLES}
     # ranked at every failing node (not only the first divergence), so both llama.cpp differences get a name
     compute_shard_stats(model_dir, ref, eng, "llamacpp", "fp32", 0, outs, StatsConfig(diagnose_all_failing=True))
     tables = {k: pd.read_parquet(v) for k, v in outs.items() if k != "embeddings"}
@@ -211,9 +211,9 @@ def test_ggml_struct_layout_guard(setup):
 
 # ----------------------------------------------------------------------------------------------- capture
 def test_capture_every_mapped_node(setup, runner, token_ids):
-    from actdiff.compare.align import load_mapping
     from actdiff.llamacpp import mapping_path
     from actdiff.nodes import graph_for_model_dir
+    from actdiff.sides.mapping import load_mapping
 
     graph = graph_for_model_dir(setup["model_dir"])
     mapping = load_mapping(mapping_path(), graph)
@@ -306,16 +306,16 @@ def _dump_without(setup, tmp_path, node_key: str):
     """A llama.cpp dump whose mapping points ``node_key`` at a tensor llama.cpp does not have."""
     import yaml
 
+    from actdiff import pipeline
     from actdiff.llamacpp import mapping_path
-    from actdiff.llamacpp.dump import dump_llamacpp
 
     doc = yaml.safe_load(mapping_path().read_text())
     doc["nodes"][node_key] = "no_such_tensor-{i}"
     edited = tmp_path / "m.yaml"
     edited.write_text(yaml.safe_dump(doc))
     out = tmp_path / "d.h5"
-    dump_llamacpp(str(setup["model_json"]), str(setup["tokens"]), str(setup["gguf"]), str(out), "fp32", 0,
-                  mapping=str(edited))  # fmt: skip
+    pipeline.dump(str(setup["model_json"]), str(setup["tokens"]), str(out), "llamacpp", "fp32", 0,
+                  gguf=str(setup["gguf"]), mapping=str(edited))  # fmt: skip
     return out
 
 
@@ -335,15 +335,16 @@ def test_unmapped_node_is_written_as_placeholder(setup, tmp_path):
 
 
 def test_variant_grammar(setup, tmp_path):
+    from actdiff import pipeline
     from actdiff.errors import ConfigError
-    from actdiff.llamacpp.dump import dump_llamacpp, outtype_for_variant
+    from actdiff.llamacpp.side import outtype_for_variant
 
     assert [outtype_for_variant(v) for v in ("fp32", "fp16", "q8_0")] == ["f32", "f16", "q8_0"]
     with pytest.raises(ConfigError, match="faults exist only"):
         outtype_for_variant("fp32+fault=gelu_tanh")
     with pytest.raises(ModelError, match="general.file_type is 'f32', expected 'f16'"):  # stale GGUF for the variant
-        dump_llamacpp(str(setup["model_json"]), str(setup["tokens"]), str(setup["gguf"]), str(tmp_path / "x.h5"),
-                      "fp16", 0)  # fmt: skip
+        pipeline.dump(str(setup["model_json"]), str(setup["tokens"]), str(tmp_path / "x.h5"), "llamacpp", "fp16", 0,
+                      gguf=str(setup["gguf"]))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- what the statistics find
@@ -425,7 +426,7 @@ def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
     propagated error only, and the verdict keeps the same causes as with the complete mapping."""
     from actdiff.compare.aggregate import aggregate
     from actdiff.compare.stats import StatsConfig, compute_shard_stats
-    from actdiff.pipeline import STATS_TABLES
+    from actdiff.tables import SHARD_TABLES as STATS_TABLES
 
     eng = _dump_without(setup, tmp_path, "encoder.layers.{i}.attn.context")
     outs = {k: str(tmp_path / f"{k}.parquet") for k in STATS_TABLES}
@@ -436,8 +437,7 @@ def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
     # out_proj reads the missing context: no replay possible, so never "fail", and its local error is NaN
     proj = nodes[nodes.node.str.endswith("attn.out_proj")]
     assert proj.status.isin(["pass", "warn"]).all() and proj.local_rel_l2.isna().all()
-    summ = {k: str(tmp_path / f"sum-{k}.{'json' if k in ('embeddings', 'verdict') else 'parquet'}")
-            for k in ("summary", "first_divergence", "hypotheses", "routing", "embeddings", "verdict")}  # fmt: skip
+    summ = summary_outputs(tmp_path)
     v = aggregate({t: [outs[t]] for t in STATS_TABLES}, summ, {"model": "tiny", "side": "llamacpp", "experts": 8})
     assert v["not_captured_nodes"] == [f"encoder.layers.{i}.attn.context" for i in range(4)]
     assert {c["hypothesis"] for c in v["causes"]} == {"gelu_tanh_fp16_table", "expert_bias_missing"}

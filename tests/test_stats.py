@@ -9,14 +9,15 @@ import sys
 
 import pandas as pd
 import pytest
-from helpers import BIN, REPO, run_cmd, tightness_ratios
+from helpers import BIN, REPO, run_cmd, shard_outputs, summary_outputs, tightness_ratios
 
 from actdiff.compare.aggregate import aggregate
 from actdiff.compare.stats import compute_shard_stats
 from actdiff.engine.core import Engine
-from actdiff.engine.faults import FAULTS, register_aliases
+from actdiff.engine.faults import runnable_faults
 from actdiff.h5io import ActivationReader, ActivationWriter
-from actdiff.pipeline import STATS_TABLES
+from actdiff.tables import SHARD_TABLES
+from actdiff.variants import resolve_variant
 
 # the catalogue entry that names each fault; the tests run the faults under opaque labels f1..f8
 EXPECTED = {
@@ -29,20 +30,17 @@ EXPECTED = {
     "rotary_interleaved": "rotary_interleaved_pairs",
     "qkv_head_major": "qkv_split_head_major",
 }
+FAULTS = runnable_faults()
 LABELS = {f"f{i + 1}": name for i, name in enumerate(sorted(FAULTS))}
 
 
 def run_stats(tmp, model_dir, ref_h5, eng_h5, variant, side="actdiff"):
     tmp.mkdir(parents=True, exist_ok=True)
-    out = {t: str(tmp / f"{t}.parquet") for t in STATS_TABLES}
+    out = shard_outputs(tmp)
     compute_shard_stats(model_dir, ref_h5, eng_h5, side, variant, 0, out)
-    summ = {
-        k: str(tmp / f"sum-{k}.{'json' if k in ('embeddings', 'verdict') else 'parquet'}")
-        for k in ("summary", "first_divergence", "hypotheses", "routing", "embeddings", "verdict")
-    }
-    verdict = aggregate(
-        {t: [out[t]] for t in STATS_TABLES}, summ, {"model": "tiny", "side": side, "variant": variant, "experts": 8}
-    )
+    summ = summary_outputs(tmp)
+    meta = {"model": "tiny", "side": side, "variant": str(variant), "experts": 8}
+    verdict = aggregate({t: [out[t]] for t in SHARD_TABLES}, summ, meta)
     return verdict, pd.read_parquet(out["nodes"]), summ, out
 
 
@@ -168,8 +166,7 @@ def test_tables_have_the_documented_columns(ci_run):
 @pytest.mark.parametrize("label", sorted(LABELS))
 def test_fault_is_localised_and_named(label, tiny_ref, tiny_model_dir, tmp_path):
     fault = LABELS[label]
-    register_aliases({label: fault})
-    variant = f"fp32+fault={label}"
+    variant = resolve_variant(f"fp32+fault={label}", {label: fault})  # resolved at the stage boundary
     eng = tmp_path / "eng.h5"
     engine_dump(tiny_model_dir, tiny_ref, eng, variant)
     v, nodes, _, out = run_stats(tmp_path / "s", tiny_model_dir, tiny_ref, eng, variant)
@@ -184,7 +181,7 @@ def test_fault_is_localised_and_named(label, tiny_ref, tiny_model_dir, tmp_path)
     assert v["explained"] and v["hypothesis"] == EXPECTED[fault], v["plain"]
     hyp = pd.read_parquet(out["hypotheses"])
     # the diagnosis never sees the fault: its label appears in no hypothesis name or explanation
-    assert label not in set(hyp["hypothesis"]) and not hyp["says"].str.contains(variant, regex=False).any()
+    assert label not in set(hyp["hypothesis"]) and not hyp["says"].str.contains(str(variant), regex=False).any()
 
 
 def test_unexplained_when_the_catalogue_lacks_the_cause(tiny_ref, tiny_model_dir, tmp_path, monkeypatch):
@@ -192,10 +189,10 @@ def test_unexplained_when_the_catalogue_lacks_the_cause(tiny_ref, tiny_model_dir
 
     full = H.load_catalogue()
     monkeypatch.setattr(H, "load_catalogue", lambda path=None: [h for h in full if h.name != "gelu_tanh_approximation"])
-    register_aliases({"fx": "gelu_tanh"})
+    variant = resolve_variant("fp32+fault=fx", {"fx": "gelu_tanh"})
     eng = tmp_path / "eng.h5"
-    engine_dump(tiny_model_dir, tiny_ref, eng, "fp32+fault=fx")
-    v, *_ = run_stats(tmp_path / "s", tiny_model_dir, tiny_ref, eng, "fp32+fault=fx")
+    engine_dump(tiny_model_dir, tiny_ref, eng, variant)
+    v, *_ = run_stats(tmp_path / "s", tiny_model_dir, tiny_ref, eng, variant)
     assert v["first_divergence"] == "encoder.layers.0.mlp.act"
     assert v["hypothesis"] == "unexplained" and not v["explained"]
     assert v["baseline_error"] > 1e-5 and "No hypothesis" in v["plain"]
@@ -221,7 +218,7 @@ def test_import_gives_the_same_statistics(tiny_ref, tiny_model_dir, tmp_path, ci
     imported through a mapping file, gives the same statistics as the native dump."""
     import test_import as ti
 
-    from actdiff.compare.importer import import_dump
+    from actdiff.sides.imported import import_dump
 
     native = ci_run.results / "tiny-nomic-moe/actdiff/fp32/activations/shard-0.h5"
     src = tmp_path / "ext"
@@ -259,8 +256,8 @@ def test_stats_memory_does_not_grow_with_corpus(tiny_ref, tiny_model_dir, tmp_pa
         code = f"""
 import sys
 from actdiff.compare.stats import compute_shard_stats
-from actdiff.pipeline import STATS_TABLES
-out = {{t: {str(tmp_path)!r} + "/{times}-" + t + ".parquet" for t in STATS_TABLES}}
+from actdiff.tables import SHARD_TABLES
+out = {{t: {str(tmp_path)!r} + "/{times}-" + t + ".parquet" for t in SHARD_TABLES}}
 compute_shard_stats({str(tiny_model_dir)!r}, {str(ref_x)!r}, {str(eng_x)!r}, "actdiff", "fp32", 0, out)
 # VmHWM, not ru_maxrss: ru_maxrss survives exec, so it would include the forking pytest process's RSS
 print([int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")][0])
@@ -277,12 +274,10 @@ def test_aggregate_sample_keeps_counts_exact_and_shard_order_irrelevant(ci_run, 
     """aggregate_stats holds one shard plus a fixed prompt sample: counts, maxima and worst prompts stay exact
     with a 10-prompt sample, and the result does not depend on the order the shards come in."""
     run = ci_run.results / "tiny-nomic-moe/actdiff/fp32+fault=causal_mask"
-    tables = {t: sorted(str(p) for p in run.glob(f"stats/shard-*/{t}.parquet")) for t in STATS_TABLES}
-    keys = ("summary", "first_divergence", "hypotheses", "routing", "embeddings", "verdict")
+    tables = {t: sorted(str(p) for p in run.glob(f"stats/shard-*/{t}.parquet")) for t in SHARD_TABLES}
 
     def agg(name, tabs, **kw):
-        ext = {k: "json" if k in ("embeddings", "verdict") else "parquet" for k in keys}
-        outs = {k: str(tmp_path / f"{name}-{k}.{ext[k]}") for k in keys}
+        outs = summary_outputs(tmp_path, f"{name}-")
         v = aggregate(tabs, outs, {"model": "tiny", "side": "actdiff", "variant": "f", "experts": 8}, **kw)
         return v, {k: pd.read_parquet(p) for k, p in outs.items() if p.endswith(".parquet")}
 
@@ -292,7 +287,7 @@ def test_aggregate_sample_keeps_counts_exact_and_shard_order_irrelevant(ci_run, 
         pd.testing.assert_frame_equal(full[k], rev[k], obj=k)
     vs, small = agg("small", tables, sample_prompts=10)
     exact = ["n_prompts", "fail", "warn", "rel_l2_max", "local_rel_l2_max", "worst_prompts"]
-    pd.testing.assert_frame_equal(small["summary"][exact], full["summary"][exact])
+    pd.testing.assert_frame_equal(small["nodes"][exact], full["nodes"][exact])
     pd.testing.assert_frame_equal(small["first_divergence"], full["first_divergence"])
     assert vs["first_divergence"] == v["first_divergence"] and vs["hypothesis"] == v["hypothesis"]
     assert small["routing"]["flips"].tolist() == full["routing"]["flips"].tolist()

@@ -12,7 +12,7 @@ import jsonschema
 import yaml
 
 from .errors import ConfigError
-from .variants import parse_variant
+from .variants import resolve_variant
 
 
 def _extend_with_default(validator_class):
@@ -62,17 +62,16 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "the co
     for key, variants, engine in lists:
         for i, v in enumerate(variants):
             try:
-                parsed = parse_variant(v)
+                parsed = resolve_variant(v, config.get("fault_aliases", {}))
                 if parsed.precision not in ENGINE_PRECISIONS[engine] or (engine != "actdiff" and parsed.fault):
                     raise ConfigError(
                         f"variant {v!r} is not available for the {engine} engine; it runs "
                         f"{', '.join(ENGINE_PRECISIONS[engine])}" + (" (no faults)" if engine != "actdiff" else "")
                     )
-                if parsed.fault:
-                    from .engine.faults import FAULTS
+                if parsed.fault:  # a catalogue entry the engine can run (an alias stands for one)
+                    from .engine.faults import lookup_fault
 
-                    if parsed.fault not in FAULTS and parsed.fault not in config.get("fault_aliases", {}):
-                        raise ConfigError(f"unknown fault {parsed.fault!r}; available: {', '.join(sorted(FAULTS))}")
+                    lookup_fault(parsed.fault, parsed.fault_param)
             except ConfigError as e:
                 raise ConfigError(f"config key '{key}.{i}': {e}") from None
     for m, c in config.get("models", {}).items():

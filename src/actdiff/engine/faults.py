@@ -91,6 +91,15 @@ def get_fault(name: str | None, param: str | None, graph) -> Fault | None:
     """The fault ``name`` (with ``param``) for ``graph``'s model; ConfigError saying why it cannot run."""
     if name is None:
         return None
+    f = lookup_fault(name, param)
+    if not any(f.changes(n, graph.dims.arch) for n in graph):
+        arch, ops = graph.dims.arch, ", ".join(f.entry.ops)
+        raise ConfigError(f"fault {name!r} does not apply to architecture {arch!r} (it changes {ops})")
+    return f
+
+
+def lookup_fault(name: str, param: str | None = None) -> Fault:
+    """The fault ``name`` with ``param``, whatever the model; ConfigError naming the runnable ones."""
     cat = _catalogue()
     if name not in cat:
         raise ConfigError(f"unknown fault {name!r}; available: {', '.join(fault_names())} or a catalogue entry name")
@@ -99,12 +108,7 @@ def get_fault(name: str | None, param: str | None, graph) -> Fault | None:
     if why:
         raise ConfigError(f"fault {name!r} ({entry.name}) cannot run: {why}")
     f = Fault(name, entry, dict(entry.params))
-    if param is not None:
-        f = Fault(name, entry, _with_param(f, param))
-    if not any(f.changes(n, graph.dims.arch) for n in graph):
-        arch, ops = graph.dims.arch, ", ".join(entry.ops)
-        raise ConfigError(f"fault {name!r} does not apply to architecture {arch!r} (it changes {ops})")
-    return f
+    return Fault(name, entry, _with_param(f, param)) if param is not None else f
 
 
 def _with_param(f: Fault, param: str) -> dict:

@@ -49,7 +49,7 @@ def dump_shard(
     attrs = {
         **provenance,
         "side": side.name,
-        "variant": side.variant,
+        "variant": str(side.variant),
         "shard": int(shard),
         "arch": graph.dims.arch,
         **side.provenance(),
@@ -70,7 +70,7 @@ def dump_shard(
         "%s %s: dumped %d prompts, %d tokens, %d nodes (%d missing) in %.1f s (%.1f prompts/s); "
         "%d prompts with NaN/Inf",
         side.name,
-        side.variant,
+        str(side.variant),
         len(items),
         sum(len(i) for _, i in items),
         len(graph),
