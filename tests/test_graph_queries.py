@@ -259,3 +259,22 @@ def test_the_literal_rule_sees_name_surgery(tiny, minilm):
     counted = sorted(v for v in got if isinstance(v, str) and v.strip(".") in names)
     assert counted == ["emb_ln", "embedding", "norm1", "probs", "topk_indices"]
     assert "mlp" not in names  # "mlp." alone names no node (a module path piece)
+
+
+def test_forced_moe_takes_the_block_or_its_router_name(tiny_model_dir):
+    """forced_moe with the engine's own routing reproduces the block output of the fused forward, whether
+    given the MoeBlock or its router's name (the statistics' call)."""
+    import numpy as np
+
+    from actdiff.engine.core import Engine
+    from actdiff.errors import ActdiffError
+
+    e = Engine(tiny_model_dir, threads=1)
+    vals = e.forward(np.arange(3, 12), "fp32")
+    for b in e.graph.moe_blocks():
+        args = (vals[b.input], vals[b.topk_indices], vals[b.topk_weights])
+        by_block = e.forced_moe(b, *args)
+        np.testing.assert_array_equal(by_block, e.forced_moe(b.logits, *args))
+        np.testing.assert_allclose(by_block, vals[b.output], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ActdiffError, match="not part of a mixture-of-experts block"):
+        e.forced_moe("encoder.layers.0.norm1", *args)
