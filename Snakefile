@@ -1,19 +1,23 @@
 # actdiff: activation-level diff of a reference transformer against an inference engine.
 #
-# Path scheme (every stage, including the ones later issues add; {side} is "reference" or an engine
-# name such as "actdiff" or "llamacpp"; the reference always runs at variant fp32):
-#   resources/models/{model}/                                   generated models (config.json, model.safetensors, tokenizer.json)
-#   results/prompts/shard-{shard}.parquet                       prompt sheet split by stable hash of prompt_id
-#   results/{model}/model.json                                  resolved model dir, architecture, weights sha256
-#   results/{model}/tokens/shard-{shard}.parquet                token ids (reference side; engine side columns reserved)
-#   results/{model}/{side}/{variant}/activations/shard-{shard}.h5   per-node dumps (docs/formats.md)
-#   results/{model}/{side}/{variant}/stats/shard-{shard}.parquet    per-(prompt, node) statistics     [comparison issue]
-#   results/{model}/{side}/{variant}/stats/summary.parquet          corpus aggregates                  [comparison issue]
-#   results/reports/{model}/{side}/{variant}.html                   one report per model/engine/variant [reports issue]
-#   results/reports/index.html                                      index over all of them             [reports issue]
-#   results/logs/{rule}/...log, results/benchmarks/{rule}/...tsv   logs and Snakemake benchmarks
+# Path scheme (owned by actdiff.layout.Layout: rules and Python ask it for paths; tests/test_layout.py keeps
+# these lines equal to Layout().scheme_lines()). {side} is "reference" or an engine name such as "actdiff",
+# "llamacpp" or an imported engine's; the reference always runs at variant fp32; tables: actdiff.tables.
+#   resources/models/{model}/                                               generated models (config.json, weights, tokenizer.json)
+#   results/prompts/shard-{shard}.parquet                                   prompt sheet split by stable hash of prompt_id
+#   results/{model}/model.json                                              resolved model dir, architecture, weights sha256
+#   results/{model}/tokens/shard-{shard}.parquet                            token ids, reference and engine tokenizers
+#   results/{model}/{side}/{variant}/activations/shard-{shard}.h5           per-node dumps (docs/formats.md)
+#   results/{model}/{side}/{variant}/model.gguf                             llama.cpp's GGUF of the variant
+#   results/{model}/{side}/{variant}/stats/shard-{shard}/{table}.parquet    shard tables (actdiff.tables)
+#   results/{model}/{side}/{variant}/summary/{table}.parquet                summary tables (actdiff.tables)
+#   results/{model}/{side}/{variant}/summary/{name}.json                    verdict, embeddings, tokenization, config_parity
+#   results/reports/{model}/{side}/{variant}.html                           one report per model/side/variant
+#   results/reports/index.html                                              index over all of them
+#   results/logs/{rule}/{wildcards}.log                                     logs
+#   results/benchmarks/{rule}/{wildcards}.tsv                               Snakemake benchmarks
 # Variants follow the grammar precision[+fault=name[:param]] (actdiff.variants), e.g. fp32, int8,
-# fp32+fault=gelu_tanh.
+# fp32+fault=gelu_tanh (a fault is a catalogue entry of actdiff/data/hypotheses.yaml run on purpose).
 
 # The default config applies only when no --configfile is given, so a user's config replaces it
 # instead of being merged into it (a merge could never remove a default model).

@@ -78,6 +78,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from actdiff import sysinfo  # noqa: E402
+from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "config/prompts/default.tsv"
@@ -380,8 +381,8 @@ def tokenize_breakdown(R: Path, model: str, repeats: int = 3) -> dict:
             sys.executable,
             "-c",
             TOKENIZE_CHILD,
-            str(R / model / "model.json"),
-            str(R / "prompts/shard-0.parquet"),
+            Layout(str(R)).model_json(model),
+            Layout(str(R)).prompts(0),
             str(out),
             "512",
             str(repeats),
@@ -437,15 +438,16 @@ def log_span(path: Path) -> float | None:
 
 def stage_jobs(R: Path, model: str, stage: str) -> list[dict]:
     """One row per shard job of a per-prompt stage: prompts, logged seconds, job wall, RSS, CPU."""
-    sub = {
-        "tokenize": f"{model}",
-        "dump_reference": f"{model}",
-        "dump_engine": f"{model}/{VARIANT}",
-        "compute_stats": f"{model}/{SIDE}/{VARIANT}",
+    L = Layout(str(R))
+    sub = {  # the rule's wildcards before the shard (workflow/rules/*.smk)
+        "tokenize": (model,),
+        "dump_reference": (model,),
+        "dump_engine": (model, VARIANT),
+        "compute_stats": (model, SIDE, VARIANT),
     }[stage]
     jobs = []
-    for bench in sorted((R / "benchmarks" / stage / sub).glob("shard-*.tsv")):
-        log = R / "logs" / stage / sub / (bench.stem + ".log")
+    for bench in sorted(Path(L.benchmark(stage, *sub, "*")).parent.glob("shard-*.tsv")):
+        log = Path(L.log(stage, *sub, bench.stem))
         text = log.read_text(encoding="utf-8", errors="replace")
         m = LOG_DONE[stage].search(text)
         if not m:
@@ -478,7 +480,7 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
     # tokens (from the tokens tables)
     import pyarrow.parquet as pq
 
-    tok_files = sorted((R / model / "tokens").glob("shard-*.parquet"))
+    tok_files = sorted(Path(Layout(str(R)).tokens(model, 0)).parent.glob("shard-*.parquet"))
     lengths = [len(x) for f in tok_files for x in pq.read_table(f, columns=["reference_ids"]).column(0).to_pylist()]
     run["shards"] = len(tok_files)
     run["tokens"] = int(sum(lengths))
@@ -546,10 +548,10 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
     # rules without a benchmark directive: log span (script time after imports) and polled peak RSS
     other: dict = {}
     for rule, logs in (
-        ("split_prompts", [R / "logs/split_prompts/split_prompts.log"]),
-        ("resolve_model", [R / f"logs/resolve_model/{model}.log"]),
-        ("aggregate_stats", [R / f"logs/aggregate_stats/{model}/{SIDE}/{VARIANT}.log"]),
-        ("parity", [R / f"logs/parity/{model}/{VARIANT}.log"]),
+        ("split_prompts", [Path(Layout(str(R)).log("split_prompts", "split_prompts"))]),
+        ("resolve_model", [Path(Layout(str(R)).log("resolve_model", model))]),
+        ("aggregate_stats", [Path(Layout(str(R)).log("aggregate_stats", model, SIDE, VARIANT))]),
+        ("parity", [Path(Layout(str(R)).log("parity", model, VARIANT))]),
     ):
         spans = [log_span(p) for p in logs if p.is_file()]
         other[rule] = {
@@ -559,7 +561,7 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
     run["other_rules"] = other
     run["polled_rss_by_rule"] = rss
     # render_report, its own snakemake invocation
-    rlog = R / f"logs/render_report/{model}/{SIDE}/{VARIANT}.log"
+    rlog = Path(Layout(str(R)).log("render_report", model, SIDE, VARIANT))
     run["report"] = {
         "snakemake_wall_s": report["wall_s"],
         "log_span_s": log_span(rlog) if rlog.is_file() else None,
@@ -585,12 +587,10 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
             len(x) for x in pq.read_table(f, columns=["reference_ids"]).column(0).to_pylist()
         )
     h5: dict = {}
-    for side, sub in (("reference", f"{model}/reference/fp32"), ("engine", f"{model}/{SIDE}/{VARIANT}")):
-        seen = {
-            int(Path(p).stem.split("-")[1]): s
-            for p, s in sm["h5_final_sizes"].items()
-            if Path(p).parent == (R / sub / "activations")
-        }
+    L = Layout(str(R))
+    for side, run_id in (("reference", (model, REFERENCE_SIDE, REFERENCE_VARIANT)), ("engine", (model, SIDE, VARIANT))):
+        folder = Path(L.activations(*run_id, 0)).parent
+        seen = {L.shard_of(p): s for p, s in sm["h5_final_sizes"].items() if Path(p).parent == folder}
         n = sum(shard_prompts[s] for s in seen)
         t = sum(shard_tokens[s] for s in seen)
         tot = sum(seen.values())
@@ -602,10 +602,11 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
             "bytes_per_token": tot / t if t else None,
         }
     run["hdf5"] = h5
-    stats_b = dir_bytes(R / model / SIDE / VARIANT / "stats", "shard-*/*.parquet")
-    summ_b = dir_bytes(R / model / SIDE / VARIANT / "summary", "*.parquet")
-    summ_all = dir_bytes(R / model / SIDE / VARIANT / "summary", "*")
-    tok_b = dir_bytes(R / model / "tokens", "*.parquet")
+    run_dir = Path(L.run_dir(model, SIDE, VARIANT))
+    stats_b = dir_bytes(run_dir / "stats", "shard-*/*.parquet")
+    summ_b = dir_bytes(Path(L.verdict(model, SIDE, VARIANT)).parent, "*.parquet")
+    summ_all = dir_bytes(Path(L.verdict(model, SIDE, VARIANT)).parent, "*")
+    tok_b = dir_bytes(Path(L.tokens(model, 0)).parent, "*.parquet")
     run["parquet"] = {
         "stats_bytes": stats_b,
         "summary_parquet_bytes": summ_b,
@@ -637,17 +638,16 @@ def do_run(
     n = sheet_writer(sheet)
     cfg = write_config(run_dir, sheet, model, source, batch_size, shard_size)
     R = run_dir
-    rel = str(R.relative_to(ROOT))
-    targets = [
-        f"{rel}/{model}/{SIDE}/{VARIANT}/summary/verdict.json",
-        f"{rel}/{model}/{SIDE}/{VARIANT}/summary/weights.parquet",
-    ]
-    h5_dirs = [R / model / "reference/fp32/activations", R / model / SIDE / VARIANT / "activations"]
+    rel = Layout(str(R.relative_to(ROOT)))
+    targets = [rel.verdict(model, SIDE, VARIANT), rel.summary(model, SIDE, VARIANT, "weights")]
+    L = Layout(str(R))
+    sides = ((REFERENCE_SIDE, REFERENCE_VARIANT), (SIDE, VARIANT))
+    h5_dirs = [Path(L.activations(model, *side, 0)).parent for side in sides]
     load0 = os.getloadavg()
     print(f"\n[{name}] {n} prompts, shard_size {shard_size}: snakemake up to the verdict ...", flush=True)
     sm = run_snakemake(cfg, targets, R / "snakemake-main.log", h5_dirs)
     print(f"[{name}]   {sm['wall_s']:.1f} s; rendering the report ...", flush=True)
-    rep = run_snakemake(cfg, [f"{rel}/reports/{model}/{SIDE}/{VARIANT}.html"], R / "snakemake-report.log", [])
+    rep = run_snakemake(cfg, [rel.report(model, SIDE, VARIANT)], R / "snakemake-report.log", [])
     print(f"[{name}]   {rep['wall_s']:.1f} s", flush=True)
     probe = None
     if tokenize_probe:

@@ -80,6 +80,16 @@ class Layout:
         return "/".join([self.results, "benchmarks", rule, *map(str, parts)]) + ".tsv"
 
     # ---------------------------------------------------------------------------------- discovery
+    @classmethod
+    def of_model_json(cls, path) -> Layout:
+        """The layout a model record belongs to (the inverse of :meth:`model_json`)."""
+        return cls(str(Path(path).parent.parent))
+
+    @classmethod
+    def of_index(cls, path) -> Layout:
+        """The layout an index page belongs to (the inverse of :meth:`index`)."""
+        return cls(str(Path(path).parent.parent))
+
     def runs_with_verdicts(self) -> list[tuple[str, str, str]]:
         """(model, side, variant) of every run under the results folder that has a verdict."""
         root = Path(self.results)
@@ -104,12 +114,16 @@ class Layout:
             (self.artifact(*w, "model.gguf"), "llama.cpp's GGUF of the variant"),
             (self.stats(*w, "{shard}", "{table}"), "shard tables (actdiff.tables)"),
             (self.summary(*w, "{table}"), "summary tables (actdiff.tables)"),
-            (self.summary_json(*w, "{name}"), "verdict, embeddings, config_parity"),
+            (self.summary_json(*w, "{name}"), "verdict, embeddings, tokenization, config_parity"),
             (self.report(*w), "one report per model/side/variant"),
             (self.index(), "index over all of them"),
-            (self.log("{rule}", "..."), "logs"),
-            (self.benchmark("{rule}", "..."), "Snakemake benchmarks"),
+            (self.log("{rule}", "{wildcards}"), "logs"),
+            (self.benchmark("{rule}", "{wildcards}"), "Snakemake benchmarks"),
         ]
+
+    def scheme_lines(self) -> list[str]:
+        """:meth:`scheme` as the comment lines of the Snakefile's header."""
+        return [f"#   {p:<70}  {d}" for p, d in self.scheme()]
 
 
 def _known(table: str, registry: dict) -> None:

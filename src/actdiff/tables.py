@@ -95,6 +95,8 @@ _HEATMAP = pa.schema(
     [("prompt_id", pa.string()), ("rank", pa.int64()), ("node_index", pa.int64()), ("rel_l2", pa.float64())]
 )
 
+EMBEDDING_SAMPLE = "embeddings"  # the shard table of sampled final embeddings, and the JSON summary made from it
+
 SHARD_TABLES: dict[str, Table] = {
     t.name: t
     for t in (
@@ -104,7 +106,7 @@ SHARD_TABLES: dict[str, Table] = {
         Table("drilldown", "shard", "the shard's worst prompts: first values of the key nodes", _DRILLDOWN),
         Table("hypotheses", "shard", "root-cause ranking at failing nodes", _HYPOTHESES),
         Table("prompts", "shard", "per-prompt values: MoE layer errors, embedding cosines"),
-        Table("embeddings", "shard", "bounded sample of final embeddings (neighbour analysis)", _EMBEDDINGS),
+        Table(EMBEDDING_SAMPLE, "shard", "bounded sample of final embeddings (neighbour analysis)", _EMBEDDINGS),
     )
 }
 
@@ -126,7 +128,7 @@ SUMMARY_TABLES: dict[str, Table] = {
 # the summary tables aggregation writes (weights come from the parity rule)
 AGGREGATE_TABLES = tuple(t for t in SUMMARY_TABLES if t != "weights")
 # the JSON summaries of a run
-AGGREGATE_JSON = ("embeddings", "verdict", "tokenization")  # written by aggregation
+AGGREGATE_JSON = (EMBEDDING_SAMPLE, "verdict", "tokenization")  # written by aggregation
 SUMMARY_JSON = (*AGGREGATE_JSON, "config_parity")
 
 

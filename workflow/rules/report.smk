@@ -9,7 +9,6 @@ rule render_report:
     output:
         html=L.report("{model}", "{side}", "{variant}"),
     params:
-        results=R,
         worst_n=config["report"]["worst_n"],
     log:
         L.log("render_report", "{model}", "{side}", "{variant}"),
@@ -33,7 +32,6 @@ rule render_index:
     output:
         html=L.index(),
     params:
-        results=R,
         runs=[f"{m}/{s}/{v}" for m, s, v in runs()],
     log:
         L.log("render_index", "index"),

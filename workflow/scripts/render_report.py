@@ -1,12 +1,13 @@
 """Adapter for rule render_report: the HTML report of one (model, side, variant)."""
 
+from actdiff.layout import Layout
 from actdiff.report import render_report
 from actdiff.workflow_support import run
 
 run(
     snakemake,  # noqa: F821
     render_report,
-    results=snakemake.params.results,  # noqa: F821
+    results=Layout.of_model_json(snakemake.input.model).results,  # noqa: F821
     model=snakemake.wildcards.model,  # noqa: F821
     side=snakemake.wildcards.side,  # noqa: F821
     variant=snakemake.wildcards.variant,  # noqa: F821

@@ -37,7 +37,7 @@ from ..atomic import atomic_path
 from ..errors import DumpError
 from ..h5io import ActivationReader
 from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph, build_graph, load_config_json
-from ..tables import SHARD_TABLES, empty_table
+from ..tables import EMBEDDING_SAMPLE, SHARD_TABLES, empty_table
 from ..variants import Variant, resolve_variant
 from .budgets import U32, Noise, budget, fp32_noise, status
 from .embeddings import BoundedSample, cosine
@@ -442,7 +442,8 @@ def compute_shard_stats(
     model_dir = Path(model_dir)
     graph = build_graph(load_config_json(model_dir), str(model_dir / "config.json"))
     variant = resolve_variant(variant)
-    writers = {k: _TableWriter(Path(outputs[k]), empty_table(t)) for k, t in SHARD_TABLES.items() if k != "embeddings"}
+    streamed = {k: t for k, t in SHARD_TABLES.items() if k != EMBEDDING_SAMPLE}  # the sample is written at the end
+    writers = {k: _TableWriter(Path(outputs[k]), empty_table(t)) for k, t in streamed.items()}
     t0, n_prompts = time.perf_counter(), 0
     try:
         # one core (rule threads: 1): the float64 spec ops of the noise and the hypotheses call numpy's BLAS,
@@ -461,7 +462,7 @@ def compute_shard_stats(
                 if n_prompts % 100 == 0:
                     rate = n_prompts / (time.perf_counter() - t0)
                     log.info("stats: %d/%d prompts (%.1f prompts/s)", n_prompts, len(rr.prompt_ids), rate)
-        _close(ctx, outputs["embeddings"])
+        _close(ctx, outputs[EMBEDDING_SAMPLE])
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -515,7 +516,7 @@ def _close(ctx: ShardContext, embeddings_out: str) -> None:
             "ref": [r.ravel().tolist() for _, r, _ in emb],
             "eng": [e.ravel().tolist() for _, _, e in emb],
         },
-        schema=SHARD_TABLES["embeddings"].schema,
+        schema=SHARD_TABLES[EMBEDDING_SAMPLE].schema,
     )
     with atomic_path(embeddings_out) as tmp:
         pq.write_table(table, tmp)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..errors import ActdiffError
 from ..layout import Layout
-from ..tables import SUMMARY_TABLES
+from ..tables import EMBEDDING_SAMPLE, SUMMARY_TABLES
 
 
 @dataclass
@@ -60,7 +60,7 @@ def load_run(results: str | Path, model: str, side: str, variant: str) -> Run:
         variant=variant,
         model_info=_read_json(Path(L.model_json(model))) or {},
         verdict=_read_json(Path(L.verdict(*run_id))) or {},
-        embeddings_summary=_read_json(Path(L.summary_json(*run_id, "embeddings")), required=False) or {},
+        embeddings_summary=_read_json(Path(L.summary_json(*run_id, EMBEDDING_SAMPLE)), required=False) or {},
         config_parity=_read_json(Path(L.summary_json(*run_id, "config_parity")), required=False),
         tokenization=_read_json(Path(L.summary_json(*run_id, "tokenization")), required=False) or {},
     )
