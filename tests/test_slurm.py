@@ -195,12 +195,14 @@ def test_statistics_equal_local(two_runs):
     import pandas as pd
     import pyarrow.parquet as pq
 
+    from actdiff.tables import SHARD_TABLES, SUMMARY_TABLES
+
     slurm_res, local_res, _, _ = two_runs
     pats = (f"{MODEL}/actdiff/*/stats/shard-*/*.parquet", f"{MODEL}/actdiff/*/summary/*.parquet")
     files = _relpaths(local_res, pats)
     assert files == _relpaths(slurm_res, pats)
-    # 2 variants x (2 shards x 7 tables + 5 summary tables)
-    assert len(files) == 2 * (2 * 7 + 5), files
+    # 2 variants x (2 shards x every shard table + every summary table, weight parity included)
+    assert len(files) == 2 * (2 * len(SHARD_TABLES) + len(SUMMARY_TABLES)), files
     for rel in files:
         a, b = pq.read_table(local_res / rel), pq.read_table(slurm_res / rel)
         assert a.schema.equals(b.schema, check_metadata=True), rel

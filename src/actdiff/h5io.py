@@ -23,27 +23,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from . import sysinfo
 from .atomic import temp_path_for
 from .errors import DumpError
 from .nodes import Graph, build_graph
 
 SCHEMA_VERSION = 1
+DUMP_LIBRARIES = ("actdiff", "torch", "transformers", "tokenizers", "numpy", "h5py", "safetensors")
 # the writer buffers this many bytes of rows before appending them to the datasets (bytes, not rows: a
 # full-size model's token row is ~20x a tiny model's)
 _FLUSH_BYTES = 64 << 20
 _CHUNK_BYTES = 1 << 20
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("actdiff", "torch", "transformers", "tokenizers", "numpy", "h5py", "safetensors"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 # HDF5 filters per `activation_compression` setting. Activations are float32 noise to a compressor: gzip
@@ -93,7 +83,7 @@ class ActivationWriter:
         self.f.attrs.update({k: v for k, v in attrs.items() if v is not None})
         self.f.attrs["schema_version"] = SCHEMA_VERSION
         self.f.attrs["graph"] = graph.to_json()
-        self.f.attrs["library_versions"] = json.dumps(library_versions())
+        self.f.attrs["library_versions"] = json.dumps(sysinfo.library_versions(DUMP_LIBRARIES))
         self.f.attrs["created_unix"] = time.time()
         self.f.attrs["compression"] = compression
 

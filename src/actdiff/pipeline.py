@@ -170,11 +170,21 @@ def aggregate_stats(
     log.info("%s", v["plain"])
 
 
-def parity(model_json: str, variant: str, out_weights: str, out_config: str, fault_aliases: dict | None = None) -> None:
+def parity(
+    model_json: str,
+    variant: str,
+    out_weights: str,
+    out_config: str,
+    fault_aliases: dict | None = None,
+    side: str = "actdiff",
+) -> None:
+    """Weight and config parity of a side that exports its weights (our engine)."""
     from .compare.parity import weight_parity
+    from .sides import open_side
 
     record = ModelRecord.load(model_json)
-    rows, config_rows = weight_parity(record.dir, resolve_variant(variant, fault_aliases or {}))
+    s = open_side(side, record, resolve_variant(variant, fault_aliases or {}))
+    rows, config_rows = weight_parity(record.dir, s)
     with atomic_path(out_weights) as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
     write_json_atomic(out_config, config_rows)

@@ -22,3 +22,45 @@ def cpu_info() -> dict:
         pass
     return {"model": model, "mhz": mhz, "flags": flags, "avx512f": "avx512f" in flags, "cores": os.cpu_count(),
             "fp32_flop_per_cycle_per_core": 32 if "avx512f" in flags else 16}
+
+
+# the packages whose versions a dump or a report records
+LIBRARIES = ("actdiff", "torch", "transformers", "tokenizers", "numpy", "pandas", "pyarrow", "h5py", "safetensors")
+
+
+def library_versions(packages=LIBRARIES) -> dict[str, str]:
+    """Installed versions of ``packages`` (absent ones left out)."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str:
+    """The commit of the checkout actdiff is imported from, or "unavailable" (an installed wheel)."""
+    import subprocess
+
+    try:
+        here = Path(__file__).resolve().parent
+        p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        return p.stdout.strip() if p.returncode == 0 else "unavailable"
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+
+
+def runtime() -> dict:
+    """Python, machine and CPU (the vector extensions that decide the C kernels' path)."""
+    import platform
+
+    c = cpu_info()
+    return {
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.system()} {platform.release()}",
+        "cpu": c["model"],
+        "cpu_flags": {f: f in c["flags"] for f in ("avx2", "avx512f", "fma", "f16c")} if c["flags"] else {},
+    }

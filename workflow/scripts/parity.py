@@ -7,6 +7,7 @@ run(
     snakemake,  # noqa: F821
     parity,
     model_json=snakemake.input.model,  # noqa: F821
+    side="actdiff",
     variant=snakemake.wildcards.variant,  # noqa: F821
     out_weights=snakemake.output.weights,  # noqa: F821
     out_config=snakemake.output.config,  # noqa: F821

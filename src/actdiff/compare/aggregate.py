@@ -201,9 +201,9 @@ def _write_worst_tables(worst: pd.DataFrame, shard_tables: dict, tokens: list[st
     table = worst.assign(rank=[rank[p] for p in ids], text=[text.get(p, "") for p in ids])
     built = {
         "worst_prompts": table,
-        "heatmap": _filtered(shard_tables["nodes"], ids, ["prompt_id", "node_index", "rel_l2"]).assign(
-            rank=lambda d: d["prompt_id"].map(rank)
-        ),
+        "heatmap": _filtered(shard_tables["nodes"], ids, ["prompt_id", "node_index", "rel_l2"])
+        .assign(rank=lambda d: d["prompt_id"].map(rank))
+        .sort_values(["rank", "node_index"]),
         "token_errors": _token_errors(shard_tables["tokens"]),
         "drilldown": _filtered(shard_tables["drilldown"], ids, None).sort_values(
             ["prompt_id", "node_index"], key=lambda c: c.map(rank) if c.name == "prompt_id" else c
@@ -228,7 +228,8 @@ def _write_table(df: pd.DataFrame, schema, path: str) -> None:
 def _filtered(paths: list[str], ids: list[str], columns: list[str] | None) -> pd.DataFrame:
     frames = [pd.read_parquet(p, columns=columns, filters=[("prompt_id", "in", ids)]) for p in paths] if ids else []
     frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or ["prompt_id"])
+    # in (node, prompt, token) order: the table does not depend on the order the shards come in
+    return pd.concat(frames, ignore_index=True).sort_values(["node", "prompt_id", "token"], ignore_index=True) if frames else pd.DataFrame(columns=columns or ["prompt_id"])
 
 
 def _texts(tokens: list[str], ids: set[str]) -> dict[str, str]:
@@ -284,13 +285,15 @@ def _token_errors(paths: list[str]) -> pd.DataFrame:
         t = pd.read_parquet(p, filters=[("node", "in", list(best))])
         keep = {(n, pid) for n, lst in best.items() for _, pid in lst}
         frames.append(t[[(n, pid) in keep for n, pid in zip(t["node"], t["prompt_id"], strict=True)]])
-    return pd.concat(frames, ignore_index=True)
+    # in (node, prompt, token) order: the table does not depend on the order the shards come in
+    return pd.concat(frames, ignore_index=True).sort_values(["node", "prompt_id", "token"], ignore_index=True)
 
 
 def _concat(frames: list[pd.DataFrame], empty: pd.DataFrame | None) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     if frames:
-        return pd.concat(frames, ignore_index=True)
+        # in (node, prompt, token) order: the table does not depend on the order the shards come in
+    return pd.concat(frames, ignore_index=True).sort_values(["node", "prompt_id", "token"], ignore_index=True)
     return empty if empty is not None else pd.DataFrame()
 
 

@@ -12,20 +12,19 @@ import numpy as np
 from ..nodes import build_graph, load_config_json
 
 
-def weight_parity(model_dir: str | Path, variant: str) -> tuple[list[dict], dict]:
-    """Every tensor the engine uses (after its layout and quantisation) against the checkpoint, and the
-    config values as the engine understood them next to config.json's."""
+def weight_parity(model_dir: str | Path, side) -> tuple[list[dict], dict]:
+    """Every tensor a side uses (after its layout and quantisation: ``side.export_weights()``, tensors with
+    ``as_float32``, ``source``, ``transform``, ``storage``) against the checkpoint, and the config values as
+    the side understood them (``side.understood_config()``) next to config.json's."""
     from safetensors import safe_open
 
-    from ..engine.core import Engine
     from ..kernels import compare_sums
 
-    engine = Engine(model_dir)  # parity of our engine: the weights it converted
     rows = []
     # one checkpoint tensor at a time, compared in one float32 pass (double sums): peak memory is the engine's
     # weights plus one tensor, not the whole checkpoint twice in float64 (8.5 GB at full size before)
     with safe_open(str(Path(model_dir) / "model.safetensors"), framework="numpy") as ck:
-        for name, t in engine.export_weights(variant).items():
+        for name, t in side.export_weights().items():
             got = np.ascontiguousarray(t.as_float32())
             ref = np.ascontiguousarray(ck.get_tensor(t.source).astype(np.float32, copy=False).reshape(got.shape))
             s = compare_sums(got, ref)  # the layout the spec reads the tensor in
@@ -42,7 +41,7 @@ def weight_parity(model_dir: str | Path, variant: str) -> tuple[list[dict], dict
                 }
             )
             del got, ref
-    return rows, config_parity(model_dir, engine.understood_config(variant))
+    return rows, config_parity(model_dir, side.understood_config())
 
 
 def config_parity(model_dir: str | Path, understood: dict) -> dict:

@@ -60,7 +60,11 @@ class Engine:
         return self.graph.describe()
 
     # ---------------------------------------------------------------- weights
-    def prepare(self, variant: str | Variant = "fp32") -> Prepared:
+    def prepare(self, variant: str | Variant | Prepared = "fp32") -> Prepared:
+        """The weights and settings of a variant, converted once (a Prepared passes through: a stage resolves
+        its variant once and hands the prepared object to every call)."""
+        if isinstance(variant, Prepared):
+            return variant
         key = str(variant)
         if key not in self._prepared:
             v = parse_variant(key) if isinstance(variant, str) else variant
@@ -292,7 +296,7 @@ class Engine:
                 vals.update(moe_vals)
                 skip.update(moe_vals)
                 continue
-            out = self.run_node(node.name, {i: vals[i] for i in node.inputs}, variant)
+            out = self.run_node(node.name, {i: vals[i] for i in node.inputs}, p)
             if round_act and node.kind != "index":
                 out = _fp16(out)
             vals[node.name] = out

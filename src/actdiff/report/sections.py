@@ -11,11 +11,7 @@ import datetime as _dt
 import io
 import json
 import math
-import platform
 import re
-import subprocess
-from importlib import metadata
-from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
@@ -23,6 +19,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .. import sysinfo
 from .data import IndexEntry, Run
 
 FLOOR = 1e-12  # zeros are drawn at this floor on log axes
@@ -532,33 +529,16 @@ def _drill_md(prompt: str, g: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------------------------------- provenance
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[3]
-        p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return p.stdout.strip() if p.returncode == 0 else "unavailable"
-    except (OSError, subprocess.SubprocessError):
-        return "unavailable"
+def _cpu_flags(flags: dict) -> str:
+    return ", ".join(f"{f} {'✔' if ok else '✘'}" for f, ok in flags.items()) if flags else "unavailable"
 
 
-def _cpu_flags() -> str:
-    from ..sysinfo import cpu_info
-
-    have = cpu_info()["flags"]
-    if not have:
-        return "unavailable"
-    return ", ".join(f"{f} {'✔' if f in have else '✘'}" for f in ("avx2", "avx512f", "fma"))
-
-
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+REPORT_LIBRARIES = ("actdiff", "numpy", "pandas", "pyarrow", "torch", "matplotlib", "jupytext", "nbclient")
 
 
 def provenance_md(run: Run) -> str:
-    m = run.model_info
+    """Where the numbers come from (actdiff.sysinfo collects it for dumps, reports and benchmarks alike)."""
+    m, rt = run.model_info, sysinfo.runtime()
     rows = [
         ("model", m.get("name", run.model)),
         ("architecture", m.get("arch")),
@@ -566,17 +546,11 @@ def provenance_md(run: Run) -> str:
         ("weights sha256", m.get("weights_sha256")),
         ("side / variant", f"{run.side} / {run.variant}"),
         ("results", str(run.run_dir)),
-        ("git commit", _git_commit()),
-        ("python", platform.python_version()),
-        (
-            "libraries",
-            ", ".join(
-                f"{p} {_version(p)}"
-                for p in ("actdiff", "numpy", "pandas", "pyarrow", "torch", "matplotlib", "jupytext", "nbclient")
-            ),
-        ),
-        ("CPU flags", _cpu_flags()),
-        ("machine", f"{platform.machine()} {platform.system()} {platform.release()}"),
+        ("git commit", sysinfo.git_commit()),
+        ("python", rt["python"]),
+        ("libraries", ", ".join(f"{p} {v}" for p, v in sysinfo.library_versions(REPORT_LIBRARIES).items())),
+        ("CPU flags", _cpu_flags(rt["cpu_flags"])),
+        ("machine", rt["machine"]),
         ("date", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
     ]
     return md_table(pd.DataFrame(rows, columns=["item", "value"]), {"value": code})

@@ -15,13 +15,13 @@ class EngineReplay:
 
     def __init__(self, engine: Engine, variant):
         self.engine, self.variant = engine, variant
-        engine.prepare(variant)  # resolved once: the weights and settings of the variant
+        self.prepared = engine.prepare(variant)  # once: the weights and settings every call then uses
 
     def replay_node(self, name, inputs):
-        return self.engine.replay_node(name, inputs, self.variant)
+        return self.engine.replay_node(name, inputs, self.prepared)
 
     def forced_moe(self, block, h, indices, weights):
-        return self.engine.forced_moe(block, h, indices, weights, self.variant)
+        return self.engine.forced_moe(block, h, indices, weights, self.prepared)
 
 
 class EngineSide(EngineReplay):
@@ -47,13 +47,20 @@ class EngineSide(EngineReplay):
             "engine": ENGINE,
             "engine_ids": self.engine_ids,
             "kernel_isa": kernels.get_isa(),  # the C kernels' instruction-set path (ACTDIFF_KERNELS_ISA forces one)
-            "understood_config": json.dumps(self.engine.understood_config(self.variant)),
+            "understood_config": json.dumps(self.engine.understood_config(self.prepared)),
             "dtypes": json.dumps({"activations": "float32", "indices": "int64", "precision": str(self.variant)}),
         }
 
+    def export_weights(self) -> dict:
+        """Every tensor the engine uses, after its layout and quantisation (weight parity)."""
+        return self.engine.export_weights(self.prepared)
+
+    def understood_config(self) -> dict:
+        return self.engine.understood_config(self.prepared)
+
     def forward(self, items):
         for pid, ids in items:
-            yield pid, self.engine.forward(ids, self.variant)
+            yield pid, self.engine.forward(ids, self.prepared)
 
     def close(self) -> None:
         pass

@@ -9,7 +9,7 @@ Input folder layouts (detected per prompt):
 
 Prompts are taken in the order of the tokens Parquet (``prompt_id``; ``reference_ids`` gives T per
 prompt). The alignment is resolved against the tensor names of the first prompt; every prompt must then
-hold the tensors of every matched node. The mapping (actdiff.compare.align) turns each prompt's tensors
+hold the tensors of every matched node. The mapping (actdiff.sides.mapping) turns each prompt's tensors
 into canonical arrays, which are written with :class:`actdiff.h5io.ActivationWriter`.
 
 Graph nodes without a source are an error listing them all, unless ``allow_missing=True``: then they are
