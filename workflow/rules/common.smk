@@ -6,13 +6,15 @@ from types import SimpleNamespace
 from actdiff.config import validate_config
 from actdiff.errors import ActdiffError, ConfigError, ModelError
 from actdiff.models.loading import resolve_model_dir
+from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.pipeline import STATS_TABLES
 from actdiff.prompts import n_shards_for
+from actdiff.report.render import REPORTS_DIR
 from actdiff.variants import VARIANT_RE
 
 
 try:
-    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+    validate_config(config)  # against the packaged schema, actdiff/data/config.schema.yaml
 except ConfigError as e:  # a clear message naming the key, not a traceback
     sys.exit(f"actdiff: {e}")
 
@@ -46,10 +48,6 @@ def activations(path):
     """An activation dump: a temp() output (deleted once every consumer is done, so disk use is bounded by
     the shards in flight) unless keep_activations is set."""
     return path if config["keep_activations"] else temp(path)
-
-
-def model_cfg(wildcards):
-    return config["models"][wildcards.model]
 
 
 def generated_model_files(wildcards):

@@ -1,7 +1,7 @@
 rule render_report:
-    """Self-contained HTML report of one (model, side, variant) (reports/report.qmd, actdiff.report)."""
+    """Self-contained HTML report of one (model, side, variant) (actdiff/data/reports/report.qmd, actdiff.report)."""
     input:
-        qmd="reports/report.qmd",
+        qmd=str(REPORTS_DIR / "report.qmd"),
         model=f"{R}/{{model}}/model.json",
         tokens=expand(f"{R}/{{{{model}}}}/tokens/shard-{{shard}}.parquet", shard=SHARDS),
         summary=f"{R}/{{model}}/{{side}}/{{variant}}/summary/nodes.parquet",
@@ -32,7 +32,7 @@ rule render_report:
 rule render_index:
     """One page comparing the verdicts of every report, linking to each."""
     input:
-        qmd="reports/index.qmd",
+        qmd=str(REPORTS_DIR / "index.qmd"),
         verdicts=[f"{R}/{m}/{s}/{v}/summary/verdict.json" for m, s, v in runs()],
         reports=[f"{R}/reports/{m}/{s}/{v}.html" for m, s, v in runs()],
     output:

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -28,7 +29,7 @@ from ..atomic import atomic_path
 from ..errors import ActdiffError
 
 CSS = Path(__file__).with_name("report.css")
-REPORTS_DIR = Path(__file__).resolve().parents[3] / "reports"  # the repository's .qmd sources
+REPORTS_DIR = Path(str(resources.files("actdiff").joinpath("data/reports")))  # the packaged .qmd sources
 _OPT = re.compile(r"^#\|\s*([\w.-]+)\s*:\s*(.*)$")
 
 
@@ -199,7 +200,9 @@ def _execute(nb, work: Path, src: Path, log: logging.Logger) -> None:
         # nbclient's message holds the cell source and the traceback
         tail = kernel_err.read_text(errors="replace")[-2000:].strip()
         extra = f"\nkernel stderr:\n{tail}" if tail else ""
-        raise RenderError(f"a cell of {src.name} failed, no report written:\n{_strip_ansi(str(e))[-6000:]}{extra}") from e
+        raise RenderError(
+            f"a cell of {src.name} failed, no report written:\n{_strip_ansi(str(e))[-6000:]}{extra}"
+        ) from e
     finally:
         for k, v in old.items():
             if v is None:
