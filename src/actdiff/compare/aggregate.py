@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -469,7 +468,3 @@ def plain_words(v: dict) -> str:
             f" and {len(nodes) - 4} more." if len(nodes) > 4 else "."
         )
     return s + not_captured
-
-
-def read_verdict(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
