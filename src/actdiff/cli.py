@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             g = _graph(args.target)
             print(nodes_markdown(g) if args.markdown else g.describe())
         elif args.cmd == "make-tiny":
+            from .models.released import released_config
             from .models.tiny import TRAINING_TEXT, generate_tiny_model
-            from .pipeline import released_config
 
             generate_tiny_model(args.out_dir, args.text or TRAINING_TEXT, released_config(), seed=args.seed)
             print(f"wrote {args.out_dir}")

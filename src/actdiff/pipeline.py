@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -17,15 +16,12 @@ import pandas as pd
 from .atomic import atomic_path, write_json_atomic
 from .errors import ModelError
 from .models.loading import check_model_dir, model_summary, resolve_model_dir
+from .models.released import released_config
 from .nodes import build_graph
 from .progress import Progress
 from .prompts import load_prompt_sheet, split_into_shards
 
 log = logging.getLogger(__name__)
-
-
-def released_config() -> dict:
-    return json.loads(resources.files("actdiff").joinpath("data/nomic-embed-text-v2-moe.config.json").read_text())
 
 
 def generate_model(kind: str, out_dir: str, text_file: str, seed: int) -> None:
