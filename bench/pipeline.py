@@ -344,7 +344,7 @@ import json, logging, sys, time
 logging.disable(logging.CRITICAL)
 from pathlib import Path
 import pandas as pd
-import actdiff.tokenize as T
+import actdiff.token_shards as T
 from actdiff.engine.tokenizer import EngineTokenizer
 model_json, prompts, out = sys.argv[1:4]
 max_length, repeats = int(sys.argv[4]), int(sys.argv[5])

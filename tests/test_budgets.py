@@ -27,7 +27,7 @@ from actdiff.nodes import build_graph
 from actdiff.pipeline import STATS_TABLES
 from actdiff.prompts import load_prompt_sheet
 from actdiff.reference import ReferenceRunner
-from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
+from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
 
 pytestmark = pytest.mark.isa_paths
 

@@ -81,8 +81,8 @@ def setup(tmp_path_factory):
     _need_llamacpp()
     from actdiff import pipeline
     from actdiff.compare.stats import StatsConfig, compute_shard_stats
-    from actdiff.llamacpp.convert import convert_to_gguf
     from actdiff.llamacpp.dump import dump_llamacpp
+    from actdiff.llamacpp.gguf_export import convert_to_gguf
     from actdiff.models.loading import model_summary
 
     root = tmp_path_factory.mktemp("llamacpp")
@@ -164,7 +164,7 @@ def test_gguf_metadata_matches_config(setup):
     ],
 )
 def test_config_mismatch_is_caught(setup, key, value, gguf_key):
-    from actdiff.llamacpp.convert import GGUFConfigMismatch, verify_gguf
+    from actdiff.llamacpp.gguf_export import GGUFConfigMismatch, verify_gguf
     from actdiff.llamacpp.gguf_meta import read_gguf_header
     from actdiff.nodes import load_config_json
 
@@ -176,7 +176,7 @@ def test_config_mismatch_is_caught(setup, key, value, gguf_key):
 
 
 def test_conversion_refuses_wrong_architecture_and_outtype(setup, tmp_path):
-    from actdiff.llamacpp.convert import convert_to_gguf
+    from actdiff.llamacpp.gguf_export import convert_to_gguf
 
     with pytest.raises(ModelError, match="outtype 'q4_0'"):
         convert_to_gguf(str(setup["model_dir"]), str(tmp_path / "x.gguf"), "q4_0")

@@ -77,7 +77,7 @@ def test_routing_near_ties_look_trained(tiny_model_dir):
     from actdiff.nodes import build_graph
     from actdiff.prompts import load_prompt_sheet
     from actdiff.reference import ReferenceRunner
-    from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
+    from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
 
     df = load_prompt_sheet(REPO / "config/prompts/default.tsv")
     tok = load_reference_tokenizer(tiny_model_dir)

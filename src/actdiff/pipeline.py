@@ -63,7 +63,7 @@ def split_prompts(sheet: str, n_shards: int, outputs: list[str]) -> None:
 
 
 def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_side: bool = True) -> None:
-    from .tokenize import tokenize_shard
+    from .token_shards import tokenize_shard
 
     info = json.loads(Path(model_json).read_text())
     df = pd.read_parquet(prompts)
@@ -270,8 +270,8 @@ def parity(model_json: str, variant: str, out_weights: str, out_config: str, fau
 # ---------------------------------------------------------------- llama.cpp (optional extra)
 def convert_gguf(model_json: str, variant: str, out: str) -> None:
     """Convert the model to a GGUF of the variant's weight type with llama.cpp's converter (verified)."""
-    from .llamacpp.convert import convert_to_gguf
     from .llamacpp.dump import outtype_for_variant
+    from .llamacpp.gguf_export import convert_to_gguf
 
     info = json.loads(Path(model_json).read_text())
     t0 = time.perf_counter()

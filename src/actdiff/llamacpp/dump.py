@@ -56,7 +56,7 @@ def dump_llamacpp(
     from ..h5io import ActivationWriter
     from . import mapping_path
     from .capture import LlamaCppRunner, library_info
-    from .convert import sha256_file, verify_gguf
+    from .gguf_export import sha256_file, verify_gguf
     from .gguf_meta import read_gguf_header
 
     outtype = outtype_for_variant(variant)
