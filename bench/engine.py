@@ -437,7 +437,7 @@ def main() -> None:
     if not (tiny_dir / "config.json").is_file():
         sys.exit(
             f"{tiny_dir} is missing; generate it with\n"
-            "  cd /work/main && .venv/bin/snakemake --cores 2 resources/models/tiny-nomic-moe/config.json"
+            f"  cd {ROOT} && .venv/bin/snakemake --cores 2 resources/models/tiny-nomic-moe/config.json"
         )
 
     from actdiff.models.fullsize import build_fullsize_random
