@@ -28,7 +28,7 @@ setup-llamacpp: $(LLAMACPP_STAMP)
 
 $(LLAMACPP_STAMP): $(STAMP)
 	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/pip install -e '.[test,llamacpp]'
-	$(BIN)/python -m actdiff.llamacpp.converter install
+	$(BIN)/python -m actdiff.llamacpp.converter_script install
 	$(BIN)/python -c 'import sys, actdiff.llamacpp as l; ok, why = l.available(); print(why); sys.exit(not ok)'
 	@touch $(LLAMACPP_STAMP)
 

@@ -21,7 +21,7 @@ n_ubatch = the trained context (512), mean pooling, and NO eval callback (the ru
 into Python for every graph node; with ``capture_nodes=False`` ggml runs the graph in one piece). Its
 ``forward`` fills a llama_batch from Python (one ctypes store per field and token), calls ``llama_encode``
 and copies the pooled embedding: that is the lowest-overhead path of the module, and what is timed. The
-GGUFs (f32, llama.cpp's own converter via ``actdiff.llamacpp.convert.convert_to_gguf``) are cached as
+GGUFs (f32, llama.cpp's own converter via ``actdiff.llamacpp.gguf_export.convert_to_gguf``) are cached as
 ``<gguf-dir>/<model dir name>-f32.gguf`` and reused when newer than the checkpoint and their metadata still
 match config.json. llama.cpp's graph differs slightly from ours (no shared expert bias, tanh GELU from an
 fp16 table; docs/llamacpp.md), so its pooled embedding is compared with the engine's for information only.
@@ -224,7 +224,7 @@ def checkpoint_mtime(model_dir: Path) -> float:
 def ensure_gguf(model_dir: Path, gguf_dir: Path) -> tuple[Path, dict]:
     """The f32 GGUF of ``model_dir`` (``<gguf_dir>/<dir name>-f32.gguf``): reused when newer than the
     checkpoint and its metadata match config.json, otherwise converted (not timed as part of any forward)."""
-    from actdiff.llamacpp.convert import GGUFConfigMismatch, convert_to_gguf, verify_gguf
+    from actdiff.llamacpp.gguf_export import GGUFConfigMismatch, convert_to_gguf, verify_gguf
     from actdiff.llamacpp.gguf_meta import read_gguf_header
     from actdiff.nodes import load_config_json
 
@@ -437,7 +437,7 @@ def main() -> None:
     if not (tiny_dir / "config.json").is_file():
         sys.exit(
             f"{tiny_dir} is missing; generate it with\n"
-            "  cd /work/main && .venv/bin/snakemake --cores 2 resources/models/tiny-nomic-moe/config.json"
+            f"  cd {ROOT} && .venv/bin/snakemake --cores 2 resources/models/tiny-nomic-moe/config.json"
         )
 
     from actdiff.models.fullsize import build_fullsize_random

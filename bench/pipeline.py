@@ -345,7 +345,7 @@ import json, logging, sys, time
 logging.disable(logging.CRITICAL)
 from pathlib import Path
 import pandas as pd
-import actdiff.tokenize as T
+import actdiff.token_shards as T
 from actdiff.engine.tokenizer import EngineTokenizer
 model_json, prompts, out = sys.argv[1:4]
 max_length, repeats = int(sys.argv[4]), int(sys.argv[5])
@@ -934,7 +934,7 @@ def main() -> None:
     if not (TINY_DIR / "config.json").is_file():
         sys.exit(
             f"{TINY_DIR} is missing; generate it with\n"
-            "  cd /work/main && .venv/bin/snakemake --cores 2 resources/models/tiny-nomic-moe/config.json"
+            f"  cd {ROOT} && .venv/bin/snakemake --cores 2 resources/models/tiny-nomic-moe/config.json"
         )
     if os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.2f} at start: other processes share the cores")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from helpers import REPO, snakemake
+from helpers import snakemake
 
-from actdiff.config import validate_config
+from actdiff.config import SCHEMA, validate_config
 from actdiff.errors import ConfigError, PromptError
 from actdiff.prompts import load_prompt_sheet
 from actdiff.variants import parse_variant
-
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 
 
 def _write(tmp_path, name, text):

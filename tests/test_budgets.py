@@ -26,8 +26,8 @@ from actdiff.models.loading import load_reference_model, resolve_model_dir
 from actdiff.nodes import build_graph
 from actdiff.prompts import load_prompt_sheet
 from actdiff.reference import ReferenceRunner
-from actdiff.tables import SHARD_TABLES as STATS_TABLES
-from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
+from actdiff.tables import SHARD_TABLES
+from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
 
 pytestmark = pytest.mark.isa_paths
 
@@ -51,7 +51,7 @@ def _dump(path, graph, side, prompts, forward):
 
 def _stats(model_dir, ref_h5, eng_h5, variant, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = {t: str(out_dir / f"{t}.parquet") for t in STATS_TABLES}
+    out = {t: str(out_dir / f"{t}.parquet") for t in SHARD_TABLES}
     compute_shard_stats(model_dir, ref_h5, eng_h5, "actdiff", variant, 0, out)
     return pd.read_parquet(out["nodes"])
 

@@ -30,7 +30,7 @@ from actdiff.models.loading import load_reference_model
 from actdiff.nodes import build_graph
 from actdiff.prompts import load_prompt_sheet
 from actdiff.reference import ReferenceRunner
-from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
+from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
 
 REL_L2_FP32 = 1e-5
 FAULTS = runnable_faults()  # the catalogue entries the engine runs on purpose, by handle

@@ -81,7 +81,7 @@ def setup(tmp_path_factory):
     _need_llamacpp()
     from actdiff import pipeline
     from actdiff.compare.stats import StatsConfig, compute_shard_stats
-    from actdiff.llamacpp.convert import convert_to_gguf
+    from actdiff.llamacpp.gguf_export import convert_to_gguf
     from actdiff.models.loading import model_summary
     from actdiff.tables import SHARD_TABLES
 
@@ -164,7 +164,7 @@ def test_gguf_metadata_matches_config(setup):
     ],
 )
 def test_config_mismatch_is_caught(setup, key, value, gguf_key):
-    from actdiff.llamacpp.convert import GGUFConfigMismatch, verify_gguf
+    from actdiff.llamacpp.gguf_export import GGUFConfigMismatch, verify_gguf
     from actdiff.llamacpp.gguf_meta import read_gguf_header
     from actdiff.nodes import load_config_json
 
@@ -176,7 +176,7 @@ def test_config_mismatch_is_caught(setup, key, value, gguf_key):
 
 
 def test_conversion_refuses_wrong_architecture_and_outtype(setup, tmp_path):
-    from actdiff.llamacpp.convert import convert_to_gguf
+    from actdiff.llamacpp.gguf_export import convert_to_gguf
 
     with pytest.raises(ModelError, match="outtype 'q4_0'"):
         convert_to_gguf(str(setup["model_dir"]), str(tmp_path / "x.gguf"), "q4_0")
@@ -426,10 +426,10 @@ def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
     propagated error only, and the verdict keeps the same causes as with the complete mapping."""
     from actdiff.compare.aggregate import aggregate
     from actdiff.compare.stats import StatsConfig, compute_shard_stats
-    from actdiff.tables import SHARD_TABLES as STATS_TABLES
+    from actdiff.tables import SHARD_TABLES
 
     eng = _dump_without(setup, tmp_path, "encoder.layers.{i}.attn.context")
-    outs = {k: str(tmp_path / f"{k}.parquet") for k in STATS_TABLES}
+    outs = {k: str(tmp_path / f"{k}.parquet") for k in SHARD_TABLES}
     compute_shard_stats(setup["model_dir"], setup["ref"], eng, "llamacpp", "fp32", 0, outs, StatsConfig())
     nodes = pd.read_parquet(outs["nodes"])
     ctx = nodes[nodes.node.str.endswith("attn.context")]
@@ -438,7 +438,7 @@ def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
     proj = nodes[nodes.node.str.endswith("attn.out_proj")]
     assert proj.status.isin(["pass", "warn"]).all() and proj.local_rel_l2.isna().all()
     summ = summary_outputs(tmp_path)
-    v = aggregate({t: [outs[t]] for t in STATS_TABLES}, summ, {"model": "tiny", "side": "llamacpp", "experts": 8})
+    v = aggregate({t: [outs[t]] for t in SHARD_TABLES}, summ, {"model": "tiny", "side": "llamacpp", "experts": 8})
     assert v["not_captured_nodes"] == [f"encoder.layers.{i}.attn.context" for i in range(4)]
     assert {c["hypothesis"] for c in v["causes"]} == {"gelu_tanh_fp16_table", "expert_bias_missing"}
     assert "not captured" in v["plain"]

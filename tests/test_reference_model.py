@@ -38,7 +38,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
+    from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
 
     model, cfg, _ = load_reference_model(tiny_model_dir)
     graph = build_graph(cfg)
@@ -226,7 +226,7 @@ def test_minilm_reference_runs_all_nodes(minilm_model_dir):
 
 def test_minilm_embedding_semantics(minilm_model_dir):
     """Real weights: related sentences are closer than unrelated ones (a sanity check of the real model)."""
-    from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
+    from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
 
     model, cfg, _ = load_reference_model(minilm_model_dir)
     graph = build_graph(cfg)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from actdiff.models.tiny import generate_tiny_model
+from actdiff.models.tiny import TRAINING_TEXT, generate_tiny_model
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "sentencepiece.bpe.model")
 
@@ -18,7 +18,7 @@ def two_generations(tmp_path_factory, released_config):
     dirs = []
     for name in ("a", "b"):
         d = tmp_path_factory.mktemp(name)
-        generate_tiny_model(d, REPO / "resources/tokenizer_training.txt", released_config, seed=0)
+        generate_tiny_model(d, TRAINING_TEXT, released_config, seed=0)
         dirs.append(d)
     return dirs
 
@@ -32,7 +32,7 @@ def test_generation_is_bitwise_deterministic(two_generations, tiny_model_dir):
 
 
 def test_different_seed_changes_weights(tmp_path, released_config, two_generations):
-    generate_tiny_model(tmp_path, REPO / "resources/tokenizer_training.txt", released_config, seed=1)
+    generate_tiny_model(tmp_path, TRAINING_TEXT, released_config, seed=1)
     assert (tmp_path / "model.safetensors").read_bytes() != (two_generations[0] / "model.safetensors").read_bytes()
 
 
@@ -77,7 +77,7 @@ def test_routing_near_ties_look_trained(tiny_model_dir):
     from actdiff.nodes import build_graph
     from actdiff.prompts import load_prompt_sheet
     from actdiff.reference import ReferenceRunner
-    from actdiff.tokenize import load_reference_tokenizer, tokenize_texts
+    from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
 
     df = load_prompt_sheet(REPO / "config/prompts/default.tsv")
     tok = load_reference_tokenizer(tiny_model_dir)

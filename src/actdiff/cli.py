@@ -18,8 +18,6 @@ from pathlib import Path
 
 from .errors import ActdiffError
 
-REPO_SCHEMA = Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
-
 
 def _graph(target: str):
     from .nodes import build_graph, graph_for_model_dir
@@ -66,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("make-tiny", help="generate tiny-nomic-moe")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text", default=str(Path(__file__).resolve().parents[2] / "resources/tokenizer_training.txt"))
+    p.add_argument("--text", default=None, help="default: the packaged corpus (actdiff/data/tokenizer_training.txt)")
     p = sub.add_parser("validate-config", help="validate a workflow config")
     p.add_argument("config")
-    p.add_argument("--schema", default=str(REPO_SCHEMA))
+    p.add_argument("--schema", default=None, help="default: the packaged schema (actdiff/data/config.schema.yaml)")
     p = sub.add_parser("inspect", help="summarise an activation dump")
     p.add_argument("dump")
     sub.add_parser("check", help="CI gate over a run's statistics (see actdiff check --help)")
@@ -80,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             g = _graph(args.target)
             print(nodes_markdown(g) if args.markdown else g.describe())
         elif args.cmd == "make-tiny":
-            from .models.tiny import generate_tiny_model
-            from .pipeline import released_config
+            from .models.released import released_config
+            from .models.tiny import TRAINING_TEXT, generate_tiny_model
 
-            generate_tiny_model(args.out_dir, args.text, released_config(), seed=args.seed)
+            generate_tiny_model(args.out_dir, args.text or TRAINING_TEXT, released_config(), seed=args.seed)
             print(f"wrote {args.out_dir}")
         elif args.cmd == "validate-config":
             from .config import load_config

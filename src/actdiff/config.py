@@ -1,4 +1,4 @@
-"""Workflow configuration: validation against workflow/schemas/config.schema.yaml.
+"""Workflow configuration: validation against the packaged schema, ``actdiff/data/config.schema.yaml``.
 
 Errors name the offending key as a dotted path (``models.tiny-nomic-moe.max_length``) and the file, and
 schema defaults are filled in so the rules can rely on every key being present.
@@ -6,6 +6,7 @@ schema defaults are filled in so the rules can rely on every key being present.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -13,6 +14,8 @@ import yaml
 
 from .errors import ConfigError
 from .variants import resolve_variant
+
+SCHEMA = Path(str(resources.files("actdiff").joinpath("data/config.schema.yaml")))  # the packaged config schema
 
 
 def _extend_with_default(validator_class):
@@ -42,8 +45,11 @@ def _key_path(err) -> str:
     return ".".join(parts) if parts else "(top level)"
 
 
-def validate_config(config: dict, schema_path: str | Path, source: str = "the config") -> dict:
-    """Validate (and fill defaults in) a config dict in place; raise ConfigError naming the key."""
+def validate_config(config: dict, schema_path: str | Path | None = None, source: str = "the config") -> dict:
+    """Validate (and fill defaults in) a config dict in place; raise ConfigError naming the key.
+
+    ``schema_path`` defaults to the packaged schema (:data:`SCHEMA`)."""
+    schema_path = SCHEMA if schema_path is None else schema_path
     schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: the configuration must be a mapping of keys to values")
@@ -84,7 +90,7 @@ def validate_config(config: dict, schema_path: str | Path, source: str = "the co
     return config
 
 
-def load_config(path: str | Path, schema_path: str | Path) -> dict:
+def load_config(path: str | Path, schema_path: str | Path | None = None) -> dict:
     p = Path(path)
     try:
         cfg = yaml.safe_load(p.read_text(encoding="utf-8"))

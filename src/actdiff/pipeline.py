@@ -6,10 +6,8 @@ recomputes only what is missing.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from importlib import resources
 
 import pandas as pd
 
@@ -17,15 +15,12 @@ from .atomic import atomic_path, write_json_atomic
 from .errors import ModelError
 from .models.loading import check_model_dir, model_summary, resolve_model_dir
 from .models.record import ModelRecord
+from .models.released import released_config
 from .nodes import build_graph
 from .prompts import load_prompt_sheet, split_into_shards
 from .variants import resolve_variant
 
 log = logging.getLogger(__name__)
-
-
-def released_config() -> dict:
-    return json.loads(resources.files("actdiff").joinpath("data/nomic-embed-text-v2-moe.config.json").read_text())
 
 
 def generate_model(kind: str, out_dir: str, text_file: str, seed: int) -> None:
@@ -67,7 +62,7 @@ def split_prompts(sheet: str, n_shards: int, outputs: list[str]) -> None:
 
 
 def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_side: bool = True) -> None:
-    from .tokenize import tokenize_shard
+    from .token_shards import tokenize_shard
 
     record = ModelRecord.load(model_json)
     df = pd.read_parquet(prompts)
@@ -200,7 +195,7 @@ def parity(
 # ---------------------------------------------------------------- llama.cpp (optional extra)
 def convert_gguf(model_json: str, variant: str, out: str) -> None:
     """Convert the model to a GGUF of the variant's weight type with llama.cpp's converter (verified)."""
-    from .llamacpp.convert import convert_to_gguf
+    from .llamacpp.gguf_export import convert_to_gguf
     from .llamacpp.side import outtype_for_variant
 
     record = ModelRecord.load(model_json)

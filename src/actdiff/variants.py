@@ -46,10 +46,6 @@ class Variant:
                 s += f":{self.fault_param}"
         return s
 
-    @property
-    def is_reference_precision(self) -> bool:
-        return self.precision == REFERENCE_VARIANT and self.fault is None
-
 
 def parse_variant(text: str) -> Variant:
     """Parse a variant string; raise ConfigError naming the string and the grammar if it is invalid."""

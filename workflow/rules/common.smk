@@ -7,13 +7,15 @@ from actdiff.config import validate_config
 from actdiff.errors import ActdiffError, ConfigError, ModelError
 from actdiff.models.loading import resolve_model_dir
 from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
+from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
 from actdiff.prompts import n_shards_for
+from actdiff.report.render import REPORTS_DIR
 from actdiff.variants import VARIANT_RE
 
 
 try:
-    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+    validate_config(config)  # against the packaged schema, actdiff/data/config.schema.yaml
 except ConfigError as e:  # a clear message naming the key, not a traceback
     sys.exit(f"actdiff: {e}")
 

@@ -1,7 +1,7 @@
 rule generate_model:
     """Generate an embedded default model (tiny-nomic-moe) from a seed, bitwise identical on every run."""
     input:
-        text="resources/tokenizer_training.txt",
+        text=str(TRAINING_TEXT),
     output:
         config=L.generated_model("{model}", "config.json"),
         weights=L.generated_model("{model}", "model.safetensors"),

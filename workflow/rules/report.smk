@@ -1,8 +1,8 @@
 rule render_report:
-    """Self-contained HTML report of one (model, side, variant) (reports/report.qmd, actdiff.report); it reads
+    """Self-contained HTML report of one (model, side, variant) (actdiff/data/reports/report.qmd, actdiff.report); it reads
     the run's summaries only, so its memory does not grow with the corpus."""
     input:
-        qmd="reports/report.qmd",
+        qmd=str(REPORTS_DIR / "report.qmd"),
         model=L.model_json("{model}"),
         summaries=lambda wc: list(summary_outputs(wc.model, wc.side, wc.variant).values()),
         parity=parity_files,
@@ -26,7 +26,7 @@ rule render_report:
 rule render_index:
     """One page comparing the verdicts of every report, linking to each."""
     input:
-        qmd="reports/index.qmd",
+        qmd=str(REPORTS_DIR / "index.qmd"),
         verdicts=[L.verdict(m, s, v) for m, s, v in runs()],
         reports=[L.report(m, s, v) for m, s, v in runs()],
     output:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -228,8 +227,7 @@ def _write_table(df: pd.DataFrame, schema, path: str) -> None:
 def _filtered(paths: list[str], ids: list[str], columns: list[str] | None) -> pd.DataFrame:
     frames = [pd.read_parquet(p, columns=columns, filters=[("prompt_id", "in", ids)]) for p in paths] if ids else []
     frames = [f for f in frames if len(f)]
-    # in (node, prompt, token) order: the table does not depend on the order the shards come in
-    return pd.concat(frames, ignore_index=True).sort_values(["node", "prompt_id", "token"], ignore_index=True) if frames else pd.DataFrame(columns=columns or ["prompt_id"])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or ["prompt_id"])
 
 
 def _texts(tokens: list[str], ids: set[str]) -> dict[str, str]:
@@ -292,8 +290,7 @@ def _token_errors(paths: list[str]) -> pd.DataFrame:
 def _concat(frames: list[pd.DataFrame], empty: pd.DataFrame | None) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     if frames:
-        # in (node, prompt, token) order: the table does not depend on the order the shards come in
-    return pd.concat(frames, ignore_index=True).sort_values(["node", "prompt_id", "token"], ignore_index=True)
+        return pd.concat(frames, ignore_index=True)
     return empty if empty is not None else pd.DataFrame()
 
 
@@ -591,7 +588,3 @@ def plain_words(v: dict) -> str:
             f" and {len(nodes) - 4} more." if len(nodes) > 4 else "."
         )
     return s + not_captured
-
-
-def read_verdict(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from ..nodes import ARCH_NOMIC_MOE, Graph
+from ..nodes import Graph
 
 
 @dataclass
@@ -224,7 +224,3 @@ def _store(key: str, a: np.ndarray, storage: str, layout: str, int8_axis: int) -
         storage="int8",
         int8_axis=int8_axis,
     )
-
-
-def is_nomic(graph: Graph) -> bool:
-    return graph.dims.arch == ARCH_NOMIC_MOE

@@ -18,7 +18,7 @@ from pathlib import Path
 PINNED_VERSION = "0.3.36"  # the llama-cpp-python release this layer is built and tested against
 INSTALL = (
     f"pip install -e '.[llamacpp]' (builds llama-cpp-python=={PINNED_VERSION} from source; "
-    "CMAKE_ARGS='-DLLAVA_BUILD=OFF' saves time), then python -m actdiff.llamacpp.converter install"
+    "CMAKE_ARGS='-DLLAVA_BUILD=OFF' saves time), then python -m actdiff.llamacpp.converter_script install"
 )
 
 
@@ -42,7 +42,7 @@ def available() -> tuple[bool, str]:
             f"llama_cpp {version} is installed, actdiff's llama.cpp layer is built and tested against "
             f"{PINNED_VERSION} (ggml struct layout, node names); install it with: {INSTALL}"
         )
-    from .converter import install_hint, missing_files  # not at import: `python -m .converter` runs it
+    from .converter_script import install_hint, missing_files  # not at import: `python -m .converter_script` runs it
 
     miss = missing_files()
     if miss:

@@ -40,7 +40,7 @@ class LlamaCppSide:
         from ..sides.mapping import load_mapping
         from . import mapping_path
         from .capture import LlamaCppRunner
-        from .convert import verify_gguf
+        from .gguf_export import verify_gguf
         from .gguf_meta import read_gguf_header
 
         self.variant, self.gguf, self.threads = str(variant), gguf, int(threads)
@@ -72,7 +72,7 @@ class LlamaCppSide:
 
     def provenance(self) -> dict:
         from .capture import library_info
-        from .convert import sha256_file
+        from .gguf_export import sha256_file
 
         lib = library_info()
         return {

@@ -92,13 +92,13 @@ def build_fullsize_random(
 ) -> Path:
     """Write (or reuse) a released-size NomicBERT-MoE directory with random fp32 weights; return its path.
 
-    ``config`` defaults to the released config.json (``actdiff.pipeline.released_config()``);
+    ``config`` defaults to the released config.json (``actdiff.models.released.released_config()``);
     ``tokenizer_dir`` (default: the generated tiny model) supplies tokenizer.json and
     tokenizer_config.json. An existing directory is reused when its config.json equals the config and its
     model.safetensors is complete; the seed is not checked (it is recorded in the safetensors metadata).
     """
     if config is None:
-        from ..pipeline import released_config
+        from .released import released_config
 
         config = released_config()
     cfg = dict(config)

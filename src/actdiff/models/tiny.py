@@ -1,9 +1,9 @@
 """The embedded default model ``tiny-nomic-moe``, generated deterministically from a seed.
 
 Tokenizer: built the way XLM-R's was. A SentencePiece Unigram model is trained with the
-``sentencepiece`` library (nmt_nfkc normalisation, one thread, fixed seed) on a fixed text file under
-``resources/``, then turned into a ``tokenizer.json`` with the released nomic tokenizer's structure: a
-bare ``Precompiled`` normalizer holding the SentencePiece charsmap, a Metaspace pre-tokenizer,
+``sentencepiece`` library (nmt_nfkc normalisation, one thread, fixed seed) on a fixed text file shipped as
+package data (:data:`TRAINING_TEXT`), then turned into a ``tokenizer.json`` with the released nomic
+tokenizer's structure: a bare ``Precompiled`` normalizer holding the SentencePiece charsmap, a Metaspace pre-tokenizer,
 ``<s>``=0 ``<pad>``=1 ``</s>``=2 ``<unk>``=3, SentencePiece id + 1 for every other piece, and ``<mask>``
 as the last id.
 
@@ -20,12 +20,16 @@ from __future__ import annotations
 import io
 import json
 import math
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_path, write_bytes_atomic
 from ..nodes import build_graph
+
+# the tokenizer's training corpus (package data)
+TRAINING_TEXT = Path(str(resources.files("actdiff").joinpath("data/tokenizer_training.txt")))
 
 TINY_ARCH = {
     "n_embd": 128,

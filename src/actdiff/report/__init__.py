@@ -1,6 +1,7 @@
 """HTML reports: one per (model, side, variant) and an index over all of them.
 
-The Quarto sources live in ``reports/`` (``report.qmd``, ``index.qmd``) and only call this package:
+The Quarto sources are package data, ``actdiff/data/reports/`` (``report.qmd``, ``index.qmd``), and only
+call this package:
 ``actdiff.report.data`` loads a run's tables, ``actdiff.report.sections`` turns them into markdown and
 static figures, ``actdiff.report.render`` renders a ``.qmd`` with quarto or, without quarto, with the
 fallback renderer (jupytext + nbclient + pandoc).

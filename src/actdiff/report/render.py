@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -28,7 +29,7 @@ from ..atomic import atomic_path
 from ..errors import ActdiffError
 
 CSS = Path(__file__).with_name("report.css")
-REPORTS_DIR = Path(__file__).resolve().parents[3] / "reports"  # the repository's .qmd sources
+REPORTS_DIR = Path(str(resources.files("actdiff").joinpath("data/reports")))  # the packaged .qmd sources
 _OPT = re.compile(r"^#\|\s*([\w.-]+)\s*:\s*(.*)$")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import ModelError
 from ..nodes import ARCH_NOMIC_MOE, dims_from_config, load_config_json
-from .converter import converter_dir, install_hint, missing_files
+from .converter_script import converter_dir, install_hint, missing_files
 from .gguf_meta import FILE_TYPES, POOLING_TYPES, GGUFHeader, read_gguf_header
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ gguf-py tqdm, pyyaml, requests; all are in actdiff's own dependencies or the ``l
 
 Install (only PyPI is needed)::
 
-    python -m actdiff.llamacpp.converter install               # pip download the sdist, extract
-    python -m actdiff.llamacpp.converter install --sdist X.tar.gz   # reuse an sdist already downloaded
+    python -m actdiff.llamacpp.converter_script install               # pip download the sdist, extract
+    python -m actdiff.llamacpp.converter_script install --sdist X.tar.gz   # reuse an sdist already downloaded
 
 The files go to ``$ACTDIFF_LLAMACPP_CONVERTER`` if set, else ``<sys.prefix>/share/actdiff/llama-cpp-python-
 <version>/`` (inside the venv, so deleting the venv removes them).
@@ -73,7 +73,7 @@ def missing_files(d: Path | None = None) -> list[str]:
 
 def install_hint() -> str:
     return (
-        f"install them with `python -m actdiff.llamacpp.converter install` (downloads llama-cpp-python=="
+        f"install them with `python -m actdiff.llamacpp.converter_script install` (downloads llama-cpp-python=="
         f"{PINNED_VERSION}'s sdist from PyPI and extracts {', '.join(MEMBERS)} of vendor/llama.cpp into "
         f"{default_dir()}, or ${ENV_DIR})"
     )
@@ -153,7 +153,7 @@ def install_converter(sdist: str | Path | None = None, dest: str | Path | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m actdiff.llamacpp.converter", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m actdiff.llamacpp.converter_script", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     inst = sub.add_parser("install", help="extract convert_hf_to_gguf.py, conversion/ and gguf-py from the sdist")
     inst.add_argument(
