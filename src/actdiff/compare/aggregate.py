@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -95,6 +96,63 @@ def _in_sample(df: pd.DataFrame, threshold: int) -> pd.DataFrame:
     return df[df["prompt_id"].isin(keep)].copy()
 
 
+_COSINE = "embedding_cosine"  # the worst-prompts column holding the final-embedding cosine
+
+
+@dataclass
+class _Corpus:
+    """What aggregation keeps while it reads the shards one at a time: exact counts, maxima and histograms,
+    the rows of the sampled prompts, and the worst prompts so far."""
+
+    threshold: int  # sample key bound (_sample_threshold)
+    n_experts: int
+    worst_n: int
+    sampled: dict = field(default_factory=lambda: {"nodes": [], "hypotheses": [], "prompts": []})
+    exact_nodes: list = field(default_factory=list)
+    first_counts: dict = field(default_factory=dict)
+    hyp_counts: dict = field(default_factory=dict)
+    hyp_fallback: dict = field(default_factory=dict)
+    ev_counts: dict = field(default_factory=dict)
+    routing: dict = field(default_factory=dict)
+    emb: dict = field(default_factory=lambda: {"n": 0, "min": math.inf, "hist": None, "worst": []})
+    empty_nodes: pd.DataFrame | None = None
+    worst: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=[*worst_mod.WORST_COLUMNS, _COSINE]))
+
+    def add_nodes(self, nodes: pd.DataFrame) -> None:
+        if self.empty_nodes is None:
+            self.empty_nodes = nodes.iloc[:0]
+        if not len(nodes):
+            return
+        self.exact_nodes.append(_exact_node_part(nodes))
+        firsts = nodes.drop_duplicates("prompt_id")["first_divergence"].replace("", "(none)").value_counts()
+        for node, c in firsts.items():
+            self.first_counts[node] = self.first_counts.get(node, 0) + int(c)
+        part = _in_sample(nodes[_SAMPLED_NODE_COLUMNS], self.threshold)
+        for c in ("prompt_id", "op", "status"):  # repeated strings: categoricals, not objects
+            part[c] = part[c].astype("category")
+        self.sampled["nodes"].append(part)
+
+    def add_hypotheses(self, hyp: pd.DataFrame) -> None:
+        if not len(hyp):
+            return
+        top = hyp[hyp["rank"] == 1]
+        for key, g in top.groupby(["node", "verdict", "explained_by", "hypothesis"]):
+            self.hyp_counts[key] = self.hyp_counts.get(key, 0) + g["prompt_id"].nunique()
+            self.hyp_fallback.setdefault(
+                key, (float(g["error"].median()), float(g["baseline_error"].median()), g["says"].iloc[0])
+            )
+        for key, g in hyp.groupby(["node", "hypothesis"]):
+            self.ev_counts[key] = self.ev_counts.get(key, 0) + g["prompt_id"].nunique()
+        self.sampled["hypotheses"].append(_in_sample(hyp, self.threshold))
+
+    def add_prompts(self, prompts: pd.DataFrame, nodes: pd.DataFrame, routing: pd.DataFrame) -> None:
+        if len(nodes):
+            self.worst = _worst_update(self.worst, nodes, prompts, self.worst_n)
+        self.sampled["prompts"].append(_in_sample(prompts, self.threshold))
+        _embedding_accumulate(self.emb, prompts)
+        _routing_accumulate(self.routing, routing, self.n_experts)
+
+
 def aggregate(
     shard_tables: dict[str, list[str]],
     outputs: dict[str, str],
@@ -112,80 +170,49 @@ def aggregate(
     what the report shows of them (heatmap, per-token errors, drill-down): a report reads summaries only.
     ``tokens``: the tokens shards (the prompts' texts)."""
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
-    sampled: dict[str, list[pd.DataFrame]] = {"nodes": [], "hypotheses": [], "prompts": []}
-    exact_nodes: list[pd.DataFrame] = []
-    first_counts: dict[str, int] = {}
-    hyp_counts: dict[tuple, int] = {}
-    hyp_fallback: dict[tuple, tuple[float, float, str]] = {}
-    ev_counts: dict[tuple, int] = {}
-    routing_acc: dict[int, dict] = {}
-    emb_acc = {"n": 0, "min": math.inf, "hist": None, "worst": []}
-    n_experts = int(meta.get("experts", 0) or 0)
-    empty_shape: dict[str, pd.DataFrame] = {}
-    worst = pd.DataFrame(columns=[*worst_mod.WORST_COLUMNS, "embedding_cosine"])
+    acc = _Corpus(threshold, int(meta.get("experts", 0) or 0), worst_n)
     for i in range(len(shard_tables["nodes"])):
         nodes = pd.read_parquet(shard_tables["nodes"][i])
-        empty_shape.setdefault("nodes", nodes.iloc[:0])
-        if len(nodes):
-            exact_nodes.append(_exact_node_part(nodes))
-            for node, c in (
-                nodes.drop_duplicates("prompt_id")["first_divergence"].replace("", "(none)").value_counts().items()
-            ):
-                first_counts[node] = first_counts.get(node, 0) + int(c)
-            part = _in_sample(nodes[_SAMPLED_NODE_COLUMNS], threshold)
-            for c in ("prompt_id", "op", "status"):  # repeated strings: categoricals, not objects
-                part[c] = part[c].astype("category")
-            sampled["nodes"].append(part)
-        hyp = pd.read_parquet(shard_tables["hypotheses"][i])
-        if len(hyp):
-            top = hyp[hyp["rank"] == 1]
-            for key, g in top.groupby(["node", "verdict", "explained_by", "hypothesis"]):
-                hyp_counts[key] = hyp_counts.get(key, 0) + g["prompt_id"].nunique()
-                hyp_fallback.setdefault(
-                    key, (float(g["error"].median()), float(g["baseline_error"].median()), g["says"].iloc[0])
-                )
-            for key, g in hyp.groupby(["node", "hypothesis"]):
-                ev_counts[key] = ev_counts.get(key, 0) + g["prompt_id"].nunique()
-            sampled["hypotheses"].append(_in_sample(hyp, threshold))
-        prompts = pd.read_parquet(shard_tables["prompts"][i])
-        if len(nodes):
-            worst = _worst_update(worst, nodes, prompts, worst_n)
-        sampled["prompts"].append(_in_sample(prompts, threshold))
-        _embedding_accumulate(emb_acc, prompts)
-        _routing_accumulate(routing_acc, pd.read_parquet(shard_tables["routing"][i]), n_experts)
-        del nodes, hyp, prompts
-
-    nodes_s = _concat(sampled["nodes"], empty_shape.get("nodes"))
-    summary = node_summary(nodes_s) if len(nodes_s) else pd.DataFrame()
-    if len(summary):
-        summary = _apply_exact(summary, pd.concat(exact_nodes, ignore_index=True))
-    _write(summary, outputs["nodes"])
-    first = (
-        pd.DataFrame({"node": list(first_counts), "prompts": list(first_counts.values())})
-        .sort_values(["prompts", "node"], ascending=[False, True])
-        .reset_index(drop=True)
-    )
-    _write(first, outputs["first_divergence"])
-    hyp_s = _concat(sampled["hypotheses"], None)
-    hyp_summary, evidence = _hypothesis_tables(hyp_s, hyp_counts, hyp_fallback, ev_counts)
-    _write(hyp_summary, outputs["hypotheses"])
-    prompts_s = _concat(sampled["prompts"], None)
-    _write(_routing_table(routing_acc, prompts_s), outputs["routing"])
-    emb = _embedding_summary(shard_tables["embeddings"], prompts_s, emb_acc, meta.get("embedding_sample", 2000))
-    write_json_atomic(outputs["embeddings"], emb)
-    verdict = _verdict(summary, first, hyp_summary, evidence, emb, meta)
-    _write_worst_tables(worst, shard_tables, tokens or [], outputs)
+        acc.add_nodes(nodes)
+        acc.add_hypotheses(pd.read_parquet(shard_tables["hypotheses"][i]))
+        acc.add_prompts(pd.read_parquet(shard_tables["prompts"][i]), nodes, pd.read_parquet(shard_tables["routing"][i]))
+        del nodes
+    verdict = _write_summaries(acc, shard_tables, outputs, meta)
+    _write_worst_tables(acc.worst, shard_tables, tokens or [], outputs)
     if "tokenization" in outputs:
         write_json_atomic(outputs["tokenization"], tokenization_summary(tokens or []))
     write_json_atomic(outputs["verdict"], verdict)
     return verdict
 
 
+def _write_summaries(acc: _Corpus, shard_tables: dict, outputs: dict, meta: dict) -> dict:
+    """The node, first-divergence, hypothesis and routing summaries and the embedding JSON; returns the verdict."""
+    nodes_s = _concat(acc.sampled["nodes"], acc.empty_nodes)
+    summary = node_summary(nodes_s) if len(nodes_s) else pd.DataFrame()
+    if len(summary):
+        summary = _apply_exact(summary, pd.concat(acc.exact_nodes, ignore_index=True))
+    _write(summary, outputs["nodes"])
+    first = (
+        pd.DataFrame({"node": list(acc.first_counts), "prompts": list(acc.first_counts.values())})
+        .sort_values(["prompts", "node"], ascending=[False, True])
+        .reset_index(drop=True)
+    )
+    _write(first, outputs["first_divergence"])
+    hyp_s = _concat(acc.sampled["hypotheses"], None)
+    hyp_summary, evidence = _hypothesis_tables(hyp_s, acc.hyp_counts, acc.hyp_fallback, acc.ev_counts)
+    _write(hyp_summary, outputs["hypotheses"])
+    prompts_s = _concat(acc.sampled["prompts"], None)
+    _write(_routing_table(acc.routing, prompts_s), outputs["routing"])
+    emb = _embedding_summary(shard_tables["embeddings"], prompts_s, acc.emb, meta.get("embedding_sample", 2000))
+    write_json_atomic(outputs["embeddings"], emb)
+    return _verdict(summary, first, hyp_summary, evidence, emb, meta)
+
+
 def _worst_update(worst: pd.DataFrame, nodes: pd.DataFrame, prompts: pd.DataFrame, k: int) -> pd.DataFrame:
     """The k worst prompts so far, with one more shard's prompts (and their final-embedding cosine)."""
     part = worst_mod.per_prompt(nodes)
     emb = prompts[prompts["kind"] == "embedding"].set_index("prompt_id")["value"] if len(prompts) else {}
-    part["embedding_cosine"] = part["prompt_id"].map(lambda p: float(emb.get(p, math.nan)))
+    part[_COSINE] = part["prompt_id"].map(lambda p: float(emb.get(p, math.nan)))
     both = pd.concat([worst, part], ignore_index=True) if len(worst) else part
     return worst_mod.top(both, k)
 
