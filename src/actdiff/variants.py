@@ -21,7 +21,7 @@ REFERENCE_VARIANT = "fp32"
 
 _PRECISION_RE = "|".join(re.escape(p) for p in sorted(PRECISIONS, key=len, reverse=True))
 # fault names are identifiers; a parameter is a number or identifier-like token.
-FAULT_NAME_RE = r"[a-z][a-z0-9_]*"
+FAULT_NAME_RE = r"[a-z][a-z0-9_\-]*"  # a fault handle or a catalogue entry name (layernorm_eps_1e-6)
 FAULT_PARAM_RE = r"[A-Za-z0-9_.eE+\-]+"
 VARIANT_RE = rf"(?:{_PRECISION_RE})(?:\+fault={FAULT_NAME_RE}(?::{FAULT_PARAM_RE})?)?"
 _VARIANT_FULL = re.compile(
