@@ -69,18 +69,25 @@ class Hypothesis:
     note: str = ""
     fault: str = ""  # the short name the engine's deliberate fault uses for this entry (actdiff.engine.faults)
 
-    def applies(self, graph: Graph, node: Node, spec: dict | None = None) -> bool:
-        """True if this entry is a distinct, meaningful variant of ``node``'s op."""
+    def matches(self, node: Node, arch: str | None) -> bool:
+        """True if the entry's op and ``when`` conditions select ``node`` (``arch`` None: any architecture).
+        The engine's deliberate faults select their nodes with this too (actdiff.engine.faults)."""
         if node.op not in self.ops:
             return False
-        facts = {"arch": graph.dims.arch, "part": node.attrs.get("part"), "kind": node.kind}
+        facts = {"arch": arch, "part": node.attrs.get("part"), "kind": node.kind}
         for key, want in self.when.items():
             allowed = want if isinstance(want, list) else [want]
             if key == "name_suffix":
                 if not any(node.name.endswith(str(s)) for s in allowed):
                     return False
-            elif facts[key] not in allowed:
+            elif not (key == "arch" and arch is None) and facts[key] not in allowed:
                 return False
+        return True
+
+    def applies(self, graph: Graph, node: Node, spec: dict | None = None) -> bool:
+        """True if this entry is a distinct, meaningful variant of ``node``'s op."""
+        if not self.matches(node, graph.dims.arch):
+            return False
         spec = spec_params(graph, node) if spec is None else spec
         if not set(self.params) <= set(spec):
             return False  # the node has no such parameter (e.g. positions of a rotary model's EMBED)

@@ -193,7 +193,7 @@ def _set_mismatch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.any(np.sort(a, 1) != np.sort(b, 1), axis=1)
 
 
-def _judge_index(ctx: ShardContext, j: Judged, node, b: float) -> tuple[dict, float, str]:
+def _judge_index(ctx: ShardContext, j: Judged, node) -> tuple[dict, float, str]:
     """Top-k expert ids: a disagreement at a reference near-tie (margin within the probabilities' budget) is
     legitimate; only disagreements at clear margins count against the node."""
     r, e = j.ref[node.name], j.eng[node.name]
@@ -236,7 +236,7 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
     elif ctx.replay is None and any(i in ctx.missing for i in node.inputs):
         m, local_rel, st = _judge_blind(j, node, b)
     elif node.kind == "index":
-        m, local_rel, st = _judge_index(ctx, j, node, b)
+        m, local_rel, st = _judge_index(ctx, j, node)
     else:
         m, local_rel, st = _judge_float(ctx, j, node, b)
     j.status[node.name] = st

@@ -42,19 +42,8 @@ class Fault:
     params: dict = field(hash=False)
 
     def changes(self, node, arch: str | None = None) -> bool:
-        """True if the fault runs ``node`` differently: the entry matches its op and conditions."""
-        e = self.entry
-        if node.op not in e.ops:
-            return False
-        facts = {"arch": arch, "part": node.attrs.get("part"), "kind": node.kind}
-        for key, want in e.when.items():
-            allowed = want if isinstance(want, list) else [want]
-            if key == "name_suffix":
-                if not any(node.name.endswith(str(s)) for s in allowed):
-                    return False
-            elif not (key == "arch" and arch is None) and facts[key] not in allowed:
-                return False
-        return True
+        """True if the fault runs ``node`` differently: the entry's op and conditions select it."""
+        return self.entry.matches(node, arch)
 
     def overrides(self, node, arch: str | None = None) -> dict:
         """The parameters ``node`` runs with besides the spec's (empty for nodes the fault does not change)."""
@@ -122,5 +111,4 @@ def _with_param(f: Fault, param: str) -> dict:
 
 
 def runnable_faults() -> dict[str, Fault]:
-    cat = _catalogue()
-    return {n: Fault(n, cat[n], dict(cat[n].params)) for n in fault_names()}
+    return {n: lookup_fault(n) for n in fault_names()}
