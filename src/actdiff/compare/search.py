@@ -1,0 +1,117 @@
+"""Explanations that are found, not looked up: the search run at a failing node the catalogue left unexplained.
+
+Given a bounded sample of one node's inputs (the values the engine's op ran on) and the engine's outputs for
+them, every registered searcher proposes functions of the same inputs and reports a
+:class:`~actdiff.compare.findings.Finding` with its residual:
+
+- fits of the op's continuous parameters (actdiff.compare.search_fit);
+- structural alternatives generated from the op's definition: axes, additive terms, roles of its weights,
+  reduced precision at each intermediate step (actdiff.compare.search_fit);
+- parameters recovered from the data where the op is linear in them, matched against the checkpoint's tensors
+  (actdiff.compare.recover).
+
+The search never reads variant names, fault labels or catalogue entries: only arrays. It runs under a
+:class:`~actdiff.compare.findings.Deadline` (logged, configurable: ``stats: {search_seconds: ...}``) and
+stops cleanly when it expires, saying so (``timed_out``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..nodes import Graph, Node
+from .findings import Deadline, Finding, SearchResult, sample_error
+from .refops import NotApplicable, run_op, spec_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchContext:
+    """One node's sample and the means to evaluate candidates on it."""
+
+    graph: Graph
+    node: Node
+    inputs: list[dict[str, np.ndarray]]  # per prompt: the node's inputs (and aux nodes, e.g. top-k weights)
+    targets: list[np.ndarray]  # per prompt: the engine's output for those inputs
+    weights: Mapping[str, np.ndarray]  # every checkpoint tensor by name (read lazily)
+    budget: float
+    deadline: Deadline
+    spec: dict = field(default_factory=dict)  # spec_params of the node
+    spec_out: list[np.ndarray] = field(default_factory=list)  # the spec op's outputs, per prompt
+    denom: float = 0.0  # sqrt(sum ||spec||^2): the shared denominator
+    err0: float = 0.0  # the spec's own error against the targets
+    tried: int = 0
+
+    def error_of(self, preds: list[np.ndarray]) -> float:
+        self.tried += 1
+        return sample_error(self.targets, preds, self.denom)
+
+    def evaluate(self, params: dict) -> float:
+        """Residual of the op run with ``params`` overriding the spec (inf when the params cannot apply)."""
+        try:
+            preds = [run_op(self.graph, self.node, x, self.weights, {**self.spec, **params}) for x in self.inputs]
+        except (NotApplicable, KeyError, ValueError, FloatingPointError):
+            self.tried += 1
+            return float("inf")
+        return self.error_of(preds)
+
+
+Searcher = Callable[[SearchContext], Iterable[Finding]]
+SEARCHERS: list[Searcher] = []  # filled by the searcher modules on import (registered in order)
+
+
+def register(fn: Searcher) -> Searcher:
+    SEARCHERS.append(fn)
+    return fn
+
+
+def make_context(graph, node, inputs, targets, weights, budget, deadline) -> SearchContext:
+    node = graph[node] if isinstance(node, str) else node
+    ctx = SearchContext(graph, node, list(inputs), [np.asarray(t) for t in targets], weights, float(budget), deadline)
+    ctx.spec = spec_params(graph, node)
+    ctx.spec_out = [run_op(graph, node, x, weights, ctx.spec) for x in ctx.inputs]
+    ctx.denom = float(np.sqrt(sum(float(np.sum(s.astype(np.float64) ** 2)) for s in ctx.spec_out)))
+    if ctx.denom == 0.0:
+        ctx.denom = float(np.sqrt(sum(float(np.sum(np.asarray(t, np.float64) ** 2)) for t in ctx.targets)))
+    ctx.err0 = sample_error(ctx.targets, ctx.spec_out, ctx.denom)
+    ctx.tried = 0
+    return ctx
+
+
+def search_node(
+    graph: Graph,
+    node: Node | str,
+    inputs: list[dict[str, np.ndarray]],
+    targets: list[np.ndarray],
+    weights: Mapping[str, np.ndarray],
+    budget: float,
+    deadline: Deadline,
+) -> SearchResult:
+    """Run every registered searcher at ``node`` on the sample until one explains it or the deadline passes."""
+    from . import recover, search_fit  # noqa: F401  (register their searchers)
+
+    t0 = time.monotonic()
+    ctx = make_context(graph, node, inputs, targets, weights, budget, deadline)
+    res = SearchResult(ctx.node.name, ctx.node.op, ctx.err0, ctx.budget, len(ctx.inputs),
+                       int(sum(np.shape(t)[0] for t in ctx.targets)))  # fmt: skip
+    for searcher in SEARCHERS:
+        if deadline.expired():
+            res.timed_out = True
+            break
+        for f in searcher(ctx):
+            res.findings.append(f)
+        if res.explained_by is not None:
+            break
+    res.findings.sort(key=lambda f: f.error)
+    res.tried, res.seconds = ctx.tried, time.monotonic() - t0
+    log.info(
+        "search %s: %d candidates in %.2f s%s; best %s", ctx.node.name, res.tried, res.seconds,
+        " (time budget spent)" if res.timed_out else "", res.best.says if res.best else "none",
+    )  # fmt: skip
+    return res
