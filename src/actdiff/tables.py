@@ -43,12 +43,33 @@ _HYPOTHESES = pa.schema(
         ("node", pa.string()),
         ("first_divergence", pa.bool_()),
         ("rank", pa.int64()),
-        ("hypothesis", pa.string()),
+        ("candidate", pa.string()),  # a catalogue entry tried (ranked): a cause only where verdict says explained
         ("error", pa.float64()),
         ("says", pa.string()),
         ("baseline_error", pa.float64()),
         ("verdict", pa.string()),
         ("explained_by", pa.string()),
+    ]
+)
+_SEARCH = pa.schema(
+    [
+        ("node", pa.string()),
+        ("node_index", pa.int64()),
+        ("op", pa.string()),
+        ("rank", pa.int64()),  # 0: nothing found (the row records what was tried)
+        ("kind", pa.string()),  # actdiff.compare.findings.KINDS
+        ("name", pa.string()),
+        ("says", pa.string()),
+        ("error", pa.float64()),
+        ("params", pa.string()),  # JSON
+        ("explains", pa.bool_()),
+        ("baseline_error", pa.float64()),
+        ("budget", pa.float64()),
+        ("prompts", pa.int64()),
+        ("rows", pa.int64()),
+        ("tried", pa.int64()),
+        ("seconds", pa.float64()),
+        ("timed_out", pa.bool_()),
     ]
 )
 _ROUTING = pa.schema(
@@ -105,6 +126,7 @@ SHARD_TABLES: dict[str, Table] = {
         Table("routing", "shard", "one row per (prompt, MoE layer, token): expert sets and margins", _ROUTING),
         Table("drilldown", "shard", "the shard's worst prompts: first values of the key nodes", _DRILLDOWN),
         Table("hypotheses", "shard", "root-cause ranking at failing nodes", _HYPOTHESES),
+        Table("search", "shard", "searched explanations at nodes the catalogue left unexplained", _SEARCH),
         Table("prompts", "shard", "per-prompt values: MoE layer errors, embedding cosines"),
         Table(EMBEDDING_SAMPLE, "shard", "bounded sample of final embeddings (neighbour analysis)", _EMBEDDINGS),
     )
@@ -116,6 +138,7 @@ SUMMARY_TABLES: dict[str, Table] = {
         Table("nodes", "summary", "per node: quantiles of every metric, fail/warn counts, worst prompts"),
         Table("first_divergence", "summary", "first divergent node -> number of prompts"),
         Table("hypotheses", "summary", "top hypotheses per failing node with prompt counts"),
+        Table("search", "summary", "per searched node: the best explanation found, what was tried, time", _SEARCH),
         Table("routing", "summary", "per MoE layer: agreement, flips, expert load, margin histograms"),
         Table("worst_prompts", "summary", "the corpus's worst prompts, ranked once (compare.worst)", _WORST_PROMPTS),
         Table("heatmap", "summary", "propagated error per node of the worst prompts", _HEATMAP),

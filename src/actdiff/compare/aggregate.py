@@ -40,7 +40,12 @@ def node_summary(nodes: pd.DataFrame) -> pd.DataFrame:
             "fail": int((g["status"] == "fail").sum()),
             "warn": int((g["status"] == "warn").sum()),
             "not_captured": int((g["status"] == "not_captured").sum()),
+            "is_output": bool(g["is_output"].iloc[0]),
+            "replay_mismatch": 0,  # exact counts below (_apply_exact)
+            "over_propagated": 0,
+            "fail_with_effect": 0,
             "budget_median": float(g["budget"].median()),
+            "propagated_budget_median": float(g["propagated_budget"].median()),
             # budgets follow each prompt's fp32 noise: the worst prompt's own ratio, not max over median
             "local_over_budget_max": float((g["local_rel_l2"] / g["budget"]).replace([np.inf, -np.inf], np.nan).max()),
         }
@@ -59,7 +64,20 @@ def node_summary(nodes: pd.DataFrame) -> pd.DataFrame:
 # p99 estimated from 5,000 prompts is about sqrt(0.99 * 0.01 / 5000) = 0.14 percentile points
 SAMPLE_PROMPTS = 5_000
 # the columns of the nodes table the quantiles need (the rest is counted exactly while streaming)
-_SAMPLED_NODE_COLUMNS = ["prompt_id", "node_index", "node", "op", "layer", "status", "budget", *QUANTILE_METRICS]
+_SAMPLED_NODE_COLUMNS = [
+    "prompt_id",
+    "node_index",
+    "node",
+    "op",
+    "layer",
+    "status",
+    "budget",
+    "propagated_budget",
+    "is_output",
+    *QUANTILE_METRICS,
+]
+# counted exactly per node: (column, how); see _exact_node_part
+_EXACT_COUNTS = ("n_prompts", "fail", "warn", "not_captured", "replay_mismatch", "over_propagated", "fail_with_effect")
 
 
 def _sample_threshold(paths: list[str], k: int) -> int:
@@ -136,12 +154,11 @@ class _Corpus:
         if not len(hyp):
             return
         top = hyp[hyp["rank"] == 1]
-        for key, g in top.groupby(["node", "verdict", "explained_by", "hypothesis"]):
+        # an unexplained node is one group, whatever candidate happened to come closest on each prompt
+        for key, g in top.groupby(["node", "verdict", "explained_by"]):
             self.hyp_counts[key] = self.hyp_counts.get(key, 0) + g["prompt_id"].nunique()
-            self.hyp_fallback.setdefault(
-                key, (float(g["error"].median()), float(g["baseline_error"].median()), g["says"].iloc[0])
-            )
-        for key, g in hyp.groupby(["node", "hypothesis"]):
+            self.hyp_fallback.setdefault(key, _group_medians(g))
+        for key, g in hyp.groupby(["node", "candidate"]):
             self.ev_counts[key] = self.ev_counts.get(key, 0) + g["prompt_id"].nunique()
         self.sampled["hypotheses"].append(_in_sample(hyp, self.threshold))
 
@@ -201,11 +218,14 @@ def _write_summaries(acc: _Corpus, shard_tables: dict, outputs: dict, meta: dict
     hyp_s = _concat(acc.sampled["hypotheses"], None)
     hyp_summary, evidence = _hypothesis_tables(hyp_s, acc.hyp_counts, acc.hyp_fallback, acc.ev_counts)
     _write(hyp_summary, outputs["hypotheses"])
+    searched = search_summary(shard_tables.get("search", []))
+    if "search" in outputs:
+        _write(searched, outputs["search"])
     prompts_s = _concat(acc.sampled["prompts"], None)
     _write(_routing_table(acc.routing, prompts_s), outputs["routing"])
     emb = _embedding_summary(shard_tables["embeddings"], prompts_s, acc.emb, meta.get("embedding_sample", 2000))
     write_json_atomic(outputs["embeddings"], emb)
-    return _verdict(summary, first, hyp_summary, evidence, emb, meta)
+    return _verdict(summary, first, hyp_summary, evidence, searched, emb, meta)
 
 
 def _worst_update(worst: pd.DataFrame, nodes: pd.DataFrame, prompts: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -285,9 +305,14 @@ def tokenization_summary(tokens: list[str]) -> dict:
             fd = int(r.first_diff) if r.first_diff is not None and not pd.isna(r.first_diff) else 0
             eng = [int(i) for i in (r.engine_ids if r.engine_ids is not None else [])]
             out["examples"].append(
-                {"prompt_id": r.prompt_id, "text": str(r.text), "first_diff": fd,
-                 "reference_ids": [int(i) for i in r.reference_ids], "engine_ids": eng}
-            )  # fmt: skip
+                {
+                    "prompt_id": r.prompt_id,
+                    "text": str(r.text),
+                    "first_diff": fd,
+                    "reference_ids": [int(i) for i in r.reference_ids],
+                    "engine_ids": eng,
+                }
+            )
     return out
 
 
@@ -323,12 +348,22 @@ def _concat(frames: list[pd.DataFrame], empty: pd.DataFrame | None) -> pd.DataFr
 
 def _exact_node_part(nodes: pd.DataFrame) -> pd.DataFrame:
     """One shard's exact per-node counts, maxima and worst prompts (combined over shards by _apply_exact)."""
+    nodes = nodes.assign(
+        # the propagated error beyond what correct local errors can produce (actdiff.compare.propagation)
+        over_propagated=nodes["rel_l2"] > nodes["propagated_budget"],
+        # a local failure on a prompt whose outputs diverge: a deviation with an effect
+        fail_with_effect=(nodes["status"] == "fail") & nodes["output_diverges"],
+    )
     g = nodes.groupby(["node_index", "node"], sort=True)
     part = g.agg(
         n_prompts=("prompt_id", "size"),
         fail=("status", lambda x: int((x == "fail").sum())),
         warn=("status", lambda x: int((x == "warn").sum())),
         not_captured=("status", lambda x: int((x == "not_captured").sum())),
+        replay_mismatch=("replay_mismatch", "sum"),
+        over_propagated=("over_propagated", "sum"),
+        fail_with_effect=("fail_with_effect", "sum"),
+        replay_gap_max=("replay_gap", "max"),
     )
     for m in QUANTILE_METRICS:
         part[f"{m}_max"] = g[m].agg(lambda v: v.replace([np.inf, -np.inf], np.nan).max())
@@ -342,7 +377,8 @@ def _exact_node_part(nodes: pd.DataFrame) -> pd.DataFrame:
 
 def _apply_exact(summary: pd.DataFrame, exact: pd.DataFrame) -> pd.DataFrame:
     g = exact.groupby(["node_index", "node"], sort=True)
-    agg = g[["n_prompts", "fail", "warn", "not_captured"]].sum()
+    agg = g[list(_EXACT_COUNTS)].sum()
+    agg["replay_gap_max"] = g["replay_gap_max"].max()
     for m in QUANTILE_METRICS:
         agg[f"{m}_max"] = g[f"{m}_max"].max()
     agg["worst_prompts"] = g["worst"].agg(
@@ -351,35 +387,103 @@ def _apply_exact(summary: pd.DataFrame, exact: pd.DataFrame) -> pd.DataFrame:
     agg = agg.reset_index()
     out = summary.drop(columns=[c for c in agg.columns if c not in ("node_index", "node")], errors="ignore")
     out = out.merge(agg, on=["node_index", "node"], how="left")
-    return out[list(summary.columns)]
+    return out[[*summary.columns, "replay_gap_max"]]
+
+
+HYPOTHESIS_COLUMNS = [
+    "node",
+    "verdict",
+    "explained_by",
+    "prompts",
+    "error_median",
+    "baseline_error_median",
+    "says",
+    "candidates",
+]
+
+
+def _group_medians(g: pd.DataFrame) -> tuple[float, float, str]:
+    """(median residual of the top candidate, median baseline error, its sentence when it explains)."""
+    explained = g["verdict"].iloc[0] == "explained"
+    return float(g["error"].median()), float(g["baseline_error"].median()), g["says"].iloc[0] if explained else ""
 
 
 def _hypothesis_tables(hyp_s, hyp_counts, hyp_fallback, ev_counts):
-    cols = ["node", "verdict", "explained_by", "hypothesis", "prompts", "error_median", "baseline_error_median", "says"]
+    """Per (node, verdict, cause): prompts and medians. An unexplained group names no candidate: its error is
+    the best residual any catalogue entry reached, ``candidates`` how many were tried."""
     if not hyp_counts:
-        return pd.DataFrame(columns=cols), pd.DataFrame(columns=["node", "hypothesis", "error_median", "prompts"])
+        return pd.DataFrame(columns=HYPOTHESIS_COLUMNS), pd.DataFrame(
+            columns=["node", "candidate", "error_median", "prompts"]
+        )
     med = {}
     if len(hyp_s):
         top = hyp_s[hyp_s["rank"] == 1]
-        for key, g in top.groupby(["node", "verdict", "explained_by", "hypothesis"]):
-            med[key] = (float(g["error"].median()), float(g["baseline_error"].median()), g["says"].iloc[0])
+        for key, g in top.groupby(["node", "verdict", "explained_by"]):
+            med[key] = _group_medians(g)
+    tried = {}
+    for node, _cand in ev_counts:
+        tried[node] = tried.get(node, 0) + 1
     rows = []
     for key, n in hyp_counts.items():
         e, b, says = med.get(key, hyp_fallback[key])  # a group outside the sample: its first shard's median
-        rows.append(dict(zip(cols, [*key, n, e, b, says], strict=True)))
-    hyp_summary = pd.DataFrame(rows, columns=cols).sort_values(["prompts", "node"], ascending=[False, True])
-    ev_med = hyp_s.groupby(["node", "hypothesis"])["error"].median().to_dict() if len(hyp_s) else {}
+        rows.append(dict(zip(HYPOTHESIS_COLUMNS, [*key, n, e, b, says, tried.get(key[0], 0)], strict=True)))
+    hyp_summary = pd.DataFrame(rows, columns=HYPOTHESIS_COLUMNS).sort_values(
+        ["prompts", "node"], ascending=[False, True]
+    )
+    ev_med = hyp_s.groupby(["node", "candidate"])["error"].median().to_dict() if len(hyp_s) else {}
     evidence = pd.DataFrame(
-        [{"node": k[0], "hypothesis": k[1], "error_median": float(ev_med.get(k, math.nan)), "prompts": n}
-         for k, n in ev_counts.items()]
-    )  # fmt: skip
+        [
+            {"node": k[0], "candidate": k[1], "error_median": float(ev_med.get(k, math.nan)), "prompts": n}
+            for k, n in ev_counts.items()
+        ],
+        columns=["node", "candidate", "error_median", "prompts"],
+    )
     return hyp_summary.reset_index(drop=True), evidence
 
 
+def search_summary(paths: list[str]) -> pd.DataFrame:
+    """Per searched node, over the shards: the best explaining finding (lowest residual relative to its
+    baseline), else the best finding; candidates tried and seconds summed, timed_out if any shard ran out."""
+    from ..tables import SUMMARY_TABLES
+
+    frames = [f for f in (pd.read_parquet(p) for p in paths) if len(f)]
+    schema = SUMMARY_TABLES["search"].schema
+    if not frames:
+        return schema.empty_table().to_pandas()
+    t = pd.concat(frames, ignore_index=True)
+    rows = []
+    for _, g in t.groupby("node", sort=False):
+        runs = g.drop_duplicates(["tried", "seconds", "prompts"])  # one search per shard: its rows share these
+        totals = {
+            "tried": int(runs["tried"].sum()),
+            "seconds": float(runs["seconds"].sum()),
+            "timed_out": bool(g["timed_out"].any()),
+            "prompts": int(runs["prompts"].sum()),
+        }
+        found = g[g["rank"] > 0].assign(ratio=lambda d: d["error"] / d["baseline_error"])
+        pick = (found[found["explains"]] if found["explains"].any() else found).sort_values(["ratio", "name"])
+        best = pick.iloc[0] if len(pick) else g.iloc[0]
+        rows.append({**best.drop(labels=["ratio"], errors="ignore").to_dict(), **totals})
+    out = pd.DataFrame(rows).sort_values("node_index", ignore_index=True)
+    return out[schema.names]
+
+
 ROUTING_COLUMNS = [
-    "layer", "tokens", "agreement", "jaccard_mean", "flips", "flips_explained", "near_ties", "ref_load", "eng_load",
-    "forced_rel_l2_median", "moe_out_rel_l2_median", "margin_hist", "margin_hist_flips", "margin_edges",
-]  # fmt: skip
+    "layer",
+    "tokens",
+    "agreement",
+    "jaccard_mean",
+    "flips",
+    "flips_explained",
+    "near_ties",
+    "ref_load",
+    "eng_load",
+    "forced_rel_l2_median",
+    "moe_out_rel_l2_median",
+    "margin_hist",
+    "margin_hist_flips",
+    "margin_edges",
+]
 MARGIN_EDGES = np.concatenate([[0.0], np.logspace(-6, 0, 25)])
 
 
@@ -388,11 +492,19 @@ def _routing_accumulate(acc: dict, routing: pd.DataFrame, n_experts: int) -> Non
     for layer, g in routing.groupby("layer"):
         a = acc.setdefault(
             int(layer),
-            {"tokens": 0, "agree": 0, "jaccard": 0.0, "flips": 0, "flips_explained": 0, "near_ties": 0,
-             "ref_load": np.zeros(n_experts, np.int64), "eng_load": np.zeros(n_experts, np.int64),
-             "hist": np.zeros(len(MARGIN_EDGES) - 1, np.int64),
-             "hist_flips": np.zeros(len(MARGIN_EDGES) - 1, np.int64)},
-        )  # fmt: skip
+            {
+                "tokens": 0,
+                "agree": 0,
+                "jaccard": 0.0,
+                "flips": 0,
+                "flips_explained": 0,
+                "near_ties": 0,
+                "ref_load": np.zeros(n_experts, np.int64),
+                "eng_load": np.zeros(n_experts, np.int64),
+                "hist": np.zeros(len(MARGIN_EDGES) - 1, np.int64),
+                "hist_flips": np.zeros(len(MARGIN_EDGES) - 1, np.int64),
+            },
+        )
         flips = ~g["agree"].to_numpy()
         m = np.clip(g["ref_margin"].to_numpy(np.float64), 0, 1)
         a["tokens"] += len(g)
@@ -490,13 +602,20 @@ def _embedding_summary(paths: list[str], prompts_s: pd.DataFrame, acc: dict, sam
 
 
 def _verdict(
-    summary: pd.DataFrame, first: pd.DataFrame, hyp: pd.DataFrame, evidence: pd.DataFrame, emb: dict, meta: dict
+    summary: pd.DataFrame,
+    first: pd.DataFrame,
+    hyp: pd.DataFrame,
+    evidence: pd.DataFrame,
+    searched: pd.DataFrame,
+    emb: dict,
+    meta: dict,
 ) -> dict:
-    failing = summary[summary["fail"] > 0]
-    first_real = first[first["node"] != "(none)"]
+    """The run's verdict. FAIL when the replay is not the code that ran at some node, or when the outputs
+    diverge beyond their propagated budgets (actdiff.compare.propagation), failing node or not; DEVIATES when
+    nodes differ from the spec but no output moves beyond what correct local errors produce; else PASS."""
+    failing = summary[summary["fail"] > 0] if len(summary) else summary
     v = {
         **meta,
-        "status": "fail" if len(failing) else "pass",
         "failing_nodes": int(len(failing)),
         "prompts": int(summary["n_prompts"].max()) if len(summary) else 0,
         "first_divergence": None,
@@ -504,27 +623,21 @@ def _verdict(
         "hypothesis": None,
         "explained": False,
         "evidence": [],
-        "worst_nodes": [],
         "embedding_cosine_min": emb.get("cosine_min"),
         "not_captured_nodes": summary.loc[summary["not_captured"] > 0, "node"].tolist() if len(summary) else [],
+        "replay_mismatches": _replay_mismatches(summary),
+        "outputs": _outputs(summary),
     }
+    first_real = first[first["node"] != "(none)"]
     if len(first_real):
-        node = first_real.iloc[0]["node"]
-        v["first_divergence"] = node
+        v["first_divergence"] = first_real.iloc[0]["node"]
         v["first_divergence_prompts"] = int(first_real.iloc[0]["prompts"])
-        h = hyp[hyp["node"] == node]
-        if len(h):
-            top = h.iloc[0]
-            v["explained"] = top["verdict"] == "explained"
-            v["hypothesis"] = top["explained_by"] if v["explained"] else "unexplained"
-            v["hypothesis_says"] = top["says"] if v["explained"] else None
-            v["hypothesis_error"] = float(top["error_median"])
-            v["baseline_error"] = float(top["baseline_error_median"])
-            ev = evidence[evidence["node"] == node].sort_values("error_median")
-            v["evidence"] = [
-                {"hypothesis": r.hypothesis, "error_median": float(r.error_median)} for r in ev.head(8).itertuples()
-            ]
-    worst = summary.sort_values("local_over_budget_max", ascending=False).head(5)
+    v["causes"] = _causes(summary, hyp, searched)
+    _headline_cause(v, evidence)
+    v["status"] = (
+        "fail" if v["replay_mismatches"] or v["outputs"]["diverge"] else "deviates" if len(failing) else "pass"
+    )
+    worst = summary.sort_values("local_over_budget_max", ascending=False).head(5) if len(summary) else summary
     v["worst_nodes"] = [
         {
             "node": r.node,
@@ -535,83 +648,210 @@ def _verdict(
         }
         for r in worst.itertuples()
     ]
-    v["causes"] = _causes(summary, hyp)
+    v["warned_nodes"] = int((summary["warn"] > 0).sum()) if len(summary) else 0
     v["plain"] = plain_words(v)
     return v
 
 
-def _causes(summary: pd.DataFrame, hyp: pd.DataFrame) -> list[dict]:
-    """Every distinct root cause among the failing nodes (hypotheses are ranked at each failing node when
-    stats.diagnose_all_failing is on): one entry per top explanation, with the nodes it explains, in graph
-    order; failing nodes no hypothesis explains are one "unexplained" entry. An engine with two
-    independent bugs (llama.cpp: tanh GELU and no expert bias) gets both named, not only the first."""
-    if not len(hyp) or not len(summary):
+def _replay_mismatches(summary: pd.DataFrame) -> list[dict]:
+    """Nodes where the side's replay on its own inputs does not reproduce its dump, in graph order."""
+    if not len(summary) or "replay_mismatch" not in summary:
+        return []
+    bad = summary[summary["replay_mismatch"] > 0].sort_values("node_index")
+    return [
+        {"node": r.node, "prompts": int(r.replay_mismatch), "replay_gap_max": float(r.replay_gap_max)}
+        for r in bad.itertuples()
+    ]
+
+
+def _outputs(summary: pd.DataFrame) -> dict:
+    """The output nodes against their propagated budgets; where the propagated error first exceeds what the
+    local budgets allow (the node to look at when outputs diverge and no node fails locally)."""
+    out = {"diverge": False, "nodes": [], "grows_most": None, "prompts_diverging": 0}
+    if not len(summary) or "over_propagated" not in summary:
+        return out
+    names = set(summary.loc[summary["is_output"], "node"])  # actdiff.compare.propagation.output_nodes
+    rows = summary[summary["node"].isin(names)].sort_values("node_index")
+    out["nodes"] = [
+        {
+            "node": r.node,
+            "rel_l2_max": float(r.rel_l2_max),
+            "propagated_budget_median": float(r.propagated_budget_median),
+            "prompts_over": int(r.over_propagated),
+        }
+        for r in rows.itertuples()
+    ]
+    out["prompts_diverging"] = int(rows["over_propagated"].max()) if len(rows) else 0
+    out["diverge"] = out["prompts_diverging"] > 0
+    over = summary[summary["over_propagated"] > 0].sort_values("node_index")
+    if out["diverge"] and len(over):
+        out["grows_most"] = over.iloc[0]["node"]
+    return out
+
+
+def _headline_cause(v: dict, evidence: pd.DataFrame) -> None:
+    """The cause of the first divergent node (or first replay mismatch) as the verdict's headline. Catalogue
+    evidence is listed only when a catalogue entry explains; an unexplained node names no candidate."""
+    node = v["replay_mismatches"][0]["node"] if v["replay_mismatches"] else v["first_divergence"]
+    cause = next((c for c in v["causes"] if node in c["nodes"]), None)
+    if node is None or cause is None:
+        return
+    v["explained"] = cause["hypothesis"] != "unexplained"
+    v["hypothesis"] = cause["hypothesis"]
+    v["hypothesis_kind"] = cause["kind"]
+    v["hypothesis_says"] = cause["says"]
+    v["hypothesis_error"] = cause["error_median"]
+    v["baseline_error"] = cause["baseline_error_median"]
+    if cause["kind"] == "catalogue":
+        ev = evidence[evidence["node"] == node].sort_values("error_median")
+        v["evidence"] = [
+            {"hypothesis": r.candidate, "error_median": float(r.error_median)} for r in ev.head(8).itertuples()
+        ]
+    else:
+        v["tried"] = cause.get("tried", {})
+
+
+def _node_cause(node: str, hyp: pd.DataFrame, searched: pd.DataFrame) -> dict:
+    """One failing node's cause: the catalogue entry that explains most of its prompts, else the search's
+    explaining finding, else unexplained (with what was tried and the best residual)."""
+    h = hyp[hyp["node"] == node].sort_values("prompts", ascending=False)
+    s = searched[searched["node"] == node] if len(searched) else searched
+    top = h.iloc[0] if len(h) else None
+    if top is not None and top["verdict"] == "explained":
+        return {
+            "hypothesis": top["explained_by"],
+            "kind": "catalogue",
+            "says": top["says"],
+            "params": {},
+            "prompts": int(top["prompts"]),
+            "error_median": float(top["error_median"]),
+            "baseline_error_median": float(top["baseline_error_median"]),
+        }
+    base = float(top["baseline_error_median"]) if top is not None else math.nan
+    prompts = int(h.loc[h["verdict"] == "unexplained", "prompts"].sum()) if len(h) else 0
+    if len(s) and bool(s.iloc[0]["explains"]):
+        f = s.iloc[0]
+        return {
+            "hypothesis": f["name"],
+            "kind": f["kind"],
+            "says": f["says"],
+            "params": json.loads(f["params"]),
+            "prompts": prompts,
+            "error_median": float(f["error"]),
+            "baseline_error_median": float(f["baseline_error"]),
+            "searched_prompts": int(f["prompts"]),
+        }
+    cat_best = float(top["error_median"]) if top is not None else math.nan
+    search_best = float(s.iloc[0]["error"]) if len(s) and s.iloc[0]["rank"] > 0 else math.nan
+    bests = [e for e in (cat_best, search_best) if not math.isnan(e)]
+    tried = {
+        "catalogue": int(top["candidates"]) if top is not None else 0,
+        "searched": int(s.iloc[0]["tried"]) if len(s) else 0,
+        "search_seconds": float(s.iloc[0]["seconds"]) if len(s) else 0.0,
+        "search_timed_out": bool(s.iloc[0]["timed_out"]) if len(s) else False,
+        "best_residual": min(bests) if bests else math.nan,
+    }
+    return {
+        "hypothesis": "unexplained",
+        "kind": "unexplained",
+        "says": None,
+        "params": {},
+        "prompts": prompts,
+        "error_median": tried["best_residual"],
+        "baseline_error_median": base,
+        "tried": tried,
+    }
+
+
+def _causes(summary: pd.DataFrame, hyp: pd.DataFrame, searched: pd.DataFrame) -> list[dict]:
+    """Every distinct root cause among the failing nodes (and nodes whose replay does not reproduce the dump),
+    one entry per cause with the nodes it explains, in graph order; ``harmless`` when no prompt on which those
+    nodes fail has outputs beyond their propagated budgets. An engine with two independent bugs gets both."""
+    if not len(summary):
         return []
     order = dict(zip(summary["node"], summary["node_index"], strict=True))
-    failing = set(summary.loc[summary["fail"] > 0, "node"])
-    h = hyp[hyp["node"].isin(failing)].copy()
-    if not len(h):
-        return []
-    h["cause"] = h["explained_by"].where(h["verdict"] == "explained", "unexplained")
-    # a node's cause: the explanation that holds for most of its prompts
-    per_node = h.sort_values("prompts", ascending=False).drop_duplicates("node")
-    out = []
-    for cause, g in per_node.groupby("cause"):
-        g = g.assign(idx=g["node"].map(order)).sort_values("idx")
-        out.append(
-            {
-                "hypothesis": cause,
-                "says": g["says"].iloc[0] if cause != "unexplained" else None,
-                "nodes": g["node"].tolist(),
-                "first_node_index": int(g["idx"].iloc[0]),
-                "prompts": int(g["prompts"].max()),
-                "error_median": float(g["error_median"].median()),
-                "baseline_error_median": float(g["baseline_error_median"].median()),
-            }
+    bad = summary[(summary["fail"] > 0) | (summary.get("replay_mismatch", 0) > 0)]
+    effect = dict(zip(summary["node"], summary.get("fail_with_effect", pd.Series(0, index=summary.index)), strict=True))
+    groups: dict[tuple, dict] = {}
+    for node in bad.sort_values("node_index")["node"]:
+        c = _node_cause(node, hyp, searched)
+        key = (c["hypothesis"], c["kind"])
+        g = groups.setdefault(
+            key, {**c, "nodes": [], "first_node_index": int(order[node]), "effect": 0, "errors": [], "baselines": []}
         )
+        g["nodes"].append(node)
+        g["effect"] += int(effect.get(node, 0))
+        g["errors"].append(c["error_median"])
+        g["baselines"].append(c["baseline_error_median"])
+    out = []
+    for g in groups.values():
+        g["error_median"] = float(np.nanmedian(g.pop("errors"))) if g["nodes"] else math.nan
+        g["baseline_error_median"] = float(np.nanmedian(g.pop("baselines")))
+        g["harmless"] = g.pop("effect") == 0
+        out.append(g)
     return sorted(out, key=lambda c: (c["hypothesis"] == "unexplained", c["first_node_index"]))
 
 
+def _cause_words(c: dict) -> str:
+    if c["hypothesis"] == "unexplained":
+        t = c.get("tried", {})
+        return (
+            f"nothing tried reproduces the engine there: {t.get('catalogue', 0)} catalogue entries and "
+            f"{t.get('searched', 0)} searched candidates"
+            + (" (the search's time budget ran out)" if t.get("search_timed_out") else "")
+            + f"; the best residual is {c['error_median']:.2e} against {c['baseline_error_median']:.2e} for the "
+            "op as specified"
+        )
+    how = "a catalogue entry" if c["kind"] == "catalogue" else f"found by the search ({c['kind']})"
+    return (
+        f"{c['says']} [{c['hypothesis']}, {how}: reproduces the engine to relative error {c['error_median']:.2e}, "
+        f"against {c['baseline_error_median']:.2e} for the op as specified]"
+    )
+
+
+def _nodes_words(nodes: list[str]) -> str:
+    return ", ".join(nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+
+
 def plain_words(v: dict) -> str:
+    """The verdict in a few sentences: status, replay findings, output impact, every cause."""
     nc = v.get("not_captured_nodes") or []
-    not_captured = (
-        f" {len(nc)} node(s) were not captured by the engine and are not judged: {', '.join(nc[:4])}"
-        + (f" and {len(nc) - 4} more." if len(nc) > 4 else ".")
-        if nc
+    tail = f" {len(nc)} node(s) were not captured by the engine and are not judged: {_nodes_words(nc)}." if nc else ""
+    out = v.get("outputs") or {}
+    run = f"{v.get('model')} / {v.get('side')} / {v.get('variant')}"
+    warned = (
+        f", {v['warned_nodes']} node(s) warn (propagated error over budget, local error within it)"
+        if v.get("warned_nodes")
         else ""
     )
+    cos = v.get("embedding_cosine_min")
+    cos_s = f"; minimum embedding cosine {cos:.6f}" if cos is not None and not pd.isna(cos) else ""
     if v["status"] == "pass":
         return (
-            f"PASS: every node of {v.get('model')} / {v.get('side')} / {v.get('variant')} is within its error "
-            f"budget on all {v['prompts']} prompts." + not_captured
+            f"PASS: every node of {run} is within its error budget on all {v['prompts']} prompts and the outputs "
+            f"stay within their propagated budgets{warned}{cos_s}." + tail
         )
-    s = (
-        f"FAIL: {v['failing_nodes']} node(s) exceed their local error budget. The engine first diverges at "
-        f"{v['first_divergence']} (first divergent node in {v['first_divergence_prompts']} of {v['prompts']} "
-        "prompts)."
-    )
-    if v.get("explained"):
-        s += (
-            f" Most likely cause: {v['hypothesis']} — {v['hypothesis_says']} (replaying the op this way reproduces "
-            f"the engine to relative error {v['hypothesis_error']:.2e}, against {v['baseline_error']:.2e} for the "
-            "op as specified)."
+    parts = [f"{v['status'].upper()}: {run}, {v['prompts']} prompts{cos_s}."]
+    for m in v.get("replay_mismatches", []):
+        parts.append(
+            f"The engine's replay of {m['node']} on its own inputs does not reproduce its dumped value on "
+            f"{m['prompts']} prompt(s) (relative gap up to {m['replay_gap_max']:.2e}): the forward ran other code than "
+            "the per-node replay, so that node is judged on its dumped output against the spec."
         )
-    elif v.get("hypothesis") == "unexplained":
-        s += (
-            f" No hypothesis in the catalogue reproduces the engine's output there (its local error against the "
-            f"specified op is {v.get('baseline_error', float('nan')):.2e})."
+    if out.get("diverge"):
+        parts.append(
+            f"The outputs diverge beyond their propagated budgets on {out['prompts_diverging']} prompt(s); the "
+            f"propagated error first exceeds what correct local errors allow at {out.get('grows_most')}."
         )
-    others = [c for c in v.get("causes", []) if c["hypothesis"] not in (v.get("hypothesis"), "unexplained")]
-    for c in others:
-        nodes = ", ".join(c["nodes"][:4]) + (f" and {len(c['nodes']) - 4} more" if len(c["nodes"]) > 4 else "")
-        s += (
-            f" Also failing, with another cause: {nodes}. Most likely cause there: {c['hypothesis']} — {c['says']} "
-            f"(reproduces the engine to {c['error_median']:.2e}, against {c['baseline_error_median']:.2e})."
+    if v["failing_nodes"]:
+        parts.append(
+            f"{v['failing_nodes']} node(s) exceed their local error budget; the engine first diverges at "
+            f"{v['first_divergence']} ({v['first_divergence_prompts']} prompts){warned}."
         )
-    unexplained = [c for c in v.get("causes", []) if c["hypothesis"] == "unexplained"]
-    if unexplained and v.get("hypothesis") != "unexplained":
-        nodes = unexplained[0]["nodes"]
-        s += f" Failing without an explanation in the catalogue: {', '.join(nodes[:4])}" + (
-            f" and {len(nodes) - 4} more." if len(nodes) > 4 else "."
-        )
-    return s + not_captured
+    elif out.get("diverge"):
+        parts.append("No node fails locally.")
+    for c in v.get("causes", []):
+        effect = " It has no measurable effect on the outputs (within their propagated budgets)."
+        effect = effect if c.get("harmless") else ""
+        parts.append(f"At {_nodes_words(c['nodes'])}: {_cause_words(c)}.{effect}")
+    return " ".join(parts) + tail

@@ -20,6 +20,15 @@ def margins(probs: np.ndarray, k: int) -> np.ndarray:
     return p[:, k - 1] - p[:, k]
 
 
+def near_ties(ref_probs: np.ndarray, eng_probs: np.ndarray, k: int, probs_budget: float) -> np.ndarray:
+    """Per token: could the engine's routing legitimately differ from the reference's? The reference's margin
+    between the k-th and the next expert is within twice the engine's largest probability error on that token
+    (or the probabilities' budget): a flip there is explained by error in the probabilities, not by the top-k."""
+    m = margins(ref_probs, k)
+    prob_err = np.abs(np.asarray(eng_probs, np.float64) - np.asarray(ref_probs, np.float64)).max(axis=1)
+    return m <= np.maximum(2 * prob_err, probs_budget)
+
+
 def routing_rows(
     prompt_id: str,
     layer: int,
@@ -32,8 +41,7 @@ def routing_rows(
     """Column lists (one entry per token) for the routing table."""
     T, k = ref_idx.shape
     m = margins(ref_probs, k)
-    prob_err = np.abs(np.asarray(eng_probs, np.float64) - np.asarray(ref_probs, np.float64)).max(axis=1)
-    tie = np.maximum(2 * prob_err, probs_budget)
+    tie = near_ties(ref_probs, eng_probs, k, probs_budget)
     rs = [set(r) for r in ref_idx.tolist()]
     es = [set(e) for e in eng_idx.tolist()]
     agree = [a == b for a, b in zip(rs, es, strict=True)]
@@ -47,8 +55,8 @@ def routing_rows(
         "agree": agree,
         "jaccard": jacc,
         "ref_margin": m.tolist(),
-        "near_tie": (m <= tie).tolist(),
-        "flip_explained": [(not a) and bool(t) for a, t in zip(agree, (m <= tie), strict=True)],
+        "near_tie": tie.tolist(),
+        "flip_explained": [(not a) and bool(t) for a, t in zip(agree, tie, strict=True)],
     }
 
 

@@ -106,6 +106,9 @@ class StatsConfig:
     worst_m: int = 5  # prompts per shard kept for the drill-down
     embedding_sample: int = 2000  # prompts kept for the neighbour analysis
     diagnose_all_failing: bool = True  # rank hypotheses at every failing node, not only the first
+    search_seconds: float = 60.0  # wall-clock budget per shard of the search at unexplained nodes (logged)
+    search_prompts: int = 3  # prompts per node in the search's sample (its failing prompts, in shard order)
+    search_nodes: int = 8  # unexplained nodes searched per shard, in graph order
 
 
 class CheckpointTensors(Mapping):
@@ -146,14 +149,19 @@ class ShardContext:
     sample: BoundedSample
     drill: list = field(default_factory=list)  # min-heap of (-rank key, prompt, rows): the shard's worst M
     keys: list[str] = field(default_factory=list)
+    fused: frozenset = frozenset()  # nodes the side's forward computes on another path than its replay
+    outputs: tuple = ()  # the output nodes (actdiff.compare.propagation.output_nodes)
+    search: object = None  # actdiff.compare.stats.SearchSample: the search's bounded sample
 
     def budget(self, name: str, noise: Noise) -> float:
         return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets)
 
-    def local(self, name: str, ref: dict, eng: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(output to judge, the value it is judged against) of a node under teacher forcing."""
+    def local(self, name: str, ref: dict, eng: dict, replayed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(output to judge, the value it is judged against) of a node under teacher forcing. ``replayed``
+        False (no replay, or a replay that does not reproduce the dump): the side's dumped output against the
+        spec op on the side's own inputs."""
         node = self.graph[name]
-        if self.replay is not None:
+        if self.replay is not None and replayed:
             return self.replay.replay_node(name, {i: ref[i] for i in node.inputs}), ref[name]
         from .refops import run_op, spec_params
 
@@ -174,6 +182,9 @@ class Judged:
     rows: dict[str, list] = field(default_factory=dict)  # the nodes table's columns for this prompt
     failing: list[str] = field(default_factory=list)
     first: str | None = None
+    replay_gap: dict[str, float] = field(default_factory=dict)  # node -> replay on own inputs vs the dump
+    mismatched: set = field(default_factory=set)  # nodes whose replay does not reproduce the dump
+    propagated: dict[str, float] = field(default_factory=dict)  # node -> propagated budget
 
     @property
     def tokens(self) -> int:
@@ -193,13 +204,45 @@ def _set_mismatch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.any(np.sort(a, 1) != np.sort(b, 1), axis=1)
 
 
-def _judge_index(ctx: ShardContext, j: Judged, node) -> tuple[dict, float, str]:
-    """Top-k expert ids: a disagreement at a reference near-tie (margin within the probabilities' budget) is
-    legitimate; only disagreements at clear margins count against the node."""
+def _replay_gap(ctx: ShardContext, j: Judged, node) -> float:
+    """The side's replay of ``node`` on its OWN inputs against its dump: 0 when the replay is the code that
+    ran. Index nodes: the fraction of tokens whose expert set differs where the side's own probabilities have
+    a clear margin (a tie may legitimately break either way)."""
+    own = ctx.replay.replay_node(node.name, {i: j.eng[i] for i in node.inputs})
+    e = j.eng[node.name]
+    if np.array_equal(own, e, equal_nan=node.kind != "index"):
+        return 0.0
+    if node.kind == "index":
+        probs = ctx.graph.moe_block_of(node.name).probs
+        clear = margins(j.eng[probs], e.shape[1]) > ctx.budget(probs, j.noise[probs])
+        return float(np.mean(_set_mismatch(own, e) & clear)) if e.size else 0.0
+    gap = rel_l2(own, e)
+    return gap if math.isfinite(gap) else math.inf
+
+
+def _replay_reproduces(ctx: ShardContext, j: Judged, node, b: float) -> bool:
+    """Is the replay the code that produced the dump at ``node``? Bit for bit, except on a path the side
+    computes differently in its forward (a fused kernel): there within the node's budget, which is derived to
+    hold two correct fp32 implementations of the op (budgets.R_IMPL). A side without replay: nothing to check
+    (its local error is judged on its own dumped outputs)."""
+    if ctx.replay is None:
+        return True
+    gap = j.replay_gap[node.name] = _replay_gap(ctx, j, node)
+    bound = b if node.name in ctx.fused and node.kind != "index" else 0.0
+    if gap > bound:
+        j.mismatched.add(node.name)
+        return False
+    return True
+
+
+def _judge_index(ctx: ShardContext, j: Judged, node, replayed: bool) -> tuple[dict, float, str]:
+    """Top-k expert ids: a disagreement at a near-tie (margin within the probabilities' budget) is legitimate;
+    only disagreements at clear margins count against the node."""
     r, e = j.ref[node.name], j.eng[node.name]
-    lo, lref = ctx.local(node.name, j.ref, j.eng)
+    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed)
     probs = ctx.graph.moe_block_of(node.name).probs
-    clear = margins(j.ref[probs], e.shape[1]) > ctx.budget(probs, j.noise[probs])
+    judged_probs = j.ref[probs] if replayed and ctx.replay is not None else j.eng[probs]
+    clear = margins(judged_probs, e.shape[1]) > ctx.budget(probs, j.noise[probs])
     mism = float(np.mean(_set_mismatch(e, r))) if r.size else 0.0
     lmism = float(np.mean(_set_mismatch(lo, lref) & clear)) if r.size else 0.0
     j.local[node.name] = (lo, lref)
@@ -218,8 +261,8 @@ def _judge_blind(j: Judged, node, b: float) -> tuple[dict, float, str]:
     return m, math.nan, status(0.0, m["rel_l2"], b, new_nonfinite)
 
 
-def _judge_float(ctx: ShardContext, j: Judged, node, b: float) -> tuple[dict, float, str]:
-    lo, lref = ctx.local(node.name, j.ref, j.eng)
+def _judge_float(ctx: ShardContext, j: Judged, node, b: float, replayed: bool) -> tuple[dict, float, str]:
+    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed)
     j.local[node.name] = (lo, lref)
     m = compare(j.eng[node.name], j.ref[node.name])
     local_rel = rel_l2(lo, lref)
@@ -228,7 +271,9 @@ def _judge_float(ctx: ShardContext, j: Judged, node, b: float) -> tuple[dict, fl
 
 
 def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
-    """One node of one prompt: its errors, budget and status (a row of the nodes table)."""
+    """One node of one prompt: its errors, budget and status (a row of the nodes table). A node whose replay
+    does not reproduce the dump is judged like an external side's: its dumped output against the spec op on
+    its own inputs (the replay would judge code that did not run)."""
     noise = j.noise[node.name] = fp32_noise(ctx.graph, node, j.ref, ctx.weights)
     b = ctx.budget(node.name, noise)
     if node.name in ctx.missing:
@@ -236,9 +281,9 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
     elif ctx.replay is None and any(i in ctx.missing for i in node.inputs):
         m, local_rel, st = _judge_blind(j, node, b)
     elif node.kind == "index":
-        m, local_rel, st = _judge_index(ctx, j, node)
+        m, local_rel, st = _judge_index(ctx, j, node, _replay_reproduces(ctx, j, node, b))
     else:
-        m, local_rel, st = _judge_float(ctx, j, node, b)
+        m, local_rel, st = _judge_float(ctx, j, node, b, _replay_reproduces(ctx, j, node, b))
     j.status[node.name] = st
     finite = np.isfinite(m["rel_l2"]) and np.isfinite(local_rel)
     amp = m["rel_l2"] / max(local_rel, U32) if finite else math.nan
@@ -256,12 +301,17 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
         "budget": b,
         "amplification": amp,
         "status": st,
+        "replay_gap": j.replay_gap.get(node.name, math.nan),
+        "replay_mismatch": node.name in j.mismatched,
     }
 
 
 def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict) -> Judged:
     """Every node of one prompt, in graph order; the first divergent node is the first that fails while its
-    inputs pass."""
+    inputs pass. Then the propagated budgets (actdiff.compare.propagation): does the prompt's output diverge
+    beyond what correct local errors can produce?"""
+    from .propagation import propagated_budgets
+
     j = Judged(pid, ref, eng)
     for node in ctx.graph:
         for k, v in judge_node(ctx, j, node).items():
@@ -270,6 +320,13 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict) -> Judged:
     inputs_pass = (all(j.status.get(i, "pass") != "fail" for i in ctx.graph[n].inputs) for n in j.failing)
     j.first = next((n for n, ok in zip(j.failing, inputs_pass, strict=True) if ok), None)
     j.rows["first_divergence"] = [j.first or ""] * len(ctx.graph)
+    budgets = dict(zip(j.rows["node"], j.rows["budget"], strict=True))
+    j.propagated = propagated_budgets(ctx.graph, pid, ref, eng, ctx.weights, budgets)
+    j.rows["propagated_budget"] = [j.propagated[n] for n in j.rows["node"]]
+    rel = dict(zip(j.rows["node"], j.rows["rel_l2"], strict=True))
+    over = [rel[n] > j.propagated[n] for n in ctx.outputs if n not in ctx.missing]
+    j.rows["output_diverges"] = [any(over)] * len(ctx.graph)
+    j.rows["is_output"] = [n in ctx.outputs for n in j.rows["node"]]
     return j
 
 
@@ -301,17 +358,102 @@ def build_tokens(ctx: ShardContext, j: Judged) -> None:
 
 
 def build_hypotheses(ctx: ShardContext, j: Judged) -> None:
-    """Root-cause ranking at the first divergent node (or every failing node). A replaying side: its replay
-    on the reference's inputs; otherwise its output on its own inputs. Every node's value is passed, since some
-    hypotheses read another node (e.g. per-expert bias needs the top-k weights)."""
-    from .hypotheses import rank_hypotheses
+    """Root-cause ranking at the first divergent node (or every failing node): the catalogue first, on the
+    values the judged code ran on (a replaying side: its replay on the reference's inputs; a side without a
+    replay, or a node whose replay does not reproduce the dump: its dumped output on its own inputs). Every
+    node's value is passed, since some hypotheses read another node (e.g. per-expert bias needs the top-k
+    weights). A node the catalogue leaves unexplained goes into the search's bounded sample."""
+    from .hypotheses import UNEXPLAINED, rank_hypotheses
 
-    inputs = j.ref if ctx.replay is not None else j.eng
     for name in j.failing if ctx.cfg.diagnose_all_failing else [j.first] if j.first else []:
-        target = j.local[name][0] if ctx.replay is not None else j.eng[name]
+        own = ctx.replay is None or name in j.mismatched
+        inputs, target = (j.eng, j.eng[name]) if own else (j.ref, j.local[name][0])
         b = ctx.budget(name, j.noise[name])
         d = rank_hypotheses(ctx.graph, ctx.graph[name], inputs, ctx.weights, target, b, catalogue=ctx.catalogue)
         ctx.writers["hypotheses"].add(_diagnosis_rows(j.pid, name, name == j.first, d))
+        if d.verdict == UNEXPLAINED and ctx.search is not None:
+            ctx.search.offer(ctx.graph, name, inputs, target, b)
+
+
+@dataclass
+class SearchSample:
+    """The search's bounded sample: per unexplained node (at most ``nodes``, earliest in graph order), the
+    inputs and judged outputs of its first ``prompts`` unexplained prompts."""
+
+    prompts: int
+    nodes: int
+    items: dict = field(default_factory=dict)  # node -> {"inputs": [...], "targets": [...], "budgets": [...]}
+
+    def offer(self, graph: Graph, name: str, inputs: dict, target: np.ndarray, budget: float) -> None:
+        if name not in self.items:
+            if self.prompts <= 0 or self.nodes <= 0:
+                return
+            if len(self.items) >= self.nodes:
+                last = max(self.items, key=lambda n: graph[n].index)
+                if graph[name].index > graph[last].index:
+                    return
+                del self.items[last]
+            self.items[name] = {"inputs": [], "targets": [], "budgets": []}
+        item = self.items[name]
+        if len(item["targets"]) >= self.prompts:
+            return
+        node, block = graph[name], graph.moe_block_of(name)
+        keep = [*node.inputs, *([block.topk_weights] if block is not None else [])]
+        item["inputs"].append({k: np.array(inputs[k]) for k in keep if k in inputs})
+        item["targets"].append(np.array(target))
+        item["budgets"].append(float(budget))
+
+
+def run_search(ctx: ShardContext) -> None:
+    """The search (actdiff.compare.search) at every sampled node, in graph order, under one time budget for
+    the shard; one row per finding (the best few), or one row saying what was tried when nothing was found."""
+    from .findings import Deadline
+    from .search import search_node
+
+    items = sorted(ctx.search.items.items(), key=lambda kv: ctx.graph[kv[0]].index) if ctx.search else []
+    deadline = Deadline(ctx.cfg.search_seconds)
+    for name, item in items:
+        if deadline.expired():
+            log.warning("search: time budget of %.0f s spent before %s (stats.search_seconds)", deadline.seconds, name)
+            ctx.writers["search"].add(_search_rows(ctx, name, None, float(np.median(item["budgets"]))))
+            continue
+        b = float(np.median(item["budgets"]))
+        res = search_node(ctx.graph, name, item["inputs"], item["targets"], ctx.weights, b, deadline)
+        ctx.writers["search"].add(_search_rows(ctx, name, res, b))
+    if items:
+        log.info("search: %d node(s) in %.1f s (budget %.0f s)", len(items), deadline.seconds - deadline.left(),
+                 deadline.seconds)  # fmt: skip
+
+
+SEARCH_ROWS = 5  # findings kept per node (best first)
+
+
+def _search_rows(ctx: ShardContext, name: str, res, budget: float) -> dict[str, list]:
+    from .findings import explains
+
+    node = ctx.graph[name]
+    found = res.findings[:SEARCH_ROWS] if res is not None else []
+    n = max(len(found), 1)
+    base = res.baseline_error if res is not None else math.nan
+    return {
+        "node": [name] * n,
+        "node_index": [node.index] * n,
+        "op": [node.op] * n,
+        "rank": list(range(1, len(found) + 1)) or [0],
+        "kind": [f.kind for f in found] or [""],
+        "name": [f.name for f in found] or [""],
+        "says": [f.says for f in found] or [""],
+        "error": [float(f.error) for f in found] or [math.nan],
+        "params": [json.dumps(f.params, sort_keys=True, default=str) for f in found] or ["{}"],
+        "explains": [explains(f.error, base, budget) for f in found] or [False],
+        "baseline_error": [base] * n,
+        "budget": [budget] * n,
+        "prompts": [res.prompts if res else 0] * n,
+        "rows": [res.rows if res else 0] * n,
+        "tried": [res.tried if res else 0] * n,
+        "seconds": [res.seconds if res else 0.0] * n,
+        "timed_out": [res.timed_out if res else True] * n,
+    }
 
 
 def build_routing(ctx: ShardContext, j: Judged) -> None:
@@ -411,7 +553,7 @@ def _diagnosis_rows(pid: str, node: str, is_first: bool, d) -> dict[str, list]:
         "node": [node] * n,
         "first_divergence": [is_first] * n,
         "rank": list(range(1, n + 1)),
-        "hypothesis": [h.name for h in ranked] or [""],
+        "candidate": [h.name for h in ranked] or [""],
         "error": [float(h.error) for h in ranked] or [math.nan],
         "says": [h.says for h in ranked] or [""],
         "baseline_error": [float(d.baseline_error)] * n,
@@ -437,6 +579,7 @@ def compute_shard_stats(
 
     from ..sides import open_replay
     from .hypotheses import load_catalogue
+    from .propagation import output_nodes
 
     cfg = cfg or StatsConfig()
     model_dir = Path(model_dir)
@@ -450,9 +593,12 @@ def compute_shard_stats(
         # whose extra threads would only spin against the other jobs (10x slower on a loaded machine)
         with threadpool_limits(limits=1), ActivationReader(ref_h5) as rr, ActivationReader(eng_h5) as er:
             weights = CheckpointTensors(model_dir / "model.safetensors")
+            replay = open_replay(side, model_dir, variant)
             ctx = ShardContext(
-                graph, variant, cfg, open_replay(side, model_dir, variant), weights, load_catalogue(),
-                _missing_nodes(eng_h5, er), writers, BoundedSample(cfg.embedding_sample), keys=graph.key_nodes(),
+                graph, variant, cfg, replay, weights, load_catalogue(), _missing_nodes(eng_h5, er), writers,
+                BoundedSample(cfg.embedding_sample), keys=graph.key_nodes(),
+                fused=replay.fused_nodes() if replay is not None else frozenset(), outputs=tuple(output_nodes(graph)),
+                search=SearchSample(cfg.search_prompts, cfg.search_nodes),
             )  # fmt: skip
             for pid, ref, eng in _paired_prompts(ref_h5, eng_h5, rr, er, graph.names()):
                 j = judge_prompt(ctx, pid, ref, eng)
@@ -504,7 +650,9 @@ def _paired_prompts(ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, 
 
 
 def _close(ctx: ShardContext, embeddings_out: str) -> None:
-    """Write the drill-down (worst first), close the streamed tables, write the embedding sample."""
+    """Run the search on its sample, write the drill-down (worst first), close the streamed tables, write the
+    embedding sample."""
+    run_search(ctx)
     for _key, _pid, rows in sorted(ctx.drill, reverse=True):
         ctx.writers["drilldown"].add({k: [r[k] for r in rows] for k in rows[0]})
     for w in ctx.writers.values():

@@ -278,6 +278,14 @@ class Engine:
     def _op_l2norm(self, node, x, p):
         return kernels.l2_normalize(x[0], eps=1e-12)
 
+    def fused_nodes(self, variant: str | Variant | Prepared = "fp32") -> frozenset[str]:
+        """Nodes whose value forward() computes on another code path than run_node (the fused MoE kernel):
+        their per-node replay may legitimately differ from the forward by rounding order, within the node's
+        budget; every other node's replay must reproduce the forward bit for bit."""
+        if self.prepare(variant).variant.precision == "fp16-act":
+            return frozenset()  # fp16-act runs the block node by node
+        return frozenset(n for block in self.graph.moe_blocks() for n in block.nodes())
+
     # --------------------------------------------------------------- forward
     def forward(self, ids, variant: str = "fp32", fused_moe: bool = True) -> dict[str, np.ndarray]:
         """Run the whole graph on one prompt's token ids; return every node's value."""

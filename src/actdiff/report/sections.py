@@ -95,52 +95,111 @@ def _nodes(run: Run) -> pd.DataFrame:
 
 
 def failing(run: Run) -> bool:
-    return run.verdict.get("status") == "fail"
+    return run.verdict.get("status") in ("fail", "deviates")
 
 
 # ----------------------------------------------------------------------------------------------- verdict
+_CALLOUT = {"fail": "important", "deviates": "warning"}
+
+
 def verdict_md(run: Run) -> str:
+    """The verdict: status, what the replay proved, the outputs against their propagated budgets, and every
+    cause in plain words with its numbers (catalogue entries, fitted or searched explanations, or what was
+    tried when nothing reproduces the engine)."""
     v = run.verdict
-    kind = "important" if v.get("status") == "fail" else "note"
     status = esc(str(v.get("status", "?")).upper())
-    out = [f"::: {{.callout-{kind}}}", f"## Verdict: {status}", "", esc(v.get("plain")), ""]
-    out.append(
-        f"- **Run:** {code(run.model)} / {code(run.side)} / {code(run.variant)}, {v.get('prompts', 0)} inputs, "
-        f"{v.get('failing_nodes', 0)} failing node(s)"
-    )
+    out = [
+        f"::: {{.callout-{_CALLOUT.get(v.get('status'), 'note')}}}",
+        f"## Verdict: {status}",
+        "",
+        esc(v.get("plain")),
+    ]
+    out += [
+        "",
+        f"- **Run:** {code(run.model)} / {code(run.side)} / {code(run.variant)}, {v.get('prompts', 0)} "
+        f"inputs, {v.get('failing_nodes', 0)} failing node(s), {v.get('warned_nodes', 0)} warned node(s)",
+    ]
+    for m in v.get("replay_mismatches") or []:
+        out.append(
+            f"- **Replay does not reproduce the dump** at {code(m['node'])} on {m['prompts']} input(s) (gap "
+            f"{fmt(m['replay_gap_max'])}): the forward ran other code than the per-node replay"
+        )
     if v.get("first_divergence"):
         out.append(
             f"- **First divergent node** (most common across inputs): {code(v['first_divergence'])} in "
             f"{v.get('first_divergence_prompts', 0)} of {v.get('prompts', 0)} inputs"
         )
-        hyp = v.get("hypothesis")
-        says = f" — {esc(v.get('hypothesis_says'))}" if v.get("hypothesis_says") else ""
-        out.append(f"- **Top root-cause hypothesis:** {code(hyp)}{says}")
     else:
         out.append("- **First divergent node:** none (no input has a failing node)")
-    out += ["", ":::", ""]
+    out += ["", ":::", "", _outputs_md(v), _causes_md(v)]
     ev = v.get("evidence") or []
     if ev:
         out.append(
-            f"**Evidence** at {code(v.get('first_divergence'))}: the op replayed under each hypothesis, median "
-            f"relative error against the engine's output (lower = reproduces the engine); the op as specified gives "
-            f"{fmt(v.get('baseline_error'))}.\n"
+            f"**Catalogue evidence** at {code(v.get('first_divergence'))}: the op replayed under each catalogue "
+            f"entry, median relative error against the engine's output (lower = reproduces the engine); the op as "
+            f"specified gives {fmt(v.get('baseline_error'))}.\n"
         )
         out.append(md_table(pd.DataFrame(ev)[["hypothesis", "error_median"]], {"hypothesis": code}))
+    out.append(_search_md(run))
     fd = run.summary["first_divergence"]
     if len(fd):
         out.append("\n**First divergent node per input** (histogram):\n")
         out.append(md_table(fd[["node", "prompts"]], {"node": code}))
-    hy = run.summary["hypotheses"]
-    if len(hy):
-        out.append("\n**Top hypothesis per first divergent node:**\n")
-        cols = [
-            c
-            for c in ["node", "verdict", "explained_by", "prompts", "error_median", "baseline_error_median", "says"]
-            if c in hy.columns
-        ]
-        out.append(md_table(hy[cols], {"node": code, "explained_by": code}))
     return "\n".join(out) + "\n"
+
+
+def _outputs_md(v: dict) -> str:
+    o = v.get("outputs") or {}
+    if not o.get("nodes"):
+        return ""
+    rows = pd.DataFrame(o["nodes"])[["node", "rel_l2_max", "propagated_budget_median", "prompts_over"]]
+    head = (
+        "**Outputs against their propagated budgets** (what an engine spending its whole local budget at every "
+        "node would show; actdiff.compare.propagation)"
+    )
+    where = f" The propagated error first exceeds it at {code(o.get('grows_most'))}." if o.get("diverge") else ""
+    return f"{head}:{where}\n\n" + md_table(rows, {"node": code}) + "\n"
+
+
+def _causes_md(v: dict) -> str:
+    causes = v.get("causes") or []
+    if not causes:
+        return ""
+    out = ["**Causes** (one per explanation; the nodes it explains, in graph order):", ""]
+    for c in causes:
+        nodes = ", ".join(code(n) for n in c["nodes"][:6]) + (
+            f" and {len(c['nodes']) - 6} more" if len(c["nodes"]) > 6 else ""
+        )
+        effect = " *No measurable effect on the outputs.*" if c.get("harmless") else ""
+        if c["hypothesis"] == "unexplained":
+            t = c.get("tried") or {}
+            out.append(
+                f"- **Unexplained** at {nodes}: nothing tried reproduces the engine ({t.get('catalogue', 0)} catalogue "
+                f"entries, {t.get('searched', 0)} searched candidates in {fmt(t.get('search_seconds'))} s"
+                f"{', time budget spent' if t.get('search_timed_out') else ''}); best residual "
+                f"{fmt(c.get('error_median'))} against {fmt(c.get('baseline_error_median'))} for the op as specified."
+                f"{effect}"
+            )
+        else:
+            out.append(
+                f"- **{esc(c['says'])}** ({c['kind']}: {code(c['hypothesis'])}) at {nodes}: reproduces the engine to "
+                f"{fmt(c.get('error_median'))}, against {fmt(c.get('baseline_error_median'))} for the op as specified."
+                f"{effect}"
+            )
+    return "\n".join(out) + "\n"
+
+
+def _search_md(run: Run) -> str:
+    s = run.summary.get("search")
+    if s is None or not len(s):
+        return ""
+    t = s.assign(found=s["says"].where(s["explains"], "(nothing explains; best: " + s["says"] + ")"))
+    cols = ["node", "kind", "found", "error", "baseline_error", "tried", "seconds", "prompts"]
+    return (
+        "\n**Searched explanations** at the nodes the catalogue left unexplained (fits of the op's continuous "
+        "parameters, structural alternatives, reduced precision at each step, parameters recovered from the data):"
+        "\n\n" + md_table(t[cols], {"node": code, "found": esc}) + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------ tokenization

@@ -36,7 +36,8 @@ class Side(Protocol):
 @runtime_checkable
 class Replay(Protocol):
     """A side's own code run on given inputs (teacher forcing): the local error of a node is its replay on
-    the reference's inputs against the reference's value."""
+    the reference's inputs against the reference's value. That is only sound if the replay is the code that
+    produced the dump, so every node is also replayed on the side's OWN inputs and checked against its dump."""
 
     variant: str
 
@@ -44,6 +45,11 @@ class Replay(Protocol):
 
     def forced_moe(self, block: MoeBlock, h: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The MoE block's output with the expert choice given (separates expert-kernel error from flips)."""
+
+    def fused_nodes(self) -> frozenset[str]:
+        """Nodes the side's forward computes on another code path than replay_node (a fused kernel): their
+        replay on the side's own inputs must match the dump within the node's budget, every other node's
+        bit for bit (actdiff.compare.stats checks both: the replay must be the code that ran)."""
 
 
 def placeholder(graph: Graph, name: str, tokens: int) -> np.ndarray:

@@ -23,6 +23,9 @@ class EngineReplay:
     def forced_moe(self, block, h, indices, weights):
         return self.engine.forced_moe(block, h, indices, weights, self.prepared)
 
+    def fused_nodes(self) -> frozenset[str]:
+        return self.engine.fused_nodes(self.prepared)
+
 
 class EngineSide(EngineReplay):
     name = ENGINE

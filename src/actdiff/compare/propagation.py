@@ -1,0 +1,122 @@
+"""Propagated budgets: how far a CORRECT engine's values may drift from the reference at each node, the
+outputs included, once every node's own error has propagated through the rest of the model.
+
+A node's local budget (actdiff.compare.budgets) bounds the error a correct engine adds at that node. What
+the outputs may then show is not the output node's local budget: errors made early are amplified or damped by
+everything after them, and nonlinearly so (a top-k choice at a near tie flips). Rather than bound that with
+per-op condition numbers, it is measured on each prompt by simulating the engine the budgets describe:
+
+    the spec model run in float64 (actdiff.compare.refops) from the prompt's token ids, where every float
+    node's output is perturbed by a random error of relative L2 norm equal to the node's local budget (fixed
+    seed from the prompt id; half independent per element like rounding, half a per-feature relative error
+    shared by all tokens like a rounded weight, which mean pooling does not average away), and every later
+    node computed from the perturbed values.
+
+The propagated budget of a node is that simulated engine's relative L2 error against the reference there. It
+is what an engine that spends its WHOLE local budget at EVERY node would show, so a correct engine, whose
+local errors sit several times below the budgets (budgets.SAFETY), stays well inside it, at any precision;
+an engine whose outputs exceed it diverges beyond anything correct local errors can produce, whether or not
+some node fails locally (e.g. a fused kernel that differs from the per-node code the replay runs, or many
+small errors each under budget). Index nodes (top-k ids) are recomputed from the perturbed probabilities, so
+routing flips are part of the simulation. At a near tie (the reference's margin between the k-th and the
+next expert within twice the engine's probability error there, as the routing tables define it:
+actdiff.compare.routing.near_ties) a correct engine may route either way, and one such flip moves a short
+prompt's outputs by percents; so there the simulated engine routes as the engine under test did (its weights
+still its own probabilities at those experts), and the budget covers the choices actually made. Elsewhere it
+routes by its own probabilities: a clear-margin disagreement of the engine is a failing top-k node, not
+something a budget should absorb.
+
+Cost: one float64 forward per prompt, about what the fp32-noise measurement already costs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph
+from .metrics import rel_l2
+from .refops import run_op, spec_params
+from .routing import near_ties
+
+
+def output_nodes(graph: Graph) -> list[str]:
+    """The nodes a user consumes: the final hidden state (what pooling reads), the pooled vector and the
+    normalised embedding."""
+    pool = graph[POOLED]
+    return [*pool.inputs, POOLED, EMBEDDING]
+
+
+def _seed(prompt_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"propagation:{prompt_id}".encode()).digest()[:8], "little")
+
+
+def _perturb(y: np.ndarray, budget: float, rng: np.random.Generator) -> np.ndarray:
+    """``y`` plus an error of relative L2 ``budget``, half of its energy independent per element (rounding) and
+    half a per-feature relative error shared by every token (what a rounded weight or scale does: it does not
+    average out over tokens, so the mean-pooled output sees it in full)."""
+    yn = float(np.linalg.norm(y))
+    if yn == 0.0 or not math.isfinite(budget) or not math.isfinite(yn):
+        return y
+    g = rng.standard_normal(y.shape)
+    shared = y * rng.standard_normal((1, *y.shape[1:]))
+    out = y
+    for part in (g, shared):
+        n = float(np.linalg.norm(part))
+        if n > 0:
+            out = out + part * (budget * yn / (n * math.sqrt(2.0)))
+    return out
+
+
+def _route_like_engine(
+    graph: Graph, node, y: np.ndarray, vals: dict, ref: Mapping, eng: Mapping, budgets
+) -> np.ndarray:
+    """A top-k node of the simulated engine: its own choice, except at the reference's near ties, where it takes
+    the engine's expert ids (and its own probabilities at them, renormalised as the spec says)."""
+    block = graph.moe_block_of(node.name)
+    if block is None or block.topk_indices not in eng or block.probs not in eng:
+        return y
+    k = graph.dims.top_k
+    tie = near_ties(ref[block.probs], eng[block.probs], k, float(budgets[block.probs]))
+    eng_idx = np.asarray(eng[block.topk_indices], np.int64)
+    if not tie.any() or eng_idx.shape != (len(tie), k) or eng_idx.min(initial=0) < 0:
+        return y
+    out = np.array(y, copy=True)
+    if node.attrs.get("part") == "indices":
+        out[tie] = eng_idx[tie]
+        return out
+    w = np.take_along_axis(np.asarray(vals[block.probs], np.float64), eng_idx, axis=1)
+    if spec_params(graph, node).get("renormalize"):
+        w = w / w.sum(axis=1, keepdims=True)
+    out[tie] = w[tie]
+    return out
+
+
+def propagated_budgets(
+    graph: Graph,
+    prompt_id: str,
+    ref: Mapping[str, np.ndarray],
+    eng: Mapping[str, np.ndarray],
+    weights: Mapping,
+    budgets: Mapping[str, float],
+) -> dict[str, float]:
+    """Per float node: the relative L2 error against the reference of the simulated engine described in the
+    module docstring (NaN for index nodes: their disagreement is judged on the routing tables). ``eng``: the
+    engine's values (its routing at near ties is followed)."""
+    rng = np.random.default_rng(_seed(prompt_id))
+    vals: dict[str, np.ndarray] = {INPUT_IDS: np.asarray(ref[INPUT_IDS])}
+    out: dict[str, float] = {}
+    for node in graph:
+        y = run_op(graph, node, {i: vals[i] for i in node.inputs}, weights, spec_params(graph, node))
+        if node.op == "TOPK":
+            y = _route_like_engine(graph, node, y, vals, ref, eng, budgets)
+        if node.kind == "index":
+            out[node.name] = math.nan
+        else:
+            y = _perturb(y, float(budgets[node.name]), rng)
+            out[node.name] = rel_l2(y, ref[node.name])
+        vals[node.name] = y
+    return out
