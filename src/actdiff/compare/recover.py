@@ -82,8 +82,8 @@ def _rerun(ctx: SearchContext, replace: dict | None = None, params: dict | None 
 
 def _whose(name: str, own: str) -> str:
     """How a tensor relates to the slot's own one, in words."""
-    if name == own:
-        return f"its own {own.rsplit('.', 1)[-1]}"
+    if name.rsplit(".", 1)[0] == own.rsplit(".", 1)[0]:  # the same module: its weight, or its bias
+        return f"its own {name.rsplit('.', 1)[-1]}" + ("" if name == own else f" ({name})")
     if re.sub(r"\.\d+\.", ".#.", name) == re.sub(r"\.\d+\.", ".#.", own):
         return f"{name} (another layer's)"
     return name
@@ -393,35 +393,63 @@ def _nearest_rows(ctx: SearchContext, r: np.ndarray, table: np.ndarray) -> np.nd
     return best_i
 
 
+def _best_table(ctx: SearchContext, r: np.ndarray):
+    """(tensor name, nearest row per row of ``r``, relative fit) over the node's token table first, then,
+    when its rows do not fit, every other checkpoint matrix as wide as the hidden size (another table)."""
+    own = ctx.node.weights[0]
+    width = r.shape[1]
+    wide = [n for n in ctx.weights if n != own and len(s := _shape_of(ctx.weights, n)) == 2 and s[1] == width]
+    best = None
+    for name in [own, *wide]:
+        table = np.asarray(ctx.weights[name], np.float64)
+        rows = _nearest_rows(ctx, r, table)
+        if rows is None:
+            break
+        fit = float(np.linalg.norm(r - table[rows])) / max(float(np.linalg.norm(r)), 1e-300)
+        if best is None or fit < best[2]:
+            best = (name, rows, fit)
+        if fit < MATCH_TOL:
+            break
+    return best
+
+
 @register
 def recover_token_map(ctx: SearchContext) -> Iterator[Finding]:
-    """EMBED: which token-embedding row each token used (the spec's other added terms removed), and whether
-    the id -> row mapping is a constant offset."""
+    """EMBED: which table row each token used (the spec's other added terms removed): its own token table
+    or another one, and whether the id -> row mapping is a constant offset or a mirror."""
     node = ctx.node
     if node.op != "EMBED" or not node.weights:
         return
-    table = np.asarray(ctx.weights[node.weights[0]], np.float64)
+    own = node.weights[0]
     ids = [np.asarray(x[INPUT_IDS], np.int64).reshape(-1) for x in ctx.inputs]
+    table = np.asarray(ctx.weights[own], np.float64)
     others = [s.reshape(len(i), -1) - table[i] for s, i in zip(ctx.spec_out, ids, strict=True)]  # type/position
-    r = _stack(t.reshape(len(i), -1) - o for t, o, i in zip(ctx.targets, others, ids, strict=True))
-    rows = _nearest_rows(ctx, r, table)
-    if rows is None:
+    found = _best_table(
+        ctx, _stack(t.reshape(len(i), -1) - o for t, o, i in zip(ctx.targets, others, ids, strict=True))
+    )
+    if found is None or found[2] > MATCH_TOL:
+        log.info("%s: the embedded rows match no table row (closest %s, rel. distance %.2g)", node.name,
+                 *(found[0::2] if found else ("none", float("inf"))))  # fmt: skip
         return
+    name_t, rows, _ = found
     flat = np.concatenate(ids)
-    if np.mean(rows == flat) >= SAME_TOKEN_SHARE:
+    if name_t == own and np.mean(rows == flat) >= SAME_TOKEN_SHARE:
         return
-    name, what, fn, share = _id_relation(flat, rows, table.shape[0])
+    size = _shape_of(ctx.weights, name_t)[0]
+    name, what, fn, share = _id_relation(flat, rows, size)
     if fn is not None:  # a consistent function of the id: applied to every id (also ones it never saw)
-        mapped = [fn(i) % table.shape[0] for i in ids]
+        mapped = [fn(i) % size for i in ids]
     else:  # no simple function: the rows found, token by token
         mapped = np.split(rows, np.cumsum([len(i) for i in ids])[:-1])
-    err = _rerun(ctx, inputs=[{**x, INPUT_IDS: m} for x, m in zip(ctx.inputs, mapped, strict=True)])
+    replace = {} if name_t == own else {own: ctx.weights[name_t]}
+    err = _rerun(ctx, replace, inputs=[{**x, INPUT_IDS: m} for x, m in zip(ctx.inputs, mapped, strict=True)])
     pairs = sorted({(int(a), int(b)) for a, b in zip(flat, rows, strict=True) if a != b})
-    examples = ", ".join(f"{a}->{b}" for a, b in pairs[:4])
-    yield Finding("recovered", name,
-                  f"{node.name}: {what} ({share:.0%} of {len(flat)} rows; e.g. {examples}) in {node.weights[0]}; "
-                  f"re-run with them: residual {err:.2e} (spec {ctx.err0:.2e})", err,
-                  {"tensor": node.weights[0], "relation": what, "share": float(share),
+    examples = f"; e.g. {', '.join(f'{a}->{b}' for a, b in pairs[:4])}" if pairs else ""
+    where = f"rows of {own}" if name_t == own else f"rows of {_whose(name_t, own)} instead of {own}"
+    yield Finding("recovered", name + ("" if name_t == own else f"<-{name_t}"),
+                  f"{node.name}: {where}, {what} ({share:.0%} of {len(flat)} rows{examples}); re-run with them: "
+                  f"residual {err:.2e} (spec {ctx.err0:.2e})", err,
+                  {"tensor": name_t, "relation": what, "share": float(share),
                    "examples": [list(p) for p in pairs[:20]]})  # fmt: skip
 
 
@@ -433,8 +461,10 @@ def _id_relation(ids: np.ndarray, rows: np.ndarray, vocab: int):
         values, counts = np.unique((rows - sign * ids) % vocab, return_counts=True)
         c, share = int(values[np.argmax(counts)]), counts.max() / len(ids)
         c = c - vocab if sign == 1 and c > vocab // 2 else c  # -3, not +4029
-        if share < OFFSET_SHARE or (sign == 1 and c == 0):
+        if share < OFFSET_SHARE:
             continue
+        if sign == 1 and c == 0:
+            return "EMBED.table", "token ids unchanged", (lambda i: i), share
         if sign == 1:
             return f"EMBED.token_ids{c:+d}", f"token ids shifted by {c:+d}", (lambda i, c=c: i + c), share
         return f"EMBED.token_ids_mirrored={c}", f"token ids mirrored: row {c} - id", (lambda i, c=c: c - i), share
