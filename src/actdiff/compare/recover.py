@@ -43,8 +43,6 @@ SAME_TOKEN_SHARE = 0.99  # EMBED: at least this share of rows looking up their o
 OFFSET_SHARE = 0.95  # EMBED: a constant id offset must hold for this share of rows
 VOCAB_CHUNK = 8192  # EMBED: table rows compared at once (memory ~ rows x chunk)
 
-_SLOTS = {"MATMUL": ("weight", "bias"), "ROUTER": ("weight",), "LAYERNORM": ("gamma", "beta"), "BIAS_ADD": ("bias",)}
-
 
 # ------------------------------------------------------------------------------------------ helpers
 def _shape_of(weights, name: str) -> tuple[int, ...]:
@@ -499,8 +497,8 @@ def _expert_costs(x, idx, y, used, mats, fc1: bool) -> np.ndarray:
     for i, e in enumerate(used):
         sel = np.flatnonzero(idx == e)[:EXPERT_ROWS]
         xe, ye = x[sel], y[sel]
-        # all experts at once: FC1 out = x @ w1[e']^T (w1[e'] is F x H), FC2 out = x @ w2[e'] (F x H)
-        pred = np.einsum("rh,efh->erf", xe, mats) if fc1 else np.einsum("rf,efh->erh", xe, mats)
+        # all experts at once (batched BLAS): FC1 out = x @ w1[e']^T (w1[e'] is F x H), FC2 out = x @ w2[e']
+        pred = np.matmul(xe[None], mats.transpose(0, 2, 1) if fc1 else mats)
         cost[i] = np.sum((pred - ye[None]) ** 2, axis=(1, 2)) / max(float(np.sum(ye * ye)), 1e-300)
     return cost
 
