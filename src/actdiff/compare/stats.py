@@ -127,6 +127,12 @@ class CheckpointTensors(Mapping):
             raise KeyError(key)
         return self._file.get_tensor(key)
 
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape from the file header, without reading it (the search scans every tensor's shape)."""
+        if key not in self._keys:
+            raise KeyError(key)
+        return tuple(self._file.get_slice(key).get_shape())
+
     def __iter__(self):
         return iter(self._keys)
 
