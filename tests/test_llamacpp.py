@@ -401,7 +401,7 @@ def test_diagnosis_names_both_llamacpp_differences(setup):
     counts = top.groupby("explained_by").prompt_id.count()
     assert counts["gelu_tanh_fp16_table"] == 4 * n_prompts and counts["expert_bias_missing"] == 2 * n_prompts
     # the plain tanh form is considered but does not explain: it leaves most of the fp16 rounding
-    tanh = h[(h.hypothesis == "gelu_tanh_approximation")]
+    tanh = h[(h.candidate == "gelu_tanh_approximation")]
     assert (tanh.error > 0.5 * tanh.baseline_error).all()
     # first divergence of every prompt: the first GELU (layer 0), as llama.cpp's GELU is its first difference
     first = setup["stats"]["nodes"].groupby("prompt_id").first_divergence.first()

@@ -125,6 +125,7 @@ def compute_stats(
     embedding_sample: int = 2000,
     fault_aliases: dict | None = None,
     diagnose_all_failing: bool = True,
+    search: dict | None = None,
 ) -> None:
     from .compare.stats import StatsConfig, compute_shard_stats
 
@@ -134,6 +135,7 @@ def compute_stats(
         worst_m=worst_m,
         embedding_sample=embedding_sample,
         diagnose_all_failing=diagnose_all_failing,
+        **(search or {}),
     )
     resolved = resolve_variant(variant, fault_aliases or {})
     compute_shard_stats(record.dir, ref_h5, eng_h5, side, resolved, shard, outputs, cfg)

@@ -12,6 +12,7 @@ rule compute_stats:
         worst_m=config["stats"]["worst_m"],
         embedding_sample=config["stats"]["embedding_sample"],
         diagnose_all_failing=config["stats"]["diagnose_all_failing"],
+        search={k: config["stats"][k] for k in ("search_seconds", "search_prompts", "search_nodes")},
         fault_aliases=config["fault_aliases"],
     log:
         L.log("compute_stats", "{model}", "{side}", "{variant}", "shard-{shard}"),

@@ -18,4 +18,5 @@ run(
     embedding_sample=snakemake.params.embedding_sample,  # noqa: F821
     fault_aliases=dict(snakemake.params.fault_aliases),  # noqa: F821
     diagnose_all_failing=snakemake.params.diagnose_all_failing,  # noqa: F821
+    search=dict(snakemake.params.search),  # noqa: F821
 )

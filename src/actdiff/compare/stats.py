@@ -604,7 +604,7 @@ def compute_shard_stats(
                 graph, variant, cfg, replay, weights, load_catalogue(), _missing_nodes(eng_h5, er), writers,
                 BoundedSample(cfg.embedding_sample), keys=graph.key_nodes(),
                 fused=replay.fused_nodes() if replay is not None else frozenset(), outputs=tuple(output_nodes(graph)),
-                search=SearchSample(cfg.search_prompts, cfg.search_nodes),
+                search=SearchSample(cfg.search_prompts, cfg.search_nodes) if cfg.search_seconds > 0 else None,
             )  # fmt: skip
             for pid, ref, eng in _paired_prompts(ref_h5, eng_h5, rr, er, graph.names()):
                 j = judge_prompt(ctx, pid, ref, eng)
