@@ -200,8 +200,21 @@ def _report_terms(ctx: SearchContext, coefs: dict[str, float]) -> Iterator[Findi
             changed[n], err = snap[0], snap[2]
     notes = {n: f"; snapped from {raw[n]:.8g}, within the budget" if changed[n] != raw[n] else "" for n in raw}
     parts = [f"{_term_words(ctx, n)} scaled by {_label(changed[n])} (spec 1{notes[n]})" for n in changed]
+    parts += _equivalent_forms(ctx, changed)
     says = f"{'; '.join(parts)}, {_residual(ctx, err)}"
     yield _finding("fit", f"{ctx.node.op}.{'+'.join(changed)}", says, err, changed)
+
+
+def _equivalent_forms(ctx: SearchContext, changed: dict[str, float]) -> list[str]:
+    """Other readings of the same function the data cannot tell apart. A LayerNorm whose normalized values
+    are scaled by s is, up to eps, one whose variance is divided by n*s^2 instead of n (n - ddof)."""
+    s = changed.get("gamma_scale")
+    if ctx.node.op != "LAYERNORM" or s is None or s <= 0 or ctx.spec.get("axis") != "hidden":
+        return []
+    n = np.shape(ctx.inputs[0][ctx.node.inputs[0]])[-1]
+    return [
+        f"equivalently (up to eps) the variance divided by {n * s * s:.4g} instead of {n} (ddof {n * (1 - s * s):.3g})"
+    ]
 
 
 @register
@@ -389,8 +402,8 @@ def _gelu_fits(ctx: SearchContext) -> list[Fit]:
         ("erf", (Dim("erf_scale", "c in 0.5*x*(1+erf(c*x))", s["erf_scale"], *_around(s["erf_scale"], 1), 21),)),
         ("sigmoid", (Dim("sigmoid_scale", "a in x*sigmoid(a*x)", s["sigmoid_scale"], -1.0, 1.5, 26),)),
         ("tanh", (
-            Dim("tanh_scale", "tanh GELU's outer coefficient", s["tanh_scale"], *_around(s["tanh_scale"], 1), 9),
-            Dim("tanh_cubic", "tanh GELU's cubic coefficient", s["tanh_cubic"], -0.2, 0.3, 11, log=False),
+            Dim("tanh_scale", "tanh GELU's outer coefficient", s["tanh_scale"], *_around(s["tanh_scale"], 1), 5),
+            Dim("tanh_cubic", "tanh GELU's cubic coefficient", s["tanh_cubic"], -0.2, 0.3, 6, log=False),
         )),
     ):  # fmt: skip
         note = "" if f == form else f"GELU computed in the {f} form instead of {spec_form}"
@@ -448,7 +461,7 @@ def _fit_1d(f, d: Dim) -> np.ndarray:
     return np.array([r.x if r.fun <= vals[i] else grid[i]])
 
 
-def _fit_nd(f, dims: tuple[Dim, ...], fatol: float, starts: int = 3) -> np.ndarray:
+def _fit_nd(f, dims: tuple[Dim, ...], fatol: float, starts: int = 2) -> np.ndarray:
     """Grid over the product of the dims' grids, then Nelder-Mead from the best few grid points."""
     grids = [np.linspace(d.lo, d.hi, d.n) for d in dims]
     points = list(itertools.product(*grids))
@@ -458,7 +471,7 @@ def _fit_nd(f, dims: tuple[Dim, ...], fatol: float, starts: int = 3) -> np.ndarr
     for i in np.argsort(vals)[:starts]:
         x0 = np.array(points[i])
         simplex = np.vstack([x0] + [x0 + 0.5 * step * np.eye(len(dims))[k] for k in range(len(dims))])
-        opts = {"initial_simplex": simplex, "xatol": 1e-7, "fatol": fatol, "maxfev": 300}
+        opts = {"initial_simplex": simplex, "xatol": 1e-7, "fatol": fatol, "maxfev": 150}
         r = minimize(f, x0, method="Nelder-Mead", options=opts)
         if r.fun < best_f:
             best_u, best_f = r.x, float(r.fun)
