@@ -40,6 +40,28 @@ Precision emulation: ``weight_precision`` (fp64/fp32/fp16/bf16/int8) rounds the 
 every float input, every weight and the result to that format (a reduced-precision kernel, emulated);
 ``output_precision`` (fp64/fp32/fp16/bf16/int8) rounds only the result (reduced-precision activations;
 int8 = symmetric per-row absmax).
+
+Search parameters (SEARCH_PARAM_NAMES; varied by actdiff.compare.search_fit, not by the catalogue; spec value
+first, each reproducing the spec path exactly):
+
+| op | parameters |
+|---|---|
+| every op | round_at: {} ({step: precision}: round the named intermediate value, ROUND_STEPS, or ``input.<i>`` / |
+|   | ``weight.<i>``); input_order / weight_order: identity [0, 1, ...] (role i is played by operand |
+|   | order[i], which must have the same shape); output_scale: 1.0 (float nodes) |
+| EMBED | word_scale, token_type_scale: 1.0; BERT only: position_scale: 1.0 |
+| LAYERNORM | ddof: 0 (variance divided by n - ddof, added to ``variance: unbiased``'s 1); axis: hidden/tokens; |
+|   | gamma_scale, beta_scale: 1.0 |
+| MATMUL | bias_scale: 1.0 (with a bias) |
+| SPLIT | part: the node's own (0/1/2: which third of the fused projection it reads) |
+| ATTENTION | scale also as a float; softmax_axis: keys/queries/heads |
+| ADD | first_scale, second_scale: 1.0 |
+| GELU | erf_scale: 1/sqrt(2) (erf form c in 0.5*x*(1+erf(c*x))); tanh_scale: sqrt(2/pi), tanh_cubic: 0.044715; |
+|   | sigmoid_scale: 1.702 (sigmoid form x*sigmoid(a*x)) |
+| SOFTMAX | temperature: 1.0 (logits multiplied by it); axis: experts/tokens |
+| BIAS_ADD | bias_scale: 1.0 |
+| POOL | axis: tokens/hidden |
+| L2NORM | axis: hidden/rows |
 """
 
 from __future__ import annotations
