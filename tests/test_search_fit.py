@@ -113,6 +113,26 @@ def test_variance_divisor_reads_as_gamma_scale_and_fits_as_ddof(tiny):
     assert explains(fits["LAYERNORM.ddof"].error, ctx.err0, BUDGET)
 
 
+_SUBSET_NAMES = ("ROPE.base", "GELU.sigmoid_scale", "LAYERNORM.axis=tokens", "ATTENTION.round_at.probs=fp16")
+SUBSET_CASES = [c for c in CASES if c[2] in _SUBSET_NAMES]
+
+
+@pytest.mark.parametrize("case", SUBSET_CASES, ids=[f"s{i}" for i in range(len(SUBSET_CASES))])
+def test_fits_on_a_subset_and_screening_find_the_same(tiny, case, monkeypatch):
+    """With the fit/screen subset forced small (16 rows: whole short prompts, or every 4th row of a row-wise
+    op), fits run on the subset and discrete candidates are screened on it; the result is the same finding,
+    with its residual measured on the whole sample."""
+    import actdiff.compare.search_fit as sf
+
+    monkeypatch.setattr(sf, "MAX_FIT_ROWS", 16)
+    node, planted, name, values = case
+    res = _search(tiny, node, _planted_targets(tiny, node, planted))
+    assert res.best is not None and res.best.name == name and res.explained_by == res.best
+    assert res.rows == sum(len(v["input_ids"]) for v in tiny.vals)
+    for param, (want, tol) in values.items():
+        assert res.best.params[param] == pytest.approx(want, rel=tol, abs=tol)
+
+
 def test_rounded_target_snaps_to_simple_value(tiny):
     """A fit lands a hair off the planted value (fp32 rounding); the report snaps it and says so."""
     node = L0 + "attn.context"

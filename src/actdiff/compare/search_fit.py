@@ -35,12 +35,15 @@ from scipy.optimize import minimize, minimize_scalar
 
 from .findings import Finding
 from .refops import AXES, ROUND_STEPS, TERM_SCALES, attention_scale, run_op
-from .search import SearchContext, register
+from .search import SearchContext, make_context, register
 
 IMPROVES = 0.5  # a candidate is reported only if its residual is below this fraction of the spec's error
 SAME_AS_SPEC = 1e-3  # a fitted value within this relative distance of the spec value is the spec value
 PRECISIONS = ("fp16", "bf16")  # reduced formats tried at intermediate steps (fp32 rounding is budget-sized)
-MAX_STRUCTURE_COMBOS = 64  # product of an op's structural choices tried jointly up to this many candidates
+MAX_STRUCTURE_COMBOS = 8  # an op's structural choices are combined when that makes at most this many candidates
+ROW_WISE = ("LAYERNORM", "GELU", "SOFTMAX")  # ops whose rows are independent (at the spec's axis)
+MAX_FIT_ROWS = 256  # rows of the sample the continuous fits run on (see _fit_context)
+SCREEN_PASS = 0.9  # a discrete candidate goes on to the whole sample if it reduces the error on a subset
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -293,10 +296,11 @@ def structure(ctx: SearchContext) -> Iterator[Finding]:
     """Alternatives generated from the op's definition: each axis, each role permutation of its operands."""
     if not _searchable(ctx):
         return
+    screen = _Screened(ctx)
     for changed in _structure_candidates(ctx):
         if ctx.deadline.expired():
             return
-        err = _evaluate(ctx, changed)
+        err = screen.error(changed)
         if not _improves(ctx, err):
             continue
         name = f"{ctx.node.op}." + "+".join(f"{k}={_show(v)}" for k, v in changed.items())
@@ -358,10 +362,11 @@ def precision(ctx: SearchContext) -> Iterator[Finding]:
     """Reduced precision inserted at each intermediate step of the op (one step and one format at a time)."""
     if not _searchable(ctx):
         return
+    screen = _Screened(ctx)
     for params, name, words in _precision_candidates(ctx):
         if ctx.deadline.expired():
             return
-        err = _evaluate(ctx, params)
+        err = screen.error(params)
         if _improves(ctx, err):
             yield _finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params)
 
@@ -427,7 +432,7 @@ def _fits(ctx: SearchContext) -> list[Fit]:
     if op == "ATTENTION":
         hd = ctx.graph.dims.head_dim
         sc = attention_scale(s["scale"], hd)
-        return [Fit((Dim("scale", "attention scale", sc, *_around(sc, 3), 25),), {})]
+        return [Fit((Dim("scale", "attention scale", sc, *_around(sc, 3), 13),), {})]
     if op == "GELU":
         return _gelu_fits(ctx)
     if op == "SOFTMAX":
@@ -435,6 +440,62 @@ def _fits(ctx: SearchContext) -> list[Fit]:
     if op == "L2NORM":
         return [Fit((Dim("eps", "L2 normalisation eps", s["eps"], -16.0, 4.0, 21),), {})]
     return []
+
+
+def _subset(ctx: SearchContext, keep: list) -> SearchContext:
+    """A context on the rows ``keep[i]`` of each prompt i (None: prompt left out)."""
+    inputs, targets = [], []
+    for x, t, idx in zip(ctx.inputs, ctx.targets, keep, strict=True):
+        if idx is not None:
+            inputs.append({**x, **{n: np.asarray(x[n])[idx] for n in ctx.node.inputs}})
+            targets.append(np.asarray(t)[idx])
+    return make_context(ctx.graph, ctx.node, inputs, targets, ctx.weights, ctx.budget, ctx.deadline)
+
+
+def _prompt_subset(ctx: SearchContext) -> SearchContext:
+    """Whole prompts, as many as fit in MAX_FIT_ROWS rows (at least one): valid for every op and candidate."""
+    keep, total = [], 0
+    for t in ctx.targets:
+        take = not keep or total + len(t) <= MAX_FIT_ROWS
+        keep.append(np.arange(len(t)) if take else None)
+        total += len(t) if take else 0
+    return ctx if total == sum(len(t) for t in ctx.targets) else _subset(ctx, keep)
+
+
+def _fit_context(ctx: SearchContext) -> SearchContext:
+    """The sample the optimisers work on, about MAX_FIT_ROWS rows of it: a fit evaluates a few hundred
+    candidates and the constants are the same in every row and prompt. Ops whose rows are computed
+    independently (ROW_WISE) keep evenly spaced rows of every prompt; the others (rotary positions, attention
+    over all keys) keep whole prompts. The reported residual is always re-evaluated on the whole sample."""
+    rows = sum(len(t) for t in ctx.targets)
+    if rows <= MAX_FIT_ROWS:
+        return ctx
+    if ctx.node.op not in ROW_WISE:
+        return _prompt_subset(ctx)
+    stride = math.ceil(rows / MAX_FIT_ROWS)
+    return _subset(ctx, [np.arange(0, len(t), stride) for t in ctx.targets])
+
+
+class _Screened:
+    """Evaluates a stream of discrete candidates on whole prompts first (_prompt_subset) when that is at most
+    half the sample, and on the whole sample only those that reduce the error there at all (a candidate that
+    halves the error overall cannot leave it unchanged on whole prompts of the same sample, short of a bug
+    that shows only in the prompts left out, hence the loose SCREEN_PASS)."""
+
+    def __init__(self, ctx: SearchContext):
+        self.ctx = ctx
+        sub = _prompt_subset(ctx)
+        rows = sum(len(t) for t in ctx.targets)
+        self.sub = sub if sub is not ctx and 2 * sum(len(t) for t in sub.targets) <= rows else None
+
+    def error(self, params: dict) -> float:
+        if self.sub is not None:
+            before = self.sub.tried
+            e = _evaluate(self.sub, params)
+            self.ctx.tried += self.sub.tried - before
+            if not (math.isfinite(e) and e < SCREEN_PASS * self.sub.err0):
+                return math.inf
+        return _evaluate(self.ctx, params)
 
 
 class _Expired(Exception):
@@ -530,9 +591,13 @@ def continuous(ctx: SearchContext) -> Iterator[Finding]:
     for fit in _fits(ctx):
         if ctx.deadline.expired():
             return
-        f = _objective(ctx, fit)
+        fctx = _fit_context(ctx)
+        f = _objective(fctx, fit)
         try:
             u = _fit_1d(f, fit.dims[0]) if len(fit.dims) == 1 else _fit_nd(f, fit.dims, (1e-2 * ctx.budget) ** 2)
         except _Expired:
             return
+        finally:
+            if fctx is not ctx:
+                ctx.tried += fctx.tried
         yield from _report_fit(ctx, fit, u)
