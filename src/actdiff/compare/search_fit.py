@@ -76,13 +76,12 @@ def _residual(ctx: SearchContext, err: float) -> str:
 
 
 def simple_values(v: float) -> list[tuple[float, str]]:
-    """Simpler numbers near ``v``, simplest first, each with how it reads: an integer, 1-3 significant
-    figures, 1/n, 1/sqrt(n), sqrt(n) (n an integer): the forms a constant in code takes."""
+    """Simpler numbers near ``v``, simplest first, each with how it reads: the nearest integer (0 too), 1-3
+    significant figures, 1/n, 1/sqrt(n), sqrt(n) (n an integer): the forms a constant in code takes."""
     out: list[tuple[float, str]] = []
     if v == 0 or not math.isfinite(v):
         return [(0.0, "0")]
-    if abs(v) >= 0.5:
-        out.append((float(round(v)), fmt(round(v))))
+    out.append((float(round(v)), fmt(round(v))))  # 0 included: a term dropped, an offset of none
     for digits in (1, 2):
         r = float(f"{v:.{digits - 1}e}")
         out.append((r, fmt(r)))
@@ -287,7 +286,13 @@ def _structure_words(ctx: SearchContext, key: str, value) -> str:
         )
     if key == "order":
         return f"reads the fused projection {value.replace('_', '-')} instead of {spec.replace('_', '-')}"
-    what = {"SOFTMAX": "softmax", "LAYERNORM": "LayerNorm statistics", "ATTENTION": "attention softmax"}
+    what = {
+        "SOFTMAX": "softmax",
+        "LAYERNORM": "LayerNorm statistics",
+        "ATTENTION": "attention softmax",
+        "POOL": "pooling",
+        "L2NORM": "the L2 norm",
+    }
     return f"{what.get(node.op, node.op)} taken over the {value} axis instead of the {spec} axis"
 
 
