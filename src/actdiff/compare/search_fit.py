@@ -582,6 +582,8 @@ def _report_fit(ctx: SearchContext, fit: Fit, u: np.ndarray) -> Iterator[Finding
             snap = _snap(ctx, changed[d.param], d.spec, err, lambda x, k=d.param: {**params, k: x})
             if snap is not None:
                 params[d.param], err = snap[0], snap[2]
+    if params.get("form") == "tanh" and params.get("tanh_cubic") == 0.0:
+        return  # 0.5*(1 + tanh(c*x)) is sigmoid(2c*x): the same function, which the sigmoid form's fit reports
     says = f"{_fit_words(fit, params, changed)}, {_residual(ctx, err)}"
     name = f"{ctx.node.op}.{'+'.join(changed)}"
     yield _finding("fit", name, says, err, params)
