@@ -19,6 +19,9 @@ graph supports. Registered cheap-first:
 
 A candidate is reported only if it at least halves the spec's own error (:data:`IMPROVES`) and differs from
 the spec; whether it *explains* is judged by the caller with :func:`actdiff.compare.findings.explains`.
+Cost is bounded: the optimisers run on about MAX_FIT_ROWS rows of the sample (evenly spaced rows of row-wise
+ops, whole prompts otherwise) and discrete candidates are screened on whole prompts first; every reported
+residual is measured on the whole sample.
 Fitted values are snapped to a simpler nearby value (an integer, one or two significant figures, 1/n,
 1/sqrt(n)) only if the snapped value's residual stays within the budget (or the fit's own residual).
 """
