@@ -40,6 +40,28 @@ Precision emulation: ``weight_precision`` (fp64/fp32/fp16/bf16/int8) rounds the 
 every float input, every weight and the result to that format (a reduced-precision kernel, emulated);
 ``output_precision`` (fp64/fp32/fp16/bf16/int8) rounds only the result (reduced-precision activations;
 int8 = symmetric per-row absmax).
+
+Search parameters (SEARCH_PARAM_NAMES; varied by actdiff.compare.search_fit, not by the catalogue; spec value
+first, each reproducing the spec path exactly):
+
+| op | parameters |
+|---|---|
+| every op | round_at: {} ({step: precision}: round the named intermediate value, ROUND_STEPS, or ``input.<i>`` / |
+|   | ``weight.<i>``); input_order / weight_order: identity [0, 1, ...] (role i is played by operand |
+|   | order[i], which must have the same shape); output_scale: 1.0 (float nodes) |
+| EMBED | word_scale, token_type_scale: 1.0; BERT only: position_scale: 1.0 |
+| LAYERNORM | ddof: 0 (variance divided by n - ddof, added to ``variance: unbiased``'s 1); axis: hidden/tokens; |
+|   | gamma_scale, beta_scale: 1.0 |
+| MATMUL | bias_scale: 1.0 (with a bias) |
+| SPLIT | part: the node's own (0/1/2: which third of the fused projection it reads) |
+| ATTENTION | scale also as a float; softmax_axis: keys/queries/heads |
+| ADD | first_scale, second_scale: 1.0 |
+| GELU | erf_scale: 1/sqrt(2) (erf form c in 0.5*x*(1+erf(c*x))); tanh_scale: sqrt(2/pi), tanh_cubic: 0.044715; |
+|   | sigmoid_scale: 1.702 (sigmoid form x*sigmoid(a*x)) |
+| SOFTMAX | temperature: 1.0 (logits multiplied by it); axis: experts/tokens |
+| BIAS_ADD | bias_scale: 1.0 |
+| POOL | axis: tokens/hidden |
+| L2NORM | axis: hidden/rows |
 """
 
 from __future__ import annotations
@@ -100,6 +122,82 @@ PARAM_NAMES: dict[str, frozenset[str]] = {
         "L2NORM": ("eps", "normalize", "accumulate"),
     }.items()
 }
+
+
+# Parameters the search varies (actdiff.compare.search_fit) beyond the catalogue's: continuous forms of the
+# op's constants, the axis it reduces over, the role an operand plays, the weight of each additive term, and
+# reduced precision at a named intermediate step. They are not in PARAM_NAMES (the catalogue names discrete
+# bugs and covers every one of those); run_op accepts both. Spec values are in spec_params.
+GENERIC_SEARCH_PARAMS = ("round_at", "input_order", "weight_order", "output_scale")
+SEARCH_PARAM_NAMES: dict[str, frozenset[str]] = {
+    op: frozenset(names) | set(GENERIC_SEARCH_PARAMS)
+    for op, names in {
+        "EMBED": ("word_scale", "position_scale", "token_type_scale"),
+        "LAYERNORM": ("ddof", "axis", "gamma_scale", "beta_scale"),
+        "MATMUL": ("bias_scale",),
+        "SPLIT": ("part",),
+        "ROPE": (),
+        "ATTENTION": ("softmax_axis",),
+        "ADD": ("first_scale", "second_scale"),
+        "GELU": ("erf_scale", "tanh_scale", "tanh_cubic", "sigmoid_scale"),
+        "ROUTER": (),
+        "SOFTMAX": ("temperature", "axis"),
+        "TOPK": (),
+        "EXPERT_FC1": (),
+        "EXPERT_FC2": (),
+        "MOE_SUM": (),
+        "BIAS_ADD": ("bias_scale",),
+        "POOL": ("axis",),
+        "L2NORM": ("axis",),
+    }.items()
+}
+
+# Intermediate values each op can round (``round_at: {step: precision}``), in computation order. Besides these
+# every op understands ``input.<i>`` (its i-th input) and ``weight.<i>`` (its i-th checkpoint tensor).
+ROUND_STEPS: dict[str, tuple[str, ...]] = {
+    "EMBED": (),
+    "LAYERNORM": ("mean", "centered", "var", "rstd", "normalized", "scaled"),
+    "MATMUL": ("product",),
+    "SPLIT": (),
+    "ROPE": ("positions", "inv_freq", "angles", "cos_sin"),
+    "ATTENTION": ("q_scaled", "scores", "exp", "probs"),
+    "ADD": (),
+    "GELU": ("inner", "cdf"),
+    "ROUTER": (),
+    "SOFTMAX": ("exp", "sum"),
+    "TOPK": (),
+    "EXPERT_FC1": (),
+    "EXPERT_FC2": (),
+    "MOE_SUM": ("products",),
+    "BIAS_ADD": (),
+    "POOL": ("sum",),
+    "L2NORM": ("norm",),
+}
+
+# Coefficients of the op's additive terms (spec 1.0 each; the output is linear in them, so they are fitted in
+# closed form), and the values each structural choice of the op can take (the spec's among them).
+TERM_SCALES: dict[str, tuple[str, ...]] = {
+    "EMBED": ("word_scale", "position_scale", "token_type_scale"),
+    "LAYERNORM": ("gamma_scale", "beta_scale"),
+    "MATMUL": ("bias_scale",),
+    "ADD": ("first_scale", "second_scale"),
+    "BIAS_ADD": ("bias_scale",),
+}
+AXES: dict[str, dict[str, tuple]] = {
+    "LAYERNORM": {"axis": ("hidden", "tokens")},
+    "ATTENTION": {"softmax_axis": ("keys", "queries", "heads")},
+    "SOFTMAX": {"axis": ("experts", "tokens")},
+    "POOL": {"axis": ("tokens", "hidden")},
+    "L2NORM": {"axis": ("hidden", "rows")},
+    "SPLIT": {"part": (0, 1, 2), "order": ("qkv_major", "head_major")},
+}
+
+# Named values of the attention scale (a float is also accepted)
+ATTENTION_SCALES = ("inv_sqrt_head_dim", "inv_head_dim", "none")
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+TANH_SCALE = math.sqrt(2.0 / math.pi)
+TANH_CUBIC = 0.044715
+SIGMOID_SCALE = 1.702
 
 
 class NotApplicable(ValueError):
@@ -167,7 +265,45 @@ def spec_params(graph: Graph, node: Node) -> dict:
         raise ValueError(f"node {node.name}: unknown op type {op!r}")
     if node.kind != "index":
         p["output_precision"] = "fp64"
+    p.update(_search_spec(graph, node))
     return p
+
+
+def _search_spec(graph: Graph, node: Node) -> dict:
+    """Spec values of the search's parameters (SEARCH_PARAM_NAMES): the identity everywhere."""
+    op = node.op
+    p: dict = {"round_at": {}, "input_order": list(range(len(node.inputs)))}
+    p["weight_order"] = list(range(len(node.weights)))
+    if node.kind != "index":
+        p["output_scale"] = 1.0
+    per_op = {
+        "EMBED": {"word_scale": 1.0, "token_type_scale": 1.0},
+        "LAYERNORM": {"ddof": 0.0, "axis": "hidden", "gamma_scale": 1.0, "beta_scale": 1.0},
+        "MATMUL": {"bias_scale": 1.0} if len(node.weights) > 1 else {},
+        "SPLIT": {"part": node.attrs.get("part", 0)},
+        "ATTENTION": {"softmax_axis": "keys"},
+        "ADD": {"first_scale": 1.0, "second_scale": 1.0},
+        "GELU": {"erf_scale": INV_SQRT2, "tanh_scale": TANH_SCALE, "tanh_cubic": TANH_CUBIC},
+        "SOFTMAX": {"temperature": 1.0, "axis": "experts"},
+        "BIAS_ADD": {"bias_scale": 1.0},
+        "POOL": {"axis": "tokens"},
+        "L2NORM": {"axis": "hidden"},
+    }.get(op, {})
+    p.update(per_op)
+    if op == "GELU":
+        p["sigmoid_scale"] = SIGMOID_SCALE
+    if op == "EMBED" and graph.dims.arch == ARCH_BERT:
+        p["position_scale"] = 1.0
+    return p
+
+
+def _r(p: dict, step: str, x):
+    """``x`` rounded as ``round_at`` asks for this intermediate step (unchanged when not asked)."""
+    prec = p.get("round_at", {}).get(step)
+    if prec is None or prec == "fp64":
+        return x
+    with np.errstate(over="ignore", invalid="ignore"):
+        return round_to(np.asarray(x, dtype=np.float64), prec)
 
 
 def aux_inputs(graph: Graph, node: Node, params: dict) -> list[str]:
@@ -217,47 +353,79 @@ def _f(x) -> np.ndarray:
 def _embed(graph, node, x, w, p):
     ids = np.asarray(x[0], dtype=np.int64).reshape(-1)
     T = ids.shape[0]
-    tables = [round_to(_f(w[k]), p["weight_precision"], axis=1) for k in node.weights]
-    out = tables[0][ids].copy()
+    n = len(node.weights)
+
+    def rows(i: int, which) -> np.ndarray:
+        # gather first, then round: every rounding here is elementwise or per row (int8 over axis 1), so it
+        # commutes with the gather, and the table (250k x 768 in the released model) is never copied whole
+        r = round_to(_f(np.asarray(w[node.weights[i]])[which]), p["weight_precision"], axis=-1)
+        return _r(p, f"weight.{i}", r)
+
+    out = _scaled(rows(0, ids), p.get("word_scale", 1.0))
     positions = p.get("positions", "none")
     if positions not in ("absolute", "none"):
         raise ValueError(f"positions {positions!r}")
     if positions == "absolute":
         pos = np.arange(T) + int(p["position_offset"])
-        if pos.size and (pos.min() < 0 or pos.max() >= tables[1].shape[0]):
+        if pos.size and (pos.min() < 0 or pos.max() >= np.shape(w[node.weights[1]])[0]):
             raise NotApplicable(f"positions {pos.min()}..{pos.max()} outside the position table")
-        out += tables[1][pos]
+        out += _scaled(rows(1, pos), p.get("position_scale", 1.0))
     if p["token_type"] == "row0":
-        out += tables[-1][0]
+        out += _scaled(rows(n - 1, 0), p.get("token_type_scale", 1.0))
     elif p["token_type"] != "none":
         raise ValueError(f"token_type {p['token_type']!r}")
     return out
 
 
+def _scaled(x, c) -> np.ndarray:
+    """``c * x``; the term itself (a copy) at the spec's 1.0, so the spec path is bit-identical."""
+    c = float(c)
+    return np.array(x, dtype=np.float64) if c == 1.0 else c * _f(x)
+
+
+def _variance_denominator(n: int, p: dict) -> float:
+    """Divisor of the sum of squares: n at the spec, n - 1 for ``variance: unbiased``, minus ``ddof`` more."""
+    if p["variance"] not in ("biased", "unbiased"):
+        raise ValueError(f"variance {p['variance']!r}")
+    ddof = float(p.get("ddof", 0.0)) + (1.0 if p["variance"] == "unbiased" else 0.0)
+    return max(n - ddof, 1.0) if p["variance"] == "unbiased" else n - ddof
+
+
 def _layernorm(graph, node, x, w, p):
     a = _f(x[0])
-    H = a.shape[-1]
-    mean = a.mean(axis=-1, keepdims=True) if p["centered"] else 0.0
-    c = a - mean
+    axis = {"hidden": -1, "tokens": 0}.get(p.get("axis", "hidden"))
+    if axis is None:
+        raise ValueError(f"axis {p['axis']!r}")
+    n = a.shape[axis]
+    mean = _r(p, "mean", a.mean(axis=axis, keepdims=True)) if p["centered"] else 0.0
+    c = _r(p, "centered", a - mean)
+    den = _variance_denominator(n, p)
+    if den <= 0:
+        raise NotApplicable(f"variance denominator {den} is not positive")
     if not p["centered"]:  # RMSNorm: mean of squares
-        var = (c * c).mean(axis=-1, keepdims=True)
-    elif p["variance"] == "unbiased":
-        var = (c * c).sum(axis=-1, keepdims=True) / max(H - 1, 1)
-    elif p["variance"] == "biased":
-        var = (c * c).mean(axis=-1, keepdims=True)
+        var = (c * c).mean(axis=axis, keepdims=True)
+    elif den == n:
+        var = (c * c).mean(axis=axis, keepdims=True)
     else:
-        raise ValueError(f"variance {p['variance']!r}")
-    y = c / np.sqrt(var + float(p["eps"]))
+        var = (c * c).sum(axis=axis, keepdims=True) / den
+    var = _r(p, "var", var)
+    if "rstd" in p.get("round_at", {}):  # a kernel that stores 1/sqrt(var + eps) and multiplies
+        y = c * _r(p, "rstd", 1.0 / np.sqrt(var + float(p["eps"])))
+    else:
+        y = c / np.sqrt(var + float(p["eps"]))
+    y = _r(p, "normalized", y)
     if p["affine"]:
-        y = y * _f(w[node.weights[0]]) + _f(w[node.weights[1]])
+        y = _r(p, "scaled", _scaled(y * _f(w[node.weights[0]]), p.get("gamma_scale", 1.0)))
+        y = y + _scaled(w[node.weights[1]], p.get("beta_scale", 1.0))
     return y
 
 
-def _apply_bias(y, b, mode, node):
+def _apply_bias(y, b, mode, node, scale=1.0):
     if mode == "none":
         return y
     if b is None:
         raise NotApplicable(f"node {node.name} has no bias tensor")
+    b = _scaled(b, scale)
     if mode == "once":
         return y + b
     if mode == "twice":
@@ -278,7 +446,7 @@ def _matmul(graph, node, x, w, p):
         raise ValueError(f"weight_orientation {p['weight_orientation']!r}")
     W = round_to(W, p["weight_precision"], axis=1)
     b = _f(w[node.weights[1]]) if len(node.weights) > 1 else None
-    y = _apply_bias(a @ W.T, b, p["bias"], node)
+    y = _apply_bias(_r(p, "product", a @ W.T), b, p["bias"], node, p.get("bias_scale", 1.0))
     return y.reshape(graph.shape(node.name, T))
 
 
@@ -286,7 +454,9 @@ def _split(graph, node, x, w, p):
     a = _f(x[0])
     T = a.shape[0]
     nh, hd = graph.dims.heads, graph.dims.head_dim
-    part = node.attrs["part"]
+    part = int(p.get("part", node.attrs["part"]))  # which third of the fused projection this node reads
+    if part not in (0, 1, 2):
+        raise ValueError(f"part {part!r}")
     if p["order"] == "qkv_major":
         return a.reshape(T, 3, nh, hd)[:, part].copy()
     if p["order"] == "head_major":
@@ -294,18 +464,15 @@ def _split(graph, node, x, w, p):
     raise ValueError(f"order {p['order']!r}")
 
 
-def _rope(graph, node, x, w, p):
-    a = _f(x[0])
-    T, _, hd = a.shape
-    if p["layout"] == "none":
-        return a.copy()
+def _rope_angles(T: int, hd: int, p: dict) -> np.ndarray:
+    """Rotation angles [T, hd/2]: position times inverse frequency (see _rope for the fp32 recurrence)."""
     half = hd // 2
-    pos = np.arange(T, dtype=np.float64) + float(p["position_offset"])
+    pos = _r(p, "positions", np.arange(T, dtype=np.float64) + float(p["position_offset"]))
     angles = p.get("angles", "fp64")
     if angles == "fp64":
-        inv_freq = float(p["base"]) ** (-np.arange(0, 2 * half, 2, dtype=np.float64) / hd)
-        ang = pos[:, None] * inv_freq[None, :]
-    elif angles == "fp32_recurrence":
+        inv_freq = _r(p, "inv_freq", float(p["base"]) ** (-np.arange(0, 2 * half, 2, dtype=np.float64) / hd))
+        return _r(p, "angles", pos[:, None] * inv_freq[None, :])
+    if angles == "fp32_recurrence":
         # ggml's rope cache (ggml-cpu ggml_rope_cache_init): theta starts at the position and is multiplied by
         # theta_scale = powf(base, -2/hd) once per pair, all in float32; cosf/sinf of that float32 angle
         scale = np.float32(np.power(np.float32(p["base"]), np.float32(-2.0) / np.float32(hd)))
@@ -314,12 +481,21 @@ def _rope(graph, node, x, w, p):
         for _ in range(half):
             cols.append(theta.astype(np.float64))
             theta = (theta * scale).astype(np.float32)
-        ang = np.stack(cols, axis=1)
-    else:
-        raise ValueError(f"angles {angles!r}")
+        return _r(p, "angles", np.stack(cols, axis=1))
+    raise ValueError(f"angles {angles!r}")
+
+
+def _rope(graph, node, x, w, p):
+    a = _f(x[0])
+    T, _, hd = a.shape
+    if p["layout"] == "none":
+        return a.copy()
+    half = hd // 2
+    ang = _rope_angles(T, hd, p)
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]  # [T, 1, hd/2]
-    if angles == "fp32_recurrence":  # cosf/sinf return float32
+    if p.get("angles", "fp64") == "fp32_recurrence":  # cosf/sinf return float32
         cos, sin = cos.astype(np.float32).astype(np.float64), sin.astype(np.float32).astype(np.float64)
+    cos, sin = _r(p, "cos_sin", cos), _r(p, "cos_sin", sin)
     out = a.copy()
     if p["layout"] == "neox":
         x1, x2 = a[..., :half], a[..., half : 2 * half]
@@ -334,7 +510,9 @@ def _rope(graph, node, x, w, p):
     return out
 
 
-def _softmax(s, mode, axis=-1):
+def _softmax(s, mode, axis=-1, p=None):
+    """Softmax along ``axis``; ``p`` (optional) rounds the exponentials / their sum as ``round_at`` asks."""
+    p = p or {}
     if mode == "stable":
         e = np.exp(s - s.max(axis=axis, keepdims=True))
     elif mode == "naive":  # no max subtraction: identical in float64 unless exp overflows
@@ -342,24 +520,41 @@ def _softmax(s, mode, axis=-1):
             e = np.exp(s)
     else:
         raise ValueError(f"softmax {mode!r}")
+    e = _r(p, "exp", e)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return e / e.sum(axis=axis, keepdims=True)
+        return e / _r(p, "sum", e.sum(axis=axis, keepdims=True))
+
+
+def attention_scale(value, head_dim: int) -> float:
+    """The attention scale as a number: a named value (ATTENTION_SCALES) or a float."""
+    named = {"inv_sqrt_head_dim": 1.0 / math.sqrt(head_dim), "inv_head_dim": 1.0 / head_dim, "none": 1.0}
+    if isinstance(value, str):
+        if value not in named:
+            raise ValueError(f"scale {value!r}")
+        return named[value]
+    return float(value)
 
 
 def _attention(graph, node, x, w, p):
     q, k, v = (_f(a) for a in x)
     T, nh, hd = q.shape
-    scale = {"inv_sqrt_head_dim": 1.0 / math.sqrt(hd), "inv_head_dim": 1.0 / hd, "none": 1.0}.get(p["scale"])
-    if scale is None:
-        raise ValueError(f"scale {p['scale']!r}")
-    s = np.einsum("qhd,khd->hqk", q, k) * scale
+    scale = attention_scale(p["scale"], hd)
+    kt = k.transpose(1, 2, 0)  # [nh, hd, T]; batched matmul is ~8x faster than einsum here (BLAS)
+    if "q_scaled" in p.get("round_at", {}):  # a kernel that scales q before the dot products
+        s = _r(p, "scores", _r(p, "q_scaled", q * scale).transpose(1, 0, 2) @ kt)
+    else:
+        s = _r(p, "scores", (q.transpose(1, 0, 2) @ kt) * scale)  # [nh, T, T]
     if p["mask"] == "causal":
         s = np.where(np.tril(np.ones((T, T), dtype=bool))[None], s, -np.inf)
     elif p["mask"] not in ("bidirectional", "query_padding"):
         # query_padding masks padded QUERY rows instead of padded keys: one prompt of real tokens has no
         # padding, so under teacher forcing it equals the spec (listed so the catalogue says so explicitly)
         raise ValueError(f"mask {p['mask']!r}")
-    ctx = np.einsum("hqk,khd->qhd", _softmax(s, p["softmax"]), v)  # [T, nh, hd]
+    axis = {"keys": -1, "queries": 1, "heads": 0}.get(p.get("softmax_axis", "keys"))
+    if axis is None:
+        raise ValueError(f"softmax_axis {p['softmax_axis']!r}")
+    probs = _r(p, "probs", _softmax(s, p["softmax"], axis, {"round_at": {"exp": p.get("round_at", {}).get("exp")}}))
+    ctx = (probs @ v.transpose(1, 0, 2)).transpose(1, 0, 2)  # [T, nh, hd]
     if p["output_layout"] == "heads_inner":
         ctx = ctx.transpose(0, 2, 1)
     elif p["output_layout"] != "heads_outer":
@@ -368,13 +563,14 @@ def _attention(graph, node, x, w, p):
 
 
 def _add(graph, node, x, w, p):
-    a, b = _f(x[0]), _f(x[1])
+    a = _scaled(x[0], p.get("first_scale", 1.0))
+    b = _scaled(x[1], p.get("second_scale", 1.0))
     if p["terms"] == "both":
         return a + b
     if p["terms"] == "first":
-        return a.copy()
+        return a
     if p["terms"] == "second":
-        return b.copy()
+        return b
     raise ValueError(f"terms {p['terms']!r}")
 
 
@@ -397,22 +593,30 @@ def gelu_tanh_fp16_table(x: np.ndarray) -> np.ndarray:
     return np.where(x32 <= -10.0, 0.0, np.where(x32 >= 10.0, x32.astype(np.float64), t))
 
 
+def _gelu_gate(a: np.ndarray, form: str, p: dict) -> np.ndarray:
+    """The factor GELU multiplies x by: Phi(x) or an approximation of it, from the form's coefficients."""
+    if form == "erf":
+        c = float(p.get("erf_scale", INV_SQRT2))
+        inner = _r(p, "inner", a / math.sqrt(2.0) if c == INV_SQRT2 else a * c)
+        return 0.5 * (1.0 + _erf(inner))
+    if form == "tanh":
+        c, k = float(p.get("tanh_scale", TANH_SCALE)), float(p.get("tanh_cubic", TANH_CUBIC))
+        return 0.5 * (1.0 + np.tanh(_r(p, "inner", c * (a + k * a**3))))
+    if form in ("sigmoid", "silu"):
+        c = float(p.get("sigmoid_scale", SIGMOID_SCALE)) if form == "sigmoid" else 1.0
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-_r(p, "inner", c * a)))
+    raise ValueError(f"form {form!r}")
+
+
 def _gelu(graph, node, x, w, p):
     a = _f(x[0])
     form = p["form"]
     if form == "tanh_fp16_table":
         return gelu_tanh_fp16_table(a)
-    if form == "erf":
-        return 0.5 * a * (1.0 + _erf(a / math.sqrt(2.0)))
-    if form == "tanh":
-        return 0.5 * a * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * a**3)))
-    if form == "sigmoid":
-        return a / (1.0 + np.exp(-1.702 * a))
-    if form == "silu":
-        return a / (1.0 + np.exp(-a))
     if form == "relu":
         return np.maximum(a, 0.0)
-    raise ValueError(f"form {form!r}")
+    return a * _r(p, "cdf", _gelu_gate(a, form, p))
 
 
 def _router(graph, node, x, w, p):
@@ -421,12 +625,16 @@ def _router(graph, node, x, w, p):
 
 
 def _softmax_op(graph, node, x, w, p):
-    a = _f(x[0])
+    a = _scaled(x[0], p.get("temperature", 1.0))  # logits multiplied by the temperature factor
+    axis = {"experts": -1, "tokens": 0}.get(p.get("axis", "experts"))
+    if axis is None:
+        raise ValueError(f"axis {p['axis']!r}")
     if p["function"] == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-a))
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + _r(p, "exp", np.exp(-a)))
     if p["function"] != "softmax":
         raise ValueError(f"function {p['function']!r}")
-    return _softmax(a, p["softmax"])
+    return _softmax(a, p["softmax"], axis, p)
 
 
 def _topk(graph, node, x, w, p):
@@ -502,12 +710,14 @@ def _moe_sum(graph, node, x, w, p):
         tw = np.ones_like(tw)
     if p["renormalize"]:
         tw = tw / tw.sum(axis=-1, keepdims=True)
+    if "products" in p.get("round_at", {}):  # each slot's weighted output stored before the sum
+        return _r(p, "products", eo * tw[..., None]).sum(axis=1)
     return np.einsum("tkh,tk->th", eo, tw)
 
 
 def _bias_add(graph, node, x, w, p):
     a = _f(x[0])
-    b = _f(w[node.weights[0]])
+    b = _scaled(w[node.weights[0]], p.get("bias_scale", 1.0))
     if p["bias"] == "per_expert":
         tw = _f(x[1])  # the aux input: top-k weights [T, k]
         return a + tw.sum(axis=-1, keepdims=True) * b
@@ -516,11 +726,15 @@ def _bias_add(graph, node, x, w, p):
 
 def _pool(graph, node, x, w, p):
     a = _f(x[0])
+    if p.get("axis", "tokens") == "hidden":  # pooled over the features: [T, 1], fits only where T == 1
+        a = a.T
+    elif p.get("axis", "tokens") != "tokens":
+        raise ValueError(f"axis {p['axis']!r}")
     mode = p["mode"]
     if mode == "mean":
-        r = a.mean(axis=0)
+        r = _r(p, "sum", a.sum(axis=0)) / a.shape[0] if "sum" in p.get("round_at", {}) else a.mean(axis=0)
     elif mode == "sum":
-        r = a.sum(axis=0)
+        r = _r(p, "sum", a.sum(axis=0))
     elif mode == "cls":
         r = a[0]
     elif mode == "last":
@@ -536,7 +750,10 @@ def _l2norm(graph, node, x, w, p):
     a = _f(x[0])
     if not p["normalize"]:
         return a.copy()
-    n = np.linalg.norm(a, axis=-1, keepdims=True)
+    axis = {"hidden": -1, "rows": 0}.get(p.get("axis", "hidden"))
+    if axis is None:
+        raise ValueError(f"axis {p['axis']!r}")
+    n = _r(p, "norm", np.linalg.norm(a, axis=axis, keepdims=True))
     return a / np.maximum(n, float(p["eps"]))
 
 
@@ -571,15 +788,16 @@ def run_op(
     if isinstance(node, str):
         node = graph[node]
     p = {**spec_params(graph, node), **params}
-    unknown = set(p) - PARAM_NAMES[node.op]
+    unknown = set(p) - PARAM_NAMES[node.op] - SEARCH_PARAM_NAMES[node.op]
     if unknown:
         raise ValueError(f"node {node.name} ({node.op}): unknown parameter(s) {sorted(unknown)}")
     names = list(node.inputs) + aux_inputs(graph, node, p)
     missing = [n for n in names if n not in inputs]
     if missing:
         raise KeyError(f"node {node.name}: missing input(s) {missing}")
-    xs = [np.asarray(inputs[n]) for n in names]
-    w = {k: weights[k] for k in node.weights}
+    xs = _operands([np.asarray(inputs[n]) for n in names], p["input_order"], "input", p)
+    ws = _operands([weights[k] for k in node.weights], p["weight_order"], "weight", p, node.op == "EMBED")
+    w = dict(zip(node.weights, ws, strict=True))
     acc = p.get("accumulate", "fp64")
     if acc != "fp64":  # reduced-precision kernel: operands and result rounded
         xs = [a if a.dtype.kind in "iu" else round_to(a, acc) for a in xs]
@@ -587,9 +805,32 @@ def run_op(
     out = _IMPL[node.op](graph, node, xs, w, p)
     if node.kind == "index":
         return np.asarray(out, dtype=np.int64)
+    out = _scaled(out, p.get("output_scale", 1.0))
     if acc != "fp64":
         out = round_to(out, acc)
     out_p = p.get("output_precision", "fp64")
     if out_p != "fp64":
         out = round_to(out.reshape(out.shape[0], -1), out_p, axis=-1).reshape(out.shape)
     return np.asarray(out, dtype=np.float64)
+
+
+def _operands(arrays: list, order, kind: str, p: dict, embed: bool = False) -> list:
+    """The op's inputs (or weights) with their roles permuted by ``order`` (``order[i]``: which operand plays
+    role i; operands that trade roles must have the same shape) and rounded where ``round_at`` names them
+    (``input.<i>`` / ``weight.<i>``, after the permutation). Extra (aux) inputs keep their place."""
+    order = [int(i) for i in order]
+    n = len(order)
+    if sorted(order) != list(range(n)) or n > len(arrays):
+        raise ValueError(f"{kind}_order {order} is not a permutation of 0..{n - 1}")
+    out = [arrays[i] for i in order] + list(arrays[n:])
+    for i in range(n):
+        a, b = np.asarray(out[i]), np.asarray(arrays[i])
+        if a.shape != b.shape or a.dtype.kind != b.dtype.kind:
+            raise NotApplicable(f"{kind} {order[i]} cannot play the role of {kind} {i} (shape or type differs)")
+    for i, a in enumerate(out):
+        prec = p.get("round_at", {}).get(f"{kind}.{i}")
+        if kind == "weight" and embed:
+            continue  # EMBED rounds the rows it gathers (see _embed)
+        if prec not in (None, "fp64") and np.asarray(a).dtype.kind == "f":
+            out[i] = _r({"round_at": {"x": prec}}, "x", a)
+    return out
