@@ -196,6 +196,10 @@ def says_any(*words: str) -> Predicate:
     return lambda c: any(w.lower() in cause_text(c) for w in words)
 
 
+def none_of(*words: str) -> Predicate:
+    return lambda c: not says_any(*words)(c)
+
+
 def all_of(*preds: Predicate) -> Predicate:
     return lambda c: all(p(c) for p in preds)
 
@@ -416,7 +420,8 @@ BUGS: list[Bug] = [
         "LayerNorm gamma and beta swapped", all_of(says_any("swap", "exchang"), says_any("bias", "beta"))),
     Bug("qk_swapped", "weight-role swap", "the QKV split reads q from the k rows and k from the q rows",
         _split_q_k_swapped, _first("SPLIT", layer=0, part=0), "q and k parts of the QKV split swapped",
-        says_any("swap", "exchang", '"part": 1')),
+        any_of(all_of(says_any("swap", "exchang"), says_any("key", "query", "attn.k", "part")),
+               says_any("k rows", "reads k", "q reads", '"part": 1'))),
     Bug("out_proj_other_layer", "weight-role swap", "layer 1's attention out_proj uses layer 0's weight",
         _matmul_other_layer("out_proj"), _first("MATMUL", layer=1, suffix="attn.out_proj"),
         "out_proj reads layer 0's weight", lambda c: True, weight=_other_weight("out_proj")),
@@ -462,7 +467,7 @@ BUGS: list[Bug] = [
         _bias_scaled, _first("MATMUL"), "matmul bias scaled by 0.9", all_of(says_any("bias"), near(0.9))),
     Bug("embed_ids_shifted", "other", "token ids shifted by +1 before the embedding lookup",
         _simple("embed", _embed_ids_shifted), _first("EMBED"), "token ids offset by 1",
-        all_of(says_any("token", "id"), near(1, 0))),
+        all_of(says_any("token id", "token_id", "input_id", "input id", "ids"), none_of("position"), near(1, 0))),
     Bug("l2norm_eps_added", "other", "L2 normalisation divides by ||x|| + 0.1",
         _simple("l2norm", _l2_eps_added), _first("L2NORM"), "L2 norm eps 0.1 (added)", near(0.1, 0.1)),
     Bug("pool_without_last", "other", "mean pooling leaves out the last token",
