@@ -41,6 +41,7 @@ import pandas as pd  # noqa: E402
 from diagnosis_bugs import BUGS, Bug, engine_patched  # noqa: E402
 
 from actdiff.layout import Layout  # noqa: E402
+from actdiff.nodes import Graph  # noqa: E402
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES  # noqa: E402
 
 MODEL = "tiny-nomic-moe"
@@ -60,7 +61,7 @@ class Setup:
     model_json: str
     tokens: str
     ref_h5: str
-    graph: object
+    graph: Graph
 
     def record(self):
         from actdiff.models.record import ModelRecord
@@ -94,7 +95,9 @@ def _long_prompt(texts: list[str], i: int, chars: int = 700) -> dict:
 
 
 def prepare(workdir: str | Path, n_prompts: int) -> Setup:
-    """Model, tokens and the reference's dump, built once per workdir and prompt count (reused after)."""
+    """Model, tokens and the reference's dump, built once per workdir and prompt count and reused while the
+    corpus is the same."""
+    from actdiff.models.record import ModelRecord
     from actdiff.models.tiny import TRAINING_TEXT
     from actdiff.nodes import build_graph
     from actdiff.pipeline import dump, generate_model, resolve_model, tokenize
@@ -105,19 +108,20 @@ def prepare(workdir: str | Path, n_prompts: int) -> Setup:
         generate_model(MODEL, str(models / MODEL), str(TRAINING_TEXT), seed=0)
     model_json, tokens = layout.model_json(MODEL), layout.tokens(MODEL, 0)
     ref_h5 = layout.activations(MODEL, "reference", "fp32", 0)
-    if not Path(ref_h5).is_file():
-        Path(model_json).parent.mkdir(parents=True, exist_ok=True)
+    prompts = corpus(n_prompts)
+    if not Path(ref_h5).is_file() or not _same_corpus(layout.prompts(0), prompts):
+        for path in (model_json, layout.prompts(0), tokens, ref_h5):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         resolve_model(MODEL, {"generate": MODEL, "seed": 0}, model_json, resources_dir=str(models))
-        Path(layout.prompts(0)).parent.mkdir(parents=True, exist_ok=True)
-        corpus(n_prompts).to_parquet(layout.prompts(0), index=False)
-        Path(tokens).parent.mkdir(parents=True, exist_ok=True)
+        prompts.to_parquet(layout.prompts(0), index=False)
         tokenize(model_json, layout.prompts(0), 512, tokens)
         _check_long(tokens)
-        Path(ref_h5).parent.mkdir(parents=True, exist_ok=True)
         dump(model_json, tokens, ref_h5, "reference", "fp32", 0, impl="actdiff", batch_size=16)
-    setup = Setup(layout, model_json, tokens, ref_h5, None)
-    setup.graph = build_graph(setup.record().config)
-    return setup
+    return Setup(layout, model_json, tokens, ref_h5, build_graph(ModelRecord.load(model_json).config))
+
+
+def _same_corpus(path: str, prompts: pd.DataFrame) -> bool:
+    return Path(path).is_file() and pd.read_parquet(path).equals(prompts)
 
 
 def _check_long(tokens: str) -> None:
