@@ -126,8 +126,10 @@ def main(argv=None) -> int:
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
         rp = r["report"]
-        print(f"| {r['prompts']} | {r['shards']} | {r['aggregate']['own_mb']:.0f} | {rp['own_mb']:.0f} / "
-              f"{rp['children_mb']:.0f} | {rp['seconds']:.1f} |")
+        print(
+            f"| {r['prompts']} | {r['shards']} | {r['aggregate']['own_mb']:.0f} | {rp['own_mb']:.0f} / "
+            f"{rp['children_mb']:.0f} | {rp['seconds']:.1f} |"
+        )
     return 0
 
 
