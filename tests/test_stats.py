@@ -34,10 +34,10 @@ FAULTS = runnable_faults()
 LABELS = {f"f{i + 1}": name for i, name in enumerate(sorted(FAULTS))}
 
 
-def run_stats(tmp, model_dir, ref_h5, eng_h5, variant, side="actdiff"):
+def run_stats(tmp, model_dir, ref_h5, eng_h5, variant, side="actdiff", cfg=None):
     tmp.mkdir(parents=True, exist_ok=True)
     out = shard_outputs(tmp)
-    compute_shard_stats(model_dir, ref_h5, eng_h5, side, variant, 0, out)
+    compute_shard_stats(model_dir, ref_h5, eng_h5, side, variant, 0, out, cfg)
     summ = summary_outputs(tmp)
     meta = {"model": "tiny", "side": side, "variant": str(variant), "experts": 8}
     verdict = aggregate({t: [out[t]] for t in SHARD_TABLES}, summ, meta)
@@ -73,7 +73,7 @@ def test_check_fails_on_a_fault_and_names_node_and_hypothesis(ci_run):
     p = run_cmd([str(BIN / "actdiff"), "check", str(ci_run.results), "--only", "tiny-nomic-moe/*/*fault*"])
     assert p.returncode == 1
     assert "first divergent node: encoder.layers.0.attn.context" in p.stdout
-    assert "top hypothesis: attention_causal_mask" in p.stdout
+    assert "catalogue attention_causal_mask" in p.stdout, p.stdout
 
 
 @pytest.mark.e2e
@@ -184,18 +184,36 @@ def test_fault_is_localised_and_named(label, tiny_ref, tiny_model_dir, tmp_path)
     assert label not in set(hyp["candidate"]) and not hyp["says"].str.contains(str(variant), regex=False).any()
 
 
-def test_unexplained_when_the_catalogue_lacks_the_cause(tiny_ref, tiny_model_dir, tmp_path, monkeypatch):
+def test_unexplained_when_nothing_reproduces_and_found_by_the_search(tiny_ref, tiny_model_dir, tmp_path, monkeypatch):
+    """Without the catalogue entry and without the search, the answer is an honest "unexplained" that names no
+    candidate anywhere; with the search on, the tanh form is found by fitting the GELU's coefficients."""
+    import json
+
     import actdiff.compare.hypotheses as H
+    from actdiff.compare.stats import StatsConfig
 
     full = H.load_catalogue()
     monkeypatch.setattr(H, "load_catalogue", lambda path=None: [h for h in full if h.name != "gelu_tanh_approximation"])
+    names = {h.name for h in full}
     variant = resolve_variant("fp32+fault=fx", {"fx": "gelu_tanh"})
     eng = tmp_path / "eng.h5"
     engine_dump(tiny_model_dir, tiny_ref, eng, variant)
-    v, *_ = run_stats(tmp_path / "s", tiny_model_dir, tiny_ref, eng, variant)
+    v, _, summ, _ = run_stats(
+        tmp_path / "off", tiny_model_dir, tiny_ref, eng, variant, cfg=StatsConfig(search_seconds=0)
+    )
     assert v["first_divergence"] == "encoder.layers.0.mlp.act"
-    assert v["hypothesis"] == "unexplained" and not v["explained"]
-    assert v["baseline_error"] > 1e-5 and "No hypothesis" in v["plain"]
+    assert v["hypothesis"] == "unexplained" and not v["explained"] and v["evidence"] == []
+    assert v["baseline_error"] > 1e-5 and "nothing tried reproduces the engine" in v["plain"]
+    assert v["tried"]["catalogue"] > 0 and v["tried"]["best_residual"] > 0.1 * v["baseline_error"]
+    text = json.dumps({k: v[k] for k in ("causes", "plain", "evidence")})
+    assert not [n for n in names if n in text], text  # no catalogue name appears as a cause
+    assert set(pd.read_parquet(summ["hypotheses"])["explained_by"]) == {""}
+
+    v, *_ = run_stats(tmp_path / "on", tiny_model_dir, tiny_ref, eng, variant, cfg=StatsConfig())
+    act = next(c for c in v["causes"] if "encoder.layers.0.mlp.act" in c["nodes"])
+    assert act["kind"] in ("fit", "structure") and act["hypothesis"].startswith("GELU."), act
+    # the tanh form: sqrt(2/pi) = 0.7979 and 0.044715 (or its sigmoid equivalent), residual at the noise
+    assert act["error_median"] < 0.05 * act["baseline_error_median"], act
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "fp16-act"])

@@ -92,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             from .h5io import ActivationReader
 
             with ActivationReader(args.dump) as r:
-                print(f"{args.dump}: model={r.attrs.get('model')} side={r.attrs.get('side')} "
-                      f"variant={r.attrs.get('variant')} prompts={len(r.prompt_ids)} tokens={int(r.offsets[-1])} "
-                      f"nodes={len(r.node_names)}")
+                print(
+                    f"{args.dump}: model={r.attrs.get('model')} side={r.attrs.get('side')} "
+                    f"variant={r.attrs.get('variant')} prompts={len(r.prompt_ids)} tokens={int(r.offsets[-1])} "
+                    f"nodes={len(r.node_names)}"
+                )
     except ActdiffError as e:
         print(f"actdiff: {e}", file=sys.stderr)
         return 1

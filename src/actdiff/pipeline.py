@@ -203,9 +203,7 @@ def convert_gguf(model_json: str, variant: str, out: str) -> None:
     record = ModelRecord.load(model_json)
     t0 = time.perf_counter()
     meta = convert_to_gguf(str(record.dir), out, outtype_for_variant(variant))
-    log.info(
-        "converted %s to %s (%s) in %.1f s; metadata %s", record.dir, out, variant, time.perf_counter() - t0, meta
-    )
+    log.info("converted %s to %s (%s) in %.1f s; metadata %s", record.dir, out, variant, time.perf_counter() - t0, meta)
 
 
 def llamacpp_parity(model_json: str, gguf: str, out_config: str) -> None:

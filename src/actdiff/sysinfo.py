@@ -20,8 +20,14 @@ def cpu_info() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"model": model, "mhz": mhz, "flags": flags, "avx512f": "avx512f" in flags, "cores": os.cpu_count(),
-            "fp32_flop_per_cycle_per_core": 32 if "avx512f" in flags else 16}
+    return {
+        "model": model,
+        "mhz": mhz,
+        "flags": flags,
+        "avx512f": "avx512f" in flags,
+        "cores": os.cpu_count(),
+        "fp32_flop_per_cycle_per_core": 32 if "avx512f" in flags else 16,
+    }
 
 
 # the packages whose versions a dump or a report records

@@ -22,8 +22,14 @@ from .errors import ModelError, PromptError
 log = logging.getLogger(__name__)
 
 SIDES = ("reference", "engine")
-ENGINE_COLUMNS = ("engine_ids", "engine_length", "engine_length_untruncated", "engine_truncated", "ids_match",
-                  "first_diff")
+ENGINE_COLUMNS = (
+    "engine_ids",
+    "engine_length",
+    "engine_length_untruncated",
+    "engine_truncated",
+    "ids_match",
+    "first_diff",
+)
 
 
 def load_reference_tokenizer(model_dir: str | Path):
@@ -119,13 +125,18 @@ def tokenize_shard(
         data["engine_length"] = [len(ids) for ids, _ in eng]
         data["engine_length_untruncated"] = [full for _, full in eng]
         data["engine_truncated"] = [full > max_length for _, full in eng]
-        data["first_diff"] = [first_difference(e, r) for e, r in zip(data["engine_ids"], data["reference_ids"],
-                                                                      strict=True)]
+        data["first_diff"] = [
+            first_difference(e, r) for e, r in zip(data["engine_ids"], data["reference_ids"], strict=True)
+        ]
         data["ids_match"] = [d is None for d in data["first_diff"]]
         for pid, pos in zip(data["prompt_id"], data["first_diff"], strict=True):
             if pos is not None:
-                log.warning("model %s: prompt %r: engine tokenizer ids differ from the reference at position %d",
-                            model_name, pid, pos)
+                log.warning(
+                    "model %s: prompt %r: engine tokenizer ids differ from the reference at position %d",
+                    model_name,
+                    pid,
+                    pos,
+                )
     table = pa.Table.from_pydict(data, schema=arrow_schema(meta))
     with atomic_path(out_path) as tmp:
         pq.write_table(table, tmp)

@@ -626,6 +626,7 @@ def _verdict(
         "embedding_cosine_min": emb.get("cosine_min"),
         "not_captured_nodes": summary.loc[summary["not_captured"] > 0, "node"].tolist() if len(summary) else [],
         "replay_mismatches": _replay_mismatches(summary),
+        "replay": _replay_statement(summary),
         "outputs": _outputs(summary),
     }
     first_real = first[first["node"] != "(none)"]
@@ -651,6 +652,28 @@ def _verdict(
     v["warned_nodes"] = int((summary["warn"] > 0).sum()) if len(summary) else 0
     v["plain"] = plain_words(v)
     return v
+
+
+REPLAYED = (
+    "every node was replayed on the side's own inputs and reproduced its dump (bit for bit; within the node's "
+    "budget on a fused path), so the local errors judge the code that ran"
+)
+NOT_REPLAYED = (
+    "this side cannot replay its ops: each node's local error is its dumped output against the specified op on "
+    "its own dumped inputs, which judges the values it produced; not proven: that each dumped value is the one its "
+    "next op consumed (a tap taken before an in-place change, or inside a fused kernel the taps do not see), nor "
+    "anything about nodes it did not capture"
+)
+
+
+def _replay_statement(summary: pd.DataFrame) -> dict:
+    """What the replay proved for this side, or what a side without replay leaves unproven."""
+    available = bool(len(summary)) and "replay_gap_max" in summary and bool(summary["replay_gap_max"].notna().any())
+    if not available:
+        return {"available": False, "statement": NOT_REPLAYED}
+    bad = int((summary["replay_mismatch"] > 0).sum())
+    text = REPLAYED if not bad else f"the replay did NOT reproduce the dump at {bad} node(s) (see replay_mismatches)"
+    return {"available": True, "statement": text}
 
 
 def _replay_mismatches(summary: pd.DataFrame) -> list[dict]:
@@ -826,6 +849,8 @@ def plain_words(v: dict) -> str:
     )
     cos = v.get("embedding_cosine_min")
     cos_s = f"; minimum embedding cosine {cos:.6f}" if cos is not None and not pd.isna(cos) else ""
+    if not (v.get("replay") or {}).get("available", True):
+        tail += f" Replay: {NOT_REPLAYED}."
     if v["status"] == "pass":
         return (
             f"PASS: every node of {run} is within its error budget on all {v['prompts']} prompts and the outputs "

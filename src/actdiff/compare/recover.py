@@ -275,6 +275,8 @@ _PARAM_WORDS = {
 
 def _slot_says(ctx: SearchContext, group, params, err: float) -> str:
     parts = [f"its effective {slot} equals {m.phrase(own)} (rel. distance {m.distance:.1e})" for slot, own, m in group]
+    if "<->" in _slot_name(ctx.node.op, group, None):
+        parts.insert(0, f"its {group[0][0]} and {group[1][0]} are swapped")
     extra = [_PARAM_WORDS.get((k, v), f"{k} {v}") for k, v in (params or {}).items()]
     return (f"{ctx.node.name}: " + "; ".join(parts + extra) +
             f"; re-run with it: residual {err:.2e} (spec {ctx.err0:.2e})")  # fmt: skip

@@ -108,6 +108,7 @@ def search_node(
             res.findings.append(f)
         if res.explained_by is not None:
             break
+    res.timed_out = res.timed_out or (deadline.expired() and res.explained_by is None)
     res.findings.sort(key=lambda f: f.error)
     res.tried, res.seconds = ctx.tried, time.monotonic() - t0
     log.info(

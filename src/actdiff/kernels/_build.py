@@ -23,8 +23,14 @@ HEADER = os.path.join(INCLUDE_DIR, "actdiff_kernels.h")
 # never -ffast-math / -Ofast / -funsafe-math-optimizations: NaN/Inf and fma chains matter
 EXTRA_COMPILE_ARGS = ["-O3", "-std=c11", "-fPIC", "-pthread", "-Wall"]
 SANITIZE_COMPILE_ARGS = [
-    "-O1", "-g", "-std=c11", "-fPIC", "-pthread",
-    "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined",
+    "-O1",
+    "-g",
+    "-std=c11",
+    "-fPIC",
+    "-pthread",
+    "-fsanitize=address,undefined",
+    "-fno-omit-frame-pointer",
+    "-fno-sanitize-recover=undefined",
 ]
 
 

@@ -119,6 +119,8 @@ def verdict_md(run: Run) -> str:
         f"- **Run:** {code(run.model)} / {code(run.side)} / {code(run.variant)}, {v.get('prompts', 0)} "
         f"inputs, {v.get('failing_nodes', 0)} failing node(s), {v.get('warned_nodes', 0)} warned node(s)",
     ]
+    if v.get("replay"):
+        out.append(f"- **Replay:** {esc(v['replay']['statement'])}")
     for m in v.get("replay_mismatches") or []:
         out.append(
             f"- **Replay does not reproduce the dump** at {code(m['node'])} on {m['prompts']} input(s) (gap "
