@@ -51,7 +51,7 @@ first, each reproducing the spec path exactly):
 |   | order[i], which must have the same shape); output_scale: 1.0 (float nodes) |
 | EMBED | word_scale, token_type_scale: 1.0; BERT only: position_scale: 1.0 |
 | LAYERNORM | ddof: 0 (variance divided by n - ddof, added to ``variance: unbiased``'s 1); axis: hidden/tokens; |
-|   | gamma_scale, beta_scale: 1.0 |
+|   | gamma_scale, beta_scale: 1.0; eps_placement: inside (sqrt(var + eps)) / outside (sqrt(var) + eps) |
 | MATMUL | bias_scale: 1.0 (with a bias) |
 | SPLIT | part: the node's own (0/1/2: which third of the fused projection it reads) |
 | ATTENTION | scale also as a float; softmax_axis: keys/queries/heads |
@@ -61,7 +61,7 @@ first, each reproducing the spec path exactly):
 | SOFTMAX | temperature: 1.0 (logits multiplied by it); axis: experts/tokens |
 | BIAS_ADD | bias_scale: 1.0 |
 | POOL | axis: tokens/hidden |
-| L2NORM | axis: hidden/rows |
+| L2NORM | axis: hidden/rows; eps_placement: max (x / max(norm, eps)) / add (norm + eps) / inside (sqrt(norm^2 + eps)) |
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ SEARCH_PARAM_NAMES: dict[str, frozenset[str]] = {
     op: frozenset(names) | set(GENERIC_SEARCH_PARAMS)
     for op, names in {
         "EMBED": ("word_scale", "position_scale", "token_type_scale"),
-        "LAYERNORM": ("ddof", "axis", "gamma_scale", "beta_scale"),
+        "LAYERNORM": ("ddof", "axis", "gamma_scale", "beta_scale", "eps_placement"),
         "MATMUL": ("bias_scale",),
         "SPLIT": ("part",),
         "ROPE": (),
@@ -148,7 +148,7 @@ SEARCH_PARAM_NAMES: dict[str, frozenset[str]] = {
         "MOE_SUM": (),
         "BIAS_ADD": ("bias_scale",),
         "POOL": ("axis",),
-        "L2NORM": ("axis",),
+        "L2NORM": ("axis", "eps_placement"),
     }.items()
 }
 
@@ -391,6 +391,15 @@ def _variance_denominator(n: int, p: dict) -> float:
     return max(n - ddof, 1.0) if p["variance"] == "unbiased" else n - ddof
 
 
+def _eps_std(var: np.ndarray, eps: float, placement: str) -> np.ndarray:
+    """The LayerNorm denominator: sqrt(var + eps) as specified ("inside"), or sqrt(var) + eps ("outside")."""
+    if placement == "inside":
+        return np.sqrt(var + eps)
+    if placement == "outside":
+        return np.sqrt(var) + eps
+    raise ValueError(f"eps_placement {placement!r}")
+
+
 def _layernorm(graph, node, x, w, p):
     a = _f(x[0])
     axis = {"hidden": -1, "tokens": 0}.get(p.get("axis", "hidden"))
@@ -409,10 +418,11 @@ def _layernorm(graph, node, x, w, p):
     else:
         var = (c * c).sum(axis=axis, keepdims=True) / den
     var = _r(p, "var", var)
+    std = _eps_std(var, float(p["eps"]), p.get("eps_placement", "inside"))
     if "rstd" in p.get("round_at", {}):  # a kernel that stores 1/sqrt(var + eps) and multiplies
-        y = c * _r(p, "rstd", 1.0 / np.sqrt(var + float(p["eps"])))
+        y = c * _r(p, "rstd", 1.0 / std)
     else:
-        y = c / np.sqrt(var + float(p["eps"]))
+        y = c / std
     y = _r(p, "normalized", y)
     if p["affine"]:
         y = _r(p, "scaled", _scaled(y * _f(w[node.weights[0]]), p.get("gamma_scale", 1.0)))
@@ -754,7 +764,14 @@ def _l2norm(graph, node, x, w, p):
     if axis is None:
         raise ValueError(f"axis {p['axis']!r}")
     n = _r(p, "norm", np.linalg.norm(a, axis=axis, keepdims=True))
-    return a / np.maximum(n, float(p["eps"]))
+    eps, placement = float(p["eps"]), p.get("eps_placement", "max")
+    if placement == "max":
+        return a / np.maximum(n, eps)
+    if placement == "add":
+        return a / (n + eps)
+    if placement == "inside":
+        return a / np.sqrt(n * n + eps)
+    raise ValueError(f"eps_placement {placement!r}")
 
 
 _IMPL = {

@@ -431,6 +431,11 @@ def _fits(ctx: SearchContext) -> list[Fit]:
         n = np.shape(ctx.inputs[0][ctx.node.inputs[0]])[-1]
         return [
             Fit((Dim("eps", "LayerNorm eps", s["eps"], -16.0, 0.0, 33),), {}),
+            Fit(
+                (Dim("eps", "LayerNorm eps", s["eps"], -16.0, 0.0, 33),),
+                {"eps_placement": "outside"},
+                "eps added to the standard deviation instead of inside the square root",
+            ),
             Fit((Dim("ddof", "variance divisor offset (divides by n - ddof)", 0.0, -3.0 * n, n - 1.0, 41, False),), {}),
         ]
     if op == "ROPE":
@@ -446,7 +451,12 @@ def _fits(ctx: SearchContext) -> list[Fit]:
     if op == "SOFTMAX":
         return [Fit((Dim("temperature", "softmax logit scale", 1.0, -2.0, 2.0, 25),), {})]
     if op == "L2NORM":
-        return [Fit((Dim("eps", "L2 normalisation eps", s["eps"], -16.0, 4.0, 21),), {})]
+        eps = Dim("eps", "L2 normalisation eps", s["eps"], -16.0, 4.0, 21)
+        return [
+            Fit((eps,), {}),
+            Fit((eps,), {"eps_placement": "add"}, "eps added to the norm instead of bounding it from below"),
+            Fit((eps,), {"eps_placement": "inside"}, "eps added to the squared norm inside the square root"),
+        ]
     return []
 
 
