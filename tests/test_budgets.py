@@ -167,3 +167,21 @@ def test_forced_path_is_the_one_running():
     """Under make test-isa the forced path is really the one the kernels use (no silent fallback)."""
     forced = K.forced_isa()
     assert K.get_isa() == (forced or K.supported_isas()[-1])
+
+
+def test_correct_engine_replays_itself_and_its_outputs_stay_within_propagated_budgets(correct_run):
+    """On every kernel path: the replay on the engine's own inputs reproduces the dump (bit for bit off the fused
+    MoE kernel, within the node's budget on it), and the outputs of a correct engine stay inside their
+    propagated budgets (actdiff.compare.propagation), so neither check can fail a correct port."""
+    n = correct_run["nodes"]
+    graph = correct_run["graph"]
+    fused = {name for b in graph.moe_blocks() for name in b.nodes()}
+    assert not n["replay_mismatch"].any(), n[n.replay_mismatch].head().to_string()
+    per_node = n[~n["node"].isin(fused)]
+    assert (per_node["replay_gap"] == 0).all(), per_node[per_node.replay_gap != 0].head().to_string()
+    on_fused = n[n["node"].isin(fused) & (n["replay_gap"] > 0)]
+    assert (on_fused["replay_gap"] <= on_fused["budget"]).all()
+    out = n[n["is_output"]]
+    ratio = out["rel_l2"] / out["propagated_budget"]
+    assert not n["output_diverges"].any() and (ratio < 1).all(), out[ratio >= 1].to_string()
+    print(f"{correct_run['model']} on {K.get_isa()}: output error / propagated budget max {ratio.max():.3f}")
