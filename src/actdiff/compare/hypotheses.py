@@ -42,6 +42,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..nodes import Graph, Node
+from .findings import explains
 from .refops import OPS, PARAM_NAMES, NotApplicable, aux_inputs, run_op, spec_params
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "data" / "hypotheses.yaml"
@@ -50,8 +51,6 @@ MATCHES_SPEC = "matches spec"
 EXPLAINED = "explained"
 UNEXPLAINED = "unexplained"
 
-RESIDUAL_FRACTION = 0.05  # an explaining hypothesis may leave at most this fraction of err0 (or the budget)
-MIN_IMPROVEMENT = 10.0  # ... and must reduce the error at least this many times
 
 _ENTRY_KEYS = {"name", "op", "params", "says", "when", "note", "fault"}
 _WHEN_KEYS = {"arch", "part", "kind", "name_suffix"}
@@ -264,7 +263,7 @@ def rank_hypotheses(
     ranked.sort(key=lambda r: r.error)  # stable: catalogue order breaks ties
 
     def passes(err: float) -> bool:
-        return err <= max(budget, RESIDUAL_FRACTION * err0) and err < err0 / MIN_IMPROVEMENT
+        return explains(err, err0, budget)  # the one rule for every explanation (actdiff.compare.findings)
 
     d = Diagnosis(node.name, node.op, "mismatch_fraction" if index else "rel_l2", float(budget), err0, UNEXPLAINED)
     d.ranked, d.not_tested = ranked, not_tested

@@ -8,12 +8,20 @@ For every (prompt, node):
   reference's value. For a side that cannot replay (an external engine, an imported dump), the local error
   is the side's output against the specified op run on the side's OWN inputs (actdiff.compare.refops): the
   same separation, from the other side;
+- replay check: a replaying side's op is also replayed on its OWN inputs and must reproduce its dump (bit for
+  bit, or within the node's budget on a path its forward computes differently: the fused MoE kernel); where it
+  does not, the replay is not the code that ran, the node is a finding of its own (``replay_mismatch``) and is
+  judged like an external side's, on its dumped output against the spec op on its own inputs;
 - amplification = propagated / local: how much inherited error the node carries;
-- status pass/warn/fail from the local error and the node's budget (actdiff.compare.budgets).
+- status pass/warn/fail from the local error and the node's budget (actdiff.compare.budgets);
+- propagated budget (actdiff.compare.propagation): what the outputs of an engine within every local budget may
+  show; a prompt whose output nodes exceed theirs diverges whether or not a node fails.
 
 :func:`judge_prompt` does the per-node work once per prompt; each table is then built by its own builder
 (:data:`BUILDERS`) from that shared :class:`Judged` prompt and the per-shard :class:`ShardContext`:
-per-token errors of failing nodes, the root-cause ranking (actdiff.compare.hypotheses), MoE routing and
+per-token errors of failing nodes, the root-cause ranking (actdiff.compare.hypotheses; nodes it leaves
+unexplained go into a bounded sample that actdiff.compare.search explains at the end of the shard under a time
+budget, table ``search``), MoE routing and
 forced-routing error, the pooled-embedding cosine, and the drill-down candidates (the shard's worst prompts
 by :mod:`actdiff.compare.worst`, whose first values survive deleting the HDF5 dumps).
 """
@@ -384,25 +392,37 @@ def build_hypotheses(ctx: ShardContext, j: Judged) -> None:
 @dataclass
 class SearchSample:
     """The search's bounded sample: per unexplained node (at most ``nodes``, earliest in graph order), the
-    inputs and judged outputs of its first ``prompts`` unexplained prompts."""
+    inputs and judged outputs of its ``prompts`` LONGEST unexplained prompts of the shard: least squares
+    needs rows (a weight of width H is determined from H + 1 tokens on), and a bug that shows on long prompts
+    only shows there."""
 
     prompts: int
     nodes: int
     items: dict = field(default_factory=dict)  # node -> {"inputs": [...], "targets": [...], "budgets": [...]}
 
+    def _admit(self, graph: Graph, name: str) -> bool:
+        if name in self.items:
+            return True
+        if self.prompts <= 0 or self.nodes <= 0:
+            return False
+        if len(self.items) >= self.nodes:
+            last = max(self.items, key=lambda n: graph[n].index)
+            if graph[name].index > graph[last].index:
+                return False
+            del self.items[last]
+        self.items[name] = {"inputs": [], "targets": [], "budgets": []}
+        return True
+
     def offer(self, graph: Graph, name: str, inputs: dict, target: np.ndarray, budget: float) -> None:
-        if name not in self.items:
-            if self.prompts <= 0 or self.nodes <= 0:
-                return
-            if len(self.items) >= self.nodes:
-                last = max(self.items, key=lambda n: graph[n].index)
-                if graph[name].index > graph[last].index:
-                    return
-                del self.items[last]
-            self.items[name] = {"inputs": [], "targets": [], "budgets": []}
-        item = self.items[name]
-        if len(item["targets"]) >= self.prompts:
+        if not self._admit(graph, name):
             return
+        item, rows = self.items[name], int(np.shape(target)[0])
+        if len(item["targets"]) >= self.prompts:
+            shortest = min(range(len(item["targets"])), key=lambda i: np.shape(item["targets"][i])[0])
+            if rows <= np.shape(item["targets"][shortest])[0]:
+                return
+            for key in item:
+                del item[key][shortest]
         node, block = graph[name], graph.moe_block_of(name)
         keep = [*node.inputs, *([block.topk_weights] if block is not None else [])]
         item["inputs"].append({k: np.array(inputs[k]) for k in keep if k in inputs})
