@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 TOKEN_FIT = 0.05  # a token's mapping is "recovered" when it leaves at most this share of the token's norm
 POSITION_TOL = 1e-3  # recovered positions within this of a family's are reproduced by it
 FINE_STEPS = 64  # ROPE: sub-integer refinement resolution (1/64 of a position)
-MEMORY_FLOATS = 2**24  # ATTENTION: floats per block of queries (~128 MiB of float64)
 WEIGHT_TOL = 0.05  # POOL: a weight within this share of 1/T of a family's weight is reproduced by it
 
 
@@ -223,12 +222,15 @@ def _prefix_errors(e: np.ndarray, G: np.ndarray, tv: np.ndarray, tt: np.ndarray)
     """err[q, K-1]: squared residual (summed over heads) of query q attending to keys 0..K-1 only, for every
     K at once: ||t - N_K/D_K||^2 = ||t||^2 - 2 t.N_K/D_K + ||N_K||^2/D_K^2 with N_K = sum_{j<K} e_j v_j, whose
     squared norm grows by e_k (2 sum_{l<k} e_l v_l.v_k + e_k v_k.v_k) at key k (memory nh*T*T, not *hd)."""
-    D = np.cumsum(e, axis=2)
-    TN = np.cumsum(e * tv, axis=2)
-    R = e @ np.tril(G, -1).transpose(0, 2, 1)  # [nh, q, k] = sum_{l<k} e_ql G_kl
-    NN = np.cumsum(e * (2.0 * R + e * np.diagonal(G, axis1=1, axis2=2)[:, None, :]), axis=2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.sum(tt[:, :, None] - 2.0 * TN / D + NN / (D * D), axis=0)
+    err = np.zeros(e.shape[1:])
+    for h in range(e.shape[0]):  # one head at a time: memory T*T, the errors summed over heads
+        eh, Gh = e[h], G[h]
+        D = np.cumsum(eh, axis=1)
+        TN = np.cumsum(eh * tv[h], axis=1)
+        R = eh @ np.tril(Gh, -1).T  # [q, k] = sum_{l<k} e_ql G_kl
+        NN = np.cumsum(eh * (2.0 * R + eh * np.diagonal(Gh)[None, :]), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            err += tt[h][:, None] - 2.0 * TN / D + NN / (D * D)
     return np.where(np.isfinite(err), err, np.inf)
 
 
