@@ -19,7 +19,7 @@ from actdiff.compare.search import make_context
 from actdiff.nodes import INPUT_IDS
 
 BUDGET = 1e-5
-LENGTHS = (40, 33, 18)  # two prompts long enough for the planted mappings to matter, one short
+LENGTHS = (40, 33, 18, 140)  # long enough for the planted mappings to matter, one short; 140 > hidden (128)
 
 
 class Tiny:
@@ -144,7 +144,7 @@ def test_attention_keys_dropped(tiny):
 
 def test_attention_sliding_window(tiny):
     name = tiny.first("ATTENTION")
-    j = np.arange(64)
+    j = np.arange(max(LENGTHS))
     planted = _attention_planted(tiny, name, lambda T: np.abs(j[:T, None] - j[None, :T]) <= 5)
     ctx, found = tiny.findings(name, planted, recover_attention_keys)
     best = _explained(ctx, found)

@@ -205,6 +205,7 @@ def _rope_finding(ctx: SearchContext, ts, ps, err: float, worst: float) -> Findi
 
 # ------------------------------------------------------------------------------------------ ATTENTION
 ROUNDS = 3  # ATTENTION: alternations of "last key given the first" and "first key given the last"
+MAX_EXHAUSTIVE = 16  # ATTENTION: at most this many queries per prompt get every key range tried (T*T each)
 
 
 def _heads(ctx: SearchContext, x: dict, y: np.ndarray):
@@ -254,8 +255,35 @@ def _key_ranges(e: np.ndarray, v: np.ndarray, yh: np.ndarray):
             break
         L = L_new
     err = _prefix_errors(np.where(keys[None, None, :] >= L[None, :, None], e, 0.0), G, tv, tt)
-    res = err[rows, K - 1] / np.maximum(np.sum(tt, axis=0), 1e-300)
-    return L, K, np.sqrt(np.maximum(res, 0.0))
+    K = np.argmin(err, axis=1) + 1
+    res = np.sqrt(np.maximum(err[rows, K - 1], 0.0) / np.maximum(np.sum(tt, axis=0), 1e-300))
+    # the alternation can stop at a local optimum: a few queries it leaves unexplained get every range tried
+    # (many: the target is no key range of these scores, and trying them all would only cost time)
+    bad = np.flatnonzero(res > TOKEN_FIT)
+    for q in bad if len(bad) <= MAX_EXHAUSTIVE else []:
+        lo, hi, r = _best_range(e[:, q], G, tv[:, q], tt[:, q])
+        if r < res[q]:
+            L[q], K[q], res[q] = lo, hi, r
+    return L, K, res
+
+
+def _best_range(e: np.ndarray, G: np.ndarray, tv: np.ndarray, tt: np.ndarray) -> tuple[int, int, float]:
+    """(L, K, relative residual) of the best key range [L, K) for ONE query (e, tv: [nh, T]; tt: [nh]), over
+    every range at once: sums over [L, K) are differences of prefix sums (2-D ones for ||N||^2)."""
+    nh, T = e.shape
+    err = np.zeros((T + 1, T + 1))
+    for h in range(nh):
+        S = np.concatenate([[0.0], np.cumsum(e[h])])
+        TN = np.concatenate([[0.0], np.cumsum(e[h] * tv[h])])
+        P = np.zeros((T + 1, T + 1))
+        P[1:, 1:] = np.cumsum(np.cumsum(np.outer(e[h], e[h]) * G[h], axis=0), axis=1)
+        NN = np.diagonal(P)[None, :] - P - P.T + np.diagonal(P)[:, None]  # [L, K]: sum over j, l in [L, K)
+        D = S[None, :] - S[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            err += tt[h] - 2.0 * (TN[None, :] - TN[:, None]) / D + NN / (D * D)
+    err = np.where(np.isfinite(err) & (np.arange(T + 1)[None, :] > np.arange(T + 1)[:, None]), err, np.inf)
+    lo, hi = np.unravel_index(int(np.argmin(err)), err.shape)
+    return int(lo), int(hi), float(np.sqrt(max(err[lo, hi], 0.0) / max(float(np.sum(tt)), 1e-300)))
 
 
 def _masked_attention(ctx: SearchContext, x: dict, L: np.ndarray, K: np.ndarray) -> np.ndarray:
