@@ -94,7 +94,7 @@ def search_node(
     deadline: Deadline,
 ) -> SearchResult:
     """Run every registered searcher at ``node`` on the sample until one explains it or the deadline passes."""
-    from . import recover, search_fit  # noqa: F401  (register their searchers)
+    from . import recover, recover_index, search_fit  # noqa: F401  (register their searchers)
 
     t0 = time.monotonic()
     ctx = make_context(graph, node, inputs, targets, weights, budget, deadline)
