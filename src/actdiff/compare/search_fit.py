@@ -46,6 +46,7 @@ PRECISIONS = ("fp16", "bf16")  # reduced formats tried at intermediate steps (fp
 MAX_STRUCTURE_COMBOS = 8  # an op's structural choices are combined when that makes at most this many candidates
 ROW_WISE = ("LAYERNORM", "GELU", "SOFTMAX")  # ops whose rows are independent (at the spec's axis)
 MAX_FIT_ROWS = 256  # rows of the sample the continuous fits run on (see _fit_context)
+ROPE_FIT_POSITIONS = 32  # rotary fits run on each prompt's first positions (see _fit_context)
 SCREEN_PASS = 0.9  # a discrete candidate goes on to the whole sample if it reduces the error on a subset
 
 
@@ -485,6 +486,11 @@ def _fit_context(ctx: SearchContext) -> SearchContext:
     candidates and the constants are the same in every row and prompt. Ops whose rows are computed
     independently (ROW_WISE) keep evenly spaced rows of every prompt; the others (rotary positions, attention
     over all keys) keep whole prompts. The reported residual is always re-evaluated on the whole sample."""
+    if ctx.node.op == "ROPE" and max(len(t) for t in ctx.targets) > ROPE_FIT_POSITIONS:
+        # a rotary row depends on its own values and its position only, so a prefix of every prompt is a valid
+        # sample; and it must be a short one: the angles grow with the position, so on long prompts the residual
+        # oscillates in the base faster than a grid can follow (a 300-token prompt hid a base of 5,000)
+        return _subset(ctx, [np.arange(min(len(t), ROPE_FIT_POSITIONS)) for t in ctx.targets])
     rows = sum(len(t) for t in ctx.targets)
     if rows <= MAX_FIT_ROWS:
         return ctx
