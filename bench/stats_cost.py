@@ -120,17 +120,18 @@ def run_one(tree: Path, item: dict, config: str, out: Path) -> dict:
 
 
 def report(rows: list[tuple[str, dict, dict]]) -> None:
-    print(f"{'item':58s} {'old s':>8s} {'new s':>8s} {'ratio':>6s} {'search s':>8s} {'nodes':>5s} {'load1':>5s}")
+    w = max(len(k) for k, _, _ in rows)
+    print(f"{'item':{w}s} {'old s':>8s} {'new s':>8s} {'ratio':>6s} {'search s':>8s} {'nodes':>5s} {'load1':>5s}")
     for key, o, n in rows:
         print(
-            f"{key:58s} {o['seconds']:8.2f} {n['seconds']:8.2f} {n['seconds'] / o['seconds']:6.2f} "
+            f"{key:{w}s} {o['seconds']:8.2f} {n['seconds']:8.2f} {n['seconds'] / o['seconds']:6.2f} "
             f"{n['search']:8.2f} {n['search_nodes']:5d} {(o['load'] + n['load']) / 2:5.2f}"
         )
     old = sum(o["seconds"] for _, o, _ in rows)
     new = sum(n["seconds"] for _, _, n in rows)
     search = sum(n["search"] for _, _, n in rows)
     loads = [r["load"] for _, o, n in rows for r in (o, n)]
-    print(f"{'TOTAL':58s} {old:8.2f} {new:8.2f} {new / old:6.2f} {search:8.2f}")
+    print(f"{'TOTAL':{w}s} {old:8.2f} {new:8.2f} {new / old:6.2f} {search:8.2f}")
     print(
         f"extra {new - old:.2f} s (+{100 * (new / old - 1):.1f}%); search {search:.2f} s = "
         f"{100 * search / new:.1f}% of new; 1-min load avg mean {sum(loads) / len(loads):.2f} max {max(loads):.2f}"
