@@ -259,7 +259,8 @@ def test_import_gives_the_same_statistics(tiny_ref, tiny_model_dir, tmp_path, ci
 
 
 def test_stats_memory_does_not_grow_with_corpus(tiny_ref, tiny_model_dir, tmp_path):
-    """Peak RSS of the statistics of a 10x replicated shard exceeds the 1x run's by < 100 MB."""
+    """Peak RSS of the statistics of a 5x replicated shard (130 prompts, past the 5,000-row flush of the nodes
+    table twice) exceeds the 1x run's by < 100 MB."""
 
     def replicate(src, dst, times):
         with ActivationReader(src) as r, ActivationWriter(dst, r.graph(), {"side": "x"}) as w:
@@ -270,7 +271,7 @@ def test_stats_memory_does_not_grow_with_corpus(tiny_ref, tiny_model_dir, tmp_pa
     eng = tmp_path / "eng.h5"
     engine_dump(tiny_model_dir, tiny_ref, eng, "fp32")
     rss = {}
-    for times in (1, 10):
+    for times in (1, 5):
         ref_x, eng_x = tmp_path / f"ref{times}.h5", tmp_path / f"eng{times}.h5"
         replicate(tiny_ref, ref_x, times)
         replicate(eng, eng_x, times)
@@ -286,9 +287,9 @@ print([int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmH
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=REPO)
         assert p.returncode == 0, p.stderr[-3000:]
         rss[times] = int(p.stdout.strip().splitlines()[-1]) / 1024  # MB
-    assert rss[10] - rss[1] < 100, rss
+    assert rss[5] - rss[1] < 100, rss
     n1 = len(pd.read_parquet(tmp_path / "1-nodes.parquet"))
-    assert len(pd.read_parquet(tmp_path / "10-nodes.parquet")) == 10 * n1
+    assert len(pd.read_parquet(tmp_path / "5-nodes.parquet")) == 5 * n1
 
 
 def test_aggregate_sample_keeps_counts_exact_and_shard_order_irrelevant(ci_run, tmp_path):
