@@ -60,7 +60,7 @@ class Tiny:
         return [run_op(self.graph, node, x, w, p).astype(np.float32) for x in xs]
 
     def findings(self, name: str, targets):
-        ctx = make_context(self.graph, name, self.inputs(name), targets, self.weights, BUDGET, Deadline(60))
+        ctx = make_context(self.graph, name, self.inputs(name), targets, self.weights, BUDGET, Deadline(600))
         found = sorted((f for s in RECOVERY_SEARCHERS for f in s(ctx)), key=lambda f: f.error)
         return ctx, found
 

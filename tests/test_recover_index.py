@@ -49,7 +49,7 @@ class Tiny:
 
     def findings(self, name: str, targets, searcher):
         targets = [np.asarray(t, np.float32) for t in targets]
-        ctx = make_context(self.graph, name, self.inputs(name), targets, self.weights, BUDGET, Deadline(60))
+        ctx = make_context(self.graph, name, self.inputs(name), targets, self.weights, BUDGET, Deadline(600))
         return ctx, sorted(searcher(ctx), key=lambda f: f.error)
 
 
