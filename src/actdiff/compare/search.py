@@ -63,12 +63,27 @@ class SearchContext:
 
 
 Searcher = Callable[[SearchContext], Iterable[Finding]]
-SEARCHERS: list[Searcher] = []  # filled by the searcher modules on import (registered in order)
+SEARCHERS: list[Searcher] = []  # filled by the searcher modules on import
+# The order the searchers run in, whatever order their modules happen to be imported in (two explanations of the
+# same output, e.g. a position offset and the recovered positions t + 3, are reported under the first that
+# explains, so the order must not depend on imports): the op's own parameters first (cheap: fits of a few
+# constants, structural choices, rounding), then what least squares and assignment recover from the data, then
+# the index mappings recovered per token.
+SEARCH_MODULES = ("search_fit", "recover", "recover_index")
 
 
 def register(fn: Searcher) -> Searcher:
     SEARCHERS.append(fn)
     return fn
+
+
+def searchers() -> list[Searcher]:
+    """Every searcher, in SEARCH_MODULES order (registration order within a module)."""
+    import importlib
+
+    for module in SEARCH_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+    return sorted(SEARCHERS, key=lambda fn: SEARCH_MODULES.index(fn.__module__.rsplit(".", 1)[-1]))
 
 
 def make_context(graph, node, inputs, targets, weights, budget, deadline) -> SearchContext:
@@ -94,13 +109,11 @@ def search_node(
     deadline: Deadline,
 ) -> SearchResult:
     """Run every registered searcher at ``node`` on the sample until one explains it or the deadline passes."""
-    from . import recover, recover_index, search_fit  # noqa: F401  (register their searchers)
-
     t0 = time.monotonic()
     ctx = make_context(graph, node, inputs, targets, weights, budget, deadline)
     res = SearchResult(ctx.node.name, ctx.node.op, ctx.err0, ctx.budget, len(ctx.inputs),
                        int(sum(np.shape(t)[0] for t in ctx.targets)))  # fmt: skip
-    for searcher in SEARCHERS:
+    for searcher in searchers():
         if deadline.expired():
             res.timed_out = True
             break
