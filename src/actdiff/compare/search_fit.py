@@ -281,6 +281,10 @@ def _structure_words(ctx: SearchContext, key: str, value) -> str:
     node, spec = ctx.node, ctx.spec[key]
     if key in ("input_order", "weight_order"):
         names = list(node.inputs) if key == "input_order" else list(node.weights)
+        moved = [i for i, j in enumerate(value) if i != j]
+        if len(moved) == 2:  # a transposition: say it the way a porter would
+            a, b = moved
+            return f"{names[a]} and {names[b]} are swapped (each is used in the other's role)"
         swaps = [f"{names[j]} in the role of {names[i]}" for i, j in enumerate(value) if i != j]
         return f"operands trade roles: {', '.join(swaps)}"
     if key == "part":

@@ -116,7 +116,7 @@ class StatsConfig:
     diagnose_all_failing: bool = True  # rank hypotheses at every failing node, not only the first
     search_seconds: float = 60.0  # wall-clock budget per shard of the search at unexplained nodes (logged)
     search_prompts: int = 3  # prompts per node in the search's sample (its failing prompts, in shard order)
-    search_nodes: int = 8  # unexplained nodes searched per shard, in graph order
+    search_nodes: int = 16  # unexplained nodes searched per shard, in graph order
 
 
 class CheckpointTensors(Mapping):
