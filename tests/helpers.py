@@ -91,3 +91,26 @@ def shard_outputs(folder, prefix: str = "") -> dict[str, str]:
     from actdiff.tables import SHARD_TABLES
 
     return {t: str(Path(folder) / f"{prefix}{t}.parquet") for t in SHARD_TABLES}
+
+
+def tiny_spec_activations(lengths, seed: int = 0):
+    """(graph, checkpoint tensors, per-prompt values of every node) of the tiny model run as the float64 spec
+    (actdiff.compare.refops) on random token ids of the given lengths, stored as fp32 like captured activations
+    (a LayerNorm's output lies on its hyperplane only to ~1e-7): realistic inputs for the search's tests."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from actdiff.compare.refops import run_op, spec_params
+    from actdiff.nodes import INPUT_IDS, graph_for_model_dir
+
+    d = ensure_tiny_model()
+    graph = graph_for_model_dir(d)
+    weights = load_file(str(d / "model.safetensors"))
+    rng = np.random.default_rng(seed)
+    vals = []
+    for T in lengths:
+        v = {INPUT_IDS: np.concatenate([[0], rng.integers(5, graph.dims.vocab - 1, T - 2), [2]]).astype(np.int64)}
+        for node in graph:
+            v[node.name] = run_op(graph, node, v, weights, spec_params(graph, node))
+        vals.append({k: a if a.dtype.kind in "iu" else a.astype(np.float32) for k, a in v.items()})
+    return graph, weights, vals

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import ensure_tiny_model
+from helpers import tiny_spec_activations
 
 from actdiff.compare.findings import Deadline, explains
 from actdiff.compare.recover import RECOVERY_SEARCHERS
@@ -25,23 +25,7 @@ PROMPTS, TOKENS = 10, 30  # 300 rows: enough for H=128-input matmuls (129), too 
 
 class Tiny:
     def __init__(self):
-        from safetensors.numpy import load_file
-
-        from actdiff.nodes import graph_for_model_dir
-
-        d = ensure_tiny_model()
-        self.graph = graph_for_model_dir(d)
-        self.weights = load_file(str(d / "model.safetensors"))
-        rng = np.random.default_rng(0)
-        V = self.graph.dims.vocab
-        self.vals = []
-        for _ in range(PROMPTS):
-            ids = np.concatenate([[0], rng.integers(5, V - 1, TOKENS - 2), [2]]).astype(np.int64)
-            v = {INPUT_IDS: ids}
-            for node in self.graph:
-                v[node.name] = run_op(self.graph, node, v, self.weights, spec_params(self.graph, node))
-            # captured activations are fp32 (a LayerNorm's output lies on its hyperplane only to ~1e-7)
-            self.vals.append({k: a if a.dtype.kind in "iu" else a.astype(np.float32) for k, a in v.items()})
+        self.graph, self.weights, self.vals = tiny_spec_activations([TOKENS] * PROMPTS)
 
     def inputs(self, name: str) -> list[dict]:
         node = self.graph[name]

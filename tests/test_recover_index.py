@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import ensure_tiny_model
+from helpers import tiny_spec_activations
 
 from actdiff.compare.findings import Deadline, explains
 from actdiff.compare.recover_index import recover_attention_keys, recover_pool_weights, recover_rope_positions
 from actdiff.compare.refops import attention_scale, run_op, spec_params
 from actdiff.compare.search import make_context
-from actdiff.nodes import INPUT_IDS
 
 BUDGET = 1e-5
 LENGTHS = (40, 33, 18, 140)  # long enough for the planted mappings to matter, one short; 140 > hidden (128)
@@ -24,22 +23,7 @@ LENGTHS = (40, 33, 18, 140)  # long enough for the planted mappings to matter, o
 
 class Tiny:
     def __init__(self):
-        from safetensors.numpy import load_file
-
-        from actdiff.nodes import graph_for_model_dir
-
-        d = ensure_tiny_model()
-        self.graph = graph_for_model_dir(d)
-        self.weights = load_file(str(d / "model.safetensors"))
-        rng = np.random.default_rng(0)
-        V = self.graph.dims.vocab
-        self.vals = []
-        for T in LENGTHS:
-            ids = np.concatenate([[0], rng.integers(5, V - 1, T - 2), [2]]).astype(np.int64)
-            v = {INPUT_IDS: ids}
-            for node in self.graph:
-                v[node.name] = run_op(self.graph, node, v, self.weights, spec_params(self.graph, node))
-            self.vals.append({k: a if a.dtype.kind in "iu" else a.astype(np.float32) for k, a in v.items()})
+        self.graph, self.weights, self.vals = tiny_spec_activations(LENGTHS)
 
     def first(self, op: str) -> str:
         return next(n.name for n in self.graph if n.op == op)

@@ -469,21 +469,9 @@ def search_summary(paths: list[str]) -> pd.DataFrame:
 
 
 ROUTING_COLUMNS = [
-    "layer",
-    "tokens",
-    "agreement",
-    "jaccard_mean",
-    "flips",
-    "flips_explained",
-    "near_ties",
-    "ref_load",
-    "eng_load",
-    "forced_rel_l2_median",
-    "moe_out_rel_l2_median",
-    "margin_hist",
-    "margin_hist_flips",
-    "margin_edges",
-]
+    "layer", "tokens", "agreement", "jaccard_mean", "flips", "flips_explained", "near_ties", "ref_load", "eng_load",
+    "forced_rel_l2_median", "moe_out_rel_l2_median", "margin_hist", "margin_hist_flips", "margin_edges",
+]  # fmt: skip
 MARGIN_EDGES = np.concatenate([[0.0], np.logspace(-6, 0, 25)])
 
 
