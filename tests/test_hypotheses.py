@@ -224,3 +224,27 @@ def test_index_nodes_use_mismatch_fraction(tiny):
     assert d.metric == "mismatch_fraction"
     assert 0 < d.baseline_error <= 1
     assert (d.verdict, d.explained_by, d.ranked[0].error) == (EXPLAINED, "ids_sorted", 0.0)
+
+
+def test_an_unexplained_search_row_carries_no_candidate_sentence(tmp_path):
+    """The search summary keeps the best residual of a node nothing explains, never its candidate's sentence:
+    the report would otherwise show one hypothesis's text beside a node it does not explain (issue 15)."""
+    import pandas as pd
+
+    from actdiff.compare.aggregate import search_summary
+    from actdiff.report.data import Run
+    from actdiff.report.sections import _search_md
+    from actdiff.tables import SHARD_TABLES
+
+    row = {"node": "encoder.layers.0.attn.q_rot", "node_index": 9, "op": "ROPE", "rank": 1, "kind": "fit",
+           "name": "ROPE.angles", "says": "RoPE angles built in float32 by repeated multiplication", "error": 1e-3,
+           "params": "{}", "explains": False, "baseline_error": 2e-3, "budget": 1e-6, "prompts": 2, "rows": 3,
+           "tried": 40, "seconds": 0.5, "timed_out": False}  # fmt: skip
+    p = tmp_path / "search.parquet"
+    pd.DataFrame([row]).astype({"node_index": "int64"}).to_parquet(p)
+    assert SHARD_TABLES["search"].schema is not None
+    s = search_summary([str(p)])
+    assert s["says"].tolist() == [""] and s["error"].tolist() == [1e-3]
+    run = Run(tmp_path, "m", "s", "fp32", {}, {}, {}, None, {}, {"search": s})
+    md = _search_md(run)
+    assert "nothing explains" in md and "repeated multiplication" not in md

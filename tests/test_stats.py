@@ -258,6 +258,24 @@ def test_import_gives_the_same_statistics(tiny_ref, tiny_model_dir, tmp_path, ci
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_reference_dump_as_an_unreplayable_side_passes_at_every_length(tiny_ref, tiny_model_dir, tmp_path):
+    """The reference's own dump judged as a side that cannot replay (its outputs against the float64 spec op on
+    its own inputs) passes every node, including the rotary nodes of the two 512-token prompts: their local
+    error there IS the reference's fp32 noise (rotary angles built in float32 grow with position, ~1.5e-6 at 512
+    tokens), and each budget is SAFETY x that noise measured on the same prompt (compare.budgets). A budget
+    from a float64-angle model alone would fail a correct port here (issue 15)."""
+    verdict, nodes, _, _ = run_stats(tmp_path, tiny_model_dir, tiny_ref, tiny_ref, "fp32", side="external")
+    assert verdict["status"] == "pass" and verdict["failing_nodes"] == 0, verdict["plain"]
+    rot = nodes[nodes["op"] == "ROPE"]
+    long = rot[rot["tokens"] == 512]
+    assert len(long) >= 2 * 8, "the CI shard holds two 512-token prompts"  # 2 prompts x 4 layers x q, k
+    # the local error is the measured noise (same values, same spec op; the two norms are computed apart, so to
+    # float64 rounding of a ~1e-6 quantity)
+    assert ((long["local_rel_l2"] - long["ref_fp32_error"]).abs() <= 1e-12 * long["ref_fp32_error"]).all()
+    assert long["local_rel_l2"].min() > 5e-7, "long prompts carry the float32-angle error"
+    assert (long["local_rel_l2"] <= long["budget"] / 6).all()
+
+
 def test_stats_memory_does_not_grow_with_corpus(tiny_ref, tiny_model_dir, tmp_path):
     """Peak RSS of the statistics of a 5x replicated shard (130 prompts, past the 5,000-row flush of the nodes
     table twice) exceeds the 1x run's by < 100 MB."""

@@ -463,7 +463,10 @@ def search_summary(paths: list[str]) -> pd.DataFrame:
         found = g[g["rank"] > 0].assign(ratio=lambda d: d["error"] / d["baseline_error"])
         pick = (found[found["explains"]] if found["explains"].any() else found).sort_values(["ratio", "name"])
         best = pick.iloc[0] if len(pick) else g.iloc[0]
-        rows.append({**best.drop(labels=["ratio"], errors="ignore").to_dict(), **totals})
+        row = best.drop(labels=["ratio"], errors="ignore").to_dict()
+        if not row["explains"]:  # the best residual is evidence, its sentence is not a cause: never carried
+            row["says"] = ""
+        rows.append({**row, **totals})
     out = pd.DataFrame(rows).sort_values("node_index", ignore_index=True)
     return out[schema.names]
 

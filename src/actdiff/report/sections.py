@@ -195,7 +195,11 @@ def _search_md(run: Run) -> str:
     s = run.summary.get("search")
     if s is None or not len(s):
         return ""
-    t = s.assign(found=s["says"].where(s["explains"], "(nothing explains; best: " + s["says"] + ")"))
+    # a row the search could not explain names no candidate (its sentence would read as a cause); the error
+    # column still shows the best residual reached
+    t = s.assign(
+        found=s["says"].where(s["explains"], "nothing explains"), kind=s["kind"].where(s["explains"], "")
+    )
     cols = ["node", "kind", "found", "error", "baseline_error", "tried", "seconds", "prompts"]
     return (
         "\n**Searched explanations** at the nodes the catalogue left unexplained (fits of the op's continuous "
