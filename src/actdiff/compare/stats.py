@@ -28,6 +28,7 @@ by :mod:`actdiff.compare.worst`, whose first values survive deleting the HDF5 du
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
@@ -41,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, disk_full_error, is_disk_full
 from ..errors import DumpError
 from ..h5io import ActivationReader
 from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph, build_graph, load_config_json
@@ -87,25 +88,45 @@ class _TableWriter:
         if not self.rows:
             return
         table = pa.Table.from_pydict(self.cols)
-        if self.writer is None:
-            self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        self.writer.write_table(table.cast(self.schema))
+        with self._disk_full_named():
+            if self.writer is None:
+                self.schema = table.schema
+                self.writer = pq.ParquetWriter(self.tmp, self.schema)
+            self.writer.write_table(table.cast(self.schema))
         self.cols = {k: [] for k in self.cols}
         self.rows = 0
 
     def close(self) -> None:
         self.flush()
-        if self.writer is None:
-            pq.write_table(self.empty, self.tmp)
-        else:
-            self.writer.close()
+        with self._disk_full_named():
+            if self.writer is None:
+                pq.write_table(self.empty, self.tmp)
+            else:
+                self.writer.close()
         self._ctx.__exit__(None, None, None)
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError:
+            pass  # closing writes the footer, which fails again on a full disk; the file is removed below
+        finally:
+            self.writer = None
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    @contextlib.contextmanager
+    def _disk_full_named(self):
+        """A full disk while streaming: the table's temporary file is removed and the error names the table
+        (the rows are written outside atomic_path's own ``with``)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if not is_disk_full(e):
+                raise
+            written = self.tmp.stat().st_size if self.tmp.exists() else None
+            self.abort()
+            raise disk_full_error(self.path, written) from None
 
 
 @dataclass
