@@ -176,3 +176,110 @@ def test_disk_full_real_tmpfs(tmp_path):
 def _json(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
+
+
+# ------------------------------------------------------------------- case 4: actdiff check, a run missing
+def _run(results, run=("tiny", "actdiff", "fp32"), status="pass", p99=1e-7, **verdict):
+    """A finished run as `actdiff check` reads it: verdict.json and the node summary."""
+    import pandas as pd
+
+    d = results.joinpath(*run, "summary")
+    v = {"model": run[0], "side": run[1], "variant": run[2], "status": status, "prompts": 4, "worst_nodes": []}
+    v.update(weights_sha256="a" * 64, corpus_sha256="c" * 64)
+    v.update(verdict)
+    _json(d / "verdict.json", v)
+    pd.DataFrame({"node": ["emb_ln"], "local_rel_l2_p99": [p99], "budget_median": [1e-6]}).to_parquet(
+        d / "nodes.parquet"
+    )
+
+
+def _check(*args):
+    import contextlib
+    import io
+
+    from actdiff.compare.check import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue()
+
+
+def test_check_fails_when_a_run_has_no_verdict(tmp_path):
+    """A run whose summary is missing (its shard statistics are there) is MISSING and fails the gate; so does a
+    run the config asks for with nothing on disk at all."""
+    r = tmp_path / "r"
+    _run(r)
+    (r / "tiny/actdiff/fp16/stats/shard-0").mkdir(parents=True)  # statistics done, aggregation never finished
+    (r / "tiny/reference/fp32/activations").mkdir(parents=True)  # the reference is an input, never "missing"
+    rc, out = _check(r)
+    assert rc == 1, out
+    assert f"== tiny/actdiff/fp16: MISSING: no verdict at {r}/tiny/actdiff/fp16/summary/verdict.json" in out
+    assert "actdiff check: 1 of 2 passed, 1 missing" in out
+    assert _check(r, "--only", "tiny/actdiff/fp32")[0] == 0  # --only filters the missing runs too
+    (r / "tiny/actdiff/fp16").rename(tmp_path / "gone")
+    assert _check(r)[0] == 0
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "prompts: p.tsv\nengines: [actdiff]\nvariants: [fp32, bf16]\n"
+        "models:\n  tiny:\n    source: {generate: tiny-nomic-moe}\n    max_length: 8\n"
+    )
+    rc, out = _check(r, "--configfile", cfg)
+    assert rc == 1 and f"== tiny/actdiff/bf16: MISSING: no verdict at {r}/tiny/actdiff/bf16" in out, out
+    assert f"({cfg} asks for it)" in out
+
+
+def test_check_fails_a_nonfinite_run(tmp_path):
+    _run(tmp_path, status="nonfinite")
+    rc, out = _check(tmp_path)
+    assert rc == 1 and "NONFINITE" in out, out
+
+
+# ------------------------------------------------------------- case 5: a baseline of other weights / corpus
+@pytest.mark.parametrize(
+    "base, message",
+    [
+        ({"weights_sha256": "b" * 64}, "the weights (sha256 of model.safetensors) differ: aaaaaaaaaaaa... in"),
+        ({"corpus_sha256": "d" * 64, "prompts": 5}, "the corpus (prompt ids, texts, token ids) differs: cccccccccccc"),
+        ({"corpus_sha256": None, "prompts": 9}, "the corpus differs: 4 prompts in"),
+    ],
+)
+def test_check_refuses_an_incomparable_baseline(tmp_path, base, message):
+    """Against a baseline of other weights or another corpus every node would 'regress': refused, naming what
+    differs, unless --allow-incomparable-baseline (then the regression shows as usual)."""
+    run, b = tmp_path / "run", tmp_path / "base"
+    _run(run, p99=5e-7)
+    _run(b, p99=1e-7, **base)  # 5x the baseline's p99: a regression if the two were comparable
+    rc, out = _check(run, "--baseline", b)
+    assert rc == 1 and message in out, out
+    assert "refusing to compare (pass --allow-incomparable-baseline" in out and "regression:" not in out
+    rc, out = _check(run, "--baseline", b, "--allow-incomparable-baseline")
+    assert rc == 1 and "regression: emb_ln" in out, out
+
+
+def test_check_baseline_same_corpus_and_weights(tmp_path):
+    run, b = tmp_path / "run", tmp_path / "base"
+    _run(run, p99=1.1e-7)
+    _run(b, p99=1e-7)
+    rc, out = _check(run, "--baseline", b)
+    assert rc == 0 and "not comparable" not in out and "note:" not in out, out
+    _run(b, p99=1e-7, corpus_sha256=None)  # an older baseline: same prompt count, so compared, with a note
+    rc, out = _check(run, "--baseline", b)
+    assert rc == 0 and "could not verify corpus_sha256" in out, out
+
+
+def test_corpus_sha256_ignores_sharding_not_content(tmp_path):
+    import pandas as pd
+
+    from actdiff.compare.aggregate import corpus_sha256
+
+    ids = [[0, 2], [0, 5, 2], [0, 2]]
+    t = pd.DataFrame({"prompt_id": ["a", "b", "c"], "text": ["x", "y", "z"], "reference_ids": ids})
+    t.to_parquet(tmp_path / "all.parquet")
+    t.iloc[[2, 0]].to_parquet(tmp_path / "s0.parquet")
+    t.iloc[[1]].to_parquet(tmp_path / "s1.parquet")
+    whole = corpus_sha256([str(tmp_path / "all.parquet")])
+    assert corpus_sha256([str(tmp_path / "s0.parquet"), str(tmp_path / "s1.parquet")]) == whole
+    t.loc[1, "text"] = "y!"
+    t.to_parquet(tmp_path / "changed.parquet")
+    assert corpus_sha256([str(tmp_path / "changed.parquet")]) != whole

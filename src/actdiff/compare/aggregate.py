@@ -186,6 +186,8 @@ def aggregate(
     sample, whatever the corpus size. The worst ``worst_n`` prompts (compare.worst) are ranked here, once, with
     what the report shows of them (heatmap, per-token errors, drill-down): a report reads summaries only.
     ``tokens``: the tokens shards (the prompts' texts)."""
+    if tokens:  # what `actdiff check --baseline` compares: a baseline of another corpus is refused
+        meta = {**meta, "corpus_sha256": corpus_sha256(tokens)}
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
     acc = _Corpus(threshold, int(meta.get("experts", 0) or 0), worst_n)
     for i in range(len(shard_tables["nodes"])):
@@ -284,6 +286,19 @@ def _texts(tokens: list[str], ids: set[str]) -> dict[str, str]:
             t = pd.read_parquet(p, columns=["prompt_id", "text"], filters=[("prompt_id", "in", list(ids))])
             out.update(zip(t["prompt_id"], t["text"].astype(str), strict=True))
     return out
+
+
+def corpus_sha256(tokens: list[str]) -> str:
+    """sha256 over the corpus as the statistics saw it: every prompt's id, text and reference token ids, in
+    prompt_id order (independent of sharding and sheet order)."""
+    import hashlib
+
+    cols = ["prompt_id", "text", "reference_ids"]
+    t = pd.concat([pd.read_parquet(p, columns=cols) for p in tokens], ignore_index=True).sort_values("prompt_id")
+    h = hashlib.sha256()
+    for pid, text, ids in zip(t["prompt_id"], t["text"], t["reference_ids"], strict=True):
+        h.update(json.dumps([pid, str(text), [int(i) for i in ids]]).encode("utf-8"))
+    return h.hexdigest()
 
 
 TOKENIZATION_EXAMPLES = 10  # prompts whose ids differ, shown with the ids around the first difference
