@@ -283,3 +283,91 @@ def test_corpus_sha256_ignores_sharding_not_content(tmp_path):
     t.loc[1, "text"] = "y!"
     t.to_parquet(tmp_path / "changed.parquet")
     assert corpus_sha256([str(tmp_path / "changed.parquet")]) != whole
+
+
+# ------------------------------------------------------------- case 1: a NaN in one weight, on both sides
+NAN_WEIGHT = "encoder.layers.0.mlp.fc1.weight"
+
+
+def _nan_run(root):
+    """The tiny model with one NaN in NAN_WEIGHT, three prompts through reference, our engine, statistics,
+    aggregation and weight parity (the pipeline's own stage functions, no Snakemake)."""
+    from helpers import model_copy
+
+    from actdiff import pipeline
+    from actdiff.layout import Layout
+    from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
+
+    def mutate(w):
+        w[NAN_WEIGHT][7, 3] = np.nan
+
+    md = model_copy(ensure_tiny_model(), root / "model", mutate)
+    (root / "p.tsv").write_text("prompt_id\ttext\na\thello world\nb\tthe quick brown fox\nc\tnumbers 1 2 3\n")
+    L, run = Layout(str(root / "r")), ("nanm", "actdiff", "fp32")
+    pipeline.resolve_model("nanm", {"path": str(md)}, L.model_json("nanm"))
+    pipeline.split_prompts(str(root / "p.tsv"), 1, [L.prompts(0)])
+    pipeline.tokenize(L.model_json("nanm"), L.prompts(0), 16, L.tokens("nanm", 0))
+    for side in ("reference", "actdiff"):
+        out = L.activations("nanm", side, "fp32", 0)
+        pipeline.dump(L.model_json("nanm"), L.tokens("nanm", 0), out, side, "fp32", 0)
+
+    def stats_and_verdict():
+        outs = {t: L.stats(*run, 0, t) for t in SHARD_TABLES}
+        ref, eng = L.activations("nanm", "reference", "fp32", 0), L.activations(*run, 0)
+        pipeline.compute_stats(L.model_json("nanm"), ref, eng, "actdiff", "fp32", 0, outs, search={"search_seconds": 5})
+        so = {t: L.summary(*run, t) for t in AGGREGATE_TABLES} | {n: L.summary_json(*run, n) for n in AGGREGATE_JSON}
+        tables = {t: [outs[t]] for t in SHARD_TABLES}
+        pipeline.aggregate_stats(L.model_json("nanm"), [L.tokens("nanm", 0)], "actdiff", "fp32", tables, so)
+        return json.loads(open(L.verdict(*run)).read()), open(L.verdict(*run)).read(), outs
+
+    pipeline.parity(L.model_json("nanm"), "fp32", L.summary(*run, "weights"), L.summary_json(*run, "config_parity"))
+    return L, run, stats_and_verdict
+
+
+def test_nan_weight_on_both_sides_is_reported_not_infinite(tmp_path):
+    """Same NaN on both sides: no infinite error anywhere, the node and the weight tensor are named, no node is
+    said to fail, the run is NONFINITE (never a pass) and `actdiff check` fails it; weight parity counts the NaN.
+    Then one NaN the reference does not have, planted in the engine's dump: a failure at that node."""
+    import pandas as pd
+
+    L, run, stats_and_verdict = _nan_run(tmp_path)
+    v, text, outs = stats_and_verdict()
+    assert v["status"] == "nonfinite", v["plain"]
+    assert "Infinity" not in text  # no infinite error anywhere
+    # NaN only where nothing finite is left to measure: the all-NaN outputs' errors and propagated budgets
+    assert all(o["rel_l2_max"] != o["rel_l2_max"] for o in v["outputs"]["nodes"]) and text.count("NaN,") <= 3
+    assert (
+        "The model itself produces NaN/Inf at encoder.layers.0.mlp.fc1 on 3 prompt(s), from weight tensor "
+        f"{NAN_WEIGHT} (1 NaN/Inf values). Both sides have them at the same positions in" in v["plain"]
+    )
+    assert v["failing_nodes"] == 0 and v["worst_nodes"] == [] and v["first_divergence"] is None
+    assert v["nonfinite"]["origins"] == [{"node": "encoder.layers.0.mlp.fc1", "prompts": 3, "weights": {NAN_WEIGHT: 1}}]
+    nodes = pd.read_parquet(outs["nodes"])
+    fc1 = nodes[nodes["node"] == "encoder.layers.0.mlp.fc1"]
+    # the NaN weight column gives one NaN per token on both sides; the other 511 columns agree to fp32 noise
+    assert (fc1["status"] == "nonfinite").all() and (fc1["nonfinite_matched"] == fc1["tokens"]).all()
+    assert (fc1["local_rel_l2"] <= fc1["budget"]).all()
+    w = pd.read_parquet(L.summary(*run, "weights")).set_index("source")
+    assert w.loc[NAN_WEIGHT, "nonfinite_checkpoint"] == 1 and w.loc[NAN_WEIGHT, "nonfinite_engine"] == 1
+    assert w["nonfinite_checkpoint"].sum() == 1  # and no other tensor is flagged
+    rc, out = _check(L.results)
+    assert rc == 1 and "NONFINITE" in out and "non-finite values: The model itself produces NaN/Inf" in out, out
+
+    with h5py.File(L.activations(*run, 0), "r+") as f:  # emb_ln is finite on both sides; one NaN on the engine's
+        f["nodes"]["emb_ln"][0, 0] = np.nan
+    v, _, outs = stats_and_verdict()
+    nodes = pd.read_parquet(outs["nodes"])
+    first = nodes[nodes["prompt_id"] == nodes.iloc[0]["prompt_id"]]
+    assert first.set_index("node").at["emb_ln", "status"] == "fail"
+    assert v["status"] == "fail" and v["first_divergence"] == "emb_ln", v["plain"]
+
+
+def test_nonfinite_match():
+    from actdiff.compare.metrics import nonfinite_match, rel_l2_finite
+
+    a = np.array([1.0, np.nan, np.inf, 2.0, -np.inf], np.float32)
+    assert nonfinite_match(a, a.copy()) == (3, 0)
+    b = a.copy()
+    b[1], b[3], b[4] = 1.0, np.nan, np.inf  # NaN vs finite, finite vs NaN, -Inf vs +Inf
+    assert nonfinite_match(a, b) == (1, 3)
+    assert rel_l2_finite(a, a) == 0.0 and np.isnan(rel_l2_finite(np.full(2, np.nan), np.full(2, np.nan)))

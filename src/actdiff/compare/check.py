@@ -142,6 +142,9 @@ def print_run(v: dict) -> None:
             f"   outputs diverge beyond their propagated budgets on {out['prompts_diverging']} prompts; "
             f"the propagated error first exceeds it at {out.get('grows_most')}"
         )
+    nf = (v.get("nonfinite") or {}).get("statement")
+    if nf:
+        print(f"   non-finite values: {nf}")
     if v["status"] == "pass":
         return
     if v.get("first_divergence"):
