@@ -80,7 +80,8 @@ def test_hdf5_holds_exactly_the_graph(ci_run, model, side, variant):
                 assert d.shape == (rows, *trailing), name
                 assert d.dtype == (np.int64 if name.endswith("topk_indices") else np.float32), name
                 assert d.compression == FILTERS[ci_run.config["activation_compression"]] and d.chunks is not None
-            assert f.attrs["schema_version"] == 1 and f.attrs["weights_sha256"] == info["weights_sha256"]
+                assert d.fletcher32, name  # schema 2: per-chunk checksums
+            assert f.attrs["schema_version"] == 2 and f.attrs["weights_sha256"] == info["weights_sha256"]
             assert f.attrs["compression"] == ci_run.config["activation_compression"]
             assert f.attrs["model"] == model and f.attrs["side"] == side and f.attrs["variant"] == variant
             assert f["nodes"]["emb_ln"].attrs["op"] == "LAYERNORM" and f["nodes"]["emb_ln"].attrs["index"] == 1

@@ -22,3 +22,7 @@ class PromptError(ActdiffError):
 
 class DumpError(ActdiffError):
     """An activation dump is missing, corrupted, or does not match the node graph."""
+
+
+class DiskFullError(ActdiffError):
+    """An output could not be written because its disk (or quota) is full; the partial file is removed."""

@@ -4,7 +4,9 @@ One file per (model, side, variant, shard). For every node of the canonical grap
 dataset ``/nodes/<node name>`` holding all the shard's real tokens concatenated (``[sum T, ...]``), or
 one row per prompt for prompt-level nodes (``pooled``, ``embedding``). ``/prompt_ids`` (utf-8 strings)
 and ``/token_offsets`` (int64, length N+1) say which rows belong to which prompt: prompt i owns rows
-``token_offsets[i]:token_offsets[i+1]``. Datasets are chunked and gzip-compressed with shuffle.
+``token_offsets[i]:token_offsets[i+1]``. Every dataset is chunked with HDF5's Fletcher-32 checksum per chunk
+(schema 2), so bytes changed on disk fail the read instead of becoming a divergence; compression per
+``activation_compression``.
 File attributes: schema_version, model, side, variant, shard, weights_sha256, graph (JSON), library
 versions, creation time. Per-node attributes: op, node index, shape template, kind, count of non-finite
 values.
@@ -15,6 +17,7 @@ never leaves a file that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -24,11 +27,17 @@ import h5py
 import numpy as np
 
 from . import sysinfo
-from .atomic import temp_path_for
+from .atomic import disk_full_error, is_disk_full, temp_path_for
 from .errors import DumpError
 from .nodes import Graph, build_graph
 
-SCHEMA_VERSION = 1
+# 2: every dataset carries Fletcher-32 chunk checksums; prompt_ids are fixed-length utf-8 bytes (HDF5 cannot
+# filter variable-length strings). Version 1 dumps (no checksums) are still read.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# on every dataset: a flipped bit or overwritten block is detected when the chunk is read (HDF5 raises
+# OSError "data error detected by Fletcher32 checksum"), the reader turns that into a DumpError
+CHECKSUM = {"fletcher32": True}
 DUMP_LIBRARIES = ("actdiff", "torch", "transformers", "tokenizers", "numpy", "h5py", "safetensors")
 # the writer buffers this many bytes of rows before appending them to the datasets (bytes, not rows: a
 # full-size model's token row is ~20x a tiny model's)
@@ -77,6 +86,7 @@ class ActivationWriter:
                 dtype=dtype,
                 chunks=(chunk_rows, *trailing),
                 **COMPRESSIONS[compression],
+                **CHECKSUM,
             )
             d.attrs.update({"op": n.op, "index": n.index, "shape": n.shape_template, "kind": n.kind, "axis": n.axis})
             self.ds[n.name] = d
@@ -135,21 +145,52 @@ class ActivationWriter:
         self._buf_bytes = 0
 
     def close(self) -> None:
+        try:
+            self._finish()
+        except BaseException as e:
+            self._fail(e)
+            raise
+        os.replace(self.tmp, self.path)
+
+    def _finish(self) -> None:
         self._flush()
-        self.f.create_dataset("prompt_ids", data=np.array(self.prompt_ids, dtype=object), dtype=h5py.string_dtype())
-        self.f.create_dataset("token_offsets", data=np.asarray(self.offsets, dtype=np.int64))
+        # fixed-length utf-8 bytes: HDF5 cannot checksum variable-length strings (the reader decodes them)
+        ids = np.array([p.encode("utf-8") for p in self.prompt_ids] or [b""], dtype=bytes)[: len(self.prompt_ids)]
+        self.f.create_dataset("prompt_ids", data=ids, **CHECKSUM)
+        self.f.create_dataset("token_offsets", data=np.asarray(self.offsets, dtype=np.int64), **CHECKSUM)
         if self._ids_complete and self._ids:
-            self.f.create_dataset("input_ids", data=np.concatenate(self._ids), **COMPRESSIONS["gzip"])
+            self.f.create_dataset("input_ids", data=np.concatenate(self._ids), **COMPRESSIONS["gzip"], **CHECKSUM)
         for name, count in self.nonfinite.items():
             self.ds[name].attrs["nonfinite"] = count
         self.f.attrs["n_prompts"] = len(self.prompt_ids)
         self.f.attrs["n_tokens"] = self.offsets[-1]
+        # flush first, with every handle alive: a flush that fails (full disk) leaves HDF5's ids consistent for
+        # abort, a close that fails half-way does not
+        self.f.flush()
+        self.ds.clear()
         self.f.close()
-        os.replace(self.tmp, self.path)
+
+    def _fail(self, e: BaseException) -> None:
+        """Remove the temporary file; a full disk becomes a DiskFullError naming the dump (raised here)."""
+        written = self.tmp.stat().st_size if self.tmp.exists() else None
+        self.abort()
+        if is_disk_full(e):
+            raise disk_full_error(self.path, written) from None
 
     def abort(self) -> None:
+        """Discard the temporary file. On a full disk HDF5 still writes its caches when the handles close, fails
+        again (once per dataset), and a close that fails half-way leaves ids that crash the interpreter when
+        released: so the file's descriptor is first pointed at /dev/null, where those last writes succeed."""
+        with contextlib.suppress(Exception):
+            fd = self.f.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, fd)
+            os.close(null)
         try:
+            self.ds.clear()
             self.f.close()
+        except Exception:  # noqa: BLE001  the file is discarded whatever its close says
+            pass
         finally:
             if self.tmp.exists():
                 self.tmp.unlink()
@@ -161,7 +202,7 @@ class ActivationWriter:
         if exc_type is None:
             self.close()
         else:
-            self.abort()
+            self._fail(exc)
         return False
 
 
@@ -177,7 +218,7 @@ class ActivationReader:
             # the file; bulk reads go through iter_prompts, which reads whole chunks sequentially
             self.f = h5py.File(self.path, "r", rdcc_nbytes=cache_bytes)
             version = int(self.f.attrs["schema_version"])
-            self.prompt_ids = [s.decode() if isinstance(s, bytes) else s for s in self.f["prompt_ids"][()]]
+            self.prompt_ids = [s.decode("utf-8") if isinstance(s, bytes) else s for s in self.f["prompt_ids"][()]]
             self.offsets = self.f["token_offsets"][()]
             self.graph_json = json.loads(self.f.attrs["graph"])
         except (OSError, KeyError, ValueError) as e:
@@ -185,7 +226,7 @@ class ActivationReader:
                 f"{self.path}: not a readable actdiff dump ({type(e).__name__}: {e}); the file is corrupted or "
                 "incomplete. Delete it and rerun the pipeline to recompute it."
             ) from None
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise DumpError(f"{self.path}: schema version {version}, this actdiff reads {SCHEMA_VERSION}; rerun")
         self.attrs = dict(self.f.attrs)
         self.index = {p: i for i, p in enumerate(self.prompt_ids)}
@@ -199,20 +240,33 @@ class ActivationReader:
 
         return build_graph(ModelDims(**self.graph_json["dims"]))
 
-    def node_all(self, name: str) -> np.ndarray:
+    def corrupted(self, dataset: str, e: Exception) -> DumpError:
+        """The error for a dataset whose read fails: with schema 2 a chunk whose checksum no longer matches (HDF5
+        says only "filter returned failure during read"), or an unreadable chunk."""
+        return DumpError(
+            f"{self.path}: dataset {dataset!r} is damaged (HDF5: {e}): its data changed on disk after it was "
+            "written (disk, copy or transfer error; every chunk carries a checksum). Delete the file and rerun the "
+            "pipeline to recompute it."
+        )
+
+    def _get(self, dataset: str, sel=()):
+        """``self.f[dataset][sel]``, with a damaged chunk reported as a DumpError naming file and dataset."""
         try:
-            return self.f["nodes"][name][()]
-        except KeyError:
-            raise DumpError(f"{self.path}: node {name!r} is not in this dump") from None
+            return self.f[dataset][sel]
         except OSError as e:
-            raise DumpError(f"{self.path}: node {name!r} cannot be read ({e}); the file is corrupted, rerun") from None
+            raise self.corrupted(dataset, e) from None
+
+    def node_all(self, name: str) -> np.ndarray:
+        if name not in self.f["nodes"]:
+            raise DumpError(f"{self.path}: node {name!r} is not in this dump")
+        return self._get(f"nodes/{name}")
 
     def node(self, name: str, prompt: int | str) -> np.ndarray:
         i = self.index[prompt] if isinstance(prompt, str) else prompt
         d = self.f["nodes"][name]
         if d.attrs.get("axis", "token") == "prompt":
-            return d[i : i + 1]
-        return d[self.offsets[i] : self.offsets[i + 1]]
+            return self._get(f"nodes/{name}", slice(i, i + 1))
+        return self._get(f"nodes/{name}", slice(self.offsets[i], self.offsets[i + 1]))
 
     def iter_prompts(self, names: list[str], block_bytes: int = 32 << 20):
         """Yield (index, prompt_id, {node: values}) for every prompt in file order, reading each node in blocks
@@ -230,8 +284,9 @@ class ActivationReader:
             while j < n and self.offsets[j + 1] - self.offsets[i] <= block_tokens:
                 j += 1
             lo, hi = int(self.offsets[i]), int(self.offsets[j])
-            block = {name: dsets[name][i:j] if per_prompt[name] else dsets[name][lo:hi] for name in names}
-            ids = self.f["input_ids"][lo:hi] if has_ids else None
+            block = {name: self._get(f"nodes/{name}", slice(i, j) if per_prompt[name] else slice(lo, hi))
+                     for name in names}  # fmt: skip
+            ids = self._get("input_ids", slice(lo, hi)) if has_ids else None
             for p in range(i, j):
                 a, b = int(self.offsets[p]) - lo, int(self.offsets[p + 1]) - lo
                 vals = {
@@ -246,7 +301,7 @@ class ActivationReader:
         i = self.index[prompt] if isinstance(prompt, str) else prompt
         if "input_ids" not in self.f:
             raise DumpError(f"{self.path}: this dump does not record input ids")
-        return self.f["input_ids"][self.offsets[i] : self.offsets[i + 1]]
+        return self._get("input_ids", slice(self.offsets[i], self.offsets[i + 1]))
 
     def close(self) -> None:
         self.f.close()

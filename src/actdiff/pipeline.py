@@ -186,6 +186,13 @@ def parity(
         pd.DataFrame(rows).to_parquet(tmp, index=False)
     write_json_atomic(out_config, config_rows)
     bad = [k for k, v in config_rows.items() if not v["match"]]
+    for r in rows:  # a finite max relative L2 below would hide them: name every tensor holding NaN/Inf
+        if r["nonfinite_checkpoint"] or r["nonfinite_engine"]:
+            log.warning(
+                "weight parity: %s (checkpoint %s) holds %d NaN/Inf values in the checkpoint, %d in the engine's "
+                "tensor; relative L2 over the finite values %.2e",
+                r["tensor"], r["source"], r["nonfinite_checkpoint"], r["nonfinite_engine"], r["rel_l2"],
+            )  # fmt: skip
     log.info(
         "weight parity: %d tensors, max relative L2 %.2e; config values differing: %s",
         len(rows),

@@ -40,6 +40,7 @@ def node_summary(nodes: pd.DataFrame) -> pd.DataFrame:
             "fail": int((g["status"] == "fail").sum()),
             "warn": int((g["status"] == "warn").sum()),
             "not_captured": int((g["status"] == "not_captured").sum()),
+            "nonfinite": 0,  # exact counts below (_apply_exact)
             "is_output": bool(g["is_output"].iloc[0]),
             "replay_mismatch": 0,  # exact counts below (_apply_exact)
             "over_propagated": 0,
@@ -77,7 +78,9 @@ _SAMPLED_NODE_COLUMNS = [
     *QUANTILE_METRICS,
 ]
 # counted exactly per node: (column, how); see _exact_node_part
-_EXACT_COUNTS = ("n_prompts", "fail", "warn", "not_captured", "replay_mismatch", "over_propagated", "fail_with_effect")
+_EXACT_COUNTS = (
+    "n_prompts", "fail", "warn", "not_captured", "nonfinite", "replay_mismatch", "over_propagated", "fail_with_effect",
+)  # fmt: skip
 
 
 def _sample_threshold(paths: list[str], k: int) -> int:
@@ -134,6 +137,7 @@ class _Corpus:
     routing: dict = field(default_factory=dict)
     emb: dict = field(default_factory=lambda: {"n": 0, "min": math.inf, "hist": None, "worst": []})
     empty_nodes: pd.DataFrame | None = None
+    nonfinite_origins: dict = field(default_factory=dict)  # node -> [prompts, JSON of its non-finite weights]
     worst: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=[*worst_mod.WORST_COLUMNS, _COSINE]))
 
     def add_nodes(self, nodes: pd.DataFrame) -> None:
@@ -145,6 +149,11 @@ class _Corpus:
         firsts = nodes.drop_duplicates("prompt_id")["first_divergence"].replace("", "(none)").value_counts()
         for node, c in firsts.items():
             self.first_counts[node] = self.first_counts.get(node, 0) + int(c)
+        if "nonfinite_origin" in nodes:
+            per_prompt = nodes.drop_duplicates("prompt_id")
+            for node, weights in zip(per_prompt["nonfinite_origin"], per_prompt["nonfinite_weights"], strict=True):
+                if node:
+                    self.nonfinite_origins.setdefault(node, [0, weights])[0] += 1
         part = _in_sample(nodes[_SAMPLED_NODE_COLUMNS], self.threshold)
         for c in ("prompt_id", "op", "status"):  # repeated strings: categoricals, not objects
             part[c] = part[c].astype("category")
@@ -186,6 +195,8 @@ def aggregate(
     sample, whatever the corpus size. The worst ``worst_n`` prompts (compare.worst) are ranked here, once, with
     what the report shows of them (heatmap, per-token errors, drill-down): a report reads summaries only.
     ``tokens``: the tokens shards (the prompts' texts)."""
+    if tokens:  # what `actdiff check --baseline` compares: a baseline of another corpus is refused
+        meta = {**meta, "corpus_sha256": corpus_sha256(tokens)}
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
     acc = _Corpus(threshold, int(meta.get("experts", 0) or 0), worst_n)
     for i in range(len(shard_tables["nodes"])):
@@ -225,7 +236,7 @@ def _write_summaries(acc: _Corpus, shard_tables: dict, outputs: dict, meta: dict
     _write(_routing_table(acc.routing, prompts_s), outputs["routing"])
     emb = _embedding_summary(shard_tables["embeddings"], prompts_s, acc.emb, meta.get("embedding_sample", 2000))
     write_json_atomic(outputs["embeddings"], emb)
-    return _verdict(summary, first, hyp_summary, evidence, searched, emb, meta)
+    return _verdict(summary, first, hyp_summary, evidence, searched, emb, meta, acc.nonfinite_origins)
 
 
 def _worst_update(worst: pd.DataFrame, nodes: pd.DataFrame, prompts: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -284,6 +295,19 @@ def _texts(tokens: list[str], ids: set[str]) -> dict[str, str]:
             t = pd.read_parquet(p, columns=["prompt_id", "text"], filters=[("prompt_id", "in", list(ids))])
             out.update(zip(t["prompt_id"], t["text"].astype(str), strict=True))
     return out
+
+
+def corpus_sha256(tokens: list[str]) -> str:
+    """sha256 over the corpus as the statistics saw it: every prompt's id, text and reference token ids, in
+    prompt_id order (independent of sharding and sheet order)."""
+    import hashlib
+
+    cols = ["prompt_id", "text", "reference_ids"]
+    t = pd.concat([pd.read_parquet(p, columns=cols) for p in tokens], ignore_index=True).sort_values("prompt_id")
+    h = hashlib.sha256()
+    for pid, text, ids in zip(t["prompt_id"], t["text"], t["reference_ids"], strict=True):
+        h.update(json.dumps([pid, str(text), [int(i) for i in ids]]).encode("utf-8"))
+    return h.hexdigest()
 
 
 TOKENIZATION_EXAMPLES = 10  # prompts whose ids differ, shown with the ids around the first difference
@@ -360,6 +384,7 @@ def _exact_node_part(nodes: pd.DataFrame) -> pd.DataFrame:
         fail=("status", lambda x: int((x == "fail").sum())),
         warn=("status", lambda x: int((x == "warn").sum())),
         not_captured=("status", lambda x: int((x == "not_captured").sum())),
+        nonfinite=("status", lambda x: int((x == "nonfinite").sum())),
         replay_mismatch=("replay_mismatch", "sum"),
         over_propagated=("over_propagated", "sum"),
         fail_with_effect=("fail_with_effect", "sum"),
@@ -600,6 +625,7 @@ def _verdict(
     searched: pd.DataFrame,
     emb: dict,
     meta: dict,
+    origins: dict | None = None,
 ) -> dict:
     """The run's verdict. FAIL when the replay is not the code that ran at some node, or when the outputs
     diverge beyond their propagated budgets (actdiff.compare.propagation), failing node or not; DEVIATES when
@@ -626,10 +652,13 @@ def _verdict(
         v["first_divergence_prompts"] = int(first_real.iloc[0]["prompts"])
     v["causes"] = _causes(summary, hyp, searched)
     _headline_cause(v, evidence)
+    v["nonfinite"] = _nonfinite(summary, origins or {})
     v["status"] = (
-        "fail" if v["replay_mismatches"] or v["outputs"]["diverge"] else "deviates" if len(failing) else "pass"
-    )
-    worst = summary.sort_values("local_over_budget_max", ascending=False).head(5) if len(summary) else summary
+        "fail" if v["replay_mismatches"] or v["outputs"]["diverge"] or len(failing) and v["nonfinite"]["nodes"]
+        else "nonfinite" if v["nonfinite"]["nodes"] else "deviates" if len(failing) else "pass"
+    )  # fmt: skip
+    # only failing nodes: a list of passing nodes under "worst nodes" reads as a finding
+    worst = failing.sort_values("local_over_budget_max", ascending=False).head(5) if len(failing) else failing
     v["worst_nodes"] = [
         {
             "node": r.node,
@@ -643,6 +672,36 @@ def _verdict(
     v["warned_nodes"] = int((summary["warn"] > 0).sum()) if len(summary) else 0
     v["plain"] = plain_words(v)
     return v
+
+
+def _nonfinite(summary: pd.DataFrame, origins: dict) -> dict:
+    """Nodes whose NaN/Inf match on both sides (status nonfinite), and where they start: the origin node per
+    prompt with the checkpoint tensors of its that hold NaN/Inf (actdiff.compare.stats)."""
+    out = {"nodes": [], "origins": [], "statement": None}
+    if not len(summary) or "nonfinite" not in summary:
+        return out
+    bad = summary[summary["nonfinite"] > 0].sort_values("node_index")
+    out["nodes"] = bad["node"].tolist()
+    order = dict(zip(summary["node"], summary["node_index"], strict=True))
+    for node, (prompts, weights) in sorted(origins.items(), key=lambda kv: order.get(kv[0], 0)):
+        out["origins"].append({"node": node, "prompts": int(prompts), "weights": json.loads(weights or "{}")})
+    if out["nodes"]:
+        out["statement"] = _nonfinite_words(out)
+    return out
+
+
+def _nonfinite_words(nf: dict) -> str:
+    heads = []
+    for o in nf["origins"]:
+        w = ", ".join(f"{t} ({c} NaN/Inf values)" for t, c in o["weights"].items())
+        src = f"from weight tensor {w}" if w else "with finite weights (an overflow in the op itself)"
+        heads.append(f"at {o['node']} on {o['prompts']} prompt(s), {src}")
+    where = "; ".join(heads) or f"at {nf['nodes'][0]}"
+    return (
+        f"The model itself produces NaN/Inf {where}. Both sides have them at the same positions in "
+        f"{len(nf['nodes'])} node(s) ({_nodes_words(nf['nodes'])}), and those positions are not compared: "
+        "the errors given are over the finite values only. Fix the checkpoint (or the overflow) and rerun."
+    )
 
 
 REPLAYED = (
@@ -842,6 +901,8 @@ def plain_words(v: dict) -> str:
     cos_s = f"; minimum embedding cosine {cos:.6f}" if cos is not None and not pd.isna(cos) else ""
     if not (v.get("replay") or {}).get("available", True):
         tail += f" Replay: {NOT_REPLAYED}."
+    nf = (v.get("nonfinite") or {}).get("statement")
+    tail = f" {nf}" + tail if nf else tail
     if v["status"] == "pass":
         return (
             f"PASS: every node of {run} is within its error budget on all {v['prompts']} prompts and the outputs "

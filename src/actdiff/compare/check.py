@@ -7,6 +7,12 @@ and exits non-zero when a run FAILS (its replay is not the code that ran, or its
 propagated budgets), when ``--strict`` and a run DEVIATES from the spec without effect on the outputs, or
 when, against a baseline run, a node's p99 local error grew by more than ``--margin`` times (comparing
 against at least 1% of the node's budget, so float noise on near-zero errors never trips it).
+
+It also fails when a run is MISSING: a run directory holding dumps, statistics or a partial summary but no
+verdict (an aggregation that failed or was deleted), or, with ``--configfile``, a run the config asks for
+that has no verdict. A run with non-finite values (NaN/Inf the model itself produces, status NONFINITE) fails:
+the comparison could not judge the positions where they are. A baseline of other weights or another corpus is
+refused (its regressions would be spurious) unless ``--allow-incomparable-baseline``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,72 @@ from ..layout import Layout
 def find_runs(results: Path, pattern: str = "*") -> list[tuple[str, str, str]]:
     """(model, side, variant) of the runs with a verdict whose ``model/side/variant`` matches ``pattern``."""
     return [r for r in Layout(str(results)).runs_with_verdicts() if fnmatch.fnmatchcase("/".join(r), pattern)]
+
+
+# a run directory holding any of these was started by the pipeline; without a verdict it is unfinished
+_RUN_PARTS = ("activations", "stats", "summary")
+
+
+def started_runs(results: Path) -> list[tuple[str, str, str]]:
+    """(model, side, variant) of every engine run directory the pipeline started (dumps, shard statistics
+    or summaries are there), verdict or not; the reference side is an input, not a run."""
+    root = Path(results)
+    found = {d.relative_to(root).parts[:3] for part in _RUN_PARTS for d in root.glob(f"*/*/*/{part}") if d.is_dir()}
+    return sorted(r for r in found if r[1] != "reference")  # type: ignore[misc]
+
+
+def config_runs(configfile: str) -> list[tuple[str, str, str]]:
+    """The runs a workflow config asks for: models x their engines x the engines' variants, as
+    workflow/rules/common.smk's runs() builds them (llama.cpp only where it is available or required)."""
+    import yaml
+
+    from ..config import validate_config
+
+    cfg = validate_config(yaml.safe_load(Path(configfile).read_text(encoding="utf-8")) or {}, source=configfile)
+    engines = list(cfg["engines"])
+    if "llamacpp" in engines and not cfg["llamacpp"]["required"]:
+        from ..llamacpp import available
+
+        if not available()[0]:
+            engines.remove("llamacpp")
+    out = []
+    for m, mc in cfg["models"].items():
+        for e in [e for e in mc.get("engines", cfg["engines"]) if e in engines]:
+            variants = mc.get("variants", cfg["variants"]) if e == "actdiff" else cfg["llamacpp"]["variants"]
+            out += [(m, e, str(v)) for v in variants]
+    return out
+
+
+def missing_runs(results: Path, pattern: str, configfile: str | None) -> list[tuple[tuple[str, str, str], str]]:
+    """Expected runs (started ones, and the config's) matching ``pattern`` that have no verdict, with why."""
+    L = Layout(str(results))
+    expected = {r: "its directory holds dumps, statistics or a partial summary" for r in started_runs(results)}
+    if configfile:
+        for r in config_runs(configfile):
+            expected.setdefault(r, f"{configfile} asks for it")
+    return [
+        (r, why)
+        for r, why in sorted(expected.items())
+        if fnmatch.fnmatchcase("/".join(r), pattern) and not Path(L.verdict(*r)).is_file()
+    ]
+
+
+def comparability(run: dict, base: dict, results: Path, baseline: Path) -> tuple[list[str], list[str]]:
+    """(what differs, what could not be verified) between a run's verdict and its baseline's: regressions
+    against another model's weights or another corpus would be spurious."""
+    differs, unverified = [], []
+    n_run, n_base = run.get("prompts"), base.get("prompts")
+    for key, what in (("weights_sha256", "the weights (sha256 of model.safetensors) differ"),
+                      ("corpus_sha256", "the corpus (prompt ids, texts, token ids) differs")):  # fmt: skip
+        a, b = run.get(key), base.get(key)
+        if a and b and a != b:
+            extra = f", {n_run} vs {n_base} prompts" if key == "corpus_sha256" else ""
+            differs.append(f"{what}: {a[:12]}... in {results} vs {b[:12]}... in {baseline}{extra}")
+        elif not (a and b):
+            unverified.append(key)
+    if "corpus_sha256" in unverified and n_run != n_base:  # an older verdict: the prompt count still tells
+        differs.append(f"the corpus differs: {n_run} prompts in {results} vs {n_base} in {baseline}")
+    return differs, unverified
 
 
 def regressions(run_summary: Path, base_summary: Path, margin: float) -> list[str]:
@@ -70,6 +142,9 @@ def print_run(v: dict) -> None:
             f"   outputs diverge beyond their propagated budgets on {out['prompts_diverging']} prompts; "
             f"the propagated error first exceeds it at {out.get('grows_most')}"
         )
+    nf = (v.get("nonfinite") or {}).get("statement")
+    if nf:
+        print(f"   non-finite values: {nf}")
     if v["status"] == "pass":
         return
     if v.get("first_divergence"):
@@ -92,23 +167,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", help="results directory of a baseline run to compare against")
     ap.add_argument("--margin", type=float, default=2.0, help="allowed growth of p99 local error vs baseline")
     ap.add_argument("--strict", action="store_true", help="also fail runs that deviate without output effect")
+    ap.add_argument("--configfile", help="workflow config of the run: every run it asks for must have a verdict")
+    ap.add_argument(
+        "--allow-incomparable-baseline", action="store_true",
+        help="compare against a baseline of other weights or another corpus anyway",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     results = Path(args.results)
-    L, B = Layout(str(results)), Layout(str(args.baseline)) if args.baseline else None
+    L = Layout(str(results))
     runs = find_runs(results, args.only)
-    if not runs:
+    missing = missing_runs(results, args.only, args.configfile)
+    if not runs and not missing:
         print(f"actdiff check: no statistics under {results} matching {args.only!r}; run the pipeline first")
         return 2
     failed = 0
     for run in runs:
         v = json.loads(Path(L.verdict(*run)).read_text())
         print_run(v)
-        bad = v["status"] == "fail" or (args.strict and v["status"] != "pass")
-        if B is not None:
-            regs = regressions(Path(L.summary(*run, "nodes")), Path(B.summary(*run, "nodes")), args.margin)
-            for r in regs:
-                print(f"   regression: {r}")
-            bad = bad or bool(regs)
+        bad = v["status"] in BAD_STATUSES or (args.strict and v["status"] != "pass")
+        if args.baseline:
+            bad = _against_baseline(run, v, results, Path(args.baseline), args) or bad
         failed += bool(bad)
-    print(f"actdiff check: {len(runs) - failed} of {len(runs)} passed")
-    return 1 if failed else 0
+    for run, why in missing:
+        print(
+            f"== {'/'.join(run)}: MISSING: no verdict at {L.verdict(*run)} ({why}); its aggregation did not finish. "
+            "Rerun the pipeline (snakemake with the same config) to produce it."
+        )
+    total = len(runs) + len(missing)
+    print(f"actdiff check: {len(runs) - failed} of {total} passed" + (f", {len(missing)} missing" if missing else ""))
+    return 1 if failed or missing else 0
+
+
+# verdict statuses that fail the gate: a failing engine, and a run whose values are partly NaN/Inf (nothing was
+# compared at those positions, so it cannot count as a healthy run)
+BAD_STATUSES = ("fail", "nonfinite")
+
+
+def _against_baseline(run: tuple, v: dict, results: Path, baseline: Path, args) -> bool:
+    """Print the baseline comparison of one run; True when it fails (regressions, or an incomparable baseline)."""
+    B = Layout(str(baseline))
+    base_verdict = Path(B.verdict(*run))
+    if base_verdict.is_file():
+        differs, unverified = comparability(v, json.loads(base_verdict.read_text()), results, baseline)
+        for d in differs:
+            print(f"   baseline not comparable: {d}")
+        if differs and not args.allow_incomparable_baseline:
+            print("   refusing to compare (pass --allow-incomparable-baseline to compare anyway)")
+            return True
+        if unverified:
+            print(f"   note: the baseline comparison could not verify {', '.join(unverified)} (older verdicts lack it)")
+    regs = regressions(Path(Layout(str(results)).summary(*run, "nodes")), Path(B.summary(*run, "nodes")), args.margin)
+    for r in regs:
+        print(f"   regression: {r}")
+    return bool(regs)

@@ -55,6 +55,29 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return num / den
 
 
+def nonfinite_match(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """(positions non-finite on both sides with the same value class: NaN, +Inf or -Inf; positions where only
+    one side is non-finite or the classes differ). The first are the same NaN/Inf computed twice (a NaN in
+    the weights reaches both sides alike), the second a divergence."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind != "f" or (np.isfinite(a).all() and np.isfinite(b).all()):
+        return 0, 0
+    na, nb = np.isnan(a), np.isnan(b)
+    pa, pb, ma, mb = np.isposinf(a), np.isposinf(b), np.isneginf(a), np.isneginf(b)
+    same = (na & nb) | (pa & pb) | (ma & mb)
+    either = na | nb | pa | pb | ma | mb
+    return int(same.sum()), int((either & ~same).sum())
+
+
+def rel_l2_finite(a: np.ndarray, b: np.ndarray) -> float:
+    """:func:`rel_l2` over the positions finite on both sides (NaN when there are none)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind != "f" or (np.isfinite(a).all() and np.isfinite(b).all()):
+        return rel_l2(a, b)
+    both = np.isfinite(a) & np.isfinite(b)
+    return rel_l2(a[both], b[both]) if both.any() else math.nan
+
+
 def compare(eng: np.ndarray, ref: np.ndarray) -> dict:
     """Metrics of ``eng`` against ``ref`` (same shape [rows, ...]). Location: row (token) and flat channel.
 

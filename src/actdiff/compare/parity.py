@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..nodes import build_graph, load_config_json
+from .metrics import nonfinite_match
 
 
 def weight_parity(model_dir: str | Path, side) -> tuple[list[dict], dict]:
@@ -27,8 +28,10 @@ def weight_parity(model_dir: str | Path, side) -> tuple[list[dict], dict]:
         for name, t in side.export_weights().items():
             got = np.ascontiguousarray(t.as_float32())
             ref = np.ascontiguousarray(ck.get_tensor(t.source).astype(np.float32, copy=False).reshape(got.shape))
-            s = compare_sums(got, ref)  # the layout the spec reads the tensor in
+            s = compare_sums(got, ref)  # the layout the spec reads the tensor in; sums over finite values only
             num, den = math.sqrt(s["sum_sq_err"]), math.sqrt(s["sum_sq_ref"])
+            nf_ref, nf_got = int(s["nan_ref"] + s["inf_ref"]), int(s["nan_eng"] + s["inf_eng"])
+            same, diverged = nonfinite_match(got, ref) if nf_ref or nf_got else (0, 0)
             rows.append(
                 {
                     "tensor": name,
@@ -37,7 +40,11 @@ def weight_parity(model_dir: str | Path, side) -> tuple[list[dict], dict]:
                     "storage": t.storage,
                     "shape": json.dumps(list(got.shape)),
                     "max_abs": float(s["max_abs"]) if got.size else 0.0,
-                    "rel_l2": num / den if den > 0 else (0.0 if num == 0 else math.inf),
+                    # NaN/Inf at other positions than the checkpoint's: the engine's tensor is wrong there
+                    "rel_l2": math.inf if diverged else num / den if den > 0 else (0.0 if num == 0 else math.inf),
+                    # NaN/Inf in the checkpoint and in the engine's tensor (rel_l2 covers the finite values only)
+                    "nonfinite_checkpoint": nf_ref,
+                    "nonfinite_engine": nf_got,
                 }
             )
             del got, ref

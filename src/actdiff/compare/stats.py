@@ -28,6 +28,7 @@ by :mod:`actdiff.compare.worst`, whose first values survive deleting the HDF5 du
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
@@ -41,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, disk_full_error, is_disk_full
 from ..errors import DumpError
 from ..h5io import ActivationReader
 from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph, build_graph, load_config_json
@@ -49,13 +50,16 @@ from ..tables import EMBEDDING_SAMPLE, SHARD_TABLES, empty_table
 from ..variants import Variant, resolve_variant
 from .budgets import U32, Noise, budget, fp32_noise, status
 from .embeddings import BoundedSample, cosine
-from .metrics import FLOAT_METRICS, compare, per_token_errors, rel_l2
+from .metrics import FLOAT_METRICS, compare, nonfinite_match, per_token_errors, rel_l2, rel_l2_finite
 from .routing import margins, routing_rows
 from .worst import prompt_score, rank_key
 
 log = logging.getLogger(__name__)
 
 NOT_CAPTURED = "not_captured"  # status of a node the engine's dump does not provide
+# status of a node whose NaN/Inf sit at the same positions on both sides (the model itself produces them, e.g. from
+# a NaN weight) while its finite values are within budget: not a failure of the engine, never a pass either
+NONFINITE = "nonfinite"
 DRILL_VALUES = 8  # first values of token 0 kept per key node
 
 
@@ -87,25 +91,45 @@ class _TableWriter:
         if not self.rows:
             return
         table = pa.Table.from_pydict(self.cols)
-        if self.writer is None:
-            self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        self.writer.write_table(table.cast(self.schema))
+        with self._disk_full_named():
+            if self.writer is None:
+                self.schema = table.schema
+                self.writer = pq.ParquetWriter(self.tmp, self.schema)
+            self.writer.write_table(table.cast(self.schema))
         self.cols = {k: [] for k in self.cols}
         self.rows = 0
 
     def close(self) -> None:
         self.flush()
-        if self.writer is None:
-            pq.write_table(self.empty, self.tmp)
-        else:
-            self.writer.close()
+        with self._disk_full_named():
+            if self.writer is None:
+                pq.write_table(self.empty, self.tmp)
+            else:
+                self.writer.close()
         self._ctx.__exit__(None, None, None)
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except OSError:
+            pass  # closing writes the footer, which fails again on a full disk; the file is removed below
+        finally:
+            self.writer = None
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    @contextlib.contextmanager
+    def _disk_full_named(self):
+        """A full disk while streaming: the table's temporary file is removed and the error names the table
+        (the rows are written outside atomic_path's own ``with``)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if not is_disk_full(e):
+                raise
+            written = self.tmp.stat().st_size if self.tmp.exists() else None
+            self.abort()
+            raise disk_full_error(self.path, written) from None
 
 
 @dataclass
@@ -166,6 +190,21 @@ class ShardContext:
     fused: frozenset = frozenset()  # nodes the side's forward computes on another path than its replay
     outputs: tuple = ()  # the output nodes (actdiff.compare.propagation.output_nodes)
     search: object = None  # actdiff.compare.stats.SearchSample: the search's bounded sample
+    _nonfinite_weights: dict = field(default_factory=dict)  # node -> JSON {tensor: non-finite count}
+
+    def nonfinite_weights(self, name: str | None) -> str:
+        """JSON {checkpoint tensor: count of NaN/Inf} of a node's weights that hold any ("" for no node)."""
+        if name is None:
+            return ""
+        if name not in self._nonfinite_weights:
+            counts = {}
+            for w in self.graph[name].weights:
+                t = np.asarray(self.weights[w]) if w in self.weights else np.zeros(0)
+                bad = int(t.size - np.count_nonzero(np.isfinite(t))) if t.dtype.kind == "f" else 0
+                if bad:
+                    counts[w] = bad
+            self._nonfinite_weights[name] = json.dumps(counts, sort_keys=True)
+        return self._nonfinite_weights[name]
 
     def budget(self, name: str, noise: Noise) -> float:
         return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets)
@@ -208,7 +247,7 @@ class Judged:
 # ---------------------------------------------------------------------------------------------- judging
 def _nan_metrics(**over) -> dict:
     m = {k: math.nan for k in FLOAT_METRICS}
-    m.update(nan_ref=0, inf_ref=0, nan_eng=0, inf_eng=0, max_abs_token=-1, max_abs_channel=-1)
+    m.update(nan_ref=0, inf_ref=0, nan_eng=0, inf_eng=0, max_abs_token=-1, max_abs_channel=-1, nonfinite_matched=0)
     m.update(over)
     return m
 
@@ -271,17 +310,31 @@ def _judge_blind(j: Judged, node, b: float) -> tuple[dict, float, str]:
         m = _nan_metrics(rel_l2=float(np.mean(_set_mismatch(e, r))) if r.size else 0.0)
     else:
         m = compare(e, r)
-    new_nonfinite = (m["nan_eng"] + m["inf_eng"]) > (m["nan_ref"] + m["inf_ref"])
-    return m, math.nan, status(0.0, m["rel_l2"], b, new_nonfinite)
+    same, diverged = nonfinite_match(e, r)
+    m["nonfinite_matched"] = same
+    st = status(0.0, m["rel_l2"], b, diverged > 0)
+    return m, math.nan, NONFINITE if same and st != "fail" else st
 
 
 def _judge_float(ctx: ShardContext, j: Judged, node, b: float, replayed: bool) -> tuple[dict, float, str]:
+    """Errors over the positions finite on both sides. NaN/Inf on one side only (propagated, or made by the op
+    itself on the judged inputs) fail; the same NaN/Inf at the same positions on both sides make the node
+    NONFINITE unless its finite values fail their budget: nothing can be compared there, so the node neither
+    passes nor is an engine failure (the model itself produces them)."""
     lo, lref = ctx.local(node.name, j.ref, j.eng, replayed)
     j.local[node.name] = (lo, lref)
     m = compare(j.eng[node.name], j.ref[node.name])
-    local_rel = rel_l2(lo, lref)
-    new_nonfinite = (m["nan_eng"] + m["inf_eng"]) > (m["nan_ref"] + m["inf_ref"])
-    return m, local_rel, status(local_rel, m["rel_l2"], b, new_nonfinite)
+    same, diverged = nonfinite_match(j.eng[node.name], j.ref[node.name])
+    lsame, ldiverged = nonfinite_match(lo, lref)
+    m["nonfinite_matched"] = same
+    local_rel = rel_l2_finite(lo, lref)
+    if diverged or ldiverged:
+        return m, local_rel, "fail"
+    if not (same or lsame):
+        return m, local_rel, status(local_rel, m["rel_l2"], b, False)
+    # all values non-finite: nothing finite to judge, only the matching positions
+    st = status(local_rel, m["rel_l2"], b, False) if not math.isnan(local_rel) else "pass"
+    return m, local_rel, "fail" if st == "fail" else NONFINITE
 
 
 def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
@@ -334,6 +387,11 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict) -> Judged:
     inputs_pass = (all(j.status.get(i, "pass") != "fail" for i in ctx.graph[n].inputs) for n in j.failing)
     j.first = next((n for n, ok in zip(j.failing, inputs_pass, strict=True) if ok), None)
     j.rows["first_divergence"] = [j.first or ""] * len(ctx.graph)
+    # where the prompt's matching NaN/Inf start: the first NONFINITE node none of whose inputs is NONFINITE
+    nonfinite = [n for n in ctx.graph.names() if j.status[n] == NONFINITE]
+    origin = next((n for n in nonfinite if all(j.status.get(i) != NONFINITE for i in ctx.graph[n].inputs)), None)
+    j.rows["nonfinite_origin"] = [origin or ""] * len(ctx.graph)
+    j.rows["nonfinite_weights"] = [ctx.nonfinite_weights(origin)] * len(ctx.graph)
     budgets = dict(zip(j.rows["node"], j.rows["budget"], strict=True))
     j.propagated = propagated_budgets(ctx.graph, pid, ref, eng, ctx.weights, budgets)
     j.rows["propagated_budget"] = [j.propagated[n] for n in j.rows["node"]]
