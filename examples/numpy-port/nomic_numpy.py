@@ -95,7 +95,8 @@ class NumpyNomicMoe:
         p, T = f"encoder.layers.{i}.attn.", x.shape[0]
         qkv = self.linear(x, p + "Wqkv")
         out[f"blk.{i}.qkv"] = qkv
-        q, k, v = (qkv[:, j * self.H : (j + 1) * self.H].reshape(T, self.nh, self.hd).transpose(1, 0, 2) for j in range(3))
+        heads = [qkv[:, j * self.H : (j + 1) * self.H].reshape(T, self.nh, self.hd) for j in range(3)]
+        q, k, v = (a.transpose(1, 0, 2) for a in heads)  # head-major [nh, T, hd]
         q, k = self.rotary(q), self.rotary(k)
         out[f"blk.{i}.q_rope"], out[f"blk.{i}.k_rope"] = q, k
         scores = (q @ k.transpose(0, 2, 1)) / F32(math.sqrt(self.hd))  # [nh, T, T], bidirectional
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     model = NumpyNomicMoe(args.model_dir, args.bug)
     table = pq.read_table(args.tokens, columns=["prompt_id", "reference_ids"]).to_pydict()
-    for pid, ids in zip(table["prompt_id"], table["reference_ids"]):
+    for pid, ids in zip(table["prompt_id"], table["reference_ids"], strict=True):
         d = Path(args.out) / pid
         d.mkdir(parents=True, exist_ok=True)
         for name, a in model.forward([int(t) for t in ids]).items():

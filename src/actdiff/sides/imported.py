@@ -110,8 +110,10 @@ def check_prompts(src_dir: Path, tokens: str | Path, prompts: list[tuple[str, in
         what = []
         if missing:
             p0 = missing[0]
-            what.append(f"no dump for {len(missing)} prompt(s) of {tokens}: {', '.join(map(repr, missing[:10]))} "
-                        f"(expected a folder {src_dir / p0}/ of .npy files or a file {src_dir / p0}{SAFETENSORS})")  # fmt: skip
+            what.append(
+                f"no dump for {len(missing)} prompt(s) of {tokens}: {', '.join(map(repr, missing[:10]))} "
+                f"(expected a folder {src_dir / p0}/ of .npy files or a file {src_dir / p0}{SAFETENSORS})"
+            )
         if extra:
             what.append(f"{len(extra)} prompt(s) not in {tokens}: {', '.join(map(repr, extra[:10]))}")
         raise DumpError(
