@@ -4,9 +4,9 @@ The engine is examples/numpy-port (a numpy NomicBERT-MoE written from docs/spec.
 and layouts) through its mapping file, three ways in one pipeline run (tiny-nomic-moe, 6 prompts of the
 bundled corpus in 2 shards, two of them truncated to the 512-token max_length):
 
-- ``numpy``: the correct port, its tensors already in a folder per shard (``source:``), as the README does;
+- ``numpy``: the correct port, its tensors already in a folder per shard (``source:``), and
 - ``numpy_eps``: the port with a deliberate bug (emb_ln with LayerNorm eps 1e-12), run by the pipeline
-  (``command:``);
+  (``command:``), both exactly as the README's walk-through configures them (its YAML block is read here);
 - ``refdump``: the reference's own activations, dumped by canonical node name, imported without a mapping.
 
 Asserted: the correct port passes ``actdiff check`` with every node within budget (attn.q_rot / attn.k_rot on
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,7 @@ MODEL = "tiny-nomic-moe"
 PORT = "examples/numpy-port/nomic_numpy.py"
 MAPPING = "examples/numpy-port/mapping.yaml"
 PROMPTS = ("long-0001", "long-0005", "en-0001", "en-cactus", "en-0005", "query-0003")
-ROPE = re.compile(r"attn\.(q|k)_rot$")
+ROPE = re.compile(r"attn\.(?:q|k)_rot$")
 
 
 def _prompt_sheet(dst) -> None:
@@ -43,19 +44,26 @@ def _prompt_sheet(dst) -> None:
     dst.write_text("\n".join([lines[0], *keep]) + "\n", encoding="utf-8")
 
 
+def readme_engines() -> list[dict]:
+    """The engines block of the README's walk-through ("Diffing another engine"), as the user copies it."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- walkthrough-engines:", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    return yaml.safe_load(block)["engines"]
+
+
 def _config(tmp) -> dict:
+    engines = readme_engines()
+    for e in engines:  # the README's relative dump folder, under this test's folder
+        if "source" in e:
+            e["source"] = str(tmp / e["source"])
+    assert [e["name"] for e in engines] == ["numpy", "numpy_eps"] and "command" in engines[1]
     return {
         "prompts": str(tmp / "prompts.tsv"),
         "results": str(tmp / "results"),
         "shards": 2,
         "models": {MODEL: {"source": {"generate": MODEL, "seed": 0}, "max_length": 512}},
         "reference": {"impl": "actdiff", "threads": 1},
-        "engines": [
-            {"name": "numpy", "kind": "import", "mapping": MAPPING, "source": str(tmp / "dumps/numpy/shard-{shard}")},
-            {"name": "numpy_eps", "kind": "import", "mapping": MAPPING,
-             "command": "{python} " + PORT + " --bug emb_ln_eps --model-dir {model_dir} --tokens {tokens} --out {out}"},
-            {"name": "refdump", "kind": "import", "source": str(tmp / "dumps/refdump/shard-{shard}")},
-        ],  # fmt: skip
+        "engines": [*engines, {"name": "refdump", "kind": "import", "source": str(tmp / "refdump/shard-{shard}")}],
         "stats": {"search_seconds": 0},  # the catalogue names the bug; no open-ended search needed
         "keep_activations": False,
     }
@@ -91,9 +99,9 @@ def run(tmp_path_factory):
     assert p.returncode == 0, p.stderr[-3000:]
     for s, t in enumerate(tokens):  # "my engine's tensors in a folder": the port run outside the pipeline
         q = run_cmd([sys.executable, PORT, "--model-dir", str(REPO / "resources/models" / MODEL), "--tokens", t,
-                     "--out", str(tmp / f"dumps/numpy/shard-{s}")])  # fmt: skip
+                     "--out", str(tmp / f"my-dumps/shard-{s}")])  # fmt: skip
         assert q.returncode == 0, q.stderr[-3000:]
-        _reference_as_engine(L, s, tmp / f"dumps/refdump/shard-{s}")
+        _reference_as_engine(L, s, tmp / f"refdump/shard-{s}")
     p = snakemake("--cores", "2", "--configfile", str(cfg))  # default target all
     assert p.returncode == 0, p.stderr[-5000:]
     return tmp, L, cfg, p.stdout + p.stderr
@@ -163,7 +171,7 @@ def test_check_gates_each_engine(run):
 def test_reports_show_engine_mapping_and_source(run):
     tmp, L, _, _ = run
     html = open(L.report(MODEL, "numpy", "fp32"), encoding="utf-8").read()
-    assert "numpy" in html and "examples/numpy-port/mapping.yaml" in html and str(tmp / "dumps/numpy") in html
+    assert "numpy" in html and "examples/numpy-port/mapping.yaml" in html and str(tmp / "my-dumps") in html
     html = open(L.report(MODEL, "numpy_eps", "fp32"), encoding="utf-8").read()
     assert "numpy_eps" in html and "--bug emb_ln_eps" in html and "mapping.yaml" in html
     index = open(L.index(), encoding="utf-8").read()
@@ -174,4 +182,4 @@ def test_reports_show_engine_mapping_and_source(run):
 def test_one_reference_dump_per_shard_for_every_engine(run):
     _, L, _, log = run
     assert len(re.findall(r"^rule dump_reference:", log, re.M)) == 2  # 2 shards, 3 engines
-    assert not list((L.results and __import__("pathlib").Path(L.results)).rglob("*.h5"))  # temp(): all deleted
+    assert not list(Path(L.results).rglob("*.h5"))  # temp(): every dump deleted once its consumers ran

@@ -606,7 +606,7 @@ def imported_rows(records: list[dict]) -> list[tuple[str, str]]:
     n_matched, n_missing = len(a.get("matched", {})), len(r.get("missing_nodes", []))
     sha = f" (sha256 {r['mapping_sha256'][:16]})" if r.get("mapping_sha256") else ""
     rows = [
-        ("engine", f"{spec.get('name', '?')} (kind {spec.get('kind', 'import')}; mapping says: {r.get('engine')})"),
+        ("engine", f"{spec.get('name', '?')} (kind {spec.get('kind', 'import')})" + (f": {r['engine']}" * bool(r.get("engine")))),
         ("mapping file", f"{r.get('mapping') or 'none: tensors named by canonical node'}{sha}"),
     ]
     if spec.get("command"):
