@@ -135,7 +135,7 @@ class NumpyNomicMoe:
 
     def forward(self, ids: list[int]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        x = (self.w["embeddings.word_embeddings.weight"][ids] + self.w["embeddings.token_type_embeddings.weight"][0])
+        x = self.w["embeddings.word_embeddings.weight"][ids] + self.w["embeddings.token_type_embeddings.weight"][0]
         out["tok_embd"] = x.astype(F32)
         eps = 1e-12 if self.bug == "emb_ln_eps" else self.eps
         x = self.layer_norm(out["tok_embd"], self.w["emb_ln.weight"], self.w["emb_ln.bias"], eps)

@@ -605,8 +605,9 @@ def imported_rows(records: list[dict]) -> list[tuple[str, str]]:
     a = r.get("alignment", {})
     n_matched, n_missing = len(a.get("matched", {})), len(r.get("missing_nodes", []))
     sha = f" (sha256 {r['mapping_sha256'][:16]})" if r.get("mapping_sha256") else ""
+    says = f": {r['engine']}" if r.get("engine") else ""  # the mapping file's own engine description
     rows = [
-        ("engine", f"{spec.get('name', '?')} (kind {spec.get('kind', 'import')})" + (f": {r['engine']}" * bool(r.get("engine")))),
+        ("engine", f"{spec.get('name', '?')} (kind {spec.get('kind', 'import')})" + says),
         ("mapping file", f"{r.get('mapping') or 'none: tensors named by canonical node'}{sha}"),
     ]
     if spec.get("command"):
