@@ -267,7 +267,7 @@ def test_missing_prompt_and_bad_tokens(setup, tmp_path):
     s = setup
     tok = tmp_path / "t.parquet"
     pq.write_table(pa.table({"prompt_id": ["alpha", "zeta"], "reference_ids": [[1] * 6, [1, 2]]}), tok)
-    with pytest.raises(DumpError, match=r"prompt 'zeta'.*zeta\.safetensors"):
+    with pytest.raises(DumpError, match=r"no dump for 1 prompt\(s\) of .*t\.parquet: 'zeta'.*zeta\.safetensors"):
         import_dump(s["src"], s["mapping"], s["model_dir"], tok, tmp_path / "x.h5")
     pq.write_table(pa.table({"prompt_id": ["alpha"]}), tok)
     with pytest.raises(DumpError, match="reference_ids"):
@@ -358,3 +358,83 @@ def test_explicit_key_overrides_layer_template(setup, tmp_path):
     assert m.spec_for("encoder.layers.1.norm1").external_names == ["blk.1.n1"]
     assert m.spec_for("emb_ln").external_names == ["emb_ln"]  # identity fallback
     assert Mapping.identity(s["graph"]).resolve(["emb_ln"]).matched.keys() == {"emb_ln"}
+
+
+# ------------------------------------------------------------------------- shards, prompts, names
+def test_every_tokens_shard_in_one_call(setup, tmp_path):
+    """--tokens a folder: one dump per shard under the Layout, the shard number taken from the file name."""
+    s = setup
+    toks = tmp_path / "results/tiny-nomic-moe/tokens"
+    toks.mkdir(parents=True)
+    table = pq.read_table(s["tokens"])
+    pq.write_table(table.slice(0, 2), toks / "shard-0.parquet")
+    pq.write_table(table.slice(2), toks / "shard-3.parquet")
+    argv = [str(s["src"]), "--mapping", str(s["mapping"]), "--model-dir", str(s["model_dir"]), "--tokens", str(toks),
+            "--side", "mine"]  # fmt: skip
+    assert main(argv) == 0
+    for shard, n in ((0, 2), (3, len(PROMPTS) - 2)):
+        out = tmp_path / f"results/tiny-nomic-moe/mine/fp32/activations/shard-{shard}.h5"
+        with h5py.File(out) as f:
+            assert int(f.attrs["shard"]) == shard and len(f["prompt_ids"]) == n
+
+
+def test_out_naming_another_shard_is_refused(setup, tmp_path):
+    s = setup
+    tok = tmp_path / "shard-1.parquet"
+    pq.write_table(pq.read_table(s["tokens"]), tok)
+    with pytest.raises(DumpError, match=r"names shard 2 but the tokens file .*shard-1\.parquet is shard 1"):
+        import_dump(s["src"], s["mapping"], s["model_dir"], tok, tmp_path / "x/shard-2.h5")
+
+
+def test_folder_of_one_shard_must_hold_exactly_its_prompts(setup, tmp_path):
+    s = setup
+    tok = tmp_path / "t.parquet"
+    pq.write_table(pq.read_table(s["tokens"]).slice(0, 2), tok)
+    with pytest.raises(DumpError, match=r"2 prompt\(s\) not in .*t\.parquet: 'c\.3', 'd_4'"):
+        import_dump(s["src"], s["mapping"], s["model_dir"], tok, tmp_path / "o.h5", exact_prompts=True)
+
+
+def test_token_count_mismatch_names_prompt_and_tokens_file(setup, tmp_path):
+    s = setup
+    tok = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"prompt_id": ["alpha"], "reference_ids": [[1] * (PROMPTS["alpha"] + 1)]}), tok)
+    with pytest.raises(DumpError, match=r"prompt 'alpha'.*t\.parquet gives this prompt T=7 tokens"):
+        import_dump(s["src"], s["mapping"], s["model_dir"], tok, tmp_path / "o.h5")
+
+
+def test_did_you_mean_for_tensor_and_node_names(setup, tmp_path):
+    s = setup
+    m = edited_mapping(tmp_path, replace={"encoder.layers.{i}.norm1": "blk.{i}.attn_out_nrom"})
+    with pytest.raises(DumpError, match=r"blk\.0\.attn_out_nrom \(did you mean 'blk\.0\.attn_out_norm'\?\)"):
+        import_dump(s["src"], m, s["model_dir"], s["tokens"], tmp_path / "o.h5")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes:\n  encoder.layers.{i}.attn.q_rto: blk.{i}.q_rope\n")
+    with pytest.raises(MappingError, match=r"did you mean 'encoder\.layers\.\{i\}\.attn\.q_rot'\?"):
+        load_mapping(bad, s["graph"])
+
+
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        ({"name": "actdiff", "kind": "import", "source": "d"}, r"engines\.0\.name"),
+        ({"name": "x", "kind": "import"}, r"exactly one of 'source'"),
+        ({"name": "x", "kind": "import", "command": "run {tokens}"}, r"must use \{tokens\} and \{out\}"),
+        ({"name": "x", "kind": "import", "source": "d/{shrad}"}, r"unknown placeholder\(s\) \{shrad\}"),
+        ({"name": "x", "kind": "import", "source": "d", "mapping": "nope.yaml"}, r"mapping file nope\.yaml not found"),
+        ("onnx", r"unknown engine 'onnx'"),
+    ],
+)
+def test_engine_entries_errors_name_the_key(entry, match):
+    from actdiff.errors import ConfigError
+    from actdiff.sides.configured import engine_specs
+
+    with pytest.raises(ConfigError, match=match):
+        engine_specs([entry])
+
+
+def test_engine_entries():
+    from actdiff.sides.configured import engine_specs
+
+    specs = engine_specs(["actdiff", {"name": "mine", "kind": "import", "source": "d/shard-{shard}"}])
+    assert [(s.name, s.kind) for s in specs.values()] == [("actdiff", "actdiff"), ("mine", "import")]
+    assert specs["mine"].variants == ("fp32",) and str(specs["mine"].source_dir("m", 3, "fp32")) == "d/shard-3"

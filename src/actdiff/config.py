@@ -80,12 +80,15 @@ def validate_config(config: dict, schema_path: str | Path | None = None, source:
                     lookup_fault(parsed.fault, parsed.fault_param)
             except ConfigError as e:
                 raise ConfigError(f"config key '{key}.{i}': {e}") from None
+    from .sides.configured import engine_specs
+
+    names = list(engine_specs(config.get("engines", [])))
     for m, c in config.get("models", {}).items():
         for i, e in enumerate(c.get("engines", [])):
-            if e not in config.get("engines", []):
+            if e not in names:
                 raise ConfigError(
                     f"config key 'models.{m}.engines.{i}': engine {e!r} is not in the top-level 'engines' list "
-                    f"{config.get('engines')}; a model can only narrow that list"
+                    f"{names}; a model can only narrow that list"
                 )
     return config
 

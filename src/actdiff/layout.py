@@ -52,6 +52,10 @@ class Layout:
         """A side's own build product for a variant (llama.cpp's GGUF)."""
         return f"{self.run_dir(model, side, variant)}/{name}"
 
+    def import_record(self, model, side, variant, shard) -> str:
+        """What an imported side's shard came from: engine, mapping, source or command, alignment (JSON)."""
+        return f"{self.run_dir(model, side, variant)}/import/shard-{shard}.json"
+
     def stats(self, model, side, variant, shard, table: str) -> str:
         _known(table, SHARD_TABLES)
         return f"{self.run_dir(model, side, variant)}/stats/shard-{shard}/{table}.parquet"
@@ -90,6 +94,14 @@ class Layout:
         """The layout an index page belongs to (the inverse of :meth:`index`)."""
         return cls(str(Path(path).parent.parent))
 
+    @classmethod
+    def of_tokens(cls, path) -> tuple[Layout, str] | None:
+        """(layout, model) of a tokens shard path (the inverse of :meth:`tokens`), or None for another path."""
+        p = Path(path)
+        if p.parent.name != "tokens" or not re.fullmatch(r"shard-\d+\.parquet", p.name):
+            return None
+        return cls(str(p.parent.parent.parent)), p.parent.parent.name
+
     def runs_with_verdicts(self) -> list[tuple[str, str, str]]:
         """(model, side, variant) of every run under the results folder that has a verdict."""
         root = Path(self.results)
@@ -112,6 +124,7 @@ class Layout:
             (self.tokens("{model}", "{shard}"), "token ids, reference and engine tokenizers"),
             (self.activations(*w, "{shard}"), "per-node dumps (docs/formats.md)"),
             (self.artifact(*w, "model.gguf"), "llama.cpp's GGUF of the variant"),
+            (self.import_record(*w, "{shard}"), "an imported engine's provenance and alignment"),
             (self.stats(*w, "{shard}", "{table}"), "shard tables (actdiff.tables)"),
             (self.summary(*w, "{table}"), "summary tables (actdiff.tables)"),
             (self.summary_json(*w, "{name}"), "verdict, embeddings, tokenization, config_parity"),

@@ -112,6 +112,45 @@ def dump(
         s.close()
 
 
+def dump_import(
+    model_json: str, tokens: str, out: str, record_json: str, engine: dict, variant: str, shard: int,
+    compression: str = "none",
+) -> None:  # fmt: skip
+    """An outside engine (config kind ``import``, actdiff.sides.configured) over one shard: run its command
+    into a scratch folder, or read its source folder, and import the per-prompt dumps through its mapping."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from .errors import DumpError
+    from .sides.configured import EngineSpec
+    from .sides.imported import import_dump
+
+    spec = EngineSpec(**{**engine, "variants": tuple(engine.get("variants") or ())})
+    record = ModelRecord.load(model_json)
+    common = dict(mapping_path=spec.mapping, model_dir=record.dir, tokens_parquet=tokens, out_h5=out, side=spec.name,
+                  variant=variant, shard=shard, allow_missing=spec.allow_missing, report_json=record_json,
+                  model_name=record.name, engine=spec.as_dict(), compression=compression)  # fmt: skip
+    if spec.source is not None:
+        import_dump(spec.source_dir(record.name, shard, variant), **common)
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-shard-{shard}-", dir=Path(out).parent))
+    try:
+        cmd = spec.command_line(record.dir, tokens, scratch, record.name, shard, variant)
+        log.info("running %s", cmd)
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        log.info("engine %s: exit %d in %.1f s\n%s%s", spec.name, p.returncode, dt, p.stdout, p.stderr)
+        if p.returncode != 0:
+            raise DumpError(f"engine {spec.name}: command failed (exit {p.returncode}): {cmd}\n{p.stderr[-2000:]}")
+        import_dump(scratch, exact_prompts=True, **common)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def compute_stats(
     model_json: str,
     ref_h5: str,

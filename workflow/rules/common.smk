@@ -10,6 +10,7 @@ from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
 from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
 from actdiff.prompts import n_shards_for
+from actdiff.sides.configured import IMPORT, engine_specs
 from actdiff.report.render import REPORTS_DIR
 from actdiff.variants import VARIANT_RE
 
@@ -21,7 +22,8 @@ except ConfigError as e:  # a clear message naming the key, not a traceback
 
 R = config["results"]  # every output lives under this directory
 L = Layout(R)  # every path of a run (actdiff.layout): rules ask it, never spell a path
-ENGINES = list(config["engines"])
+ENGINE_SPECS = engine_specs(config["engines"])  # name -> EngineSpec (actdiff.sides.configured): rules use its kind
+ENGINES = list(ENGINE_SPECS)
 if "llamacpp" in ENGINES:
     from actdiff.llamacpp import available
 
@@ -31,6 +33,8 @@ if "llamacpp" in ENGINES:
             sys.exit(f"actdiff: the llamacpp engine is required (llamacpp.required) but unavailable: {LLAMACPP_WHY}")
         print(f"actdiff: NOTE: the llamacpp engine is skipped: {LLAMACPP_WHY}", file=sys.stderr)
         ENGINES.remove("llamacpp")
+IMPORTED = [n for n, s in ENGINE_SPECS.items() if s.kind == IMPORT]  # outside engines, dumped by rule dump_import
+IMPORTED_RE = "|".join(IMPORTED) or "(?!x)x"  # that rule's {side}; matches nothing when there are none
 MODELS = list(config["models"])
 try:
     N_SHARDS = n_shards_for(config["prompts"], config["shard_size"]) if "shard_size" in config else config["shards"]
@@ -81,11 +85,15 @@ def variants_of(model):
 def engines_of(model):
     """The engines a model is compared on: its own list if it has one, else every configured engine;
     llamacpp only when llama-cpp-python is installed."""
-    return [e for e in config["models"][model].get("engines", config["engines"]) if e in ENGINES]
+    return [e for e in config["models"][model].get("engines", ENGINES) if e in ENGINES]
 
 
 def engine_variants(model, engine):
-    return variants_of(model) if engine == "actdiff" else config["llamacpp"]["variants"]
+    """An engine's variants by its kind: the model's (actdiff), llamacpp.variants, or the import entry's."""
+    kind = ENGINE_SPECS[engine].kind
+    if kind == "actdiff":
+        return variants_of(model)
+    return config["llamacpp"]["variants"] if kind == "llamacpp" else list(ENGINE_SPECS[engine].variants)
 
 
 def runs():
@@ -96,11 +104,28 @@ def runs():
 def parity_files(wildcards):
     """Weight and config parity of a run: both for our engine, config parity for llama.cpp."""
     run = (wildcards.model, wildcards.side, wildcards.variant)
-    if wildcards.side == "actdiff":
+    kind = ENGINE_SPECS[wildcards.side].kind if wildcards.side in ENGINE_SPECS else None
+    if kind == "actdiff":
         return [L.summary(*run, "weights"), L.summary_json(*run, "config_parity")]
-    if wildcards.side == "llamacpp":
+    if kind == "llamacpp":
         return [L.summary_json(*run, "config_parity")]
     return []
+
+
+def import_inputs(wildcards):
+    """Inputs of dump_import besides the tokens: the engine's mapping file and, for a source, its folder."""
+    spec = ENGINE_SPECS[wildcards.side]
+    out = {"mapping": spec.mapping} if spec.mapping else {}
+    if spec.source is not None:
+        out["source"] = str(spec.source_dir(wildcards.model, wildcards.shard, wildcards.variant))
+    return out
+
+
+def side_records(wildcards):
+    """What a report shows about where a side's dumps came from: an imported engine's per-shard records."""
+    if wildcards.side not in IMPORTED:
+        return []
+    return [L.import_record(wildcards.model, wildcards.side, wildcards.variant, s) for s in SHARDS]
 
 
 def stats_tables(wildcards):

@@ -6,6 +6,7 @@ rule render_report:
         model=L.model_json("{model}"),
         summaries=lambda wc: list(summary_outputs(wc.model, wc.side, wc.variant).values()),
         parity=parity_files,
+        records=side_records,
     output:
         html=L.report("{model}", "{side}", "{variant}"),
     params:

@@ -27,6 +27,7 @@ class Run:
     embeddings_summary: dict
     config_parity: dict | None
     tokenization: dict
+    imported: list[dict] = field(default_factory=list)  # an imported engine's per-shard records (Layout.import_record)
     summary: dict[str, pd.DataFrame] = field(default_factory=dict)  # SUMMARY_TABLES by name
 
     @property
@@ -64,6 +65,8 @@ def load_run(results: str | Path, model: str, side: str, variant: str) -> Run:
         config_parity=_read_json(Path(L.summary_json(*run_id, "config_parity")), required=False),
         tokenization=_read_json(Path(L.summary_json(*run_id, "tokenization")), required=False) or {},
     )
+    run.imported = [json.loads(p.read_text()) for p in sorted(Path(L.results).glob(
+        L.import_record(*run_id, "*")[len(L.results) + 1 :]))]  # fmt: skip
     for t in SUMMARY_TABLES:
         p = Path(L.summary(*run_id, t))
         if p.is_file():

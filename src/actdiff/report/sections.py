@@ -601,6 +601,28 @@ def _cpu_flags(flags: dict) -> str:
 REPORT_LIBRARIES = ("actdiff", "numpy", "pandas", "pyarrow", "torch", "matplotlib", "jupytext", "nbclient")
 
 
+def imported_rows(records: list[dict]) -> list[tuple[str, str]]:
+    """Provenance of an imported engine (its config entry, mapping file, source folder or command, alignment)."""
+    if not records:
+        return []
+    r, spec = records[0], records[0].get("engine_spec", {})
+    a = r.get("alignment", {})
+    n_matched, n_missing = len(a.get("matched", {})), len(r.get("missing_nodes", []))
+    sha = f" (sha256 {r['mapping_sha256'][:16]})" if r.get("mapping_sha256") else ""
+    says = f": {r['engine']}" if r.get("engine") else ""  # the mapping file's own engine description
+    rows = [
+        ("engine", f"{spec.get('name', '?')} (kind {spec.get('kind', 'import')})" + says),
+        ("mapping file", f"{r.get('mapping') or 'none: tensors named by canonical node'}{sha}"),
+    ]
+    if spec.get("command"):
+        rows.append(("engine command", spec["command"]))
+    rows.append(("source", "; ".join(x.get("source_dir", "?") for x in records) if spec.get("source") or not
+                 spec.get("command") else "a scratch folder per shard, deleted after the import"))  # fmt: skip
+    rows.append(("alignment", f"{n_matched} canonical nodes matched, {n_missing} missing (NaN), "
+                              f"{len(a.get('unused_external', []))} engine tensors unused"))  # fmt: skip
+    return rows
+
+
 def provenance_md(run: Run) -> str:
     """Where the numbers come from (actdiff.sysinfo collects it for dumps, reports and benchmarks alike)."""
     m, rt = run.model_info, sysinfo.runtime()
@@ -610,6 +632,7 @@ def provenance_md(run: Run) -> str:
         ("model directory", m.get("dir")),
         ("weights sha256", m.get("weights_sha256")),
         ("side / variant", f"{run.side} / {run.variant}"),
+        *imported_rows(run.imported),
         ("results", str(run.run_dir)),
         ("git commit", sysinfo.git_commit()),
         ("python", rt["python"]),

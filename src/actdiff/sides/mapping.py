@@ -96,6 +96,14 @@ class MappingError(ConfigError):
     """A mapping file is malformed (the message names the file and key)."""
 
 
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate (difflib), or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 # --------------------------------------------------------------------------------------------- normalize
 def _regroupable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     """True when ``a`` and ``b`` cut the same row-major block into runs, each run being ONE axis on at
@@ -313,6 +321,7 @@ class Alignment:
     unmatched_canonical: list[str]
     unused_external: list[str]
     missing_sources: dict[str, list[str]] = field(default_factory=dict)
+    suggestions: dict[str, str] = field(default_factory=dict)  # absent tensor -> " (did you mean 'x'?)"
 
     def to_dict(self) -> dict:
         return {
@@ -320,6 +329,7 @@ class Alignment:
             "unmatched_canonical": list(self.unmatched_canonical),
             "missing_sources": dict(self.missing_sources),
             "unused_external": list(self.unused_external),
+            "suggestions": dict(self.suggestions),
         }
 
     def summary(self, limit: int = 50) -> str:
@@ -341,8 +351,9 @@ def alignment_summary(d: dict, limit: int = 50) -> str:
         f"matched {len(d['matched'])}/{total} canonical nodes",
         f"unmatched canonical nodes ({len(unmatched)}): {_list(unmatched)}",
     ]
+    hints = d.get("suggestions", {})
     for n, miss in d.get("missing_sources", {}).items():
-        lines.append(f"  {n}: mapped, but external tensor(s) absent: {', '.join(miss)}")
+        lines.append(f"  {n}: mapped, but external tensor(s) absent: {', '.join(m + hints.get(m, '') for m in miss)}")
     lines.append(f"unused external tensors ({len(d['unused_external'])}): {_list(d['unused_external'])}")
     return "\n".join(lines)
 
@@ -393,7 +404,8 @@ class Mapping:
             else:
                 matched[n.name] = spec
         used = {s for spec in matched.values() for s in spec.external_names}
-        return Alignment(matched, unmatched, sorted(avail - used), missing)
+        close = {a: did_you_mean(a, avail) for absent in missing.values() for a in absent}
+        return Alignment(matched, unmatched, sorted(avail - used), missing, {a: h for a, h in close.items() if h})
 
     def apply(
         self, external: AbcMapping[str, np.ndarray], tokens: int, nodes: Iterable[str] | None = None
@@ -619,7 +631,10 @@ def load_mapping(path: str | Path, graph: Graph) -> Mapping:
             target[name] = spec
         if not hits:
             hint = f" for any layer 0..{graph.dims.layers - 1}" if is_tpl else ""
-            raise err(f"{where}: {key!r} names no node of the graph{hint} (see `actdiff nodes MODEL_DIR`)")
+            names = [n.name for n in graph]
+            guess = did_you_mean(key.replace(LAYER, "0"), names)
+            guess = guess.replace("encoder.layers.0.", f"encoder.layers.{LAYER}.") if is_tpl else guess
+            raise err(f"{where}: {key!r} names no node of the graph{hint}{guess} (see `actdiff nodes MODEL_DIR`)")
     specs = {
         n.name: explicit.get(n.name) or templated[n.name] for n in graph if n.name in explicit or n.name in templated
     }
