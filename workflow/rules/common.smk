@@ -10,7 +10,7 @@ from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
 from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
 from actdiff.prompts import n_shards_for
-from actdiff.sides.configured import IMPORT, engine_specs
+from actdiff.sides.configured import IMPORT, configured_runs, engine_specs, usable_engines
 from actdiff.report.render import REPORTS_DIR
 from actdiff.variants import VARIANT_RE
 
@@ -22,17 +22,14 @@ except ConfigError as e:  # a clear message naming the key, not a traceback
 
 R = config["results"]  # every output lives under this directory
 L = Layout(R)  # every path of a run (actdiff.layout): rules ask it, never spell a path
-ENGINE_SPECS = engine_specs(config["engines"])  # name -> EngineSpec (actdiff.sides.configured): rules use its kind
-ENGINES = list(ENGINE_SPECS)
-if "llamacpp" in ENGINES:
-    from actdiff.llamacpp import available
-
-    LLAMACPP_OK, LLAMACPP_WHY = available()
-    if not LLAMACPP_OK:
-        if config["llamacpp"]["required"]:
-            sys.exit(f"actdiff: the llamacpp engine is required (llamacpp.required) but unavailable: {LLAMACPP_WHY}")
-        print(f"actdiff: NOTE: the llamacpp engine is skipped: {LLAMACPP_WHY}", file=sys.stderr)
-        ENGINES.remove("llamacpp")
+try:
+    ENGINE_SPECS = engine_specs(config["engines"])  # name -> EngineSpec (actdiff.sides.configured): rules use its kind
+    USABLE_ENGINES, SKIPPED_WHY = usable_engines(config, ENGINE_SPECS)
+except ConfigError as e:
+    sys.exit(f"actdiff: {e}")
+if SKIPPED_WHY:
+    print(f"actdiff: NOTE: the llamacpp engine is skipped: {SKIPPED_WHY}", file=sys.stderr)
+ENGINES = list(USABLE_ENGINES)
 IMPORTED = [n for n, s in ENGINE_SPECS.items() if s.kind == IMPORT]  # outside engines, dumped by rule dump_import
 IMPORTED_RE = "|".join(IMPORTED) or "(?!x)x"  # that rule's {side}; matches nothing when there are none
 MODELS = list(config["models"])
@@ -77,28 +74,10 @@ def reference_mem_mb(wildcards):
         return 2000
 
 
-def variants_of(model):
-    """The model's own variant list if it has one, else the global one."""
-    return config["models"][model].get("variants", config["variants"])
-
-
-def engines_of(model):
-    """The engines a model is compared on: its own list if it has one, else every configured engine;
-    llamacpp only when llama-cpp-python is installed."""
-    return [e for e in config["models"][model].get("engines", ENGINES) if e in ENGINES]
-
-
-def engine_variants(model, engine):
-    """An engine's variants by its kind: the model's (actdiff), llamacpp.variants, or the import entry's."""
-    kind = ENGINE_SPECS[engine].kind
-    if kind == "actdiff":
-        return variants_of(model)
-    return config["llamacpp"]["variants"] if kind == "llamacpp" else list(ENGINE_SPECS[engine].variants)
-
-
 def runs():
-    """Every (model, side, variant) compared with the reference; each gets a report."""
-    return [(m, e, v) for m in MODELS for e in engines_of(m) for v in engine_variants(m, e)]
+    """Every (model, side, variant) compared with the reference; each gets a report (one list, also
+    `actdiff check`'s: actdiff.sides.configured.configured_runs)."""
+    return configured_runs(config, USABLE_ENGINES)
 
 
 def parity_files(wildcards):

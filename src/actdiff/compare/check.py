@@ -45,25 +45,16 @@ def started_runs(results: Path) -> list[tuple[str, str, str]]:
 
 
 def config_runs(configfile: str) -> list[tuple[str, str, str]]:
-    """The runs a workflow config asks for: models x their engines x the engines' variants, as
-    workflow/rules/common.smk's runs() builds them (llama.cpp only where it is available or required)."""
+    """The runs a workflow config asks for, as the workflow's targets list them (llama.cpp only where it is
+    available or required)."""
     import yaml
 
     from ..config import validate_config
+    from ..sides.configured import configured_runs, engine_specs, usable_engines
 
     cfg = validate_config(yaml.safe_load(Path(configfile).read_text(encoding="utf-8")) or {}, source=configfile)
-    engines = list(cfg["engines"])
-    if "llamacpp" in engines and not cfg["llamacpp"]["required"]:
-        from ..llamacpp import available
-
-        if not available()[0]:
-            engines.remove("llamacpp")
-    out = []
-    for m, mc in cfg["models"].items():
-        for e in [e for e in mc.get("engines", cfg["engines"]) if e in engines]:
-            variants = mc.get("variants", cfg["variants"]) if e == "actdiff" else cfg["llamacpp"]["variants"]
-            out += [(m, e, str(v)) for v in variants]
-    return out
+    engines, _skipped = usable_engines(cfg, engine_specs(cfg["engines"]))
+    return configured_runs(cfg, engines)
 
 
 def missing_runs(results: Path, pattern: str, configfile: str | None) -> list[tuple[tuple[str, str, str], str]]:

@@ -95,11 +95,11 @@ def _nodes(run: Run) -> pd.DataFrame:
 
 
 def failing(run: Run) -> bool:
-    return run.verdict.get("status") in ("fail", "deviates")
+    return run.verdict.get("status") in ("fail", "deviates", "nonfinite")
 
 
 # ----------------------------------------------------------------------------------------------- verdict
-_CALLOUT = {"fail": "important", "deviates": "warning"}
+_CALLOUT = {"fail": "important", "nonfinite": "important", "deviates": "warning"}
 
 
 def verdict_md(run: Run) -> str:

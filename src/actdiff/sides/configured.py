@@ -112,3 +112,37 @@ def engine_specs(entries: list) -> dict[str, EngineSpec]:
             raise ConfigError(f"config key '{where}': engine {spec.name!r} is listed twice")
         out[spec.name] = spec
     return out
+
+
+def usable_engines(cfg: dict, specs: dict[str, EngineSpec]) -> tuple[dict[str, EngineSpec], str | None]:
+    """(the engines that can run here, why llamacpp was skipped or None): llamacpp only when llama-cpp-python
+    is installed; a ConfigError when it is required (``llamacpp.required``) and missing."""
+    if "llamacpp" not in specs:
+        return dict(specs), None
+    from ..llamacpp import available
+
+    ok, why = available()
+    if ok:
+        return dict(specs), None
+    if cfg["llamacpp"]["required"]:
+        raise ConfigError(f"the llamacpp engine is required (llamacpp.required) but unavailable: {why}")
+    return {n: s for n, s in specs.items() if n != "llamacpp"}, why
+
+
+def engine_variants(cfg: dict, model: str, spec: EngineSpec) -> list[str]:
+    """An engine's variants by its kind: the model's own list or the global one (actdiff), llamacpp.variants,
+    or the import entry's."""
+    if spec.kind == "actdiff":
+        return [str(v) for v in cfg["models"][model].get("variants", cfg["variants"])]
+    return [str(v) for v in (cfg["llamacpp"]["variants"] if spec.kind == "llamacpp" else spec.variants)]
+
+
+def configured_runs(cfg: dict, engines: dict[str, EngineSpec]) -> list[tuple[str, str, str]]:
+    """Every (model, side, variant) a validated config compares with the reference, each engine's from the
+    ``engines`` it can run (:func:`usable_engines`): the one list the workflow's targets and ``actdiff check``
+    both use."""
+    out = []
+    for m, mc in cfg["models"].items():
+        for e in [e for e in mc.get("engines", list(engines)) if e in engines]:
+            out += [(m, e, v) for v in engine_variants(cfg, m, engines[e])]
+    return out
