@@ -245,6 +245,6 @@ def test_an_unexplained_search_row_carries_no_candidate_sentence(tmp_path):
     assert SHARD_TABLES["search"].schema is not None
     s = search_summary([str(p)])
     assert s["says"].tolist() == [""] and s["error"].tolist() == [1e-3]
-    run = Run(tmp_path, "m", "s", "fp32", {}, {}, {}, None, {}, {"search": s})
+    run = Run(tmp_path, "m", "s", "fp32", {}, {}, {}, None, {}, summary={"search": s})
     md = _search_md(run)
     assert "nothing explains" in md and "repeated multiplication" not in md
