@@ -574,18 +574,24 @@ def _embedding_accumulate(acc: dict, prompts: pd.DataFrame) -> None:
         return
     cos = e["value"].to_numpy(np.float64)
     acc["n"] += len(e)
-    acc["min"] = min(acc["min"], float(np.nanmin(cos)))
-    h = np.histogram(1 - np.clip(cos, -1, 1), COSINE_EDGES)[0]
+    finite = np.isfinite(cos)  # NaN: an embedding holds NaN/Inf, counted apart and ranked worst
+    acc["nonfinite"] = acc.get("nonfinite", 0) + int((~finite).sum())
+    if finite.any():
+        acc["min"] = min(acc["min"], float(cos[finite].min()))
+    h = np.histogram(1 - np.clip(cos[finite], -1, 1), COSINE_EDGES)[0]
     acc["hist"] = h if acc["hist"] is None else acc["hist"] + h
-    acc["worst"] = sorted([*acc["worst"], *zip(cos.tolist(), e["prompt_id"], strict=True)])[:5]
+    ranked = np.where(finite, cos, -math.inf).tolist()
+    acc["worst"] = sorted([*acc["worst"], *zip(ranked, e["prompt_id"], strict=True)])[:5]
 
 
 def _embedding_summary(paths: list[str], prompts_s: pd.DataFrame, acc: dict, sample_size: int = 2000) -> dict:
     e = prompts_s[prompts_s["kind"] == "embedding"] if len(prompts_s) else pd.DataFrame(columns=["value"])
-    cos = e["value"].to_numpy(np.float64)  # the prompt sample: quantiles
+    cos = e["value"].to_numpy(np.float64)  # the prompt sample: quantiles (of the measurable cosines)
+    cos = cos[np.isfinite(cos)]
     out = {
         "prompts": int(acc["n"]),
-        "cosine_min": acc["min"] if acc["n"] else math.nan,
+        "cosine_min": acc["min"] if acc["n"] and math.isfinite(acc["min"]) else math.nan,
+        "cosine_nonfinite": int(acc.get("nonfinite", 0)),  # prompts whose embeddings hold NaN/Inf
         "cosine_p01": float(np.quantile(cos, 0.01)) if cos.size else math.nan,
         "cosine_median": float(np.median(cos)) if cos.size else math.nan,
         "cosine_hist": acc["hist"].tolist() if acc["hist"] is not None else [],
@@ -641,6 +647,7 @@ def _verdict(
         "explained": False,
         "evidence": [],
         "embedding_cosine_min": emb.get("cosine_min"),
+        "embedding_nonfinite": emb.get("cosine_nonfinite", 0),
         "not_captured_nodes": summary.loc[summary["not_captured"] > 0, "node"].tolist() if len(summary) else [],
         "replay_mismatches": _replay_mismatches(summary),
         "replay": _replay_statement(summary),
@@ -899,6 +906,8 @@ def plain_words(v: dict) -> str:
     )
     cos = v.get("embedding_cosine_min")
     cos_s = f"; minimum embedding cosine {cos:.6f}" if cos is not None and not pd.isna(cos) else ""
+    if v.get("embedding_nonfinite"):
+        cos_s += f"; embedding cosine not measurable on {v['embedding_nonfinite']} input(s) (NaN/Inf embeddings)"
     if not (v.get("replay") or {}).get("available", True):
         tail += f" Replay: {NOT_REPLAYED}."
     nf = (v.get("nonfinite") or {}).get("statement")
