@@ -19,9 +19,19 @@
 # Variants follow the grammar precision[+fault=name[:param]] (actdiff.variants), e.g. fp32, int8,
 # fp32+fault=gelu_tanh (a fault is a catalogue entry of actdiff/data/hypotheses.yaml run on purpose).
 
+import sys
+
+from actdiff.config import read_config_file
+from actdiff.errors import ConfigError
+
+
 # The default config applies only when no --configfile is given, so a user's config replaces it
 # instead of being merged into it (a merge could never remove a default model).
 if not workflow.overwrite_configfiles:
+    try:  # read first: Snakemake's own loader names neither the file nor the line of a YAML error
+        read_config_file("config/config.yaml")
+    except ConfigError as e:
+        sys.exit(f"actdiff: {e}")
 
     configfile: "config/config.yaml"
 

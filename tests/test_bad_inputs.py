@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from helpers import snakemake
+from helpers import BIN, run_cmd, snakemake
 
-from actdiff.config import SCHEMA, validate_config
+from actdiff.config import SCHEMA, read_config_file, validate_config
 from actdiff.errors import ConfigError, PromptError
 from actdiff.prompts import load_prompt_sheet
 from actdiff.variants import parse_variant
@@ -38,6 +38,48 @@ def test_malformed_config_key_via_snakemake(tmp_path):
     assert p.returncode != 0
     assert "config key 'models.tiny-nomic-moe.max_length': 'lots' is not of type 'integer'" in out
     _no_traceback(out)
+
+
+@pytest.mark.parametrize(
+    "text, where, what",
+    [
+        ("prompts: p.tsv\nmodels:\n  m:\n\tsource: {path: /x}\n", "line 4, column 1", "YAML does not allow tabs"),
+        ("prompts: p.tsv\n models: 1\n", "line 2, column 8", "mapping values are not allowed here"),
+        ("prompts: p.tsv\nmodels: {m: {source: 1}\n", "line 3, column 1", "expected ',' or '}'"),
+    ],
+)
+def test_yaml_syntax_error_names_file_and_line(tmp_path, text, where, what):
+    """Snakemake's loader says only "Config file is not valid JSON or YAML": ours names the file and line."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        read_config_file(cfg)
+    assert f"config file {cfg}, {where}: not valid YAML" in str(e.value) and what in str(e.value)
+
+
+def test_actdiff_run_names_the_yaml_error(tmp_path):
+    """`actdiff run` (the documented entry point) checks every --configfile before Snakemake reads it."""
+    cfg = _write(tmp_path, "bad.yaml", "prompts: p.tsv\n models: 1\n")
+    p = run_cmd([str(BIN / "actdiff"), "run", "-n", "--cores", "1", "--configfile", "config/ci.yaml", str(cfg)])
+    out = p.stdout + p.stderr
+    assert p.returncode == 1
+    assert f"actdiff run: config file {cfg}, line 2, column 8: not valid YAML: mapping values are not allowed" in out
+    _no_traceback(out)
+
+
+def test_targets_after_configfile_are_named(tmp_path):
+    """--configfile takes every argument up to the next option, so a target after it would be read as a config
+    file (Snakemake: a FileNotFoundError traceback). `actdiff run` names it and prints the reordered command."""
+    p = run_cmd([str(BIN / "actdiff"), "run", "-n", "--cores", "1", "--configfile", "config/ci.yaml",
+                 "results/ci/reports/index.html", "all"])  # fmt: skip
+    out = p.stdout + p.stderr
+    assert p.returncode == 1
+    assert "'results/ci/reports/index.html', 'all' after --configfile would be read as config file(s)" in out
+    assert "actdiff run -n --cores 1 results/ci/reports/index.html all --configfile config/ci.yaml" in out
+    _no_traceback(out)
+    # the reordered command is accepted, and reaches Snakemake (a dry run of the named targets)
+    p = run_cmd([str(BIN / "actdiff"), "run", "-n", "--cores", "1", "split_prompts", "--configfile", "config/ci.yaml"])
+    assert p.returncode == 0, p.stdout + p.stderr
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ def _tiny_config(tmp_path, model_source: str, shards: int = 2) -> str:
     sheet = tmp_path / "p.tsv"
     sheet.write_text(TWO_PROMPTS, encoding="utf-8")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(textwrap.dedent(f"""\
+    cfg.write_text(
+        textwrap.dedent(f"""\
         prompts: {sheet}
         results: {tmp_path}/r
         shards: {shards}
@@ -30,7 +31,9 @@ def _tiny_config(tmp_path, model_source: str, shards: int = 2) -> str:
           tiny:
             source: {model_source}
             max_length: 64
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     return str(cfg)
 
 
