@@ -5,7 +5,8 @@
 # "llamacpp" or an imported engine's; the reference always runs at variant fp32; tables: actdiff.tables.
 #   resources/models/{model}/                                               generated models (config.json, weights, tokenizer.json)
 #   results/prompts/shard-{shard}.parquet                                   prompt sheet split by stable hash of prompt_id
-#   results/{model}/model.json                                              resolved model dir, architecture, weights sha256
+#   results/{model}/model-files.json                                        sha256 of the model's files (rewritten only when one changes)
+#   results/{model}/model.json                                              resolved model dir, architecture, sha256 of its files
 #   results/{model}/tokens/shard-{shard}.parquet                            token ids, reference and engine tokenizers
 #   results/{model}/{side}/{variant}/activations/shard-{shard}.h5           per-node dumps (docs/formats.md)
 #   results/{model}/{side}/{variant}/model.gguf                             llama.cpp's GGUF of the variant
