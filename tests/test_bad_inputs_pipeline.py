@@ -114,3 +114,44 @@ def test_model_replaced_in_place_reruns_and_records_current_hash(tmp_path):
     jobs = _jobs(_ok(snakemake("-n", "--cores", "2", "--configfile", cfg)))
     expected = {"resolve_model", "tokenize", "dump_reference", "dump_engine", "compute_stats", "aggregate_stats"}
     assert expected | {"parity", "render_report"} <= jobs, jobs
+
+
+def _pickle_only_model(tmp_path):
+    """The tiny model with its weights as pytorch_model.bin only (torch.save of the state dict)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    good = ensure_tiny_model()
+    model = tmp_path / "model"
+    shutil.copytree(good, model, ignore=shutil.ignore_patterns("model.safetensors"))
+    torch.save(load_file(str(good / "model.safetensors")), model / "pytorch_model.bin")
+    return model
+
+
+def test_pickle_checkpoint_refused_without_allow_pickle(tmp_path):
+    model = _pickle_only_model(tmp_path)
+    p = snakemake("--cores", "1", "--configfile", _tiny_config(tmp_path, f"{{path: {model}}}", shards=1))
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert f"{model}: only ['pytorch_model.bin'] found (pickle); actdiff loads safetensors only" in out
+    assert "set models.tiny.allow_pickle: true in the config if you trust the file" in out
+    assert "Traceback" not in out
+
+
+def test_pickle_checkpoint_loads_with_allow_pickle(tmp_path):
+    """allow_pickle: true, where the refusal says, reaches every loader: resolve_model converts the pickle to
+    safetensors once, and the reference, our engine, the statistics and weight parity read that copy. The
+    record keeps the pickle's own sha256 and where it came from."""
+    model = _pickle_only_model(tmp_path)
+    cfg = _tiny_config(tmp_path, f"{{path: {model}}}", shards=1, extra="    allow_pickle: true\n")
+    _ok(snakemake("--cores", "2", "--configfile", cfg))
+    r = tmp_path / "r/tiny"
+    record = json.loads((r / "model.json").read_text())
+    assert record["weights_file"] == "pytorch_model.bin" and record["source_dir"] == str(model)
+    assert record["weights_sha256"] == _sha256(model / "pytorch_model.bin")
+    verdict = json.loads((r / "actdiff/fp32/summary/verdict.json").read_text())
+    assert verdict["status"] == "pass", verdict["plain"]  # fp32 engine vs reference on the same weights
+    weights = pd.read_parquet(r / "actdiff/fp32/summary/weights.parquet")
+    assert len(weights) > 0 and float(weights["rel_l2"].max()) == 0.0  # fp32 parity: the very same tensors
