@@ -183,3 +183,39 @@ def test_prompt_sheet_escapes(tmp_path):
     p = tmp_path / "s.tsv"
     p.write_text("prompt_id\ttext\na\tline1\\nline2\\tcol \\\\ end\n", encoding="utf-8")
     assert load_prompt_sheet(p).loc[0, "text"] == "line1\nline2\tcol \\ end"
+
+
+def test_budget_glob_matching_no_node_is_refused(tmp_path):
+    """A budgets: glob that matches no node used to be ignored silently (the budget meant never applied); the
+    run now stops at the start, naming the glob and the model, with some node names and how to list them."""
+    cfg = _write(tmp_path, "c.yaml", f"""\
+        prompts: tests/data/ci_prompts.tsv
+        results: {tmp_path}/r
+        budgets: {{"encoder.layers.*.mlp.act": 0.001, "encoder.layer.*.attn.qkv": 0.0001}}
+        models:
+          tiny-nomic-moe:
+            source: {{generate: tiny-nomic-moe}}
+            max_length: 64
+        """)  # fmt: skip
+    p = snakemake("-n", "--cores", "1", "--configfile", str(cfg))
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert (
+        "config key 'budgets': the node glob 'encoder.layer.*.attn.qkv' matches no node of model 'tiny-nomic-moe' "
+        "(76 nodes, e.g. embeddings, emb_ln, encoder.layers.0.attn.qkv" in out
+    )
+    assert "`actdiff nodes MODEL_DIR`" in out
+    _no_traceback(out)
+
+
+def test_budget_glob_needs_to_match_one_model_only(tiny_model_dir, minilm_model_dir):
+    """Budgets apply to every model: a MoE-only glob matches nothing in a dense BERT, and that is fine; a glob
+    no model has is refused; a model whose graph is unknown yet (missing directory) leaves globs unjudged."""
+    from actdiff.compare.budgets import check_budget_globs
+    from actdiff.nodes import graph_for_model_dir
+
+    graphs = {"tiny": graph_for_model_dir(tiny_model_dir), "minilm": graph_for_model_dir(minilm_model_dir)}
+    check_budget_globs({"encoder.layers.*.mlp.router.*": 1.0, "emb_ln": 1.0}, graphs)
+    with pytest.raises(ConfigError, match=r"'no.such.\*' matches no node of any model: 'tiny' \(76 nodes"):
+        check_budget_globs({"no.such.*": 1.0}, graphs)
+    check_budget_globs({"no.such.*": 1.0}, graphs, unknown=("other",))

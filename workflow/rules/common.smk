@@ -6,7 +6,8 @@ from types import SimpleNamespace
 from actdiff.config import validate_config
 from actdiff.errors import ActdiffError, ConfigError, ModelError
 from actdiff.models.fingerprint import update_fingerprint
-from actdiff.models.loading import resolve_model_dir
+from actdiff.models.loading import graph_of_source, resolve_model_dir
+from actdiff.compare.budgets import check_budget_globs
 from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
 from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
@@ -68,6 +69,23 @@ def fingerprint_models():
 
 
 fingerprint_models()
+
+
+def check_budgets():
+    """A budgets: glob that matches no node of any model stops the run now, naming it (not silently ignored)."""
+    graphs, unknown = {}, []
+    for m, c in config["models"].items():
+        try:
+            graphs[m] = graph_of_source(m, c["source"])
+        except (ActdiffError, OSError):  # resolve_model reports it, saying what to do
+            unknown.append(m)
+    try:
+        check_budget_globs(config["budgets"], graphs, tuple(unknown))
+    except ConfigError as e:
+        sys.exit(f"actdiff: {e}")
+
+
+check_budgets()
 
 
 def model_files(wildcards):

@@ -305,3 +305,18 @@ def convert_pickle_checkpoint(model_dir: Path, out_dir: Path) -> None:
             (tmp / f.name).symlink_to(f.resolve())
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+
+
+def graph_of_source(name: str, source: dict, resources_dir: str | Path = "resources/models"):
+    """A configured model's node graph when the workflow starts, before any rule ran: from its config.json,
+    or for a generated model not generated yet from the config it will get (node names do not depend on the
+    vocabulary size, which needs the tokenizer trained first)."""
+    from ..nodes import build_graph
+
+    d = resolve_model_dir(name, source, resources_dir)
+    if "generate" in source and not (d / "config.json").is_file():
+        from .released import released_config
+        from .tiny import tiny_config
+
+        return build_graph(tiny_config(released_config(), n_tokens=1), f"generated model {name}")
+    return build_graph(load_config_json(d), str(d / "config.json"))
