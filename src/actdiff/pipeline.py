@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pandas as pd
 
 from .atomic import atomic_path, write_json_atomic
 from .errors import ModelError
-from .models.loading import check_model_dir, model_summary, resolve_model_dir
+from .models.loading import WEIGHTS_FILE, convert_pickle_checkpoint, model_summary, resolve_model_dir
 from .models.record import ModelRecord
 from .models.released import released_config
 from .nodes import build_graph
@@ -33,11 +34,20 @@ def generate_model(kind: str, out_dir: str, text_file: str, seed: int) -> None:
     log.info("generated %s (seed %d) in %s in %.1f s", kind, seed, out_dir, time.perf_counter() - t0)
 
 
-def resolve_model(name: str, source: dict, out_json: str, resources_dir: str = "resources/models") -> None:
-    """Locate the model, check it, and record its directory, architecture and weights hash."""
+def resolve_model(
+    name: str, source: dict, out_json: str, resources_dir: str = "resources/models", allow_pickle: bool = False
+) -> None:
+    """Locate the model, check it, and record its directory, architecture and the sha256 of its files as they
+    are now. A pytorch_model.bin (allow_pickle) is converted once to safetensors beside model.json, and the
+    record points every later stage at that copy."""
     d = resolve_model_dir(name, source, resources_dir)
-    check_model_dir(d)
-    summary = model_summary(name, d)
+    fingerprint = Path(out_json).with_name("model-files.json")  # Layout.model_files
+    summary = model_summary(name, d, allow_pickle, fingerprint)
+    if summary["weights_file"] != WEIGHTS_FILE:
+        converted = Path(out_json).parent / "checkpoint"
+        convert_pickle_checkpoint(d, converted)
+        summary["source_dir"], summary["dir"] = summary["dir"], str(converted.resolve())
+        log.info("model %s: %s converted to safetensors in %s", name, summary["weights_file"], converted)
     graph = build_graph(summary["config"], str(d / "config.json"))
     summary["n_nodes"] = len(graph)
     write_json_atomic(out_json, summary)

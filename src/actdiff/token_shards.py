@@ -48,6 +48,8 @@ def tokenize_texts(tok, texts: list[str], max_length: int) -> list[dict]:
     """Token ids with special tokens; over-long inputs are truncated to max_length (specials kept)."""
     if max_length < 2:
         raise PromptError(f"max_length={max_length} leaves no room for the special tokens")
+    if not texts:  # a shard the hash gave no prompt (fewer prompts than shards); the tokenizer fails on []
+        return []
     full = tok(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
     trunc = tok(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     return [

@@ -101,6 +101,16 @@ def _sample_threshold(paths: list[str], k: int) -> int:
     return -heap[0] if len(heap) >= k else 2**64
 
 
+def _nonempty_shards(shard_tables: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The tables of the shards that hold prompts. A shard the hash gave no prompt (fewer prompts than shards)
+    has empty tables, and those whose columns come from the rows (nodes, prompts) have no columns at all, so
+    it contributes nothing and is left out here, once, instead of in every reader."""
+    import pyarrow.parquet as pq
+
+    keep = [i for i, p in enumerate(shard_tables["nodes"]) if pq.ParquetFile(p).metadata.num_rows > 0]
+    return {name: [paths[i] for i in keep] for name, paths in shard_tables.items()}
+
+
 def pq_prompt_ids(path: str) -> list[str]:
     import pyarrow.parquet as pq
 
@@ -197,6 +207,7 @@ def aggregate(
     ``tokens``: the tokens shards (the prompts' texts)."""
     if tokens:  # what `actdiff check --baseline` compares: a baseline of another corpus is refused
         meta = {**meta, "corpus_sha256": corpus_sha256(tokens)}
+    shard_tables = _nonempty_shards(shard_tables)
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
     acc = _Corpus(threshold, int(meta.get("experts", 0) or 0), worst_n)
     for i in range(len(shard_tables["nodes"])):
