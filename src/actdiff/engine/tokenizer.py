@@ -102,6 +102,7 @@ BERT_MN = (
 )
 WHITE_SPACE = "9-D 20 85 A0 1680 2000-200A 2028-2029 202F 205F 3000"
 NFD_NO_DECOMPOSE = "11938"
+NFKD_NO_DECOMPOSE = "32FF A7F2-A7F4 AB69 10781-10785 10787-107B0 107B2-107BA 11938 1F16C 1FBF0-1FBF9"
 NFD_CCC_ZERO = (
     "7FD 898-89F 8CA-8D3 9FE C3C D3B-D3C EBA 1715 1ABF-1ACE 1DF6-1DFA A82C 10D24-10D27 10EAB-10EAC "
     "10F46-10F50 10F82-10F85 11070 1133B 1145E 11839-1183A 1193D-1193E 11943 119E0 11A34 11A47 11A99 "
@@ -379,6 +380,7 @@ _BERT_CONTROL_RE = re.compile(_ranges_to_class(BERT_CONTROL))
 _BERT_WS_TO_SPACE = {c: " " for c in _WHITE_SPACE}
 _BERT_MN = _parse_ranges(BERT_MN)
 _NFD_NO_DECOMPOSE = _parse_ranges(NFD_NO_DECOMPOSE)
+_NFKD_NO_DECOMPOSE = _parse_ranges(NFKD_NO_DECOMPOSE)
 _NFD_CCC_ZERO = _parse_ranges(NFD_CCC_ZERO)
 _LOWER = {
     int(k, 16): "".join(chr(int(x, 16)) for x in v.split("+"))
@@ -402,17 +404,19 @@ def _ccc(ch: str) -> int:
 
 
 @lru_cache(maxsize=65536)
-def _decompose(ch: str) -> str:
-    if ord(ch) in _NFD_NO_DECOMPOSE:
+def _decompose(ch: str, compat: bool = False) -> str:
+    # the reference's crate predates these code points' decompositions: it leaves them alone
+    if ord(ch) in (_NFKD_NO_DECOMPOSE if compat else _NFD_NO_DECOMPOSE):
         return ch
-    return unicodedata.normalize("NFD", ch)
+    return unicodedata.normalize("NFKD" if compat else "NFD", ch)
 
 
-def _nfd(text: str) -> str:
-    """Canonical decomposition + canonical ordering, with the reference NFD crate's Unicode data."""
+def _nfd(text: str, compat: bool = False) -> str:
+    """Canonical (NFKD: compatibility) decomposition + canonical ordering, with the reference NFD crate's
+    Unicode data."""
     if text.isascii():
         return text
-    chars = list("".join(_decompose(c) for c in text))
+    chars = list("".join(_decompose(c, compat) for c in text))
     i = 0
     n = len(chars)
     while i < n:
@@ -426,6 +430,88 @@ def _nfd(text: str) -> str:
             chars[i:j] = sorted(chars[i:j], key=_ccc)  # stable sort by combining class
         i = j
     return "".join(chars)
+
+
+# Code points the crate treats as plain starters that never compose: newer characters (its ccc is 0, it has no
+# decomposition for them). Composition never crosses a starter that composes with nothing, so Python's NFC can
+# run on the stretches between them; 11938 is the one newer composite whose parts are older than the crate's data.
+_COMPOSE_BARRIER = _NFD_CCC_ZERO | _NFKD_NO_DECOMPOSE
+_COMPOSED_TOO_NEW = re.compile(_ranges_to_class(NFD_NO_DECOMPOSE))
+
+
+def _compose_run(run: str) -> str:
+    out = unicodedata.normalize("NFC", run)
+    return _COMPOSED_TOO_NEW.sub(lambda m: unicodedata.normalize("NFD", m.group(0)), out)
+
+
+def _unicode_normalizer(form: str) -> Callable[[str], str]:
+    """NFD / NFKD / NFC / NFKC as HF tokenizers computes them (its crate's older Unicode data)."""
+    compat = form in ("NFKD", "NFKC")
+    compose = form in ("NFC", "NFKC")
+
+    def normalize(text: str) -> str:
+        if text.isascii():
+            return text
+        text = _nfd(text, compat)
+        if not compose:
+            return text
+        out, start = [], 0
+        for i, c in enumerate(text):
+            if ord(c) in _COMPOSE_BARRIER:
+                out += [_compose_run(text[start:i]), c]
+                start = i + 1
+        out.append(_compose_run(text[start:]))
+        return "".join(out)
+
+    return normalize
+
+
+def _lowercase(text: str) -> str:
+    # per character (no Final_Sigma context), with Rust's newer case mappings
+    return text.lower() if text.isascii() else "".join(_LOWER.get(ord(c)) or c.lower() for c in text)
+
+
+class _Strip:
+    """HF ``Strip``: Rust ``char::is_whitespace`` characters off the left and/or right end."""
+
+    def __init__(self, left: bool, right: bool):
+        self.left = left
+        self.right = right
+
+    def __call__(self, text: str) -> str:
+        i, j = 0, len(text)
+        while self.left and i < j and text[i] in _WS_CHARS:
+            i += 1
+        while self.right and j > i and text[j - 1] in _WS_CHARS:
+            j -= 1
+        return text[i:j]
+
+
+class _Replace:
+    """HF ``Replace``: every non-overlapping match, left to right, becomes ``content``. A ``String`` pattern is
+    literal; a ``Regex`` (Oniguruma in the reference) is compiled with Python's ``re``, which agrees on the
+    simple patterns tokenizers ship (``" {2,}"``, literal runs, classes); one ``re`` cannot parse raises."""
+
+    def __init__(self, path: Path, pattern, content):
+        if not isinstance(content, str):
+            raise ModelError(f"{path}: normalizer Replace: content must be a string, got {content!r}")
+        if not isinstance(pattern, dict) or len(pattern) != 1 or not set(pattern) <= {"String", "Regex"}:
+            raise _unsupported(path, f"normalizer Replace pattern {pattern!r} (expected {{String|Regex: ...}})")
+        (kind, value), = pattern.items()
+        if not isinstance(value, str) or not value:
+            raise _unsupported(path, f"normalizer Replace {kind} pattern {value!r} (a non-empty string expected)")
+        if kind == "String":
+            self.regex = re.compile(re.escape(value))
+        else:
+            try:
+                self.regex = re.compile(value)
+            except re.error as e:
+                msg = f"normalizer Replace Regex {value!r} (Python re cannot compile it: {e})"
+                raise _unsupported(path, msg) from None
+        self.content = content
+
+    def __call__(self, text: str) -> str:
+        return self.regex.sub(lambda _: self.content, text)  # content is literal, never a template
 
 
 class _BertNormalizer:
@@ -443,8 +529,7 @@ class _BertNormalizer:
         if self.strip_accents:
             text = "".join(c for c in _nfd(text) if ord(c) not in _BERT_MN)
         if self.lowercase:
-            # per character (no Final_Sigma context), with Rust's newer case mappings
-            text = text.lower() if text.isascii() else "".join(_LOWER.get(ord(c)) or c.lower() for c in text)
+            text = _lowercase(text)
         return text
 
 
@@ -639,6 +724,19 @@ class _AddedToken:
         self.rstrip = bool(spec.get("rstrip"))
 
 
+def _transformers_charsmap(spec) -> dict | None:
+    """The normalizer transformers 5 keeps for XLMRobertaTokenizer: the first ``Precompiled`` of the
+    tokenizer.json normalizer (alone or in a top-level Sequence); every other normalizer is dropped (e.g. the
+    ``Replace(" {2,}", " ")`` multilingual-e5 ships: its WhitespaceSplit makes runs of spaces moot anyway)."""
+    if not isinstance(spec, dict):
+        return None
+    items = spec.get("normalizers") or [] if spec.get("type") == "Sequence" else [spec]
+    for item in items:
+        if isinstance(item, dict) and item.get("type") == "Precompiled" and "precompiled_charsmap" in item:
+            return {"type": "Precompiled", "precompiled_charsmap": item["precompiled_charsmap"]}
+    return None
+
+
 class EngineTokenizer:
     """Pure-Python tokenizer for the engine; ``encode`` returns (ids with special tokens, untruncated length)."""
 
@@ -713,12 +811,7 @@ class EngineTokenizer:
                 if base == "XLMRobertaTokenizer":
                     if model_spec.get("type") != "Unigram":
                         raise _unsupported(path, f"model {model_spec.get('type')!r} for {klass} (expected Unigram)")
-                    if normalizer_spec is not None and normalizer_spec.get("type") != "Precompiled":
-                        raise _unsupported(
-                            path,
-                            f"normalizer {normalizer_spec.get('type')!r} with {klass} in {cfg_path.name} "
-                            "(transformers keeps only a Precompiled charsmap)",
-                        )
+                    normalizer_spec = _transformers_charsmap(normalizer_spec)
                     scheme = "always" if cfg.get("add_prefix_space", True) else "never"
                     pre_spec = {
                         "type": "Sequence",
@@ -795,7 +888,29 @@ class EngineTokenizer:
                     lowercase=lowercase,
                 )
             ]
+        simple = EngineTokenizer._simple_normalizer(path, spec)
+        if simple is not None:
+            return [simple]
         raise _unsupported(path, f"normalizer type {kind!r}")
+
+    @staticmethod
+    def _simple_normalizer(path: Path, spec: dict) -> Callable[[str], str] | None:
+        """Replace, NFC/NFD/NFKC/NFKD, Lowercase, Strip (HF tokenizers' option names and defaults); None if
+        ``spec`` is none of them."""
+        kind = spec.get("type")
+        if kind == "Replace":
+            _check_keys(path, spec, {"pattern", "content"}, "normalizer Replace")
+            return _Replace(path, spec.get("pattern"), spec.get("content"))
+        if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+            _check_keys(path, spec, set(), f"normalizer {kind}")
+            return _unicode_normalizer(kind)
+        if kind == "Lowercase":
+            _check_keys(path, spec, set(), "normalizer Lowercase")
+            return _lowercase
+        if kind == "Strip":
+            _check_keys(path, spec, {"strip_left", "strip_right"}, "normalizer Strip")
+            return _Strip(bool(spec.get("strip_left", True)), bool(spec.get("strip_right", True)))
+        return None
 
     @staticmethod
     def _build_pre_tokenizers(path: Path, spec) -> list[Callable[[str], list[str]]]:
