@@ -909,7 +909,10 @@ class EngineTokenizer:
             return _lowercase
         if kind == "Strip":
             _check_keys(path, spec, {"strip_left", "strip_right"}, "normalizer Strip")
-            return _Strip(bool(spec.get("strip_left", True)), bool(spec.get("strip_right", True)))
+            missing = [k for k in ("strip_left", "strip_right") if not isinstance(spec.get(k), bool)]
+            if missing:  # tokenizers refuses to load such a file, so the engine does too
+                raise ModelError(f"{path}: normalizer Strip: {' and '.join(missing)} must be true or false")
+            return _Strip(spec["strip_left"], spec["strip_right"])
         return None
 
     @staticmethod
