@@ -230,7 +230,7 @@ def _tokenization_setup(t: dict) -> str:
 def _agreement_md(t: dict) -> str:
     agreement = t.get("agreement") or {}
     rows = [
-        {"ids of": f"{a} = {b}", "equal": agreement[k]["equal"], "differ": agreement[k]["differ"],
+        {"pair": f"{a} vs {b}", "equal": agreement[k]["equal"], "differ": agreement[k]["differ"],
          "not computed": agreement[k]["missing"]}
         for k, (a, b) in TOKENIZERS.items() if k in agreement
     ]  # fmt: skip
@@ -263,7 +263,7 @@ def tokenization_md(run: Run, max_rows: int = 10) -> str:
     target = t.get("engine_target") or "transformers"
     counts = {
         "inputs": t["inputs"],
-        f"engine ids = {target}": t["ids_match"],
+        f"engine ids equal {target}'s": t["ids_match"],
         "ids differ": t["ids_differ"],
         "engine side missing": t["engine_missing"],
         "truncated (reference)": t["truncated"],
