@@ -9,6 +9,9 @@ the reference it is compared against. What is implemented is exactly what the tw
   (Viterbi; unknown characters score ``min_score - 10`` and consecutive unknowns fuse into one unk token).
 * WordPiece (BERT style): ``BertNormalizer``, ``BertPreTokenizer``, ``WordPiece`` (greedy longest match,
   ``##`` continuation prefix, over-long words become the unk token).
+* Normalizers as HF ``tokenizers`` defines them, alone or in a ``Sequence``: ``Replace`` (``String`` pattern
+  literal, ``Regex`` compiled with Python's ``re``), ``NFC``/``NFD``/``NFKC``/``NFKD`` (the crate's older Unicode
+  data: see below), ``Lowercase`` (per character, Rust's mappings), ``Strip`` (Rust white space, left/right).
 * Added tokens with ``normalized=false`` are matched in the raw text first (leftmost-longest, with the
   ``lstrip``/``rstrip`` options), then ``TemplateProcessing`` / ``BertProcessing`` adds the special tokens.
 
@@ -17,8 +20,9 @@ component, so the engine never differs silently.
 
 transformers compatibility: transformers 5 does not run every tokenizer.json as written. For a known
 ``tokenizer_class`` in the sibling ``tokenizer_config.json`` it rebuilds parts of the pipeline in Python
-(``XLMRobertaTokenizer``: pre-tokenizer ``Sequence[WhitespaceSplit, Metaspace]``, normalizer only the
-``Precompiled`` charsmap; ``BertTokenizer``: ``BertNormalizer``/``BertPreTokenizer`` from the config's
+(``XLMRobertaTokenizer``: pre-tokenizer ``Sequence[WhitespaceSplit, Metaspace]``, normalizer only the first
+``Precompiled`` charsmap of the tokenizer.json's normalizer, every other normalizer dropped; ``BertTokenizer``:
+``BertNormalizer``/``BertPreTokenizer`` from the config's
 ``do_lower_case``/``strip_accents``/``tokenize_chinese_chars``). With ``transformers_compat=True`` (the default)
 the engine applies the same rebuild, so its ids equal ``transformers.AutoTokenizer``'s; with ``False`` it
 follows the tokenizer.json literally, like ``tokenizers.Tokenizer.from_file``. An unknown ``tokenizer_class``
@@ -27,10 +31,11 @@ does when called with explicit arguments: truncation is ``encode(text, max_lengt
 
 Unicode data: character classes are taken from the Unicode versions the reference's Rust crates were built
 with (they differ from Python's ``unicodedata``): the BERT tables below are the ``unicode_categories`` crate's
-(old) Cc/Cf/Co, P* and Mn sets, Rust's White_Space and to_lowercase deltas, the NFD crate's exceptions; the
+(old) Cc/Cf/Co, P* and Mn sets, Rust's White_Space and to_lowercase deltas, the NFD crate's exceptions (code
+points it does not decompose, canonically or by compatibility, and combining classes it does not know); the
 grapheme-cluster table is UAX #29 Grapheme_Cluster_Break + Extended_Pictographic + InCB. They were generated
 by probing the reference implementation over every code point (tests/test_engine_tokenizer.py re-checks the
-BERT tables against the installed ``tokenizers``).
+BERT tables, and every normalizer on fuzzed strings, against the installed ``tokenizers``).
 """
 
 from __future__ import annotations
@@ -290,7 +295,8 @@ def graphemes(text: str) -> list[str]:
 def _unsupported(path: Path, what: str) -> ModelError:
     return ModelError(
         f"{path}: unsupported tokenizer component: {what}. The engine tokenizer implements only the "
-        "Unigram/Precompiled/Metaspace and WordPiece/BertNormalizer/BertPreTokenizer pipelines; "
+        "Unigram/Precompiled/Metaspace and WordPiece/BertNormalizer/BertPreTokenizer pipelines (plus the "
+        "Replace, NFC/NFD/NFKC/NFKD, Lowercase and Strip normalizers); "
         "extend src/actdiff/engine/tokenizer.py or use a model with a supported tokenizer"
     )
 
