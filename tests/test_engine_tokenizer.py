@@ -239,6 +239,9 @@ def _set(path: list, value):
             "Python re cannot compile it",
         ),
         ("minilm", _set(["normalizer"], {"type": "Replace", "pattern": {"String": ""}, "content": ""}), "String"),
+        ("minilm", _set(["normalizer"], {"type": "Replace", "pattern": {"Regex": "\\w+"}, "content": ""}), "\\w"),
+        ("minilm", _set(["normalizer"], {"type": "Replace", "pattern": {"Regex": "[[:alpha:]]"}, "content": ""}),
+         "nested"),  # fmt: skip
         ("minilm", _set(["normalizer"], {"type": "Strip", "strip_left": True, "both": 1}), "['both']"),
         ("minilm", _set(["normalizer"], {"type": "Strip", "strip_left": True}), "strip_right must be"),
         ("minilm", _set(["normalizer", "new_option"], 1), "new_option"),
@@ -291,7 +294,7 @@ def test_engine_does_not_import_reference_libraries():
 # Each normalizer the engine accepts, against HF tokenizers' own on fuzzed strings (fixed seed).
 
 _FUZZ_ALPHABETS = [
-    " " * 6 + "\t" * 3 + "\n\r\x0b\x0c\xa0\u3000\u2028\u200b",  # runs of spaces and tabs, other white space
+    " " * 6 + "\t" * 3 + "\n\r\x0b\x0c\x1c\x1f\x85\xa0\u3000\u2028\u200b",  # runs of spaces and tabs, other white space
     "abcxyzABCXYZ019.,;'`\"-_",
     "\u0300\u0301\u0308\u0323\u0345\u05b0\u0e48\u302a\u3099",  # combining marks of several classes
     "ﬁﬂⅫⅻ²₂½ＡＢｶﾞ㍿ℌ①\u1e9b\u0344",  # compatibility characters
@@ -334,6 +337,9 @@ NORMALIZER_SPECS = [
     {"type": "Strip", "strip_left": False, "strip_right": True},
     {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
     {"type": "Replace", "pattern": {"Regex": "[ \t]+"}, "content": "_"},
+    {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},  # Python's \s also takes U+001C-U+001F
+    {"type": "Replace", "pattern": {"Regex": "[^\\s]+"}, "content": "w"},
+    {"type": "Replace", "pattern": {"Regex": "\\S\\s*[]a-]"}, "content": "<\\1>"},
     {"type": "Replace", "pattern": {"String": "  "}, "content": "\u2581"},
     {"type": "Replace", "pattern": {"String": "``"}, "content": '"'},
     {"type": "Replace", "pattern": {"String": "\t"}, "content": ""},

@@ -493,10 +493,42 @@ class _Strip:
         return text[i:j]
 
 
+# Oniguruma (the reference's regex engine) and Python's re agree on literal characters, classes, repetition and
+# groups, not on these shorthand classes' Unicode sets (\w takes no combining marks in onig, \d differs on newer
+# digits, \b follows \w) or they are onig-only; \s differs on U+001C-U+001F only and is spelt out below.
+_ONIG_ONLY_OR_DIFFERENT = frozenset("wWbBdDhHpPRXKyYgk")
+
+
+def _python_regex(path: Path, pattern: str) -> str:
+    r"""``pattern`` with \s / \S as Oniguruma means them (Rust White_Space); unsupported escapes raise."""
+    ws_body = _ranges_to_class(WHITE_SPACE)[1:-1]
+    out: list[str] = []
+    i, class_start = 0, -1  # class_start: index after an open '[' (or '[^'), -1 outside a class
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            if e in _ONIG_ONLY_OR_DIFFERENT or (e == "S" and class_start >= 0):
+                what = f"normalizer Replace Regex {pattern!r}: \\{e} (Oniguruma and Python re differ)"
+                raise _unsupported(path, what)
+            out.append({"s": ws_body if class_start >= 0 else f"[{ws_body}]", "S": f"[^{ws_body}]"}.get(e, c + e))
+            i += 2
+            continue
+        if c == "[" and class_start < 0:
+            class_start = i + 2 if pattern.startswith("^", i + 1) else i + 1
+        elif c == "[":
+            raise _unsupported(path, f"normalizer Replace Regex {pattern!r}: nested character class")
+        elif c == "]" and class_start >= 0 and i > class_start:
+            class_start = -1
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 class _Replace:
     """HF ``Replace``: every non-overlapping match, left to right, becomes ``content``. A ``String`` pattern is
-    literal; a ``Regex`` (Oniguruma in the reference) is compiled with Python's ``re``, which agrees on the
-    simple patterns tokenizers ship (``" {2,}"``, literal runs, classes); one ``re`` cannot parse raises."""
+    literal; a ``Regex`` (Oniguruma in the reference) is compiled with Python's ``re`` after
+    :func:`_python_regex`; a pattern either cannot take raises."""
 
     def __init__(self, path: Path, pattern, content):
         if not isinstance(content, str):
@@ -510,7 +542,7 @@ class _Replace:
             self.regex = re.compile(re.escape(value))
         else:
             try:
-                self.regex = re.compile(value)
+                self.regex = re.compile(_python_regex(path, value))
             except re.error as e:
                 msg = f"normalizer Replace Regex {value!r} (Python re cannot compile it: {e})"
                 raise _unsupported(path, msg) from None
