@@ -195,9 +195,9 @@ def _log_prompts(model_name: str, prompt_ids, texts, res: list[dict], max_length
             )
         if r["truncated"]:
             log.warning(
-                "model %s: prompt %r has %d tokens, more than max_length %d (%s); truncated to %d and flagged "
-                "(reference_truncated=true)",
-                model_name, pid, r["length_untruncated"], max_length, source, max_length,
+                "model %s: prompt %r has %d tokens, more than max_length %d; truncated to %d and flagged "
+                "(reference_truncated=true; max_length from %s)",
+                model_name, pid, r["length_untruncated"], max_length, max_length, source,
             )  # fmt: skip
 
 
