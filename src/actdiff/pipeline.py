@@ -71,8 +71,18 @@ def split_prompts(sheet: str, n_shards: int, outputs: list[str]) -> None:
     log.info("%s: %d prompts in %d shards", sheet, len(df), n_shards)
 
 
-def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_side: bool = True) -> None:
-    from .token_shards import tokenize_shard
+def tokenize(
+    model_json: str,
+    prompts: str,
+    max_length: int | None,
+    out: str,
+    engine_side: bool = True,
+    engine_target: str = "transformers",
+) -> None:
+    """Tokens of one shard: transformers (the reference's ids), tokenizers literally, and the engine's own
+    tokenizer held to ``engine_target`` (its transformers-5 mode for transformers, its literal mode for
+    tokenizers). ``max_length`` None: the model's own limit (token_shards.model_max_length)."""
+    from .token_shards import AGREEMENT, tokenize_shard
 
     record = ModelRecord.load(model_json)
     df = pd.read_parquet(prompts)
@@ -80,18 +90,24 @@ def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_si
     if engine_side:
         from .engine.tokenizer import EngineTokenizer
 
-        engine_tok = EngineTokenizer.from_file(record.dir / "tokenizer.json")
+        compat = engine_target == "transformers"
+        engine_tok = EngineTokenizer.from_file(record.dir / "tokenizer.json", transformers_compat=compat)
     t0 = time.perf_counter()
-    res = tokenize_shard(df, str(record.dir), max_length, out, model_name=record.name, engine_tokenizer=engine_tok)
+    res = tokenize_shard(
+        df, str(record.dir), max_length, out, model_name=record.name, engine_tokenizer=engine_tok,
+        engine_target=engine_target,
+    )  # fmt: skip
     dt = time.perf_counter() - t0
-    parity = f", engine ids equal on {int(res['ids_match'].sum())}/{len(res)}" if engine_side else ""
+    agree = ", ".join(
+        f"{col} {int(res[col].eq(True).sum())}/{len(res)}" for col, *_ in AGREEMENT if res[col].notna().any()
+    )
     log.info(
-        "tokenized %d prompts (%d truncated%s) in %.2f s (%.0f prompts/s)",
+        "tokenized %d prompts (%d truncated) in %.2f s (%.0f prompts/s); ids equal: %s",
         len(res),
         int(res["reference_truncated"].sum()),
-        parity,
         dt,
         len(res) / max(dt, 1e-9),
+        agree or "-",
     )
 
 

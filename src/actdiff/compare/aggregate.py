@@ -325,10 +325,20 @@ TOKENIZATION_EXAMPLES = 10  # prompts whose ids differ, shown with the ids aroun
 
 
 def tokenization_summary(tokens: list[str]) -> dict:
-    """Reference vs engine tokenizer over the corpus: counts, and the first differing prompts (shard order)."""
+    """The three tokenizations over the corpus: the engine's own against its target (counts, first differing
+    prompts in shard order), every pair's agreement, and what each shard's metadata records (the reference's
+    tokenizer, the engine's target, max_length and its source, library versions; a list when shards differ)."""
+    from ..token_shards import AGREEMENT, read_tokenization_metadata
+
     out = {"inputs": 0, "ids_match": 0, "ids_differ": 0, "engine_missing": 0, "truncated": 0, "examples": []}
+    out["agreement"] = {col: {"equal": 0, "differ": 0, "missing": 0} for col, _, _ in AGREEMENT}
+    out["examples_transformers_tokenizers"] = []
+    metas: list[dict] = []
     for p in tokens:
         t = pd.read_parquet(p)
+        meta = read_tokenization_metadata(p)
+        if meta not in metas:
+            metas.append(meta)
         match = t["ids_match"]
         out["inputs"] += len(t)
         out["ids_match"] += int((match == True).sum())  # noqa: E712
@@ -336,19 +346,37 @@ def tokenization_summary(tokens: list[str]) -> dict:
         out["truncated"] += int(t.get("reference_truncated", pd.Series(dtype=bool)).fillna(False).sum())
         bad = t[match == False]  # noqa: E712
         out["ids_differ"] += len(bad)
-        for r in bad.head(TOKENIZATION_EXAMPLES - len(out["examples"])).itertuples():
-            fd = int(r.first_diff) if r.first_diff is not None and not pd.isna(r.first_diff) else 0
-            eng = [int(i) for i in (r.engine_ids if r.engine_ids is not None else [])]
-            out["examples"].append(
-                {
-                    "prompt_id": r.prompt_id,
-                    "text": str(r.text),
-                    "first_diff": fd,
-                    "reference_ids": [int(i) for i in r.reference_ids],
-                    "engine_ids": eng,
-                }
-            )
+        target = "tokenizers_ids" if meta.get("engine_target") == "tokenizers" else "reference_ids"
+        _examples(out["examples"], bad, ("engine_ids", "engine_ids"), (target, "reference_ids"), "first_diff")
+        for col, _, _ in AGREEMENT:
+            flags = t[col] if col in t else pd.Series([None] * len(t), dtype=object)
+            a = out["agreement"][col]
+            a["equal"] += int((flags == True).sum())  # noqa: E712
+            a["differ"] += int((flags == False).sum())  # noqa: E712
+            a["missing"] += int(flags.isna().sum())
+        if "transformers_eq_tokenizers" in t:
+            lit = t[t["transformers_eq_tokenizers"] == False]  # noqa: E712
+            pair = ("tokenizers_ids", "tokenizers_ids"), ("reference_ids", "transformers_ids")
+            _examples(out["examples_transformers_tokenizers"], lit, *pair, None)
+    for key in ("reference", "engine_target", "max_length", "max_length_source", "versions"):
+        values = [m[key] for m in metas if key in m]
+        values = [v for i, v in enumerate(values) if v not in values[:i]]
+        out[key] = values[0] if len(values) == 1 else (values or None)
     return out
+
+
+def _examples(out: list, bad: pd.DataFrame, ids: tuple[str, str], held_to: tuple[str, str], diff_col) -> None:
+    """Append the first differing prompts (up to TOKENIZATION_EXAMPLES) with both id sequences: ``ids`` and
+    ``held_to`` are (Parquet column, key in the summary); the engine's examples keep the keys ``engine_ids`` and
+    ``reference_ids`` (the ids of its target, whichever it is: the summary's ``engine_target``)."""
+    from ..token_shards import first_difference
+
+    for r in bad.head(TOKENIZATION_EXAMPLES - len(out)).itertuples():
+        own = [int(i) for i in (getattr(r, ids[0]) if getattr(r, ids[0]) is not None else [])]
+        ref = [int(i) for i in getattr(r, held_to[0])]
+        fd = getattr(r, diff_col) if diff_col else first_difference(own, ref)
+        fd = int(fd) if fd is not None and not pd.isna(fd) else 0
+        out.append({"prompt_id": r.prompt_id, "text": str(r.text), "first_diff": fd, held_to[1]: ref, ids[1]: own})
 
 
 TOKEN_NODES, TOKEN_PROMPTS = 4, 6  # the per-token plot: the first failing nodes, each on its worst prompts
