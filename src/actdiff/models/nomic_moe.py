@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..nodes import ntk_rotary_base
+
 MODEL_TYPE = "actdiff_nomic_bert_moe"
 
 
@@ -43,6 +45,7 @@ class NomicBertMoeConfig(PretrainedConfig):
         rotary_emb_base: float = 10000.0,
         rotary_emb_fraction: float = 1.0,
         rotary_emb_interleaved: bool = False,
+        rotary_scaling_factor: float | None = None,
         num_experts: int = 8,
         moe_top_k: int = 2,
         moe_every_n_layers: int = 2,
@@ -69,6 +72,7 @@ class NomicBertMoeConfig(PretrainedConfig):
         self.rotary_emb_base = rotary_emb_base
         self.rotary_emb_fraction = rotary_emb_fraction
         self.rotary_emb_interleaved = rotary_emb_interleaved
+        self.rotary_scaling_factor = rotary_scaling_factor
         self.num_experts = num_experts
         self.moe_top_k = moe_top_k
         self.moe_every_n_layers = moe_every_n_layers
@@ -132,20 +136,32 @@ class RotaryEmbedding(nn.Module):
     Angles are computed in the activation dtype: fp32 for the reference (as the released remote code
     does, so fp32 rounding of position * inv_freq is part of the reference), fp64 when the model is run
     in double precision against the float64 oracle.
+
+    With ``scaling_factor`` (config rotary_scaling_factor) a sequence longer than ``max_trained`` tokens is
+    rotated with the dynamic-NTK base of its length (actdiff.nodes.ntk_rotary_base, the original's
+    NomicBertDynamicNTKRotaryEmbedding), inv_freq recomputed from that base in the activation dtype. In a
+    padded batch the length is the batch's padded length, as in the original.
     """
 
-    def __init__(self, head_dim: int, base: float, interleaved: bool):
+    def __init__(self, head_dim: int, base: float, interleaved: bool, scaling_factor=None, max_trained: int = 2048):
         super().__init__()
         self.head_dim = head_dim
         self.base = float(base)
         self.interleaved = interleaved
+        self.scaling_factor = scaling_factor
+        self.max_trained = int(max_trained)
         self.register_buffer("inv_freq", self._inv_freq(torch.float32), persistent=False)
 
-    def _inv_freq(self, dtype: torch.dtype, device=None) -> torch.Tensor:
-        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=dtype, device=device) / self.head_dim))
+    def _inv_freq(self, dtype: torch.dtype, device=None, base: float | None = None) -> torch.Tensor:
+        base = self.base if base is None else base
+        return 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=dtype, device=device) / self.head_dim))
 
     def cos_sin(self, seqlen: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq if dtype == torch.float32 else self._inv_freq(dtype, device)
+        base = ntk_rotary_base(self.base, seqlen, self.scaling_factor, self.max_trained, self.head_dim)
+        if base != self.base:  # scaled for this length: inv_freq from the scaled base (the buffer keeps the base's)
+            inv_freq = self._inv_freq(dtype, device, base)
+        else:
+            inv_freq = self.inv_freq if dtype == torch.float32 else self._inv_freq(dtype, device)
         t = torch.arange(seqlen, device=device, dtype=dtype)
         freqs = torch.outer(t, inv_freq.to(device=device, dtype=dtype))  # [S, hd/2]
         return torch.cos(freqs), torch.sin(freqs)
@@ -171,8 +187,15 @@ class NomicAttention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.causal = cfg.causal
         self.Wqkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.qkv_proj_bias)
-        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.rotary_emb_base, cfg.rotary_emb_interleaved)
+        # qkv_proj_bias removes both attention biases, as in the original NomicBertAttention
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.qkv_proj_bias)
+        self.rotary_emb = RotaryEmbedding(
+            self.head_dim,
+            cfg.rotary_emb_base,
+            cfg.rotary_emb_interleaved,
+            cfg.rotary_scaling_factor,
+            cfg.max_trained_positions,
+        )
         self.q, self.k, self.v = Tap(), Tap(), Tap()
         self.q_rot, self.k_rot = Tap(), Tap()
         self.context = Tap()
