@@ -228,8 +228,10 @@ def test_ntk_scaling_reference_engine_spec(ntk_dir, tiny_model_dir):
     q = "encoder.layers.0.attn.q_rot"
     assert _rel(ref[q], plain_ref[q]) > DIFFERS and _rel(eng[q], plain_eng[q]) > DIFFERS
     assert _rel(ref["embedding"], plain_ref["embedding"]) > DIFFERS
-    print(f"NTK T={T_LONG}: worst rel L2 reference/spec {ref_err:.2e}, engine/reference {eng_err:.2e}; "
-          f"q_rot vs unscaled {_rel(ref[q], plain_ref[q]):.2e}")
+    print(
+        f"NTK T={T_LONG}: worst rel L2 reference/spec {ref_err:.2e}, engine/reference {eng_err:.2e}; "
+        f"q_rot vs unscaled {_rel(ref[q], plain_ref[q]):.2e}"
+    )
 
 
 def test_ntk_scaling_off_up_to_max_trained(ntk_dir, tiny_model_dir):

@@ -75,8 +75,9 @@ class ModelDims:
 
     def rotary_base_for(self, seqlen: int) -> float:
         """The rotary base a sequence of ``seqlen`` tokens is rotated with (see :func:`ntk_rotary_base`)."""
-        return ntk_rotary_base(self.rotary_base, seqlen, self.rotary_scaling_factor, self.max_trained_positions,
-                               self.head_dim)
+        return ntk_rotary_base(
+            self.rotary_base, seqlen, self.rotary_scaling_factor, self.max_trained_positions, self.head_dim
+        )
 
     def is_moe_layer(self, i: int) -> bool:
         # released model: MoE where layer_index % moe_every_n_layers == 1 (layers 1, 3, 5, ...)

@@ -95,9 +95,7 @@ NOMIC_KEYS: dict[str, KeyRule] = {
     "n_layer": KeyRule(IMPLEMENTED, "transformer blocks"),
     "n_inner": KeyRule(IMPLEMENTED, "MLP and expert inner size"),
     "vocab_size": KeyRule(IMPLEMENTED, "word-embedding rows"),
-    "type_vocab_size": KeyRule(
-        IMPLEMENTED, "token-type rows; row 0 is added to every token", 2, _positive_int, ">= 1"
-    ),
+    "type_vocab_size": KeyRule(IMPLEMENTED, "token-type rows; row 0 is added to every token", 2, _positive_int, ">= 1"),
     "layer_norm_epsilon": KeyRule(IMPLEMENTED, "LayerNorm eps"),
     "activation_function": KeyRule(
         IMPLEMENTED,
@@ -107,14 +105,23 @@ NOMIC_KEYS: dict[str, KeyRule] = {
         "gelu, gelu_new, gelu_pytorch_tanh",
     ),
     "qkv_proj_bias": KeyRule(
-        IMPLEMENTED, "false drops both attention biases (Wqkv.bias and out_proj.bias), as the original", True, _bool,
+        IMPLEMENTED,
+        "false drops both attention biases (Wqkv.bias and out_proj.bias), as the original",
+        True,
+        _bool,
         "true or false",
     ),
-    "mlp_fc1_bias": KeyRule(IMPLEMENTED, "dense MLP fc1 bias (the MoE experts have none)", True, _bool, "true or false"),
-    "mlp_fc2_bias": KeyRule(IMPLEMENTED, "dense MLP fc2 bias (the MoE experts have none)", True, _bool, "true or false"),
+    "mlp_fc1_bias": KeyRule(
+        IMPLEMENTED, "dense MLP fc1 bias (the MoE experts have none)", True, _bool, "true or false"
+    ),
+    "mlp_fc2_bias": KeyRule(
+        IMPLEMENTED, "dense MLP fc2 bias (the MoE experts have none)", True, _bool, "true or false"
+    ),
     # ------------------------------------------------------------------ rotary
     "rotary_emb_base": KeyRule(IMPLEMENTED, "rotary base"),
-    "rotary_emb_interleaved": KeyRule(IMPLEMENTED, "GPT-J interleaved pairs instead of NeoX halves", False, _bool, "bool"),
+    "rotary_emb_interleaved": KeyRule(
+        IMPLEMENTED, "GPT-J interleaved pairs instead of NeoX halves", False, _bool, "bool"
+    ),
     "rotary_emb_fraction": KeyRule(
         REFUSED,
         "fraction of head dims rotated; 0 (NomicBertConfig's default) means absolute position embeddings instead",
@@ -134,8 +141,9 @@ NOMIC_KEYS: dict[str, KeyRule] = {
         IMPLEMENTED, "length above which rotary_scaling_factor scales the base", 2048, _positive_int, "a positive int"
     ),
     "rotary_emb_scale_base": KeyRule(REFUSED, "xPos-style rotary scaling (scale_base)", None, _is_none, "null"),
-    "rotary_head_dim": KeyRule(REFUSED, "rotary applied over the head axis (an xformers bug workaround)", False, _falsy,
-                               "false"),
+    "rotary_head_dim": KeyRule(
+        REFUSED, "rotary applied over the head axis (an xformers bug workaround)", False, _falsy, "false"
+    ),
     "n_positions": KeyRule(
         NO_EFFECT, "length of absolute position embeddings, which exist only when rotary_emb_fraction <= 0"
     ),
@@ -148,17 +156,25 @@ NOMIC_KEYS: dict[str, KeyRule] = {
     "causal": KeyRule(REFUSED, "causal attention mask (the released model is bidirectional)", False, _falsy, "false"),
     "num_heads_kv": KeyRule(REFUSED, "grouped/multi-query attention", None, _heads_kv, "null or n_head"),
     "add_pooling_layer": KeyRule(
-        REFUSED, "a tanh pooler over the first token (its weights are not part of the embedding model)", False,
-        _falsy, "false",
+        REFUSED,
+        "a tanh pooler over the first token (its weights are not part of the embedding model)",
+        False,
+        _falsy,
+        "false",
     ),
     "pad_vocab_size_multiple": KeyRule(
-        REFUSED, "vocab_size rounded up to this multiple when the model is built", 1, _vocab_multiple,
+        REFUSED,
+        "vocab_size rounded up to this multiple when the model is built",
+        1,
+        _vocab_multiple,
         "a divisor of vocab_size (set vocab_size to the rounded row count)",
     ),
-    "scale_attn_weights": KeyRule(REFUSED, _GPT2 + " (NomicBert always scales by 1/sqrt(head_dim))", True,
-                                  lambda v, c: v is True, "true"),
-    "scale_attn_by_inverse_layer_idx": KeyRule(REFUSED, _GPT2 + " (would scale attention per layer)", False, _falsy,
-                                               "false"),
+    "scale_attn_weights": KeyRule(
+        REFUSED, _GPT2 + " (NomicBert always scales by 1/sqrt(head_dim))", True, lambda v, c: v is True, "true"
+    ),
+    "scale_attn_by_inverse_layer_idx": KeyRule(
+        REFUSED, _GPT2 + " (would scale attention per layer)", False, _falsy, "false"
+    ),
     "reorder_and_upcast_attn": KeyRule(REFUSED, _GPT2 + " (would upcast attention)", False, _falsy, "false"),
     # ------------------------------------------------------------------ mixture of experts
     "num_experts": KeyRule(IMPLEMENTED, "experts per MoE layer (0: dense model)"),
@@ -166,11 +182,15 @@ NOMIC_KEYS: dict[str, KeyRule] = {
     "moe_every_n_layers": KeyRule(IMPLEMENTED, "MoE where layer_index % n == 1"),
     "moe_normalize_expert_weights": KeyRule(IMPLEMENTED, "renormalise the top-k weights", False),
     "moe_impl": KeyRule(
-        REFUSED, "MoE implementation; megablocks' dMoE is what actdiff implements", "megablocks",
-        _one_of("megablocks"), "megablocks",
+        REFUSED,
+        "MoE implementation; megablocks' dMoE is what actdiff implements",
+        "megablocks",
+        _one_of("megablocks"),
+        "megablocks",
     ),
-    "expert_choice_router": KeyRule(REFUSED, "experts choose tokens instead of tokens choosing experts", False,
-                                    _falsy, "false"),
+    "expert_choice_router": KeyRule(
+        REFUSED, "experts choose tokens instead of tokens choosing experts", False, _falsy, "false"
+    ),
     "num_shared_experts": KeyRule(REFUSED, "always-on shared experts", 0, lambda v, c: not v, "0"),
     "ffn_div": KeyRule(REFUSED, "expert inner size n_inner // ffn_div", 1, _one_of(1), "1"),
     "router_aux_loss_coef": KeyRule(NO_EFFECT, "load-balancing loss weight: " + _TRAINING),
