@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import spec_numpy
 from helpers import REPO, model_copy
 
 from actdiff.compare.parity import weight_parity
@@ -34,6 +35,7 @@ from actdiff.reference import ReferenceRunner
 
 REL_L2_FP32 = 1e-5
 DIFFERS = 1e-3
+SPEC_AGREE = 1e-12  # two float64 implementations of one function: rounding only (~1e-16 per op)
 NEAR_TIE = 1e-5  # a top-k flip is legitimate only where the reference's k-th/(k+1)-th gap is within fp32 noise
 
 # The keys the original code reads (nomic-ai/contrastors at 613ddfd): the NomicBertConfig constructor
@@ -194,7 +196,15 @@ def _three_sides(model_dir, ids):
     finally:
         runner.close()
     eng = Engine(model_dir, threads=1).forward(ids, "fp32")
-    spec = _spec_forward(graph, load_file(str(model_dir / "model.safetensors")), ids)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    spec = _spec_forward(graph, weights, ids)
+    # the two float64 specs (refops' per-op spec and the independent tests/spec_numpy.py) agree
+    oracle = spec_numpy.forward_nomic_moe(cfg, weights, ids)
+    for n in graph:
+        if n.kind == "index":
+            assert np.array_equal(spec[n.name], oracle[n.name]), n.name
+        else:
+            assert _rel(spec[n.name], oracle[n.name]) < SPEC_AGREE, n.name
     return graph, ref, eng, spec
 
 
