@@ -244,6 +244,24 @@ def test_ntk_scaling_reference_engine_spec(ntk_dir, tiny_model_dir):
     )
 
 
+def test_ntk_scaling_per_prompt_in_a_padded_batch(ntk_dir):
+    """A prompt's reference values do not depend on its batch: each sequence is scaled by its own length, not
+    the padded one (tolerance as tests/test_reference_model.py's batch-padding test: 1e-6 of the node's scale,
+    the same fp32 function summed in another blocking order)."""
+    model, cfg, _ = load_reference_model(ntk_dir)
+    graph = build_graph(cfg)
+    runner = ReferenceRunner(model, graph)
+    try:
+        short = _ids(4032, 24, seed=1)  # > max_trained_positions, < the batch's padded 40
+        alone = runner.run_batch([short.tolist()])[0]
+        batched = runner.run_batch([_ids(4032, T_LONG).tolist(), short.tolist()])[1]
+    finally:
+        runner.close()
+    for n in graph:
+        a, b = np.asarray(batched[n.name], np.float64), np.asarray(alone[n.name], np.float64)
+        assert np.max(np.abs(a - b)) <= 1e-6 * max(1.0, float(np.max(np.abs(b)))), n.name
+
+
 def test_ntk_scaling_off_up_to_max_trained(ntk_dir, tiny_model_dir):
     ids = _ids(4032, NTK["max_trained_positions"])
     scaled = Engine(ntk_dir, threads=1).forward(ids, "fp32")
