@@ -144,6 +144,20 @@ def test_absent_key_takes_the_original_default(bad_dir, tiny_model_dir):
         Engine(bad_dir)
 
 
+def test_absent_implemented_key_reads_as_the_original_on_both_sides(tiny_model_dir):
+    from actdiff.models.loading import nomic_config_from_dict
+    from actdiff.nodes import dims_from_config
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    for key in ("activation_function", "type_vocab_size", "qkv_proj_bias"):
+        del cfg[key]
+    d, ref = dims_from_config(cfg), nomic_config_from_dict(cfg)
+    # GPT2Config's gelu_new (tanh form), NomicBertConfig's type_vocab_size 2 and qkv_proj_bias true
+    assert d.activation == ref.activation_function == "gelu_new"
+    assert d.type_vocab == ref.type_vocab_size == 2
+    assert d.qkv_bias is ref.qkv_proj_bias is True
+
+
 # --------------------------------------------------------------------------------------- helpers
 def _ids(vocab: int, T: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)

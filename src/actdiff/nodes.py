@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ModelError
-from .models.config_keys import check_nomic_config
+from .models.config_keys import check_nomic_config, config_value
 
 ARCH_NOMIC_MOE = "nomic_bert_moe"
 ARCH_BERT = "bert"
@@ -153,20 +153,20 @@ def dims_from_config(cfg: dict, source: str = "config.json") -> ModelDims:
             vocab=_req(cfg, "vocab_size", source, int),
             eps=_req(cfg, "layer_norm_epsilon", source, float),
             max_positions=_req(cfg, "n_positions", source, int),
-            type_vocab=int(cfg.get("type_vocab_size", 1)),
+            type_vocab=int(config_value(cfg, "type_vocab_size")),
             experts=int(cfg.get("num_experts", 0) or 0),
             top_k=int(cfg.get("moe_top_k", 0) or 0),
             moe_every_n_layers=int(cfg.get("moe_every_n_layers", 0) or 0),
             rotary_base=float(_req(cfg, "rotary_emb_base", source, float)),
             rotary_fraction=float(cfg.get("rotary_emb_fraction", 1.0)),
-            rotary_interleaved=bool(cfg.get("rotary_emb_interleaved", False)),
+            rotary_interleaved=bool(config_value(cfg, "rotary_emb_interleaved")),
             rotary_scaling_factor=float(cfg["rotary_scaling_factor"]) if cfg.get("rotary_scaling_factor") else None,
-            max_trained_positions=int(cfg.get("max_trained_positions", 2048)),
-            qkv_bias=bool(cfg.get("qkv_proj_bias", True)),
-            fc1_bias=bool(cfg.get("mlp_fc1_bias", True)),
-            fc2_bias=bool(cfg.get("mlp_fc2_bias", True)),
-            normalize_expert_weights=bool(cfg.get("moe_normalize_expert_weights", False)),
-            activation=str(cfg.get("activation_function", "gelu")),
+            max_trained_positions=int(config_value(cfg, "max_trained_positions")),
+            qkv_bias=bool(config_value(cfg, "qkv_proj_bias")),
+            fc1_bias=bool(config_value(cfg, "mlp_fc1_bias")),
+            fc2_bias=bool(config_value(cfg, "mlp_fc2_bias")),
+            normalize_expert_weights=bool(config_value(cfg, "moe_normalize_expert_weights")),
+            activation=str(config_value(cfg, "activation_function")),
             pad_token_id=int(cfg.get("pad_token_id", 1)),
         )
         if d.experts and not (0 < d.top_k <= d.experts):

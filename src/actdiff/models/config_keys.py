@@ -247,6 +247,19 @@ def check_nomic_config(cfg: dict, source: str) -> None:
         raise ModelError(f"{source}: config key {shown} is not supported: {rule.why}; supported: {rule.supported}")
 
 
+def config_value(cfg: dict, key: str):
+    """``cfg[key]``, or the original config class's default when config.json omits the key, so the graph, the
+    engine and the reference read an absent key as the original would."""
+    return cfg[key] if key in cfg else NOMIC_KEYS[key].default
+
+
+def original_defaults(cfg: dict) -> dict:
+    """The implemented keys config.json omits, with the original's defaults (for the reference's config)."""
+    return {
+        k: r.default for k, r in NOMIC_KEYS.items() if r.how == IMPLEMENTED and k not in cfg and r.default is not None
+    }
+
+
 def handled_keys() -> list[str]:
     return sorted(k for k, r in NOMIC_KEYS.items() if r.how in (IMPLEMENTED, NO_EFFECT))
 
