@@ -225,7 +225,9 @@ class Engine:
         return np.ascontiguousarray(x[0].reshape(T, 3, nh, hd)[:, part])
 
     def _op_rope(self, node, x, p):
-        return kernels.rotary(x[0], base=self.dims.rotary_base, interleaved=self._rope_interleaved(p.fault, node))
+        # the base depends on the sequence length under dynamic NTK scaling (config rotary_scaling_factor)
+        base = self.dims.rotary_base_for(x[0].shape[0])
+        return kernels.rotary(x[0], base=base, interleaved=self._rope_interleaved(p.fault, node))
 
     def _op_attention(self, node, x, p):
         q, k, v = x

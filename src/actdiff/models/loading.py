@@ -147,10 +147,12 @@ def weights_hash(model_dir: str | Path) -> str:
 
 
 def nomic_config_from_dict(cfg: dict):
+    from .config_keys import original_defaults
     from .nomic_moe import NomicBertMoeConfig
 
     drop = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype", "dtype"}
-    return NomicBertMoeConfig(**{k: v for k, v in cfg.items() if k not in drop})
+    # keys config.json omits take the original's defaults, as actdiff.nodes reads them for the graph and engine
+    return NomicBertMoeConfig(**original_defaults(cfg), **{k: v for k, v in cfg.items() if k not in drop})
 
 
 def refuse_native_nomic(cfg: dict, where: str) -> None:
