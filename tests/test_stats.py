@@ -31,7 +31,8 @@ EXPECTED = {
     "qkv_head_major": "qkv_split_head_major",
 }
 FAULTS = runnable_faults()
-LABELS = {f"f{i + 1}": name for i, name in enumerate(sorted(FAULTS))}
+# engine_dump runs prompts at batch 1, where a padding-only fault is the spec: those are tested on a padded dump
+LABELS = {f"f{i + 1}": name for i, name in enumerate(sorted(n for n in FAULTS if not FAULTS[n].padding_only))}
 
 
 def run_stats(tmp, model_dir, ref_h5, eng_h5, variant, side="actdiff", cfg=None):

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 
 # (op, parameter) -> the override values the engine's kernels execute (None: any number)
 RUNNABLE: dict[tuple[str, str], frozenset | None] = {
-    ("ATTENTION", "mask"): frozenset({"causal"}),
+    ("ATTENTION", "mask"): frozenset({"causal", "query_padding"}),
     ("GELU", "form"): frozenset({"tanh"}),
     ("LAYERNORM", "eps"): None,
     ("ROPE", "layout"): frozenset({"gptj", "neox"}),
@@ -31,6 +31,10 @@ RUNNABLE: dict[tuple[str, str], frozenset | None] = {
     ("EXPERT_FC2", "w2_orientation"): frozenset({"HF"}),
     ("BIAS_ADD", "bias"): frozenset({"none"}),
 }
+
+# (op, parameter, value) overrides that act on padding only: a prompt alone (batch 1, no pad token) runs them
+# as the spec, so such a fault shows only in a padded batch (Engine.forward_batch; a dump with batch_size > 1)
+PADDING_ONLY: frozenset[tuple[str, str, object]] = frozenset({("ATTENTION", "mask", "query_padding")})
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class Fault:
     def changes(self, node, arch: str | None = None) -> bool:
         """True if the fault runs ``node`` differently: the entry's op and conditions select it."""
         return self.entry.matches(node, arch)
+
+    @property
+    def padding_only(self) -> bool:
+        """True if the fault changes nothing unless the batch has padding (see PADDING_ONLY)."""
+        return all((op, k, v) in PADDING_ONLY for op in self.entry.ops for k, v in self.params.items())
 
     def overrides(self, node, arch: str | None = None) -> dict:
         """The parameters ``node`` runs with besides the spec's (empty for nodes the fault does not change)."""
