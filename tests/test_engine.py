@@ -334,3 +334,72 @@ def test_forward_batch_edge_cases(tiny_model_dir):
     one = e.forward([0, 5, 2])
     same = e.forward_batch([[0, 5, 2], [0, 5, 2]])  # no padding at all
     assert all(np.array_equal(one[n], same[1][n]) for n in one)
+
+
+def _engine_dump(tmp_path, model_dir, items, variant, batch_size):
+    """pipeline.dump as the dump_engine rule calls it (the model's config batch_size), read back per prompt."""
+    import pandas as pd
+
+    from actdiff.h5io import ActivationReader
+    from actdiff.nodes import load_config_json
+    from actdiff.pipeline import dump
+
+    record = tmp_path / "model.json"
+    cfg = load_config_json(model_dir)
+    arch = build_graph(cfg).dims.arch
+    record.write_text(
+        json.dumps({"name": "m", "dir": str(model_dir), "arch": arch, "weights_sha256": "x", "config": cfg})
+    )
+    tokens = tmp_path / "tokens.parquet"
+    pd.DataFrame({"prompt_id": [p for p, _ in items], "reference_ids": [i for _, i in items]}).to_parquet(tokens)
+    out = tmp_path / f"{variant}-b{batch_size}.h5"
+    dump(str(record), str(tokens), str(out), "actdiff", variant, 0, batch_size=batch_size)
+    with ActivationReader(out) as r:
+        assert r.prompt_ids == [p for p, _ in items]  # the original prompt order, whatever the batches
+        return {p: {n: r.node(n, p) for n in r.node_names} for p in r.prompt_ids}
+
+
+def test_engine_dump_batches_and_shows_the_padding_only_fault(tiny_model_dir, corpus, tmp_path):
+    """The engine dump with the model's batch_size > 1 runs length-sorted padded batches: its values are the
+    batch-1 values bit for bit, in the prompt order; the padding-only fault shows at its attention nodes in the
+    padded prompts of that dump, and not at all in a batch-1 dump."""
+    ids_all = _corpus_ids(tiny_model_dir, corpus.iloc[:24], 512)
+    items = [(f"p{i:02d}", ids) for i, ids in enumerate(ids_all)]
+    clean1 = _engine_dump(tmp_path, tiny_model_dir, items, "fp32", 1)
+    clean4 = _engine_dump(tmp_path, tiny_model_dir, items, "fp32", 4)
+    for p in clean1:
+        assert all(np.array_equal(clean1[p][n], clean4[p][n]) for n in clean1[p]), p
+    fault = next(f for f in sorted(FAULTS) if FAULTS[f].padding_only)
+    bad1 = _engine_dump(tmp_path, tiny_model_dir, items, f"fp32+fault={fault}", 1)
+    bad4 = _engine_dump(tmp_path, tiny_model_dir, items, f"fp32+fault={fault}", 4)
+    assert all(np.array_equal(clean1[p][n], bad1[p][n]) for p in clean1 for n in clean1[p])
+    graph = Engine(tiny_model_dir).graph
+    first_attention = next(n.name for n in graph if FAULTS[fault].changes(n))
+    changed = [p for p in clean1 if not np.array_equal(clean1[p][first_attention], bad4[p][first_attention])]
+    assert len(changed) >= len(items) // 2, changed  # every prompt shorter than its batch: most of them
+    for p in changed:
+        first = next(n for n in graph if not np.array_equal(clean1[p][n.name], bad4[p][n.name]))
+        assert first.name == first_attention, (p, first.name)
+
+
+def test_batching_policy_is_the_references():
+    """actdiff.batching (the engine's and the reference's batches): results in input order, length-sorted batches
+    within a window of 8 batches, at most batch_size prompts and max_batch_tokens padded tokens each."""
+    from actdiff.batching import batched_in_order
+
+    rng = np.random.default_rng(1)
+    items = [(f"p{i}", [0] * int(n)) for i, n in enumerate(rng.integers(1, 600, 70))]
+    seen: list[list[int]] = []
+
+    def run(batch):
+        seen.append([len(x) for x in batch])
+        return [len(x) for x in batch]
+
+    out = list(batched_in_order(items, run, batch_size=4, max_batch_tokens=1024))
+    assert [p for p, _ in out] == [p for p, _ in items] and [n for _, n in out] == [len(i) for _, i in items]
+    assert all(len(b) <= 4 and (len(b) == 1 or len(b) * max(b) <= 1024) and b == sorted(b) for b in seen)
+    assert sum(map(len, seen)) == len(items) and max(map(len, seen)) == 4
+    assert [len(b) for b in seen] != [1] * len(seen)
+    seen.clear()
+    assert [p for p, _ in batched_in_order(items, run, batch_size=1)] == [p for p, _ in items]
+    assert all(len(b) == 1 for b in seen)
