@@ -9,6 +9,10 @@ the others are refused with the reason. The handles' defaults are chosen so that
 error is far above the fp32 budget (at least 10x; tests/test_engine.py measures it): LayerNorm eps 1e-2, not
 1e-6 (on unit-variance inputs 1e-6 changes outputs by ~5e-6 relative, 1e-2 by ~5e-3).
 
+A fault made only of :data:`PADDING_ONLY` overrides (``mask_query_axis``: the padding mask on the query axis)
+runs the spec on a prompt alone: it shows only in a padded batch (``Engine.forward_batch``, an engine dump with
+``batch_size`` > 1), in the prompts shorter than their batch, at the nodes it declares (the attention nodes).
+
 The diagnosis stage never reads a fault's name: it only sees the numbers (``fault_aliases`` give opaque
 labels, resolved once at the stage boundary by :func:`actdiff.variants.resolve_variant`).
 """
