@@ -268,6 +268,7 @@ def _assert_batch_equals_batch1(engine, ids_all, variant):
     return n_padded
 
 
+@pytest.mark.isa_paths
 @pytest.mark.parametrize("model", ["tiny-nomic-moe", "minilm-l6"])
 def test_batch_equals_batch_one_on_whole_corpus(model, corpus, tiny_model_dir, minilm_model_dir):
     """Every node of every corpus prompt, run in padded batches of mixed lengths, is bitwise its batch-1 value."""
