@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml $(KERNEL_SOURCES)
 
 report: setup
 	@$(BIN)/python -c 'import actdiff.llamacpp as l; ok, why = l.available(); print("actdiff: llama.cpp engine " + ("included (" + why + ")" if ok else "NOT included: " + why))'
-	$(BIN)/snakemake --cores $(CORES) --resources mem_mb=$(MEM_MB) $(SNAKEMAKE_ARGS)
+	$(BIN)/actdiff run --cores $(CORES) --resources mem_mb=$(MEM_MB) $(SNAKEMAKE_ARGS)
 
 test: setup setup-llamacpp browser test-c test-python test-isa
 

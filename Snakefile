@@ -6,7 +6,8 @@
 # variant fp32; tables: actdiff.tables.
 #   resources/models/{model}/                                               generated models (config.json, weights, tokenizer.json)
 #   results/prompts/shard-{shard}.parquet                                   prompt sheet split by stable hash of prompt_id
-#   results/{model}/model.json                                              resolved model dir, architecture, weights sha256
+#   results/{model}/model-files.json                                        sha256 of the model's files (rewritten only when one changes)
+#   results/{model}/model.json                                              resolved model dir, architecture, sha256 of its files
 #   results/{model}/tokens/shard-{shard}.parquet                            token ids, reference and engine tokenizers
 #   results/{model}/{side}/{variant}/activations/shard-{shard}.h5           per-node dumps (docs/formats.md)
 #   results/{model}/{side}/{variant}/model.gguf                             llama.cpp's GGUF of the variant
@@ -21,9 +22,19 @@
 # Variants follow the grammar precision[+fault=name[:param]] (actdiff.variants), e.g. fp32, int8,
 # fp32+fault=gelu_tanh (a fault is a catalogue entry of actdiff/data/hypotheses.yaml run on purpose).
 
+import sys
+
+from actdiff.config import read_config_file
+from actdiff.errors import ConfigError
+
+
 # The default config applies only when no --configfile is given, so a user's config replaces it
 # instead of being merged into it (a merge could never remove a default model).
 if not workflow.overwrite_configfiles:
+    try:  # read first: Snakemake's own loader names neither the file nor the line of a YAML error
+        read_config_file("config/config.yaml")
+    except ConfigError as e:
+        sys.exit(f"actdiff: {e}")
 
     configfile: "config/config.yaml"
 

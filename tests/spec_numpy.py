@@ -17,6 +17,11 @@ Quirks of the released model that this oracle follows on purpose (see the spec):
     expert e computes gelu(x @ w1[e].T) @ w2[e];
   * the shared expert bias is added once, after the weighted sum over the top-k experts;
   * mean pooling over real tokens, then x / max(||x||, 1e-12).
+
+Beyond the released config (each as the original NomicBERT code, nomic-ai/contrastors
+modeling_hf_nomic_bert.py): ``rotary_scaling_factor`` (dynamic NTK: for T > max_trained_positions the
+base is base * ((factor * T / max_trained) - (factor - 1)) ** (hd / (hd - 2))); ``qkv_proj_bias: false``
+(no Wqkv nor out_proj bias); ``mlp_fc1_bias`` / ``mlp_fc2_bias: false`` (no dense fc1 / fc2 bias).
 """
 
 from __future__ import annotations
@@ -133,6 +138,8 @@ def forward_nomic_moe(
     base = float(config.get("rotary_emb_base", 10000))
     eps = float(config.get("layer_norm_epsilon", 1e-5))
     normalize_topk = bool(config.get("moe_normalize_expert_weights", False))
+    factor = config.get("rotary_scaling_factor")
+    max_trained = int(config.get("max_trained_positions", 2048))
     if float(config.get("rotary_emb_fraction", 1.0)) != 1.0:
         raise NotImplementedError("spec oracle only supports rotary_emb_fraction == 1.0")
     if bool(config.get("rotary_emb_interleaved", False)):
@@ -144,6 +151,10 @@ def forward_nomic_moe(
         raise ValueError("head_dim must be even for rotate-half rotary")
 
     W = lambda name: _f64(weights[name])  # noqa: E731
+    # a bias the config switches off is absent from the checkpoint: adding nothing is adding zero
+    B = lambda name, on: W(name) if on else 0.0  # noqa: E731
+    qkv_bias = bool(config.get("qkv_proj_bias", True))
+    fc1_bias, fc2_bias = bool(config.get("mlp_fc1_bias", True)), bool(config.get("mlp_fc2_bias", True))
 
     ids = np.asarray(ids).astype(np.int64).reshape(-1)
     T = ids.shape[0]
@@ -154,6 +165,8 @@ def forward_nomic_moe(
         assert mask.shape == (T,)
 
     nodes: dict[str, np.ndarray] = {}
+    if factor and T > max_trained:  # dynamic NTK rotary scaling, from this prompt's length
+        base = base * ((factor * T / max_trained) - (factor - 1)) ** (hd / (hd - 2))
 
     # spec: "x = word_emb[ids] + token_type_emb[0]"  (type_vocab_size 1: row 0 always added)
     word_emb = W("embeddings.word_embeddings.weight")
@@ -173,7 +186,7 @@ def forward_nomic_moe(
         p = f"encoder.layers.{i}."
 
         # spec: "qkv = x @ Wqkv.T + b"
-        qkv = x @ W(p + "attn.Wqkv.weight").T + W(p + "attn.Wqkv.bias")
+        qkv = x @ W(p + "attn.Wqkv.weight").T + B(p + "attn.Wqkv.bias", qkv_bias)
         nodes[p + "attn.qkv"] = qkv
 
         # spec: "split into q, k, v, each [B, S, 12, 64]"; "rows = q(768) | k(768) | v(768);
@@ -199,7 +212,7 @@ def forward_nomic_moe(
         nodes[p + "attn.context"] = context
 
         # spec: "-> out_proj"
-        attn_out = context @ W(p + "attn.out_proj.weight").T + W(p + "attn.out_proj.bias")
+        attn_out = context @ W(p + "attn.out_proj.weight").T + B(p + "attn.out_proj.bias", qkv_bias)
         nodes[p + "attn.out_proj"] = attn_out
 
         # spec: "h = norm1(x + attn)   # post-norm"
@@ -210,9 +223,9 @@ def forward_nomic_moe(
 
         if not is_moe_layer(i, every):
             # spec: "m = fc2(gelu_erf(fc1(h)))  if i is even"
-            fc1 = h @ W(p + "mlp.fc1.weight").T + W(p + "mlp.fc1.bias")
+            fc1 = h @ W(p + "mlp.fc1.weight").T + B(p + "mlp.fc1.bias", fc1_bias)
             act = gelu_erf(fc1)
-            fc2 = act @ W(p + "mlp.fc2.weight").T + W(p + "mlp.fc2.bias")
+            fc2 = act @ W(p + "mlp.fc2.weight").T + B(p + "mlp.fc2.bias", fc2_bias)
             nodes[p + "mlp.fc1"] = fc1
             nodes[p + "mlp.act"] = act
             nodes[p + "mlp.fc2"] = fc2

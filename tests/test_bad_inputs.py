@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from helpers import snakemake
+from helpers import BIN, run_cmd, snakemake
 
-from actdiff.config import SCHEMA, validate_config
+from actdiff.config import SCHEMA, read_config_file, validate_config
 from actdiff.errors import ConfigError, PromptError
 from actdiff.prompts import load_prompt_sheet
 from actdiff.variants import parse_variant
@@ -41,13 +41,55 @@ def test_malformed_config_key_via_snakemake(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text, where, what",
+    [
+        ("prompts: p.tsv\nmodels:\n  m:\n\tsource: {path: /x}\n", "line 4, column 1", "YAML does not allow tabs"),
+        ("prompts: p.tsv\n models: 1\n", "line 2, column 8", "mapping values are not allowed here"),
+        ("prompts: p.tsv\nmodels: {m: {source: 1}\n", "line 3, column 1", "expected ',' or '}'"),
+    ],
+)
+def test_yaml_syntax_error_names_file_and_line(tmp_path, text, where, what):
+    """Snakemake's loader says only "Config file is not valid JSON or YAML": ours names the file and line."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        read_config_file(cfg)
+    assert f"config file {cfg}, {where}: not valid YAML" in str(e.value) and what in str(e.value)
+
+
+def test_actdiff_run_names_the_yaml_error(tmp_path):
+    """`actdiff run` (the documented entry point) checks every --configfile before Snakemake reads it."""
+    cfg = _write(tmp_path, "bad.yaml", "prompts: p.tsv\n models: 1\n")
+    p = run_cmd([str(BIN / "actdiff"), "run", "-n", "--cores", "1", "--configfile", "config/ci.yaml", str(cfg)])
+    out = p.stdout + p.stderr
+    assert p.returncode == 1
+    assert f"actdiff run: config file {cfg}, line 2, column 8: not valid YAML: mapping values are not allowed" in out
+    _no_traceback(out)
+
+
+def test_targets_after_configfile_are_named(tmp_path):
+    """--configfile takes every argument up to the next option, so a target after it would be read as a config
+    file (Snakemake: a FileNotFoundError traceback). `actdiff run` names it and prints the reordered command."""
+    p = run_cmd([str(BIN / "actdiff"), "run", "-n", "--cores", "1", "--configfile", "config/ci.yaml",
+                 "results/ci/reports/index.html", "all"])  # fmt: skip
+    out = p.stdout + p.stderr
+    assert p.returncode == 1
+    assert "'results/ci/reports/index.html', 'all' after --configfile would be read as config file(s)" in out
+    assert "actdiff run -n --cores 1 results/ci/reports/index.html all --configfile config/ci.yaml" in out
+    _no_traceback(out)
+    # the reordered command is accepted, and reaches Snakemake (a dry run of the named targets)
+    p = run_cmd([str(BIN / "actdiff"), "run", "-n", "--cores", "1", "split_prompts", "--configfile", "config/ci.yaml"])
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize(
     "patch, key",
     [
         ({"shards": 0}, "shards"),
         ({"variants": ["fp33"]}, "variants.0"),
         ({"unknown_key": 1}, "(top level)"),
         ({"models": {"m": {"source": {"path": "/x", "hf": "a/b"}, "max_length": 8}}}, "models.m.source"),
-        ({"models": {"m": {"source": {"path": "/x"}}}}, "models.m"),
+        ({"models": {"m": {"max_length": 8}}}, "models.m"),  # no source (max_length may be absent: issue 16)
         ({"reference": {"impl": "magic"}}, "reference.impl"),
     ],
 )
@@ -141,3 +183,39 @@ def test_prompt_sheet_escapes(tmp_path):
     p = tmp_path / "s.tsv"
     p.write_text("prompt_id\ttext\na\tline1\\nline2\\tcol \\\\ end\n", encoding="utf-8")
     assert load_prompt_sheet(p).loc[0, "text"] == "line1\nline2\tcol \\ end"
+
+
+def test_budget_glob_matching_no_node_is_refused(tmp_path):
+    """A budgets: glob that matches no node used to be ignored silently (the budget meant never applied); the
+    run now stops at the start, naming the glob and the model, with some node names and how to list them."""
+    cfg = _write(tmp_path, "c.yaml", f"""\
+        prompts: tests/data/ci_prompts.tsv
+        results: {tmp_path}/r
+        budgets: {{"encoder.layers.*.mlp.act": 0.001, "encoder.layer.*.attn.qkv": 0.0001}}
+        models:
+          tiny-nomic-moe:
+            source: {{generate: tiny-nomic-moe}}
+            max_length: 64
+        """)  # fmt: skip
+    p = snakemake("-n", "--cores", "1", "--configfile", str(cfg))
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert (
+        "config key 'budgets': the node glob 'encoder.layer.*.attn.qkv' matches no node of model 'tiny-nomic-moe' "
+        "(76 nodes, e.g. embeddings, emb_ln, encoder.layers.0.attn.qkv" in out
+    )
+    assert "`actdiff nodes MODEL_DIR`" in out
+    _no_traceback(out)
+
+
+def test_budget_glob_needs_to_match_one_model_only(tiny_model_dir, minilm_model_dir):
+    """Budgets apply to every model: a MoE-only glob matches nothing in a dense BERT, and that is fine; a glob
+    no model has is refused; a model whose graph is unknown yet (missing directory) leaves globs unjudged."""
+    from actdiff.compare.budgets import check_budget_globs
+    from actdiff.nodes import graph_for_model_dir
+
+    graphs = {"tiny": graph_for_model_dir(tiny_model_dir), "minilm": graph_for_model_dir(minilm_model_dir)}
+    check_budget_globs({"encoder.layers.*.mlp.router.*": 1.0, "emb_ln": 1.0}, graphs)
+    with pytest.raises(ConfigError, match=r"'no.such.\*' matches no node of any model: 'tiny' \(76 nodes"):
+        check_budget_globs({"no.such.*": 1.0}, graphs)
+    check_budget_globs({"no.such.*": 1.0}, graphs, unknown=("other",))

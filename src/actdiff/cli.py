@@ -1,6 +1,7 @@
 """Command-line entry point: ``actdiff <command>``.
 
 Commands:
+  run [SNAKEMAKE ARGS]                     run the workflow: checks every --configfile, then runs snakemake
   nodes MODEL_DIR_OR_CONFIG [--markdown]   print the canonical node graph of a model
   make-tiny OUT_DIR [--seed N]             generate the embedded tiny-nomic-moe model
   validate-config CONFIG.yaml              validate a workflow config against the schema
@@ -44,6 +45,10 @@ def nodes_markdown(graph, hf_prefix: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # every other argument is Snakemake's, so argparse must not see them
+        from .launch import main as run_main
+
+        return run_main(argv[1:])
     if argv[:1] == ["check"]:
         from .compare.check import main as check_main
 
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schema", default=None, help="default: the packaged schema (actdiff/data/config.schema.yaml)")
     p = sub.add_parser("inspect", help="summarise an activation dump")
     p.add_argument("dump")
+    sub.add_parser("run", help="run the workflow (snakemake arguments; config files checked first)")
     sub.add_parser("check", help="CI gate over a run's statistics (see actdiff check --help)")
     sub.add_parser("import", help="import another engine's dumps (see actdiff import --help)")
     args = ap.parse_args(argv)

@@ -93,12 +93,38 @@ def validate_config(config: dict, schema_path: str | Path | None = None, source:
     return config
 
 
-def load_config(path: str | Path, schema_path: str | Path | None = None) -> dict:
+def read_config_file(path: str | Path) -> dict:
+    """Parse a config file (YAML, or JSON, which is YAML) into a mapping; a syntax error names the file, line
+    and column (Snakemake's own loader says only "not valid JSON or YAML", which is why `actdiff run` and the
+    Snakefile read every config file through this first)."""
     p = Path(path)
     try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {p} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read ({e})") from None
+    try:
+        cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    return validate_config(cfg, schema_path, source=str(p))
+        raise ConfigError(_yaml_error(p, e)) from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config file {p}: the configuration must be a mapping of keys to values (key: value lines)")
+    return cfg
+
+
+def _yaml_error(p: Path, e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(p)
+    what = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    context_mark = getattr(e, "context_mark", None)
+    if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+        what += f" ({context} at line {context_mark.line + 1})"
+    hint = " (indent with spaces: YAML does not allow tabs)" if "\\t" in what else ""
+    return f"config file {where}: not valid YAML: {what}{hint}"
+
+
+def load_config(path: str | Path, schema_path: str | Path | None = None) -> dict:
+    p = Path(path)
+    return validate_config(read_config_file(p), schema_path, source=str(p))

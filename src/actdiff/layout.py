@@ -34,6 +34,10 @@ class Layout:
     def model_json(self, model) -> str:
         return f"{self.results}/{model}/model.json"
 
+    def model_files(self, model) -> str:
+        """{file: sha256} of the model's files, rewritten only when one changes (actdiff.models.fingerprint)."""
+        return f"{self.results}/{model}/model-files.json"
+
     def tokens(self, model, shard) -> str:
         return f"{self.results}/{model}/tokens/shard-{shard}.parquet"
 
@@ -120,7 +124,8 @@ class Layout:
         return [
             (self.generated_model("{model}") + "/", "generated models (config.json, weights, tokenizer.json)"),
             (self.prompts("{shard}"), "prompt sheet split by stable hash of prompt_id"),
-            (self.model_json("{model}"), "resolved model dir, architecture, weights sha256"),
+            (self.model_files("{model}"), "sha256 of the model's files (rewritten only when one changes)"),
+            (self.model_json("{model}"), "resolved model dir, architecture, sha256 of its files"),
             (self.tokens("{model}", "{shard}"), "token ids, reference and engine tokenizers"),
             (self.activations(*w, "{shard}"), "per-node dumps (docs/formats.md)"),
             (self.artifact(*w, "model.gguf"), "llama.cpp's GGUF of the variant"),

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ModelError
+from .models.config_keys import check_nomic_config, config_value
 
 ARCH_NOMIC_MOE = "nomic_bert_moe"
 ARCH_BERT = "bert"
@@ -58,6 +59,12 @@ class ModelDims:
     rotary_base: float = 10000.0
     rotary_fraction: float = 1.0
     rotary_interleaved: bool = False
+    # dynamic NTK rotary scaling (config rotary_scaling_factor; None: off): see rotary_base_for
+    rotary_scaling_factor: float | None = None
+    max_trained_positions: int = 2048
+    qkv_bias: bool = True  # NomicBERT qkv_proj_bias: Wqkv.bias and out_proj.bias
+    fc1_bias: bool = True  # NomicBERT mlp_fc1_bias (dense MLP layers)
+    fc2_bias: bool = True  # NomicBERT mlp_fc2_bias (dense MLP layers)
     normalize_expert_weights: bool = False
     activation: str = "gelu"
     pad_token_id: int = 1
@@ -65,6 +72,12 @@ class ModelDims:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    def rotary_base_for(self, seqlen: int) -> float:
+        """The rotary base a sequence of ``seqlen`` tokens is rotated with (see :func:`ntk_rotary_base`)."""
+        return ntk_rotary_base(
+            self.rotary_base, seqlen, self.rotary_scaling_factor, self.max_trained_positions, self.head_dim
+        )
 
     def is_moe_layer(self, i: int) -> bool:
         # released model: MoE where layer_index % moe_every_n_layers == 1 (layers 1, 3, 5, ...)
@@ -82,6 +95,22 @@ class ModelDims:
             "k": self.top_k,
             "1": 1,
         }
+
+
+def ntk_rotary_base(base: float, seqlen: int, factor: float | None, max_trained: int, dim: int) -> float:
+    """Dynamic NTK rotary scaling, as the original NomicBertDynamicNTKRotaryEmbedding._update_cos_sin_cache
+    (nomic-ai/contrastors, src/contrastors/models/huggingface/modeling_hf_nomic_bert.py; the same formula in
+    src/contrastors/layers/embedding.py DynamicNTKRotaryEmbedding): when seqlen > max_trained_positions,
+    ``base * ((factor * seqlen / max_trained) - (factor - 1)) ** (dim / (dim - 2))``, in Python floats (float64);
+    inv_freq is then recomputed from it in float32. ``dim`` is the rotary dim (head_dim * rotary_emb_fraction).
+
+    The original only builds that class when the factor is truthy (``if config.rotary_scaling_factor:``).
+    It also keeps the scaled inv_freq and its cos/sin cache across calls, so a prompt processed after a
+    longer one reuses the longer one's base; actdiff computes the base from each sequence's own length
+    (what the original computes for a fresh model or the longest sequence so far)."""
+    if not factor or seqlen <= max_trained:
+        return float(base)
+    return float(base) * ((factor * seqlen / max_trained) - (factor - 1)) ** (dim / (dim - 2))
 
 
 def _req(cfg: dict, key: str, source: str, typ):
@@ -113,6 +142,8 @@ def dims_from_config(cfg: dict, source: str = "config.json") -> ModelDims:
     """Read architecture sizes from a raw config.json dict; errors name the key and file."""
     arch = detect_arch(cfg, source)
     if arch == ARCH_NOMIC_MOE:
+        # every key the original reads besides the sizes: one registry, one refusal (actdiff.models.config_keys)
+        check_nomic_config(cfg, source)
         d = ModelDims(
             arch=arch,
             hidden=_req(cfg, "n_embd", source, int),
@@ -122,25 +153,24 @@ def dims_from_config(cfg: dict, source: str = "config.json") -> ModelDims:
             vocab=_req(cfg, "vocab_size", source, int),
             eps=_req(cfg, "layer_norm_epsilon", source, float),
             max_positions=_req(cfg, "n_positions", source, int),
-            type_vocab=int(cfg.get("type_vocab_size", 1)),
+            type_vocab=int(config_value(cfg, "type_vocab_size")),
             experts=int(cfg.get("num_experts", 0) or 0),
             top_k=int(cfg.get("moe_top_k", 0) or 0),
             moe_every_n_layers=int(cfg.get("moe_every_n_layers", 0) or 0),
             rotary_base=float(_req(cfg, "rotary_emb_base", source, float)),
             rotary_fraction=float(cfg.get("rotary_emb_fraction", 1.0)),
-            rotary_interleaved=bool(cfg.get("rotary_emb_interleaved", False)),
-            normalize_expert_weights=bool(cfg.get("moe_normalize_expert_weights", False)),
-            activation=str(cfg.get("activation_function", "gelu")),
+            rotary_interleaved=bool(config_value(cfg, "rotary_emb_interleaved")),
+            rotary_scaling_factor=float(cfg["rotary_scaling_factor"]) if cfg.get("rotary_scaling_factor") else None,
+            max_trained_positions=int(config_value(cfg, "max_trained_positions")),
+            qkv_bias=bool(config_value(cfg, "qkv_proj_bias")),
+            fc1_bias=bool(config_value(cfg, "mlp_fc1_bias")),
+            fc2_bias=bool(config_value(cfg, "mlp_fc2_bias")),
+            normalize_expert_weights=bool(config_value(cfg, "moe_normalize_expert_weights")),
+            activation=str(config_value(cfg, "activation_function")),
             pad_token_id=int(cfg.get("pad_token_id", 1)),
         )
         if d.experts and not (0 < d.top_k <= d.experts):
             raise ModelError(f"{source}: moe_top_k={d.top_k} must be between 1 and num_experts={d.experts}")
-        if cfg.get("prenorm", False):
-            raise ModelError(f"{source}: prenorm=true is not supported (the released model is post-norm)")
-        if d.rotary_fraction != 1.0:
-            raise ModelError(f"{source}: rotary_emb_fraction={d.rotary_fraction} is not supported (only 1.0)")
-        if d.activation not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-            raise ModelError(f"{source}: activation_function {d.activation!r} is not supported")
     else:
         d = ModelDims(
             arch=arch,
@@ -376,6 +406,12 @@ class _Builder:
         return name
 
 
+def _with_bias(module: str, bias: bool) -> tuple[str, ...]:
+    # a MATMUL without a bias lists only its weight: the engine, the spec (MATMUL bias "none") and the
+    # weight export all follow the graph's list, so a checkpoint without the bias is read consistently
+    return (module + ".weight", module + ".bias") if bias else (module + ".weight",)
+
+
 def _nomic_nodes(d: ModelDims) -> list[Node]:
     b = _Builder()
     x = b.add(
@@ -398,7 +434,7 @@ def _nomic_nodes(d: ModelDims) -> list[Node]:
             ("T", "3H"),
             tap=(p + "attn.Wqkv", "output"),
             layer=i,
-            weights=(p + "attn.Wqkv.weight", p + "attn.Wqkv.bias"),
+            weights=_with_bias(p + "attn.Wqkv", d.qkv_bias),
         )
         q = b.add(p + "attn.q", "SPLIT", [qkv], ("T", "nh", "hd"), tap=(p + "attn.q", "output"), layer=i, part=0)
         k = b.add(p + "attn.k", "SPLIT", [qkv], ("T", "nh", "hd"), tap=(p + "attn.k", "output"), layer=i, part=1)
@@ -415,7 +451,7 @@ def _nomic_nodes(d: ModelDims) -> list[Node]:
             ("T", "H"),
             tap=(p + "attn.out_proj", "output"),
             layer=i,
-            weights=(p + "attn.out_proj.weight", p + "attn.out_proj.bias"),
+            weights=_with_bias(p + "attn.out_proj", d.qkv_bias),
         )
         r1 = b.add(p + "resid_attn", "ADD", [x, o], ("T", "H"), tap=(p + "resid_attn", "output"), layer=i)
         h = b.add(
@@ -512,7 +548,7 @@ def _nomic_nodes(d: ModelDims) -> list[Node]:
                 ("T", "F"),
                 tap=(m + "fc1", "output"),
                 layer=i,
-                weights=(m + "fc1.weight", m + "fc1.bias"),
+                weights=_with_bias(m + "fc1", d.fc1_bias),
             )
             ac = b.add(m + "act", "GELU", [f1], ("T", "F"), tap=(m + "act", "output"), layer=i)
             mo = b.add(
@@ -522,7 +558,7 @@ def _nomic_nodes(d: ModelDims) -> list[Node]:
                 ("T", "H"),
                 tap=(m + "fc2", "output"),
                 layer=i,
-                weights=(m + "fc2.weight", m + "fc2.bias"),
+                weights=_with_bias(m + "fc2", d.fc2_bias),
             )
         r2 = b.add(p + "resid_mlp", "ADD", [h, mo], ("T", "H"), tap=(p + "resid_mlp", "output"), layer=i)
         x = b.add(

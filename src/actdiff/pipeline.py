@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pandas as pd
 
 from .atomic import atomic_path, write_json_atomic
 from .errors import ModelError
-from .models.loading import check_model_dir, model_summary, resolve_model_dir
+from .models.loading import WEIGHTS_FILE, convert_pickle_checkpoint, model_summary, resolve_model_dir
 from .models.record import ModelRecord
 from .models.released import released_config
 from .nodes import build_graph
@@ -33,11 +34,20 @@ def generate_model(kind: str, out_dir: str, text_file: str, seed: int) -> None:
     log.info("generated %s (seed %d) in %s in %.1f s", kind, seed, out_dir, time.perf_counter() - t0)
 
 
-def resolve_model(name: str, source: dict, out_json: str, resources_dir: str = "resources/models") -> None:
-    """Locate the model, check it, and record its directory, architecture and weights hash."""
+def resolve_model(
+    name: str, source: dict, out_json: str, resources_dir: str = "resources/models", allow_pickle: bool = False
+) -> None:
+    """Locate the model, check it, and record its directory, architecture and the sha256 of its files as they
+    are now. A pytorch_model.bin (allow_pickle) is converted once to safetensors beside model.json, and the
+    record points every later stage at that copy."""
     d = resolve_model_dir(name, source, resources_dir)
-    check_model_dir(d)
-    summary = model_summary(name, d)
+    fingerprint = Path(out_json).with_name("model-files.json")  # Layout.model_files
+    summary = model_summary(name, d, allow_pickle, fingerprint)
+    if summary["weights_file"] != WEIGHTS_FILE:
+        converted = Path(out_json).parent / "checkpoint"
+        convert_pickle_checkpoint(d, converted)
+        summary["source_dir"], summary["dir"] = summary["dir"], str(converted.resolve())
+        log.info("model %s: %s converted to safetensors in %s", name, summary["weights_file"], converted)
     graph = build_graph(summary["config"], str(d / "config.json"))
     summary["n_nodes"] = len(graph)
     write_json_atomic(out_json, summary)
@@ -61,8 +71,18 @@ def split_prompts(sheet: str, n_shards: int, outputs: list[str]) -> None:
     log.info("%s: %d prompts in %d shards", sheet, len(df), n_shards)
 
 
-def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_side: bool = True) -> None:
-    from .token_shards import tokenize_shard
+def tokenize(
+    model_json: str,
+    prompts: str,
+    max_length: int | None,
+    out: str,
+    engine_side: bool = True,
+    engine_target: str = "transformers",
+) -> None:
+    """Tokens of one shard: transformers (the reference's ids), tokenizers literally, and the engine's own
+    tokenizer held to ``engine_target`` (its transformers-5 mode for transformers, its literal mode for
+    tokenizers). ``max_length`` None: the model's own limit (token_shards.model_max_length)."""
+    from .token_shards import AGREEMENT, tokenize_shard
 
     record = ModelRecord.load(model_json)
     df = pd.read_parquet(prompts)
@@ -70,18 +90,24 @@ def tokenize(model_json: str, prompts: str, max_length: int, out: str, engine_si
     if engine_side:
         from .engine.tokenizer import EngineTokenizer
 
-        engine_tok = EngineTokenizer.from_file(record.dir / "tokenizer.json")
+        compat = engine_target == "transformers"
+        engine_tok = EngineTokenizer.from_file(record.dir / "tokenizer.json", transformers_compat=compat)
     t0 = time.perf_counter()
-    res = tokenize_shard(df, str(record.dir), max_length, out, model_name=record.name, engine_tokenizer=engine_tok)
+    res = tokenize_shard(
+        df, str(record.dir), max_length, out, model_name=record.name, engine_tokenizer=engine_tok,
+        engine_target=engine_target,
+    )  # fmt: skip
     dt = time.perf_counter() - t0
-    parity = f", engine ids equal on {int(res['ids_match'].sum())}/{len(res)}" if engine_side else ""
+    agree = ", ".join(
+        f"{col} {int(res[col].eq(True).sum())}/{len(res)}" for col, *_ in AGREEMENT if res[col].notna().any()
+    )
     log.info(
-        "tokenized %d prompts (%d truncated%s) in %.2f s (%.0f prompts/s)",
+        "tokenized %d prompts (%d truncated) in %.2f s (%.0f prompts/s); ids equal: %s",
         len(res),
         int(res["reference_truncated"].sum()),
-        parity,
         dt,
         len(res) / max(dt, 1e-9),
+        agree or "-",
     )
 
 

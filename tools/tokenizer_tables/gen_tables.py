@@ -100,6 +100,7 @@ def generate(d: dict, fix: set[int] | None = None) -> dict:
         "BERT_MN": ranges(mn),
         "WHITE_SPACE": ranges(d["pws"]),
         "NFD_NO_DECOMPOSE": ranges(d["nfd_diff"]),
+        "NFKD_NO_DECOMPOSE": ranges(d["nfkd_diff"]),
         "NFD_CCC_ZERO": ranges(ccc_zero),
         "LOWER": " ".join(f"{cp:X}:{' '.join(f'{ord(x):X}' for x in lo).replace(' ', '+')}"
                           for cp, lo in sorted(low.items())),

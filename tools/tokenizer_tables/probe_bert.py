@@ -18,6 +18,7 @@ def probe() -> dict:
     strip = normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=False, strip_accents=True,
                                        lowercase=False)
     nfd = normalizers.NFD()
+    nfkd = normalizers.NFKD()
     low = normalizers.Lowercase()
     pre = pre_tokenizers.BertPreTokenizer()
     removed = []
@@ -25,6 +26,7 @@ def probe() -> dict:
     punct = []
     mn = []
     nfd_diff = []
+    nfkd_diff = []
     low_diff = []
     pws = []
     for cp in range(0x110000):
@@ -49,6 +51,8 @@ def probe() -> dict:
         d = nfd.normalize_str(c)
         if d != unicodedata.normalize("NFD", c):
             nfd_diff.append(cp)
+        if nfkd.normalize_str(c) != unicodedata.normalize("NFKD", c):
+            nfkd_diff.append(cp)
         s_py = "".join(x for x in unicodedata.normalize("NFD", c) if unicodedata.category(x) != "Mn")
         if s != s_py:
             mn.append((cp, s, s_py))
@@ -58,7 +62,7 @@ def probe() -> dict:
     print(f"bert probe {time.time() - t:.1f} s")
     print("removed", len(removed), "ws", len(ws), "punct", len(punct), "pws", len(pws), "nfd_diff", len(nfd_diff),
           "mn diff", len(mn), "low_diff", len(low_diff))
-    return dict(removed=removed, ws=ws, punct=punct, pws=pws, nfd_diff=nfd_diff, mn=mn, low_diff=low_diff)
+    return dict(removed=removed, ws=ws, punct=punct, pws=pws, nfd_diff=nfd_diff, nfkd_diff=nfkd_diff, mn=mn, low_diff=low_diff)
 
 
 if __name__ == "__main__":

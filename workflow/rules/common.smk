@@ -5,7 +5,9 @@ from types import SimpleNamespace
 
 from actdiff.config import validate_config
 from actdiff.errors import ActdiffError, ConfigError, ModelError
-from actdiff.models.loading import resolve_model_dir
+from actdiff.models.fingerprint import update_fingerprint
+from actdiff.models.loading import graph_of_source, resolve_model_dir
+from actdiff.compare.budgets import check_budget_globs
 from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
 from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
@@ -53,12 +55,49 @@ def activations(path):
     return path if config["keep_activations"] else temp(path)
 
 
-def generated_model_files(wildcards):
-    """Inputs of resolve_model: the generated model's files, or nothing for shipped/local models."""
+def fingerprint_models():
+    """Fingerprint every shipped or local model now, before the DAG is built (actdiff.models.fingerprint):
+    its fingerprint file is rewritten only when a file's content changed, and it is an input of resolve_model,
+    so a model replaced in place reruns everything computed from it, and nothing else does. Generated models
+    are pipeline outputs (inputs of resolve_model by modification time) and may not exist yet."""
+    for m, c in config["models"].items():
+        if "generate" in c["source"]:
+            continue
+        try:
+            update_fingerprint(resolve_model_dir(m, c["source"]), c["allow_pickle"], L.model_files(m))
+        except (ModelError, OSError):  # resolve_model reports it, saying what to do
+            pass
+
+
+fingerprint_models()
+
+
+def check_budgets():
+    """A budgets: glob that matches no node of any model stops the run now, naming it (not silently ignored)."""
+    graphs, unknown = {}, []
+    for m, c in config["models"].items():
+        try:
+            graphs[m] = graph_of_source(m, c["source"])
+        except (ActdiffError, OSError):  # resolve_model reports it, saying what to do
+            unknown.append(m)
+    try:
+        check_budget_globs(config["budgets"], graphs, tuple(unknown))
+    except ConfigError as e:
+        sys.exit(f"actdiff: {e}")
+
+
+check_budgets()
+
+
+def model_files(wildcards):
+    """Inputs of resolve_model: the generated model's files, or the model's fingerprint (missing when the
+    model directory cannot be found: resolve_model then says why)."""
     src = config["models"][wildcards.model]["source"]
     if "generate" in src:
-        return {"config": L.generated_model(wildcards.model, "config.json")}
-    return {}
+        files = ("config.json", "model.safetensors", "tokenizer.json")
+        return {f.split(".")[0]: L.generated_model(wildcards.model, f) for f in files}
+    fingerprint = L.model_files(wildcards.model)
+    return {"fingerprint": fingerprint} if Path(fingerprint).is_file() else {}
 
 
 def reference_mem_mb(wildcards):

@@ -23,11 +23,12 @@ rule generate_model:
 rule resolve_model:
     """Locate a model (generated, shipped in a package, local dir or HF cache) and record its hash."""
     input:
-        unpack(generated_model_files),
+        unpack(model_files),
     output:
         model=L.model_json("{model}"),
     params:
         source=lambda wc: config["models"][wc.model]["source"],
+        allow_pickle=lambda wc: config["models"][wc.model]["allow_pickle"],
     log:
         L.log("resolve_model", "{model}"),
     conda:

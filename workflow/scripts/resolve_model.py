@@ -9,4 +9,5 @@ run(
     name=snakemake.wildcards.model,  # noqa: F821
     source=dict(snakemake.params.source),  # noqa: F821
     out_json=snakemake.output.model,  # noqa: F821
+    allow_pickle=snakemake.params.allow_pickle,  # noqa: F821
 )

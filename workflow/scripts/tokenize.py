@@ -1,4 +1,4 @@
-"""Adapter for rule tokenize: reference token ids for one shard."""
+"""Adapter for rule tokenize: token ids for one shard (transformers, tokenizers, the engine's own)."""
 
 from actdiff.pipeline import tokenize
 from actdiff.workflow_support import run
@@ -11,4 +11,5 @@ run(
     max_length=snakemake.params.max_length,  # noqa: F821
     out=snakemake.output.tokens,  # noqa: F821
     engine_side=snakemake.params.engine_side,  # noqa: F821
+    engine_target=snakemake.params.engine_target,  # noqa: F821
 )

@@ -101,6 +101,16 @@ def _sample_threshold(paths: list[str], k: int) -> int:
     return -heap[0] if len(heap) >= k else 2**64
 
 
+def _nonempty_shards(shard_tables: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The tables of the shards that hold prompts. A shard the hash gave no prompt (fewer prompts than shards)
+    has empty tables, and those whose columns come from the rows (nodes, prompts) have no columns at all, so
+    it contributes nothing and is left out here, once, instead of in every reader."""
+    import pyarrow.parquet as pq
+
+    keep = [i for i, p in enumerate(shard_tables["nodes"]) if pq.ParquetFile(p).metadata.num_rows > 0]
+    return {name: [paths[i] for i in keep] for name, paths in shard_tables.items()}
+
+
 def pq_prompt_ids(path: str) -> list[str]:
     import pyarrow.parquet as pq
 
@@ -197,6 +207,7 @@ def aggregate(
     ``tokens``: the tokens shards (the prompts' texts)."""
     if tokens:  # what `actdiff check --baseline` compares: a baseline of another corpus is refused
         meta = {**meta, "corpus_sha256": corpus_sha256(tokens)}
+    shard_tables = _nonempty_shards(shard_tables)
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
     acc = _Corpus(threshold, int(meta.get("experts", 0) or 0), worst_n)
     for i in range(len(shard_tables["nodes"])):
@@ -314,10 +325,20 @@ TOKENIZATION_EXAMPLES = 10  # prompts whose ids differ, shown with the ids aroun
 
 
 def tokenization_summary(tokens: list[str]) -> dict:
-    """Reference vs engine tokenizer over the corpus: counts, and the first differing prompts (shard order)."""
+    """The three tokenizations over the corpus: the engine's own against its target (counts, first differing
+    prompts in shard order), every pair's agreement, and what each shard's metadata records (the reference's
+    tokenizer, the engine's target, max_length and its source, library versions; a list when shards differ)."""
+    from ..token_shards import AGREEMENT, read_tokenization_metadata
+
     out = {"inputs": 0, "ids_match": 0, "ids_differ": 0, "engine_missing": 0, "truncated": 0, "examples": []}
+    out["agreement"] = {col: {"equal": 0, "differ": 0, "missing": 0} for col, _, _ in AGREEMENT}
+    out["examples_transformers_tokenizers"] = []
+    metas: list[dict] = []
     for p in tokens:
         t = pd.read_parquet(p)
+        meta = read_tokenization_metadata(p)
+        if meta not in metas:
+            metas.append(meta)
         match = t["ids_match"]
         out["inputs"] += len(t)
         out["ids_match"] += int((match == True).sum())  # noqa: E712
@@ -325,19 +346,37 @@ def tokenization_summary(tokens: list[str]) -> dict:
         out["truncated"] += int(t.get("reference_truncated", pd.Series(dtype=bool)).fillna(False).sum())
         bad = t[match == False]  # noqa: E712
         out["ids_differ"] += len(bad)
-        for r in bad.head(TOKENIZATION_EXAMPLES - len(out["examples"])).itertuples():
-            fd = int(r.first_diff) if r.first_diff is not None and not pd.isna(r.first_diff) else 0
-            eng = [int(i) for i in (r.engine_ids if r.engine_ids is not None else [])]
-            out["examples"].append(
-                {
-                    "prompt_id": r.prompt_id,
-                    "text": str(r.text),
-                    "first_diff": fd,
-                    "reference_ids": [int(i) for i in r.reference_ids],
-                    "engine_ids": eng,
-                }
-            )
+        target = "tokenizers_ids" if meta.get("engine_target") == "tokenizers" else "reference_ids"
+        _examples(out["examples"], bad, ("engine_ids", "engine_ids"), (target, "reference_ids"), "first_diff")
+        for col, _, _ in AGREEMENT:
+            flags = t[col] if col in t else pd.Series([None] * len(t), dtype=object)
+            a = out["agreement"][col]
+            a["equal"] += int((flags == True).sum())  # noqa: E712
+            a["differ"] += int((flags == False).sum())  # noqa: E712
+            a["missing"] += int(flags.isna().sum())
+        if "transformers_eq_tokenizers" in t:
+            lit = t[t["transformers_eq_tokenizers"] == False]  # noqa: E712
+            pair = ("tokenizers_ids", "tokenizers_ids"), ("reference_ids", "transformers_ids")
+            _examples(out["examples_transformers_tokenizers"], lit, *pair, None)
+    for key in ("reference", "engine_target", "max_length", "max_length_source", "versions"):
+        values = [m[key] for m in metas if key in m]
+        values = [v for i, v in enumerate(values) if v not in values[:i]]
+        out[key] = values[0] if len(values) == 1 else (values or None)
     return out
+
+
+def _examples(out: list, bad: pd.DataFrame, ids: tuple[str, str], held_to: tuple[str, str], diff_col) -> None:
+    """Append the first differing prompts (up to TOKENIZATION_EXAMPLES) with both id sequences: ``ids`` and
+    ``held_to`` are (Parquet column, key in the summary); the engine's examples keep the keys ``engine_ids`` and
+    ``reference_ids`` (the ids of its target, whichever it is: the summary's ``engine_target``)."""
+    from ..token_shards import first_difference
+
+    for r in bad.head(TOKENIZATION_EXAMPLES - len(out)).itertuples():
+        own = [int(i) for i in (getattr(r, ids[0]) if getattr(r, ids[0]) is not None else [])]
+        ref = [int(i) for i in getattr(r, held_to[0])]
+        fd = getattr(r, diff_col) if diff_col else first_difference(own, ref)
+        fd = int(fd) if fd is not None and not pd.isna(fd) else 0
+        out.append({"prompt_id": r.prompt_id, "text": str(r.text), "first_diff": fd, held_to[1]: ref, ids[1]: own})
 
 
 TOKEN_NODES, TOKEN_PROMPTS = 4, 6  # the per-token plot: the first failing nodes, each on its worst prompts
@@ -574,18 +613,24 @@ def _embedding_accumulate(acc: dict, prompts: pd.DataFrame) -> None:
         return
     cos = e["value"].to_numpy(np.float64)
     acc["n"] += len(e)
-    acc["min"] = min(acc["min"], float(np.nanmin(cos)))
-    h = np.histogram(1 - np.clip(cos, -1, 1), COSINE_EDGES)[0]
+    finite = np.isfinite(cos)  # NaN: an embedding holds NaN/Inf, counted apart and ranked worst
+    acc["nonfinite"] = acc.get("nonfinite", 0) + int((~finite).sum())
+    if finite.any():
+        acc["min"] = min(acc["min"], float(cos[finite].min()))
+    h = np.histogram(1 - np.clip(cos[finite], -1, 1), COSINE_EDGES)[0]
     acc["hist"] = h if acc["hist"] is None else acc["hist"] + h
-    acc["worst"] = sorted([*acc["worst"], *zip(cos.tolist(), e["prompt_id"], strict=True)])[:5]
+    ranked = np.where(finite, cos, -math.inf).tolist()
+    acc["worst"] = sorted([*acc["worst"], *zip(ranked, e["prompt_id"], strict=True)])[:5]
 
 
 def _embedding_summary(paths: list[str], prompts_s: pd.DataFrame, acc: dict, sample_size: int = 2000) -> dict:
     e = prompts_s[prompts_s["kind"] == "embedding"] if len(prompts_s) else pd.DataFrame(columns=["value"])
-    cos = e["value"].to_numpy(np.float64)  # the prompt sample: quantiles
+    cos = e["value"].to_numpy(np.float64)  # the prompt sample: quantiles (of the measurable cosines)
+    cos = cos[np.isfinite(cos)]
     out = {
         "prompts": int(acc["n"]),
-        "cosine_min": acc["min"] if acc["n"] else math.nan,
+        "cosine_min": acc["min"] if acc["n"] and math.isfinite(acc["min"]) else math.nan,
+        "cosine_nonfinite": int(acc.get("nonfinite", 0)),  # prompts whose embeddings hold NaN/Inf
         "cosine_p01": float(np.quantile(cos, 0.01)) if cos.size else math.nan,
         "cosine_median": float(np.median(cos)) if cos.size else math.nan,
         "cosine_hist": acc["hist"].tolist() if acc["hist"] is not None else [],
@@ -641,6 +686,7 @@ def _verdict(
         "explained": False,
         "evidence": [],
         "embedding_cosine_min": emb.get("cosine_min"),
+        "embedding_nonfinite": emb.get("cosine_nonfinite", 0),
         "not_captured_nodes": summary.loc[summary["not_captured"] > 0, "node"].tolist() if len(summary) else [],
         "replay_mismatches": _replay_mismatches(summary),
         "replay": _replay_statement(summary),
@@ -899,6 +945,8 @@ def plain_words(v: dict) -> str:
     )
     cos = v.get("embedding_cosine_min")
     cos_s = f"; minimum embedding cosine {cos:.6f}" if cos is not None and not pd.isna(cos) else ""
+    if v.get("embedding_nonfinite"):
+        cos_s += f"; embedding cosine not measurable on {v['embedding_nonfinite']} input(s) (NaN/Inf embeddings)"
     if not (v.get("replay") or {}).get("available", True):
         tail += f" Replay: {NOT_REPLAYED}."
     nf = (v.get("nonfinite") or {}).get("statement")

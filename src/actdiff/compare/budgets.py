@@ -169,3 +169,25 @@ def status(local_rel_l2: float, propagated_rel_l2: float, node_budget: float, no
     if propagated_rel_l2 > 10 * node_budget:
         return "warn"
     return "pass"
+
+
+def check_budget_globs(budgets: dict, graphs: dict[str, Graph], unknown: tuple[str, ...] = ()) -> None:
+    """Refuse a ``budgets:`` glob that matches no node of any configured model (``graphs``: model name ->
+    graph): it would be ignored silently, and the budget the user meant to set never applied. A glob needs to
+    match in one model only: budgets apply to every model, and a MoE-only glob has nothing to match in a dense
+    one. ``unknown``: models whose graph is not known yet (their directory is missing, which resolve_model
+    reports); a glob could match there, so it is not judged."""
+    from ..errors import ConfigError
+
+    for pattern in budgets:
+        if unknown or any(fnmatch.fnmatchcase(n, pattern) for g in graphs.values() for n in g.names()):
+            continue
+        models = "; ".join(
+            f"{m!r} ({len(g)} nodes, e.g. {', '.join(g.names()[i] for i in (0, 1, 2, len(g) // 2, -1))})"
+            for m, g in graphs.items()
+        )
+        which = f"model {models}" if len(graphs) == 1 else f"any model: {models}"
+        raise ConfigError(
+            f"config key 'budgets': the node glob {pattern!r} matches no node of {which}. Node names "
+            "are listed by `actdiff nodes MODEL_DIR` (docs/nodes.md); globs use * and ? (fnmatch, case-sensitive)"
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 
 import numpy as np
 
@@ -39,6 +40,8 @@ class BoundedSample:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64).ravel()
     b = np.asarray(b, np.float64).ravel()
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return math.nan  # not measurable: a NaN/Inf embedding is reported as such, never as a cosine of 0
     na, nb = np.sqrt(np.sum(a * a)), np.sqrt(np.sum(b * b))
     return float(np.sum(a * b) / (na * nb)) if na > 0 and nb > 0 else 0.0
 

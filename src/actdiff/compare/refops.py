@@ -19,7 +19,9 @@ Parameters (spec value first; every op except TOPK indices also has ``output_pre
 | LAYERNORM | eps; variance: biased/unbiased; centered: True (False = RMSNorm); affine: True; accumulate |
 | MATMUL | bias: once/none/twice; weight_orientation: as_stored/transposed (square only); weight_precision; accumulate |
 | SPLIT | order: qkv_major/head_major |
-| ROPE | layout: neox/gptj/none; base; position_offset: 0; angles: fp64/fp32_recurrence (ggml's rope cache) |
+| ROPE | layout: neox/gptj/none; base; position_offset: 0; angles: fp64/fp32_recurrence (ggml's rope cache); |
+|   | ntk_scaling: None or [factor, max_trained_positions] (dynamic NTK: the base of a T-token prompt grows |
+|   | with T above max_trained_positions, actdiff.nodes.ntk_rotary_base; ``base`` is the configured base) |
 | ATTENTION | mask: bidirectional/causal/query_padding; scale: inv_sqrt_head_dim/inv_head_dim/none; |
 |   | softmax: stable/naive; output_layout: heads_outer/heads_inner; accumulate |
 | ADD | terms: both/first/second |
@@ -70,7 +72,7 @@ import math
 
 import numpy as np
 
-from ..nodes import ARCH_BERT, Graph, Node
+from ..nodes import ARCH_BERT, Graph, Node, ntk_rotary_base
 
 try:
     from scipy.special import erf as _erf
@@ -107,7 +109,7 @@ PARAM_NAMES: dict[str, frozenset[str]] = {
         "LAYERNORM": ("eps", "variance", "centered", "affine", "accumulate"),
         "MATMUL": ("bias", "weight_orientation", "weight_precision", "accumulate"),
         "SPLIT": ("order",),
-        "ROPE": ("layout", "base", "position_offset", "angles"),
+        "ROPE": ("layout", "base", "position_offset", "angles", "ntk_scaling"),
         "ATTENTION": ("mask", "scale", "softmax", "output_layout", "accumulate"),
         "ADD": ("terms",),
         "GELU": ("form",),
@@ -230,6 +232,8 @@ def spec_params(graph: Graph, node: Node) -> dict:
             "base": float(d.rotary_base),
             "position_offset": 0,
             "angles": "fp64",
+            # the config's rotary_scaling_factor: the base of a prompt then depends on its length (_rope_base)
+            "ntk_scaling": [d.rotary_scaling_factor, d.max_trained_positions] if d.rotary_scaling_factor else None,
         }
     elif op == "ATTENTION":
         p = {
@@ -474,18 +478,29 @@ def _split(graph, node, x, w, p):
     raise ValueError(f"order {p['order']!r}")
 
 
+def _rope_base(T: int, hd: int, p: dict) -> float:
+    """The base a T-token prompt is rotated with: the configured ``base``, grown by dynamic NTK scaling
+    (``ntk_scaling`` [factor, max_trained_positions]) when T exceeds max_trained_positions."""
+    scaling = p.get("ntk_scaling")
+    if not scaling:
+        return float(p["base"])
+    factor, max_trained = scaling
+    return ntk_rotary_base(float(p["base"]), T, float(factor), int(max_trained), hd)
+
+
 def _rope_angles(T: int, hd: int, p: dict) -> np.ndarray:
     """Rotation angles [T, hd/2]: position times inverse frequency (see _rope for the fp32 recurrence)."""
     half = hd // 2
     pos = _r(p, "positions", np.arange(T, dtype=np.float64) + float(p["position_offset"]))
     angles = p.get("angles", "fp64")
+    base = _rope_base(T, hd, p)
     if angles == "fp64":
-        inv_freq = _r(p, "inv_freq", float(p["base"]) ** (-np.arange(0, 2 * half, 2, dtype=np.float64) / hd))
+        inv_freq = _r(p, "inv_freq", base ** (-np.arange(0, 2 * half, 2, dtype=np.float64) / hd))
         return _r(p, "angles", pos[:, None] * inv_freq[None, :])
     if angles == "fp32_recurrence":
         # ggml's rope cache (ggml-cpu ggml_rope_cache_init): theta starts at the position and is multiplied by
         # theta_scale = powf(base, -2/hd) once per pair, all in float32; cosf/sinf of that float32 angle
-        scale = np.float32(np.power(np.float32(p["base"]), np.float32(-2.0) / np.float32(hd)))
+        scale = np.float32(np.power(np.float32(base), np.float32(-2.0) / np.float32(hd)))
         theta = pos.astype(np.float32)
         cols = []
         for _ in range(half):

@@ -269,8 +269,19 @@ class Engine:
         return np.ascontiguousarray(x[0].reshape(T, 3, nh, hd)[:, part])
 
     def _op_rope(self, node, x, p):
-        pos = self._layout(x[0].shape[0]).positions()  # rotary positions restart at 0 in every sequence
-        return kernels.rotary(x[0], pos, base=self.dims.rotary_base, interleaved=self._rope_interleaved(p.fault, node))
+        lay = self._layout(x[0].shape[0])
+        pos = lay.positions()  # rotary positions restart at 0 in every sequence
+        interleaved = self._rope_interleaved(p.fault, node)
+        # under dynamic NTK scaling (config rotary_scaling_factor) the base follows each sequence's own length,
+        # as the reference's does per prompt: one kernel call per distinct base
+        bases = [self.dims.rotary_base_for(n) for n in lay.lengths]
+        if len(set(bases)) == 1:
+            return kernels.rotary(x[0], pos, base=bases[0], interleaved=interleaved)
+        out = np.empty_like(x[0])
+        for b, base in enumerate(bases):
+            r = lay.rows(b)
+            out[r] = kernels.rotary(x[0][r], pos[r], base=base, interleaved=interleaved)
+        return out
 
     def _op_attention(self, node, x, p):
         """One attention kernel call per sequence of the batch (its S rows, zero-copy slices), with the

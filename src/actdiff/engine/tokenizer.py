@@ -9,6 +9,9 @@ the reference it is compared against. What is implemented is exactly what the tw
   (Viterbi; unknown characters score ``min_score - 10`` and consecutive unknowns fuse into one unk token).
 * WordPiece (BERT style): ``BertNormalizer``, ``BertPreTokenizer``, ``WordPiece`` (greedy longest match,
   ``##`` continuation prefix, over-long words become the unk token).
+* Normalizers as HF ``tokenizers`` defines them, alone or in a ``Sequence``: ``Replace`` (``String`` pattern
+  literal, ``Regex`` compiled with Python's ``re``), ``NFC``/``NFD``/``NFKC``/``NFKD`` (the crate's older Unicode
+  data: see below), ``Lowercase`` (per character, Rust's mappings), ``Strip`` (Rust white space, left/right).
 * Added tokens with ``normalized=false`` are matched in the raw text first (leftmost-longest, with the
   ``lstrip``/``rstrip`` options), then ``TemplateProcessing`` / ``BertProcessing`` adds the special tokens.
 
@@ -17,8 +20,9 @@ component, so the engine never differs silently.
 
 transformers compatibility: transformers 5 does not run every tokenizer.json as written. For a known
 ``tokenizer_class`` in the sibling ``tokenizer_config.json`` it rebuilds parts of the pipeline in Python
-(``XLMRobertaTokenizer``: pre-tokenizer ``Sequence[WhitespaceSplit, Metaspace]``, normalizer only the
-``Precompiled`` charsmap; ``BertTokenizer``: ``BertNormalizer``/``BertPreTokenizer`` from the config's
+(``XLMRobertaTokenizer``: pre-tokenizer ``Sequence[WhitespaceSplit, Metaspace]``, normalizer only the first
+``Precompiled`` charsmap of the tokenizer.json's normalizer, every other normalizer dropped; ``BertTokenizer``:
+``BertNormalizer``/``BertPreTokenizer`` from the config's
 ``do_lower_case``/``strip_accents``/``tokenize_chinese_chars``). With ``transformers_compat=True`` (the default)
 the engine applies the same rebuild, so its ids equal ``transformers.AutoTokenizer``'s; with ``False`` it
 follows the tokenizer.json literally, like ``tokenizers.Tokenizer.from_file``. An unknown ``tokenizer_class``
@@ -27,10 +31,11 @@ does when called with explicit arguments: truncation is ``encode(text, max_lengt
 
 Unicode data: character classes are taken from the Unicode versions the reference's Rust crates were built
 with (they differ from Python's ``unicodedata``): the BERT tables below are the ``unicode_categories`` crate's
-(old) Cc/Cf/Co, P* and Mn sets, Rust's White_Space and to_lowercase deltas, the NFD crate's exceptions; the
+(old) Cc/Cf/Co, P* and Mn sets, Rust's White_Space and to_lowercase deltas, the NFD crate's exceptions (code
+points it does not decompose, canonically or by compatibility, and combining classes it does not know); the
 grapheme-cluster table is UAX #29 Grapheme_Cluster_Break + Extended_Pictographic + InCB. They were generated
 by probing the reference implementation over every code point (tests/test_engine_tokenizer.py re-checks the
-BERT tables against the installed ``tokenizers``).
+BERT tables, and every normalizer on fuzzed strings, against the installed ``tokenizers``).
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ BERT_MN = (
 )
 WHITE_SPACE = "9-D 20 85 A0 1680 2000-200A 2028-2029 202F 205F 3000"
 NFD_NO_DECOMPOSE = "11938"
+NFKD_NO_DECOMPOSE = "32FF A7F2-A7F4 AB69 10781-10785 10787-107B0 107B2-107BA 11938 1F16C 1FBF0-1FBF9"
 NFD_CCC_ZERO = (
     "7FD 898-89F 8CA-8D3 9FE C3C D3B-D3C EBA 1715 1ABF-1ACE 1DF6-1DFA A82C 10D24-10D27 10EAB-10EAC "
     "10F46-10F50 10F82-10F85 11070 1133B 1145E 11839-1183A 1193D-1193E 11943 119E0 11A34 11A47 11A99 "
@@ -289,7 +295,8 @@ def graphemes(text: str) -> list[str]:
 def _unsupported(path: Path, what: str) -> ModelError:
     return ModelError(
         f"{path}: unsupported tokenizer component: {what}. The engine tokenizer implements only the "
-        "Unigram/Precompiled/Metaspace and WordPiece/BertNormalizer/BertPreTokenizer pipelines; "
+        "Unigram/Precompiled/Metaspace and WordPiece/BertNormalizer/BertPreTokenizer pipelines (plus the "
+        "Replace, NFC/NFD/NFKC/NFKD, Lowercase and Strip normalizers); "
         "extend src/actdiff/engine/tokenizer.py or use a model with a supported tokenizer"
     )
 
@@ -379,6 +386,7 @@ _BERT_CONTROL_RE = re.compile(_ranges_to_class(BERT_CONTROL))
 _BERT_WS_TO_SPACE = {c: " " for c in _WHITE_SPACE}
 _BERT_MN = _parse_ranges(BERT_MN)
 _NFD_NO_DECOMPOSE = _parse_ranges(NFD_NO_DECOMPOSE)
+_NFKD_NO_DECOMPOSE = _parse_ranges(NFKD_NO_DECOMPOSE)
 _NFD_CCC_ZERO = _parse_ranges(NFD_CCC_ZERO)
 _LOWER = {
     int(k, 16): "".join(chr(int(x, 16)) for x in v.split("+"))
@@ -402,17 +410,19 @@ def _ccc(ch: str) -> int:
 
 
 @lru_cache(maxsize=65536)
-def _decompose(ch: str) -> str:
-    if ord(ch) in _NFD_NO_DECOMPOSE:
+def _decompose(ch: str, compat: bool = False) -> str:
+    # the reference's crate predates these code points' decompositions: it leaves them alone
+    if ord(ch) in (_NFKD_NO_DECOMPOSE if compat else _NFD_NO_DECOMPOSE):
         return ch
-    return unicodedata.normalize("NFD", ch)
+    return unicodedata.normalize("NFKD" if compat else "NFD", ch)
 
 
-def _nfd(text: str) -> str:
-    """Canonical decomposition + canonical ordering, with the reference NFD crate's Unicode data."""
+def _nfd(text: str, compat: bool = False) -> str:
+    """Canonical (NFKD: compatibility) decomposition + canonical ordering, with the reference NFD crate's
+    Unicode data."""
     if text.isascii():
         return text
-    chars = list("".join(_decompose(c) for c in text))
+    chars = list("".join(_decompose(c, compat) for c in text))
     i = 0
     n = len(chars)
     while i < n:
@@ -426,6 +436,120 @@ def _nfd(text: str) -> str:
             chars[i:j] = sorted(chars[i:j], key=_ccc)  # stable sort by combining class
         i = j
     return "".join(chars)
+
+
+# Code points the crate treats as plain starters that never compose: newer characters (its ccc is 0, it has no
+# decomposition for them). Composition never crosses a starter that composes with nothing, so Python's NFC can
+# run on the stretches between them; 11938 is the one newer composite whose parts are older than the crate's data.
+_COMPOSE_BARRIER = _NFD_CCC_ZERO | _NFKD_NO_DECOMPOSE
+_COMPOSED_TOO_NEW = re.compile(_ranges_to_class(NFD_NO_DECOMPOSE))
+
+
+def _compose_run(run: str) -> str:
+    out = unicodedata.normalize("NFC", run)
+    return _COMPOSED_TOO_NEW.sub(lambda m: unicodedata.normalize("NFD", m.group(0)), out)
+
+
+def _unicode_normalizer(form: str) -> Callable[[str], str]:
+    """NFD / NFKD / NFC / NFKC as HF tokenizers computes them (its crate's older Unicode data)."""
+    compat = form in ("NFKD", "NFKC")
+    compose = form in ("NFC", "NFKC")
+
+    def normalize(text: str) -> str:
+        if text.isascii():
+            return text
+        text = _nfd(text, compat)
+        if not compose:
+            return text
+        out, start = [], 0
+        for i, c in enumerate(text):
+            if ord(c) in _COMPOSE_BARRIER:
+                out += [_compose_run(text[start:i]), c]
+                start = i + 1
+        out.append(_compose_run(text[start:]))
+        return "".join(out)
+
+    return normalize
+
+
+def _lowercase(text: str) -> str:
+    # per character (no Final_Sigma context), with Rust's newer case mappings
+    return text.lower() if text.isascii() else "".join(_LOWER.get(ord(c)) or c.lower() for c in text)
+
+
+class _Strip:
+    """HF ``Strip``: Rust ``char::is_whitespace`` characters off the left and/or right end."""
+
+    def __init__(self, left: bool, right: bool):
+        self.left = left
+        self.right = right
+
+    def __call__(self, text: str) -> str:
+        i, j = 0, len(text)
+        while self.left and i < j and text[i] in _WS_CHARS:
+            i += 1
+        while self.right and j > i and text[j - 1] in _WS_CHARS:
+            j -= 1
+        return text[i:j]
+
+
+# Oniguruma (the reference's regex engine) and Python's re agree on literal characters, classes, repetition and
+# groups, not on these shorthand classes' Unicode sets (\w takes no combining marks in onig, \d differs on newer
+# digits, \b follows \w) or they are onig-only; \s differs on U+001C-U+001F only and is spelt out below.
+_ONIG_ONLY_OR_DIFFERENT = frozenset("wWbBdDhHpPRXKyYgk")
+
+
+def _python_regex(path: Path, pattern: str) -> str:
+    r"""``pattern`` with \s / \S as Oniguruma means them (Rust White_Space); unsupported escapes raise."""
+    ws_body = _ranges_to_class(WHITE_SPACE)[1:-1]
+    out: list[str] = []
+    i, class_start = 0, -1  # class_start: index after an open '[' (or '[^'), -1 outside a class
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            if e in _ONIG_ONLY_OR_DIFFERENT or (e == "S" and class_start >= 0):
+                what = f"normalizer Replace Regex {pattern!r}: \\{e} (Oniguruma and Python re differ)"
+                raise _unsupported(path, what)
+            out.append({"s": ws_body if class_start >= 0 else f"[{ws_body}]", "S": f"[^{ws_body}]"}.get(e, c + e))
+            i += 2
+            continue
+        if c == "[" and class_start < 0:
+            class_start = i + 2 if pattern.startswith("^", i + 1) else i + 1
+        elif c == "[":
+            raise _unsupported(path, f"normalizer Replace Regex {pattern!r}: nested character class")
+        elif c == "]" and class_start >= 0 and i > class_start:
+            class_start = -1
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+class _Replace:
+    """HF ``Replace``: every non-overlapping match, left to right, becomes ``content``. A ``String`` pattern is
+    literal; a ``Regex`` (Oniguruma in the reference) is compiled with Python's ``re`` after
+    :func:`_python_regex`; a pattern either cannot take raises."""
+
+    def __init__(self, path: Path, pattern, content):
+        if not isinstance(content, str):
+            raise ModelError(f"{path}: normalizer Replace: content must be a string, got {content!r}")
+        if not isinstance(pattern, dict) or len(pattern) != 1 or not set(pattern) <= {"String", "Regex"}:
+            raise _unsupported(path, f"normalizer Replace pattern {pattern!r} (expected {{String|Regex: ...}})")
+        ((kind, value),) = pattern.items()
+        if not isinstance(value, str) or not value:
+            raise _unsupported(path, f"normalizer Replace {kind} pattern {value!r} (a non-empty string expected)")
+        if kind == "String":
+            self.regex = re.compile(re.escape(value))
+        else:
+            try:
+                self.regex = re.compile(_python_regex(path, value))
+            except re.error as e:
+                msg = f"normalizer Replace Regex {value!r} (Python re cannot compile it: {e})"
+                raise _unsupported(path, msg) from None
+        self.content = content
+
+    def __call__(self, text: str) -> str:
+        return self.regex.sub(lambda _: self.content, text)  # content is literal, never a template
 
 
 class _BertNormalizer:
@@ -443,8 +567,7 @@ class _BertNormalizer:
         if self.strip_accents:
             text = "".join(c for c in _nfd(text) if ord(c) not in _BERT_MN)
         if self.lowercase:
-            # per character (no Final_Sigma context), with Rust's newer case mappings
-            text = text.lower() if text.isascii() else "".join(_LOWER.get(ord(c)) or c.lower() for c in text)
+            text = _lowercase(text)
         return text
 
 
@@ -639,6 +762,19 @@ class _AddedToken:
         self.rstrip = bool(spec.get("rstrip"))
 
 
+def _transformers_charsmap(spec) -> dict | None:
+    """The normalizer transformers 5 keeps for XLMRobertaTokenizer: the first ``Precompiled`` of the
+    tokenizer.json normalizer (alone or in a top-level Sequence); every other normalizer is dropped (e.g. the
+    ``Replace(" {2,}", " ")`` multilingual-e5 ships: its WhitespaceSplit makes runs of spaces moot anyway)."""
+    if not isinstance(spec, dict):
+        return None
+    items = spec.get("normalizers") or [] if spec.get("type") == "Sequence" else [spec]
+    for item in items:
+        if isinstance(item, dict) and item.get("type") == "Precompiled" and "precompiled_charsmap" in item:
+            return {"type": "Precompiled", "precompiled_charsmap": item["precompiled_charsmap"]}
+    return None
+
+
 class EngineTokenizer:
     """Pure-Python tokenizer for the engine; ``encode`` returns (ids with special tokens, untruncated length)."""
 
@@ -713,12 +849,7 @@ class EngineTokenizer:
                 if base == "XLMRobertaTokenizer":
                     if model_spec.get("type") != "Unigram":
                         raise _unsupported(path, f"model {model_spec.get('type')!r} for {klass} (expected Unigram)")
-                    if normalizer_spec is not None and normalizer_spec.get("type") != "Precompiled":
-                        raise _unsupported(
-                            path,
-                            f"normalizer {normalizer_spec.get('type')!r} with {klass} in {cfg_path.name} "
-                            "(transformers keeps only a Precompiled charsmap)",
-                        )
+                    normalizer_spec = _transformers_charsmap(normalizer_spec)
                     scheme = "always" if cfg.get("add_prefix_space", True) else "never"
                     pre_spec = {
                         "type": "Sequence",
@@ -795,7 +926,32 @@ class EngineTokenizer:
                     lowercase=lowercase,
                 )
             ]
+        simple = EngineTokenizer._simple_normalizer(path, spec)
+        if simple is not None:
+            return [simple]
         raise _unsupported(path, f"normalizer type {kind!r}")
+
+    @staticmethod
+    def _simple_normalizer(path: Path, spec: dict) -> Callable[[str], str] | None:
+        """Replace, NFC/NFD/NFKC/NFKD, Lowercase, Strip (HF tokenizers' option names and defaults); None if
+        ``spec`` is none of them."""
+        kind = spec.get("type")
+        if kind == "Replace":
+            _check_keys(path, spec, {"pattern", "content"}, "normalizer Replace")
+            return _Replace(path, spec.get("pattern"), spec.get("content"))
+        if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+            _check_keys(path, spec, set(), f"normalizer {kind}")
+            return _unicode_normalizer(kind)
+        if kind == "Lowercase":
+            _check_keys(path, spec, set(), "normalizer Lowercase")
+            return _lowercase
+        if kind == "Strip":
+            _check_keys(path, spec, {"strip_left", "strip_right"}, "normalizer Strip")
+            missing = [k for k in ("strip_left", "strip_right") if not isinstance(spec.get(k), bool)]
+            if missing:  # tokenizers refuses to load such a file, so the engine does too
+                raise ModelError(f"{path}: normalizer Strip: {' and '.join(missing)} must be true or false")
+            return _Strip(spec["strip_left"], spec["strip_right"])
+        return None
 
     @staticmethod
     def _build_pre_tokenizers(path: Path, spec) -> list[Callable[[str], list[str]]]:

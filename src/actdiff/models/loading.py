@@ -23,6 +23,18 @@ from ..errors import ModelError
 from ..nodes import ARCH_BERT, ARCH_NOMIC_MOE, detect_arch, dims_from_config, load_config_json
 
 WEIGHTS_FILE = "model.safetensors"
+PICKLE_FILE = "pytorch_model.bin"  # read only with allow_pickle, converted once to WEIGHTS_FILE (resolve_model)
+# the files of a model directory the results depend on besides the weights (config and tokenizer); a change
+# to any of them reruns everything computed from the model (model.json records their sha256)
+MODEL_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+)
 
 
 def resolve_model_dir(name: str, source: dict, resources_dir: str | Path = "resources/models") -> Path:
@@ -75,40 +87,72 @@ def _from_hf_cache(name: str, repo_id: str, revision: str) -> Path:
     return Path(d)
 
 
-def check_model_dir(model_dir: str | Path, allow_pickle: bool = False) -> dict:
-    """Check a model directory has what the pipeline needs; return config.json as a dict."""
+def check_model_dir(model_dir: str | Path, allow_pickle: bool = False, name: str | None = None) -> dict:
+    """Check a model directory has what the pipeline needs; return config.json as a dict. ``name``: the
+    model's name in the config, for the messages."""
     d = Path(model_dir)
     if not d.is_dir():
         raise ModelError(f"model directory {d} does not exist")
     cfg = load_config_json(d)
-    if not (d / WEIGHTS_FILE).is_file():
-        pickles = [p.name for p in d.glob("*.bin")]
-        if pickles and not allow_pickle:
-            raise ModelError(
-                f"{d}: only {pickles} found (pickle); actdiff loads safetensors only. Convert the checkpoint to "
-                "model.safetensors, or set allow_pickle: true for this model if you trust the file"
-            )
-        if not pickles:
-            raise ModelError(f"{d}: {WEIGHTS_FILE} not found")
+    weights_file(d, allow_pickle, name)
     if not (d / "tokenizer.json").is_file():
         raise ModelError(f"{d}: tokenizer.json not found (the reference tokenizer is read from it)")
     return cfg
 
 
-def weights_hash(model_dir: str | Path) -> str:
-    """sha256 of model.safetensors (streamed)."""
+def weights_file(model_dir: str | Path, allow_pickle: bool = False, name: str | None = None) -> Path:
+    """The checkpoint the pipeline reads: model.safetensors, else pytorch_model.bin where allow_pickle is set."""
+    d = Path(model_dir)
+    if (d / WEIGHTS_FILE).is_file():
+        return d / WEIGHTS_FILE
+    pickles = sorted(p.name for p in d.glob("*.bin"))
+    if not pickles:
+        raise ModelError(f"{d}: {WEIGHTS_FILE} not found")
+    if not allow_pickle:
+        key = f"models.{name}.allow_pickle" if name else "allow_pickle under this model"
+        raise ModelError(
+            f"{d}: only {pickles} found (pickle); actdiff loads safetensors only. Convert the checkpoint to "
+            f"{WEIGHTS_FILE}, or set {key}: true in the config if you trust the file (it is then converted "
+            "to safetensors once, by rule resolve_model)"
+        )
+    if PICKLE_FILE not in pickles:
+        raise ModelError(f"{d}: allow_pickle reads {PICKLE_FILE}, found only {pickles}; rename the checkpoint")
+    return d / PICKLE_FILE
+
+
+def tracked_files(model_dir: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """The files of a model directory whose content the results depend on (those present): the checkpoint
+    read, config.json and the tokenizer files."""
+    d = Path(model_dir)
+    out = [d / f for f in MODEL_FILES if (d / f).is_file()]
+    try:
+        out.append(weights_file(d, allow_pickle))
+    except ModelError:  # reported by check_model_dir where it matters
+        pass
+    return out
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file (streamed)."""
     h = hashlib.sha256()
-    with open(Path(model_dir) / WEIGHTS_FILE, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 of model.safetensors (streamed)."""
+    return sha256_file(Path(model_dir) / WEIGHTS_FILE)
+
+
 def nomic_config_from_dict(cfg: dict):
+    from .config_keys import original_defaults
     from .nomic_moe import NomicBertMoeConfig
 
     drop = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype", "dtype"}
-    return NomicBertMoeConfig(**{k: v for k, v in cfg.items() if k not in drop})
+    # keys config.json omits take the original's defaults, as actdiff.nodes reads them for the graph and engine
+    return NomicBertMoeConfig(**original_defaults(cfg), **{k: v for k, v in cfg.items() if k not in drop})
 
 
 def refuse_native_nomic(cfg: dict, where: str) -> None:
@@ -128,18 +172,20 @@ def load_reference_model(model_dir: str | Path, impl: str = "actdiff", allow_pic
 
     d = Path(model_dir)
     cfg = check_model_dir(d, allow_pickle)
+    # a converted pickle checkpoint (convert_pickle_checkpoint) is safetensors: read it as such
+    use_safetensors = (d / WEIGHTS_FILE).is_file() or not allow_pickle
     arch = dims_from_config(cfg, str(d / "config.json")).arch  # validates every key the graph needs
     if impl == "automodel":
         refuse_native_nomic(cfg, str(d / "config.json"))
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(d, local_files_only=True, use_safetensors=not allow_pickle)
+        model = AutoModel.from_pretrained(d, local_files_only=True, use_safetensors=use_safetensors)
     elif impl == "remote_code":
         from transformers import AutoModel
 
         try:
             model = AutoModel.from_pretrained(
-                d, trust_remote_code=True, local_files_only=True, use_safetensors=not allow_pickle
+                d, trust_remote_code=True, local_files_only=True, use_safetensors=use_safetensors
             )
         except Exception as e:  # remote code missing locally, etc.
             raise ModelError(f"{d}: loading with trust_remote_code failed: {e}") from None
@@ -163,7 +209,7 @@ def load_reference_model(model_dir: str | Path, impl: str = "actdiff", allow_pic
             d,
             attn_implementation="eager",
             local_files_only=True,
-            use_safetensors=not allow_pickle,
+            use_safetensors=use_safetensors,
             add_pooling_layer=False,
         )
     else:  # pragma: no cover - detect_arch raises first
@@ -208,12 +254,71 @@ def load_safetensors_checked(path: Path, expected: dict) -> dict:
     return state
 
 
-def model_summary(name: str, model_dir: Path) -> dict:
-    cfg = check_model_dir(model_dir)
+def model_summary(name: str, model_dir: Path, allow_pickle: bool = False, fingerprint: str | None = None) -> dict:
+    """What model.json records: the directory, architecture, config, and the sha256 of every tracked file as
+    it is now (so the record, and everything computed from it, always names the current content).
+    ``fingerprint``: the model's fingerprint file (actdiff.models.fingerprint), whose stat cache saves
+    reading unchanged files again."""
+    cfg = check_model_dir(model_dir, allow_pickle, name)
+    if fingerprint is not None:
+        from .fingerprint import current_hashes
+
+        files = current_hashes(model_dir, allow_pickle, fingerprint)
+    else:
+        files = {p.name: sha256_file(p) for p in tracked_files(model_dir, allow_pickle)}
+    weights = weights_file(model_dir, allow_pickle).name
     return {
         "name": name,
         "dir": str(Path(model_dir).resolve()),
         "arch": detect_arch(cfg, str(Path(model_dir) / "config.json")),
-        "weights_sha256": weights_hash(model_dir),
+        "weights_file": weights,
+        "weights_sha256": files[weights],
+        "files_sha256": files,
         "config": cfg,
     }
+
+
+def convert_pickle_checkpoint(model_dir: Path, out_dir: Path) -> None:
+    """Write ``out_dir``: the model directory with its pytorch_model.bin converted to model.safetensors (the
+    other files linked), so every loader (reference, engine, statistics, parity, llama.cpp's converter) reads
+    safetensors and only this function unpickles. Built beside ``out_dir`` and renamed into place."""
+    import pickle
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    src = Path(model_dir) / PICKLE_FILE
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # objects besides tensors: the user allowed pickle for this model
+        state = torch.load(src, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ModelError(f"{src}: cannot read the pickle checkpoint ({e}); is it truncated or corrupted?") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{src}: not a state dict (a mapping of tensor names to tensors)")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # clones: safetensors refuses tensors sharing storage (tied embeddings)
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+    for f in Path(model_dir).iterdir():
+        if f.is_file() and f.suffix != ".bin" and f.name != WEIGHTS_FILE:
+            (tmp / f.name).symlink_to(f.resolve())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def graph_of_source(name: str, source: dict, resources_dir: str | Path = "resources/models"):
+    """A configured model's node graph when the workflow starts, before any rule ran: from its config.json,
+    or for a generated model not generated yet from the config it will get (node names do not depend on the
+    vocabulary size, which needs the tokenizer trained first)."""
+    from ..nodes import build_graph
+
+    d = resolve_model_dir(name, source, resources_dir)
+    if "generate" in source and not (d / "config.json").is_file():
+        from .released import released_config
+        from .tiny import tiny_config
+
+        return build_graph(tiny_config(released_config(), n_tokens=1), f"generated model {name}")
+    return build_graph(load_config_json(d), str(d / "config.json"))

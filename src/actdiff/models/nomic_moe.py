@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from ..nodes import ntk_rotary_base
+
 MODEL_TYPE = "actdiff_nomic_bert_moe"
 
 
@@ -43,6 +45,7 @@ class NomicBertMoeConfig(PretrainedConfig):
         rotary_emb_base: float = 10000.0,
         rotary_emb_fraction: float = 1.0,
         rotary_emb_interleaved: bool = False,
+        rotary_scaling_factor: float | None = None,
         num_experts: int = 8,
         moe_top_k: int = 2,
         moe_every_n_layers: int = 2,
@@ -69,6 +72,7 @@ class NomicBertMoeConfig(PretrainedConfig):
         self.rotary_emb_base = rotary_emb_base
         self.rotary_emb_fraction = rotary_emb_fraction
         self.rotary_emb_interleaved = rotary_emb_interleaved
+        self.rotary_scaling_factor = rotary_scaling_factor
         self.num_experts = num_experts
         self.moe_top_k = moe_top_k
         self.moe_every_n_layers = moe_every_n_layers
@@ -132,28 +136,49 @@ class RotaryEmbedding(nn.Module):
     Angles are computed in the activation dtype: fp32 for the reference (as the released remote code
     does, so fp32 rounding of position * inv_freq is part of the reference), fp64 when the model is run
     in double precision against the float64 oracle.
+
+    With ``scaling_factor`` (config rotary_scaling_factor) a sequence longer than ``max_trained`` tokens is
+    rotated with the dynamic-NTK base of its length (actdiff.nodes.ntk_rotary_base, the original's
+    NomicBertDynamicNTKRotaryEmbedding), inv_freq recomputed from that base in the activation dtype; in a
+    padded batch, each sequence's own length (see :meth:`cos_sin`).
     """
 
-    def __init__(self, head_dim: int, base: float, interleaved: bool):
+    def __init__(self, head_dim: int, base: float, interleaved: bool, scaling_factor=None, max_trained: int = 2048):
         super().__init__()
         self.head_dim = head_dim
         self.base = float(base)
         self.interleaved = interleaved
+        self.scaling_factor = scaling_factor
+        self.max_trained = int(max_trained)
         self.register_buffer("inv_freq", self._inv_freq(torch.float32), persistent=False)
 
-    def _inv_freq(self, dtype: torch.dtype, device=None) -> torch.Tensor:
-        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=dtype, device=device) / self.head_dim))
+    def _inv_freq(self, dtype: torch.dtype, device=None, base: float | None = None) -> torch.Tensor:
+        base = self.base if base is None else base
+        return 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=dtype, device=device) / self.head_dim))
 
-    def cos_sin(self, seqlen: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq if dtype == torch.float32 else self._inv_freq(dtype, device)
+    def _table(self, seqlen: int, device, dtype, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if base == self.base and dtype == torch.float32:
+            inv_freq = self.inv_freq
+        else:  # another dtype, or a base scaled for this length: inv_freq from it (the buffer keeps the base's)
+            inv_freq = self._inv_freq(dtype, device, base)
         t = torch.arange(seqlen, device=device, dtype=dtype)
         freqs = torch.outer(t, inv_freq.to(device=device, dtype=dtype))  # [S, hd/2]
         return torch.cos(freqs), torch.sin(freqs)
 
+    def cos_sin(self, seqlen: int, device, dtype=torch.float32, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (R, seqlen, hd/2): R = 1, or one table per sequence when dynamic NTK scaling gives
+        the sequences of a padded batch (real ``lengths``) different bases. The original scales by the padded
+        batch length, so a prompt's values would depend on its batch; the reference uses each prompt's own
+        length: the original's values for the prompt run alone, what the engine and the spec compute."""
+        lens = [seqlen] if lengths is None else [int(n) for n in lengths]
+        bases = [ntk_rotary_base(self.base, n, self.scaling_factor, self.max_trained, self.head_dim) for n in lens]
+        tables = [self._table(seqlen, device, dtype, b) for b in (bases[:1] if len(set(bases)) == 1 else bases)]
+        return torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x is (B, S, nh, hd); cos/sin are (S, hd/2)
-        cos = cos[None, :, None, :]
-        sin = sin[None, :, None, :]
+        # x is (B, S, nh, hd); cos/sin are (1 or B, S, hd/2)
+        cos = cos[:, :, None, :]
+        sin = sin[:, :, None, :]
         if self.interleaved:  # GPT-J pairs (x0,x1),(x2,x3)...; only if a config asks for it
             x1, x2 = x[..., 0::2], x[..., 1::2]
             return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -171,19 +196,26 @@ class NomicAttention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.causal = cfg.causal
         self.Wqkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.qkv_proj_bias)
-        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.rotary_emb_base, cfg.rotary_emb_interleaved)
+        # qkv_proj_bias removes both attention biases, as in the original NomicBertAttention
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.qkv_proj_bias)
+        self.rotary_emb = RotaryEmbedding(
+            self.head_dim,
+            cfg.rotary_emb_base,
+            cfg.rotary_emb_interleaved,
+            cfg.rotary_scaling_factor,
+            cfg.max_trained_positions,
+        )
         self.q, self.k, self.v = Tap(), Tap(), Tap()
         self.q_rot, self.k_rot = Tap(), Tap()
         self.context = Tap()
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor, lengths=None) -> torch.Tensor:
         B, S, H = x.shape
         qkv = self.Wqkv(x).view(B, S, 3, self.n_head, self.head_dim)  # rows q | k | v, heads contiguous
         q = self.q(qkv[:, :, 0])
         k = self.k(qkv[:, :, 1])
         v = self.v(qkv[:, :, 2])
-        cos, sin = self.rotary_emb.cos_sin(S, x.device, x.dtype)
+        cos, sin = self.rotary_emb.cos_sin(S, x.device, x.dtype, lengths)
         q = self.q_rot(self.rotary_emb(q, cos, sin))
         k = self.k_rot(self.rotary_emb(k, cos, sin))
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
@@ -297,8 +329,8 @@ class NomicBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.resid_attn, self.resid_mlp = Tap(), Tap()
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(self.resid_attn(x + self.attn(x, additive_mask)))  # post-norm
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor, lengths=None) -> torch.Tensor:
+        h = self.norm1(self.resid_attn(x + self.attn(x, additive_mask, lengths)))  # post-norm
         return self.norm2(self.resid_mlp(h + self.mlp(h)))
 
 
@@ -347,8 +379,9 @@ class NomicBertMoeModel(PreTrainedModel):
         dtype = x.dtype
         # additive key-padding mask (B,1,1,S); attention is bidirectional
         additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        lengths = attention_mask.sum(dim=1).tolist()  # real tokens per sequence (right padding)
         for layer in self.encoder.layers:
-            x = layer(x, additive)
+            x = layer(x, additive, lengths)
         return x  # last_hidden_state
 
 

@@ -209,41 +209,84 @@ def _search_md(run: Run) -> str:
 
 
 # ------------------------------------------------------------------------------------------ tokenization
-def tokenization_md(run: Run, max_rows: int = 10) -> str:
-    t = run.tokenization
-    if not t or not t.get("inputs"):
-        return "::: {.callout-warning}\nNo tokenization tables were found for this model.\n:::\n"
-    counts = {
-        "inputs": t["inputs"],
-        "ids match": t["ids_match"],
-        "ids differ": t["ids_differ"],
-        "engine side missing": t["engine_missing"],
-        "truncated (reference)": t["truncated"],
-    }
-    out = [md_table(pd.DataFrame([counts]))]
-    if not t["ids_differ"]:
-        out.append("\nEvery input tokenizes identically on both sides: no failing prompts.\n")
-        return "\n".join(out)
-    ex = t["examples"][:max_rows]
-    out.append(
-        f"\n**{t['ids_differ']} input(s) tokenize differently** (first {len(ex)} shown; ids around the "
-        "first difference, reference and engine side by side):\n"
+TOKENIZERS = {"engine_eq_transformers": ("engine", "transformers"), "engine_eq_tokenizers": ("engine", "tokenizers"),
+              "transformers_eq_tokenizers": ("transformers", "tokenizers")}  # fmt: skip
+
+
+def _tokenization_setup(t: dict) -> str:
+    """Which tokenization the reference used, what the engine is held to, max_length and versions."""
+    target = t.get("engine_target") or "transformers"
+    v = t.get("versions") if isinstance(t.get("versions"), dict) else {}
+    versions = ", ".join(f"{k} {v[k]}" for k in ("transformers", "tokenizers") if k in v) or "versions not recorded"
+    ml = t.get("max_length")
+    source = t.get("max_length_source") or "the config"
+    ml_text = f"max_length {ml} (from {source})" if ml else "max_length not recorded"
+    return (
+        f"The reference model ran on the ids of **{t.get('reference') or 'transformers'}** ({versions}); the engine's "
+        f"own tokenizer is held to **{target}**; {ml_text}.\n"
     )
+
+
+def _agreement_md(t: dict) -> str:
+    agreement = t.get("agreement") or {}
+    rows = [
+        {"pair": f"{a} vs {b}", "equal": agreement[k]["equal"], "differ": agreement[k]["differ"],
+         "not computed": agreement[k]["missing"]}
+        for k, (a, b) in TOKENIZERS.items() if k in agreement
+    ]  # fmt: skip
+    return md_table(pd.DataFrame(rows)) if rows else ""
+
+
+def _id_examples_md(examples: list, own: tuple[str, str], held_to: tuple[str, str]) -> str:
+    """Differing prompts, ids around the first difference: ``own``/``held_to`` are (summary key, label)."""
     rows = []
-    for r in ex:
-        fd, ref, eng = r["first_diff"], r["reference_ids"], r["engine_ids"]
+    for r in examples:
+        fd, ref, eng = r["first_diff"], r[held_to[0]], r[own[0]]
         lo = max(0, fd - 3)
         rows.append(
             {
                 "prompt": r["prompt_id"],
                 "text": str(r["text"])[:60],
                 "first diff": fd,
-                "reference ids": " ".join(map(str, ref[lo : fd + 8])),
-                "engine ids": " ".join(map(str, eng[lo : fd + 8])),
+                f"{held_to[1]} ids": " ".join(map(str, ref[lo : fd + 8])),
+                f"{own[1]} ids": " ".join(map(str, eng[lo : fd + 8])),
                 "lengths": f"{len(ref)} / {len(eng)}",
             }
         )
-    out.append(md_table(pd.DataFrame(rows), {"prompt": code}))
+    return md_table(pd.DataFrame(rows), {"prompt": code})
+
+
+def tokenization_md(run: Run, max_rows: int = 10) -> str:
+    t = run.tokenization
+    if not t or not t.get("inputs"):
+        return "::: {.callout-warning}\nNo tokenization tables were found for this model.\n:::\n"
+    target = t.get("engine_target") or "transformers"
+    counts = {
+        "inputs": t["inputs"],
+        f"engine ids equal {target}'s": t["ids_match"],
+        "ids differ": t["ids_differ"],
+        "engine side missing": t["engine_missing"],
+        "truncated (reference)": t["truncated"],
+    }
+    out = [_tokenization_setup(t), md_table(pd.DataFrame([counts]))]
+    if t.get("agreement"):
+        out.append("\n**Agreement of the three tokenizations** (prompts):\n\n" + _agreement_md(t))
+    if not t["ids_differ"]:
+        out.append(f"\nEvery input tokenizes identically on the engine and {target}: no failing prompts.\n")
+    else:
+        ex = t["examples"][:max_rows]
+        out.append(
+            f"\n**{t['ids_differ']} input(s) tokenize differently** (first {len(ex)} shown; ids around the "
+            f"first difference, {target} and engine side by side):\n"
+        )
+        out.append(_id_examples_md(ex, ("engine_ids", "engine"), ("reference_ids", target)))
+    lit = (t.get("examples_transformers_tokenizers") or [])[:max_rows]
+    if lit:
+        out.append(
+            f"\n**transformers and tokenizers (tokenizer.json read literally) differ** on "
+            f"{t['agreement']['transformers_eq_tokenizers']['differ']} input(s) (first {len(lit)} shown):\n"
+        )
+        out.append(_id_examples_md(lit, ("tokenizers_ids", "tokenizers"), ("transformers_ids", "transformers")))
     return "\n".join(out)
 
 
