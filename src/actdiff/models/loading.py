@@ -46,7 +46,7 @@ def resolve_model_dir(
     if isinstance(source, (str, Path)):
         source = {"path": str(source)}
     if not isinstance(source, dict):
-        raise ModelError(f"model {name!r}: no source given; pass source={{'path': <model dir>}} (or package, generate, hf)")
+        raise ModelError(f"model {name!r}: no source; pass source={{'path': <model dir>}} (or package, generate, hf)")
     what = f"model {name!r}" if name else "model"
     if "generate" in source:
         return Path(resources_dir) / (name or str(source["generate"]))
