@@ -146,12 +146,14 @@ class Model:
     @classmethod
     def from_record(cls, record: ModelRecord, side: str, variant, max_length: int | None = None, **options) -> Model:
         """Open ``side`` at ``variant`` on a resolved model (the pipeline's model.json record)."""
-        from .sides import open_side
+        from .sides import _factory, open_side
 
-        try:
-            return cls(open_side(side, record, variant, **options), record, max_length)
-        except TypeError as e:  # an option the side does not take
-            raise ConfigError(f"side {side!r} on {record.dir}: {e}; see actdiff.sides.SIDES for its options") from None
+        params = inspect.signature(_factory(side)).parameters
+        unknown = sorted(set(options) - set(params))
+        if unknown:  # checked here: a TypeError from inside the side must not read as a bad option
+            takes = ", ".join(p for p in params if p not in ("record", "variant"))
+            raise ConfigError(f"side {side!r} on {record.dir}: no option {', '.join(unknown)}; it takes {takes}")
+        return cls(open_side(side, record, variant, **options), record, max_length)
 
     def __enter__(self) -> Model:
         return self
@@ -219,9 +221,10 @@ class Model:
             ids = [[int(i) for i in x] for x in inputs]
             for k, x in enumerate(ids):
                 if not x or (max_length is not None and len(x) > max_length):
+                    most = f"at most {max_length}" if max_length is not None else "any number of"
                     raise ActdiffError(
-                        f"{self!r}: input {k} has {len(x)} ids; give between 1 and {max_length or 'the model limit'}"
-                        " ids per input (with the special tokens), or texts to be tokenized and truncated"
+                        f"{self!r}: input {k} has {len(x)} ids; give at least 1 and {most} ids per input (with the "
+                        "special tokens), or texts, which are tokenized and truncated"
                     )
         else:
             raise ActdiffError(f"{self!r}: inputs must be all texts (str) or all lists of token ids, not a mix")
