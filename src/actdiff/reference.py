@@ -26,7 +26,11 @@ class ReferenceRunner:
     def __init__(self, model: torch.nn.Module, graph: Graph):
         self.model = model
         self.graph = graph
-        self.pooling = MeanPoolNormalize()
+        # a model that pools in its own forward (NomicBertMoeModel.pool) is tapped there; a plain HF encoder
+        # (BertModel) returns token states only, so the runner pools with the same module class after it
+        own = getattr(model, "pooling", None)
+        self.pools_in_forward = isinstance(own, MeanPoolNormalize)
+        self.pooling = own if self.pools_in_forward else MeanPoolNormalize()
         self._captured: dict[str, torch.Tensor] = {}
         self._handles = []
         modules = dict(model.named_modules())
@@ -76,12 +80,10 @@ class ReferenceRunner:
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, : len(seq)] = 1
         self._captured.clear()
-        if self.graph.dims.arch == ARCH_BERT:
-            hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
-            hidden = hidden.last_hidden_state
-        else:
-            hidden = self.model(input_ids=ids, attention_mask=mask)
-        self.pooling(hidden, mask)
+        extra = {"token_type_ids": torch.zeros_like(ids)} if self.graph.dims.arch == ARCH_BERT else {}
+        hidden = self.model(input_ids=ids, attention_mask=mask, **extra)[0]  # a ModelOutput: last_hidden_state
+        if not self.pools_in_forward:
+            self.pooling(hidden, mask)
         out: list[dict[str, np.ndarray]] = [{} for _ in range(B)]
         for n in self.graph:
             t = self._captured[n.name]
