@@ -148,7 +148,7 @@ def _hand_built_moe_model():
     """One MoE layer with hand-set experts, F != H, so w2's orientation and the bias count are visible."""
     cfg = {"vocab_size": 16, "n_embd": 4, "n_head": 1, "n_layer": 2, "n_inner": 6, "num_experts": 2,
            "moe_top_k": 2, "moe_every_n_layers": 2, "layer_norm_epsilon": 1e-5, "rotary_emb_base": 10000,
-           "type_vocab_size": 1}
+           "type_vocab_size": 1, "activation_function": "gelu"}  # as released (omitted: the original's gelu_new)
     torch.manual_seed(0)
     model = NomicBertMoeModel(nomic_config_from_dict(cfg)).eval()
     return model
