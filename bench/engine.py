@@ -288,7 +288,7 @@ class Trio:
             t0 = time.perf_counter()
             out = self.model(input_ids=x, attention_mask=mask)
             dt = time.perf_counter() - t0
-        return dt, out[0].numpy()
+        return dt, out[0][0].numpy()  # a ModelOutput: last_hidden_state (1, T, H), prompt 0
 
     def llamacpp(self, threads: int):
         if threads not in self.runners:

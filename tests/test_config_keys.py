@@ -276,6 +276,18 @@ def test_ntk_scaling_per_prompt_in_a_padded_batch(ntk_dir):
         assert np.max(np.abs(a - b)) <= 1e-6 * max(1.0, float(np.max(np.abs(b)))), n.name
 
 
+def test_ntk_scaling_per_sequence_in_an_engine_batch(ntk_dir):
+    """The engine's padded batch scales each sequence's rotary base by that sequence's own length: every node
+    equals the prompt run alone, bit for bit (the batched kernels compute each row, and each sequence's
+    attention, with the same arithmetic as batch 1; tests/test_engine.py)."""
+    engine = Engine(ntk_dir, threads=1)
+    prompts = [_ids(4032, T_LONG).tolist(), _ids(4032, 24, seed=1).tolist(), _ids(4032, 12, seed=2).tolist()]
+    batched = engine.forward_batch(prompts, "fp32")
+    for ids, got in zip(prompts, batched, strict=True):
+        for name, value in engine.forward(ids, "fp32").items():
+            np.testing.assert_array_equal(got[name], value, err_msg=f"{name} at T={len(ids)}")
+
+
 def test_ntk_scaling_off_up_to_max_trained(ntk_dir, tiny_model_dir):
     ids = _ids(4032, NTK["max_trained_positions"])
     scaled = Engine(ntk_dir, threads=1).forward(ids, "fp32")

@@ -168,9 +168,9 @@ def test_describe_and_run_node(tiny_model_dir):
 FAULT_PROMPT = [0, 45, 120, 987, 33, 2001, 64, 5, 2]
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("fault", sorted(f for f in FAULTS if not FAULTS[f].padding_only))
 def test_fault_changes_its_node(fault, tiny_model_dir):
-    """Each fault runs, changes the nodes it declares, and nothing before them.
+    """Each fault runs, changes the nodes it declares, and nothing before them (padding-only faults: below).
 
     Local error at the first changed node (its inputs are identical in both runs, so this is the node's own
     error) must be >= 10x the fp32 budget REL_L2_FP32."""
@@ -238,3 +238,169 @@ def test_engine_inputs_are_checked(tiny_model_dir):
         e.forward([0, 10**6, 2])
     with pytest.raises(ActdiffError, match="non-empty"):
         e.forward([])
+
+
+# ------------------------------------------------------------------------------------------- batches
+# Batch vs batch 1 (Engine.forward_batch): bitwise, not merely within the fp32 budget REL_L2_FP32. Every per-token
+# kernel computes a row independently of the other rows (matmul: one fma chain per element whatever the row
+# count; layernorm, softmax, top-k, router and expert rows; elementwise gelu/add/rotary with the same arithmetic
+# in every vector lane and tail), so the pad rows beside a real row change nothing; attention reads no key past
+# a sequence's last real one, so a padded sequence runs exactly its unpadded arithmetic; mean pooling skips the
+# masked tokens in the same order. A failure here is a real dependence on the batch, never rounding.
+BATCH = 8
+
+
+def _batches_in_corpus_order(ids_all, size=BATCH):
+    """Corpus order, not length-sorted: batches of very mixed lengths, so most prompts are heavily padded."""
+    return [list(range(i, min(i + size, len(ids_all)))) for i in range(0, len(ids_all), size)]
+
+
+def _assert_batch_equals_batch1(engine, ids_all, variant):
+    n_padded = 0
+    for idx in _batches_in_corpus_order(ids_all):
+        S = max(len(ids_all[i]) for i in idx)
+        for i, vals in zip(idx, engine.forward_batch([ids_all[i] for i in idx], variant), strict=True):
+            one = engine.forward(ids_all[i], variant)
+            assert vals.keys() == one.keys()
+            for name, a in one.items():
+                assert vals[name].shape == a.shape and np.array_equal(vals[name], a), (variant, i, name)
+            n_padded += len(ids_all[i]) < S
+    return n_padded
+
+
+@pytest.mark.isa_paths
+@pytest.mark.parametrize("model", ["tiny-nomic-moe", "minilm-l6"])
+def test_batch_equals_batch_one_on_whole_corpus(model, corpus, tiny_model_dir, minilm_model_dir):
+    """Every node of every corpus prompt, run in padded batches of mixed lengths, is bitwise its batch-1 value."""
+    model_dir, max_len = (tiny_model_dir, 512) if model == "tiny-nomic-moe" else (minilm_model_dir, 256)
+    ids_all = _corpus_ids(model_dir, corpus, max_len)
+    n_padded = _assert_batch_equals_batch1(Engine(model_dir, threads=2), ids_all, "fp32")
+    assert n_padded > len(ids_all) // 2  # the batches did pad
+
+
+BATCH_VARIANTS = ["fp16", "bf16", "int8", "fp16-act"] + [f"fp32+fault={f}" for f in sorted(FAULTS)]
+
+
+@pytest.mark.parametrize("model", ["tiny-nomic-moe", "minilm-l6"])
+def test_batch_equals_batch_one_every_precision_and_fault(model, corpus, tiny_model_dir, minilm_model_dir):
+    """The same on 16 corpus prompts for every precision policy and every fault that applies to the model,
+    except the padding-only ones (they differ in a padded batch by design: tested below)."""
+    model_dir, max_len = (tiny_model_dir, 512) if model == "tiny-nomic-moe" else (minilm_model_dir, 256)
+    ids_all = _corpus_ids(model_dir, corpus.iloc[:16], max_len)
+    engine = Engine(model_dir, threads=2)
+    for variant in BATCH_VARIANTS:
+        fault = FAULTS.get(variant.partition("fault=")[2])
+        if fault is not None and (
+            fault.padding_only or not any(fault.changes(n, engine.dims.arch) for n in engine.graph)
+        ):
+            continue
+        _assert_batch_equals_batch1(engine, ids_all, variant)
+
+
+@pytest.mark.parametrize("fault", sorted(f for f in FAULTS if FAULTS[f].padding_only))
+@pytest.mark.parametrize("model", ["tiny-nomic-moe", "minilm-l6"])
+def test_padding_only_fault_changes_its_node_in_a_padded_batch_only(fault, model, tiny_model_dir, minilm_model_dir):
+    """A padding-only fault is the spec at batch 1 (every node bitwise clean). In a padded batch the padded
+    prompt's first changed node is one the fault declares, with a local error >= 10x the fp32 budget, and
+    nothing before it changes; the batch's longest prompt (no padding) is unchanged everywhere."""
+    model_dir = tiny_model_dir if model == "tiny-nomic-moe" else minilm_model_dir
+    e = Engine(model_dir)
+    variant, f = f"fp32+fault={fault}", FAULTS[fault]
+    long = FAULT_PROMPT[:-1] * 3 + FAULT_PROMPT[-1:]
+    for ids in (FAULT_PROMPT, long):
+        clean, bad = e.forward(ids, "fp32"), e.forward(ids, variant)
+        assert all(np.array_equal(clean[n], bad[n]) for n in clean), "batch 1 must run the spec"
+    clean_b, bad_b = e.forward_batch([FAULT_PROMPT, long], "fp32"), e.forward_batch([FAULT_PROMPT, long], variant)
+    assert all(np.array_equal(clean_b[1][n], bad_b[1][n]) for n in clean_b[1])
+    clean, bad = clean_b[0], bad_b[0]
+    first = next(n for n in e.graph if n.kind != "index" and not np.array_equal(clean[n.name], bad[n.name]))
+    assert f.changes(first, e.dims.arch), (fault, first.name)
+    assert rel_l2(bad[first.name], clean[first.name]) >= 10 * REL_L2_FP32, (fault, first.name)
+    for n in e.graph:
+        if n.index >= first.index:
+            break
+        np.testing.assert_array_equal(bad[n.name], clean[n.name])
+    assert rel_l2(bad["embedding"], clean["embedding"]) > 0
+
+
+def test_forward_batch_edge_cases(tiny_model_dir):
+    from actdiff.errors import ActdiffError
+
+    e = Engine(tiny_model_dir)
+    assert e.forward_batch([]) == []
+    with pytest.raises(ActdiffError, match="non-empty"):
+        e.forward_batch([[0, 5, 2], []])
+    with pytest.raises(ActdiffError, match="out of range"):
+        e.forward_batch([[0, 5, 2], [0, 10**6, 2]])
+    one = e.forward([0, 5, 2])
+    same = e.forward_batch([[0, 5, 2], [0, 5, 2]])  # no padding at all
+    assert all(np.array_equal(one[n], same[1][n]) for n in one)
+
+
+def _engine_dump(tmp_path, model_dir, items, variant, batch_size):
+    """pipeline.dump as the dump_engine rule calls it (the model's config batch_size), read back per prompt."""
+    import pandas as pd
+
+    from actdiff.h5io import ActivationReader
+    from actdiff.nodes import load_config_json
+    from actdiff.pipeline import dump
+
+    record = tmp_path / "model.json"
+    cfg = load_config_json(model_dir)
+    arch = build_graph(cfg).dims.arch
+    record.write_text(
+        json.dumps({"name": "m", "dir": str(model_dir), "arch": arch, "weights_sha256": "x", "config": cfg})
+    )
+    tokens = tmp_path / "tokens.parquet"
+    pd.DataFrame({"prompt_id": [p for p, _ in items], "reference_ids": [i for _, i in items]}).to_parquet(tokens)
+    out = tmp_path / f"{variant}-b{batch_size}.h5"
+    dump(str(record), str(tokens), str(out), "actdiff", variant, 0, batch_size=batch_size)
+    with ActivationReader(out) as r:
+        assert r.prompt_ids == [p for p, _ in items]  # the original prompt order, whatever the batches
+        return {p: {n: r.node(n, p) for n in r.node_names} for p in r.prompt_ids}
+
+
+def test_engine_dump_batches_and_shows_the_padding_only_fault(tiny_model_dir, corpus, tmp_path):
+    """The engine dump with the model's batch_size > 1 runs length-sorted padded batches: its values are the
+    batch-1 values bit for bit, in the prompt order; the padding-only fault shows at its attention nodes in the
+    padded prompts of that dump, and not at all in a batch-1 dump."""
+    ids_all = _corpus_ids(tiny_model_dir, corpus.iloc[:24], 512)
+    items = [(f"p{i:02d}", ids) for i, ids in enumerate(ids_all)]
+    clean1 = _engine_dump(tmp_path, tiny_model_dir, items, "fp32", 1)
+    clean4 = _engine_dump(tmp_path, tiny_model_dir, items, "fp32", 4)
+    for p in clean1:
+        assert all(np.array_equal(clean1[p][n], clean4[p][n]) for n in clean1[p]), p
+    fault = next(f for f in sorted(FAULTS) if FAULTS[f].padding_only)
+    bad1 = _engine_dump(tmp_path, tiny_model_dir, items, f"fp32+fault={fault}", 1)
+    bad4 = _engine_dump(tmp_path, tiny_model_dir, items, f"fp32+fault={fault}", 4)
+    assert all(np.array_equal(clean1[p][n], bad1[p][n]) for p in clean1 for n in clean1[p])
+    graph = Engine(tiny_model_dir).graph
+    first_attention = next(n.name for n in graph if FAULTS[fault].changes(n))
+    changed = [p for p in clean1 if not np.array_equal(clean1[p][first_attention], bad4[p][first_attention])]
+    assert len(changed) >= len(items) // 2, changed  # every prompt shorter than its batch: most of them
+    for p in changed:
+        first = next(n for n in graph if not np.array_equal(clean1[p][n.name], bad4[p][n.name]))
+        assert first.name == first_attention, (p, first.name)
+
+
+def test_batching_policy_is_the_references():
+    """actdiff.batching (the engine's and the reference's batches): results in input order, length-sorted batches
+    within a window of 8 batches, at most batch_size prompts and max_batch_tokens padded tokens each."""
+    from actdiff.batching import batched_in_order
+
+    rng = np.random.default_rng(1)
+    items = [(f"p{i}", [0] * int(n)) for i, n in enumerate(rng.integers(1, 600, 70))]
+    seen: list[list[int]] = []
+
+    def run(batch):
+        seen.append([len(x) for x in batch])
+        return [len(x) for x in batch]
+
+    out = list(batched_in_order(items, run, batch_size=4, max_batch_tokens=1024))
+    assert [p for p, _ in out] == [p for p, _ in items] and [n for _, n in out] == [len(i) for _, i in items]
+    assert all(len(b) <= 4 and (len(b) == 1 or len(b) * max(b) <= 1024) and b == sorted(b) for b in seen)
+    assert sum(map(len, seen)) == len(items) and max(map(len, seen)) == 4
+    assert [len(b) for b in seen] != [1] * len(seen)
+    seen.clear()
+    assert [p for p, _ in batched_in_order(items, run, batch_size=1)] == [p for p, _ in items]
+    assert all(len(b) == 1 for b in seen)

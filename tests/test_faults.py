@@ -17,10 +17,11 @@ def test_every_handle_names_a_runnable_catalogue_entry():
     faults = runnable_faults()
     assert set(faults) == {
         "causal_mask", "gelu_tanh", "expert_bias_dropped", "topk_renorm", "w2_transposed", "ln_eps",
-        "rotary_interleaved", "qkv_head_major",
+        "rotary_interleaved", "qkv_head_major", "mask_query_axis",
     }  # fmt: skip
     for f in faults.values():
         assert f.entry.fault == f.name and all((op, k) in RUNNABLE for op in f.entry.ops for k in f.entry.params)
+    assert {n for n, f in faults.items() if f.padding_only} == {"mask_query_axis"}
 
 
 def test_a_catalogue_entry_runs_by_its_own_name(tiny_model_dir):

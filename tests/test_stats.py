@@ -31,7 +31,8 @@ EXPECTED = {
     "qkv_head_major": "qkv_split_head_major",
 }
 FAULTS = runnable_faults()
-LABELS = {f"f{i + 1}": name for i, name in enumerate(sorted(FAULTS))}
+# engine_dump runs prompts at batch 1, where a padding-only fault is the spec: those are tested on a padded dump
+LABELS = {f"f{i + 1}": name for i, name in enumerate(sorted(n for n in FAULTS if not FAULTS[n].padding_only))}
 
 
 def run_stats(tmp, model_dir, ref_h5, eng_h5, variant, side="actdiff", cfg=None):
@@ -331,3 +332,61 @@ def test_aggregate_sample_keeps_counts_exact_and_shard_order_irrelevant(ci_run, 
     pd.testing.assert_frame_equal(small["first_divergence"], full["first_divergence"])
     assert vs["first_divergence"] == v["first_divergence"] and vs["hypothesis"] == v["hypothesis"]
     assert small["routing"]["flips"].tolist() == full["routing"]["flips"].tolist()
+
+
+# ------------------------------------------------- a padding-only fault, in a batched engine dump (no ci_run)
+def _dump_pair(tmp, model_dir, variant, batch_size, n_prompts=24):
+    """A batch-1 reference dump and an engine dump at ``batch_size`` of the first corpus prompts, through
+    pipeline.dump as the dump rules call it."""
+    from actdiff.nodes import build_graph, load_config_json
+    from actdiff.pipeline import dump
+    from actdiff.prompts import load_prompt_sheet
+    from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
+
+    cfg = load_config_json(model_dir)
+    rec = tmp / "model.json"
+    arch = build_graph(cfg).dims.arch
+    rec.write_text(
+        json.dumps({"name": "tiny", "dir": str(model_dir), "arch": arch, "weights_sha256": "x", "config": cfg})
+    )
+    texts = load_prompt_sheet(REPO / "config/prompts/default.tsv")["text"].tolist()[:n_prompts]
+    ids = [r["ids"] for r in tokenize_texts(load_reference_tokenizer(model_dir), texts, 512)]
+    tokens = tmp / "tokens.parquet"
+    pd.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(len(ids))], "reference_ids": ids}).to_parquet(tokens)
+    ref = tmp / "ref.h5"
+    if not ref.exists():
+        dump(str(rec), str(tokens), str(ref), "reference", "fp32", 0, impl="actdiff", batch_size=1)
+    eng = tmp / f"eng-b{batch_size}.h5"
+    dump(str(rec), str(tokens), str(eng), "actdiff", variant, 0, batch_size=batch_size)
+    return ref, eng
+
+
+def test_padding_only_fault_is_localised_in_a_batched_dump(tiny_model_dir, tmp_path):
+    """mask_query_axis under an opaque label: invisible in a batch-1 engine dump (pass), found at the first
+    attention node in a batch_size 4 dump, on the padded prompts only, with nothing before it failing. The
+    node's forward value is not what its replay on the same (single-prompt) inputs gives, and no catalogue entry
+    reproduces it from one prompt's values (the pad keys it attended are in no dump), so the honest verdict is
+    the node plus the replay gap, not a name; the diagnosis must not blame another entry."""
+    from actdiff.batching import length_sorted_batches
+
+    fault = next(n for n in sorted(FAULTS) if FAULTS[n].padding_only)
+    variant = resolve_variant("fp32+fault=fp", {"fp": fault})
+    graph = Engine(tiny_model_dir).graph
+    fault_node = next(n.name for n in graph if FAULTS[fault].changes(n))
+    ref, eng1 = _dump_pair(tmp_path, tiny_model_dir, variant, 1)
+    v1, *_ = run_stats(tmp_path / "b1", tiny_model_dir, ref, eng1, variant)
+    assert v1["status"] == "pass", v1["plain"]
+    _, eng4 = _dump_pair(tmp_path, tiny_model_dir, variant, 4)
+    v, nodes, _, _ = run_stats(tmp_path / "b4", tiny_model_dir, ref, eng4, variant)
+    assert v["status"] == "fail" and v["first_divergence"] == fault_node, v["plain"]
+    with ActivationReader(ref) as r:
+        lengths = [len(r.input_ids(i)) for i in range(len(r.prompt_ids))]
+    batches = length_sorted_batches(lengths, 4)  # one window: 24 prompts < 8 batches of 4
+    padded = sum(lengths[i] < max(lengths[j] for j in b) for b in batches for i in b)
+    gaps = {m["node"]: m for m in v["replay_mismatches"]}
+    assert fault_node in gaps and gaps[fault_node]["prompts"] == padded > 0  # exactly the padded prompts
+    fd = nodes[nodes["node"] == fault_node]
+    assert fd["local_rel_l2"].max() >= 10 * fd["budget"].max()
+    before = nodes[nodes["node_index"] < graph[fault_node].index]
+    assert (before["status"] != "fail").all()
+    assert v["hypothesis"] in ("unexplained", "attention_mask_on_queries"), v["hypothesis"]

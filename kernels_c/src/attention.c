@@ -5,7 +5,11 @@
  *   S  (qb x nk) = Q_blk (qb x hd) @ K_h^T      (gemm core, chain over hd)
  *   S *= scale; masked keys -> weight 0; row softmax (max-subtracted)
  *   O  (qb x hd) = P (qb x nk) @ V_h            (gemm core, chain over keys in order)
- * where nk = T, or min(T, q0 + qb) when causal (keys past the block are all masked). */
+ * where nk = T, or min(T, q0 + qb) when causal (keys past the block are all masked), cut at kend = 1 + the
+ * last visible key of key_mask.  Keys at or past kend are never read: in a right-padded batch a sequence's
+ * pad keys do not enter any sum (not even as zero weights), so every real query row of a padded sequence
+ * runs exactly the arithmetic of the unpadded sequence (bitwise equal on every ISA path, whatever the pad
+ * tokens hold, NaN included). */
 #include "ak_internal.h"
 #include <math.h>
 #include <stdlib.h>
@@ -17,6 +21,7 @@ typedef struct {
     const float *q, *k, *v;
     const uint8_t *mask;
     int T, nh, hd, causal;
+    int kend; /* 1 + last visible key (T without a mask; 0 when every key is masked) */
     float scale;
     int64_t units;
     int status;
@@ -28,6 +33,12 @@ static void attn_unit(attn_job *j, int64_t u, float *S) {
     int q0 = qbi * QB, qb = j->T - q0 < QB ? j->T - q0 : QB;
     int64_t ld = (int64_t)j->nh * j->hd;
     int nk = j->causal ? (q0 + qb < j->T ? q0 + qb : j->T) : j->T;
+    if (nk > j->kend) nk = j->kend;
+    if (nk == 0) { /* no visible key for any row of the block: zeros, as the general rule below */
+        for (int r = 0; r < qb; r++)
+            for (int d = 0; d < j->hd; d++) j->out[(q0 + r) * ld + (int64_t)h * j->hd + d] = 0.0f;
+        return;
+    }
     ak_gemm_args g1 = {qb, nk, j->hd, j->q + q0 * ld + (int64_t)h * j->hd, ld, j->k + (int64_t)h * j->hd, ld,
                        AK_DTYPE_F32, 1, NULL, NULL, S, nk};
     int st = ak_gemm_serial(&g1, 0, nk);
@@ -35,7 +46,7 @@ static void attn_unit(attn_job *j, int64_t u, float *S) {
     for (int r = 0; r < qb; r++) {
         float *s = S + (int64_t)r * nk;
         int i = q0 + r;
-        int lim = j->causal ? i + 1 : nk;
+        int lim = j->causal && i + 1 < nk ? i + 1 : nk;
         int visible = 0;
         for (int c = 0; c < lim; c++) {
             if (j->mask && !j->mask[c]) s[c] = -INFINITY;
@@ -81,13 +92,16 @@ int ak_attention(float *out, const float *q, const float *k, const float *v, con
     if (st) return st;
     if (T == 0 || nh == 0) return AK_OK;
     if (hd == 0) return AK_OK;
-    attn_job j = {out, q, k, v, key_mask, T, nh, hd, causal ? 1 : 0, scale, 0, AK_OK};
+    int kend = T;
+    if (key_mask)
+        while (kend > 0 && !key_mask[kend - 1]) kend--;
+    attn_job j = {out, q, k, v, key_mask, T, nh, hd, causal ? 1 : 0, kend, scale, 0, AK_OK};
     j.units = (int64_t)nh * ((T + QB - 1) / QB);
     ak_parallel(ak_threads_for(j.units, 4.0 * nh * (double)T * T * hd), attn_task, &j);
     return j.status;
 }
 
-/* reference: plain loops, libm expf, one query row at a time */
+/* reference: plain loops, libm expf, one query row at a time; masked keys are skipped */
 int ak_attention_naive(float *out, const float *q, const float *k, const float *v, const uint8_t *key_mask, int T,
                        int nh, int hd, float scale, int causal) {
     ak_count_call(AK_OP_ATTENTION_NAIVE);
@@ -117,7 +131,11 @@ int ak_attention_naive(float *out, const float *q, const float *k, const float *
             }
             for (int d = 0; d < hd; d++) {
                 float acc = 0.0f;
-                for (int jj = 0; jj < T; jj++) acc = fmaf(visible ? p[jj] / sum : 0.0f, v[jj * ld + h * hd + d], acc);
+                for (int jj = 0; jj < T; jj++) {
+                    /* a masked key contributes nothing, whatever its value holds (NaN in a pad row) */
+                    if (!visible || (key_mask && !key_mask[jj]) || (causal && jj > i)) continue;
+                    acc = fmaf(p[jj] / sum, v[jj * ld + h * hd + d], acc);
+                }
                 out[i * ld + h * hd + d] = acc;
             }
         }

@@ -129,6 +129,37 @@ static void test_attention(void) {
     }
 }
 
+/* a sequence of L tokens right-padded to S (pad rows NaN, pad keys huge) with its key mask: the real query
+ * rows equal the unpadded call bit for bit on every ISA path (keys past the last visible one are never read) */
+static void test_attention_padded(void) {
+    const int cases[][5] = {{1, 4, 2, 8, 0}, {37, 64, 3, 24, 1}, {65, 130, 2, 32, 0}, {100, 103, 4, 64, 1}};
+    const int isas[] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    const float nan = NAN;
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        int L = cases[c][0], S = cases[c][1], nh = cases[c][2], hd = cases[c][3], causal = cases[c][4];
+        size_t row = (size_t)nh * hd, n = (size_t)S * row, nl = (size_t)L * row;
+        float *q = rand_buf(n), *k = rand_buf(n), *v = rand_buf(n);
+        for (size_t i = nl; i < n; i++) { q[i] = nan; k[i] = 1e30f; v[i] = nan; }
+        uint8_t *mask = calloc(S, 1);
+        for (int t = 0; t < L; t++) mask[t] = (t % 7 != 5) || t == 0;
+        float *pad = galloc(n), *one = galloc(nl), *ref = galloc(nl);
+        float scale = 1.0f / sqrtf((float)hd);
+        CHECK(ak_attention_naive(ref, q, k, v, mask, L, nh, hd, scale, causal));
+        for (size_t ii = 0; ii < 3; ii++) {
+            if (!ak_cpu_supports_isa(isas[ii])) continue;
+            CHECK(ak_set_isa(isas[ii]));
+            CHECK(ak_attention(pad, q, k, v, mask, S, nh, hd, scale, causal));
+            CHECK(ak_attention(one, q, k, v, mask, L, nh, hd, scale, causal));
+            EXPECT(memcmp(pad, one, nl * 4) == 0, "padded attention differs L=%d S=%d isa=%d", L, S, isas[ii]);
+            double e = nmse(one, ref, nl);
+            EXPECT(e < 1e-10, "padded attention nmse %g L=%d isa=%d", e, L, isas[ii]);
+            EXPECT(guard_ok(pad, n) && guard_ok(one, nl), "guard padded attention");
+        }
+        CHECK(ak_set_isa(AK_ISA_AUTO));
+        free(q); free(k); free(v); free(mask); free(pad); free(one); free(ref);
+    }
+}
+
 static void test_moe(void) {
     int T = 37, H = 48, F = 80, E = 5, K = 2;
     float *x = rand_buf((size_t)T * H), *rw = rand_buf((size_t)E * H), *w1 = rand_buf((size_t)E * F * H),
@@ -258,6 +289,7 @@ static void test_compare(void) {
 int main(void) {
     test_matmul();
     test_attention();
+    test_attention_padded();
     test_moe();
     test_small_ops();
     test_compare();

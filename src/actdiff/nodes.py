@@ -672,8 +672,9 @@ def _bert_nodes(d: ModelDims) -> list[Node]:
 
 
 def _pool_nodes(b: _Builder, x: str) -> None:
-    # Pooling is outside the HF model (sentence-transformers' Pooling + Normalize); the reference
-    # runner wraps it in actdiff.models.pooling.MeanPoolNormalize, whose taps live under "pooling.".
+    # Pooling (sentence-transformers' Pooling + Normalize) is actdiff.models.pooling.MeanPoolNormalize, whose
+    # taps live under "pooling.": NomicBertMoeModel holds it (its forward's pooler_output); for a plain HF
+    # encoder (BertModel) the reference runner applies its own after the forward.
     p = b.add(POOLED, "POOL", [x], ("1", "H"), axis="prompt", tap=("pooling.pooled", "output"))
     b.add(EMBEDDING, "L2NORM", [p], ("1", "H"), axis="prompt", tap=("pooling.embedding", "output"))
 

@@ -124,18 +124,17 @@ def dump(
 ) -> None:
     """Run one side (reference, actdiff, llamacpp: actdiff.sides) over one shard and record every graph node.
     ``options`` go to the side (reference: impl, batch_size, allow_pickle; engines: threads, engine_ids;
-    llamacpp: gguf)."""
-    from .sides import open_side
+    llamacpp: gguf). The side is opened through the Python API's object (actdiff.api.Model): the dumps and
+    ``actdiff.load`` run the same code."""
+    from .api import Model
     from .sides.dump import dump_shard, read_token_items
 
     record = ModelRecord.load(model_json)
     # the variant is resolved once, here: an opaque fault label becomes the fault it stands for
     resolved = resolve_variant(variant, fault_aliases or {})
-    s = open_side(side, record, resolved, **options)  # reads and converts the weights: a bad checkpoint fails here
-    try:
-        dump_shard(s, record.provenance(), read_token_items(tokens, s.ids_column), out, shard, compression)
-    finally:
-        s.close()
+    # reads and converts the weights: a bad checkpoint fails here
+    with Model.from_record(record, side, resolved, **options) as m:
+        dump_shard(m.side, record.provenance(), read_token_items(tokens, m.side.ids_column), out, shard, compression)
 
 
 def dump_import(
@@ -269,10 +268,14 @@ def parity(
 # ---------------------------------------------------------------- llama.cpp (optional extra)
 def convert_gguf(model_json: str, variant: str, out: str) -> None:
     """Convert the model to a GGUF of the variant's weight type with llama.cpp's converter (verified)."""
+    convert_record_gguf(ModelRecord.load(model_json), variant, out)
+
+
+def convert_record_gguf(record: ModelRecord, variant: str, out: str) -> None:
+    """convert_gguf for a model record (the Python API converts through here too: one conversion path)."""
     from .llamacpp.gguf_export import convert_to_gguf
     from .llamacpp.side import outtype_for_variant
 
-    record = ModelRecord.load(model_json)
     t0 = time.perf_counter()
     meta = convert_to_gguf(str(record.dir), out, outtype_for_variant(variant))
     log.info("converted %s to %s (%s) in %.1f s; metadata %s", record.dir, out, variant, time.perf_counter() - t0, meta)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from .batching import MAX_BATCH_TOKENS, batched_in_order
 from .models.pooling import MeanPoolNormalize
 from .nodes import ARCH_BERT, Graph
 
@@ -25,7 +26,11 @@ class ReferenceRunner:
     def __init__(self, model: torch.nn.Module, graph: Graph):
         self.model = model
         self.graph = graph
-        self.pooling = MeanPoolNormalize()
+        # a model that pools in its own forward (NomicBertMoeModel.pool) is tapped there; a plain HF encoder
+        # (BertModel) returns token states only, so the runner pools with the same module class after it
+        own = getattr(model, "pooling", None)
+        self.pools_in_forward = isinstance(own, MeanPoolNormalize)
+        self.pooling = own if self.pools_in_forward else MeanPoolNormalize()
         self._captured: dict[str, torch.Tensor] = {}
         self._handles = []
         modules = dict(model.named_modules())
@@ -75,12 +80,10 @@ class ReferenceRunner:
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, : len(seq)] = 1
         self._captured.clear()
-        if self.graph.dims.arch == ARCH_BERT:
-            hidden = self.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
-            hidden = hidden.last_hidden_state
-        else:
-            hidden = self.model(input_ids=ids, attention_mask=mask)
-        self.pooling(hidden, mask)
+        extra = {"token_type_ids": torch.zeros_like(ids)} if self.graph.dims.arch == ARCH_BERT else {}
+        hidden = self.model(input_ids=ids, attention_mask=mask, **extra)[0]  # a ModelOutput: last_hidden_state
+        if not self.pools_in_forward:
+            self.pooling(hidden, mask)
         out: list[dict[str, np.ndarray]] = [{} for _ in range(B)]
         for n in self.graph:
             t = self._captured[n.name]
@@ -99,7 +102,7 @@ class ReferenceRunner:
         prompts: Iterable[tuple[str, list[int]]],
         batch_size: int = 1,
         progress_every: int = 100,
-        max_batch_tokens: int = 2048,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
     ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
         """Stream (prompt_id, node values) for prompts in their input order, a batch at a time.
 
@@ -107,41 +110,13 @@ class ReferenceRunner:
         the window, so a batch pads little (the shard order is a hash order, lengths are random); a batch
         holds at most ``batch_size`` prompts and ``max_batch_tokens`` padded tokens (so a batch of 512-token
         prompts is smaller than one of short prompts: memory per batch is bounded, not per prompt count).
-        Results are yielded in the input order, so memory is bounded by the window, not the corpus."""
-        window: list[tuple[str, list[int]]] = []
-        done, t0 = 0, time.perf_counter()
+        Results are yielded in the input order, so memory is bounded by the window, not the corpus
+        (actdiff.batching: the engine side batches the same way)."""
+        t0 = time.perf_counter()
         total = len(prompts) if hasattr(prompts, "__len__") else None
-        window_size = batch_size * 8 if batch_size > 1 else 1
-
-        def batches(order: list[int]) -> Iterator[list[int]]:
-            batch: list[int] = []
-            for i in order:  # ascending length: the last prompt added sets the padded length
-                if batch and (len(batch) >= batch_size or (len(batch) + 1) * len(window[i][1]) > max_batch_tokens):
-                    yield batch
-                    batch = []
-                batch.append(i)
-            if batch:
-                yield batch
-
-        def flush():
-            nonlocal done
-            order = sorted(range(len(window)), key=lambda i: len(window[i][1]))
-            results: dict[int, dict[str, np.ndarray]] = {}
-            for idx in batches(order):
-                for i, vals in zip(idx, self.run_batch([window[i][1] for i in idx]), strict=True):
-                    results[i] = vals
-            for i, (pid, _) in enumerate(window):
-                yield pid, results.pop(i)
-            before, done = done, done + len(window)
-            if done // progress_every > before // progress_every:
+        for done, item in enumerate(batched_in_order(prompts, self.run_batch, batch_size, max_batch_tokens), 1):
+            yield item
+            if done % progress_every == 0:
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 of = f"/{total}" if total is not None else ""
                 log.info("reference: %d%s prompts done (%.1f prompts/s)", done, of, rate)
-            window.clear()
-
-        for item in prompts:
-            window.append(item)
-            if len(window) >= window_size:
-                yield from flush()
-        if window:
-            yield from flush()

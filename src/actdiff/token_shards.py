@@ -51,6 +51,12 @@ SENTINEL_MAX_LENGTH = 10**9  # transformers writes int(1e30) (and the like) for 
 def load_reference_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
+    if not (Path(model_dir) / "tokenizer.json").is_file():  # transformers 5 would build an EMPTY BertTokenizer
+        raise ModelError(
+            f"{model_dir}: tokenizer.json not found; tokenizing texts needs it (add it to the directory, or give "
+            "token ids instead of texts)"
+        )
+
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # transformers raises many types here

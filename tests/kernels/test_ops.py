@@ -341,3 +341,33 @@ def test_attention_errors(rng):
         K.attention(q, q, q, np.ones(4, bool))
     with pytest.raises(TypeError, match="v"):
         K.attention(q, q, q.astype(np.float16))
+
+
+PADDED = [(1, 4, 2, 8), (7, 9, 4, 32), (37, 64, 4, 32), (65, 130, 2, 64), (200, 203, 12, 64)]
+
+
+@pytest.mark.parametrize("L,S,nh,hd", PADDED)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_right_padded_equals_unpadded(rng, L, S, nh, hd, causal):
+    """A sequence of L real tokens padded on the right to S with a key-padding mask: the real query rows are
+    bitwise the unpadded result (keys past the last visible one are never read, so no sum changes order or
+    length, on every ISA path), whatever the pad rows hold (NaN, huge values), and within the derived
+    float64 budget. Holes inside the real span (masked real keys) keep their ordinary meaning."""
+    q, k, v = f32(rng, S, nh, hd), f32(rng, S, nh, hd), f32(rng, S, nh, hd)
+    for a, fill in ((q, np.nan), (k, 1e30), (v, np.nan)):
+        a[L:] = fill  # pad rows: a NaN or a huge pad key would poison any sum that read it
+    mask = np.zeros(S, bool)
+    mask[:L] = rng.random(L) > 0.2
+    mask[0] = True
+    scale = 1 / math.sqrt(hd)
+    g = Guarded((S, nh * hd))
+    K.attention(q, k, v, mask, scale=scale, causal=causal, out=g.out)
+    g.check()
+    single = K.attention(q[:L].copy(), k[:L].copy(), v[:L].copy(), mask[:L].copy(), scale=scale, causal=causal)
+    assert np.array_equal(g.out[:L], single)
+    assert np.isfinite(g.out[:L]).all()
+    ref = attention_ref(q[:L], k[:L], v[:L], mask[:L], scale, causal)
+    assert nmse(g.out[:L], ref) < nmse_tol(4 * hd + 2 * L + 32)
+    if S <= 130:  # the naive reference skips masked keys too: same real rows within the budget, no NaN
+        naive = K.attention_naive(q, k, v, mask, scale=scale, causal=causal)
+        assert nmse(naive[:L], ref) < nmse_tol(4 * hd + 2 * L + 32)

@@ -9,6 +9,7 @@ rule dump_engine:
         compression=config["activation_compression"],
         engine_ids=config["engine_ids"],
         fault_aliases=config["fault_aliases"],
+        batch_size=lambda wc: config["models"][wc.model]["batch_size"],  # padded batches, as the reference
     log:
         L.log("dump_engine", "{model}", "{variant}", "shard-{shard}"),
     benchmark:

@@ -15,5 +15,6 @@ run(
     compression=snakemake.params.compression,  # noqa: F821
     fault_aliases=dict(snakemake.params.fault_aliases),  # noqa: F821
     engine_ids=snakemake.params.engine_ids,  # noqa: F821
+    batch_size=snakemake.params.batch_size,  # noqa: F821
     threads=snakemake.threads,  # noqa: F821
 )

@@ -43,6 +43,43 @@ class Prepared:
         return self.weights[key]
 
 
+@dataclass(frozen=True)
+class Batch:
+    """The layout a forward runs in: ``len(lengths)`` sequences right-padded to ``S`` tokens and flattened to
+    ``B*S`` rows, sequence-major. Per-token ops (matmul, layernorm, gelu, MoE, ...) run on all ``B*S`` rows:
+    every kernel computes a row independently of the others (matmul's contract: one fma chain per element,
+    whatever the row count), so a real row is bitwise the same with or without pad rows beside it, and no
+    gather/scatter is needed around attention; pad rows cost compute, which length-sorted batches keep small.
+    Only position ids (EMBED, ROPE), attention (key mask) and pooling (token mask) see the layout."""
+
+    lengths: tuple[int, ...]
+    S: int
+
+    @classmethod
+    def single(cls, tokens: int) -> Batch:
+        return cls((tokens,), tokens)
+
+    @property
+    def B(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def padded(self) -> bool:
+        return any(n != self.S for n in self.lengths)
+
+    def mask(self) -> np.ndarray:
+        """[B, S] bool: True on real tokens."""
+        return np.arange(self.S)[None, :] < np.asarray(self.lengths)[:, None]
+
+    def positions(self) -> np.ndarray:
+        """[B*S] int64: 0..S-1 in every sequence (positions restart at 0 per sequence; pad rows keep
+        counting, as HF's default position ids do: they are never read by a real row)."""
+        return np.tile(np.arange(self.S, dtype=np.int64), self.B)
+
+    def rows(self, b: int) -> slice:
+        return slice(b * self.S, (b + 1) * self.S)
+
+
 class Engine:
     def __init__(self, model_dir: str | Path, threads: int | None = None):
         self.model_dir = Path(model_dir)
@@ -51,6 +88,7 @@ class Engine:
         self.dims = self.graph.dims
         self.checkpoint = Checkpoint(self.model_dir / "model.safetensors")
         self._prepared: dict[str, Prepared] = {}
+        self._batch: Batch | None = None  # the layout of the forward_batch in progress (None: one sequence)
         if threads is not None:
             kernels.set_num_threads(int(threads))
 
@@ -122,6 +160,11 @@ class Engine:
 
     def _bias_dropped(self, p: Prepared, node) -> bool:
         return self._param(p.fault, node, "bias", "once") == "none"
+
+    def _layout(self, tokens: int) -> Batch:
+        """The layout of the rows an op sees: forward_batch's padded batch, else one unpadded sequence
+        (run_node / replay_node on one prompt's values)."""
+        return self._batch if self._batch is not None else Batch.single(tokens)
 
     def run_node(self, name: str, inputs: dict[str, np.ndarray], variant: str = "fp32") -> np.ndarray:
         """Run one node on the given input arrays (its graph inputs by name, shaped as the graph says)."""
@@ -197,10 +240,11 @@ class Engine:
             raise ActdiffError(f"token id out of range [0, {self.dims.vocab}) in input_ids")
         w = [p.w(k).data for k in node.weights]
         out = kernels.embedding(ids, w[0])
-        if self.dims.arch != ARCH_NOMIC_MOE:  # BERT: absolute positions
-            if T > self.dims.max_positions:
-                raise ActdiffError(f"{T} tokens exceed max_position_embeddings={self.dims.max_positions}")
-            kernels.add(out, kernels.embedding(np.arange(T, dtype=np.int64), w[1]), out=out)
+        if self.dims.arch != ARCH_NOMIC_MOE:  # BERT: absolute positions, from 0 in every sequence
+            lay = self._layout(T)
+            if lay.S > self.dims.max_positions:
+                raise ActdiffError(f"{lay.S} tokens exceed max_position_embeddings={self.dims.max_positions}")
+            kernels.add(out, kernels.embedding(lay.positions(), w[1]), out=out)
         kernels.add(out, kernels.embedding(np.zeros(T, dtype=np.int64), w[-1]), out=out)  # token type 0
         return out
 
@@ -225,14 +269,38 @@ class Engine:
         return np.ascontiguousarray(x[0].reshape(T, 3, nh, hd)[:, part])
 
     def _op_rope(self, node, x, p):
-        # the base depends on the sequence length under dynamic NTK scaling (config rotary_scaling_factor)
-        base = self.dims.rotary_base_for(x[0].shape[0])
-        return kernels.rotary(x[0], base=base, interleaved=self._rope_interleaved(p.fault, node))
+        lay = self._layout(x[0].shape[0])
+        pos = lay.positions()  # rotary positions restart at 0 in every sequence
+        interleaved = self._rope_interleaved(p.fault, node)
+        # under dynamic NTK scaling (config rotary_scaling_factor) the base follows each sequence's own length,
+        # as the reference's does per prompt: one kernel call per distinct base
+        bases = [self.dims.rotary_base_for(n) for n in lay.lengths]
+        if len(set(bases)) == 1:
+            return kernels.rotary(x[0], pos, base=bases[0], interleaved=interleaved)
+        out = np.empty_like(x[0])
+        for b, base in enumerate(bases):
+            r = lay.rows(b)
+            out[r] = kernels.rotary(x[0][r], pos[r], base=base, interleaved=interleaved)
+        return out
 
     def _op_attention(self, node, x, p):
+        """One attention kernel call per sequence of the batch (its S rows, zero-copy slices), with the
+        sequence's key-padding mask; each call is already parallel over (head, query block) units.
+        ``mask: query_padding`` (fault mask_query_axis) applies the padding mask on the query axis instead:
+        every key is visible (real queries attend the pad keys) and pad query rows are zeroed. Without padding
+        (batch 1) it is the spec."""
         q, k, v = x
-        causal = self._param(p.fault, node, "mask", "bidirectional") == "causal"
-        return kernels.attention(q, k, v, key_mask=None, scale=1.0 / math.sqrt(self.dims.head_dim), causal=causal)
+        mode = self._param(p.fault, node, "mask", "bidirectional")
+        lay = self._layout(q.shape[0])
+        mask, scale = lay.mask(), 1.0 / math.sqrt(self.dims.head_dim)
+        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+        for b, n in enumerate(lay.lengths):
+            r = lay.rows(b)
+            key_mask = mask[b] if n != lay.S and mode != "query_padding" else None
+            kernels.attention(q[r], k[r], v[r], key_mask, scale=scale, causal=mode == "causal", out=out[r])
+            if mode == "query_padding":
+                out[r][n:] = 0.0
+        return out
 
     def _op_add(self, node, x, p):
         return kernels.add(x[0], x[1])
@@ -275,7 +343,9 @@ class Engine:
         return kernels.add(x[0], np.ascontiguousarray(np.broadcast_to(bias, x[0].shape)))
 
     def _op_pool(self, node, x, p):
-        return kernels.mean_pool(x[0]).reshape(1, -1)
+        lay = self._layout(x[0].shape[0])
+        h = x[0].reshape(lay.B, lay.S, -1)
+        return kernels.mean_pool(h, lay.mask() if lay.padded else None)  # [B, H]: pad tokens not counted
 
     def _op_l2norm(self, node, x, p):
         return kernels.l2_normalize(x[0], eps=1e-12)
@@ -290,11 +360,32 @@ class Engine:
 
     # --------------------------------------------------------------- forward
     def forward(self, ids, variant: str = "fp32", fused_moe: bool = True) -> dict[str, np.ndarray]:
-        """Run the whole graph on one prompt's token ids; return every node's value."""
+        """Run the whole graph on one prompt's token ids; return every node's value (a batch of one)."""
+        return self.forward_batch([ids], variant, fused_moe)[0]
+
+    def forward_batch(self, batch_ids, variant: str = "fp32", fused_moe: bool = True) -> list[dict[str, np.ndarray]]:
+        """Run prompts (token id lists) as one right-padded batch with an attention mask, as the reference
+        does; return each prompt's node values without its padding (the same shapes as :meth:`forward`)."""
         p = self.prepare(variant)
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 1 or ids.shape[0] == 0:
-            raise ActdiffError(f"input_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+        seqs = [np.asarray(ids, dtype=np.int64) for ids in batch_ids]
+        for ids in seqs:
+            if ids.ndim != 1 or ids.shape[0] == 0:
+                raise ActdiffError(f"input_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+        if not seqs:
+            return []
+        lay = Batch(tuple(len(ids) for ids in seqs), max(len(ids) for ids in seqs))
+        flat = np.full(lay.B * lay.S, self.dims.pad_token_id, dtype=np.int64)
+        for b, ids in enumerate(seqs):
+            flat[lay.rows(b)][: len(ids)] = ids
+        self._batch = lay
+        try:
+            vals = self._run_graph(flat, p, fused_moe)
+        finally:
+            self._batch = None
+        return [self._unpad(vals, lay, b) for b in range(lay.B)]
+
+    def _run_graph(self, ids: np.ndarray, p: Prepared, fused_moe: bool) -> dict[str, np.ndarray]:
+        """Every node in graph order on the (flattened) ids; the node values, rows as the ids."""
         round_act = p.variant.precision == "fp16-act"
         vals: dict[str, np.ndarray] = {INPUT_IDS: ids}
         skip: set[str] = set()
@@ -312,6 +403,18 @@ class Engine:
             vals[node.name] = out
         del vals[INPUT_IDS]
         return vals
+
+    def _unpad(self, vals: dict[str, np.ndarray], lay: Batch, b: int) -> dict[str, np.ndarray]:
+        """Sequence b's values: its real rows of the token nodes, its row of the prompt nodes (copies, so
+        one prompt's values do not keep the whole batch alive)."""
+        out = {}
+        for node in self.graph:
+            a = vals[node.name]
+            if node.axis == "prompt":
+                out[node.name] = a[b : b + 1].copy()
+            else:
+                out[node.name] = a[lay.rows(b)][: lay.lengths[b]].copy()
+        return out
 
     def _fused_moe(self, router_node, h, p: Prepared) -> dict[str, np.ndarray]:
         block = self._moe_block(router_node.name)

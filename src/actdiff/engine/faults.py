@@ -9,6 +9,10 @@ the others are refused with the reason. The handles' defaults are chosen so that
 error is far above the fp32 budget (at least 10x; tests/test_engine.py measures it): LayerNorm eps 1e-2, not
 1e-6 (on unit-variance inputs 1e-6 changes outputs by ~5e-6 relative, 1e-2 by ~5e-3).
 
+A fault made only of :data:`PADDING_ONLY` overrides (``mask_query_axis``: the padding mask on the query axis)
+runs the spec on a prompt alone: it shows only in a padded batch (``Engine.forward_batch``, an engine dump with
+``batch_size`` > 1), in the prompts shorter than their batch, at the nodes it declares (the attention nodes).
+
 The diagnosis stage never reads a fault's name: it only sees the numbers (``fault_aliases`` give opaque
 labels, resolved once at the stage boundary by :func:`actdiff.variants.resolve_variant`).
 """
@@ -22,7 +26,7 @@ from ..errors import ConfigError
 
 # (op, parameter) -> the override values the engine's kernels execute (None: any number)
 RUNNABLE: dict[tuple[str, str], frozenset | None] = {
-    ("ATTENTION", "mask"): frozenset({"causal"}),
+    ("ATTENTION", "mask"): frozenset({"causal", "query_padding"}),
     ("GELU", "form"): frozenset({"tanh"}),
     ("LAYERNORM", "eps"): None,
     ("ROPE", "layout"): frozenset({"gptj", "neox"}),
@@ -31,6 +35,10 @@ RUNNABLE: dict[tuple[str, str], frozenset | None] = {
     ("EXPERT_FC2", "w2_orientation"): frozenset({"HF"}),
     ("BIAS_ADD", "bias"): frozenset({"none"}),
 }
+
+# (op, parameter, value) overrides that act on padding only: a prompt alone (batch 1, no pad token) runs them
+# as the spec, so such a fault shows only in a padded batch (Engine.forward_batch; a dump with batch_size > 1)
+PADDING_ONLY: frozenset[tuple[str, str, object]] = frozenset({("ATTENTION", "mask", "query_padding")})
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,11 @@ class Fault:
     def changes(self, node, arch: str | None = None) -> bool:
         """True if the fault runs ``node`` differently: the entry's op and conditions select it."""
         return self.entry.matches(node, arch)
+
+    @property
+    def padding_only(self) -> bool:
+        """True if the fault changes nothing unless the batch has padding (see PADDING_ONLY)."""
+        return all((op, k, v) in PADDING_ONLY for op in self.entry.ops for k, v in self.params.items())
 
     def overrides(self, node, arch: str | None = None) -> dict:
         """The parameters ``node`` runs with besides the spec's (empty for nodes the fault does not change)."""

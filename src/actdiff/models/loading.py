@@ -37,34 +37,44 @@ MODEL_FILES = (
 )
 
 
-def resolve_model_dir(name: str, source: dict, resources_dir: str | Path = "resources/models") -> Path:
-    """Return the local directory of a configured model; raise ModelError saying what to do."""
+def resolve_model_dir(
+    name: str | None = None, source: dict | str | Path | None = None, resources_dir: str | Path = "resources/models"
+) -> Path:
+    """Return the local directory of a model; raise ModelError saying what to do. ``name`` is the model's key
+    in the config (for the messages and a generated model's folder); a plain directory needs none:
+    ``resolve_model_dir(source={"path": d})`` or ``resolve_model_dir(source=d)``."""
+    if isinstance(source, (str, Path)):
+        source = {"path": str(source)}
+    if not isinstance(source, dict):
+        raise ModelError(f"model {name!r}: no source; pass source={{'path': <model dir>}} (or package, generate, hf)")
+    what = f"model {name!r}" if name else "model"
     if "generate" in source:
-        return Path(resources_dir) / name
+        return Path(resources_dir) / (name or str(source["generate"]))
     if "package" in source:
         pkg = source["package"]
         try:
             mod = importlib.import_module(pkg)
         except ImportError:
             raise ModelError(
-                f"model {name!r}: Python package {pkg!r} is not installed; run `pip install "
+                f"{what}: Python package {pkg!r} is not installed; run `pip install "
                 f"{pkg.replace('_', '-')}` (make report installs it)"
             ) from None
         d = Path(mod.__file__).parent / source.get("subdir", "model")
         if not (d / "config.json").is_file():
-            raise ModelError(f"model {name!r}: package {pkg!r} has no model directory at {d}")
+            raise ModelError(f"{what}: package {pkg!r} has no model directory at {d}")
         return d
     if "path" in source:
         d = Path(os.path.expanduser(source["path"]))
         if not d.is_dir():
+            fix = f"set models.{name}.source.path in the config to" if name else "pass"
             raise ModelError(
-                f"model {name!r}: directory {d} does not exist; set models.{name}.source.path in the config "
-                "to a directory holding config.json, model.safetensors and tokenizer.json"
+                f"{what}: directory {d} does not exist; {fix} a directory holding config.json, model.safetensors "
+                "and tokenizer.json"
             )
         return d
     if "hf" in source:
-        return _from_hf_cache(name, source["hf"], source.get("revision", "main"))
-    raise ModelError(f"model {name!r}: source must have one of generate, package, path, hf (got {sorted(source)})")
+        return _from_hf_cache(name or source["hf"], source["hf"], source.get("revision", "main"))
+    raise ModelError(f"{what}: source must have one of generate, package, path, hf (got {sorted(source)})")
 
 
 def _from_hf_cache(name: str, repo_id: str, revision: str) -> Path:
@@ -87,15 +97,18 @@ def _from_hf_cache(name: str, repo_id: str, revision: str) -> Path:
     return Path(d)
 
 
-def check_model_dir(model_dir: str | Path, allow_pickle: bool = False, name: str | None = None) -> dict:
+def check_model_dir(
+    model_dir: str | Path, allow_pickle: bool = False, name: str | None = None, need_tokenizer: bool = True
+) -> dict:
     """Check a model directory has what the pipeline needs; return config.json as a dict. ``name``: the
-    model's name in the config, for the messages."""
+    model's name in the config, for the messages. ``need_tokenizer`` False: the caller feeds token ids (a
+    dump, the Python API on ids), so a directory without tokenizer.json is usable."""
     d = Path(model_dir)
     if not d.is_dir():
         raise ModelError(f"model directory {d} does not exist")
     cfg = load_config_json(d)
     weights_file(d, allow_pickle, name)
-    if not (d / "tokenizer.json").is_file():
+    if need_tokenizer and not (d / "tokenizer.json").is_file():
         raise ModelError(f"{d}: tokenizer.json not found (the reference tokenizer is read from it)")
     return cfg
 
@@ -167,11 +180,12 @@ def refuse_native_nomic(cfg: dict, where: str) -> None:
 
 
 def load_reference_model(model_dir: str | Path, impl: str = "actdiff", allow_pickle: bool = False):
-    """Load the fp32 reference model in eval mode. Returns (model, config dict, arch)."""
+    """Load the fp32 reference model in eval mode. Returns (model, config dict, arch). The model runs on token
+    ids: tokenizer.json is not needed here (the tokenizer is loaded where texts are tokenized)."""
     import torch
 
     d = Path(model_dir)
-    cfg = check_model_dir(d, allow_pickle)
+    cfg = check_model_dir(d, allow_pickle, need_tokenizer=False)
     # a converted pickle checkpoint (convert_pickle_checkpoint) is safetensors: read it as such
     use_safetensors = (d / WEIGHTS_FILE).is_file() or not allow_pickle
     arch = dims_from_config(cfg, str(d / "config.json")).arch  # validates every key the graph needs

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..nodes import ntk_rotary_base
 
@@ -353,6 +354,11 @@ class NomicBertMoeModel(PreTrainedModel):
         self.embeddings = NomicEmbeddings(config)
         self.emb_ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.encoder = NomicEncoder(config)
+        # no parameters: the checkpoint's state dict is unchanged. Imported here: pooling.py imports Tap from
+        # this module.
+        from .pooling import MeanPoolNormalize
+
+        self.pooling = MeanPoolNormalize()
         self.post_init()
 
     def _init_weights(self, module):  # only used when building without a checkpoint
@@ -372,7 +378,12 @@ class NomicBertMoeModel(PreTrainedModel):
         elif isinstance(module, Experts):
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, return_dict: bool | None = None, **_
+    ) -> BaseModelOutputWithPooling | tuple[torch.Tensor, torch.Tensor]:
+        """A transformers ModelOutput, like every HF encoder: ``out[0]`` / ``last_hidden_state`` (B, S, H), and
+        ``pooler_output`` (B, H): the model's sentence embedding (:meth:`pool`). ``return_dict=False``: the
+        tuple (last_hidden_state, pooler_output)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.emb_ln(self.embeddings(input_ids))
@@ -382,7 +393,16 @@ class NomicBertMoeModel(PreTrainedModel):
         lengths = attention_mask.sum(dim=1).tolist()  # real tokens per sequence (right padding)
         for layer in self.encoder.layers:
             x = layer(x, additive, lengths)
-        return x  # last_hidden_state
+        pooled = self.pool(x, attention_mask)
+        if return_dict is False:
+            return x, pooled
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The sentence embedding the released model is used with (sentence-transformers' modules.json: mean
+        pooling over real tokens, then L2 normalisation), through the tapped ``pooling`` module, so hooks
+        record the ``pooled`` and ``embedding`` nodes in the same forward."""
+        return self.pooling(hidden, attention_mask)
 
 
 def register_auto_classes() -> None:

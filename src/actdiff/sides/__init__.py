@@ -4,7 +4,8 @@ A side is the reference (HuggingFace/PyTorch), our engine (C kernels), llama.cpp
 next engine. Each implements :class:`actdiff.sides.base.Side` (its graph, its provenance attributes, a
 forward over token ids; optionally a replay of one node on given inputs and a forced-routing MoE forward),
 and :func:`actdiff.sides.dump.dump_shard` writes any of them to the HDF5 layout. The comparison reads dumps
-and asks :func:`open_replay` for a side's replay; it never imports a concrete engine.
+and asks :func:`open_replay` for a side's replay; it never imports a concrete engine. :class:`actdiff.api.Model`
+(``actdiff.load``) wraps a side for Python use, and the pipeline's dump stage opens its side through it.
 
 This registry is the one place that maps a side's name to the module implementing it.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..batching import batched_in_order
 from ..engine.core import Engine
 
 ENGINE = "actdiff"
@@ -32,12 +33,13 @@ class EngineSide(EngineReplay):
     records_input_ids = True
     missing_nodes: tuple[str, ...] = ()
 
-    def __init__(self, record, variant, threads: int = 1, engine_ids: str = "reference"):
+    def __init__(self, record, variant, threads: int = 1, engine_ids: str = "reference", batch_size: int = 1):
         from .dump import ids_column
 
         super().__init__(Engine(record.dir, threads=threads), variant)
         self.graph = self.engine.graph
         self.engine_ids, self.ids_column = engine_ids, ids_column(engine_ids)
+        self.batch_size = int(batch_size)  # the model's config batch_size, as the reference runs it
 
     @classmethod
     def replay(cls, model_dir: str | Path, variant) -> EngineReplay:
@@ -49,7 +51,8 @@ class EngineSide(EngineReplay):
         return {
             "engine": ENGINE,
             "engine_ids": self.engine_ids,
-            "kernel_isa": kernels.get_isa(),  # the C kernels' instruction-set path (ACTDIFF_KERNELS_ISA forces one)
+            "kernel_isa": kernels.get_isa(),
+            "batch_size": self.batch_size,  # the C kernels' instruction-set path (ACTDIFF_KERNELS_ISA forces one)
             "understood_config": json.dumps(self.engine.understood_config(self.prepared)),
             "dtypes": json.dumps({"activations": "float32", "indices": "int64", "precision": str(self.variant)}),
         }
@@ -62,8 +65,10 @@ class EngineSide(EngineReplay):
         return self.engine.understood_config(self.prepared)
 
     def forward(self, items):
-        for pid, ids in items:
-            yield pid, self.engine.forward(ids, self.prepared)
+        """Padded, length-sorted batches of batch_size prompts (actdiff.batching, as the reference), each
+        prompt's values yielded in the input order: a padding-only fault (mask_query_axis) shows here."""
+        run = lambda batch: self.engine.forward_batch(batch, self.prepared)  # noqa: E731
+        yield from batched_in_order(items, run, self.batch_size)
 
     def close(self) -> None:
         pass
