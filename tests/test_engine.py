@@ -168,6 +168,19 @@ def test_describe_and_run_node(tiny_model_dir):
 FAULT_PROMPT = [0, 45, 120, 987, 33, 2001, 64, 5, 2]
 
 
+def _assert_changes_first_its_node(e, fault, f, clean, bad, *arch):
+    """The first node the fault changes is one it declares, by at least 10x the fp32 parity bound; every node
+    before it is bitwise unchanged, and the embedding moves."""
+    first = next(n for n in e.graph if n.kind != "index" and not np.array_equal(clean[n.name], bad[n.name]))
+    assert f.changes(first, *arch), (fault, first.name)
+    assert rel_l2(bad[first.name], clean[first.name]) >= 10 * REL_L2_FP32, (fault, first.name)
+    for n in e.graph:
+        if n.index >= first.index:
+            break
+        np.testing.assert_array_equal(bad[n.name], clean[n.name])
+    assert rel_l2(bad["embedding"], clean["embedding"]) > 0
+
+
 @pytest.mark.parametrize("fault", sorted(f for f in FAULTS if not FAULTS[f].padding_only))
 def test_fault_changes_its_node(fault, tiny_model_dir):
     """Each fault runs, changes the nodes it declares, and nothing before them (padding-only faults: below).
@@ -178,14 +191,7 @@ def test_fault_changes_its_node(fault, tiny_model_dir):
     clean = e.forward(FAULT_PROMPT, "fp32")
     bad = e.forward(FAULT_PROMPT, f"fp32+fault={fault}")
     f = FAULTS[fault]
-    first = next(n for n in e.graph if n.kind != "index" and not np.array_equal(clean[n.name], bad[n.name]))
-    assert f.changes(first), (fault, first.name)
-    assert rel_l2(bad[first.name], clean[first.name]) >= 10 * REL_L2_FP32, (fault, first.name)
-    for n in e.graph:
-        if n.index >= first.index:
-            break
-        np.testing.assert_array_equal(bad[n.name], clean[n.name])
-    assert rel_l2(bad["embedding"], clean["embedding"]) > 0
+    _assert_changes_first_its_node(e, fault, f, clean, bad)
 
 
 @pytest.mark.parametrize("precision, bound", [("fp16", 2e-2), ("bf16", 1e-1), ("int8", 1e-1), ("fp16-act", 2e-2)])
@@ -313,14 +319,7 @@ def test_padding_only_fault_changes_its_node_in_a_padded_batch_only(fault, model
     clean_b, bad_b = e.forward_batch([FAULT_PROMPT, long], "fp32"), e.forward_batch([FAULT_PROMPT, long], variant)
     assert all(np.array_equal(clean_b[1][n], bad_b[1][n]) for n in clean_b[1])
     clean, bad = clean_b[0], bad_b[0]
-    first = next(n for n in e.graph if n.kind != "index" and not np.array_equal(clean[n.name], bad[n.name]))
-    assert f.changes(first, e.dims.arch), (fault, first.name)
-    assert rel_l2(bad[first.name], clean[first.name]) >= 10 * REL_L2_FP32, (fault, first.name)
-    for n in e.graph:
-        if n.index >= first.index:
-            break
-        np.testing.assert_array_equal(bad[n.name], clean[n.name])
-    assert rel_l2(bad["embedding"], clean["embedding"]) > 0
+    _assert_changes_first_its_node(e, fault, f, clean, bad, e.dims.arch)
 
 
 def test_forward_batch_edge_cases(tiny_model_dir):
