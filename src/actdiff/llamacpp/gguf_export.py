@@ -8,7 +8,6 @@ the model we diff against never reaches the engine stage.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
+from ..models.loading import sha256_file
 from ..nodes import ARCH_NOMIC_MOE, dims_from_config, load_config_json
 from .converter_script import converter_dir, install_hint, missing_files
 from .gguf_meta import FILE_TYPES, POOLING_TYPES, GGUFHeader, read_gguf_header
@@ -118,14 +118,6 @@ def verify_gguf(header: GGUFHeader, config: dict, outtype: str | None = None, so
         vocab_size=int(emb.shape[1]),
     )
     return out
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # The converter's sentencepiece.bpe.model path writes '<mask>' at the released XLM-R id 250001; with a

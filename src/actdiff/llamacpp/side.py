@@ -71,8 +71,8 @@ class LlamaCppSide:
             )
 
     def provenance(self) -> dict:
+        from ..models.loading import sha256_file
         from .capture import library_info
-        from .gguf_export import sha256_file
 
         lib = library_info()
         return {
