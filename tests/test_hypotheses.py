@@ -248,3 +248,32 @@ def test_an_unexplained_search_row_carries_no_candidate_sentence(tmp_path):
     run = Run(tmp_path, "m", "s", "fp32", {}, {}, {}, None, {}, summary={"search": s})
     md = _search_md(run)
     assert "nothing explains" in md and "repeated multiplication" not in md
+
+
+def test_search_table_says_each_explanation_once(tmp_path):
+    """Issue 18: the searched-explanations table has one row per distinct explanation with the nodes it explains
+    (it repeated a multi-line sentence per node), names a verdict cause by its number instead of repeating its
+    sentence, and keeps unexplained nodes apart."""
+    import pandas as pd
+
+    from actdiff.report.data import Run
+    from actdiff.report.sections import _search_md
+
+    says = "GELU computed with the tanh approximation."
+    base = {"op": "GELU", "rank": 1, "kind": "fit", "name": "GELU.tanh", "says": says, "error": 1e-7, "params": "{}",
+            "explains": True, "baseline_error": 1e-3, "budget": 1e-6, "prompts": 2, "rows": 3, "tried": 10,
+            "seconds": 0.5, "timed_out": False}  # fmt: skip
+    rows = [
+        base | {"node": f"encoder.layers.{i}.mlp.act", "node_index": 10 * i, "error": 10.0 ** -(7 + i)}
+        for i in range(3)
+    ]
+    rows.append(base | {"node": "emb_ln", "node_index": 1, "op": "LAYERNORM", "explains": False, "says": ""})
+    s = pd.DataFrame(rows)
+    verdict = {"causes": [{"hypothesis": "GELU.tanh", "says": says, "nodes": [r["node"] for r in rows[:3]]}]}
+    run = Run(tmp_path, "m", "s", "fp32", {}, verdict, {}, None, {}, summary={"search": s})
+    md = _search_md(run)
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and "found" not in ln]
+    assert len(table) == 2, md  # one explanation, one unexplained node
+    assert says not in md and "cause 1" in table[0] and "mlp\\.act" in table[0] and "nothing explains" in table[1]
+    assert "| 1.00e-07 |" in table[0]  # the worst residual over the three nodes
+    assert md.lstrip().startswith("<details><summary>Searched explanations at 4 node(s)")

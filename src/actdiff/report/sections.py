@@ -8,6 +8,7 @@ nothing to draw (the caller prints a sentence instead).
 from __future__ import annotations
 
 import datetime as _dt
+import html
 import io
 import json
 import math
@@ -67,6 +68,14 @@ def md_table(df: pd.DataFrame, formats: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collapsed(summary: str, body: str) -> str:
+    """A table folded under a one-line summary (an HTML <details> block; pandoc and quarto keep the markdown
+    inside): the first screen shows the sentences and plots, a reviewer opens the tables on demand."""
+    if not body.strip():
+        return ""
+    return f"\n<details><summary>{html.escape(summary)}</summary>\n\n{body}\n\n</details>\n"
+
+
 def code(s) -> str:
     """Inline code (no markdown escaping inside; backticks in the text get a longer fence)."""
     if s is None or s == "":
@@ -100,6 +109,65 @@ def failing(run: Run) -> bool:
 
 # ----------------------------------------------------------------------------------------------- verdict
 _CALLOUT = {"fail": "important", "nonfinite": "important", "deviates": "warning"}
+_STATUS_WORDS = {
+    "pass": "every node is within its error budget on every prompt",
+    "fail": "{failing} node(s) exceed their local error budget",
+    "deviates": "no node exceeds its local budget, but the outputs leave their propagated budgets",
+    "nonfinite": "the engine produced NaN or Inf where the reference did not",
+}
+
+
+def _node_list(nodes: list[str], shown: int = 4) -> str:
+    more = f" and {len(nodes) - shown} more" if len(nodes) > shown else ""
+    return ", ".join(code(n) for n in nodes[:shown]) + more
+
+
+def _cause_sentence(i: int, c: dict) -> str:
+    effect = " It has no measurable effect on the outputs." if c.get("harmless") else ""
+    if c["hypothesis"] == "unexplained":
+        return f"Nothing tried explains {_node_list(c['nodes'])}.{effect}"
+    return f"**Cause {i}:** {esc(c['says'])} It explains {_node_list(c['nodes'])}.{effect}"
+
+
+def _embedding_effect(e: dict) -> str:
+    if not e.get("prompts"):
+        return ""
+    if e.get("cosine_nonfinite"):
+        n = e["cosine_nonfinite"]
+        return f"The final embeddings are not finite on {n} prompt(s): their cosine is not measurable."
+    worst = e.get("worst_cosine_prompts") or []
+    out = (
+        f"Effect on the final embeddings: cosine with the reference median {e.get('cosine_median', float('nan')):.6f}, "
+        f"minimum {e.get('cosine_min', float('nan')):.6f}" + (f" ({code(worst[0])})" if worst else "")
+    )
+    if e.get("neighbour_overlap_mean") is not None:
+        out += f"; top-10 neighbour overlap {e['neighbour_overlap_mean']:.2f} on a sample of {e.get('sample_size')}"
+    return out + "."
+
+
+def first_screen_md(run: Run) -> str:
+    """The reviewer's first paragraph, in plain words: what was compared on how many prompts, pass or fail,
+    each cause once with the nodes it explains, and the effect on the final embeddings."""
+    v = run.verdict
+    status = str(v.get("status", "?"))
+    words = _STATUS_WORDS.get(status, "status {status}").format(failing=v.get("failing_nodes", 0), status=status)
+    parts = [
+        f"This report compares the side {code(run.side)} (variant {code(run.variant)}) with the PyTorch reference "
+        f"of {code(run.model)} on {v.get('prompts', 0)} prompts. **{esc(status.upper())}**: {words}."
+    ]
+    if v.get("first_divergence"):
+        parts.append(
+            f"The first divergent node is {code(v['first_divergence'])} "
+            f"({v.get('first_divergence_prompts', 0)} of {v.get('prompts', 0)} prompts)."
+        )
+    causes = v.get("causes") or []
+    parts += [_cause_sentence(i, c) for i, c in enumerate((c for c in causes), start=1)]
+    if failing(run) and not causes:
+        parts.append("No explanation was found for the divergence.")
+    if v.get("not_captured_nodes"):
+        parts.append(f"{len(v['not_captured_nodes'])} node(s) were not captured by this side.")
+    parts.append(_embedding_effect(run.embeddings_summary))
+    return " ".join(p for p in parts if p) + "\n"
 
 
 def verdict_md(run: Run) -> str:
@@ -112,7 +180,7 @@ def verdict_md(run: Run) -> str:
         f"::: {{.callout-{_CALLOUT.get(v.get('status'), 'note')}}}",
         f"## Verdict: {status}",
         "",
-        esc(v.get("plain")),
+        first_screen_md(run),
     ]
     out += [
         "",
@@ -137,16 +205,19 @@ def verdict_md(run: Run) -> str:
     ev = v.get("evidence") or []
     if ev:
         out.append(
-            f"**Catalogue evidence** at {code(v.get('first_divergence'))}: the op replayed under each catalogue "
-            f"entry, median relative error against the engine's output (lower = reproduces the engine); the op as "
-            f"specified gives {fmt(v.get('baseline_error'))}.\n"
+            collapsed(
+                f"Catalogue evidence at {v.get('first_divergence')} ({len(ev)} entries)",
+                f"The op replayed under each catalogue entry, median relative error against the engine's output "
+                f"(lower = reproduces the engine); the op as specified gives {fmt(v.get('baseline_error'))}.\n\n"
+                + md_table(pd.DataFrame(ev)[["hypothesis", "error_median"]], {"hypothesis": code}),
+            )
         )
-        out.append(md_table(pd.DataFrame(ev)[["hypothesis", "error_median"]], {"hypothesis": code}))
     out.append(_search_md(run))
     fd = run.summary["first_divergence"]
     if len(fd):
-        out.append("\n**First divergent node per input** (histogram):\n")
-        out.append(md_table(fd[["node", "prompts"]], {"node": code}))
+        out.append(
+            collapsed("First divergent node per input (histogram)", md_table(fd[["node", "prompts"]], {"node": code}))
+        )
     return "\n".join(out) + "\n"
 
 
@@ -164,15 +235,13 @@ def _outputs_md(v: dict) -> str:
 
 
 def _causes_md(v: dict) -> str:
+    """The numbers behind each cause of the first paragraph (its sentence is said there, once)."""
     causes = v.get("causes") or []
     if not causes:
         return ""
-    out = ["**Causes** (one per explanation; the nodes it explains, in graph order):", ""]
-    for c in causes:
-        nodes = ", ".join(code(n) for n in c["nodes"][:6]) + (
-            f" and {len(c['nodes']) - 6} more" if len(c["nodes"]) > 6 else ""
-        )
-        effect = " *No measurable effect on the outputs.*" if c.get("harmless") else ""
+    out = ["**Causes**, with the nodes each explains in graph order:", ""]
+    for i, c in enumerate(causes, start=1):
+        nodes = _node_list(c["nodes"], 6)
         if c["hypothesis"] == "unexplained":
             t = c.get("tried") or {}
             out.append(
@@ -180,31 +249,43 @@ def _causes_md(v: dict) -> str:
                 f"entries, {t.get('searched', 0)} searched candidates in {fmt(t.get('search_seconds'))} s"
                 f"{', time budget spent' if t.get('search_timed_out') else ''}); best residual "
                 f"{fmt(c.get('error_median'))} against {fmt(c.get('baseline_error_median'))} for the op as specified."
-                f"{effect}"
             )
         else:
             out.append(
-                f"- **{esc(c['says'])}** ({c['kind']}: {code(c['hypothesis'])}) at {nodes}: reproduces the engine to "
+                f"- **Cause {i}** ({c['kind']}: {code(c['hypothesis'])}) at {nodes}: reproduces the engine to "
                 f"{fmt(c.get('error_median'))}, against {fmt(c.get('baseline_error_median'))} for the op as specified."
-                f"{effect}"
             )
     return "\n".join(out) + "\n"
 
 
 def _search_md(run: Run) -> str:
+    """The searched explanations, one row per distinct explanation (with the nodes it explains), folded. A
+    sentence that is one of the verdict's causes is named by its number; a row the search could not explain
+    names no candidate (its sentence would read as a cause) and keeps its best residual."""
     s = run.summary.get("search")
     if s is None or not len(s):
         return ""
-    # a row the search could not explain names no candidate (its sentence would read as a cause); the error
-    # column still shows the best residual reached
+    cause_no = {c.get("says"): i for i, c in enumerate(run.verdict.get("causes") or [], start=1) if c.get("says")}
     t = s.assign(
-        found=s["says"].where(s["explains"], "nothing explains"), kind=s["kind"].where(s["explains"], "")
+        found=[
+            (f"cause {cause_no[w]}" if w in cause_no else w) if e else "nothing explains"
+            for w, e in zip(s["says"], s["explains"], strict=True)
+        ],
+        kind=s["kind"].where(s["explains"], ""),
     )
-    cols = ["node", "kind", "found", "error", "baseline_error", "tried", "seconds", "prompts"]
-    return (
-        "\n**Searched explanations** at the nodes the catalogue left unexplained (fits of the op's continuous "
-        "parameters, structural alternatives, reduced precision at each step, parameters recovered from the data):"
-        "\n\n" + md_table(t[cols], {"node": code, "found": esc}) + "\n"
+    g = t.groupby(["found", "kind"], sort=False).agg(
+        nodes=("node", lambda n: ", ".join(n)),
+        error=("error", "max"),
+        baseline_error=("baseline_error", "min"),
+        tried=("tried", "sum"),
+        seconds=("seconds", "sum"),
+    )
+    rows = g.reset_index()[["found", "kind", "nodes", "error", "baseline_error", "tried", "seconds"]]
+    return collapsed(
+        f"Searched explanations at {len(s)} node(s) the catalogue left unexplained ({len(rows)} distinct)",
+        "Fits of the op's continuous parameters, structural alternatives, reduced precision at each step, "
+        "parameters recovered from the data; `error` is the worst residual over the row's nodes.\n\n"
+        + md_table(rows, {"found": esc, "nodes": esc}),
     )
 
 
@@ -384,11 +465,10 @@ def fail_counts_md(run: Run, max_rows: int = 15) -> str:
         "rel_l2_max",
         "cosine_p10",
     ]
-    return (
-        f"{n_fail} of {len(s)} nodes fail and {n_warn} more only warn on at least one input (`fail` = local "
-        "error over budget or new NaN/Inf, `warn` = inherited error > 10× budget). Failing nodes first, then the "
-        f"most frequent warnings ({len(bad)} rows):\n\n"
-        + md_table(bad[[c for c in cols if c in bad]], {"node": code, "op": code})
+    return f"{n_fail} of {len(s)} nodes fail and {n_warn} more only warn on at least one input.\n" + collapsed(
+        f"Failing nodes, then the most frequent warnings ({len(bad)} rows)",
+        "`fail` = local error over budget or new NaN/Inf, `warn` = inherited error > 10× budget.\n\n"
+        + md_table(bad[[c for c in cols if c in bad]], {"node": code, "op": code}),
     )
 
 
