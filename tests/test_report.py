@@ -130,6 +130,40 @@ def test_reports_exist_small_and_hold_the_verdict(results, rendered):
     assert "Verdict: PASS" in _text(rendered[f"{MODEL}/{SIDE}/fp32"])
 
 
+@pytest.mark.parametrize("run", [f"{MODEL}/llamacpp/fp32", f"minilm-l6/{SIDE}/fp32"])
+def test_model_graph_svg_marks_status_first_divergence_and_causes(results, run):
+    """Issue 18: the SVG holds one box per node of the graph (both architectures), coloured from the node's
+    status in the summary table, the first divergent node outlined, a numbered dot per cause on the nodes it
+    explains, and nothing that reaches the network."""
+    import xml.etree.ElementTree as ET
+
+    from actdiff.nodes import build_graph
+    from actdiff.report.data import load_run
+    from actdiff.report.graph_svg import STATUS_COLOURS, graph_svg, node_status
+
+    m, s, v = run.split("/")
+    r = load_run(results, m, s, v)
+    graph = build_graph(r.model_info["config"])
+    nodes = r.summary["nodes"]
+    svg = graph_svg(graph, nodes, r.verdict)
+    assert "\n\n" not in svg and "http" not in svg.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    groups = {g.get("data-node"): g for g in ET.fromstring(svg).iterfind(".//s:g", ns)}
+    assert list(groups) == graph.names()
+    for row in nodes.to_dict("records"):
+        g = groups[row["node"]]
+        status = node_status(row)
+        assert g.get("data-status") == status
+        if status in STATUS_COLOURS:
+            assert g.find("s:rect", ns).get("fill") == STATUS_COLOURS[status], row["node"]
+    first = r.verdict.get("first_divergence")
+    outlined = [n for n, g in groups.items() if g.find("s:rect", ns).get("stroke-width") == "3"]
+    assert outlined == ([first] if first else [])
+    explained = {n for c in r.verdict.get("causes") or [] if c["hypothesis"] != "unexplained" for n in c["nodes"]}
+    dotted = {n for n, g in groups.items() if g.find("s:circle", ns) is not None}
+    assert dotted == explained and (explained or r.verdict["status"] == "pass")
+
+
 def test_index_links_every_report(results, rendered):
     idx = rendered["index"]
     assert idx.is_file() and idx.stat().st_size < MAX_BYTES
@@ -252,6 +286,9 @@ def test_fault_report_in_headless_chromium(results, rendered):
             page.on("request", lambda r: requests.append(r.url))
             page.goto(page_path.as_uri(), wait_until="load")
             widths = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+            first = _verdict(results, f"{MODEL}/{SIDE}/{FAULT}")["first_divergence"]
+            page.click(f'.actdiff-graph .gnode[data-node="{first}"]')  # the graph's click shows the node's stats
+            graph_info = page.inner_text("#actdiff-graph-info")
             body = page.inner_text("body")
             page.screenshot(path=str(shot), full_page=True)
         finally:
@@ -263,3 +300,4 @@ def test_fault_report_in_headless_chromium(results, rendered):
     v = _verdict(results, f"{MODEL}/{SIDE}/{FAULT}")
     _first_screen_holds_the_verdict(" ".join(body.split()), v, FAULT)  # the visible text: nothing folded away
     assert shot.is_file() and shot.stat().st_size > 10_000
+    assert first in graph_info and "fail" in graph_info and "local budget (median)" in graph_info, graph_info

@@ -289,6 +289,18 @@ def _search_md(run: Run) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------------ model graph
+def graph_md(run: Run) -> str:
+    """The model graph coloured by status (actdiff.report.graph_svg), from the node graph of the run's config."""
+    from ..nodes import build_graph
+    from .graph_svg import graph_html
+
+    cfg = run.model_info.get("config")
+    if not cfg:
+        return "The model's config is not recorded (model.json), so the graph cannot be drawn.\n"
+    return graph_html(build_graph(cfg, f"{run.model}/model.json"), _nodes(run), run.verdict) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ tokenization
 TOKENIZERS = {"engine_eq_transformers": ("engine", "transformers"), "engine_eq_tokenizers": ("engine", "tokenizers"),
               "transformers_eq_tokenizers": ("transformers", "tokenizers")}  # fmt: skip
