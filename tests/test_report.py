@@ -301,3 +301,91 @@ def test_fault_report_in_headless_chromium(results, rendered):
     _first_screen_holds_the_verdict(" ".join(body.split()), v, FAULT)  # the visible text: nothing folded away
     assert shot.is_file() and shot.stat().st_size > 10_000
     assert first in graph_info and "fail" in graph_info and "local budget (median)" in graph_info, graph_info
+
+
+@pytest.fixture(scope="module")
+def rendered_results(results, rendered, tmp_path_factory) -> Path:
+    """A results folder holding the three runs' verdicts and the reports this module rendered with the code under
+    test (the pipeline's own reports/ may predate it when results/ci is reused)."""
+    out = tmp_path_factory.mktemp("rendered-results")
+    for r in RUNS:
+        src = results / r / "summary" / "verdict.json"
+        (out / r / "summary").mkdir(parents=True)
+        shutil.copy(src, out / r / "summary" / "verdict.json")
+    shutil.copytree(rendered["index"].parent, out / "reports", ignore=shutil.ignore_patterns("*.png"))
+    return out
+
+
+def test_publish_writes_a_checked_static_site(rendered_results, tmp_path):
+    results = rendered_results
+    """Issue 18: `actdiff publish RESULTS SITE_DIR` copies the index and every report, writes a manifest of the
+    runs, checks every link; a site with a broken or network link, or a run without its report, is refused and
+    the previous site stays as it was."""
+    from actdiff.cli import main as cli
+    from actdiff.layout import Layout
+    from actdiff.report.publish import check_links
+
+    site = tmp_path / "site"
+    assert cli(["publish", str(results), str(site)]) == 0
+    manifest = json.loads((site / "manifest.json").read_text())
+    runs = Layout(str(results)).runs_with_verdicts()
+    assert [(r["model"], r["side"], r["variant"]) for r in manifest["runs"]] == runs
+    for r in manifest["runs"]:
+        page = site / r["report"]
+        assert page.is_file() and page.stat().st_size == r["report_bytes"], r
+        assert r["status"] == _verdict(results, f"{r['model']}/{r['side']}/{r['variant']}")["status"]
+    assert (site / "index.html").is_file() and check_links(site) == []
+    before = sorted(p.relative_to(site) for p in site.rglob("*"))
+
+    bad = tmp_path / "bad"
+    shutil.copytree(results / "reports", bad / "reports")
+    for run in runs:  # the verdicts are what publish lists
+        src = results / run[0] / run[1] / run[2] / "summary" / "verdict.json"
+        (bad / src.relative_to(results)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, bad / src.relative_to(results))
+    index = bad / "reports" / "index.html"
+    index.write_text(index.read_text() + '<a href="nowhere/x.html">x</a><img src="https://cdn.example/x.png">')
+    assert cli(["publish", str(bad), str(site)]) == 1
+    problems = check_links(bad / "reports")
+    assert any("broken link nowhere/x.html" in p for p in problems)
+    assert any("network reference https://cdn.example/x.png" in p for p in problems)
+    assert sorted(p.relative_to(site) for p in site.rglob("*")) == before  # the previous site is untouched
+    m, s, v = runs[0]
+    (bad / "reports" / m / s / f"{v}.html").unlink()
+    from actdiff.errors import ActdiffError
+    from actdiff.report.publish import publish
+
+    with pytest.raises(ActdiffError, match=f"the report of {re.escape(f'{m}/{s}/{v}')} is missing"):
+        publish(bad, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_published_site_opens_from_file_in_chromium(rendered_results, tmp_path):
+    """The published site from file://: the index opens, its link to a report leads to the report, whose graph
+    answers a click; no request leaves the machine."""
+    assert CHROMIUM.is_file(), "Debian chromium is required: apt-get install -y chromium"
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from actdiff.report.publish import publish
+
+    site = tmp_path / "site"
+    publish(rendered_results, site)
+    requests, errors = [], []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto((site / "index.html").as_uri(), wait_until="load")
+            page.click('a[href$="fp32%2Bfault%3Dcausal_mask.html"]')
+            page.wait_for_load_state("load")
+            assert page.url.endswith("causal_mask.html") and "Verdict: FAIL" in page.inner_text("body")
+            page.click(".actdiff-graph .gnode")
+            info = page.inner_text("#actdiff-graph-info")
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert "embeddings" in info  # the first node of the graph
+    assert not [u for u in requests if not u.startswith(("data:", "file:"))]

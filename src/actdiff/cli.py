@@ -8,6 +8,7 @@ Commands:
   inspect DUMP.h5                          summarise an activation dump
   check [RESULTS] [--baseline DIR]         CI gate over a run's statistics (exit 1 on a breach)
   import SRC --mapping M.yaml ...          turn another engine's per-node dumps into actdiff's HDF5
+  publish RESULTS SITE_DIR                 the rendered reports as a static site (index, reports, manifest)
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         except ActdiffError as e:
             print(f"actdiff: {e}", file=sys.stderr)
             return 1
+    if argv[:1] == ["publish"]:
+        from .report.publish import main as publish_main
+
+        try:
+            return publish_main(argv[1:])
+        except ActdiffError as e:
+            print(f"actdiff: {e}", file=sys.stderr)
+            return 1
     ap = argparse.ArgumentParser(prog="actdiff", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("nodes", help="print the canonical node graph")
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="run the workflow (snakemake arguments; config files checked first)")
     sub.add_parser("check", help="CI gate over a run's statistics (see actdiff check --help)")
     sub.add_parser("import", help="import another engine's dumps (see actdiff import --help)")
+    sub.add_parser("publish", help="the rendered reports as a static site (see actdiff publish --help)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "nodes":
