@@ -389,3 +389,40 @@ def test_published_site_opens_from_file_in_chromium(rendered_results, tmp_path):
     assert not errors, errors
     assert "embeddings" in info  # the first node of the graph
     assert not [u for u in requests if not u.startswith(("data:", "file:"))]
+
+
+def test_before_after_against_a_baseline_run(results, tmp_path):
+    """Issue 18: `actdiff report RESULTS --baseline DIR` renders a run against the same run of a baseline folder.
+    The baseline here is the causal-mask fault run standing in as last week's actdiff/fp32: the report must say
+    FAIL -> PASS, the cause no longer found, the first divergence gone, the node statuses that changed, and that
+    every prompt whose 1 - cosine dropped by more than the margin got better (counted independently here)."""
+    from actdiff.cli import main as cli
+    from actdiff.report.baseline import COSINE_FLOOR, MARGIN, before_after, prompt_cosines
+    from actdiff.report.data import load_run
+
+    base = tmp_path / "baseline"
+    (base / MODEL / SIDE).mkdir(parents=True)
+    shutil.copy(results / MODEL / "model.json", base / MODEL / "model.json")
+    shutil.copytree(results / MODEL / SIDE / FAULT, base / MODEL / SIDE / "fp32", ignore=shutil.ignore_patterns("*.h5"))
+    out = tmp_path / "out"
+    assert (
+        cli(["report", str(results), "--baseline", str(base), "--run", f"{MODEL}/{SIDE}/fp32", "--out", str(out)]) == 0
+    )
+    text = _text(out / MODEL / SIDE / "fp32.html")
+    fault = _verdict(results, f"{MODEL}/{SIDE}/{FAULT}")
+    assert "Before / after" in text and "Verdict: FAIL → PASS" in text
+    assert f"Causes no longer found: {fault['hypothesis']}" in text
+    assert f"first divergence {fault['first_divergence']} → (none)" in text
+
+    new, old = (
+        prompt_cosines(load_run(results, MODEL, SIDE, "fp32")),
+        prompt_cosines(load_run(base, MODEL, SIDE, "fp32")),
+    )
+    d_new, d_old = 1 - new, 1 - old.reindex(new.index)
+    better = int(((d_old - d_new > COSINE_FLOOR) & (d_old > MARGIN * d_new)).sum())
+    assert better > 0 and f"0 got worse and {better} better" in text
+    ba = before_after(load_run(results, MODEL, SIDE, "fp32"), base)
+    assert ba.differs == []  # same weights and corpus: comparable
+    changed = ba.nodes[ba.nodes["status_old"] != ba.nodes["status_new"]]
+    assert fault["first_divergence"] in set(changed["node"]) and f"{len(changed)} changed status" in text
+    assert set(ba.nodes["status_new"]) == {"pass"}

@@ -8,6 +8,7 @@ Commands:
   inspect DUMP.h5                          summarise an activation dump
   check [RESULTS] [--baseline DIR]         CI gate over a run's statistics (exit 1 on a breach)
   import SRC --mapping M.yaml ...          turn another engine's per-node dumps into actdiff's HDF5
+  report RESULTS [--baseline DIR]          render a finished run's reports (before/after against a baseline)
   publish RESULTS SITE_DIR                 the rendered reports as a static site (index, reports, manifest)
 """
 
@@ -62,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         except ActdiffError as e:
             print(f"actdiff: {e}", file=sys.stderr)
             return 1
-    if argv[:1] == ["publish"]:
+    if argv[:1] in (["publish"], ["report"]):
+        from .report.command import main as report_main
         from .report.publish import main as publish_main
 
         try:
-            return publish_main(argv[1:])
+            return (publish_main if argv[0] == "publish" else report_main)(argv[1:])
         except ActdiffError as e:
             print(f"actdiff: {e}", file=sys.stderr)
             return 1
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="run the workflow (snakemake arguments; config files checked first)")
     sub.add_parser("check", help="CI gate over a run's statistics (see actdiff check --help)")
     sub.add_parser("import", help="import another engine's dumps (see actdiff import --help)")
+    sub.add_parser("report", help="render a run's reports, e.g. against a baseline (see actdiff report --help)")
     sub.add_parser("publish", help="the rendered reports as a static site (see actdiff publish --help)")
     args = ap.parse_args(argv)
     try:

@@ -11,6 +11,7 @@ rule render_report:
         html=L.report("{model}", "{side}", "{variant}"),
     params:
         worst_n=config["report"]["worst_n"],
+        baseline=config["report"].get("baseline", ""),
     log:
         L.log("render_report", "{model}", "{side}", "{variant}"),
     benchmark:

@@ -14,4 +14,5 @@ run(
     out_html=snakemake.output.html,  # noqa: F821
     qmd=snakemake.input.qmd,  # noqa: F821
     worst_n=int(snakemake.params.worst_n),  # noqa: F821
+    baseline=snakemake.params.baseline or None,  # noqa: F821
 )

@@ -47,14 +47,17 @@ def render_report(
     qmd: str | None = None,
     worst_n: int = 20,
     log: logging.Logger | None = None,
+    baseline: str | None = None,
 ) -> str:
-    """Render the report of one (model, side, variant) into ``out_html``; returns the renderer used."""
+    """Render the report of one (model, side, variant) into ``out_html``; returns the renderer used. With
+    ``baseline`` (a results folder), the report also compares the run with the same run there."""
     params = {
         "results": str(Path(results).resolve()),
         "model": model,
         "side": side,
         "variant": variant,
         "worst_n": int(worst_n),
+        "baseline": str(Path(baseline).resolve()) if baseline else "",
     }
     return render(
         qmd or REPORTS_DIR / "report.qmd", out_html, params, log, title=f"actdiff: {model} / {side} / {variant}"

@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .. import sysinfo
+from .baseline import COSINE_FLOOR, MARGIN
 from .data import IndexEntry, Run
 
 FLOOR = 1e-12  # zeros are drawn at this floor on log axes
@@ -287,6 +288,78 @@ def _search_md(run: Run) -> str:
         "parameters recovered from the data; `error` is the worst residual over the row's nodes.\n\n"
         + md_table(rows, {"found": esc, "nodes": esc}),
     )
+
+
+# ------------------------------------------------------------------------------------------ before / after
+def _causes_of(v: dict) -> set[str]:
+    return {c["hypothesis"] for c in v.get("causes") or [] if c.get("hypothesis") != "unexplained"}
+
+
+def _verdict_change_md(new: dict, old: dict) -> str:
+    s_old, s_new = str(old.get("status", "?")).upper(), str(new.get("status", "?")).upper()
+    out = [f"**Verdict:** {esc(s_old)} → **{esc(s_new)}**; failing nodes {old.get('failing_nodes', 0)} → "
+           f"{new.get('failing_nodes', 0)}; first divergence {code(old.get('first_divergence') or '(none)')} → "
+           f"{code(new.get('first_divergence') or '(none)')}."]  # fmt: skip
+    gone, came = _causes_of(old) - _causes_of(new), _causes_of(new) - _causes_of(old)
+    if gone:
+        out.append("Causes no longer found: " + ", ".join(code(c) for c in sorted(gone)) + ".")
+    if came:
+        out.append("New causes: " + ", ".join(code(c) for c in sorted(came)) + ".")
+    if not gone and not came and _causes_of(new):
+        out.append("The same causes as before.")
+    return " ".join(out)
+
+
+def _embedding_change_md(run: Run, ba) -> str:
+    e_new, e_old = run.embeddings_summary, ba.base.embeddings_summary
+    counts = ba.prompts["change"].value_counts()
+    return (
+        f"**Final embeddings:** cosine median {e_old.get('cosine_median', float('nan')):.6f} → "
+        f"{e_new.get('cosine_median', float('nan')):.6f}, minimum {e_old.get('cosine_min', float('nan')):.6f} → "
+        f"{e_new.get('cosine_min', float('nan')):.6f}; of {len(ba.prompts)} prompts in both runs "
+        f"{counts.get('worse', 0)} got worse and {counts.get('better', 0)} better (1 − cosine moved more than "
+        f"{MARGIN}× and by more than {COSINE_FLOOR:g})."
+    )
+
+
+def _prompt_moves_md(ba) -> str:
+    t = ba.prompts[ba.prompts["change"] != "same"].sort_values("delta_1_minus_cosine", ascending=False)
+    if not len(t):
+        return ""
+    worse, better = t[t["change"] == "worse"].head(10), t[t["change"] == "better"].tail(10).iloc[::-1]
+    return collapsed(
+        f"Prompts that got worse ({int((t['change'] == 'worse').sum())}) or better "
+        f"({int((t['change'] == 'better').sum())}), the largest moves",
+        md_table(pd.concat([worse, better]), {"prompt_id": code, "change": esc}),
+    )
+
+
+def before_after_md(run: Run, baseline: str) -> str:
+    """The run against the same run of ``baseline`` (actdiff.report.baseline), for the report's first screens."""
+    from ..errors import ActdiffError
+    from .baseline import before_after
+
+    try:
+        ba = before_after(run, baseline)
+    except ActdiffError as e:
+        return f"Against the baseline {code(baseline)}: not available ({esc(e)}).\n"
+    out = [f"Against the baseline run in {code(baseline)}."]
+    for d in ba.differs:
+        out.append(f"\n::: {{.callout-warning}}\nNot comparable: {esc(d)}; its changes may not be the engine's.\n:::\n")
+    out += ["", _verdict_change_md(run.verdict, ba.base.verdict), "", _embedding_change_md(run, ba), ""]
+    n = ba.nodes
+    changed = n[n["status_old"] != n["status_new"]]
+    grew = n[n["local_rel_l2_p99_new"] > MARGIN * n["local_rel_l2_p99_old"].fillna(0).clip(lower=FLOOR)]
+    out.append(
+        f"**Nodes:** {len(changed)} changed status; the p99 local error grew more than {MARGIN}× at "
+        f"{len(grew)} node(s)."
+    )
+    fm = {"node": code, "status_old": esc, "status_new": esc}
+    out.append(collapsed(f"Per node, old vs new ({len(n)} nodes)", md_table(n, fm)))
+    if len(ba.routing):
+        out.append(collapsed("Routing agreement per MoE layer, old vs new", md_table(ba.routing)))
+    out.append(_prompt_moves_md(ba))
+    return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ model graph
