@@ -426,3 +426,5 @@ def test_before_after_against_a_baseline_run(results, tmp_path):
     changed = ba.nodes[ba.nodes["status_old"] != ba.nodes["status_new"]]
     assert fault["first_divergence"] in set(changed["node"]) and f"{len(changed)} changed status" in text
     assert set(ba.nodes["status_new"]) == {"pass"}
+    index = _text(out / "index.html")  # the index's trend: what each run was in the baseline
+    assert "before: FAIL, cosine min" in index and f"{fault['embedding_cosine_min']:.6f} → 1.000000" in index

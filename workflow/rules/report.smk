@@ -35,6 +35,7 @@ rule render_index:
         html=L.index(),
     params:
         runs=[f"{m}/{s}/{v}" for m, s, v in runs()],
+        baseline=config["report"].get("baseline", ""),
     log:
         L.log("render_index", "index"),
     benchmark:

@@ -11,4 +11,5 @@ run(
     runs=list(snakemake.params.runs),  # noqa: F821
     out_html=snakemake.output.html,  # noqa: F821
     qmd=snakemake.input.qmd,  # noqa: F821
+    baseline=snakemake.params.baseline or None,  # noqa: F821
 )

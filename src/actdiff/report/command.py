@@ -20,7 +20,7 @@ def render_all(results: str, out: Path, runs: list[tuple[str, str, str]], baseli
         page = out / Path(L.report(m, s, v)).relative_to(Path(L.index()).parent)
         render_report(results, m, s, v, str(page), baseline=baseline)
         pages.append(page)
-    render_index(results, [f"{m}/{s}/{v}" for m, s, v in runs], str(out / "index.html"))
+    render_index(results, [f"{m}/{s}/{v}" for m, s, v in runs], str(out / "index.html"), baseline=baseline)
     return pages
 
 

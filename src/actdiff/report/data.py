@@ -84,8 +84,9 @@ class IndexEntry:
     verdict: dict
 
 
-def load_index(results: str | Path, runs: str | list[str]) -> list[IndexEntry]:
-    """The verdicts of the runs ``model/side/variant`` (a list, or one string separated by ';')."""
+def load_index(results: str | Path, runs: str | list[str], required: bool = True) -> list[IndexEntry]:
+    """The verdicts of the runs ``model/side/variant`` (a list, or one string separated by ';'); with
+    ``required=False`` a run without a verdict gets an empty one (a baseline need not hold every run)."""
     results = Path(results).resolve()
     if isinstance(runs, str):
         runs = [r for r in runs.split(";") if r.strip()]
@@ -95,6 +96,6 @@ def load_index(results: str | Path, runs: str | list[str]) -> list[IndexEntry]:
         if len(parts) != 3:
             raise ActdiffError(f"index run {r!r} is not of the form model/side/variant")
         model, side, variant = parts
-        v = _read_json(Path(Layout(str(results)).verdict(model, side, variant))) or {}
+        v = _read_json(Path(Layout(str(results)).verdict(model, side, variant)), required) or {}
         out.append(IndexEntry(model, side, variant, v))
     return out

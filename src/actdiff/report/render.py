@@ -65,11 +65,21 @@ def render_report(
 
 
 def render_index(
-    results: str, runs: list[str] | str, out_html: str, qmd: str | None = None, log: logging.Logger | None = None
+    results: str,
+    runs: list[str] | str,
+    out_html: str,
+    qmd: str | None = None,
+    log: logging.Logger | None = None,
+    baseline: str | None = None,
 ) -> str:
-    """Render the index over ``runs`` (``model/side/variant`` strings) into ``out_html``."""
+    """Render the index over ``runs`` (``model/side/variant`` strings) into ``out_html``; with ``baseline`` (a
+    results folder) each run also shows what it was there."""
     runs = runs if isinstance(runs, str) else ";".join(runs)
-    params = {"results": str(Path(results).resolve()), "runs": runs}
+    params = {
+        "results": str(Path(results).resolve()),
+        "runs": runs,
+        "baseline": str(Path(baseline).resolve()) if baseline else "",
+    }
     return render(qmd or REPORTS_DIR / "index.qmd", out_html, params, log, title="actdiff: all runs")
 
 

@@ -857,7 +857,18 @@ def report_href(e: IndexEntry) -> str:
     return f"{quote(e.model, safe='')}/{quote(e.side, safe='')}/{quote(e.variant, safe='')}.html"
 
 
-def _index_cell(e: IndexEntry) -> str:
+def _trend(e: IndexEntry, old: IndexEntry | None) -> str:
+    """The run against the baseline's same run: status and minimum embedding cosine before -> now."""
+    if old is None:
+        return ""
+    if not old.verdict:
+        return "<br>before: not in the baseline"
+    c_old, c_new = old.verdict.get("embedding_cosine_min"), e.verdict.get("embedding_cosine_min")
+    cos = f", cosine min {c_old:.6f} → {c_new:.6f}" if c_old is not None and c_new is not None else ""
+    return f"<br>before: {esc(str(old.verdict.get('status', '?')).upper())}{cos}"
+
+
+def _index_cell(e: IndexEntry, old: IndexEntry | None = None) -> str:
     st = str(e.verdict.get("status", "?")).upper()
     badge = f"[{st}]{{.badge-{st.lower()}}}"
     fd = e.verdict.get("first_divergence")
@@ -867,15 +878,16 @@ def _index_cell(e: IndexEntry) -> str:
         causes = [e.verdict["hypothesis"]]
     if causes:
         extra += "<br>causes: " + ", ".join(code(c) for c in causes)
-    return f"[{badge} report]({report_href(e)}){extra}"
+    return f"[{badge} report]({report_href(e)}){extra}{_trend(e, old)}"
 
 
-def index_md(entries: list[IndexEntry]) -> str:
+def index_md(entries: list[IndexEntry], baseline: list[IndexEntry] | None = None) -> str:
     """One table per model: a row per variant, a column per engine (side), so our engine and llama.cpp
-    are side by side at every variant."""
+    are side by side at every variant; with the ``baseline`` runs' entries, each cell says what it was before."""
     if not entries:
         return "No runs.\n"
     by = {(e.model, e.side, e.variant): e for e in entries}
+    old = {(e.model, e.side, e.variant): e for e in baseline} if baseline is not None else {}
     lines = []
     for m in dict.fromkeys(e.model for e in entries):
         sides = list(dict.fromkeys(e.side for e in entries if e.model == m))
@@ -883,7 +895,7 @@ def index_md(entries: list[IndexEntry]) -> str:
         lines += [f"### {esc(m)}", ""]
         lines += ["| variant | " + " | ".join(esc(s) for s in sides) + " |", "|---|" + "---|" * len(sides)]
         for v in variants:
-            cells = [_index_cell(by[(m, s, v)]) if (m, s, v) in by else "–" for s in sides]
+            cells = [_index_cell(by[(m, s, v)], old.get((m, s, v))) if (m, s, v) in by else "–" for s in sides]
             lines.append(f"| {code(v)} | " + " | ".join(cells) + " |")
         lines.append("")
     out = "\n".join(lines) + "\n\n"
