@@ -95,8 +95,9 @@ POLL_S = 0.1
 LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 LOG_DONE = {
     "tokenize": re.compile(r"tokenized (\d+) prompts .* in ([\d.]+) s \("),
-    "dump_reference": re.compile(r"dumped (\d+) prompts, (?:\d+) tokens, (?:\d+) nodes in ([\d.]+) s \("),
-    "dump_engine": re.compile(r"engine \S+: dumped (\d+) prompts in ([\d.]+) s \("),
+    # actdiff.sides.dump logs every side the same way: "<side> <variant>: dumped N prompts, T tokens, K nodes ..."
+    "dump_reference": re.compile(r"reference \S+: dumped (\d+) prompts, \d+ tokens, .* in ([\d.]+) s \("),
+    "dump_engine": re.compile(r"actdiff \S+: dumped (\d+) prompts, \d+ tokens, .* in ([\d.]+) s \("),
     "compute_stats": re.compile(r"stats: (\d+) prompts in ([\d.]+) s \("),
 }
 SCRIPT_RE = re.compile(r"\.snakemake/scripts/tmp[^/\s]*?\.(\w+)\.py")

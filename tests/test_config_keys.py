@@ -319,5 +319,20 @@ def test_bias_flag_false(flag, tiny_model_dir, tmp_path):
     assert not any(w.endswith(BIAS_FLAGS[flag]) for w in used)
     _assert_close(graph, ref, spec, "reference vs float64 spec")
     _assert_close(graph, eng, ref, "engine vs reference")
-    rows, _ = weight_parity(d, Engine(d))
+    rows, config = weight_parity(d, Engine(d))
     assert {r["tensor"] for r in rows} == used and all(r["rel_l2"] == 0.0 for r in rows)
+    biases = config["linear_biases"]  # config parity lists the flag, and the engine applies it
+    part = {"qkv_proj_bias": "qkv", "mlp_fc1_bias": "fc1", "mlp_fc2_bias": "fc2"}[flag]
+    assert biases["match"] and biases["engine"][part] is False, biases
+
+
+def test_config_parity_lists_ntk_scaling(ntk_dir, tiny_model_dir):
+    """Config parity names dynamic NTK scaling: the engine applies the factor config.json sets, and a side that
+    understood none (reporting None, as llama.cpp would) is a mismatch on that key."""
+    from actdiff.compare.parity import config_parity
+
+    ours = Engine(ntk_dir).understood_config()
+    got = config_parity(ntk_dir, ours)["rotary_scaling"]
+    assert got["match"] and got["config"] == [NTK["rotary_scaling_factor"], NTK["max_trained_positions"]], got
+    assert not config_parity(ntk_dir, ours | {"rotary_scaling": None})["rotary_scaling"]["match"]
+    assert config_parity(tiny_model_dir, Engine(tiny_model_dir).understood_config())["rotary_scaling"]["config"] is None

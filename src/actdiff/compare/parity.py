@@ -71,6 +71,11 @@ def config_parity(model_dir: str | Path, understood: dict) -> dict:
         "attention": "causal" if cfg.get("causal") else "bidirectional",
         "topk_renormalize": dims.normalize_expert_weights,
         "expert_bias": True,
+        # dynamic NTK rotary scaling: the factor (None: off) and the length above which it scales
+        "rotary_scaling": [dims.rotary_scaling_factor, dims.max_trained_positions]
+        if dims.rotary_scaling_factor
+        else None,
+        "linear_biases": {"qkv": dims.qkv_bias, "fc1": dims.fc1_bias, "fc2": dims.fc2_bias},
     }
     return {
         k: {"config": expected[k], "engine": understood.get(k), "match": expected[k] == understood.get(k)}

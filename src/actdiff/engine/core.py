@@ -141,6 +141,8 @@ class Engine:
             "topk_renormalize": self._renormalize(p),
             "expert_bias": self._param(f, self._first("BIAS_ADD"), "bias", "once") != "none",
             "precision": p.variant.precision,
+            "rotary_scaling": [d.rotary_scaling_factor, d.max_trained_positions] if d.rotary_scaling_factor else None,
+            "linear_biases": {"qkv": d.qkv_bias, "fc1": d.fc1_bias, "fc2": d.fc2_bias},
         }
 
     # ------------------------------------------------------------- one node
