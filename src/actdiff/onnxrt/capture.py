@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ActdiffError, ModelError
+from ..errors import ActdiffError
 from ..nodes import INPUT_IDS
 from .export import INPUT_MASK
 
@@ -70,99 +70,136 @@ def optimize(model_path: str | Path, level: str, out_path: str | Path) -> Path:
     return out_path
 
 
-def value_types(proto, names: list[str]) -> dict[str, int]:
-    """ONNX element type of each named value, by ONNX shape inference on a model of standard ops."""
+def value_types(proto) -> dict[str, int]:
+    """ONNX element type of every value ONNX shape inference can type (standard ops; {} if it fails)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.output, *g.input)}
-    missing = [n for n in names if not types.get(n)]
-    if missing:
-        raise ModelError(f"ONNX model: no element type inferred for node value(s) {missing[:5]}")
-    return {n: types[n] for n in names}
+    try:
+        g = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception as e:  # an op ONNX cannot infer: no-op casts are then not recognised as aliases
+        log.warning("onnxruntime: ONNX shape inference failed (%s); no-op Cast aliases not resolved", e)
+        return {}
+    return {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.output, *g.input)}
 
 
 def _producers(graph) -> dict[str, object]:
     return {o: node for node in graph.node for o in node.output}
 
 
-def fused_away(original, optimized, nodes: list[str]) -> dict[str, str]:
-    """{node: reason} for each canonical node ``original`` produces and ``optimized`` no longer does.
+# ORT's CPU execution provider runs an op without a float16 kernel in float32 between inserted Casts; the
+# float32 copy of value V is named with this prefix (onnxruntime/core/optimizer/insert_cast_transformer.cc)
+ORT_FP32_COPY = "InsertedPrecisionFreeCast_"
 
-    The reason names the optimised op that now computes what the node fed: the producer of the first value
-    downstream of the node (breadth first through the original graph) that the optimised graph still has."""
-    kept = _producers(optimized.graph)
-    orig = _producers(original.graph)
-    consumers: dict[str, list] = {}
-    for node in original.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    reasons = {}
-    for name in nodes:
-        if name in kept or name not in orig:
-            continue
-        absorber = _first_surviving_consumer(name, consumers, kept)
-        was = orig[name].op_type
-        if absorber is None:
-            reasons[name] = f"{was} output removed by the optimiser (no surviving consumer found)"
+
+class Resolution:
+    """Where each canonical node's value is in an ORT-optimised graph.
+
+    ``value``: {node: ORT value name} for captured nodes; ``aliases``: {node: why the value has another name};
+    ``fused``: {node: reason} for nodes the optimiser removed (not captured)."""
+
+    def __init__(self, original, optimized, nodes: list[str]):
+        self.kept = _producers(optimized.graph)
+        self.orig = _producers(original.graph)
+        self.types = value_types(original)
+        self.consumers: dict[str, list] = {}
+        for node in original.graph.node:
+            for i in node.input:
+                self.consumers.setdefault(i, []).append(node)
+        self.value, self.aliases, self.fused = {}, {}, {}
+        for name in nodes:
+            self._resolve(name)
+
+    def _resolve(self, name: str) -> None:
+        if name in self.kept:
+            self.value[name] = name
+        elif ORT_FP32_COPY + name in self.kept:
+            self.value[name] = ORT_FP32_COPY + name
+            self.aliases[name] = "computed in float32: ORT's CPU provider has no float16 kernel for its op"
+        elif (src := self._noop_source(name)) is not None:
+            self.value[name] = src
+            self.aliases[name] = f"no-op {self.orig[name].op_type} removed by the optimiser: the value of {src}"
         else:
-            op = absorber.op_type if not absorber.domain else f"{absorber.domain}.{absorber.op_type}"
-            reasons[name] = f"fused into {op} ({absorber.name}); was the output of {was}"
-    return reasons
+            self.fused[name] = self._fused_reason(name)
+
+    def _noop_source(self, name: str) -> str | None:
+        """The surviving input of an Identity, or of a Cast to the type its input already has."""
+        node = self.orig.get(name)
+        if node is None or node.op_type not in ("Identity", "Cast") or node.input[0] not in self.kept:
+            return None
+        src = node.input[0]
+        if node.op_type == "Cast" and not (self.types.get(src) and self.types.get(src) == self.types.get(name)):
+            return None
+        return src
+
+    def _fused_reason(self, name: str) -> str:
+        """Names the optimised op that now computes what the node fed: the producer of the first value
+        downstream of the node (breadth first through the original graph) that the optimised graph has."""
+        was = self.orig[name].op_type if name in self.orig else "?"
+        seen, todo = {name}, deque([name])
+        while todo:
+            for node in self.consumers.get(todo.popleft(), []):
+                for out in node.output:
+                    hit = self.kept.get(out) or self.kept.get(ORT_FP32_COPY + out)
+                    if hit is not None:
+                        return f"fused into {self._absorber(hit)}; was the output of {was}"
+                    if out not in seen:
+                        seen.add(out)
+                        todo.append(out)
+        return f"{was} output removed by the optimiser (no surviving consumer found)"
+
+    def _absorber(self, hit) -> str:
+        """``op (node)``; for a DequantizeLinear, the op that produced its quantised input (a QLinear* kernel
+        of QDQ fusion) is the one that computed the value, so it is named with it."""
+        desc = f"{hit.domain}.{hit.op_type}" if hit.domain else hit.op_type
+        src = self.kept.get(hit.input[0]) if hit.op_type == "DequantizeLinear" else None
+        if src is not None:
+            inner = f"{src.domain}.{src.op_type}" if src.domain else src.op_type
+            return f"{inner} ({src.name}), int8 output dequantised by {hit.name}"
+        return f"{desc} ({hit.name})"
 
 
-def _first_surviving_consumer(value: str, consumers: dict, kept: dict):
-    seen, todo = {value}, deque([value])
-    while todo:
-        for node in consumers.get(todo.popleft(), []):
-            for out in node.output:
-                if out in kept:
-                    return kept[out]
-                if out not in seen:
-                    seen.add(out)
-                    todo.append(out)
-    return None
+def fused_away(original, optimized, nodes: list[str]) -> dict[str, str]:
+    """{node: reason} for each canonical node the optimised graph no longer computes under any name."""
+    return Resolution(original, optimized, nodes).fused
 
 
-def mark_outputs(proto, names: list[str], types: dict[str, int]):
-    """A copy of ``proto`` with each of ``names`` added as a graph output (element type given, shape free)."""
+def mark_outputs(proto, names: list[str]):
+    """A copy of ``proto`` with each of ``names`` added as a graph output (untyped: ORT infers the type)."""
     import onnx
 
     marked = onnx.ModelProto()
     marked.CopyFrom(proto)
     have = {o.name for o in marked.graph.output}
-    for n in names:
+    for n in dict.fromkeys(names):
         if n not in have:
-            marked.graph.output.append(onnx.helper.make_tensor_value_info(n, types[n], None))
+            marked.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
     return marked
 
 
 class OrtCapture:
     """Every canonical node ORT still computes at ``level``, for padded (B, S) batches.
 
-    ``fused``: {node: reason} for the nodes the optimiser removed (not captured); ``captured``: the rest."""
+    ``fused``: {node: reason} for the nodes the optimiser removed (not captured); ``aliases``: {node: why its
+    value is read under another name}; ``captured``: every other node, in graph order."""
 
     def __init__(self, model_path: str | Path, nodes: list[str], level: str, workdir: str | Path, threads: int = 1):
         import onnx
 
         model_path = Path(model_path)
         self.level, self.threads = level, int(threads)
-        original = onnx.load(str(model_path))
-        types = value_types(original, nodes)
         opt_path = optimize(model_path, level, Path(workdir) / f"{model_path.stem}.opt-{level}.onnx")
-        optimized = onnx.load(str(opt_path))
+        res = Resolution(onnx.load(str(model_path)), onnx.load(str(opt_path)), nodes)
         self.optimized_path = opt_path
-        self.fused = fused_away(original, optimized, nodes)
-        self.captured = [n for n in nodes if n not in self.fused]
-        marked = mark_outputs(optimized, self.captured, types)
+        self.fused, self.aliases, self._value = res.fused, res.aliases, res.value
+        self.captured = [n for n in nodes if n in res.value]
+        marked = mark_outputs(onnx.load(str(opt_path)), [res.value[n] for n in self.captured])
         # the optimised graph's kernels, run as they are: no second optimisation pass over the marked graph
         self.session = cpu_session(marked.SerializeToString(), "disable", threads)
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """Every captured node's raw value (ORT's shapes: (B, S, ...), (B*S, ...) for MoE, (B, ...))."""
         feeds = {INPUT_IDS: ids.astype(np.int64), INPUT_MASK: mask.astype(np.int64)}
-        values = self.session.run(self.captured, feeds)
+        values = self.session.run([self._value[n] for n in self.captured], feeds)
         return dict(zip(self.captured, values, strict=True))
 
 

@@ -1,0 +1,102 @@
+"""The ONNX model files of each ORT variant, made from the fp32 export, each written atomically.
+
+- ``fp32``: the export itself;
+- ``fp16``: onnxruntime.transformers.float16 (the float16 conversion ORT ships), inputs and outputs kept
+  fp32 (``keep_io_types``): every internal value, weights included, becomes float16;
+- ``int8-dynamic``: onnxruntime.quantization.quantize_dynamic, int8 weights per output channel; activations
+  quantised per tensor at run time (DynamicQuantizeLinear before each MatMulInteger);
+- ``int8-static``: quantize_static in QDQ format, int8 weights per channel, activation ranges calibrated
+  (MinMax) on a slice of prompts the caller gives and then must exclude from the comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..atomic import atomic_path
+from ..errors import ActdiffError
+from ..nodes import INPUT_IDS
+from .export import INPUT_MASK
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+
+
+def check_variant(variant: str) -> str:
+    if str(variant) not in VARIANTS:
+        raise ActdiffError(f"variant {variant!r} is not available for onnxruntime: use one of {', '.join(VARIANTS)}")
+    return str(variant)
+
+
+def variant_path(out_dir: str | Path, variant: str) -> Path:
+    return Path(out_dir) / f"model-{check_variant(variant)}.onnx"
+
+
+def make_fp16(fp32_path: Path, out_path: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    with atomic_path(out_path) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def make_int8_dynamic(fp32_path: Path, out_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with atomic_path(out_path) as tmp:
+        quantize_dynamic(str(fp32_path), str(tmp), per_channel=True, weight_type=QuantType.QInt8)
+
+
+class PromptReader:
+    """CalibrationDataReader over token id lists: one prompt per batch (no padding in the ranges)."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]]):
+        import numpy as np
+
+        self._feeds = iter(
+            {INPUT_IDS: np.asarray([ids], dtype=np.int64), INPUT_MASK: np.ones((1, len(ids)), dtype=np.int64)}
+            for ids in prompts
+        )
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def make_int8_static(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence[int]]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise ActdiffError("int8-static needs calibration prompts (token id lists); none were given")
+    reader = type("Reader", (PromptReader, CalibrationDataReader), {})(calibration)
+    with atomic_path(out_path) as tmp:
+        quantize_static(
+            str(fp32_path),
+            str(tmp),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+
+
+def make_variant(fp32_path: str | Path, out_dir: str | Path, variant: str, calibration=()) -> Path:
+    """The model file of ``variant`` under ``out_dir`` (made from the fp32 export ``fp32_path``)."""
+    fp32_path, out = Path(fp32_path), variant_path(out_dir, variant)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if variant == "fp32":
+        with atomic_path(out) as tmp:
+            shutil.copyfile(fp32_path, tmp)
+    elif variant == "fp16":
+        make_fp16(fp32_path, out)
+    elif variant == "int8-dynamic":
+        make_int8_dynamic(fp32_path, out)
+    else:
+        make_int8_static(fp32_path, out, calibration)
+    log.info("onnxruntime: wrote %s (%s)", out, variant)
+    return out
