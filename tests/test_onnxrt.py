@@ -1,0 +1,236 @@
+"""ONNX Runtime as a third engine (actdiff.onnxrt): export parity per node, "mark all" capture, the nodes
+ORT's fusions remove per optimisation level, and the fp32/fp16/int8 variants' embeddings against the
+reference. Both default models; skipped when onnxruntime is not installed (the optional extra)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from helpers import DATA  # noqa: E402
+
+from actdiff.compare.budgets import SAFETY, U32  # noqa: E402
+from actdiff.errors import ActdiffError, ModelError  # noqa: E402
+from actdiff.nodes import EMBEDDING, Graph  # noqa: E402
+
+MODELS = ("tiny-nomic-moe", "minilm-l6")
+CALIBRATION = slice(0, 8)  # int8-static's calibration prompts: excluded from every comparison below
+EVALUATION = slice(8, 20)
+MAX_LENGTH = 128  # keeps the file's run time low on 2 cores; the ops do not change with length
+
+# Minimum embedding cosine against the reference over the evaluation prompts, per variant, and why:
+# - fp32: the same ops in other kernels; the embedding's own rel error is ~1e-6 (export parity below), so
+#   1 - cos ~ err^2 / 2 is far below 1e-9: the floor is a fp32 comparison's, not a tolerance of the port;
+# - fp16: weights and most values rounded to float16 (u = 2^-11 ~ 4.9e-4 relative), so the embedding's
+#   relative error is a few u and 1 - cos ~ (few u)^2 / 2 ~ 1e-6; the MoE model can also flip a routing
+#   decision on a near tie (measured min 0.999995): floor 1 - 1e-4;
+# - int8-dynamic: int8 weights per channel and each MatMul's input quantised per tensor at run time (u ~
+#   2^-7 per matmul, compounding over 4-6 layers, plus routing flips on the MoE model; measured min 0.975 on
+#   MiniLM): floor 0.95;
+# - int8-static: as int8-dynamic, but the activation ranges are fixed from 8 calibration prompts (MinMax),
+#   so BERT's outlier hidden dimensions are clipped or coarsely stepped on unseen prompts (measured min 0.89
+#   on MiniLM, 0.999 on the tiny model): floor 0.85. Naming those causes is the diagnosis issue's work.
+COSINE_FLOOR = {"fp32": 1 - 1e-9, "fp16": 1 - 1e-4, "int8-dynamic": 0.95, "int8-static": 0.85}
+
+
+def _prompts(model_dir: Path) -> list[list[int]]:
+    from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
+
+    lines = (DATA / "ci_prompts.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    texts = [ln.split("\t")[3] for ln in lines]
+    return [list(r["ids"]) for r in tokenize_texts(load_reference_tokenizer(model_dir), texts, MAX_LENGTH)]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request, tmp_path_factory, tiny_model_dir, minilm_model_dir):
+    """One model exported once: its graph, the ONNX file, prompts and the reference's values on them."""
+    from actdiff.models.loading import load_reference_model
+    from actdiff.models.record import ModelRecord
+    from actdiff.onnxrt.export import export_model
+    from actdiff.reference import ReferenceRunner
+
+    name = request.param
+    model_dir = tiny_model_dir if name == "tiny-nomic-moe" else minilm_model_dir
+    root = tmp_path_factory.mktemp(f"ort-{name}")
+    record = ModelRecord.from_dir(model_dir, name)
+    graph = record.graph()
+    onnx_path = root / "model-fp32-export.onnx"
+    provenance = export_model(model_dir, onnx_path)
+    ids = _prompts(model_dir)
+    model, _, _ = load_reference_model(model_dir)
+    runner = ReferenceRunner(model, graph)
+    ref = [runner.run_batch([x])[0] for x in ids[EVALUATION]]
+    runner.close()
+    return {"name": name, "dir": model_dir, "record": record, "graph": graph, "onnx": onnx_path, "root": root,
+            "provenance": provenance, "ids": ids, "eval": ids[EVALUATION], "ref": ref}  # fmt: skip
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).reshape(b.shape), np.asarray(b, np.float64)
+    den = float(np.linalg.norm(b))
+    return float(np.linalg.norm(a - b)) / den if den > 0 else float(np.linalg.norm(a))
+
+
+def parity_tolerances(graph: Graph, tokens: int) -> dict[str, float]:
+    """The fp32 budget of the export's end-to-end error at each node, from fp32 eps and reduction lengths.
+
+    A sum of K fp32 terms rounds to a relative error of about u * sqrt(K) (u = 2^-24); a node's error in an
+    end-to-end run is propagated from everything upstream, dominated by the widest sum on its path (K_path =
+    the largest reduction length among the node and its ancestors), and grows with each encoder layer crossed
+    (independent per-layer roundings: sqrt(depth + 1)). Times budgets.SAFETY (~6.3: two implementations'
+    roundings, concentration of a relative L2)."""
+    k_path: dict[str, int] = {}
+    depth: dict[str, int] = {}
+    for n in graph:
+        ups = graph.producers(n.name)
+        k_path[n.name] = max([graph.reduction_length(n, tokens), *(k_path[p.name] for p in ups)])
+        depth[n.name] = n.layer + 1 if n.layer is not None else max([0, *(depth[p.name] for p in ups)])
+    return {n: SAFETY * U32 * math.sqrt(k_path[n]) * math.sqrt(depth[n] + 1) for n in graph.names()}
+
+
+def _embedding_cosines(values: list[dict], ref: list[dict]) -> np.ndarray:
+    cos = []
+    for v, r in zip(values, ref, strict=True):
+        a, b = np.asarray(v[EMBEDDING], np.float64).ravel(), np.asarray(r[EMBEDDING], np.float64).ravel()
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return np.asarray(cos)
+
+
+def _side(case, variant: str, model_file: Path, level: str = "disable", batch_size: int = 1):
+    from actdiff.onnxrt.side import OnnxRuntimeSide
+
+    return OnnxRuntimeSide(case["record"], variant, model_file, level=level, batch_size=batch_size)
+
+
+def _forward(side, ids: list[list[int]]) -> list[dict]:
+    return [v for _, v in side.forward([(f"p{i}", x) for i, x in enumerate(ids)])]
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_export_names_every_node_and_records_the_formulation(case):
+    import onnx
+
+    from actdiff.onnxrt.export import MOE_DENSE_GATHER, exported_nodes
+
+    proto = onnx.load(str(case["onnx"]))
+    graph = case["graph"]
+    assert exported_nodes(proto) == graph.names()
+    assert [o.name for o in proto.graph.output] == [EMBEDDING]  # the rest are values inside the graph
+    produced = {o for node in proto.graph.node for o in node.output}
+    assert set(graph.names()) <= produced
+    expected = MOE_DENSE_GATHER if graph.moe_blocks() else "none (dense model)"
+    assert case["provenance"]["moe_formulation"] == expected
+    assert case["provenance"]["exporter"] == "torchscript"
+
+
+def test_export_parity_per_node(case):
+    """The ONNX model in ORT with optimisation disabled equals the reference within the fp32 budget at every
+    node, on every evaluation prompt; expert choices are identical."""
+    side = _side(case, "fp32", case["onnx"], "disable")
+    assert side.missing_nodes == () and side.capture.aliases == {}
+    graph, worst, ratio = case["graph"], {}, {}
+    for ids, got, ref in zip(case["eval"], _forward(side, case["eval"]), case["ref"], strict=True):
+        tol = parity_tolerances(graph, len(ids))
+        for n in graph:
+            if n.kind == "index":
+                assert np.array_equal(got[n.name], ref[n.name]), f"{n.name}: expert choice differs"
+                continue
+            err = _rel(got[n.name], ref[n.name])
+            worst[n.name] = max(worst.get(n.name, 0.0), err)
+            ratio[n.name] = max(ratio.get(n.name, 0.0), err / tol[n.name])
+    side.close()
+    top = sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    print(f"\n{case['name']}: export vs reference, max rel L2 per node (worst 5): {top}")
+    print(f"{case['name']}: largest error / tolerance ratio: {max(ratio.values()):.3f}")
+    bad = {n: (worst[n], r) for n, r in ratio.items() if r > 1}
+    assert not bad, f"nodes over the fp32 budget (rel error, error/tolerance): {bad}"
+
+
+# ------------------------------------------------------------------------------------------------ capture
+@pytest.mark.parametrize("level", ["disable", "basic", "all"])
+def test_marking_outputs_does_not_change_the_final_output(case, level, tmp_path):
+    """The captured (marked) session's embedding is bitwise the unmarked session's at the same level: the
+    marks are added after ORT's optimiser ran, so the same kernels run on the same values."""
+    from actdiff.onnxrt.capture import OrtCapture, pad_batch, run_unmarked
+
+    graph = case["graph"]
+    ids, mask = pad_batch(case["eval"], graph.dims.pad_token_id)
+    plain = run_unmarked(case["onnx"], level, ids, mask)[EMBEDDING]
+    marked = OrtCapture(case["onnx"], graph.names(), level, tmp_path).run(ids, mask)[EMBEDDING]
+    assert np.array_equal(plain, marked), f"level {level}: max |diff| {np.abs(plain - marked).max()}"
+
+
+def _gelu_fed_matmuls(graph: Graph) -> set[str]:
+    """Dense MLP fc1: a MATMUL whose only consumer is a GELU (ORT's BiasGelu fusion absorbs its bias add)."""
+    return {n.name for n in graph if n.op == "MATMUL" and [c.op for c in graph.consumers(n.name)] == ["GELU"]}
+
+
+def test_fused_nodes_per_level(case, tmp_path):
+    """disable and basic keep every node; all fuses each dense MLP's fc1 bias add into com.microsoft.BiasGelu
+    (the MoE experts' fc1 has no bias and is gathered per slot: not fused)."""
+    from actdiff.onnxrt.capture import OrtCapture
+
+    graph = case["graph"]
+    fused = {lv: OrtCapture(case["onnx"], graph.names(), lv, tmp_path).fused for lv in ("disable", "basic", "all")}
+    for level, nodes in fused.items():
+        print(f"\n{case['name']} level {level}: {len(nodes)} fused away: {json.dumps(nodes, indent=1)}")
+    assert fused["disable"] == {} and fused["basic"] == {}
+    assert set(fused["all"]) == _gelu_fed_matmuls(graph)
+    assert all("com.microsoft.BiasGelu" in reason for reason in fused["all"].values())
+
+
+def test_side_dump_writes_fused_nodes_as_placeholders(case, tmp_path):
+    from actdiff.h5io import ActivationReader
+    from actdiff.sides.dump import dump_shard
+
+    side = _side(case, "fp32", case["onnx"], "all", batch_size=4)
+    assert set(side.missing_nodes) == _gelu_fed_matmuls(case["graph"])
+    items = [(f"p{i}", x) for i, x in enumerate(case["eval"][:4])]
+    out = tmp_path / "ort.h5"
+    dump_shard(side, case["record"].provenance(), items, out, 0)
+    side.close()
+    r = ActivationReader(out)
+    assert json.loads(r.attrs["fused_away"]).keys() == set(side.missing_nodes)
+    for n in side.missing_nodes:
+        assert np.isnan(r.node_all(n)).all()
+    tol = parity_tolerances(case["graph"], len(items[0][1]))[EMBEDDING]
+    assert _rel(r.node(EMBEDDING, "p0"), case["ref"][0][EMBEDDING]) <= tol
+
+
+# ------------------------------------------------------------------------------------------------ variants
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-dynamic", "int8-static"])
+def test_variant_embedding_cosine(case, variant, tmp_path):
+    from actdiff.onnxrt.variants import make_variant
+
+    path = make_variant(case["onnx"], tmp_path, variant, calibration=case["ids"][CALIBRATION])
+    assert path.is_file() and not list(tmp_path.glob(".*.tmp-*"))  # renamed into place, no temporary left
+    side = _side(case, variant, path, "disable")
+    cos = _embedding_cosines(_forward(side, case["eval"]), case["ref"])
+    aliases = len(side.capture.aliases)
+    side.close()
+    print(f"\n{case['name']} {variant}: embedding 1 - cosine max {1 - cos.min():.2e} median {1 - np.median(cos):.2e} "
+          f"({len(cos)} prompts; {aliases} nodes read from ORT's float32 copies)")  # fmt: skip
+    assert cos.min() >= COSINE_FLOOR[variant], f"{variant}: cosine {cos.min()} below {COSINE_FLOOR[variant]}"
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_refusals(case, tmp_path, tiny_model_dir, minilm_model_dir):
+    from actdiff.models.record import ModelRecord
+    from actdiff.onnxrt.side import OnnxRuntimeSide
+
+    other = minilm_model_dir if case["name"] == "tiny-nomic-moe" else tiny_model_dir
+    with pytest.raises(ModelError, match="does not match the model's graph"):  # an export of another model
+        OnnxRuntimeSide(ModelRecord.from_dir(other), "fp32", case["onnx"])
+    with pytest.raises(ActdiffError, match="level"):
+        OnnxRuntimeSide(case["record"], "fp32", case["onnx"], level="extended")
+    with pytest.raises(ActdiffError, match="not available for onnxruntime"):
+        OnnxRuntimeSide(case["record"], "q8_0", case["onnx"])
+    with pytest.raises(ModelError, match="not found"):
+        OnnxRuntimeSide(case["record"], "fp32", tmp_path / "missing.onnx")
