@@ -37,7 +37,8 @@ MOE_DENSE_GATHER = "dense-gather"  # every expert on every token/slot, the top-k
 META_NODES = "actdiff.nodes"  # metadata_props key: JSON list of canonical node names (value name = node name)
 META_FORMULATION = "actdiff.moe_formulation"
 META_EXPORTER = "actdiff.exporter"
-EXPORTER = "torchscript"  # torch.onnx.export(dynamo=False); see export_model for why
+EXPORTERS = ("torchscript", "dynamo")  # torch.onnx.export(dynamo=False / True); see export_model
+EXPORTER = "torchscript"
 
 
 def _dense_experts_forward(self, x, weights, indices):
@@ -146,11 +147,16 @@ def _dynamic_axes(graph: Graph) -> dict:
     return axes
 
 
-def _trace_to_onnx(model, graph: Graph, path: Path) -> None:
-    """torch.onnx.export (TorchScript exporter) of the tapped model: one graph output per canonical node."""
+def _trace_to_onnx(model, graph: Graph, path: Path, exporter: str) -> None:
+    """torch.onnx.export of the tapped model: one graph output per canonical node, named after it."""
     import torch
 
     tapped = TappedModel.build(model, graph)
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        how = {"dynamo": True, "dynamic_shapes": ({0: batch, 1: seq}, {0: batch, 1: seq}), "opset_version": 18}
+    else:
+        how = {"dynamo": False, "dynamic_axes": _dynamic_axes(graph), "opset_version": OPSET}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about shape-derived Python ints: axes stay dynamic
@@ -160,16 +166,34 @@ def _trace_to_onnx(model, graph: Graph, path: Path) -> None:
                 str(path),
                 input_names=[INPUT_IDS, INPUT_MASK],
                 output_names=graph.names(),
-                dynamic_axes=_dynamic_axes(graph),
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
+                **how,
             )
     finally:
         tapped.runner.close()
 
 
-def _keep_final_outputs(proto, graph: Graph, formulation: str) -> None:
+def _make_ssa(proto, graph: Graph) -> None:
+    """Rename internal values that reuse a canonical node's name (the dynamo exporter names the word-embedding
+    Gather's output ``embedding`` after its aten op while the graph output is also ``embedding``). Nodes are
+    topologically sorted, so a reader refers to the latest earlier producer of the name; the canonical value
+    is the last producer, and earlier ones get a suffix."""
+    canonical = set(graph.names())
+    producers: dict[str, list[int]] = {}
+    for i, node in enumerate(proto.graph.node):
+        for o in node.output:
+            producers.setdefault(o, []).append(i)
+    for name, idx in producers.items():
+        if len(idx) < 2 or name not in canonical:
+            continue
+        for k, start in enumerate(idx[:-1]):
+            renamed = f"{name}__internal{k}"
+            first = proto.graph.node[start]
+            first.output[:] = [renamed if o == name else o for o in first.output]
+            for node in proto.graph.node[start + 1 : idx[k + 1] + 1]:  # its readers, up to the next producer
+                node.input[:] = [renamed if i == name else i for i in node.input]
+
+
+def _keep_final_outputs(proto, graph: Graph, formulation: str, exporter: str) -> None:
     """Graph outputs -> FINAL_OUTPUTS only; every node stays a named value; record the node list."""
     import onnx
 
@@ -181,20 +205,22 @@ def _keep_final_outputs(proto, graph: Graph, formulation: str) -> None:
     del proto.graph.output[:]
     proto.graph.output.extend(keep)
     del proto.graph.value_info[:]  # shapes of the traced example; ORT infers its own
-    meta = {META_NODES: json.dumps(graph.names()), META_FORMULATION: formulation, META_EXPORTER: EXPORTER}
+    meta = {META_NODES: json.dumps(graph.names()), META_FORMULATION: formulation, META_EXPORTER: exporter}
     for key, value in meta.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.checker.check_model(proto)
 
 
-def export_model(model_dir: str | Path, out_path: str | Path) -> dict:
+def export_model(model_dir: str | Path, out_path: str | Path, exporter: str = EXPORTER) -> dict:
     """Export the fp32 reference of ``model_dir`` to ``out_path`` (written atomically). Returns provenance:
     exporter, opset, MoE formulation, torch/onnx versions.
 
-    Exporter: torch.onnx's TorchScript exporter (dynamo=False) traces the same Python forward the reference
-    dump runs, hooks included, so the taps become graph outputs named by ``output_names``; the dynamo
-    exporter would route the MoE through torch.export, whose data-dependent ``bincount().tolist()`` needs
-    the dense formulation anyway, and renames values through its own optimiser passes."""
+    ``exporter``: "torchscript" (the default: torch.onnx.export(dynamo=False)) traces the same Python forward
+    the reference dump runs, hooks included, in a few seconds; "dynamo" (torch.export, then ONNX) gives the
+    same named values and parity, 4x slower, and is where torch.onnx is heading (dynamo=True is its default;
+    the TorchScript exporter is deprecated). Neither exports the reference's data-dependent MoE dispatch
+    (torch.export refuses ``bincount().tolist()``; a trace would freeze one prompt's routing), hence
+    MOE_DENSE_GATHER with both."""
     import tempfile
 
     import onnx
@@ -203,6 +229,8 @@ def export_model(model_dir: str | Path, out_path: str | Path) -> dict:
     from ..models.loading import load_reference_model
     from ..nodes import graph_for_model_dir
 
+    if exporter not in EXPORTERS:
+        raise ModelError(f"ONNX exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
     model, cfg, _arch = load_reference_model(model_dir)
     graph = graph_for_model_dir(model_dir)
     if cfg.get("rotary_scaling_factor"):
@@ -212,15 +240,16 @@ def export_model(model_dir: str | Path, out_path: str | Path) -> dict:
         )
     with _dense_moe(model) as n_moe, tempfile.TemporaryDirectory() as td:
         raw = Path(td) / "traced.onnx"
-        _trace_to_onnx(model, graph, raw)
+        _trace_to_onnx(model, graph, raw, exporter)
         proto = onnx.load(str(raw))
+    _make_ssa(proto, graph)
     formulation = MOE_DENSE_GATHER if n_moe else "none (dense model)"
-    _keep_final_outputs(proto, graph, formulation)
+    _keep_final_outputs(proto, graph, formulation, exporter)
     with atomic_path(out_path) as tmp:
         onnx.save(proto, str(tmp))
     return {
-        "exporter": EXPORTER,
-        "opset": OPSET,
+        "exporter": exporter,
+        "opset": OPSET if exporter == "torchscript" else 18,
         "moe_formulation": formulation,
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
