@@ -210,9 +210,10 @@ def test_fused_nodes_per_level(case, tmp_path):
 
 def test_side_dump_writes_fused_nodes_as_placeholders(case, tmp_path):
     from actdiff.h5io import ActivationReader
+    from actdiff.sides import open_side
     from actdiff.sides.dump import dump_shard
 
-    side = _side(case, "fp32", case["onnx"], "all", batch_size=4)
+    side = open_side("onnxruntime", case["record"], "fp32", model_file=case["onnx"], level="all", batch_size=4)
     assert set(side.missing_nodes) == _gelu_fed_matmuls(case["graph"])
     items = [(f"p{i}", x) for i, x in enumerate(case["eval"][:4])]
     out = tmp_path / "ort.h5"
