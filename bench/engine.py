@@ -273,7 +273,9 @@ class Trio:
         self.torch = torch
         self.last = f"encoder.layers.{self.cfg['n_layer'] - 1}.norm2"
         self.runners: dict[int, object] = {}  # threads -> LlamaCppRunner (the GGUF is mmapped: pages shared)
+        self.batched_runners: dict[tuple[int, int], object] = {}  # (threads, B) -> runner with n_seq_max = B
         self.llamacpp_load_s: dict[int, float] = {}
+        self.tokenizer_dir = model_dir if (model_dir / "tokenizer.json").is_file() else TINY_DIR
 
     def run_engine(self, ids, variant="fp32"):
         t0 = time.perf_counter()
@@ -289,6 +291,25 @@ class Trio:
             out = self.model(input_ids=x, attention_mask=mask)
             dt = time.perf_counter() - t0
         return dt, out[0][0].numpy()  # a ModelOutput: last_hidden_state (1, T, H), prompt 0
+
+    def llamacpp_batched(self, threads: int, B: int, tokens: int):
+        """A runner packing up to B prompts into one llama_batch; its context holds the batch's tokens."""
+        key = (threads, B)
+        if key not in self.batched_runners or self.batched_runners[key].n_ctx < tokens:
+            from actdiff.llamacpp.capture import LlamaCppRunner
+
+            if key in self.batched_runners:
+                self.batched_runners.pop(key).close()
+            n_ctx = -(-tokens // 256) * 256
+            self.batched_runners[key] = LlamaCppRunner(
+                self.gguf, threads=threads, capture_nodes=False, n_seq_max=B, n_ctx=n_ctx
+            )
+        return self.batched_runners[key]
+
+    def close_batched_runners(self) -> None:
+        for r in self.batched_runners.values():
+            r.close()
+        self.batched_runners.clear()
 
     def llamacpp(self, threads: int):
         if threads not in self.runners:
@@ -306,6 +327,7 @@ class Trio:
         return time.perf_counter() - t0, out["result_embd_pooled"]
 
     def free(self):
+        self.close_batched_runners()
         for r in self.runners.values():
             r.close()
         del self.engine, self.model, self.runners
@@ -406,6 +428,166 @@ def bench_precisions(p: Trio, T: int, threads: int, repeats: int, mhz: float, fp
     return out
 
 
+# ----------------------------------------------------------------------------- batched rows
+BATCH_SIZES = (8, 32)
+CORPUS = ROOT / "config/prompts/default.tsv"
+
+
+def corpus_batch(tokenizer_dir: Path, B: int, max_length: int = 512) -> list[list[int]]:
+    """A batch of B corpus prompts as the pipeline forms it (actdiff.batching): a window of WINDOW_BATCHES * B
+    prompts drawn from the bundled corpus (fixed seed), sorted by length into batches of B, and the batch with
+    the median padded length. Prompts cut at ``max_length`` are left out (the T=512 rows time those), so the
+    batch has the corpus' typical lengths. (A batch drawn at random instead pads a lot: 32 prompts, 1202
+    tokens padded to 3936, measured once; that is why the pipeline sorts.)"""
+    from actdiff.batching import WINDOW_BATCHES, length_sorted_batches
+    from actdiff.engine.tokenizer import EngineTokenizer
+    from actdiff.prompts import load_prompt_sheet
+
+    et = EngineTokenizer.from_file(tokenizer_dir / "tokenizer.json")
+    ids = [et.encode(t, max_length)[0] for t in load_prompt_sheet(CORPUS).text]
+    whole = [x for x in ids if len(x) < max_length]
+    pick = np.random.default_rng(SEED + B).choice(len(whole), min(len(whole), WINDOW_BATCHES * B), replace=False)
+    window = [whole[i] for i in sorted(pick)]
+    batches = [b for b in length_sorted_batches([len(x) for x in window], B, max_batch_tokens=B * max_length)]
+    full = sorted((b for b in batches if len(b) == B), key=lambda b: max(len(window[i]) for i in b))
+    return [window[i] for i in full[len(full) // 2]]
+
+
+def torch_padded(p: Trio, batch: list[list[int]]):
+    """The reference's padded batch: right-padded with the pad id, attention mask (as ReferenceRunner)."""
+    torch = p.torch
+    S = max(len(x) for x in batch)
+    ids = torch.full((len(batch), S), p.engine.dims.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), S), dtype=torch.long)
+    for b, x in enumerate(batch):
+        ids[b, : len(x)] = torch.tensor(x)
+        mask[b, : len(x)] = 1
+    return ids, mask
+
+
+def batched_sides(p: Trio, batch: list[list[int]], threads: int) -> dict:
+    """name -> callable returning (seconds, pooled [B, H]): each side batched its own way, and one by one."""
+    torch = p.torch
+    ids, mask = torch_padded(p, batch)
+
+    def engine_batched():
+        t0 = time.perf_counter()
+        vals = p.engine.forward_batch(batch, "fp32")
+        return time.perf_counter() - t0, np.stack([v["pooled"].reshape(-1) for v in vals])
+
+    def torch_batched():
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            h = p.model(input_ids=ids, attention_mask=mask)[0]
+            dt = time.perf_counter() - t0
+            m = mask.unsqueeze(-1).to(h.dtype)
+            return dt, ((h * m).sum(1) / m.sum(1)).numpy()
+
+    def torch_pooled(dt, hidden):  # one prompt, no padding: the mean over its tokens
+        return dt, hidden.mean(0)
+
+    def one_by_one(run):
+        def go():
+            out = [run(x) for x in batch]
+            return sum(o[0] for o in out), np.stack([o[-1] for o in out])
+
+        return go
+
+    runs = {"engine": engine_batched, "torch": torch_batched}
+    if p.gguf is not None:
+        runner = p.llamacpp_batched(threads, len(batch), sum(len(x) for x in batch))
+
+        def llamacpp_batched():
+            t0 = time.perf_counter()
+            pooled = runner.encode_batch(batch)
+            return time.perf_counter() - t0, pooled
+
+        runs["llamacpp"] = llamacpp_batched
+    runs["engine_1by1"] = one_by_one(lambda x: p.run_engine(x))
+    runs["torch_1by1"] = one_by_one(lambda x: torch_pooled(*p.run_torch(x)))
+    if p.gguf is not None:
+        runs["llamacpp_1by1"] = one_by_one(lambda x: p.run_llamacpp(x, threads))
+    return runs
+
+
+def bench_batched(p: Trio, B: int, threads: int, repeats: int, mhz: float) -> dict:
+    """One batch of B corpus-length prompts on every side (batched, and the same prompts one by one),
+    interleaved and rotated as bench_trio; FLOPs are those of the real (unpadded) tokens."""
+    from actdiff import kernels
+
+    kernels.set_num_threads(threads)
+    p.torch.set_num_threads(threads)
+    batch = corpus_batch(p.tokenizer_dir, B)
+    runs = batched_sides(p, batch, threads)
+    pooled = {s: run()[1] for s, run in runs.items()}  # warm-up, and the outputs for the sanity checks
+    times: dict[str, list[float]] = {s: [] for s in runs}
+    sides = list(runs)
+    for i in range(repeats):
+        for s in sides[i % len(sides) :] + sides[: i % len(sides)]:
+            times[s].append(runs[s]()[0])
+    med = {s: float(np.median(v)) for s, v in times.items()}
+    lengths = [len(x) for x in batch]
+    fl = sum(count_flops(p.cfg, T)["total"] for T in lengths)
+    pk = peak_gflops(mhz, threads)
+    r: dict = {
+        "prompts": B,
+        "tokens": sum(lengths),
+        "padded_tokens": B * max(lengths),
+        "lengths": lengths,
+        "model_gflop_unpadded": fl / 1e9,
+        "repeats": repeats,
+        "ms": {s: v * 1e3 for s, v in med.items()},
+        "ms_all": {s: [x * 1e3 for x in v] for s, v in times.items()},
+        "prompts_per_s": {s: B / v for s, v in med.items()},
+        "pct_peak_nominal": {s: 100 * fl / v / 1e9 / pk for s, v in med.items()},
+        "ratio_torch_over_engine": med["torch"] / med["engine"],
+        "engine_batched_speedup_over_1by1": med["engine_1by1"] / med["engine"],
+        "torch_batched_speedup_over_1by1": med["torch_1by1"] / med["torch"],
+        "engine_batched_equals_1by1_bitwise": bool(np.array_equal(pooled["engine"], pooled["engine_1by1"])),
+        "max_abs_diff_pooled_engine_vs_torch": float(np.abs(pooled["engine"] - pooled["torch"]).max()),
+        "loadavg_1min_after": os.getloadavg()[0],
+    }
+    if "llamacpp" in med:
+        r["ratio_engine_over_llamacpp"] = med["engine"] / med["llamacpp"]
+        r["llamacpp_batched_speedup_over_1by1"] = med["llamacpp_1by1"] / med["llamacpp"]
+        r["max_abs_diff_pooled_llamacpp_vs_engine"] = float(np.abs(pooled["llamacpp"] - pooled["engine"]).max())
+    return r
+
+
+def print_batched(name: str, B: int, nt: int, r: dict) -> None:
+    pps = r["prompts_per_s"]
+    ll = (
+        f"{pps['llamacpp']:8.1f} {r['ratio_engine_over_llamacpp']:9.2f}"
+        if "llamacpp" in pps
+        else f"{'-':>8s} {'-':>9s}"
+    )
+    print(
+        f"{name:9s} {B:3d} {nt:3d} {r['tokens']:6d} {r['padded_tokens']:6d} {pps['engine']:8.1f} {pps['torch']:8.1f} "
+        f"{ll} {r['ratio_torch_over_engine']:9.2f} {r['engine_batched_speedup_over_1by1']:8.2f} "
+        f"{r['torch_batched_speedup_over_1by1']:8.2f} {r['pct_peak_nominal']['engine']:7.1f}"
+    )
+
+
+BATCHED_HDR = (
+    f"{'model':9s} {'B':>3s} {'thr':>3s} {'tokens':>6s} {'padded':>6s} {'eng p/s':>8s} {'torch p/s':>8s} "
+    f"{'llama p/s':>8s} {'eng/llama':>9s} {'torch/eng':>9s} {'eng b/1':>8s} {'torch b/1':>8s} {'eng %pk':>7s}"
+)
+
+
+def run_batched_rows(p: Trio, threads: list[int], repeats: int, mhz: float, res: dict) -> None:
+    print(
+        f"\nbatched, {p.name}: B corpus prompts as one batch per side (engine and torch right-padded with a mask, "
+        "llama.cpp packed sequences); p/s = prompts/s; 'b/1' = the same prompts one by one / batched"
+    )
+    print(BATCHED_HDR)
+    for B in BATCH_SIZES:
+        for nt in threads:
+            r = bench_batched(p, B, nt, repeats, mhz)
+            res[f"{p.name}/batched/B={B}/threads={nt}"] = r
+            print_batched(p.name, B, nt, r)
+    p.close_batched_runners()
+
+
 def cell(r: dict, key: str, width: int, fmt: str) -> str:
     """One column of the printed table; '-' when the row has no such value (llama.cpp not run)."""
     return f"{r[key]:{width}{fmt}}" if key in r else f"{'-':>{width}s}"
@@ -430,7 +612,13 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--gguf-dir", default="results/bench", help="where the f32 GGUFs are cached")
     ap.add_argument("--no-llamacpp", action="store_true", help="engine and torch only")
+    ap.add_argument("--no-batched", action="store_true", help="skip the batched rows (batch 8 and 32)")
+    ap.add_argument(
+        "--batched-only", action="store_true", help="only the full-size batched rows (no RSS, no single prompts)"
+    )
     args = ap.parse_args()
+    if args.batched_only:
+        args.no_rss = True
     tokens = args.tokens or ([128] if args.quick else [128, 512])
     repeats = args.repeats or (2 if args.quick else 5)
     tiny_dir = Path(args.tiny_dir)
@@ -552,9 +740,16 @@ def main() -> None:
     )
     fp32_full_128_2 = None
     for name, d in (("tiny", tiny_dir), ("fullsize", full_dir)):
+        if args.batched_only and name != "fullsize":
+            continue
         p = Trio(name, d, ggufs[name])
         res[f"{name}/load_s"] = {"engine_prepare_fp32": p.engine_load_s, "torch_load": p.torch_load_s}
         res[f"{name}/flops_per_forward"] = {f"T={T}": count_flops(p.cfg, T) for T in tokens}
+        if name == "fullsize" and not args.no_batched:
+            run_batched_rows(p, args.threads, max(1, repeats - 2), mhz, res)
+        if args.batched_only:
+            p.free()
+            continue
         print("\n" + hdr)
         reps = repeats * 4 if name == "tiny" else repeats
         for T in tokens:

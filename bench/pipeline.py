@@ -837,6 +837,27 @@ def markdown(res: dict) -> str:
             f"{fs['snakemake_wall_s']:.0f} s, report {fs['report']['snakemake_wall_s']:.0f} s; all jobs running at "
             f"once peaked at {fs['peak_jobs_rss_bytes'] / GB:.1f} GB."
         )
+    bb = res.get("fullsize_by_batch_size")
+    if bb:
+        first, last = min(bb, key=int), max(bb, key=int)
+        L.append("")
+        L.append(
+            "| full size, steady prompts/s by the model's batch_size | " + " | ".join(STAGES) + " | snakemake wall, s |"
+        )
+        L.append("|---" * (len(STAGES) + 2) + "|")
+        for bs, r in sorted(bb.items(), key=lambda kv: int(kv[0])):
+            L.append(
+                f"| batch_size {bs} | "
+                + " | ".join(fmt_rate(r[st]) for st in STAGES)
+                + f" | {r['snakemake_wall_s']:.0f} |"
+            )
+        a, b = bb[first]["dump_engine"], bb[last]["dump_engine"]
+        if a and b:
+            L.append("")
+            L.append(
+                f"dump_engine at full size: {a:.2f} -> {b:.2f} prompts/s (x{b / a:.2f}) "
+                f"from batch_size {first} to {last}."
+            )
     tg = res.get("targets", {})
     if tg:
         L.append("")
@@ -912,6 +933,13 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=None, help="prompts per shard (default 250; --quick 30)")
     ap.add_argument("--fullsize-prompts", type=int, default=None, help="full-size subset (default 32; --quick 3)")
     ap.add_argument("--skip-fullsize", action="store_true")
+    ap.add_argument("--skip-tiny", action="store_true", help="only the full-size runs")
+    ap.add_argument(
+        "--fullsize-batch-sizes",
+        default="1,16",
+        help="model batch_size of the full-size runs, one run each (default 1,16: dump stages before and after "
+        "batching; 16 is what config/config.yaml uses)",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     ap.add_argument("--out", default="results/bench/pipeline.json")
     ap.add_argument("--workdir", default="results/bench/pipeline", help="run directories (removed and rebuilt)")
@@ -970,7 +998,7 @@ def main() -> None:
     }
 
     tiny: dict = {}
-    for n in sizes:
+    for n in [] if args.skip_tiny else sizes:
         name = f"tiny-n{n}"
         tiny[name] = do_run(
             name,
@@ -984,32 +1012,48 @@ def main() -> None:
     res["tiny"] = tiny
 
     if not args.skip_fullsize:
-        from actdiff.models.fullsize import build_fullsize_random
+        run_fullsize(args, n_full, base, res)
 
-        t0 = time.perf_counter()
-        full_dir = build_fullsize_random(ROOT / args.fullsize_dir, seed=0, tokenizer_dir=TINY_DIR)
-        res["fullsize_build_or_reuse_s"] = time.perf_counter() - t0
+    res["loadavg_1_5_15_at_end"] = os.getloadavg()
+    finish(res, ROOT / args.out)
+
+
+def run_fullsize(args, n_full: int, base: Path, res: dict) -> None:
+    """The full-size subset once per batch size (``--fullsize-batch-sizes``, default 1 and 16: before and
+    after the engine batched its dump like the reference); res["fullsize"] is the largest batch size's run."""
+    from actdiff.models.fullsize import build_fullsize_random
+
+    t0 = time.perf_counter()
+    full_dir = build_fullsize_random(ROOT / args.fullsize_dir, seed=0, tokenizer_dir=TINY_DIR)
+    res["fullsize_build_or_reuse_s"] = time.perf_counter() - t0
+    by_batch: dict[str, dict] = {}
+    for bs in [int(b) for b in args.fullsize_batch_sizes.split(",")]:
         picked: list[str] = []
 
-        def subset(p: Path) -> int:
+        def subset(p: Path, picked=picked) -> int:
             picked[:] = write_subset_sheet(n_full, p)
             return len(picked)
 
         fs = do_run(
-            f"fullsize-n{n_full}",
+            f"fullsize-n{n_full}-b{bs}",
             "fullsize-random",
             {"path": str(full_dir)},
             subset,
-            1,
+            bs,
             max(n_full, 1),
             base,
             tokenize_probe=False,  # the tiny model's tokenizer, measured on the tiny runs
         )
         fs["prompt_ids"] = picked
-        res["fullsize"] = fs
-
-    res["loadavg_1_5_15_at_end"] = os.getloadavg()
-    finish(res, ROOT / args.out)
+        fs["batch_size"] = bs
+        by_batch[str(bs)] = fs
+    res["fullsize"] = by_batch[max(by_batch, key=int)]
+    if len(by_batch) > 1:
+        res["fullsize_by_batch_size"] = {
+            bs: {st: r["stages"][st]["steady_prompts_per_s"] for st in STAGES}
+            | {"snakemake_wall_s": r["snakemake_wall_s"]}
+            for bs, r in by_batch.items()
+        }
 
 
 def finish(res: dict, out: Path) -> None:

@@ -189,7 +189,13 @@ def test_conversion_refuses_wrong_architecture_and_outtype(setup, tmp_path):
     }))  # fmt: skip
     with pytest.raises(ModelError, match=r"config.json: llama.cpp's 'nomic-bert-moe' needs a NomicBERT-MoE config"):
         convert_to_gguf(str(bert), str(tmp_path / "y.gguf"), "f32")
-    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+    ntk = tmp_path / "ntk"
+    ntk.mkdir()
+    cfg = json.loads((setup["model_dir"] / "config.json").read_text())
+    (ntk / "config.json").write_text(json.dumps(cfg | {"rotary_scaling_factor": 2.0}))
+    with pytest.raises(ModelError, match=r"rotary_scaling_factor=2.0 \(dynamic NTK rotary scaling\) has no"):
+        convert_to_gguf(str(ntk), str(tmp_path / "z.gguf"), "f32")
+    assert not any((tmp_path / f"{n}.gguf").exists() for n in "xyz")
 
 
 # ------------------------------------------------------------------------------------ ctypes guard
@@ -455,3 +461,31 @@ def test_runner_without_capture_gives_the_same_embedding(setup, runner, token_id
             bare.forward(ids, ["ffn_moe_topk-1"])
     full = runner.forward(ids)
     np.testing.assert_array_equal(got["result_embd_pooled"], full["result_embd_pooled"])
+
+
+def test_packed_batch_equals_one_by_one(setup, token_ids):
+    """encode_batch (bench/engine.py's batched llama.cpp rows) packs prompts into one llama_batch, each with its
+    own seq_id: each prompt's pooled embedding equals its own forward up to summation order. Bound: a dot
+    product of length K summed in another order moves by <= K * eps32 relative in the worst case and about
+    sqrt(K) * eps32 typically; over n_layer layers of K <= n_inner that is n_layer * sqrt(n_inner) * eps32
+    typically, and the test allows 10x that (still far below any real error: a wrong seq_id mixes prompts,
+    an O(1) change)."""
+    from actdiff.errors import ActdiffError
+    from actdiff.llamacpp.capture import LlamaCppRunner
+    from actdiff.nodes import load_config_json
+
+    cfg = load_config_json(setup["model_dir"])
+    seqs = list(token_ids.values())[:4]
+    tol = 10 * cfg["n_layer"] * np.sqrt(cfg["n_inner"]) * np.finfo(np.float32).eps
+    with (
+        LlamaCppRunner(setup["gguf"], threads=1, capture_nodes=False) as one,
+        LlamaCppRunner(setup["gguf"], threads=1, capture_nodes=False, n_seq_max=4, n_ctx=2048) as packed,
+    ):
+        got = packed.encode_batch(seqs)
+        for b, ids in enumerate(seqs):
+            want = one.forward(ids)["result_embd_pooled"]
+            assert np.linalg.norm(got[b] - want) / np.linalg.norm(want) <= tol, (b, tol)
+        with pytest.raises(ActdiffError, match="n_seq_max 4"):
+            packed.encode_batch(seqs + seqs[:1])
+    with pytest.raises(ActdiffError, match="capture_nodes=False"):
+        LlamaCppRunner(setup["gguf"], n_seq_max=2)

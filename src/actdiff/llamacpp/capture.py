@@ -301,10 +301,25 @@ class LlamaCppRunner:
 
     ``capture_nodes=False`` (for timing, e.g. bench/engine.py): no eval callback is installed, so ggml runs
     the graph without calling into Python per node; :meth:`forward` then returns only
-    ``result_embd_pooled`` ``[H]`` (from ``llama_get_embeddings_seq``) and ``embd_normalized``."""
+    ``result_embd_pooled`` ``[H]`` (from ``llama_get_embeddings_seq``) and ``embd_normalized``.
 
-    def __init__(self, gguf_path: str | Path, threads: int = 1, n_ctx: int | None = None, capture_nodes: bool = True):
+    ``n_seq_max`` > 1 (with ``capture_nodes=False``): :meth:`encode_batch` runs up to that many prompts as
+    one llama_batch, llama.cpp's own way of batching: the sequences are packed one after another (no
+    padding), each with its own seq_id and positions from 0, and the attention mask keeps them apart.
+    ``n_ctx`` must then hold their total token count."""
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        threads: int = 1,
+        n_ctx: int | None = None,
+        capture_nodes: bool = True,
+        n_seq_max: int = 1,
+    ):
         self.gguf_path = str(gguf_path)
+        self.n_seq_max = int(n_seq_max)
+        if self.n_seq_max > 1 and capture_nodes:
+            raise ActdiffError("LlamaCppRunner: several sequences per batch (n_seq_max > 1) need capture_nodes=False")
         self.capture_nodes = bool(capture_nodes)
         if not Path(self.gguf_path).is_file():
             raise ModelError(f"{self.gguf_path}: GGUF file not found")
@@ -333,7 +348,7 @@ class LlamaCppRunner:
             self.n_ctx = int(n_ctx or self.n_ctx_train)
             cparams = lc.llama_context_default_params()
             cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = self.n_ctx  # an encoder needs one ubatch
-            cparams.n_seq_max = 1
+            cparams.n_seq_max = self.n_seq_max  # > 1: encode_batch packs that many prompts into one ubatch
             cparams.n_threads = cparams.n_threads_batch = self.threads
             cparams.embeddings = True
             cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -569,12 +584,45 @@ class LlamaCppRunner:
             self._ranks = {k: _rank_of(cap, k, v) for k, v in out.items()}
         return {k: self._shape(k, v) for k, v in out.items() if asked is None or k in asked}
 
+    def encode_batch(self, batch_ids: list[list[int]]) -> np.ndarray:
+        """Pooled embeddings ``[B, H]`` of several prompts run as one packed llama_batch (``n_seq_max`` >= B)."""
+        if self.ctx is None:
+            raise LlamaCppError(f"{self.gguf_path}: runner is closed")
+        seqs = [[int(i) for i in ids] for ids in batch_ids]
+        total = sum(len(s) for s in seqs)
+        if not seqs or min(len(s) for s in seqs) == 0:
+            raise ActdiffError("llama.cpp encode_batch: needs one or more non-empty token lists")
+        if len(seqs) > self.n_seq_max or total > self.n_ctx:
+            raise ActdiffError(
+                f"llama.cpp encode_batch: {len(seqs)} prompts / {total} tokens exceed the runner's n_seq_max "
+                f"{self.n_seq_max} / n_ctx {self.n_ctx} ({self.gguf_path})"
+            )
+        lc = self.lc
+        batch = lc.llama_batch_init(total, 0, 1)
+        try:
+            batch.n_tokens = total
+            i = 0
+            for seq, ids in enumerate(seqs):
+                for pos, tok in enumerate(ids):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, 1
+                    batch.seq_id[i][0] = seq
+                    i += 1
+            status = int(lc.llama_encode(self.ctx, batch))
+        finally:
+            lc.llama_batch_free(batch)
+        if status != 0:
+            raise _fail(f"{self.gguf_path}: llama_encode failed on {len(seqs)} prompts, {total} tokens", status)
+        return np.stack([self._pooled_of(seq) for seq in range(len(seqs))])
+
     # ------------------------------------------------------------------ no node capture (capture_nodes=False)
-    def _pooled_only(self, asked: set[str] | None) -> dict:
-        ptr = self.lc.llama_get_embeddings_seq(self.ctx, 0)
+    def _pooled_of(self, seq: int) -> np.ndarray:
+        ptr = self.lc.llama_get_embeddings_seq(self.ctx, seq)
         if not ptr:
-            raise _fail(f"{self.gguf_path}: llama_get_embeddings_seq returned NULL")
-        pooled = np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
+            raise _fail(f"{self.gguf_path}: llama_get_embeddings_seq({seq}) returned NULL")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
+
+    def _pooled_only(self, asked: set[str] | None) -> dict:
+        pooled = self._pooled_of(0)
         out = {"result_embd_pooled": pooled, "embd_normalized": _embd_normalize(pooled)}
         return {k: v for k, v in out.items() if asked is None or k in asked}
 

@@ -45,6 +45,14 @@ def expected_metadata(config: dict, source: str = "config.json") -> dict[str, tu
             f"{source}: llama.cpp's '{GGUF_ARCH}' needs a NomicBERT-MoE config (architectures NomicBertModel with "
             f"moe_every_n_layers > 0); got arch {d.arch!r}, moe_every_n_layers={d.moe_every_n_layers}"
         )
+    if d.rotary_scaling_factor:
+        # llama.cpp's nomic-bert-moe graph rotates with one fixed base: a GGUF of this checkpoint would compute
+        # another model beyond max_trained_positions, so it is refused rather than converted
+        raise ModelError(
+            f"{source}: rotary_scaling_factor={config['rotary_scaling_factor']} (dynamic NTK rotary scaling) has no "
+            "counterpart in llama.cpp's nomic-bert-moe graph; remove the key (or compare this model without the "
+            "llama.cpp engine)"
+        )
     npos, mtp = int(config.get("n_positions", 0)), int(config.get("max_trained_positions", 2048))
     if (npos, mtp) not in _CONTEXT_RULE:
         raise ModelError(
