@@ -30,7 +30,7 @@ try:
 except ConfigError as e:
     sys.exit(f"actdiff: {e}")
 if SKIPPED_WHY:
-    print(f"actdiff: NOTE: the llamacpp engine is skipped: {SKIPPED_WHY}", file=sys.stderr)
+    print(f"actdiff: NOTE: {SKIPPED_WHY}", file=sys.stderr)
 ENGINES = list(USABLE_ENGINES)
 IMPORTED = [n for n, s in ENGINE_SPECS.items() if s.kind == IMPORT]  # outside engines, dumped by rule dump_import
 IMPORTED_RE = "|".join(IMPORTED) or "(?!x)x"  # that rule's {side}; matches nothing when there are none

@@ -15,6 +15,9 @@ from __future__ import annotations
 import importlib.util
 
 INSTALL = "pip install -e '.[onnxruntime]'"
+# the ORT variants (actdiff.onnxrt.variants makes their model files); actdiff.variants asks this tuple which
+# precisions the onnxruntime engine runs, so a new variant is added here only
+VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 
 
 def available() -> tuple[bool, str]:
@@ -30,4 +33,4 @@ def available() -> tuple[bool, str]:
     return True, f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}"
 
 
-__all__ = ["INSTALL", "available"]
+__all__ = ["INSTALL", "VARIANTS", "available"]

@@ -19,11 +19,11 @@ from pathlib import Path
 from ..atomic import atomic_path
 from ..errors import ActdiffError
 from ..nodes import INPUT_IDS
+from . import VARIANTS
 from .export import INPUT_MASK
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 STATIC_OPS = ("MatMul",)  # the ops int8-static quantises (activations and weights)
 
 
