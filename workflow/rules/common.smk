@@ -14,6 +14,7 @@ from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
 from actdiff.prompts import n_shards_for
 from actdiff.sides.configured import IMPORT, configured_runs, engine_specs, usable_engines
 from actdiff.report.render import REPORTS_DIR
+from actdiff.onnxrt import VARIANTS as ONNXRUNTIME_VARIANTS
 from actdiff.variants import VARIANT_RE
 
 

@@ -20,7 +20,7 @@ from ..errors import ModelError
 from ..nodes import Graph
 from .capture import LEVELS, OrtCapture, pad_batch
 from .export import META_EXPORTER, META_FORMULATION, exported_nodes
-from .variants import check_variant
+from .variants import META_CALIBRATION, check_variant
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class OnnxRuntimeSide:
             "fused_away": json.dumps(self.capture.fused),
             "aliases": json.dumps(self.capture.aliases),
             "missing_nodes": json.dumps(list(self.missing_nodes)),
+            "calibration": self.meta.get(META_CALIBRATION, "none"),
         }
 
     def _run_batch(self, batch_ids: list[list[int]]) -> list[dict[str, np.ndarray]]:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from .export import INPUT_MASK
 
 log = logging.getLogger(__name__)
 
+META_CALIBRATION = "actdiff.calibration"  # int8-static: the prompts its activation ranges were calibrated on
 STATIC_OPS = ("MatMul",)  # the ops int8-static quantises (activations and weights)
 
 
@@ -78,7 +80,18 @@ def activation_matmuls(model_path: Path) -> list[str]:
     return [n.name for n in g.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
 
 
-def make_int8_static(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence[int]]) -> None:
+def _add_metadata(path: Path, items: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in items.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx.save(proto, str(path))
+
+
+def make_int8_static(fp32_path: Path, out_path: Path, calibration: Sequence[Sequence[int]],
+                     calibration_ids: Sequence[str] = ()) -> None:  # fmt: skip
+    """``calibration_ids``: the prompt ids of ``calibration``, recorded in the model (META_CALIBRATION)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     if not calibration:
@@ -98,13 +111,15 @@ def make_int8_static(fp32_path: Path, out_path: Path, calibration: Sequence[Sequ
             activation_type=QuantType.QUInt8,  # asymmetric u8 activations, s8 weights: ORT's x86 CPU format
             weight_type=QuantType.QInt8,
         )
+        _add_metadata(tmp, {META_CALIBRATION: json.dumps({"prompts": list(calibration_ids), "n": len(calibration)})})
 
 
-def make_variant(fp32_path: str | Path, out_dir: str | Path, variant: str, calibration=()) -> Path:
-    """The model file of ``variant`` under ``out_dir`` (made from the fp32 export ``fp32_path``)."""
-    fp32_path, out = Path(fp32_path), variant_path(out_dir, variant)
+def write_variant(fp32_path: str | Path, out: str | Path, variant: str, calibration=(), calibration_ids=()) -> Path:
+    """The model file of ``variant`` at ``out`` (made from the fp32 export ``fp32_path``; int8-static calibrated
+    on the token id lists ``calibration``, whose prompt ids ``calibration_ids`` it records)."""
+    fp32_path, out = Path(fp32_path), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if variant == "fp32":
+    if check_variant(variant) == "fp32":
         with atomic_path(out) as tmp:
             shutil.copyfile(fp32_path, tmp)
     elif variant == "fp16":
@@ -112,6 +127,11 @@ def make_variant(fp32_path: str | Path, out_dir: str | Path, variant: str, calib
     elif variant == "int8-dynamic":
         make_int8_dynamic(fp32_path, out)
     else:
-        make_int8_static(fp32_path, out, calibration)
+        make_int8_static(fp32_path, out, calibration, calibration_ids)
     log.info("onnxruntime: wrote %s (%s)", out, variant)
     return out
+
+
+def make_variant(fp32_path: str | Path, out_dir: str | Path, variant: str, calibration=()) -> Path:
+    """The model file of ``variant`` under ``out_dir`` (made from the fp32 export ``fp32_path``)."""
+    return write_variant(fp32_path, variant_path(out_dir, variant), variant, calibration)
