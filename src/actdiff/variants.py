@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
-
 from .onnxrt import VARIANTS as ONNXRUNTIME_VARIANTS  # owned by the onnxrt package (importing it imports no ORT)
 
 # what each engine can run (q8_0 is llama.cpp's GGUF block format; int8-dynamic and int8-static ORT's
