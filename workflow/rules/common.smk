@@ -140,6 +140,18 @@ def import_inputs(wildcards):
     return out
 
 
+ORT_DERIVED = "|".join(v for v in ONNXRUNTIME_VARIANTS if v != "fp32")  # what onnx_variant makes from the fp32 export
+
+
+def onnx_variant_inputs(wildcards):
+    """The fp32 export every other ORT variant is made from; int8-static also reads shard 0's token ids, its
+    first onnxruntime.calibration_prompts prompts being its calibration set."""
+    out = {"fp32": L.onnx_model(wildcards.model, "fp32")}
+    if wildcards.variant == "int8-static":
+        out["tokens"] = L.tokens(wildcards.model, 0)
+    return out
+
+
 def side_records(wildcards):
     """What a report shows about where a side's dumps came from: an imported engine's per-shard records."""
     if wildcards.side not in IMPORTED:

@@ -1,15 +1,3 @@
-ORT_DERIVED = "|".join(v for v in ONNXRUNTIME_VARIANTS if v != "fp32")  # made from the fp32 export
-
-
-def onnx_variant_inputs(wildcards):
-    """The fp32 export every other ORT variant is made from; int8-static also reads shard 0's token ids, its
-    first onnxruntime.calibration_prompts prompts being its calibration set."""
-    out = {"fp32": L.onnx_model(wildcards.model, "fp32")}
-    if wildcards.variant == "int8-static":
-        out["tokens"] = L.tokens(wildcards.model, 0)
-    return out
-
-
 rule export_onnx:
     """Export the fp32 reference to ONNX (torch.onnx; every canonical node a named value, the MoE as its
     dense-gather formulation): onnxruntime's fp32 model (actdiff.onnxrt.export)."""
