@@ -265,11 +265,15 @@ def test_side_dump_writes_fused_nodes_as_placeholders(case, tmp_path):
 # ------------------------------------------------------------------------------------------------ variants
 @pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-dynamic", "int8-static"])
 def test_variant_embedding_cosine(case, variant, tmp_path):
-    from actdiff.onnxrt.variants import make_variant
+    from actdiff.onnxrt.variants import write_variant
 
-    path = make_variant(case["onnx"], tmp_path, variant, calibration=case["ids"][CALIBRATION])
+    calibration = case["ids"][CALIBRATION]
+    ids = [f"calib-{i}" for i in range(len(calibration))]
+    path = write_variant(case["onnx"], tmp_path / "model.onnx", variant, calibration, ids)
     assert path.is_file() and not list(tmp_path.glob(".*.tmp-*"))  # renamed into place, no temporary left
     side = _side(case, variant, path, "disable")
+    recorded = side.provenance()["calibration"]  # the calibration prompts travel with the model into the dumps
+    assert recorded == (json.dumps({"prompts": ids, "n": len(ids)}) if variant == "int8-static" else "none")
     cos = _embedding_cosines(_forward(side, case["eval"]), case["ref"])
     aliases = len(side.capture.aliases)
     side.close()
