@@ -8,6 +8,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 LLAMACPP_STAMP := $(VENV)/.installed-llamacpp
+ONNXRUNTIME_STAMP := $(VENV)/.installed-onnxruntime
 # llama-cpp-python is built from source by pip (PyPI has no wheel); LLaVA/mtmd is not needed
 LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF
 TORCH_VERSION := 2.13.0
@@ -19,7 +20,7 @@ SNAKEMAKE_ARGS ?=
 KERNEL_SOURCES := $(wildcard kernels_c/src/*.c kernels_c/include/*.h src/actdiff/kernels/_build.py setup.py)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-llamacpp report test test-python test-isa test-c browser lint clean
+.PHONY: setup setup-llamacpp setup-onnxruntime report test test-python test-isa test-c browser lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +33,15 @@ $(LLAMACPP_STAMP): $(STAMP)
 	$(BIN)/python -c 'import sys, actdiff.llamacpp as l; ok, why = l.available(); print(why); sys.exit(not ok)'
 	@touch $(LLAMACPP_STAMP)
 
+# the optional ONNX Runtime engine (issue 17: onnxruntime, onnx, onnxscript wheels); with llamacpp in the same
+# pip call, so one resolution keeps both extras
+setup-onnxruntime: $(ONNXRUNTIME_STAMP)
+
+$(ONNXRUNTIME_STAMP): $(LLAMACPP_STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/pip install -e '.[test,llamacpp,onnxruntime]'
+	$(BIN)/python -c 'import sys, actdiff.onnxrt as o; ok, why = o.available(); print(why); sys.exit(not ok)'
+	@touch $(ONNXRUNTIME_STAMP)
+
 $(STAMP): pyproject.toml $(KERNEL_SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "$(TORCH_VERSION)")' 2>/dev/null \
@@ -42,9 +52,10 @@ $(STAMP): pyproject.toml $(KERNEL_SOURCES)
 
 report: setup
 	@$(BIN)/python -c 'import actdiff.llamacpp as l; ok, why = l.available(); print("actdiff: llama.cpp engine " + ("included (" + why + ")" if ok else "NOT included: " + why))'
+	@$(BIN)/python -c 'import actdiff.onnxrt as o; ok, why = o.available(); print("actdiff: ONNX Runtime engine " + ("installed (" + why + "): runs when config engines lists onnxruntime (README)" if ok else "NOT installed: " + why))'
 	$(BIN)/actdiff run --cores $(CORES) --resources mem_mb=$(MEM_MB) $(SNAKEMAKE_ARGS)
 
-test: setup setup-llamacpp browser test-c test-python test-isa
+test: setup setup-llamacpp setup-onnxruntime browser test-c test-python test-isa
 
 # headless Chromium for the report test (Debian's package; Playwright drives it, it never downloads a browser)
 browser:
@@ -57,7 +68,7 @@ test-c:
 
 # under `make test` the optional parts must be there: their tests fail instead of skipping
 test-python:
-	ACTDIFF_REQUIRE_LLAMACPP=1 ACTDIFF_REQUIRE_SLURM=1 $(BIN)/python -m pytest --durations=15
+	ACTDIFF_REQUIRE_LLAMACPP=1 ACTDIFF_REQUIRE_ONNXRUNTIME=1 ACTDIFF_REQUIRE_SLURM=1 $(BIN)/python -m pytest --durations=15
 
 # Every C kernel path this CPU runs besides the one the main run used (README: CPU requirements): the tests
 # marked isa_paths (the kernel op suite, the determinism tests, the engine's fp32 parity on the CI prompts, the

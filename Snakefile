@@ -2,7 +2,7 @@
 #
 # Path scheme (owned by actdiff.layout.Layout: rules and Python ask it for paths; tests/test_layout.py keeps
 # these lines equal to Layout().scheme_lines()). {side} is "reference" or an engine name such as "actdiff",
-# "llamacpp" or an imported engine's (config engines: {name, kind: import}); the reference always runs at
+# "llamacpp", "onnxruntime" or an imported engine's (config engines: {name, kind: import}); the reference always runs at
 # variant fp32; tables: actdiff.tables.
 #   resources/models/{model}/                                               generated models (config.json, weights, tokenizer.json)
 #   results/prompts/shard-{shard}.parquet                                   prompt sheet split by stable hash of prompt_id
@@ -11,6 +11,7 @@
 #   results/{model}/tokens/shard-{shard}.parquet                            token ids, reference and engine tokenizers
 #   results/{model}/{side}/{variant}/activations/shard-{shard}.h5           per-node dumps (docs/formats.md)
 #   results/{model}/{side}/{variant}/model.gguf                             llama.cpp's GGUF of the variant
+#   results/{model}/onnxruntime/{variant}/model.onnx                        ONNX Runtime's model of the variant
 #   results/{model}/{side}/{variant}/import/shard-{shard}.json              an imported engine's provenance and alignment
 #   results/{model}/{side}/{variant}/stats/shard-{shard}/{table}.parquet    shard tables (actdiff.tables)
 #   results/{model}/{side}/{variant}/summary/{table}.parquet                summary tables (actdiff.tables)
@@ -45,6 +46,7 @@ include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/reference.smk"
 include: "workflow/rules/engine.smk"
 include: "workflow/rules/llamacpp.smk"
+include: "workflow/rules/onnxruntime.smk"
 include: "workflow/rules/imported.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/report.smk"

@@ -90,11 +90,12 @@ def load(
     resources_dir: str | Path | None = None,
     **options,
 ) -> Model:
-    """``model`` (a directory or an embedded default's name) on ``side`` ("reference", "actdiff", "llamacpp")
-    at ``variant`` ("fp32", "int8", "fp32+fault=gelu_tanh", ...). ``max_length``: the default truncation of
-    texts (None: the model's own limit). ``batch_size``/``threads`` go to the sides that take them; other
-    ``options`` to the side as the pipeline passes them (reference: impl, allow_pickle; engines: engine_ids;
-    llamacpp: gguf, else the model is converted once into :func:`cache_dir`)."""
+    """``model`` (a directory or an embedded default's name) on ``side`` ("reference", "actdiff", "llamacpp",
+    "onnxruntime") at ``variant`` ("fp32", "int8", "fp32+fault=gelu_tanh", "int8-dynamic", ...).
+    ``max_length``: the default truncation of texts (None: the model's own limit). ``batch_size``/``threads``
+    go to the sides that take them; other ``options`` to the side as the pipeline passes them (reference:
+    impl, allow_pickle; engines: engine_ids; llamacpp: gguf, else the model is converted once into
+    :func:`cache_dir`; onnxruntime: model_file, level, else the model is exported once into :func:`cache_dir`)."""
     from .sides import _factory
     from .variants import resolve_variant
 
@@ -107,6 +108,8 @@ def load(
         options.setdefault("engine_ids", "own")  # the engine's own tokenizer, not transformers
     if side == "llamacpp" and "gguf" not in options:
         options["gguf"] = _gguf_for(record, variant)
+    if side == "onnxruntime" and "model_file" not in options:
+        options["model_file"] = _onnx_for(record, str(variant))
     for key, value in (("batch_size", batch_size), ("threads", threads)):
         if value is not None and _accepts(side, key):
             options.setdefault(key, value)
@@ -132,6 +135,30 @@ def _gguf_for(record: ModelRecord, variant: str) -> str:
 
         out.parent.mkdir(parents=True, exist_ok=True)
         convert_record_gguf(record, str(variant), str(out))
+    return str(out)
+
+
+def _onnx_for(record: ModelRecord, variant: str) -> str:
+    """The model exported to ONNX (the pipeline's export and variants), once per weights and variant; int8-static
+    needs calibration prompts, so it is made by the pipeline or actdiff.onnxrt.variants and passed as model_file."""
+    from .onnxrt import available
+    from .onnxrt.variants import check_variant, write_variant
+
+    ok, why = available()
+    if not ok:
+        raise ActdiffError(f"side onnxruntime for {record.dir}: {why}")
+    if check_variant(variant) == "int8-static":
+        raise ActdiffError("side onnxruntime at int8-static: pass model_file= (a calibrated model: the "
+                           "pipeline's results/{model}/onnxruntime/int8-static/model.onnx, or actdiff.onnxrt.variants)")
+    out = cache_dir() / "onnx" / f"{record.name}-{record.weights_sha256[:16]}-{variant}.onnx"
+    fp32 = out.with_name(f"{record.name}-{record.weights_sha256[:16]}-fp32.onnx")
+    if not fp32.is_file():  # keyed on the weights' sha256; the side checks its node list against the graph
+        from .onnxrt.export import export_model
+
+        fp32.parent.mkdir(parents=True, exist_ok=True)
+        export_model(record.dir, fp32)
+    if not out.is_file():
+        write_variant(fp32, out, variant)
     return str(out)
 
 

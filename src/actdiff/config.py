@@ -64,7 +64,7 @@ def validate_config(config: dict, schema_path: str | Path | None = None, source:
 
     lists = [("variants", config.get("variants", []), "actdiff")]
     lists += [(f"models.{m}.variants", c.get("variants", []), "actdiff") for m, c in config.get("models", {}).items()]
-    lists += [("llamacpp.variants", config.get("llamacpp", {}).get("variants", []), "llamacpp")]
+    lists += [(f"{e}.variants", config.get(e, {}).get("variants", []), e) for e in ("llamacpp", "onnxruntime")]
     for key, variants, engine in lists:
         for i, v in enumerate(variants):
             try:

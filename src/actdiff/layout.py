@@ -5,8 +5,8 @@ benchmarks ask a :class:`Layout` for paths; nothing else spells them. Arguments 
 (``"{model}"``), so one method gives both a rule's pattern and a concrete path. The Snakefile's header lists
 :meth:`Layout.scheme` (tests/test_layout.py keeps the two in step).
 
-``side`` is ``reference`` or an engine's name (``actdiff``, ``llamacpp``, an imported engine's name); the
-reference always runs at variant ``fp32``.
+``side`` is ``reference`` or an engine's name (``actdiff``, ``llamacpp``, ``onnxruntime``, an imported engine's
+name); the reference always runs at variant ``fp32``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ class Layout:
     def artifact(self, model, side, variant, name: str) -> str:
         """A side's own build product for a variant (llama.cpp's GGUF)."""
         return f"{self.run_dir(model, side, variant)}/{name}"
+
+    def onnx_model(self, model, variant) -> str:
+        """ONNX Runtime's model file of a variant (actdiff.onnxrt.variants); fp32's is the export itself, the
+        others are made from it."""
+        return self.artifact(model, "onnxruntime", variant, "model.onnx")
 
     def import_record(self, model, side, variant, shard) -> str:
         """What an imported side's shard came from: engine, mapping, source or command, alignment (JSON)."""
@@ -129,6 +134,7 @@ class Layout:
             (self.tokens("{model}", "{shard}"), "token ids, reference and engine tokenizers"),
             (self.activations(*w, "{shard}"), "per-node dumps (docs/formats.md)"),
             (self.artifact(*w, "model.gguf"), "llama.cpp's GGUF of the variant"),
+            (self.onnx_model("{model}", "{variant}"), "ONNX Runtime's model of the variant"),
             (self.import_record(*w, "{shard}"), "an imported engine's provenance and alignment"),
             (self.stats(*w, "{shard}", "{table}"), "shard tables (actdiff.tables)"),
             (self.summary(*w, "{table}"), "summary tables (actdiff.tables)"),

@@ -293,3 +293,38 @@ def llamacpp_parity(model_json: str, gguf: str, out_config: str) -> None:
     write_json_atomic(out_config, rows)
     bad = {k: (v["config"], v["engine"]) for k, v in rows.items() if not v["match"]}
     log.info("llama.cpp config parity: values differing from config.json (config, llama.cpp): %s", bad or "none")
+
+
+# ---------------------------------------------------------------- ONNX Runtime (optional extra)
+def export_onnx(model_json: str, out: str) -> None:
+    """The fp32 reference exported to ONNX (actdiff.onnxrt.export): onnxruntime's fp32 model, and the source
+    of every other ORT variant."""
+    from .nodes import ARCH_BERT, ARCH_NOMIC_MOE
+    from .onnxrt.export import export_model
+
+    record = ModelRecord.load(model_json)
+    if record.arch not in (ARCH_NOMIC_MOE, ARCH_BERT):
+        raise ModelError(f"{record.dir}: the onnxruntime engine exports {ARCH_NOMIC_MOE} and {ARCH_BERT} models, not "
+                         f"{record.arch}; leave onnxruntime out of models.{record.name}.engines")  # fmt: skip
+    t0 = time.perf_counter()
+    meta = export_model(record.dir, out)
+    log.info("exported %s to %s in %.1f s: %s", record.dir, out, time.perf_counter() - t0, meta)
+
+
+def onnx_variant(fp32: str, variant: str, out: str, tokens: str | None = None, calibration_prompts: int = 4) -> None:
+    """An ORT variant's model file made from the fp32 export (actdiff.onnxrt.variants). int8-static is
+    calibrated on the first ``calibration_prompts`` prompts of ``tokens`` (the reference's ids), recorded in
+    the model's metadata and the dumps' provenance; they stay in the comparison."""
+    from .onnxrt.variants import write_variant
+    from .sides.dump import ids_column, read_token_items
+
+    calibration = []
+    if variant == "int8-static":
+        if tokens is None:
+            raise ModelError(f"{out}: int8-static needs the tokens of its calibration prompts")
+        calibration = read_token_items(tokens, ids_column("reference"))[:calibration_prompts]
+    t0 = time.perf_counter()
+    ids = [pid for pid, _ in calibration]
+    write_variant(fp32, out, variant, [x for _, x in calibration], ids)
+    log.info("made %s (%s) in %.1f s%s", out, variant, time.perf_counter() - t0,
+             f"; calibrated on {', '.join(ids)} ({tokens})" if ids else "")  # fmt: skip

@@ -1,7 +1,8 @@
 """Variant grammar: ``precision[+fault=name[:param]]``.
 
 A variant says how the engine side runs: the precision policy (``fp32``, ``fp16``, ``bf16``,
-``int8``, ``fp16-act``) and optionally one deliberate fault, for example ``fp32+fault=gelu_tanh``
+``int8``, ``fp16-act``; llama.cpp's ``q8_0``; ONNX Runtime's ``int8-dynamic`` and ``int8-static``) and
+optionally one deliberate fault, for example ``fp32+fault=gelu_tanh``
 or ``fp32+fault=ln_eps:1e-2``. The reference side always runs at ``fp32`` with no fault.
 
 The same regular expression is used as the Snakemake ``wildcard_constraints`` for ``{variant}``.
@@ -13,10 +14,16 @@ import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .onnxrt import VARIANTS as ONNXRUNTIME_VARIANTS  # owned by the onnxrt package (importing it imports no ORT)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp16-act", "q8_0")
-# what each engine can run (q8_0 is llama.cpp's GGUF block format; faults exist only in our engine)
-ENGINE_PRECISIONS = {"actdiff": ("fp32", "fp16", "bf16", "int8", "fp16-act"), "llamacpp": ("fp32", "fp16", "q8_0")}
+# what each engine can run (q8_0 is llama.cpp's GGUF block format; int8-dynamic and int8-static ORT's
+# quantisations; faults exist only in our engine)
+ENGINE_PRECISIONS = {
+    "actdiff": ("fp32", "fp16", "bf16", "int8", "fp16-act"),
+    "llamacpp": ("fp32", "fp16", "q8_0"),
+    "onnxruntime": ONNXRUNTIME_VARIANTS,
+}
+PRECISIONS = tuple(dict.fromkeys(p for ps in ENGINE_PRECISIONS.values() for p in ps))  # every engine's, once
 REFERENCE_VARIANT = "fp32"
 
 _PRECISION_RE = "|".join(re.escape(p) for p in sorted(PRECISIONS, key=len, reverse=True))

@@ -14,6 +14,7 @@ from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
 from actdiff.prompts import n_shards_for
 from actdiff.sides.configured import IMPORT, configured_runs, engine_specs, usable_engines
 from actdiff.report.render import REPORTS_DIR
+from actdiff.onnxrt import VARIANTS as ONNXRUNTIME_VARIANTS
 from actdiff.variants import VARIANT_RE
 
 
@@ -30,7 +31,7 @@ try:
 except ConfigError as e:
     sys.exit(f"actdiff: {e}")
 if SKIPPED_WHY:
-    print(f"actdiff: NOTE: the llamacpp engine is skipped: {SKIPPED_WHY}", file=sys.stderr)
+    print(f"actdiff: NOTE: {SKIPPED_WHY}", file=sys.stderr)
 ENGINES = list(USABLE_ENGINES)
 IMPORTED = [n for n, s in ENGINE_SPECS.items() if s.kind == IMPORT]  # outside engines, dumped by rule dump_import
 IMPORTED_RE = "|".join(IMPORTED) or "(?!x)x"  # that rule's {side}; matches nothing when there are none
@@ -136,6 +137,18 @@ def import_inputs(wildcards):
     out = {"mapping": spec.mapping} if spec.mapping else {}
     if spec.source is not None:
         out["source"] = str(spec.source_dir(wildcards.model, wildcards.shard, wildcards.variant))
+    return out
+
+
+ORT_DERIVED = "|".join(v for v in ONNXRUNTIME_VARIANTS if v != "fp32")  # what onnx_variant makes from the fp32 export
+
+
+def onnx_variant_inputs(wildcards):
+    """The fp32 export every other ORT variant is made from; int8-static also reads shard 0's token ids, its
+    first onnxruntime.calibration_prompts prompts being its calibration set."""
+    out = {"fp32": L.onnx_model(wildcards.model, "fp32")}
+    if wildcards.variant == "int8-static":
+        out["tokens"] = L.tokens(wildcards.model, 0)
     return out
 
 

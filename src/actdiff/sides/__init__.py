@@ -1,7 +1,7 @@
 """Sides: everything that produces activations over token ids, behind one protocol.
 
-A side is the reference (HuggingFace/PyTorch), our engine (C kernels), llama.cpp, an imported dump, or the
-next engine. Each implements :class:`actdiff.sides.base.Side` (its graph, its provenance attributes, a
+A side is the reference (HuggingFace/PyTorch), our engine (C kernels), llama.cpp, ONNX Runtime, an imported
+dump, or the next engine. Each implements :class:`actdiff.sides.base.Side` (its graph, its provenance attributes, a
 forward over token ids; optionally a replay of one node on given inputs and a forced-routing MoE forward),
 and :func:`actdiff.sides.dump.dump_shard` writes any of them to the HDF5 layout. The comparison reads dumps
 and asks :func:`open_replay` for a side's replay; it never imports a concrete engine. :class:`actdiff.api.Model`
@@ -22,6 +22,8 @@ SIDES = {
     "reference": "actdiff.sides.reference:ReferenceSide",
     "actdiff": "actdiff.sides.engine:EngineSide",
     "llamacpp": "actdiff.llamacpp.side:LlamaCppSide",
+    # options: model_file (a variant's ONNX file, actdiff.onnxrt.variants), level, threads, batch_size
+    "onnxruntime": "actdiff.onnxrt.side:OnnxRuntimeSide",
 }
 
 

@@ -1,6 +1,6 @@
 """The engines a config compares with the reference (config key ``engines``), as one :class:`EngineSpec` each.
 
-An entry is a built-in engine by name (``actdiff``, ``llamacpp``: its kind is its name) or an outside
+An entry is a built-in engine by name (``actdiff``, ``llamacpp``, ``onnxruntime``: its kind is its name) or an outside
 engine of kind ``import``::
 
     engines:
@@ -26,7 +26,10 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..variants import VARIANT_RE
 
-BUILTIN = ("actdiff", "llamacpp")  # engines that run here; their kind is their name
+BUILTIN = ("actdiff", "llamacpp", "onnxruntime")  # engines that run here; their kind is their name
+# built-in engines behind an optional extra: the package whose available() says whether it runs here; each
+# has a config block of its own name with variants and required (and onnxruntime enabled)
+OPTIONAL = {"llamacpp": "actdiff.llamacpp", "onnxruntime": "actdiff.onnxrt"}
 IMPORT = "import"
 RESERVED = ("reference", *BUILTIN)
 NAME_RE = r"[a-z][a-z0-9_]*"
@@ -37,8 +40,8 @@ SOURCE_FIELDS = ("model", "shard", "variant")
 @dataclass(frozen=True)
 class EngineSpec:
     name: str
-    kind: str  # "actdiff" | "llamacpp" | "import"
-    variants: tuple[str, ...] | None = None  # None: the kind's own list (config variants / llamacpp.variants)
+    kind: str  # "actdiff" | "llamacpp" | "onnxruntime" | "import"
+    variants: tuple[str, ...] | None = None  # None: the kind's own list (variants / llamacpp / onnxruntime)
     mapping: str | None = None
     source: str | None = None
     command: str | None = None
@@ -114,27 +117,38 @@ def engine_specs(entries: list) -> dict[str, EngineSpec]:
     return out
 
 
-def usable_engines(cfg: dict, specs: dict[str, EngineSpec]) -> tuple[dict[str, EngineSpec], str | None]:
-    """(the engines that can run here, why llamacpp was skipped or None): llamacpp only when llama-cpp-python
-    is installed; a ConfigError when it is required (``llamacpp.required``) and missing."""
-    if "llamacpp" not in specs:
-        return dict(specs), None
-    from ..llamacpp import available
+def _unusable(cfg: dict, kind: str) -> str | None:
+    """Why an optional engine does not run here (None: it does): turned off (``{kind}.enabled: false``), or not
+    installed, which is a ConfigError when ``{kind}.required`` is set."""
+    import importlib
 
-    ok, why = available()
+    block = cfg.get(kind, {})
+    if not block.get("enabled", True):
+        return f"{kind}.enabled is false"
+    ok, why = importlib.import_module(OPTIONAL[kind]).available()
     if ok:
-        return dict(specs), None
-    if cfg["llamacpp"]["required"]:
-        raise ConfigError(f"the llamacpp engine is required (llamacpp.required) but unavailable: {why}")
-    return {n: s for n, s in specs.items() if n != "llamacpp"}, why
+        return None
+    if block.get("required", False):
+        raise ConfigError(f"the {kind} engine is required ({kind}.required) but unavailable: {why}")
+    return why
+
+
+def usable_engines(cfg: dict, specs: dict[str, EngineSpec]) -> tuple[dict[str, EngineSpec], str | None]:
+    """(the engines that can run here, why engines were skipped or None): llamacpp only when llama-cpp-python is
+    installed, onnxruntime only when onnxruntime and onnx are (and ``onnxruntime.enabled``); a ConfigError when
+    one is required (``llamacpp.required``, ``onnxruntime.required``) and missing."""
+    skipped = {k: _unusable(cfg, k) for k in OPTIONAL if k in specs}
+    skipped = {k: why for k, why in skipped.items() if why is not None}
+    usable = {n: s for n, s in specs.items() if n not in skipped}
+    return usable, "; ".join(f"the {k} engine is skipped: {why}" for k, why in skipped.items()) or None
 
 
 def engine_variants(cfg: dict, model: str, spec: EngineSpec) -> list[str]:
-    """An engine's variants by its kind: the model's own list or the global one (actdiff), llamacpp.variants,
-    or the import entry's."""
+    """An engine's variants by its kind: the model's own list or the global one (actdiff), the engine's config
+    block (llamacpp.variants, onnxruntime.variants), or the import entry's."""
     if spec.kind == "actdiff":
         return [str(v) for v in cfg["models"][model].get("variants", cfg["variants"])]
-    return [str(v) for v in (cfg["llamacpp"]["variants"] if spec.kind == "llamacpp" else spec.variants)]
+    return [str(v) for v in (cfg[spec.kind]["variants"] if spec.kind in OPTIONAL else spec.variants)]
 
 
 def configured_runs(cfg: dict, engines: dict[str, EngineSpec]) -> list[tuple[str, str, str]]:

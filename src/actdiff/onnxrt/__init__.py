@@ -1,0 +1,36 @@
+"""ONNX Runtime as a third engine (issue 17): the only package that knows ORT by name.
+
+- :mod:`.export`: the fp32 reference -> ONNX (torch.onnx), every canonical node a named value;
+- :mod:`.capture`: ORT CPU sessions at optimisation level disable/basic/all, every surviving node exposed
+  as a graph output ("mark all"), the nodes ORT's fusions removed and the fused op that absorbed each;
+- :mod:`.variants`: fp32, fp16, int8-dynamic and int8-static (QDQ) model files;
+- :mod:`.side`: the Side (actdiff.sides.base) producing every canonical node.
+
+Importing this package does not import ``onnxruntime`` (the extra is optional); :func:`available` says
+whether it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+INSTALL = "pip install -e '.[onnxruntime]'"
+# the ORT variants (actdiff.onnxrt.variants makes their model files); actdiff.variants asks this tuple which
+# precisions the onnxruntime engine runs, so a new variant is added here only
+VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+
+
+def available() -> tuple[bool, str]:
+    """(True, versions) when onnxruntime and onnx import; otherwise (False, why and how to install)."""
+    for mod in ("onnxruntime", "onnx"):
+        if importlib.util.find_spec(mod) is None:
+            return False, f"{mod} is not installed; install it with: {INSTALL}"
+    try:
+        import onnx
+        import onnxruntime
+    except Exception as e:  # a broken wheel fails at import
+        return False, f"onnxruntime/onnx cannot be imported ({type(e).__name__}: {e}); reinstall: {INSTALL}"
+    return True, f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}"
+
+
+__all__ = ["INSTALL", "VARIANTS", "available"]

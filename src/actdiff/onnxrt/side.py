@@ -1,0 +1,126 @@
+"""ONNX Runtime as a side: one variant's ONNX model on the CPU execution provider, every canonical node captured.
+
+Nodes ORT's optimiser fused away at the chosen level are ``missing_nodes`` (written as placeholders, judged
+not_captured, their consumers on propagated error), the fused op that absorbed each in the provenance, as the
+llama.cpp side does for nodes its mapping cannot fill. ORT's ops cannot be replayed one at a time: no replay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..batching import MAX_BATCH_TOKENS, batched_in_order
+from ..errors import ModelError
+from ..nodes import Graph
+from .capture import LEVELS, OrtCapture, pad_batch
+from .export import META_EXPORTER, META_FORMULATION, exported_nodes
+from .variants import META_CALIBRATION, check_variant
+
+log = logging.getLogger(__name__)
+
+ENGINE = "onnxruntime"
+
+
+def check_model_file(path: Path, graph: Graph) -> dict:
+    """The export's metadata; refuses a file written for another graph (a stale model of another config)."""
+    import onnx
+
+    if not path.is_file():
+        raise ModelError(f"{path}: ONNX model file not found; make it with actdiff.onnxrt.variants.make_variant")
+    proto = onnx.load(str(path), load_external_data=False)
+    nodes = exported_nodes(proto)
+    if nodes != graph.names():
+        extra, lost = set(nodes) - set(graph.names()), set(graph.names()) - set(nodes)
+        raise ModelError(
+            f"{path}: its actdiff.nodes metadata does not match the model's graph (not in the graph: "
+            f"{sorted(extra)[:3]}, missing: {sorted(lost)[:3]}); re-export it from this model directory"
+        )
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def to_prompts(graph: Graph, raw: dict[str, np.ndarray], batch_ids: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    """ORT's batch values -> one dict per prompt without padding, shaped and typed as the reference dump's
+    (actdiff.reference.ReferenceRunner.run_batch: MoE nodes come flat as (B*S, ...))."""
+    B, S = len(batch_ids), max(len(x) for x in batch_ids)
+    out: list[dict[str, np.ndarray]] = [{} for _ in range(B)]
+    for name, value in raw.items():
+        n = graph[name]
+        lead = (B, 1) if n.axis == "prompt" else (B, S)
+        arr = value.reshape(*lead, *graph.trailing_shape(name))
+        arr = arr.astype(np.int64 if n.kind == "index" else np.float32, copy=False)
+        for b, seq in enumerate(batch_ids):
+            out[b][name] = arr[b] if n.axis == "prompt" else arr[b, : len(seq)]
+    return out
+
+
+class OnnxRuntimeSide:
+    """``model_file``: the variant's ONNX model (actdiff.onnxrt.variants); ``level``: ORT's graph optimisation
+    level (disable, basic, all). Batches are right-padded with an attention mask, as the reference's."""
+
+    name = ENGINE
+    records_input_ids = True
+
+    def __init__(self, record, variant, model_file: str | Path, level: str = "disable", threads: int = 1,
+                 batch_size: int = 1, engine_ids: str = "reference"):  # fmt: skip
+        from ..sides.dump import ids_column
+
+        if level not in LEVELS:
+            raise ModelError(f"onnxruntime level {level!r}: use one of {', '.join(LEVELS)}")
+        self.variant, self.level = check_variant(variant), level
+        self.threads, self.batch_size = int(threads), int(batch_size)
+        self.engine_ids, self.ids_column = engine_ids, ids_column(engine_ids)
+        self.record, self.graph = record, record.graph()
+        self.model_file = Path(model_file)
+        self.meta = check_model_file(self.model_file, self.graph)
+        self._workdir = tempfile.TemporaryDirectory(prefix="actdiff-ort-")  # ORT's optimised graph, read once
+        self.capture = OrtCapture(self.model_file, self.graph.names(), level, self._workdir.name, self.threads)
+        self.missing_nodes = tuple(n for n in self.graph.names() if n in self.capture.fused)
+        if self.missing_nodes:
+            log.info("onnxruntime %s at level %s: %d node(s) fused away, not captured: %s", variant, level,
+                     len(self.missing_nodes), ", ".join(self.missing_nodes))  # fmt: skip
+        self.forward_seconds = 0.0
+
+    def provenance(self) -> dict:
+        import onnxruntime
+
+        from ..models.loading import sha256_file
+
+        return {
+            "impl": "onnxruntime",
+            "engine": ENGINE,
+            "engine_ids": self.engine_ids,
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "execution_provider": "CPUExecutionProvider",
+            "optimization_level": self.level,
+            "dtypes": json.dumps({"activations": "float32", "indices": "int64", "precision": self.variant}),
+            "onnxruntime_version": onnxruntime.__version__,
+            "onnx_path": str(self.model_file.resolve()),
+            "onnx_sha256": sha256_file(self.model_file),
+            "exporter": self.meta.get(META_EXPORTER, "?"),
+            "moe_formulation": self.meta.get(META_FORMULATION, "?"),
+            "fused_away": json.dumps(self.capture.fused),
+            "aliases": json.dumps(self.capture.aliases),
+            "missing_nodes": json.dumps(list(self.missing_nodes)),
+            "calibration": self.meta.get(META_CALIBRATION, "none"),
+        }
+
+    def _run_batch(self, batch_ids: list[list[int]]) -> list[dict[str, np.ndarray]]:
+        ids, mask = pad_batch(batch_ids, self.graph.dims.pad_token_id)
+        t0 = time.perf_counter()
+        raw = self.capture.run(ids, mask)
+        self.forward_seconds += time.perf_counter() - t0
+        return to_prompts(self.graph, raw, batch_ids)
+
+    def forward(self, items):
+        yield from batched_in_order(items, self._run_batch, self.batch_size, MAX_BATCH_TOKENS)
+
+    def close(self) -> None:
+        self.capture.session = None
+        self._workdir.cleanup()

@@ -1,0 +1,411 @@
+"""ONNX Runtime as a third engine (actdiff.onnxrt): export parity per node, "mark all" capture, the nodes
+ORT's fusions remove per optimisation level, and the fp32/fp16/int8 variants' embeddings against the
+reference. Both default models. Then the onnxruntime engine through the workflow (config onnxruntime block):
+the tiny model's fp32 export passes and int8-dynamic fails with its first divergence at the quantised word
+embedding, as ``actdiff check`` says by its exit code. Skipped when onnxruntime is not installed (the optional
+extra), a failure instead under ACTDIFF_REQUIRE_ONNXRUNTIME=1 (make test installs the extra)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actdiff.onnxrt import available  # noqa: E402  (imports no onnxruntime)
+
+_OK, _WHY = available()
+if not _OK:
+    if os.environ.get("ACTDIFF_REQUIRE_ONNXRUNTIME") == "1":
+        pytest.fail(f"ACTDIFF_REQUIRE_ONNXRUNTIME=1 but onnxruntime is not usable: {_WHY}", pytrace=False)
+    pytest.skip(_WHY, allow_module_level=True)
+
+from helpers import BIN, DATA, REPO, run_cmd, snakemake  # noqa: E402
+
+from actdiff.compare.budgets import SAFETY, U32  # noqa: E402
+from actdiff.errors import ActdiffError, ModelError  # noqa: E402
+from actdiff.nodes import EMBEDDING, Graph  # noqa: E402
+
+MODELS = ("tiny-nomic-moe", "minilm-l6")
+CALIBRATION = slice(0, 8)  # int8-static's calibration prompts: excluded from every comparison below
+EVALUATION = slice(8, 20)
+MAX_LENGTH = 128  # keeps the file's run time low on 2 cores; the ops do not change with length
+
+# Minimum embedding cosine against the reference over the evaluation prompts, per variant, and why:
+# - fp32: the same ops in other kernels; the embedding's own rel error is ~1e-6 (export parity below), so
+#   1 - cos ~ err^2 / 2 is far below 1e-9: the floor is a fp32 comparison's, not a tolerance of the port;
+# - fp16: weights and most values rounded to float16 (u = 2^-11 ~ 4.9e-4 relative), so the embedding's
+#   relative error is a few u and 1 - cos ~ (few u)^2 / 2 ~ 1e-6; the MoE model can also flip a routing
+#   decision on a near tie (measured min 0.999995): floor 1 - 1e-4;
+# - int8-dynamic: int8 weights per channel and each MatMul's input quantised per tensor at run time (u ~
+#   2^-7 per matmul, compounding over 4-6 layers, plus routing flips on the MoE model; measured min 0.975 on
+#   MiniLM): floor 0.95;
+# - int8-static: as int8-dynamic, but the activation ranges are fixed from 8 calibration prompts (MinMax),
+#   so BERT's outlier hidden dimensions are clipped or coarsely stepped on unseen prompts (measured min 0.89
+#   on MiniLM, 0.999 on the tiny model): floor 0.85. Naming those causes is the diagnosis issue's work.
+COSINE_FLOOR = {"fp32": 1 - 1e-9, "fp16": 1 - 1e-4, "int8-dynamic": 0.95, "int8-static": 0.85}
+
+
+def _prompts(model_dir: Path) -> list[list[int]]:
+    from actdiff.token_shards import load_reference_tokenizer, tokenize_texts
+
+    lines = (DATA / "ci_prompts.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    texts = [ln.split("\t")[3] for ln in lines]
+    return [list(r["ids"]) for r in tokenize_texts(load_reference_tokenizer(model_dir), texts, MAX_LENGTH)]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def case(request, tmp_path_factory, tiny_model_dir, minilm_model_dir):
+    """One model exported once: its graph, the ONNX file, prompts and the reference's values on them. The tiny
+    model's export is the workflow run's (rule export_onnx calls the same export_model): one export per file."""
+    from actdiff.models.loading import load_reference_model
+    from actdiff.models.record import ModelRecord
+    from actdiff.onnxrt.export import export_model
+    from actdiff.reference import ReferenceRunner
+
+    name = request.param
+    model_dir = tiny_model_dir if name == "tiny-nomic-moe" else minilm_model_dir
+    root = tmp_path_factory.mktemp(f"ort-{name}")
+    record = ModelRecord.from_dir(model_dir, name)
+    graph = record.graph()
+    if name == PIPELINE_MODEL:
+        onnx_path, provenance = _pipeline_export(request.getfixturevalue("ort_run")[0])
+    else:
+        onnx_path = root / "model-fp32-export.onnx"
+        provenance = export_model(model_dir, onnx_path)
+    ids = _prompts(model_dir)
+    model, _, _ = load_reference_model(model_dir)
+    runner = ReferenceRunner(model, graph)
+    ref = [runner.run_batch([x])[0] for x in ids[EVALUATION]]
+    runner.close()
+    return {"name": name, "dir": model_dir, "record": record, "graph": graph, "onnx": onnx_path, "root": root,
+            "provenance": provenance, "ids": ids, "eval": ids[EVALUATION], "ref": ref}  # fmt: skip
+
+
+def _pipeline_export(L) -> tuple[Path, dict]:
+    """The workflow run's fp32 export and its provenance as export_model returns it (from the model's metadata)."""
+    import onnx
+
+    from actdiff.onnxrt.export import META_EXPORTER, META_FORMULATION
+
+    path = Path(L.onnx_model(PIPELINE_MODEL, "fp32"))
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return path, {"exporter": meta[META_EXPORTER], "moe_formulation": meta[META_FORMULATION]}
+
+
+def _capture(case, level: str):
+    """The model's OrtCapture at ``level``, built once per model (ORT's optimiser runs once per level)."""
+    from actdiff.onnxrt.capture import OrtCapture
+
+    captures = case.setdefault("captures", {})
+    if level not in captures:
+        captures[level] = OrtCapture(case["onnx"], case["graph"].names(), level, case["root"] / level)
+    return captures[level]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).reshape(b.shape), np.asarray(b, np.float64)
+    den = float(np.linalg.norm(b))
+    return float(np.linalg.norm(a - b)) / den if den > 0 else float(np.linalg.norm(a))
+
+
+def parity_tolerances(graph: Graph, tokens: int) -> dict[str, float]:
+    """The fp32 budget of the export's end-to-end error at each node, from fp32 eps and reduction lengths.
+
+    A sum of K fp32 terms rounds to a relative error of about u * sqrt(K) (u = 2^-24); a node's error in an
+    end-to-end run is propagated from everything upstream, dominated by the widest sum on its path (K_path =
+    the largest reduction length among the node and its ancestors), and grows with each encoder layer crossed
+    (independent per-layer roundings: sqrt(depth + 1)). Times budgets.SAFETY (~6.3: two implementations'
+    roundings, concentration of a relative L2)."""
+    k_path: dict[str, int] = {}
+    depth: dict[str, int] = {}
+    for n in graph:
+        ups = graph.producers(n.name)
+        k_path[n.name] = max([graph.reduction_length(n, tokens), *(k_path[p.name] for p in ups)])
+        depth[n.name] = n.layer + 1 if n.layer is not None else max([0, *(depth[p.name] for p in ups)])
+    return {n: SAFETY * U32 * math.sqrt(k_path[n]) * math.sqrt(depth[n] + 1) for n in graph.names()}
+
+
+def _embedding_cosines(values: list[dict], ref: list[dict]) -> np.ndarray:
+    cos = []
+    for v, r in zip(values, ref, strict=True):
+        a, b = np.asarray(v[EMBEDDING], np.float64).ravel(), np.asarray(r[EMBEDDING], np.float64).ravel()
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return np.asarray(cos)
+
+
+def _side(case, variant: str, model_file: Path, level: str = "disable", batch_size: int = 1):
+    from actdiff.onnxrt.side import OnnxRuntimeSide
+
+    return OnnxRuntimeSide(case["record"], variant, model_file, level=level, batch_size=batch_size)
+
+
+def _forward(side, ids: list[list[int]]) -> list[dict]:
+    return [v for _, v in side.forward([(f"p{i}", x) for i, x in enumerate(ids)])]
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_export_names_every_node_and_records_the_formulation(case):
+    import onnx
+
+    from actdiff.onnxrt.export import MOE_DENSE_GATHER, exported_nodes
+
+    proto = onnx.load(str(case["onnx"]))
+    graph = case["graph"]
+    assert exported_nodes(proto) == graph.names()
+    assert [o.name for o in proto.graph.output] == [EMBEDDING]  # the rest are values inside the graph
+    produced = {o for node in proto.graph.node for o in node.output}
+    assert set(graph.names()) <= produced
+    expected = MOE_DENSE_GATHER if graph.moe_blocks() else "none (dense model)"
+    assert case["provenance"]["moe_formulation"] == expected
+    assert case["provenance"]["exporter"] == "torchscript"
+
+
+def test_export_parity_per_node(case):
+    """The ONNX model in ORT with optimisation disabled equals the reference within the fp32 budget at every
+    node, on every evaluation prompt; expert choices are identical."""
+    side = _side(case, "fp32", case["onnx"], "disable")
+    assert side.missing_nodes == () and side.capture.aliases == {}
+    graph, worst, ratio = case["graph"], {}, {}
+    for ids, got, ref in zip(case["eval"], _forward(side, case["eval"]), case["ref"], strict=True):
+        tol = parity_tolerances(graph, len(ids))
+        for n in graph:
+            if n.kind == "index":
+                assert np.array_equal(got[n.name], ref[n.name]), f"{n.name}: expert choice differs"
+                continue
+            err = _rel(got[n.name], ref[n.name])
+            worst[n.name] = max(worst.get(n.name, 0.0), err)
+            ratio[n.name] = max(ratio.get(n.name, 0.0), err / tol[n.name])
+    side.close()
+    top = sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    print(f"\n{case['name']}: export vs reference, max rel L2 per node (worst 5): {top}")
+    print(f"{case['name']}: largest error / tolerance ratio: {max(ratio.values()):.3f}")
+    bad = {n: (worst[n], r) for n, r in ratio.items() if r > 1}
+    assert not bad, f"nodes over the fp32 budget (rel error, error/tolerance): {bad}"
+
+
+def test_dynamo_exporter_gives_the_same_nodes_and_parity(case, tmp_path):
+    """torch.onnx's dynamo exporter (torch.export) also names every node and meets the same budget; ORT then
+    fuses nothing at level all (its GELU decomposition does not match ORT's Gelu/BiasGelu pattern). Tiny model
+    only, and only with ACTDIFF_ORT_DYNAMO=1: the dynamo export takes 25-55 s on 2 cores, over this file's time
+    budget; the default exporter is torchscript."""
+    if os.environ.get("ACTDIFF_ORT_DYNAMO") != "1":
+        pytest.skip("the dynamo exporter's parity runs with ACTDIFF_ORT_DYNAMO=1 (25-55 s export)")
+    if case["graph"].moe_blocks() == []:
+        pytest.skip("run on the MoE model only (export time); MiniLM measured identical parity by hand")
+    from actdiff.onnxrt.capture import OrtCapture, pad_batch
+    from actdiff.onnxrt.export import export_model
+
+    path = tmp_path / "dynamo.onnx"
+    assert export_model(case["dir"], path, exporter="dynamo")["moe_formulation"] == "dense-gather"
+    graph = case["graph"]
+    cap = OrtCapture(path, graph.names(), "disable", tmp_path)
+    assert cap.fused == {}
+    for ids, ref in zip(case["eval"], case["ref"], strict=True):
+        got = cap.run(*pad_batch([ids], graph.dims.pad_token_id))
+        tol = parity_tolerances(graph, len(ids))
+        over = {n: _rel(got[n], ref[n]) for n in graph.names() if graph[n].kind != "index"}
+        assert all(err <= tol[n] for n, err in over.items()), {n: e for n, e in over.items() if e > tol[n]}
+    print(f"\ndynamo export, level all, fused away: {OrtCapture(path, graph.names(), 'all', tmp_path).fused}")
+
+
+# ------------------------------------------------------------------------------------------------ capture
+@pytest.mark.parametrize("level", ["disable", "basic", "all"])
+def test_marking_outputs_does_not_change_the_final_output(case, level, tmp_path):
+    """The captured (marked) session's embedding is bitwise the unmarked session's at the same level: the
+    marks are added after ORT's optimiser ran, so the same kernels run on the same values."""
+    from actdiff.onnxrt.capture import pad_batch, run_unmarked
+
+    graph = case["graph"]
+    ids, mask = pad_batch(case["eval"][:4], graph.dims.pad_token_id)  # 4 prompts: a bitwise comparison
+    plain = run_unmarked(case["onnx"], level, ids, mask)[EMBEDDING]
+    marked = _capture(case, level).run(ids, mask)[EMBEDDING]
+    assert np.array_equal(plain, marked), f"level {level}: max |diff| {np.abs(plain - marked).max()}"
+
+
+def _gelu_fed_matmuls(graph: Graph) -> set[str]:
+    """Dense MLP fc1: a MATMUL whose only consumer is a GELU (ORT's BiasGelu fusion absorbs its bias add)."""
+    return {n.name for n in graph if n.op == "MATMUL" and [c.op for c in graph.consumers(n.name)] == ["GELU"]}
+
+
+def test_fused_nodes_per_level(case, tmp_path):
+    """disable and basic keep every node; all fuses each dense MLP's fc1 bias add into com.microsoft.BiasGelu
+    (the MoE experts' fc1 has no bias and is gathered per slot: not fused)."""
+    graph = case["graph"]
+    fused = {lv: _capture(case, lv).fused for lv in ("disable", "basic", "all")}
+    for level, nodes in fused.items():
+        print(f"\n{case['name']} level {level}: {len(nodes)} fused away: {json.dumps(nodes, indent=1)}")
+    assert fused["disable"] == {} and fused["basic"] == {}
+    assert set(fused["all"]) == _gelu_fed_matmuls(graph)
+    assert all("com.microsoft.BiasGelu" in reason for reason in fused["all"].values())
+
+
+def test_side_dump_writes_fused_nodes_as_placeholders(case, tmp_path):
+    from actdiff.h5io import ActivationReader
+    from actdiff.sides import open_side
+    from actdiff.sides.dump import dump_shard
+
+    side = open_side("onnxruntime", case["record"], "fp32", model_file=case["onnx"], level="all", batch_size=4)
+    assert set(side.missing_nodes) == _gelu_fed_matmuls(case["graph"])
+    items = [(f"p{i}", x) for i, x in enumerate(case["eval"][:4])]
+    out = tmp_path / "ort.h5"
+    dump_shard(side, case["record"].provenance(), items, out, 0)
+    side.close()
+    r = ActivationReader(out)
+    assert json.loads(r.attrs["fused_away"]).keys() == set(side.missing_nodes)
+    for n in side.missing_nodes:
+        assert np.isnan(r.node_all(n)).all()
+    tol = parity_tolerances(case["graph"], len(items[0][1]))[EMBEDDING]
+    assert _rel(r.node(EMBEDDING, "p0"), case["ref"][0][EMBEDDING]) <= tol
+
+
+# ------------------------------------------------------------------------------------------------ variants
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-dynamic", "int8-static"])
+def test_variant_embedding_cosine(case, variant, tmp_path):
+    from actdiff.onnxrt.variants import write_variant
+
+    calibration = case["ids"][CALIBRATION]
+    ids = [f"calib-{i}" for i in range(len(calibration))]
+    path = write_variant(case["onnx"], tmp_path / "model.onnx", variant, calibration, ids)
+    assert path.is_file() and not list(tmp_path.glob(".*.tmp-*"))  # renamed into place, no temporary left
+    side = _side(case, variant, path, "disable")
+    recorded = side.provenance()["calibration"]  # the calibration prompts travel with the model into the dumps
+    assert recorded == (json.dumps({"prompts": ids, "n": len(ids)}) if variant == "int8-static" else "none")
+    cos = _embedding_cosines(_forward(side, case["eval"]), case["ref"])
+    aliases = len(side.capture.aliases)
+    side.close()
+    print(f"\n{case['name']} {variant}: embedding 1 - cosine max {1 - cos.min():.2e} median {1 - np.median(cos):.2e} "
+          f"({len(cos)} prompts; {aliases} nodes read from ORT's float32 copies)")  # fmt: skip
+    assert cos.min() >= COSINE_FLOOR[variant], f"{variant}: cosine {cos.min()} below {COSINE_FLOOR[variant]}"
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_refusals(case, tmp_path, tiny_model_dir, minilm_model_dir):
+    from actdiff.models.record import ModelRecord
+    from actdiff.onnxrt.side import OnnxRuntimeSide
+
+    other = minilm_model_dir if case["name"] == "tiny-nomic-moe" else tiny_model_dir
+    with pytest.raises(ModelError, match="does not match the model's graph"):  # an export of another model
+        OnnxRuntimeSide(ModelRecord.from_dir(other), "fp32", case["onnx"])
+    with pytest.raises(ActdiffError, match="level"):
+        OnnxRuntimeSide(case["record"], "fp32", case["onnx"], level="extended")
+    with pytest.raises(ActdiffError, match="not available for onnxruntime"):
+        OnnxRuntimeSide(case["record"], "q8_0", case["onnx"])
+    with pytest.raises(ModelError, match="not found"):
+        OnnxRuntimeSide(case["record"], "fp32", tmp_path / "missing.onnx")
+
+
+# ------------------------------------------------------------------------------------------------ workflow
+PIPELINE_MODEL = "tiny-nomic-moe"
+PIPELINE_PROMPTS = ("en-0001", "en-0005", "en-cactus", "query-0003", "doc-0001", "doc-0002")  # 10-50 tokens
+
+
+def _pipeline_config(tmp: Path) -> Path:
+    import yaml
+
+    lines = (REPO / "config/prompts/default.tsv").read_text(encoding="utf-8").splitlines()
+    keep = [ln for ln in lines[1:] if ln.split("\t", 1)[0] in PIPELINE_PROMPTS]
+    assert len(keep) == len(PIPELINE_PROMPTS), "a prompt id of this test is no longer in config/prompts/default.tsv"
+    (tmp / "prompts.tsv").write_text("\n".join([lines[0], *keep]) + "\n", encoding="utf-8")
+    cfg = {
+        "prompts": str(tmp / "prompts.tsv"),
+        "results": str(tmp / "results"),
+        "shards": 1,
+        "models": {PIPELINE_MODEL: {"source": {"generate": PIPELINE_MODEL, "seed": 0}, "max_length": 512}},
+        "reference": {"impl": "actdiff", "threads": 1},
+        "engines": ["onnxruntime"],
+        "onnxruntime": {"variants": ["fp32", "int8-dynamic"], "level": "disable", "required": True},
+        "stats": {"search_seconds": 0},
+        "keep_activations": False,
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ort_run(tmp_path_factory, tiny_model_dir):
+    """One workflow run: reference and ORT dumps of 6 short prompts in one shard, up to the verdicts (the
+    reports are the same code as every side's; their rendering is left out for time)."""
+    from actdiff.layout import Layout
+
+    tmp = tmp_path_factory.mktemp("ort-pipeline")
+    cfg = _pipeline_config(tmp)
+    L = Layout(str(tmp / "results"))
+    targets = [L.verdict(PIPELINE_MODEL, "onnxruntime", v) for v in ("fp32", "int8-dynamic")]
+    p = snakemake(*targets, "--cores", "2", "--configfile", str(cfg))
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return L, cfg, p.stdout + p.stderr
+
+
+def _ort_verdict(L, variant: str) -> dict:
+    return json.loads(Path(L.verdict(PIPELINE_MODEL, "onnxruntime", variant)).read_text(encoding="utf-8"))
+
+
+@pytest.mark.e2e
+def test_pipeline_builds_each_variant_model_under_its_run(ort_run):
+    import onnx
+
+    from actdiff.onnxrt.export import META_FORMULATION, MOE_DENSE_GATHER
+
+    L, _, log = ort_run
+    for v in ("fp32", "int8-dynamic"):
+        proto = onnx.load(L.onnx_model(PIPELINE_MODEL, v), load_external_data=False)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta[META_FORMULATION] == MOE_DENSE_GATHER
+    assert "rule export_onnx:" in log and "rule onnx_variant:" in log and "rule dump_onnxruntime:" in log
+
+
+@pytest.mark.e2e
+def test_pipeline_fp32_passes_and_int8_dynamic_fails_at_the_embedding(ort_run):
+    """fp32 at level disable: ORT's kernels on the export, every node within its fp32 budget. int8-dynamic:
+    quantize_dynamic also quantises the word-embedding Gather's table to int8, so the very first node,
+    ``embeddings``, is where the engine first diverges; every MatMul after it adds its own quantisation error."""
+    L, _, _ = ort_run
+    v = _ort_verdict(L, "fp32")
+    assert v["status"] == "pass" and v["side"] == "onnxruntime", v["plain"]
+    v = _ort_verdict(L, "int8-dynamic")
+    assert v["status"] == "fail" and v["first_divergence"] == "embeddings", v["plain"]
+
+
+@pytest.mark.e2e
+def test_check_exit_codes_per_variant(ort_run):
+    L, cfg, _ = ort_run
+
+    def check(*args: str):
+        return run_cmd([str(BIN / "actdiff"), "check", L.results, *args]).returncode
+
+    assert check("--only", f"{PIPELINE_MODEL}/onnxruntime/fp32") == 0
+    assert check("--only", f"{PIPELINE_MODEL}/onnxruntime/int8-dynamic") == 1
+    assert check("--configfile", str(cfg)) == 1  # every configured run has its verdict; one of them fails
+
+
+def test_config_turns_onnxruntime_off_or_requires_it(monkeypatch):
+    import actdiff.onnxrt
+    from actdiff.config import validate_config
+    from actdiff.errors import ConfigError
+    from actdiff.sides.configured import configured_runs, engine_specs, usable_engines
+
+    base = {"prompts": "p.tsv", "results": "r", "shards": 1, "engines": ["actdiff", "onnxruntime"],
+            "models": {"m": {"source": {"generate": PIPELINE_MODEL, "seed": 0}}}}  # fmt: skip
+
+    def runs(**ort):
+        cfg = validate_config({**base, "onnxruntime": ort})
+        usable, why = usable_engines(cfg, engine_specs(cfg["engines"]))
+        return [r[1:] for r in configured_runs(cfg, usable)], why
+
+    assert runs(variants=["fp32", "int8-static"]) == ([("actdiff", "fp32"), ("onnxruntime", "fp32"),
+                                                      ("onnxruntime", "int8-static")], None)  # fmt: skip
+    off = "the onnxruntime engine is skipped: onnxruntime.enabled is false"
+    assert runs(enabled=False) == ([("actdiff", "fp32")], off)
+    with pytest.raises(ConfigError, match=r"'onnxruntime.variants.0'.*fp32, fp16, int8-dynamic, int8-static"):
+        runs(variants=["q8_0"])
+    with pytest.raises(ConfigError, match="config key 'variants.0'.*not available for the actdiff engine"):
+        validate_config({**base, "variants": ["int8-dynamic"]})
+    monkeypatch.setattr(actdiff.onnxrt, "available", lambda: (False, "onnxruntime is not installed"))
+    assert runs()[0] == [("actdiff", "fp32")]
+    with pytest.raises(ConfigError, match=r"required \(onnxruntime.required\) but unavailable"):
+        runs(required=True)
