@@ -428,3 +428,129 @@ def test_before_after_against_a_baseline_run(results, tmp_path):
     assert set(ba.nodes["status_new"]) == {"pass"}
     index = _text(out / "index.html")  # the index's trend: what each run was in the baseline
     assert "before: FAIL, cosine min" in index and f"{fault['embedding_cosine_min']:.6f} → 1.000000" in index
+
+
+# ------------------------------------------------------------------------------------------- any prompt
+def _embedded_prompts(page: Path) -> dict:
+    m = re.search(r'<script type="application/json" id="actdiff-prompts-data">(.*?)</script>', page.read_text(), re.S)
+    assert m, f"{page} has no embedded prompt data"
+    return json.loads(m.group(1))
+
+
+def _corpus_ids(results: Path, model: str) -> set[str]:
+    import pandas as pd
+
+    return {p for f in sorted((results / model / "tokens").glob("shard-*.parquet"))
+            for p in pd.read_parquet(f, columns=["prompt_id"])["prompt_id"]}  # fmt: skip
+
+
+def test_any_prompt_table_holds_the_whole_corpus_and_matches_its_page(results, rendered):
+    """Issue 18 item 3: every run's summary prompt_table has one row per prompt of the corpus (47 in CI), its
+    error columns are the graph's key nodes, and the JSON embedded in the page parses and says the same (numbers
+    rounded: errors to 2 significant digits, cosines to 8)."""
+    import numpy as np
+    import pandas as pd
+
+    from actdiff.nodes import build_graph
+    from actdiff.report.prompt_panel import decode_error
+
+    for r in RUNS:
+        model = r.split("/")[0]
+        table = pd.read_parquet(results / r / "summary" / "prompt_table.parquet")
+        assert len(table) == 47 and set(table["prompt_id"]) == _corpus_ids(results, model), r
+        key_nodes = build_graph(json.loads((results / model / "model.json").read_text())["config"]).key_nodes()
+        data = _embedded_prompts(rendered[r])
+        assert data["nodes"] == key_nodes and len(data["rows"]) == 47, r
+        rows = {row[0]: dict(zip(data["columns"], row, strict=True)) for row in data["rows"]}
+        for t in table.itertuples():
+            e = rows[t.prompt_id]
+            assert (e["text"], e["tokens"], data["firsts"][e["first"]], e["failing"]) == (
+                t.text, t.tokens, t.first_divergence, t.failing_nodes), (r, t.prompt_id)  # fmt: skip
+            assert e["cosine"] == pytest.approx(t.embedding_cosine, abs=1e-8), (r, t.prompt_id)
+            assert len(e["err"]) == len(key_nodes)
+            decoded = np.asarray([decode_error(c) for c in e["err"]], float)
+            exact = np.asarray(t.key_rel_l2, float)
+            big = exact > 1e-19  # below 1e-20 the code saturates
+            np.testing.assert_allclose(decoded[big], exact[big], rtol=0.06, atol=0)
+            assert np.array_equal(exact == 0, decoded == 0) and np.array_equal(np.isnan(exact), np.isnan(decoded))
+            assert e["layers"] == list(t.routing_layers) and e["flips"] == list(t.routing_flips)
+        moe = model == MODEL
+        assert all(len(t.routing_layers) == (2 if moe else 0) for t in table.itertuples()), r
+        assert "Any prompt" in _text(rendered[r])
+
+
+def test_any_prompt_drilldown_in_headless_chromium(results, rendered):
+    """Type a prompt id into the search, click its row: the panel shows its first divergence, its final cosine,
+    its error at every key node and the routing of its tokens; a worst prompt opened by URL hash shows its values
+    next to the reference's."""
+    import pandas as pd
+
+    assert CHROMIUM.is_file(), "Debian chromium is required: apt-get install -y chromium"
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    run = f"{MODEL}/{SIDE}/{FAULT}"
+    table = pd.read_parquet(results / run / "summary" / "prompt_table.parquet").set_index("prompt_id")
+    worst = pd.read_parquet(results / run / "summary" / "drilldown.parquet")["prompt_id"].unique().tolist()
+    other = sorted(set(table.index) - set(worst))[0]  # a prompt whose values the run did not keep
+    errors = []
+    with sync_api.sync_playwright() as pw:
+        args = ["--headless", "--no-sandbox", "--disable-gpu"]
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(rendered[run].as_uri(), wait_until="load")
+            page.fill("#actdiff-prompt-search", other)
+            count = page.inner_text("#actdiff-prompt-count")
+            page.click(f'#actdiff-prompt-table tbody tr[data-prompt="{other}"]')
+            panel = page.inner_text("#actdiff-prompt-panel")
+            page.goto(rendered[run].as_uri() + f"#prompt={worst[0]}", wait_until="load")
+            kept = page.inner_text("#actdiff-prompt-panel")
+            page.locator("#actdiff-prompts").screenshot(path=str(results / "test-reports" / "any-prompt.png"))
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert count.startswith("1 of 47"), count
+    t = table.loc[other]
+    panel = " ".join(panel.split())
+    assert f"first divergence {t.first_divergence}" in panel and f"final cosine {t.embedding_cosine:.8g}" in panel
+    assert "not among them" in panel and "layer 1:" in panel and "encoder.layers.3.norm2" in panel, panel
+    assert worst[0] in kept and "reference" in kept and "not among them" not in kept, kept
+
+
+def _replicated(df, n_copies: int):
+    import pandas as pd
+
+    return pd.concat([df.assign(prompt_id=df["prompt_id"] + f"~{k}") for k in range(n_copies)], ignore_index=True)
+
+
+@pytest.mark.parametrize("run", [f"{MODEL}/{SIDE}/{FAULT}", f"minilm-l6/{SIDE}/fp32"])
+def test_any_prompt_data_stays_small_at_10000_prompts(results, run, capsys):
+    """The embedded block at 10,000 prompts (the CI corpus replicated, built by the aggregation code from
+    replicated shard tables; every text padded to the kept 100 characters, the worst case) stays under 3 MB, so
+    the page (about 1 MB without it) stays under 5 MB."""
+    import math
+
+    import pandas as pd
+
+    from actdiff.compare import prompt_table, worst
+    from actdiff.nodes import build_graph
+    from actdiff.report.prompt_panel import panel_json
+
+    model = run.split("/")[0]
+    key_nodes = build_graph(json.loads((results / model / "model.json").read_text())["config"]).key_nodes()
+    stats = results / run / "stats" / "shard-0"
+    shard = {t: pd.read_parquet(stats / f"{t}.parquet") for t in ("nodes", "prompts", "routing")}
+    copies = math.ceil(10_000 / shard["nodes"]["prompt_id"].nunique())
+    big = {t: _replicated(df, copies) for t, df in shard.items()}
+    ids = sorted(big["nodes"]["prompt_id"].unique())[:10_000]
+    big = {t: df[df["prompt_id"].isin(set(ids))] for t, df in big.items()}
+    rows = prompt_table.shard_rows(worst.per_prompt(big["nodes"]), big["nodes"], big["prompts"], big["routing"],
+                                   key_nodes)  # fmt: skip
+    table = prompt_table.with_texts([rows], []).assign(text="x" * prompt_table.TEXT_CHARS)
+    drilldown = pd.read_parquet(results / run / "summary" / "drilldown.parquet")
+    size = len(panel_json(table, key_nodes, drilldown).encode("utf-8"))
+    small = len(panel_json(pd.read_parquet(results / run / "summary" / "prompt_table.parquet"), key_nodes,
+                           drilldown).encode("utf-8"))  # fmt: skip
+    with capsys.disabled():
+        print(f"\n{run}: embedded prompt data {small} bytes at 47 prompts, {size} bytes at {len(table)} prompts")
+    assert len(table) == 10_000 and size < 3 * 2**20, size

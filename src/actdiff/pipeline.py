@@ -227,7 +227,8 @@ def aggregate_stats(
         "experts": int(record.config.get("num_experts", 0) or 0),
         "embedding_sample": int(embedding_sample),
     }
-    v = aggregate(shard_tables, outputs, meta, tokens=tokens, worst_n=worst_n)
+    key_nodes = build_graph(record.config, model_json).key_nodes()  # the prompt table's error columns
+    v = aggregate(shard_tables, outputs, meta, tokens=tokens, worst_n=worst_n, key_nodes=key_nodes)
     log.info("%s", v["plain"])
 
 

@@ -112,6 +112,20 @@ _WORST_PROMPTS = pa.schema(
         ("embedding_cosine", pa.float64()),
     ]
 )
+_PROMPT_TABLE = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("text", pa.string()),  # the first compare.prompt_table.TEXT_CHARS characters
+        ("tokens", pa.int64()),
+        ("first_divergence", pa.string()),
+        ("failing_nodes", pa.int64()),
+        ("embedding_cosine", pa.float64()),
+        ("key_rel_l2", pa.list_(pa.float64())),  # propagated rel L2 at each of Graph.key_nodes(), in that order
+        ("routing_layers", pa.list_(pa.int64())),  # the MoE layers, and per layer:
+        ("routing_agreement", pa.list_(pa.float64())),  # the fraction of tokens routed as the reference routes
+        ("routing_flips", pa.list_(pa.int64())),  # the tokens whose expert set differs
+    ]
+)
 _HEATMAP = pa.schema(
     [("prompt_id", pa.string()), ("rank", pa.int64()), ("node_index", pa.int64()), ("rel_l2", pa.float64())]
 )
@@ -144,6 +158,8 @@ SUMMARY_TABLES: dict[str, Table] = {
         Table("heatmap", "summary", "propagated error per node of the worst prompts", _HEATMAP),
         Table("token_errors", "summary", "per-token errors of the failing nodes on their worst prompts", _TOKENS),
         Table("drilldown", "summary", "first values of the key nodes for the worst prompts", _DRILLDOWN),
+        Table("prompt_table", "summary", "every prompt: text, first divergence, cosine, key-node errors, routing",
+              _PROMPT_TABLE),  # fmt: skip
         Table("weights", "summary", "weight parity of our engine (compare.parity)"),
     )
 }

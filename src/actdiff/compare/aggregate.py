@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, write_json_atomic
+from . import prompt_table
 from . import worst as worst_mod
 from .embeddings import neighbour_overlap, similarity_rank_correlation
 from .routing import expert_load
@@ -138,6 +139,7 @@ class _Corpus:
     threshold: int  # sample key bound (_sample_threshold)
     n_experts: int
     worst_n: int
+    key_nodes: list[str] = field(default_factory=list)  # Graph.key_nodes(): the prompt table's error columns
     sampled: dict = field(default_factory=lambda: {"nodes": [], "hypotheses": [], "prompts": []})
     exact_nodes: list = field(default_factory=list)
     first_counts: dict = field(default_factory=dict)
@@ -149,6 +151,7 @@ class _Corpus:
     empty_nodes: pd.DataFrame | None = None
     nonfinite_origins: dict = field(default_factory=dict)  # node -> [prompts, JSON of its non-finite weights]
     worst: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=[*worst_mod.WORST_COLUMNS, _COSINE]))
+    prompt_rows: list = field(default_factory=list)  # compare.prompt_table rows of the shards read so far
 
     def add_nodes(self, nodes: pd.DataFrame) -> None:
         if self.empty_nodes is None:
@@ -183,7 +186,9 @@ class _Corpus:
 
     def add_prompts(self, prompts: pd.DataFrame, nodes: pd.DataFrame, routing: pd.DataFrame) -> None:
         if len(nodes):
-            self.worst = _worst_update(self.worst, nodes, prompts, self.worst_n)
+            per_prompt = worst_mod.per_prompt(nodes)  # once: the ranking and the prompt table both need it
+            self.worst = _worst_update(self.worst, per_prompt, prompts, self.worst_n)
+            self.prompt_rows.append(prompt_table.shard_rows(per_prompt, nodes, prompts, routing, self.key_nodes))
         self.sampled["prompts"].append(_in_sample(prompts, self.threshold))
         _embedding_accumulate(self.emb, prompts)
         _routing_accumulate(self.routing, routing, self.n_experts)
@@ -196,6 +201,7 @@ def aggregate(
     sample_prompts: int = SAMPLE_PROMPTS,
     tokens: list[str] | None = None,
     worst_n: int = 20,
+    key_nodes: list[str] | None = None,
 ) -> dict:
     """Combine the shards' tables; write the summaries named in ``outputs`` and the verdict.
 
@@ -204,12 +210,15 @@ def aggregate(
     of prompt_id: every prompt of a corpus up to that size). So memory is bounded by one shard plus the
     sample, whatever the corpus size. The worst ``worst_n`` prompts (compare.worst) are ranked here, once, with
     what the report shows of them (heatmap, per-token errors, drill-down): a report reads summaries only.
-    ``tokens``: the tokens shards (the prompts' texts)."""
+    ``tokens``: the tokens shards (the prompts' texts). ``key_nodes``: ``Graph.key_nodes()`` of the run's graph,
+    the error columns of the prompt table (default: the nodes the drill-down shard tables hold, the same list)."""
     if tokens:  # what `actdiff check --baseline` compares: a baseline of another corpus is refused
         meta = {**meta, "corpus_sha256": corpus_sha256(tokens)}
     shard_tables = _nonempty_shards(shard_tables)
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
-    acc = _Corpus(threshold, int(meta.get("experts", 0) or 0), worst_n)
+    if key_nodes is None:
+        key_nodes = prompt_table.key_nodes_of(shard_tables["drilldown"])
+    acc = _Corpus(threshold, int(meta.get("experts", 0) or 0), worst_n, list(key_nodes))
     for i in range(len(shard_tables["nodes"])):
         nodes = pd.read_parquet(shard_tables["nodes"][i])
         acc.add_nodes(nodes)
@@ -218,6 +227,9 @@ def aggregate(
         del nodes
     verdict = _write_summaries(acc, shard_tables, outputs, meta)
     _write_worst_tables(acc.worst, shard_tables, tokens or [], outputs)
+    if prompt_table.NAME in outputs:
+        _write_table(prompt_table.with_texts(acc.prompt_rows, tokens or []), _schema(prompt_table.NAME),
+                     outputs[prompt_table.NAME])  # fmt: skip
     if "tokenization" in outputs:
         write_json_atomic(outputs["tokenization"], tokenization_summary(tokens or []))
     write_json_atomic(outputs["verdict"], verdict)
@@ -250,9 +262,10 @@ def _write_summaries(acc: _Corpus, shard_tables: dict, outputs: dict, meta: dict
     return _verdict(summary, first, hyp_summary, evidence, searched, emb, meta, acc.nonfinite_origins)
 
 
-def _worst_update(worst: pd.DataFrame, nodes: pd.DataFrame, prompts: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The k worst prompts so far, with one more shard's prompts (and their final-embedding cosine)."""
-    part = worst_mod.per_prompt(nodes)
+def _worst_update(worst: pd.DataFrame, part: pd.DataFrame, prompts: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The k worst prompts so far, with one more shard's prompts (``worst.per_prompt``) and their final-embedding
+    cosine."""
+    part = part.copy()
     emb = prompts[prompts["kind"] == "embedding"].set_index("prompt_id")["value"] if len(prompts) else {}
     part[_COSINE] = part["prompt_id"].map(lambda p: float(emb.get(p, math.nan)))
     both = pd.concat([worst, part], ignore_index=True) if len(worst) else part
@@ -282,6 +295,12 @@ def _write_worst_tables(worst: pd.DataFrame, shard_tables: dict, tokens: list[st
             schema = SUMMARY_TABLES[name].schema
             df = df[[c for c in schema.names]] if schema is not None and len(df) else df
             _write_table(df, schema, outputs[name])
+
+
+def _schema(name: str):
+    from ..tables import SUMMARY_TABLES
+
+    return SUMMARY_TABLES[name].schema
 
 
 def _write_table(df: pd.DataFrame, schema, path: str) -> None:

@@ -374,6 +374,27 @@ def graph_md(run: Run) -> str:
     return graph_html(build_graph(cfg, f"{run.model}/model.json"), _nodes(run), run.verdict) + "\n"
 
 
+# ------------------------------------------------------------------------------------------- any prompt
+def any_prompt_md(run: Run) -> str:
+    """The whole corpus searchable, and any prompt's drill-down (actdiff.report.prompt_panel), from the summary
+    ``prompt_table`` and the graph's key nodes."""
+    from ..nodes import build_graph
+    from .prompt_panel import panel_html
+
+    cfg, table = run.model_info.get("config"), run.summary.get("prompt_table")
+    if table is None or not cfg:
+        return "This run has no prompt table (aggregated before it existed): rerun aggregation.\n"
+    key_nodes = build_graph(cfg, f"{run.model}/model.json").key_nodes()
+    if len(table) and len(table["key_rel_l2"].iloc[0]) != len(key_nodes):
+        return "The prompt table was built for another graph than the model's: rerun aggregation.\n"
+    intro = (
+        f"All {len(table)} prompts of the corpus. Search by id or text; click a prompt (or open the page at "
+        "`#prompt=ID`) for its error at each key node of the graph, its values next to the reference's where the "
+        "run kept them (the worst inputs), and the routing of its tokens per MoE layer.\n\n"
+    )
+    return intro + panel_html(table, key_nodes, run.summary["drilldown"]) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ tokenization
 TOKENIZERS = {"engine_eq_transformers": ("engine", "transformers"), "engine_eq_tokenizers": ("engine", "tokenizers"),
               "transformers_eq_tokenizers": ("transformers", "tokenizers")}  # fmt: skip
