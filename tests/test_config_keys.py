@@ -322,8 +322,7 @@ def test_bias_flag_false(flag, tiny_model_dir, tmp_path):
     rows, config = weight_parity(d, Engine(d))
     assert {r["tensor"] for r in rows} == used and all(r["rel_l2"] == 0.0 for r in rows)
     biases = config["linear_biases"]  # config parity lists the flag, and the engine applies it
-    part = {"qkv_proj_bias": "qkv", "mlp_fc1_bias": "fc1", "mlp_fc2_bias": "fc2"}[flag]
-    assert biases["match"] and biases["engine"][part] is False, biases
+    assert biases["match"] and biases["engine"][flag] is False, biases
 
 
 def test_config_parity_lists_ntk_scaling(ntk_dir, tiny_model_dir):

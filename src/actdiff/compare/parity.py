@@ -75,7 +75,7 @@ def config_parity(model_dir: str | Path, understood: dict) -> dict:
         "rotary_scaling": [dims.rotary_scaling_factor, dims.max_trained_positions]
         if dims.rotary_scaling_factor
         else None,
-        "linear_biases": {"qkv": dims.qkv_bias, "fc1": dims.fc1_bias, "fc2": dims.fc2_bias},
+        "linear_biases": {"qkv_proj_bias": dims.qkv_bias, "mlp_fc1_bias": dims.fc1_bias, "mlp_fc2_bias": dims.fc2_bias},
     }
     return {
         k: {"config": expected[k], "engine": understood.get(k), "match": expected[k] == understood.get(k)}

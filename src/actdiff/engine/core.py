@@ -142,7 +142,7 @@ class Engine:
             "expert_bias": self._param(f, self._first("BIAS_ADD"), "bias", "once") != "none",
             "precision": p.variant.precision,
             "rotary_scaling": [d.rotary_scaling_factor, d.max_trained_positions] if d.rotary_scaling_factor else None,
-            "linear_biases": {"qkv": d.qkv_bias, "fc1": d.fc1_bias, "fc2": d.fc2_bias},
+            "linear_biases": {"qkv_proj_bias": d.qkv_bias, "mlp_fc1_bias": d.fc1_bias, "mlp_fc2_bias": d.fc2_bias},
         }
 
     # ------------------------------------------------------------- one node

@@ -685,9 +685,9 @@ class LlamaCppRunner:
             "expert_bias": any("exps.bias" in t.name for t in h.tensors),
             "rotary_scaling": None,  # llama.cpp's nomic-bert-moe graph rotates with one fixed base
             "linear_biases": {
-                "qkv": any(t.name.endswith("attn_qkv.bias") for t in h.tensors),
-                "fc1": any(t.name.endswith("ffn_up.bias") for t in h.tensors),
-                "fc2": any(t.name.endswith("ffn_down.bias") for t in h.tensors),
+                "qkv_proj_bias": any(t.name.endswith("attn_qkv.bias") for t in h.tensors),
+                "mlp_fc1_bias": any(t.name.endswith("ffn_up.bias") for t in h.tensors),
+                "mlp_fc2_bias": any(t.name.endswith("ffn_down.bias") for t in h.tensors),
             },
             "precision": ftype,
             "pooling": self.pooling + ("" if self.pooling_from_gguf else " (context setting; the GGUF has none)"),
