@@ -162,7 +162,7 @@ def first_screen_md(run: Run) -> str:
             f"({v.get('first_divergence_prompts', 0)} of {v.get('prompts', 0)} prompts)."
         )
     causes = v.get("causes") or []
-    parts += [_cause_sentence(i, c) for i, c in enumerate((c for c in causes), start=1)]
+    parts += [_cause_sentence(i, c) for i, c in enumerate(causes, start=1)]
     if failing(run) and not causes:
         parts.append("No explanation was found for the divergence.")
     if v.get("not_captured_nodes"):
