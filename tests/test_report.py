@@ -554,3 +554,43 @@ def test_any_prompt_data_stays_small_at_10000_prompts(results, run, capsys):
     with capsys.disabled():
         print(f"\n{run}: embedded prompt data {small} bytes at 47 prompts, {size} bytes at {len(table)} prompts")
     assert len(table) == 10_000 and size < 3 * 2**20, size
+
+
+def test_any_prompt_data_of_a_12_layer_model_at_10000_prompts_fits_by_thinning_key_nodes(capsys):
+    """The released 12-layer NomicBERT-MoE has 64 key nodes (the tiny model 24): at 10,000 prompts its rows alone
+    would pass the embedded-data budget, so the panel keeps every k-th key node (first and last always) and says
+    so; every prompt stays searchable. Rows are fabricated at the worst case (100-character texts, an error at
+    every key node, 6 MoE layers of routing), since no 12-layer run fits in the test's time."""
+    import numpy as np
+    import pandas as pd
+
+    from actdiff.models.released import released_config
+    from actdiff.nodes import build_graph
+    from actdiff.report.prompt_panel import EMBED_BUDGET, panel_json, thinned
+
+    graph = build_graph(released_config())
+    key_nodes = graph.key_nodes()
+    rng = np.random.default_rng(0)
+    n, k, moe = 10_000, len(key_nodes), [b.layer for b in graph.moe_blocks()]
+    table = pd.DataFrame({
+        "prompt_id": [f"p-{i:05d}" for i in range(n)], "text": ["x" * 100] * n,
+        "tokens": rng.integers(5, 512, n), "first_divergence": [key_nodes[3]] * n, "failing_nodes": [7] * n,
+        "embedding_cosine": 1 - rng.uniform(1e-7, 1e-3, n),
+        "key_rel_l2": list(10 ** rng.uniform(-7, -1, (n, k))),
+        "routing_layers": [moe] * n, "routing_agreement": list(rng.uniform(0.9, 1, (n, len(moe)))),
+        "routing_flips": list(rng.integers(0, 9, (n, len(moe)))),
+    })  # fmt: skip
+    drilldown = pd.DataFrame({"prompt_id": ["p-00000"] * 2, "node": [key_nodes[0], key_nodes[1]],
+                              "ref_first": [np.ones(4)] * 2, "eng_first": [np.ones(4)] * 2})  # fmt: skip
+    whole = len(panel_json(table, key_nodes, drilldown).encode("utf-8"))
+    guarded = panel_json(table, key_nodes, drilldown, EMBED_BUDGET)
+    data = json.loads(guarded)
+    with capsys.disabled():
+        print(f"\n12 layers, {k} key nodes, 10,000 prompts: {whole} bytes unguarded, {len(guarded.encode())} "
+              f"guarded (1 key node in {data['stride']}, {len(data['nodes'])} kept)")
+    assert whole > EMBED_BUDGET, "the fabricated worst case no longer needs the guard: the test proves nothing"
+    assert len(guarded.encode("utf-8")) <= EMBED_BUDGET and len(data["rows"]) == n
+    assert data["stride"] > 1 and data["nodes"] == [key_nodes[i] for i in thinned(k, data["stride"])]
+    assert data["nodes"][0] == key_nodes[0] and data["nodes"][-1] == key_nodes[-1]
+    assert all(len(r[data["columns"].index("err")]) == len(data["nodes"]) for r in data["rows"][:50])
+    assert [v[0] for v in data["values"]["p-00000"]] == [0]  # key_nodes[1] thinned away, positions remapped

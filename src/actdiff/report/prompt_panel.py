@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 SHOWN = 200  # table rows drawn at once; the search narrows the rest down
+# bytes of embedded data at most: the page without it is about 1 MB and must stay under 5 MB (issue 18)
+EMBED_BUDGET = 3 * 2**20
 VALUES = 4  # first values shown per key node (reference, engine, difference)
 COLUMNS = ["id", "text", "tokens", "first", "failing", "cosine", "err", "layers", "agree", "flips"]
 
@@ -60,13 +62,13 @@ def decode_error(c):
     return None if c is None else 0.0 if c == 0 else 10 ** ((c - CODE_OFFSET) / STEPS_PER_DECADE)
 
 
-def _row_json(r, first_index: dict[str, int]) -> str:
+def _row_json(r, first_index: dict[str, int], keep: list[int]) -> str:
     first = first_index[r.first_divergence or ""]  # an index into "firsts": a node name per row costs 30 bytes
     scalars = json.dumps([r.prompt_id, r.text, int(r.tokens), first, int(r.failing_nodes)],
                          ensure_ascii=False, separators=(",", ":"))  # fmt: skip
     agree = [float(a) for a in r.routing_agreement]
     ints = lambda xs: "[" + ",".join(str(int(x)) for x in xs) + "]"  # noqa: E731
-    errors = "[" + ",".join(error_code(v) for v in r.key_rel_l2) + "]"
+    errors = "[" + ",".join(error_code(r.key_rel_l2[i]) for i in keep) + "]"
     rest = [_num(r.embedding_cosine, 8), errors, ints(r.routing_layers), _nums(agree, 3), ints(r.routing_flips)]
     return scalars[:-1] + "," + ",".join(rest) + "]"
 
@@ -87,14 +89,36 @@ def _values(drilldown: pd.DataFrame, key_nodes: list[str]) -> dict[str, list]:
     return out
 
 
-def panel_json(table: pd.DataFrame, key_nodes: list[str], drilldown: pd.DataFrame) -> str:
+def thinned(n: int, stride: int) -> list[int]:
+    """Every ``stride``-th of ``n`` key-node positions, the first and the last always among them (the embedding
+    input and the model's output bracket the error along the graph)."""
+    keep = list(range(0, n, stride))
+    return keep if not n or keep[-1] == n - 1 else [*keep, n - 1]
+
+
+def panel_json(table: pd.DataFrame, key_nodes: list[str], drilldown: pd.DataFrame, max_bytes: int | None = None) -> str:
     """The embedded data: key node names, column names, one array per prompt, the kept values. '<' is escaped
-    (inside JSON strings only), so no text can close the script element."""
+    (inside JSON strings only), so no text can close the script element.
+
+    Size guard: the per-prompt errors at every key node are the bulk of a row and grow with the model's depth (a
+    12-layer model has about twice a 6-layer one's key nodes). When the data would exceed ``max_bytes``
+    (EMBED_BUDGET), the rows keep every k-th key node (the smallest k that fits; first and last always kept) and
+    the data says so (``stride``, shown above the table); every prompt stays in the table."""
     firsts = sorted(set(table["first_divergence"].fillna("")) | {""})
     first_index = {n: i for i, n in enumerate(firsts)}
-    rows = ",".join(_row_json(r, first_index) for r in table.itertuples())
-    head = {"nodes": key_nodes, "firsts": firsts, "columns": COLUMNS, "shown": SHOWN,
-            "code": [STEPS_PER_DECADE, CODE_OFFSET], "values": _values(drilldown, key_nodes),
+    stride = 1
+    while True:
+        keep = thinned(len(key_nodes), stride)
+        text = _encode(table, [key_nodes[i] for i in keep], keep, first_index, firsts, drilldown, stride)
+        if max_bytes is None or len(text.encode("utf-8")) <= max_bytes or len(keep) <= 2:
+            return text
+        stride += 1
+
+
+def _encode(table, nodes, keep, first_index, firsts, drilldown, stride: int) -> str:
+    rows = ",".join(_row_json(r, first_index, keep) for r in table.itertuples())
+    head = {"nodes": nodes, "firsts": firsts, "columns": COLUMNS, "shown": SHOWN, "stride": stride,
+            "code": [STEPS_PER_DECADE, CODE_OFFSET], "values": _values(drilldown, nodes),
             "values_for": int(drilldown["prompt_id"].nunique()) if len(drilldown) else 0}  # fmt: skip
     text = json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"rows":[' + rows + "]}"
     return text.replace("<", "\\u003c")
@@ -123,6 +147,7 @@ function td(h){return '<td>'+h+'</td>'}
 function list(){var s=q.value.trim().toLowerCase(),m=D.rows.filter(function(r){
 return !s||r[0].toLowerCase().indexOf(s)>=0||r[1].toLowerCase().indexOf(s)>=0});
 cnt.textContent=m.length+' of '+D.rows.length+' prompts'
++(D.stride>1?' (errors shown at 1 key node in '+D.stride+', first and last kept: page size budget)':'')
 +(m.length>D.shown?' (the first '+D.shown+' shown: refine the search)':'');
 tb.innerHTML=m.slice(0,D.shown).map(function(r){return '<tr data-prompt="'+e(r[0])+'">'+td(code(r[0]))
 +td(e(r[C.text]))+td(r[C.tokens])+td(code(r[C.first]||'(none)'))+td(r[C.failing])+td(cos(r[C.cosine]))
@@ -166,7 +191,7 @@ def panel_html(table: pd.DataFrame, key_nodes: list[str], drilldown: pd.DataFram
             '<div id="actdiff-prompt-panel">Click a prompt (or open the page at #prompt=ID).</div>',
             f'<table id="actdiff-prompt-table"><thead><tr>{head}</tr></thead><tbody></tbody></table>',
             '<script type="application/json" id="actdiff-prompts-data">'
-            + panel_json(table, key_nodes, drilldown)
+            + panel_json(table, key_nodes, drilldown, EMBED_BUDGET)
             + "</script>",
             SCRIPT,
             "</div>",
