@@ -6,6 +6,12 @@ assets folder is needed and nothing is fetched) and ``manifest.json`` describing
 ``file://``. Every local link of every page is checked before the site replaces SITE_DIR, and no page may
 reference the network. The site is built in a temporary folder beside SITE_DIR and renamed into place, so a
 failed publish leaves the previous site as it was.
+
+With ``quarto`` on PATH the site is a Quarto website project (:func:`write_quarto_project`): ``_quarto.yml``
+(``type: website``, a navbar per model) and a generated ``index.qmd`` listing every run from the manifest, with
+the rendered reports, the all-runs overview (our index, as ``overview.html``) and the manifest as the project's
+resources; ``quarto render`` builds it and its output folder is what gets checked and published. Without quarto
+the site is the reports folder as rendered (the index is the overview itself).
 """
 
 from __future__ import annotations
@@ -23,9 +29,13 @@ from urllib.parse import unquote, urlsplit
 from ..atomic import write_json_atomic
 from ..errors import ActdiffError
 from ..layout import Layout
+from .render import find_quarto
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
+QUARTO_PROJECT = "_quarto.yml"
+QUARTO_OUTPUT = "_site"
+OVERVIEW = "overview.html"  # our all-runs index inside a Quarto website (its home page is index.qmd)
 _LINK = re.compile(r"""<(?:a|link|img|script|iframe|source)\b[^>]*?\b(?:href|src)\s*=\s*["']([^"']*)["']""", re.I)
 
 
@@ -99,6 +109,62 @@ def build_site(results: str | Path, staging: Path) -> dict:
     return manifest
 
 
+def _cell(v) -> str:
+    """A value as a markdown table cell (pipes escaped, nothing for None)."""
+    return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def quarto_index_qmd(manifest: dict) -> str:
+    """The website's home page: every run of the manifest with its status and a link to its report."""
+    head = ["model", "engine", "variant", "status", "prompts", "failing nodes", "first divergence",
+            "embedding cosine min", "report"]  # fmt: skip
+    lines = ["---", 'title: "actdiff: published runs"', "---", "",
+             f"{len(manifest['runs'])} run(s), published {manifest['generated_utc']}. "
+             f"[All runs, with trends and embeddings]({OVERVIEW}); the runs as data: [manifest.json]({MANIFEST}).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for r in manifest["runs"]:
+        cells = [r["model"], r["side"], r["variant"], r["status"], r["prompts"], r["failing_nodes"],
+                 f"`{r['first_divergence']}`" if r.get("first_divergence") else "none", r["embedding_cosine_min"]]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + f" | [report]({r['report']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def quarto_config(manifest: dict) -> dict:
+    """``_quarto.yml``: a website whose navbar has the runs page, the overview and one menu per model."""
+    models: dict[str, list] = {}
+    for r in manifest["runs"]:
+        models.setdefault(r["model"], []).append({"text": f"{r['side']} {r['variant']}", "href": r["report"]})
+    navbar = [{"text": "Runs", "href": "index.qmd"}, {"text": "Overview", "href": OVERVIEW}]
+    navbar += [{"text": m, "menu": runs} for m, runs in models.items()]
+    return {
+        "project": {"type": "website", "output-dir": QUARTO_OUTPUT, "render": ["index.qmd"],
+                    "resources": [OVERVIEW, MANIFEST, *(r["report"] for r in manifest["runs"])]},
+        "website": {"title": "actdiff", "navbar": {"left": navbar}},
+        "format": {"html": {"embed-resources": False, "toc": False}},
+    }  # fmt: skip
+
+
+def write_quarto_project(site: Path, manifest: dict) -> None:
+    """Make the built site folder a Quarto website project's source (the overview moved out of index.html)."""
+    import yaml
+
+    (site / "index.html").rename(site / OVERVIEW)
+    (site / QUARTO_PROJECT).write_text(yaml.safe_dump(quarto_config(manifest), sort_keys=False), encoding="utf-8")
+    (site / "index.qmd").write_text(quarto_index_qmd(manifest), encoding="utf-8")
+
+
+def render_quarto_site(quarto: str, source: Path) -> Path:
+    """``quarto render`` the project in ``source``; returns its output folder."""
+    import subprocess
+
+    p = subprocess.run([quarto, "render"], cwd=source, capture_output=True, text=True)
+    out = source / QUARTO_OUTPUT
+    if p.returncode != 0 or not (out / "index.html").is_file():
+        raise ActdiffError(f"quarto render of the site project {source} failed (exit {p.returncode}):\n"
+                           f"{p.stderr[-3000:]}")  # fmt: skip
+    return out
+
+
 def publish(results: str | Path, site_dir: str | Path) -> dict:
     """Build the site of ``results`` and put it at ``site_dir`` (replacing a previous site as one rename)."""
     site = Path(site_dir).resolve()
@@ -110,13 +176,17 @@ def publish(results: str | Path, site_dir: str | Path) -> dict:
     try:
         staging.mkdir()
         manifest = build_site(results, staging)
-        problems = check_links(staging)
+        built, quarto = staging, find_quarto()
+        if quarto:
+            write_quarto_project(staging, manifest)
+            built = render_quarto_site(quarto, staging)
+        problems = check_links(built)
         if problems:
             raise ActdiffError("the site has broken or network links:\n  " + "\n  ".join(problems[:20]))
         old = site.with_name(f".{site.name}.old-{os.getpid()}")
         if site.exists():
             site.rename(old)
-        staging.rename(site)
+        built.rename(site)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
