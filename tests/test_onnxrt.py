@@ -363,15 +363,22 @@ def test_pipeline_builds_each_variant_model_under_its_run(ort_run):
 
 
 @pytest.mark.e2e
-def test_pipeline_fp32_passes_and_int8_dynamic_fails_at_the_embedding(ort_run):
-    """fp32 at level disable: ORT's kernels on the export, every node within its fp32 budget. int8-dynamic:
-    quantize_dynamic also quantises the word-embedding Gather's table to int8, so the very first node,
-    ``embeddings``, is where the engine first diverges; every MatMul after it adds its own quantisation error."""
+def test_pipeline_fp32_passes_and_int8_dynamic_fails_at_a_quantised_matmul(ort_run):
+    """fp32 at level disable: ORT's kernels on the export, every node within its fp32 budget. int8-dynamic is
+    budgeted like every int8 precision (2^-7 at each weighted op whose weights are int8, compare.budgets): its
+    int8 word-embedding table (local error ~1.1e-2) stays within that, and it first diverges where the 8-bit
+    per-tensor activations, which no budget allows for, add the most: layer 0's attention output projection."""
+    import pandas as pd
+
     L, _, _ = ort_run
     v = _ort_verdict(L, "fp32")
     assert v["status"] == "pass" and v["side"] == "onnxruntime", v["plain"]
     v = _ort_verdict(L, "int8-dynamic")
-    assert v["status"] == "fail" and v["first_divergence"] == "embeddings", v["plain"]
+    assert v["status"] == "fail" and v["first_divergence"] == "encoder.layers.0.attn.out_proj", v["plain"]
+    assert v["unbudgeted"] == "activations quantised to int8, which no precision policy budgets", v
+    nodes = pd.read_parquet(L.summary(PIPELINE_MODEL, "onnxruntime", "int8-dynamic", "nodes")).set_index("node")
+    emb = nodes.loc["embeddings"]  # int8 (quantize_dynamic quantises the Gather's table), within int8's budget
+    assert emb["fail"] == 0 and emb["local_rel_l2_max"] > 1e-3, emb
 
 
 @pytest.mark.e2e
