@@ -20,16 +20,45 @@ render_mod = importlib.import_module("actdiff.report.render")
 
 # (side, variant) -> (status, embedding summary as compare.aggregate writes it)
 RUNS = {
-    ("actdiff", "fp32"): ("pass", dict(prompts=47, cosine_min=1 - 3e-13, cosine_p01=1 - 2e-13, cosine_median=1 - 4e-14,
-                                       sample_size=47, neighbour_overlap_mean=1.0, neighbour_overlap_min=1.0,
-                                       similarity_spearman=1.0)),  # fmt: skip
-    ("llamacpp", "fp32"): ("fail", dict(prompts=47, cosine_min=0.9712, cosine_p01=0.9754, cosine_median=0.9931,
-                                        sample_size=47, neighbour_overlap_mean=0.951, neighbour_overlap_min=0.8,
-                                        similarity_spearman=0.998765)),  # fmt: skip
-    ("onnxruntime", "int8-static"): ("deviates", dict(prompts=43, cosine_min=0.99854, cosine_p01=0.9987,
-                                                      cosine_median=0.9995, sample_size=43,
-                                                      neighbour_overlap_mean=0.986, neighbour_overlap_min=0.9,
-                                                      similarity_spearman=0.999812)),  # fmt: skip
+    ("actdiff", "fp32"): (
+        "pass",
+        dict(
+            prompts=47,
+            cosine_min=1 - 3e-13,
+            cosine_p01=1 - 2e-13,
+            cosine_median=1 - 4e-14,
+            sample_size=47,
+            neighbour_overlap_mean=1.0,
+            neighbour_overlap_min=1.0,
+            similarity_spearman=1.0,
+        ),
+    ),  # fmt: skip
+    ("llamacpp", "fp32"): (
+        "fail",
+        dict(
+            prompts=47,
+            cosine_min=0.9712,
+            cosine_p01=0.9754,
+            cosine_median=0.9931,
+            sample_size=47,
+            neighbour_overlap_mean=0.951,
+            neighbour_overlap_min=0.8,
+            similarity_spearman=0.998765,
+        ),
+    ),  # fmt: skip
+    ("onnxruntime", "int8-static"): (
+        "deviates",
+        dict(
+            prompts=43,
+            cosine_min=0.99854,
+            cosine_p01=0.9987,
+            cosine_median=0.9995,
+            sample_size=43,
+            neighbour_overlap_mean=0.986,
+            neighbour_overlap_min=0.9,
+            similarity_spearman=0.999812,
+        ),
+    ),  # fmt: skip
     ("onnxruntime", "fp32"): ("pass", {}),  # no embedding summary (a run without one): dashes, not a crash
 }
 MODEL = "tiny-nomic-moe"

@@ -28,7 +28,6 @@ PRECISIONS = tuple(dict.fromkeys(p for ps in ENGINE_PRECISIONS.values() for p in
 REFERENCE_VARIANT = "fp32"
 
 
-
 @dataclass(frozen=True)
 class Policy:
     """What a precision stores and rounds, in the terms actdiff.compare.budgets budgets by: a precision of

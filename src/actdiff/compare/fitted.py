@@ -34,7 +34,7 @@ def fitted_prompts(attrs: Mapping, where: str = "the dump") -> frozenset[str]:
             raise TypeError("prompts is not a list of prompt ids")
     except (ValueError, KeyError, TypeError) as e:
         raise DumpError(
-            f"{where}: attribute {FITTED_ATTR!r} must be JSON {{\"prompts\": [prompt ids]}} or \"none\", got "
+            f'{where}: attribute {FITTED_ATTR!r} must be JSON {{"prompts": [prompt ids]}} or "none", got '
             f"{str(raw)[:200]!r} ({e}); rewrite the dump with the side's current code"
         ) from None
     return frozenset(ids)

@@ -940,7 +940,8 @@ def index_embeddings_md(entries: list[IndexEntry]) -> str:
 
 def index_md(entries: list[IndexEntry], baseline: list[IndexEntry] | None = None) -> str:
     """One table per model: a row per variant, a column per engine (side), so the engines (ours, llama.cpp,
-    ONNX Runtime, an imported one) are side by side at every variant; with the ``baseline`` runs' entries, each cell says what it was before."""
+    ONNX Runtime, an imported one) are side by side at every variant; with the ``baseline`` runs' entries,
+    each cell says what it was before."""
     if not entries:
         return "No runs.\n"
     by = {(e.model, e.side, e.variant): e for e in entries}
