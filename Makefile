@@ -52,7 +52,7 @@ $(STAMP): pyproject.toml $(KERNEL_SOURCES)
 
 report: setup
 	@$(BIN)/python -c 'import actdiff.llamacpp as l; ok, why = l.available(); print("actdiff: llama.cpp engine " + ("included (" + why + ")" if ok else "NOT included: " + why))'
-	@$(BIN)/python -c 'import actdiff.onnxrt as o; ok, why = o.available(); print("actdiff: ONNX Runtime engine " + ("installed (" + why + "): runs when config engines lists onnxruntime (README)" if ok else "NOT installed: " + why))'
+	@$(BIN)/python -c 'import actdiff.onnxrt as o; ok, why = o.available(); print("actdiff: ONNX Runtime engine " + ("included (" + why + ")" if ok else "NOT included: " + why))'
 	$(BIN)/actdiff run --cores $(CORES) --resources mem_mb=$(MEM_MB) $(SNAKEMAKE_ARGS)
 
 test: setup setup-llamacpp setup-onnxruntime browser test-c test-python test-isa

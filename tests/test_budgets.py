@@ -185,3 +185,31 @@ def test_correct_engine_replays_itself_and_its_outputs_stay_within_propagated_bu
     ratio = out["rel_l2"] / out["propagated_budget"]
     assert not n["output_diverges"].any() and (ratio < 1).all(), out[ratio >= 1].to_string()
     print(f"{correct_run['model']} on {K.get_isa()}: output error / propagated budget max {ratio.max():.3f}")
+
+
+def test_every_precision_is_budgeted_by_its_formats():
+    """One weight format, one rule, whatever engine runs it: int8-dynamic and int8-static (8-bit weights per
+    channel) get our int8's 2^-7 wherever their weights are int8, q8_0 too; a precision whose activations are
+    quantised to 8 bits has no allowance for that and is flagged unbudgeted (never PASS: compare.aggregate)."""
+    from types import SimpleNamespace
+
+    from actdiff.compare.budgets import WEIGHTED_OPS, Noise, budget, unbudgeted
+    from actdiff.variants import PRECISIONS
+
+    noise = Noise(1e-7)
+
+    def b(op, precision, kind="float"):  # the allowance above the noise, rounded off SAFETY's last bits
+        return round(budget(SimpleNamespace(name="n", op=op, kind=kind), precision, noise) / SAFETY - 1e-7, 15)
+
+    for p in PRECISIONS:  # a precision added to an engine without a policy fails here
+        assert b("MATMUL", p) >= 0 and b("ADD", p) >= 0
+    for op in WEIGHTED_OPS:
+        assert b(op, "fp32") == 0 and b(op, "fp16") == 2.0**-11 and b(op, "bf16") == 2.0**-8, op
+        assert b(op, "int8-dynamic") == b(op, "q8_0") == 2.0**-7, op  # quantize_dynamic: every weight int8
+        assert b(op, "int8") == (0.0 if op in ("ROUTER", "EMBED") else 2.0**-7), op  # ours keeps them fp32
+        assert b(op, "int8-static") == (0.0 if op == "EMBED" else 2.0**-7), op  # QDQ MatMuls only
+    for p in ("fp32", "fp16", "bf16", "int8", "int8-dynamic", "int8-static", "q8_0"):
+        assert b("ADD", p) == b("LAYERNORM", p) == 0.0, p  # no weights: no weight allowance
+    assert b("ADD", "fp16-act") == 2 * 2.0**-11 and b("TOPK", "fp16-act", kind="index") == 0.0
+    assert {p for p in PRECISIONS if unbudgeted(p)} == {"int8-dynamic", "int8-static"}
+    assert "activations quantised to int8" in unbudgeted("int8-static")

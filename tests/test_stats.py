@@ -390,3 +390,96 @@ def test_padding_only_fault_is_localised_in_a_batched_dump(tiny_model_dir, tmp_p
     before = nodes[nodes["node_index"] < graph[fault_node].index]
     assert (before["status"] != "fail").all()
     assert v["hypothesis"] in ("unexplained", "attention_mask_on_queries"), v["hypothesis"]
+
+
+# ------------------------------------------------------------------ prompts a side was fitted on
+def _two_shard_dumps(tiny_model_dir, tmp):
+    """Reference and engine (fp32) dumps of two token shards of two short prompts each: (model.json, tokens,
+    reference dumps, engine dumps)."""
+    from actdiff import pipeline
+    from actdiff.models.loading import model_summary
+
+    mj = tmp / "model.json"
+    mj.write_text(json.dumps(model_summary("tiny-nomic-moe", tiny_model_dir)))
+    texts = [["the fox jumps over", "a lazy dog sleeps here"], ["calibrate on me", "and on me too, please"]]
+    tokens, refs, engs = [], [], []
+    for s, pair in enumerate(texts):
+        prompts, tok = tmp / f"p{s}.parquet", tmp / f"t{s}.parquet"
+        pd.DataFrame({"prompt_id": [f"s{s}-{i}" for i in range(2)], "text": pair}).to_parquet(prompts, index=False)
+        pipeline.tokenize(str(mj), str(prompts), None, str(tok))
+        ref, eng = tmp / f"ref{s}.h5", tmp / f"eng{s}.h5"
+        pipeline.dump(str(mj), str(tok), str(ref), "reference", "fp32", s)
+        pipeline.dump(str(mj), str(tok), str(eng), "actdiff", "fp32", s)
+        tokens, refs, engs = [*tokens, str(tok)], [*refs, ref], [*engs, eng]
+    return mj, tokens, refs, engs
+
+
+FITTED = ["s0-1", "s1-0", "s1-1", "not-in-the-corpus"]  # shard 1 entirely
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tiny_model_dir, tmp_path_factory):
+    """Statistics of two shards whose engine dumps say the side was fitted on FITTED: (shard outputs, tokens)."""
+    import h5py
+
+    from actdiff.compare.fitted import FITTED_ATTR
+
+    tmp = tmp_path_factory.mktemp("fitted")
+    _, tokens, refs, engs = _two_shard_dumps(tiny_model_dir, tmp)
+    for e in engs:
+        with h5py.File(e, "r+") as f:
+            f.attrs[FITTED_ATTR] = json.dumps({"prompts": FITTED, "n": len(FITTED)})
+    outs = [shard_outputs(tmp / f"st{s}") for s in (0, 1)]
+    for s in (0, 1):
+        (tmp / f"st{s}").mkdir()
+        compute_shard_stats(tiny_model_dir, refs[s], engs[s], "actdiff", "fp32", s, outs[s], None)
+    return outs, tokens, refs, engs
+
+
+def _aggregate(outs, tokens, folder, variant="fp32"):
+    summ = summary_outputs(folder)
+    folder.mkdir()
+    meta = {"model": "tiny", "side": "actdiff", "variant": variant, "experts": 8}
+    return aggregate({t: [o[t] for o in outs] for t in SHARD_TABLES}, summ, meta, tokens=tokens), summ
+
+
+def test_prompts_a_side_was_fitted_on_are_excluded_everywhere(fitted_run, tiny_model_dir, tmp_path):
+    """A dump whose provenance names prompts its side was fitted on (int8-static's calibration set): no shard
+    or summary table holds them, the verdict counts the others only and names them; a shard whose prompts
+    are all excluded still aggregates."""
+    import h5py
+
+    from actdiff.compare.fitted import FITTED_ATTR
+    from actdiff.errors import DumpError
+    from actdiff.tables import AGGREGATE_JSON
+
+    outs, tokens, refs, engs = fitted_run
+    v, summ = _aggregate(outs, tokens, tmp_path / "sum")
+    excluded = ["s0-1", "s1-0", "s1-1"]
+    assert v["excluded_prompts"]["ids"] == excluded and v["excluded_prompts"]["n"] == 3, v
+    assert v["prompts"] == 1 and v["status"] == "pass", v["plain"]
+    assert "3 calibration prompt(s) excluded (ids s0-1, s1-0, s1-1)" in v["plain"], v["plain"]
+    tables = [*(o[t] for o in outs for t in SHARD_TABLES), *(p for k, p in summ.items() if k not in AGGREGATE_JSON)]
+    for p in tables:
+        t = pd.read_parquet(p)
+        if "prompt_id" in t:
+            assert not set(t["prompt_id"]) & set(FITTED), p
+    emb = json.loads(open(summ["embeddings"]).read())
+    assert emb["prompts"] == 1 and emb["sample_size"] == 1 and emb["worst_cosine_prompts"] == ["s0-0"], emb
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(engs[0].read_bytes())
+    with h5py.File(bad, "r+") as f:
+        f.attrs[FITTED_ATTR] = "[1, 2]"
+    with pytest.raises(DumpError, match=f"attribute '{FITTED_ATTR}'"):
+        compute_shard_stats(tiny_model_dir, refs[0], bad, "actdiff", "fp32", 0, shard_outputs(tmp_path), None)
+
+
+def test_a_precision_with_unbudgeted_activations_never_passes(fitted_run, tmp_path):
+    """8-bit activations have no budget (compare.budgets.unbudgeted): the same tables that PASS as fp32 are
+    DEVIATES under int8-static, the verdict saying why; our int8 (weights only) keeps its PASS."""
+    outs, tokens, _, _ = fitted_run
+    v, _ = _aggregate(outs, tokens, tmp_path / "a", "int8-static")
+    assert v["status"] == "deviates" and v["failing_nodes"] == 0, v["plain"]
+    assert "activations quantised to int8, which no precision policy budgets" in v["plain"], v["plain"]
+    v, _ = _aggregate(outs, tokens, tmp_path / "b", "int8")
+    assert v["status"] == "pass" and "unbudgeted" not in v, v["plain"]

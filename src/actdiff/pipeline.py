@@ -315,7 +315,7 @@ def export_onnx(model_json: str, out: str) -> None:
 def onnx_variant(fp32: str, variant: str, out: str, tokens: str | None = None, calibration_prompts: int = 4) -> None:
     """An ORT variant's model file made from the fp32 export (actdiff.onnxrt.variants). int8-static is
     calibrated on the first ``calibration_prompts`` prompts of ``tokens`` (the reference's ids), recorded in
-    the model's metadata and the dumps' provenance; they stay in the comparison."""
+    the model's metadata and the dumps' provenance; statistics leave them out (actdiff.compare.fitted)."""
     from .onnxrt.variants import write_variant
     from .sides.dump import ids_column, read_token_items
 

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .onnxrt import VARIANTS as ONNXRUNTIME_VARIANTS  # owned by the onnxrt package (importing it imports no ORT)
+from .onnxrt import POLICIES as ONNXRUNTIME_POLICIES  # owned by the onnxrt package (importing it imports no ORT)
+from .onnxrt import VARIANTS as ONNXRUNTIME_VARIANTS
 
 # what each engine can run (q8_0 is llama.cpp's GGUF block format; int8-dynamic and int8-static ORT's
 # quantisations; faults exist only in our engine)
@@ -25,6 +26,36 @@ ENGINE_PRECISIONS = {
 }
 PRECISIONS = tuple(dict.fromkeys(p for ps in ENGINE_PRECISIONS.values() for p in ps))  # every engine's, once
 REFERENCE_VARIANT = "fp32"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a precision stores and rounds, in the terms actdiff.compare.budgets budgets by: a precision of
+    any engine is judged by the rule of its weight format and activation format, so one format is budgeted
+    alike whatever engine runs it."""
+
+    weights: str = "fp32"  # storage format of the weighted ops' weights: fp32, fp16, bf16, int8
+    fp32_ops: tuple[str, ...] = ()  # weighted ops (actdiff.nodes op names) whose weights stay fp32
+    activations: str = "fp32"  # the format activations are rounded to: fp32, fp16, int8 (quantised)
+
+
+POLICIES = {
+    "fp32": Policy(),
+    "fp16": Policy("fp16"),  # weights stored fp16, fp32 accumulation (actdiff.engine.weights)
+    "bf16": Policy("bf16"),
+    "int8": Policy("int8", ("ROUTER", "EMBED")),  # per-channel symmetric; routers and embeddings stay fp32
+    "fp16-act": Policy(activations="fp16"),  # activations rounded to fp16 after every node
+    "q8_0": Policy("int8"),  # llama.cpp's blocks of 32 weights with one fp16 scale: int8's rule
+    **{p: Policy(**d) for p, d in ONNXRUNTIME_POLICIES.items()},
+}
+
+
+def policy(precision: str) -> Policy:
+    """The precision policy of ``precision`` (a ConfigError for a precision no engine declares)."""
+    if precision not in POLICIES:
+        raise ConfigError(f"precision {precision!r} has no precision policy: one of {', '.join(POLICIES)}")
+    return POLICIES[precision]
+
 
 _PRECISION_RE = "|".join(re.escape(p) for p in sorted(PRECISIONS, key=len, reverse=True))
 # fault names are identifiers; a parameter is a number or identifier-like token.

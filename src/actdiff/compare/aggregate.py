@@ -19,6 +19,7 @@ from ..atomic import atomic_path, write_json_atomic
 from . import prompt_table
 from . import worst as worst_mod
 from .embeddings import neighbour_overlap, similarity_rank_correlation
+from .fitted import excluded_summary, excluded_words, read_excluded
 from .routing import expert_load
 
 QUANTILE_METRICS = ("rel_l2", "local_rel_l2", "cosine", "max_abs", "amplification", "sqnr_db", "max_ulp")
@@ -214,6 +215,9 @@ def aggregate(
     the error columns of the prompt table (default: the nodes the drill-down shard tables hold, the same list)."""
     if tokens:  # what `actdiff check --baseline` compares: a baseline of another corpus is refused
         meta = {**meta, "corpus_sha256": corpus_sha256(tokens)}
+    excluded = read_excluded(shard_tables["nodes"])  # prompts the side was fitted on: no shard table holds them
+    if excluded:
+        meta = {**meta, "excluded_prompts": excluded_summary(excluded)}
     shard_tables = _nonempty_shards(shard_tables)
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
     if key_nodes is None:
@@ -722,6 +726,7 @@ def _verdict(
         "fail" if v["replay_mismatches"] or v["outputs"]["diverge"] or len(failing) and v["nonfinite"]["nodes"]
         else "nonfinite" if v["nonfinite"]["nodes"] else "deviates" if len(failing) else "pass"
     )  # fmt: skip
+    _unbudgeted_is_never_pass(v)
     # only failing nodes: a list of passing nodes under "worst nodes" reads as a finding
     worst = failing.sort_values("local_over_budget_max", ascending=False).head(5) if len(failing) else failing
     v["worst_nodes"] = [
@@ -737,6 +742,25 @@ def _verdict(
     v["warned_nodes"] = int((summary["warn"] > 0).sum()) if len(summary) else 0
     v["plain"] = plain_words(v)
     return v
+
+
+def _unbudgeted_is_never_pass(v: dict) -> None:
+    """A precision that rounds something no budget allows for (8-bit activations: compare.budgets.unbudgeted)
+    is never PASS: no failing node there only means its error hid under the other allowances, while its
+    embeddings move. It DEVIATES at best, saying why."""
+    from ..errors import ConfigError
+    from ..variants import parse_variant
+    from .budgets import unbudgeted
+
+    try:
+        gap = unbudgeted(parse_variant(str(v.get("variant"))).precision)
+    except ConfigError:  # a run labelled outside the variant grammar (a test's meta): nothing to add
+        return
+    if gap is None:
+        return
+    v["unbudgeted"] = gap
+    if v["status"] == "pass":
+        v["status"] = "deviates"
 
 
 def _nonfinite(summary: pd.DataFrame, origins: dict) -> dict:
@@ -970,6 +994,8 @@ def plain_words(v: dict) -> str:
         tail += f" Replay: {NOT_REPLAYED}."
     nf = (v.get("nonfinite") or {}).get("statement")
     tail = f" {nf}" + tail if nf else tail
+    ex = excluded_words(v.get("excluded_prompts"))
+    tail = f" {ex}" + tail if ex else tail
     if v["status"] == "pass":
         return (
             f"PASS: every node of {run} is within its error budget on all {v['prompts']} prompts and the outputs "
@@ -994,6 +1020,12 @@ def plain_words(v: dict) -> str:
         )
     elif out.get("diverge"):
         parts.append("No node fails locally.")
+    if v.get("unbudgeted"):
+        parts.append(
+            f"Not budgeted: {v['unbudgeted']}, so this variant is never PASS"
+            + ("; no node exceeds its budget, but the error it adds is accounted for by none." if not v["failing_nodes"]
+               else ".")
+        )
     for c in v.get("causes", []):
         effect = " It has no measurable effect on the outputs (within their propagated budgets)."
         effect = effect if c.get("harmless") else ""

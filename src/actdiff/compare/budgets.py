@@ -49,20 +49,26 @@ from typing import NamedTuple
 import numpy as np
 
 from ..nodes import INPUT_IDS, Graph, Node
+from ..variants import policy
 from .refops import NotApplicable, run_op, spec_params
 
 U32 = 2.0**-24
 R_IMPL = 3.0  # accuracy ratio between two correct fp32 implementations of one op (see the module docstring)
 CONCENTRATION = 2.0  # a relative L2 over >= 16 roundings stays within 2x its rms (p > 1 - 1e-6)
 SAFETY = CONCENTRATION * math.sqrt(1.0 + R_IMPL**2)
+# Every precision of every engine is budgeted by its policy (actdiff.variants.POLICIES: weight format, the
+# weighted ops it keeps at fp32, activation format), so one format gets one rule whatever engine runs it:
+# int8, int8-dynamic and int8-static all get 2^-7 wherever their weights are int8 (each policy names the
+# weighted ops it keeps at fp32: our engine's int8 its routers and embeddings).
 # q8_0 (llama.cpp): blocks of 32 weights sharing an fp16 scale max|w|/127, so like int8 per channel but
 # with a tighter range per block; taken as 2^-7 as well. llama.cpp also rounds the activations entering a
 # quantised matmul to q8_0 (f16 for an f16 GGUF); both stay well inside SAFETY * u_weights.
-U_WEIGHTS = {"fp32": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8, "int8": 2.0**-7, "fp16-act": 0.0, "q8_0": 2.0**-7}
-U_ACT = {"fp16-act": 2.0**-11}
+U_WEIGHTS = {"fp32": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8, "int8": 2.0**-7}  # by weight format
+# by activation format. 8-bit activations (int8-dynamic, int8-static: per-tensor scales, (max - min) / 255 set
+# by the tensor's outliers) have no rule: their error is not a bounded unit roundoff, so no allowance is
+# derived and such a precision is never PASS (:func:`unbudgeted`; compare.aggregate).
+U_ACT = {"fp32": 0.0, "fp16": 2.0**-11}
 WEIGHTED_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "EMBED")
-# engines keep routers and embeddings at fp32 storage for int8 (see actdiff.engine.weights)
-INT8_FP32_OPS = ("ROUTER", "EMBED")
 
 
 NOISE_FLOOR = U32 / 2
@@ -151,14 +157,19 @@ def budget(node: Node, precision: str, noise: Noise, overrides: dict | None = No
     for pattern, value in (overrides or {}).items():
         if fnmatch.fnmatchcase(node.name, pattern):
             return float(value)
-    u_w = 0.0
-    if node.op in WEIGHTED_OPS and not (precision == "int8" and node.op in INT8_FP32_OPS):
-        u_w = U_WEIGHTS.get(precision, 0.0)
-    if precision in ("fp16", "bf16") and node.op in INT8_FP32_OPS:
-        u_w = U_WEIGHTS[precision]
-    u_a = U_ACT.get(precision, 0.0) * (2 if node.kind != "index" else 0)
+    pol = policy(precision)
+    u_w = U_WEIGHTS[pol.weights] if node.op in WEIGHTED_OPS and node.op not in pol.fp32_ops else 0.0
+    u_a = U_ACT.get(pol.activations, 0.0) * (2 if node.kind != "index" else 0)
     floor = noise.value if math.isfinite(noise.value) and noise.value > NOISE_FLOOR else NOISE_FLOOR
     return SAFETY * (floor + u_w + u_a)
+
+
+def unbudgeted(precision: str) -> str | None:
+    """What a precision rounds that no budget allows for (None: every error source has its rule)."""
+    pol = policy(precision)
+    if pol.activations not in U_ACT:
+        return f"activations quantised to {pol.activations}, which no precision policy budgets"
+    return None
 
 
 def status(local_rel_l2: float, propagated_rel_l2: float, node_budget: float, nonfinite_new: bool) -> str:

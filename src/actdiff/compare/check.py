@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..layout import Layout
+from .fitted import excluded_words
 
 
 def find_runs(results: Path, pattern: str = "*") -> list[tuple[str, str, str]]:
@@ -136,6 +137,8 @@ def print_run(v: dict) -> None:
     nf = (v.get("nonfinite") or {}).get("statement")
     if nf:
         print(f"   non-finite values: {nf}")
+    if v.get("excluded_prompts"):
+        print(f"   {excluded_words(v['excluded_prompts'])}")
     if v["status"] == "pass":
         return
     if v.get("first_divergence"):

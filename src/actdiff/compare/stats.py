@@ -73,6 +73,7 @@ class _TableWriter:
         self.rows = 0
         self.flush_rows = flush_rows
         self.writer: pq.ParquetWriter | None = None
+        self.metadata: dict[bytes, bytes] = {}  # the schema's key-value metadata (set before the first flush)
         self._ctx = atomic_path(self.path)
         self.tmp = self._ctx.__enter__()
 
@@ -93,7 +94,7 @@ class _TableWriter:
         table = pa.Table.from_pydict(self.cols)
         with self._disk_full_named():
             if self.writer is None:
-                self.schema = table.schema
+                self.schema = table.schema.with_metadata(self.metadata) if self.metadata else table.schema
                 self.writer = pq.ParquetWriter(self.tmp, self.schema)
             self.writer.write_table(table.cast(self.schema))
         self.cols = {k: [] for k in self.cols}
@@ -103,7 +104,7 @@ class _TableWriter:
         self.flush()
         with self._disk_full_named():
             if self.writer is None:
-                pq.write_table(self.empty, self.tmp)
+                pq.write_table(self.empty.replace_schema_metadata(self.metadata or None), self.tmp)
             else:
                 self.writer.close()
         self._ctx.__exit__(None, None, None)
@@ -684,7 +685,8 @@ def compute_shard_stats(
                 fused=replay.fused_nodes() if replay is not None else frozenset(), outputs=tuple(output_nodes(graph)),
                 search=SearchSample(cfg.search_prompts, cfg.search_nodes) if cfg.search_seconds > 0 else None,
             )  # fmt: skip
-            for pid, ref, eng in _paired_prompts(ref_h5, eng_h5, rr, er, graph.names()):
+            skip = _fitted_prompts(eng_h5, er, rr, writers["nodes"])
+            for pid, ref, eng in _paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip):
                 j = judge_prompt(ctx, pid, ref, eng)
                 for build in BUILDERS:
                     build(ctx, j)
@@ -699,7 +701,19 @@ def compute_shard_stats(
         raise
     dt = time.perf_counter() - t0
     log.info("stats: %d prompts in %.1f s (%.1f prompts/s)", n_prompts, dt, n_prompts / max(dt, 1e-9))
-    return {"prompts": n_prompts, "seconds": dt, "dims": graph.dims.hidden}
+    return {"prompts": n_prompts, "seconds": dt, "dims": graph.dims.hidden, "excluded": len(skip)}
+
+
+def _fitted_prompts(eng_h5, er: ActivationReader, rr: ActivationReader, nodes: _TableWriter) -> frozenset:
+    """The shard's prompts the side was fitted on (actdiff.compare.fitted): skipped, and recorded in the nodes
+    table's metadata for aggregation."""
+    from .fitted import fitted_prompts, shard_metadata
+
+    skip = fitted_prompts(er.attrs, str(eng_h5)) & set(rr.prompt_ids)
+    if skip:
+        nodes.metadata = shard_metadata(skip)
+        log.info("%s: %d prompt(s) the side was fitted on are not compared: %s", eng_h5, len(skip), sorted(skip))
+    return skip
 
 
 def _missing_nodes(eng_h5, er: ActivationReader) -> frozenset:
@@ -711,9 +725,9 @@ def _missing_nodes(eng_h5, er: ActivationReader) -> frozenset:
     return missing
 
 
-def _paired_prompts(ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, names: list[str]):
-    """(prompt_id, reference values, side values) for every prompt of the reference dump."""
-    missing = [p for p in rr.prompt_ids if p not in er.index]
+def _paired_prompts(ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, names: list[str], skip=frozenset()):
+    """(prompt_id, reference values, side values) for every prompt of the reference dump but those in ``skip``."""
+    missing = [p for p in rr.prompt_ids if p not in er.index and p not in skip]
     if missing:
         raise DumpError(
             f"{eng_h5}: {len(missing)} prompt(s) of the reference dump are missing, e.g. "
@@ -722,8 +736,10 @@ def _paired_prompts(ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, 
     eng_iter = er.iter_prompts(names) if er.prompt_ids == rr.prompt_ids else None
     for _, pid, ref in rr.iter_prompts(names):
         if eng_iter is not None:
-            _, _, eng = next(eng_iter)
-        else:  # different prompt order: random access
+            _, _, eng = next(eng_iter)  # read in step with the reference, skipped prompts too
+        if pid in skip:
+            continue
+        if eng_iter is None:  # different prompt order: random access
             eng = {n: er.node(n, pid) for n in names}
             if "input_ids" in er.f:
                 eng[INPUT_IDS] = er.input_ids(pid)

@@ -18,6 +18,16 @@ INSTALL = "pip install -e '.[onnxruntime]'"
 # the ORT variants (actdiff.onnxrt.variants makes their model files); actdiff.variants asks this tuple which
 # precisions the onnxruntime engine runs, so a new variant is added here only
 VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+# the precision policy of each variant whose name is ORT's own, in the terms every precision is budgeted by
+# (actdiff.variants.Policy, actdiff.compare.budgets): the weights' storage format, the weighted ops whose
+# weights stay fp32, the activations' format. quantize_dynamic quantises every MatMul (the router's too)
+# and the word-embedding Gather; the static QDQ variant quantises MatMuls only (variants.STATIC_OPS), so the
+# embedding table stays fp32. Both quantise the activations entering a quantised MatMul to 8 bits per tensor.
+# fp32 and fp16 are the shared precisions of those names (their policies are actdiff.variants').
+POLICIES = {
+    "int8-dynamic": {"weights": "int8", "fp32_ops": (), "activations": "int8"},
+    "int8-static": {"weights": "int8", "fp32_ops": ("EMBED",), "activations": "int8"},
+}
 
 
 def available() -> tuple[bool, str]:
@@ -33,4 +43,4 @@ def available() -> tuple[bool, str]:
     return True, f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}"
 
 
-__all__ = ["INSTALL", "VARIANTS", "available"]
+__all__ = ["INSTALL", "POLICIES", "VARIANTS", "available"]

@@ -82,6 +82,7 @@ class IndexEntry:
     side: str
     variant: str
     verdict: dict
+    embeddings: dict = field(default_factory=dict)  # the run's embedding summary (compare.aggregate), {} if none
 
 
 def load_index(results: str | Path, runs: str | list[str], required: bool = True) -> list[IndexEntry]:
@@ -96,6 +97,8 @@ def load_index(results: str | Path, runs: str | list[str], required: bool = True
         if len(parts) != 3:
             raise ActdiffError(f"index run {r!r} is not of the form model/side/variant")
         model, side, variant = parts
-        v = _read_json(Path(Layout(str(results)).verdict(model, side, variant)), required) or {}
-        out.append(IndexEntry(model, side, variant, v))
+        L = Layout(str(results))
+        v = _read_json(Path(L.verdict(model, side, variant)), required) or {}
+        e = _read_json(Path(L.summary_json(model, side, variant, EMBEDDING_SAMPLE)), required=False) or {}
+        out.append(IndexEntry(model, side, variant, v, e))
     return out

@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .. import sysinfo
+from ..compare.fitted import excluded_words
 from .baseline import COSINE_FLOOR, MARGIN
 from .data import IndexEntry, Run
 
@@ -188,6 +189,8 @@ def verdict_md(run: Run) -> str:
         f"- **Run:** {code(run.model)} / {code(run.side)} / {code(run.variant)}, {v.get('prompts', 0)} "
         f"inputs, {v.get('failing_nodes', 0)} failing node(s), {v.get('warned_nodes', 0)} warned node(s)",
     ]
+    if v.get("excluded_prompts"):
+        out.append(f"- **Excluded:** {esc(excluded_words(v['excluded_prompts']))}")
     if v.get("replay"):
         out.append(f"- **Replay:** {esc(v['replay']['statement'])}")
     for m in v.get("replay_mismatches") or []:
@@ -902,9 +905,43 @@ def _index_cell(e: IndexEntry, old: IndexEntry | None = None) -> str:
     return f"[{badge} report]({report_href(e)}){extra}{_trend(e, old)}"
 
 
+def _one_minus(c) -> str:
+    """1 - cosine in scientific notation (a cosine of 0.99999999999996 reads as 1 at any sane width)."""
+    return "–" if c is None or pd.isna(c) else f"{max(1.0 - float(c), 0.0):.1e}"
+
+
+def index_embeddings_md(entries: list[IndexEntry]) -> str:
+    """One table per model: a row per (engine, variant), the final embeddings against the reference's (every
+    input's cosine: worst, 1st percentile, median as 1 - cosine; on the neighbour sample: top-10 neighbour
+    overlap and the rank correlation of the similarity matrices), so every engine's variants compare at a glance."""
+    if not entries:
+        return "No runs.\n"
+    head = (
+        "| engine | variant | verdict | inputs | 1 − cosine, worst | 1 − cosine, p1 | 1 − cosine, median "
+        "| top-10 neighbour overlap, mean (min) | similarity rank correlation | sample |"
+    )
+    lines = []
+    for m in dict.fromkeys(e.model for e in entries):
+        lines += [f"### {esc(m)}", "", head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in sorted((e for e in entries if e.model == m), key=lambda e: e.side):
+            x = e.embeddings
+            ov = x.get("neighbour_overlap_mean")
+            ov_s = f"{ov:.3f} ({x.get('neighbour_overlap_min', float('nan')):.2f})" if ov is not None else "–"
+            rho = x.get("similarity_spearman")
+            lines.append(
+                f"| {esc(e.side)} | {code(e.variant)} | {esc(str(e.verdict.get('status', '?')).upper())} "
+                f"| {x.get('prompts', '–')} | {_one_minus(x.get('cosine_min'))} | {_one_minus(x.get('cosine_p01'))} "
+                f"| {_one_minus(x.get('cosine_median'))} | {ov_s} | {'–' if rho is None else f'{rho:.6f}'} "
+                f"| {x.get('sample_size', '–')} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def index_md(entries: list[IndexEntry], baseline: list[IndexEntry] | None = None) -> str:
-    """One table per model: a row per variant, a column per engine (side), so our engine and llama.cpp
-    are side by side at every variant; with the ``baseline`` runs' entries, each cell says what it was before."""
+    """One table per model: a row per variant, a column per engine (side), so the engines (ours, llama.cpp,
+    ONNX Runtime, an imported one) are side by side at every variant; with the ``baseline`` runs' entries,
+    each cell says what it was before."""
     if not entries:
         return "No runs.\n"
     by = {(e.model, e.side, e.variant): e for e in entries}

@@ -1,0 +1,101 @@
+"""The index page's embedding table: every (engine, variant)'s final-embedding metrics side by side, from
+summaries fabricated here (no pipeline run: the CI config has no ONNX Runtime runs)."""
+
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from actdiff.layout import Layout
+from actdiff.report import render_index
+from actdiff.report.data import load_index
+from actdiff.report.sections import index_embeddings_md
+
+render_mod = importlib.import_module("actdiff.report.render")
+
+# (side, variant) -> (status, embedding summary as compare.aggregate writes it)
+RUNS = {
+    ("actdiff", "fp32"): (
+        "pass",
+        dict(
+            prompts=47,
+            cosine_min=1 - 3e-13,
+            cosine_p01=1 - 2e-13,
+            cosine_median=1 - 4e-14,
+            sample_size=47,
+            neighbour_overlap_mean=1.0,
+            neighbour_overlap_min=1.0,
+            similarity_spearman=1.0,
+        ),
+    ),  # fmt: skip
+    ("llamacpp", "fp32"): (
+        "fail",
+        dict(
+            prompts=47,
+            cosine_min=0.9712,
+            cosine_p01=0.9754,
+            cosine_median=0.9931,
+            sample_size=47,
+            neighbour_overlap_mean=0.951,
+            neighbour_overlap_min=0.8,
+            similarity_spearman=0.998765,
+        ),
+    ),  # fmt: skip
+    ("onnxruntime", "int8-static"): (
+        "deviates",
+        dict(
+            prompts=43,
+            cosine_min=0.99854,
+            cosine_p01=0.9987,
+            cosine_median=0.9995,
+            sample_size=43,
+            neighbour_overlap_mean=0.986,
+            neighbour_overlap_min=0.9,
+            similarity_spearman=0.999812,
+        ),
+    ),  # fmt: skip
+    ("onnxruntime", "fp32"): ("pass", {}),  # no embedding summary (a run without one): dashes, not a crash
+}
+MODEL = "tiny-nomic-moe"
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    L = Layout(str(tmp_path))
+    for (side, variant), (status, emb) in RUNS.items():
+        v = Path(L.verdict(MODEL, side, variant))
+        v.parent.mkdir(parents=True, exist_ok=True)
+        v.write_text(json.dumps({"status": status, "plain": f"{status.upper()}: {side} {variant}", "causes": []}))
+        if emb:
+            Path(L.summary_json(MODEL, side, variant, "embeddings")).write_text(json.dumps(emb))
+    return tmp_path
+
+
+def _runs() -> list[str]:
+    return [f"{MODEL}/{s}/{v}" for s, v in RUNS]
+
+
+def test_index_embedding_rows_per_engine_and_variant(results):
+    md = index_embeddings_md(load_index(results, _runs()))
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in md.splitlines()[4:] if line}
+    assert set(rows) == {(s, f"`{v}`") for s, v in RUNS}, md
+    # 1 - cosine in scientific notation: worst, p1, median; overlap mean (min); Spearman; sample size
+    int8_static = rows[("onnxruntime", "`int8-static`")]
+    assert "| DEVIATES | 43 | 1.5e-03 | 1.3e-03 | 5.0e-04 | 0.986 (0.90) | 0.999812 | 43 |" in int8_static
+    assert "| PASS | 47 | 3.0e-13 | 2.0e-13 | 4.0e-14 | 1.000 (1.00) | 1.000000 | 47 |" in rows[("actdiff", "`fp32`")]
+    assert "| FAIL | 47 | 2.9e-02 | 2.5e-02 | 6.9e-03 | 0.951 (0.80) | 0.998765 | 47 |" in rows[("llamacpp", "`fp32`")]
+    assert "| PASS | – | – | – | – | – | – | – |" in rows[("onnxruntime", "`fp32`")]
+
+
+def test_index_page_shows_the_embedding_table(results, tmp_path, monkeypatch):
+    monkeypatch.setattr(render_mod, "find_quarto", lambda: None)  # the fallback renderer, as test_report does
+    out = tmp_path / "index.html"
+    render_index(str(results), _runs(), str(out))
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", out.read_text(encoding="utf-8"))).split())
+    assert "Final embeddings" in text and "top-10 neighbour overlap, mean (min)" in text, text[:2000]
+    assert "onnxruntime int8-static DEVIATES 43 1.5e-03 1.3e-03 5.0e-04 0.986 (0.90) 0.999812 43" in text, text
