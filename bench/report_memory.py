@@ -60,6 +60,8 @@ def replicate(src: Layout, dst: Layout, run: tuple[str, str, str], prompts: int,
 
 
 def _renamed(df: pd.DataFrame, ks) -> pd.DataFrame:
+    if "prompt_id" not in df.columns:  # a per-shard table not keyed by prompt (e.g. the search's findings)
+        return df
     return pd.concat([df.assign(prompt_id=df["prompt_id"] + f"~{k}") for k in ks], ignore_index=True)
 
 
@@ -118,17 +120,19 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         m = measure(L, run, n, work / f"{label}.html")
         n_prompts = sum(len(pd.read_parquet(L.tokens(a.model, s), columns=["prompt_id"])) for s in range(n))
-        rows.append({"corpus": label, "prompts": n_prompts, "shards": n, **m, "wall_s": time.perf_counter() - t0})
+        html_bytes = (work / f"{label}.html").stat().st_size
+        rows.append({"corpus": label, "prompts": n_prompts, "shards": n, **m, "html_bytes": html_bytes,
+                     "wall_s": time.perf_counter() - t0})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"run": "/".join(run), "rows": rows}, indent=2))
-    print("\n| prompts | shards | aggregate peak MB | report peak MB (own / kernel+pandoc) | report s |")
-    print("|---:|---:|---:|---:|---:|")
+    print("\n| prompts | shards | aggregate peak MB | report peak MB (own / kernel+pandoc) | report s | page MB |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rp = r["report"]
         print(
             f"| {r['prompts']} | {r['shards']} | {r['aggregate']['own_mb']:.0f} | {rp['own_mb']:.0f} / "
-            f"{rp['children_mb']:.0f} | {rp['seconds']:.1f} |"
+            f"{rp['children_mb']:.0f} | {rp['seconds']:.1f} | {r['html_bytes'] / 2**20:.2f} |"
         )
     return 0
 
