@@ -110,7 +110,7 @@ class OnnxRuntimeSide:
         graph = build_graph(load_config_json(model_dir), str(model_dir / "config.json"))
         with tempfile.TemporaryDirectory(prefix="actdiff-ort-replay-") as tmp:
             return OrtReplay(graph, check_variant(variant), path, provenance["optimization_level"],
-                             int(provenance["threads"]), tmp)  # fmt: skip
+                             int(provenance["threads"]), tmp, int(provenance.get("batch_size", 1)))  # fmt: skip
 
     def provenance(self) -> dict:
         import onnxruntime
