@@ -374,6 +374,14 @@ def test_refusals(case, tmp_path, tiny_model_dir, minilm_model_dir):
         OnnxRuntimeSide(case["record"], "q8_0", case["onnx"])
     with pytest.raises(ModelError, match="not found"):
         OnnxRuntimeSide(case["record"], "fp32", tmp_path / "missing.onnx")
+    # the replay runs what the dump ran: refused without the dump's settings, or on another model file
+    from actdiff.sides import open_replay
+
+    with pytest.raises(ModelError, match="lack.*onnx_path"):
+        open_replay("onnxruntime", case["dir"], "fp32", {})
+    stale = {"onnx_path": str(case["onnx"]), "onnx_sha256": "0" * 64, "optimization_level": "disable", "threads": 1}
+    with pytest.raises(ModelError, match="not the ONNX model the dump ran"):
+        open_replay("onnxruntime", case["dir"], "fp32", stale)
 
 
 # ------------------------------------------------------------------------------------------------ workflow

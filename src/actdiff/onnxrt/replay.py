@@ -39,6 +39,9 @@ from .export import INPUT_MASK
 log = logging.getLogger(__name__)
 
 SHAPE_OPS = ("Shape", "Size")  # their outputs depend on the prompt's length only: fed from the probe
+# ops whose output shape depends on their input's values: a Shape of anything downstream, probed on padding
+# ids, would not be the prompt's own; a graph holding one is refused (the export has none: dense-gather MoE)
+VALUE_SHAPED_OPS = ("NonZero", "Unique", "Compress")
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -165,6 +168,10 @@ class OrtReplay:
         opt = optimize(model_file, level, Path(workdir) / f"{model_file.stem}.opt-{level}.onnx")
         original, optimized = onnx.load(str(model_file)), onnx.load(str(opt))
         res = Resolution(original, optimized, graph.names())
+        shaped = sorted({n.op_type for n in original.graph.node if n.op_type in VALUE_SHAPED_OPS})
+        if shaped:
+            raise ModelError(f"{model_file}: ops {shaped} give value-dependent shapes: the shapes a replay is "
+                             "fed (probed per prompt length) would be wrong: the model cannot be replayed")  # fmt: skip
         pad = graph.dims.pad_token_id
         # the dump's graph, run as the capture runs it; the export as written, at the dump's level
         self.dumped = Source(optimized, res.value, "disable", threads, pad)
