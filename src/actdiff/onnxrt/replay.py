@@ -189,8 +189,8 @@ class OrtReplay:
         if batch_size > 1:  # the dump reduced over the padded batch's length, the replay over the prompt's
             self._fused |= _sequence_reductions(graph)
         if self._fused:
-            log.info("onnxruntime replay at level %s: %d node(s) fused across their inputs, replayed from the "
-                     "export at that level: %s", level, len(self._fused), ", ".join(sorted(self._fused)))  # fmt: skip
+            log.info("onnxruntime replay at level %s: %d node(s) on another code path than the dump (checked "
+                     "within budget): %s", level, len(self._fused), ", ".join(sorted(self._fused)))  # fmt: skip
 
     def _plan_node(self, key: str, output: str, inputs: list[str], through: tuple[str, ...] = ()) -> None:
         """The dump's graph if it computes ``output`` from ``inputs`` alone, else the export at the level."""
