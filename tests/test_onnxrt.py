@@ -282,6 +282,84 @@ def test_variant_embedding_cosine(case, variant, tmp_path):
     assert cos.min() >= COSINE_FLOOR[variant], f"{variant}: cosine {cos.min()} below {COSINE_FLOOR[variant]}"
 
 
+# ------------------------------------------------------------------------------------------------ replay
+def _variant_file(case, variant: str) -> Path:
+    """The model's variant file, made once per model (int8-static calibrated on CALIBRATION)."""
+    from actdiff.onnxrt.variants import write_variant
+
+    files = case.setdefault("variants", {"fp32": case["onnx"]})
+    if variant not in files:
+        calibration = case["ids"][CALIBRATION]
+        files[variant] = write_variant(case["onnx"], case["root"] / f"model-{variant}.onnx", variant, calibration,
+                                       [f"calib-{i}" for i in range(len(calibration))])  # fmt: skip
+    return files[variant]
+
+
+def _replay(case, variant: str, level: str = "disable"):
+    """ORT's replay of the variant's dump, opened from a dump's provenance as the statistics stage opens it."""
+    from actdiff.sides import open_replay
+
+    side = _side(case, variant, _variant_file(case, variant), level)
+    provenance = side.provenance()
+    side.close()
+    return open_replay("onnxruntime", case["dir"], variant, provenance)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8-dynamic"])
+def test_replay_on_own_inputs_is_the_dump_bit_for_bit(case, variant):
+    """Teacher forcing is only sound if the replay is the code that ran: every node's subgraph, fed the side's
+    own inputs, gives its dumped value exactly (same kernels, same shapes, one thread), and every MoE block
+    with its own routing forced gives its dumped output. Level disable: nothing fused, nothing on another
+    path. Three prompts (both models: the tiny one's MoE blocks, MiniLM's BERT attention and embeddings)."""
+    side = _side(case, variant, _variant_file(case, variant))
+    own = _forward(side, case["eval"][:3])
+    side.close()
+    replay = _replay(case, variant)
+    graph = case["graph"]
+    assert replay.fused_nodes() == frozenset() and replay.unreplayable == {}
+    for ids, values in zip(case["eval"][:3], own, strict=True):
+        values = {**values, "input_ids": np.asarray(ids)}
+        for n in graph:
+            out = replay.replay_node(n.name, {i: values[i] for i in n.inputs})
+            assert out.dtype == values[n.name].dtype and np.array_equal(out, values[n.name]), n.name
+        for b in graph.moe_blocks():
+            forced = replay.forced_moe(b, values[b.input], values[b.topk_indices], values[b.topk_weights])
+            assert np.array_equal(forced, values[b.output]), f"MoE layer {b.layer}"
+    print(f"\n{case['name']} {variant}: replay of {len(graph.names())} nodes x 3 prompts {replay.seconds:.1f} s")
+
+
+def test_forced_routing_separates_expert_kernel_error_from_flips(case):
+    """int8-dynamic on the tiny MoE model: with the reference's expert choice and weights forced, the MoE
+    block's error is ORT's int8 expert kernels alone. On tokens whose routing flipped it is the same size as on
+    tokens that agree (the kernels do not know which tokens flipped: medians within 2x), while the unforced
+    error there is dominated by the swapped expert (an unrelated vector with a weight near 1/k, O(0.1-1))
+    against int8 kernel error of a few 2^-7 (measured ~0.03-0.05): unforced > 3x forced on flipped tokens."""
+    if not case["graph"].moe_blocks():
+        pytest.skip(f"{case['name']} has no MoE block")
+    side = _side(case, "int8-dynamic", _variant_file(case, "int8-dynamic"))
+    eng = _forward(side, case["eval"])
+    side.close()
+    replay = _replay(case, "int8-dynamic")
+
+    def rel(a, b):  # per token
+        return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+
+    for b in case["graph"].moe_blocks():
+        forced, unforced, flip = [], [], []
+        for r, e in zip(case["ref"], eng, strict=True):
+            f = replay.forced_moe(b, e[b.input], r[b.topk_indices], r[b.topk_weights])
+            forced.append(rel(f, r[b.output]))
+            unforced.append(rel(e[b.output], r[b.output]))
+            flip.append(np.any(np.sort(r[b.topk_indices], 1) != np.sort(e[b.topk_indices], 1), 1))
+        forced, unforced, flip = map(np.concatenate, (forced, unforced, flip))
+        f_agree, f_flip, u_flip = np.median(forced[~flip]), np.median(forced[flip]), np.median(unforced[flip])
+        print(f"\nMoE layer {b.layer}: {flip.sum()}/{flip.size} tokens flipped; forced median agree {f_agree:.3g} "
+              f"flipped {f_flip:.3g}; unforced median flipped {u_flip:.3g}")  # fmt: skip
+        assert flip.any(), "int8-dynamic flips no routing on these prompts: the test shows nothing"
+        assert 0.5 * f_agree <= f_flip <= 2 * f_agree
+        assert u_flip > 3 * f_flip
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def test_refusals(case, tmp_path, tiny_model_dir, minilm_model_dir):
     from actdiff.models.record import ModelRecord
@@ -296,6 +374,14 @@ def test_refusals(case, tmp_path, tiny_model_dir, minilm_model_dir):
         OnnxRuntimeSide(case["record"], "q8_0", case["onnx"])
     with pytest.raises(ModelError, match="not found"):
         OnnxRuntimeSide(case["record"], "fp32", tmp_path / "missing.onnx")
+    # the replay runs what the dump ran: refused without the dump's settings, or on another model file
+    from actdiff.sides import open_replay
+
+    with pytest.raises(ModelError, match="lack.*onnx_path"):
+        open_replay("onnxruntime", case["dir"], "fp32", {})
+    stale = {"onnx_path": str(case["onnx"]), "onnx_sha256": "0" * 64, "optimization_level": "disable", "threads": 1}
+    with pytest.raises(ModelError, match="not the ONNX model the dump ran"):
+        open_replay("onnxruntime", case["dir"], "fp32", stale)
 
 
 # ------------------------------------------------------------------------------------------------ workflow
@@ -402,6 +488,30 @@ def test_pipeline_int8_static_leaves_its_calibration_prompts_out(ort_run):
         ids = set(pd.read_parquet(L.stats(PIPELINE_MODEL, "onnxruntime", "int8-static", 0, t))["prompt_id"])
         assert ids == set(PIPELINE_PROMPTS) - set(calibrated), (t, ids)
     assert "excluded_prompts" not in _ort_verdict(L, "int8-dynamic")  # fitted on nothing: every prompt compared
+
+
+@pytest.mark.e2e
+def test_pipeline_splits_ort_errors_into_local_and_propagated(ort_run):
+    """With ORT's replay (actdiff.onnxrt.replay), the statistics stage replays every node on the side's own
+    inputs bit for bit (no replay_mismatch: the replay is the dump's code) and on the reference's inputs: a
+    failing node's local error is then its own quantisation error, the rest of its error inherited. Every
+    quantised MatMul fails locally (int8 rounding ~2^-7 against an fp32 budget ~2e-6); the MoE output with
+    the reference's routing forced (expert-kernel error alone) is finite and below the unforced one on the
+    prompts where routing flipped."""
+    import pandas as pd
+
+    L, _, _ = ort_run
+    nodes = pd.read_parquet(L.stats(PIPELINE_MODEL, "onnxruntime", "int8-dynamic", 0, "nodes"))
+    assert not nodes.replay_mismatch.any() and (nodes.replay_gap == 0).all()
+    fail = nodes[nodes.status == "fail"]
+    assert np.isfinite(fail.local_rel_l2).all() and (fail.local_rel_l2 > fail.budget).any()
+    qkv = nodes[nodes.node == "encoder.layers.2.attn.qkv"]  # a MatMul deep in the stack: inherits much
+    assert (qkv.rel_l2 > qkv.local_rel_l2).all()
+    moe = pd.read_parquet(L.stats(PIPELINE_MODEL, "onnxruntime", "int8-dynamic", 0, "prompts"))
+    moe = moe[moe.kind == "moe_layer"]
+    assert np.isfinite(moe.value2).all()
+    flipped = moe[moe["count"] > 0]
+    assert len(flipped) and (flipped.value2 < flipped.value).all()
 
 
 @pytest.mark.e2e

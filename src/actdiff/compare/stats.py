@@ -346,7 +346,7 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
     b = ctx.budget(node.name, noise)
     if node.name in ctx.missing:
         m, local_rel, st = _nan_metrics(), math.nan, NOT_CAPTURED
-    elif ctx.replay is None and any(i in ctx.missing for i in node.inputs):
+    elif any(i in ctx.missing for i in node.inputs):  # own inputs not in the dump: a replay is uncheckable
         m, local_rel, st = _judge_blind(j, node, b)
     elif node.kind == "index":
         m, local_rel, st = _judge_index(ctx, j, node, _replay_reproduces(ctx, j, node, b))
@@ -554,7 +554,7 @@ def build_routing(ctx: ShardContext, j: Judged) -> None:
         )
         ctx.writers["routing"].add(rr)
         forced = math.nan
-        if ctx.replay is not None:
+        if ctx.replay is not None and block.input not in ctx.missing:
             out = ctx.replay.forced_moe(block, eng[block.input], ref[block.topk_indices], ref[block.topk_weights])
             forced = rel_l2(out, ref[block.output])
         ctx.writers["prompts"].add_row(
@@ -678,7 +678,7 @@ def compute_shard_stats(
         # whose extra threads would only spin against the other jobs (10x slower on a loaded machine)
         with threadpool_limits(limits=1), ActivationReader(ref_h5) as rr, ActivationReader(eng_h5) as er:
             weights = CheckpointTensors(model_dir / "model.safetensors")
-            replay = open_replay(side, model_dir, variant)
+            replay = open_replay(side, model_dir, variant, er.attrs)
             ctx = ShardContext(
                 graph, variant, cfg, replay, weights, load_catalogue(), _missing_nodes(eng_h5, er), writers,
                 BoundedSample(cfg.embedding_sample), keys=graph.key_nodes(),
@@ -701,7 +701,11 @@ def compute_shard_stats(
         raise
     dt = time.perf_counter() - t0
     log.info("stats: %d prompts in %.1f s (%.1f prompts/s)", n_prompts, dt, n_prompts / max(dt, 1e-9))
-    return {"prompts": n_prompts, "seconds": dt, "dims": graph.dims.hidden, "excluded": len(skip)}
+    replay_s = getattr(replay, "seconds", math.nan)  # a replay that times itself (its share of the stage)
+    if math.isfinite(replay_s):
+        log.info("stats: replay (teacher forcing, forced routing) %.1f s of the %.1f s", replay_s, dt)
+    return {"prompts": n_prompts, "seconds": dt, "replay_seconds": replay_s, "dims": graph.dims.hidden,
+            "excluded": len(skip)}  # fmt: skip
 
 
 def _fitted_prompts(eng_h5, er: ActivationReader, rr: ActivationReader, nodes: _TableWriter) -> frozenset:

@@ -2,7 +2,12 @@
 
 Nodes ORT's optimiser fused away at the chosen level are ``missing_nodes`` (written as placeholders, judged
 not_captured, their consumers on propagated error), the fused op that absorbed each in the provenance, as the
-llama.cpp side does for nodes its mapping cannot fill. ORT's ops cannot be replayed one at a time: no replay.
+llama.cpp side does for nodes its mapping cannot fill.
+
+Replay (teacher forcing, :mod:`.replay`): each node is the subgraph of the graph the dump ran that computes it
+from its canonical inputs, run by ORT's own kernels in a session of its own; a MoE block likewise from its
+input and a given expert choice (forced routing). :meth:`OnnxRuntimeSide.replay` opens it from a dump's
+provenance (its model file, optimisation level and threads).
 """
 
 from __future__ import annotations
@@ -85,6 +90,27 @@ class OnnxRuntimeSide:
             log.info("onnxruntime %s at level %s: %d node(s) fused away, not captured: %s", variant, level,
                      len(self.missing_nodes), ", ".join(self.missing_nodes))  # fmt: skip
         self.forward_seconds = 0.0
+
+    @classmethod
+    def replay(cls, model_dir: str | Path, variant, provenance: dict):
+        """ORT's replay (:class:`.replay.OrtReplay`) of the dump whose attributes are ``provenance``: the same
+        model file (checked by its sha256), optimisation level and thread count."""
+        from ..models.loading import sha256_file
+        from ..nodes import build_graph, load_config_json
+        from .replay import OrtReplay
+
+        lost = [k for k in ("onnx_path", "onnx_sha256", "optimization_level", "threads") if k not in provenance]
+        if lost:
+            raise ModelError(f"onnxruntime dump attributes lack {lost}: rerun the dump_onnxruntime rule to replay it")
+        path = Path(provenance["onnx_path"])
+        if not path.is_file() or sha256_file(path) != provenance["onnx_sha256"]:
+            raise ModelError(f"{path}: not the ONNX model the dump ran (missing or another sha256); rebuild the "
+                             "variant's model and rerun the dump_onnxruntime rule")  # fmt: skip
+        model_dir = Path(model_dir)
+        graph = build_graph(load_config_json(model_dir), str(model_dir / "config.json"))
+        with tempfile.TemporaryDirectory(prefix="actdiff-ort-replay-") as tmp:
+            return OrtReplay(graph, check_variant(variant), path, provenance["optimization_level"],
+                             int(provenance["threads"]), tmp, int(provenance.get("batch_size", 1)))  # fmt: skip
 
     def provenance(self) -> dict:
         import onnxruntime

@@ -39,12 +39,14 @@ def open_side(name: str, record, variant, **options) -> Side:
     return _factory(name)(record, variant, **options)
 
 
-def open_replay(name: str, model_dir, variant) -> Replay | None:
+def open_replay(name: str, model_dir, variant, provenance: dict | None = None) -> Replay | None:
     """The side's replay of single nodes (teacher forcing), or None for a side that cannot replay (an external
-    engine, an imported dump): the comparison then judges its output against the spec op on its own inputs."""
+    engine, an imported dump): the comparison then judges its output against the spec op on its own inputs.
+    ``provenance``: the dump's attributes (the side's own settings, e.g. the model file and options it ran
+    with), so the replay runs what the dump ran."""
     factory = _factory(name) if name in SIDES else None
     replay = getattr(factory, "replay", None)
-    return replay(model_dir, variant) if replay is not None else None
+    return replay(model_dir, variant, provenance or {}) if replay is not None else None
 
 
 __all__ = ["SIDES", "Replay", "Side", "open_replay", "open_side"]

@@ -42,7 +42,8 @@ class EngineSide(EngineReplay):
         self.batch_size = int(batch_size)  # the model's config batch_size, as the reference runs it
 
     @classmethod
-    def replay(cls, model_dir: str | Path, variant) -> EngineReplay:
+    def replay(cls, model_dir: str | Path, variant, provenance: dict | None = None) -> EngineReplay:
+        """``provenance`` (the dump's attributes) is not needed: the engine's settings are the variant's."""
         return EngineReplay(Engine(model_dir), variant)
 
     def provenance(self) -> dict:

@@ -1,0 +1,290 @@
+"""ORT's own kernels on given inputs (teacher forcing): one node, or one MoE block with its routing forced.
+
+Every canonical node is a named value of the exported graph, so the part of the graph that computes a node
+from its canonical inputs is a subgraph: walk back from the node's value, stop at its inputs and at the
+weights, make the inputs the subgraph's graph inputs, run it in its own session (cached per node). The walk
+is done in the graph the dump ran (:class:`.capture.OrtCapture`'s optimised graph at the dump's level, run
+with optimisation disabled as the capture runs it), so a replay executes the very kernels of the dump.
+
+Two kinds of values outside the node's inputs are fed instead of recomputed:
+
+- ``Shape``/``Size`` outputs: the export computes reshape targets, positions and masks from the shapes of
+  upstream values (a ``Shape`` of ``embeddings`` inside layer 3). Shapes depend on the prompt's length only, so
+  they are read once per length from a probe session (the same graph, every ``Shape``/``Size`` output marked)
+  run on padding ids of that length;
+- the graph inputs: ``attention_mask`` is all ones (one prompt, no padding), ``input_ids`` only where the node
+  reads it as a canonical input (the embedding gathers).
+
+A node whose optimised graph computes it from values other than its inputs (a fused kernel that reads across
+the node's inputs, e.g. a normalisation fused with the residual add before it) cannot be cut there; it is
+replayed from the ONNX file as exported, run at the dump's level, and is a :meth:`OrtReplay.fused_nodes`
+member (another code path: its replay is checked against the dump within budget, not bit for bit). A node
+that neither graph can compute from its inputs alone raises :class:`~actdiff.errors.ModelError` naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError
+from ..nodes import INPUT_IDS, Graph
+from .capture import cpu_session, mark_outputs
+from .export import INPUT_MASK
+
+log = logging.getLogger(__name__)
+
+SHAPE_OPS = ("Shape", "Size")  # their outputs depend on the prompt's length only: fed from the probe
+# ops whose output shape depends on their input's values: a Shape of anything downstream, probed on padding
+# ids, would not be the prompt's own; a graph holding one is refused (the export has none: dense-gather MoE)
+VALUE_SHAPED_OPS = ("NonZero", "Unique", "Compress")
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class NotReplayable(Exception):
+    """The walk back from a value reached a canonical value that is not one of the given inputs."""
+
+
+@dataclass
+class Cut:
+    """The subgraph computing ``outputs`` from ``stops``: its ONNX nodes (graph order), the shape values and
+    graph inputs it is fed."""
+
+    nodes: list
+    stops: list[str]  # value names fed from the caller's inputs
+    shapes: list[str]  # Shape/Size outputs fed from the probe
+    graph_inputs: list[str]  # input_ids / attention_mask
+
+
+class Source:
+    """One ONNX graph to cut subgraphs from, the level its sessions run at, and its probe per prompt length.
+
+    ``value``: {canonical node: its value's name in this graph}."""
+
+    def __init__(self, proto, value: dict[str, str], level: str, threads: int, pad_id: int):
+        self.proto, self.value, self.level, self.threads, self.pad_id = proto, value, level, threads, pad_id
+        self.producer = {o: n for n in proto.graph.node for o in n.output}
+        self.consts = {i.name for i in proto.graph.initializer}
+        self.graph_inputs = {i.name for i in proto.graph.input}
+        self.canonical = {v: k for k, v in value.items()}  # value name -> node
+        for k in value:  # a node read under another name (an alias) is still that node under its own name
+            self.canonical.setdefault(k, k)
+        self._probe = None
+        self._probed: dict[int, tuple[dict[str, np.ndarray], dict[str, tuple]]] = {}
+
+    def cut(self, outputs: list[str], stops: list[str], through: tuple[str, ...] = ()) -> Cut:
+        """The nodes computing ``outputs`` (value names) from ``stops``; raises NotReplayable when the walk
+        reaches a canonical value other than ``through`` (the graph computes the output from something else)."""
+        keep, shapes, gins, seen, todo = set(), set(), set(), set(stops), list(outputs)
+        while todo:
+            v = todo.pop()
+            if v in seen or v in self.consts or v == "":
+                continue
+            seen.add(v)
+            if v in self.canonical and v not in outputs and v not in through:
+                raise NotReplayable(self.canonical[v])
+            if v in self.graph_inputs:
+                gins.add(v)
+                continue
+            node = self.producer[v]
+            if node.op_type in SHAPE_OPS:
+                shapes.add(v)
+                continue
+            keep.add(id(node))
+            todo.extend([*node.input, *_outer_names(node)])
+        nodes = [n for n in self.proto.graph.node if id(n) in keep]
+        return Cut(nodes, list(stops), sorted(shapes), sorted(gins))
+
+    def session(self, cut: Cut, outputs: list[str]):
+        """An ORT session over the cut; its fed values are graph inputs typed (element type, rank) as in the
+        probe, the weights it reads its initializers."""
+        import onnx
+
+        declared = {i.name: i for i in self.proto.graph.input}
+        used = {i for n in cut.nodes for i in (*n.input, *_outer_names(n))}
+        sub = onnx.helper.make_graph(
+            cut.nodes,
+            "actdiff-replay",
+            [declared[v] if v in declared else self._typed(v) for v in (*cut.stops, *cut.shapes, *cut.graph_inputs)],
+            [onnx.helper.make_empty_tensor_value_info(v) for v in outputs],
+            [t for t in self.proto.graph.initializer if t.name in used],
+        )
+        model = onnx.helper.make_model(sub, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
+        return cpu_session(model.SerializeToString(), self.level, self.threads)
+
+    def _typed(self, v: str):
+        """A graph input for value ``v``: its element type and rank as in the probe (any length will do)."""
+        import onnx
+        from onnx.helper import np_dtype_to_tensor_dtype
+
+        shape, dtype = self.probe(2)[1][v]
+        return onnx.helper.make_tensor_value_info(v, np_dtype_to_tensor_dtype(dtype), [None] * len(shape))
+
+    def probe(self, tokens: int) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
+        """({Shape/Size output: value}, {value: (shape, dtype)} for those and every canonical value) of this
+        graph on one prompt of ``tokens`` padding ids, cached per length: the shape values a cut is fed, and
+        the raw shape a node's value has in ORT (the dump stores it reshaped, :func:`.side.to_prompts`)."""
+        if tokens not in self._probed:
+            if self._probe is None:
+                self._shape_values = [o for n in self.proto.graph.node if n.op_type in SHAPE_OPS for o in n.output]
+                names = [*self._shape_values, *dict.fromkeys(self.value.values())]
+                self._probe = (cpu_session(mark_outputs(self.proto, names).SerializeToString(), "disable", 1), names)
+            sess, names = self._probe
+            ids = np.full((1, tokens), self.pad_id, np.int64)
+            out = dict(zip(names, sess.run(names, {INPUT_IDS: ids, INPUT_MASK: np.ones_like(ids)}), strict=True))
+            shapes = {v: out[v] for v in self._shape_values}
+            self._probed[tokens] = (shapes, {k: (a.shape, a.dtype) for k, a in out.items()})
+        return self._probed[tokens]
+
+
+@dataclass
+class Plan:
+    """How one node (or one MoE block) is replayed: its graph, the cut, the value names fed and read."""
+
+    source: Source
+    cut: Cut
+    feeds: dict[str, str]  # canonical node -> its value name in the source
+    output: str
+    session: object = None
+
+
+class OrtReplay:
+    """:class:`actdiff.sides.Replay` for ONNX Runtime: ``model_file`` the variant's ONNX file, ``level``,
+    ``threads`` and ``batch_size`` the dump's (its provenance). Every node's plan is made at construction
+    (graph walks only); sessions are built on first use and cached."""
+
+    def __init__(self, graph: Graph, variant: str, model_file: str | Path, level: str, threads: int, workdir,
+                 batch_size: int = 1):  # fmt: skip
+        import onnx
+
+        from .capture import Resolution, optimize
+
+        self.graph, self.variant, self.level = graph, variant, level
+        model_file = Path(model_file)
+        opt = optimize(model_file, level, Path(workdir) / f"{model_file.stem}.opt-{level}.onnx")
+        original, optimized = onnx.load(str(model_file)), onnx.load(str(opt))
+        res = Resolution(original, optimized, graph.names())
+        shaped = sorted({n.op_type for n in original.graph.node if n.op_type in VALUE_SHAPED_OPS})
+        if shaped:
+            raise ModelError(f"{model_file}: ops {shaped} give value-dependent shapes: the shapes a replay is "
+                             "fed (probed per prompt length) would be wrong: the model cannot be replayed")  # fmt: skip
+        pad = graph.dims.pad_token_id
+        # the dump's graph, run as the capture runs it; the export as written, at the dump's level
+        self.dumped = Source(optimized, res.value, "disable", threads, pad)
+        self.exported = Source(original, {n: n for n in graph.names()}, level, threads, pad)
+        self.seconds = 0.0  # spent replaying (sessions built, subgraphs run): the cost of teacher forcing
+        self.plans: dict[str, Plan] = {}
+        self.unreplayable: dict[str, str] = {}
+        for n in graph:
+            self._plan_node(n.name, n.name, list(n.inputs))
+        for block in graph.moe_blocks():
+            stops = [block.input, block.topk_indices, block.topk_weights]
+            through = (block.fc1, block.act, block.expert_out, block.weighted_sum)
+            self._plan_node(_moe_key(block), block.output, stops, through)
+        self._fused = frozenset(k for k, p in self.plans.items() if p.source is self.exported and k in graph.by_name)
+        if batch_size > 1:  # the dump reduced over the padded batch's length, the replay over the prompt's
+            self._fused |= _sequence_reductions(graph)
+        if self._fused:
+            log.info("onnxruntime replay at level %s: %d node(s) on another code path than the dump (checked "
+                     "within budget): %s", level, len(self._fused), ", ".join(sorted(self._fused)))  # fmt: skip
+
+    def _plan_node(self, key: str, output: str, inputs: list[str], through: tuple[str, ...] = ()) -> None:
+        """The dump's graph if it computes ``output`` from ``inputs`` alone, else the export at the level."""
+        why = ""
+        for src in (self.dumped, self.exported):
+            names = [output, *inputs, *through]
+            if any(n not in src.value for n in names if n != INPUT_IDS):
+                why = f"{[n for n in names if n not in src.value and n != INPUT_IDS]} not in the graph"
+                continue
+            feeds = {i: (i if i == INPUT_IDS else src.value[i]) for i in inputs}
+            try:
+                cut = src.cut([src.value[output]], list(feeds.values()), tuple(src.value[t] for t in through))
+            except NotReplayable as e:
+                why = f"computed from {e.args[0]}, not only from its inputs"
+                continue
+            if INPUT_IDS in cut.graph_inputs and INPUT_IDS not in inputs:
+                why = f"reads {INPUT_IDS} values, not an input of the node"
+                continue
+            self.plans[key] = Plan(src, cut, feeds, src.value[output])
+            return
+        self.unreplayable[key] = why
+
+    def fused_nodes(self) -> frozenset[str]:
+        return self._fused
+
+    def replay_node(self, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._run(name, name, inputs)
+
+    def forced_moe(self, block, h: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The block's output from ``h`` (its input) with ORT's expert kernels on the given expert choice."""
+        values = {block.input: h, block.topk_indices: indices, block.topk_weights: weights}
+        return self._run(_moe_key(block), block.output, values)
+
+    def _run(self, key: str, output: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            return self._run_plan(key, output, inputs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _run_plan(self, key: str, output: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        from .side import to_prompts
+
+        plan = self.plans.get(key)
+        if plan is None:
+            raise ModelError(f"onnxruntime replay of {key} ({self.variant}, level {self.level}): "
+                             f"{self.unreplayable.get(key, 'unknown node')}; it cannot be replayed")  # fmt: skip
+        tokens = _tokens(self.graph, inputs)
+        shape_values, raw = plan.source.probe(tokens)
+        if plan.session is None:
+            plan.session = plan.source.session(plan.cut, [plan.output])
+        types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in plan.session.get_inputs()}
+        feeds = {v: shape_values[v] for v in plan.cut.shapes}
+        for node, v in plan.feeds.items():
+            shape = (1, tokens) if node == INPUT_IDS else raw[v][0]
+            feeds[v] = np.asarray(inputs[node]).reshape(shape).astype(types[v], copy=False)
+        if INPUT_MASK in plan.cut.graph_inputs:
+            feeds[INPUT_MASK] = np.ones((1, tokens), np.int64)  # one prompt, no padding
+        out = plan.session.run([plan.output], feeds)[0]
+        return to_prompts(self.graph, {output: out}, [[0] * tokens])[0][output]
+
+
+def _outer_names(node) -> list[str]:
+    """Values an If/Loop/Scan body reads from the enclosing graph (implicit inputs of ``node``)."""
+    import onnx
+
+    names = []
+    for attr in node.attribute:
+        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for body in bodies:
+            local = {i.name for i in body.input} | {t.name for t in body.initializer}
+            for inner in body.node:
+                names += [i for i in (*inner.input, *_outer_names(inner)) if i not in local]
+                local |= set(inner.output)
+    return names
+
+
+def _sequence_reductions(graph: Graph) -> frozenset[str]:
+    """Per-prompt nodes computed from per-token ones (pooling): in a padded batch the dump's reduction runs
+    over the batch's longest length (masked rows add zeros in another order), a one-prompt replay over the
+    prompt's own: another code path, equal within the node's budget. (Measured: 4.8e-7 abs on ``pooled`` at
+    batch 4; attention's masked keys give bitwise equal contexts.)"""
+    token = {n.name for n in graph if n.axis == "token"}
+    return frozenset(n.name for n in graph if n.axis == "prompt" and token & set(n.inputs))
+
+
+def _moe_key(block) -> str:
+    return f"moe-block-{block.layer}"
+
+
+def _tokens(graph: Graph, inputs: dict[str, np.ndarray]) -> int:
+    """The prompt's length: the leading axis of any token-axis input (1 when every input is per prompt: the
+    shapes of such a node's subgraph do not depend on it)."""
+    for name, value in inputs.items():
+        if name == INPUT_IDS or graph[name].axis == "token":
+            return int(np.asarray(value).shape[0])
+    return 1
