@@ -5,6 +5,8 @@ the tiny model and on a full-size (released shapes, random weights) NomicBERT-Mo
                                      [--out results/bench/engine.json]
                                      [--fullsize-dir results/bench/fullsize-random]
                                      [--gguf-dir results/bench] [--no-llamacpp]
+                                     [--no-ort] [--ort-dir results/bench/onnx] [--ort-variants ...]
+                                     [--skip-tiny] [--no-precisions] [--batch-sizes 8 32]
 
 For each model, token count and thread count, the engine's fp32 ``Engine.forward``, the torch reference
 forward and llama.cpp's ``llama_encode`` run on the same random token ids (fixed seed, ids in [4, 4000)),
@@ -32,6 +34,13 @@ fc2, the router, and expert fc1/fc2 for the top-k experts of each token), plus a
 over two 256-bit pipes), with the clock from /proc/cpuinfo "cpu MHz". That is the nominal clock: the cores
 boost above it, so "% of peak" can exceed what the nominal figure suggests (bench/kernels.py measures a
 single-core matmul at ~128 % of it).
+
+ONNX Runtime (full size only; ``--no-ort`` skips it): bench/engine_ort.py exports the model once
+(``actdiff.onnxrt.export.export_model``, dense-gather MoE) and quantises it (int8-dynamic, int8-static), caches
+the files keyed by config.json, and adds one unmarked session per variant (graph optimisation level ``all``,
+intra_op threads = the row's threads, inter_op 1) to the rotation of every full-size row, single and batched
+(padded batch with mask). Its GFLOP/s count the FLOPs ORT executes, which the dense-gather MoE makes 6x the
+top-2 expert work; its embedding is checked against torch's (max |diff|, cosine) in the same run.
 
 The engine is also timed at fp16, bf16 and int8 (full size, 128 tokens, 2 threads) for information.
 Peak RSS is measured first, in two fresh subprocesses (the engine: prepare fp32 + one forward at 512
@@ -62,6 +71,9 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 import numpy as np  # noqa: E402
 
 from actdiff import sysinfo  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_ort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = ROOT / "resources/models/tiny-nomic-moe"
@@ -252,6 +264,43 @@ def ensure_gguf(model_dir: Path, gguf_dir: Path) -> tuple[Path, dict]:
     return gguf, info
 
 
+# ----------------------------------------------------------------------------- ONNX Runtime
+def ort_models(full_dir: Path, cache: Path, variants: list[str]) -> tuple[dict | None, dict]:
+    """The full-size model's ONNX files (bench/engine_ort.py: exported and quantised once, then reused), and
+    what the JSON records about them; (None, why) when onnxruntime is not installed."""
+    from actdiff.onnxrt import available
+
+    ok, why = available()
+    if not ok:
+        print(f"onnxruntime not benchmarked: {why}")
+        return None, {"used": False, "why_not": why}
+    paths, manifest = engine_ort.ensure_ort_models(full_dir, cache, variants)
+    import onnxruntime
+
+    res = {
+        "used": True,
+        "versions": why,
+        "providers": ["CPUExecutionProvider"],
+        "level": engine_ort.LEVEL,
+        "session": "unmarked (the model's own output 'embedding' only), graph optimisation level all "
+        "(ORT_ENABLE_ALL, the production setting), intra_op threads = the row's threads, inter_op 1",
+        "moe": "the export's dense-gather MoE: every expert's fc1 on every token, every expert's fc2 on every "
+        "top-k slot, then gathered; ORT executes 6x the expert FLOPs of top-2 routing (8 experts); "
+        "ort_*_gflops_executed count those executed FLOPs (padding included in batched rows)",
+        "accuracy": "ORT 'embedding' (L2-normalised mean pool) vs torch's last hidden state mean-pooled and "
+        "L2-normalised, float64: max |diff| and min cosine over the row's prompts",
+        "calibration": f"int8-static: MinMax on {engine_ort.CALIBRATION_PROMPTS} random-id prompts of "
+        f"{engine_ort.CALIBRATION_TOKENS} tokens (seed 4321, not the timed ids)",
+        "onnxruntime_build": onnxruntime.get_build_info() if hasattr(onnxruntime, "get_build_info") else None,
+        "files": manifest,
+    }
+    for v, f in manifest["files"].items():
+        made = f"made in {f['seconds']:.1f} s, peak RSS {f['peak_rss_bytes'] / 1e9:.2f} GB"
+        how = "reused" if f.get("reused") else made
+        print(f"onnxruntime {v}: {paths.get(v, f['path'])} ({f['bytes'] / 1e9:.2f} GB, {how})")
+    return paths, res
+
+
 # ----------------------------------------------------------------------------- timing
 class Trio:
     """The engine, the torch reference and (optionally) llama.cpp for one model directory."""
@@ -333,7 +382,9 @@ class Trio:
         del self.engine, self.model, self.runners
 
 
-def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float) -> dict:
+def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float, ort=None) -> dict:
+    """One row: every side on the same T random ids, rotated rounds; ``ort`` (engine_ort.OrtSides) adds the
+    ORT sessions of each variant to the rotation."""
     from actdiff import kernels
 
     kernels.set_num_threads(threads)
@@ -346,10 +397,13 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float) -> dict:
     }
     if with_llama:
         runs["llamacpp"] = lambda: p.run_llamacpp(ids, threads)[0]
+    ort_runs = ort.single(threads, ids) if ort is not None else {}
+    runs.update({s: (lambda run=run: run()[0]) for s, run in ort_runs.items()})
     # warm-up (and the outputs for the sanity checks)
     _, h_e, pooled_e = p.run_engine(ids)
     _, h_t = p.run_torch(ids)
     pooled_l = p.run_llamacpp(ids, threads)[1] if with_llama else None
+    ort_out = {s: run()[1] for s, run in ort_runs.items()}
     sides = list(runs)
     load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {s: [] for s in sides}
@@ -396,6 +450,10 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float) -> dict:
                 ),
             }
         )
+    if ort_runs:
+        torch_emb = engine_ort.l2n(h_t.astype(np.float64).mean(0))  # the model's embedding: L2-normalised mean
+        r.update(engine_ort.ort_fields(med, ort_out, torch_emb, engine_ort.count_flops_dense_gather(p.cfg, T), pk))
+        r.update({f"{s}_ms_all": [x * 1e3 for x in times[s]] for s in ort_runs})
     return r
 
 
@@ -465,7 +523,7 @@ def torch_padded(p: Trio, batch: list[list[int]]):
     return ids, mask
 
 
-def batched_sides(p: Trio, batch: list[list[int]], threads: int) -> dict:
+def batched_sides(p: Trio, batch: list[list[int]], threads: int, ort=None) -> dict:
     """name -> callable returning (seconds, pooled [B, H]): each side batched its own way, and one by one."""
     torch = p.torch
     ids, mask = torch_padded(p, batch)
@@ -507,10 +565,12 @@ def batched_sides(p: Trio, batch: list[list[int]], threads: int) -> dict:
     runs["torch_1by1"] = one_by_one(lambda x: torch_pooled(*p.run_torch(x)))
     if p.gguf is not None:
         runs["llamacpp_1by1"] = one_by_one(lambda x: p.run_llamacpp(x, threads))
+    if ort is not None:
+        runs.update(ort.batched(threads, batch))
     return runs
 
 
-def bench_batched(p: Trio, B: int, threads: int, repeats: int, mhz: float) -> dict:
+def bench_batched(p: Trio, B: int, threads: int, repeats: int, mhz: float, ort=None) -> dict:
     """One batch of B corpus-length prompts on every side (batched, and the same prompts one by one),
     interleaved and rotated as bench_trio; FLOPs are those of the real (unpadded) tokens."""
     from actdiff import kernels
@@ -518,7 +578,7 @@ def bench_batched(p: Trio, B: int, threads: int, repeats: int, mhz: float) -> di
     kernels.set_num_threads(threads)
     p.torch.set_num_threads(threads)
     batch = corpus_batch(p.tokenizer_dir, B)
-    runs = batched_sides(p, batch, threads)
+    runs = batched_sides(p, batch, threads, ort)
     pooled = {s: run()[1] for s, run in runs.items()}  # warm-up, and the outputs for the sanity checks
     times: dict[str, list[float]] = {s: [] for s in runs}
     sides = list(runs)
@@ -551,6 +611,10 @@ def bench_batched(p: Trio, B: int, threads: int, repeats: int, mhz: float) -> di
         r["ratio_engine_over_llamacpp"] = med["engine"] / med["llamacpp"]
         r["llamacpp_batched_speedup_over_1by1"] = med["llamacpp_1by1"] / med["llamacpp"]
         r["max_abs_diff_pooled_llamacpp_vs_engine"] = float(np.abs(pooled["llamacpp"] - pooled["engine"]).max())
+    if ort is not None:  # ORT runs the padded batch: its executed FLOPs count the padding
+        torch_emb = engine_ort.l2n(pooled["torch"].astype(np.float64))
+        fl_ort = engine_ort.count_flops_dense_gather(p.cfg, max(lengths), B)
+        r.update(engine_ort.ort_fields(med, pooled, torch_emb, fl_ort, pk))
     return r
 
 
@@ -574,18 +638,39 @@ BATCHED_HDR = (
 )
 
 
-def run_batched_rows(p: Trio, threads: list[int], repeats: int, mhz: float, res: dict) -> None:
+def run_batched_rows(p: Trio, threads: list[int], repeats: int, mhz: float, res: dict,
+                     batch_sizes=BATCH_SIZES, ort=None) -> None:  # fmt: skip
+    """Threads outer: ORT sessions are made per thread count (one count's sessions alive at a time)."""
     print(
-        f"\nbatched, {p.name}: B corpus prompts as one batch per side (engine and torch right-padded with a mask, "
-        "llama.cpp packed sequences); p/s = prompts/s; 'b/1' = the same prompts one by one / batched"
+        f"\nbatched, {p.name}: B corpus prompts as one batch per side (engine, torch and ORT right-padded with a "
+        "mask, llama.cpp packed sequences); p/s = prompts/s; 'b/1' = the same prompts one by one / batched"
     )
     print(BATCHED_HDR)
-    for B in BATCH_SIZES:
-        for nt in threads:
-            r = bench_batched(p, B, nt, repeats, mhz)
+    for nt in threads:
+        for B in batch_sizes:
+            r = bench_batched(p, B, nt, repeats, mhz, ort)
             res[f"{p.name}/batched/B={B}/threads={nt}"] = r
             print_batched(p.name, B, nt, r)
+            if ort is not None:
+                print_ort(r, per_s=B)
     p.close_batched_runners()
+
+
+def print_ort(r: dict, per_s: int | None = None) -> None:
+    """The ORT sides of a row: time (or prompts/s), ratios to the other sides, accuracy against torch."""
+    for v in engine_ort.ORT_VARIANTS:
+        s = f"ort_{v}"
+        if f"{s}_ms" not in r:
+            continue
+        t = r[f"{s}_ms"]
+        head = f"{per_s * 1e3 / t:8.2f} p/s" if per_s else f"{t:9.1f} ms"
+        others = [o for o in ("engine", "torch", "llamacpp") if f"ratio_{s}_over_{o}" in r]
+        ratios = "  ".join(f"/{o} {r[f'ratio_{s}_over_{o}']:.2f}" for o in others)
+        print(
+            f"    ORT {v:13s} {head}  {ratios}  {r[f'{s}_gflops_executed']:6.1f} GFLOP/s executed  "
+            f"vs torch: max|diff| {r[f'max_abs_diff_embedding_{s}_vs_torch']:.1e}, "
+            f"min cos {r[f'min_cosine_embedding_{s}_vs_torch']:.6f}"
+        )
 
 
 def cell(r: dict, key: str, width: int, fmt: str) -> str:
@@ -616,6 +701,14 @@ def main() -> None:
     ap.add_argument(
         "--batched-only", action="store_true", help="only the full-size batched rows (no RSS, no single prompts)"
     )
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES), help="batched rows' B")
+    ap.add_argument("--skip-tiny", action="store_true", help="the full-size model only")
+    ap.add_argument("--no-precisions", action="store_true", help="skip the engine's fp16/bf16/int8 timings")
+    ap.add_argument("--no-ort", action="store_true", help="no ONNX Runtime rows (full size only)")
+    ap.add_argument(
+        "--ort-variants", nargs="+", default=list(engine_ort.ORT_VARIANTS), choices=engine_ort.ORT_VARIANTS
+    )
+    ap.add_argument("--ort-dir", default="results/bench/onnx", help="where the ONNX model files are cached")
     args = ap.parse_args()
     if args.batched_only:
         args.no_rss = True
@@ -649,10 +742,16 @@ def main() -> None:
 
             llama_res.update(used=True, **library_info())
             for name, d in (("tiny", tiny_dir), ("fullsize", full_dir)):
+                if name == "tiny" and (args.skip_tiny or args.batched_only):
+                    continue
                 ggufs[name], info = ensure_gguf(Path(d), Path(args.gguf_dir))
                 llama_res[f"{name}/gguf"] = info
                 how = "reused" if info["reused"] else f"converted in {info['convert_s']:.1f} s"
                 print(f"llama.cpp f32 GGUF ({name}): {ggufs[name]} ({how})")
+
+    ort_paths, ort_res = None, {"used": False}
+    if not args.no_ort:
+        ort_paths, ort_res = ort_models(full_dir, Path(args.ort_dir), args.ort_variants)
 
     cpu = cpu_info()
     mhz = cpu["mhz_nominal"]
@@ -690,6 +789,7 @@ def main() -> None:
         "fullsize_build_or_reuse_s": build_s,
         "loadavg_1_5_15_at_start": os.getloadavg(),
         "llamacpp": llama_res,
+        "onnxruntime": ort_res,
     }
     if os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.2f} at start: other processes share the cores")
@@ -740,21 +840,29 @@ def main() -> None:
     )
     fp32_full_128_2 = None
     for name, d in (("tiny", tiny_dir), ("fullsize", full_dir)):
-        if args.batched_only and name != "fullsize":
+        if (args.batched_only or args.skip_tiny) and name != "fullsize":
             continue
         p = Trio(name, d, ggufs[name])
+        ort = engine_ort.OrtSides(ort_paths, p.engine.dims.pad_token_id) if ort_paths and name == "fullsize" else None
         res[f"{name}/load_s"] = {"engine_prepare_fp32": p.engine_load_s, "torch_load": p.torch_load_s}
         res[f"{name}/flops_per_forward"] = {f"T={T}": count_flops(p.cfg, T) for T in tokens}
+        if ort is not None:
+            res[f"{name}/ort_flops_executed_per_forward"] = {
+                f"T={T}": engine_ort.count_flops_dense_gather(p.cfg, T) for T in tokens
+            }
         if name == "fullsize" and not args.no_batched:
-            run_batched_rows(p, args.threads, max(1, repeats - 2), mhz, res)
+            run_batched_rows(p, args.threads, max(1, repeats - 2), mhz, res, args.batch_sizes, ort)
         if args.batched_only:
+            if ort is not None:
+                ort_res["session_create_s"] = ort.session_s
+                ort.close()
             p.free()
             continue
         print("\n" + hdr)
         reps = repeats * 4 if name == "tiny" else repeats
-        for T in tokens:
-            for nt in args.threads:
-                r = bench_trio(p, T, nt, reps, mhz)
+        for nt in args.threads:  # threads outer: ORT sessions are made per thread count
+            for T in tokens:
+                r = bench_trio(p, T, nt, reps, mhz, ort)
                 res[f"{name}/T={T}/threads={nt}"] = r
                 if name == "fullsize" and T == 128 and nt == 2:
                     fp32_full_128_2 = r["engine_ms"]
@@ -766,7 +874,11 @@ def main() -> None:
                     f"{r['engine_pct_peak']:7.1f} {r['torch_pct_peak']:9.1f} {cell(r, 'llamacpp_pct_peak', 9, '.1f')} "
                     f"{r['max_abs_diff_last_hidden_engine_vs_torch']:9.1e}"
                 )
-        if name == "fullsize":
+                print_ort(r)
+        if ort is not None:
+            ort_res["session_create_s"] = ort.session_s
+            ort.close()
+        if name == "fullsize" and not args.no_precisions:
             T, nt = 128, 2
             prec = bench_precisions(p, T, nt, repeats, mhz, fp32_full_128_2)
             res.update(prec)
