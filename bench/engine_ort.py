@@ -59,8 +59,11 @@ def config_key(model_dir: Path) -> str:
 
 
 def checkpoint_stamp(model_dir: Path) -> dict:
+    """What the cached files were made from: the checkpoint's files and the exporter's revision."""
+    from actdiff.onnxrt.export import EXPORT_REVISION
+
     stats = {f: (model_dir / f).stat() for f in ("model.safetensors", "config.json")}
-    return {f: [st.st_size, st.st_mtime] for f, st in stats.items()}
+    return {**{f: [st.st_size, st.st_mtime] for f, st in stats.items()}, "export_revision": EXPORT_REVISION}
 
 
 def calibration_ids(vocab: int = 4000) -> list[list[int]]:

@@ -44,6 +44,9 @@ META_FORMULATION = "actdiff.moe_formulation"
 META_EXPORTER = "actdiff.exporter"
 EXPORTERS = ("torchscript", "dynamo")  # torch.onnx.export(dynamo=False / True); see export_model
 EXPORTER = "torchscript"
+# bumped when the exported graph changes for the same checkpoint (caches of exported files key on it);
+# 2: the experts' fc2 weight stored in its dense (F, E*H) layout (an initializer the quantisers see as a weight)
+EXPORT_REVISION = 2
 
 
 def _dense_experts_forward(self, x, weights, indices):
@@ -59,9 +62,9 @@ def _dense_experts_forward(self, x, weights, indices):
     h_all = (x @ self.mlp.w1.T).view(N, E, Fi)
     fc1 = torch.gather(h_all, 1, indices.unsqueeze(-1).expand(N, k, Fi))  # (N, k, F): the slot's expert
     act = _gelu(fc1, self.activation)
-    # fc2: act @ w2[e] for every e: w2 viewed (E, F, H) -> (F, E*H), one matmul reducing over F as the reference
-    w2 = self.mlp.w2.view(E, Fi, H).permute(1, 0, 2).reshape(Fi, E * H)
-    o_all = (act.reshape(N * k, Fi) @ w2).view(N, k, E, H)
+    # fc2: act @ w2[e] for every e, one matmul reducing over F as the reference: w2 in the (F, E*H) layout
+    # _dense_moe stored (a weight of the graph, so the int8 quantisers quantise it like every other MatMul's)
+    o_all = (act.reshape(N * k, Fi) @ self._w2_dense).view(N, k, E, H)
     out = torch.gather(o_all, 2, indices.view(N, k, 1, 1).expand(N, k, 1, H)).squeeze(2)  # (N, k, H)
     self.fc1(fc1)
     self.act(act)
@@ -73,16 +76,24 @@ def _dense_experts_forward(self, x, weights, indices):
 @contextlib.contextmanager
 def _dense_moe(model):
     """Swap every Experts module's forward for the dense-gather formulation while exporting."""
+    import torch
+
     from ..models.nomic_moe import Experts
 
     swapped = [m for m in model.modules() if isinstance(m, Experts)]
     for m in swapped:
         m.forward = types.MethodType(_dense_experts_forward, m)
+        E, Fi, H = m.num_experts, m.n_inner, m.mlp.w2.shape[1]
+        # w2 (E*F, H) viewed (E, F, H) -> (F, E, H) -> (F, E*H): the same numbers, laid out once here and not
+        # by Reshape/Transpose nodes on every forward (which the quantisers would take for an activation)
+        dense = m.mlp.w2.detach().view(E, Fi, H).permute(1, 0, 2).reshape(Fi, E * H).contiguous()
+        m._w2_dense = torch.nn.Parameter(dense, requires_grad=False)
     try:
         yield len(swapped)
     finally:
         for m in swapped:
             del m.forward
+            del m._w2_dense
 
 
 class TappedModel:
