@@ -60,7 +60,8 @@ KEEP = 3  # candidates re-evaluated on the whole sample after scoring on the sub
 # moves every value by about |q| times the relative error, so the residual's basin around the right step is
 # about 1/|q|max ~ 1% wide at 8 bits (measured: 0.5% off leaves 80% of the error); the grid must land in it
 SCALE_STEPS = 64
-ZP_WINDOW = 8  # static zero point searched over the sample's own +- this many steps
+F32_ULPS = 64  # a fitted static step is polished over +- this many float32 ulps (8e-6 relative; _polish)
+ZP_WINDOW = 8  # static zero points tried at each edge of the no-clipping interval (_zero_points)
 EXPERT_OPS = ("EXPERT_FC1", "EXPERT_FC2")
 INTEGER_KERNEL_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1")  # ops refops can run as an integer kernel (int_pairs)
 KERNELS = ("saturate16",)  # integer accumulations other than the exact 32-bit sum (refops.saturated_pairs)
@@ -181,9 +182,8 @@ def _static_range(spec: dict, scale: float, zp: int) -> dict:
 def _seed(ctx: SearchContext, o: Operand, spec: dict) -> tuple[float, int]:
     """Scale and zero point of the sample's overall [min, max] of the operand (what a calibration on these
     prompts would give)."""
-    # an intermediate value or the output: the target's range (a product differs from it by a bias)
-    vals = [np.asarray(x[o.name]) for x in ctx.inputs] if o.key.startswith("input.") else ctx.targets
-    lo, hi = min(0.0, min(float(v.min()) for v in vals)), max(0.0, max(float(v.max()) for v in vals))
+    lo, hi = _sample_range(ctx, o)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
     if spec["symmetric"]:
         return max(-lo, hi) / (2 ** (spec["bits"] - 1) - 1) or 1.0, 0
     scale = (hi - lo) / (2 ** spec["bits"] - 1) or 1.0
@@ -222,9 +222,26 @@ def _fit_static(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], ba
         return []
     scale, zp0, spec = fitted
     sym = _with(base, i, _static_range({**spec, "symmetric": True}, scale, 0))
-    zps = range(max(zp0 - ZP_WINDOW, 0), min(zp0 + ZP_WINDOW, 2 ** spec["bits"] - 1) + 1)
-    asym = min((_with(base, i, _static_range(spec, scale, z)) for z in zps), key=lambda c: scorer.score(operands, c))
+    asym = min((_with(base, i, _static_range(spec, scale, z)) for z in _zero_points(ctx, operands[i], scale, spec)),
+               key=lambda c: scorer.score(operands, c))  # fmt: skip
     return [sym, asym]
+
+
+def _zero_points(ctx: SearchContext, o: Operand, scale: float, spec: dict) -> list[int]:
+    """The zero points worth trying at a fitted step: every zero point in [za, zb] clips none of the sample's
+    values and gives the same result (one of them stands for all), so the candidates are those that start to
+    clip at the bottom (just below za) or at the top (just above zb)."""
+    qmax = 2 ** spec["bits"] - 1
+    lo, hi = _sample_range(ctx, o)
+    za, zb = math.ceil(-min(lo, 0.0) / scale), math.floor(qmax - max(hi, 0.0) / scale)
+    zs = {*range(za - ZP_WINDOW, za + 1), *range(zb, zb + ZP_WINDOW + 1), (za + zb) // 2}
+    return sorted(z for z in zs if 0 <= z <= qmax)
+
+
+def _sample_range(ctx: SearchContext, o: Operand) -> tuple[float, float]:
+    # an intermediate value or the output: the target's range (a product differs from it by a bias)
+    vals = [np.asarray(x[o.name]) for x in ctx.inputs] if o.key.startswith("input.") else ctx.targets
+    return min(float(v.min()) for v in vals), max(float(v.max()) for v in vals)
 
 
 def _score_of(scorer: _Scorer, operands: list[Operand], choice: tuple) -> float:
@@ -262,7 +279,9 @@ def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> lis
     # is a different grid from its own range's: the dynamic candidates then leave the error where it was)
     moves = best and scorer.score(operands, best[0]) < SCREEN_PASS * scorer.sub.err0
     base = (*(best[0] if moves else (None,) * len(operands)), *pad)
-    for i, o in enumerate(full):
+    # coordinate descent: each value's range is fitted with the others' current quantisation, so a second
+    # sweep refits the input's step once the product's quantisation no longer blurs its basin
+    for i, o in [(i, o) for _ in range(PASSES) for i, o in enumerate(full)]:
         if ctx.deadline.expired() or explained(base):
             break
         if i >= len(operands) and not _score_of(scorer, full, base) < SCREEN_PASS * scorer.sub.err0:
@@ -270,6 +289,30 @@ def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> lis
         if o.activation:
             base = _improve(ctx, scorer, full, base, i, dynamic=i >= len(operands))
     return full
+
+
+def _polish(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], choice: tuple) -> tuple:
+    """Each fitted static step moved to the best float32 value within F32_ULPS units of it. The scale is a
+    float32 tensor (ONNX QuantizeLinear) and x / scale a float32 division, so one ulp (1.2e-7 relative) of
+    the step moves the quotients near a rounding tie across it: the residual is flat only on the exact value,
+    finer than Brent resolves a floor of rounding flips (it stopped 5.7e-6 and 3.7e-6 off on ORT's int8-static
+    qkv of layer 1, both polished to the exact float32 scale). PASSES sweeps: one step is found more easily
+    once the other is exact."""
+    for i, spec in [(i, choice[i]) for _ in range(PASSES) for i in range(len(choice))]:
+        spec = choice[i]
+        if ctx.deadline.expired() or not isinstance(spec, dict) or spec["range"] == "dynamic":
+            continue
+        step = np.float32(_step(spec))
+        zp = 0 if spec["symmetric"] else int(np.rint(-min(spec["range"][0], 0.0) / float(step)))
+        steps = [step]
+        for direction in (np.float32(np.inf), np.float32(0)):
+            s = step
+            for _ in range(F32_ULPS):
+                s = np.nextafter(s, direction)
+                steps.append(s)
+        cands = [_with(choice, i, _static_range(spec, float(s), zp)) for s in steps]
+        choice = min(cands, key=lambda c: scorer.score(operands, c))
+    return choice
 
 
 def _simplest(ctx: SearchContext, operands: list[Operand], choice: tuple, err: float) -> tuple[tuple, float]:
@@ -363,7 +406,7 @@ def quantisation(ctx: SearchContext) -> Iterator[Finding]:
     operands = _refine(ctx, scorer, operands)
     n, seen = len(operands), set()
     for choice in scorer.best(KEEP):
-        choice = tuple(choice) + (None,) * (n - len(choice))
+        choice = _polish(ctx, scorer, operands, tuple(choice) + (None,) * (n - len(choice)))
         err = _evaluate(ctx, _params(operands, choice))
         choice, err = _simplest(ctx, operands, choice, err)
         if repr(choice) in seen or not _improves(ctx, err):
