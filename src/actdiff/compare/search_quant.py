@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from .findings import Finding, explains
+from .findings import Finding
 from .refops import ROUND_STEPS
 from .search import SearchContext, register
 from .search_fit import (
@@ -269,8 +269,8 @@ def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> lis
     full = [*operands, *steps]
     pad = (None,) * len(steps)
 
-    def explained(c: tuple) -> bool:
-        return explains(_score_of(scorer, full, c), scorer.sub.err0, ctx.budget)
+    def explained(c: tuple) -> bool:  # within the budget itself: explains()'s 5%-of-the-divergence floor
+        return _score_of(scorer, full, c) <= ctx.budget  # would stop a static fit one float32 ulp short
 
     if best and explained((*best[0], *pad)):
         return full  # a dynamic scheme explains the node: nothing to refine
@@ -405,8 +405,10 @@ def quantisation(ctx: SearchContext) -> Iterator[Finding]:
     _kernels(ctx, operands, scorer)
     operands = _refine(ctx, scorer, operands)
     n, seen = len(operands), set()
-    for choice in scorer.best(KEEP):
-        choice = _polish(ctx, scorer, operands, tuple(choice) + (None,) * (n - len(choice)))
+    for rank, choice in enumerate(scorer.best(KEEP)):
+        choice = tuple(choice) + (None,) * (n - len(choice))
+        if rank == 0 and not scorer.score(operands, choice) <= ctx.budget:
+            choice = _polish(ctx, scorer, operands, choice)  # the best only: 2 x 129 candidates a static step
         err = _evaluate(ctx, _params(operands, choice))
         choice, err = _simplest(ctx, operands, choice, err)
         if repr(choice) in seen or not _improves(ctx, err):
