@@ -54,7 +54,7 @@ first, each reproducing the spec path exactly):
 | EMBED | word_scale, token_type_scale: 1.0; BERT only: position_scale: 1.0 |
 | LAYERNORM | ddof: 0 (variance divided by n - ddof, added to ``variance: unbiased``'s 1); axis: hidden/tokens; |
 |   | gamma_scale, beta_scale: 1.0; eps_placement: inside (sqrt(var + eps)) / outside (sqrt(var) + eps) |
-| MATMUL | bias_scale: 1.0 (with a bias) |
+| MATMUL | bias_scale: 1.0 (with a bias); int_pairs: exact (see "Quantisation" below; also ROUTER, EXPERT_FC1) |
 | SPLIT | part: the node's own (0/1/2: which third of the fused projection it reads) |
 | ATTENTION | scale also as a float; softmax_axis: keys/queries/heads |
 | ADD | first_scale, second_scale: 1.0 |
@@ -64,6 +64,25 @@ first, each reproducing the spec path exactly):
 | BIAS_ADD | bias_scale: 1.0 |
 | POOL | axis: tokens/hidden |
 | L2NORM | axis: hidden/rows; eps_placement: max (x / max(norm, eps)) / add (norm + eps) / inside (sqrt(norm^2 + eps)) |
+
+Quantisation (actdiff.compare.search_quant; :func:`quantise`): anywhere a precision name is accepted
+(``round_at`` steps, ``input.<i>`` / ``weight.<i>``, ``output_precision``), a JSON-safe dict is uniform affine
+quantisation, returned dequantised; every precision name above keeps its exact behaviour.
+
+| key | values |
+|---|---|
+| bits | 8 (2-16) |
+| symmetric | true: zp = 0, q in [-(2^(b-1) - 1), 2^(b-1) - 1], scale = absmax / qmax; false: the range widened to |
+|   | include 0, scale = (hi - lo) / (2^b - 1), zp = rint(-lo / scale), q in [0, 2^b - 1] |
+| granularity | tensor (an activation: per prompt) / row (per token; a stored [out, in] weight: per output channel) / |
+|   | column / block (``blocks`` equal groups of rows: an expert's matrix) / block_column |
+| range | dynamic (the tensor's own min/max) or [lo, hi] (static, one per tensor, e.g. calibrated) |
+| blocks | for block granularities |
+
+Rounding is half to even (np.rint), as ONNX QuantizeLinear. An embedding table's ranges (granularity other than
+row) are the whole table's, though only the gathered rows are rounded. ``int_pairs: saturate16`` (MATMUL,
+ROUTER, EXPERT_FC1; needs input.0 and weight.0 quantised, one scale per row) runs the product as an integer
+kernel that sums u8 x s8 products two at a time into a saturating 16-bit integer (:func:`saturated_pairs`).
 """
 
 from __future__ import annotations
@@ -136,16 +155,16 @@ SEARCH_PARAM_NAMES: dict[str, frozenset[str]] = {
     for op, names in {
         "EMBED": ("word_scale", "position_scale", "token_type_scale"),
         "LAYERNORM": ("ddof", "axis", "gamma_scale", "beta_scale", "eps_placement"),
-        "MATMUL": ("bias_scale",),
+        "MATMUL": ("bias_scale", "int_pairs"),
         "SPLIT": ("part",),
         "ROPE": (),
         "ATTENTION": ("softmax_axis",),
         "ADD": ("first_scale", "second_scale"),
         "GELU": ("erf_scale", "tanh_scale", "tanh_cubic", "sigmoid_scale"),
-        "ROUTER": (),
+        "ROUTER": ("int_pairs",),
         "SOFTMAX": ("temperature", "axis"),
         "TOPK": (),
-        "EXPERT_FC1": (),
+        "EXPERT_FC1": ("int_pairs",),
         "EXPERT_FC2": (),
         "MOE_SUM": (),
         "BIAS_ADD": ("bias_scale",),
@@ -331,8 +350,11 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return u.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
-def round_to(x: np.ndarray, precision: str, axis: int = -1) -> np.ndarray:
-    """Round float64 values to ``precision``; int8 is symmetric absmax quantisation along ``axis``."""
+def round_to(x: np.ndarray, precision, axis: int = -1, like: np.ndarray | None = None) -> np.ndarray:
+    """Round float64 values to ``precision``; int8 is symmetric absmax quantisation along ``axis``; a dict is a
+    uniform affine quantisation spec (:func:`quantise`; ``like``: the tensor its ranges come from, default x)."""
+    if isinstance(precision, dict):
+        return quantise(x, precision, like)
     if precision == "fp64":
         return np.asarray(x, dtype=np.float64)
     if precision == "fp32":
@@ -349,6 +371,125 @@ def round_to(x: np.ndarray, precision: str, axis: int = -1) -> np.ndarray:
     raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
 
 
+QUANT_GRANULARITIES = ("tensor", "row", "column", "block", "block_column")
+
+
+def check_quant_spec(spec: dict) -> tuple[int, bool, str, object]:
+    """(bits, symmetric, granularity, range) of a quantisation spec, or ValueError naming what is wrong."""
+    unknown = set(spec) - {"bits", "symmetric", "granularity", "range", "blocks"}
+    bits, sym = int(spec.get("bits", 8)), bool(spec.get("symmetric", True))
+    gran, rng = spec.get("granularity", "tensor"), spec.get("range", "dynamic")
+    if unknown or not 2 <= bits <= 16 or gran not in QUANT_GRANULARITIES:
+        raise ValueError(f"quantisation spec {spec!r}: keys bits (2-16), symmetric, granularity "
+                         f"({'/'.join(QUANT_GRANULARITIES)}), range (dynamic or [lo, hi]), blocks")  # fmt: skip
+    if rng != "dynamic" and (gran != "tensor" or len(rng) != 2 or not rng[0] <= rng[1]):
+        raise ValueError(f"quantisation spec {spec!r}: a static range [lo, hi] (lo <= hi) is one per tensor")
+    return bits, sym, gran, rng
+
+
+def _as_matrix(a: np.ndarray) -> np.ndarray:
+    """[rows, cols]: a vector is one row; [T, k, F] is T rows."""
+    return a.reshape(1, -1) if a.ndim <= 1 else a.reshape(a.shape[0], -1)
+
+
+def _quant_view(a: np.ndarray, gran: str, blocks: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``a`` as a 2-D [rows, cols] matrix (3-D [blocks, rows/block, cols] for block granularities) and the axes
+    one quantisation range spans."""
+    m = _as_matrix(a)
+    if gran in ("block", "block_column"):
+        if blocks < 1 or m.shape[0] % blocks:
+            raise NotApplicable(f"{m.shape[0]} rows do not split into {blocks} blocks")
+        return m.reshape(blocks, -1, m.shape[1]), (1, 2) if gran == "block" else (1,)
+    return m, {"tensor": (0, 1), "row": (1,), "column": (0,)}[gran]
+
+
+def quantise_int(x: np.ndarray, spec: dict, like: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, object]:
+    """Uniform affine quantisation of ``x``: the integers q as stored (float64 holding integers, [rows, cols], or
+    [blocks, rows/block, cols]), their scale and zero point (broadcastable to q), as ONNX QuantizeLinear
+    computes them: q = clip(rint(x / scale) + zp, qmin, qmax); DequantizeLinear gives x' = (q - zp) * scale.
+
+    ``spec`` (JSON-safe): ``bits``; ``symmetric`` (zp = 0, q in [-(2^(b-1) - 1), 2^(b-1) - 1], scale =
+    absmax / qmax) or asymmetric (the range widened to include 0, scale = (hi - lo) / (2^b - 1), zp =
+    rint(-lo / scale), q in [0, 2^b - 1]); ``granularity``: one range per ``tensor``, per ``row`` (token of an
+    activation, output channel of a stored [out, in] weight), per ``column``, per ``block`` of rows (``blocks``
+    of them: an expert's matrix) or per column of each block (``block_column``); ``range``: ``dynamic`` (the
+    tensor's own min/max, at run time) or a fixed ``[lo, hi]`` (a calibrated, static range; per tensor).
+    ``like``: the tensor the ranges are taken from (default ``x``; an embedding table's whole table when ``x`` are
+    rows gathered from it, for granularities other than ``row``)."""
+    bits, sym, gran, rng = check_quant_spec(spec)
+    x = np.asarray(x, dtype=np.float64)
+    src = x if like is None else np.asarray(like)
+    if rng == "dynamic":
+        view, axes = _quant_view(src, gran, int(spec.get("blocks", 1)))
+        lo, hi = view.min(axis=axes, keepdims=True).astype(np.float64), view.max(axis=axes, keepdims=True)
+        hi = hi.astype(np.float64)
+    else:
+        lo, hi = np.float64(rng[0]), np.float64(rng[1])
+    if sym:
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        scale, zp = np.maximum(np.abs(lo), np.abs(hi)) / qmax, 0.0
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scale = (hi - lo) / qmax
+    # the scale is a float32 tensor and x / scale a float32 division, as in ONNX QuantizeLinear (whose x and
+    # y_scale are float tensors): in float64 a quotient of 19.49999994 rounds to 19 where float32 gives 19.5 -> 20
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    if not sym:
+        zp = np.clip(np.rint(np.float32(-lo) / scale), qmin, qmax).astype(np.float64)
+    m = _as_matrix(x)
+    fits = all(s in (1, n) for s, n in zip(np.shape(scale)[-2:], m.shape, strict=False))
+    if not fits and not gran.startswith("block"):
+        raise NotApplicable(f"ranges of a {list(np.shape(src))} tensor cannot apply to {list(x.shape)} values")
+    xv = m.reshape(scale.shape[0], -1, m.shape[1]) if gran.startswith("block") else m
+    # np.rint rounds half to even, as ONNX QuantizeLinear specifies
+    q = np.clip(np.rint(xv.astype(np.float32) / scale).astype(np.float64) + zp, qmin, qmax)
+    return q, scale.astype(np.float64), zp
+
+
+def quantise(x: np.ndarray, spec: dict, like: np.ndarray | None = None) -> np.ndarray:
+    """``x`` quantised as ``spec`` says and dequantised (see :func:`quantise_int`), shaped as ``x``."""
+    q, scale, zp = quantise_int(x, spec, like)
+    return ((q - zp) * scale).reshape(np.shape(x))
+
+
+def saturated_pairs(a: np.ndarray, spec_a: dict, w: np.ndarray, spec_w: dict) -> np.ndarray:
+    """What an integer kernel that sums the products of a [T, K] by w [N, K] TWO AT A TIME into a saturating
+    16-bit integer (then in 32 bits) loses against the exact integer sum, dequantised: [T, N] (0 where no pair
+    overflows). The pairs are of consecutive k of the integers as stored (zero points included: the kernel
+    corrects for them afterwards, exactly). Needs one scale per row of a and of w (granularity tensor or row:
+    a per-k scale does not factor out of an integer sum)."""
+    if spec_a.get("granularity") not in ("tensor", "row") or spec_w.get("granularity") not in ("tensor", "row",
+                                                                                             "block"):  # fmt: skip
+        raise NotApplicable("an integer kernel needs one scale per row of each operand (tensor, row or block)")
+    qa, sa, _ = quantise_int(a, spec_a)
+    qw, sw, _ = quantise_int(w, spec_w)
+    sa = np.broadcast_to(sa, qa.shape)[..., 0].reshape(-1)  # one scale per row (constant along k)
+    sw = np.broadcast_to(sw, qw.shape)[..., 0].reshape(-1)
+    qa, qw = qa.reshape(-1, qa.shape[-1]), qw.reshape(-1, qw.shape[-1])
+    k2 = qa.shape[1] // 2 * 2
+    lost = np.zeros((qa.shape[0], qw.shape[0]))
+    for t0 in range(0, qa.shape[0], 16):  # [16, N, K/2] at a time
+        rows = qa[t0 : t0 + 16, None]
+        pair = rows[..., 0:k2:2] * qw[None, :, 0:k2:2] + rows[..., 1:k2:2] * qw[None, :, 1:k2:2]
+        lost[t0 : t0 + 16] = (pair - np.clip(pair, -32768, 32767)).sum(axis=-1)
+    return lost * np.reshape(sa, (-1, 1)) * np.reshape(sw, (1, -1))
+
+
+def _int_pairs_loss(p: dict, rows: int) -> np.ndarray | float:
+    """The loss of :func:`saturated_pairs` for ``int_pairs: saturate16`` (0 for the spec's ``exact``), on the
+    node's first input and first weight as given to run_op (``_int_raw``), quantised as ``round_at``'s input.0
+    and weight.0 say."""
+    mode = p.get("int_pairs", "exact")
+    if mode == "exact":
+        return 0.0
+    ra = p.get("round_at", {})
+    if mode != "saturate16" or not (isinstance(ra.get("input.0"), dict) and isinstance(ra.get("weight.0"), dict)):
+        raise NotApplicable(f"int_pairs {mode!r} needs input.0 and weight.0 quantised (round_at specs)")
+    a, w = p["_int_raw"]
+    return saturated_pairs(_f(a).reshape(rows, -1), ra["input.0"], _f(w), ra["weight.0"])
+
+
 def _f(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
@@ -362,7 +503,11 @@ def _embed(graph, node, x, w, p):
     def rows(i: int, which) -> np.ndarray:
         # gather first, then round: every rounding here is elementwise or per row (int8 over axis 1), so it
         # commutes with the gather, and the table (250k x 768 in the released model) is never copied whole
-        r = round_to(_f(np.asarray(w[node.weights[i]])[which]), p["weight_precision"], axis=-1)
+        table = np.asarray(w[node.weights[i]])
+        r = round_to(_f(table[which]), p["weight_precision"], axis=-1)
+        q = p.get("round_at", {}).get(f"weight.{i}")
+        if isinstance(q, dict) and q.get("granularity", "tensor") != "row":  # ranges of the whole table
+            return quantise(r.reshape(-1, table.shape[-1]), q, like=table).reshape(r.shape)
         return _r(p, f"weight.{i}", r)
 
     out = _scaled(rows(0, ids), p.get("word_scale", 1.0))
@@ -460,7 +605,7 @@ def _matmul(graph, node, x, w, p):
         raise ValueError(f"weight_orientation {p['weight_orientation']!r}")
     W = round_to(W, p["weight_precision"], axis=1)
     b = _f(w[node.weights[1]]) if len(node.weights) > 1 else None
-    y = _apply_bias(_r(p, "product", a @ W.T), b, p["bias"], node, p.get("bias_scale", 1.0))
+    y = _apply_bias(_r(p, "product", a @ W.T - _int_pairs_loss(p, T)), b, p["bias"], node, p.get("bias_scale", 1.0))
     return y.reshape(graph.shape(node.name, T))
 
 
@@ -646,7 +791,7 @@ def _gelu(graph, node, x, w, p):
 
 def _router(graph, node, x, w, p):
     W = round_to(_f(w[node.weights[0]]), p["weight_precision"], axis=1)
-    return _f(x[0]) @ W.T
+    return _f(x[0]) @ W.T - _int_pairs_loss(p, len(x[0]))
 
 
 def _softmax_op(graph, node, x, w, p):
@@ -719,7 +864,13 @@ def _expert_fc1(graph, node, x, w, p):
     w1 = _expert_weights(graph, node.weights[0], w, p["w1_orientation"])
     w1 = round_to(w1, p["weight_precision"], axis=2)  # reduced axis H
     rows = np.broadcast_to(h[:, None, :], (*idx.shape, h.shape[-1]))
-    return _grouped(rows, idx, w1, lambda r, m: r @ m.T, graph.dims.inner)
+    out = _grouped(rows, idx, w1, lambda r, m: r @ m.T, graph.dims.inner)
+    if p.get("int_pairs", "exact") != "exact":  # every expert's rows on every token, as one integer kernel
+        if p["w1_orientation"] != "FH":
+            raise NotApplicable("int_pairs applies to the expert weights as stored (FH)")
+        loss = _int_pairs_loss(p, h.shape[0]).reshape(h.shape[0], graph.dims.experts, -1)
+        out = out - np.take_along_axis(loss, idx[..., None], axis=1)
+    return out
 
 
 def _expert_fc2(graph, node, x, w, p):
@@ -827,6 +978,11 @@ def run_op(
     missing = [n for n in names if n not in inputs]
     if missing:
         raise KeyError(f"node {node.name}: missing input(s) {missing}")
+    if p.get("int_pairs", "exact") != "exact":  # the integer kernel needs the operands before quantisation
+        spec_roles = list(p["input_order"]) == list(range(len(node.inputs)))
+        if not spec_roles or p.get("weight_orientation", "as_stored") != "as_stored":
+            raise NotApplicable("int_pairs applies to the operands in their spec roles and orientation")
+        p["_int_raw"] = (np.asarray(inputs[node.inputs[0]]), weights[node.weights[0]])
     xs = _operands([np.asarray(inputs[n]) for n in names], p["input_order"], "input", p)
     ws = _operands([weights[k] for k in node.weights], p["weight_order"], "weight", p, node.op == "EMBED")
     w = dict(zip(node.weights, ws, strict=True))

@@ -69,7 +69,7 @@ SEARCHERS: list[Searcher] = []  # filled by the searcher modules on import
 # explains, so the order must not depend on imports): the op's own parameters first (cheap: fits of a few
 # constants, structural choices, rounding), then what least squares and assignment recover from the data, then
 # the index mappings recovered per token.
-SEARCH_MODULES = ("search_fit", "recover", "recover_index")
+SEARCH_MODULES = ("search_fit", "search_quant", "recover", "recover_index")
 
 
 def register(fn: Searcher) -> Searcher:

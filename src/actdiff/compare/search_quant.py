@@ -1,0 +1,418 @@
+"""Quantisation searcher (actdiff.compare.search): the op run on uniformly quantised operands.
+
+Candidates are generated from the definition of uniform affine quantisation (actdiff.compare.refops.quantise),
+never from a particular engine's choices: a scheme is a bit width (:data:`BITS`), symmetric or asymmetric, a
+granularity (one range per tensor, i.e. per prompt for an activation; per row (token, or output channel of a
+stored [out, in] weight); per column; for expert weights per expert block or per column of each block) and a
+range: dynamic (each tensor's own min/max at run time) or static (one fixed [lo, hi] for every prompt, as a
+calibrated model has, fitted here).
+
+A quantised kernel quantises its operands jointly (a dynamic-quantised MatMul quantises both the activation and
+the weight; quantising one of them explains neither), so the schemes of every float operand of the op (its
+float inputs and its 2-D weights; biases and LayerNorm vectors stay float) are combined: the whole product
+when it is at most :data:`MAX_JOINT` candidates, else coordinate descent (each operand's best scheme with the
+others fixed, :data:`PASSES` sweeps). Then, only when some dynamic combination reduces the error (SCREEN_PASS),
+each activation's range is fitted as a static one (below), and the output's own quantisation is tried on top.
+
+Static range: quantisation dequantises onto the grid scale * (q - zp); the zero point moves no grid point
+(multiples of the scale, 0 included), it only sets where values clip. So the scale is fitted first (a 1-D
+log-spaced grid of ratio 2^(1/64) around the sample's own scale, refined by bounded Brent), with the zero
+point of the sample's overall [min, max]; then the zero point, an integer, over a window around it. Reported
+as the fitted [lo, hi] = [-zp * scale, (qmax - zp) * scale].
+
+Cost: every candidate is scored on whole prompts of at most MAX_FIT_ROWS rows (search_fit._prompt_subset)
+and only the best few on the whole sample; registered after the cheap searchers of search_fit (SEARCH_MODULES),
+it does not delay what they explain.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+from .findings import Finding
+from .refops import ROUND_STEPS
+from .search import SearchContext, register
+from .search_fit import (
+    SCREEN_PASS,
+    _evaluate,
+    _finding,
+    _improves,
+    _prompt_subset,
+    _residual,
+    _searchable,
+    _step_words,
+    fmt,
+)
+
+BITS = (8,)  # 8-bit integer kernels; 4 would double the candidates for a scheme no CPU engine here runs
+GRANULARITIES = ("tensor", "row", "column")
+BLOCK_GRANULARITIES = ("block", "block_column")  # expert weights: E matrices stored as one [E*F, H] tensor
+MAX_JOINT = 128  # operands' schemes combined exhaustively up to this many candidates, else coordinate descent
+PASSES = 2  # coordinate-descent sweeps
+KEEP = 3  # candidates re-evaluated on the whole sample after scoring on the subset
+# static scale grid: 2^(k/64), k in [-SCALE_STEPS, SCALE_STEPS] (a factor 2 each side, 1.1% steps): a wrong step
+# moves every value by about |q| times the relative error, so the residual's basin around the right step is
+# about 1/|q|max ~ 1% wide at 8 bits (measured: 0.5% off leaves 80% of the error); the grid must land in it
+SCALE_STEPS = 64
+F32_ULPS = 64  # a fitted static step is polished over +- this many float32 ulps (8e-6 relative; _polish)
+ZP_WINDOW = 8  # static zero points tried at each edge of the no-clipping interval (_zero_points)
+EXPERT_OPS = ("EXPERT_FC1", "EXPERT_FC2")
+INTEGER_KERNEL_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1")  # ops refops can run as an integer kernel (int_pairs)
+KERNELS = ("saturate16",)  # integer accumulations other than the exact 32-bit sum (refops.saturated_pairs)
+
+
+@dataclass(frozen=True)
+class Operand:
+    key: str  # round_at step: "input.<i>" / "weight.<i>"; "output" for the result
+    name: str  # the node input's or checkpoint tensor's name
+    activation: bool
+    blocks: int = 1  # expert matrices in a stored weight
+
+
+def _operands(ctx: SearchContext) -> list[Operand]:
+    """The op's float inputs (one value per prompt) and its 2-D weights (matrices, embedding tables)."""
+    x0, node = ctx.inputs[0], ctx.node
+    ops = [Operand(f"input.{i}", n, True) for i, n in enumerate(node.inputs)
+           if np.asarray(x0[n]).dtype.kind == "f" and np.ndim(x0[n]) >= 2]  # fmt: skip
+    blocks = ctx.graph.dims.experts if node.op in EXPERT_OPS else 1
+    for i, n in enumerate(node.weights):
+        if np.ndim(ctx.weights[n]) == 2:
+            ops.append(Operand(f"weight.{i}", n, False, blocks))
+    if node.op in INTEGER_KERNEL_OPS and ops[:1] and ops[0].key == "input.0" and len(ops) > 1:
+        ops.append(Operand("kernel", "int_pairs", False))
+    return ops
+
+
+def _schemes(o: Operand) -> list[dict]:
+    """Every dynamic scheme of one operand (JSON-safe refops quantisation specs)."""
+    if o.key == "kernel":
+        return list(KERNELS)
+    grans = GRANULARITIES + (BLOCK_GRANULARITIES if o.blocks > 1 else ())
+    if not o.key.startswith(("input.", "weight.")):  # the op's intermediate values and its output
+        grans = ("tensor", "row")
+    out = []
+    for bits, sym, gran in itertools.product(BITS, (True, False), grans):
+        spec = {"bits": bits, "symmetric": sym, "granularity": gran, "range": "dynamic"}
+        if gran in BLOCK_GRANULARITIES:
+            spec["blocks"] = o.blocks
+        out.append(spec)
+    return out
+
+
+def _params(operands: list[Operand], choice: tuple) -> dict:
+    """refops parameters quantising each operand as ``choice`` says (None: left in float)."""
+    round_at = {o.key: s for o, s in zip(operands, choice, strict=True)
+                if s is not None and o.key not in ("output", "kernel")}  # fmt: skip
+    p: dict = {"round_at": round_at}
+    kernel = [s for o, s in zip(operands, choice, strict=True) if o.key == "kernel" and s is not None]
+    if kernel:
+        p["int_pairs"] = kernel[0]
+    out = [s for o, s in zip(operands, choice, strict=True) if o.key == "output" and s is not None]
+    if out:
+        p["output_precision"] = out[0]
+    return p
+
+
+class _Scorer:
+    """Scores candidates on the subset (whole prompts, MAX_FIT_ROWS rows) and keeps the best few."""
+
+    def __init__(self, ctx: SearchContext):
+        self.ctx, self.sub = ctx, _prompt_subset(ctx)
+        self.scored: dict[str, tuple[float, tuple]] = {}
+
+    def score(self, operands: list[Operand], choice: tuple) -> float:
+        key = repr(choice)
+        if key not in self.scored:
+            before = self.sub.tried
+            e = _evaluate(self.sub, _params(operands, choice))
+            if self.sub is not self.ctx:
+                self.ctx.tried += self.sub.tried - before
+            self.scored[key] = (e, choice)
+        return self.scored[key][0]
+
+    def best(self, n: int) -> list[tuple]:
+        return [c for e, c in sorted(self.scored.values(), key=lambda ec: ec[0]) if math.isfinite(e)][:n]
+
+
+def _joint(ctx: SearchContext, operands: list[Operand], scorer: _Scorer) -> None:
+    """Scores every combination of the operands' schemes (or coordinate descent when there are too many)."""
+    options = [[None] if o.key == "kernel" else [None, *_schemes(o)] for o in operands]
+    if math.prod(len(o) for o in options) <= MAX_JOINT:
+        for choice in itertools.product(*options):
+            if ctx.deadline.expired():
+                return
+            if any(s is not None for s in choice):
+                scorer.score(operands, choice)
+        return
+    current = [None] * len(operands)
+    best = math.inf
+    for _ in range(PASSES):
+        for i, opts in enumerate(options):
+            for s in opts:
+                if ctx.deadline.expired():
+                    return
+                choice = tuple(current[:i] + [s] + current[i + 1 :])
+                if any(c is not None for c in choice):
+                    e = scorer.score(operands, choice)
+                    if e < best:
+                        best, current = e, list(choice)
+
+
+def _kernels(ctx: SearchContext, operands: list[Operand], scorer: _Scorer) -> None:
+    """The best few joint choices run as an integer kernel with another accumulation (KERNELS)."""
+    k = [i for i, o in enumerate(operands) if o.key == "kernel"]
+    for choice in scorer.best(KEEP) if k else []:
+        for kernel in KERNELS:
+            if not ctx.deadline.expired():
+                scorer.score(operands, _with(choice, k[0], kernel))
+
+
+def _static_range(spec: dict, scale: float, zp: int) -> dict:
+    qmax = 2 ** (spec["bits"] - 1) - 1 if spec["symmetric"] else 2 ** spec["bits"] - 1
+    lo, hi = (-qmax * scale, qmax * scale) if spec["symmetric"] else (-zp * scale, (qmax - zp) * scale)
+    return {**spec, "granularity": "tensor", "range": [float(lo), float(hi)]}
+
+
+def _seed(ctx: SearchContext, o: Operand, spec: dict) -> tuple[float, int]:
+    """Scale and zero point of the sample's overall [min, max] of the operand (what a calibration on these
+    prompts would give)."""
+    lo, hi = _sample_range(ctx, o)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if spec["symmetric"]:
+        return max(-lo, hi) / (2 ** (spec["bits"] - 1) - 1) or 1.0, 0
+    scale = (hi - lo) / (2 ** spec["bits"] - 1) or 1.0
+    return scale, int(np.rint(-lo / scale))
+
+
+def _fit_scale(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], base: tuple, i: int) -> tuple | None:
+    """The static step of operand ``i`` (grid then Brent), the others as in ``base``: (scale, zp0, spec)."""
+    spec = {"bits": BITS[0], "symmetric": False, "granularity": "tensor", "range": "dynamic"}
+    s0, zp0 = _seed(ctx, operands[i], spec)
+
+    def f(u: float) -> float:
+        return scorer.score(operands, _with(base, i, _static_range(spec, s0 * 2.0**u, zp0)))
+
+    grid = np.arange(-SCALE_STEPS, SCALE_STEPS + 1) / SCALE_STEPS
+    vals = []
+    for u in grid:
+        if ctx.deadline.expired():
+            return None
+        vals.append(f(u))
+    k = int(np.argmin(vals))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    r = minimize_scalar(f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10, "maxiter": 100})
+    return s0 * 2.0 ** (r.x if r.fun <= vals[k] else grid[k]), zp0, spec
+
+
+def _with(choice: tuple, i: int, spec: dict) -> tuple:
+    return tuple(spec if j == i else s for j, s in enumerate(choice))
+
+
+def _fit_static(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], base: tuple, i: int) -> list[tuple]:
+    """``base`` with operand ``i`` quantised per tensor over a fixed range fitted to the data: the symmetric and
+    the asymmetric candidate at the fitted step (the same grid: they differ only where values clip)."""
+    fitted = _fit_scale(ctx, scorer, operands, base, i)
+    if fitted is None:
+        return []
+    scale, zp0, spec = fitted
+    sym = _with(base, i, _static_range({**spec, "symmetric": True}, scale, 0))
+    asym = min((_with(base, i, _static_range(spec, scale, z)) for z in _zero_points(ctx, operands[i], scale, spec)),
+               key=lambda c: scorer.score(operands, c))  # fmt: skip
+    return [sym, asym]
+
+
+def _zero_points(ctx: SearchContext, o: Operand, scale: float, spec: dict) -> list[int]:
+    """The zero points worth trying at a fitted step: every zero point in [za, zb] clips none of the sample's
+    values and gives the same result (one of them stands for all), so the candidates are those that start to
+    clip at the bottom (just below za) or at the top (just above zb)."""
+    qmax = 2 ** spec["bits"] - 1
+    lo, hi = _sample_range(ctx, o)
+    za, zb = math.ceil(-min(lo, 0.0) / scale), math.floor(qmax - max(hi, 0.0) / scale)
+    zs = {*range(za - ZP_WINDOW, za + 1), *range(zb, zb + ZP_WINDOW + 1), (za + zb) // 2}
+    return sorted(z for z in zs if 0 <= z <= qmax)
+
+
+def _sample_range(ctx: SearchContext, o: Operand) -> tuple[float, float]:
+    # an intermediate value or the output: the target's range (a product differs from it by a bias)
+    vals = [np.asarray(x[o.name]) for x in ctx.inputs] if o.key.startswith("input.") else ctx.targets
+    return min(float(v.min()) for v in vals), max(float(v.max()) for v in vals)
+
+
+def _score_of(scorer: _Scorer, operands: list[Operand], choice: tuple) -> float:
+    return scorer.score(operands, choice) if any(c is not None for c in choice) else scorer.sub.err0
+
+
+def _improve(ctx, scorer, operands, base: tuple, i: int, dynamic: bool) -> tuple:
+    """``base`` with operand ``i`` quantised the best way found (its dynamic schemes when asked, then a fitted
+    static range), or ``base`` itself when nothing improves on it."""
+    cands = [_with(base, i, s) for s in _schemes(operands[i])] if dynamic else []
+    for c in cands:
+        if not ctx.deadline.expired():
+            scorer.score(operands, c)
+    cands += _fit_static(ctx, scorer, operands, base, i) if not ctx.deadline.expired() else []
+    return min([base, *cands], key=lambda c: _score_of(scorer, operands, c))
+
+
+def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> list[Operand]:
+    """Static ranges for the input activations, then the op's intermediate values (refops.ROUND_STEPS: a matmul's
+    product before its bias, quantised between two kernels) and its output, dynamic or static, on top of the
+    best dynamic choice, each kept only if it improves, until the node is explained. Returns the operands with
+    the steps and the output appended (shorter choices are padded with None)."""
+    best = scorer.best(1)
+    steps = [Operand(s, s, True) for s in ROUND_STEPS.get(ctx.node.op, ())] + [Operand("output", ctx.node.name, True)]
+    full = [*operands, *steps]
+    pad = (None,) * len(steps)
+
+    def explained(c: tuple) -> bool:  # within the budget itself: explains()'s 5%-of-the-divergence floor
+        return _score_of(scorer, full, c) <= ctx.budget  # would stop a static fit one float32 ulp short
+
+    if best and explained((*best[0], *pad)):
+        return full  # a dynamic scheme explains the node: nothing to refine
+    # start from the best dynamic choice if it moves the error at all (a weight's quantisation is found there
+    # even when the activation's is static), else from the operands in float (a static range of an activation
+    # is a different grid from its own range's: the dynamic candidates then leave the error where it was)
+    moves = best and scorer.score(operands, best[0]) < SCREEN_PASS * scorer.sub.err0
+    base = (*(best[0] if moves else (None,) * len(operands)), *pad)
+    # coordinate descent: each value's range is fitted with the others' current quantisation, so a second
+    # sweep refits the input's step once the product's quantisation no longer blurs its basin
+    for i, o in [(i, o) for _ in range(PASSES) for i, o in enumerate(full)]:
+        if ctx.deadline.expired() or explained(base):
+            break
+        if i >= len(operands) and not _score_of(scorer, full, base) < SCREEN_PASS * scorer.sub.err0:
+            break  # quantised intermediates come with quantised operands: none moved the error, so stop here
+        if o.activation:
+            base = _improve(ctx, scorer, full, base, i, dynamic=i >= len(operands))
+    return full
+
+
+def _polish(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], choice: tuple) -> tuple:
+    """Each fitted static step moved to the best float32 value within F32_ULPS units of it. The scale is a
+    float32 tensor (ONNX QuantizeLinear) and x / scale a float32 division, so one ulp (1.2e-7 relative) of
+    the step moves the quotients near a rounding tie across it: the residual is flat only on the exact value,
+    finer than Brent resolves a floor of rounding flips (it stopped 5.7e-6 and 3.7e-6 off on ORT's int8-static
+    qkv of layer 1, both polished to the exact float32 scale). PASSES sweeps: one step is found more easily
+    once the other is exact."""
+    for i, spec in [(i, choice[i]) for _ in range(PASSES) for i in range(len(choice))]:
+        spec = choice[i]
+        if ctx.deadline.expired() or not isinstance(spec, dict) or spec["range"] == "dynamic":
+            continue
+        step = np.float32(_step(spec))
+        zp = 0 if spec["symmetric"] else int(np.rint(-min(spec["range"][0], 0.0) / float(step)))
+        steps = [step]
+        for direction in (np.float32(np.inf), np.float32(0)):
+            s = step
+            for _ in range(F32_ULPS):
+                s = np.nextafter(s, direction)
+                steps.append(s)
+        cands = [_with(choice, i, _static_range(spec, float(s), zp)) for s in steps]
+        choice = min(cands, key=lambda c: scorer.score(operands, c))
+    return choice
+
+
+def _simplest(ctx: SearchContext, operands: list[Operand], choice: tuple, err: float) -> tuple[tuple, float]:
+    """``choice`` with every operand left in float whose quantisation the residual does not need (it stays
+    within the budget, or within 1% of ``err``): the fewest causes that explain."""
+    for i in range(len(choice)):
+        if choice[i] is None or sum(c is not None for c in choice) == 1:
+            continue
+        c = _with(choice, i, None)
+        e = _evaluate(ctx, _params(operands, c))
+        if e <= max(ctx.budget, 1.01 * err):
+            choice, err = c, e
+    return choice, err
+
+
+# ----------------------------------------------------------------------------------------------- words
+def _gran_words(ctx: SearchContext, o: Operand, spec: dict) -> str:
+    gran = spec["granularity"]
+    if gran == "tensor":
+        return "per tensor (one range per prompt)" if o.activation and spec["range"] == "dynamic" else "per tensor"
+    if o.activation:
+        return {"row": "per token (row)", "column": "per feature (column)"}[gran]
+    op = ctx.node.op
+    if op == "EMBED":
+        return {"row": "per row (token)", "column": "per column (feature)"}[gran]
+    rows_out = op != "EXPERT_FC2"  # stored [out, in] everywhere but the second expert matrix ([E*F, H], F in)
+    channel = {"row": "output" if rows_out else "input", "column": "input" if rows_out else "output"}
+    if gran == "block":
+        return "per expert"
+    if gran == "block_column":
+        return f"per expert and {channel['column']} channel"
+    return f"per {channel[gran]} channel"
+
+
+def _operand_words(ctx: SearchContext, o: Operand, spec) -> str:
+    if o.key == "kernel":
+        return ("the integer products summed two at a time into a saturating 16-bit integer (a u8 x s8 "
+                "multiply-add without a wider accumulator), then in 32 bits")  # fmt: skip
+    what = {"input": "the input", "weight": "the weight", "output": "the output"}.get(o.key.split(".")[0])
+    what = f"{what} {o.name}" if what else _step_words(ctx, o.key)
+    kind = "symmetric" if spec["symmetric"] else "asymmetric"
+    words = f"{what} to {spec['bits']}-bit {kind} {_gran_words(ctx, o, spec)}"
+    if spec["range"] == "dynamic":
+        return words + (" with its own range at run time" if o.activation else "")
+    lo, hi = spec["range"]
+    note = ""
+    if o.key.startswith("input."):
+        vals = [np.asarray(x[o.name]) for x in ctx.inputs]
+        vlo, vhi = min(float(v.min()) for v in vals), max(float(v.max()) for v in vals)
+        if lo < vlo and vhi < hi:  # nothing clips: the bounds are not identified, only the step
+            note = f"; the sample's values [{fmt(vlo)}, {fmt(vhi)}] never reach the bounds, so only the step is "
+            note += "identified"
+    return words + f" with the fixed range [{fmt(lo)}, {fmt(hi)}] (fitted, step {fmt(_step(spec))}{note})"
+
+
+def _step(spec: dict) -> float:
+    lo, hi = spec["range"]
+    if spec["symmetric"]:
+        return max(-lo, hi) / (2 ** (spec["bits"] - 1) - 1)
+    return (max(hi, 0.0) - min(lo, 0.0)) / (2 ** spec["bits"] - 1)
+
+
+def _says(ctx: SearchContext, operands: list[Operand], choice: tuple, err: float) -> str:
+    parts = [_operand_words(ctx, o, s) for o, s in zip(operands, choice, strict=True) if s is not None]
+    joined = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + ", and " + parts[-1]
+    return f"quantised: {joined}; {_residual(ctx, err)}"
+
+
+def _name(ctx: SearchContext, operands: list[Operand], choice: tuple) -> str:
+    def short(s) -> str:
+        if isinstance(s, str):
+            return s
+        r = "dyn" if s["range"] == "dynamic" else "static"
+        return f"{'s' if s['symmetric'] else 'u'}{s['bits']}/{s['granularity']}/{r}"
+
+    items = [f"{o.key}={short(s)}" for o, s in zip(operands, choice, strict=True) if s is not None]
+    return f"{ctx.node.op}.quant." + "+".join(items)
+
+
+@register
+def quantisation(ctx: SearchContext) -> Iterator[Finding]:
+    """The op on uniformly quantised operands (joint schemes, static ranges fitted, then the output)."""
+    if not _searchable(ctx):
+        return
+    operands = _operands(ctx)
+    if not operands:
+        return
+    scorer = _Scorer(ctx)
+    _joint(ctx, operands, scorer)
+    _kernels(ctx, operands, scorer)
+    operands = _refine(ctx, scorer, operands)
+    n, seen = len(operands), set()
+    for rank, choice in enumerate(scorer.best(KEEP)):
+        choice = tuple(choice) + (None,) * (n - len(choice))
+        if rank == 0 and not scorer.score(operands, choice) <= ctx.budget:
+            choice = _polish(ctx, scorer, operands, choice)  # the best only: 2 x 129 candidates a static step
+        err = _evaluate(ctx, _params(operands, choice))
+        choice, err = _simplest(ctx, operands, choice, err)
+        if repr(choice) in seen or not _improves(ctx, err):
+            continue
+        seen.add(repr(choice))
+        yield _finding("precision", _name(ctx, operands, choice), _says(ctx, operands, choice, err), err,
+                       _params(operands, choice))  # fmt: skip
