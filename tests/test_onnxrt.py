@@ -494,10 +494,10 @@ def test_pipeline_int8_static_leaves_its_calibration_prompts_out(ort_run):
 def test_pipeline_splits_ort_errors_into_local_and_propagated(ort_run):
     """With ORT's replay (actdiff.onnxrt.replay), the statistics stage replays every node on the side's own
     inputs bit for bit (no replay_mismatch: the replay is the dump's code) and on the reference's inputs: a
-    failing node's local error is then its own quantisation error, the rest of its error inherited. Every
-    quantised MatMul fails locally (int8 rounding ~2^-7 against an fp32 budget ~2e-6); the MoE output with
-    the reference's routing forced (expert-kernel error alone) is finite and below the unforced one on the
-    prompts where routing flipped."""
+    failing node's local error is then its own quantisation error, the rest of its error inherited. Some
+    quantised MatMul fails locally (8-bit activations: the int8 weight allowance does not cover them); the MoE
+    output with the reference's routing forced (expert-kernel error alone) is finite and below the unforced one
+    on the prompts where routing flipped."""
     import pandas as pd
 
     L, _, _ = ort_run
