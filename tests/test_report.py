@@ -367,25 +367,24 @@ def test_publish_with_quarto_makes_a_website_project(rendered_results, tmp_path)
     resolves in the project; `quarto render` itself is exercised only where quarto exists."""
     import yaml
 
-    from actdiff.report.publish import (MANIFEST, OVERVIEW, QUARTO_PROJECT, build_site, check_links,
-                                        write_quarto_project)  # fmt: skip
+    from actdiff.report import publish as pub
     from actdiff.report.render import render
 
     source = tmp_path / "project"
     source.mkdir()
-    manifest = build_site(rendered_results, source)
-    write_quarto_project(source, manifest)
-    cfg = yaml.safe_load((source / QUARTO_PROJECT).read_text())
+    manifest = pub.build_site(rendered_results, source)
+    pub.write_quarto_project(source, manifest)
+    cfg = yaml.safe_load((source / pub.QUARTO_PROJECT).read_text())
     assert cfg["project"]["type"] == "website" and cfg["project"]["render"] == ["index.qmd"]
-    assert {OVERVIEW, MANIFEST} <= set(cfg["project"]["resources"])
+    assert {pub.OVERVIEW, pub.MANIFEST} <= set(cfg["project"]["resources"])
     assert all((source / r).is_file() for r in cfg["project"]["resources"]), cfg["project"]["resources"]
     menus = {m["text"]: m["menu"] for m in cfg["website"]["navbar"]["left"] if "menu" in m}
     assert sorted(menus) == sorted({r["model"] for r in manifest["runs"]})
     assert sum(len(v) for v in menus.values()) == len(manifest["runs"])
     assert render(source / "index.qmd", source / "index.html", {}) in ("fallback", "quarto")
     home = (source / "index.html").read_text()
-    assert all(f'href="{r["report"]}"' in home for r in manifest["runs"]) and f'href="{OVERVIEW}"' in home
-    assert check_links(source) == []
+    assert all(f'href="{r["report"]}"' in home for r in manifest["runs"]) and f'href="{pub.OVERVIEW}"' in home
+    assert pub.check_links(source) == []
 
 
 def test_published_site_opens_from_file_in_chromium(rendered_results, tmp_path):
