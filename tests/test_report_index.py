@@ -99,3 +99,14 @@ def test_index_page_shows_the_embedding_table(results, tmp_path, monkeypatch):
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", out.read_text(encoding="utf-8"))).split())
     assert "Final embeddings" in text and "top-10 neighbour overlap, mean (min)" in text, text[:2000]
     assert "onnxruntime int8-static DEVIATES 43 1.5e-03 1.3e-03 5.0e-04 0.986 (0.90) 0.999812 43" in text, text
+
+
+def test_graph_colours_a_pass_node_without_a_local_error():
+    """A node judged on its propagated error only (its inputs fused away by the side: local error NaN) is drawn
+    as a pass, not an error (an ONNX Runtime run at level all rendered no report before)."""
+    from actdiff.report.graph_svg import PASS_SHADES, node_colour
+
+    shades = [c for _, c in PASS_SHADES]
+    assert node_colour("pass", {"budget_median": 1e-6, "local_rel_l2_max": float("nan")}) == shades[0]
+    assert node_colour("pass", {"budget_median": 1e-6, "local_rel_l2_max": 5e-7}) in shades
+    assert node_colour("pass", {"budget_median": 1e-6, "local_rel_l2_max": float("inf")}) == shades[0]

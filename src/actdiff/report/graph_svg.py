@@ -55,9 +55,11 @@ def node_colour(status: str, row) -> str:
         return STATUS_COLOURS[status]
     if status != "pass":
         return "#ffffff"
-    budget = float(row.get("budget_median") or 0)
-    ratio = float(row.get("local_rel_l2_max") or 0) / budget if budget > 0 else 0.0
-    return next(c for limit, c in PASS_SHADES if ratio < limit)
+    budget, local = float(row.get("budget_median") or 0), float(row.get("local_rel_l2_max") or 0)
+    # no local error measured (NaN: a node whose inputs the side fused away is judged on its propagated error
+    # only): drawn as the plainest pass; a ratio past every limit takes the last shade
+    ratio = local / budget if budget > 0 and math.isfinite(local) else 0.0
+    return next((c for limit, c in PASS_SHADES if ratio < limit), PASS_SHADES[-1][1])
 
 
 def bands(graph: Graph) -> list[tuple[str, list]]:
