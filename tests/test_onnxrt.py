@@ -305,12 +305,14 @@ def _replay(case, variant: str, level: str = "disable"):
     return open_replay("onnxruntime", case["dir"], variant, provenance)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8-dynamic"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-dynamic"])
 def test_replay_on_own_inputs_is_the_dump_bit_for_bit(case, variant):
     """Teacher forcing is only sound if the replay is the code that ran: every node's subgraph, fed the side's
     own inputs, gives its dumped value exactly (same kernels, same shapes, one thread), and every MoE block
     with its own routing forced gives its dumped output. Level disable: nothing fused, nothing on another
-    path. Three prompts (both models: the tiny one's MoE blocks, MiniLM's BERT attention and embeddings)."""
+    path. Three prompts (both models: the tiny one's MoE blocks, MiniLM's BERT attention and embeddings).
+    fp16: `pooled` is captured as ORT's float32 result, the value the L2 norm reads, not its unread float16
+    rounding (capture.Resolution._rounds_fp32_copy), so `embedding` replays exactly too."""
     side = _side(case, variant, _variant_file(case, variant))
     own = _forward(side, case["eval"][:3])
     side.close()

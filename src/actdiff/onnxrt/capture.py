@@ -89,6 +89,7 @@ def _producers(graph) -> dict[str, object]:
 # ORT's CPU execution provider runs an op without a float16 kernel in float32 between inserted Casts; the
 # float32 copy of value V is named with this prefix (onnxruntime/core/optimizer/insert_cast_transformer.cc)
 ORT_FP32_COPY = "InsertedPrecisionFreeCast_"
+SHAPE_OPS = ("Shape", "Size")  # ops that read only their input's shape (the replay feeds their outputs from a probe)
 
 
 class Resolution:
@@ -99,6 +100,8 @@ class Resolution:
 
     def __init__(self, original, optimized, nodes: list[str]):
         self.kept = _producers(optimized.graph)
+        # values whose numbers some optimised op reads (a Shape or Size reads only the shape)
+        self.read = {i for n in optimized.graph.node if n.op_type not in SHAPE_OPS for i in n.input}
         self.orig = _producers(original.graph)
         self.types = value_types(original)
         self.consumers: dict[str, list] = {}
@@ -110,7 +113,7 @@ class Resolution:
             self._resolve(name)
 
     def _resolve(self, name: str) -> None:
-        if name in self.kept:
+        if name in self.kept and not self._rounds_fp32_copy(name):
             self.value[name] = name
         elif ORT_FP32_COPY + name in self.kept:
             self.value[name] = ORT_FP32_COPY + name
@@ -120,6 +123,14 @@ class Resolution:
             self.aliases[name] = f"no-op {self.orig[name].op_type} removed by the optimiser: the value of {src}"
         else:
             self.fused[name] = self._fused_reason(name)
+
+    def _rounds_fp32_copy(self, name: str) -> bool:
+        """True when the value is only ORT's float32 result cast to float16 (its producer a Cast of the float32
+        copy) and no op reads it (e.g. `pooled` of an fp16 model, whose L2 norm reads the copy): the capture
+        then reads the copy, the value consumed (reading the rounding made `embedding` irreproducible from the
+        dumped `pooled`). A rounding that float16 ops read stays the node's value: it is what they consumed."""
+        node = self.kept[name]
+        return node.op_type == "Cast" and node.input[0] == ORT_FP32_COPY + name and name not in self.read
 
     def _noop_source(self, name: str) -> str | None:
         """The surviving input of an Identity, or of a Cast to the type its input already has."""

@@ -33,12 +33,11 @@ import numpy as np
 
 from ..errors import ModelError
 from ..nodes import INPUT_IDS, Graph
-from .capture import cpu_session, mark_outputs
+from .capture import SHAPE_OPS, cpu_session, mark_outputs
 from .export import INPUT_MASK
 
 log = logging.getLogger(__name__)
 
-SHAPE_OPS = ("Shape", "Size")  # their outputs depend on the prompt's length only: fed from the probe
 # ops whose output shape depends on their input's values: a Shape of anything downstream, probed on padding
 # ids, would not be the prompt's own; a graph holding one is refused (the export has none: dense-gather MoE)
 VALUE_SHAPED_OPS = ("NonZero", "Unique", "Compress")
