@@ -18,47 +18,19 @@ from actdiff.report.sections import index_embeddings_md
 
 render_mod = importlib.import_module("actdiff.report.render")
 
-# (side, variant) -> (status, embedding summary as compare.aggregate writes it)
+
+def _emb(prompts, cos_min, cos_p01, cos_median, overlap_mean, overlap_min, spearman) -> dict:
+    """An embedding summary as compare.aggregate writes it (every prompt in the sample)."""
+    return dict(prompts=prompts, cosine_min=cos_min, cosine_p01=cos_p01, cosine_median=cos_median,
+                sample_size=prompts, neighbour_overlap_mean=overlap_mean, neighbour_overlap_min=overlap_min,
+                similarity_spearman=spearman)  # fmt: skip
+
+
+# (side, variant) -> (status, embedding summary)
 RUNS = {
-    ("actdiff", "fp32"): (
-        "pass",
-        dict(
-            prompts=47,
-            cosine_min=1 - 3e-13,
-            cosine_p01=1 - 2e-13,
-            cosine_median=1 - 4e-14,
-            sample_size=47,
-            neighbour_overlap_mean=1.0,
-            neighbour_overlap_min=1.0,
-            similarity_spearman=1.0,
-        ),
-    ),  # fmt: skip
-    ("llamacpp", "fp32"): (
-        "fail",
-        dict(
-            prompts=47,
-            cosine_min=0.9712,
-            cosine_p01=0.9754,
-            cosine_median=0.9931,
-            sample_size=47,
-            neighbour_overlap_mean=0.951,
-            neighbour_overlap_min=0.8,
-            similarity_spearman=0.998765,
-        ),
-    ),  # fmt: skip
-    ("onnxruntime", "int8-static"): (
-        "deviates",
-        dict(
-            prompts=43,
-            cosine_min=0.99854,
-            cosine_p01=0.9987,
-            cosine_median=0.9995,
-            sample_size=43,
-            neighbour_overlap_mean=0.986,
-            neighbour_overlap_min=0.9,
-            similarity_spearman=0.999812,
-        ),
-    ),  # fmt: skip
+    ("actdiff", "fp32"): ("pass", _emb(47, 1 - 3e-13, 1 - 2e-13, 1 - 4e-14, 1.0, 1.0, 1.0)),
+    ("llamacpp", "fp32"): ("fail", _emb(47, 0.9712, 0.9754, 0.9931, 0.951, 0.8, 0.998765)),
+    ("onnxruntime", "int8-static"): ("deviates", _emb(43, 0.99854, 0.9987, 0.9995, 0.986, 0.9, 0.999812)),
     ("onnxruntime", "fp32"): ("pass", {}),  # no embedding summary (a run without one): dashes, not a crash
 }
 MODEL = "tiny-nomic-moe"
