@@ -109,13 +109,10 @@ def build_site(results: str | Path, staging: Path) -> dict:
     return manifest
 
 
-def _cell(v) -> str:
-    """A value as a markdown table cell (pipes escaped, nothing for None)."""
-    return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
-
-
 def quarto_index_qmd(manifest: dict) -> str:
     """The website's home page: every run of the manifest with its status and a link to its report."""
+    from .sections import code, esc  # the reports' own markdown cell writers (imported here: matplotlib)
+
     head = ["model", "engine", "variant", "status", "prompts", "failing nodes", "first divergence",
             "embedding cosine min", "report"]  # fmt: skip
     lines = ["---", 'title: "actdiff: published runs"', "---", "",
@@ -123,9 +120,9 @@ def quarto_index_qmd(manifest: dict) -> str:
              f"[All runs, with trends and embeddings]({OVERVIEW}); the runs as data: [manifest.json]({MANIFEST}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in manifest["runs"]:
-        cells = [r["model"], r["side"], r["variant"], r["status"], r["prompts"], r["failing_nodes"],
-                 f"`{r['first_divergence']}`" if r.get("first_divergence") else "none", r["embedding_cosine_min"]]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + f" | [report]({r['report']}) |")
+        cells = [esc(r[k]) for k in ("model", "side", "variant", "status", "prompts", "failing_nodes")]
+        cells += [code(r.get("first_divergence")), esc(r["embedding_cosine_min"])]
+        lines.append("| " + " | ".join(cells) + f" | [report]({r['report']}) |")
     return "\n".join(lines) + "\n"
 
 
