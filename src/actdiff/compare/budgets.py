@@ -9,8 +9,9 @@ implementation it has three sources:
   this node, on these values, in fp32 costs, and it already holds what an analytic model would have to
   guess (reduction length, blocking, cancellation, exp/erf accuracy, rotary angles built in fp32 on long
   prompts). Where the reference's kernel can be far more accurate than a plain loop (long sums: SUM_OPS)
-  the noise is at least the sequential-summation envelope (:func:`sequential_sum_noise`), also computed
-  from the data. Column ``fp32_noise``;
+  the noise is at least the sequential-summation envelope (:func:`sequential_sum_noise`; for LayerNorm and
+  the L2 normalisation, whose row sums PyTorch also computes far better than a loop,
+  :func:`normalisation_noise`), also computed from the data. Column ``fp32_noise``;
 - weight storage: fp16 (u = 2^-11), bf16 (2^-8), int8 per-channel symmetric (step = max|w|/127; relative
   rms error of a weight ~ (max|w|/rms|w|) / (127 * sqrt(12)) ~ 2^-7 for Gaussian-like rows of width
   768; taken as 2^-7). Each output is a sum of many independently rounded terms, so the output's relative
@@ -105,6 +106,8 @@ def fp32_noise(graph: Graph, node: Node, ref: dict, weights) -> Noise:
     measured = diff / den if den > 0 else (0.0 if diff == 0 else math.inf)
     if node.op in SUM_OPS:
         return Noise(measured, sequential_sum_noise(graph, node, ref, weights, params, exact))
+    if node.op in NORM_OPS and params.get("axis", "hidden") == "hidden":
+        return Noise(measured, normalisation_noise(node, ref, weights, params, exact))
     return Noise(measured)
 
 
@@ -112,9 +115,14 @@ def fp32_noise(graph: Graph, node: Node, ref: dict, weights) -> Noise:
 # accurate than a plain loop: PyTorch pools with cascade summation, and its GEMM on a few tokens (MKL's small-M
 # paths) measured below one unit roundoff at K = 1536, where a sequential FMA chain is 5-30x less accurate.
 # There the reference's measured noise under-states what a correct fp32 implementation costs, so the noise is
-# the larger of it and the sequential-summation envelope. Elsewhere (attention, normalisations, softmax,
-# GELU, rotary, adds) a correct engine measured at most 3x the reference's noise on every ISA path.
+# the larger of it and the sequential-summation envelope. Elsewhere (attention, softmax, GELU, rotary, adds)
+# a correct engine measured at most 3x the reference's noise on every ISA path; normalisations: NORM_OPS.
 SUM_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "POOL")
+# Normalisations reduce each row too (a sum of squares; LayerNorm also a sum for the mean), and PyTorch's
+# kernels do it far more accurately than a loop: ONNX Runtime's fp32 L2 normalisation measured up to 6.6x the
+# reference's noise and its LayerNorm 5.4x (MiniLM, hidden 384), past R_IMPL = 3, on prompts where the
+# reference's own error was 2-3e-8. Their noise is at least :func:`normalisation_noise`.
+NORM_OPS = ("LAYERNORM", "L2NORM")
 
 
 def sequential_sum_noise(graph: Graph, node: Node, ref: dict, weights, params: dict, exact: np.ndarray) -> float:
@@ -149,6 +157,58 @@ def sequential_sum_noise(graph: Graph, node: Node, ref: dict, weights, params: d
         return 0.0
     var = float(np.sum(k / 6.0 * q + k / 3.0 * np.square(y)))
     return U32 / math.sqrt(3.0) * (math.sqrt(var) / total + 1.0)
+
+
+def _sum_rounding_rms(t: np.ndarray) -> np.ndarray:
+    """Rms absolute error of summing each row of ``t`` (last axis) in fp32 one term after another, in an
+    arbitrary order: u/sqrt(3) * sqrt(K/6 q + K/3 y^2), as :func:`sequential_sum_noise` derives."""
+    k = t.shape[-1]
+    q, y = np.sum(t * t, axis=-1), np.sum(t, axis=-1)
+    return U32 / math.sqrt(3.0) * np.sqrt(k / 6.0 * q + k / 3.0 * y * y)
+
+
+def normalisation_noise(node: Node, ref: dict, weights, params: dict, exact: np.ndarray) -> float:
+    """Rms relative L2 error of a LayerNorm or L2 normalisation over the hidden axis whose row sums are
+    computed one term after another in fp32 (:func:`_sum_rounding_rms`), and one rounding of each output
+    (rms u/sqrt(3)), independent of the sums', so added in quadrature. 0 where the op is a copy (L2NORM with
+    normalize off)."""
+    x = np.asarray(ref[node.inputs[0]], dtype=np.float64)
+    x = x.reshape(-1, x.shape[-1])
+    if node.op == "L2NORM":
+        if not params.get("normalize", True):
+            return 0.0
+        err, total = _l2norm_sum_error(x)
+    else:
+        err, total = _layernorm_sum_error(x, weights, node, params)
+        total = float(np.linalg.norm(exact))
+    return math.hypot(err / total, U32 / math.sqrt(3.0)) if total > 0.0 else 0.0
+
+
+def _l2norm_sum_error(x: np.ndarray) -> tuple[float, float]:
+    """y = x / ||x|| row by row: the sum of squares S errs by delta_S (relative), the norm by delta_S / 2, a
+    common scale on the row, so the row's relative error is delta_S / 2. Rows have unit norm: the total is
+    sqrt(rows). (error norm, output norm)."""
+    s = np.sum(x * x, axis=-1)
+    live = s > 0
+    rel = 0.5 * _sum_rounding_rms(x[live] * x[live]) / s[live]
+    return float(np.sqrt(np.sum(rel**2))), float(np.sqrt(np.count_nonzero(live)))
+
+
+def _layernorm_sum_error(x: np.ndarray, weights, node: Node, params: dict) -> tuple[float, float]:
+    """y = g * (x - m) / s + b row by row. The mean's error d_m (the sum's error / K) shifts every centred
+    value: (d_m / s) * ||g|| on the row. The sum of squares of the centred values V errs by delta_V, scaling
+    the normalised row by delta_V / 2 * V / (V + K eps): that times ||g * (x - m) / s||. Independent, so added
+    in quadrature over every row. (error norm, 0: the caller takes the output's norm)."""
+    k, eps, centred = x.shape[-1], float(params.get("eps", 0.0)), bool(params.get("centered", True))
+    c = x - x.mean(axis=-1, keepdims=True) if centred else x
+    v = np.sum(c * c, axis=-1)
+    sd = np.sqrt(v / k + eps)
+    sd = np.where(sd > 0, sd, 1.0)
+    g = np.asarray(weights[node.weights[0]], dtype=np.float64) if params.get("affine", True) else np.ones(k)
+    scale_err = 0.5 * _sum_rounding_rms(c * c) / np.maximum(v + k * eps, np.finfo(float).tiny)
+    shift_err = _sum_rounding_rms(x) / k / sd if centred else np.zeros_like(sd)
+    normalised2 = np.sum((g * c / sd[:, None]) ** 2, axis=-1)
+    return float(np.sqrt(np.sum(scale_err**2 * normalised2 + shift_err**2 * float(np.sum(g * g))))), 0.0
 
 
 def budget(node: Node, precision: str, noise: Noise, overrides: dict | None = None) -> float:
