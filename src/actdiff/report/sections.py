@@ -891,7 +891,8 @@ def reference_rows(records: list[dict]) -> list[tuple[str, str]]:
         rows.append(("reference device", f"{r.get('device', 'cpu')} ({r.get('device_name', 'unrecorded')})"
                                          + (f"; {versions}" if versions else "")))  # fmt: skip
         numerics = r.get("torch_numerics") or {}
-        settings = ", ".join(f"{k} {v}" for k, v in sorted(numerics.items())) or "not recorded (an older dump)"
+        settings = ", ".join(f"{k} {v if v != '' else 'unset'}" for k, v in sorted(numerics.items()))
+        settings = settings or "not recorded (an older dump)"
         rows.append(("reference precision", f"{r.get('reference_precision', 'fp32')}; torch: {settings}"))
     return rows
 
