@@ -75,13 +75,12 @@ def prompt_ids(model_dir: Path, n: int, vocab: int) -> list[tuple[str, list[int]
     return items
 
 
-def run_reference(model_dir: Path, device: str, allow_tf32: bool, items) -> dict:
-    """Every node of every prompt from the reference side on ``device``, its provenance and its time. Sides run
-    one after another: torch's numerics flags are process-wide, and the side sets and restores them."""
-    from actdiff.models.record import ModelRecord
+def run_reference(record, device: str, allow_tf32: bool, items) -> dict:
+    """Every node of every prompt from the reference side on ``device`` (``record``: the model's
+    actdiff.models.record.ModelRecord), its provenance and its time. Sides run one after another: torch's
+    numerics flags are process-wide, and the side sets and restores them."""
     from actdiff.sides import open_side
 
-    record = ModelRecord.from_dir(model_dir)
     side = open_side("reference", record, "fp32", device=device, allow_tf32=allow_tf32, batch_size=1)
     try:
         t0 = time.perf_counter()
@@ -150,13 +149,14 @@ def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
 
 def measure(model: str, model_dir: Path, device: str, n_prompts: int) -> tuple[list[dict], dict]:
     """The three runs of one model and their per-node errors; returns (rows, what each run recorded)."""
-    from actdiff.nodes import graph_for_model_dir
+    from actdiff.models.record import ModelRecord
 
-    graph = graph_for_model_dir(model_dir)
+    record = ModelRecord.from_dir(model_dir, model)  # hashes the weights once
+    graph = record.graph()
     items = prompt_ids(model_dir, n_prompts, graph.dims.vocab)
     runs = {}
     for name, dev, tf32 in (("cpu", "cpu", False), ("cuda_fp32", device, False), ("cuda_tf32", device, True)):
-        runs[name] = run_reference(model_dir, dev, tf32, items)
+        runs[name] = run_reference(record, dev, tf32, items)
         print(f"{model}: {name} on {runs[name]['provenance']['device']} "
               f"({runs[name]['provenance']['device_name']}) {runs[name]['seconds']:.2f} s")  # fmt: skip
     rows = [{"model": model, **r} for r in node_errors(graph, runs)]

@@ -28,13 +28,14 @@ def test_without_cuda_it_exits_nonzero_and_says_why(device, capsys, tmp_path):
 
 
 def test_comparison_of_two_cpu_references(tmp_path, capsys):
-    from actdiff.nodes import graph_for_model_dir
+    from actdiff.models.record import ModelRecord
 
     d = ensure_tiny_model()
-    graph = graph_for_model_dir(d)
+    record = ModelRecord.from_dir(d, "tiny")
+    graph = record.graph()
     items = reference_gpu.prompt_ids(d, 2, graph.dims.vocab)
     assert [len(x) for _, x in items][-1] == reference_gpu.LONG and len(items) == 3
-    runs = {k: reference_gpu.run_reference(d, "cpu", False, items) for k in ("a", "b")}
+    runs = {k: reference_gpu.run_reference(record, "cpu", False, items) for k in ("a", "b")}
     assert runs["a"]["provenance"]["device"] == "cpu"
     rows = [{"model": "tiny", **r} for r in reference_gpu.node_errors(graph, runs, pairs=(("a", "b"),))]
     assert len(rows) == len(graph) and all(r["rel_l2_max"] == 0.0 and r["prompts"] == 3 for r in rows)

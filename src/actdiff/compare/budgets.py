@@ -82,8 +82,9 @@ WEIGHTED_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "EMBED")
 # by the reference's own precision (the dump's reference_precision): TF32 rounds both factors of each product
 # to u = 2^-11, so 2 * 2^-11 per product; accumulation stays fp32 (the measured noise)
 U_REFERENCE = {"fp32": 0.0, "tf32": 2 * 2.0**-11}
-# the ops whose products torch runs through cuBLAS/cuDNN GEMMs on CUDA, where TF32 applies: linear layers,
-# the router, the experts, and attention's QK^T and PV (the math and memory-efficient kernels alike)
+# the ops whose products the reference runs as cuBLAS GEMMs on CUDA, where TF32 applies: linear layers, the
+# router, the experts (x @ w), and attention's QK^T and PV (einsum in NomicAttention, matmul in transformers'
+# eager BERT attention: batched GEMMs). Pooling is an elementwise product and a sum, embeddings a lookup.
 TF32_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "ATTENTION")
 
 
