@@ -72,6 +72,30 @@ def test_settings_reach_torch_and_are_restored(device, tf32):
     assert rd.read_numerics() == before
 
 
+LEGACY = """
+import actdiff.reference_device as rd
+rd._new_api = lambda torch: False  # torch < 2.9: allow_tf32 flags only
+r0 = rd.read_numerics()
+for dev, tf32 in (("cuda:0", False), ("cuda:0", True), ("cpu", True)):
+    saved = rd.apply_numerics(rd.numerics_plan(dev, tf32))
+    now = rd.read_numerics()
+    rd.restore_numerics(saved)
+    assert now == rd.numerics_plan(dev, tf32), (dev, tf32, now)
+    assert rd.read_numerics() == r0
+print("ok")
+"""
+
+
+def test_settings_through_the_legacy_allow_tf32_flags():
+    """The torch < 2.9 branch, on this torch's legacy flags, in a fresh process (torch refuses to read flags set
+    through both APIs in one process)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", LEGACY], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
 def test_cuda_plan_is_true_fp32_unless_tf32_is_allowed():
     strict, loose, cpu = rd.numerics_plan("cuda:0"), rd.numerics_plan("cuda:0", True), rd.numerics_plan("cpu", True)
     assert strict["float32_matmul_precision"] == "highest"
