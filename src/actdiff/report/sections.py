@@ -191,7 +191,8 @@ def reference_sentence(records: list[dict]) -> str:
         u = U_REFERENCE["tf32"]
         return (
             f"**The reference ran with TF32 allowed** (config `reference.allow_tf32: true`) on {where}: its "
-            f"{', '.join(o.lower() for o in TF32_OPS)} nodes carry about 1e-3 relative error of their own, so their "
+            f"{', '.join(o.lower() for o in TF32_OPS)} nodes carry their own TF32 rounding (of order 1e-4 to 1e-3 "
+            "relative), so their "
             f"budgets include 2^-10 for it ({SAFETY:.1f} × {u:.1e} = {SAFETY * u:.1e} at least), and an engine "
             "error below that there cannot be told from the reference's rounding."
         )
