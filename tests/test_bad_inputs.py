@@ -91,6 +91,12 @@ def test_targets_after_configfile_are_named(tmp_path):
         ({"models": {"m": {"source": {"path": "/x", "hf": "a/b"}, "max_length": 8}}}, "models.m.source"),
         ({"models": {"m": {"max_length": 8}}}, "models.m"),  # no source (max_length may be absent: issue 16)
         ({"reference": {"impl": "magic"}}, "reference.impl"),
+        ({"reference": {"device": "gpu"}}, "reference.device"),
+        ({"reference": {"allow_tf32": "yes"}}, "reference.allow_tf32"),
+        (
+            {"models": {"m": {"source": {"path": "/x"}, "device_batch_size": {"cuda": 0}}}},
+            "models.m.device_batch_size.cuda",
+        ),
     ],
 )
 def test_config_errors_name_the_key(patch, key):

@@ -94,8 +94,9 @@ def load(
     "onnxruntime") at ``variant`` ("fp32", "int8", "fp32+fault=gelu_tanh", "int8-dynamic", ...).
     ``max_length``: the default truncation of texts (None: the model's own limit). ``batch_size``/``threads``
     go to the sides that take them; other ``options`` to the side as the pipeline passes them (reference:
-    impl, allow_pickle; engines: engine_ids; llamacpp: gguf, else the model is converted once into
-    :func:`cache_dir`; onnxruntime: model_file, level, else the model is exported once into :func:`cache_dir`)."""
+    impl, allow_pickle, device ("auto" by default: CUDA when torch has it), allow_tf32, device_batch_size;
+    engines: engine_ids; llamacpp: gguf, else the model is converted once into :func:`cache_dir`; onnxruntime:
+    model_file, level, else the model is exported once into :func:`cache_dir`)."""
     from .sides import _factory
     from .variants import resolve_variant
 

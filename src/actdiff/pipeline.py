@@ -123,7 +123,8 @@ def dump(
     **options,
 ) -> None:
     """Run one side (reference, actdiff, llamacpp: actdiff.sides) over one shard and record every graph node.
-    ``options`` go to the side (reference: impl, batch_size, allow_pickle; engines: threads, engine_ids;
+    ``options`` go to the side (reference: impl, batch_size, allow_pickle, device, allow_tf32,
+    device_batch_size; engines: threads, engine_ids;
     llamacpp: gguf). The side is opened through the Python API's object (actdiff.api.Model): the dumps and
     ``actdiff.load`` run the same code."""
     from .api import Model

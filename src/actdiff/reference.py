@@ -1,7 +1,9 @@
 """Run the fp32 reference model and record every node of the canonical graph with forward hooks.
 
-Prompts run at batch 1 by default. With a larger batch, prompts of similar length are grouped (see
-:meth:`ReferenceRunner.run`), sequences are padded on the right with the model's pad id and an attention
+The model runs on ``device`` (the side resolves ``reference.device`` and sets torch's numerics first:
+actdiff.reference_device); ids go to the device and every captured node comes back to the host as float32
+or int64 numpy arrays. Prompts run at batch 1 by default. With a larger batch, prompts of similar length are
+grouped (see :meth:`ReferenceRunner.run`), sequences are padded on the right with the model's pad id and an attention
 mask; only each prompt's real tokens are kept, so the values equal the batch-1 values within float32
 rounding of the padded attention and GEMM blocking (tests/test_reference_model.py checks 1e-6).
 """
@@ -23,14 +25,15 @@ log = logging.getLogger(__name__)
 
 
 class ReferenceRunner:
-    def __init__(self, model: torch.nn.Module, graph: Graph):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, graph: Graph, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.graph = graph
         # a model that pools in its own forward (NomicBertMoeModel.pool) is tapped there; a plain HF encoder
         # (BertModel) returns token states only, so the runner pools with the same module class after it
         own = getattr(model, "pooling", None)
         self.pools_in_forward = isinstance(own, MeanPoolNormalize)
-        self.pooling = own if self.pools_in_forward else MeanPoolNormalize()
+        self.pooling = own if self.pools_in_forward else MeanPoolNormalize().to(self.device)
         self._captured: dict[str, torch.Tensor] = {}
         self._handles = []
         modules = dict(model.named_modules())
@@ -79,6 +82,7 @@ class ReferenceRunner:
         for b, seq in enumerate(batch_ids):
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, : len(seq)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         self._captured.clear()
         extra = {"token_type_ids": torch.zeros_like(ids)} if self.graph.dims.arch == ARCH_BERT else {}
         hidden = self.model(input_ids=ids, attention_mask=mask, **extra)[0]  # a ModelOutput: last_hidden_state
@@ -92,7 +96,7 @@ class ReferenceRunner:
                 t = t.reshape(B, 1, *trailing)
             else:
                 t = t.reshape(B, S, *trailing)  # MoE nodes are captured flat as (B*S, ...)
-            arr = t.to(torch.int64 if n.kind == "index" else torch.float32).numpy()
+            arr = t.to(torch.int64 if n.kind == "index" else torch.float32).cpu().numpy()
             for b, seq in enumerate(batch_ids):
                 out[b][n.name] = arr[b] if n.axis == "prompt" else arr[b, : len(seq)]
         return out

@@ -70,3 +70,33 @@ def runtime() -> dict:
         "cpu": c["model"],
         "cpu_flags": {f: f in c["flags"] for f in ("avx2", "avx512f", "fma", "f16c")} if c["flags"] else {},
     }
+
+
+def nvidia_driver_version() -> str:
+    """The NVIDIA driver's version (nvidia-smi; torch reports only the CUDA runtime it was built with), or
+    "unavailable"."""
+    import subprocess
+
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        lines = p.stdout.strip().splitlines() if p.returncode == 0 else []
+        return lines[0].strip() if lines else "unavailable"
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+
+
+def cuda_info(index: int) -> dict:
+    """CUDA device ``index``: name, compute capability, memory, CUDA runtime, driver and cuDNN versions (dump
+    provenance of a reference run on the GPU; JSON-safe scalars)."""
+    import torch
+
+    p = torch.cuda.get_device_properties(index)
+    return {
+        "device_name": p.name,
+        "cuda_capability": f"{p.major}.{p.minor}",
+        "cuda_memory_mb": int(p.total_memory // 2**20),
+        "cuda_runtime": str(torch.version.cuda),
+        "cuda_driver": nvidia_driver_version(),
+        "cudnn_version": str(torch.backends.cudnn.version()),
+    }

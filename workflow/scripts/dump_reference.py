@@ -17,4 +17,7 @@ run(
     impl=snakemake.params.impl,  # noqa: F821
     batch_size=snakemake.params.batch_size,  # noqa: F821
     allow_pickle=snakemake.params.allow_pickle,  # noqa: F821
+    device=snakemake.params.device,  # noqa: F821
+    allow_tf32=snakemake.params.allow_tf32,  # noqa: F821
+    device_batch_size=dict(snakemake.params.device_batch_size),  # noqa: F821
 )

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, write_json_atomic
+from ..reference_device import read_reference_records
 from . import prompt_table
 from . import worst as worst_mod
 from .embeddings import neighbour_overlap, similarity_rank_correlation
@@ -218,6 +219,8 @@ def aggregate(
     excluded = read_excluded(shard_tables["nodes"])  # prompts the side was fitted on: no shard table holds them
     if excluded:
         meta = {**meta, "excluded_prompts": excluded_summary(excluded)}
+    # where the reference ran and in what precision (actdiff.reference_device; one record per distinct device)
+    meta = {**meta, "reference": read_reference_records(shard_tables["nodes"])}
     shard_tables = _nonempty_shards(shard_tables)
     threshold = _sample_threshold(shard_tables["nodes"], sample_prompts)
     if key_nodes is None:

@@ -16,9 +16,18 @@ implementation it has three sources:
   rms error of a weight ~ (max|w|/rms|w|) / (127 * sqrt(12)) ~ 2^-7 for Gaussian-like rows of width
   768; taken as 2^-7). Each output is a sum of many independently rounded terms, so the output's relative
   error is about u itself;
-- activation rounding (fp16-act): output and inputs rounded to fp16, u = 2^-11 each.
+- activation rounding (fp16-act): output and inputs rounded to fp16, u = 2^-11 each;
+- the reference's own precision (:data:`U_REFERENCE`, from the dump's ``reference_precision``:
+  actdiff.reference_device). The terms above assume the reference computed in fp32, whatever its device: on
+  CUDA with TF32 off its noise is still measured from its own values (its GEMM order, its libdevice exp/erf
+  within R_IMPL's 3 ulp), so "fp32" adds nothing. With TF32 allowed (``reference.allow_tf32``) the reference's
+  matmul-like ops round both operands of every product to a 10-bit mantissa (u = 2^-11 each, so a product's
+  relative error is up to 2u) and accumulate in fp32: like weight storage, a sum of many independently
+  rounded products has a relative error of about 2u = 2^-10, which an fp32 engine does not share, so its
+  local error against that reference carries it in full. It is added at :data:`TF32_OPS`, and the measured
+  noise need not show it (a node whose spec op cannot run, an envelope larger than the measurement).
 
-budget = SAFETY * (max(noise, NOISE_FLOOR) + u_weights + u_activations)
+budget = SAFETY * (max(noise, NOISE_FLOOR) + u_weights + u_activations + u_reference)
 
 SAFETY = CONCENTRATION * sqrt(1 + R_IMPL^2) = 2 * sqrt(10) ~ 6.3. A correct engine's error against exact
 is r x the noise, r the ratio of two correct fp32 implementations' accuracy (1-ulp against 3-ulp exp/erf:
@@ -70,6 +79,13 @@ U_WEIGHTS = {"fp32": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8, "int8": 2.0**-7}  #
 # derived and such a precision is never PASS (:func:`unbudgeted`; compare.aggregate).
 U_ACT = {"fp32": 0.0, "fp16": 2.0**-11}
 WEIGHTED_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "EMBED")
+# by the reference's own precision (the dump's reference_precision): TF32 rounds both factors of each product
+# to u = 2^-11, so 2 * 2^-11 per product; accumulation stays fp32 (the measured noise)
+U_REFERENCE = {"fp32": 0.0, "tf32": 2 * 2.0**-11}
+# the ops whose products the reference runs as cuBLAS GEMMs on CUDA, where TF32 applies: linear layers, the
+# router, the experts (x @ w), and attention's QK^T and PV (einsum in NomicAttention, matmul in transformers'
+# eager BERT attention: batched GEMMs). Pooling is an elementwise product and a sum, embeddings a lookup.
+TF32_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "ATTENTION")
 
 
 NOISE_FLOOR = U32 / 2
@@ -211,17 +227,32 @@ def _layernorm_sum_error(x: np.ndarray, weights, node: Node, params: dict) -> tu
     return float(np.sqrt(np.sum(scale_err**2 * normalised2 + shift_err**2 * float(np.sum(g * g))))), 0.0
 
 
-def budget(node: Node, precision: str, noise: Noise, overrides: dict | None = None) -> float:
+def budget(node: Node, precision: str, noise: Noise, overrides: dict | None = None, reference: str = "fp32") -> float:
     """Relative-L2 budget of the node's local error for an engine at ``precision``, given the node's fp32
-    noise on this prompt (:func:`fp32_noise`)."""
+    noise on this prompt (:func:`fp32_noise`) and the reference's own precision (``reference``: the dump's
+    reference_precision, :data:`U_REFERENCE`)."""
     for pattern, value in (overrides or {}).items():
         if fnmatch.fnmatchcase(node.name, pattern):
             return float(value)
     pol = policy(precision)
     u_w = U_WEIGHTS[pol.weights] if node.op in WEIGHTED_OPS and node.op not in pol.fp32_ops else 0.0
     u_a = U_ACT.get(pol.activations, 0.0) * (2 if node.kind != "index" else 0)
+    u_r = U_REFERENCE[reference] if node.op in TF32_OPS else 0.0
     floor = noise.value if math.isfinite(noise.value) and noise.value > NOISE_FLOOR else NOISE_FLOOR
-    return SAFETY * (floor + u_w + u_a)
+    return SAFETY * (floor + u_w + u_a + u_r)
+
+
+def reference_precision_of(attrs, where: str = "the reference dump") -> str:
+    """The reference's own precision from its dump's attributes ("fp32" for a dump written before the
+    reference recorded it: those all ran on the CPU)."""
+    from ..errors import DumpError
+
+    raw = attrs.get("reference_precision", "fp32")
+    raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if raw not in U_REFERENCE:
+        raise DumpError(f"{where}: attribute reference_precision is {raw!r}, not one of {', '.join(U_REFERENCE)}; "
+                        "rewrite the dump with this version's dump_reference")  # fmt: skip
+    return raw
 
 
 def unbudgeted(precision: str) -> str | None:

@@ -48,7 +48,7 @@ from ..h5io import ActivationReader
 from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph, build_graph, load_config_json
 from ..tables import EMBEDDING_SAMPLE, SHARD_TABLES, empty_table
 from ..variants import Variant, resolve_variant
-from .budgets import U32, Noise, budget, fp32_noise, status
+from .budgets import TF32_OPS, U32, Noise, budget, fp32_noise, reference_precision_of, status
 from .embeddings import BoundedSample, cosine
 from .metrics import FLOAT_METRICS, compare, nonfinite_match, per_token_errors, rel_l2, rel_l2_finite
 from .routing import margins, routing_rows
@@ -192,6 +192,7 @@ class ShardContext:
     outputs: tuple = ()  # the output nodes (actdiff.compare.propagation.output_nodes)
     search: object = None  # actdiff.compare.stats.SearchSample: the search's bounded sample
     _nonfinite_weights: dict = field(default_factory=dict)  # node -> JSON {tensor: non-finite count}
+    reference: str = "fp32"  # the reference dump's own precision (budgets.U_REFERENCE)
 
     def nonfinite_weights(self, name: str | None) -> str:
         """JSON {checkpoint tensor: count of NaN/Inf} of a node's weights that hold any ("" for no node)."""
@@ -208,7 +209,7 @@ class ShardContext:
         return self._nonfinite_weights[name]
 
     def budget(self, name: str, noise: Noise) -> float:
-        return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets)
+        return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets, self.reference)
 
     def local(self, name: str, ref: dict, eng: dict, replayed: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(output to judge, the value it is judged against) of a node under teacher forcing. ``replayed``
@@ -684,8 +685,10 @@ def compute_shard_stats(
                 BoundedSample(cfg.embedding_sample), keys=graph.key_nodes(),
                 fused=replay.fused_nodes() if replay is not None else frozenset(), outputs=tuple(output_nodes(graph)),
                 search=SearchSample(cfg.search_prompts, cfg.search_nodes) if cfg.search_seconds > 0 else None,
+                reference=reference_precision_of(rr.attrs, str(ref_h5)),
             )  # fmt: skip
             skip = _fitted_prompts(eng_h5, er, rr, writers["nodes"])
+            _record_reference(ref_h5, rr, writers["nodes"])
             for pid, ref, eng in _paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip):
                 j = judge_prompt(ctx, pid, ref, eng)
                 for build in BUILDERS:
@@ -718,6 +721,18 @@ def _fitted_prompts(eng_h5, er: ActivationReader, rr: ActivationReader, nodes: _
         nodes.metadata = shard_metadata(skip)
         log.info("%s: %d prompt(s) the side was fitted on are not compared: %s", eng_h5, len(skip), sorted(skip))
     return skip
+
+
+def _record_reference(ref_h5, rr: ActivationReader, nodes: _TableWriter) -> None:
+    """The reference's device and numerics, kept in the nodes table's metadata for the verdict and the report
+    (the dump itself is a temp() file)."""
+    from ..reference_device import REFERENCE_META, reference_record
+
+    rec = reference_record(rr.attrs)
+    nodes.metadata = {**nodes.metadata, REFERENCE_META: json.dumps(rec, sort_keys=True).encode()}
+    if rec["reference_precision"] != "fp32":
+        log.warning("%s: the reference ran in %s on %s; its rounding is added to the budgets of %s nodes",
+                    ref_h5, rec["reference_precision"], rec["device"], ", ".join(TF32_OPS))  # fmt: skip
 
 
 def _missing_nodes(eng_h5, er: ActivationReader) -> frozenset:

@@ -168,8 +168,36 @@ def first_screen_md(run: Run) -> str:
         parts.append("No explanation was found for the divergence.")
     if v.get("not_captured_nodes"):
         parts.append(f"{len(v['not_captured_nodes'])} node(s) were not captured by this side.")
+    parts.append(reference_sentence(v.get("reference") or []))
     parts.append(_embedding_effect(run.embeddings_summary))
     return " ".join(p for p in parts if p) + "\n"
+
+
+def _device_words(r: dict) -> str:
+    name = f" ({esc(r['device_name'])})" if r.get("device_name") else ""
+    return f"{code(r.get('device', 'cpu'))}{name}"
+
+
+def reference_sentence(records: list[dict]) -> str:
+    """Where the reference ran, for the first screen: nothing for the CPU in fp32 (the default; the provenance
+    table lists it), a sentence for CUDA, and a bold warning when TF32 was allowed (its own matmul error is
+    then ~1e-3, and the budgets of matmul-like nodes include it: actdiff.compare.budgets.U_REFERENCE)."""
+    from ..compare.budgets import SAFETY, TF32_OPS, U_REFERENCE
+
+    if not records or all(r.get("device", "cpu") == "cpu" and r.get("reference_precision") == "fp32" for r in records):
+        return ""
+    where = ", ".join(_device_words(r) for r in records)
+    if any(r.get("reference_precision") == "tf32" for r in records):
+        u = U_REFERENCE["tf32"]
+        return (
+            f"**The reference ran with TF32 allowed** (config `reference.allow_tf32: true`) on {where}: its "
+            f"{', '.join(o.lower() for o in TF32_OPS)} nodes carry their own TF32 rounding (of order 1e-4 to 1e-3 "
+            "relative), so their "
+            f"budgets include 2^-10 for it ({SAFETY:.1f} × {u:.1e} = {SAFETY * u:.1e} at least), and an engine "
+            "error below that there cannot be told from the reference's rounding."
+        )
+    mixed = " (its shards ran on different devices)" if len(records) > 1 else ""
+    return f"The reference ran on {where} in true fp32 (TF32 off){mixed}."
 
 
 def verdict_md(run: Run) -> str:
@@ -855,6 +883,21 @@ def imported_rows(records: list[dict]) -> list[tuple[str, str]]:
     return rows
 
 
+def reference_rows(records: list[dict]) -> list[tuple[str, str]]:
+    """The reference's device, its versions and torch numerics as its dump recorded them (one set per device)."""
+    rows = []
+    for r in records:
+        versions = ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("cuda_capability", "cuda_runtime", "cuda_driver",
+                                                                        "cudnn_version") if r.get(k))  # fmt: skip
+        rows.append(("reference device", f"{r.get('device', 'cpu')} ({r.get('device_name', 'unrecorded')})"
+                                         + (f"; {versions}" if versions else "")))  # fmt: skip
+        numerics = r.get("torch_numerics") or {}
+        settings = ", ".join(f"{k} {v if v != '' else 'unset'}" for k, v in sorted(numerics.items()))
+        settings = settings or "not recorded (an older dump)"
+        rows.append(("reference precision", f"{r.get('reference_precision', 'fp32')}; torch: {settings}"))
+    return rows
+
+
 def provenance_md(run: Run) -> str:
     """Where the numbers come from (actdiff.sysinfo collects it for dumps, reports and benchmarks alike)."""
     m, rt = run.model_info, sysinfo.runtime()
@@ -865,6 +908,7 @@ def provenance_md(run: Run) -> str:
         ("weights sha256", m.get("weights_sha256")),
         ("side / variant", f"{run.side} / {run.variant}"),
         *imported_rows(run.imported),
+        *reference_rows(run.verdict.get("reference") or []),
         ("results", str(run.run_dir)),
         ("git commit", sysinfo.git_commit()),
         ("python", rt["python"]),
