@@ -37,7 +37,7 @@ import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
 from .findings import Finding
-from .refops import AXES, ROUND_STEPS, TERM_SCALES, attention_scale, run_op
+from .refops import AXES, PATH_STEPS, ROUND_STEPS, TERM_SCALES, attention_scale, round_to, run_op
 from .search import SearchContext, make_context, register
 
 IMPROVES = 0.5  # a candidate is reported only if its residual is below this fraction of the spec's error
@@ -344,7 +344,15 @@ _STEP_WORDS = {
     "sum": "the sum (before dividing)",
     "products": "each slot's weighted expert output (before summing the slots)",
     "norm": "the L2 norm",
+    "dots": "the q.k dot products (before the scale)",
+    "scale": "the attention scale factor (a constant)",
+    "scale_divisor": "the attention scale's divisor 1/scale (a constant the scores are divided by)",
+    "constant": "the GELU form's constants",
+    "divisor": "the GELU's divisor 1/erf_scale (sqrt(2), a constant x is divided by)",
+    "fn": "the GELU's erf / tanh / exp value (before 1 + it)",
+    "output": "the output",
 }
+_OP_STEP_WORDS = {("ROPE", "products"): "the rotary products x*cos and x*sin (before adding them)"}
 
 
 def _step_words(ctx: SearchContext, step: str) -> str:
@@ -352,7 +360,7 @@ def _step_words(ctx: SearchContext, step: str) -> str:
         return f"the input {ctx.node.inputs[int(step[6:])]}"
     if step.startswith("weight."):
         return f"the weight {ctx.node.weights[int(step[7:])]}"
-    return _STEP_WORDS.get(step, step)
+    return _OP_STEP_WORDS.get((ctx.node.op, step), _STEP_WORDS.get(step, step))
 
 
 def _precision_candidates(ctx: SearchContext) -> Iterator[tuple[dict, str, str]]:
@@ -372,16 +380,109 @@ def _precision_candidates(ctx: SearchContext) -> Iterator[tuple[dict, str, str]]
 
 @register
 def precision(ctx: SearchContext) -> Iterator[Finding]:
-    """Reduced precision inserted at each intermediate step of the op (one step and one format at a time)."""
+    """Reduced precision inserted at each intermediate step of the op (one step and one format at a time),
+    then at every rounding point jointly (:func:`rounding_points`): a kernel whose every intermediate value is
+    stored in a narrow format rounds at several points, none of which explains it alone."""
     if not _searchable(ctx):
         return
     screen = _Screened(ctx)
+    best = math.inf
     for params, name, words in _precision_candidates(ctx):
         if ctx.deadline.expired():
             return
         err = screen.error(params)
         if _improves(ctx, err):
+            best = min(best, err)
             yield _finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params)
+    if best > 0:  # a single point that leaves nothing cannot be bettered
+        for prec in PRECISIONS:
+            if ctx.deadline.expired():
+                return
+            yield from rounding_points(ctx, prec)
+
+
+def _rounding_point_names(ctx: SearchContext) -> list[str]:
+    """Every value of the op a kernel could store in a narrow format: its float inputs, its weights, its named
+    intermediate values and constants (ROUND_STEPS), its output."""
+    x0 = ctx.inputs[0]
+    points = [f"input.{i}" for i, n in enumerate(ctx.node.inputs) if np.asarray(x0[n]).dtype.kind == "f"]
+    points += [f"weight.{i}" for i in range(len(ctx.node.weights))] + list(ROUND_STEPS.get(ctx.node.op, ()))
+    return points + (["output"] if "output_precision" in ctx.spec else [])
+
+
+def _points_params(points, prec: str) -> dict:
+    p: dict = {"round_at": {k: prec for k in points if k != "output"}}
+    if "output" in points:
+        p["output_precision"] = prec
+    return p
+
+
+def _stepwise(ctx: SearchContext, points: list[str], prec: str) -> tuple[list[str], float]:
+    """Stepwise selection of the rounded set, from every point but the PATH_STEPS (which change how the op
+    computes, not only where it rounds): each round takes the best move, dropping a point when that does not
+    raise the error (a rounding that changes nothing is not claimed) or adding one when that lowers it, until no
+    move helps. The error never rises and every add lowers it, so it ends; O(n) evaluations a round, on ``ctx``
+    (the caller passes a subset)."""
+    path = set(PATH_STEPS.get(ctx.node.op, ()))
+    keep = [k for k in points if k not in path]
+    err = _evaluate(ctx, _points_params(keep, prec))
+    while not ctx.deadline.expired():
+        moves = [(_evaluate(ctx, _points_params([k for k in keep if k != d], prec)), 0, [k for k in keep if k != d])
+                 for d in keep]  # fmt: skip
+        moves += [(_evaluate(ctx, _points_params(keep + [a], prec)), 1, [k for k in points if k in keep or k == a])
+                  for a in points if a not in keep]  # fmt: skip
+        if not moves:
+            break
+        e, add, chosen = min(moves, key=lambda m: (m[0], m[1]))  # ties: a drop, the simpler set
+        if not (e < err or (e <= err and not add)):
+            break
+        keep, err = chosen, e
+    return keep, err
+
+
+def _already_in(ctx: SearchContext, prec: str) -> list[str]:
+    """Inputs and weights whose values are already representable in ``prec`` (rounding them changes nothing)."""
+    out = []
+    for i, n in enumerate(ctx.node.inputs):
+        a = np.asarray(ctx.inputs[0][n])
+        if a.dtype.kind == "f" and all(np.array_equal(round_to(x[n], prec), x[n]) for x in ctx.inputs):
+            out.append(_step_words(ctx, f"input.{i}"))
+    for i, k in enumerate(ctx.node.weights):
+        w = np.asarray(ctx.weights[k], np.float64)
+        if w.size <= 1 << 24 and np.array_equal(round_to(w, prec), w):
+            out.append(_step_words(ctx, f"weight.{i}"))
+    return out
+
+
+def rounding_points(ctx: SearchContext, prec: str) -> Iterator[Finding]:
+    """The op computed with a SET of its values rounded to ``prec`` (inputs, weights, intermediate values and
+    constants, output; :func:`_rounding_point_names`) and everything between them in float64, the set found by
+    stepwise selection (:func:`_stepwise`). The arithmetic between the points is what a kernel does in a wider
+    format (float32 accumulation agrees with float64 far below a narrow format's rounding), so the set says
+    both where the kernel rounds and that it accumulates wider than ``prec`` where no intermediate is kept."""
+    points = _rounding_point_names(ctx)
+    if len(points) < 2:
+        return  # a single point is a single-step candidate of precision()
+    sub = _prompt_subset(ctx)
+    keep, err = _stepwise(sub, points, prec)
+    if sub is not ctx:
+        ctx.tried += sub.tried
+    if len(keep) < 2:
+        return  # nothing, or one point: the single-step candidates already said it
+    params = _points_params(keep, prec)
+    err = _evaluate(ctx, params)
+    if not _improves(ctx, err):
+        return
+    steps = set(ROUND_STEPS.get(ctx.node.op, ()))
+    inner = [k for k in keep if k in steps]
+    words = f"computed with {', '.join(_step_words(ctx, k) for k in keep)} rounded to {prec}"
+    if not inner:
+        words += f"; the arithmetic between them in a wider format than {prec} (e.g. float32 accumulation)"
+    same = [w for w in _already_in(ctx, prec) if w not in words]
+    if same:
+        words += f" ({', '.join(same)} already {prec} values, rounding them changes nothing)"
+    name = f"{ctx.node.op}.round_points={'+'.join(keep)}@{prec}"
+    yield _finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params)
 
 
 # ---------------------------------------------------------------------------------- 4. continuous
