@@ -104,3 +104,32 @@ def test_error_of_fp16_size_that_is_not_rounding_is_not_claimed(tiny, node):
         assert ctx.err0 > 10 * BUDGET
         for f in (*rounding_points(ctx, "fp16"), *rounding_points(ctx, "bf16")):
             assert not explains(f.error, ctx.err0, BUDGET), f.says
+
+
+def test_result_computed_in_fp32_before_fp16_is_found(tiny):
+    """A residual add computed in float32 and stored in float16 (out = fp16(fp32(a + b))): the double rounding
+    differs from fp16(a + b) exactly where a + b lies within half a float32 ulp of a float16 tie. Inputs built so
+    that every sum does: a float32 in [1, 2) (multiples of 2^-23, not float16 values), b = tie - 2^-26 - a for a
+    float16 tie (a multiple of 2^-11) near a + 0.01, so |b| < 2^-5 is a multiple of 2^-26 with at most 21 bits and
+    exactly float32: the float64 sum rounds down, the float32 one lands on the tie and rounds to even, so about half
+    the values differ by one float16 ulp (and rounding an input to float16 moves the sum off the tie instead); the
+    search must name the float32 arithmetic."""
+    node = L0 + "resid_attn"
+    names = tiny.graph[node].inputs
+    rng = np.random.default_rng(5)
+    inputs, targets = [], []
+    for v in tiny.vals:
+        shape = np.shape(v[names[0]])
+        a = rng.uniform(1.0, 1.9, size=shape).astype(np.float32).astype(np.float64)
+        tie = np.floor((a + rng.uniform(0.002, 0.015, size=shape)) * 1024) / 1024 + 2.0**-11
+        b = tie - 2.0**-26 - a
+        assert np.all(b.astype(np.float32) == b) and np.all(np.abs(b) < 2.0**-5)
+        x = {names[0]: a.astype(np.float32), names[1]: b.astype(np.float32)}
+        inputs.append(x)
+        targets.append(np.asarray(run_op(tiny.graph, node, x, tiny.weights, {"arithmetic": "fp32",
+                                                                             "output_precision": "fp16"})))  # fmt: skip
+    ctx = make_context(tiny.graph, node, inputs, targets, tiny.weights, BUDGET, Deadline(600))
+    assert ctx.err0 > 10 * BUDGET
+    (f,) = list(rounding_points(ctx, "fp16"))
+    assert f.params == {"round_at": {}, "output_precision": "fp16", "arithmetic": "fp32"}, f.says
+    assert f.error < FP32_LEFT and "double rounding" in f.says

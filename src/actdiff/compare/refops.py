@@ -50,7 +50,9 @@ first, each reproducing the spec path exactly):
 |---|---|
 | every op | round_at: {} ({step: precision}: round the named intermediate value, ROUND_STEPS, or ``input.<i>`` / |
 |   | ``weight.<i>``); input_order / weight_order: identity [0, 1, ...] (role i is played by operand |
-|   | order[i], which must have the same shape); output_scale: 1.0 (float nodes). Steps that round a |
+|   | order[i], which must have the same shape); output_scale: 1.0 (float nodes); arithmetic: fp64 (float |
+|   | nodes; not in spec_params: the format the result is computed in, rounded to before output_precision, |
+|   | e.g. fp32 then fp16: a double rounding). Steps that round a |
 |   | CONSTANT of the op as a kernel stores it: ATTENTION ``scale`` (the factor) / ``scale_divisor`` (the |
 |   | scores divided by 1/scale, e.g. sqrt(head_dim), stored), GELU ``constant`` (the form's coefficients) / |
 |   | ``divisor`` (erf form: x divided by 1/erf_scale, i.e. sqrt(2), stored) |
@@ -152,7 +154,7 @@ PARAM_NAMES: dict[str, frozenset[str]] = {
 # op's constants, the axis it reduces over, the role an operand plays, the weight of each additive term, and
 # reduced precision at a named intermediate step. They are not in PARAM_NAMES (the catalogue names discrete
 # bugs and covers every one of those); run_op accepts both. Spec values are in spec_params.
-GENERIC_SEARCH_PARAMS = ("round_at", "input_order", "weight_order", "output_scale")
+GENERIC_SEARCH_PARAMS = ("round_at", "input_order", "weight_order", "output_scale", "arithmetic")
 SEARCH_PARAM_NAMES: dict[str, frozenset[str]] = {
     op: frozenset(names) | set(GENERIC_SEARCH_PARAMS)
     for op, names in {
@@ -1016,6 +1018,8 @@ def run_op(
     out = _scaled(out, p.get("output_scale", 1.0))
     if acc != "fp64":
         out = round_to(out, acc)
+    if p.get("arithmetic", "fp64") != "fp64":  # the result as computed in that format, before output_precision
+        out = round_to(out, p["arithmetic"])
     out_p = p.get("output_precision", "fp64")
     if out_p != "fp64":
         out = round_to(out.reshape(out.shape[0], -1), out_p, axis=-1).reshape(out.shape)

@@ -43,6 +43,9 @@ from .search import SearchContext, make_context, register
 IMPROVES = 0.5  # a candidate is reported only if its residual is below this fraction of the spec's error
 SAME_AS_SPEC = 1e-3  # a fitted value within this relative distance of the spec value is the spec value
 PRECISIONS = ("fp16", "bf16")  # reduced formats tried at intermediate steps (fp32 rounding is budget-sized)
+# formats a kernel may compute a result in before storing it in a narrower one (rounding_points): alone their
+# rounding is budget-sized, but before a second rounding it moves the near-ties of the narrow format
+ARITHMETIC_FORMATS = ("fp32",)
 MAX_STRUCTURE_COMBOS = 8  # an op's structural choices are combined when that makes at most this many candidates
 ROW_WISE = ("LAYERNORM", "GELU", "SOFTMAX")  # ops whose rows are independent (at the spec's axis)
 MAX_FIT_ROWS = 256  # rows of the sample the continuous fits run on (see _fit_context)
@@ -386,19 +389,20 @@ def precision(ctx: SearchContext) -> Iterator[Finding]:
     if not _searchable(ctx):
         return
     screen = _Screened(ctx)
-    best = math.inf
+    singles = []
     for params, name, words in _precision_candidates(ctx):
         if ctx.deadline.expired():
-            return
+            break
         err = screen.error(params)
         if _improves(ctx, err):
-            best = min(best, err)
-            yield _finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params)
-    if best > 0:  # a single point that leaves nothing cannot be bettered
+            singles.append(_finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params))
+    if not any(f.error == 0 for f in singles):  # a single point that leaves nothing cannot be bettered
         for prec in PRECISIONS:
             if ctx.deadline.expired():
-                return
+                break
+            # first: at an equal residual the joint set wins (the findings' sort is stable), as it says more
             yield from rounding_points(ctx, prec)
+    yield from singles
 
 
 def _rounding_point_names(ctx: SearchContext) -> list[str]:
@@ -407,13 +411,19 @@ def _rounding_point_names(ctx: SearchContext) -> list[str]:
     x0 = ctx.inputs[0]
     points = [f"input.{i}" for i, n in enumerate(ctx.node.inputs) if np.asarray(x0[n]).dtype.kind == "f"]
     points += [f"weight.{i}" for i in range(len(ctx.node.weights))] + list(ROUND_STEPS.get(ctx.node.op, ()))
-    return points + (["output"] if "output_precision" in ctx.spec else [])
+    if "output_precision" not in ctx.spec:
+        return points
+    # the format the result is computed in before it is stored in prec: a pseudo-point, with the output only
+    return points + ["output"] + [f"arithmetic.{a}" for a in ARITHMETIC_FORMATS]
 
 
 def _points_params(points, prec: str) -> dict:
-    p: dict = {"round_at": {k: prec for k in points if k != "output"}}
+    p: dict = {"round_at": {k: prec for k in points if k != "output" and not k.startswith("arithmetic.")}}
     if "output" in points:
         p["output_precision"] = prec
+        arith = [k.split(".", 1)[1] for k in points if k.startswith("arithmetic.")]
+        if arith:
+            p["arithmetic"] = arith[0]
     return p
 
 
@@ -454,6 +464,38 @@ def _already_in(ctx: SearchContext, prec: str) -> list[str]:
     return out
 
 
+def _format_ulp(x: np.ndarray, prec: str) -> np.ndarray:
+    """The spacing of ``prec`` (fp16 / bf16) at each value of ``x``."""
+    a = np.abs(np.asarray(x, np.float64))
+    if prec == "fp16":
+        return np.spacing(a.astype(np.float16)).astype(np.float64)
+    e = np.floor(np.log2(np.maximum(a, np.finfo(np.float32).tiny)))
+    return np.exp2(e - 7)  # bf16: 8 significant bits
+
+
+def _ulps_left(ctx: SearchContext, params: dict, prec: str) -> str:
+    """What a rounded-output candidate leaves, in the format's own units: how many output values still differ and
+    by how many ulps. Values one ulp apart are rounding near-ties that the kernel's own (float32) arithmetic
+    resolves on the other side than float64 does: the remaining trace of its exact operation order."""
+    preds = _run_all(ctx, params)
+    if preds is None:
+        return ""
+    n = total = 0
+    worst = 0.0
+    for t, p in zip(ctx.targets, preds, strict=True):
+        t = np.asarray(t, np.float64).reshape(np.shape(p))
+        d = t != p
+        n, total = n + int(d.sum()), total + d.size
+        if d.any():
+            worst = max(worst, float(np.max(np.abs(t[d] - p[d]) / _format_ulp(t[d], prec))))
+    if n == 0:
+        return ""
+    if worst <= 1.0 + 1e-9:
+        return (f"; it leaves {fmt(n)} of {fmt(total)} output values one {prec} ulp apart (rounding near-ties the "
+                f"kernel's own arithmetic resolves the other way)")  # fmt: skip
+    return f"; it leaves {fmt(n)} of {fmt(total)} output values apart, by up to {worst:.3g} {prec} ulps"
+
+
 def rounding_points(ctx: SearchContext, prec: str) -> Iterator[Finding]:
     """The op computed with a SET of its values rounded to ``prec`` (inputs, weights, intermediate values and
     constants, output; :func:`_rounding_point_names`) and everything between them in float64, the set found by
@@ -470,18 +512,25 @@ def rounding_points(ctx: SearchContext, prec: str) -> Iterator[Finding]:
     if len(keep) < 2:
         return  # nothing, or one point: the single-step candidates already said it
     params = _points_params(keep, prec)
+    arith = params.get("arithmetic")
+    keep = [k for k in keep if not k.startswith("arithmetic.")]
     err = _evaluate(ctx, params)
     if not _improves(ctx, err):
         return
     steps = set(ROUND_STEPS.get(ctx.node.op, ()))
     inner = [k for k in keep if k in steps]
     words = f"computed with {', '.join(_step_words(ctx, k) for k in keep)} rounded to {prec}"
-    if not inner:
+    if arith is not None:
+        words += (f"; the result computed in {arith} and rounded from {arith} to {prec} (a double rounding that "
+                  f"float64 arithmetic does not reproduce at near-ties)")  # fmt: skip
+    elif not inner:
         words += f"; the arithmetic between them in a wider format than {prec} (e.g. float32 accumulation)"
     same = [w for w in _already_in(ctx, prec) if w not in words]
     if same:
-        words += f" ({', '.join(same)} already {prec} values, rounding them changes nothing)"
-    name = f"{ctx.node.op}.round_points={'+'.join(keep)}@{prec}"
+        words += f"; {', '.join(same)} already hold {prec} values (rounding them changes nothing)"
+    if "output" in keep and err > 0:
+        words += _ulps_left(ctx, params, prec)
+    name = f"{ctx.node.op}.round_points={'+'.join(keep)}@{prec}" + (f"+arithmetic={arith}" if arith else "")
     yield _finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params)
 
 
