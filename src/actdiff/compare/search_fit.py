@@ -11,7 +11,8 @@ graph supports. Registered cheap-first:
    tokens, attention softmax over queries), every role permutation of same-shaped operands (q/k/v, gamma/beta)
    and which third of a fused projection a split reads.
 3. ``precision``: each named intermediate value of the op, each input and each weight rounded to fp16 or
-   bf16, then the whole output and the whole kernel.
+   bf16, then the whole output and the whole kernel; then a SET of them rounded jointly, with the format the
+   result is computed in (``rounding_points``: a float16 model's kernels round at several points at once).
 4. ``continuous``: the op's continuous constants fitted with scipy.optimize: bounded scalar minimisation in
    log space seeded by a coarse grid (eps, attention scale, softmax temperature, GELU coefficients, the
    variance denominator) and a grid then Nelder-Mead in 2-D (rotary base with position offset, the tanh
@@ -461,8 +462,10 @@ def _already_in(ctx: SearchContext, prec: str) -> list[str]:
         if a.dtype.kind == "f" and all(np.array_equal(round_to(x[n], prec), x[n]) for x in ctx.inputs):
             out.append(_step_words(ctx, f"input.{i}"))
     for i, k in enumerate(ctx.node.weights):
+        if np.size(ctx.weights[k]) > 1 << 24:
+            continue  # a full-size embedding table: not converted whole for a remark
         w = np.asarray(ctx.weights[k], np.float64)
-        if w.size <= 1 << 24 and np.array_equal(round_to(w, prec), w):
+        if np.array_equal(round_to(w, prec), w):
             out.append(_step_words(ctx, f"weight.{i}"))
     return out
 
@@ -501,10 +504,11 @@ def _ulps_left(ctx: SearchContext, params: dict, prec: str) -> str:
 
 def rounding_points(ctx: SearchContext, prec: str) -> Iterator[Finding]:
     """The op computed with a SET of its values rounded to ``prec`` (inputs, weights, intermediate values and
-    constants, output; :func:`_rounding_point_names`) and everything between them in float64, the set found by
-    stepwise selection (:func:`_stepwise`). The arithmetic between the points is what a kernel does in a wider
-    format (float32 accumulation agrees with float64 far below a narrow format's rounding), so the set says
-    both where the kernel rounds and that it accumulates wider than ``prec`` where no intermediate is kept."""
+    constants, output; :func:`_rounding_point_names`) and everything between them in float64, or with the result
+    rounded to a wider format first (``arithmetic``, ARITHMETIC_FORMATS), the set found by stepwise selection
+    (:func:`_stepwise`). The arithmetic between the points is what a kernel does in a wider format (float32
+    accumulation agrees with float64 far below a narrow format's rounding), so the set says both where the kernel
+    rounds and that it accumulates wider than ``prec`` where no intermediate is kept."""
     points = _rounding_point_names(ctx)
     if len(points) < 2:
         return  # a single point is a single-step candidate of precision()
