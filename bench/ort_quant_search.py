@@ -1,11 +1,14 @@
-"""Quantisation search on ONNX Runtime's int8 variants (docs/onnxruntime.md, "Diagnosis of ORT's quantisation").
+"""The search on ONNX Runtime's reduced-precision variants (docs/onnxruntime.md, "Diagnosis of ORT's quantisation"
+and "fp16").
 
-Exports the model, makes the variants (int8-static calibrated on CI prompts 6-9), runs them at level ``disable``
+Exports the model, makes the variants (int8-static calibrated on CI prompts 6-9; fp16 too), runs them at a level
+(``disable`` unless a fifth argument says ``basic`` / ``all``)
 on CI prompts 0-5 and, at every node whose local error (the ORT output against the spec op on ORT's own inputs)
 is over its budget on some prompt, runs actdiff.compare.search.search_node on those inputs with the ORT output as
-the target and the median budget. One JSON line per failing node on stdout; all of them in OUT/rows-MODEL.json.
+the target and the median budget. One JSON line per failing node on stdout; all of them in OUT/rows-MODEL-LEVEL.json.
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=src python bench/ort_quant_search.py tiny OUT int8-dynamic,int8-static 60
+    OPENBLAS_NUM_THREADS=1 PYTHONPATH=src python bench/ort_quant_search.py minilm OUT fp16 60 all
 
 (tiny | minilm; the last argument is the search's seconds per node. One BLAS thread: with several, numpy's
 small matmuls ran 15x slower on 2 shared cores.)
@@ -70,7 +73,7 @@ def node_sample(graph, node, eng, ref, weights, precision):
     return inputs, targets, errs, buds
 
 
-def main(which: str, out: Path, variants: list[str], seconds: float) -> None:
+def main(which: str, out: Path, variants: list[str], seconds: float, level: str = "disable") -> None:
     out.mkdir(parents=True, exist_ok=True)
     mdir = model_dir(which)
     texts = [ln.split("\t")[3] for ln in (DATA / "ci_prompts.tsv").read_text(encoding="utf-8").splitlines()[1:]]
@@ -88,7 +91,7 @@ def main(which: str, out: Path, variants: list[str], seconds: float) -> None:
         static = variant == "int8-static"
         path = write_variant(fp32, out / f"model-{variant}.onnx", variant, calibration if static else (),
                              [f"cal-{i}" for i in range(len(calibration))] if static else ())  # fmt: skip
-        eng = forward(open_side("onnxruntime", record, variant, model_file=path, level="disable"), evaluation)
+        eng = forward(open_side("onnxruntime", record, variant, model_file=path, level=level), evaluation)
         for node in graph:
             if node.kind == "index" or node.name not in eng[0]:
                 continue
@@ -103,15 +106,16 @@ def main(which: str, out: Path, variants: list[str], seconds: float) -> None:
             b, t0 = float(np.median(buds)), time.time()
             res = search_node(graph, node.name, inputs, targets, weights, b, Deadline(seconds))
             best = res.best
-            row = {"model": which, "variant": variant, "node": node.name, "op": node.op, "local_max": max(errs),
-                   "budget": b, "err0": res.baseline_error, "best": best.name if best else None,
+            row = {"model": which, "variant": variant, "level": level, "node": node.name, "op": node.op,
+                   "local_max": max(errs), "budget": b, "err0": res.baseline_error, "best": best.name if best else None,
                    "residual": best.error if best else None, "explained": res.explained_by is not None,
                    "says": best.says if best else None, "params": best.params if best else None,
                    "tried": res.tried, "seconds": round(time.time() - t0, 1), "timed_out": res.timed_out}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (out / f"rows-{which}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"rows-{which}-{level}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(","), float(sys.argv[4]) if len(sys.argv) > 4 else 60)
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(","), float(sys.argv[4]) if len(sys.argv) > 4 else 60,
+         sys.argv[5] if len(sys.argv) > 5 else "disable")  # fmt: skip

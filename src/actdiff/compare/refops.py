@@ -50,7 +50,12 @@ first, each reproducing the spec path exactly):
 |---|---|
 | every op | round_at: {} ({step: precision}: round the named intermediate value, ROUND_STEPS, or ``input.<i>`` / |
 |   | ``weight.<i>``); input_order / weight_order: identity [0, 1, ...] (role i is played by operand |
-|   | order[i], which must have the same shape); output_scale: 1.0 (float nodes) |
+|   | order[i], which must have the same shape); output_scale: 1.0 (float nodes); arithmetic: fp64 (float |
+|   | nodes; not in spec_params: the format the result is computed in, rounded to before output_precision, |
+|   | e.g. fp32 then fp16: a double rounding). Steps that round a |
+|   | CONSTANT of the op as a kernel stores it: ATTENTION ``scale`` (the factor) / ``scale_divisor`` (the |
+|   | scores divided by 1/scale, e.g. sqrt(head_dim), stored), GELU ``constant`` (the form's coefficients) / |
+|   | ``divisor`` (erf form: x divided by 1/erf_scale, i.e. sqrt(2), stored) |
 | EMBED | word_scale, token_type_scale: 1.0; BERT only: position_scale: 1.0 |
 | LAYERNORM | ddof: 0 (variance divided by n - ddof, added to ``variance: unbiased``'s 1); axis: hidden/tokens; |
 |   | gamma_scale, beta_scale: 1.0; eps_placement: inside (sqrt(var + eps)) / outside (sqrt(var) + eps) |
@@ -149,7 +154,7 @@ PARAM_NAMES: dict[str, frozenset[str]] = {
 # op's constants, the axis it reduces over, the role an operand plays, the weight of each additive term, and
 # reduced precision at a named intermediate step. They are not in PARAM_NAMES (the catalogue names discrete
 # bugs and covers every one of those); run_op accepts both. Spec values are in spec_params.
-GENERIC_SEARCH_PARAMS = ("round_at", "input_order", "weight_order", "output_scale")
+GENERIC_SEARCH_PARAMS = ("round_at", "input_order", "weight_order", "output_scale", "arithmetic")
 SEARCH_PARAM_NAMES: dict[str, frozenset[str]] = {
     op: frozenset(names) | set(GENERIC_SEARCH_PARAMS)
     for op, names in {
@@ -180,10 +185,10 @@ ROUND_STEPS: dict[str, tuple[str, ...]] = {
     "LAYERNORM": ("mean", "centered", "var", "rstd", "normalized", "scaled"),
     "MATMUL": ("product",),
     "SPLIT": (),
-    "ROPE": ("positions", "inv_freq", "angles", "cos_sin"),
-    "ATTENTION": ("q_scaled", "scores", "exp", "probs"),
+    "ROPE": ("positions", "inv_freq", "angles", "cos_sin", "products"),
+    "ATTENTION": ("q_scaled", "dots", "scale", "scale_divisor", "scores", "exp", "probs"),
     "ADD": (),
-    "GELU": ("inner", "cdf"),
+    "GELU": ("constant", "divisor", "inner", "fn", "cdf"),
     "ROUTER": (),
     "SOFTMAX": ("exp", "sum"),
     "TOPK": (),
@@ -194,6 +199,11 @@ ROUND_STEPS: dict[str, tuple[str, ...]] = {
     "POOL": ("sum",),
     "L2NORM": ("norm",),
 }
+
+# Steps whose rounding also changes HOW the op computes (the order of a scaling, a constant multiplied or divided
+# by): they exclude each other's paths, so a search over sets of rounding points adds them one at a time instead
+# of starting from all of them (actdiff.compare.search_fit.rounding_points)
+PATH_STEPS: dict[str, tuple[str, ...]] = {"ATTENTION": ("q_scaled", "scale_divisor"), "GELU": ("constant", "divisor")}
 
 # Coefficients of the op's additive terms (spec 1.0 each; the output is linear in them, so they are fitted in
 # closed form), and the values each structural choice of the op can take (the spec's among them).
@@ -667,14 +677,16 @@ def _rope(graph, node, x, w, p):
         cos, sin = cos.astype(np.float32).astype(np.float64), sin.astype(np.float32).astype(np.float64)
     cos, sin = _r(p, "cos_sin", cos), _r(p, "cos_sin", sin)
     out = a.copy()
+
+    def rotated(x1, x2):  # each product rounded as "products" asks (a kernel storing x*cos and x*sin)
+        return (_r(p, "products", x1 * cos) - _r(p, "products", x2 * sin),
+                _r(p, "products", x2 * cos) + _r(p, "products", x1 * sin))  # fmt: skip
+
     if p["layout"] == "neox":
-        x1, x2 = a[..., :half], a[..., half : 2 * half]
-        out[..., :half] = x1 * cos - x2 * sin
-        out[..., half : 2 * half] = x2 * cos + x1 * sin
+        out[..., :half], out[..., half : 2 * half] = rotated(a[..., :half], a[..., half : 2 * half])
     elif p["layout"] == "gptj":
-        x1, x2 = a[..., 0 : 2 * half : 2], a[..., 1 : 2 * half : 2]
-        out[..., 0 : 2 * half : 2] = x1 * cos - x2 * sin
-        out[..., 1 : 2 * half : 2] = x2 * cos + x1 * sin
+        out[..., 0 : 2 * half : 2], out[..., 1 : 2 * half : 2] = rotated(a[..., 0 : 2 * half : 2],
+                                                                          a[..., 1 : 2 * half : 2])  # fmt: skip
     else:
         raise ValueError(f"layout {p['layout']!r}")
     return out
@@ -710,10 +722,13 @@ def _attention(graph, node, x, w, p):
     T, nh, hd = q.shape
     scale = attention_scale(p["scale"], hd)
     kt = k.transpose(1, 2, 0)  # [nh, hd, T]; batched matmul is ~8x faster than einsum here (BLAS)
-    if "q_scaled" in p.get("round_at", {}):  # a kernel that scales q before the dot products
+    ra = p.get("round_at", {})
+    if "q_scaled" in ra:  # a kernel that scales q before the dot products
         s = _r(p, "scores", _r(p, "q_scaled", q * scale).transpose(1, 0, 2) @ kt)
-    else:
-        s = _r(p, "scores", (q.transpose(1, 0, 2) @ kt) * scale)  # [nh, T, T]
+    elif "scale_divisor" in ra:  # the dot products divided by 1/scale (sqrt(head_dim)) stored as a number
+        s = _r(p, "scores", _r(p, "dots", q.transpose(1, 0, 2) @ kt) / _r(p, "scale_divisor", 1.0 / scale))
+    else:  # [nh, T, T]; "scale": the factor itself stored in a format
+        s = _r(p, "scores", _r(p, "dots", q.transpose(1, 0, 2) @ kt) * _r(p, "scale", scale))
     if p["mask"] == "causal":
         s = np.where(np.tril(np.ones((T, T), dtype=bool))[None], s, -np.inf)
     elif p["mask"] not in ("bidirectional", "query_padding"):
@@ -765,17 +780,24 @@ def gelu_tanh_fp16_table(x: np.ndarray) -> np.ndarray:
 
 def _gelu_gate(a: np.ndarray, form: str, p: dict) -> np.ndarray:
     """The factor GELU multiplies x by: Phi(x) or an approximation of it, from the form's coefficients."""
+    ra = p.get("round_at", {})
     if form == "erf":
         c = float(p.get("erf_scale", INV_SQRT2))
-        inner = _r(p, "inner", a / math.sqrt(2.0) if c == INV_SQRT2 else a * c)
-        return 0.5 * (1.0 + _erf(inner))
+        if "divisor" in ra:  # x / d with d = 1/c (sqrt(2)) stored as a number
+            inner = a / _r(p, "divisor", 1.0 / c)
+        elif c == INV_SQRT2 and "constant" not in ra:
+            inner = a / math.sqrt(2.0)
+        else:
+            inner = a * _r(p, "constant", c)
+        return 0.5 * (1.0 + _r(p, "fn", _erf(_r(p, "inner", inner))))
     if form == "tanh":
-        c, k = float(p.get("tanh_scale", TANH_SCALE)), float(p.get("tanh_cubic", TANH_CUBIC))
-        return 0.5 * (1.0 + np.tanh(_r(p, "inner", c * (a + k * a**3))))
+        c = _r(p, "constant", float(p.get("tanh_scale", TANH_SCALE)))
+        k = _r(p, "constant", float(p.get("tanh_cubic", TANH_CUBIC)))
+        return 0.5 * (1.0 + _r(p, "fn", np.tanh(_r(p, "inner", c * (a + k * a**3)))))
     if form in ("sigmoid", "silu"):
-        c = float(p.get("sigmoid_scale", SIGMOID_SCALE)) if form == "sigmoid" else 1.0
+        c = _r(p, "constant", float(p.get("sigmoid_scale", SIGMOID_SCALE))) if form == "sigmoid" else 1.0
         with np.errstate(over="ignore"):
-            return 1.0 / (1.0 + np.exp(-_r(p, "inner", c * a)))
+            return 1.0 / (1.0 + _r(p, "fn", np.exp(-_r(p, "inner", c * a))))
     raise ValueError(f"form {form!r}")
 
 
@@ -996,6 +1018,8 @@ def run_op(
     out = _scaled(out, p.get("output_scale", 1.0))
     if acc != "fp64":
         out = round_to(out, acc)
+    if p.get("arithmetic", "fp64") != "fp64":  # the result as computed in that format, before output_precision
+        out = round_to(out, p["arithmetic"])
     out_p = p.get("output_precision", "fp64")
     if out_p != "fp64":
         out = round_to(out.reshape(out.shape[0], -1), out_p, axis=-1).reshape(out.shape)

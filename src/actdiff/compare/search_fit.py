@@ -11,7 +11,8 @@ graph supports. Registered cheap-first:
    tokens, attention softmax over queries), every role permutation of same-shaped operands (q/k/v, gamma/beta)
    and which third of a fused projection a split reads.
 3. ``precision``: each named intermediate value of the op, each input and each weight rounded to fp16 or
-   bf16, then the whole output and the whole kernel.
+   bf16, then the whole output and the whole kernel; then a SET of them rounded jointly, with the format the
+   result is computed in (``rounding_points``: a float16 model's kernels round at several points at once).
 4. ``continuous``: the op's continuous constants fitted with scipy.optimize: bounded scalar minimisation in
    log space seeded by a coarse grid (eps, attention scale, softmax temperature, GELU coefficients, the
    variance denominator) and a grid then Nelder-Mead in 2-D (rotary base with position offset, the tanh
@@ -36,13 +37,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
-from .findings import Finding
-from .refops import AXES, ROUND_STEPS, TERM_SCALES, attention_scale, run_op
+from .findings import Finding, explains
+from .refops import AXES, PATH_STEPS, ROUND_STEPS, TERM_SCALES, attention_scale, round_to, run_op
 from .search import SearchContext, make_context, register
 
 IMPROVES = 0.5  # a candidate is reported only if its residual is below this fraction of the spec's error
 SAME_AS_SPEC = 1e-3  # a fitted value within this relative distance of the spec value is the spec value
 PRECISIONS = ("fp16", "bf16")  # reduced formats tried at intermediate steps (fp32 rounding is budget-sized)
+# formats a kernel may compute a result in before storing it in a narrower one (rounding_points): alone their
+# rounding is budget-sized, but before a second rounding it moves the near-ties of the narrow format
+ARITHMETIC_FORMATS = ("fp32",)
 MAX_STRUCTURE_COMBOS = 8  # an op's structural choices are combined when that makes at most this many candidates
 ROW_WISE = ("LAYERNORM", "GELU", "SOFTMAX")  # ops whose rows are independent (at the spec's axis)
 MAX_FIT_ROWS = 256  # rows of the sample the continuous fits run on (see _fit_context)
@@ -344,7 +348,15 @@ _STEP_WORDS = {
     "sum": "the sum (before dividing)",
     "products": "each slot's weighted expert output (before summing the slots)",
     "norm": "the L2 norm",
+    "dots": "the q.k dot products (before the scale)",
+    "scale": "the attention scale factor (a constant)",
+    "scale_divisor": "the attention scale's divisor 1/scale (a constant the scores are divided by)",
+    "constant": "the GELU form's constants",
+    "divisor": "the GELU's divisor 1/erf_scale (sqrt(2), a constant x is divided by)",
+    "fn": "the GELU's erf / tanh / exp value (before 1 + it)",
+    "output": "the output",
 }
+_OP_STEP_WORDS = {("ROPE", "products"): "the rotary products x*cos and x*sin (before adding them)"}
 
 
 def _step_words(ctx: SearchContext, step: str) -> str:
@@ -352,7 +364,7 @@ def _step_words(ctx: SearchContext, step: str) -> str:
         return f"the input {ctx.node.inputs[int(step[6:])]}"
     if step.startswith("weight."):
         return f"the weight {ctx.node.weights[int(step[7:])]}"
-    return _STEP_WORDS.get(step, step)
+    return _OP_STEP_WORDS.get((ctx.node.op, step), _STEP_WORDS.get(step, step))
 
 
 def _precision_candidates(ctx: SearchContext) -> Iterator[tuple[dict, str, str]]:
@@ -372,16 +384,161 @@ def _precision_candidates(ctx: SearchContext) -> Iterator[tuple[dict, str, str]]
 
 @register
 def precision(ctx: SearchContext) -> Iterator[Finding]:
-    """Reduced precision inserted at each intermediate step of the op (one step and one format at a time)."""
+    """Reduced precision inserted at each intermediate step of the op (one step and one format at a time),
+    then at every rounding point jointly (:func:`rounding_points`): a kernel whose every intermediate value is
+    stored in a narrow format rounds at several points, none of which explains it alone."""
     if not _searchable(ctx):
         return
     screen = _Screened(ctx)
+    singles = []
     for params, name, words in _precision_candidates(ctx):
         if ctx.deadline.expired():
-            return
+            break
         err = screen.error(params)
         if _improves(ctx, err):
-            yield _finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params)
+            singles.append(_finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params))
+    if not any(f.error == 0 for f in singles):  # a single point that leaves nothing cannot be bettered
+        for prec in PRECISIONS:
+            if ctx.deadline.expired():
+                break
+            # first: at an equal residual the joint set wins (the findings' sort is stable), as it says more
+            found = list(rounding_points(ctx, prec))
+            yield from found
+            if any(explains(f.error, ctx.err0, ctx.budget) for f in found):
+                break  # the next format's set is not needed (halves the cost where fp16 explains)
+    yield from singles
+
+
+def _rounding_point_names(ctx: SearchContext) -> list[str]:
+    """Every value of the op a kernel could store in a narrow format: its float inputs, its weights, its named
+    intermediate values and constants (ROUND_STEPS), its output."""
+    x0 = ctx.inputs[0]
+    points = [f"input.{i}" for i, n in enumerate(ctx.node.inputs) if np.asarray(x0[n]).dtype.kind == "f"]
+    points += [f"weight.{i}" for i in range(len(ctx.node.weights))] + list(ROUND_STEPS.get(ctx.node.op, ()))
+    if "output_precision" not in ctx.spec:
+        return points
+    # the format the result is computed in before it is stored in prec: a pseudo-point, with the output only
+    return points + ["output"] + [f"arithmetic.{a}" for a in ARITHMETIC_FORMATS]
+
+
+def _points_params(points, prec: str) -> dict:
+    p: dict = {"round_at": {k: prec for k in points if k != "output" and not k.startswith("arithmetic.")}}
+    if "output" in points:
+        p["output_precision"] = prec
+        arith = [k.split(".", 1)[1] for k in points if k.startswith("arithmetic.")]
+        if arith:
+            p["arithmetic"] = arith[0]
+    return p
+
+
+def _stepwise(ctx: SearchContext, points: list[str], prec: str) -> tuple[list[str], float]:
+    """Stepwise selection of the rounded set, from every point but the PATH_STEPS (which change how the op
+    computes, not only where it rounds): each round takes the best move, dropping a point when that does not
+    raise the error (a rounding that changes nothing is not claimed) or adding one when that lowers it, until no
+    move helps. The error never rises and every add lowers it, so it ends; O(n) evaluations a round, on ``ctx``
+    (the caller passes a subset)."""
+    path = set(PATH_STEPS.get(ctx.node.op, ()))
+    keep = [k for k in points if k not in path]
+    err = _evaluate(ctx, _points_params(keep, prec))
+    while not ctx.deadline.expired():
+        moves = [(_evaluate(ctx, _points_params([k for k in keep if k != d], prec)), 0, [k for k in keep if k != d])
+                 for d in keep]  # fmt: skip
+        moves += [(_evaluate(ctx, _points_params(keep + [a], prec)), 1, [k for k in points if k in keep or k == a])
+                  for a in points if a not in keep]  # fmt: skip
+        if not moves:
+            break
+        e, add, chosen = min(moves, key=lambda m: (m[0], m[1]))  # ties: a drop, the simpler set
+        if not (e < err or (e <= err and not add)):
+            break
+        keep, err = chosen, e
+    return keep, err
+
+
+def _already_in(ctx: SearchContext, prec: str) -> list[str]:
+    """Inputs and weights whose values are already representable in ``prec`` (rounding them changes nothing)."""
+    out = []
+    for i, n in enumerate(ctx.node.inputs):
+        a = np.asarray(ctx.inputs[0][n])
+        if a.dtype.kind == "f" and all(np.array_equal(round_to(x[n], prec), x[n]) for x in ctx.inputs):
+            out.append(_step_words(ctx, f"input.{i}"))
+    for i, k in enumerate(ctx.node.weights):
+        if np.size(ctx.weights[k]) > 1 << 24:
+            continue  # a full-size embedding table: not converted whole for a remark
+        w = np.asarray(ctx.weights[k], np.float64)
+        if np.array_equal(round_to(w, prec), w):
+            out.append(_step_words(ctx, f"weight.{i}"))
+    return out
+
+
+def _format_ulp(x: np.ndarray, prec: str) -> np.ndarray:
+    """The spacing of ``prec`` (fp16 / bf16) at each value of ``x``."""
+    a = np.abs(np.asarray(x, np.float64))
+    if prec == "fp16":
+        return np.spacing(a.astype(np.float16)).astype(np.float64)
+    e = np.floor(np.log2(np.maximum(a, np.finfo(np.float32).tiny)))
+    return np.exp2(e - 7)  # bf16: 8 significant bits
+
+
+def _ulps_left(ctx: SearchContext, params: dict, prec: str) -> str:
+    """What a rounded-output candidate leaves, in the format's own units: how many output values still differ and
+    by how many ulps. Values one ulp apart sit near a rounding boundary of ``prec`` that the kernel's own (float32,
+    its operation order) arithmetic crosses where the float64 emulation does not."""
+    preds = _run_all(ctx, params)
+    if preds is None:
+        return ""
+    n = total = 0
+    worst = 0.0
+    for t, p in zip(ctx.targets, preds, strict=True):
+        t = np.asarray(t, np.float64).reshape(np.shape(p))
+        d = t != p
+        n, total = n + int(d.sum()), total + d.size
+        if d.any():
+            worst = max(worst, float(np.max(np.abs(t[d] - p[d]) / _format_ulp(t[d], prec))))
+    if n == 0:
+        return ""
+    if worst <= 1.0 + 1e-9:
+        return (f"; it leaves {fmt(n)} of {fmt(total)} output values one {prec} ulp apart (the kernel's own "
+                f"arithmetic put them on the other side of a rounding boundary)")  # fmt: skip
+    return f"; it leaves {fmt(n)} of {fmt(total)} output values apart, by up to {worst:.3g} {prec} ulps"
+
+
+def rounding_points(ctx: SearchContext, prec: str) -> Iterator[Finding]:
+    """The op computed with a SET of its values rounded to ``prec`` (inputs, weights, intermediate values and
+    constants, output; :func:`_rounding_point_names`) and everything between them in float64, or with the result
+    rounded to a wider format first (``arithmetic``, ARITHMETIC_FORMATS), the set found by stepwise selection
+    (:func:`_stepwise`). The arithmetic between the points is what a kernel does in a wider format (float32
+    accumulation agrees with float64 far below a narrow format's rounding), so the set says both where the kernel
+    rounds and that it accumulates wider than ``prec`` where no intermediate is kept."""
+    points = _rounding_point_names(ctx)
+    if len(points) < 2:
+        return  # a single point is a single-step candidate of precision()
+    sub = _prompt_subset(ctx)
+    keep, err = _stepwise(sub, points, prec)
+    if sub is not ctx:
+        ctx.tried += sub.tried
+    if len(keep) < 2:
+        return  # nothing, or one point: the single-step candidates already said it
+    params = _points_params(keep, prec)
+    arith = params.get("arithmetic")
+    keep = [k for k in keep if not k.startswith("arithmetic.")]
+    err = _evaluate(ctx, params)
+    if not _improves(ctx, err):
+        return
+    steps = set(ROUND_STEPS.get(ctx.node.op, ()))
+    inner = [k for k in keep if k in steps]
+    words = f"computed with {', '.join(_step_words(ctx, k) for k in keep)} rounded to {prec}"
+    if arith is not None:
+        words += (f"; the result computed in {arith} and rounded from {arith} to {prec} (a double rounding that "
+                  f"float64 arithmetic does not reproduce at near-ties)")  # fmt: skip
+    elif not inner:
+        words += f"; the arithmetic between them in a wider format than {prec} (e.g. float32 accumulation)"
+    same = [w for w in _already_in(ctx, prec) if w not in words]
+    if same:
+        words += f"; {', '.join(same)} already hold {prec} values (rounding them changes nothing)"
+    if "output" in keep and err > 0:
+        words += _ulps_left(ctx, params, prec)
+    name = f"{ctx.node.op}.round_points={'+'.join(keep)}@{prec}" + (f"+arithmetic={arith}" if arith else "")
+    yield _finding("precision", name, f"{words}, {_residual(ctx, err)}", err, params)
 
 
 # ---------------------------------------------------------------------------------- 4. continuous
