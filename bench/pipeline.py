@@ -677,7 +677,8 @@ def stats_flops(graph, tokens: int) -> dict[str, int]:
 def dump_bytes(graph, lengths: list[int], batch_size: int) -> int:
     """Bytes one dump stage moves over a shard (prompts in shard order): the dumps form windows of
     batch_size x WINDOW_BATCHES prompts, sort each by length into batches (actdiff.batching), and read the
-    weights once per batch; every node's output is written once (Graph.bytes_moved over the batch's tokens)."""
+    weights once per batch (Graph.bytes_moved over the batch's tokens); every node's output of every prompt is
+    written once."""
     from actdiff.batching import WINDOW_BATCHES, length_sorted_batches
 
     if batch_size <= 1:
@@ -686,7 +687,8 @@ def dump_bytes(graph, lengths: list[int], batch_size: int) -> int:
     for w in range(0, len(lengths), win):
         chunk = lengths[w : w + win]
         for b in length_sorted_batches(chunk, batch_size):
-            total += graph.bytes_moved(sum(chunk[i] for i in b))["total"]
+            total += graph.bytes_moved(sum(chunk[i] for i in b))["weights"]
+            total += sum(graph.bytes_moved(chunk[i])["activations"] for i in b)  # per prompt: its pooled rows
     return total
 
 
@@ -1191,6 +1193,7 @@ def main() -> None:
     if args.reanalyse:
         res = json.loads((ROOT / args.reanalyse).read_text(encoding="utf-8"))
         res["reanalysed_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        recount_floor(res)
         finish(res, ROOT / args.out)
         return
     sizes = [int(s) for s in (args.sizes or ("60,120" if args.quick else "500,1000,2000")).split(",")]
@@ -1331,6 +1334,18 @@ def floor_runs_all(res: dict) -> list[tuple[str, dict]]:
     runs = [*res.get("tiny", {}).values(), *res.get("tiny_long", {}).values()]
     runs += [res[k] for k in ("fullsize", "fullsize_long") if res.get(k)]
     return [(r["results_dir"], r) for r in runs if r.get("floor")]
+
+
+def recount_floor(res: dict) -> None:
+    """Recompute every run's FLOPs and bytes (floor_counts) from its results directory where it still exists
+    (the cost model may have changed since the run; the timings stay as measured)."""
+    runs = [*res.get("tiny", {}).values(), *res.get("tiny_long", {}).values()]
+    runs += [res[k] for k in ("fullsize", "fullsize_long") if res.get(k)]
+    for r in runs:
+        R = ROOT / r["results_dir"]
+        model = next(iter(r["config"]["models"]))
+        if Path(Layout(str(R)).model_json(model)).is_file():
+            r["floor"] = floor_counts(R, model, r["config"]["models"][model]["batch_size"])
 
 
 def cpu_vector_flags() -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import REPO
 
 from actdiff.models.tiny import tiny_config
 from actdiff.nodes import build_graph
@@ -84,3 +85,9 @@ def test_bert_flops_count_three_embedding_tables(minilm_model_dir):
     assert g.node_flops(emb, T) == 2 * T * g.dims.hidden  # word + position + token type: 2 adds
     assert g.weight_elements(emb, T) == (T + T + 2) * g.dims.hidden  # T word rows, T positions, 2-row token types
 
+
+
+def test_bench_floor_uses_the_graph():
+    # the pipeline benchmark counts FLOPs through the graph, not a copy of the formulae
+    src = (REPO / "bench/pipeline.py").read_text(encoding="utf-8")
+    assert ".flops(" in src and ".bytes_moved(" in src
