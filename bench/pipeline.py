@@ -3,6 +3,7 @@ tiny model, and a subset on the full-size released config with random weights.
 
     .venv/bin/python bench/pipeline.py [--sizes 500,1000,2000] [--shard-size 250] [--fullsize-prompts 32]
                                        [--skip-fullsize] [--quick] [--out results/bench/pipeline.json]
+                                       [--long-prompts N] [--fullsize-long-prompts N] [--no-peak]
 
 Every run is a real ``snakemake --cores 2 --configfile <run>/config.yaml`` in a fresh directory
 ``results/bench/pipeline/<run>/`` (removed first, so every timing is real): one model, variant fp32, the
@@ -44,6 +45,25 @@ What is measured, per run (all from one run; the machine may be shared, so rates
 - scaling (tiny, the ``--sizes``): wall of the snakemake run, per-stage job seconds and per-rule peak RSS
   against the corpus size; a least-squares line (slope s/prompt, intercept, R^2), the marginal cost per
   prompt between consecutive sizes and time(largest)/time(smallest).
+
+The floor (issue 19), per stage (tokenize, dump_reference, dump_engine, compute_stats, render) and end to
+end: prompts/s, FLOPs, achieved GFLOP/s, fraction of the fp32 peak, bytes moved, peak RSS.
+
+- FLOPs come from the node graph (``Graph.node_flops``: multiply-add = 2, the top-k experts each token uses,
+  real tokens only, never the padding) over the run's own token counts (the tokens tables): one forward each
+  for the two dumps; compute_stats (:func:`stats_flops`) two fp32 replays, three float64 spec passes (the
+  sum-op envelope counted at the sum ops' FLOPs) and the forced-routing MoE replay, about 7 forwards in all;
+  tokenize and render 0. Bytes (``Graph.bytes_moved``): weights read once per batch, as the dumps batch
+  (:func:`dump_bytes`), every node's output written once; compute_stats: both dumps read and its replays'
+  traffic per prompt (:func:`stats_bytes`).
+- The peak is measured in the same run, before and after the runs (bench/peak.py: FMA chains compiled with
+  gcc -O2 -march=native per ISA, at 1 and N threads, numpy's sgemm beside them; the best repeat of either
+  measurement). A per-prompt stage's GFLOP/s is its FLOPs over its jobs' summed steady seconds (they are
+  1-thread jobs) against the 1-core peak; render's is over its snakemake invocation; end to end is all the
+  FLOPs over the wall of both snakemake invocations against the machine's peak (N x the 1-core peak), and
+  ``prompts_per_s_at_peak`` is the rate the FLOPs alone would allow.
+- ``--long-prompts N`` / ``--fullsize-long-prompts N`` add a run on N long prompts (:func:`write_long_sheet`:
+  bundled rows joined up to 480-512 tokens, none truncated), on the tiny model / the full-size config.
 
 Targets (reported as information, never asserted): the per-prompt stages of one (model, variant) at >= 50
 prompts/s in steady state on 2 cores on the tiny model; peak RSS of every rule < 4 GB at full size; no
