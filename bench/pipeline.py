@@ -772,12 +772,14 @@ def floor_table(run: dict, peak: dict) -> dict:
     p1, pm = peak["peak_1thread_gflops"], peak["peak_machine_gflops"]
     rows: dict = {}
     for st in FLOOR_STAGES:
+        cpu = None
         if st == "render":
             sec = wall = run["report"]["snakemake_wall_s"]
             rss = run["report"]["peak_rss_bytes"]
         else:
             sec, wall = run["stages"][st]["log_seconds_total"], run["stages"][st]["job_wall_s_total"]
             rss = run["stages"][st]["peak_rss_bytes"]
+            cpu = sum(j["cpu_time_s"] or 0 for j in run["stages"][st]["per_job"]) or None
         fl, by = fc["flops"][st], fc["bytes"][st]
         rows[st] = {
             "prompts_per_s": n / sec if sec > 0 else None,
@@ -785,6 +787,9 @@ def floor_table(run: dict, peak: dict) -> dict:
             "gflop": fl / 1e9,
             "gflops": fl / sec / 1e9 if sec > 0 else None,
             "fraction_of_peak": fl / sec / 1e9 / p1 if sec > 0 else None,
+            # per CPU second the jobs got (Snakemake's cpu_time, start-up included): on a shared machine the
+            # wall-clock fraction also measures how much of a core the job was given
+            "fraction_of_peak_per_cpu_s": fl / cpu / 1e9 / p1 if cpu else None,
             "bytes": by,
             "gb_per_s": by / sec / 1e9 if by is not None and sec > 0 else None,
             "peak_rss_bytes": rss,
@@ -921,6 +926,11 @@ def _num(x, fmt: str = ".1f") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
+def _rate(x) -> str:
+    # the full-size rates are well under 1 prompt/s: three significant digits, not one decimal
+    return "-" if x is None or not math.isfinite(x) else (fmt_rate(x) if x >= 10 else f"{x:.3g}")
+
+
 def floor_markdown(res: dict) -> list[str]:
     pk = res.get("peak")
     runs = floor_runs(res)
@@ -934,20 +944,23 @@ def floor_markdown(res: dict) -> list[str]:
         + ", ".join(f"{g['threads']} thread(s) {g['gflops_best']:.1f}" for g in pk["sgemm"])
         + " GFLOP/s.",
         "",
-        "| run | stage | prompts/s (steady) | prompts/s (with start-ups) | GFLOP | GFLOP/s | % of peak | GB moved "
-        "| GB/s | peak RSS, MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | stage | prompts/s (steady) | prompts/s (with start-ups) | GFLOP | GFLOP/s | % of peak "
+        "| % of peak per CPU-s | GB moved | GB/s | peak RSS, MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in runs:
         ft, fc = r["floor_table"], r["floor"]
         for st in (*FLOOR_STAGES, "end_to_end"):
             x = ft[st]
             pct = None if x["fraction_of_peak"] is None else 100 * x["fraction_of_peak"]
+            cpu_pct = x.get("fraction_of_peak_per_cpu_s")
+            cpu_pct = None if cpu_pct is None else 100 * cpu_pct
             gb = None if x["bytes"] is None else x["bytes"] / GB
             L.append(
                 f"| {label} ({fc['tokens'] / fc['prompts']:.0f} tok/prompt) | {st.replace('_', ' ')} | "
-                f"{fmt_rate(x['prompts_per_s'])} | {fmt_rate(x.get('prompts_per_s_incl_startup'))} | "
-                f"{_num(x['gflop'], '.2f')} | {_num(x['gflops'])} | {_num(pct)} | {_num(gb, '.2f')} | "
+                f"{_rate(x['prompts_per_s'])} | {_rate(x.get('prompts_per_s_incl_startup'))} | "
+                f"{_num(x['gflop'], '.2f')} | {_num(x['gflops'])} | {_num(pct)} | {_num(cpu_pct)} | "
+                f"{_num(gb, '.2f')} | "
                 f"{_num(x['gb_per_s'], '.2f')} | {_num((x['peak_rss_bytes'] or 0) / MB, '.0f')} |"
             )
     L.append("")
@@ -956,7 +969,7 @@ def floor_markdown(res: dict) -> list[str]:
         L.append(
             f"- {label}: forward {fc['forward_mflop_per_token']:.1f} MFLOP/token; the run does "
             f"{e['forwards_per_prompt']:.1f} forwards' worth of FLOPs per prompt; at the machine's peak it would "
-            f"run {fmt_rate(e['prompts_per_s_at_peak'])} prompts/s, it ran {fmt_rate(e['prompts_per_s'])} "
+            f"run {_rate(e['prompts_per_s_at_peak'])} prompts/s, it ran {_rate(e['prompts_per_s'])} "
             f"({100 * e['fraction_of_peak']:.2f} % of peak end to end)."
         )
     return L + [""]

@@ -63,7 +63,11 @@ def test_stats_flops_parts(tiny):
 
 
 def _fake_run() -> dict:
-    stages = {st: {"log_seconds_total": 2.0, "job_wall_s_total": 4.0, "peak_rss_bytes": 1e8} for st in pipeline.STAGES}
+    job = {"cpu_time_s": 1.0}  # two jobs per stage: 2 CPU seconds in all
+    stages = {
+        st: {"log_seconds_total": 2.0, "job_wall_s_total": 4.0, "peak_rss_bytes": 1e8, "per_job": [job, job]}
+        for st in pipeline.STAGES
+    }
     flops = {"tokenize": 0, "dump_reference": 4e9, "dump_engine": 4e9, "compute_stats": 20e9, "render": 0}
     return {
         "prompts": 10,
@@ -92,6 +96,9 @@ def test_floor_table_fractions():
     # dump_reference: 4 GFLOP in 2 steady seconds of 1-thread jobs = 2 GFLOP/s = 5 % of one core's 40
     assert t["dump_reference"]["gflops"] == pytest.approx(2.0, rel=1e-12)
     assert t["dump_reference"]["fraction_of_peak"] == pytest.approx(0.05, rel=1e-12)
+    # per CPU second the jobs got: 4 GFLOP / 2 CPU-s against 40 (a shared machine gives a job less than a core)
+    assert t["dump_reference"]["fraction_of_peak_per_cpu_s"] == pytest.approx(0.05, rel=1e-12)
+    assert t["render"]["fraction_of_peak_per_cpu_s"] is None
     assert t["dump_reference"]["prompts_per_s"] == 5.0 and t["dump_reference"]["prompts_per_s_incl_startup"] == 2.5
     assert t["tokenize"]["gb_per_s"] is None and t["render"]["prompts_per_s"] == 2.0
     e = t["end_to_end"]  # 28 GFLOP over 15 + 5 s against the machine's 80
