@@ -222,7 +222,11 @@ def write_long_sheet(n: int, path: Path, max_tokens: int = 512, min_tokens: int 
 
     tok = EngineTokenizer.from_file(TINY_DIR / "tokenizer.json")
     header, rows = corpus_lines()
-    texts = [rest.split("\t", 2)[2] for pid, rest in rows if not pid.startswith("long-")]
+    cols = header.split("\t")
+    if "text" not in cols:
+        raise ValueError(f"{CORPUS}: no 'text' column in the header {cols}; the long corpus joins that column")
+    at = cols.index("text") - 1  # rest = the line after prompt_id
+    texts = [rest.split("\t")[at] for pid, rest in rows if not pid.startswith("long-")]
     texts = [t for t in texts if t.strip()]
     out, counts = [header], []
     for i in range(n):
