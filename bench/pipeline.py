@@ -3,6 +3,7 @@ tiny model, and a subset on the full-size released config with random weights.
 
     .venv/bin/python bench/pipeline.py [--sizes 500,1000,2000] [--shard-size 250] [--fullsize-prompts 32]
                                        [--skip-fullsize] [--quick] [--out results/bench/pipeline.json]
+                                       [--long-prompts N] [--fullsize-long-prompts N] [--no-peak]
 
 Every run is a real ``snakemake --cores 2 --configfile <run>/config.yaml`` in a fresh directory
 ``results/bench/pipeline/<run>/`` (removed first, so every timing is real): one model, variant fp32, the
@@ -44,6 +45,25 @@ What is measured, per run (all from one run; the machine may be shared, so rates
 - scaling (tiny, the ``--sizes``): wall of the snakemake run, per-stage job seconds and per-rule peak RSS
   against the corpus size; a least-squares line (slope s/prompt, intercept, R^2), the marginal cost per
   prompt between consecutive sizes and time(largest)/time(smallest).
+
+The floor (issue 19), per stage (tokenize, dump_reference, dump_engine, compute_stats, render) and end to
+end: prompts/s, FLOPs, achieved GFLOP/s, fraction of the fp32 peak, bytes moved, peak RSS.
+
+- FLOPs come from the node graph (``Graph.node_flops``: multiply-add = 2, the top-k experts each token uses,
+  real tokens only, never the padding) over the run's own token counts (the tokens tables): one forward each
+  for the two dumps; compute_stats (:func:`stats_flops`) two fp32 replays, three float64 spec passes (the
+  sum-op envelope counted at the sum ops' FLOPs) and the forced-routing MoE replay, about 7 forwards in all;
+  tokenize and render 0. Bytes (``Graph.bytes_moved``): weights read once per batch, as the dumps batch
+  (:func:`dump_bytes`), every node's output written once; compute_stats: both dumps read and its replays'
+  traffic per prompt (:func:`stats_bytes`).
+- The peak is measured in the same run, before and after the runs (bench/peak.py: FMA chains compiled with
+  gcc -O2 -march=native per ISA, at 1 and N threads, numpy's sgemm beside them; the best repeat of either
+  measurement). A per-prompt stage's GFLOP/s is its FLOPs over its jobs' summed steady seconds (they are
+  1-thread jobs) against the 1-core peak; render's is over its snakemake invocation; end to end is all the
+  FLOPs over the wall of both snakemake invocations against the machine's peak (N x the 1-core peak), and
+  ``prompts_per_s_at_peak`` is the rate the FLOPs alone would allow.
+- ``--long-prompts N`` / ``--fullsize-long-prompts N`` add a run on N long prompts (:func:`write_long_sheet`:
+  bundled rows joined up to 480-512 tokens, none truncated), on the tiny model / the full-size config.
 
 Targets (reported as information, never asserted): the per-prompt stages of one (model, variant) at >= 50
 prompts/s in steady state on 2 cores on the tiny model; peak RSS of every rule < 4 GB at full size; no
@@ -186,6 +206,43 @@ def write_subset_sheet(n: int, path: Path) -> list[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join([header] + [f"{rows[i][0]}\t{rows[i][1]}" for i in pick]) + "\n", encoding="utf-8")
     return [rows[i][0] for i in pick]
+
+
+LONG_PREFIX = "longcat-"
+
+
+def write_long_sheet(n: int, path: Path, max_tokens: int = 512, min_tokens: int = 480) -> list[int]:
+    """n long prompts made deterministically of the bundled corpus: prompt i starts at row i * rows // n (the
+    long-* rows left out: they exceed 512 tokens alone) and appends the following rows, joined by a space, as
+    long as the prompt stays within ``max_tokens`` tokens (the tiny model's tokenizer, which the full-size
+    random model shares; special tokens included), until it has ``min_tokens``. Nothing is truncated. The
+    raw escaped texts are joined, so every escape stays as it was. Returns the prompts' token counts."""
+    from actdiff.engine.tokenizer import EngineTokenizer
+    from actdiff.prompts import decode_text
+
+    tok = EngineTokenizer.from_file(TINY_DIR / "tokenizer.json")
+    header, rows = corpus_lines()
+    cols = header.split("\t")
+    if "text" not in cols:
+        raise ValueError(f"{CORPUS}: no 'text' column in the header {cols}; the long corpus joins that column")
+    at = cols.index("text") - 1  # rest = the line after prompt_id
+    texts = [rest.split("\t")[at] for pid, rest in rows if not pid.startswith("long-")]
+    texts = [t for t in texts if t.strip()]
+    out, counts = [header], []
+    for i in range(n):
+        start, text, length = i * len(texts) // n, "", 0
+        for j in range(len(texts)):
+            cand = (text + " " if text else "") + texts[(start + j) % len(texts)]
+            m = tok.encode(decode_text(cand))[1]
+            if m <= max_tokens:  # a row that would overflow is skipped, the next one tried
+                text, length = cand, m
+            if length >= min_tokens:
+                break
+        out.append(f"{LONG_PREFIX}{i:03d}\tlong-concat\tmixed\t{text}")
+        counts.append(length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return counts
 
 
 def write_config(run_dir: Path, sheet: Path, model: str, source: dict, batch_size: int, shard_size: int) -> Path:
@@ -620,6 +677,147 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
     return run
 
 
+# ----------------------------------------------------------------------------- the floor (issue 19)
+FLOOR_STAGES = (*STAGES, "render")
+
+
+def stats_flops(graph, tokens: int) -> dict[str, int]:
+    """FLOPs compute_stats spends on one prompt, in parts of the model's forward (actdiff.compare): the side's
+    node-by-node replay on the reference's inputs (local error) and on its own inputs (the replay check), both
+    fp32; in float64 (actdiff.compare.refops) every node's spec op on the reference's inputs (the fp32 noise),
+    the sum ops once more on squared inputs and weights (the sequential-sum envelope, budgets.SUM_OPS) and the
+    propagated-budget forward; and each MoE block replayed with the reference's routing (forced_moe). The
+    float64 FLOPs are counted as FLOPs: the fraction of the fp32 peak does not discount them."""
+    from actdiff.compare.budgets import SUM_OPS
+
+    f = graph.flops(tokens)
+    return {
+        "fp32_replays": 2 * f,
+        "float64_spec_passes": 2 * f + sum(graph.node_flops(n, tokens) for n in graph if n.op in SUM_OPS),
+        "forced_moe": sum(graph.node_flops(x, tokens) for b in graph.moe_blocks() for x in b.nodes()),
+    }
+
+
+def dump_bytes(graph, lengths: list[int], batch_size: int) -> int:
+    """Bytes one dump stage moves over a shard (prompts in shard order): the dumps form windows of
+    batch_size x WINDOW_BATCHES prompts, sort each by length into batches (actdiff.batching), and read the
+    weights once per batch (Graph.bytes_moved over the batch's tokens); every node's output of every prompt is
+    written once."""
+    from actdiff.batching import WINDOW_BATCHES, length_sorted_batches
+
+    if batch_size <= 1:
+        return sum(graph.bytes_moved(T)["total"] for T in lengths)
+    total, win = 0, batch_size * WINDOW_BATCHES
+    for w in range(0, len(lengths), win):
+        chunk = lengths[w : w + win]
+        for b in length_sorted_batches(chunk, batch_size):
+            total += graph.bytes_moved(sum(chunk[i] for i in b))["weights"]
+            total += sum(graph.bytes_moved(chunk[i])["activations"] for i in b)  # per prompt: its pooled rows
+    return total
+
+
+def stats_bytes(graph, T: int) -> int:
+    """Bytes compute_stats moves for one prompt: both dumps read; two fp32 replays (weights + outputs); three
+    float64 passes (weights at 8 bytes, outputs at twice their fp32 size; the sum-op envelope counted as a
+    whole pass: the sum ops hold nearly all the weights)."""
+    b32, b64 = graph.bytes_moved(T), graph.bytes_moved(T, weight_itemsize=8)
+    return 2 * b32["activations"] + 2 * b32["total"] + 3 * (b64["weights"] + 2 * b64["activations"])
+
+
+def floor_counts(R: Path, model: str, batch_size: int) -> dict:
+    """FLOPs and bytes of every stage of a finished run, from the node graph and the run's token counts
+    (the tokens tables, shard by shard). Padding is not counted (Graph.node_flops)."""
+    import pyarrow.parquet as pq
+
+    from actdiff.nodes import graph_for_model_dir
+
+    L = Layout(str(R))
+    graph = graph_for_model_dir(json.loads(Path(L.model_json(model)).read_text(encoding="utf-8"))["dir"])
+    shards = [
+        [len(x) for x in pq.read_table(f, columns=["reference_ids"]).column(0).to_pylist()]
+        for f in sorted(Path(L.tokens(model, 0)).parent.glob("shard-*.parquet"))
+    ]
+    lengths = [T for sh in shards for T in sh]
+    fwd = sum(graph.flops(T) for T in lengths)
+    st_parts: dict[str, int] = {}
+    for T in lengths:
+        for k, v in stats_flops(graph, T).items():
+            st_parts[k] = st_parts.get(k, 0) + v
+    dumps = sum(dump_bytes(graph, sh, batch_size) for sh in shards)
+    flops = {"tokenize": 0, "dump_reference": fwd, "dump_engine": fwd, "compute_stats": sum(st_parts.values())}
+    return {
+        "prompts": len(lengths),
+        "tokens": sum(lengths),
+        "tokens_max": max(lengths, default=0),
+        "batch_size": batch_size,
+        "forward_flops": fwd,
+        "forward_mflop_per_token": fwd / max(sum(lengths), 1) / 1e6,
+        "stats_flops_parts": st_parts,
+        "flops": flops | {"render": 0},
+        "bytes": {
+            "tokenize": None,  # token ids and text: small, not estimated
+            "dump_reference": dumps,
+            "dump_engine": dumps,
+            "compute_stats": sum(stats_bytes(graph, T) for T in lengths),
+            "render": None,
+        },
+        "forward_weight_bytes_1_token": graph.bytes_moved(1)["weights"],
+        "forward_weight_bytes_all": graph.bytes_moved(10**9)["weights"],
+        "convention": "Graph.node_flops (multiply-add = 2, real tokens only); bytes: Graph.bytes_moved",
+    }
+
+
+def floor_table(run: dict, peak: dict) -> dict:
+    """Per stage and end to end: prompts/s, GFLOP, achieved GFLOP/s, fraction of the measured peak, bytes,
+    peak RSS. A per-prompt stage runs 1-thread jobs (two side by side on 2 cores): its GFLOP/s is FLOPs over
+    the jobs' summed steady seconds (per core) against the 1-core peak; end to end is FLOPs over the wall of
+    both snakemake invocations against the machine's peak (N cores x the 1-core peak)."""
+    fc, n = run["floor"], run["prompts"]
+    p1, pm = peak["peak_1thread_gflops"], peak["peak_machine_gflops"]
+    rows: dict = {}
+    for st in FLOOR_STAGES:
+        cpu = None
+        if st == "render":
+            sec = wall = run["report"]["snakemake_wall_s"]
+            rss = run["report"]["peak_rss_bytes"]
+        else:
+            sec, wall = run["stages"][st]["log_seconds_total"], run["stages"][st]["job_wall_s_total"]
+            rss = run["stages"][st]["peak_rss_bytes"]
+            cpu = sum(j["cpu_time_s"] or 0 for j in run["stages"][st]["per_job"]) or None
+        fl, by = fc["flops"][st], fc["bytes"][st]
+        rows[st] = {
+            "prompts_per_s": n / sec if sec > 0 else None,
+            "prompts_per_s_incl_startup": n / wall if wall > 0 else None,
+            "gflop": fl / 1e9,
+            "gflops": fl / sec / 1e9 if sec > 0 else None,
+            "fraction_of_peak": fl / sec / 1e9 / p1 if sec > 0 else None,
+            # per CPU second the jobs got (Snakemake's cpu_time, start-up included): on a shared machine the
+            # wall-clock fraction also measures how much of a core the job was given
+            "fraction_of_peak_per_cpu_s": fl / cpu / 1e9 / p1 if cpu else None,
+            "bytes": by,
+            "gb_per_s": by / sec / 1e9 if by is not None and sec > 0 else None,
+            "peak_rss_bytes": rss,
+            "peak_against": "1 core",
+        }
+    wall = run["snakemake_wall_s"] + run["report"]["snakemake_wall_s"]
+    total = sum(fc["flops"].values())
+    rows["end_to_end"] = {
+        "prompts_per_s": n / wall,
+        "gflop": total / 1e9,
+        "gflops": total / wall / 1e9,
+        "fraction_of_peak": total / wall / 1e9 / pm,
+        "bytes": sum(b for b in fc["bytes"].values() if b),
+        "gb_per_s": sum(b for b in fc["bytes"].values() if b) / wall / 1e9,
+        "peak_rss_bytes": max(v for v in run["peak_rss_bytes_by_rule"].values() if v),
+        "peak_rss_bytes_all_jobs_at_once": run["peak_jobs_rss_bytes"],
+        "peak_against": f"machine ({peak['threads_all']} cores)",
+        # the compute floor: every FLOP at the machine's peak
+        "prompts_per_s_at_peak": n / (total / 1e9 / pm) if total else None,
+        "forwards_per_prompt": total / fc["forward_flops"] if fc["forward_flops"] else None,
+    }
+    return rows
+
+
 # ----------------------------------------------------------------------------- one run
 def do_run(
     name: str,
@@ -655,6 +853,7 @@ def do_run(
         print(f"[{name}]   tokenize breakdown (tokenizer load vs tokenization) ...", flush=True)
         probe = tokenize_breakdown(R, model)
     res = analyse_run(R, model, n, sm, rep, probe)
+    res["floor"] = floor_counts(R, model, batch_size)
     res["config"] = json.loads(cfg.read_text())
     res["loadavg_1_5_15_at_start"] = load0
     res["loadavg_1_5_15_at_end"] = os.getloadavg()
@@ -716,8 +915,72 @@ def scaling(runs: list[dict]) -> dict:
     return out
 
 
+def floor_runs(res: dict) -> list[tuple[str, dict]]:
+    """Every run that has a floor table, labelled: tiny bundled, tiny long, full size bundled, full size long."""
+    out = [(f"tiny, {r['prompts']} bundled", r) for r in res.get("tiny", {}).values()]
+    out += [(f"tiny, {r['prompts']} long", r) for r in res.get("tiny_long", {}).values()]
+    if res.get("fullsize"):
+        out.append((f"full size, {res['fullsize']['prompts']} bundled", res["fullsize"]))
+    if res.get("fullsize_long"):
+        out.append((f"full size, {res['fullsize_long']['prompts']} long", res["fullsize_long"]))
+    return [(label, r) for label, r in out if r.get("floor_table")]
+
+
+def _num(x, fmt: str = ".1f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _rate(x) -> str:
+    # the full-size rates are well under 1 prompt/s: three significant digits, not one decimal
+    return "-" if x is None or not math.isfinite(x) else (fmt_rate(x) if x >= 10 else f"{x:.3g}")
+
+
+def floor_markdown(res: dict) -> list[str]:
+    pk = res.get("peak")
+    runs = floor_runs(res)
+    if not pk or not runs:
+        return []
+    L = [
+        f"fp32 peak measured in this run (bench/peak.py, {pk['best_isa']}, best of {pk['repeats']} short repeats, "
+        f"before and after the runs): {pk['peak_1thread_gflops']:.1f} GFLOP/s on 1 core, machine "
+        f"{pk['threads_all']} x that = {pk['peak_machine_gflops']:.1f}; {pk['threads_all']} threads at once "
+        f"measured {pk['peak_all_threads_gflops']:.1f}; numpy sgemm (OpenBLAS, n={pk['sgemm_n']}) "
+        + ", ".join(f"{g['threads']} thread(s) {g['gflops_best']:.1f}" for g in pk["sgemm"])
+        + " GFLOP/s.",
+        "",
+        "| run | stage | prompts/s (steady) | prompts/s (with start-ups) | GFLOP | GFLOP/s | % of peak "
+        "| % of peak per CPU-s | GB moved | GB/s | peak RSS, MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in runs:
+        ft, fc = r["floor_table"], r["floor"]
+        for st in (*FLOOR_STAGES, "end_to_end"):
+            x = ft[st]
+            pct = None if x["fraction_of_peak"] is None else 100 * x["fraction_of_peak"]
+            cpu_pct = x.get("fraction_of_peak_per_cpu_s")
+            cpu_pct = None if cpu_pct is None else 100 * cpu_pct
+            gb = None if x["bytes"] is None else x["bytes"] / GB
+            L.append(
+                f"| {label} ({fc['tokens'] / fc['prompts']:.0f} tok/prompt) | {st.replace('_', ' ')} | "
+                f"{_rate(x['prompts_per_s'])} | {_rate(x.get('prompts_per_s_incl_startup'))} | "
+                f"{_num(x['gflop'], '.2f')} | {_num(x['gflops'])} | {_num(pct)} | {_num(cpu_pct)} | "
+                f"{_num(gb, '.2f')} | "
+                f"{_num(x['gb_per_s'], '.2f')} | {_num((x['peak_rss_bytes'] or 0) / MB, '.0f')} |"
+            )
+    L.append("")
+    for label, r in runs:
+        e, fc = r["floor_table"]["end_to_end"], r["floor"]
+        L.append(
+            f"- {label}: forward {fc['forward_mflop_per_token']:.1f} MFLOP/token; the run does "
+            f"{e['forwards_per_prompt']:.1f} forwards' worth of FLOPs per prompt; at the machine's peak it would "
+            f"run {_rate(e['prompts_per_s_at_peak'])} prompts/s, it ran {_rate(e['prompts_per_s'])} "
+            f"({100 * e['fraction_of_peak']:.2f} % of peak end to end)."
+        )
+    return L + [""]
+
+
 def markdown(res: dict) -> str:
-    L: list[str] = []
+    L: list[str] = floor_markdown(res)
     tiny = res.get("tiny", {})
     if tiny:
         big = max(tiny.values(), key=lambda r: r["prompts"])
@@ -941,6 +1204,19 @@ def main() -> None:
         help="model batch_size of the full-size runs, one run each (default 1,16: dump stages before and after "
         "batching; 16 is what config/config.yaml uses)",
     )
+    ap.add_argument(
+        "--long-prompts",
+        type=int,
+        default=0,
+        help="also run the tiny model on this many long prompts (bundled rows joined up to 480-512 tokens)",
+    )
+    ap.add_argument(
+        "--fullsize-long-prompts", type=int, default=0, help="also run the full-size config on this many long prompts"
+    )
+    ap.add_argument("--peak-seconds", type=float, default=0.05, help="one repeat of the FMA peak (bench/peak.py)")
+    ap.add_argument("--peak-repeats", type=int, default=20)
+    ap.add_argument("--sgemm-n", type=int, default=2048, help="numpy sgemm size of the peak's cross-check")
+    ap.add_argument("--no-peak", action="store_true", help="skip the peak measurement (no fraction of peak)")
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     ap.add_argument("--out", default="results/bench/pipeline.json")
     ap.add_argument("--workdir", default="results/bench/pipeline", help="run directories (removed and rebuilt)")
@@ -954,6 +1230,7 @@ def main() -> None:
     if args.reanalyse:
         res = json.loads((ROOT / args.reanalyse).read_text(encoding="utf-8"))
         res["reanalysed_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        recount_floor(res)
         finish(res, ROOT / args.out)
         return
     sizes = [int(s) for s in (args.sizes or ("60,120" if args.quick else "500,1000,2000")).split(",")]
@@ -997,6 +1274,9 @@ def main() -> None:
         },
         "loadavg_1_5_15_at_start": os.getloadavg(),
     }
+    res["cpu"]["vector_flags"] = cpu_vector_flags()
+    if not args.no_peak:
+        measure_peak(args, res, "before the runs")
 
     tiny: dict = {}
     for n in [] if args.skip_tiny else sizes:
@@ -1011,10 +1291,26 @@ def main() -> None:
             base,
         )
     res["tiny"] = tiny
+    if args.long_prompts and not args.skip_tiny:
+        n = args.long_prompts
+        res["tiny_long"] = {
+            f"tiny-long-n{n}": do_run(
+                f"tiny-long-n{n}",
+                "tiny-nomic-moe",
+                {"generate": "tiny-nomic-moe", "seed": 0},
+                lambda p, n=n: len(write_long_sheet(n, p)),
+                16,
+                shard_size,
+                base,
+                tokenize_probe=False,
+            )
+        }
 
     if not args.skip_fullsize:
         run_fullsize(args, n_full, base, res)
 
+    if not args.no_peak:
+        measure_peak(args, res, "after the runs")
     res["loadavg_1_5_15_at_end"] = os.getloadavg()
     finish(res, ROOT / args.out)
 
@@ -1049,6 +1345,19 @@ def run_fullsize(args, n_full: int, base: Path, res: dict) -> None:
         fs["batch_size"] = bs
         by_batch[str(bs)] = fs
     res["fullsize"] = by_batch[max(by_batch, key=int)]
+    if args.fullsize_long_prompts:
+        n, bs = args.fullsize_long_prompts, max(int(b) for b in by_batch)
+        res["fullsize_long"] = do_run(
+            f"fullsize-long-n{n}-b{bs}",
+            "fullsize-random",
+            {"path": str(full_dir)},
+            lambda p: len(write_long_sheet(n, p)),
+            bs,
+            max(n, 1),
+            base,
+            tokenize_probe=False,
+        )
+        res["fullsize_long"]["batch_size"] = bs
     if len(by_batch) > 1:
         res["fullsize_by_batch_size"] = {
             bs: {st: r["stages"][st]["steady_prompts_per_s"] for st in STAGES}
@@ -1057,11 +1366,69 @@ def run_fullsize(args, n_full: int, base: Path, res: dict) -> None:
         }
 
 
+def floor_runs_all(res: dict) -> list[tuple[str, dict]]:
+    """Every run with floor counts (FLOPs and bytes from the graph), whatever its table holds yet."""
+    runs = [*res.get("tiny", {}).values(), *res.get("tiny_long", {}).values()]
+    runs += [res[k] for k in ("fullsize", "fullsize_long") if res.get(k)]
+    return [(r["results_dir"], r) for r in runs if r.get("floor")]
+
+
+def recount_floor(res: dict) -> None:
+    """Recompute every run's FLOPs and bytes (floor_counts) from its results directory where it still exists
+    (the cost model may have changed since the run; the timings stay as measured)."""
+    runs = [*res.get("tiny", {}).values(), *res.get("tiny_long", {}).values()]
+    runs += [res[k] for k in ("fullsize", "fullsize_long") if res.get(k)]
+    for r in runs:
+        R = ROOT / r["results_dir"]
+        model = next(iter(r["config"]["models"]))
+        if Path(Layout(str(R)).model_json(model)).is_file():
+            r["floor"] = floor_counts(R, model, r["config"]["models"][model]["batch_size"])
+
+
+def cpu_vector_flags() -> list[str]:
+    """The CPU's avx* and fma flags (what `grep -o 'avx[^ ]*\\|fma' /proc/cpuinfo | sort -u` prints)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return sorted(set(re.findall(r"\b(avx\S*|fma)\b", text)))
+
+
+def measure_peak(args, res: dict, when: str) -> None:
+    """bench/peak.py in this run; res["peak"] keeps the best figures of every measurement (the least
+    disturbed on a shared machine) and each measurement as it came."""
+    import peak as peak_bench  # bench/peak.py: this script's directory is on sys.path
+
+    print(f"measuring the fp32 peak ({when}) ...", flush=True)
+    m = peak_bench.measure(args.peak_seconds, args.peak_repeats, args.sgemm_n)
+    print(peak_bench.describe(m), flush=True)
+    res.setdefault("peak_measurements", {})[when] = m
+    ms = list(res["peak_measurements"].values())
+    best = max(ms, key=lambda x: x["peak_1thread_gflops"])
+    res["peak"] = {
+        "best_isa": best["best_isa"],
+        "threads_all": best["threads_all"],
+        "repeats": args.peak_repeats,
+        "sgemm_n": args.sgemm_n,
+        "peak_1thread_gflops": best["peak_1thread_gflops"],
+        "peak_machine_gflops": best["peak_machine_gflops"],
+        "peak_all_threads_gflops": max(x["peak_all_threads_gflops"] for x in ms),
+        "sgemm": [
+            max((g for x in ms for g in x["sgemm"] if g["threads"] == t), key=lambda g: g["gflops_best"])
+            for t in sorted({g["threads"] for x in ms for g in x["sgemm"]})
+        ],
+        "note": "the best of the measurements before and after the runs",
+    }
+
+
 def finish(res: dict, out: Path) -> None:
     """Derive scaling, targets and the markdown table from the runs; write the JSON and the table."""
     if len(res.get("tiny", {})) > 1:
         res["scaling"] = scaling(list(res["tiny"].values()))
     res["targets"] = targets(res)
+    if res.get("peak"):
+        for _, run in floor_runs_all(res):
+            run["floor_table"] = floor_table(run, res["peak"])
     md = markdown(res)
     res["markdown"] = md
     out.parent.mkdir(parents=True, exist_ok=True)

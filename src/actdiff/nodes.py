@@ -259,6 +259,10 @@ _ROW_REDUCING = ("MATMUL", "ROUTER")
 _LAST_DIM_REDUCING = ("EXPERT_FC1", "EXPERT_FC2", "LAYERNORM", "L2NORM", "SOFTMAX")
 
 
+# FLOPs per output element of the elementwise and row-normalising ops (the convention of Graph.node_flops)
+_FLOPS_PER_ELEMENT = {"LAYERNORM": 8, "SOFTMAX": 4, "GELU": 5, "ROPE": 3, "ADD": 1, "BIAS_ADD": 1, "L2NORM": 3}
+
+
 class Graph:
     """Ordered canonical nodes of one model; node order is execution (topological) order."""
 
@@ -362,6 +366,77 @@ class Graph:
             row = self.trailing_shape(n.inputs[0])
             return math.prod(row) if n.op in _ROW_REDUCING else row[-1]
         return 1
+
+    # ---------------------------------------------------------------- cost (bench/pipeline.py's floor)
+    def node_flops(self, node: Node | str, tokens: int) -> int:
+        """Floating-point operations of one node over one sequence of ``tokens`` real tokens.
+
+        Convention (what bench/pipeline.py divides by the measured peak): a multiply-add is 2 FLOPs, a
+        transcendental (exp, erf, tanh, sqrt) 1, comparisons (softmax's max, top-k) 0, copies and splits 0.
+        MATMUL, ROUTER: 2*T*K*N (+ T*N for a bias), K = :meth:`reduction_length`; EXPERT_FC1/EXPERT_FC2: the
+        same for the top-k experts each token uses (output [T, k, .], k from the config), never all E;
+        ATTENTION: 4*T^2*H (QK^T and PV) + 5*nh*T^2 (the 1/sqrt(hd) scaling and a 4-FLOP softmax per score);
+        LAYERNORM 8 per element (mean, centre, square, variance, normalise, affine); SOFTMAX 4 per element;
+        GELU 5 per element (exact form; counted the same for the tanh forms); ROPE 3 per element; ADD and
+        BIAS_ADD 1; EMBED 1 per element for each table summed after the first; MOE_SUM 2k-1 per output
+        element; POOL T per output element (T-1 adds and the division); L2NORM 3 per element; TOPK 2 per
+        selected weight when ``moe_normalize_expert_weights`` renormalises them, else 0. Padding is not
+        counted: the count is the work a prompt needs, whatever a batch pads it to."""
+        n = self.by_name[node] if isinstance(node, str) else node
+        T = int(tokens)
+        out = math.prod(self.shape(n.name, T))
+        op = n.op
+        if op in ("MATMUL", "ROUTER"):
+            bias = out if any(w.endswith(".bias") for w in n.weights) else 0
+            return 2 * out * self.reduction_length(n) + bias
+        if op in ("EXPERT_FC1", "EXPERT_FC2"):
+            return 2 * out * self.reduction_length(n)
+        if op == "ATTENTION":
+            return 4 * T * out + 5 * self.dims.heads * T * T
+        if op == "MOE_SUM":
+            return (2 * self.dims.top_k - 1) * out
+        if op == "POOL":
+            return out * T
+        if op == "EMBED":
+            return (len(n.weights) - 1) * out
+        if op == "TOPK":
+            return 2 * out if n.attrs.get("part") == "weights" and self.dims.normalize_expert_weights else 0
+        return _FLOPS_PER_ELEMENT.get(op, 0) * out
+
+    def flops(self, tokens: int) -> int:
+        """FLOPs of one forward over one sequence of ``tokens`` real tokens (:meth:`node_flops`, summed)."""
+        return sum(self.node_flops(n, tokens) for n in self.nodes)
+
+    def weight_elements(self, node: Node | str, tokens: int) -> int:
+        """Checkpoint elements a forward over ``tokens`` tokens (one sequence, or a batch's tokens together)
+        reads for this node: the whole matrix and bias of MATMUL/ROUTER/LAYERNORM/BIAS_ADD; one row per token
+        of each embedding table (at most the table); the matrices of the experts the tokens can reach, at most
+        min(E, T*k) of them (an upper bound: it assumes the T*k routed slots pick distinct experts)."""
+        n = self.by_name[node] if isinstance(node, str) else node
+        d, T = self.dims, int(tokens)
+        if n.op == "EMBED":
+            rows = {"word": d.vocab, "position": d.max_positions, "token_type": d.type_vocab}
+            return sum(min(T, next(v for k, v in rows.items() if k + "_embeddings" in w)) * d.hidden for w in n.weights)
+        if n.op in ("EXPERT_FC1", "EXPERT_FC2"):
+            return min(d.experts, T * d.top_k) * d.hidden * d.inner
+        if n.op in ("MATMUL", "ROUTER"):
+            k, out = self.reduction_length(n), math.prod(self.trailing_shape(n.name))
+            return k * out + (out if len(n.weights) > 1 else 0)
+        if n.op == "LAYERNORM":
+            return 2 * d.hidden
+        if n.op == "BIAS_ADD":
+            return d.hidden
+        return 0
+
+    def bytes_moved(self, tokens: int, weight_itemsize: int = 4) -> dict[str, int]:
+        """Estimated memory traffic of one forward over ``tokens`` tokens: every weight it uses read once
+        (:meth:`weight_elements` x ``weight_itemsize``; 4 for fp32 weights) and every node's output written
+        once (float32, int64 for expert ids). Inputs re-read from cache and the attention scores an engine
+        keeps in scratch are not counted: this is the floor traffic, what a perfectly fused forward moves.
+        For a padded batch pass the batch's real tokens together: its weights are read once for all of them."""
+        weights = sum(self.weight_elements(n, tokens) for n in self.nodes) * weight_itemsize
+        acts = sum(math.prod(self.shape(n.name, tokens)) * (8 if n.kind == "index" else 4) for n in self.nodes)
+        return {"weights": weights, "activations": acts, "total": weights + acts}
 
     def key_nodes(self) -> list[str]:
         """The nodes kept for the drill-down, in graph order: the graph-level nodes (embeddings, their

@@ -1,0 +1,129 @@
+"""bench/pipeline.py's floor (issue 19): the long-prompt corpus, the per-stage cost model over the node graph,
+the fractions of the measured peak; and bench/peak.py's micro-benchmark builds and reports every ISA the CPU
+has. No pipeline run and no timing assertion: the peak's values are only checked to be finite and positive."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+_env = dict(os.environ)
+import peak  # noqa: E402
+import pipeline  # noqa: E402  (sets OPENBLAS_NUM_THREADS for its own process: restored below)
+
+os.environ.clear()
+os.environ.update(_env)
+
+from actdiff.engine.tokenizer import EngineTokenizer  # noqa: E402
+from actdiff.models.tiny import tiny_config  # noqa: E402
+from actdiff.nodes import build_graph  # noqa: E402
+from actdiff.prompts import load_prompt_sheet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(released_config):
+    return build_graph(tiny_config(released_config, n_tokens=4000))
+
+
+def test_long_sheet_is_deterministic_and_untruncated(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(pipeline, "TINY_DIR", tiny_model_dir)
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    counts = pipeline.write_long_sheet(4, a)
+    assert pipeline.write_long_sheet(4, b) == counts and a.read_bytes() == b.read_bytes()
+    df = load_prompt_sheet(a)
+    assert len(df) == 4 and df["prompt_id"].str.startswith(pipeline.LONG_PREFIX).all()
+    tok = EngineTokenizer.from_file(tiny_model_dir / "tokenizer.json")
+    assert [tok.encode(t)[1] for t in df["text"]] == counts  # the sheet holds what was counted
+    assert all(480 <= c <= 512 for c in counts)  # long, and nothing truncated at max_length 512
+
+
+def test_dump_bytes_reads_weights_once_per_batch(tiny):
+    lengths = [30] * 16
+    one_by_one = pipeline.dump_bytes(tiny, lengths, 1)
+    batched = pipeline.dump_bytes(tiny, lengths, 16)
+    assert one_by_one == 16 * tiny.bytes_moved(30)["total"]
+    # one batch of 16: the weights its 480 tokens reach read once, every prompt's outputs written
+    assert batched == tiny.bytes_moved(480)["weights"] + 16 * tiny.bytes_moved(30)["activations"]
+    assert one_by_one - batched == 16 * tiny.bytes_moved(30)["weights"] - tiny.bytes_moved(480)["weights"]
+
+
+def test_stats_flops_parts(tiny):
+    T = 20
+    parts = pipeline.stats_flops(tiny, T)
+    f = tiny.flops(T)
+    assert parts["fp32_replays"] == 2 * f
+    assert 2 * f < parts["float64_spec_passes"] < 3 * f  # the sum ops are most, not all, of a forward
+    moe = sum(tiny.node_flops(x, T) for b in tiny.moe_blocks() for x in b.nodes())
+    assert parts["forced_moe"] == moe
+
+
+def _fake_run() -> dict:
+    job = {"cpu_time_s": 1.0}  # two jobs per stage: 2 CPU seconds in all
+    stages = {
+        st: {"log_seconds_total": 2.0, "job_wall_s_total": 4.0, "peak_rss_bytes": 1e8, "per_job": [job, job]}
+        for st in pipeline.STAGES
+    }
+    flops = {"tokenize": 0, "dump_reference": 4e9, "dump_engine": 4e9, "compute_stats": 20e9, "render": 0}
+    return {
+        "prompts": 10,
+        "stages": stages,
+        "report": {"snakemake_wall_s": 5.0, "peak_rss_bytes": 3e8},
+        "snakemake_wall_s": 15.0,
+        "peak_rss_bytes_by_rule": {"dump_reference": 1e8, "render_report": 3e8},
+        "peak_jobs_rss_bytes": 2e8,
+        "floor": {
+            "flops": flops,
+            "bytes": {
+                "tokenize": None,
+                "dump_reference": 1e9,
+                "dump_engine": 1e9,
+                "compute_stats": 2e9,
+                "render": None,
+            },
+            "forward_flops": 4e9,
+        },
+    }
+
+
+def test_floor_table_fractions():
+    pk = {"peak_1thread_gflops": 40.0, "peak_machine_gflops": 80.0, "threads_all": 2}
+    t = pipeline.floor_table(_fake_run(), pk)
+    # dump_reference: 4 GFLOP in 2 steady seconds of 1-thread jobs = 2 GFLOP/s = 5 % of one core's 40
+    assert t["dump_reference"]["gflops"] == pytest.approx(2.0, rel=1e-12)
+    assert t["dump_reference"]["fraction_of_peak"] == pytest.approx(0.05, rel=1e-12)
+    # per CPU second the jobs got: 4 GFLOP / 2 CPU-s against 40 (a shared machine gives a job less than a core)
+    assert t["dump_reference"]["fraction_of_peak_per_cpu_s"] == pytest.approx(0.05, rel=1e-12)
+    assert t["render"]["fraction_of_peak_per_cpu_s"] is None
+    assert t["dump_reference"]["prompts_per_s"] == 5.0 and t["dump_reference"]["prompts_per_s_incl_startup"] == 2.5
+    assert t["tokenize"]["gb_per_s"] is None and t["render"]["prompts_per_s"] == 2.0
+    e = t["end_to_end"]  # 28 GFLOP over 15 + 5 s against the machine's 80
+    assert e["gflops"] == pytest.approx(1.4, rel=1e-12)
+    assert e["fraction_of_peak"] == pytest.approx(1.4 / 80, rel=1e-12)
+    assert e["forwards_per_prompt"] == pytest.approx(7.0, rel=1e-12)
+    assert e["prompts_per_s_at_peak"] == pytest.approx(10 / (28 / 80), rel=1e-12)
+    assert e["peak_rss_bytes"] == 3e8 and e["bytes"] == 4e9
+
+
+def test_peak_source_and_flags():
+    assert "-ffast-math" not in " ".join(peak.CFLAGS) and "-ffast-math" not in peak.c_source()
+    assert "-march=native" in peak.CFLAGS
+    src = peak.c_source()
+    # one variable per chain, written out (an array of vectors may live on the stack)
+    assert src.count("_mm256_fmadd_ps(a") == peak.CHAINS["avx2"]
+    assert src.count("_mm512_fmadd_ps(a") == peak.CHAINS["avx512"]
+
+
+def test_peak_runs_every_isa_the_cpu_has():
+    flags = set(pipeline.cpu_vector_flags())
+    if not {"avx2", "fma"} <= flags:
+        pytest.skip("no AVX2+FMA on this CPU")
+    rows = peak.fma_peak(2, 0.002, 2)
+    isas = {r["isa"] for r in rows}
+    assert isas == ({"avx2", "avx512"} if "avx512f" in flags else {"avx2"})
+    assert {r["threads"] for r in rows} == {1, 2}
+    assert all(math.isfinite(r["gflops_best"]) and r["gflops_best"] > 0 for r in rows)
