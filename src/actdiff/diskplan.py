@@ -1,12 +1,12 @@
 """Disk budget of a run: how many bytes of activation dumps can exist at once, and the shard count that keeps
-them under ``disk_budget`` (config/README.md, docs/formats.md "Disk in flight").
+them under ``disk_budget`` (config/README.md; dump sizes: docs/formats.md).
 
 Shards are planned when the workflow starts, before any prompt is tokenized, so a prompt's dump is bounded by
 the model's truncation limit: every prompt counts as ``max_length`` tokens (the config's, else the model's
 own). That is an upper bound, never an estimate that a long corpus could exceed; on the bundled corpus it is
-about 12x the real size (41 tokens per prompt on average against 512). The bytes per token follow from the
-node graph (``actdiff.nodes``) and the dump layout (``actdiff.h5io.dump_bytes_bound``: whole HDF5 chunks,
-uncompressed: compression only makes a dump smaller).
+8.5x the same bound with the real token counts (94.1 GB against 11.1 GB for the default config at --cores 8).
+The bytes per token follow from the node graph (``actdiff.nodes``) and the dump layout
+(``actdiff.h5io.dump_bytes_bound``: whole HDF5 chunks, uncompressed: compression only makes a dump smaller).
 
 Dumps in flight (``keep_activations: false``): a shard is *open* from the start of its reference dump to the
 end of its last statistics job. Every other dump of a shard waits for the shard's reference dump (rules
@@ -34,7 +34,8 @@ from .nodes import Graph
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-LINEAR_SEARCH = 64  # shard counts tried one by one; above it, in steps of 10 % (the plan is then within 10 %)
+LINEAR_SEARCH = 64  # shard counts tried one by one from the first conceivable one, then in steps of 10 %
+MANY_SHARDS = 10_000  # beyond this Snakemake's DAG (tens of jobs per shard) gets slow: the plan says so
 
 
 def parse_size(value, key: str = "disk_budget") -> int:
@@ -142,20 +143,28 @@ def estimate(models: list[ModelDumps], corpus: Corpus, n_shards: int, conc: Conc
     return DiskEstimate(n_shards, largest, dump, open_shards, in_flight, kept, total)
 
 
-def _candidates(n_prompts: int):
-    n = 1
+def _candidates(n_prompts: int, start: int = 1):
+    n = max(1, min(start, n_prompts))
+    first = n
     while n <= n_prompts:
         yield n
-        n = n + 1 if n < LINEAR_SEARCH else max(n + 1, math.ceil(n * 1.1))
+        n = n + 1 if n < first + LINEAR_SEARCH else max(n + 1, math.ceil(n * 1.1))
     if n_prompts >= 1:
         yield n_prompts
+
+
+def _fewest_conceivable(models: list[ModelDumps], corpus: Corpus, budget: int) -> int:
+    """A shard count below which nothing can fit: even one dump of a shard holding an even share of the corpus
+    would exceed the budget (where the search starts; at least one dump is on disk while a shard runs)."""
+    per_prompt = max(m.shard_bytes(1, corpus.id_bytes) - m.shard_bytes(0, corpus.id_bytes) for m in models)
+    return max(1, len(corpus.hashes) * per_prompt // budget)
 
 
 def plan_shards(models: list[ModelDumps], corpus: Corpus, budget: int, conc: Concurrency, keep: bool) -> DiskEstimate:
     """The fewest shards whose dumps fit in ``budget`` (one by one up to LINEAR_SEARCH, then in 10 % steps);
     a ConfigError when even one prompt per shard does not fit, or when keep_activations keeps too much."""
     best = None
-    for n in _candidates(len(corpus.hashes)):
+    for n in _candidates(len(corpus.hashes), _fewest_conceivable(models, corpus, budget)):
         est = estimate(models, corpus, n, conc, keep)
         if est.total <= budget:
             return est
@@ -173,14 +182,14 @@ def _what_to_change(keep: bool, explicit: str | None) -> str:
     if keep:
         return ("Set keep_activations: false (dumps are then deleted shard by shard), raise disk_budget, or use a "
                 "smaller corpus")  # fmt: skip
-    first = f"Remove {explicit} (actdiff then plans the shards from disk_budget) or lower it; " if explicit else ""
+    first = f"Remove {explicit} (the shards are then planned from disk_budget) or change it; " if explicit else ""
     return first + ("raise disk_budget, lower models.<m>.max_length, run fewer variants, or run with fewer --cores "
                     "(fewer shards open at once)")  # fmt: skip
 
 
 def check_explicit(models, corpus, n_shards: int, budget: int, conc: Concurrency, keep: bool, key: str) -> DiskEstimate:
-    """The estimate for shards set by the config (``key``: ``shards: N`` or ``shard_size: P``); a ConfigError
-    naming the key, the estimate, the budget and what to change when it does not fit."""
+    """The estimate for shards set by the config (``key``: ``'shards' = N`` or ``'shard_size' = P``); a
+    ConfigError naming the key, the estimate, the budget and what to change when it does not fit."""
     est = estimate(models, corpus, n_shards, conc, keep)
     if est.total <= budget:
         return est
@@ -192,8 +201,8 @@ def check_explicit(models, corpus, n_shards: int, budget: int, conc: Concurrency
         except ConfigError:
             hint = " (no shard size fits: even one prompt per shard is too much)"
     raise ConfigError(
-        f"config key '{key}': this run may hold more on disk than disk_budget {fmt_bytes(budget)}: "
-        f"{est.explain(models)}{hint}. " + _what_to_change(keep, explicit=key.split(":")[0])
+        f"config {key}: this run may hold more on disk than disk_budget {fmt_bytes(budget)}: "
+        f"{est.explain(models)}{hint}. " + _what_to_change(keep, explicit=key.split(" ")[0])
     )
 
 
@@ -224,9 +233,9 @@ def max_tokens_of(name: str, model_cfg: dict, graph: Graph) -> int:
 def configured_shards(config: dict, n_prompts: int) -> tuple[int, str] | None:
     """(shard count, the key that sets it) when the config sets ``shard_size`` or ``shards``; None otherwise."""
     if "shard_size" in config:
-        return max(1, -(-n_prompts // int(config["shard_size"]))), f"shard_size: {config['shard_size']}"
+        return max(1, -(-n_prompts // int(config["shard_size"]))), f"'shard_size' = {config['shard_size']}"
     if "shards" in config:
-        return int(config["shards"]), f"shards: {config['shards']}"
+        return int(config["shards"]), f"'shards' = {config['shards']}"
     return None
 
 
@@ -250,7 +259,11 @@ def shard_count(config: dict, models: list[ModelDumps], conc: Concurrency, plan_
             return recorded, f"shards planned earlier ({plan_path}): {est.explain(models)}"
     est = plan_shards(models, corpus, budget, conc, keep)
     _record_plan(plan_path, est, budget)
-    return est.n_shards, f"shards planned from disk_budget {fmt_bytes(budget)}: {est.explain(models)}"
+    why = f"shards planned from disk_budget {fmt_bytes(budget)}: {est.explain(models)}"
+    if est.n_shards > MANY_SHARDS:
+        why += (f". NOTE: {est.n_shards} shards make a large workflow (Snakemake slows down past ~{MANY_SHARDS}); "
+                "a larger disk_budget, fewer --cores or a lower max_length give fewer")  # fmt: skip
+    return est.n_shards, why
 
 
 def recorded_plan(path) -> int | None:
@@ -272,3 +285,21 @@ def _record_plan(path, est: DiskEstimate, budget: int) -> None:
     record = {"shards": est.n_shards, "largest_shard": est.largest_shard, "disk_budget": budget,
               "bound_bytes": est.total}  # fmt: skip
     write_json_atomic(path, record)
+
+
+def free_space_note(results, budget: int) -> str | None:
+    """A note when disk_budget is more than the free space where the results go (the budget is then no guard)."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(results).resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free >= budget:
+        return None
+    return (
+        f"NOTE: disk_budget {fmt_bytes(budget)} is more than the {fmt_bytes(free)} free on {where}; the bound counts "
+        "every prompt at its max_length, so the real use is usually far lower, but set disk_budget to what this "
+        "disk can hold to be sure"
+    )

@@ -110,22 +110,6 @@ def load_prompt_sheet(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def count_prompts(path: str | Path) -> int:
-    """Number of data rows in a prompt sheet (lines that are not blank, after the header), without parsing
-    it: the workflow sizes its shards from this at every start, so it must stay cheap for millions of rows."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"prompt sheet {path} not found; set 'prompts' in the config to an existing TSV file")
-    with open(path, "rb") as f:
-        f.readline()
-        return sum(1 for line in f if line.strip())
-
-
-def n_shards_for(path: str | Path, shard_size: int) -> int:
-    """Shards needed for about ``shard_size`` prompts each (shards are hash buckets, so sizes vary a little)."""
-    return max(1, -(-count_prompts(path) // int(shard_size)))
-
-
 def split_into_shards(df: pd.DataFrame, n_shards: int) -> list[pd.DataFrame]:
     shards = df["prompt_id"].map(lambda p: shard_of(p, n_shards))
     return [df[shards == s].reset_index(drop=True) for s in range(n_shards)]
