@@ -11,7 +11,16 @@ from actdiff.compare.budgets import check_budget_globs
 from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
 from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
-from actdiff.diskplan import Concurrency, ModelDumps, configured_shards, max_tokens_of, recorded_plan, shard_count
+from actdiff.diskplan import (
+    Concurrency,
+    ModelDumps,
+    configured_shards,
+    free_space_note,
+    max_tokens_of,
+    parse_size,
+    recorded_plan,
+    shard_count,
+)
 from actdiff.prompts import read_prompt_ids
 from actdiff.sides.configured import IMPORT, configured_runs, engine_specs, usable_engines
 from actdiff.report.render import REPORTS_DIR
@@ -222,6 +231,9 @@ def plan_shards():
     except ActdiffError as e:
         sys.exit(f"actdiff: {e}")
     print(f"actdiff: {why}", file=sys.stderr)
+    note = free_space_note(R, parse_size(config["disk_budget"]))
+    if note:
+        print(f"actdiff: {note}", file=sys.stderr)
     return n
 
 
