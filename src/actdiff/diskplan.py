@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
-from .h5io import dump_bytes_bound
+from .h5io import dump_bytes_bound, row_bytes
 from .nodes import Graph
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -72,6 +72,10 @@ class ModelDumps:
     graph: Graph
     max_tokens: int
     sides: int
+
+    def prompt_data_bytes(self) -> int:
+        """The node values of one prompt at max_length, without any file overhead (a lower bound per prompt)."""
+        return sum(row_bytes(self.graph, n.name) * (self.max_tokens if n.axis == "token" else 1) for n in self.graph)
 
     def shard_bytes(self, prompts: int, id_bytes: int) -> int:
         """Bound on one side's dump of a shard of ``prompts`` prompts."""
@@ -156,7 +160,7 @@ def _candidates(n_prompts: int, start: int = 1):
 def _fewest_conceivable(models: list[ModelDumps], corpus: Corpus, budget: int) -> int:
     """A shard count below which nothing can fit: even one dump of a shard holding an even share of the corpus
     would exceed the budget (where the search starts; at least one dump is on disk while a shard runs)."""
-    per_prompt = max(m.shard_bytes(1, corpus.id_bytes) - m.shard_bytes(0, corpus.id_bytes) for m in models)
+    per_prompt = max(m.prompt_data_bytes() for m in models)
     return max(1, len(corpus.hashes) * per_prompt // budget)
 
 
