@@ -141,3 +141,10 @@ def test_prompt_ids_read_for_the_plan_are_the_sheets(tmp_path):
     sheet = tmp_path / "p.tsv"
     sheet.write_bytes(b"lang\ttext\tprompt_id\r\nen\thello\ta.1\r\n\r\nde\tx\\ty\tb:2\r\n")
     assert read_prompt_ids(sheet) == ["a.1", "b:2"] == load_prompt_sheet(sheet)["prompt_id"].tolist()
+
+
+def test_an_empty_sheet_plans_one_shard(graph):
+    """No prompts: one (empty) shard, so rule split_prompts gets to say the sheet has no prompts."""
+    empty = Corpus(np.zeros(0, dtype=np.uint64), 1)
+    model = ModelDumps("tiny", graph, max_tokens=512, sides=1)
+    assert plan_shards([model], empty, parse_size("1 GB"), Concurrency(2, 2), keep=False).n_shards == 1

@@ -148,13 +148,13 @@ def estimate(models: list[ModelDumps], corpus: Corpus, n_shards: int, conc: Conc
 
 
 def _candidates(n_prompts: int, start: int = 1):
-    n = max(1, min(start, n_prompts))
-    first = n
-    while n <= n_prompts:
+    """Shard counts to try, ascending from ``start``, ending at one prompt per shard (at least one shard)."""
+    last = max(1, n_prompts)
+    n = first = max(1, min(start, last))
+    while n < last:
         yield n
         n = n + 1 if n < first + LINEAR_SEARCH else max(n + 1, math.ceil(n * 1.1))
-    if n_prompts >= 1:
-        yield n_prompts
+    yield last
 
 
 def _fewest_conceivable(models: list[ModelDumps], corpus: Corpus, budget: int) -> int:
