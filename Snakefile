@@ -6,6 +6,7 @@
 # variant fp32; tables: actdiff.tables.
 #   resources/models/{model}/                                               generated models (config.json, weights, tokenizer.json)
 #   results/prompts/shard-{shard}.parquet                                   prompt sheet split by stable hash of prompt_id
+#   results/prompts/plan.json                                               shard count planned from disk_budget (when shards are not set)
 #   results/{model}/model-files.json                                        sha256 of the model's files (rewritten only when one changes)
 #   results/{model}/model.json                                              resolved model dir, architecture, sha256 of its files
 #   results/{model}/tokens/shard-{shard}.parquet                            token ids, reference and engine tokenizers

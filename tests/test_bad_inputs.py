@@ -109,7 +109,9 @@ def test_config_errors_name_the_key(patch, key):
 
 def test_config_defaults_are_filled():
     cfg = validate_config({"prompts": "p.tsv", "models": {"m": {"source": {"path": "/x"}, "max_length": 8}}}, SCHEMA)
-    assert cfg["shards"] == 2 and cfg["variants"] == ["fp32"] and cfg["reference"]["impl"] == "actdiff"
+    # shards has no default: without shards or shard_size the shard count is planned from disk_budget
+    assert "shards" not in cfg and cfg["disk_budget"] == "100 GB"
+    assert cfg["variants"] == ["fp32"] and cfg["reference"]["impl"] == "actdiff"
     assert cfg["models"]["m"]["batch_size"] == 1 and cfg["results"] == "results"
 
 

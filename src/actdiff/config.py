@@ -80,6 +80,9 @@ def validate_config(config: dict, schema_path: str | Path | None = None, source:
                     lookup_fault(parsed.fault, parsed.fault_param)
             except ConfigError as e:
                 raise ConfigError(f"config key '{key}.{i}': {e}") from None
+    from .diskplan import parse_size
+
+    parse_size(config["disk_budget"], "disk_budget")
     from .sides.configured import engine_specs
 
     names = list(engine_specs(config.get("engines", [])))

@@ -31,6 +31,10 @@ class Layout:
     def prompts(self, shard) -> str:
         return f"{self.results}/prompts/shard-{shard}.parquet"
 
+    def shard_plan(self) -> str:
+        """The shard count planned from disk_budget (actdiff.diskplan), kept so a rerun reuses it while it fits."""
+        return f"{self.results}/prompts/plan.json"
+
     def model_json(self, model) -> str:
         return f"{self.results}/{model}/model.json"
 
@@ -129,6 +133,7 @@ class Layout:
         return [
             (self.generated_model("{model}") + "/", "generated models (config.json, weights, tokenizer.json)"),
             (self.prompts("{shard}"), "prompt sheet split by stable hash of prompt_id"),
+            (self.shard_plan(), "shard count planned from disk_budget (when shards are not set)"),
             (self.model_files("{model}"), "sha256 of the model's files (rewritten only when one changes)"),
             (self.model_json("{model}"), "resolved model dir, architecture, sha256 of its files"),
             (self.tokens("{model}", "{shard}"), "token ids, reference and engine tokenizers"),

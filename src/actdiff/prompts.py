@@ -30,9 +30,27 @@ def decode_text(s: str) -> str:
     return _ESCAPE_RE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(0)), s)
 
 
+def prompt_hash(prompt_id: str) -> int:
+    """The stable hash a prompt's shard is taken from (modulo the shard count)."""
+    return int.from_bytes(hashlib.sha256(prompt_id.encode("utf-8")).digest()[:8], "big")
+
+
 def shard_of(prompt_id: str, n_shards: int) -> int:
-    h = hashlib.sha256(prompt_id.encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "big") % n_shards
+    return prompt_hash(prompt_id) % n_shards
+
+
+def read_prompt_ids(path: str | Path) -> list[str]:
+    """The prompt_id column of a sheet without parsing the rest (the workflow plans its shards from it at every
+    start); rows are not validated here (rule split_prompts does, naming the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt sheet {path} not found; set 'prompts' in the config to an existing TSV file")
+    with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        _check_columns(path, header)
+        col = header.index("prompt_id")
+        fields = (line.rstrip("\r\n").split("\t", col + 1) for line in f if line.strip())
+        return [row[col] if len(row) > col else "" for row in fields]
 
 
 def _check_field_counts(path: Path) -> None:
@@ -47,6 +65,15 @@ def _check_field_counts(path: Path) -> None:
                     f"prompt sheet {path}, line {lineno}: cannot parse as TSV: {line.count(chr(9)) + 1} fields, the "
                     f"header has {n + 1}; tabs inside text must be written as \\t"
                 )
+
+
+def _check_columns(path: Path, columns: list[str]) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise PromptError(
+            f"prompt sheet {path}: missing required column(s) {missing}; found columns {columns}. "
+            "The header row must name at least prompt_id and text (tab-separated)"
+        )
 
 
 def load_prompt_sheet(path: str | Path) -> pd.DataFrame:
@@ -66,12 +93,7 @@ def load_prompt_sheet(path: str | Path) -> pd.DataFrame:
         ) from None
     except pd.errors.EmptyDataError:
         raise PromptError(f"prompt sheet {path} is empty; it needs a header row with prompt_id and text") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise PromptError(
-            f"prompt sheet {path}: missing required column(s) {missing}; found columns {list(df.columns)}. "
-            "The header row must name at least prompt_id and text (tab-separated)"
-        )
+    _check_columns(path, list(df.columns))
     if len(df) == 0:
         raise PromptError(f"prompt sheet {path} has a header but no prompts")
     bad = df.index[~df["prompt_id"].str.match(PROMPT_ID_RE)]
@@ -86,22 +108,6 @@ def load_prompt_sheet(path: str | Path) -> pd.DataFrame:
         raise PromptError(f"prompt sheet {path}: prompt_id {dup.iloc[0]!r} appears more than once; ids must be unique")
     df["text"] = df["text"].map(decode_text)
     return df
-
-
-def count_prompts(path: str | Path) -> int:
-    """Number of data rows in a prompt sheet (lines that are not blank, after the header), without parsing
-    it: the workflow sizes its shards from this at every start, so it must stay cheap for millions of rows."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"prompt sheet {path} not found; set 'prompts' in the config to an existing TSV file")
-    with open(path, "rb") as f:
-        f.readline()
-        return sum(1 for line in f if line.strip())
-
-
-def n_shards_for(path: str | Path, shard_size: int) -> int:
-    """Shards needed for about ``shard_size`` prompts each (shards are hash buckets, so sizes vary a little)."""
-    return max(1, -(-count_prompts(path) // int(shard_size)))
 
 
 def split_into_shards(df: pd.DataFrame, n_shards: int) -> list[pd.DataFrame]:

@@ -11,7 +11,17 @@ from actdiff.compare.budgets import check_budget_globs
 from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
 from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
-from actdiff.prompts import n_shards_for
+from actdiff.diskplan import (
+    Concurrency,
+    ModelDumps,
+    configured_shards,
+    free_space_note,
+    max_tokens_of,
+    parse_size,
+    recorded_plan,
+    shard_count,
+)
+from actdiff.prompts import read_prompt_ids
 from actdiff.sides.configured import IMPORT, configured_runs, engine_specs, usable_engines
 from actdiff.report.render import REPORTS_DIR
 from actdiff.onnxrt import VARIANTS as ONNXRUNTIME_VARIANTS
@@ -36,11 +46,6 @@ ENGINES = list(USABLE_ENGINES)
 IMPORTED = [n for n, s in ENGINE_SPECS.items() if s.kind == IMPORT]  # outside engines, dumped by rule dump_import
 IMPORTED_RE = "|".join(IMPORTED) or "(?!x)x"  # that rule's {side}; matches nothing when there are none
 MODELS = list(config["models"])
-try:
-    N_SHARDS = n_shards_for(config["prompts"], config["shard_size"]) if "shard_size" in config else config["shards"]
-except ActdiffError as e:
-    sys.exit(f"actdiff: {e}")
-SHARDS = list(range(N_SHARDS))
 
 
 wildcard_constraints:
@@ -73,16 +78,25 @@ def fingerprint_models():
 fingerprint_models()
 
 
-def check_budgets():
-    """A budgets: glob that matches no node of any model stops the run now, naming it (not silently ignored)."""
+def model_graphs():
+    """Every configured model's node graph now, before any rule ran, and the models whose graph is unknown (their
+    directory is missing: resolve_model reports it, saying what to do)."""
     graphs, unknown = {}, []
     for m, c in config["models"].items():
         try:
             graphs[m] = graph_of_source(m, c["source"])
-        except (ActdiffError, OSError):  # resolve_model reports it, saying what to do
+        except (ActdiffError, OSError):
             unknown.append(m)
+    return graphs, unknown
+
+
+GRAPHS, UNKNOWN_GRAPHS = model_graphs()
+
+
+def check_budgets():
+    """A budgets: glob that matches no node of any model stops the run now, naming it (not silently ignored)."""
     try:
-        check_budget_globs(config["budgets"], graphs, tuple(unknown))
+        check_budget_globs(config["budgets"], GRAPHS, tuple(UNKNOWN_GRAPHS))
     except ConfigError as e:
         sys.exit(f"actdiff: {e}")
 
@@ -187,3 +201,41 @@ def all_targets():
     if runs():
         out.append(L.index())
     return out
+
+
+def shard_opened(wildcards):
+    """The shard's reference dump, an input of every other dump of the shard: a shard's dumps start only once it
+    is open, which bounds the dumps on disk at once (actdiff.diskplan)."""
+    return L.activations(wildcards.model, REFERENCE_SIDE, REFERENCE_VARIANT, wildcards.shard)
+
+
+def plan_shards():
+    """The shard count: shards / shard_size when set, checked against disk_budget, else planned from it
+    (actdiff.diskplan); a run whose settings cannot fit stops here, before any job runs. A job's own process
+    (which parses this file again) takes the count the main process settled on."""
+    if not workflow.is_main_process:
+        explicit = configured_shards(config, len(read_prompt_ids(config["prompts"])))
+        n = explicit[0] if explicit else recorded_plan(L.shard_plan())
+        if n:
+            return n
+    sides = [m for m, _, _ in runs()]
+    dumps = [
+        ModelDumps(m, g, max_tokens_of(m, config["models"][m], g), sides.count(m)) for m, g in GRAPHS.items()
+    ]
+    # jobs at once: --cores locally, --jobs on a cluster (whichever bounds it); unknown (a dry run): 1
+    jobs = min([v for v in (workflow._cores, workflow.nodes) if v] or [1])
+    others = [config["engine_threads"], config["llamacpp"]["threads"], config["onnxruntime"]["threads"]]
+    conc = Concurrency(jobs, config["reference"]["threads"], max(others) <= config["reference"]["threads"])
+    try:
+        n, why = shard_count(config, dumps, conc, L.shard_plan())
+    except ActdiffError as e:
+        sys.exit(f"actdiff: {e}")
+    print(f"actdiff: {why}", file=sys.stderr)
+    note = free_space_note(R, parse_size(config["disk_budget"]))
+    if note:
+        print(f"actdiff: {note}", file=sys.stderr)
+    return n
+
+
+N_SHARDS = plan_shards()
+SHARDS = list(range(N_SHARDS))

@@ -3,6 +3,7 @@ rule dump_engine:
     input:
         model=L.model_json("{model}"),
         tokens=L.tokens("{model}", "{shard}"),
+        after=shard_opened,  # starts once the shard's reference dump exists: disk budget (common.smk)
     output:
         h5=activations(L.activations("{model}", "actdiff", "{variant}", "{shard}")),
     params:

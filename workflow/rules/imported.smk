@@ -5,6 +5,7 @@ rule dump_import:
         unpack(import_inputs),
         model=L.model_json("{model}"),
         tokens=L.tokens("{model}", "{shard}"),
+        after=shard_opened,  # starts once the shard's reference dump exists: disk budget (common.smk)
     output:
         h5=activations(L.activations("{model}", "{side}", "{variant}", "{shard}")),
         record=L.import_record("{model}", "{side}", "{variant}", "{shard}"),

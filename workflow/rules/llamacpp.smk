@@ -25,6 +25,7 @@ rule dump_llamacpp:
         model=L.model_json("{model}"),
         tokens=L.tokens("{model}", "{shard}"),
         gguf=L.artifact("{model}", "llamacpp", "{variant}", "model.gguf"),
+        after=shard_opened,  # starts once the shard's reference dump exists: disk budget (common.smk)
     output:
         h5=activations(L.activations("{model}", "llamacpp", "{variant}", "{shard}")),
     params:

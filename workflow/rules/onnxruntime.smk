@@ -49,6 +49,7 @@ rule dump_onnxruntime:
         model=L.model_json("{model}"),
         tokens=L.tokens("{model}", "{shard}"),
         onnx=L.onnx_model("{model}", "{variant}"),
+        after=shard_opened,  # starts once the shard's reference dump exists: disk budget (common.smk)
     output:
         h5=activations(L.activations("{model}", "onnxruntime", "{variant}", "{shard}")),
     params:
