@@ -250,6 +250,24 @@ def test_an_unexplained_search_row_carries_no_candidate_sentence(tmp_path):
     assert "nothing explains" in md and "repeated multiplication" not in md
 
 
+def test_equal_residuals_go_to_the_search_order_not_the_alphabet(tmp_path):
+    """Two findings with the same residual (sqrt(2) is 1.4140625 in fp16 and in bf16, so rounding a GELU's
+    divisor to either gives identical values) are told apart by the search's own order (rank: fp16 is tried
+    first), not by name: sorting by name reported a float16 model's GELUs as rounding to bf16."""
+    import pandas as pd
+
+    from actdiff.compare.aggregate import search_summary
+
+    base = {"node": "encoder.layers.0.mlp.act", "node_index": 20, "op": "GELU", "kind": "precision", "error": 6e-8,
+            "params": "{}", "explains": True, "baseline_error": 7e-5, "budget": 3e-7, "prompts": 3, "rows": 30,
+            "tried": 40, "seconds": 0.5, "timed_out": False}  # fmt: skip
+    rows = [{**base, "rank": r, "name": f"GELU.round_at.divisor={f}", "says": f"divisor in {f}"}
+            for r, f in ((1, "fp16"), (2, "bf16"))]  # fmt: skip
+    p = tmp_path / "search.parquet"
+    pd.DataFrame(rows).astype({"node_index": "int64"}).to_parquet(p)
+    assert search_summary([str(p)])["name"].tolist() == ["GELU.round_at.divisor=fp16"]
+
+
 def test_search_table_says_each_explanation_once(tmp_path):
     """Issue 18: the searched-explanations table has one row per distinct explanation with the nodes it explains
     (it repeated a multi-line sentence per node), names a verdict cause by its number instead of repeating its

@@ -551,7 +551,11 @@ def search_summary(paths: list[str]) -> pd.DataFrame:
             "prompts": int(runs["prompts"].sum()),
         }
         found = g[g["rank"] > 0].assign(ratio=lambda d: d["error"] / d["baseline_error"])
-        pick = (found[found["explains"]] if found["explains"].any() else found).sort_values(["ratio", "name"])
+        # ties (two formats that round the op's values identically, e.g. sqrt(2) in fp16 and bf16) go to the
+        # search's own order (rank: the searchers try the narrower explanation first), never the alphabet
+        pick = (found[found["explains"]] if found["explains"].any() else found).sort_values(
+            ["ratio", "rank"], kind="stable"
+        )
         best = pick.iloc[0] if len(pick) else g.iloc[0]
         row = best.drop(labels=["ratio"], errors="ignore").to_dict()
         if not row["explains"]:  # the best residual is evidence, its sentence is not a cause: never carried
