@@ -36,7 +36,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from .findings import Finding
-from .refops import ROUND_STEPS
+from .refops import ROUND_STEPS, NotApplicable, round_output, run_op
 from .search import SearchContext, register
 from .search_fit import (
     SCREEN_PASS,
@@ -128,16 +128,38 @@ class _Scorer:
     def __init__(self, ctx: SearchContext):
         self.ctx, self.sub = ctx, _prompt_subset(ctx)
         self.scored: dict[str, tuple[float, tuple]] = {}
+        self.unrounded: tuple[str, list | None] = ("", None)  # (params, the op's values before output rounding)
 
     def score(self, operands: list[Operand], choice: tuple) -> float:
         key = repr(choice)
         if key not in self.scored:
             before = self.sub.tried
-            e = _evaluate(self.sub, _params(operands, choice))
+            params = _params(operands, choice)
+            out = params.pop("output_precision", None)
+            e = _evaluate(self.sub, params) if out is None else self._rounded_output(params, out)
             if self.sub is not self.ctx:
                 self.ctx.tried += self.sub.tried - before
             self.scored[key] = (e, choice)
         return self.scored[key][0]
+
+    def _rounded_output(self, params: dict, out) -> float:
+        """The residual with the op's output rounded as ``out`` says: the op's values before that rounding
+        depend on the rest of ``params`` only, so a fit of the output's range (hundreds of candidates) runs
+        the op once (an expert op's grouped matmuls were half of an EXPERT_FC1 search)."""
+        key = repr(params)
+        if self.unrounded[0] != key:
+            try:
+                with np.errstate(all="ignore"):
+                    vals = [run_op(self.sub.graph, self.sub.node, x, self.sub.weights,
+                                   {**self.sub.spec, **params, "output_precision": "fp64"}) for x in self.sub.inputs]
+            except (NotApplicable, KeyError, ValueError, FloatingPointError):
+                vals = None
+            self.unrounded = (key, vals)
+        if self.unrounded[1] is None:
+            self.sub.tried += 1
+            return math.inf
+        with np.errstate(all="ignore"):
+            return self.sub.error_of([round_output(v, out) for v in self.unrounded[1]])
 
     def best(self, n: int) -> list[tuple]:
         return [c for e, c in sorted(self.scored.values(), key=lambda ec: ec[0]) if math.isfinite(e)][:n]
@@ -225,9 +247,33 @@ def _fit_static(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], ba
         return []
     scale, zp0, spec = fitted
     sym = _with(base, i, _static_range({**spec, "symmetric": True}, scale, 0))
-    asym = min((_with(base, i, _static_range(spec, scale, z)) for z in _zero_points(ctx, operands[i], scale, spec)),
-               key=lambda c: scorer.score(operands, c))  # fmt: skip
-    return [sym, asym]
+    return [sym, _best_zero_point(ctx, scorer, operands, _with(base, i, _static_range(spec, scale, zp0)), i)]
+
+
+def _best_zero_point(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], choice: tuple, i: int) -> tuple:
+    """``choice`` with operand ``i``'s asymmetric static range at the best zero point for its step: the best of
+    _zero_points, then walked one at a time away from it while the residual falls. Past the window the
+    residual grows with every zero point further into the clipping (each clips more values), so the walk ends
+    where the calibrated range does: ORT's L1 router input clips the sample's top 17 zero points past the
+    no-clipping interval, twice ZP_WINDOW."""
+    spec, step = choice[i], _step(choice[i])
+
+    def at(z: int) -> tuple:
+        return _with(choice, i, _static_range(spec, step, z))
+
+    score = {z: scorer.score(operands, at(z)) for z in _zero_points(ctx, operands[i], step, spec)}
+    if not score:
+        return choice
+    best = min(score, key=score.get)
+    for direction in (1, -1):
+        z = best
+        while 0 <= z + direction <= 2 ** spec["bits"] - 1 and not ctx.deadline.expired():
+            e = score[z + direction] if z + direction in score else scorer.score(operands, at(z + direction))
+            if not e < score[best]:
+                break
+            z += direction
+            score[z], best = e, z
+    return at(best)
 
 
 def _zero_points(ctx: SearchContext, o: Operand, scale: float, spec: dict) -> list[int]:
@@ -353,10 +399,8 @@ def _joint_refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], 
     choice = at(u)
     for i in idx:
         if not choice[i]["symmetric"] and not ctx.deadline.expired():
-            step = _step(choice[i])
-            cands = [_with(choice, i, _static_range(choice[i], step, z))
-                     for z in _zero_points(ctx, operands[i], step, choice[i])]  # fmt: skip
-            choice = min([choice, *cands], key=lambda c: scorer.score(operands, c))
+            choice = min([choice, _best_zero_point(ctx, scorer, operands, choice, i)],
+                         key=lambda c: scorer.score(operands, c))  # fmt: skip
     return choice
 
 
