@@ -17,8 +17,12 @@ each activation's range is fitted as a static one (below), and the output's own 
 Static range: quantisation dequantises onto the grid scale * (q - zp); the zero point moves no grid point
 (multiples of the scale, 0 included), it only sets where values clip. So the scale is fitted first (a 1-D
 log-spaced grid of ratio 2^(1/64) around the sample's own scale, refined by bounded Brent), with the zero
-point of the sample's overall [min, max]; then the zero point, an integer, over a window around it. Reported
-as the fitted [lo, hi] = [-zp * scale, (qmax - zp) * scale].
+point of the sample's overall [min, max]; then the zero point, an integer, over a window around it (walked
+on while the residual falls). Reported as the fitted [lo, hi] = [-zp * scale, (qmax - zp) * scale]. The
+activations' ranges and the weights' schemes are chosen in turn, each with the others' current
+quantisation (coordinate descent); the best choice's static steps are then refined jointly (a compass
+search on their log2, _joint_refine), since a step fitted while another value's rounding was still off
+lands beside its narrow basin.
 
 Cost: every candidate is scored on whole prompts of at most MAX_FIT_ROWS rows (search_fit._prompt_subset)
 and only the best few on the whole sample; registered after the cheap searchers of search_fit (SEARCH_MODULES),
@@ -316,9 +320,10 @@ def _improve(ctx, scorer, operands, base: tuple, i: int, dynamic: bool) -> tuple
 
 
 def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> list[Operand]:
-    """Static ranges for the input activations, then the op's intermediate values (refops.ROUND_STEPS: a matmul's
-    product before its bias, quantised between two kernels) and its output, dynamic or static, on top of the
-    best dynamic choice, each kept only if it improves, until the node is explained. Returns the operands with
+    """Static ranges for the input activations, the weights' schemes again, then the op's intermediate values
+    (refops.ROUND_STEPS: a matmul's product before its bias, quantised between two kernels) and its output,
+    dynamic or static, on top of the best dynamic choice, each kept only if it improves, until the node is
+    explained. Returns the operands with
     the steps and the output appended (shorter choices are padded with None)."""
     best = scorer.best(1)
     steps = [Operand(s, s, True) for s in ROUND_STEPS.get(ctx.node.op, ())] + [Operand("output", ctx.node.name, True)]
