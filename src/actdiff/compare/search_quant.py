@@ -349,11 +349,14 @@ def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> lis
     for sweep, i, o in [(sweep, i, o) for sweep in range(PASSES) for i, o in enumerate(full)]:
         if ctx.deadline.expired() or explained(base):
             break
-        if sweep and i >= len(operands) and not _score_of(scorer, full, base) < SCREEN_PASS * scorer.sub.err0:
-            # quantised intermediates come with quantised operands: when none moved the error, the steps are
-            # fitted once, not twice (the first sweep is not gated: MiniLM's fc2 product, ORT step 0.77, leaves
-            # its input's quantisation, step 0.097, a 1% change alone, and only the product then moves it)
-            break
+        if i >= len(operands) and not _score_of(scorer, full, base) < SCREEN_PASS * scorer.sub.err0:
+            # quantised intermediates come with quantised operands: when none moved the error, only the values
+            # that set the result's grid (the last intermediate step, e.g. a matmul's product before its bias,
+            # and the output) are fitted, once: such a requantisation can dominate alone (MiniLM's fc2 product,
+            # ORT's step 0.77, leaves its input's quantisation, step 0.097, a 1% change alone)
+            if sweep or i < len(full) - 2:
+                continue
+
         if o.activation:
             base = _improve(ctx, scorer, full, base, i, dynamic=i >= len(operands))
         elif o.key.startswith("weight."):
