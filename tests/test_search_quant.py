@@ -110,9 +110,10 @@ def test_static_input_and_product_are_fitted_together(tiny):
     x = np.concatenate([np.ravel(v[tiny.graph[node].inputs[0]]) for v in tiny.vals])
     bias = np.asarray(tiny.weights[tiny.graph[node].weights[1]])
     product = np.concatenate([np.ravel(run_op(tiny.graph, node, v, tiny.weights, {}) - bias) for v in tiny.vals])
-    planted = {"input.0": _scheme(False, "tensor", [0.8 * float(x.min()), 0.84 * float(x.max())]),
-               "weight.0": _scheme(True, "row"),
-               "product": _scheme(False, "tensor", [0.88 * float(product.min()), 0.8 * float(product.max())])}
+    calibrated_x = [0.8 * float(x.min()), 0.84 * float(x.max())]
+    calibrated_product = [0.88 * float(product.min()), 0.8 * float(product.max())]
+    planted = {"input.0": _scheme(False, "tensor", calibrated_x), "weight.0": _scheme(True, "row"),
+               "product": _scheme(False, "tensor", calibrated_product)}  # fmt: skip
     plain = _targets(tiny, node, {})
     errors = [_error(_targets(tiny, node, {"round_at": {k: planted[k]}}), plain) for k in ("input.0", "product")]
     assert 0.5 < errors[0] / errors[1] < 2, errors  # comparable: neither step's error dwarfs the other's

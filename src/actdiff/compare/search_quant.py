@@ -154,8 +154,8 @@ class _Scorer:
         if self.unrounded[0] != key:
             try:
                 with np.errstate(all="ignore"):
-                    vals = [run_op(self.sub.graph, self.sub.node, x, self.sub.weights,
-                                   {**self.sub.spec, **params, "output_precision": "fp64"}) for x in self.sub.inputs]
+                    sub, unrounded = self.sub, {**self.sub.spec, **params, "output_precision": "fp64"}
+                    vals = [run_op(sub.graph, sub.node, x, sub.weights, unrounded) for x in sub.inputs]
             except (NotApplicable, KeyError, ValueError, FloatingPointError):
                 vals = None
             self.unrounded = (key, vals)
