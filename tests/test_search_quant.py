@@ -103,9 +103,10 @@ def test_static_input_and_product_are_fitted_together(tiny):
     product (before the bias) quantised again over its own fixed range. Both ranges are calibrated on other
     prompts, narrower than these (values clip at both ends, so the zero points are identified too), and the
     two quantisation errors are of the same size (asserted): each step's basin is blurred by the other's
-    error, and the weight alone moves the error by less than SCREEN_PASS. Both steps are recovered to 2e-6
-    relative: a step off by d flips about N * 2 * mean|q| * d roundings of the N values it quantises (~1 at
-    d = 1e-6 for the 7,552 values here at mean |q| ~ 60), and one flip alone leaves more than BUDGET."""
+    error, and the weight alone moves the error by less than SCREEN_PASS. Both steps are recovered to 2e-5
+    relative: a step off by d flips about d * sum|q - zp| roundings of the values it quantises (7,808 values at
+    mean |q - zp| ~ 20 here: the first flip expected near d = 6e-6), one flip of the product alone leaves 4.5e-4,
+    so a residual within BUDGET means no flip; 2e-5 is 3x that expected distance (measured: 1e-7 and 2e-8)."""
     node = "encoder.layers.0.attn.out_proj"
     x = np.concatenate([np.ravel(v[tiny.graph[node].inputs[0]]) for v in tiny.vals])
     bias = np.asarray(tiny.weights[tiny.graph[node].weights[1]])
@@ -123,7 +124,7 @@ def test_static_input_and_product_are_fitted_together(tiny):
     assert fitted["weight.0"] == planted["weight.0"]
     for key in ("input.0", "product"):
         want, got = _step_zp(planted[key]), _step_zp(fitted[key])
-        assert got[0] == pytest.approx(want[0], rel=2e-6) and got[1] == want[1], (key, want, got)
+        assert got[0] == pytest.approx(want[0], rel=2e-5) and got[1] == want[1], (key, want, got)
 
 
 def _error(targets: list[np.ndarray], plain: list[np.ndarray]) -> float:
