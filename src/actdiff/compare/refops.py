@@ -1033,7 +1033,10 @@ def _operands(arrays: list, order, kind: str, p: dict, embed: bool = False) -> l
 
 
 _QUANTISED_WEIGHTS: OrderedDict = OrderedDict()  # (id of the tensor, spec) -> (weak reference to it, result)
-QUANTISED_WEIGHTS_KEPT = 8  # a search tries a weight's ~10 schemes in turn, each for hundreds of candidates
+# a search tries a weight's ~10 schemes in turn, each for hundreds of candidates: the last few are kept, within
+# a memory bound (the released MoE's expert weight is 19M values, 151 MB in float64: one fits, eight would not)
+QUANTISED_WEIGHTS_KEPT = 8
+QUANTISED_WEIGHTS_BYTES = 2**28
 
 
 def _weight_quantised(a, prec) -> np.ndarray:
@@ -1049,8 +1052,13 @@ def _weight_quantised(a, prec) -> np.ndarray:
         _QUANTISED_WEIGHTS.move_to_end(key)
         return hit[1]
     out = _r({"round_at": {"x": prec}}, "x", a)
+    if out.nbytes > QUANTISED_WEIGHTS_BYTES:
+        return out
     out.flags.writeable = False  # shared by every later caller
     _QUANTISED_WEIGHTS[key] = (weakref.ref(a), out)
-    while len(_QUANTISED_WEIGHTS) > QUANTISED_WEIGHTS_KEPT:
+    while (
+        len(_QUANTISED_WEIGHTS) > QUANTISED_WEIGHTS_KEPT
+        or sum(v.nbytes for _, v in _QUANTISED_WEIGHTS.values()) > QUANTISED_WEIGHTS_BYTES
+    ):
         _QUANTISED_WEIGHTS.popitem(last=False)
     return out
