@@ -98,6 +98,47 @@ def test_static_range_is_fitted(tiny):
     assert "only the step is identified" in best.says
 
 
+def test_static_input_and_product_are_fitted_together(tiny):
+    """ORT's int8-static MatMul: the input quantised over a fixed range, the weight per output channel, and the
+    product (before the bias) quantised again over its own fixed range. Both ranges are calibrated on other
+    prompts, narrower than these (values clip at both ends, so the zero points are identified too), and the
+    two quantisation errors are of the same size (asserted): each step's basin is blurred by the other's
+    error, and the weight alone moves the error by less than SCREEN_PASS. Both steps are recovered to 2e-5
+    relative: a step off by d flips about d * sum|q - zp| roundings of the values it quantises (7,808 values at
+    mean |q - zp| ~ 20 here: the first flip expected near d = 6e-6), one flip of the product alone leaves 4.5e-4,
+    so a residual within BUDGET means no flip; 2e-5 is 3x that expected distance (measured: 1e-7 and 2e-8)."""
+    node = "encoder.layers.0.attn.out_proj"
+    x = np.concatenate([np.ravel(v[tiny.graph[node].inputs[0]]) for v in tiny.vals])
+    bias = np.asarray(tiny.weights[tiny.graph[node].weights[1]])
+    product = np.concatenate([np.ravel(run_op(tiny.graph, node, v, tiny.weights, {}) - bias) for v in tiny.vals])
+    calibrated_x = [0.8 * float(x.min()), 0.84 * float(x.max())]
+    calibrated_product = [0.88 * float(product.min()), 0.8 * float(product.max())]
+    planted = {"input.0": _scheme(False, "tensor", calibrated_x), "weight.0": _scheme(True, "row"),
+               "product": _scheme(False, "tensor", calibrated_product)}  # fmt: skip
+    plain = _targets(tiny, node, {})
+    errors = [_error(_targets(tiny, node, {"round_at": {k: planted[k]}}), plain) for k in ("input.0", "product")]
+    assert 0.5 < errors[0] / errors[1] < 2, errors  # comparable: neither step's error dwarfs the other's
+    ctx, found, _ = _quant_findings(tiny, node, _targets(tiny, node, {"round_at": planted}))
+    assert found and found[0].error < BUDGET, found[0].says if found else "nothing found"
+    fitted = found[0].params["round_at"]
+    assert fitted["weight.0"] == planted["weight.0"]
+    for key in ("input.0", "product"):
+        want, got = _step_zp(planted[key]), _step_zp(fitted[key])
+        assert got[0] == pytest.approx(want[0], rel=2e-5) and got[1] == want[1], (key, want, got)
+
+
+def _error(targets: list[np.ndarray], plain: list[np.ndarray]) -> float:
+    num = sum(float(np.sum((t.astype(np.float64) - p) ** 2)) for t, p in zip(targets, plain, strict=True))
+    return float(np.sqrt(num / sum(float(np.sum(np.square(p, dtype=np.float64))) for p in plain)))
+
+
+def _step_zp(spec: dict) -> tuple[float, int]:
+    """An asymmetric 8-bit range's step and zero point (as refops.quantise_int derives them)."""
+    lo, hi = min(spec["range"][0], 0.0), max(spec["range"][1], 0.0)
+    step = (hi - lo) / 255.0
+    return step, int(np.rint(np.float32(-lo) / np.float32(step)))
+
+
 def test_output_quantisation_on_top(tiny):
     planted = {"round_at": {"input.0": _scheme(False, "tensor"), "weight.0": _scheme(True, "row")},
                "output_precision": _scheme(True, "row")}  # fmt: skip

@@ -92,7 +92,10 @@ kernel that sums u8 x s8 products two at a time into a saturating 16-bit integer
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
+from collections import OrderedDict
 
 import numpy as np
 
@@ -1020,10 +1023,15 @@ def run_op(
         out = round_to(out, acc)
     if p.get("arithmetic", "fp64") != "fp64":  # the result as computed in that format, before output_precision
         out = round_to(out, p["arithmetic"])
-    out_p = p.get("output_precision", "fp64")
-    if out_p != "fp64":
-        out = round_to(out.reshape(out.shape[0], -1), out_p, axis=-1).reshape(out.shape)
-    return np.asarray(out, dtype=np.float64)
+    return np.asarray(round_output(out, p.get("output_precision", "fp64")), dtype=np.float64)
+
+
+def round_output(out: np.ndarray, precision) -> np.ndarray:
+    """An op's result rounded as ``output_precision`` says (the last step of :func:`run_op`; per row of its
+    [rows, ...] values where the precision has ranges)."""
+    if precision == "fp64":
+        return out
+    return round_to(out.reshape(out.shape[0], -1), precision, axis=-1).reshape(out.shape)
 
 
 def _operands(arrays: list, order, kind: str, p: dict, embed: bool = False) -> list:
@@ -1044,5 +1052,37 @@ def _operands(arrays: list, order, kind: str, p: dict, embed: bool = False) -> l
         if kind == "weight" and embed:
             continue  # EMBED rounds the rows it gathers (see _embed)
         if prec not in (None, "fp64") and np.asarray(a).dtype.kind == "f":
-            out[i] = _r({"round_at": {"x": prec}}, "x", a)
+            out[i] = _weight_quantised(a, prec) if kind == "weight" else _r({"round_at": {"x": prec}}, "x", a)
+    return out
+
+
+_QUANTISED_WEIGHTS: OrderedDict = OrderedDict()  # (id of the tensor, spec) -> (weak reference to it, result)
+# a search tries a weight's ~10 schemes in turn, each for hundreds of candidates: the last few are kept, within
+# a memory bound (the released MoE's expert weight is 19M values, 151 MB in float64: one fits, eight would not)
+QUANTISED_WEIGHTS_KEPT = 8
+QUANTISED_WEIGHTS_BYTES = 2**28
+
+
+def _weight_quantised(a, prec) -> np.ndarray:
+    """Checkpoint tensor ``a`` rounded as ``prec`` says, memoised (read-only) for a quantisation spec: a search
+    scores hundreds of candidates that quantise the same weight the same way, each once per prompt (ORT's
+    4096 x 128 expert weight quantised again each time was 80% of an EXPERT_FC1 evaluation). Keyed by the
+    tensor object, held by a weak reference so that a freed tensor whose id is reused never matches."""
+    if not isinstance(prec, dict) or not isinstance(a, np.ndarray):
+        return _r({"round_at": {"x": prec}}, "x", a)
+    key = (id(a), json.dumps(prec, sort_keys=True))
+    hit = _QUANTISED_WEIGHTS.get(key)
+    if hit is not None and hit[0]() is a:
+        _QUANTISED_WEIGHTS.move_to_end(key)
+        return hit[1]
+    out = _r({"round_at": {"x": prec}}, "x", a)
+    if out.nbytes > QUANTISED_WEIGHTS_BYTES:
+        return out
+    out.flags.writeable = False  # shared by every later caller
+    _QUANTISED_WEIGHTS[key] = (weakref.ref(a), out)
+    while (
+        len(_QUANTISED_WEIGHTS) > QUANTISED_WEIGHTS_KEPT
+        or sum(v.nbytes for _, v in _QUANTISED_WEIGHTS.values()) > QUANTISED_WEIGHTS_BYTES
+    ):
+        _QUANTISED_WEIGHTS.popitem(last=False)
     return out

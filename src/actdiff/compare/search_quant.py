@@ -17,8 +17,12 @@ each activation's range is fitted as a static one (below), and the output's own 
 Static range: quantisation dequantises onto the grid scale * (q - zp); the zero point moves no grid point
 (multiples of the scale, 0 included), it only sets where values clip. So the scale is fitted first (a 1-D
 log-spaced grid of ratio 2^(1/64) around the sample's own scale, refined by bounded Brent), with the zero
-point of the sample's overall [min, max]; then the zero point, an integer, over a window around it. Reported
-as the fitted [lo, hi] = [-zp * scale, (qmax - zp) * scale].
+point of the sample's overall [min, max]; then the zero point, an integer, over a window around it (walked
+on while the residual falls). Reported as the fitted [lo, hi] = [-zp * scale, (qmax - zp) * scale]. The
+activations' ranges and the weights' schemes are chosen in turn, each with the others' current
+quantisation (coordinate descent); the best choice's static steps are then refined jointly (a compass
+search on their log2, _joint_refine), since a step fitted while another value's rounding was still off
+lands beside its narrow basin.
 
 Cost: every candidate is scored on whole prompts of at most MAX_FIT_ROWS rows (search_fit._prompt_subset)
 and only the best few on the whole sample; registered after the cheap searchers of search_fit (SEARCH_MODULES),
@@ -36,7 +40,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from .findings import Finding
-from .refops import ROUND_STEPS
+from .refops import ROUND_STEPS, NotApplicable, round_output, run_op
 from .search import SearchContext, register
 from .search_fit import (
     SCREEN_PASS,
@@ -61,6 +65,9 @@ KEEP = 3  # candidates re-evaluated on the whole sample after scoring on the sub
 # about 1/|q|max ~ 1% wide at 8 bits (measured: 0.5% off leaves 80% of the error); the grid must land in it
 SCALE_STEPS = 64
 F32_ULPS = 64  # a fitted static step is polished over +- this many float32 ulps (8e-6 relative; _polish)
+# joint refinement of the static steps (_joint_refine) down to a stride of 1e-7 in log2 of a step (7e-8 relative,
+# about one float32 ulp: _polish takes it from there)
+JOINT_TOL = 1e-7
 ZP_WINDOW = 8  # static zero points tried at each edge of the no-clipping interval (_zero_points)
 EXPERT_OPS = ("EXPERT_FC1", "EXPERT_FC2")
 INTEGER_KERNEL_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1")  # ops refops can run as an integer kernel (int_pairs)
@@ -125,16 +132,38 @@ class _Scorer:
     def __init__(self, ctx: SearchContext):
         self.ctx, self.sub = ctx, _prompt_subset(ctx)
         self.scored: dict[str, tuple[float, tuple]] = {}
+        self.unrounded: tuple[str, list | None] = ("", None)  # (params, the op's values before output rounding)
 
     def score(self, operands: list[Operand], choice: tuple) -> float:
         key = repr(choice)
         if key not in self.scored:
             before = self.sub.tried
-            e = _evaluate(self.sub, _params(operands, choice))
+            params = _params(operands, choice)
+            out = params.pop("output_precision", None)
+            e = _evaluate(self.sub, params) if out is None else self._rounded_output(params, out)
             if self.sub is not self.ctx:
                 self.ctx.tried += self.sub.tried - before
             self.scored[key] = (e, choice)
         return self.scored[key][0]
+
+    def _rounded_output(self, params: dict, out) -> float:
+        """The residual with the op's output rounded as ``out`` says: the op's values before that rounding
+        depend on the rest of ``params`` only, so a fit of the output's range (hundreds of candidates) runs
+        the op once (an expert op's grouped matmuls were half of an EXPERT_FC1 search)."""
+        key = repr(params)
+        if self.unrounded[0] != key:
+            try:
+                with np.errstate(all="ignore"):
+                    sub, unrounded = self.sub, {**self.sub.spec, **params, "output_precision": "fp64"}
+                    vals = [run_op(sub.graph, sub.node, x, sub.weights, unrounded) for x in sub.inputs]
+            except (NotApplicable, KeyError, ValueError, FloatingPointError):
+                vals = None
+            self.unrounded = (key, vals)
+        if self.unrounded[1] is None:
+            self.sub.tried += 1
+            return math.inf
+        with np.errstate(all="ignore"):
+            return self.sub.error_of([round_output(v, out) for v in self.unrounded[1]])
 
     def best(self, n: int) -> list[tuple]:
         return [c for e, c in sorted(self.scored.values(), key=lambda ec: ec[0]) if math.isfinite(e)][:n]
@@ -198,7 +227,11 @@ def _fit_scale(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], bas
     def f(u: float) -> float:
         return scorer.score(operands, _with(base, i, _static_range(spec, s0 * 2.0**u, zp0)))
 
-    grid = np.arange(-SCALE_STEPS, SCALE_STEPS + 1) / SCALE_STEPS
+    # the basin narrows as the values' largest |q - zp| grows: an asymmetric range with its zero point near one
+    # end (a GELU's output: ORT's zero point 10) reaches |q - zp| ~ 245, twice a centred range's, so the grid is
+    # made as much finer (ORT's tiny L3 experts.out: a 0.3% half-width basin between grid points 1.1% apart)
+    n = SCALE_STEPS * math.ceil(max(zp0, 2 ** spec["bits"] - 1 - zp0) / 2 ** (spec["bits"] - 1))
+    grid = np.arange(-n, n + 1) / n
     vals = []
     for u in grid:
         if ctx.deadline.expired():
@@ -222,19 +255,48 @@ def _fit_static(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], ba
         return []
     scale, zp0, spec = fitted
     sym = _with(base, i, _static_range({**spec, "symmetric": True}, scale, 0))
-    asym = min((_with(base, i, _static_range(spec, scale, z)) for z in _zero_points(ctx, operands[i], scale, spec)),
-               key=lambda c: scorer.score(operands, c))  # fmt: skip
-    return [sym, asym]
+    return [sym, _best_zero_point(ctx, scorer, operands, _with(base, i, _static_range(spec, scale, zp0)), i)]
+
+
+def _best_zero_point(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], choice: tuple, i: int) -> tuple:
+    """``choice`` with operand ``i``'s asymmetric static range at the best zero point for its step: the best of
+    _zero_points, then walked one at a time away from it while the residual falls. Past the window the
+    residual grows with every zero point further into the clipping (each clips more values), so the walk ends
+    where the calibrated range does: ORT's L1 router input clips the sample's top 17 zero points past the
+    no-clipping interval, twice ZP_WINDOW."""
+    spec, step = choice[i], _step(choice[i])
+
+    def at(z: int) -> tuple:
+        return _with(choice, i, _static_range(spec, step, z))
+
+    score = {z: scorer.score(operands, at(z)) for z in _zero_points(ctx, operands[i], step, spec)}
+    if not score:
+        return choice
+    best = min(score, key=score.get)
+    for direction in (1, -1):
+        z = best
+        while 0 <= z + direction <= 2 ** spec["bits"] - 1 and not ctx.deadline.expired():
+            e = score[z + direction] if z + direction in score else scorer.score(operands, at(z + direction))
+            if not e < score[best]:
+                break
+            z += direction
+            score[z], best = e, z
+    return at(best)
 
 
 def _zero_points(ctx: SearchContext, o: Operand, scale: float, spec: dict) -> list[int]:
     """The zero points worth trying at a fitted step: every zero point in [za, zb] clips none of the sample's
     values and gives the same result (one of them stands for all), so the candidates are those that start to
-    clip at the bottom (just below za) or at the top (just above zb)."""
+    clip at the bottom (just below za) or at the top (just above zb). When the step is too small for the
+    sample's range (za > zb: a range calibrated on other prompts, narrower than these), every zero point clips
+    at one end or both, and each one between does so differently: all of them are candidates (ORT's
+    L1.attn.out_proj: zero point 123 in a sample that clips from 106 down and from 149 up)."""
     qmax = 2 ** spec["bits"] - 1
     lo, hi = _sample_range(ctx, o)
     za, zb = math.ceil(-min(lo, 0.0) / scale), math.floor(qmax - max(hi, 0.0) / scale)
     zs = {*range(za - ZP_WINDOW, za + 1), *range(zb, zb + ZP_WINDOW + 1), (za + zb) // 2}
+    if za > zb:
+        zs |= set(range(zb, za + 1))
     return sorted(z for z in zs if 0 <= z <= qmax)
 
 
@@ -250,19 +312,22 @@ def _score_of(scorer: _Scorer, operands: list[Operand], choice: tuple) -> float:
 
 def _improve(ctx, scorer, operands, base: tuple, i: int, dynamic: bool) -> tuple:
     """``base`` with operand ``i`` quantised the best way found (its dynamic schemes when asked, then a fitted
-    static range), or ``base`` itself when nothing improves on it."""
+    static range if it is an activation: a stored weight's one range is its own), or ``base`` itself when
+    nothing improves on it."""
     cands = [_with(base, i, s) for s in _schemes(operands[i])] if dynamic else []
     for c in cands:
         if not ctx.deadline.expired():
             scorer.score(operands, c)
-    cands += _fit_static(ctx, scorer, operands, base, i) if not ctx.deadline.expired() else []
+    if operands[i].activation and not ctx.deadline.expired():
+        cands += _fit_static(ctx, scorer, operands, base, i)
     return min([base, *cands], key=lambda c: _score_of(scorer, operands, c))
 
 
 def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> list[Operand]:
-    """Static ranges for the input activations, then the op's intermediate values (refops.ROUND_STEPS: a matmul's
-    product before its bias, quantised between two kernels) and its output, dynamic or static, on top of the
-    best dynamic choice, each kept only if it improves, until the node is explained. Returns the operands with
+    """Static ranges for the input activations, the weights' schemes again, then the op's intermediate values
+    (refops.ROUND_STEPS: a matmul's product before its bias, quantised between two kernels) and its output,
+    dynamic or static, on top of the best dynamic choice, each kept only if it improves, until the node is
+    explained. Returns the operands with
     the steps and the output appended (shorter choices are padded with None)."""
     best = scorer.best(1)
     steps = [Operand(s, s, True) for s in ROUND_STEPS.get(ctx.node.op, ())] + [Operand("output", ctx.node.name, True)]
@@ -281,14 +346,77 @@ def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> lis
     base = (*(best[0] if moves else (None,) * len(operands)), *pad)
     # coordinate descent: each value's range is fitted with the others' current quantisation, so a second
     # sweep refits the input's step once the product's quantisation no longer blurs its basin
-    for i, o in [(i, o) for _ in range(PASSES) for i, o in enumerate(full)]:
+    for sweep, i, o in [(sweep, i, o) for sweep in range(PASSES) for i, o in enumerate(full)]:
         if ctx.deadline.expired() or explained(base):
             break
         if i >= len(operands) and not _score_of(scorer, full, base) < SCREEN_PASS * scorer.sub.err0:
-            break  # quantised intermediates come with quantised operands: none moved the error, so stop here
+            # quantised intermediates come with quantised operands: when none moved the error, only the values
+            # that set the result's grid (the last intermediate step, e.g. a matmul's product before its bias,
+            # and the output) are fitted, once: such a requantisation can dominate alone (MiniLM's fc2 product,
+            # ORT's step 0.77, leaves its input's quantisation, step 0.097, a 1% change alone)
+            if sweep or i < len(full) - 2:
+                continue
+
         if o.activation:
             base = _improve(ctx, scorer, full, base, i, dynamic=i >= len(operands))
+        elif o.key.startswith("weight."):
+            # a weight's scheme is chosen again with the activations' static ranges in place: alone (the dynamic
+            # stage) a per-channel s8 weight moved ORT's L0.attn.out_proj by 5% only, under SCREEN_PASS, beside an
+            # input whose static grid no dynamic range reproduces, so it was left in float for good
+            base = _improve(ctx, scorer, full, base, i, dynamic=True)
     return full
+
+
+def _is_static(spec) -> bool:
+    return isinstance(spec, dict) and spec["range"] != "dynamic"
+
+
+def _zero_point(spec: dict) -> int:
+    return 0 if spec["symmetric"] else int(np.rint(-min(spec["range"][0], 0.0) / _step(spec)))
+
+
+def _directions(n: int) -> list[np.ndarray]:
+    """Compass directions in n dimensions (each step alone, up and down), then every step together (all sign
+    combinations): a move of two steps at once reaches a point where each alone makes things worse."""
+    eye = np.eye(n)
+    together = [np.array(signs) for signs in itertools.product((1.0, -1.0), repeat=n)] if n > 1 else []
+    return [d for i in range(n) for d in (eye[i], -eye[i])] + together
+
+
+def _joint_refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], choice: tuple) -> tuple:
+    """Every fitted static step of ``choice`` refined jointly: a compass search on their log2 (the directions of
+    _directions, a move kept only if it lowers the residual, the stride halved when none does) from one grid
+    spacing down to JOINT_TOL, then each asymmetric zero point chosen again at the refined steps. The 1-D fits
+    leave a step short of its basin when another operand's rounding is still off (they saw a blurred basin),
+    and Brent stalls on the residual's plateaus (it is a staircase: a rounding flips at each step value that
+    puts a value on a tie; ORT's steps were left 1e-5 off); a compass search needs only that a move towards
+    the minimum lowers the residual, which holds on a staircase that falls monotonically towards it."""
+    idx = [i for i, spec in enumerate(choice) if _is_static(spec)]
+    if not idx:
+        return choice
+    steps = np.array([_step(choice[i]) for i in idx])
+    zps = [_zero_point(choice[i]) for i in idx]
+
+    def at(u: np.ndarray) -> tuple:
+        c = choice
+        for i, s, z, du in zip(idx, steps, zps, u, strict=True):
+            c = _with(c, i, _static_range(choice[i], float(s * 2.0**du), z))
+        return c
+
+    u, best, h = np.zeros(len(idx)), scorer.score(operands, choice), 1.0 / SCALE_STEPS
+    while h > JOINT_TOL and not ctx.deadline.expired() and best > ctx.budget:
+        moves = [(scorer.score(operands, at(u + h * d)), tuple(d)) for d in _directions(len(idx))]
+        e, d = min(moves)
+        if e < best:
+            best, u = e, u + h * np.array(d)
+        else:
+            h /= 2
+    choice = at(u)
+    for i in idx:
+        if not choice[i]["symmetric"] and not ctx.deadline.expired():
+            choice = min([choice, _best_zero_point(ctx, scorer, operands, choice, i)],
+                         key=lambda c: scorer.score(operands, c))  # fmt: skip
+    return choice
 
 
 def _polish(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], choice: tuple) -> tuple:
@@ -408,7 +536,8 @@ def quantisation(ctx: SearchContext) -> Iterator[Finding]:
     for rank, choice in enumerate(scorer.best(KEEP)):
         choice = tuple(choice) + (None,) * (n - len(choice))
         if rank == 0 and not scorer.score(operands, choice) <= ctx.budget:
-            choice = _polish(ctx, scorer, operands, choice)  # the best only: 2 x 129 candidates a static step
+            # the best only: ~20 strides x (2n + 2^n) candidates, then 2 x 129 a static step
+            choice = _polish(ctx, scorer, operands, _joint_refine(ctx, scorer, operands, choice))
         err = _evaluate(ctx, _params(operands, choice))
         choice, err = _simplest(ctx, operands, choice, err)
         if repr(choice) in seen or not _improves(ctx, err):
