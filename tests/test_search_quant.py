@@ -194,3 +194,25 @@ def test_saturating_integer_kernel_is_found(tiny):
     ctx, found, _ = _quant_findings(tiny, QKV, targets)
     assert found[0].error < BUDGET and found[0].params == planted, found[0].says
     assert "saturating 16-bit" in found[0].says
+
+
+def test_divergence_beyond_quantisations_reach_skips_the_static_fits(tiny):
+    """search_quant._within_reach: a divergence far larger than what 8-bit grids up to REACH x coarser than the
+    values' own can cause (here the qkv output from weights scaled by 1.5: err0 ~ 0.3, against ~1e-2 for every
+    value quantised per tensor) leaves the static fits nothing to find, so they are skipped (an expert op's
+    took 20-40 s, and a shard's search deadline then left permuted experts unexplained). A quantised op is
+    within reach (the positive tests above run the fits)."""
+    from actdiff.compare.search_fit import _prompt_subset
+    from actdiff.compare.search_quant import _operands, _within_reach
+
+    far = _targets(tiny, QKV, {"output_scale": 1.5, "bias_scale": 1 / 1.5})
+    ctx = make_context(tiny.graph, QKV, tiny.vals, far, tiny.weights, BUDGET, Deadline(600))
+    assert ctx.err0 > 0.2 and not _within_reach(ctx, _prompt_subset(ctx), _operands(ctx))
+    found = list(quantisation(ctx))
+    assert not any(explains(f.error, ctx.err0, BUDGET) for f in found)
+    assert not any('"range": [' in json.dumps(f.params) for f in found)  # no static range was fitted
+    lo, hi = _static_range(tiny, QKV)
+    planted = {"input.0": _scheme(False, "tensor", [lo, hi]), "weight.0": _scheme(True, "row")}
+    near = _targets(tiny, QKV, {"round_at": planted})
+    ctx = make_context(tiny.graph, QKV, tiny.vals, near, tiny.weights, BUDGET, Deadline(600))
+    assert _within_reach(ctx, _prompt_subset(ctx), _operands(ctx))

@@ -113,19 +113,22 @@ def search_node(
     ctx = make_context(graph, node, inputs, targets, weights, budget, deadline)
     res = SearchResult(ctx.node.name, ctx.node.op, ctx.err0, ctx.budget, len(ctx.inputs),
                        int(sum(np.shape(t)[0] for t in ctx.targets)))  # fmt: skip
+    spent = []  # (searcher, seconds), for the log: where a node's search time goes
     for searcher in searchers():
         if deadline.expired():
             res.timed_out = True
             break
+        t1 = time.monotonic()
         for f in searcher(ctx):
             res.findings.append(f)
+        spent.append(f"{searcher.__name__} {time.monotonic() - t1:.1f}")
         if res.explained_by is not None:
             break
     res.timed_out = res.timed_out or (deadline.expired() and res.explained_by is None)
     res.findings.sort(key=lambda f: f.error)
     res.tried, res.seconds = ctx.tried, time.monotonic() - t0
     log.info(
-        "search %s: %d candidates in %.2f s%s; best %s", ctx.node.name, res.tried, res.seconds,
+        "search %s: %d candidates in %.2f s (%s)%s; best %s", ctx.node.name, res.tried, res.seconds, ", ".join(spent),
         " (time budget spent)" if res.timed_out else "", res.best.says if res.best else "none",
     )  # fmt: skip
     return res

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from .findings import Finding
+from .findings import Finding, sample_error
 from .refops import ROUND_STEPS, NotApplicable, round_output, run_op
 from .search import SearchContext, register
 from .search_fit import (
@@ -520,6 +520,33 @@ def _name(ctx: SearchContext, operands: list[Operand], choice: tuple) -> str:
     return f"{ctx.node.op}.quant." + "+".join(items)
 
 
+# How far a static range may be from the values it quantises: up to REACH x as wide as their own range (an
+# 8-bit grid REACH x coarser: 6 bits of resolution left at 4). The static fits (seconds per operand on an
+# expert op) run only where quantisation on such grids can move the op's output as far as the engine's is.
+REACH = 4.0
+
+
+def _within_reach(ctx: SearchContext, sub: SearchContext, operands: list[Operand]) -> bool:
+    """Whether quantisation can account for the divergence at all. An explaining candidate lies within the
+    budget of the engine's output, so it moves the op's output from the spec by about ``err0`` (triangle
+    inequality). Every value the search quantises (operands, intermediate steps, output) on its own range's
+    coarsest grid (BITS[0], per tensor, asymmetric, dynamic) moves it by ``d``; a static range at most REACH x
+    wider moves each value at most REACH x as far, so ``err0 > REACH * d`` (e.g. a permuted expert, err0 ~ 1
+    against d ~ 1e-2) leaves nothing for the static fits to find, and they are skipped (the dynamic candidates
+    were tried)."""
+    coarse = {"bits": min(BITS), "symmetric": False, "granularity": "tensor", "range": "dynamic"}
+    steps = [Operand(s, s, True) for s in ROUND_STEPS.get(ctx.node.op, ())] + [Operand("output", ctx.node.name, True)]
+    full = [o for o in (*operands, *steps) if o.key != "kernel"]
+    params = _params(full, tuple(coarse for _ in full))
+    try:
+        moved = [run_op(sub.graph, sub.node, x, sub.weights, {**sub.spec, **params}) for x in sub.inputs]
+    except (NotApplicable, KeyError, ValueError, FloatingPointError):
+        return True  # cannot tell: search as before
+    d = sample_error(sub.spec_out, moved, sub.denom)
+    err0 = sub.err0 or ctx.err0
+    return not (math.isfinite(d) and err0 > REACH * d)
+
+
 @register
 def quantisation(ctx: SearchContext) -> Iterator[Finding]:
     """The op on uniformly quantised operands (joint schemes, static ranges fitted, then the output)."""
@@ -531,7 +558,8 @@ def quantisation(ctx: SearchContext) -> Iterator[Finding]:
     scorer = _Scorer(ctx)
     _joint(ctx, operands, scorer)
     _kernels(ctx, operands, scorer)
-    operands = _refine(ctx, scorer, operands)
+    if _within_reach(ctx, scorer.sub, operands):
+        operands = _refine(ctx, scorer, operands)
     n, seen = len(operands), set()
     for rank, choice in enumerate(scorer.best(KEEP)):
         choice = tuple(choice) + (None,) * (n - len(choice))
