@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -84,6 +85,16 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.left() <= 0
+
+    @contextmanager
+    def capped(self, seconds: float):
+        """Within the block, at most ``seconds`` more (every context sharing this deadline sees the cap)."""
+        saved = self.seconds
+        self.seconds = min(saved, time.monotonic() - self.start + seconds)
+        try:
+            yield self
+        finally:
+            self.seconds = saved
 
 
 def sample_error(targets: list[np.ndarray], preds: list[np.ndarray], denom: float) -> float:

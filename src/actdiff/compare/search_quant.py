@@ -524,6 +524,12 @@ def _name(ctx: SearchContext, operands: list[Operand], choice: tuple) -> str:
 # 8-bit grid REACH x coarser: 6 bits of resolution left at 4). The static fits (seconds per operand on an
 # expert op) run only where quantisation on such grids can move the op's output as far as the engine's is.
 REACH = 4.0
+# Out of that reach the static fits still run, on this share of the search's time left: a range calibrated on
+# other prompts can be far wider than these prompts' values (MiniLM's fc2 product: ORT's step 0.77 from
+# calibration prompts with the outlier feature, 5x the step of a shard's prompts without it), but a divergence
+# that large is more often something else, which the later searchers (recovered weights, expert maps) must
+# still have time to find.
+OUT_OF_REACH_SHARE = 0.25
 
 
 def _within_reach(ctx: SearchContext, sub: SearchContext, operands: list[Operand]) -> bool:
@@ -532,8 +538,7 @@ def _within_reach(ctx: SearchContext, sub: SearchContext, operands: list[Operand
     inequality). Every value the search quantises (operands, intermediate steps, output) on its own range's
     coarsest grid (BITS[0], per tensor, asymmetric, dynamic) moves it by ``d``; a static range at most REACH x
     wider moves each value at most REACH x as far, so ``err0 > REACH * d`` (e.g. a permuted expert, err0 ~ 1
-    against d ~ 1e-2) leaves nothing for the static fits to find, and they are skipped (the dynamic candidates
-    were tried)."""
+    against d ~ 1e-2) is out of reach: the static fits then get OUT_OF_REACH_SHARE of the time left."""
     coarse = {"bits": min(BITS), "symmetric": False, "granularity": "tensor", "range": "dynamic"}
     steps = [Operand(s, s, True) for s in ROUND_STEPS.get(ctx.node.op, ())] + [Operand("output", ctx.node.name, True)]
     full = [o for o in (*operands, *steps) if o.key != "kernel"]
@@ -558,7 +563,8 @@ def quantisation(ctx: SearchContext) -> Iterator[Finding]:
     scorer = _Scorer(ctx)
     _joint(ctx, operands, scorer)
     _kernels(ctx, operands, scorer)
-    if _within_reach(ctx, scorer.sub, operands):
+    reach = _within_reach(ctx, scorer.sub, operands)
+    with ctx.deadline.capped(math.inf if reach else OUT_OF_REACH_SHARE * ctx.deadline.left()):
         operands = _refine(ctx, scorer, operands)
     n, seen = len(operands), set()
     for rank, choice in enumerate(scorer.best(KEEP)):
