@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import ensure_tiny_model
 from test_hypotheses import TINY, Model
+from test_search_fit import _planted_targets
 
 from actdiff.compare.findings import Deadline, explains
 from actdiff.compare.refops import run_op
@@ -57,10 +58,6 @@ def tiny() -> Model:
     return Model(TINY, PROMPTS)
 
 
-def _targets(m: Model, node: str, params: dict) -> list[np.ndarray]:
-    return [run_op(m.graph, node, v, m.weights, params).astype(np.float32) for v in m.vals]
-
-
 def _rounded_set(params: dict) -> set[str]:
     out = set(params.get("round_at", {}))
     return out | ({"output"} if params.get("output_precision") == "fp16" else set())
@@ -69,7 +66,8 @@ def _rounded_set(params: dict) -> set[str]:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_fp16_kernel_is_found_and_named(tiny, case):
     node, planted = case
-    res = search_node(tiny.graph, node, tiny.vals, _targets(tiny, node, planted), tiny.weights, BUDGET, Deadline(600))
+    targets = _planted_targets(tiny, node, planted)
+    res = search_node(tiny.graph, node, tiny.vals, targets, tiny.weights, BUDGET, Deadline(600))
     assert res.baseline_error > 10 * BUDGET  # float16 rounding is far over the fp32-sized budget
     best = res.explained_by
     assert best is not None, [(f.name, f.error) for f in res.findings[:5]]
@@ -82,7 +80,7 @@ def test_fp16_kernel_is_found_and_named(tiny, case):
 def test_wider_accumulation_is_said(tiny):
     """No intermediate rounded: the sentence says the arithmetic between the rounded values is wider."""
     node, planted = CASES[-1]
-    ctx = make_context(tiny.graph, node, tiny.vals, _targets(tiny, node, planted), tiny.weights, BUDGET,
+    ctx = make_context(tiny.graph, node, tiny.vals, _planted_targets(tiny, node, planted), tiny.weights, BUDGET,
                        Deadline(600))  # fmt: skip
     (f,) = list(rounding_points(ctx, "fp16"))
     assert "wider format than fp16" in f.says and f.error < FP32_LEFT
@@ -99,7 +97,7 @@ def test_error_of_fp16_size_that_is_not_rounding_is_not_claimed(tiny, node):
     noisy = [(s + 3e-4 * rms * rng.standard_normal(s.shape)).astype(np.float32) for s in spec]
     other = {"LAYERNORM": {"eps": 1e-3}, "GELU": {"form": "tanh"}, "ATTENTION": {"scale": 1.0 / 33},
              "MATMUL": {"bias_scale": 1.05}}[tiny.graph[node].op]  # fmt: skip
-    for targets in (noisy, _targets(tiny, node, other)):
+    for targets in (noisy, _planted_targets(tiny, node, other)):
         ctx = make_context(tiny.graph, node, tiny.vals, targets, tiny.weights, BUDGET, Deadline(600))
         assert ctx.err0 > 10 * BUDGET
         for f in (*rounding_points(ctx, "fp16"), *rounding_points(ctx, "bf16")):
