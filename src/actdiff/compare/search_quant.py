@@ -323,6 +323,11 @@ def _improve(ctx, scorer, operands, base: tuple, i: int, dynamic: bool) -> tuple
     return min([base, *cands], key=lambda c: _score_of(scorer, operands, c))
 
 
+def _result_steps(ctx: SearchContext) -> list[Operand]:
+    """The op's intermediate values (refops.ROUND_STEPS) and its output, as operands the search may quantise."""
+    return [Operand(s, s, True) for s in ROUND_STEPS.get(ctx.node.op, ())] + [Operand("output", ctx.node.name, True)]
+
+
 def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> list[Operand]:
     """Static ranges for the input activations, the weights' schemes again, then the op's intermediate values
     (refops.ROUND_STEPS: a matmul's product before its bias, quantised between two kernels) and its output,
@@ -330,7 +335,7 @@ def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> lis
     explained. Returns the operands with
     the steps and the output appended (shorter choices are padded with None)."""
     best = scorer.best(1)
-    steps = [Operand(s, s, True) for s in ROUND_STEPS.get(ctx.node.op, ())] + [Operand("output", ctx.node.name, True)]
+    steps = _result_steps(ctx)
     full = [*operands, *steps]
     pad = (None,) * len(steps)
 
@@ -540,7 +545,7 @@ def _within_reach(ctx: SearchContext, sub: SearchContext, operands: list[Operand
     wider moves each value at most REACH x as far, so ``err0 > REACH * d`` (e.g. a permuted expert, err0 ~ 1
     against d ~ 1e-2) is out of reach: the static fits then get OUT_OF_REACH_SHARE of the time left."""
     coarse = {"bits": min(BITS), "symmetric": False, "granularity": "tensor", "range": "dynamic"}
-    steps = [Operand(s, s, True) for s in ROUND_STEPS.get(ctx.node.op, ())] + [Operand("output", ctx.node.name, True)]
+    steps = _result_steps(ctx)
     full = [o for o in (*operands, *steps) if o.key != "kernel"]
     params = _params(full, tuple(coarse for _ in full))
     try:
