@@ -253,13 +253,28 @@ def _install_log_callback(llama_cpp) -> None:
     llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
 
 
+def _system_info() -> str:
+    llama_cpp, _ = load_libraries()
+    sysinfo = llama_cpp.llama_print_system_info()
+    return sysinfo.decode(errors="replace").strip() if isinstance(sysinfo, bytes) else str(sysinfo)
+
+
+def extra_buffer_types_enabled() -> bool:
+    """Whether the runner lets ggml use its CPU "extra" buffer types (AMX tiles, repacked quant layouts).
+    Off on a build with AMX_INT8: ggml's AMX matmul (llama-cpp-python 0.3.36) segfaults inside llama_encode on a
+    q8_0 NomicBERT-MoE GGUF (measured on a Xeon with amx_int8, the tiny model's 128-wide layers), taking the
+    whole job down with no error to report. Without them ggml runs the same quant types on its AVX-512/AVX2 dot
+    products; which choice ran is in the dump's provenance (``llama_cpp_extra_bufts``)."""
+    return "AMX_INT8 = 1" not in _system_info()
+
+
 def library_info() -> dict:
     """Versions and build facts of the loaded llama.cpp (for dump attributes)."""
     llama_cpp, _ = load_libraries()
-    sysinfo = llama_cpp.llama_print_system_info()
     return {
         "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
-        "system_info": sysinfo.decode(errors="replace").strip() if isinstance(sysinfo, bytes) else str(sysinfo),
+        "system_info": _system_info(),
+        "extra_bufts": extra_buffer_types_enabled(),
         "ggml_tensor_layout": dict(_STATE.get("layout", {})),
     }
 
@@ -330,6 +345,7 @@ class LlamaCppRunner:
         self.ctx = None
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = extra_buffer_types_enabled()
         _log_tail().clear()
         self.model = lc.llama_model_load_from_file(self.gguf_path.encode(), mparams)
         if not self.model:

@@ -87,6 +87,7 @@ class LlamaCppSide:
             ),
             "llama_cpp_version": lib["llama_cpp_python"],
             "llama_cpp_system_info": lib["system_info"],
+            "llama_cpp_extra_bufts": lib["extra_bufts"],
             "gguf_path": str(Path(self.gguf).resolve()),
             "gguf_sha256": sha256_file(self.gguf),
             "gguf_outtype": self.outtype,
