@@ -127,3 +127,30 @@ def test_peak_runs_every_isa_the_cpu_has():
     assert isas == ({"avx2", "avx512"} if "avx512f" in flags else {"avx2"})
     assert {r["threads"] for r in rows} == {1, 2}
     assert all(math.isfinite(r["gflops_best"]) and r["gflops_best"] > 0 for r in rows)
+
+
+def test_report_time_sums_job_cost_lines(tmp_path):
+    """bench/report_time.py sums the "job cost:" lines the adapters log (workflow_support.job_cost_line), per rule;
+    a log without one is listed, never silently dropped."""
+    import report_time
+
+    from actdiff.workflow_support import job_cost_line
+
+    line = job_cost_line("compute_stats")  # this process's real figures, parsed back
+    assert report_time.COST_RE.search(line), line
+    logs = tmp_path / "logs"
+    jobs = [("a/x.log", "compute_stats", 3.5), ("a/y.log", "compute_stats", 1.5), ("b/z.log", "tokenize", 1.0)]
+    for rel, rule, cpu in jobs:
+        (logs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (logs / rel).write_text(f"2026 INFO started\n2026 INFO job cost: rule={rule} wall_s=9.00 cpu_s={cpu:.2f} "
+                                "max_rss_mb=120 children_max_rss_mb=0\n")  # fmt: skip
+    (logs / "c.log").write_text("2026 ERROR failed before the end\n")
+    jobs, missing = report_time.job_costs(logs)
+    rows = {r["rule"]: r for r in report_time.per_rule(jobs)}
+    assert missing == ["c.log"]
+    assert rows["compute_stats"]["jobs"] == 2 and rows["compute_stats"]["cpu_s"] == pytest.approx(5.0)
+    assert rows["compute_stats"]["cpu_share"] == pytest.approx(5.0 / 6.0)
+    assert rows["tokenize"]["cpu_s_max"] == pytest.approx(1.0)
+    slog = tmp_path / "run.log"
+    slog.write_text("[Wed Dec  2 13:02:58 2026]\nrule x\n[Wed Dec  2 13:07:28 2026]\nFinished\n")
+    assert report_time.run_wall_s(slog) == pytest.approx(270.0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
+import time
 
 from .errors import ActdiffError
 
@@ -46,8 +48,42 @@ def run(snakemake, func, **kwargs):
     log = logging.getLogger(f"actdiff.rule.{snakemake.rule}")
     log.info("rule %s: wildcards %s, threads %d", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
     try:
-        return func(**kwargs)
+        result = func(**kwargs)
     except ActdiffError as e:
         log.error("%s", e)
         print(f"\nactdiff error in rule {snakemake.rule}: {e}\n", file=sys.stderr)
         sys.exit(1)
+    log.info("%s", job_cost_line(snakemake.rule))
+    return result
+
+
+JOB_COST_PREFIX = "job cost:"
+
+
+def job_cost_line(rule: str) -> str:
+    """One parseable line of what this job cost (bench/report_time.py sums them per rule family): wall seconds
+    since the process started (imports included), CPU seconds of this process and of the children it waited
+    for (a report's Jupyter kernel, pandoc), and its peak RSS. Snakemake's own benchmark samples CPU time every
+    few seconds and misses most of a short job's."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return (
+        f"{JOB_COST_PREFIX} rule={rule} wall_s={_process_age_s():.2f} cpu_s={cpu:.2f} "
+        f"max_rss_mb={own.ru_maxrss / 1024:.0f} children_max_rss_mb={kids.ru_maxrss / 1024:.0f}"
+    )
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (/proc/self/stat's start time; the monotonic clock since the module
+    import elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.monotonic()
