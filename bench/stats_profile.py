@@ -5,14 +5,15 @@
     python bench/stats_profile.py same --workdir /tmp/sp/full before after
 
 ``prepare`` writes the fixture once: the model record, ``--prompts`` evenly spaced prompts of the bundled corpus
-(no long-* rows: the bundled prompts average 158 tokens at full size), their tokens, the reference's dump and our
-engine's fp32 dump (one thread). ``run`` runs compute_shard_stats in a fresh subprocess (one BLAS thread, as rule
-compute_stats pins) and prints one JSON line: seconds, seconds per prompt, the peak RSS of that subprocess
-(VmHWM, which includes the model the engine's replay holds), the stack at the highest RSS sample (a thread
-samples VmRSS every 20 ms), the stage's FLOPs (bench/pipeline.py's model: stats_flops) and GFLOP/s; with
-``--cprofile`` the 25 most expensive functions by cumulative and own time. Tables go to
-``<workdir>/stats-<label>/``. ``same`` compares two labels' tables: every column bit-identical except the
-float64-derived ones (budgets, noises, propagated budgets), which must agree within ``--rtol`` (1e-12).
+(no long-* rows; ``--with-long``: bench/pipeline.py's full-size subset, two long-* prompts first), their
+tokens, the reference's dump and our engine's fp32 dump (one thread). ``run`` runs compute_shard_stats in a
+fresh subprocess (one BLAS thread, as rule compute_stats pins; PYTHONPATH picks the tree) and prints one JSON
+line: seconds, seconds per prompt, the peak RSS of that subprocess (VmHWM, which includes the model the
+engine's replay holds), the stack at the highest RSS sample (a thread samples VmRSS every 20 ms), the stage's
+FLOPs (bench/pipeline.py's model: stats_flops) and GFLOP/s; with ``--cprofile`` the 25 most expensive
+functions by cumulative and own time. Tables go to ``<workdir>/stats-<label>/``. ``same`` compares two
+labels' tables: every column bit-identical except the float64-derived ones (budgets, noises, propagated
+budgets), which must agree within ``--rtol`` (1e-12).
 """
 
 from __future__ import annotations
@@ -32,18 +33,22 @@ SIDE = "actdiff"
 FLOAT64_COLUMNS = ("ref_fp32_error", "fp32_noise", "budget", "propagated_budget")
 
 
-def prepare(model: Path, n: int, wd: Path) -> None:
+def prepare(model: Path, n: int, wd: Path, with_long: bool) -> None:
     from actdiff.pipeline import dump, resolve_model, tokenize
     from actdiff.prompts import load_prompt_sheet
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from pipeline import CORPUS, evenly_spaced
+    from pipeline import CORPUS, evenly_spaced, write_subset_sheet
 
     wd.mkdir(parents=True, exist_ok=True)
     resolve_model("profiled", {"path": str(model.resolve())}, str(wd / "model.json"))
-    sheet = load_prompt_sheet(str(CORPUS))
-    short = sheet[~sheet["prompt_id"].str.startswith("long-")].reset_index(drop=True)
-    short.iloc[evenly_spaced(len(short), n)].to_parquet(wd / "prompts.parquet", index=False)
+    if with_long:  # bench/pipeline.py's full-size subset: the first two long-* prompts and evenly spaced others
+        write_subset_sheet(n, wd / "prompts.tsv")
+        load_prompt_sheet(str(wd / "prompts.tsv")).to_parquet(wd / "prompts.parquet", index=False)
+    else:
+        sheet = load_prompt_sheet(str(CORPUS))
+        short = sheet[~sheet["prompt_id"].str.startswith("long-")].reset_index(drop=True)
+        short.iloc[evenly_spaced(len(short), n)].to_parquet(wd / "prompts.parquet", index=False)
     tokenize(str(wd / "model.json"), str(wd / "prompts.parquet"), 512, str(wd / "tokens.parquet"))
     t0 = time.perf_counter()
     dump(str(wd / "model.json"), str(wd / "tokens.parquet"), str(wd / "ref.h5"), "reference", "fp32", 0,
@@ -168,6 +173,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--with-long", action="store_true", help="bench/pipeline.py's subset (two long-* prompts)")
     r = sub.add_parser("run")
     r.add_argument("--workdir", type=Path, required=True)
     r.add_argument("--label", required=True)
@@ -179,7 +185,7 @@ def main() -> None:
     s.add_argument("--rtol", type=float, default=1e-12)
     a = ap.parse_args()
     if a.cmd == "prepare":
-        prepare(a.model, a.prompts, a.workdir)
+        prepare(a.model, a.prompts, a.workdir, a.with_long)
     elif a.cmd == "run":
         run(a.workdir, a.label, a.cprofile, a.isa)
     else:
