@@ -342,7 +342,7 @@ class Judged:
     eng: dict
     noise: dict[str, Noise] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
-    local: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    local: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # failing nodes, once judged
     rows: dict[str, list] = field(default_factory=dict)  # the nodes table's columns for this prompt
     failing: list[str] = field(default_factory=list)
     first: str | None = None
@@ -499,6 +499,8 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict) -> Judged:
             row = judge_node(ctx, j, node)
             budgets[node.name] = row["budget"]
             prop.step(node, budgets)
+            if row["status"] != "fail":  # the builders read the local values of failing nodes only
+                j.local.pop(node.name, None)
             for k, v in row.items():
                 j.rows.setdefault(k, []).append(v)
     finally:
@@ -815,6 +817,7 @@ def compute_shard_stats(
                 j = judge_prompt(ctx, pid, ref, eng)
                 for build in BUILDERS:
                     build(ctx, j)
+                del j, ref, eng  # released before the next prompt is read and judged, not after
                 n_prompts += 1
                 if n_prompts % 100 == 0:
                     rate = n_prompts / (time.perf_counter() - t0)
