@@ -161,7 +161,9 @@ def sequential_sum_noise(graph: Graph, node: Node, ref: dict, weights, params: d
             v = np.asarray(ref[i])
             if v.dtype.kind == "f":
                 squared[i] = np.square(v, dtype=np.float64)
-        sq_weights = {w: np.square(np.asarray(weights[w], dtype=np.float64)) for w in node.weights}
+        # squared once per node and prompt in a reused buffer where the mapping offers it (compare.stats)
+        square = getattr(weights, "squared", None) or (lambda w: np.square(np.asarray(weights[w], dtype=np.float64)))
+        sq_weights = {w: square(w) for w in node.weights}
         no_bias = {**params, "bias": "none"} if "bias" in params else params
         q = run_op(graph, node, squared, sq_weights, no_bias)
         y = exact

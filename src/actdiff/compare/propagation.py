@@ -95,6 +95,56 @@ def _route_like_engine(
     return out
 
 
+class Propagation:
+    """The simulated engine of the module docstring, one node at a time in graph order (:meth:`step`), so a
+    caller can run it in the same visit of a node as the node's other float64 spec ops and convert the node's
+    weights once (actdiff.compare.stats); the random draws come in graph order either way."""
+
+    def __init__(self, graph: Graph, prompt_id: str, ref: Mapping, eng: Mapping, weights: Mapping):
+        self.graph, self.ref, self.eng, self.weights = graph, ref, eng, weights
+        self.rng = np.random.default_rng(_seed(prompt_id))
+        self.vals: dict[str, np.ndarray] = {INPUT_IDS: np.asarray(ref[INPUT_IDS])}
+        self.out: dict[str, float] = {}
+        self.last_use = _last_use(graph)
+
+    def _release(self, node) -> None:
+        """Drop the values no later node reads: the float64 values of every node of a 512-token prompt held at
+        once were 1.1 GB of the released model's statistics job."""
+        for i in (*node.inputs, node.name):
+            if self.last_use.get(i, -1) <= node.index:
+                self.vals.pop(i, None)
+
+    def step(self, node, budgets: Mapping[str, float]) -> float:
+        """The node's propagated budget (NaN for an index node); ``budgets`` holds the local budgets of the
+        node and of every node before it."""
+        g, vals = self.graph, self.vals
+        y = run_op(g, node, {i: vals[i] for i in node.inputs}, self.weights, spec_params(g, node))
+        if node.op == "TOPK":
+            y = _route_like_engine(g, node, y, vals, self.ref, self.eng, budgets)
+        if node.kind == "index":
+            self.out[node.name] = math.nan
+        else:
+            y = _perturb(y, float(budgets[node.name]), self.rng)
+            self.out[node.name] = rel_l2(y, self.ref[node.name])
+        vals[node.name] = y
+        self._release(node)
+        return self.out[node.name]
+
+
+def _last_use(graph: Graph) -> dict[str, int]:
+    """Per value: the index of the last node that reads it (a top-k node also reads its block's
+    probabilities, :func:`_route_like_engine`)."""
+    last: dict[str, int] = {}
+    for node in graph:
+        reads = list(node.inputs)
+        block = graph.moe_block_of(node.name) if node.op == "TOPK" else None
+        if block is not None:
+            reads.append(block.probs)
+        for i in reads:
+            last[i] = max(last.get(i, -1), node.index)
+    return last
+
+
 def propagated_budgets(
     graph: Graph,
     prompt_id: str,
@@ -106,17 +156,7 @@ def propagated_budgets(
     """Per float node: the relative L2 error against the reference of the simulated engine described in the
     module docstring (NaN for index nodes: their disagreement is judged on the routing tables). ``eng``: the
     engine's values (its routing at near ties is followed)."""
-    rng = np.random.default_rng(_seed(prompt_id))
-    vals: dict[str, np.ndarray] = {INPUT_IDS: np.asarray(ref[INPUT_IDS])}
-    out: dict[str, float] = {}
+    p = Propagation(graph, prompt_id, ref, eng, weights)
     for node in graph:
-        y = run_op(graph, node, {i: vals[i] for i in node.inputs}, weights, spec_params(graph, node))
-        if node.op == "TOPK":
-            y = _route_like_engine(graph, node, y, vals, ref, eng, budgets)
-        if node.kind == "index":
-            out[node.name] = math.nan
-        else:
-            y = _perturb(y, float(budgets[node.name]), rng)
-            out[node.name] = rel_l2(y, ref[node.name])
-        vals[node.name] = y
-    return out
+        p.step(node, budgets)
+    return p.out

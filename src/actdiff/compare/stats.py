@@ -33,6 +33,7 @@ import heapq
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -154,11 +155,31 @@ class CheckpointTensors(Mapping):
         self.path = Path(path)
         self._file = safe_open(str(self.path), framework="numpy")
         self._keys = list(self._file.keys())
+        self._header: tuple[dict, int] | None = None  # (safetensors header, data offset), read by mapped()
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
             raise KeyError(key)
         return self._file.get_tensor(key)
+
+    def mapped(self, key: str) -> np.ndarray:
+        """The tensor as a read-only memory map of the file: only the pages an op reads become resident, for
+        the tables an op gathers rows from (the released word table is 0.77 GB, and reading it whole for
+        every prompt and pass was a third of the statistics stage). A dtype numpy cannot map (bf16): read."""
+        from ..engine.weights import _ST_DTYPES, Checkpoint
+
+        if key not in self._keys:
+            raise KeyError(key)
+        if self._header is None:
+            ck = Checkpoint(self.path)
+            self._header = (ck.header, ck.data_start)
+        header, start = self._header
+        info = header[key]
+        if info["dtype"] not in ("F32", "F16", "F64") or not info["shape"]:
+            return self[key]
+        lo = info["data_offsets"][0]
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=start + lo, shape=tuple(info["shape"]))
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         """A tensor's shape from the file header, without reading it (the search scans every tensor's shape)."""
@@ -171,6 +192,89 @@ class CheckpointTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+class NodeWeights64(Mapping):
+    """Checkpoint tensors in float64 for the spec ops (actdiff.compare.refops computes in float64 and converts
+    every weight it reads). The tensors of the node being visited (:meth:`visit`) are converted once and shared
+    by all its float64 passes on the prompt (fp32 noise, sum envelope, propagated budget, a non-replaying
+    side's spec op): each pass used to read the tensor from the checkpoint and convert it again, which was
+    most of the stage's time at full size. They are released when the next node is visited, so at most one
+    node's weights (and their squares, :meth:`squared`) are held in float64: the released model's expert
+    weights, 151 MB each. Their buffers are reused by later tensors of the same shape (POOL_PER_SHAPE per
+    shape): a fresh 151 MB array costs more in page faults than the conversion itself (squaring into a
+    fresh array measured 5x squaring into a reused one). A buffer still viewed from outside is never reused.
+    EMBED tables pass through as stored (memory-mapped where the mapping can): the op gathers the rows it
+    needs, and the released word table would be 1.5 GB in float64. Arrays handed out are read-only."""
+
+    POOL_PER_SHAPE = 2  # a weight and its square
+
+    def __init__(self, raw: Mapping, graph: Graph):
+        self.raw = raw
+        self.convert = frozenset(w for n in graph if n.op != "EMBED" for w in n.weights)
+        self.keep: frozenset = frozenset()
+        self.held: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # (kind, key) -> (buffer, view)
+        self.pool: dict[tuple[int, ...], list[np.ndarray]] = {}
+
+    def visit(self, node) -> None:
+        """Hold ``node``'s tensors from now on (None: hold nothing and free the pool); the previous node's are
+        released, their buffers back in the pool."""
+        buffers = [b for b, _ in self.held.values()]
+        self.held = {}
+        for b in buffers if node is not None else []:
+            free = self.pool.setdefault(b.shape, [])
+            if sys.getrefcount(b) <= 3 and len(free) < self.POOL_PER_SHAPE:  # `buffers`, `b`, the call's own
+                free.append(b)
+        if node is None:
+            self.pool = {}
+        self.keep = frozenset(node.weights) & self.convert if node is not None else frozenset()
+
+    def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        free = self.pool.get(shape)
+        return free.pop() if free else np.empty(shape)
+
+    def _hold(self, kind: str, key: str, shape: tuple[int, ...], fill) -> np.ndarray:
+        """A held read-only float64 array of ``shape`` filled by ``fill(out)``, in a pooled buffer."""
+        b = self._buffer(tuple(shape))
+        fill(b)
+        v = b.view()
+        v.flags.writeable = False
+        self.held[(kind, key)] = (b, v)
+        return v
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if ("w", key) in self.held:
+            return self.held[("w", key)][1]
+        if key not in self.convert:  # a table: mapped, not read whole, where the mapping can
+            return self.raw.mapped(key) if hasattr(self.raw, "mapped") else self.raw[key]
+        # converted straight from the file's pages where the mapping maps (no fp32 copy in between)
+        t = self.raw.mapped(key) if hasattr(self.raw, "mapped") else self.raw[key]
+        if np.asarray(t).dtype.kind != "f":
+            return t
+        if key not in self.keep:
+            a = np.array(t, dtype=np.float64)  # a copy even of a float64 tensor: the raw mapping's stays writable
+            a.flags.writeable = False
+            return a
+        return self._hold("w", key, np.shape(t), lambda out: np.copyto(out, t))
+
+    def squared(self, key: str) -> np.ndarray:
+        """The tensor's square in float64 (the sum envelope's q, budgets.sequential_sum_noise), equal bit for
+        bit to ``np.square(np.asarray(w, np.float64))``."""
+        if ("sq", key) in self.held:
+            return self.held[("sq", key)][1]
+        w = self[key]
+        if key not in self.keep or ("w", key) not in self.held:
+            return np.square(np.asarray(w, dtype=np.float64))
+        return self._hold("sq", key, w.shape, lambda out: np.square(w, out=out))
+
+    def __contains__(self, key) -> bool:
+        return key in self.raw
+
+    def __iter__(self):
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
 
 
 @dataclass
@@ -193,6 +297,11 @@ class ShardContext:
     search: object = None  # actdiff.compare.stats.SearchSample: the search's bounded sample
     _nonfinite_weights: dict = field(default_factory=dict)  # node -> JSON {tensor: non-finite count}
     reference: str = "fp32"  # the reference dump's own precision (budgets.U_REFERENCE)
+    weights64: NodeWeights64 | None = None  # the visited node's weights in float64 (set in __post_init__)
+
+    def __post_init__(self):
+        if self.weights64 is None:
+            self.weights64 = NodeWeights64(self.weights, self.graph)
 
     def nonfinite_weights(self, name: str | None) -> str:
         """JSON {checkpoint tensor: count of NaN/Inf} of a node's weights that hold any ("" for no node)."""
@@ -220,7 +329,7 @@ class ShardContext:
             return self.replay.replay_node(name, {i: ref[i] for i in node.inputs}), ref[name]
         from .refops import run_op, spec_params
 
-        spec = run_op(self.graph, node, {i: eng[i] for i in node.inputs}, self.weights, spec_params(self.graph, node))
+        spec = run_op(self.graph, node, {i: eng[i] for i in node.inputs}, self.weights64, spec_params(self.graph, node))
         return eng[name], spec
 
 
@@ -233,7 +342,7 @@ class Judged:
     eng: dict
     noise: dict[str, Noise] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
-    local: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    local: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # failing nodes, once judged
     rows: dict[str, list] = field(default_factory=dict)  # the nodes table's columns for this prompt
     failing: list[str] = field(default_factory=list)
     first: str | None = None
@@ -343,7 +452,7 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
     """One node of one prompt: its errors, budget and status (a row of the nodes table). A node whose replay
     does not reproduce the dump is judged like an external side's: its dumped output against the spec op on
     its own inputs (the replay would judge code that did not run)."""
-    noise = j.noise[node.name] = fp32_noise(ctx.graph, node, j.ref, ctx.weights)
+    noise = j.noise[node.name] = fp32_noise(ctx.graph, node, j.ref, ctx.weights64)
     b = ctx.budget(node.name, noise)
     if node.name in ctx.missing:
         m, local_rel, st = _nan_metrics(), math.nan, NOT_CAPTURED
@@ -378,30 +487,45 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
 def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict) -> Judged:
     """Every node of one prompt, in graph order; the first divergent node is the first that fails while its
     inputs pass. Then the propagated budgets (actdiff.compare.propagation): does the prompt's output diverge
-    beyond what correct local errors can produce?"""
-    from .propagation import propagated_budgets
+    beyond what correct local errors can produce? The propagation steps through the graph beside the judging,
+    so each node's weights are converted to float64 once for all its spec passes (NodeWeights64)."""
+    from .propagation import Propagation
 
     j = Judged(pid, ref, eng)
-    for node in ctx.graph:
-        for k, v in judge_node(ctx, j, node).items():
-            j.rows.setdefault(k, []).append(v)
-    j.failing = [n for n in ctx.graph.names() if j.status[n] == "fail"]
-    inputs_pass = (all(j.status.get(i, "pass") != "fail" for i in ctx.graph[n].inputs) for n in j.failing)
-    j.first = next((n for n, ok in zip(j.failing, inputs_pass, strict=True) if ok), None)
-    j.rows["first_divergence"] = [j.first or ""] * len(ctx.graph)
-    # where the prompt's matching NaN/Inf start: the first NONFINITE node none of whose inputs is NONFINITE
-    nonfinite = [n for n in ctx.graph.names() if j.status[n] == NONFINITE]
-    origin = next((n for n in nonfinite if all(j.status.get(i) != NONFINITE for i in ctx.graph[n].inputs)), None)
-    j.rows["nonfinite_origin"] = [origin or ""] * len(ctx.graph)
-    j.rows["nonfinite_weights"] = [ctx.nonfinite_weights(origin)] * len(ctx.graph)
-    budgets = dict(zip(j.rows["node"], j.rows["budget"], strict=True))
-    j.propagated = propagated_budgets(ctx.graph, pid, ref, eng, ctx.weights, budgets)
+    prop, budgets = Propagation(ctx.graph, pid, ref, eng, ctx.weights64), {}
+    try:
+        for node in ctx.graph:
+            ctx.weights64.visit(node)
+            row = judge_node(ctx, j, node)
+            budgets[node.name] = row["budget"]
+            prop.step(node, budgets)
+            if row["status"] != "fail":  # the builders read the local values of failing nodes only
+                j.local.pop(node.name, None)
+            for k, v in row.items():
+                j.rows.setdefault(k, []).append(v)
+    finally:
+        ctx.weights64.visit(None)  # the last node's float64 weights are not kept past the prompt
+    _first_divergence(ctx, j)
+    j.propagated = prop.out
     j.rows["propagated_budget"] = [j.propagated[n] for n in j.rows["node"]]
     rel = dict(zip(j.rows["node"], j.rows["rel_l2"], strict=True))
     over = [rel[n] > j.propagated[n] for n in ctx.outputs if n not in ctx.missing]
     j.rows["output_diverges"] = [any(over)] * len(ctx.graph)
     j.rows["is_output"] = [n in ctx.outputs for n in j.rows["node"]]
     return j
+
+
+def _first_divergence(ctx: ShardContext, j: Judged) -> None:
+    """The prompt's failing nodes, its first divergent node, and where its matching NaN/Inf start (the first
+    NONFINITE node none of whose inputs is NONFINITE) with the non-finite weights there."""
+    j.failing = [n for n in ctx.graph.names() if j.status[n] == "fail"]
+    inputs_pass = (all(j.status.get(i, "pass") != "fail" for i in ctx.graph[n].inputs) for n in j.failing)
+    j.first = next((n for n, ok in zip(j.failing, inputs_pass, strict=True) if ok), None)
+    j.rows["first_divergence"] = [j.first or ""] * len(ctx.graph)
+    nonfinite = [n for n in ctx.graph.names() if j.status[n] == NONFINITE]
+    origin = next((n for n in nonfinite if all(j.status.get(i) != NONFINITE for i in ctx.graph[n].inputs)), None)
+    j.rows["nonfinite_origin"] = [origin or ""] * len(ctx.graph)
+    j.rows["nonfinite_weights"] = [ctx.nonfinite_weights(origin)] * len(ctx.graph)
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -693,6 +817,7 @@ def compute_shard_stats(
                 j = judge_prompt(ctx, pid, ref, eng)
                 for build in BUILDERS:
                     build(ctx, j)
+                del j, ref, eng  # released before the next prompt is read and judged, not after
                 n_prompts += 1
                 if n_prompts % 100 == 0:
                     rate = n_prompts / (time.perf_counter() - t0)

@@ -1,0 +1,65 @@
+"""The statistics stage's float64 weights (actdiff.compare.stats.NodeWeights64): each node's tensors converted
+once per prompt and shared by its spec passes, in reused buffers. The values must be exactly those the spec ops
+converted themselves (tolerance 0: the budgets computed from them stay bit for bit the same), and a buffer
+still viewed from outside must never be overwritten."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actdiff.compare.stats import CheckpointTensors, NodeWeights64
+from actdiff.nodes import build_graph, load_config_json
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    graph = build_graph(load_config_json(tiny_model_dir), str(tiny_model_dir / "config.json"))
+    return graph, CheckpointTensors(tiny_model_dir / "model.safetensors")
+
+
+def _first(graph, op: str):
+    return next(n for n in graph if n.op == op)
+
+
+@pytest.mark.parametrize("op", ["MATMUL", "LAYERNORM", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "BIAS_ADD"])
+def test_values_and_squares_are_the_float64_conversion_bit_for_bit(tiny, op):
+    graph, raw = tiny
+    w64 = NodeWeights64(raw, graph)
+    node = _first(graph, op)
+    w64.visit(node)
+    for key in node.weights:
+        a = w64[key]
+        exact = np.asarray(raw[key], dtype=np.float64)
+        assert a.dtype == np.float64 and np.array_equal(a, exact)
+        assert not a.flags.writeable
+        assert w64[key] is a  # held: converted once for every pass on the node
+        assert np.array_equal(w64.squared(key), np.square(exact))
+
+
+def test_embedding_tables_are_mapped_not_converted(tiny):
+    graph, raw = tiny
+    w64 = NodeWeights64(raw, graph)
+    node = _first(graph, "EMBED")
+    w64.visit(node)
+    for key in node.weights:
+        t = w64[key]
+        assert isinstance(t, np.memmap) and not t.flags.writeable
+        assert t.dtype == np.asarray(raw[key]).dtype and np.array_equal(t, raw[key])
+
+
+def test_a_buffer_viewed_from_outside_is_never_reused(tiny):
+    graph, raw = tiny
+    w64 = NodeWeights64(raw, graph)
+    first, second = [n for n in graph if n.op == "EXPERT_FC1"][:2]
+    w64.visit(first)
+    kept = w64[first.weights[0]].reshape(-1)  # a view that outlives the visit
+    w64.squared(first.weights[0])
+    w64.visit(second)  # the first node's buffers go back to the pool, but for the one viewed
+    other = w64[second.weights[0]]
+    assert not np.shares_memory(kept, other)
+    assert np.array_equal(kept, np.asarray(raw[first.weights[0]], dtype=np.float64).reshape(-1))
+    w64.visit(first)  # the second node's buffers are free again and reused: values still exact
+    assert np.array_equal(w64[first.weights[0]], np.asarray(raw[first.weights[0]], dtype=np.float64))
+    w64.visit(None)
+    assert not w64.held and not w64.pool
