@@ -31,7 +31,8 @@ extern "C" {
 
 #define AK_VERSION "0.2.0"
 #define AK_MAX_THREADS 64
-#define AK_PACK_NR 32 /* columns per panel of a packed fp32 weight */
+#define AK_PACK_NR 32  /* columns per panel of a packed fp32 weight */
+#define AK_PACK_KC 256 /* rows per K block of a packed fp32 weight */
 
 /* CFFI_BEGIN */
 
@@ -92,8 +93,10 @@ int ak_matmul_naive(float *out, const float *inp, const void *weight, const floa
                     const float *bias, int T, int C, int OC, int weight_dtype);
 
 /* ---- fp32 weights packed once (at load) for the matmul core ----
- * Layout: ceil(N/32) panels; panel p is K rows x 32 columns (columns 32p..32p+31) contiguous, zero
- * padded past N. Independent of the ISA path. Values are copied exactly: any matmul on the packed
+ * Layout: K in blocks of 256 rows (the last one shorter); in each block, ceil(N/32) panels, panel p
+ * holding columns 32p..32p+31 as (block rows) x 32 contiguous floats, zero padded past N; i.e.
+ * element (k, n) is at k0*ceil32(N) + (n/32)*kb*32 + (k-k0)*32 + n%32, k0 = k - k%256, kb = that
+ * block's rows. Independent of the ISA path. Values are copied exactly: any matmul on the packed
  * weight (weight_dtype AK_DTYPE_F32_PACKED in ak_matmul, ak_matmul_naive, ak_moe, ak_expert_up,
  * ak_expert_down) is bit-identical to the same call on the fp32 original.
  * The packed matmul weight of an (OC,C) nn.Linear weight is K = C, N = OC, trans = 1;

@@ -13,8 +13,11 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
-#define KC 256
+#define KC AK_PACK_KC /* the packed weights' K blocks are the driver's K blocks */
 #define NC_COLS 384
+/* row stride of the copied A tile: KC + 16 floats, so its 12 rows fall in different L1 sets (rows of A
+ * itself are lda apart; lda = 3072 floats = 12 KiB puts all 12 in one 4 KiB-periodic set) */
+#define A_LD (KC + 16)
 
 /* ---------------- B packing ----------------
  * dst holds ceil(nc/NR) panels, each kc x NR (row k contiguous), zero padded. */
@@ -163,6 +166,7 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
             acc[m][1] = _mm512_loadu_ps(C + m * ldc + 16);
         }
     }
+#pragma GCC unroll 4
     for (int k = 0; k < kc; k++) {
         __m512 b0 = _mm512_loadu_ps(Bp + k * ldp);
         __m512 b1 = _mm512_loadu_ps(Bp + k * ldp + 16);
@@ -221,6 +225,7 @@ ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
             acc[m][1] = _mm256_loadu_ps(C + m * ldc + 8);
         }
     }
+#pragma GCC unroll 4
     for (int k = 0; k < kc; k++) {
         __m256 b0 = _mm256_loadu_ps(Bp + k * ldp);
         __m256 b1 = _mm256_loadu_ps(Bp + k * ldp + 8);
@@ -298,18 +303,25 @@ static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0,
                       const float *const *panel_of, int64_t ldp) {
     float tmpC[12 * 32] __attribute__((aligned(64)));
     float tmpBias[32] __attribute__((aligned(64)));
+    float Apack[12 * A_LD] __attribute__((aligned(64)));
     const int MR = u.MR, NR = u.NR, np = (nc + NR - 1) / NR;
     const int first = (k0 == 0), last = (k0 + kc == g->K);
     for (int m0 = 0; m0 < g->M; m0 += MR) {
         int mr = g->M - m0 < MR ? g->M - m0 : MR;
         const float *Ab = g->A + (int64_t)m0 * g->lda + k0;
+        int64_t lda = g->lda;
+        if (np > 1) { /* A tile copied once, read by np panels: rows A_LD apart, not lda (see A_LD) */
+            for (int m = 0; m < mr; m++) memcpy(Apack + m * A_LD, Ab + (int64_t)m * lda, (size_t)kc * sizeof(float));
+            Ab = Apack;
+            lda = A_LD;
+        }
         for (int p = 0; p < np; p++) {
             int ncols = nc - p * NR < NR ? nc - p * NR : NR;
             int ncol0 = n0 + p * NR;
             float *Cp = g->C + (int64_t)m0 * g->ldc + ncol0;
             const float *bp = (last && g->bias) ? g->bias + ncol0 : NULL;
             if (ncols == NR) {
-                u.ukr(mr, kc, Ab, g->lda, panel_of[p], ldp, Cp, g->ldc, first, bp);
+                u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, Cp, g->ldc, first, bp);
                 continue;
             }
             if (!first)
@@ -319,16 +331,19 @@ static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0,
                 for (int j = 0; j < NR; j++) tmpBias[j] = j < ncols ? bp[j] : 0.0f;
                 bp = tmpBias;
             }
-            u.ukr(mr, kc, Ab, g->lda, panel_of[p], ldp, tmpC, NR, first, bp);
+            u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, tmpC, NR, first, bp);
             for (int m = 0; m < mr; m++)
                 for (int j = 0; j < ncols; j++) Cp[(int64_t)m * g->ldc + j] = tmpC[m * NR + j];
         }
     }
 }
 
-/* address of row k, column n of a pre-packed weight (see ak_pack_weight_f32) */
-static inline const float *packed_at(const float *P, int K, int k, int n) {
-    return P + (int64_t)(n / AK_PACK_NR) * K * AK_PACK_NR + (int64_t)k * AK_PACK_NR + n % AK_PACK_NR;
+/* address of row k, column n of a pre-packed (K deep, N wide) weight (see ak_pack_weight_f32) */
+static inline const float *packed_at(const float *P, int K, int N, int k, int n) {
+    int k0 = k / AK_PACK_KC * AK_PACK_KC, kcb = K - k0 < AK_PACK_KC ? K - k0 : AK_PACK_KC;
+    int64_t npad = (int64_t)(N + AK_PACK_NR - 1) / AK_PACK_NR * AK_PACK_NR;
+    return P + (int64_t)k0 * npad + (int64_t)(n / AK_PACK_NR) * kcb * AK_PACK_NR + (int64_t)(k - k0) * AK_PACK_NR +
+           n % AK_PACK_NR;
 }
 
 static void fill_bias_only(const ak_gemm_args *g, int n_begin, int n_end) {
@@ -354,7 +369,7 @@ int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end) {
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = K - k0 < KC ? K - k0 : KC;
             if (packed) { /* the weight was packed at load: point into it, nothing to copy */
-                for (int p = 0; p < np; p++) panel_of[p] = packed_at((const float *)g->B, K, k0, n0 + p * u.NR);
+                for (int p = 0; p < np; p++) panel_of[p] = packed_at((const float *)g->B, K, g->N, k0, n0 + p * u.NR);
                 gemm_slab(g, u, n0, nc, k0, kc, panel_of, AK_PACK_NR);
                 continue;
             }
@@ -402,7 +417,7 @@ void ak_gemm_naive(const ak_gemm_args *g) {
             for (int k = 0; k < g->K; k++) {
                 float b;
                 if (g->b_dtype == AK_DTYPE_F32_PACKED) {
-                    b = *packed_at((const float *)g->B, g->K, k, n);
+                    b = *packed_at((const float *)g->B, g->K, g->N, k, n);
                 } else {
                     int64_t idx = g->b_trans ? (int64_t)n * g->ldb + k : (int64_t)k * g->ldb + n;
                     b = load_b(g, idx, n);
@@ -446,10 +461,12 @@ int ak_matmul_naive(float *out, const float *inp, const void *weight, const floa
 }
 
 /* ---------------- weights packed once ----------------
- * Layout (ISA independent, so ak_set_isa never invalidates it): ceil(N/32) panels, panel p holding
- * columns 32p..32p+31 as K rows of 32 contiguous floats, zero past N.  The AVX-512 kernel reads a
- * panel as is; the AVX2 (16) and scalar (8) kernels read column slices with row stride 32.  The
- * values are copied bit for bit, so a matmul on the packed weight is identical to one on w. */
+ * Layout (ISA independent, so ak_set_isa never invalidates it): K in blocks of AK_PACK_KC (256) rows,
+ * the driver's K blocks; in each block, ceil(N/32) panels of (block rows) x 32 columns, row-major, zero
+ * past N.  So the (256 x NC) B block a slab reads is one contiguous range (panels K*32 floats apart
+ * would fall in the same L2 sets when K*128 bytes is a multiple of 64 KiB, e.g. K = 3072).  The
+ * AVX-512 kernel reads a panel as is; the AVX2 (16) and scalar (8) kernels read column slices with row
+ * stride 32.  Values are copied bit for bit: a matmul on the packed weight is identical to one on w. */
 int64_t ak_packed_size(int K, int N) {
     if (K < 0 || N < 0) return -1;
     return (int64_t)((N + AK_PACK_NR - 1) / AK_PACK_NR) * AK_PACK_NR * K;
@@ -461,17 +478,19 @@ int ak_pack_weight_f32(float *packed, const float *w, int K, int N, int trans) {
     if (K < 0 || N < 0) return AK_ERR_INVALID_SIZE;
     if (trans != 0 && trans != 1) return AK_ERR_INVALID_ARGUMENT;
     int np = (N + AK_PACK_NR - 1) / AK_PACK_NR;
-    for (int p = 0; p < np; p++) {
-        float *panel = packed + (int64_t)p * K * AK_PACK_NR;
-        for (int k = 0; k < K; k++) {
-            for (int j = 0; j < AK_PACK_NR; j++) {
+    for (int k0 = 0; k0 < K; k0 += AK_PACK_KC)
+        for (int p = 0; p < np; p++) {
+            int kcb = K - k0 < AK_PACK_KC ? K - k0 : AK_PACK_KC;
+            float *panel = (float *)packed_at(packed, K, N, k0, p * AK_PACK_NR);
+            for (int j = 0; j < AK_PACK_NR; j++) { /* column-wise: reads a transposed w row by row */
                 int n = p * AK_PACK_NR + j;
-                float v = 0.0f;
-                if (n < N) v = trans ? w[(int64_t)n * K + k] : w[(int64_t)k * N + n];
-                panel[(int64_t)k * AK_PACK_NR + j] = v;
+                for (int k = 0; k < kcb; k++) {
+                    float v = 0.0f;
+                    if (n < N) v = trans ? w[(int64_t)n * K + k0 + k] : w[(int64_t)(k0 + k) * N + n];
+                    panel[(int64_t)k * AK_PACK_NR + j] = v;
+                }
             }
         }
-    }
     return AK_OK;
 }
 
@@ -482,7 +501,7 @@ int ak_unpack_weight_f32(float *w, const float *packed, int K, int N, int trans)
     if (trans != 0 && trans != 1) return AK_ERR_INVALID_ARGUMENT;
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) {
-            float v = *packed_at(packed, K, k, n);
+            float v = *packed_at(packed, K, N, k, n);
             if (trans) w[(int64_t)n * K + k] = v;
             else w[(int64_t)k * N + n] = v;
         }

@@ -18,7 +18,7 @@ def _paths():
             yield isa, threads
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (47, 33), (32, 64), (100, 129), (65, 3)])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (47, 33), (32, 64), (100, 129), (65, 3), (70, 600), (33, 256)])
 @pytest.mark.parametrize("trans", [True, False])
 def test_pack_unpack_round_trip_exact(rng, shape, trans):
     w = rng.standard_normal(shape).astype(np.float32)
