@@ -3,7 +3,8 @@
     .venv/bin/python bench/kernels.py [--quick] [--out results/bench/kernels.json]
 
 Prints a table and writes ratios (ours / theirs throughput, >1 means the C kernels are faster)
-to results/bench/kernels.json.  The C matmul and MoE run on weights packed once beforehand
+to results/bench/kernels.json.  With ACTDIFF_KERNELS_ISA=avx2 numpy's OpenBLAS and torch run their AVX2
+kernels too (AVX2_PEERS), as on an AVX2-only machine.  The C matmul and MoE run on weights packed once beforehand
 (``kernels.pack_f32``, outside the timed loop, as the engine does at load); the same calls on the
 unpacked float32 weights (B re-packed on every call) are timed beside them ("unpacked").
 numpy is timed in a subprocess with OPENBLAS_CORETYPE and
@@ -66,8 +67,19 @@ print(json.dumps({"gflops": res, "blas": info}))
 """
 
 
-def numpy_gflops(tokens, nthreads, min_time):
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+# On the forced AVX2 path the baselines run their AVX2 kernels too, as on an AVX2-only machine (set before
+# numpy/torch load them): OpenBLAS's Haswell kernel, MKL and ATen at AVX2. threadpoolctl records what ran.
+AVX2_PEERS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def peers_env(isa: str) -> dict:
+    """The environment the baselines run in: the AVX2 peers' settings on the avx2 path, else none of them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", *AVX2_PEERS)}
+    return {**env, **AVX2_PEERS} if isa == "avx2" else env
+
+
+def numpy_gflops(tokens, nthreads, min_time, isa):
+    env = peers_env(isa)
     env["OPENBLAS_NUM_THREADS"] = str(nthreads)
     env["OMP_NUM_THREADS"] = str(nthreads)
     r = subprocess.run(
@@ -121,6 +133,9 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--parts", default="matmul,attention,moe", help="comma list of matmul, attention, moe")
     args = ap.parse_args()
+    isa_env = os.environ.get("ACTDIFF_KERNELS_ISA", "")
+    os.environ.clear()
+    os.environ.update(peers_env("avx2" if isa_env == "avx2" else ""))  # torch reads MKL/ATen settings at import
     import torch
 
     import actdiff.kernels as K
@@ -143,14 +158,16 @@ def main():
         "attention": {},
         "moe": {},
         "numpy_blas": {},
+        "peers_env": {k: os.environ[k] for k in AVX2_PEERS if k in os.environ},
     }
     print(
-        f"CPU {cpu['model']} @ {cpu['mhz']} MHz, peak {peak_core:.1f} GFLOP/s/core (nominal clock), isa={K.get_isa()}"
+        f"CPU {cpu['model']} @ {cpu['mhz']} MHz, peak {peak_core:.1f} GFLOP/s/core (nominal clock), isa={K.get_isa()},"
+        f" baselines' settings {res['peers_env'] or 'default'}"
     )
     for nt in threads:
         K.set_num_threads(nt)
         torch.set_num_threads(nt)
-        npres = numpy_gflops(tokens, nt, min_time) if "matmul" in parts else {"blas": None}
+        npres = numpy_gflops(tokens, nt, min_time, res["isa"]) if "matmul" in parts else {"blas": None}
         res["numpy_blas"][str(nt)] = npres["blas"]
         print(f"\n== {nt} thread(s); load average {os.getloadavg()[0]:.2f}; numpy BLAS: {npres['blas']}")
         print(
