@@ -134,8 +134,9 @@ def main():
     ap.add_argument("--parts", default="matmul,attention,moe", help="comma list of matmul, attention, moe")
     args = ap.parse_args()
     isa_env = os.environ.get("ACTDIFF_KERNELS_ISA", "")
+    env = peers_env("avx2" if isa_env == "avx2" else "")  # torch reads its MKL/ATen settings at import
     os.environ.clear()
-    os.environ.update(peers_env("avx2" if isa_env == "avx2" else ""))  # torch reads MKL/ATen settings at import
+    os.environ.update(env)
     import torch
 
     import actdiff.kernels as K
