@@ -241,7 +241,8 @@ def _fused_w1_rolled(g: Graph) -> Patch:
     def rolled(self, block, p):
         w1, w2, bias = orig_weights(self, block, p)
         scales = None if w1.scales is None else np.roll(w1.scales, ROLL, axis=0)
-        return _replace(w1, data=np.ascontiguousarray(np.roll(w1.data, ROLL, axis=0)), scales=scales), w2, bias
+        rolled_ids = (np.arange(w1.data.shape[0]) - ROLL) % w1.data.shape[0]  # np.roll(w, ROLL, axis=0)
+        return _replace(w1, data=_take_experts(w1.data, rolled_ids), scales=scales), w2, bias
 
     def fused(self, router_node, h, p):
         self._expert_weights = rolled.__get__(self)  # this call only: forced_moe and the ops keep the right w1
@@ -251,6 +252,14 @@ def _fused_w1_rolled(g: Graph) -> Patch:
             del self._expert_weights
 
     return {"_fused_moe": fused}
+
+
+def _take_experts(data, experts):
+    """Expert weights with expert e read from expert experts[e]: a plain array or a packed fp32 weight
+    (the engine packs fp32 weights at load; whole experts move, so the packed layout stays valid)."""
+    if isinstance(data, kernels.PackedF32):
+        return data.take(experts)
+    return np.ascontiguousarray(data[np.asarray(experts)])
 
 
 def _replace(t, **changes):
@@ -266,7 +275,7 @@ def _expert_permuted(g: Graph) -> Patch:
     orig_weights = _ORIG["_expert_weights"]
 
     def permuted(t):
-        return _replace(t, data=np.ascontiguousarray(t.data[perm]), scales=None if t.scales is None else t.scales[perm])
+        return _replace(t, data=_take_experts(t.data, perm), scales=None if t.scales is None else t.scales[perm])
 
     def weights(self, block, p):
         w1, w2, bias = orig_weights(self, block, p)

@@ -31,6 +31,8 @@ extern "C" {
 
 #define AK_VERSION "0.2.0"
 #define AK_MAX_THREADS 64
+#define AK_PACK_NR 32  /* columns per panel of a packed fp32 weight */
+#define AK_PACK_KC 256 /* rows per K block of a packed fp32 weight */
 
 /* CFFI_BEGIN */
 
@@ -51,7 +53,8 @@ enum {
     AK_DTYPE_F32 = 0,  /* float */
     AK_DTYPE_F16 = 1,  /* IEEE binary16 stored as uint16_t */
     AK_DTYPE_BF16 = 2, /* bfloat16 stored as uint16_t (upper half of a float) */
-    AK_DTYPE_I8 = 3    /* int8 with a per-output-channel fp32 scale: w = q * scale[oc] */
+    AK_DTYPE_I8 = 3,   /* int8 with a per-output-channel fp32 scale: w = q * scale[oc] */
+    AK_DTYPE_F32_PACKED = 4 /* fp32 packed once by ak_pack_weight_f32 (each expert block packed on its own) */
 };
 
 /* ---- instruction-set paths ---- */
@@ -88,6 +91,25 @@ int ak_matmul(float *out, const float *inp, const void *weight, const float *sca
 /* naive triple loop with the same per-element arithmetic (reference) */
 int ak_matmul_naive(float *out, const float *inp, const void *weight, const float *scales,
                     const float *bias, int T, int C, int OC, int weight_dtype);
+
+/* ---- fp32 weights packed once (at load) for the matmul core ----
+ * Layout: K in blocks of 256 rows (the last one shorter); in each block, ceil(N/32) panels, panel p
+ * holding columns 32p..32p+31 as (block rows) x 32 contiguous floats, zero padded past N; i.e.
+ * element (k, n) is at k0*ceil32(N) + (n/32)*kb*32 + (k-k0)*32 + n%32, k0 = k - k%256, kb = that
+ * block's rows. Independent of the ISA path. Values are copied exactly: any matmul on the packed
+ * weight (weight_dtype AK_DTYPE_F32_PACKED in ak_matmul, ak_matmul_naive, ak_moe, ak_expert_up,
+ * ak_expert_down) is bit-identical to the same call on the fp32 original.
+ * The packed matmul weight of an (OC,C) nn.Linear weight is K = C, N = OC, trans = 1;
+ * expert w1[e] (F,H): K = H, N = F, trans = 1; expert w2[e] (F,H) un-transposed: K = F, N = H, trans = 0. */
+/* number of floats of a packed (K,N) weight; -1 for a negative size */
+int64_t ak_packed_size(int K, int N);
+/* packed is (ak_packed_size(K,N)); w is (N,K) when trans = 1, (K,N) when trans = 0 */
+int ak_pack_weight_f32(float *packed, const float *w, int K, int N, int trans);
+/* the inverse: w is (N,K) when trans = 1, (K,N) when trans = 0; packed is (ak_packed_size(K,N)) */
+int ak_unpack_weight_f32(float *w, const float *packed, int K, int N, int trans);
+/* out is (T,OC), inp is (T,C), packed from an (OC,C) weight (K = C, N = OC, trans = 1), bias is (OC) or NULL.
+ * Same as ak_matmul(..., AK_DTYPE_F32_PACKED) (counted as a matmul call). */
+int ak_matmul_packed(float *out, const float *inp, const float *packed, const float *bias, int T, int C, int OC);
 
 /* ---- elementwise / row ops ---- */
 /* out is (T,C), inp is (T,C), weight is (C) or NULL (=1), bias is (C) or NULL (=0) */

@@ -13,8 +13,11 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
-#define KC 256
+#define KC AK_PACK_KC /* the packed weights' K blocks are the driver's K blocks */
 #define NC_COLS 384
+/* row stride of the copied A tile: KC + 16 floats, so its 12 rows fall in different L1 sets (rows of A
+ * itself are lda apart; lda = 3072 floats = 12 KiB puts all 12 in one 4 KiB-periodic set) */
+#define A_LD (KC + 16)
 
 /* ---------------- B packing ----------------
  * dst holds ceil(nc/NR) panels, each kc x NR (row k contiguous), zero padded. */
@@ -150,8 +153,8 @@ __attribute__((target("avx512f"))) static void pack_b_avx512(float *dst, const a
  * bias: NULL, or NR values added after the chain (last K block only). */
 
 __attribute__((target("avx512f,avx2,fma"))) static inline __attribute__((always_inline)) void
-ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, float *C, int64_t ldc, int first,
-            const float *bias) {
+ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, float *C, int64_t ldc,
+            int first, const float *bias) {
     __m512 acc[12][2];
 #pragma GCC unroll 12
     for (int m = 0; m < MR; m++) {
@@ -163,9 +166,10 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
             acc[m][1] = _mm512_loadu_ps(C + m * ldc + 16);
         }
     }
+#pragma GCC unroll 4
     for (int k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_load_ps(Bp + k * 32);
-        __m512 b1 = _mm512_load_ps(Bp + k * 32 + 16);
+        __m512 b0 = _mm512_loadu_ps(Bp + k * ldp);
+        __m512 b1 = _mm512_loadu_ps(Bp + k * ldp + 16);
 #pragma GCC unroll 12
         for (int m = 0; m < MR; m++) {
             __m512 a = _mm512_set1_ps(A[m * lda + k]);
@@ -189,27 +193,27 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
 }
 
 __attribute__((target("avx512f,avx2,fma"))) static void ukr512(int mr, int kc, const float *A, int64_t lda,
-                                                               const float *Bp, float *C, int64_t ldc, int first,
-                                                               const float *bias) {
+                                                               const float *Bp, int64_t ldp, float *C, int64_t ldc,
+                                                               int first, const float *bias) {
     switch (mr) {
-    case 12: ukr512_body(12, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 11: ukr512_body(11, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 10: ukr512_body(10, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 9: ukr512_body(9, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 8: ukr512_body(8, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 7: ukr512_body(7, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 6: ukr512_body(6, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 5: ukr512_body(5, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 4: ukr512_body(4, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 3: ukr512_body(3, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 2: ukr512_body(2, kc, A, lda, Bp, C, ldc, first, bias); break;
-    default: ukr512_body(1, kc, A, lda, Bp, C, ldc, first, bias); break;
+    case 12: ukr512_body(12, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 11: ukr512_body(11, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 10: ukr512_body(10, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 9: ukr512_body(9, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 8: ukr512_body(8, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 7: ukr512_body(7, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 6: ukr512_body(6, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 5: ukr512_body(5, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 4: ukr512_body(4, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 3: ukr512_body(3, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 2: ukr512_body(2, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    default: ukr512_body(1, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
     }
 }
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
-ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, float *C, int64_t ldc, int first,
-            const float *bias) {
+ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, float *C, int64_t ldc,
+            int first, const float *bias) {
     __m256 acc[6][2];
 #pragma GCC unroll 6
     for (int m = 0; m < MR; m++) {
@@ -221,9 +225,10 @@ ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
             acc[m][1] = _mm256_loadu_ps(C + m * ldc + 8);
         }
     }
+#pragma GCC unroll 4
     for (int k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_load_ps(Bp + k * 16);
-        __m256 b1 = _mm256_load_ps(Bp + k * 16 + 8);
+        __m256 b0 = _mm256_loadu_ps(Bp + k * ldp);
+        __m256 b1 = _mm256_loadu_ps(Bp + k * ldp + 8);
 #pragma GCC unroll 6
         for (int m = 0; m < MR; m++) {
             __m256 a = _mm256_broadcast_ss(A + m * lda + k);
@@ -247,25 +252,26 @@ ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
 }
 
 __attribute__((target("avx2,fma"))) static void ukr256(int mr, int kc, const float *A, int64_t lda, const float *Bp,
-                                                       float *C, int64_t ldc, int first, const float *bias) {
+                                                       int64_t ldp, float *C, int64_t ldc, int first,
+                                                       const float *bias) {
     switch (mr) {
-    case 6: ukr256_body(6, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 5: ukr256_body(5, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 4: ukr256_body(4, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 3: ukr256_body(3, kc, A, lda, Bp, C, ldc, first, bias); break;
-    case 2: ukr256_body(2, kc, A, lda, Bp, C, ldc, first, bias); break;
-    default: ukr256_body(1, kc, A, lda, Bp, C, ldc, first, bias); break;
+    case 6: ukr256_body(6, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 5: ukr256_body(5, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 4: ukr256_body(4, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 3: ukr256_body(3, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 2: ukr256_body(2, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    default: ukr256_body(1, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
     }
 }
 
-static void ukr_scalar(int mr, int kc, const float *A, int64_t lda, const float *Bp, float *C, int64_t ldc,
-                       int first, const float *bias) {
+static void ukr_scalar(int mr, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, float *C,
+                       int64_t ldc, int first, const float *bias) {
     enum { NR = 8 };
     float acc[4][NR];
     for (int m = 0; m < mr; m++)
         for (int j = 0; j < NR; j++) acc[m][j] = first ? 0.0f : C[m * ldc + j];
     for (int k = 0; k < kc; k++) {
-        const float *b = Bp + k * NR;
+        const float *b = Bp + k * ldp;
         for (int m = 0; m < mr; m++) {
             float a = A[m * lda + k];
             for (int j = 0; j < NR; j++) acc[m][j] = fmaf(a, b[j], acc[m][j]);
@@ -275,61 +281,102 @@ static void ukr_scalar(int mr, int kc, const float *A, int64_t lda, const float 
         for (int j = 0; j < NR; j++) C[m * ldc + j] = bias ? acc[m][j] + bias[j] : acc[m][j];
 }
 
-typedef void (*ukr_fn)(int, int, const float *, int64_t, const float *, float *, int64_t, int, const float *);
+typedef void (*ukr_fn)(int, int, const float *, int64_t, const float *, int64_t, float *, int64_t, int, const float *);
 
 /* ---------------- driver ---------------- */
-int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end) {
-    if (n_end <= n_begin || g->M <= 0) return AK_OK;
-    int M = g->M, K = g->K;
-    if (K == 0) {
-        for (int m = 0; m < M; m++)
-            for (int n = n_begin; n < n_end; n++) g->C[m * g->ldc + n] = g->bias ? 0.0f + g->bias[n] : 0.0f;
-        return AK_OK;
-    }
-    int isa = ak_isa();
+typedef struct {
     int MR, NR;
     ukr_fn ukr;
-    if (isa == AK_ISA_AVX512) { MR = 12; NR = 32; ukr = ukr512; }
-    else if (isa == AK_ISA_AVX2) { MR = 6; NR = 16; ukr = ukr256; }
-    else { MR = 4; NR = 8; ukr = ukr_scalar; }
-    int NC = NC_COLS; /* multiple of every NR */
-    float *buf = (float *)ak_aligned_alloc((size_t)KC * NC * sizeof(float));
-    if (!buf) return AK_ERR_OUT_OF_MEMORY;
+} ukr_desc;
+
+static ukr_desc ukr_for_isa(int isa) {
+    if (isa == AK_ISA_AVX512) return (ukr_desc){12, 32, ukr512};
+    if (isa == AK_ISA_AVX2) return (ukr_desc){6, 16, ukr256};
+    return (ukr_desc){4, 8, ukr_scalar};
+}
+
+/* One kc-deep slab of C's columns [n0, n0+nc) for all M rows.  Panel p (NR columns from n0 + p*NR)
+ * starts at panels + p*pstride with row stride ldp: the per-call packed buffer (ldp = NR, pstride =
+ * kc*NR) or a slice of a pre-packed weight (ldp = AK_PACK_NR).  Edge panels (fewer than NR valid
+ * columns) run the full-width kernel on a scratch tile so padded columns never reach C. */
+static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0, int kc,
+                      const float *const *panel_of, int64_t ldp) {
     float tmpC[12 * 32] __attribute__((aligned(64)));
     float tmpBias[32] __attribute__((aligned(64)));
+    float Apack[12 * A_LD] __attribute__((aligned(64)));
+    const int MR = u.MR, NR = u.NR, np = (nc + NR - 1) / NR;
+    const int first = (k0 == 0), last = (k0 + kc == g->K);
+    for (int m0 = 0; m0 < g->M; m0 += MR) {
+        int mr = g->M - m0 < MR ? g->M - m0 : MR;
+        const float *Ab = g->A + (int64_t)m0 * g->lda + k0;
+        int64_t lda = g->lda;
+        if (np > 1) { /* A tile copied once, read by np panels: rows A_LD apart, not lda (see A_LD) */
+            for (int m = 0; m < mr; m++) memcpy(Apack + m * A_LD, Ab + (int64_t)m * lda, (size_t)kc * sizeof(float));
+            Ab = Apack;
+            lda = A_LD;
+        }
+        for (int p = 0; p < np; p++) {
+            int ncols = nc - p * NR < NR ? nc - p * NR : NR;
+            int ncol0 = n0 + p * NR;
+            float *Cp = g->C + (int64_t)m0 * g->ldc + ncol0;
+            const float *bp = (last && g->bias) ? g->bias + ncol0 : NULL;
+            if (ncols == NR) {
+                u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, Cp, g->ldc, first, bp);
+                continue;
+            }
+            if (!first)
+                for (int m = 0; m < mr; m++)
+                    for (int j = 0; j < ncols; j++) tmpC[m * NR + j] = Cp[(int64_t)m * g->ldc + j];
+            if (bp) {
+                for (int j = 0; j < NR; j++) tmpBias[j] = j < ncols ? bp[j] : 0.0f;
+                bp = tmpBias;
+            }
+            u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, tmpC, NR, first, bp);
+            for (int m = 0; m < mr; m++)
+                for (int j = 0; j < ncols; j++) Cp[(int64_t)m * g->ldc + j] = tmpC[m * NR + j];
+        }
+    }
+}
+
+/* address of row k, column n of a pre-packed (K deep, N wide) weight (see ak_pack_weight_f32) */
+static inline const float *packed_at(const float *P, int K, int N, int k, int n) {
+    int k0 = k / AK_PACK_KC * AK_PACK_KC, kcb = K - k0 < AK_PACK_KC ? K - k0 : AK_PACK_KC;
+    int64_t npad = (int64_t)(N + AK_PACK_NR - 1) / AK_PACK_NR * AK_PACK_NR;
+    return P + (int64_t)k0 * npad + (int64_t)(n / AK_PACK_NR) * kcb * AK_PACK_NR + (int64_t)(k - k0) * AK_PACK_NR +
+           n % AK_PACK_NR;
+}
+
+static void fill_bias_only(const ak_gemm_args *g, int n_begin, int n_end) {
+    for (int m = 0; m < g->M; m++)
+        for (int n = n_begin; n < n_end; n++) g->C[m * g->ldc + n] = g->bias ? 0.0f + g->bias[n] : 0.0f;
+}
+
+int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end) {
+    if (n_end <= n_begin || g->M <= 0) return AK_OK;
+    if (g->K == 0) {
+        fill_bias_only(g, n_begin, n_end);
+        return AK_OK;
+    }
+    const int isa = ak_isa(), K = g->K, NC = NC_COLS; /* NC: a multiple of every NR */
+    const ukr_desc u = ukr_for_isa(isa);
+    const int packed = g->b_dtype == AK_DTYPE_F32_PACKED;
+    const float *panel_of[NC_COLS / 8];
+    float *buf = NULL;
+    if (!packed && !(buf = (float *)ak_aligned_alloc((size_t)KC * NC * sizeof(float)))) return AK_ERR_OUT_OF_MEMORY;
     for (int n0 = n_begin; n0 < n_end; n0 += NC) {
         int nc = n_end - n0 < NC ? n_end - n0 : NC;
-        int np = (nc + NR - 1) / NR;
+        int np = (nc + u.NR - 1) / u.NR;
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = K - k0 < KC ? K - k0 : KC;
-            int first = (k0 == 0), last = (k0 + kc == K);
-            if (isa == AK_ISA_AVX512) pack_b_avx512(buf, g, n0, nc, k0, kc);
-            else pack_b_generic(buf, g, n0, nc, k0, kc, NR);
-            for (int m0 = 0; m0 < M; m0 += MR) {
-                int mr = M - m0 < MR ? M - m0 : MR;
-                const float *Ab = g->A + (int64_t)m0 * g->lda + k0;
-                for (int p = 0; p < np; p++) {
-                    int ncols = nc - p * NR < NR ? nc - p * NR : NR;
-                    int ncol0 = n0 + p * NR;
-                    float *Cp = g->C + (int64_t)m0 * g->ldc + ncol0;
-                    const float *bp = (last && g->bias) ? g->bias + ncol0 : NULL;
-                    const float *panel = buf + (int64_t)p * kc * NR;
-                    if (ncols == NR) {
-                        ukr(mr, kc, Ab, g->lda, panel, Cp, g->ldc, first, bp);
-                    } else {
-                        if (!first)
-                            for (int m = 0; m < mr; m++)
-                                for (int j = 0; j < ncols; j++) tmpC[m * NR + j] = Cp[(int64_t)m * g->ldc + j];
-                        if (bp) {
-                            for (int j = 0; j < NR; j++) tmpBias[j] = j < ncols ? bp[j] : 0.0f;
-                            bp = tmpBias;
-                        }
-                        ukr(mr, kc, Ab, g->lda, panel, tmpC, NR, first, bp);
-                        for (int m = 0; m < mr; m++)
-                            for (int j = 0; j < ncols; j++) Cp[(int64_t)m * g->ldc + j] = tmpC[m * NR + j];
-                    }
-                }
+            if (packed) { /* the weight was packed at load: point into it, nothing to copy */
+                for (int p = 0; p < np; p++) panel_of[p] = packed_at((const float *)g->B, K, g->N, k0, n0 + p * u.NR);
+                gemm_slab(g, u, n0, nc, k0, kc, panel_of, AK_PACK_NR);
+                continue;
             }
+            if (isa == AK_ISA_AVX512) pack_b_avx512(buf, g, n0, nc, k0, kc);
+            else pack_b_generic(buf, g, n0, nc, k0, kc, u.NR);
+            for (int p = 0; p < np; p++) panel_of[p] = buf + (int64_t)p * kc * u.NR;
+            gemm_slab(g, u, n0, nc, k0, kc, panel_of, u.NR);
         }
     }
     ak_aligned_free(buf);
@@ -368,8 +415,14 @@ void ak_gemm_naive(const ak_gemm_args *g) {
         for (int n = 0; n < g->N; n++) {
             float acc = 0.0f;
             for (int k = 0; k < g->K; k++) {
-                int64_t idx = g->b_trans ? (int64_t)n * g->ldb + k : (int64_t)k * g->ldb + n;
-                acc = fmaf(g->A[(int64_t)m * g->lda + k], load_b(g, idx, n), acc);
+                float b;
+                if (g->b_dtype == AK_DTYPE_F32_PACKED) {
+                    b = *packed_at((const float *)g->B, g->K, g->N, k, n);
+                } else {
+                    int64_t idx = g->b_trans ? (int64_t)n * g->ldb + k : (int64_t)k * g->ldb + n;
+                    b = load_b(g, idx, n);
+                }
+                acc = fmaf(g->A[(int64_t)m * g->lda + k], b, acc);
             }
             g->C[(int64_t)m * g->ldc + n] = g->bias ? acc + g->bias[n] : acc;
         }
@@ -383,7 +436,7 @@ static int matmul_check(float *out, const float *inp, const void *weight, const 
     AK_CHECK_PTR(inp);
     AK_CHECK_PTR(weight);
     if (T < 0 || C < 0 || OC < 0) return AK_ERR_INVALID_SIZE;
-    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_I8) return AK_ERR_INVALID_ARGUMENT;
+    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED) return AK_ERR_INVALID_ARGUMENT;
     if (weight_dtype == AK_DTYPE_I8 && scales == NULL) return AK_ERR_NULL_POINTER;
     return AK_OK;
 }
@@ -405,4 +458,56 @@ int ak_matmul_naive(float *out, const float *inp, const void *weight, const floa
     ak_gemm_args g = {T, OC, C, inp, C, weight, C, weight_dtype, 1, scales, bias, out, OC};
     ak_gemm_naive(&g);
     return AK_OK;
+}
+
+/* ---------------- weights packed once ----------------
+ * Layout (ISA independent, so ak_set_isa never invalidates it): K in blocks of AK_PACK_KC (256) rows,
+ * the driver's K blocks; in each block, ceil(N/32) panels of (block rows) x 32 columns, row-major, zero
+ * past N.  So the (256 x NC) B block a slab reads is one contiguous range (panels K*32 floats apart
+ * would fall in the same L2 sets when K*128 bytes is a multiple of 64 KiB, e.g. K = 3072).  The
+ * AVX-512 kernel reads a panel as is; the AVX2 (16) and scalar (8) kernels read column slices with row
+ * stride 32.  Values are copied bit for bit: a matmul on the packed weight is identical to one on w. */
+int64_t ak_packed_size(int K, int N) {
+    if (K < 0 || N < 0) return -1;
+    return (int64_t)((N + AK_PACK_NR - 1) / AK_PACK_NR) * AK_PACK_NR * K;
+}
+
+int ak_pack_weight_f32(float *packed, const float *w, int K, int N, int trans) {
+    AK_CHECK_PTR(packed);
+    AK_CHECK_PTR(w);
+    if (K < 0 || N < 0) return AK_ERR_INVALID_SIZE;
+    if (trans != 0 && trans != 1) return AK_ERR_INVALID_ARGUMENT;
+    int np = (N + AK_PACK_NR - 1) / AK_PACK_NR;
+    for (int k0 = 0; k0 < K; k0 += AK_PACK_KC)
+        for (int p = 0; p < np; p++) {
+            int kcb = K - k0 < AK_PACK_KC ? K - k0 : AK_PACK_KC;
+            float *panel = (float *)packed_at(packed, K, N, k0, p * AK_PACK_NR);
+            for (int j = 0; j < AK_PACK_NR; j++) { /* column-wise: reads a transposed w row by row */
+                int n = p * AK_PACK_NR + j;
+                for (int k = 0; k < kcb; k++) {
+                    float v = 0.0f;
+                    if (n < N) v = trans ? w[(int64_t)n * K + k0 + k] : w[(int64_t)(k0 + k) * N + n];
+                    panel[(int64_t)k * AK_PACK_NR + j] = v;
+                }
+            }
+        }
+    return AK_OK;
+}
+
+int ak_unpack_weight_f32(float *w, const float *packed, int K, int N, int trans) {
+    AK_CHECK_PTR(w);
+    AK_CHECK_PTR(packed);
+    if (K < 0 || N < 0) return AK_ERR_INVALID_SIZE;
+    if (trans != 0 && trans != 1) return AK_ERR_INVALID_ARGUMENT;
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            float v = *packed_at(packed, K, N, k, n);
+            if (trans) w[(int64_t)n * K + k] = v;
+            else w[(int64_t)k * N + n] = v;
+        }
+    return AK_OK;
+}
+
+int ak_matmul_packed(float *out, const float *inp, const float *packed, const float *bias, int T, int C, int OC) {
+    return ak_matmul(out, inp, packed, NULL, bias, T, C, OC, AK_DTYPE_F32_PACKED);
 }

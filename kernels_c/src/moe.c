@@ -14,10 +14,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-static size_t dtype_size(int dt) {
-    return dt == AK_DTYPE_F32 ? 4 : dt == AK_DTYPE_I8 ? 1 : 2;
-}
-
 int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, int32_t *topk_indices, float *fc1,
            float *act, float *expert_out, float *weighted, const float *inp, const float *router_w, const void *w1,
            const float *w1_scales, const void *w2, const float *w2_scales, const float *bias, int T, int H, int F,
@@ -29,7 +25,7 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
     AK_CHECK_PTR(w2);
     if (T < 0 || H <= 0 || F <= 0 || E <= 0) return AK_ERR_INVALID_SIZE;
     if (top_k < 1 || top_k > E) return AK_ERR_INVALID_ARGUMENT;
-    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_I8) return AK_ERR_INVALID_ARGUMENT;
+    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED) return AK_ERR_INVALID_ARGUMENT;
     if (weight_dtype == AK_DTYPE_I8 && (!w1_scales || !w2_scales)) return AK_ERR_NULL_POINTER;
     if (gelu_approximate != 0 && gelu_approximate != 1) return AK_ERR_INVALID_ARGUMENT;
     if (forced) {
@@ -74,7 +70,8 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
         for (int t = 0; t < T; t++) ak_softmax_row(pr + (int64_t)t * E, lg + (int64_t)t * E, E);
     }
     if (!forced) ak_topk_rows(tw, ti, pr, T, E, K, renormalize);
-    size_t es = dtype_size(weight_dtype);
+    /* w1[e] is H deep, F wide (transposed); w2[e] is F deep, H wide: packed blocks differ in padding */
+    size_t w1_bytes = ak_weight_block_bytes(weight_dtype, H, F), w2_bytes = ak_weight_block_bytes(weight_dtype, F, H);
     for (int e = 0; e < E; e++) {
         int ne = 0;
         for (int64_t r = 0; r < (int64_t)T * K; r++)
@@ -82,8 +79,8 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
         if (ne == 0) continue;
         for (int i = 0; i < ne; i++)
             memcpy(xe + (int64_t)i * H, inp + (int64_t)(rows[i] / K) * H, (size_t)H * sizeof(float));
-        const char *w1e = (const char *)w1 + (size_t)e * F * H * es;
-        const char *w2e = (const char *)w2 + (size_t)e * F * H * es;
+        const char *w1e = (const char *)w1 + (size_t)e * w1_bytes;
+        const char *w2e = (const char *)w2 + (size_t)e * w2_bytes;
         ak_gemm_args g1 = {ne, F, H, xe, H, w1e, H, weight_dtype, 1,
                            weight_dtype == AK_DTYPE_I8 ? w1_scales + (int64_t)e * F : NULL, NULL, he, F};
         status = ak_gemm(&g1);

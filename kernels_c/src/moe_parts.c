@@ -8,7 +8,6 @@
 #include "ak_internal.h"
 #include <stdlib.h>
 
-static size_t dtype_size(int dt) { return dt == AK_DTYPE_F32 ? 4 : dt == AK_DTYPE_I8 ? 1 : 2; }
 
 static inline int rank_gt(float a, float b) { /* a ranks strictly before b; NaN ranks first */
     if (a != a) return b == b;
@@ -74,7 +73,7 @@ int ak_topk(float *weights, int64_t *indices, const float *probs, int T, int E, 
 static int expert_gemm(float *out, const float *inp, int64_t in_row_stride_per_slot, const int64_t *indices, int T,
                        int K, int IN, int OUT, int E, const void *w, const float *scales, int64_t scale_stride,
                        int weight_dtype, int b_trans) {
-    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_I8) return AK_ERR_INVALID_ARGUMENT;
+    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED) return AK_ERR_INVALID_ARGUMENT;
     if (weight_dtype == AK_DTYPE_I8 && !scales) return AK_ERR_NULL_POINTER;
     for (int64_t r = 0; r < (int64_t)T * K; r++)
         if (indices[r] < 0 || indices[r] >= E) return AK_ERR_INDEX_OUT_OF_RANGE;
@@ -88,7 +87,7 @@ static int expert_gemm(float *out, const float *inp, int64_t in_row_stride_per_s
         status = AK_ERR_OUT_OF_MEMORY;
         goto done;
     }
-    size_t es = dtype_size(weight_dtype);
+    size_t w_bytes = ak_weight_block_bytes(weight_dtype, IN, OUT); /* one expert: IN deep, OUT wide */
     for (int e = 0; e < E; e++) {
         int ne = 0;
         for (int64_t r = 0; r < (int64_t)T * K; r++)
@@ -99,7 +98,7 @@ static int expert_gemm(float *out, const float *inp, int64_t in_row_stride_per_s
             int64_t src = in_row_stride_per_slot ? rows[i] : rows[i] / K;
             memcpy(xe + (int64_t)i * IN, inp + src * IN, (size_t)IN * sizeof(float));
         }
-        const char *we = (const char *)w + (size_t)e * IN * OUT * es;
+        const char *we = (const char *)w + (size_t)e * w_bytes;
         ak_gemm_args g = {ne, OUT, IN, xe, IN, we, b_trans ? IN : OUT, weight_dtype, b_trans,
                           weight_dtype == AK_DTYPE_I8 ? scales + (int64_t)e * scale_stride : NULL, NULL, ye, OUT};
         status = ak_gemm(&g);

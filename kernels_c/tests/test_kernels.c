@@ -286,11 +286,117 @@ static void test_compare(void) {
     free(e); free(r);
 }
 
+/* pack each of E (N,K) [trans=1] or (K,N) [trans=0] blocks of w into one buffer with guard */
+static float *pack_blocks(const float *w, int E, int K, int N, int trans) {
+    int64_t per = ak_packed_size(K, N);
+    float *p = galloc((size_t)(E * per));
+    for (int e = 0; e < E; e++) CHECK(ak_pack_weight_f32(p + e * per, w + (size_t)e * K * N, K, N, trans));
+    EXPECT(guard_ok(p, (size_t)(E * per)), "guard pack K=%d N=%d", K, N);
+    return p;
+}
+
+static void test_pack_roundtrip(void) {
+    const int shapes[][2] = {{1, 1}, {17, 5}, {33, 47}, {64, 32}, {129, 100}, {3, 65}, {600, 70}, {256, 33}};
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int K = shapes[s][0], N = shapes[s][1];
+        EXPECT(ak_packed_size(K, N) == (int64_t)((N + 31) / 32) * 32 * K, "packed size K=%d N=%d", K, N);
+        for (int trans = 0; trans < 2; trans++) {
+            float *w = rand_buf((size_t)K * N), *back = galloc((size_t)K * N);
+            float *p = pack_blocks(w, 1, K, N, trans);
+            for (int n = N; n < (N + 31) / 32 * 32; n++) /* padding is zero, so padded lanes stay finite */
+                EXPECT(p[(int64_t)(n / 32) * (K < 256 ? K : 256) * 32 + n % 32] == 0.0f, "zero pad n=%d", n);
+            CHECK(ak_unpack_weight_f32(back, p, K, N, trans));
+            EXPECT(memcmp(back, w, (size_t)K * N * 4) == 0, "unpack K=%d N=%d trans=%d", K, N, trans);
+            EXPECT(guard_ok(back, (size_t)K * N), "guard unpack");
+            free(w); free(back); free(p);
+        }
+    }
+    float x = 0;
+    EXPECT(ak_pack_weight_f32(NULL, &x, 1, 1, 1) == AK_ERR_NULL_POINTER, "pack null");
+    EXPECT(ak_pack_weight_f32(&x, &x, -1, 1, 1) == AK_ERR_INVALID_SIZE, "pack negative");
+    EXPECT(ak_pack_weight_f32(&x, &x, 1, 1, 2) == AK_ERR_INVALID_ARGUMENT, "pack trans");
+    EXPECT(ak_packed_size(-1, 3) == -1, "packed size negative");
+}
+
+/* the matmul on a packed weight is bitwise the naive loop on the original, every ISA and thread count */
+static void test_matmul_packed(void) {
+    const int shapes[][3] = {{1, 1, 1}, {1, 17, 5}, {3, 33, 47}, {13, 64, 70}, {25, 129, 100},
+                             {40, 300, 33}, {7, 768, 97}, {30, 520, 400}, {12, 256, 48}};
+    int nisa = 0, isas[3];
+    for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int T = shapes[s][0], C = shapes[s][1], OC = shapes[s][2];
+        float *inp = rand_buf((size_t)T * C), *w = rand_buf((size_t)OC * C), *b = rand_buf(OC);
+        float *p = pack_blocks(w, 1, C, OC, 1);
+        float *ref = galloc((size_t)T * OC), *out = galloc((size_t)T * OC);
+        CHECK(ak_matmul_naive(ref, inp, w, NULL, b, T, C, OC, AK_DTYPE_F32));
+        CHECK(ak_matmul_naive(out, inp, p, NULL, b, T, C, OC, AK_DTYPE_F32_PACKED));
+        EXPECT(memcmp(out, ref, (size_t)T * OC * 4) == 0, "naive packed T=%d C=%d OC=%d", T, C, OC);
+        for (int ii = 0; ii < nisa; ii++) {
+            CHECK(ak_set_isa(isas[ii]));
+            for (int nt = 1; nt <= 3; nt++) {
+                CHECK(ak_set_num_threads(nt));
+                memset(out, 0, (size_t)T * OC * 4);
+                CHECK(ak_matmul_packed(out, inp, p, nt == 2 ? NULL : b, T, C, OC));
+                if (nt == 2) CHECK(ak_matmul_naive(ref, inp, w, NULL, NULL, T, C, OC, AK_DTYPE_F32));
+                EXPECT(memcmp(out, ref, (size_t)T * OC * 4) == 0, "matmul_packed T=%d C=%d OC=%d isa=%d nt=%d nmse=%g",
+                       T, C, OC, isas[ii], nt, nmse(out, ref, (size_t)T * OC));
+                EXPECT(guard_ok(out, (size_t)T * OC), "guard matmul_packed");
+                if (nt == 2) CHECK(ak_matmul_naive(ref, inp, w, NULL, b, T, C, OC, AK_DTYPE_F32));
+            }
+        }
+        CHECK(ak_set_isa(AK_ISA_AUTO));
+        free(inp); free(w); free(b); free(p); free(ref); free(out);
+    }
+}
+
+/* ak_moe and the expert part ops on packed expert weights (F, H not multiples of 32: w1 and w2 blocks
+ * have different padded sizes) are bitwise the unpacked calls */
+static void test_moe_packed(void) {
+    int T = 37, H = 48, F = 80, E = 5, K = 2;
+    float *x = rand_buf((size_t)T * H), *rw = rand_buf((size_t)E * H), *w1 = rand_buf((size_t)E * F * H),
+          *w2 = rand_buf((size_t)E * F * H), *b = rand_buf(H);
+    float *p1 = pack_blocks(w1, E, H, F, 1), *p2 = pack_blocks(w2, E, F, H, 0);
+    float *o1 = galloc((size_t)T * H), *o2 = galloc((size_t)T * H), *tw = galloc((size_t)T * K);
+    float *f1 = galloc((size_t)T * K * F), *f2 = galloc((size_t)T * K * F), *a1 = galloc((size_t)T * K * F);
+    float *e1 = galloc((size_t)T * K * H), *e2 = galloc((size_t)T * K * H);
+    int32_t *ti = malloc((size_t)T * K * 4);
+    int64_t *ti64 = malloc((size_t)T * K * 8);
+    int nisa = 0, isas[3];
+    for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
+    for (int ii = 0; ii < nisa; ii++) {
+        CHECK(ak_set_isa(isas[ii])); /* gelu and softmax are per-ISA code: the reference is per ISA too */
+        CHECK(ak_moe(o1, NULL, NULL, tw, ti, f1, a1, e1, NULL, x, rw, w1, NULL, w2, NULL, b, T, H, F, E, K,
+                     AK_DTYPE_F32, 1, 0, 0));
+        for (int i = 0; i < T * K; i++) ti64[i] = ti[i];
+        for (int nt = 1; nt <= 2; nt++) {
+            CHECK(ak_set_num_threads(nt));
+            CHECK(ak_moe(o2, NULL, NULL, NULL, NULL, f2, NULL, e2, NULL, x, rw, p1, NULL, p2, NULL, b, T, H, F, E, K,
+                         AK_DTYPE_F32_PACKED, 1, 0, 0));
+            EXPECT(memcmp(o1, o2, (size_t)T * H * 4) == 0, "moe packed isa=%d nt=%d", isas[ii], nt);
+            EXPECT(memcmp(f1, f2, (size_t)T * K * F * 4) == 0, "moe packed fc1 isa=%d nt=%d", isas[ii], nt);
+            CHECK(ak_expert_up(f2, x, ti64, p1, NULL, T, K, H, F, E, AK_DTYPE_F32_PACKED));
+            EXPECT(memcmp(f1, f2, (size_t)T * K * F * 4) == 0, "expert_up packed isa=%d nt=%d", isas[ii], nt);
+            CHECK(ak_expert_down(e2, a1, ti64, p2, NULL, T, K, F, H, E, AK_DTYPE_F32_PACKED));
+            EXPECT(memcmp(e1, e2, (size_t)T * K * H * 4) == 0, "expert_down packed isa=%d nt=%d", isas[ii], nt);
+        }
+    }
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    EXPECT(guard_ok(o2, (size_t)T * H) && guard_ok(f2, (size_t)T * K * F) && guard_ok(e2, (size_t)T * K * H),
+           "guard moe packed");
+    EXPECT(ak_matmul(o2, x, p1, NULL, NULL, 1, 1, 1, 5) == AK_ERR_INVALID_ARGUMENT, "dtype 5 refused");
+    free(x); free(rw); free(w1); free(w2); free(b); free(p1); free(p2); free(o1); free(o2); free(tw);
+    free(f1); free(f2); free(a1); free(e1); free(e2); free(ti); free(ti64);
+}
+
 int main(void) {
     test_matmul();
     test_attention();
     test_attention_padded();
     test_moe();
+    test_pack_roundtrip();
+    test_matmul_packed();
+    test_moe_packed();
     test_small_ops();
     test_compare();
     printf("%d passed, %d failed\n", g_pass, g_fail);

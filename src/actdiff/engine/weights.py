@@ -17,7 +17,10 @@ biases stay fp32, as engines usually keep them.
 
 Layout: the fused Wqkv stays fused (the SPLIT nodes split its output); experts are stored per expert,
 ``w1`` and ``w2`` as (E, F, H) as released (``w2_transposed`` fault: the buffer read as (E, H, F) and
-transposed). Each engine tensor records the checkpoint tensor it came from and the transform applied, so
+transposed). fp32 matrix and expert weights are then packed once into the matmul core's 32-column panels
+(:class:`actdiff.kernels.PackedF32`, replacing the array, so resident memory stays one fp32 copy): kernels
+read them in place instead of re-packing per call, with bit-identical results; ``as_float32`` unpacks.
+Each engine tensor records the checkpoint tensor it came from and the transform applied, so
 the comparison stage can check weight parity (``Engine.export_weights``).
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
+from ..kernels import PackedF32
 from ..nodes import Graph
 
 
@@ -37,7 +41,7 @@ class EngineTensor:
     name: str  # the engine's name for it
     source: str  # checkpoint tensor it came from
     transform: str  # what the engine did to it
-    data: np.ndarray  # storage as the C kernels read it
+    data: np.ndarray | PackedF32  # storage as the C kernels read it (fp32 matrix weights: packed at load)
     scales: np.ndarray | None = None  # int8 per-output-channel scales
     storage: str = "float32"  # float32 | float16 | bf16 | int8
     int8_axis: int | None = None  # the reduced (input) axis the int8 scales were taken over
@@ -50,6 +54,8 @@ class EngineTensor:
             return kernels.bf16_to_f32(self.data)
         if self.storage == "int8":
             return (self.data.astype(np.float32) * np.expand_dims(self.scales, self.int8_axis)).astype(np.float32)
+        if isinstance(self.data, PackedF32):  # unpacked on demand: the engine keeps only the packed copy
+            return self.data.unpack()
         return self.data.astype(np.float32, copy=False)
 
 
@@ -198,9 +204,11 @@ def convert(graph: Graph, ckpt: Checkpoint, precision: str, w2_orientation: str 
             else:
                 a3 = a.reshape(E, F, H)
                 layout = "viewed as (E, F, H), one (F, H) block per expert"
-            out[key] = _store(key, a3, st, layout, int8_axis=2 if key.endswith("w1") else 1)
+            is_w1 = key.endswith("w1")
+            out[key] = _store(key, a3, st, layout, int8_axis=2 if is_w1 else 1, trans=is_w1)
+            del a3
         elif is_matrix_weight:
-            out[key] = _store(key, a, st, "as is (OC, IC)", int8_axis=1)
+            out[key] = _store(key, a, st, "as is (OC, IC)", int8_axis=1, trans=True)
         elif len(shape) == 2:  # router and embedding tables: fp32 storage, reduced values
             v = round_to(a, value_storage)
             t = "as is" if value_storage == "float32" else f"values rounded to {value_storage}, stored float32"
@@ -211,11 +219,12 @@ def convert(graph: Graph, ckpt: Checkpoint, precision: str, w2_orientation: str 
     return out
 
 
-def _store(key: str, a: np.ndarray, storage: str, layout: str, int8_axis: int) -> EngineTensor:
+def _store(key: str, a: np.ndarray, storage: str, layout: str, int8_axis: int, trans: bool) -> EngineTensor:
+    """``trans``: the kernels read the weight transposed (x @ w^T: linear weights, expert w1) or not (w2)."""
     from .. import kernels
 
-    if storage == "float32":
-        return EngineTensor(key, key, f"{layout}; float32", np.ascontiguousarray(a))
+    if storage == "float32":  # packed once here; the caller drops ``a``, so only the packed copy stays
+        return EngineTensor(key, key, f"{layout}; float32", kernels.pack_f32(np.ascontiguousarray(a), trans=trans))
     if storage == "float16":
         return EngineTensor(key, key, f"{layout}; float16 storage", a.astype(np.float16), storage="float16")
     if storage == "bf16":

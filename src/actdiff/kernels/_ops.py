@@ -151,6 +151,95 @@ def reset_call_counts() -> None:
     lib.ak_reset_call_counts()
 
 
+# ---------------------------------------------------------------- fp32 weights packed once
+_PACKED = 4  # AK_DTYPE_F32_PACKED
+_PACK_NR = 32  # AK_PACK_NR: columns per panel
+
+
+class PackedF32:
+    """An fp32 weight packed once (at load) for the C matmul core: ``ak_pack_weight_f32``'s 32-column
+    panels, read in place by every ISA path, so no kernel call re-packs it. Matmuls on it are
+    bit-identical to the same calls on the original array (the values are copied exactly).
+
+    ``shape`` is the original array's shape: (OC, C) for a linear weight (``trans``: stored (N, K),
+    the product reads it transposed) or (E, F, H) for expert weights, each expert's block packed on its
+    own (w1: ``trans``, w2: not). ``data`` holds the panels, one row per expert for 3-D weights, so
+    indexing ``data`` by experts (``take``) re-orders whole experts. ``unpack()`` gives the original back.
+    """
+
+    dtype = np.dtype(np.float32)  # the values it stands for
+
+    def __init__(self, data: np.ndarray, shape: tuple[int, ...], trans: bool):
+        self.data, self.shape, self.trans = data, tuple(int(d) for d in shape), bool(trans)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def _kn(self) -> tuple[int, int]:
+        rows, cols = self.shape[-2:]
+        return (cols, rows) if self.trans else (rows, cols)
+
+    def __repr__(self) -> str:
+        return f"PackedF32(shape={self.shape}, trans={self.trans})"
+
+    def unpack(self) -> np.ndarray:
+        """A new float32 array with the original layout and values."""
+        K, N = self._kn()
+        blocks = self.data.reshape(-1, self.data.shape[-1])
+        out = np.empty((blocks.shape[0],) + self.shape[-2:], np.float32)
+        for e in range(blocks.shape[0]):
+            _call("unpack_weight_f32", lib.ak_unpack_weight_f32(_p(out[e]), _p(blocks[e]), K, N, int(self.trans)))
+        return out.reshape(self.shape)
+
+    def take(self, experts) -> PackedF32:
+        """The 3-D weight with expert e taken from expert ``experts[e]`` (a permutation, a roll, ...)."""
+        if self.ndim != 3:
+            raise ValueError(f"take() re-orders experts of a 3-D weight, this one has shape {self.shape}")
+        data = np.ascontiguousarray(self.data[np.asarray(experts)])
+        return PackedF32(data, (data.shape[0],) + self.shape[1:], self.trans)
+
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros-free buffer whose first element is 64-byte aligned (one cache line, one AVX-512 load)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(n + 16, np.float32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip : skip + n].reshape(shape)
+
+
+def pack_f32(w, *, trans: bool = True) -> PackedF32:
+    """Pack a float32 weight once for the matmul core. w (OC, C) linear weight: ``trans=True``;
+    (E, F, H) experts: each (F, H) block packed, ``trans=True`` for w1 (read transposed, x @ w1[e]^T),
+    ``trans=False`` for w2 (x @ w2[e])."""
+    _arr("w", w, np.float32, ndim=(2, 3))
+    rows, cols = w.shape[-2:]
+    K, N = (cols, rows) if trans else (rows, cols)
+    per = int(lib.ak_packed_size(K, N))
+    blocks = w.reshape(-1, rows, cols)
+    data = _aligned_empty((blocks.shape[0], per))
+    for e in range(blocks.shape[0]):
+        _call("pack_weight_f32", lib.ak_pack_weight_f32(_p(data[e]), _p(blocks[e]), K, N, int(bool(trans))))
+    return PackedF32(data if w.ndim == 3 else data[0], w.shape, trans)
+
+
+def _weight(name: str, w, ndim: int, trans: bool):
+    """(the buffer to hand to C, dtype code, shape) of a weight argument: an ndarray of a storage dtype or a
+    PackedF32 packed with the orientation this op reads (``trans``)."""
+    if isinstance(w, PackedF32):
+        if w.ndim != ndim:
+            raise ValueError(f"{name} must be {ndim}-dimensional, got a packed weight of shape {w.shape}")
+        if w.trans != trans:
+            raise ValueError(f"{name} was packed with trans={w.trans}; this op reads it with trans={trans}")
+        return w.data, _PACKED, w.shape
+    _arr(name, w, tuple(_DTYPE_CODES), ndim=ndim)
+    return w, _DTYPE_CODES[w.dtype], w.shape
+
+
 # ---------------------------------------------------------------- dtype helpers
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     """fp32 -> bf16 storage (uint16) with round-to-nearest-even; NaN stays a (quiet) NaN."""
@@ -184,14 +273,12 @@ def _matmul(fn, opname, inp, weight, bias, scales, out):
     _arr("inp", inp, np.float32)
     if inp.ndim < 1:
         raise ValueError("inp must have at least 1 dimension")
-    _arr("weight", weight, tuple(_DTYPE_CODES), ndim=2)
-    OC, C = weight.shape
+    wbuf, dt, (OC, C) = _weight("weight", weight, 2, trans=True)
     if inp.shape[-1] != C:
         raise ValueError(f"inp last dimension {inp.shape[-1]} does not match weight (OC={OC}, C={C})")
     T = int(np.prod(inp.shape[:-1], dtype=np.int64))
     if T > _INT_MAX:
         raise ValueError("inp has too many rows")
-    dt = _DTYPE_CODES[weight.dtype]
     if bias is not None:
         _arr("bias", bias, np.float32, shape=(OC,))
     if dt == 3:
@@ -200,8 +287,8 @@ def _matmul(fn, opname, inp, weight, bias, scales, out):
         _arr("scales", scales, np.float32, shape=(OC,))
     elif scales is not None:
         raise ValueError("scales is only used with an int8 weight")
-    out = _out("out", out, inp.shape[:-1] + (OC,), [("inp", inp), ("weight", weight), ("bias", bias)])
-    _call(opname, fn(_p(out), _p(inp), _p(weight, "void *"), _p(scales), _p(bias), T, C, OC, dt))
+    out = _out("out", out, inp.shape[:-1] + (OC,), [("inp", inp), ("weight", wbuf), ("bias", bias)])
+    _call(opname, fn(_p(out), _p(inp), _p(wbuf, "void *"), _p(scales), _p(bias), T, C, OC, dt))
     return out
 
 
@@ -209,7 +296,8 @@ def matmul(inp, weight, bias=None, *, scales=None, out=None):
     """out (..., OC) = inp (..., C) @ weight(OC, C)^T + bias (OC).
 
     weight dtype selects the kernel: float32, float16, uint16 (bf16 storage, see f32_to_bf16),
-    or int8 with ``scales`` (OC,) float32 (w = q * scale per output channel)."""
+    or int8 with ``scales`` (OC,) float32 (w = q * scale per output channel); or a PackedF32
+    (``pack_f32(weight)``), bit-identical to its float32 original without re-packing per call."""
     return _matmul(lib.ak_matmul, "matmul", inp, weight, bias, scales, out)
 
 
@@ -394,17 +482,23 @@ def moe(
     """Mixture-of-experts layer (see kernels_c/README.md).
 
     h (T,H) f32, router_w (E,H) f32, w1 (E,F,H) and w2 (E,F,H) (float32/float16/uint16-bf16/int8
-    with w1_scales (E,F), w2_scales (E,H)), bias (H,) or None.  forced_indices (T,k) int and
+    with w1_scales (E,F), w2_scales (E,H); or both PackedF32: pack_f32(w1), pack_f32(w2, trans=False)),
+    bias (H,) or None.  forced_indices (T,k) int and
     forced_weights (T,k) f32 bypass the router (router_w may then be None).
     Returns out (T,H), or a MoEResult when return_intermediates=True."""
     _arr("h", h, np.float32, ndim=2)
     T, H = h.shape
-    _arr("w1", w1, tuple(_DTYPE_CODES), ndim=3)
-    E, F, H1 = w1.shape
+    w1buf, dt, (E, F, H1) = _weight("w1", w1, 3, trans=True)
     if H1 != H:
         raise ValueError(f"w1 must have shape (E, F, {H}), got {w1.shape}")
-    _arr("w2", w2, w1.dtype, shape=(E, F, H))
-    dt = _DTYPE_CODES[w1.dtype]
+    if dt == _PACKED:
+        if not isinstance(w2, PackedF32):
+            raise TypeError(f"w2 must be a PackedF32 like w1 (pack_f32(w2, trans=False)), got {type(w2).__name__}")
+        w2buf, _, w2_shape = _weight("w2", w2, 3, trans=False)
+        if w2_shape != (E, F, H):
+            raise ValueError(f"w2 must have shape {(E, F, H)}, got {w2_shape}")
+    else:
+        w2buf = _arr("w2", w2, w1.dtype, shape=(E, F, H))
     if dt == 3:
         if w1_scales is None or w2_scales is None:
             raise ValueError("w1_scales and w2_scales are required for int8 expert weights")
@@ -461,9 +555,9 @@ def moe(
         _p(ws),
         _p(h),
         _p(router_w),
-        _p(w1, "void *"),
+        _p(w1buf, "void *"),
         _p(w1_scales),
-        _p(w2, "void *"),
+        _p(w2buf, "void *"),
         _p(w2_scales),
         _p(bias),
         T,
@@ -535,23 +629,22 @@ def _indices(name, idx, T, E):
     return np.ascontiguousarray(idx, dtype=np.int64)
 
 
-def _expert_weight(name, w, scales_name, scales, scale_shape):
-    _arr(name, w, tuple(_DTYPE_CODES), ndim=3)
-    dt = _DTYPE_CODES[w.dtype]
+def _expert_weight(name, w, scales_name, scales, scale_shape, trans):
+    wbuf, dt, shape = _weight(name, w, 3, trans)
     if dt == 3:
         if scales is None:
             raise ValueError(f"{scales_name} is required for int8 {name}")
-        _arr(scales_name, scales, np.float32, shape=scale_shape(w.shape))
+        _arr(scales_name, scales, np.float32, shape=scale_shape(shape))
     elif scales is not None:
         raise ValueError(f"{scales_name} is only used with int8 {name}")
-    return dt
+    return wbuf, dt
 
 
 def expert_up(h, indices, w1, *, scales=None):
     """Per-slot expert up projection: out (T,k,F)[t,j] = h (T,H)[t] @ w1[indices[t,j]]^T, w1 (E,F,H)."""
     _arr("h", h, np.float32, ndim=2)
     T, H = h.shape
-    dt = _expert_weight("w1", w1, "scales", scales, lambda s: (s[0], s[1]))
+    w1buf, dt = _expert_weight("w1", w1, "scales", scales, lambda s: (s[0], s[1]), trans=True)
     E, F, H1 = w1.shape
     if H1 != H:
         raise ValueError(f"w1 must have shape (E, F, {H}), got {w1.shape}")
@@ -560,7 +653,7 @@ def expert_up(h, indices, w1, *, scales=None):
     out = np.empty((T, K, F), np.float32)
     _call(
         "expert_up",
-        lib.ak_expert_up(_p(out), _p(h), _p(idx, "int64_t *"), _p(w1, "void *"), _p(scales), T, K, H, F, E, dt),
+        lib.ak_expert_up(_p(out), _p(h), _p(idx, "int64_t *"), _p(w1buf, "void *"), _p(scales), T, K, H, F, E, dt),
     )
     return out
 
@@ -569,7 +662,7 @@ def expert_down(act, indices, w2, *, scales=None):
     """Per-slot expert down projection: out (T,k,H)[t,j] = act (T,k,F)[t,j] @ w2[indices[t,j]], w2 (E,F,H)."""
     _arr("act", act, np.float32, ndim=3)
     T, K, F = act.shape
-    dt = _expert_weight("w2", w2, "scales", scales, lambda s: (s[0], s[2]))
+    w2buf, dt = _expert_weight("w2", w2, "scales", scales, lambda s: (s[0], s[2]), trans=False)
     E, F1, H = w2.shape
     if F1 != F:
         raise ValueError(f"w2 must have shape (E, {F}, H), got {w2.shape}")
@@ -579,7 +672,7 @@ def expert_down(act, indices, w2, *, scales=None):
     out = np.empty((T, K, H), np.float32)
     _call(
         "expert_down",
-        lib.ak_expert_down(_p(out), _p(act), _p(idx, "int64_t *"), _p(w2, "void *"), _p(scales), T, K, F, H, E, dt),
+        lib.ak_expert_down(_p(out), _p(act), _p(idx, "int64_t *"), _p(w2buf, "void *"), _p(scales), T, K, F, H, E, dt),
     )
     return out
 

@@ -1,0 +1,89 @@
+"""fp32 weights packed once (kernels.pack_f32): exact round trip, and every op that reads a packed weight
+is BIT-identical (tolerance 0) to the same op on the original float32 array, on every ISA path the CPU
+runs and at 1, 2 and 3 threads. Odd sizes make the last 32-column panel partly padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import actdiff.kernels as K
+
+SHAPES = [(1, 1, 1), (3, 33, 47), (13, 64, 70), (25, 129, 100), (7, 768, 97), (30, 520, 400)]  # (T, C, OC)
+
+
+def _paths():
+    for isa in K.supported_isas():
+        for threads in (1, 2, 3):
+            yield isa, threads
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (47, 33), (32, 64), (100, 129), (65, 3), (70, 600), (33, 256)])
+@pytest.mark.parametrize("trans", [True, False])
+def test_pack_unpack_round_trip_exact(rng, shape, trans):
+    w = rng.standard_normal(shape).astype(np.float32)
+    p = K.pack_f32(w, trans=trans)
+    assert p.shape == w.shape and p.trans == trans
+    K_, N = (shape[1], shape[0]) if trans else shape
+    assert p.data.size == -(-N // 32) * 32 * K_  # ceil(N/32) panels of K x 32
+    assert p.data.ctypes.data % 64 == 0  # one cache line / one AVX-512 load per panel row
+    back = p.unpack()
+    assert back.dtype == np.float32 and np.array_equal(back.view(np.uint32), w.view(np.uint32))
+
+
+@pytest.mark.parametrize("T,C,OC", SHAPES)
+def test_matmul_packed_bitwise(rng, T, C, OC):
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    w = rng.standard_normal((OC, C)).astype(np.float32)
+    b = rng.standard_normal(OC).astype(np.float32)
+    p = K.pack_f32(w)
+    ref = K.matmul_naive(x, w, b)
+    assert np.array_equal(K.matmul_naive(x, p, b).view(np.uint32), ref.view(np.uint32))
+    for isa, threads in _paths():
+        K.set_isa(isa)
+        K.set_num_threads(threads)
+        for bias in (b, None):
+            got, want = K.matmul(x, p, bias), K.matmul(x, w, bias)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (isa, threads, bias is None)
+        assert np.array_equal(K.matmul(x, p, b).view(np.uint32), ref.view(np.uint32)), (isa, threads)
+
+
+@pytest.mark.parametrize("F,H", [(80, 48), (64, 96), (3072 // 32, 40)])
+def test_moe_and_expert_parts_packed_bitwise(rng, F, H):
+    T, E, k = 37, 5, 2
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    rw = rng.standard_normal((E, H)).astype(np.float32)
+    w1 = rng.standard_normal((E, F, H)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((E, F, H)).astype(np.float32) * 0.1
+    bias = rng.standard_normal(H).astype(np.float32)
+    p1, p2 = K.pack_f32(w1), K.pack_f32(w2, trans=False)
+    for isa, threads in _paths():
+        K.set_isa(isa)
+        K.set_num_threads(threads)
+        want = K.moe(x, rw, w1, w2, bias, top_k=k, return_intermediates=True)
+        got = K.moe(x, rw, p1, p2, bias, top_k=k, return_intermediates=True)
+        for name in ("out", "fc1", "act", "expert_out", "weighted"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (name, isa, threads)
+        idx = want.topk_indices.astype(np.int64)
+        assert np.array_equal(K.expert_up(x, idx, p1), K.expert_up(x, idx, w1)), (isa, threads)
+        assert np.array_equal(K.expert_down(want.act, idx, p2), K.expert_down(want.act, idx, w2)), (isa, threads)
+
+
+def test_take_reorders_whole_experts(rng):
+    w = rng.standard_normal((4, 40, 24)).astype(np.float32)
+    perm = [2, 0, 3, 1]
+    for trans in (True, False):
+        assert np.array_equal(K.pack_f32(w, trans=trans).take(perm).unpack(), w[perm])
+
+
+def test_packed_misuse_is_refused(rng):
+    w = rng.standard_normal((3, 16, 8)).astype(np.float32)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="trans"):
+        K.expert_up(x, np.zeros((2, 1), np.int64), K.pack_f32(w, trans=False))  # w1 must be packed transposed
+    with pytest.raises(ValueError, match="2-dimensional"):
+        K.matmul(x, K.pack_f32(w))
+    with pytest.raises(TypeError, match="PackedF32"):
+        K.moe(x, rng.standard_normal((3, 8)).astype(np.float32), K.pack_f32(w), w)
+    with pytest.raises(TypeError, match="float32"):
+        K.pack_f32(w.astype(np.float16))
