@@ -254,6 +254,35 @@ __attribute__((target("avx512f"))) static void gelu_exact_avx512(float *out, con
     }
 }
 
+/* AVX2 exact gelu: the same operations as gelu_exact_avx512 in 8 lanes (bitwise its results; exp256
+ * mirrors exp512), instead of one libm erfcf per element, which made gelu a third of an MoE layer's time
+ * on the AVX2 path.  The tail goes through an 8-float scratch so no lane reads past the input. */
+__attribute__((target("avx2,fma"))) static inline __m256 gelu_exact8(__m256 x) {
+    static const float c[10] = {-1.26551223f, 1.00002368f, 0.37409196f, 0.09678418f, -0.18628806f,
+                                0.27886807f, -1.13520398f, 1.48851587f, -0.82215223f, 0.17087277f};
+    const __m256 r2 = _mm256_set1_ps(0.70710678118654752440f), half = _mm256_set1_ps(0.5f),
+                 one = _mm256_set1_ps(1.0f);
+    __m256 t = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), r2);
+    __m256 u = _mm256_div_ps(one, _mm256_fmadd_ps(half, t, one));
+    __m256 p = _mm256_set1_ps(c[9]);
+    for (int j = 8; j >= 0; j--) p = _mm256_fmadd_ps(p, u, _mm256_set1_ps(c[j]));
+    __m256 arg = _mm256_sub_ps(p, _mm256_mul_ps(t, t));
+    __m256 hc = _mm256_mul_ps(half, _mm256_mul_ps(u, exp256(arg))); /* erfc(t) / 2 */
+    __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+    return _mm256_mul_ps(x, _mm256_blendv_ps(_mm256_sub_ps(one, hc), hc, neg));
+}
+
+__attribute__((target("avx2,fma"))) static void gelu_exact_avx2(float *out, const float *in, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, gelu_exact8(_mm256_loadu_ps(in + i)));
+    if (i < n) {
+        float tmp[8] = {0};
+        memcpy(tmp, in + i, (size_t)(n - i) * sizeof(float));
+        _mm256_storeu_ps(tmp, gelu_exact8(_mm256_loadu_ps(tmp)));
+        memcpy(out + i, tmp, (size_t)(n - i) * sizeof(float));
+    }
+}
+
 void ak_gelu_serial(float *out, const float *in, int64_t n, int approximate) {
     if (approximate) {
         const float k0 = 0.7978845608028654f, k1 = 0.044715f;
@@ -264,6 +293,8 @@ void ak_gelu_serial(float *out, const float *in, int64_t n, int approximate) {
         }
     } else if (ak_isa() == AK_ISA_AVX512) {
         gelu_exact_avx512(out, in, n);
+    } else if (ak_isa() == AK_ISA_AVX2) {
+        gelu_exact_avx2(out, in, n);
     } else {
         const float r2 = 0.70710678118654752440f;
         for (int64_t i = 0; i < n; i++) {

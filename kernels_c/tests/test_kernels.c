@@ -389,6 +389,27 @@ static void test_moe_packed(void) {
     free(f1); free(f2); free(a1); free(e1); free(e2); free(ti); free(ti64);
 }
 
+/* the AVX2 exact gelu performs the AVX-512 one's operations: bitwise the same values, tails included */
+static void test_gelu_avx2_matches_avx512(void) {
+    if (!ak_cpu_supports_isa(AK_ISA_AVX512) || !ak_cpu_supports_isa(AK_ISA_AVX2)) return;
+    const int n = 1000 + 13;
+    float *x = rand_buf(n), *a = galloc(n), *b = galloc(n);
+    for (int i = 0; i < n; i++) x[i] *= (float)(1 + i % 9);  /* |x| up to 9: both tails of Phi */
+    const float special[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-30f, -1e-30f, 30.0f, -30.0f, 88.0f, -88.0f};
+    memcpy(x, special, sizeof(special));
+    CHECK(ak_set_num_threads(1));
+    for (int len = 1; len <= n; len += len < 20 ? 1 : 331) {
+        CHECK(ak_set_isa(AK_ISA_AVX512));
+        CHECK(ak_gelu(a, x, len, 0));
+        CHECK(ak_set_isa(AK_ISA_AVX2));
+        CHECK(ak_gelu(b, x, len, 0));
+        EXPECT(memcmp(a, b, (size_t)len * 4) == 0, "gelu avx2 vs avx512 len=%d", len);
+    }
+    EXPECT(guard_ok(b, n), "guard gelu avx2");
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    free(x); free(a); free(b);
+}
+
 int main(void) {
     test_matmul();
     test_attention();
@@ -398,6 +419,7 @@ int main(void) {
     test_matmul_packed();
     test_moe_packed();
     test_small_ops();
+    test_gelu_avx2_matches_avx512();
     test_compare();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
