@@ -6,7 +6,7 @@ fresh subprocess with PYTHONPATH=<tree>/src and one BLAS thread (as rule compute
 before/after per item so machine load hits both alike. The arguments are those the workflow passes for the
 config (each tree reads it with its own schema; a tree whose compute_stats takes ``search`` gets the
 stats.search_* keys). Seconds are the call itself (imports excluded); the search's own seconds come from the
-after run's INFO log line "search: N node(s) in X s". Outputs go to temp dirs.
+after run's INFO log line "search: N node(s) in X CPU s". Outputs go to temp dirs.
 
     python bench/stats_cost.py --before 96d16c1 --results /tmp/cost/results [--only 'tiny-nomic-moe/*']
 
@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SEARCH_RE = re.compile(r"search: (\d+) node\(s\) in ([0-9.]+) s")
+SEARCH_RE = re.compile(r"search: (\d+) node\(s\) in ([0-9.]+) (?:CPU )?s")
 
 WORKER = r"""
 import inspect, json, logging, sys, time

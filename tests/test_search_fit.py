@@ -214,3 +214,19 @@ def test_number_formats():
     labels = dict((label, v) for v, label in simple_values(0.0078125))
     assert labels["1/128"] == 1.0 / 128
     assert simple_values(4999.9997)[0] == (5000.0, "5,000")
+
+
+def test_deadline_counts_cpu_seconds_not_waiting():
+    """The search's budget is CPU time of the statistics job: time spent waiting for a core (a loaded machine,
+    here a sleep) leaves it whole, so a loaded machine gets the same search as a quiet one."""
+    import time
+
+    d = Deadline(0.05)
+    time.sleep(0.2)
+    assert not d.expired() and d.left() > 0.04
+    t_end = time.process_time() + 0.06
+    while time.process_time() < t_end:
+        pass
+    assert d.expired()
+    with Deadline(10).capped(0.0) as c:
+        assert c.expired()

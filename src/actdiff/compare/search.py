@@ -18,14 +18,13 @@ stops cleanly when it expires, saying so (``timed_out``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..nodes import Graph, Node
-from .findings import Deadline, Finding, SearchResult, sample_error
+from .findings import Deadline, Finding, SearchResult, cpu_seconds, sample_error
 from .refops import NotApplicable, run_op, spec_params
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ def search_node(
     deadline: Deadline,
 ) -> SearchResult:
     """Run every registered searcher at ``node`` on the sample until one explains it or the deadline passes."""
-    t0 = time.monotonic()
+    t0 = cpu_seconds()
     ctx = make_context(graph, node, inputs, targets, weights, budget, deadline)
     res = SearchResult(ctx.node.name, ctx.node.op, ctx.err0, ctx.budget, len(ctx.inputs),
                        int(sum(np.shape(t)[0] for t in ctx.targets)))  # fmt: skip
@@ -118,17 +117,18 @@ def search_node(
         if deadline.expired():
             res.timed_out = True
             break
-        t1 = time.monotonic()
+        t1 = cpu_seconds()
         for f in searcher(ctx):
             res.findings.append(f)
-        spent.append(f"{searcher.__name__} {time.monotonic() - t1:.1f}")
+        spent.append(f"{searcher.__name__} {cpu_seconds() - t1:.1f}")
         if res.explained_by is not None:
             break
     res.timed_out = res.timed_out or (deadline.expired() and res.explained_by is None)
     res.findings.sort(key=lambda f: f.error)
-    res.tried, res.seconds = ctx.tried, time.monotonic() - t0
+    res.tried, res.seconds = ctx.tried, cpu_seconds() - t0
     log.info(
-        "search %s: %d candidates in %.2f s (%s)%s; best %s", ctx.node.name, res.tried, res.seconds, ", ".join(spent),
+        "search %s: %d candidates in %.2f CPU s (%s)%s; best %s", ctx.node.name, res.tried, res.seconds,
+        ", ".join(spent),
         " (time budget spent)" if res.timed_out else "", res.best.says if res.best else "none",
     )  # fmt: skip
     return res

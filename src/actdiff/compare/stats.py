@@ -140,7 +140,7 @@ class StatsConfig:
     worst_m: int = 5  # prompts per shard kept for the drill-down
     embedding_sample: int = 2000  # prompts kept for the neighbour analysis
     diagnose_all_failing: bool = True  # rank hypotheses at every failing node, not only the first
-    search_seconds: float = 60.0  # wall-clock budget per shard of the search at unexplained nodes (logged)
+    search_seconds: float = 60.0  # CPU-second budget per shard of the search at unexplained nodes (logged)
     search_prompts: int = 3  # prompts per node in the search's sample (its failing prompts, in shard order)
     search_nodes: int = 16  # unexplained nodes searched per shard, in graph order
 
@@ -621,18 +621,19 @@ def run_search(ctx: ShardContext) -> None:
     from .search import search_node
 
     items = sorted(ctx.search.items.items(), key=lambda kv: ctx.graph[kv[0]].index) if ctx.search else []
-    deadline = Deadline(ctx.cfg.search_seconds)
+    deadline, wall0 = Deadline(ctx.cfg.search_seconds), time.monotonic()
     for name, item in items:
         if deadline.expired():
-            log.warning("search: time budget of %.0f s spent before %s (stats.search_seconds)", deadline.seconds, name)
+            log.warning("search: time budget of %.0f CPU s spent before %s (stats.search_seconds)", deadline.seconds,
+                        name)  # fmt: skip
             ctx.writers["search"].add(_search_rows(ctx, name, None, float(np.median(item["budgets"]))))
             continue
         b = float(np.median(item["budgets"]))
         res = search_node(ctx.graph, name, item["inputs"], item["targets"], ctx.weights, b, deadline)
         ctx.writers["search"].add(_search_rows(ctx, name, res, b))
     if items:
-        log.info("search: %d node(s) in %.1f s (budget %.0f s)", len(items), deadline.seconds - deadline.left(),
-                 deadline.seconds)  # fmt: skip
+        log.info("search: %d node(s) in %.1f CPU s, %.1f s wall (budget %.0f CPU s)", len(items), deadline.spent(),
+                 time.monotonic() - wall0, deadline.seconds)  # fmt: skip
 
 
 SEARCH_ROWS = 5  # findings kept per node (best first)
