@@ -450,23 +450,36 @@ def test_pipeline_builds_each_variant_model_under_its_run(ort_run):
     assert "rule export_onnx:" in log and "rule onnx_variant:" in log and "rule dump_onnxruntime:" in log
 
 
+# ORT's int8 MatMul error depends on the CPU's int8 kernel (MLAS): on an AVX2-only AMD EPYC layer 0's attention
+# output projection exceeded its budget (FAIL there); on a Xeon with AVX-512 VNNI/AMX every quantised MatMul's
+# local error was 0.013 or less against a budget of 0.049 (DEVIATES). What holds on every CPU is asserted below:
+# never PASS, a failure only at a quantised op with its own local error over budget, and the gate agreeing.
+QUANTISED_OPS = ("MATMUL", "EXPERT_FC1", "EXPERT_FC2", "ROUTER", "EMBED")
+
+
 @pytest.mark.e2e
-def test_pipeline_fp32_passes_and_int8_dynamic_fails_at_a_quantised_matmul(ort_run):
+def test_pipeline_fp32_passes_and_int8_dynamic_never_passes(ort_run):
     """fp32 at level disable: ORT's kernels on the export, every node within its fp32 budget. int8-dynamic is
-    budgeted like every int8 precision (2^-7 at each weighted op whose weights are int8, compare.budgets): its
-    int8 word-embedding table (local error ~1.1e-2) stays within that, and it first diverges where the 8-bit
-    per-tensor activations, which no budget allows for, add the most: layer 0's attention output projection."""
+    budgeted like every int8 precision (2^-7 at each weighted op whose weights are int8, compare.budgets), and its
+    8-bit per-tensor activations are budgeted by nothing: it is never PASS. Where it FAILS (a CPU whose int8
+    kernel adds more error, see QUANTISED_OPS' comment), the first divergence is a quantised op. Its int8
+    word-embedding table (local error ~1.1e-2) stays within int8's budget, and every quantised MatMul shows its
+    own quantisation error (local error above 1e-3, where fp32's is about 1e-7)."""
     import pandas as pd
 
     L, _, _ = ort_run
     v = _ort_verdict(L, "fp32")
     assert v["status"] == "pass" and v["side"] == "onnxruntime", v["plain"]
     v = _ort_verdict(L, "int8-dynamic")
-    assert v["status"] == "fail" and v["first_divergence"] == "encoder.layers.0.attn.out_proj", v["plain"]
+    assert v["status"] in ("fail", "deviates"), v["plain"]
     assert v["unbudgeted"] == "activations quantised to int8, which no precision policy budgets", v
     nodes = pd.read_parquet(L.summary(PIPELINE_MODEL, "onnxruntime", "int8-dynamic", "nodes")).set_index("node")
+    if v["status"] == "fail":
+        assert nodes.loc[v["first_divergence"], "op"] in QUANTISED_OPS, v["plain"]
     emb = nodes.loc["embeddings"]  # int8 (quantize_dynamic quantises the Gather's table), within int8's budget
     assert emb["fail"] == 0 and emb["local_rel_l2_max"] > 1e-3, emb
+    matmuls = nodes[nodes.op == "MATMUL"]
+    assert len(matmuls) and (matmuls.local_rel_l2_max > 1e-3).all(), matmuls.local_rel_l2_max
 
 
 @pytest.mark.e2e
@@ -505,8 +518,10 @@ def test_pipeline_splits_ort_errors_into_local_and_propagated(ort_run):
     L, _, _ = ort_run
     nodes = pd.read_parquet(L.stats(PIPELINE_MODEL, "onnxruntime", "int8-dynamic", 0, "nodes"))
     assert not nodes.replay_mismatch.any() and (nodes.replay_gap == 0).all()
-    fail = nodes[nodes.status == "fail"]
-    assert np.isfinite(fail.local_rel_l2).all() and (fail.local_rel_l2 > fail.budget).any()
+    fail = nodes[nodes.status == "fail"]  # none on a CPU whose int8 kernel stays within budget (QUANTISED_OPS)
+    assert np.isfinite(fail.local_rel_l2).all() and (fail.local_rel_l2 > fail.budget).all()
+    matmuls = nodes[nodes.op == "MATMUL"]  # each quantised MatMul's own error, on the reference's inputs
+    assert np.isfinite(matmuls.local_rel_l2).all() and (matmuls.local_rel_l2 > 0).all()
     qkv = nodes[nodes.node == "encoder.layers.2.attn.qkv"]  # a MatMul deep in the stack: inherits much
     assert (qkv.rel_l2 > qkv.local_rel_l2).all()
     moe = pd.read_parquet(L.stats(PIPELINE_MODEL, "onnxruntime", "int8-dynamic", 0, "prompts"))
@@ -524,8 +539,15 @@ def test_check_exit_codes_per_variant(ort_run):
         return run_cmd([str(BIN / "actdiff"), "check", L.results, *args]).returncode
 
     assert check("--only", f"{PIPELINE_MODEL}/onnxruntime/fp32") == 0
-    assert check("--only", f"{PIPELINE_MODEL}/onnxruntime/int8-dynamic") == 1
-    assert check("--configfile", str(cfg)) == 1  # every configured run has its verdict; one of them fails
+    assert check("--strict", "--only", f"{PIPELINE_MODEL}/onnxruntime/fp32") == 0
+    # int8-dynamic FAILS or DEVIATES by CPU (QUANTISED_OPS' comment): the gate follows the verdict, and --strict
+    # fails it either way (8-bit activations are never PASS)
+    int8 = _ort_verdict(L, "int8-dynamic")["status"]
+    assert check("--only", f"{PIPELINE_MODEL}/onnxruntime/int8-dynamic") == (1 if int8 == "fail" else 0), int8
+    assert check("--strict", "--only", f"{PIPELINE_MODEL}/onnxruntime/int8-dynamic") == 1
+    any_fail = any(_ort_verdict(L, v)["status"] == "fail" for v in PIPELINE_VARIANTS)
+    assert check("--configfile", str(cfg)) == int(any_fail)  # every configured run has its verdict
+    assert check("--strict", "--configfile", str(cfg)) == 1
 
 
 def test_config_turns_onnxruntime_off_or_requires_it(monkeypatch):
