@@ -98,7 +98,9 @@ def _route_like_engine(
 class Propagation:
     """The simulated engine of the module docstring, one node at a time in graph order (:meth:`step`), so a
     caller can run it in the same visit of a node as the node's other float64 spec ops and convert the node's
-    weights once (actdiff.compare.stats); the random draws come in graph order either way."""
+    weights once (actdiff.compare.stats); the random draws come in graph order. ``out``: per float node, the
+    relative L2 error against the reference of the simulated engine (NaN for index nodes: their disagreement is
+    judged on the routing tables). ``eng``: the engine's values (its routing at near ties is followed)."""
 
     def __init__(self, graph: Graph, prompt_id: str, ref: Mapping, eng: Mapping, weights: Mapping):
         self.graph, self.ref, self.eng, self.weights = graph, ref, eng, weights
@@ -144,19 +146,3 @@ def _last_use(graph: Graph) -> dict[str, int]:
             last[i] = max(last.get(i, -1), node.index)
     return last
 
-
-def propagated_budgets(
-    graph: Graph,
-    prompt_id: str,
-    ref: Mapping[str, np.ndarray],
-    eng: Mapping[str, np.ndarray],
-    weights: Mapping,
-    budgets: Mapping[str, float],
-) -> dict[str, float]:
-    """Per float node: the relative L2 error against the reference of the simulated engine described in the
-    module docstring (NaN for index nodes: their disagreement is judged on the routing tables). ``eng``: the
-    engine's values (its routing at near ties is followed)."""
-    p = Propagation(graph, prompt_id, ref, eng, weights)
-    for node in graph:
-        p.step(node, budgets)
-    return p.out
