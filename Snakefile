@@ -14,6 +14,7 @@
 #   results/{model}/{side}/{variant}/model.gguf                             llama.cpp's GGUF of the variant
 #   results/{model}/onnxruntime/{variant}/model.onnx                        ONNX Runtime's model of the variant
 #   results/{model}/{side}/{variant}/import/shard-{shard}.json              an imported engine's provenance and alignment
+#   results/{model}/reference/fp32/noise/shard-{shard}.parquet              the reference's fp32 noise, read by every run's statistics
 #   results/{model}/{side}/{variant}/stats/shard-{shard}/{table}.parquet    shard tables (actdiff.tables)
 #   results/{model}/{side}/{variant}/summary/{table}.parquet                summary tables (actdiff.tables)
 #   results/{model}/{side}/{variant}/summary/{name}.json                    verdict, embeddings, tokenization, config_parity

@@ -705,9 +705,7 @@ def main() -> None:
     ap.add_argument("--skip-tiny", action="store_true", help="the full-size model only")
     ap.add_argument("--no-precisions", action="store_true", help="skip the engine's fp16/bf16/int8 timings")
     ap.add_argument("--no-ort", action="store_true", help="no ONNX Runtime rows (full size only)")
-    ap.add_argument(
-        "--ort-variants", nargs="+", default=list(engine_ort.ORT_VARIANTS), choices=engine_ort.ORT_VARIANTS
-    )
+    ap.add_argument("--ort-variants", nargs="+", default=list(engine_ort.ORT_VARIANTS), choices=engine_ort.ORT_VARIANTS)
     ap.add_argument("--ort-dir", default="results/bench/onnx", help="where the ONNX model files are cached")
     args = ap.parse_args()
     if args.batched_only:

@@ -5,16 +5,16 @@
     python bench/stats_profile.py same --workdir /tmp/sp/full before after
 
 ``prepare`` writes the fixture once: the model record, ``--prompts`` evenly spaced prompts of the bundled corpus
-(no long-* rows; ``--with-long``: bench/pipeline.py's full-size subset, two long-* prompts first), their
-tokens, the reference's dump and our engine's fp32 dump (one thread). ``run`` runs compute_shard_stats in a
-fresh subprocess (one BLAS thread, as rule compute_stats pins; PYTHONPATH picks the tree) and prints one JSON
-line: seconds, seconds per prompt, the peak RSS of that subprocess (VmHWM, which includes the model the
+(no long-* rows; ``--with-long``: bench/pipeline.py's full-size subset, two long-* prompts first), their tokens,
+the reference's dump and our engine's dump of ``--variant`` (fp32; one thread). ``run`` runs compute_shard_stats
+in a fresh subprocess (one BLAS thread, as rule compute_stats pins; PYTHONPATH picks the tree) and prints one
+JSON line: seconds, seconds per prompt, the peak RSS of that subprocess (VmHWM, which includes the model the
 engine's replay holds), the stack at the highest RSS sample (a thread samples VmRSS every 20 ms), the stage's
-FLOPs (bench/pipeline.py's model: stats_flops) and GFLOP/s; with ``--cprofile`` the 25 most expensive
-functions by cumulative and own time. Tables go to ``<workdir>/stats-<label>/``. ``same`` compares two
-labels' tables: every column bit-identical except the float64-derived ones (budgets, noises, propagated
-budgets), which must agree within ``--rtol`` (1e-12).
-"""
+FLOPs (bench/pipeline.py's model: stats_flops) and GFLOP/s; with ``--cprofile`` the 25 most expensive functions
+by cumulative and own time; with ``--shared-noise`` it first measures the reference noise table (``noise_s``), as
+rule reference_noise does, and passes it. Tables go to ``<workdir>/stats-<label>/``. ``same`` compares two
+labels' tables: every column bit-identical except the float64-derived ones (budgets, noises, propagated budgets),
+which must agree within ``--rtol`` (1e-12)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ SIDE = "actdiff"
 FLOAT64_COLUMNS = ("ref_fp32_error", "fp32_noise", "budget", "propagated_budget")
 
 
-def prepare(model: Path, n: int, wd: Path, with_long: bool) -> None:
+def prepare(model: Path, n: int, wd: Path, with_long: bool, variant: str = "fp32") -> None:
     from actdiff.pipeline import dump, resolve_model, tokenize
     from actdiff.prompts import load_prompt_sheet
 
@@ -54,8 +54,9 @@ def prepare(model: Path, n: int, wd: Path, with_long: bool) -> None:
     dump(str(wd / "model.json"), str(wd / "tokens.parquet"), str(wd / "ref.h5"), "reference", "fp32", 0,
          impl="actdiff", batch_size=16)  # fmt: skip
     t1 = time.perf_counter()
-    dump(str(wd / "model.json"), str(wd / "tokens.parquet"), str(wd / "eng.h5"), SIDE, "fp32", 0, threads=1,
+    dump(str(wd / "model.json"), str(wd / "tokens.parquet"), str(wd / "eng.h5"), SIDE, variant, 0, threads=1,
          engine_ids="reference")  # fmt: skip
+    (wd / "variant.txt").write_text(variant)
     print(json.dumps({"reference_s": t1 - t0, "engine_s": time.perf_counter() - t1}))
 
 
@@ -94,17 +95,23 @@ out = Path(a["out"]); out.mkdir(parents=True, exist_ok=True)
 outputs = {t: str(out / f"{t}.parquet") for t in SHARD_TABLES}
 threading.Thread(target=sample, daemon=True).start()
 prof = cProfile.Profile() if a["cprofile"] else None
+noise, noise_s = None, 0.0
+if a["shared_noise"]:  # rule reference_noise's table, measured first (once per shard in the workflow)
+    from actdiff.compare.refnoise import measure_reference_noise
+    noise = str(out / "reference_noise.parquet")
+    noise_s = measure_reference_noise(rec.dir, a["ref"], noise)["seconds"]
 t0 = time.perf_counter()
 with threadpool_limits(limits=1):
     if prof: prof.enable()
-    summary = compute_shard_stats(rec.dir, a["ref"], a["eng"], "actdiff", "fp32", 0, outputs)
+    summary = compute_shard_stats(rec.dir, a["ref"], a["eng"], "actdiff", a["variant"], 0, outputs, noise=noise)
     if prof: prof.disable()
 dt = time.perf_counter() - t0
 done.set()
 graph = build_graph(rec.config)
 nodes = pq.read_table(outputs["nodes"], columns=["prompt_id", "tokens"]).to_pandas().drop_duplicates("prompt_id")
 flops = sum(sum(stats_flops(graph, int(t)).values()) for t in nodes["tokens"])
-res = {"seconds": dt, "prompts": summary["prompts"], "s_per_prompt": dt / max(summary["prompts"], 1),
+res = {"seconds": dt, "noise_s": noise_s, "prompts": summary["prompts"],
+       "s_per_prompt": dt / max(summary["prompts"], 1),
        "tokens": [int(t) for t in nodes["tokens"]], "replay_s": summary["replay_seconds"],
        "peak_rss_gb": rss("VmHWM:") / 1e9, "gflop": flops / 1e9, "gflops": flops / 1e9 / dt,
        "isa": os.environ.get("ACTDIFF_KERNELS_ISA", "auto")}
@@ -118,9 +125,11 @@ print(json.dumps(res))
 """
 
 
-def run(wd: Path, label: str, cprofile: bool, isa: str | None) -> dict:
+def run(wd: Path, label: str, cprofile: bool, isa: str | None, shared_noise: bool = False) -> dict:
     args = {"model_json": str(wd / "model.json"), "ref": str(wd / "ref.h5"), "eng": str(wd / "eng.h5"),
-            "out": str(wd / f"stats-{label}"), "cprofile": cprofile, "bench": str(ROOT / "bench")}  # fmt: skip
+            "out": str(wd / f"stats-{label}"), "cprofile": cprofile, "bench": str(ROOT / "bench"),
+            "shared_noise": shared_noise,
+            "variant": (wd / "variant.txt").read_text() if (wd / "variant.txt").exists() else "fp32"}  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if isa:
         env["ACTDIFF_KERNELS_ISA"] = isa
@@ -140,7 +149,7 @@ def same(wd: Path, a: str, b: str, rtol: float) -> bool:
     import pyarrow.parquet as pq
 
     ok = True
-    for f in sorted((wd / f"stats-{a}").glob("*.parquet")):
+    for f in sorted(p for p in (wd / f"stats-{a}").glob("*.parquet") if p.stem != "reference_noise"):
         ta, tb = pq.read_table(f).to_pandas(), pq.read_table(wd / f"stats-{b}" / f.name).to_pandas()
         if list(ta.columns) != list(tb.columns) or len(ta) != len(tb):
             print(f"{f.name}: shape or columns differ ({ta.shape} vs {tb.shape})")
@@ -174,20 +183,26 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--with-long", action="store_true", help="bench/pipeline.py's subset (two long-* prompts)")
+    p.add_argument("--variant", default="fp32", help="the engine dump's variant, e.g. fp32+fault=gelu_tanh")
     r = sub.add_parser("run")
     r.add_argument("--workdir", type=Path, required=True)
     r.add_argument("--label", required=True)
     r.add_argument("--cprofile", action="store_true")
     r.add_argument("--isa", choices=("avx512", "avx2", "scalar"))
+    r.add_argument(
+        "--shared-noise",
+        action="store_true",
+        help="measure the reference noise table first (noise_s) and pass it, as the workflow does",
+    )
     s = sub.add_parser("same")
     s.add_argument("--workdir", type=Path, required=True)
     s.add_argument("labels", nargs=2)
     s.add_argument("--rtol", type=float, default=1e-12)
     a = ap.parse_args()
     if a.cmd == "prepare":
-        prepare(a.model, a.prompts, a.workdir, a.with_long)
+        prepare(a.model, a.prompts, a.workdir, a.with_long, a.variant)
     elif a.cmd == "run":
-        run(a.workdir, a.label, a.cprofile, a.isa)
+        run(a.workdir, a.label, a.cprofile, a.isa, a.shared_noise)
     else:
         sys.exit(0 if same(a.workdir, *a.labels, a.rtol) else 1)
 

@@ -158,9 +158,9 @@ def test_jobs_went_through_slurm(two_runs):
     out = p.stdout + p.stderr
     assert "Using workflow specific profile workflow/profiles/slurm" in out
     ids = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
-    # resolve_model, split_prompts, 2 tokenize, 2 dump_reference, 4 dump_engine, 4 compute_stats,
-    # 2 aggregate_stats, 2 parity
-    assert len(ids) == 18, out[-3000:]
+    # resolve_model, split_prompts, 2 tokenize, 2 dump_reference, 2 reference_noise, 4 dump_engine,
+    # 4 compute_stats, 2 aggregate_stats, 2 parity
+    assert len(ids) == 20, out[-3000:]
     # finished jobs stay in squeue for MinJobAge (600 s in the local cluster's slurm.conf)
     q = run_cmd(["squeue", "--states=all", "--noheader", "--format=%i|%T", "--jobs", ",".join(ids)])
     states = dict(line.split("|") for line in q.stdout.split())
@@ -174,6 +174,7 @@ def test_jobs_went_through_slurm(two_runs):
             "tokenize",
             "dump_reference",
             "dump_engine",
+            "reference_noise",
             "compute_stats",
             "aggregate_stats",
             "parity",

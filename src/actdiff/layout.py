@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .tables import SHARD_TABLES, SUMMARY_TABLES
-from .variants import REFERENCE_VARIANT  # noqa: F401  (re-exported: the reference side's variant)
+from .variants import REFERENCE_VARIANT  # (also re-exported: the reference side's variant)
 
 REFERENCE_SIDE = "reference"
 
@@ -68,6 +68,11 @@ class Layout:
     def import_record(self, model, side, variant, shard) -> str:
         """What an imported side's shard came from: engine, mapping, source or command, alignment (JSON)."""
         return f"{self.run_dir(model, side, variant)}/import/shard-{shard}.json"
+
+    def reference_noise(self, model, shard) -> str:
+        """The reference's fp32 noise per (prompt, node) of a shard, read by every run's statistics
+        (actdiff.compare.refnoise; table actdiff.tables.REFERENCE_NOISE)."""
+        return f"{self.run_dir(model, REFERENCE_SIDE, REFERENCE_VARIANT)}/noise/shard-{shard}.parquet"
 
     def stats(self, model, side, variant, shard, table: str) -> str:
         _known(table, SHARD_TABLES)
@@ -141,6 +146,7 @@ class Layout:
             (self.artifact(*w, "model.gguf"), "llama.cpp's GGUF of the variant"),
             (self.onnx_model("{model}", "{variant}"), "ONNX Runtime's model of the variant"),
             (self.import_record(*w, "{shard}"), "an imported engine's provenance and alignment"),
+            (self.reference_noise("{model}", "{shard}"), "the reference's fp32 noise, read by every run's statistics"),
             (self.stats(*w, "{shard}", "{table}"), "shard tables (actdiff.tables)"),
             (self.summary(*w, "{table}"), "summary tables (actdiff.tables)"),
             (self.summary_json(*w, "{name}"), "verdict, embeddings, tokenization, config_parity"),

@@ -177,6 +177,13 @@ def dump_import(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def reference_noise(model_json: str, ref_h5: str, out: str) -> None:
+    """The reference's fp32 noise per (prompt, node) of one shard, shared by every run's statistics."""
+    from .compare.refnoise import measure_reference_noise
+
+    measure_reference_noise(ModelRecord.load(model_json).dir, ref_h5, out)
+
+
 def compute_stats(
     model_json: str,
     ref_h5: str,
@@ -191,6 +198,7 @@ def compute_stats(
     fault_aliases: dict | None = None,
     diagnose_all_failing: bool = True,
     search: dict | None = None,
+    noise: str | None = None,
 ) -> None:
     from .compare.stats import StatsConfig, compute_shard_stats
 
@@ -203,7 +211,7 @@ def compute_stats(
         **(search or {}),
     )
     resolved = resolve_variant(variant, fault_aliases or {})
-    compute_shard_stats(record.dir, ref_h5, eng_h5, side, resolved, shard, outputs, cfg)
+    compute_shard_stats(record.dir, ref_h5, eng_h5, side, resolved, shard, outputs, cfg, noise=noise)
 
 
 def aggregate_stats(

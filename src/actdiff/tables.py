@@ -17,7 +17,9 @@ import pyarrow as pa
 @dataclass(frozen=True)
 class Table:
     name: str
-    level: str  # "shard" (one file per shard, compute_stats) | "summary" (one per run, aggregate_stats)
+    # "shard" (one file per run and shard, compute_stats) | "summary" (one per run, aggregate_stats) |
+    # "reference" (one per model and shard, shared by every run: reference_noise)
+    level: str
     doc: str
     schema: pa.Schema | None = None  # written as is when the table has no rows
 
@@ -130,6 +132,14 @@ _HEATMAP = pa.schema(
     [("prompt_id", pa.string()), ("rank", pa.int64()), ("node_index", pa.int64()), ("rel_l2", pa.float64())]
 )
 
+_REFERENCE_NOISE = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("node", pa.string()),
+        ("measured", pa.float64()),  # budgets.Noise.measured: the reference against float64 (NaN: not measurable)
+        ("envelope", pa.float64()),  # budgets.Noise.envelope: the sequential-summation model (0 outside its ops)
+    ]
+)
 EMBEDDING_SAMPLE = "embeddings"  # the shard table of sampled final embeddings, and the JSON summary made from it
 
 SHARD_TABLES: dict[str, Table] = {
@@ -158,11 +168,19 @@ SUMMARY_TABLES: dict[str, Table] = {
         Table("heatmap", "summary", "propagated error per node of the worst prompts", _HEATMAP),
         Table("token_errors", "summary", "per-token errors of the failing nodes on their worst prompts", _TOKENS),
         Table("drilldown", "summary", "first values of the key nodes for the worst prompts", _DRILLDOWN),
-        Table("prompt_table", "summary", "every prompt: text, first divergence, cosine, key-node errors, routing",
-              _PROMPT_TABLE),  # fmt: skip
+        Table(
+            "prompt_table",
+            "summary",
+            "every prompt: text, first divergence, cosine, key-node errors, routing",
+            _PROMPT_TABLE,
+        ),  # fmt: skip
         Table("weights", "summary", "weight parity of our engine (compare.parity)"),
     )
 }
+
+# per model and shard, read by every run's statistics (actdiff.compare.refnoise)
+REFERENCE_NOISE = Table("reference_noise", "reference", "the reference's fp32 noise per (prompt, node), in graph order",
+                        _REFERENCE_NOISE)  # fmt: skip
 
 # the summary tables aggregation writes (weights come from the parity rule)
 AGGREGATE_TABLES = tuple(t for t in SUMMARY_TABLES if t != "weights")

@@ -23,16 +23,21 @@ def setup_logging(log_path: str | None = None) -> None:
 
 
 def pin_threads(n: int) -> None:
-    """Pin BLAS/OpenMP/torch threads for this process to the rule's thread count. The environment variables
-    reach libraries loaded later; numpy's BLAS is loaded already (the adapter imported actdiff), so it is
-    limited through threadpoolctl: otherwise its idle threads spin against the other jobs' (a stats job ran
-    10x slower beside two busy cores)."""
+    """Pin BLAS/OpenMP/torch threads and our C kernels' pool for this process to the rule's thread count. The
+    environment variables reach libraries loaded later; numpy's BLAS is loaded already (the adapter imported
+    actdiff), so it is limited through threadpoolctl: otherwise its idle threads spin against the other jobs'
+    (a stats job ran 10x slower beside two busy cores). Our kernels' pool defaults to every online CPU: a
+    statistics job's replays handed each small matmul to a second thread that the loaded machine had
+    descheduled (ak_matmul 2.8 ms a call against 0.11 ms in one thread, tiny model under `make report`).
+    Results do not depend on the thread count (kernels_c/README.md)."""
     from threadpoolctl import threadpool_limits
 
     n = max(1, int(n))
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ACTDIFF_NUM_THREADS"):
         os.environ[var] = str(n)
     threadpool_limits(limits=n)
+    if "actdiff.kernels" in sys.modules:  # loaded already: its pool may have read the default; else the variable
+        sys.modules["actdiff.kernels"].set_num_threads(min(n, 64))
     if "torch" in sys.modules:
         import torch
 

@@ -1,3 +1,25 @@
+rule reference_noise:
+    """The reference's fp32 noise per (prompt, node) of one shard, which every node's budget scales: measured once
+    here and read by every side's and variant's statistics of the shard (actdiff.compare.refnoise)."""
+    input:
+        model=L.model_json("{model}"),
+        ref=L.activations("{model}", REFERENCE_SIDE, REFERENCE_VARIANT, "{shard}"),
+    output:
+        noise=L.reference_noise("{model}", "{shard}"),
+    log:
+        L.log("reference_noise", "{model}", "shard-{shard}"),
+    benchmark:
+        L.benchmark("reference_noise", "{model}", "shard-{shard}")
+    conda:
+        "../envs/actdiff.yaml"
+    priority: 3  # every statistics job of the shard waits for it, and they free the shard's dumps
+    threads: 1
+    resources:
+        mem_mb=reference_mem_mb,
+    script:
+        "../scripts/reference_noise.py"
+
+
 rule compute_stats:
     """Compare one shard of a side's dump with the reference: per-node statistics with teacher-forced local
     error, first divergence, root-cause ranking, routing, embeddings (actdiff.compare.stats)."""
@@ -5,6 +27,7 @@ rule compute_stats:
         model=L.model_json("{model}"),
         ref=L.activations("{model}", REFERENCE_SIDE, REFERENCE_VARIANT, "{shard}"),
         eng=L.activations("{model}", "{side}", "{variant}", "{shard}"),
+        noise=L.reference_noise("{model}", "{shard}"),
     output:
         **{t: L.stats("{model}", "{side}", "{variant}", "{shard}", t) for t in SHARD_TABLES},
     params:

@@ -9,6 +9,7 @@ run(
     model_json=snakemake.input.model,  # noqa: F821
     ref_h5=snakemake.input.ref,  # noqa: F821
     eng_h5=snakemake.input.eng,  # noqa: F821
+    noise=snakemake.input.noise,  # noqa: F821
     side=snakemake.wildcards.side,  # noqa: F821
     variant=snakemake.wildcards.variant,  # noqa: F821
     shard=int(snakemake.wildcards.shard),  # noqa: F821

@@ -156,6 +156,7 @@ class CheckpointTensors(Mapping):
         self._file = safe_open(str(self.path), framework="numpy")
         self._keys = list(self._file.keys())
         self._header: tuple[dict, int] | None = None  # (safetensors header, data offset), read by mapped()
+        self._maps: dict[str, np.ndarray] = {}
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
@@ -170,6 +171,8 @@ class CheckpointTensors(Mapping):
 
         if key not in self._keys:
             raise KeyError(key)
+        if key in self._maps:  # one map per tensor: making a memmap is 0.1 ms, asked per node and prompt
+            return self._maps[key]
         if self._header is None:
             ck = Checkpoint(self.path)
             self._header = (ck.header, ck.data_start)
@@ -179,7 +182,9 @@ class CheckpointTensors(Mapping):
             return self[key]
         lo = info["data_offsets"][0]
         dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=start + lo, shape=tuple(info["shape"]))
+        m = np.memmap(self.path, dtype=dtype, mode="r", offset=start + lo, shape=tuple(info["shape"]))
+        self._maps[key] = m
+        return m
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         """A tensor's shape from the file header, without reading it (the search scans every tensor's shape)."""
@@ -208,6 +213,11 @@ class NodeWeights64(Mapping):
     needs, and the released word table would be 1.5 GB in float64. Arrays handed out are read-only."""
 
     POOL_PER_SHAPE = 2  # a weight and its square
+    # A model whose float64 weights and squares together take at most this many bytes keeps them all, across
+    # nodes and prompts (``resident``): converting them again per node and prompt was a fifth of a small model's
+    # statistics job (MiniLM-L6: 0.36 GB; the tiny NomicBERT-MoE: 3 MB). The released model (7.6 GB in float64
+    # with squares) stays one node at a time, within the job's memory target of 1.5x its fp32 weights.
+    RESIDENT_BYTES = 512 << 20
 
     def __init__(self, raw: Mapping, graph: Graph):
         self.raw = raw
@@ -215,10 +225,16 @@ class NodeWeights64(Mapping):
         self.keep: frozenset = frozenset()
         self.held: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # (kind, key) -> (buffer, view)
         self.pool: dict[tuple[int, ...], list[np.ndarray]] = {}
+        shape = getattr(raw, "shape_of", None) or (lambda k: np.shape(raw[k]))
+        f64_bytes = sum(2 * 8 * math.prod(shape(w)) for w in self.convert if w in raw)  # weight and square
+        self.resident = f64_bytes <= self.RESIDENT_BYTES
 
     def visit(self, node) -> None:
         """Hold ``node``'s tensors from now on (None: hold nothing and free the pool); the previous node's are
-        released, their buffers back in the pool."""
+        released, their buffers back in the pool. A resident model holds every node's, once converted."""
+        if self.resident:
+            self.keep = self.convert
+            return
         buffers = [b for b, _ in self.held.values()]
         self.held = {}
         for b in buffers if node is not None else []:
@@ -298,6 +314,7 @@ class ShardContext:
     _nonfinite_weights: dict = field(default_factory=dict)  # node -> JSON {tensor: non-finite count}
     reference: str = "fp32"  # the reference dump's own precision (budgets.U_REFERENCE)
     weights64: NodeWeights64 | None = None  # the visited node's weights in float64 (set in __post_init__)
+    noise_table: object = None  # actdiff.compare.refnoise.NoiseTable, or None: the noise is measured here
 
     def __post_init__(self):
         if self.weights64 is None:
@@ -316,6 +333,13 @@ class ShardContext:
                     counts[w] = bad
             self._nonfinite_weights[name] = json.dumps(counts, sort_keys=True)
         return self._nonfinite_weights[name]
+
+    def reference_noise(self, pid: str, ref: dict, node) -> Noise:
+        """The reference's fp32 noise at ``node`` on prompt ``pid``: read from the shard's noise table (measured
+        once for every side, actdiff.compare.refnoise), else measured here."""
+        if self.noise_table is not None:
+            return self.noise_table.of(pid, node.name)
+        return fp32_noise(self.graph, node, ref, self.weights64)
 
     def budget(self, name: str, noise: Noise) -> float:
         return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets, self.reference)
@@ -452,7 +476,7 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
     """One node of one prompt: its errors, budget and status (a row of the nodes table). A node whose replay
     does not reproduce the dump is judged like an external side's: its dumped output against the spec op on
     its own inputs (the replay would judge code that did not run)."""
-    noise = j.noise[node.name] = fp32_noise(ctx.graph, node, j.ref, ctx.weights64)
+    noise = j.noise[node.name] = ctx.reference_noise(j.pid, j.ref, node)
     b = ctx.budget(node.name, noise)
     if node.name in ctx.missing:
         m, local_rel, st = _nan_metrics(), math.nan, NOT_CAPTURED
@@ -567,7 +591,8 @@ def build_hypotheses(ctx: ShardContext, j: Judged) -> None:
         own = ctx.replay is None or name in j.mismatched
         inputs, target = (j.eng, j.eng[name]) if own else (j.ref, j.local[name][0])
         b = ctx.budget(name, j.noise[name])
-        d = rank_hypotheses(ctx.graph, ctx.graph[name], inputs, ctx.weights, target, b, catalogue=ctx.catalogue)
+        # the float64 weights: a resident model's are converted once per job, not per hypothesis and prompt
+        d = rank_hypotheses(ctx.graph, ctx.graph[name], inputs, ctx.weights64, target, b, catalogue=ctx.catalogue)
         ctx.writers["hypotheses"].add(_diagnosis_rows(j.pid, name, name == j.first, d))
         if d.verdict == UNEXPLAINED and ctx.search is not None:
             ctx.search.offer(ctx.graph, name, inputs, target, b)
@@ -783,14 +808,17 @@ def compute_shard_stats(
     shard: int,
     outputs: dict[str, str],
     cfg: StatsConfig | None = None,
+    noise: str | Path | None = None,
 ) -> dict:
-    """Compare one shard; write the shard tables (actdiff.tables.SHARD_TABLES) named in ``outputs``. Returns a
+    """Compare one shard; write the shard tables (actdiff.tables.SHARD_TABLES) named in ``outputs``. ``noise``:
+    the shard's reference noise table (actdiff.compare.refnoise), else the noise is measured here. Returns a
     small summary dict (for the log)."""
     from threadpoolctl import threadpool_limits
 
     from ..sides import open_replay
     from .hypotheses import load_catalogue
     from .propagation import output_nodes
+    from .refnoise import NoiseTable
 
     cfg = cfg or StatsConfig()
     model_dir = Path(model_dir)
@@ -811,6 +839,7 @@ def compute_shard_stats(
                 fused=replay.fused_nodes() if replay is not None else frozenset(), outputs=tuple(output_nodes(graph)),
                 search=SearchSample(cfg.search_prompts, cfg.search_nodes) if cfg.search_seconds > 0 else None,
                 reference=reference_precision_of(rr.attrs, str(ref_h5)),
+                noise_table=NoiseTable(noise, rr.prompt_ids, graph, ref_h5) if noise else None,
             )  # fmt: skip
             skip = _fitted_prompts(eng_h5, er, rr, writers["nodes"])
             _record_reference(ref_h5, rr, writers["nodes"])

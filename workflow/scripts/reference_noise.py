@@ -1,0 +1,12 @@
+"""Adapter for rule reference_noise: the reference's fp32 noise of one shard, shared by every run's statistics."""
+
+from actdiff.pipeline import reference_noise
+from actdiff.workflow_support import run
+
+run(
+    snakemake,  # noqa: F821
+    reference_noise,
+    model_json=snakemake.input.model,  # noqa: F821
+    ref_h5=snakemake.input.ref,  # noqa: F821
+    out=snakemake.output.noise,  # noqa: F821
+)
