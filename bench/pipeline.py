@@ -4,6 +4,7 @@ tiny model, and a subset on the full-size released config with random weights.
     .venv/bin/python bench/pipeline.py [--sizes 500,1000,2000] [--shard-size 250] [--fullsize-prompts 32]
                                        [--skip-fullsize] [--quick] [--out results/bench/pipeline.json]
                                        [--long-prompts N] [--fullsize-long-prompts N] [--no-peak]
+                                       [--fullsize-growth 4,8,16,32]
 
 Every run is a real ``snakemake --cores 2 --configfile <run>/config.yaml`` in a fresh directory
 ``results/bench/pipeline/<run>/`` (removed first, so every timing is real): one model, variant fp32, the
@@ -17,16 +18,20 @@ an evenly spaced subset of the rows for the remainder, so every size has the sam
 of a row has ``prompt_id`` + ``.r<k>`` (the id grammar allows letters, digits and ``. _ : -``); the other
 columns and the text are copied byte for byte. The full-size subset is the first two ``long-*`` prompts
 (truncated at 512 tokens, the memory peak) plus evenly spaced other rows (which may hold more of them).
+``--fullsize-growth`` runs the full-size config once per size on evenly spaced rows without the long-* ones
+(tokens then grow with the prompts), one shard each, and fits time, peak RSS and disk against the size, with
+the largest corpus the machine finishes in an hour (bench/README.md, "Cost growth").
 
 What is measured, per run (all from one run; the machine may be shared, so rates are noisy):
 
-- per stage (tokenize, dump_reference, dump_engine, compute_stats), from Snakemake's benchmark TSVs (job
-  wall ``s``, ``max_rss``, ``cpu_time``) and the rule logs ("tokenized N prompts ... in X s", "dumped N
-  prompts ... in X s", "engine fp32: dumped N prompts in X s", "stats: N prompts in X s"): steady-state
+- per stage (tokenize, dump_reference, dump_engine, reference_noise, compute_stats), from Snakemake's benchmark
+  TSVs (job wall ``s``, ``max_rss``, ``cpu_time``) and the rule logs ("tokenized N prompts ... in X s", "dumped
+  N prompts ... in X s", "engine fp32: dumped N prompts in X s", "reference noise: N prompts x K nodes in X
+  s", "stats: N prompts in X s"): steady-state
   rate = prompts / logged processing seconds (summed over shards), start-up = job wall - logged processing
   seconds (per job). The tokenize log's seconds include loading the reference tokenizer (transformers), so
   its steady rate is a lower bound and its start-up excludes that load;
-- the per-prompt stages as one pipeline: 1 / (sum over the four stages of the steady seconds per prompt) is
+- the per-prompt stages as one pipeline: 1 / (sum over the five stages of the steady seconds per prompt) is
   the rate of one shard on one core; x2 is the ideal for 2 cores running two shards side by side (what the
   workflow does with --cores 2 and 1-thread jobs); the measured 2-core rate of the per-prompt phase
   (prompts / (end of the last compute_stats - start of the first tokenize), from log timestamps) includes
@@ -46,16 +51,19 @@ What is measured, per run (all from one run; the machine may be shared, so rates
   against the corpus size; a least-squares line (slope s/prompt, intercept, R^2), the marginal cost per
   prompt between consecutive sizes and time(largest)/time(smallest).
 
-The floor (issue 19), per stage (tokenize, dump_reference, dump_engine, compute_stats, render) and end to
+The floor (issue 19), per stage (tokenize, dump_reference, dump_engine, reference_noise, compute_stats, render)
+and end to
 end: prompts/s, FLOPs, achieved GFLOP/s, fraction of the fp32 peak, bytes moved, peak RSS.
 
 - FLOPs come from the node graph (``Graph.node_flops``: multiply-add = 2, the top-k experts each token uses,
   real tokens only, never the padding) over the run's own token counts (the tokens tables): one forward each
-  for the two dumps; compute_stats (:func:`stats_flops`) two fp32 replays, three float64 spec passes (the
-  sum-op envelope counted at the sum ops' FLOPs) and the forced-routing MoE replay, about 7 forwards in all;
-  tokenize and render 0. Bytes (``Graph.bytes_moved``): weights read once per batch, as the dumps batch
-  (:func:`dump_bytes`), every node's output written once; compute_stats: both dumps read and its replays'
-  traffic per prompt (:func:`stats_bytes`).
+  for the two dumps; reference_noise (:func:`noise_flops`) two float64 spec passes (the fp32 noise, and the
+  sum-op envelope counted at the sum ops' FLOPs), once per shard whatever the number of sides; compute_stats
+  (:func:`stats_flops`) two fp32 replays, the float64 propagated-budget forward and the forced-routing MoE
+  replay; about 7 forwards in all; tokenize and render 0. Bytes (``Graph.bytes_moved``): weights read once
+  per batch, as the dumps batch (:func:`dump_bytes`), every node's output written once; reference_noise and
+  compute_stats: the dumps they read and their passes' traffic per prompt (:func:`noise_bytes`,
+  :func:`stats_bytes`).
 - The peak is measured in the same run, before and after the runs (bench/peak.py: FMA chains compiled with
   gcc -O2 -march=native per ISA, at 1 and N threads, numpy's sgemm beside them; the best repeat of either
   measurement). A per-prompt stage's GFLOP/s is its FLOPs over its jobs' summed steady seconds (they are
@@ -106,7 +114,7 @@ TINY_DIR = ROOT / "resources/models/tiny-nomic-moe"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 VARIANT = "fp32"
 SIDE = "actdiff"
-STAGES = ("tokenize", "dump_reference", "dump_engine", "compute_stats")
+STAGES = ("tokenize", "dump_reference", "dump_engine", "reference_noise", "compute_stats")
 MB, GB = 1e6, 1e9
 RSS_TARGET_BYTES = 4 * GB
 RATE_TARGET = 50.0
@@ -118,6 +126,7 @@ LOG_DONE = {
     # actdiff.sides.dump logs every side the same way: "<side> <variant>: dumped N prompts, T tokens, K nodes ..."
     "dump_reference": re.compile(r"reference \S+: dumped (\d+) prompts, \d+ tokens, .* in ([\d.]+) s \("),
     "dump_engine": re.compile(r"actdiff \S+: dumped (\d+) prompts, \d+ tokens, .* in ([\d.]+) s \("),
+    "reference_noise": re.compile(r"reference noise: (\d+) prompts x \d+ nodes in ([\d.]+) s"),
     "compute_stats": re.compile(r"stats: (\d+) prompts in ([\d.]+) s \("),
 }
 SCRIPT_RE = re.compile(r"\.snakemake/scripts/tmp[^/\s]*?\.(\w+)\.py")
@@ -206,6 +215,18 @@ def write_subset_sheet(n: int, path: Path) -> list[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join([header] + [f"{rows[i][0]}\t{rows[i][1]}" for i in pick]) + "\n", encoding="utf-8")
     return [rows[i][0] for i in pick]
+
+
+def write_uniform_sheet(n: int, path: Path) -> list[str]:
+    """n evenly spaced prompts of the corpus, the long-* rows left out (512 tokens each after truncation: one of
+    them dominates a small subset), so the token count grows in proportion to the prompts, as the growth fit of
+    ``--fullsize-growth`` assumes."""
+    header, rows = corpus_lines()
+    short = [r for r in rows if not r[0].startswith("long-")]
+    pick = [short[i] for i in evenly_spaced(len(short), n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header] + [f"{pid}\t{rest}" for pid, rest in pick]) + "\n", encoding="utf-8")
+    return [pid for pid, _ in pick]
 
 
 LONG_PREFIX = "longcat-"
@@ -501,6 +522,7 @@ def stage_jobs(R: Path, model: str, stage: str) -> list[dict]:
         "tokenize": (model,),
         "dump_reference": (model,),
         "dump_engine": (model, VARIANT),
+        "reference_noise": (model,),
         "compute_stats": (model, SIDE, VARIANT),
     }[stage]
     jobs = []
@@ -684,18 +706,24 @@ FLOOR_STAGES = (*STAGES, "render")
 def stats_flops(graph, tokens: int) -> dict[str, int]:
     """FLOPs compute_stats spends on one prompt, in parts of the model's forward (actdiff.compare): the side's
     node-by-node replay on the reference's inputs (local error) and on its own inputs (the replay check), both
-    fp32; in float64 (actdiff.compare.refops) every node's spec op on the reference's inputs (the fp32 noise),
-    the sum ops once more on squared inputs and weights (the sequential-sum envelope, budgets.SUM_OPS) and the
-    propagated-budget forward; and each MoE block replayed with the reference's routing (forced_moe). The
-    float64 FLOPs are counted as FLOPs: the fraction of the fp32 peak does not discount them."""
-    from actdiff.compare.budgets import SUM_OPS
-
+    fp32; the propagated-budget forward in float64 (actdiff.compare.refops); and each MoE block replayed with
+    the reference's routing (forced_moe). The float64 FLOPs are counted as FLOPs: the fraction of the fp32 peak
+    does not discount them. The fp32 noise is rule reference_noise's (:func:`noise_flops`)."""
     f = graph.flops(tokens)
     return {
         "fp32_replays": 2 * f,
-        "float64_spec_passes": 2 * f + sum(graph.node_flops(n, tokens) for n in graph if n.op in SUM_OPS),
+        "float64_spec_passes": f,
         "forced_moe": sum(graph.node_flops(x, tokens) for b in graph.moe_blocks() for x in b.nodes()),
     }
+
+
+def noise_flops(graph, tokens: int) -> int:
+    """FLOPs reference_noise spends on one prompt, in float64: every node's spec op on the reference's inputs
+    (the fp32 noise), and the sum ops once more on squared inputs and weights (the sequential-sum envelope,
+    budgets.SUM_OPS)."""
+    from actdiff.compare.budgets import SUM_OPS
+
+    return graph.flops(tokens) + sum(graph.node_flops(n, tokens) for n in graph if n.op in SUM_OPS)
 
 
 def dump_bytes(graph, lengths: list[int], batch_size: int) -> int:
@@ -717,11 +745,17 @@ def dump_bytes(graph, lengths: list[int], batch_size: int) -> int:
 
 
 def stats_bytes(graph, T: int) -> int:
-    """Bytes compute_stats moves for one prompt: both dumps read; two fp32 replays (weights + outputs); three
-    float64 passes (weights at 8 bytes, outputs at twice their fp32 size; the sum-op envelope counted as a
-    whole pass: the sum ops hold nearly all the weights)."""
+    """Bytes compute_stats moves for one prompt: both dumps read; two fp32 replays (weights + outputs); one
+    float64 pass, the propagated budgets (weights at 8 bytes, outputs at twice their fp32 size)."""
     b32, b64 = graph.bytes_moved(T), graph.bytes_moved(T, weight_itemsize=8)
-    return 2 * b32["activations"] + 2 * b32["total"] + 3 * (b64["weights"] + 2 * b64["activations"])
+    return 2 * b32["activations"] + 2 * b32["total"] + (b64["weights"] + 2 * b64["activations"])
+
+
+def noise_bytes(graph, T: int) -> int:
+    """Bytes reference_noise moves for one prompt: the reference dump read; two float64 passes, the noise and
+    the sum-op envelope (counted as a whole pass: the sum ops hold nearly all the weights)."""
+    b32, b64 = graph.bytes_moved(T), graph.bytes_moved(T, weight_itemsize=8)
+    return b32["activations"] + 2 * (b64["weights"] + 2 * b64["activations"])
 
 
 def floor_counts(R: Path, model: str, batch_size: int) -> dict:
@@ -744,7 +778,9 @@ def floor_counts(R: Path, model: str, batch_size: int) -> dict:
         for k, v in stats_flops(graph, T).items():
             st_parts[k] = st_parts.get(k, 0) + v
     dumps = sum(dump_bytes(graph, sh, batch_size) for sh in shards)
-    flops = {"tokenize": 0, "dump_reference": fwd, "dump_engine": fwd, "compute_stats": sum(st_parts.values())}
+    noise = sum(noise_flops(graph, T) for T in lengths)
+    flops = {"tokenize": 0, "dump_reference": fwd, "dump_engine": fwd, "reference_noise": noise,
+             "compute_stats": sum(st_parts.values())}  # fmt: skip
     return {
         "prompts": len(lengths),
         "tokens": sum(lengths),
@@ -758,6 +794,7 @@ def floor_counts(R: Path, model: str, batch_size: int) -> dict:
             "tokenize": None,  # token ids and text: small, not estimated
             "dump_reference": dumps,
             "dump_engine": dumps,
+            "reference_noise": sum(noise_bytes(graph, T) for T in lengths),
             "compute_stats": sum(stats_bytes(graph, T) for T in lengths),
             "render": None,
         },
@@ -979,8 +1016,34 @@ def floor_markdown(res: dict) -> list[str]:
     return L + [""]
 
 
+def growth_markdown(res: dict) -> list[str]:
+    """The growth table (one row per corpus size) and its fitted lines."""
+    g, runs = res.get("growth_fit"), sorted(res.get("growth", {}).values(), key=lambda r: r["prompts"])
+    if not g:
+        return []
+    rules = sorted({k for r in runs for k in r["peak_rss_bytes_by_rule"]})
+    L = ["", f"| full size, uniform corpus: prompts | tokens | wall to verdict + report, s | CPU of per-prompt jobs, s "
+         f"| HDF5 on disk at once, GB | peak RSS GB: {' / '.join(rules)} |", "|---|---|---|---|---|---|"]  # fmt: skip
+    cpu = g["time"]["per_prompt_job_cpu_s_total"]["values"]
+    for r, w, c in zip(runs, g["wall_s"]["values"], cpu, strict=True):
+        rss = " / ".join(_num((r["peak_rss_bytes_by_rule"].get(k) or 0) / GB, ".2f") for k in rules)
+        L.append(f"| {r['prompts']} | {r['tokens']} | {w:.0f} | {c:.0f} | {r['peak_h5_on_disk_bytes'] / GB:.2f} "
+                 f"| {rss} |")  # fmt: skip
+    wp, wt, d = g["wall_s"]["per_prompt"], g["wall_s"]["per_token"], g["peak_h5_on_disk_bytes"]["per_prompt"]
+    c = g["time"]["per_prompt_job_cpu_s_total"]
+    hour = g["prompts_per_hour"]
+    L += ["", f"Fitted lines (least squares over {len(runs)} sizes, {runs[0]['prompts']} to {runs[-1]['prompts']} "
+          f"prompts): wall = {wp['intercept']:.0f} s + {wp['slope']:.2f} s/prompt (R^2 {wp['r2']:.3f}), or "
+          f"{wt['intercept']:.0f} s + {wt['slope'] * 1e3:.1f} ms/token (R^2 {wt['r2']:.3f}); CPU of the per-prompt "
+          f"jobs = {c['intercept']:.0f} s + {c['slope']:.2f} s/prompt (R^2 {c['r2']:.3f}); HDF5 on disk at once = "
+          f"{d['intercept'] / GB:.2f} GB + {d['slope'] / MB:.1f} MB/prompt (one shard: every dump of the run exists "
+          f"at once). One hour on this machine: about **{_num(hour, ',.0f')} prompts** of "
+          f"{g['tokens_per_prompt_mean']:.0f} tokens on average."]  # fmt: skip
+    return L
+
+
 def markdown(res: dict) -> str:
-    L: list[str] = floor_markdown(res)
+    L: list[str] = floor_markdown(res) + growth_markdown(res)
     tiny = res.get("tiny", {})
     if tiny:
         big = max(tiny.values(), key=lambda r: r["prompts"])
@@ -991,9 +1054,9 @@ def markdown(res: dict) -> str:
             rates[0] = f"{rates[0]} ({fmt_rate(tb['steady_prompts_per_s'])} without the tokenizer load)"
         L.append(
             f"| tiny-nomic-moe fp32, {big['prompts']:,} prompts, {big['shards']} shards, 1-thread jobs, "
-            "`--cores 2` | tokenize | dump_reference | dump_engine | compute_stats |"
+            "`--cores 2` | " + " | ".join(STAGES) + " |"
         )
-        L.append("|---|---|---|---|---|")
+        L.append("|---" * (len(STAGES) + 1) + "|")
         L.append("| steady state, prompts/s per job | " + " | ".join(rates) + " |")
         L.append(
             "| start-up per job, s (median) | " + " | ".join(f"{st[s]['startup_s_median']:.1f}" for s in STAGES) + " |"
@@ -1197,6 +1260,12 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=None, help="prompts per shard (default 250; --quick 30)")
     ap.add_argument("--fullsize-prompts", type=int, default=None, help="full-size subset (default 32; --quick 3)")
     ap.add_argument("--skip-fullsize", action="store_true")
+    ap.add_argument(
+        "--fullsize-growth",
+        default=None,
+        help="comma-separated corpus sizes (e.g. 4,8,16,32): the full-size config on uniform subsets, one run each, "
+        "and the growth fit (time, memory, disk, prompts per hour)",
+    )
     ap.add_argument("--skip-tiny", action="store_true", help="only the full-size runs")
     ap.add_argument(
         "--fullsize-batch-sizes",
@@ -1252,7 +1321,8 @@ def main() -> None:
             "steady_state": "prompts / seconds logged by the stage around its per-prompt loop (after loading "
             "the model); start-up = Snakemake benchmark wall of the job - those seconds. The tokenize log's "
             "seconds include loading the reference tokenizer",
-            "per_prompt_pipeline": "1core = 1 / sum over tokenize, dump_reference, dump_engine, compute_stats of "
+            "per_prompt_pipeline": "1core = 1 / sum over tokenize, dump_reference, dump_engine, reference_noise, "
+            "compute_stats of "
             "steady s/prompt; 2cores_ideal = x2 (two 1-thread shards side by side); measured = prompts / per-"
             "prompt phase wall from log timestamps, start-ups included",
             "peak_rss": "max over the rule's jobs of max(sum of the job's processes' VmHWM polled every 0.1 s, "
@@ -1308,6 +1378,8 @@ def main() -> None:
 
     if not args.skip_fullsize:
         run_fullsize(args, n_full, base, res)
+    if args.fullsize_growth:
+        run_growth(args, [int(s) for s in args.fullsize_growth.split(",")], base, res)
 
     if not args.no_peak:
         measure_peak(args, res, "after the runs")
@@ -1364,6 +1436,41 @@ def run_fullsize(args, n_full: int, base: Path, res: dict) -> None:
             | {"snakemake_wall_s": r["snakemake_wall_s"]}
             for bs, r in by_batch.items()
         }
+
+
+def run_growth(args, sizes: list[int], base: Path, res: dict) -> None:
+    """The full-size config on uniform subsets of the corpus (write_uniform_sheet), one run per size, one shard
+    each, the largest ``--fullsize-batch-sizes``: res["growth"] by size; :func:`growth` fits them."""
+    from actdiff.models.fullsize import build_fullsize_random
+
+    full_dir = build_fullsize_random(ROOT / args.fullsize_dir, seed=0, tokenizer_dir=TINY_DIR)
+    bs = max(int(b) for b in args.fullsize_batch_sizes.split(","))
+    runs = res.setdefault("growth", {})
+    for n in sizes:
+        sheet = lambda p, n=n: len(write_uniform_sheet(n, p))  # noqa: E731
+        r = do_run(f"growth-n{n}-b{bs}", "fullsize-random", {"path": str(full_dir)}, sheet, bs, max(n, 1), base,
+                   tokenize_probe=False)  # fmt: skip
+        r["batch_size"] = bs
+        runs[str(n)] = r
+
+
+def growth(runs: list[dict]) -> dict:
+    """How time, memory and disk grow with the corpus at full size: :func:`scaling` (a line per time series,
+    peak RSS per rule), the whole run's wall (to the verdict, then the report) against prompts and tokens, the
+    HDF5 bytes on disk at once, and the largest corpus one machine finishes in an hour by the wall-time line
+    (prompts like these: the mean tokens per prompt is stated beside it)."""
+    runs = sorted(runs, key=lambda r: r["prompts"])
+    out = scaling(runs)
+    x, tokens = [r["prompts"] for r in runs], [r["tokens"] for r in runs]
+    wall = [r["snakemake_wall_s"] + r["report"]["snakemake_wall_s"] for r in runs]
+    disk = [r["peak_h5_on_disk_bytes"] for r in runs]
+    out["wall_s"] = {"values": wall, "per_prompt": fit_line(x, wall), "per_token": fit_line(tokens, wall)}
+    out["peak_h5_on_disk_bytes"] = {"values": disk, "per_prompt": fit_line(x, disk)}
+    fit = out["wall_s"]["per_prompt"]
+    slope, icpt = fit["slope"], fit["intercept"]
+    out["prompts_per_hour"] = (3600.0 - icpt) / slope if slope and slope > 0 and icpt < 3600 else None
+    out["tokens_per_prompt_mean"] = sum(tokens) / max(sum(x), 1)
+    return out
 
 
 def floor_runs_all(res: dict) -> list[tuple[str, dict]]:
@@ -1425,6 +1532,8 @@ def finish(res: dict, out: Path) -> None:
     """Derive scaling, targets and the markdown table from the runs; write the JSON and the table."""
     if len(res.get("tiny", {})) > 1:
         res["scaling"] = scaling(list(res["tiny"].values()))
+    if len(res.get("growth", {})) > 1:
+        res["growth_fit"] = growth(list(res["growth"].values()))
     res["targets"] = targets(res)
     if res.get("peak"):
         for _, run in floor_runs_all(res):
