@@ -157,3 +157,38 @@ def test_report_time_sums_job_cost_lines(tmp_path):
     slog = tmp_path / "run.log"
     slog.write_text("[Wed Dec  2 13:02:58 2026]\nrule x\n[Wed Dec  2 13:07:28 2026]\nFinished\n")
     assert report_time.run_wall_s(slog) == pytest.approx(270.0)
+
+
+def _growth_run(n: int) -> dict:
+    """A full-size run of n prompts as bench/pipeline.py's analyse_run records it: 20 s fixed + 3 s per prompt,
+    100 MB of dumps per prompt, memory flat."""
+    job = {"cpu_time_s": 2.5 * n}
+    stage = {"job_wall_s_total": 1.0 * n, "log_seconds_total": 0.5 * n, "per_job": [job]}
+    stages = {st: dict(stage) for st in pipeline.STAGES}
+    rss = {"dump_reference": 4e9, "compute_stats": 3e9}
+    return {
+        "prompts": n,
+        "tokens": 40 * n,
+        "shards": 1,
+        "snakemake_wall_s": 15.0 + 3.0 * n,
+        "report": {"snakemake_wall_s": 5.0},
+        "peak_h5_on_disk_bytes": 1e8 * n,
+        "stages": stages,
+        "other_rules": {"aggregate_stats": {"log_span_s": 1.0}},
+        "peak_rss_bytes_by_rule": rss,
+        "typical_job_peak_rss_bytes_by_rule": rss,
+    }
+
+
+def test_growth_fits_lines_and_prompts_per_hour():
+    runs = {str(n): _growth_run(n) for n in (32, 4, 16, 8)}  # any order
+    g = pipeline.growth(list(runs.values()))
+    w = g["wall_s"]["per_prompt"]
+    assert w["slope"] == pytest.approx(3.0, rel=1e-9) and w["intercept"] == pytest.approx(20.0, rel=1e-9)
+    assert g["wall_s"]["per_token"]["slope"] == pytest.approx(3.0 / 40, rel=1e-9)
+    assert g["peak_h5_on_disk_bytes"]["per_prompt"]["slope"] == pytest.approx(1e8, rel=1e-9)
+    assert g["prompts_per_hour"] == pytest.approx((3600 - 20) / 3.0, rel=1e-9)
+    assert g["tokens_per_prompt_mean"] == pytest.approx(40.0)
+    assert not any(m["grows"] for m in g["memory"].values())  # flat memory is reported flat
+    md = "\n".join(pipeline.growth_markdown({"growth_fit": g, "growth": runs}))
+    assert "about **1,193 prompts**" in md and "+ 3.00 s/prompt" in md
