@@ -98,3 +98,27 @@ def test_a_rule_pins_our_kernels_pool_to_its_threads():
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         assert p.returncode == 0, p.stderr
         assert p.stdout.strip() == "1", (code, p.stdout)
+
+
+def test_weights_are_not_read_to_be_sized(tiny_model_dir):
+    """Membership and NodeWeights64's size check come from the checkpoint's header: reading every tensor there
+    (Mapping's own ``in`` does) raised the released model's statistics job's peak RSS by 1.1 GB."""
+    graph = build_graph(load_config_json(tiny_model_dir))
+    raw = CheckpointTensors(tiny_model_dir / "model.safetensors")
+    read = []
+    real = raw._file
+
+    class Counting:
+        def get_tensor(self, key):
+            read.append(key)
+            return real.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    raw._file = Counting()
+    w = next(iter(raw))
+    assert w in raw and "no such tensor" not in raw
+    NodeWeights64(raw, graph)
+    assert read == [], read
+    assert raw[w] is not None and read == [w]  # reading is what reads
