@@ -220,7 +220,7 @@ class NodeWeights64(Mapping):
     # with squares) stays one node at a time, within the job's memory target of 1.5x its fp32 weights.
     RESIDENT_BYTES = 512 << 20
 
-    def __init__(self, raw: Mapping, graph: Graph):
+    def __init__(self, raw: Mapping, graph: Graph, resident_bytes: int | None = None):
         self.raw = raw
         self.convert = frozenset(w for n in graph if n.op != "EMBED" for w in n.weights)
         self.keep: frozenset = frozenset()
@@ -229,7 +229,7 @@ class NodeWeights64(Mapping):
         # from the header where the mapping has one (reading every tensor here raised the job's peak RSS by 1.1 GB)
         shape, stored = getattr(raw, "shape_of", None) or (lambda k: np.shape(raw[k])), frozenset(raw)
         f64_bytes = sum(2 * 8 * math.prod(shape(w)) for w in self.convert if w in stored)  # weight and square
-        self.resident = f64_bytes <= self.RESIDENT_BYTES
+        self.resident = f64_bytes <= (self.RESIDENT_BYTES if resident_bytes is None else resident_bytes)
 
     def visit(self, node) -> None:
         """Hold ``node``'s tensors from now on (None: hold nothing and free the pool); the previous node's are
