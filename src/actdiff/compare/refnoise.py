@@ -16,6 +16,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -79,14 +80,12 @@ class NoiseTable:
         t = pq.read_table(path, schema=SCHEMA)
         names = graph.names()
         n = len(t) // max(len(names), 1)
-        pids = t["prompt_id"].to_numpy(zero_copy_only=False)
-        nodes = t["node"].to_numpy(zero_copy_only=False)
-        ok = len(t) == n * len(names) and all(
-            (nodes[i * len(names) : (i + 1) * len(names)] == names).all()
-            and (pids[i * len(names) : (i + 1) * len(names)] == pids[i * len(names)]).all()
-            for i in range(n)
-        )
-        self.row = {str(pids[i * len(names)]): i for i in range(n)} if ok else {}
+        ok = len(t) == n * len(names)
+        if ok:  # one row of the grid per prompt: the graph's nodes in order, one prompt id throughout
+            pids = t["prompt_id"].to_numpy(zero_copy_only=False).reshape(n, len(names))
+            nodes = t["node"].to_numpy(zero_copy_only=False).reshape(n, len(names))
+            ok = bool((nodes == np.array(names, dtype=object)).all() and (pids == pids[:, :1]).all())
+        self.row = {str(pids[i, 0]): i for i in range(n)} if ok else {}
         self.col = {name: k for k, name in enumerate(names)}
         missing = [p for p in prompt_ids if p not in self.row]
         if not ok or missing:
