@@ -158,6 +158,7 @@ def run_engine(setup: Setup, label: str, variant: str = "fp32", patch: dict | No
 
 def _aggregate(setup: Setup, label: str, variant: str, shard: dict) -> dict:
     from actdiff.compare.aggregate import aggregate
+    from actdiff.compare.search_run import RunSearch
 
     L, record = setup.layout, setup.record()
     outputs = {t: L.summary(MODEL, SIDE, label, t) for t in AGGREGATE_TABLES}
@@ -172,7 +173,7 @@ def _aggregate(setup: Setup, label: str, variant: str, shard: dict) -> dict:
         "experts": int(record.config.get("num_experts", 0) or 0),
         "embedding_sample": 2000,
     }
-    aggregate({t: [p] for t, p in shard.items()}, outputs, meta, tokens=[setup.tokens])
+    aggregate({t: [p] for t, p in shard.items()}, outputs, meta, tokens=[setup.tokens], search=RunSearch.of(record.dir))
     return json.loads(Path(outputs["verdict"]).read_text())
 
 

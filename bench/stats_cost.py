@@ -6,7 +6,8 @@ fresh subprocess with PYTHONPATH=<tree>/src and one BLAS thread (as rule compute
 before/after per item so machine load hits both alike. The arguments are those the workflow passes for the
 config (each tree reads it with its own schema; a tree whose compute_stats takes ``search`` gets the
 stats.search_* keys). Seconds are the call itself (imports excluded); the search's own seconds come from the
-after run's INFO log line "search: N node(s) in X CPU s". Outputs go to temp dirs.
+after run's INFO log line "search: N node(s) in X CPU s" (0 for a tree that searches once per run, in
+aggregation, actdiff.compare.search_run). Outputs go to temp dirs.
 
     python bench/stats_cost.py --before 96d16c1 --results /tmp/cost/results [--only 'tiny-nomic-moe/*']
 

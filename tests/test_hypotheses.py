@@ -234,7 +234,7 @@ def test_an_unexplained_search_row_carries_no_candidate_sentence(tmp_path):
     from actdiff.compare.aggregate import search_summary
     from actdiff.report.data import Run
     from actdiff.report.sections import _search_md
-    from actdiff.tables import SHARD_TABLES
+    from actdiff.tables import SUMMARY_TABLES
 
     row = {"node": "encoder.layers.0.attn.q_rot", "node_index": 9, "op": "ROPE", "rank": 1, "kind": "fit",
            "name": "ROPE.angles", "says": "RoPE angles built in float32 by repeated multiplication", "error": 1e-3,
@@ -242,8 +242,8 @@ def test_an_unexplained_search_row_carries_no_candidate_sentence(tmp_path):
            "tried": 40, "seconds": 0.5, "timed_out": False}  # fmt: skip
     p = tmp_path / "search.parquet"
     pd.DataFrame([row]).astype({"node_index": "int64"}).to_parquet(p)
-    assert SHARD_TABLES["search"].schema is not None
-    s = search_summary([str(p)])
+    assert SUMMARY_TABLES["search"].schema is not None
+    s = search_summary(pd.read_parquet(p))
     assert s["says"].tolist() == [""] and s["error"].tolist() == [1e-3]
     run = Run(tmp_path, "m", "s", "fp32", {}, {}, {}, None, {}, summary={"search": s})
     md = _search_md(run)
@@ -265,7 +265,7 @@ def test_equal_residuals_go_to_the_search_order_not_the_alphabet(tmp_path):
             for r, f in ((1, "fp16"), (2, "bf16"))]  # fmt: skip
     p = tmp_path / "search.parquet"
     pd.DataFrame(rows).astype({"node_index": "int64"}).to_parquet(p)
-    assert search_summary([str(p)])["name"].tolist() == ["GELU.round_at.divisor=fp16"]
+    assert search_summary(pd.read_parquet(p))["name"].tolist() == ["GELU.round_at.divisor=fp16"]
 
 
 def test_search_table_says_each_explanation_once(tmp_path):

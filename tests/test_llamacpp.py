@@ -431,6 +431,7 @@ def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
     """A node the mapping cannot fill is "not_captured" (NaN metrics), its consumers are judged on their
     propagated error only, and the verdict keeps the same causes as with the complete mapping."""
     from actdiff.compare.aggregate import aggregate
+    from actdiff.compare.search_run import RunSearch
     from actdiff.compare.stats import StatsConfig, compute_shard_stats
     from actdiff.tables import SHARD_TABLES
 
@@ -444,7 +445,8 @@ def test_not_captured_nodes_are_reported_not_failed(setup, tmp_path):
     proj = nodes[nodes.node.str.endswith("attn.out_proj")]
     assert proj.status.isin(["pass", "warn"]).all() and proj.local_rel_l2.isna().all()
     summ = summary_outputs(tmp_path)
-    v = aggregate({t: [outs[t]] for t in SHARD_TABLES}, summ, {"model": "tiny", "side": "llamacpp", "experts": 8})
+    meta = {"model": "tiny", "side": "llamacpp", "experts": 8}
+    v = aggregate({t: [outs[t]] for t in SHARD_TABLES}, summ, meta, search=RunSearch.of(setup["model_dir"]))
     assert v["not_captured_nodes"] == [f"encoder.layers.{i}.attn.context" for i in range(4)]
     assert {c["hypothesis"] for c in v["causes"]} == {"gelu_tanh_fp16_table", "expert_bias_missing"}
     assert "not captured" in v["plain"]

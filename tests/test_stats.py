@@ -3,6 +3,7 @@ precision variants, routing, embeddings, parity, import equivalence, the CI gate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from helpers import BIN, REPO, run_cmd, shard_outputs, summary_outputs, tightness_ratios
 
 from actdiff.compare.aggregate import aggregate
+from actdiff.compare.search_run import RunSearch
 from actdiff.compare.stats import compute_shard_stats
 from actdiff.engine.core import Engine
 from actdiff.engine.faults import runnable_faults
@@ -41,7 +43,8 @@ def run_stats(tmp, model_dir, ref_h5, eng_h5, variant, side="actdiff", cfg=None)
     compute_shard_stats(model_dir, ref_h5, eng_h5, side, variant, 0, out, cfg)
     summ = summary_outputs(tmp)
     meta = {"model": "tiny", "side": side, "variant": str(variant), "experts": 8}
-    verdict = aggregate({t: [out[t]] for t in SHARD_TABLES}, summ, meta)
+    search = RunSearch.of(model_dir, dataclasses.asdict(cfg) if cfg else None)  # as rule aggregate_stats searches
+    verdict = aggregate({t: [out[t]] for t in SHARD_TABLES}, summ, meta, search=search)
     return verdict, pd.read_parquet(out["nodes"]), summ, out
 
 
@@ -436,11 +439,12 @@ def fitted_run(tiny_model_dir, tmp_path_factory):
     return outs, tokens, refs, engs
 
 
-def _aggregate(outs, tokens, folder, variant="fp32"):
+def _aggregate(outs, tokens, folder, variant="fp32", model_dir=None):
     summ = summary_outputs(folder)
     folder.mkdir()
     meta = {"model": "tiny", "side": "actdiff", "variant": variant, "experts": 8}
-    return aggregate({t: [o[t] for o in outs] for t in SHARD_TABLES}, summ, meta, tokens=tokens), summ
+    tables = {t: [o[t] for o in outs] for t in SHARD_TABLES}
+    return aggregate(tables, summ, meta, tokens=tokens, search=RunSearch.of(model_dir) if model_dir else None), summ
 
 
 def test_prompts_a_side_was_fitted_on_are_excluded_everywhere(fitted_run, tiny_model_dir, tmp_path):
@@ -454,7 +458,7 @@ def test_prompts_a_side_was_fitted_on_are_excluded_everywhere(fitted_run, tiny_m
     from actdiff.tables import AGGREGATE_JSON
 
     outs, tokens, refs, engs = fitted_run
-    v, summ = _aggregate(outs, tokens, tmp_path / "sum")
+    v, summ = _aggregate(outs, tokens, tmp_path / "sum", model_dir=tiny_model_dir)
     excluded = ["s0-1", "s1-0", "s1-1"]
     assert v["excluded_prompts"]["ids"] == excluded and v["excluded_prompts"]["n"] == 3, v
     assert v["prompts"] == 1 and v["status"] == "pass", v["plain"]

@@ -223,8 +223,12 @@ def aggregate_stats(
     outputs: dict[str, str],
     embedding_sample: int = 2000,
     worst_n: int = 20,
+    search: dict | None = None,
 ) -> None:
+    """``search``: config ``stats.search_seconds``, ``search_prompts``, ``search_nodes`` (the search runs here,
+    once for the run, on the shards' samples)."""
     from .compare.aggregate import aggregate
+    from .compare.search_run import RunSearch
 
     record = ModelRecord.load(model_json)
     meta = {
@@ -237,7 +241,8 @@ def aggregate_stats(
         "embedding_sample": int(embedding_sample),
     }
     key_nodes = build_graph(record.config, model_json).key_nodes()  # the prompt table's error columns
-    v = aggregate(shard_tables, outputs, meta, tokens=tokens, worst_n=worst_n, key_nodes=key_nodes)
+    found = RunSearch.of(record.dir, search)
+    v = aggregate(shard_tables, outputs, meta, tokens=tokens, worst_n=worst_n, key_nodes=key_nodes, search=found)
     log.info("%s", v["plain"])
 
 

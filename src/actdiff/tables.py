@@ -74,6 +74,18 @@ _SEARCH = pa.schema(
         ("timed_out", pa.bool_()),
     ]
 )
+_SEARCH_SAMPLE = pa.schema(
+    [
+        ("node", pa.string()),  # a node the catalogue left unexplained (actdiff.compare.search_run.SearchSample)
+        ("node_index", pa.int64()),
+        ("prompt_id", pa.string()),  # one of the node's longest unexplained prompts in the shard
+        ("budget", pa.float64()),  # the node's budget on that prompt
+        ("array", pa.string()),  # "target" (the judged output) or the input node it holds
+        ("dtype", pa.string()),  # numpy dtype.str
+        ("shape", pa.list_(pa.int64())),
+        ("data", pa.large_binary()),  # the values, C order
+    ]
+)
 _ROUTING = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -150,7 +162,8 @@ SHARD_TABLES: dict[str, Table] = {
         Table("routing", "shard", "one row per (prompt, MoE layer, token): expert sets and margins", _ROUTING),
         Table("drilldown", "shard", "the shard's worst prompts: first values of the key nodes", _DRILLDOWN),
         Table("hypotheses", "shard", "root-cause ranking at failing nodes", _HYPOTHESES),
-        Table("search", "shard", "searched explanations at nodes the catalogue left unexplained", _SEARCH),
+        Table("search_sample", "shard", "values of the nodes the catalogue left unexplained, for the search",
+              _SEARCH_SAMPLE),
         Table("prompts", "shard", "per-prompt values: MoE layer errors, embedding cosines"),
         Table(EMBEDDING_SAMPLE, "shard", "bounded sample of final embeddings (neighbour analysis)", _EMBEDDINGS),
     )

@@ -52,7 +52,8 @@ rule compute_stats:
 
 
 rule aggregate_stats:
-    """Corpus aggregates over the shards, the worst prompts ranked once, and the verdict
+    """Corpus aggregates over the shards, the worst prompts ranked once, the search at the nodes the catalogue
+    left unexplained (once per run, on the shards' merged samples: actdiff.compare.search_run), and the verdict
     (actdiff.compare.aggregate)."""
     input:
         model=L.model_json("{model}"),
@@ -63,6 +64,7 @@ rule aggregate_stats:
     params:
         embedding_sample=config["stats"]["embedding_sample"],
         worst_n=config["report"]["worst_n"],
+        search={k: config["stats"][k] for k in ("search_seconds", "search_prompts", "search_nodes")},
     log:
         L.log("aggregate_stats", "{model}", "{side}", "{variant}"),
     benchmark:
@@ -71,7 +73,7 @@ rule aggregate_stats:
         "../envs/actdiff.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=reference_mem_mb,  # the search reads the searched nodes' weights
     script:
         "../scripts/aggregate_stats.py"
 

@@ -17,4 +17,5 @@ run(
     outputs=dict(snakemake.output.items()),  # noqa: F821
     embedding_sample=snakemake.params.embedding_sample,  # noqa: F821
     worst_n=int(snakemake.params.worst_n),  # noqa: F821
+    search=dict(snakemake.params.search),  # noqa: F821
 )

@@ -204,6 +204,7 @@ def aggregate(
     tokens: list[str] | None = None,
     worst_n: int = 20,
     key_nodes: list[str] | None = None,
+    search=None,
 ) -> dict:
     """Combine the shards' tables; write the summaries named in ``outputs`` and the verdict.
 
@@ -213,7 +214,9 @@ def aggregate(
     sample, whatever the corpus size. The worst ``worst_n`` prompts (compare.worst) are ranked here, once, with
     what the report shows of them (heatmap, per-token errors, drill-down): a report reads summaries only.
     ``tokens``: the tokens shards (the prompts' texts). ``key_nodes``: ``Graph.key_nodes()`` of the run's graph,
-    the error columns of the prompt table (default: the nodes the drill-down shard tables hold, the same list)."""
+    the error columns of the prompt table (default: the nodes the drill-down shard tables hold, the same list).
+    ``search``: how to search the nodes the catalogue left unexplained, once for the run, on the shards' merged
+    samples (actdiff.compare.search_run.RunSearch; None: no search, refused when a shard kept a sample)."""
     if tokens:  # what `actdiff check --baseline` compares: a baseline of another corpus is refused
         meta = {**meta, "corpus_sha256": corpus_sha256(tokens)}
     excluded = read_excluded(shard_tables["nodes"])  # prompts the side was fitted on: no shard table holds them
@@ -232,7 +235,7 @@ def aggregate(
         acc.add_hypotheses(pd.read_parquet(shard_tables["hypotheses"][i]))
         acc.add_prompts(pd.read_parquet(shard_tables["prompts"][i]), nodes, pd.read_parquet(shard_tables["routing"][i]))
         del nodes
-    verdict = _write_summaries(acc, shard_tables, outputs, meta)
+    verdict = _write_summaries(acc, shard_tables, outputs, meta, search)
     _write_worst_tables(acc.worst, shard_tables, tokens or [], outputs)
     if prompt_table.NAME in outputs:
         _write_table(prompt_table.with_texts(acc.prompt_rows, tokens or []), _schema(prompt_table.NAME),
@@ -243,7 +246,7 @@ def aggregate(
     return verdict
 
 
-def _write_summaries(acc: _Corpus, shard_tables: dict, outputs: dict, meta: dict) -> dict:
+def _write_summaries(acc: _Corpus, shard_tables: dict, outputs: dict, meta: dict, search) -> dict:
     """The node, first-divergence, hypothesis and routing summaries and the embedding JSON; returns the verdict."""
     nodes_s = _concat(acc.sampled["nodes"], acc.empty_nodes)
     summary = node_summary(nodes_s) if len(nodes_s) else pd.DataFrame()
@@ -259,7 +262,9 @@ def _write_summaries(acc: _Corpus, shard_tables: dict, outputs: dict, meta: dict
     hyp_s = _concat(acc.sampled["hypotheses"], None)
     hyp_summary, evidence = _hypothesis_tables(hyp_s, acc.hyp_counts, acc.hyp_fallback, acc.ev_counts)
     _write(hyp_summary, outputs["hypotheses"])
-    searched = search_summary(shard_tables.get("search", []))
+    from .search_run import search_run
+
+    searched = search_summary(search_run(shard_tables.get("search_sample", []), search))
     if "search" in outputs:
         _write(searched, outputs["search"])
     prompts_s = _concat(acc.sampled["prompts"], None)
@@ -531,19 +536,19 @@ def _hypothesis_tables(hyp_s, hyp_counts, hyp_fallback, ev_counts):
     return hyp_summary.reset_index(drop=True), evidence
 
 
-def search_summary(paths: list[str]) -> pd.DataFrame:
-    """Per searched node, over the shards: the best explaining finding (lowest residual relative to its
-    baseline), else the best finding; candidates tried and seconds summed, timed_out if any shard ran out."""
+def search_summary(t: pd.DataFrame) -> pd.DataFrame:
+    """Per searched node of the ``search`` rows (actdiff.compare.search_run): the best explaining finding (lowest
+    residual relative to its baseline), else the best finding; candidates tried and seconds summed over the
+    searches of the node (one per run; rows of several searches, e.g. concatenated runs, add up), timed_out if
+    any ran out."""
     from ..tables import SUMMARY_TABLES
 
-    frames = [f for f in (pd.read_parquet(p) for p in paths) if len(f)]
     schema = SUMMARY_TABLES["search"].schema
-    if not frames:
+    if not len(t):
         return schema.empty_table().to_pandas()
-    t = pd.concat(frames, ignore_index=True)
     rows = []
     for _, g in t.groupby("node", sort=False):
-        runs = g.drop_duplicates(["tried", "seconds", "prompts"])  # one search per shard: its rows share these
+        runs = g.drop_duplicates(["tried", "seconds", "prompts"])  # one search: its rows share these
         totals = {
             "tried": int(runs["tried"].sum()),
             "seconds": float(runs["seconds"].sum()),

@@ -12,7 +12,8 @@ them, every registered searcher proposes functions of the same inputs and report
 
 The search never reads variant names, fault labels or catalogue entries: only arrays. It runs under a
 :class:`~actdiff.compare.findings.Deadline` (logged, configurable: ``stats: {search_seconds: ...}``) and
-stops cleanly when it expires, saying so (``timed_out``).
+stops cleanly when it expires, saying so (``timed_out``). It runs once per run, in aggregation, on the shards'
+merged samples (actdiff.compare.search_run).
 """
 
 from __future__ import annotations

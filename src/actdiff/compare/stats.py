@@ -20,8 +20,8 @@ For every (prompt, node):
 :func:`judge_prompt` does the per-node work once per prompt; each table is then built by its own builder
 (:data:`BUILDERS`) from that shared :class:`Judged` prompt and the per-shard :class:`ShardContext`:
 per-token errors of failing nodes, the root-cause ranking (actdiff.compare.hypotheses; nodes it leaves
-unexplained go into a bounded sample that actdiff.compare.search explains at the end of the shard under a time
-budget, table ``search``), MoE routing and
+unexplained go into a bounded sample, table ``search_sample``, that actdiff.compare.search_run searches once per
+run in aggregation, under a time budget), MoE routing and
 forced-routing error, the pooled-embedding cosine, and the drill-down candidates (the shard's worst prompts
 by :mod:`actdiff.compare.worst`, whose first values survive deleting the HDF5 dumps).
 """
@@ -53,6 +53,7 @@ from .budgets import TF32_OPS, U32, Noise, budget, fp32_noise, reference_precisi
 from .embeddings import BoundedSample, cosine
 from .metrics import FLOAT_METRICS, compare, nonfinite_match, per_token_errors, rel_l2, rel_l2_finite
 from .routing import margins, routing_rows
+from .search_run import SearchSample
 from .worst import prompt_score, rank_key
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,11 @@ class StatsConfig:
     worst_m: int = 5  # prompts per shard kept for the drill-down
     embedding_sample: int = 2000  # prompts kept for the neighbour analysis
     diagnose_all_failing: bool = True  # rank hypotheses at every failing node, not only the first
-    search_seconds: float = 60.0  # CPU-second budget per shard of the search at unexplained nodes (logged)
-    search_prompts: int = 3  # prompts per node in the search's sample (its failing prompts, in shard order)
-    search_nodes: int = 16  # unexplained nodes searched per shard, in graph order
+    # the search at unexplained nodes runs once per run, in aggregation (actdiff.compare.search_run); a shard keeps
+    # its sample: search_prompts longest unexplained prompts of each of its search_nodes earliest unexplained nodes
+    search_seconds: float = 60.0  # the run's CPU-second budget of the search (0: no sample is kept)
+    search_prompts: int = 3
+    search_nodes: int = 16
 
 
 class CheckpointTensors(Mapping):
@@ -312,7 +315,7 @@ class ShardContext:
     keys: list[str] = field(default_factory=list)
     fused: frozenset = frozenset()  # nodes the side's forward computes on another path than its replay
     outputs: tuple = ()  # the output nodes (actdiff.compare.propagation.output_nodes)
-    search: object = None  # actdiff.compare.stats.SearchSample: the search's bounded sample
+    search: object = None  # actdiff.compare.search_run.SearchSample: the search's bounded sample
     _nonfinite_weights: dict = field(default_factory=dict)  # node -> JSON {tensor: non-finite count}
     reference: str = "fp32"  # the reference dump's own precision (budgets.U_REFERENCE)
     weights64: NodeWeights64 | None = None  # the visited node's weights in float64 (set in __post_init__)
@@ -597,101 +600,7 @@ def build_hypotheses(ctx: ShardContext, j: Judged) -> None:
         d = rank_hypotheses(ctx.graph, ctx.graph[name], inputs, ctx.weights64, target, b, catalogue=ctx.catalogue)
         ctx.writers["hypotheses"].add(_diagnosis_rows(j.pid, name, name == j.first, d))
         if d.verdict == UNEXPLAINED and ctx.search is not None:
-            ctx.search.offer(ctx.graph, name, inputs, target, b)
-
-
-@dataclass
-class SearchSample:
-    """The search's bounded sample: per unexplained node (at most ``nodes``, earliest in graph order), the
-    inputs and judged outputs of its ``prompts`` LONGEST unexplained prompts of the shard: least squares
-    needs rows (a weight of width H is determined from H + 1 tokens on), and a bug that shows on long prompts
-    only shows there."""
-
-    prompts: int
-    nodes: int
-    items: dict = field(default_factory=dict)  # node -> {"inputs": [...], "targets": [...], "budgets": [...]}
-
-    def _admit(self, graph: Graph, name: str) -> bool:
-        if name in self.items:
-            return True
-        if self.prompts <= 0 or self.nodes <= 0:
-            return False
-        if len(self.items) >= self.nodes:
-            last = max(self.items, key=lambda n: graph[n].index)
-            if graph[name].index > graph[last].index:
-                return False
-            del self.items[last]
-        self.items[name] = {"inputs": [], "targets": [], "budgets": []}
-        return True
-
-    def offer(self, graph: Graph, name: str, inputs: dict, target: np.ndarray, budget: float) -> None:
-        if not self._admit(graph, name):
-            return
-        item, rows = self.items[name], int(np.shape(target)[0])
-        if len(item["targets"]) >= self.prompts:
-            shortest = min(range(len(item["targets"])), key=lambda i: np.shape(item["targets"][i])[0])
-            if rows <= np.shape(item["targets"][shortest])[0]:
-                return
-            for key in item:
-                del item[key][shortest]
-        node, block = graph[name], graph.moe_block_of(name)
-        keep = [*node.inputs, *([block.topk_weights] if block is not None else [])]
-        item["inputs"].append({k: np.array(inputs[k]) for k in keep if k in inputs})
-        item["targets"].append(np.array(target))
-        item["budgets"].append(float(budget))
-
-
-def run_search(ctx: ShardContext) -> None:
-    """The search (actdiff.compare.search) at every sampled node, in graph order, under one time budget for
-    the shard; one row per finding (the best few), or one row saying what was tried when nothing was found."""
-    from .findings import Deadline
-    from .search import search_node
-
-    items = sorted(ctx.search.items.items(), key=lambda kv: ctx.graph[kv[0]].index) if ctx.search else []
-    deadline, wall0 = Deadline(ctx.cfg.search_seconds), time.monotonic()
-    for name, item in items:
-        if deadline.expired():
-            log.warning("search: time budget of %.0f CPU s spent before %s (stats.search_seconds)", deadline.seconds,
-                        name)  # fmt: skip
-            ctx.writers["search"].add(_search_rows(ctx, name, None, float(np.median(item["budgets"]))))
-            continue
-        b = float(np.median(item["budgets"]))
-        res = search_node(ctx.graph, name, item["inputs"], item["targets"], ctx.weights, b, deadline)
-        ctx.writers["search"].add(_search_rows(ctx, name, res, b))
-    if items:
-        log.info("search: %d node(s) in %.1f CPU s, %.1f s wall (budget %.0f CPU s)", len(items), deadline.spent(),
-                 time.monotonic() - wall0, deadline.seconds)  # fmt: skip
-
-
-SEARCH_ROWS = 5  # findings kept per node (best first)
-
-
-def _search_rows(ctx: ShardContext, name: str, res, budget: float) -> dict[str, list]:
-    from .findings import explains
-
-    node = ctx.graph[name]
-    found = res.findings[:SEARCH_ROWS] if res is not None else []
-    n = max(len(found), 1)
-    base = res.baseline_error if res is not None else math.nan
-    return {
-        "node": [name] * n,
-        "node_index": [node.index] * n,
-        "op": [node.op] * n,
-        "rank": list(range(1, len(found) + 1)) or [0],
-        "kind": [f.kind for f in found] or [""],
-        "name": [f.name for f in found] or [""],
-        "says": [f.says for f in found] or [""],
-        "error": [float(f.error) for f in found] or [math.nan],
-        "params": [json.dumps(f.params, sort_keys=True, default=str) for f in found] or ["{}"],
-        "explains": [explains(f.error, base, budget) for f in found] or [False],
-        "baseline_error": [base] * n,
-        "budget": [budget] * n,
-        "prompts": [res.prompts if res else 0] * n,
-        "rows": [res.rows if res else 0] * n,
-        "tried": [res.tried if res else 0] * n,
-        "seconds": [res.seconds if res else 0.0] * n,
-        "timed_out": [res.timed_out if res else True] * n,
-    }
+            ctx.search.offer(ctx.graph, name, j.pid, inputs, target, b)
 
 
 def build_routing(ctx: ShardContext, j: Judged) -> None:
@@ -926,9 +835,10 @@ def _paired_prompts(ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, 
 
 
 def _close(ctx: ShardContext, embeddings_out: str) -> None:
-    """Run the search on its sample, write the drill-down (worst first), close the streamed tables, write the
-    embedding sample."""
-    run_search(ctx)
+    """Write the search's sample (searched once per run, in aggregation) and the drill-down (worst first), close
+    the streamed tables, write the embedding sample."""
+    if ctx.search is not None:
+        ctx.writers["search_sample"].add(ctx.search.to_columns(ctx.graph))
     for _key, _pid, rows in sorted(ctx.drill, reverse=True):
         ctx.writers["drilldown"].add({k: [r[k] for r in rows] for k in rows[0]})
     for w in ctx.writers.values():
