@@ -283,6 +283,25 @@ def test_variant_embedding_cosine(case, variant, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ replay
+def test_two_variants_made_at_once_from_one_export(case, tmp_path):
+    """`make report` makes int8-dynamic and int8-static from one export in two jobs at once: ORT's quantisers
+    write "<input>-inferred.onnx" beside their input and delete it, and the two raced on it (FileNotFoundError).
+    Each now quantises its own link of the export; the export's folder is left as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actdiff.onnxrt.variants import write_variant
+
+    before = sorted(p.name for p in Path(case["onnx"]).parent.iterdir())
+    calibration = case["ids"][CALIBRATION]
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(write_variant, case["onnx"], tmp_path / v / "model.onnx", v, calibration) for v in
+                ("int8-dynamic", "int8-static")]  # fmt: skip
+        paths = [j.result() for j in jobs]
+    assert all(p.is_file() for p in paths)
+    assert sorted(p.name for p in Path(case["onnx"]).parent.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["int8-dynamic", "int8-static", "model.onnx", "model.onnx"]
+
+
 def _variant_file(case, variant: str) -> Path:
     """The model's variant file, made once per model (int8-static calibrated on CALIBRATION)."""
     from actdiff.onnxrt.variants import write_variant

@@ -115,6 +115,12 @@ def model_files(wildcards):
     return {"fingerprint": fingerprint} if Path(fingerprint).is_file() else {}
 
 
+def aggregate_mem_mb(wildcards):
+    """Memory of one aggregation: the summaries (2 GB) or, when more, a reference run's (the search reads the
+    searched nodes' weights)."""
+    return max(2000, reference_mem_mb(wildcards))
+
+
 def reference_mem_mb(wildcards):
     """Memory of one reference run: the config's mem_mb, else ~3x the checkpoint + 1 GB (weights, a
     meta-device build, activations, allocator slack); 2 GB when the checkpoint is not there yet."""

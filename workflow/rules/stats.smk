@@ -73,7 +73,7 @@ rule aggregate_stats:
         "../envs/actdiff.yaml"
     threads: 1
     resources:
-        mem_mb=reference_mem_mb,  # the search reads the searched nodes' weights
+        mem_mb=aggregate_mem_mb,
     script:
         "../scripts/aggregate_stats.py"
 

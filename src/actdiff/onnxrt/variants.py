@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -124,10 +126,20 @@ def write_variant(fp32_path: str | Path, out: str | Path, variant: str, calibrat
             shutil.copyfile(fp32_path, tmp)
     elif variant == "fp16":
         make_fp16(fp32_path, out)
-    elif variant == "int8-dynamic":
-        make_int8_dynamic(fp32_path, out)
     else:
-        make_int8_static(fp32_path, out, calibration, calibration_ids)
+        # ORT's quantisers write "<input>-inferred.onnx" beside their input and delete it: two variants made at
+        # once from one export raced on that file (FileNotFoundError under `make report`). Each quantises its own
+        # link of the export, in a folder of its own
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as private:
+            src = Path(private) / fp32_path.name
+            try:
+                os.link(fp32_path, src)
+            except OSError:  # another file system, or no hard links there
+                shutil.copyfile(fp32_path, src)
+            if variant == "int8-dynamic":
+                make_int8_dynamic(src, out)
+            else:
+                make_int8_static(src, out, calibration, calibration_ids)
     log.info("onnxruntime: wrote %s (%s)", out, variant)
     return out
 
