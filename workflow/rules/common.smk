@@ -8,6 +8,7 @@ from actdiff.errors import ActdiffError, ConfigError, ModelError
 from actdiff.models.fingerprint import update_fingerprint
 from actdiff.models.loading import graph_of_source, resolve_model_dir
 from actdiff.compare.budgets import check_budget_globs
+from actdiff.compare.refops import WEIGHT_MEMO
 from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
 from actdiff.models.tiny import TRAINING_TEXT
 from actdiff.tables import AGGREGATE_JSON, AGGREGATE_TABLES, SHARD_TABLES
@@ -115,10 +116,16 @@ def model_files(wildcards):
     return {"fingerprint": fingerprint} if Path(fingerprint).is_file() else {}
 
 
+def stats_mem_mb(wildcards):
+    """Memory of one statistics job: a reference run's, and the bound of its memo of rounded weights
+    (actdiff.compare.refops.WEIGHT_MEMO, filled where a precision or a hypothesis rounds them)."""
+    return reference_mem_mb(wildcards) + (WEIGHT_MEMO.max_bytes >> 20)
+
+
 def aggregate_mem_mb(wildcards):
-    """Memory of one aggregation: the summaries (2 GB) or, when more, a reference run's (the search reads the
-    searched nodes' weights)."""
-    return max(2000, reference_mem_mb(wildcards))
+    """Memory of one aggregation: the summaries (2 GB) or, when more, a statistics job's (the search reads the
+    searched nodes' weights and rounds them through the same memo)."""
+    return max(2000, stats_mem_mb(wildcards))
 
 
 def reference_mem_mb(wildcards):

@@ -46,7 +46,7 @@ rule compute_stats:
     priority: 3  # consumers of temp() dumps first, so finished shards free their disk early
     threads: 1
     resources:
-        mem_mb=reference_mem_mb,
+        mem_mb=stats_mem_mb,
     script:
         "../scripts/compute_stats.py"
 

@@ -613,10 +613,9 @@ def _matmul(graph, node, x, w, p):
     if p["weight_orientation"] == "transposed":
         if W.shape[0] != W.shape[1]:
             raise NotApplicable(f"weight {node.weights[0]} {list(W.shape)} is not square")
-        W = W.T
     elif p["weight_orientation"] != "as_stored":
         raise ValueError(f"weight_orientation {p['weight_orientation']!r}")
-    W = round_to(W, p["weight_precision"], axis=1)
+    W = _rounded_weight(W, p["weight_precision"], axis=1, transposed=p["weight_orientation"] == "transposed")
     b = _f(w[node.weights[1]]) if len(node.weights) > 1 else None
     y = _apply_bias(_r(p, "product", a @ W.T - _int_pairs_loss(p, T)), b, p["bias"], node, p.get("bias_scale", 1.0))
     return y.reshape(graph.shape(node.name, T))
@@ -815,7 +814,7 @@ def _gelu(graph, node, x, w, p):
 
 
 def _router(graph, node, x, w, p):
-    W = round_to(_f(w[node.weights[0]]), p["weight_precision"], axis=1)
+    W = _rounded_weight(_f(w[node.weights[0]]), p["weight_precision"], axis=1)
     return _f(x[0]) @ W.T - _int_pairs_loss(p, len(x[0]))
 
 
@@ -874,6 +873,17 @@ def _expert_weights(graph, key, w, orientation):
     return a
 
 
+def _rounded_experts(graph, key, w, orientation, precision, axis: int) -> np.ndarray:
+    """:func:`_expert_weights` rounded to ``precision`` along ``axis`` of the (E, F, H) view, memoised per stored
+    tensor (:data:`WEIGHT_MEMO`)."""
+    if precision == "fp64":
+        return _expert_weights(graph, key, w, orientation)
+    raw = w[key]
+    rounding = json.dumps(["experts", orientation, precision, axis], sort_keys=True)
+    return WEIGHT_MEMO.get(raw, rounding, lambda: round_to(_expert_weights(graph, key, w, orientation), precision,
+                                                          axis=axis))  # fmt: skip
+
+
 def _grouped(rows: np.ndarray, idx: np.ndarray, mats, fn, out_dim: int) -> np.ndarray:
     """out[t, j] = fn(rows[t, j], mats[idx[t, j]]), looping over experts (memory ~ T*k*out_dim)."""
     T, k = idx.shape
@@ -886,8 +896,7 @@ def _grouped(rows: np.ndarray, idx: np.ndarray, mats, fn, out_dim: int) -> np.nd
 
 def _expert_fc1(graph, node, x, w, p):
     h, idx = _f(x[0]), _map_experts(x[1], p["expert_index_map"], graph.dims.experts)
-    w1 = _expert_weights(graph, node.weights[0], w, p["w1_orientation"])
-    w1 = round_to(w1, p["weight_precision"], axis=2)  # reduced axis H
+    w1 = _rounded_experts(graph, node.weights[0], w, p["w1_orientation"], p["weight_precision"], 2)  # reduced: H
     rows = np.broadcast_to(h[:, None, :], (*idx.shape, h.shape[-1]))
     out = _grouped(rows, idx, w1, lambda r, m: r @ m.T, graph.dims.inner)
     if p.get("int_pairs", "exact") != "exact":  # every expert's rows on every token, as one integer kernel
@@ -900,8 +909,7 @@ def _expert_fc1(graph, node, x, w, p):
 
 def _expert_fc2(graph, node, x, w, p):
     a, idx = _f(x[0]), _map_experts(x[1], p["expert_index_map"], graph.dims.experts)
-    w2 = _expert_weights(graph, node.weights[0], w, p["w2_orientation"])
-    w2 = round_to(w2, p["weight_precision"], axis=1)  # reduced axis F
+    w2 = _rounded_experts(graph, node.weights[0], w, p["w2_orientation"], p["weight_precision"], 1)  # reduced: F
     return _grouped(a, idx, w2, lambda r, m: r @ m, graph.dims.hidden)
 
 
@@ -1014,7 +1022,7 @@ def run_op(
     acc = p.get("accumulate", "fp64")
     if acc != "fp64":  # reduced-precision kernel: operands and result rounded
         xs = [a if a.dtype.kind in "iu" else round_to(a, acc) for a in xs]
-        w = {k: round_to(v, acc) for k, v in w.items()}
+        w = {k: _rounded_weight(v, acc, axis=-1) for k, v in w.items()}  # the weights: memoised
     out = _IMPL[node.op](graph, node, xs, w, p)
     if node.kind == "index":
         return np.asarray(out, dtype=np.int64)
@@ -1056,33 +1064,66 @@ def _operands(arrays: list, order, kind: str, p: dict, embed: bool = False) -> l
     return out
 
 
-_QUANTISED_WEIGHTS: OrderedDict = OrderedDict()  # (id of the tensor, spec) -> (weak reference to it, result)
-# a search tries a weight's ~10 schemes in turn, each for hundreds of candidates: the last few are kept, within
-# a memory bound (the released MoE's expert weight is 19M values, 151 MB in float64: one fits, eight would not)
-QUANTISED_WEIGHTS_KEPT = 8
-QUANTISED_WEIGHTS_BYTES = 2**28
+class WeightMemo:
+    """Rounded weight tensors, memoised (read-only) per (tensor object, rounding) within a byte bound, least
+    recently used first out. A weight is rounded the same way for every prompt, hypothesis and search candidate
+    that reads it: rounding it again each time was most of the spec ops' time where a precision rounds weights
+    (MiniLM's statistics against ONNX Runtime int8: the bf16 hypothesis's rounding alone was a seventh of the job;
+    ORT's 4096 x 128 expert weight quantised again per candidate was 80% of a search's EXPERT_FC1 evaluation).
+    Keyed by the tensor object: the statistics' float64 weights (compare.stats.NodeWeights64) hand out one
+    object per tensor for as long as they hold it (the whole job for a resident model, a node's visit otherwise).
+    An entry goes with its tensor (weak reference with a callback), so a tensor made per call (a caller's own
+    float64 copy) never fills the memo with rounded copies no one can hit, and an id reused later never matches."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.items: OrderedDict = OrderedDict()  # (id of the tensor, rounding) -> (weak reference to it, result)
+        self.bytes = 0
+
+    def get(self, a, rounding: str, compute) -> np.ndarray:
+        """``compute()`` (``a`` rounded as ``rounding`` names it), memoised for the ndarray ``a``."""
+        if not isinstance(a, np.ndarray):
+            return compute()
+        key = (id(a), rounding)
+        hit = self.items.get(key)
+        if hit is not None and hit[0]() is a:
+            self.items.move_to_end(key)
+            return hit[1]
+        out = compute()
+        if out.nbytes > self.max_bytes:
+            return out
+        out.flags.writeable = False  # shared by every later caller
+        self._drop(key)
+        self.items[key] = (weakref.ref(a, lambda _ref, key=key: self._drop(key)), out)
+        self.bytes += out.nbytes
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self.items)))
+        return out
+
+    def _drop(self, key) -> None:
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1].nbytes
+
+
+# MiniLM-L6's weights at the four precisions the statistics' spec ops and hypotheses round them to (fp32, fp16,
+# bf16, int8 per channel: 0.36 GB) fit; the released MoE's 151 MB expert weights keep a few at a time (its float64
+# weights are held one node at a time anyway)
+WEIGHT_MEMO = WeightMemo(2**29)
+
+
+def _rounded_weight(a, precision, axis: int, transposed: bool = False) -> np.ndarray:
+    """Checkpoint tensor ``a`` (float64), transposed first when asked, rounded to ``precision`` along ``axis``
+    (:func:`round_to`), memoised per stored tensor."""
+    src = a.T if transposed else a
+    if precision == "fp64":
+        return np.asarray(src, dtype=np.float64)
+    key = json.dumps([precision, axis, transposed], sort_keys=True)
+    return WEIGHT_MEMO.get(a, key, lambda: round_to(src, precision, axis=axis))
 
 
 def _weight_quantised(a, prec) -> np.ndarray:
-    """Checkpoint tensor ``a`` rounded as ``prec`` says, memoised (read-only) for a quantisation spec: a search
-    scores hundreds of candidates that quantise the same weight the same way, each once per prompt (ORT's
-    4096 x 128 expert weight quantised again each time was 80% of an EXPERT_FC1 evaluation). Keyed by the
-    tensor object, held by a weak reference so that a freed tensor whose id is reused never matches."""
-    if not isinstance(prec, dict) or not isinstance(a, np.ndarray):
-        return _r({"round_at": {"x": prec}}, "x", a)
-    key = (id(a), json.dumps(prec, sort_keys=True))
-    hit = _QUANTISED_WEIGHTS.get(key)
-    if hit is not None and hit[0]() is a:
-        _QUANTISED_WEIGHTS.move_to_end(key)
-        return hit[1]
-    out = _r({"round_at": {"x": prec}}, "x", a)
-    if out.nbytes > QUANTISED_WEIGHTS_BYTES:
-        return out
-    out.flags.writeable = False  # shared by every later caller
-    _QUANTISED_WEIGHTS[key] = (weakref.ref(a), out)
-    while (
-        len(_QUANTISED_WEIGHTS) > QUANTISED_WEIGHTS_KEPT
-        or sum(v.nbytes for _, v in _QUANTISED_WEIGHTS.values()) > QUANTISED_WEIGHTS_BYTES
-    ):
-        _QUANTISED_WEIGHTS.popitem(last=False)
-    return out
+    """Checkpoint tensor ``a`` rounded as a ``round_at`` entry says (``prec``: a precision or a quantisation
+    spec), memoised (:data:`WEIGHT_MEMO`)."""
+    key = json.dumps(["round_at", prec], sort_keys=True)
+    return WEIGHT_MEMO.get(a, key, lambda: _r({"round_at": {"x": prec}}, "x", a))
