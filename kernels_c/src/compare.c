@@ -2,8 +2,9 @@
  * compare.c -- error sums between an engine array and a reference array (actdiff.compare.metrics).
  *
  * The comparison of two dumps computes a dozen metrics per (prompt, node); in numpy that is ~30 array
- * passes with float64 temporaries per call. Here it is two passes (the sums; counts and maxima) with double
- * accumulators; the Python side derives max abs, mean abs, RMSE, relative L2, cosine, SQNR, NMSE from them.
+ * passes with float64 temporaries per call. Here it is one vectorised pass (the sums, the maxima and the count of
+ * finite pairs) with double accumulators, a scan to the first maximum (argmax), and a count of NaN/Inf only where
+ * there are any; the Python side derives max abs, mean abs, RMSE, relative L2, cosine, SQNR, NMSE from them.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -35,34 +36,117 @@ static inline double lanes_total(const double *l) {
     return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-/* pass 1: the five sums over the positions where both values are finite (branch-free, vectorisable).
- * The body is compiled once per ISA path (AK_ISA_VARIANTS below) and picked by ak_isa(), like every other
- * kernel, so ACTDIFF_KERNELS_ISA / ak_set_isa() reach it and the tests run each path on any CPU that has it
- * (target_clones would pick the best path behind the dispatcher's back and leave the others untested). */
-static inline __attribute__((always_inline)) void compare_sums_body(double out[5], const float *eng,
-                                                                    const float *ref, int64_t n) {
-    double sa[LANES] = {0}, se[LANES] = {0}, sr[LANES] = {0}, sq[LANES] = {0}, dt[LANES] = {0};
-    int64_t full = n - n % LANES;
-    /* one position into lane l: positions where either value is not finite add zeros */
-#define COMPARE_ADD(l, fe, fr)                                                                        \
-    do {                                                                                              \
-        int ok_ = finite_bits(fe) & finite_bits(fr);                                                  \
-        double e_ = ok_ ? (double)(fe) : 0.0, r_ = ok_ ? (double)(fr) : 0.0, d_ = e_ - r_;            \
-        sa[l] += fabs(d_);                                                                            \
-        se[l] += d_ * d_;                                                                             \
-        sr[l] += r_ * r_;                                                                             \
-        sq[l] += e_ * e_;                                                                             \
-        dt[l] += e_ * r_;                                                                             \
-    } while (0)
-    for (int64_t i0 = 0; i0 < full; i0 += LANES)
-        for (int l = 0; l < LANES; l++) COMPARE_ADD(l, eng[i0 + l], ref[i0 + l]);
-    for (int64_t i = full; i < n; i++) COMPARE_ADD(i % LANES, eng[i], ref[i]);
-#undef COMPARE_ADD
-    out[0] = lanes_total(sa);
-    out[1] = lanes_total(se);
-    out[2] = lanes_total(sr);
-    out[3] = lanes_total(sq);
-    out[4] = lanes_total(dt);
+/* The eight lanes as two vectors of four (GCC vector extensions): lane l holds the positions i with i % 8 == l,
+ * exactly the lanes above, so each ISA path adds the same numbers in the same order as the scalar loop. Four
+ * doubles are one AVX register (an eight-wide type would go through the stack on AVX2). Non-finite positions
+ * are zeroed with bit masks (a select would need C++). Written as scalar lanes the loops were not vectorised:
+ * 3-7 ns per position, about as long as the node's replayed matmul at short prompts. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef uint32_t v4u __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+
+/* macros, not functions: a function taking or returning a vector has an ABI that depends on the ISA it is
+ * compiled for (GCC warns), and these expand inside each ISA path's body */
+#define LOAD4(p) ({ v4f v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define SPLAT4(x) {(x), (x), (x), (x)}
+/* int32 lanes: -1 where both floats are finite */
+#define FINITE4(fe, fr)                                                                               \
+    ({                                                                                                \
+        const v4i expo_ = SPLAT4(0x7f800000);                                                         \
+        (((v4i)(fe) & expo_) != expo_) & (((v4i)(fr) & expo_) != expo_);                              \
+    })
+/* ordered_int per lane, in int32 (a negative float's bits i map to INT32_MIN - i, which stays in range;
+ * computed unsigned, where the wrap-around is defined) */
+#define ORDERED4(f)                                                                                   \
+    ({                                                                                                \
+        v4i i_ = (v4i)(f), neg_ = i_ < 0;                                                             \
+        const v4u top_ = SPLAT4(0x80000000u);                                                         \
+        ((v4i)(top_ - (v4u)i_) & neg_) | (i_ & ~neg_);                                                \
+    })
+#define ABS_BITS ((v4l)SPLAT4(INT64_MAX))
+
+/* |eng[i] - ref[i]| in double where both values are finite, else 0 (such a position never holds the maximum) */
+static inline double abs_diff(float fe, float fr) {
+    return (finite_bits(fe) & finite_bits(fr)) ? fabs((double)fe - (double)fr) : 0.0;
+}
+
+#define COUNT_FLUSH ((INT64_C(1) << 30) - 1) /* positions between flushes of the int32 count lanes */
+
+/* One pass over the positions where both values are finite (non-finite positions add zeros and hold no maximum):
+ * the five sums (sums[0..4]: |d|, d^2, ref^2, eng^2, eng*ref), the largest |d| and ULP distance, and their count.
+ * The maxima are taken with compare-and-mask (|d| and ULP distances are never NaN or negative) and do not depend
+ * on the order; the sums are the lanes' sums above. The body is compiled once per ISA path (AK_ISA_VARIANTS
+ * below) and picked by ak_isa(), like every other kernel, so ACTDIFF_KERNELS_ISA / ak_set_isa() reach it and the
+ * tests run each path on any CPU that has it (target_clones would pick the best path behind the dispatcher's
+ * back and leave the others untested). */
+static inline __attribute__((always_inline)) void compare_body(double sums[5], double *best, int64_t *max_ulp,
+                                                               int64_t *n_valid, const float *eng, const float *ref,
+                                                               int64_t n) {
+    v4d sa[2] = {{0}}, se[2] = {{0}}, sr[2] = {{0}}, sq[2] = {{0}}, dt[2] = {{0}}, mb[2] = {{0}}, mu[2] = {{0}};
+    v4i nv[2] = {{0}};
+    int64_t full = n - n % LANES, valid = 0;
+    for (int64_t i0 = 0; i0 < full; i0 += LANES) {
+        for (int h = 0; h < 2; h++) { /* lanes 4h .. 4h + 3 */
+            v4f fe = LOAD4(eng + i0 + 4 * h), fr = LOAD4(ref + i0 + 4 * h);
+            v4i ok32 = FINITE4(fe, fr);
+            v4l ok = __builtin_convertvector(ok32, v4l);
+            v4d e = (v4d)((v4l)__builtin_convertvector(fe, v4d) & ok);
+            v4d r = (v4d)((v4l)__builtin_convertvector(fr, v4d) & ok), d = e - r;
+            v4d ad = (v4d)((v4l)d & ABS_BITS);
+            sa[h] += ad;
+            se[h] += d * d;
+            sr[h] += r * r;
+            sq[h] += e * e;
+            dt[h] += e * r;
+            v4l gt = ad > mb[h];
+            mb[h] = (v4d)(((v4l)ad & gt) | ((v4l)mb[h] & ~gt));
+            /* the ULP distance in double: both ordered ints are exact there, and so is their difference (< 2^33) */
+            v4d u = __builtin_convertvector(ORDERED4(fe), v4d) - __builtin_convertvector(ORDERED4(fr), v4d);
+            u = (v4d)((v4l)u & ABS_BITS & ok);
+            v4l ug = u > mu[h];
+            mu[h] = (v4d)(((v4l)u & ug) | ((v4l)mu[h] & ~ug));
+            nv[h] -= ok32; /* ok32 is -1 where both are finite */
+        }
+        if ((i0 & COUNT_FLUSH) == COUNT_FLUSH - (LANES - 1)) { /* int32 lanes: moved to the total before they fill */
+            int32_t cl[LANES];
+            memcpy(cl, nv, sizeof cl);
+            for (int l = 0; l < LANES; l++) valid += cl[l];
+            nv[0] = nv[1] = (v4i){0};
+        }
+    }
+    double l[5][LANES], bl[LANES], ul[LANES];
+    int32_t cl[LANES];
+    const v4d *acc[5] = {sa, se, sr, sq, dt};
+    for (int q = 0; q < 5; q++) memcpy(l[q], acc[q], sizeof l[q]);
+    memcpy(bl, mb, sizeof bl);
+    memcpy(ul, mu, sizeof ul);
+    memcpy(cl, nv, sizeof cl);
+    *best = 0.0;
+    *max_ulp = 0;
+    for (int k = 0; k < LANES; k++) {
+        if (bl[k] > *best) *best = bl[k];
+        if ((int64_t)ul[k] > *max_ulp) *max_ulp = (int64_t)ul[k];
+        valid += cl[k];
+    }
+    for (int64_t i = full; i < n; i++) { /* the tail, into lanes i % 8 as the scalar loop */
+        float fe = eng[i], fr = ref[i];
+        int ok = finite_bits(fe) & finite_bits(fr), k = (int)(i % LANES);
+        double e = ok ? (double)fe : 0.0, r = ok ? (double)fr : 0.0, d = e - r;
+        l[0][k] += fabs(d);
+        l[1][k] += d * d;
+        l[2][k] += r * r;
+        l[3][k] += e * e;
+        l[4][k] += e * r;
+        if (fabs(d) > *best) *best = fabs(d);
+        if (!ok) continue;
+        int64_t u = llabs(ordered_int(fe) - ordered_int(fr));
+        if (u > *max_ulp) *max_ulp = u;
+        valid++;
+    }
+    for (int q = 0; q < 5; q++) sums[q] = lanes_total(l[q]);
+    *n_valid = valid;
 }
 
 /* NAME_avx512, NAME_avx2, NAME_scalar: the same body compiled for each path, and NAME choosing by ak_isa() */
@@ -77,8 +161,10 @@ static inline __attribute__((always_inline)) void compare_sums_body(double out[5
         else NAME##_scalar ARGS;                                                                      \
     }
 
-AK_ISA_VARIANTS(compare_sums_pass, compare_sums_body,
-                (double out[5], const float *eng, const float *ref, int64_t n), (out, eng, ref, n))
+AK_ISA_VARIANTS(compare_pass, compare_body,
+                (double sums[5], double *best, int64_t *max_ulp, int64_t *n_valid, const float *eng,
+                 const float *ref, int64_t n),
+                (sums, best, max_ulp, n_valid, eng, ref, n))
 
 /* out is one ak_compare_result, eng is (n), ref is (n).
  * Sums run over the positions where both values are finite, in double. */
@@ -86,26 +172,20 @@ int ak_compare(ak_compare_result *out, const float *eng, const float *ref, int64
     if (!out || ((!eng || !ref) && n > 0)) return AK_ERR_NULL_POINTER;
     if (n < 0) return AK_ERR_INVALID_SIZE;
     memset(out, 0, sizeof *out);
-    double sums[5];
-    compare_sums_pass(sums, eng, ref, n);
-    /* pass 2 (scalar): counts, the first largest |eng - ref| (as numpy.argmax) and the largest ULP distance */
-    double best = -1.0;
-    for (int64_t i = 0; i < n; i++) {
-        float fe = eng[i], fr = ref[i];
-        double ad = 0.0; /* a position where either side is not finite counts as 0 for the argmax */
-        if (finite_bits(fe) & finite_bits(fr)) {
-            ad = fabs((double)fe - (double)fr);
-            int64_t u = ordered_int(fe) - ordered_int(fr);
-            if (u < 0) u = -u;
-            if (u > out->max_ulp) out->max_ulp = u;
-            out->n_valid++;
-        } else {
+    double sums[5], best;
+    compare_pass(sums, &best, &out->max_ulp, &out->n_valid, eng, ref, n);
+    /* the first position holding the largest |eng - ref| (as numpy.argmax): a scan that stops there */
+    for (int64_t i = 0; i < n; i++)
+        if (abs_diff(eng[i], ref[i]) == best) {
+            out->argmax = i;
+            break;
+        }
+    if (out->n_valid < n) /* some value is NaN or Inf: count them (a finite pair adds nothing) */
+        for (int64_t i = 0; i < n; i++) {
+            float fe = eng[i], fr = ref[i];
             if (isnan(fe)) out->nan_eng++; else if (isinf(fe)) out->inf_eng++;
             if (isnan(fr)) out->nan_ref++; else if (isinf(fr)) out->inf_ref++;
         }
-        if (ad > best) { best = ad; out->argmax = i; }
-    }
-    if (n == 0) best = 0.0;
     out->max_abs = best;
     out->sum_abs = sums[0];
     out->sum_sq_err = sums[1];

@@ -283,6 +283,17 @@ static void test_compare(void) {
     EXPECT(ak_rel_l2(NULL, x, y, 4) == AK_ERR_NULL_POINTER, "rel_l2 null");
     EXPECT(ak_compare(NULL, x, y, 4) == AK_ERR_NULL_POINTER, "null result");
     EXPECT(ak_compare(&a, x, y, -1) == AK_ERR_INVALID_SIZE, "negative n");
+    /* NaN/Inf on either side in every lane, and the largest |e - r| held by several positions in different lanes:
+     * the lanes of the max pass give the naive loop's bits, argmax its first position */
+    for (size_t i = 3; i < n; i += 97) e[i] = (i % 2) ? NAN : -INFINITY;
+    for (size_t i = 5; i < n; i += 89) r[i] = (i % 2) ? INFINITY : NAN;
+    size_t ties[3] = {700, 301, 999};
+    for (int t = 0; t < 3; t++) e[ties[t]] = 4.5f, r[ties[t]] = 0.5f; /* |e - r| = 4 exactly, above every other */
+    CHECK(ak_compare(&a, e, r, (int64_t)n));
+    CHECK(ak_compare_naive(&b, e, r, (int64_t)n));
+    EXPECT(memcmp(&a, &b, sizeof a) == 0, "compare with NaN/Inf and tied maxima equals its naive reference bitwise");
+    EXPECT(a.argmax == 301 && a.nan_eng > 0 && a.inf_ref > 0 && a.n_valid < (int64_t)n,
+           "argmax %lld (first of the tied maxima: 301)", (long long)a.argmax);
     free(e); free(r);
 }
 
