@@ -42,7 +42,10 @@ DUMP_LIBRARIES = ("actdiff", "torch", "transformers", "tokenizers", "numpy", "h5
 # the writer buffers this many bytes of rows before appending them to the datasets (bytes, not rows: a
 # full-size model's token row is ~20x a tiny model's)
 _FLUSH_BYTES = 64 << 20
-_CHUNK_BYTES = 1 << 20
+# Chunks of 256 KiB: iter_prompts' windows hold at least one chunk per node, 49 MiB for the released model's 220
+# nodes (1 MiB chunks: 196 MiB, over its 64 MiB window budget), and a read of one prompt's rows (node()) checksums
+# less beside them (bench/dump_read.py, released graph: 1.36 s against 1.93 s); whole reads run at the same speed
+_CHUNK_BYTES = 256 << 10
 
 
 # HDF5 filters per `activation_compression` setting. Activations are float32 noise to a compressor: gzip
@@ -68,7 +71,8 @@ def chunk_rows(nbytes_per_row: int) -> int:
 # What a dump holds besides its node data, bounded from above: per dataset, HDF5's object header with the node's
 # attributes and its chunk index (B-tree entries, well under 64 bytes per chunk); per file the superblock, the
 # root group and the attributes, of which the graph JSON is the largest. With these the bound exceeds the real
-# file by 0.03-0.25 % on the tiny model (3 to 300 prompts; tests/test_diskplan.py).
+# file by 0.04-0.6 % on the tiny model (3 to 300 prompts, 256 KiB chunks; tests/test_diskplan.py): the most on the
+# smallest dump, whose metadata is the largest part.
 _DATASET_OVERHEAD = 4096
 _CHUNK_INDEX_BYTES = 64
 _FILE_OVERHEAD = 64 << 10
@@ -248,7 +252,7 @@ class ActivationReader:
             raise DumpError(f"{self.path}: activation dump not found; rerun the pipeline to produce it")
         try:
             # no chunk cache: it is per dataset, so with hundreds of nodes even 1 MiB each adds up, and grows with
-            # the file; bulk reads go through iter_prompts, which reads whole chunks sequentially
+            # the file; bulk reads go through iter_prompts, which reads each chunk once
             self.f = h5py.File(self.path, "r", rdcc_nbytes=cache_bytes)
             version = int(self.f.attrs["schema_version"])
             self.prompt_ids = [s.decode("utf-8") if isinstance(s, bytes) else s for s in self.f["prompt_ids"][()]]
@@ -301,34 +305,24 @@ class ActivationReader:
             return self._get(f"nodes/{name}", slice(i, i + 1))
         return self._get(f"nodes/{name}", slice(self.offsets[i], self.offsets[i + 1]))
 
-    def iter_prompts(self, names: list[str], block_bytes: int = 32 << 20):
-        """Yield (index, prompt_id, {node: values}) for every prompt in file order, reading each node in blocks
-        of rows holding about ``block_bytes`` over all nodes (sequential reads, bounded memory; at least one
-        prompt per block)."""
-        n = len(self.prompt_ids)
+    def iter_prompts(self, names: list[str], window_bytes: int = 64 << 20):
+        """Yield (index, prompt_id, {node: values}) for every prompt in file order. Each node is read whole HDF5
+        chunks at a time, each chunk once (:class:`_ChunkWindow`): a prompt's rows are a slice of the chunks
+        holding them (reading a prompt's rows alone reads and checksums its whole chunks, for each prompt in
+        them). The nodes' windows share ``window_bytes`` (at least one chunk each): fewer, larger reads are
+        faster (one 1 MiB read per node instead of four of 256 KiB: 0.41 s against 0.56 s for 455 MB of the
+        released model's values, bench/dump_read.py). Memory: the windows, and one prompt's rows."""
         has_ids = "input_ids" in self.f
-        dsets = {name: self.f["nodes"][name] for name in names}
-        per_prompt = {name: d.attrs.get("axis", "token") == "prompt" for name, d in dsets.items()}
-        row_bytes = sum(int(np.prod(d.shape[1:])) * d.dtype.itemsize for d in dsets.values())
-        block_tokens = max(1, block_bytes // max(row_bytes, 1))
-        i = 0
-        while i < n:
-            j = i + 1
-            while j < n and self.offsets[j + 1] - self.offsets[i] <= block_tokens:
-                j += 1
-            lo, hi = int(self.offsets[i]), int(self.offsets[j])
-            block = {name: self._get(f"nodes/{name}", slice(i, j) if per_prompt[name] else slice(lo, hi))
-                     for name in names}  # fmt: skip
-            ids = self._get("input_ids", slice(lo, hi)) if has_ids else None
-            for p in range(i, j):
-                a, b = int(self.offsets[p]) - lo, int(self.offsets[p + 1]) - lo
-                vals = {
-                    name: block[name][p - i : p - i + 1] if per_prompt[name] else block[name][a:b] for name in names
-                }
-                if ids is not None:
-                    vals["input_ids"] = ids[a:b]
-                yield p, self.prompt_ids[p], vals
-            i = j
+        each = window_bytes // max(1, len(names))
+        windows = {name: _ChunkWindow(self, f"nodes/{name}", each) for name in names}
+        per_prompt = {name: self.f["nodes"][name].attrs.get("axis", "token") == "prompt" for name in names}
+        ids = _ChunkWindow(self, "input_ids", each) if has_ids else None
+        for p in range(len(self.prompt_ids)):
+            a, b = int(self.offsets[p]), int(self.offsets[p + 1])
+            vals = {name: w.rows(p, p + 1) if per_prompt[name] else w.rows(a, b) for name, w in windows.items()}
+            if ids is not None:
+                vals["input_ids"] = ids.rows(a, b)
+            yield p, self.prompt_ids[p], vals
 
     def input_ids(self, prompt: int | str) -> np.ndarray:
         i = self.index[prompt] if isinstance(prompt, str) else prompt
@@ -345,3 +339,36 @@ class ActivationReader:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class _ChunkWindow:
+    """Rows of one dataset read in whole chunks, in order: the rows asked for are a slice of a window of whole
+    chunks (at least ``window_bytes``, at least one chunk), read when they leave it. Rows that start in the
+    window and end past it are the one copy: the window's tail joined to the start of the next window, which
+    holds the chunks after it (no chunk is read twice). Rows are asked for in increasing order (a prompt's after
+    the previous prompt's); any other order still reads right, only more."""
+
+    def __init__(self, reader: ActivationReader, dataset: str, window_bytes: int = 0):
+        d = reader.f[dataset]
+        self.reader, self.dataset, self.n = reader, dataset, d.shape[0]
+        row = d.dtype.itemsize * int(np.prod(d.shape[1:]))
+        self.chunk = d.chunks[0] if d.chunks else chunk_rows(row)
+        self.rows_read = self.chunk * max(1, window_bytes // max(1, self.chunk * row))  # whole chunks, at least one
+        self.lo = self.hi = 0
+        self.buf = None
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows ``a:b``: a view into the window, or a copy where they straddle two windows (read-only use)."""
+        if self.buf is not None and self.lo <= a and b <= self.hi:
+            return self.buf[a - self.lo : b - self.lo]
+        if self.buf is not None and self.lo <= a < self.hi:
+            head = self.buf[a - self.lo :]
+            self._read(self.hi, b)
+            return np.concatenate([head, self.buf[: b - self.lo]])
+        self._read(a // self.chunk * self.chunk, b)
+        return self.buf[a - self.lo : b - self.lo]
+
+    def _read(self, lo: int, b: int) -> None:
+        """Make the window the whole chunks from row ``lo`` (a chunk's first) through row ``b - 1``."""
+        hi = min(self.n, -(-max(b, lo + self.rows_read) // self.chunk) * self.chunk)
+        self.buf, self.lo, self.hi = self.reader._get(self.dataset, slice(lo, hi)), lo, hi

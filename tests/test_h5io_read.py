@@ -1,0 +1,109 @@
+"""Reading a dump prompt by prompt (actdiff.h5io.ActivationReader.iter_prompts): every prompt's values bit for
+bit what a direct read of its rows gives, each HDF5 chunk read once, whatever the prompt lengths are against the
+chunk size (shorter, straddling two chunks, spanning several)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import ensure_tiny_model
+
+import actdiff.h5io as h5io
+from actdiff.h5io import ActivationReader, ActivationWriter, _ChunkWindow
+from actdiff.nodes import graph_for_model_dir
+
+# prompt lengths against chunks of 16 rows (below): inside one chunk, straddling, exactly a chunk, several chunks
+LENGTHS = (3, 14, 16, 1, 40, 5, 33, 16, 2, 70)
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return graph_for_model_dir(ensure_tiny_model())
+
+
+@pytest.fixture
+def small_chunks(monkeypatch, graph):
+    """Chunks of 16 rows for the hidden-size nodes (so that the lengths above cross chunk boundaries)."""
+    monkeypatch.setattr(h5io, "_CHUNK_BYTES", 16 * graph.dims.hidden * 4)
+
+
+def _write(path, graph, lengths, seed=0) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    vals = {}
+    with ActivationWriter(path, graph, {"model": "tiny"}) as w:
+        for i, T in enumerate(lengths):
+            v = {}
+            for n in graph:
+                shape = graph.shape(n.name, T if n.axis == "token" else 1)
+                v[n.name] = (rng.integers(0, graph.dims.experts, shape) if n.kind == "index"
+                             else rng.standard_normal(shape).astype(np.float32))  # fmt: skip
+            w.append(f"p{i}", v, input_ids=rng.integers(0, 100, T))
+            vals[f"p{i}"] = {**v, "input_ids": w._ids[-1]}
+    return vals
+
+
+def _counting(reader: ActivationReader) -> dict[str, int]:
+    """Rows read per dataset through the reader from now on."""
+    rows: dict[str, int] = {}
+    get = reader._get
+
+    def counted(dataset, sel=()):
+        out = get(dataset, sel)
+        rows[dataset] = rows.get(dataset, 0) + (out.shape[0] if out.ndim else 1)
+        return out
+
+    reader._get = counted
+    return rows
+
+
+@pytest.mark.parametrize("window_chunks", [0, 3, None], ids=["one-chunk", "three-chunks", "default"])
+def test_iter_prompts_equals_direct_reads_and_reads_each_chunk_once(tmp_path, graph, small_chunks, window_chunks):
+    """Windows of one chunk (every prompt over a boundary straddles two windows), of three, and the default
+    (here the whole dataset)."""
+    path = tmp_path / "shard-0.h5"
+    vals = _write(path, graph, LENGTHS)
+    with ActivationReader(path) as r:
+        names = r.node_names
+        assert r.f["nodes/emb_ln"].chunks[0] == 16  # the fixture's premise
+        rows = _counting(r)
+        seen = []
+        hidden_chunk = 16 * graph.dims.hidden * 4
+        kw = {} if window_chunks is None else {"window_bytes": window_chunks * hidden_chunk * len(names)}
+        for i, pid, got in r.iter_prompts(names, **kw):
+            seen.append(pid)
+            assert i == r.index[pid]
+            assert set(got) == {*names, "input_ids"}
+            for name in names:
+                np.testing.assert_array_equal(got[name], vals[pid][name], err_msg=f"{pid} {name}")
+                assert got[name].dtype == r.f["nodes"][name].dtype
+            np.testing.assert_array_equal(got["input_ids"], vals[pid]["input_ids"])
+        assert seen == [f"p{i}" for i in range(len(LENGTHS))]
+        for name in names:  # every row of every dataset read exactly once
+            assert rows[f"nodes/{name}"] == r.f["nodes"][name].shape[0], name
+        assert rows["input_ids"] == sum(LENGTHS)
+
+
+def test_chunk_window_any_order(tmp_path, graph, small_chunks):
+    """Rows asked for out of order, overlapping, or empty still come back right (only read more)."""
+    path = tmp_path / "shard-0.h5"
+    vals = _write(path, graph, LENGTHS, seed=1)
+    with ActivationReader(path) as r:
+        whole = r.node_all("emb_ln")
+        assert np.array_equal(whole, np.concatenate([vals[f"p{i}"]["emb_ln"] for i in range(len(LENGTHS))]))
+        w = _ChunkWindow(r, "nodes/emb_ln")
+        rng = np.random.default_rng(2)
+        for _ in range(200):
+            a = int(rng.integers(0, len(whole)))
+            b = min(len(whole), a + int(rng.integers(0, 50)))
+            np.testing.assert_array_equal(w.rows(a, b), whole[a:b])
+
+
+def test_iter_prompts_reads_dumps_with_other_chunk_sizes(tmp_path, graph, monkeypatch):
+    """A dump written with 1 MiB chunks (before version 0.2's 256 KiB) reads the same way."""
+    monkeypatch.setattr(h5io, "_CHUNK_BYTES", 1 << 20)
+    path = tmp_path / "shard-0.h5"
+    vals = _write(path, graph, LENGTHS, seed=3)
+    with ActivationReader(path) as r:
+        for _, pid, got in r.iter_prompts(["emb_ln", "embedding"]):
+            np.testing.assert_array_equal(got["emb_ln"], vals[pid]["emb_ln"])
+            np.testing.assert_array_equal(got["embedding"], vals[pid]["embedding"])
