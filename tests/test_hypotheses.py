@@ -6,12 +6,14 @@ diagnosis sees only arrays. Test ids use opaque labels (f1..f8) so no fault name
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import ensure_tiny_model
 
+from actdiff.compare import hypotheses
 from actdiff.compare.hypotheses import (
     EXPLAINED,
     MATCHES_SPEC,
@@ -295,3 +297,48 @@ def test_search_table_says_each_explanation_once(tmp_path):
     assert says not in md and "cause 1" in table[0] and "mlp\\.act" in table[0] and "nothing explains" in table[1]
     assert "| 1.00e-07 |" in table[0]  # the worst residual over the three nodes
     assert md.lstrip().startswith("<details><summary>Searched explanations at 4 node(s)")
+
+
+# --------------------------------------------------------------------------- products shared in a ranking
+def test_shared_products_give_the_same_bits_and_compute_each_product_once(tiny, monkeypatch):
+    """Inside refops.shared_products every MATMUL candidate of the catalogue gives the bits it gives alone, and
+    the candidates that change only what follows the product (bias, output precision) reuse the spec op's:
+    products computed = distinct (weight, operand) pairs. A ranking gives the same errors either way."""
+    from actdiff.compare import refops
+
+    cat = load_catalogue()
+    v, w = tiny.vals[0], {k: np.asarray(a, dtype=np.float64) for k, a in tiny.weights.items()}
+    node = next(n for n in tiny.graph if n.op == "MATMUL" and len(n.weights) == 2)  # with a bias
+    spec = spec_params(tiny.graph, node)
+    cands = [spec] + [{**spec, **h.params} for h in cat if h.applies(tiny.graph, node, spec)]
+    post = {"bias", "output_precision"}  # what follows the product
+    post_only = [c for c in cands if all(c[k] == spec[k] for k in spec if k not in post)]
+    assert len(post_only) >= 5  # spec, bias missing / twice, activations fp16 / bf16
+
+    def outputs():
+        out = []
+        for c in cands:
+            try:
+                out.append(run_op(tiny.graph, node, v, w, c))
+            except refops.NotApplicable:
+                out.append(None)
+        return out
+
+    alone = outputs()
+    with refops.shared_products():
+        shared = outputs()
+        computed = list(refops._SHARED)
+    for c, a, b in zip(cands, alone, shared, strict=True):
+        assert (a is None) == (b is None), c
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=str(c))
+    assert refops._SHARED is None  # the block ended
+    # one product for the post-only candidates together, one for each other applicable candidate at most
+    assert len(computed) <= len(cands) - len(post_only) + 1
+    assert len(computed) < len(cands), (len(computed), len(cands), len(post_only))
+    target = tiny.engine_out(node.name, "fp32")
+    d = rank_hypotheses(tiny.graph, node, v, w, target, BUDGET)
+    monkeypatch.setattr(hypotheses, "shared_products", contextlib.nullcontext)  # every product computed
+    d0 = rank_hypotheses(tiny.graph, node, v, w, target, BUDGET)
+    assert [(r.name, r.error) for r in d.ranked] == [(r.name, r.error) for r in d0.ranked]
+    assert d.baseline_error == d0.baseline_error

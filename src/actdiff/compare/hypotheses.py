@@ -43,7 +43,7 @@ import yaml
 from ..errors import ConfigError
 from ..nodes import Graph, Node
 from .findings import explains
-from .refops import OPS, PARAM_NAMES, NotApplicable, aux_inputs, run_op, spec_params
+from .refops import OPS, PARAM_NAMES, NotApplicable, aux_inputs, run_op, shared_products, spec_params
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "data" / "hypotheses.yaml"
 
@@ -216,6 +216,26 @@ def _error(target: np.ndarray, pred: np.ndarray, denom: float, index: bool) -> f
     return 0.0 if num == 0.0 else math.inf
 
 
+def _candidates(graph, node, cat, spec, inputs, weights, error) -> tuple[list[Ranked], list[str]]:
+    """Each applicable entry of ``cat`` run on the node's inputs and scored by ``error(output)``; and the names
+    of those that need inputs not given."""
+    ranked: list[Ranked] = []
+    not_tested: list[str] = []
+    for h in cat:
+        if not h.applies(graph, node, spec):
+            continue
+        params = {**spec, **h.params}
+        try:
+            if any(n not in inputs for n in aux_inputs(graph, node, params)):
+                not_tested.append(h.name)
+                continue
+            out = run_op(graph, node, inputs, weights, params)
+        except NotApplicable:
+            continue
+        ranked.append(Ranked(h.name, error(out), h.says))
+    return ranked, not_tested
+
+
 def rank_hypotheses(
     graph: Graph,
     node: Node | str,
@@ -237,29 +257,18 @@ def rank_hypotheses(
     cat = load_catalogue() if catalogue is None else catalogue
     index = node.kind == "index"
     spec = spec_params(graph, node)
-    spec_out = run_op(graph, node, inputs, weights, spec)
-    target = np.asarray(target)
-    if target.shape != spec_out.shape:
-        raise ValueError(f"node {node.name}: engine output has shape {target.shape}, the graph says {spec_out.shape}")
-    denom = float(np.linalg.norm(spec_out)) if not index else 0.0
-    if not index and denom == 0.0:
-        denom = float(np.linalg.norm(target.astype(np.float64)))
-    err0 = _error(target, spec_out, denom, index)
-
-    ranked: list[Ranked] = []
-    not_tested: list[str] = []
-    for h in cat:
-        if not h.applies(graph, node, spec):
-            continue
-        params = {**spec, **h.params}
-        try:
-            if any(n not in inputs for n in aux_inputs(graph, node, params)):
-                not_tested.append(h.name)
-                continue
-            out = run_op(graph, node, inputs, weights, params)
-        except NotApplicable:
-            continue
-        ranked.append(Ranked(h.name, _error(target, out, denom, index), h.says))
+    with shared_products():  # a candidate that changes only what follows a product reuses the spec op's
+        spec_out = run_op(graph, node, inputs, weights, spec)
+        target = np.asarray(target)
+        if target.shape != spec_out.shape:
+            raise ValueError(f"node {node.name}: engine output has shape {target.shape}, the graph says "
+                             f"{spec_out.shape}")  # fmt: skip
+        denom = float(np.linalg.norm(spec_out)) if not index else 0.0
+        if not index and denom == 0.0:
+            denom = float(np.linalg.norm(target.astype(np.float64)))
+        err0 = _error(target, spec_out, denom, index)
+        ranked, not_tested = _candidates(graph, node, cat, spec, inputs, weights,
+                                         lambda out: _error(target, out, denom, index))  # fmt: skip
     ranked.sort(key=lambda r: r.error)  # stable: catalogue order breaks ties
 
     def passes(err: float) -> bool:

@@ -92,6 +92,7 @@ kernel that sums u8 x s8 products two at a time into a saturating 16-bit integer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import weakref
@@ -617,8 +618,44 @@ def _matmul(graph, node, x, w, p):
         raise ValueError(f"weight_orientation {p['weight_orientation']!r}")
     W = _rounded_weight(W, p["weight_precision"], axis=1, transposed=p["weight_orientation"] == "transposed")
     b = _f(w[node.weights[1]]) if len(node.weights) > 1 else None
-    y = _apply_bias(_r(p, "product", a @ W.T - _int_pairs_loss(p, T)), b, p["bias"], node, p.get("bias_scale", 1.0))
+    y = _apply_bias(_r(p, "product", _product(a, W) - _int_pairs_loss(p, T)), b, p["bias"], node,
+                    p.get("bias_scale", 1.0))  # fmt: skip
     return y.reshape(graph.shape(node.name, T))
+
+
+_SHARED: list | None = None  # (weight, operand, product) of the block under shared_products; None: none shared
+SHARED_PRODUCTS_KEPT = 8
+
+
+@contextlib.contextmanager
+def shared_products():
+    """Within the block, MATMUL's product of one weight object and equal operand values is computed once. The
+    candidates ranked at a node (actdiff.compare.hypotheses) read the same inputs and weights, and half of a
+    MATMUL's catalogue changes only what follows the product (its bias, its output's precision): the float64
+    product was most of their cost on a quantised run. The last SHARED_PRODUCTS_KEPT products are kept, for
+    as long as the block lasts; a nested block shares its outer one's."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = [] if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def _product(a: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``a @ W.T`` in float64 (read-only where shared: :func:`shared_products`)."""
+    memo = _SHARED
+    if memo is None:
+        return a @ W.T
+    for w, x, y in memo:
+        if w is W and x.shape == a.shape and np.array_equal(x, a):
+            return y
+    y = a @ W.T
+    y.flags.writeable = False
+    memo.append((W, a, y))
+    del memo[:-SHARED_PRODUCTS_KEPT]
+    return y
 
 
 def _split(graph, node, x, w, p):
