@@ -64,7 +64,7 @@ browser:
 	  else echo "chromium is missing: run 'sudo apt-get install -y chromium'" >&2; exit 1; fi; }
 
 test-c:
-	$(MAKE) -C kernels_c test test-sanitize test-python-sanitize PYTHON=$(BIN)/python
+	$(MAKE) -C kernels_c test test-sanitize test-tsan test-python-sanitize PYTHON=$(BIN)/python
 
 # under `make test` the optional parts must be there: their tests fail instead of skipping
 test-python:

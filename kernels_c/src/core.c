@@ -3,6 +3,7 @@
 #include "ak_internal.h"
 #include <pthread.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 const char *ak_version(void) { return AK_VERSION; }
@@ -111,7 +112,7 @@ const char *ak_isa_name(int isa) {
 }
 
 /* ---------------- thread pool ----------------
- * Persistent workers sleeping on a condition variable.  One job at a time
+ * Persistent workers, spinning briefly then sleeping (see AK_SPIN_NS).  One job at a time
  * (g_dispatch serialises concurrent callers).  The caller runs tid 0. */
 static int g_num_threads = 0; /* 0: not initialised */
 
@@ -141,34 +142,83 @@ int ak_threads_for(int64_t units, double flops) {
     return n;
 }
 
+/* Hand-over: the dispatcher publishes the job and bumps g_gen; a worker that finished its last task
+ * spins on g_gen for up to AK_SPIN_NS before it sleeps on g_cv_start, and the dispatcher spins on g_pending
+ * as long before it sleeps on g_cv_done.  Why: on a 2-vCPU VM a condition-variable wake-up of an idle CPU
+ * measured ~100 us (2 threads slower than 1 on a 12x768x768 matmul), while the engine issues ops back to
+ * back with only Python in between; a worker still spinning starts at once.  The bound keeps an idle
+ * process from burning a core another job could use.  Sleepers are counted under g_mu so a broadcast is
+ * only paid when someone sleeps; every flag is seq_cst so "check, then sleep" cannot miss a post. */
+#define AK_SPIN_NS 200000 /* 0.2 ms: longer than the gap between two ops of a forward, short for an idle job */
+
 static pthread_mutex_t g_dispatch = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cv_start = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t g_cv_done = PTHREAD_COND_INITIALIZER;
 static int g_nworkers = 0;
+/* generation << 16 | thread count of the job: one atomic word, so a worker that does not take part in a job
+ * (tid >= count) knows it without reading g_fn/g_ctx, which the next job may already be overwriting */
 static uint64_t g_gen = 0;
-static int g_pending = 0;
+static int g_pending = 0;      /* workers still running the current job: atomic */
+static int g_sleepers = 0;     /* workers asleep on g_cv_start: under g_mu */
+static int g_main_waiting = 0; /* dispatcher asleep on g_cv_done: under g_mu */
 static ak_task_fn g_fn = NULL;
 static void *g_ctx = NULL;
-static int g_nth = 1;
 static int g_atfork_registered = 0;
 static uint64_t g_start_gen[AK_MAX_THREADS + 1];
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* spin until *v != not (if ne) or *v == not (if !ne), at most AK_SPIN_NS; 1 if it happened */
+static int spin_until(const void *v, int is64, uint64_t not, int ne) {
+    int64_t deadline = 0;
+    for (unsigned i = 1;; i++) {
+        uint64_t x = is64 ? __atomic_load_n((const uint64_t *)v, __ATOMIC_SEQ_CST)
+                          : (uint64_t)__atomic_load_n((const int *)v, __ATOMIC_SEQ_CST);
+        if ((x != not) == ne) return 1;
+        if ((i & 255) == 0) { /* the clock read costs ~20 ns: check it every 256 pauses */
+            int64_t t = now_ns();
+            if (!deadline) deadline = t + AK_SPIN_NS;
+            else if (t > deadline) return 0;
+        }
+        cpu_relax();
+    }
+}
+
+static uint64_t wait_for_job(uint64_t seen) {
+    if (!spin_until(&g_gen, 1, seen, 1)) {
+        pthread_mutex_lock(&g_mu);
+        g_sleepers++;
+        while (__atomic_load_n(&g_gen, __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&g_cv_start, &g_mu);
+        g_sleepers--;
+        pthread_mutex_unlock(&g_mu);
+    }
+    return __atomic_load_n(&g_gen, __ATOMIC_SEQ_CST);
+}
+
 static void *worker_main(void *arg) {
     int tid = (int)(intptr_t)arg;
-    pthread_mutex_lock(&g_mu);
-    uint64_t seen = g_start_gen[tid]; /* generation at creation: a job posted later is not missed */
+    uint64_t seen = __atomic_load_n(&g_start_gen[tid], __ATOMIC_SEQ_CST); /* a job posted later is not missed */
     for (;;) {
-        while (g_gen == seen) pthread_cond_wait(&g_cv_start, &g_mu);
-        seen = g_gen;
-        if (tid < g_nth) {
-            ak_task_fn fn = g_fn;
-            void *ctx = g_ctx;
-            int nth = g_nth;
-            pthread_mutex_unlock(&g_mu);
-            fn(ctx, tid, nth);
+        seen = wait_for_job(seen);
+        int nth = (int)(seen & 0xffff);
+        if (tid >= nth) continue;
+        /* written before g_gen was bumped and not rewritten before this worker counts down g_pending */
+        g_fn(g_ctx, tid, nth);
+        if (__atomic_sub_fetch(&g_pending, 1, __ATOMIC_SEQ_CST) == 0) {
             pthread_mutex_lock(&g_mu);
-            if (--g_pending == 0) pthread_cond_signal(&g_cv_done);
+            if (g_main_waiting) pthread_cond_signal(&g_cv_done);
+            pthread_mutex_unlock(&g_mu);
         }
     }
     return NULL;
@@ -179,7 +229,7 @@ static void atfork_child(void) {
     pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t c = PTHREAD_COND_INITIALIZER;
     g_dispatch = m; g_mu = m; g_cv_start = c; g_cv_done = c;
-    g_nworkers = 0; g_pending = 0;
+    g_nworkers = 0; g_pending = 0; g_sleepers = 0; g_main_waiting = 0;
 }
 
 static void ensure_workers(int want) { /* called with g_dispatch held */
@@ -192,9 +242,7 @@ static void ensure_workers(int want) { /* called with g_dispatch held */
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_mutex_lock(&g_mu);
-        g_start_gen[g_nworkers + 1] = g_gen;
-        pthread_mutex_unlock(&g_mu);
+        __atomic_store_n(&g_start_gen[g_nworkers + 1], __atomic_load_n(&g_gen, __ATOMIC_SEQ_CST), __ATOMIC_SEQ_CST);
         int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)(g_nworkers + 1));
         pthread_attr_destroy(&attr);
         if (rc != 0) break; /* run with fewer threads: results do not depend on it */
@@ -208,13 +256,20 @@ void ak_parallel(int nth, ak_task_fn fn, void *ctx) {
     ensure_workers(nth - 1);
     if (nth > g_nworkers + 1) nth = g_nworkers + 1;
     if (nth <= 1) { pthread_mutex_unlock(&g_dispatch); fn(ctx, 0, 1); return; }
+    g_fn = fn; g_ctx = ctx;
+    __atomic_store_n(&g_pending, nth - 1, __ATOMIC_SEQ_CST);
+    uint64_t word = ((__atomic_load_n(&g_gen, __ATOMIC_SEQ_CST) >> 16) + 1) << 16 | (uint64_t)nth;
+    __atomic_store_n(&g_gen, word, __ATOMIC_SEQ_CST); /* spinning workers start here */
     pthread_mutex_lock(&g_mu);
-    g_fn = fn; g_ctx = ctx; g_nth = nth; g_pending = nth - 1; g_gen++;
-    pthread_cond_broadcast(&g_cv_start);
+    if (g_sleepers) pthread_cond_broadcast(&g_cv_start);
     pthread_mutex_unlock(&g_mu);
     fn(ctx, 0, nth);
-    pthread_mutex_lock(&g_mu);
-    while (g_pending > 0) pthread_cond_wait(&g_cv_done, &g_mu);
-    pthread_mutex_unlock(&g_mu);
+    if (!spin_until(&g_pending, 0, 0, 0)) {
+        pthread_mutex_lock(&g_mu);
+        g_main_waiting = 1;
+        while (__atomic_load_n(&g_pending, __ATOMIC_SEQ_CST) > 0) pthread_cond_wait(&g_cv_done, &g_mu);
+        g_main_waiting = 0;
+        pthread_mutex_unlock(&g_mu);
+    }
     pthread_mutex_unlock(&g_dispatch);
 }

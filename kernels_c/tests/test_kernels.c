@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int g_fail = 0, g_pass = 0;
 
@@ -421,6 +422,33 @@ static void test_gelu_avx2_matches_avx512(void) {
     free(x); free(a); free(b);
 }
 
+/* The pool's hand-over (spin, then sleep; see AK_SPIN_NS in core.c) under changing thread counts: jobs back to
+ * back (workers still spinning), after a pause longer than the spin (workers asleep), and with fewer
+ * participants than workers (tid >= nth must skip a job without reading it).  Every result is bitwise the
+ * one-thread result, and no job is lost or run twice (a lost job hangs, a repeated one would race on C). */
+static void test_pool_handover(void) {
+    enum { T = 24, C = 96, OC = 256 }; /* 2*T*C*OC = 1.2 MFLOP: above the threshold, so every call dispatches */
+    float *x = rand_buf(T * C), *w = rand_buf(OC * C), *b = rand_buf(OC);
+    float *ref = galloc(T * OC), *out = galloc(T * OC);
+    CHECK(ak_set_num_threads(1));
+    CHECK(ak_matmul(ref, x, w, NULL, b, T, C, OC, AK_DTYPE_F32));
+    int bad = 0;
+    for (int i = 0; i < 600; i++) {
+        CHECK(ak_set_num_threads(1 + i % 4));
+        if (i % 50 == 49) { /* longer than the spin: the workers go to sleep and must be woken */
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        for (int j = 0; j < T * OC; j++) out[j] = -1.0f;
+        CHECK(ak_matmul(out, x, w, NULL, b, T, C, OC, AK_DTYPE_F32));
+        bad += memcmp(out, ref, (size_t)T * OC * 4) != 0;
+    }
+    EXPECT(bad == 0, "%d of 600 pooled matmuls differ from the one-thread result", bad);
+    EXPECT(guard_ok(out, T * OC), "pool: guard overwritten");
+    CHECK(ak_set_num_threads(2));
+    free(x); free(w); free(b); free(ref); free(out);
+}
+
 int main(void) {
     test_matmul();
     test_attention();
@@ -432,6 +460,7 @@ int main(void) {
     test_small_ops();
     test_gelu_avx2_matches_avx512();
     test_compare();
+    test_pool_handover();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }
