@@ -64,25 +64,28 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak import AVX2_PEERS, measured_peak  # noqa: E402
+
 for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
     os.environ.pop(_var, None)
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
+if os.environ.get("ACTDIFF_KERNELS_ISA") == "avx2":  # torch at AVX2 too, as on an AVX2-only machine
+    os.environ.update({k: v for k, v in AVX2_PEERS.items() if k != "OPENBLAS_CORETYPE"})
 
+import engine_ort  # noqa: E402
 import numpy as np  # noqa: E402
 
 from actdiff import sysinfo  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine_ort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = ROOT / "resources/models/tiny-nomic-moe"
 SEED = 1234
 FP32_FLOP_PER_CYCLE_PER_CORE = 32
 PEAK_NOTE = (
-    "peak = cores used x /proc/cpuinfo 'cpu MHz' (nominal clock) x 32 fp32 FLOP/cycle/core (Zen 4 AVX-512 "
-    "FMA, double-pumped); the cores boost above the nominal clock, so the true peak is higher and % of peak "
-    "is an overestimate (bench/kernels.py: one core sustains ~128 % of the nominal figure on a matmul)"
+    "peak = threads x the fp32 FMA peak of one core on the kernels' ISA path, measured at the start of the run "
+    "(bench/peak.py's independent FMA chains, best of 10 repeats); only where it cannot be measured (no gcc) the "
+    "nominal /proc/cpuinfo clock x 32 FLOP/cycle, which the boosting cores exceed"
 )
 
 
@@ -92,8 +95,8 @@ def cpu_info() -> dict:
     return {"model": c["model"], "mhz_nominal": c["mhz"], "avx512f": c["avx512f"], "cores": c["cores"]}
 
 
-def peak_gflops(mhz: float, cores: int) -> float:
-    return cores * mhz * 1e6 * FP32_FLOP_PER_CYCLE_PER_CORE / 1e9
+def peak_gflops(peak_core: float, threads: int) -> float:
+    return threads * peak_core
 
 
 def is_moe_layer(cfg: dict, i: int) -> bool:
@@ -382,7 +385,7 @@ class Trio:
         del self.engine, self.model, self.runners
 
 
-def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float, ort=None) -> dict:
+def bench_trio(p: Trio, T: int, threads: int, repeats: int, peak_core: float, ort=None) -> dict:
     """One row: every side on the same T random ids, rotated rounds; ``ort`` (engine_ort.OrtSides) adds the
     ORT sessions of each variant to the rotation."""
     from actdiff import kernels
@@ -413,7 +416,7 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float, ort=None
     med = {s: float(np.median(v)) for s, v in times.items()}
     e_s, t_s = med["engine"], med["torch"]
     fl = count_flops(p.cfg, T)["total"]
-    pk = peak_gflops(mhz, threads)
+    pk = peak_gflops(peak_core, threads)
     r = {
         "engine_ms": e_s * 1e3,
         "torch_ms": t_s * 1e3,
@@ -423,7 +426,7 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float, ort=None
         "engine_pct_peak": 100 * fl / e_s / 1e9 / pk,
         "torch_pct_peak": 100 * fl / t_s / 1e9 / pk,
         "model_gflop": fl / 1e9,
-        "peak_gflops_nominal": pk,
+        "peak_gflops": pk,
         "engine_ms_all": [x * 1e3 for x in times["engine"]],
         "torch_ms_all": [x * 1e3 for x in times["torch"]],
         "repeats": repeats,
@@ -457,7 +460,7 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, mhz: float, ort=None
     return r
 
 
-def bench_precisions(p: Trio, T: int, threads: int, repeats: int, mhz: float, fp32_ms: float | None) -> dict:
+def bench_precisions(p: Trio, T: int, threads: int, repeats: int, peak_core: float, fp32_ms: float | None) -> dict:
     from actdiff import kernels
 
     kernels.set_num_threads(threads)
@@ -477,7 +480,7 @@ def bench_precisions(p: Trio, T: int, threads: int, repeats: int, mhz: float, fp
             "engine_fp32_ms": fp32_ms,
             "speedup_over_engine_fp32": (fp32_ms / (s * 1e3)) if fp32_ms else None,
             "engine_gflops_fp32_equivalent": fl / s / 1e9,
-            "engine_pct_peak_fp32": 100 * fl / s / 1e9 / peak_gflops(mhz, threads),
+            "engine_pct_peak_fp32": 100 * fl / s / 1e9 / peak_gflops(peak_core, threads),
             "prepare_s": prep_s,
             "max_abs_diff_last_hidden_vs_engine_fp32": float(np.abs(h - ref).max()),
             "engine_ms_all": [x * 1e3 for x in ts],
@@ -570,7 +573,7 @@ def batched_sides(p: Trio, batch: list[list[int]], threads: int, ort=None) -> di
     return runs
 
 
-def bench_batched(p: Trio, B: int, threads: int, repeats: int, mhz: float, ort=None) -> dict:
+def bench_batched(p: Trio, B: int, threads: int, repeats: int, peak_core: float, ort=None) -> dict:
     """One batch of B corpus-length prompts on every side (batched, and the same prompts one by one),
     interleaved and rotated as bench_trio; FLOPs are those of the real (unpadded) tokens."""
     from actdiff import kernels
@@ -588,7 +591,7 @@ def bench_batched(p: Trio, B: int, threads: int, repeats: int, mhz: float, ort=N
     med = {s: float(np.median(v)) for s, v in times.items()}
     lengths = [len(x) for x in batch]
     fl = sum(count_flops(p.cfg, T)["total"] for T in lengths)
-    pk = peak_gflops(mhz, threads)
+    pk = peak_gflops(peak_core, threads)
     r: dict = {
         "prompts": B,
         "tokens": sum(lengths),
@@ -599,7 +602,7 @@ def bench_batched(p: Trio, B: int, threads: int, repeats: int, mhz: float, ort=N
         "ms": {s: v * 1e3 for s, v in med.items()},
         "ms_all": {s: [x * 1e3 for x in v] for s, v in times.items()},
         "prompts_per_s": {s: B / v for s, v in med.items()},
-        "pct_peak_nominal": {s: 100 * fl / v / 1e9 / pk for s, v in med.items()},
+        "pct_peak": {s: 100 * fl / v / 1e9 / pk for s, v in med.items()},
         "ratio_torch_over_engine": med["torch"] / med["engine"],
         "engine_batched_speedup_over_1by1": med["engine_1by1"] / med["engine"],
         "torch_batched_speedup_over_1by1": med["torch_1by1"] / med["torch"],
@@ -628,7 +631,7 @@ def print_batched(name: str, B: int, nt: int, r: dict) -> None:
     print(
         f"{name:9s} {B:3d} {nt:3d} {r['tokens']:6d} {r['padded_tokens']:6d} {pps['engine']:8.1f} {pps['torch']:8.1f} "
         f"{ll} {r['ratio_torch_over_engine']:9.2f} {r['engine_batched_speedup_over_1by1']:8.2f} "
-        f"{r['torch_batched_speedup_over_1by1']:8.2f} {r['pct_peak_nominal']['engine']:7.1f}"
+        f"{r['torch_batched_speedup_over_1by1']:8.2f} {r['pct_peak']['engine']:7.1f}"
     )
 
 
@@ -638,7 +641,7 @@ BATCHED_HDR = (
 )
 
 
-def run_batched_rows(p: Trio, threads: list[int], repeats: int, mhz: float, res: dict,
+def run_batched_rows(p: Trio, threads: list[int], repeats: int, peak_core: float, res: dict,
                      batch_sizes=BATCH_SIZES, ort=None) -> None:  # fmt: skip
     """Threads outer: ORT sessions are made per thread count (one count's sessions alive at a time)."""
     print(
@@ -648,7 +651,7 @@ def run_batched_rows(p: Trio, threads: list[int], repeats: int, mhz: float, res:
     print(BATCHED_HDR)
     for nt in threads:
         for B in batch_sizes:
-            r = bench_batched(p, B, nt, repeats, mhz, ort)
+            r = bench_batched(p, B, nt, repeats, peak_core, ort)
             res[f"{p.name}/batched/B={B}/threads={nt}"] = r
             print_batched(p.name, B, nt, r)
             if ort is not None:
@@ -827,9 +830,12 @@ def main() -> None:
     except ImportError:
         pass
 
+    measured = measured_peak(res["isa"])
+    res["peak_gflops_per_core"] = {"measured": measured, "nominal": mhz * FP32_FLOP_PER_CYCLE_PER_CORE / 1e3}
+    peak_core = measured or res["peak_gflops_per_core"]["nominal"]
     print(
-        f"\nCPU {cpu['model']}, {cpu['cores']} cores @ {mhz} MHz nominal; peak "
-        f"{peak_gflops(mhz, 1):.0f} GFLOP/s/core at the nominal clock (the cores boost above it)"
+        f"\nCPU {cpu['model']}, {cpu['cores']} cores @ {mhz} MHz nominal, kernels' path {res['isa']}; peak "
+        f"{peak_core:.0f} GFLOP/s/core ({'measured, bench/peak.py' if measured else 'nominal clock x 32'})"
     )
     hdr = (
         f"{'model':9s} {'T':>4s} {'thr':>3s} {'GFLOP':>6s} {'engine ms':>10s} {'torch ms':>9s} {'llama ms':>9s} "
@@ -849,7 +855,7 @@ def main() -> None:
                 f"T={T}": engine_ort.count_flops_dense_gather(p.cfg, T) for T in tokens
             }
         if name == "fullsize" and not args.no_batched:
-            run_batched_rows(p, args.threads, max(1, repeats - 2), mhz, res, args.batch_sizes, ort)
+            run_batched_rows(p, args.threads, max(1, repeats - 2), peak_core, res, args.batch_sizes, ort)
         if args.batched_only:
             if ort is not None:
                 ort_res["session_create_s"] = ort.session_s
@@ -860,7 +866,7 @@ def main() -> None:
         reps = repeats * 4 if name == "tiny" else repeats
         for nt in args.threads:  # threads outer: ORT sessions are made per thread count
             for T in tokens:
-                r = bench_trio(p, T, nt, reps, mhz, ort)
+                r = bench_trio(p, T, nt, reps, peak_core, ort)
                 res[f"{name}/T={T}/threads={nt}"] = r
                 if name == "fullsize" and T == 128 and nt == 2:
                     fp32_full_128_2 = r["engine_ms"]
@@ -878,7 +884,7 @@ def main() -> None:
             ort.close()
         if name == "fullsize" and not args.no_precisions:
             T, nt = 128, 2
-            prec = bench_precisions(p, T, nt, repeats, mhz, fp32_full_128_2)
+            prec = bench_precisions(p, T, nt, repeats, peak_core, fp32_full_128_2)
             res.update(prec)
             print(
                 f"\nengine reduced precision, full size, T={T}, {nt} threads (fp32 "

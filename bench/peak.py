@@ -173,6 +173,31 @@ def fma_peak(threads: int, seconds: float, repeats: int) -> list[dict]:
     return rows
 
 
+# On the forced AVX2 path (ACTDIFF_KERNELS_ISA=avx2) the baselines run their AVX2 kernels too, as on an AVX2-only
+# machine (set before numpy/torch load them): OpenBLAS's Haswell kernel, MKL and ATen at AVX2. llama.cpp's kernels
+# are chosen when it is built, so it keeps the machine's own.
+AVX2_PEERS = {"OPENBLAS_CORETYPE": "Haswell", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def peers_env(isa: str) -> dict:
+    """The environment the baselines run in: the AVX2 peers' settings on the avx2 path, else none of them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", *AVX2_PEERS)}
+    return {**env, **AVX2_PEERS} if isa == "avx2" else env
+
+
+def measured_peak(isa: str) -> float | None:
+    """The fp32 FMA peak of one core on the kernels' ISA path, measured (the independent FMA chains, best of 10
+    short repeats), not assumed from the clock: turbo clocks and the number of FMA pipes differ per CPU (the
+    nominal figure printed 151-230 % "of peak" on an AVX2 EPYC). None on the scalar path or without gcc."""
+    try:
+        rows = fma_peak(1, 0.05, 10)
+    except RuntimeError as e:
+        print(f"peak not measured: {e}")
+        return None
+    best = [r["gflops_best"] for r in rows if r["isa"] == isa and r["threads"] == 1]
+    return max(best) if best else None
+
+
 SGEMM_CHILD = r"""
 import json, sys, time
 import numpy as np
