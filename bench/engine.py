@@ -65,13 +65,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak import AVX2_PEERS, measured_peak  # noqa: E402
+from peak import measured_peak, peers_env  # noqa: E402
 
-for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
-    os.environ.pop(_var, None)
+# the baselines' environment (bench/peak.py): on the forced avx2 path torch runs its AVX2 kernels too
+_env = peers_env("avx2" if os.environ.get("ACTDIFF_KERNELS_ISA") == "avx2" else "")
+os.environ.clear()
+os.environ.update(_env)
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
-if os.environ.get("ACTDIFF_KERNELS_ISA") == "avx2":  # torch at AVX2 too, as on an AVX2-only machine
-    os.environ.update({k: v for k, v in AVX2_PEERS.items() if k != "OPENBLAS_CORETYPE"})
 
 import engine_ort  # noqa: E402
 import numpy as np  # noqa: E402

@@ -409,13 +409,11 @@ class Engine:
         return vals
 
     def _unpad(self, vals: dict[str, np.ndarray], lay: Batch, b: int) -> dict[str, np.ndarray]:
-        """Sequence b's values: its real rows of the token nodes, its row of the prompt nodes, as views (an
-        unpadded batch of one: the arrays themselves). Copies were a third of a full-size 512-token forward
-        (0.79 of 2.4 s, mostly page faults of ~700 MB of fresh memory) and doubled a batch's memory while
-        they were made; a view keeps its batch's arrays alive until every prompt of the batch is dropped,
-        which batched_in_order's window of batches does anyway. Nothing downstream writes into a value."""
-        if lay.B == 1 and not lay.padded:
-            return {node.name: vals[node.name] for node in self.graph}
+        """Sequence b's values: its real rows of the token nodes, its row of the prompt nodes, as views. Copies
+        were a third of a full-size 512-token forward (0.79 of 2.4 s, mostly page faults of ~700 MB of fresh
+        memory) and doubled a batch's memory while they were made; a view keeps its batch's arrays alive until
+        every prompt of the batch is dropped, which batched_in_order's window of batches does anyway. Nothing
+        downstream writes into a value."""
         out = {}
         for node in self.graph:
             a = vals[node.name]

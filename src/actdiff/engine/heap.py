@@ -3,11 +3,11 @@
 A forward returns every node's value: at full size about 700 MB of fresh arrays per 512-token prompt, freed when
 the caller drops them. glibc serves blocks above its mmap threshold (dynamic, 128 KiB to 32 MiB) with fresh
 mappings and returns a freed heap top above its trim threshold to the kernel, so every forward page-faulted its
-outputs in again: 91k minor faults and 0.27-0.36 s of system time per full-size 512-token forward (1.5-1.8 s),
+outputs in again: 91k minor faults and 0.27-0.36 s of system time per full-size 512-token forward (1.8-2.2 s),
 and worse at 2 threads, where the faults of both threads serialise on the process's memory map. With blocks up
-to 32 MiB taken from the heap and the heap never trimmed, the next forward reuses the same pages: 3-4 faults
-per forward. The cost: the process keeps its peak heap until it exits, which is what its memory budget allows
-for anyway (the peak itself does not change).
+to 32 MiB taken from the heap and the heap never trimmed, the next forward reuses the same pages: 1.3-3.7k
+faults and 0.01 s of system time per forward (bench/README.md). The cost: the process keeps its peak heap until
+it exits, which is what its memory budget allows for anyway (the peak itself does not change).
 """
 
 from __future__ import annotations
