@@ -32,7 +32,7 @@ FLOPs are counted analytically (multiply-add = 2): every matmul 2*T*in*out (Wqkv
 fc2, the router, and expert fc1/fc2 for the top-k experts of each token), plus attention 2*2*T*T*hidden
 (QK^T and PV). Peak = cores used * clock * 32 fp32 FLOP/cycle/core (Zen 4: AVX-512 FMA, double-pumped
 over two 256-bit pipes), with the clock from /proc/cpuinfo "cpu MHz". That is the nominal clock: the cores
-boost above it, so "% of peak" can exceed what the nominal figure suggests (bench/kernels.py measures a
+boost above it, so "% of peak" can exceed what the nominal figure suggests (bench/kernel_speed.py measures a
 single-core matmul at ~128 % of it).
 
 ONNX Runtime (full size only; ``--no-ort`` skips it): bench/engine_ort.py exports the model once

@@ -1,29 +1,17 @@
-"""bench/kernels.py's side-by-side timing (issue 19): rounds in a rotated order, the best round and the median
+"""bench/kernel_speed.py's side-by-side timing (issue 19): rounds in a rotated order, the best round and the median
 per side; the baselines' AVX2 settings only on the avx2 path; the numpy peer process answers one timing per
 request. No timing assertion: the fake sides return fixed seconds, the real peer only a positive time."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
+import kernel_speed as bench_kernels  # noqa: E402
 import peak  # noqa: E402
-
-
-def _load_bench_kernels():
-    """bench/kernels.py by its path: the name ``kernels`` is also tests/kernels/, a namespace package once the
-    tests directory is on sys.path, so ``import kernels`` depends on what ran before."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_kernels = _load_bench_kernels()
 
 
 def test_side_by_side_rotates_the_order_and_keeps_the_best_and_median(monkeypatch):

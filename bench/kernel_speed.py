@@ -1,6 +1,6 @@
 """Benchmark the C kernels against numpy (OpenBLAS) and torch eager at the real model's shapes.
 
-    .venv/bin/python bench/kernels.py [--quick] [--out results/bench/kernels.json]
+    .venv/bin/python bench/kernel_speed.py [--quick] [--out results/bench/kernels.json]
 
 Prints a table and writes ratios (ours / theirs throughput, >1 means the C kernels are faster)
 to results/bench/kernels.json.  With ACTDIFF_KERNELS_ISA=avx2 numpy's OpenBLAS and torch run their AVX2
