@@ -38,6 +38,10 @@ ARCH_BERT = "bert"
 INPUT_IDS = "input_ids"  # the graph input (token ids), not a node
 POOLED = "pooled"  # mean-pooled last hidden state, one row per prompt
 EMBEDDING = "embedding"  # the L2-normalised sentence embedding: the model's final output
+# The ops whose rows depend on where the prompt starts and ends: position ids (EMBED's absolute positions, ROPE),
+# attention over the prompt's keys, pooling over its tokens. Every other op computes each row of its output from
+# the same row of its inputs, so the rows of several prompts stacked together are computed as each alone.
+LAYOUT_OPS = frozenset({"EMBED", "ROPE", "ATTENTION", "POOL"})
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph
+from ..nodes import EMBEDDING, INPUT_IDS, LAYOUT_OPS, POOLED, Graph
 from .metrics import rel_l2
 from .refops import run_op, spec_params
 from .routing import near_ties
@@ -150,8 +150,17 @@ class Propagation:
     def step(self, node, budgets: Mapping[str, float]) -> float:
         """The node's propagated budget (NaN for an index node); ``budgets`` holds the local budgets of the
         node and of every node before it."""
+        g = self.graph
+        return self.finish(node, run_op(g, node, self.inputs(node), self.weights, spec_params(g, node)), budgets)
+
+    def inputs(self, node) -> dict[str, np.ndarray]:
+        """The simulated engine's values of the node's inputs."""
+        return {i: self.vals[i] for i in node.inputs}
+
+    def finish(self, node, y: np.ndarray, budgets: Mapping[str, float]) -> float:
+        """:meth:`step` from the spec op's value ``y`` on :meth:`inputs`: the routing at near ties, the
+        perturbation, the error against the reference."""
         g, vals = self.graph, self.vals
-        y = run_op(g, node, {i: vals[i] for i in node.inputs}, self.weights, spec_params(g, node))
         if node.op == "TOPK":
             y = _route_like_engine(g, node, y, vals, self.ref, self.eng, budgets)
         if node.kind == "index":
@@ -162,6 +171,24 @@ class Propagation:
         vals[node.name] = y
         self._release(node)
         return self.out[node.name]
+
+
+def step_together(props: list[Propagation], node, budgets: list[Mapping[str, float]]) -> None:
+    """:meth:`Propagation.step` of ``node`` for several prompts (``budgets``: each one's), with one spec op over
+    their stacked rows where the op computes rows independently (all but actdiff.nodes.LAYOUT_OPS): a float64
+    op per prompt and node was most of the propagation's cost on short prompts. The random draws stay each
+    prompt's own, in graph order; a stacked float64 product may round differently from a prompt's own in the
+    last bits (another BLAS blocking), far below the budgets the simulation adds."""
+    if len(props) < 2 or node.op in LAYOUT_OPS:
+        for prop, b in zip(props, budgets, strict=True):
+            prop.step(node, b)
+        return
+    g, inputs = props[0].graph, [p.inputs(node) for p in props]
+    rows = np.cumsum([len(x[node.inputs[0]]) for x in inputs])[:-1]
+    stacked = {i: np.concatenate([x[i] for x in inputs]) for i in node.inputs}
+    ys = np.split(run_op(g, node, stacked, props[0].weights, spec_params(g, node)), rows)
+    for prop, y, b in zip(props, ys, budgets, strict=True):
+        prop.finish(node, y, b)
 
 
 def _last_use(graph: Graph) -> dict[str, int]:

@@ -1,5 +1,7 @@
 """Per-shard divergence statistics: one pass over a shard's prompts, streaming (tables are written in
-row groups as prompts are processed, so memory does not grow with the shard's size).
+row groups as prompts are processed, so memory does not grow with the shard's size). Short prompts are read in
+bounded groups whose replays and propagated budgets are computed node by node for the whole group first
+(actdiff.compare.grouped); each prompt is then judged on its own.
 
 For every (prompt, node):
 - propagated error: the engine's value against the reference's (the error the user sees);
@@ -51,6 +53,7 @@ from ..tables import EMBEDDING_SAMPLE, SHARD_TABLES, empty_table
 from ..variants import Variant, resolve_variant
 from .budgets import TF32_OPS, U32, Noise, budget, fp32_noise, reference_precision_of, status
 from .embeddings import BoundedSample, cosine
+from .grouped import float_gap, grouped, prepare_group, same_bits
 from .metrics import FLOAT_METRICS, compare, nonfinite_match, per_token_errors, rel_l2, rel_l2_finite
 from .routing import margins, routing_rows
 from .search_run import SearchSample
@@ -349,12 +352,15 @@ class ShardContext:
     def budget(self, name: str, noise: Noise) -> float:
         return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets, self.reference)
 
-    def local(self, name: str, ref: dict, eng: dict, replayed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def local(self, name: str, ref: dict, eng: dict, replayed: bool = True, pre=None) -> tuple[np.ndarray, np.ndarray]:
         """(output to judge, the value it is judged against) of a node under teacher forcing. ``replayed``
         False (no replay, or a replay that does not reproduce the dump): the side's dumped output against the
-        spec op on the side's own inputs."""
+        spec op on the side's own inputs. ``pre``: the node's replays computed with its group's
+        (actdiff.compare.replays.Replayed), else the replay runs here."""
         node = self.graph[name]
         if self.replay is not None and replayed:
+            if pre is not None:
+                return pre.local, ref[name]
             return self.replay.replay_node(name, {i: ref[i] for i in node.inputs}), ref[name]
         from .refops import run_op, spec_params
 
@@ -378,6 +384,7 @@ class Judged:
     replay_gap: dict[str, float] = field(default_factory=dict)  # node -> replay on own inputs vs the dump
     mismatched: set = field(default_factory=set)  # nodes whose replay does not reproduce the dump
     propagated: dict[str, float] = field(default_factory=dict)  # node -> propagated budget
+    replayed: dict = field(default_factory=dict)  # node -> its replays, computed with the group's (compare.replays)
 
     @property
     def tokens(self) -> int:
@@ -397,30 +404,22 @@ def _set_mismatch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.any(np.sort(a, 1) != np.sort(b, 1), axis=1)
 
 
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Do two arrays hold the same bytes? Compared as integers of the element's width: 8x faster than
-    ``array_equal(equal_nan=True)``, which it implies (equal bits are equal values or the same NaN); arrays it
-    cannot compare so (another dtype or layout) are not the same bits here."""
-    if a.dtype != b.dtype or a.shape != b.shape or not (a.flags.c_contiguous and b.flags.c_contiguous):
-        return False
-    as_int = np.dtype(f"i{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else None
-    return as_int is not None and np.array_equal(a.view(as_int), b.view(as_int))
-
-
 def _replay_gap(ctx: ShardContext, j: Judged, node) -> float:
     """The side's replay of ``node`` on its OWN inputs against its dump: 0 when the replay is the code that
     ran. Index nodes: the fraction of tokens whose expert set differs where the side's own probabilities have
     a clear margin (a tie may legitimately break either way)."""
-    own = ctx.replay.replay_node(node.name, {i: j.eng[i] for i in node.inputs})
+    pre = j.replayed.get(node.name)
+    if pre is not None and pre.gap is not None:
+        return pre.gap
+    own = pre.own if pre is not None else ctx.replay.replay_node(node.name, {i: j.eng[i] for i in node.inputs})
     e = j.eng[node.name]
-    if _same_bits(own, e) or np.array_equal(own, e, equal_nan=node.kind != "index"):
+    if node.kind != "index":
+        return float_gap(own, e)
+    if same_bits(own, e) or np.array_equal(own, e):
         return 0.0
-    if node.kind == "index":
-        probs = ctx.graph.moe_block_of(node.name).probs
-        clear = margins(j.eng[probs], e.shape[1]) > ctx.budget(probs, j.noise[probs])
-        return float(np.mean(_set_mismatch(own, e) & clear)) if e.size else 0.0
-    gap = rel_l2(own, e)
-    return gap if math.isfinite(gap) else math.inf
+    probs = ctx.graph.moe_block_of(node.name).probs
+    clear = margins(j.eng[probs], e.shape[1]) > ctx.budget(probs, j.noise[probs])
+    return float(np.mean(_set_mismatch(own, e) & clear)) if e.size else 0.0
 
 
 def _replay_reproduces(ctx: ShardContext, j: Judged, node, b: float) -> bool:
@@ -442,7 +441,7 @@ def _judge_index(ctx: ShardContext, j: Judged, node, replayed: bool) -> tuple[di
     """Top-k expert ids: a disagreement at a near-tie (margin within the probabilities' budget) is legitimate;
     only disagreements at clear margins count against the node."""
     r, e = j.ref[node.name], j.eng[node.name]
-    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed)
+    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed, j.replayed.get(node.name))
     probs = ctx.graph.moe_block_of(node.name).probs
     judged_probs = j.ref[probs] if replayed and ctx.replay is not None else j.eng[probs]
     clear = margins(judged_probs, e.shape[1]) > ctx.budget(probs, j.noise[probs])
@@ -471,7 +470,7 @@ def _judge_float(ctx: ShardContext, j: Judged, node, b: float, replayed: bool) -
     itself on the judged inputs) fail; the same NaN/Inf at the same positions on both sides make the node
     NONFINITE unless its finite values fail their budget: nothing can be compared there, so the node neither
     passes nor is an engine failure (the model itself produces them)."""
-    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed)
+    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed, j.replayed.get(node.name))
     j.local[node.name] = (lo, lref)
     m = compare(j.eng[node.name], j.ref[node.name])
     same, diverged = nonfinite_match(j.eng[node.name], j.ref[node.name])
@@ -491,7 +490,8 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
     """One node of one prompt: its errors, budget and status (a row of the nodes table). A node whose replay
     does not reproduce the dump is judged like an external side's: its dumped output against the spec op on
     its own inputs (the replay would judge code that did not run)."""
-    noise = j.noise[node.name] = ctx.reference_noise(j.pid, j.ref, node)
+    noise = j.noise[node.name] if node.name in j.noise else ctx.reference_noise(j.pid, j.ref, node)
+    j.noise[node.name] = noise
     b = ctx.budget(node.name, noise)
     if node.name in ctx.missing:
         m, local_rel, st = _nan_metrics(), math.nan, NOT_CAPTURED
@@ -523,21 +523,26 @@ def judge_node(ctx: ShardContext, j: Judged, node) -> dict:
     }
 
 
-def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict) -> Judged:
+def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) -> Judged:
     """Every node of one prompt, in graph order; the first divergent node is the first that fails while its
     inputs pass. Then the propagated budgets (actdiff.compare.propagation): does the prompt's output diverge
     beyond what correct local errors can produce? The propagation steps through the graph beside the judging,
-    so each node's weights are converted to float64 once for all its spec passes (NodeWeights64)."""
+    so each node's weights are converted to float64 once for all its spec passes (NodeWeights64). ``ahead``:
+    what was computed with the prompt's group (actdiff.compare.grouped.Ahead: replays, noise, propagated
+    budgets), used instead of computing it here."""
     from .propagation import Propagation
 
-    j = Judged(pid, ref, eng)
-    prop, budgets = Propagation(ctx.graph, pid, ref, eng, ctx.weights64), {}
+    j = Judged(pid, ref, eng, dict(ahead.noise) if ahead else {}, replayed=ahead.replayed if ahead else {})
+    prop = None if ahead else Propagation(ctx.graph, pid, ref, eng, ctx.weights64)
+    budgets = {}
     try:
         for node in ctx.graph:
             ctx.weights64.visit(node)
             row = judge_node(ctx, j, node)
+            j.replayed.pop(node.name, None)
             budgets[node.name] = row["budget"]
-            prop.step(node, budgets)
+            if prop is not None:
+                prop.step(node, budgets)
             if row["status"] != "fail":  # the builders read the local values of failing nodes only
                 j.local.pop(node.name, None)
             for k, v in row.items():
@@ -545,7 +550,7 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict) -> Judged:
     finally:
         ctx.weights64.visit(None)  # the last node's float64 weights are not kept past the prompt
     _first_divergence(ctx, j)
-    j.propagated = prop.out
+    j.propagated = ahead.propagated if ahead else prop.out
     j.rows["propagated_budget"] = [j.propagated[n] for n in j.rows["node"]]
     rel = dict(zip(j.rows["node"], j.rows["rel_l2"], strict=True))
     over = [rel[n] > j.propagated[n] for n in ctx.outputs if n not in ctx.missing]
@@ -764,15 +769,17 @@ def compute_shard_stats(
             )  # fmt: skip
             skip = _fitted_prompts(eng_h5, er, rr, writers["nodes"])
             _record_reference(ref_h5, rr, writers["nodes"])
-            for pid, ref, eng in _paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip):
-                j = judge_prompt(ctx, pid, ref, eng)
-                for build in BUILDERS:
-                    build(ctx, j)
-                del j, ref, eng  # released before the next prompt is read and judged, not after
-                n_prompts += 1
-                if n_prompts % 100 == 0:
-                    rate = n_prompts / (time.perf_counter() - t0)
-                    log.info("stats: %d/%d prompts (%.1f prompts/s)", n_prompts, len(rr.prompt_ids), rate)
+            for group in grouped(_paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip)):
+                for (pid, ref, eng), pre in zip(group, prepare_group(ctx, group), strict=True):
+                    j = judge_prompt(ctx, pid, ref, eng, pre)
+                    for build in BUILDERS:
+                        build(ctx, j)
+                    del j, ref, eng, pre
+                    n_prompts += 1
+                    if n_prompts % 100 == 0:
+                        rate = n_prompts / (time.perf_counter() - t0)
+                        log.info("stats: %d/%d prompts (%.1f prompts/s)", n_prompts, len(rr.prompt_ids), rate)
+                del group  # released before the next group is read and judged, not after
         _close(ctx, outputs[EMBEDDING_SAMPLE])
     except BaseException:
         for w in writers.values():

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import ActdiffError
-from ..nodes import ARCH_NOMIC_MOE, INPUT_IDS, Graph, MoeBlock, build_graph, load_config_json
+from ..nodes import ARCH_NOMIC_MOE, INPUT_IDS, LAYOUT_OPS, Graph, MoeBlock, build_graph, load_config_json
 from ..variants import Variant, parse_variant
 from .faults import Fault, get_fault
 from .heap import reuse_freed_memory
@@ -191,6 +191,18 @@ class Engine:
         rounded = {k: v if v.dtype.kind in "iu" else _fp16(v) for k, v in inputs.items()}
         out = self.run_node(name, rounded, variant)
         return out if self.graph[name].kind == "index" else _fp16(out)
+
+    def replay_nodes(self, name: str, inputs: list[dict[str, np.ndarray]], variant: str = "fp32") -> list[np.ndarray]:
+        """replay_node on several prompts' inputs, bitwise the same per prompt, in one call where the op does not
+        read the layout (actdiff.nodes.LAYOUT_OPS; the kernels compute every row on its own, Batch): the prompts'
+        rows are stacked and each result is a view of its prompt's rows. The statistics replay each node for a
+        group of short prompts so (a call per prompt and node was most of the replay's cost on small models)."""
+        node = self.graph[name]
+        if len(inputs) < 2 or node.op in LAYOUT_OPS:
+            return [self.replay_node(name, x, variant) for x in inputs]
+        rows = np.cumsum([len(x[node.inputs[0]]) for x in inputs])[:-1]
+        out = self.replay_node(name, {i: np.concatenate([x[i] for x in inputs]) for i in node.inputs}, variant)
+        return np.split(out, rows)
 
     def _moe_block(self, node: str | MoeBlock) -> MoeBlock:
         """The MoE block of a block node (e.g. its router's name), or the block itself."""

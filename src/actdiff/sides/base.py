@@ -43,6 +43,10 @@ class Replay(Protocol):
 
     def replay_node(self, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
+    # optional: ``replay_many(name, inputs: list[dict]) -> list[np.ndarray]``, replay_node for several prompts
+    # at once, each result bitwise replay_node's (a side whose kernels compute rows independently batches them;
+    # replay_many() below falls back to one call per prompt)
+
     def forced_moe(self, block: MoeBlock, h: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The MoE block's output with the expert choice given (separates expert-kernel error from flips)."""
 
@@ -50,6 +54,15 @@ class Replay(Protocol):
         """Nodes the side's forward computes on another code path than replay_node (a fused kernel): their
         replay on the side's own inputs must match the dump within the node's budget, every other node's
         bit for bit (actdiff.compare.stats checks both: the replay must be the code that ran)."""
+
+
+def replay_many(replay: Replay, name: str, inputs: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """``replay.replay_node(name, x)`` for every ``x`` of ``inputs``, through the side's own ``replay_many`` when
+    it has one."""
+    many = getattr(replay, "replay_many", None)
+    if many is not None and len(inputs) > 1:
+        return list(many(name, inputs))
+    return [replay.replay_node(name, x) for x in inputs]
 
 
 def placeholder(graph: Graph, name: str, tokens: int) -> np.ndarray:

@@ -21,6 +21,9 @@ class EngineReplay:
     def replay_node(self, name, inputs):
         return self.engine.replay_node(name, inputs, self.prepared)
 
+    def replay_many(self, name, inputs):
+        return self.engine.replay_nodes(name, inputs, self.prepared)
+
     def forced_moe(self, block, h, indices, weights):
         return self.engine.forced_moe(block, h, indices, weights, self.prepared)
 
