@@ -31,6 +31,7 @@ def engine(tiny_model_dir):
     return Engine(tiny_model_dir)
 
 
+@pytest.mark.isa_paths  # the kernels' row contract is each path's own
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_engine_replay_of_stacked_prompts_is_each_prompts_replay_bit_for_bit(engine, variant):
     """Every node, stacked and alone, on the prompts' own forward values: the same bits (the kernels compute each

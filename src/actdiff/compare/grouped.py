@@ -37,7 +37,7 @@ GROUP_BYTES = 48 << 20
 class Replayed:
     """One node of one prompt, replayed ahead of its judging."""
 
-    local: np.ndarray  # the replay on the reference's inputs
+    local: np.ndarray | None  # the replay on the reference's inputs; None where the replay is not the code that ran
     own: np.ndarray | None  # the replay on the side's own inputs: kept for an index node only
     gap: float | None  # a float node's replay gap (:func:`float_gap`); None for an index node
 
@@ -80,10 +80,13 @@ def grouped(paired: Iterable[tuple[str, dict, dict]], max_bytes: int | None = No
         yield group
 
 
-def replay_group(graph, replay, missing: frozenset, group: list) -> list[dict[str, Replayed]]:
+def replay_group(graph, replay, missing: frozenset, fused: frozenset, group: list) -> list[dict[str, Replayed]]:
     """Per prompt of ``group``, per node: its replays (:class:`Replayed`), each node replayed for the whole group
     in one call. Empty for a side without a replay and for a group of one prompt (replayed while judged), and
-    without the nodes whose value or inputs the side did not capture (judged without a replay)."""
+    without the nodes whose value or inputs the side did not capture (judged without a replay). A float node
+    outside ``fused`` whose replay on its own inputs is not its dump is judged on the spec op instead
+    (stats._replay_reproduces): its replay on the reference's inputs is not run (half of an ONNX Runtime int8
+    run's nodes)."""
     per: list[dict[str, Replayed]] = [{} for _ in group]
     if replay is None or len(group) < 2:
         return per
@@ -91,11 +94,13 @@ def replay_group(graph, replay, missing: frozenset, group: list) -> list[dict[st
         if node.name in missing or any(i in missing for i in node.inputs):
             continue
         own = replay_many(replay, node.name, [{i: eng[i] for i in node.inputs} for _, _, eng in group])
-        local = replay_many(replay, node.name, [{i: ref[i] for i in node.inputs} for _, ref, _ in group])
         index = node.kind == "index"
-        for k, (_, _, eng) in enumerate(group):
-            gap = None if index else float_gap(own[k], eng[node.name])
-            per[k][node.name] = Replayed(local[k], own[k] if index else None, gap)
+        gaps = [None if index else float_gap(own[k], eng[node.name]) for k, (_, _, eng) in enumerate(group)]
+        judged = [k for k, gap in enumerate(gaps) if gap is None or gap == 0.0 or node.name in fused]
+        ref_inputs = [{i: group[k][1][i] for i in node.inputs} for k in judged]
+        local = dict(zip(judged, replay_many(replay, node.name, ref_inputs), strict=True))
+        for k in range(len(group)):
+            per[k][node.name] = Replayed(local.get(k), own[k] if index else None, gaps[k])
     return per
 
 
@@ -115,7 +120,7 @@ def prepare_group(ctx, group: list) -> list[Ahead | None]:
     weights converted once for the group (NodeWeights64.visit)."""
     if len(group) < 2:
         return [None] * len(group)
-    replayed = replay_group(ctx.graph, ctx.replay, ctx.missing, group)
+    replayed = replay_group(ctx.graph, ctx.replay, ctx.missing, ctx.fused, group)
     noise: list[dict] = [{} for _ in group]
     budgets: list[dict[str, float]] = [{} for _ in group]
     props = [Propagation(ctx.graph, pid, ref, eng, ctx.weights64) for pid, ref, eng in group]

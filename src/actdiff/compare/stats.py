@@ -356,10 +356,10 @@ class ShardContext:
         """(output to judge, the value it is judged against) of a node under teacher forcing. ``replayed``
         False (no replay, or a replay that does not reproduce the dump): the side's dumped output against the
         spec op on the side's own inputs. ``pre``: the node's replays computed with its group's
-        (actdiff.compare.replays.Replayed), else the replay runs here."""
+        (actdiff.compare.grouped.Replayed), else the replay runs here."""
         node = self.graph[name]
         if self.replay is not None and replayed:
-            if pre is not None:
+            if pre is not None and pre.local is not None:
                 return pre.local, ref[name]
             return self.replay.replay_node(name, {i: ref[i] for i in node.inputs}), ref[name]
         from .refops import run_op, spec_params
@@ -384,7 +384,7 @@ class Judged:
     replay_gap: dict[str, float] = field(default_factory=dict)  # node -> replay on own inputs vs the dump
     mismatched: set = field(default_factory=set)  # nodes whose replay does not reproduce the dump
     propagated: dict[str, float] = field(default_factory=dict)  # node -> propagated budget
-    replayed: dict = field(default_factory=dict)  # node -> its replays, computed with the group's (compare.replays)
+    replayed: dict = field(default_factory=dict)  # node -> its replays, computed with its group (compare.grouped)
 
     @property
     def tokens(self) -> int:
