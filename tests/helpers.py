@@ -127,3 +127,16 @@ def tiny_spec_activations(lengths, seed: int = 0):
             v[node.name] = run_op(graph, node, v, weights, spec_params(graph, node))
         vals.append({k: a if a.dtype.kind in "iu" else a.astype(np.float32) for k, a in v.items()})
     return graph, weights, vals
+
+
+def engine_dump(model_dir, ref_h5, out_h5, variant) -> None:
+    """Our engine's dump of the prompts of a reference dump, one prompt at a time (batch 1), as dump_engine
+    writes it."""
+    from actdiff.engine.core import Engine
+    from actdiff.h5io import ActivationReader, ActivationWriter
+
+    engine = Engine(model_dir)
+    with ActivationReader(ref_h5) as r, ActivationWriter(out_h5, engine.graph, {"side": "actdiff"}) as w:
+        for i, pid in enumerate(r.prompt_ids):
+            ids = r.input_ids(i)
+            w.append(pid, engine.forward(ids, variant), input_ids=ids)

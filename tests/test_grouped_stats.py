@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import shard_outputs
+from helpers import engine_dump, shard_outputs
 
 from actdiff.compare import grouped
 from actdiff.compare.grouped import same_bits
@@ -15,7 +15,6 @@ from actdiff.compare.refnoise import measure_reference_noise
 from actdiff.compare.stats import compute_shard_stats
 from actdiff.engine.core import Engine
 from actdiff.engine.faults import runnable_faults
-from actdiff.h5io import ActivationReader, ActivationWriter
 from actdiff.nodes import INPUT_IDS, LAYOUT_OPS
 from actdiff.tables import SHARD_TABLES
 from actdiff.variants import resolve_variant
@@ -62,14 +61,6 @@ def test_groups_are_bounded_in_bytes_and_keep_the_order():
     assert [len(g) for g in grouped.grouped(items, max_bytes=1)] == [1] * 6
 
 
-def _engine_dump(model_dir, ref_h5, out_h5, variant):
-    engine = Engine(model_dir)
-    with ActivationReader(ref_h5) as r, ActivationWriter(out_h5, engine.graph, {"side": "actdiff"}) as w:
-        for i, pid in enumerate(r.prompt_ids):
-            ids = r.input_ids(i)
-            w.append(pid, engine.forward(ids, variant), input_ids=ids)
-
-
 @pytest.mark.e2e
 def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_dir, tmp_path, monkeypatch):
     """A fault (failing nodes, hypotheses, the search's sample) judged in the default groups and in groups of one
@@ -81,7 +72,7 @@ def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_d
     measure_reference_noise(tiny_model_dir, ref, noise)
     variant = resolve_variant("fp32+fault=f1", {"f1": "gelu_tanh"})
     eng = tmp_path / "eng.h5"
-    _engine_dump(tiny_model_dir, ref, eng, variant)
+    engine_dump(tiny_model_dir, ref, eng, variant)
     tables = {}
     for label, max_bytes in (("grouped", grouped.GROUP_BYTES), ("alone", 1)):
         monkeypatch.setattr(grouped, "GROUP_BYTES", max_bytes)

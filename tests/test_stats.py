@@ -10,7 +10,7 @@ import sys
 
 import pandas as pd
 import pytest
-from helpers import BIN, REPO, run_cmd, shard_outputs, summary_outputs, tightness_ratios
+from helpers import BIN, REPO, engine_dump, run_cmd, shard_outputs, summary_outputs, tightness_ratios
 
 from actdiff.compare.aggregate import aggregate
 from actdiff.compare.search_run import RunSearch
@@ -46,14 +46,6 @@ def run_stats(tmp, model_dir, ref_h5, eng_h5, variant, side="actdiff", cfg=None)
     search = RunSearch.of(model_dir, dataclasses.asdict(cfg) if cfg else None)  # as rule aggregate_stats searches
     verdict = aggregate({t: [out[t]] for t in SHARD_TABLES}, summ, meta, search=search)
     return verdict, pd.read_parquet(out["nodes"]), summ, out
-
-
-def engine_dump(model_dir, ref_h5, out_h5, variant):
-    engine = Engine(model_dir)
-    with ActivationReader(ref_h5) as r, ActivationWriter(out_h5, engine.graph, {"side": "actdiff"}) as w:
-        for i, pid in enumerate(r.prompt_ids):
-            ids = r.input_ids(i)
-            w.append(pid, engine.forward(ids, variant), input_ids=ids)
 
 
 @pytest.fixture(scope="module")
