@@ -46,6 +46,9 @@ _FLUSH_BYTES = 64 << 20
 # nodes (1 MiB chunks: 196 MiB, over its 64 MiB window budget), and a read of one prompt's rows (node()) checksums
 # less beside them (bench/dump_read.py, released graph: 1.36 s against 1.93 s); whole reads run at the same speed
 _CHUNK_BYTES = 256 << 10
+# iter_prompts' read windows, all nodes' together per file: larger reads are faster (bench/dump_read.py), and a
+# prompt's values are views into them, so a consumer holding several prompts holds their windows too
+WINDOW_BYTES = 64 << 20
 
 
 # HDF5 filters per `activation_compression` setting. Activations are float32 noise to a compressor: gzip
@@ -305,15 +308,16 @@ class ActivationReader:
             return self._get(f"nodes/{name}", slice(i, i + 1))
         return self._get(f"nodes/{name}", slice(self.offsets[i], self.offsets[i + 1]))
 
-    def iter_prompts(self, names: list[str], window_bytes: int = 64 << 20):
+    def iter_prompts(self, names: list[str], window_bytes: int | None = None):
         """Yield (index, prompt_id, {node: values}) for every prompt in file order. Each node is read whole HDF5
         chunks at a time, each chunk once (:class:`_ChunkWindow`): a prompt's rows are a slice of the chunks
         holding them (reading a prompt's rows alone reads and checksums its whole chunks, for each prompt in
-        them). The nodes' windows share ``window_bytes`` (at least one chunk each): fewer, larger reads are
-        faster (one 1 MiB read per node instead of four of 256 KiB: 0.41 s against 0.56 s for 455 MB of the
-        released model's values, bench/dump_read.py). Memory: the windows, and one prompt's rows."""
+        them). The nodes' windows share ``window_bytes`` (default WINDOW_BYTES; at least one chunk each): fewer,
+        larger reads are faster (one 1 MiB read per node instead of four of 256 KiB: 0.41 s against 0.56 s for 455
+        MB of the released model's values, bench/dump_read.py). Memory: the windows, and one prompt's rows (a
+        prompt's values are views into its windows: a window stays while a view of it is held)."""
         has_ids = "input_ids" in self.f
-        each = window_bytes // max(1, len(names))
+        each = (WINDOW_BYTES if window_bytes is None else window_bytes) // max(1, len(names))
         windows = {name: _ChunkWindow(self, f"nodes/{name}", each) for name in names}
         per_prompt = {name: self.f["nodes"][name].attrs.get("axis", "token") == "prompt" for name in names}
         ids = _ChunkWindow(self, "input_ids", each) if has_ids else None

@@ -8,6 +8,7 @@ from actdiff.errors import ActdiffError, ConfigError, ModelError
 from actdiff.models.fingerprint import update_fingerprint
 from actdiff.models.loading import graph_of_source, resolve_model_dir
 from actdiff.compare.budgets import check_budget_globs
+from actdiff.compare.grouped import GROUP_BYTES
 from actdiff.compare.refops import WEIGHT_MEMO
 from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout
 from actdiff.models.tiny import TRAINING_TEXT
@@ -117,9 +118,10 @@ def model_files(wildcards):
 
 
 def stats_mem_mb(wildcards):
-    """Memory of one statistics job: a reference run's, and the bound of its memo of rounded weights
-    (actdiff.compare.refops.WEIGHT_MEMO, filled where a precision or a hypothesis rounds them)."""
-    return reference_mem_mb(wildcards) + (WEIGHT_MEMO.max_bytes >> 20)
+    """Memory of one statistics job: a reference run's, the bound of its memo of rounded weights
+    (actdiff.compare.refops.WEIGHT_MEMO, filled where a precision or a hypothesis rounds them), and twice the
+    group of short prompts judged together (actdiff.compare.grouped: dumps, windows, replays)."""
+    return reference_mem_mb(wildcards) + (WEIGHT_MEMO.max_bytes >> 20) + (2 * GROUP_BYTES >> 20)
 
 
 def aggregate_mem_mb(wildcards):
