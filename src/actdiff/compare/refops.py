@@ -643,36 +643,32 @@ def shared_products():
         _SHARED = outer
 
 
-def _product(a: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """``a @ W.T`` in float64 (read-only where shared: :func:`shared_products`)."""
+def _shared(key, a: np.ndarray, compute) -> np.ndarray:
+    """``compute(a)``, computed once per ``key`` object and equal ``a`` within a :func:`shared_products` block
+    (read-only there); the last SHARED_PRODUCTS_KEPT results are kept."""
     memo = _SHARED
     if memo is None:
-        return a @ W.T
-    for w, x, y in memo:
-        if w is W and x.shape == a.shape and np.array_equal(x, a):
+        return compute(a)
+    for k, x, y in memo:
+        if k is key and x.shape == a.shape and np.array_equal(x, a):
             return y
-    y = a @ W.T
+    y = compute(a)
     y.flags.writeable = False
-    memo.append((W, a, y))
+    memo.append((key, a, y))
     del memo[:-SHARED_PRODUCTS_KEPT]
     return y
+
+
+def _product(a: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``a @ W.T`` in float64 (read-only where shared: :func:`shared_products`)."""
+    return _shared(W, a, lambda x: x @ W.T)
 
 
 def _shared_erf(x: np.ndarray) -> np.ndarray:
     """``erf(x)``, computed once per equal ``x`` within a :func:`shared_products` block: the spec and the
     catalogue's output-precision candidates at a GELU node take erf of the same values, and float64 erf was a
     fifth of a statistics job with a failing GELU (scipy's, 37 ns per value here). Kept with the products."""
-    memo = _SHARED
-    if memo is None:
-        return _erf(x)
-    for w, a, y in memo:
-        if w is _erf and a.shape == x.shape and np.array_equal(a, x):
-            return y
-    y = _erf(x)
-    y.flags.writeable = False
-    memo.append((_erf, x, y))
-    del memo[:-SHARED_PRODUCTS_KEPT]
-    return y
+    return _shared(_erf, x, _erf)
 
 
 def _split(graph, node, x, w, p):
