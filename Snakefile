@@ -21,7 +21,6 @@
 #   results/reports/{model}/{side}/{variant}.html                           one report per model/side/variant
 #   results/reports/index.html                                              index over all of them
 #   results/logs/{rule}/{wildcards}.log                                     logs
-#   results/benchmarks/{rule}/{wildcards}.tsv                               Snakemake benchmarks
 # Variants follow the grammar precision[+fault=name[:param]] (actdiff.variants), e.g. fp32, int8,
 # fp32+fault=gelu_tanh (a fault is a catalogue entry of actdiff/data/hypotheses.yaml run on purpose).
 

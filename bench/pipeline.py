@@ -24,8 +24,9 @@ the largest corpus the machine finishes in an hour (bench/README.md, "Cost growt
 
 What is measured, per run (all from one run; the machine may be shared, so rates are noisy):
 
-- per stage (tokenize, dump_reference, dump_engine, reference_noise, compute_stats), from Snakemake's benchmark
-  TSVs (job wall ``s``, ``max_rss``, ``cpu_time``) and the rule logs ("tokenized N prompts ... in X s", "dumped
+- per stage (tokenize, dump_reference, dump_engine, reference_noise, compute_stats), from each job's "job cost"
+  log line (actdiff.workflow_support.job_cost_line: wall since the process started, CPU of it and of its
+  children, peak RSS) and the rule logs ("tokenized N prompts ... in X s", "dumped
   N prompts ... in X s", "engine fp32: dumped N prompts in X s", "reference noise: N prompts x K nodes in X
   s", "stats: N prompts in X s"): steady-state
   rate = prompts / logged processing seconds (summed over shards), start-up = job wall - logged processing
@@ -107,6 +108,7 @@ import psutil  # noqa: E402
 
 from actdiff import sysinfo  # noqa: E402
 from actdiff.layout import REFERENCE_SIDE, REFERENCE_VARIANT, Layout  # noqa: E402
+from actdiff.workflow_support import parse_job_cost  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "config/prompts/default.tsv"
@@ -487,18 +489,6 @@ def tokenize_breakdown(R: Path, model: str, repeats: int = 3) -> dict:
 
 
 # ----------------------------------------------------------------------------- reading a finished run
-def read_benchmark(path: Path) -> dict:
-    lines = path.read_text().strip().splitlines()
-    cols, vals = lines[0].split("\t"), lines[-1].split("\t")
-    out = {}
-    for c, v in zip(cols, vals, strict=True):
-        try:
-            out[c] = float(v)
-        except ValueError:
-            out[c] = None  # NA: the job ended before the first sample
-    return out
-
-
 def log_times(path: Path) -> tuple[datetime | None, datetime | None]:
     first = last = None
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -526,24 +516,25 @@ def stage_jobs(R: Path, model: str, stage: str) -> list[dict]:
         "compute_stats": (model, SIDE, VARIANT),
     }[stage]
     jobs = []
-    for bench in sorted(Path(L.benchmark(stage, *sub, "*")).parent.glob("shard-*.tsv")):
-        log = Path(L.log(stage, *sub, bench.stem))
+    for log in sorted(Path(L.log(stage, *sub, "*")).parent.glob("shard-*.log")):
         text = log.read_text(encoding="utf-8", errors="replace")
         m = LOG_DONE[stage].search(text)
         if not m:
             raise RuntimeError(f"{log}: no completion line matching {LOG_DONE[stage].pattern!r}")
-        b = read_benchmark(bench)
+        cost = parse_job_cost(text)  # the job's own figures (actdiff.workflow_support.job_cost_line)
+        if cost is None:
+            raise RuntimeError(f"{log}: no job cost line (the job did not finish)")
         first, last = log_times(log)
         n, sec = int(m.group(1)), float(m.group(2))
         jobs.append(
             {
-                "shard": int(bench.stem.split("-")[1]),
+                "shard": int(log.stem.split("-")[1]),
                 "prompts": n,
                 "log_seconds": sec,
-                "job_wall_s": b["s"],
-                "startup_s": b["s"] - sec,
-                "max_rss_bytes_snakemake": None if b.get("max_rss") is None else b["max_rss"] * 2**20,
-                "cpu_time_s": b.get("cpu_time"),
+                "job_wall_s": cost["wall_s"],
+                "startup_s": cost["wall_s"] - sec,
+                "max_rss_bytes_job": max(cost["max_rss_mb"], cost["children_max_rss_mb"]) * 2**20,
+                "cpu_time_s": cost["cpu_s"],
                 "log_first": first.isoformat() if first else None,
                 "log_last": last.isoformat() if last else None,
             }
@@ -578,11 +569,11 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
         n = sum(j["prompts"] for j in jobs)
         sec = sum(j["log_seconds"] for j in jobs)
         wall = sum(j["job_wall_s"] for j in jobs)
-        bench_rss = max((j["max_rss_bytes_snakemake"] or 0) for j in jobs)
+        job_rss = max((j["max_rss_bytes_job"] or 0) for j in jobs)
         hwm = rss.get(st, {}).get("peak_vmhwm_bytes", 0)
         per_job = rss.get(st, {}).get("vmhwm_bytes_per_job") or []
-        if len(per_job) != len(jobs):  # a job the poller missed: fall back to Snakemake's samples
-            per_job = [j["max_rss_bytes_snakemake"] or 0 for j in jobs]
+        if len(per_job) != len(jobs):  # a job the poller missed: fall back to the jobs' own peak (job cost line)
+            per_job = [j["max_rss_bytes_job"] or 0 for j in jobs]
         cpu = sum(j["cpu_time_s"] or 0 for j in jobs)
         stages[st] = {
             "jobs": len(jobs),
@@ -594,10 +585,10 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
             "startup_s_median": float(np.median([j["startup_s"] for j in jobs])),
             "startup_s_max": max(j["startup_s"] for j in jobs),
             "job_prompts_per_s_incl_startup": n / wall,
-            "peak_rss_bytes": max(bench_rss, hwm),
+            "peak_rss_bytes": max(job_rss, hwm),
             "peak_rss_bytes_vmhwm_polled": hwm,
             "median_job_peak_rss_bytes": float(np.median(per_job)),
-            "peak_rss_bytes_snakemake_max_rss": bench_rss,
+            "peak_rss_bytes_job_cost_line": job_rss,
             "cpu_time_over_wall": cpu / wall if wall > 0 else None,
             "per_job": jobs,
         }
@@ -625,7 +616,7 @@ def analyse_run(R: Path, model: str, n_prompts: int, sm: dict, report: dict, tok
         "uses its log seconds); 2cores_ideal: x2, two 1-thread shards side by side; measured: prompts / "
         "(last compute_stats log line - first tokenize log line), includes start-ups and scheduling",
     }
-    # rules without a benchmark directive: log span (script time after imports) and polled peak RSS
+    # the other rules: log span (script time after imports) and polled peak RSS
     other: dict = {}
     for rule, logs in (
         ("split_prompts", [Path(Layout(str(R)).log("split_prompts", "split_prompts"))]),
@@ -1319,7 +1310,7 @@ def main() -> None:
             "what": "the snakemake workflow end to end (tokenize, reference and engine dumps, statistics, "
             "aggregate, parity; report rendered by a second invocation), one model, variant fp32",
             "steady_state": "prompts / seconds logged by the stage around its per-prompt loop (after loading "
-            "the model); start-up = Snakemake benchmark wall of the job - those seconds. The tokenize log's "
+            "the model); start-up = the job's wall (its job cost line) - those seconds. The tokenize log's "
             "seconds include loading the reference tokenizer",
             "per_prompt_pipeline": "1core = 1 / sum over tokenize, dump_reference, dump_engine, reference_noise, "
             "compute_stats of "

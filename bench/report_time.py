@@ -26,9 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from actdiff.workflow_support import JOB_COST_PREFIX  # noqa: E402
+from actdiff.workflow_support import parse_job_cost  # noqa: E402
 
-COST_RE = re.compile(re.escape(JOB_COST_PREFIX) + r" rule=(\S+) wall_s=([0-9.]+) cpu_s=([0-9.]+) max_rss_mb=([0-9]+)")
 STAMP_RE = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]")
 
 
@@ -36,12 +35,11 @@ def job_costs(logs: Path) -> tuple[list[dict], list[str]]:
     """(one dict per job that logged its cost, the log files that did not)."""
     jobs, missing = [], []
     for log in sorted(logs.rglob("*.log")):
-        hits = [m for m in COST_RE.finditer(log.read_text(errors="replace"))]
-        if not hits:
+        cost = parse_job_cost(log.read_text(errors="replace"))
+        if cost is None:
             missing.append(str(log.relative_to(logs)))
             continue
-        m = hits[-1]
-        jobs.append({"rule": m[1], "wall_s": float(m[2]), "cpu_s": float(m[3]), "max_rss_mb": int(m[4])})
+        jobs.append({k: cost[k] for k in ("rule", "wall_s", "cpu_s", "max_rss_mb")})
     return jobs, missing
 
 

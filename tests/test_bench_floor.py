@@ -137,10 +137,12 @@ def test_report_time_sums_job_cost_lines(tmp_path):
     a log without one is listed, never silently dropped."""
     import report_time
 
-    from actdiff.workflow_support import job_cost_line
+    from actdiff.workflow_support import job_cost_line, parse_job_cost
 
     line = job_cost_line("compute_stats")  # this process's real figures, parsed back
-    assert report_time.COST_RE.search(line), line
+    cost = parse_job_cost(f"2026 INFO started\n2026 INFO {line}\n")
+    assert cost is not None and cost["rule"] == "compute_stats" and cost["cpu_s"] > 0 and cost["max_rss_mb"] > 0, line
+    assert parse_job_cost("2026 ERROR failed before the end\n") is None
     logs = tmp_path / "logs"
     jobs = [("a/x.log", "compute_stats", 3.5), ("a/y.log", "compute_stats", 1.5), ("b/z.log", "tokenize", 1.0)]
     for rel, rule, cpu in jobs:

@@ -100,6 +100,25 @@ def test_a_rule_pins_our_kernels_pool_to_its_threads():
         assert p.stdout.strip() == "1", (code, p.stdout)
 
 
+def test_a_rule_makes_openmp_workers_sleep_unless_the_environment_says_otherwise():
+    """pin_threads sets OMP_WAIT_POLICY=PASSIVE for the libgomp torch loads later (its workers spinning at every
+    barrier cost the reference dump 40 % more CPU time on a loaded machine: workflow_support.pin_threads), and
+    leaves a policy the user set alone; torch is not loaded by the adapters' imports, or the setting would come
+    too late. Subprocesses: the environment is process state."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, os\nfrom actdiff.pipeline import dump\nimport actdiff.workflow_support as w\n"
+            "w.pin_threads(2)\nprint(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE False"), ("ACTIVE", "ACTIVE False")):
+        run_env = env if given is None else {**env, "OMP_WAIT_POLICY": given}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == expected, (given, p.stdout)
+
+
 def test_weights_are_not_read_to_be_sized(tiny_model_dir):
     """Membership and NodeWeights64's size check come from the checkpoint's header: reading every tensor there
     (Mapping's own ``in`` does) raised the released model's statistics job's peak RSS by 1.1 GB."""

@@ -98,9 +98,6 @@ class Layout:
     def log(self, rule: str, *parts) -> str:
         return "/".join([self.results, "logs", rule, *map(str, parts)]) + ".log"
 
-    def benchmark(self, rule: str, *parts) -> str:
-        return "/".join([self.results, "benchmarks", rule, *map(str, parts)]) + ".tsv"
-
     # ---------------------------------------------------------------------------------- discovery
     @classmethod
     def of_model_json(cls, path) -> Layout:
@@ -153,7 +150,6 @@ class Layout:
             (self.report(*w), "one report per model/side/variant"),
             (self.index(), "index over all of them"),
             (self.log("{rule}", "{wildcards}"), "logs"),
-            (self.benchmark("{rule}", "{wildcards}"), "Snakemake benchmarks"),
         ]
 
     def scheme_lines(self) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -29,12 +30,20 @@ def pin_threads(n: int) -> None:
     (a stats job ran 10x slower beside two busy cores). Our kernels' pool defaults to every online CPU: a
     statistics job's replays handed each small matmul to a second thread that the loaded machine had
     descheduled (ak_matmul 2.8 ms a call against 0.11 ms in one thread, tiny model under `make report`).
-    Results do not depend on the thread count (kernels_c/README.md)."""
+    Results do not depend on the thread count (kernels_c/README.md).
+
+    OpenMP's idle workers (torch's and MKL's, GNU libgomp) sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``,
+    unless the environment sets it; libgomp reads it when torch loads it, which no adapter has done by now): at
+    each of a forward's many barriers a default worker spins up to 300k iterations for a partner that a loaded
+    machine has descheduled. The reference dump of a MiniLM shard at 2 threads beside 3 busy processes on 2 cores
+    (Zen 4): 10.0-10.2 CPU-s and 16.0-16.5 s spinning, 7.0-7.3 CPU-s and 13.2-14.2 s passive, 6.2-6.3 and 12.6-13.0 s
+    at 1 thread; on the quiet machine 5.0-5.8 s spinning, 5.5-6.5 s passive, 6.0-7.1 s at 1 thread."""
     from threadpoolctl import threadpool_limits
 
     n = max(1, int(n))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ACTDIFF_NUM_THREADS"):
         os.environ[var] = str(n)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     threadpool_limits(limits=n)
     if "actdiff.kernels" in sys.modules:  # loaded already: its pool may have read the default; else the variable
         sys.modules["actdiff.kernels"].set_num_threads(min(n, 64))
@@ -76,6 +85,26 @@ def job_cost_line(rule: str) -> str:
         f"{JOB_COST_PREFIX} rule={rule} wall_s={_process_age_s():.2f} cpu_s={cpu:.2f} "
         f"max_rss_mb={own.ru_maxrss / 1024:.0f} children_max_rss_mb={kids.ru_maxrss / 1024:.0f}"
     )
+
+
+_JOB_COST_RE = re.compile(
+    re.escape(JOB_COST_PREFIX) + r" rule=(\S+) wall_s=([0-9.]+) cpu_s=([0-9.]+) max_rss_mb=([0-9]+)"
+    r"(?: children_max_rss_mb=([0-9]+))?"
+)
+
+
+def parse_job_cost(text: str) -> dict | None:
+    """The last :func:`job_cost_line` in a log's ``text`` as {rule, wall_s, cpu_s, max_rss_mb,
+    children_max_rss_mb}, or None when the log has none (the job failed, or ran before the line existed).
+    Benchmarks read a job's cost here: Snakemake's ``benchmark:`` directive, which sampled every job's processes
+    from the scheduler every 0.5 s, was dropped (it cost the scheduler 0.2-0.6 CPU-s a job)."""
+    hits = list(_JOB_COST_RE.finditer(text))
+    if not hits:
+        return None
+    m = hits[-1]
+    kids = int(m[5]) if m[5] is not None else 0
+    return {"rule": m[1], "wall_s": float(m[2]), "cpu_s": float(m[3]), "max_rss_mb": int(m[4]),
+            "children_max_rss_mb": kids}  # fmt: skip
 
 
 def _process_age_s() -> float:

@@ -13,8 +13,6 @@ rule dump_engine:
         batch_size=lambda wc: config["models"][wc.model]["batch_size"],  # padded batches, as the reference
     log:
         L.log("dump_engine", "{model}", "{variant}", "shard-{shard}"),
-    benchmark:
-        L.benchmark("dump_engine", "{model}", "{variant}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     priority: 2  # consumers of temp() dumps first, so finished shards free their disk early

@@ -16,8 +16,6 @@ rule dump_import:
         compression=config["activation_compression"],
     log:
         L.log("dump_import", "{model}", "{side}", "{variant}", "shard-{shard}"),
-    benchmark:
-        L.benchmark("dump_import", "{model}", "{side}", "{variant}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     priority: 2  # consumers of temp() dumps first, so finished shards free their disk early

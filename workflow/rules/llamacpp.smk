@@ -7,8 +7,6 @@ rule convert_gguf:
         gguf=L.artifact("{model}", "llamacpp", "{variant}", "model.gguf"),
     log:
         L.log("convert_gguf", "{model}", "{variant}"),
-    benchmark:
-        L.benchmark("convert_gguf", "{model}", "{variant}")
     conda:
         "../envs/llamacpp.yaml"
     threads: 1
@@ -33,8 +31,6 @@ rule dump_llamacpp:
         engine_ids=config["engine_ids"],
     log:
         L.log("dump_llamacpp", "{model}", "{variant}", "shard-{shard}"),
-    benchmark:
-        L.benchmark("dump_llamacpp", "{model}", "{variant}", "shard-{shard}")
     conda:
         "../envs/llamacpp.yaml"
     priority: 2  # consumers of temp() dumps first, so finished shards free their disk early

@@ -7,8 +7,6 @@ rule export_onnx:
         onnx=L.onnx_model("{model}", "fp32"),
     log:
         L.log("export_onnx", "{model}"),
-    benchmark:
-        L.benchmark("export_onnx", "{model}")
     conda:
         "../envs/onnxruntime.yaml"
     threads: 1
@@ -31,8 +29,6 @@ rule onnx_variant:
         calibration_prompts=config["onnxruntime"]["calibration_prompts"],
     log:
         L.log("onnx_variant", "{model}", "{variant}"),
-    benchmark:
-        L.benchmark("onnx_variant", "{model}", "{variant}")
     conda:
         "../envs/onnxruntime.yaml"
     threads: 1
@@ -58,8 +54,6 @@ rule dump_onnxruntime:
         batch_size=lambda wc: config["models"][wc.model]["batch_size"],  # padded batches, as the reference
     log:
         L.log("dump_onnxruntime", "{model}", "{variant}", "shard-{shard}"),
-    benchmark:
-        L.benchmark("dump_onnxruntime", "{model}", "{variant}", "shard-{shard}")
     conda:
         "../envs/onnxruntime.yaml"
     priority: 2  # consumers of temp() dumps first, so finished shards free their disk early

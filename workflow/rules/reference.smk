@@ -16,8 +16,6 @@ rule dump_reference:
         device_batch_size=lambda wc: config["models"][wc.model].get("device_batch_size", {}),
     log:
         L.log("dump_reference", "{model}", "shard-{shard}"),
-    benchmark:
-        L.benchmark("dump_reference", "{model}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     priority: 1  # consumers of temp() dumps first, so finished shards free their disk early

@@ -14,8 +14,6 @@ rule render_report:
         baseline=config["report"].get("baseline", ""),
     log:
         L.log("render_report", "{model}", "{side}", "{variant}"),
-    benchmark:
-        L.benchmark("render_report", "{model}", "{side}", "{variant}")
     conda:
         "../envs/actdiff.yaml"
     threads: 1
@@ -38,8 +36,6 @@ rule render_index:
         baseline=config["report"].get("baseline", ""),
     log:
         L.log("render_index", "index"),
-    benchmark:
-        L.benchmark("render_index", "index")
     conda:
         "../envs/actdiff.yaml"
     threads: 1

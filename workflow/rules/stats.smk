@@ -8,8 +8,6 @@ rule reference_noise:
         noise=L.reference_noise("{model}", "{shard}"),
     log:
         L.log("reference_noise", "{model}", "shard-{shard}"),
-    benchmark:
-        L.benchmark("reference_noise", "{model}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     priority: 3  # every statistics job of the shard waits for it, and they free the shard's dumps
@@ -39,8 +37,6 @@ rule compute_stats:
         fault_aliases=config["fault_aliases"],
     log:
         L.log("compute_stats", "{model}", "{side}", "{variant}", "shard-{shard}"),
-    benchmark:
-        L.benchmark("compute_stats", "{model}", "{side}", "{variant}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     priority: 3  # consumers of temp() dumps first, so finished shards free their disk early
@@ -67,8 +63,6 @@ rule aggregate_stats:
         search={k: config["stats"][k] for k in ("search_seconds", "search_prompts", "search_nodes")},
     log:
         L.log("aggregate_stats", "{model}", "{side}", "{variant}"),
-    benchmark:
-        L.benchmark("aggregate_stats", "{model}", "{side}", "{variant}")
     conda:
         "../envs/actdiff.yaml"
     threads: 1
@@ -89,8 +83,6 @@ rule parity:
         fault_aliases=config["fault_aliases"],
     log:
         L.log("parity", "{model}", "{variant}"),
-    benchmark:
-        L.benchmark("parity", "{model}", "{variant}")
     conda:
         "../envs/actdiff.yaml"
     threads: 1

@@ -34,8 +34,6 @@ rule tokenize:
         ),
     log:
         L.log("tokenize", "{model}", "shard-{shard}"),
-    benchmark:
-        L.benchmark("tokenize", "{model}", "shard-{shard}")
     conda:
         "../envs/actdiff.yaml"
     threads: 1

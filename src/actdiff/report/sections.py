@@ -651,7 +651,8 @@ def fig_token_error(run: Run, max_nodes: int = 4, max_prompts: int = 6):
     if not len(t):
         return None
     order = _nodes(run)[["node", "node_index"]]
-    nodes = [n for n in order["node"] if n in set(t["node"])][:max_nodes]
+    present = set(t["node"].unique())  # once: a set rebuilt per node iterated the whole table per node
+    nodes = [n for n in order["node"] if n in present][:max_nodes]
     fig = Figure(figsize=(11, 2.6 * len(nodes)))
     axes = np.atleast_1d(fig.subplots(len(nodes), 1, squeeze=False)[:, 0])
     for ax, node in zip(axes, nodes, strict=False):
@@ -829,7 +830,8 @@ def worst_inputs_md(run: Run, n: int = 5) -> str:
         "\n### Drill-down\n\nFirst values of each key node, reference vs engine, with their difference "
         "(the corpus's worst inputs, as ranked above).\n"
     )
-    shown = [p for p in w["prompt_id"] if p in set(dd["prompt_id"])]
+    drilled = set(dd["prompt_id"].unique())
+    shown = [p for p in w["prompt_id"] if p in drilled]
     for p in shown[:n]:
         out.append(_drill_md(p, dd[dd["prompt_id"] == p].sort_values("node_index")))
     return "\n".join(out)
