@@ -97,7 +97,8 @@ def parse_job_cost(text: str) -> dict | None:
     """The last :func:`job_cost_line` in a log's ``text`` as {rule, wall_s, cpu_s, max_rss_mb,
     children_max_rss_mb}, or None when the log has none (the job failed, or ran before the line existed).
     Benchmarks read a job's cost here: Snakemake's ``benchmark:`` directive, which sampled every job's processes
-    from the scheduler every 0.5 s, was dropped (it cost the scheduler 0.2-0.6 CPU-s a job)."""
+    from the scheduler every 0.5 s, was dropped (it cost the scheduler's
+    process about 0.2 CPU-s a job: 142 -> 96 CPU-s over `make report`, bench/README.md)."""
     hits = list(_JOB_COST_RE.finditer(text))
     if not hits:
         return None
