@@ -1297,6 +1297,8 @@ def main() -> None:
     shard_size = args.shard_size or (30 if args.quick else 250)
     n_full = args.fullsize_prompts or (3 if args.quick else 32)
     base = (ROOT / args.workdir).resolve()
+    if not base.is_relative_to(ROOT):  # the runs' config files name their results folder relative to the repo
+        sys.exit(f"--workdir {args.workdir}: must be a folder inside {ROOT} (e.g. results/bench/pipeline)")
     if not (TINY_DIR / "config.json").is_file():
         sys.exit(
             f"{TINY_DIR} is missing; generate it with\n"
@@ -1538,7 +1540,7 @@ def finish(res: dict, out: Path) -> None:
     md_path = out.with_suffix(".md")
     md_path.write_text(md, encoding="utf-8")
     print("\n" + md)
-    print(f"wrote {out.relative_to(ROOT)} and {md_path.relative_to(ROOT)}")
+    print(f"wrote {out} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,57 @@ def test_iter_prompts_reads_dumps_with_other_chunk_sizes(tmp_path, graph, monkey
         for _, pid, got in r.iter_prompts(["emb_ln", "embedding"]):
             np.testing.assert_array_equal(got["emb_ln"], vals[pid]["emb_ln"])
             np.testing.assert_array_equal(got["embedding"], vals[pid]["embedding"])
+
+
+def test_rows_over_a_window_boundary_do_not_keep_the_window_they_came_from(tmp_path, graph, small_chunks):
+    """A prompt straddling two windows is a copy; where it fills most of the second window, the window keeps only
+    the rows after it (a full-size 512-token prompt is ~0.5 GB a side: keeping the window beside the copy doubled
+    it, and the statistics job's peak)."""
+    path = tmp_path / "shard-0.h5"
+    vals = _write(path, graph, LENGTHS, seed=4)
+    with ActivationReader(path) as r:
+        whole = r.node_all("emb_ln")
+        w = _ChunkWindow(r, "nodes/emb_ln")  # one chunk (16 rows) per window
+        offsets = np.cumsum((0, *LENGTHS))  # p4: rows 34-74, from the window [32, 48) into [48, 80)
+        for a, b in zip(offsets[:4], offsets[1:5], strict=True):
+            w.rows(int(a), int(b))
+        assert (w.lo, w.hi) == (32, 48)
+        got = w.rows(34, 74)
+        np.testing.assert_array_equal(got, vals["p4"]["emb_ln"])
+        assert got.flags.owndata
+        assert (w.lo, w.hi) == (74, 80) and w.buf.flags.owndata and w.buf.shape[0] == 6  # not the 32 rows read
+        np.testing.assert_array_equal(w.rows(74, 79), whole[74:79])  # p5, from what was kept
+        np.testing.assert_array_equal(w.rows(79, 112), whole[79:112])
+
+
+def test_a_prompt_is_released_before_the_next_one_is_read(tmp_path, graph, small_chunks, monkeypatch):
+    """The chain that feeds the statistics (iter_prompts, stats._paired_prompts, grouped) holds no prompt's values
+    once its consumer dropped them, while the next prompt is being read: each generator's loop variable used to
+    keep the previous prompt until the next was complete, two prompts at once (+1 GB at full size)."""
+    import weakref
+
+    from actdiff.compare.grouped import grouped
+    from actdiff.compare.stats import _paired_prompts
+
+    monkeypatch.setattr(h5io, "WINDOW_BYTES", 1)  # windows of one chunk: reads all along the way
+    paths = tmp_path / "ref.h5", tmp_path / "eng.h5"
+    for seed, path in enumerate(paths):
+        _write(path, graph, LENGTHS, seed=seed)
+    alive: list = []  # weak references to the values of the prompts already handed out
+    held_during_reads = []
+    with ActivationReader(paths[0]) as rr, ActivationReader(paths[1]) as er:
+        for reader in (rr, er):
+
+            def checked(dataset, sel=(), get=reader._get):
+                held_during_reads.append(sum(ref() is not None for ref in alive))
+                return get(dataset, sel)
+
+            reader._get = checked
+        n = 0
+        for group in grouped(_paired_prompts(*paths, rr, er, rr.node_names), max_bytes=1):
+            ((pid, ref, eng),) = group
+            alive[:] = [weakref.ref(v) for v in (*ref.values(), *eng.values())]
+            del group, ref, eng
+            n += 1
+    assert n == len(LENGTHS) and len(held_during_reads) > 2 * len(LENGTHS)
+    assert max(held_during_reads) == 0

@@ -77,6 +77,7 @@ def grouped(paired: Iterable[tuple[str, dict, dict]], max_bytes: int | None = No
     for item in paired:
         group.append(item)
         size += _nbytes(item[1]) + _nbytes(item[2])
+        del item  # the group holds it; this name would hold the last prompt while the next one is read
         if size >= limit:
             yield group
             group, size = [], 0

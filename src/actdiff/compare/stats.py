@@ -849,6 +849,7 @@ def _paired_prompts(ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, 
             raise DumpError(f"{ref_h5}: the reference dump does not record input ids; rerun dump_reference")
         eng.setdefault(INPUT_IDS, ref[INPUT_IDS])
         yield pid, ref, eng
+        del ref, eng  # released before the next prompt is read, not after (iter_prompts)
 
 
 def _close(ctx: ShardContext, embeddings_out: str) -> None:
