@@ -718,17 +718,17 @@ def noise_flops(graph, tokens: int) -> int:
 
 
 def dump_bytes(graph, lengths: list[int], batch_size: int) -> int:
-    """Bytes one dump stage moves over a shard (prompts in shard order): the dumps form windows of
-    batch_size x WINDOW_BATCHES prompts, sort each by length into batches (actdiff.batching), and read the
-    weights once per batch (Graph.bytes_moved over the batch's tokens); every node's output of every prompt is
-    written once."""
-    from actdiff.batching import WINDOW_BATCHES, length_sorted_batches
+    """Bytes one dump stage moves over a shard (prompts in shard order): the dumps form windows of at most
+    batch_size x WINDOW_BATCHES prompts and 2 GiB of results (actdiff.batching.windows), sort each by length into
+    batches, and read the weights once per batch (Graph.bytes_moved over the batch's tokens); every node's output
+    of every prompt is written once."""
+    from actdiff.batching import length_sorted_batches, window_tokens_for, windows
 
     if batch_size <= 1:
         return sum(graph.bytes_moved(T)["total"] for T in lengths)
-    total, win = 0, batch_size * WINDOW_BATCHES
-    for w in range(0, len(lengths), win):
-        chunk = lengths[w : w + win]
+    total = 0
+    for w in windows(lengths, batch_size, window_tokens_for(graph)):
+        chunk = [lengths[i] for i in w]
         for b in length_sorted_batches(chunk, batch_size):
             total += graph.bytes_moved(sum(chunk[i] for i in b))["weights"]
             total += sum(graph.bytes_moved(chunk[i])["activations"] for i in b)  # per prompt: its pooled rows

@@ -403,3 +403,36 @@ def test_batching_policy_is_the_references():
     seen.clear()
     assert [p for p, _ in batched_in_order(items, run, batch_size=1)] == [p for p, _ in items]
     assert all(len(b) == 1 for b in seen)
+
+
+def test_a_batching_window_holds_at_most_its_token_bound():
+    """A window's results wait for its first prompt's turn; a window closes at ``window_tokens`` (2 GiB of every
+    node's rows: actdiff.batching.window_tokens_for), so no more results than that are ever held (a window of
+    128 full-size prompts was 20 GB), the order stays the input's, and batching.windows names the same windows."""
+    from actdiff.batching import WINDOW_BYTES, batched_in_order, window_tokens_for, windows
+
+    rng = np.random.default_rng(2)
+    lengths = [int(n) for n in rng.integers(1, 300, 90)]
+    items = [(f"p{i}", [0] * n) for i, n in enumerate(lengths)]
+    held = {"now": 0, "max": 0}
+
+    def run(batch):
+        held["now"] += sum(len(x) for x in batch)
+        held["max"] = max(held["max"], held["now"])
+        return [len(x) for x in batch]
+
+    out = []
+    for pid, n in batched_in_order(items, run, batch_size=16, window_tokens=1000):
+        out.append(pid)
+        held["now"] -= n
+    assert out == [p for p, _ in items]
+    bound = windows(lengths, 16, 1000)
+    assert [i for w in bound for i in w] == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in w[:-1]) < 1000 for w in bound) and len(bound) > len(windows(lengths, 16))
+    assert held["max"] == max(sum(lengths[i] for i in w) for w in bound) < 1000 + max(lengths)
+    # the released model's rows: about 1 MB per token (the dumps' size per token, bench/README.md: 1.07 MB)
+    from actdiff.models.released import released_config
+    from actdiff.nodes import build_graph
+
+    limit = window_tokens_for(build_graph(released_config()))
+    assert 1800 <= limit <= 2200 and limit * 1.0e6 <= WINDOW_BYTES * 1.1

@@ -8,6 +8,41 @@ from collections.abc import Callable, Iterable, Iterator
 
 MAX_BATCH_TOKENS = 2048  # padded tokens per batch: memory per batch is bounded, not per prompt count
 WINDOW_BATCHES = 8  # prompts are length-sorted within a window of this many batches
+# A window's results are held until its first prompt's turn comes: every node's rows of all its prompts. A window
+# also closes once its prompts hold this many bytes of them (window_tokens_for): 128 prompts of the released model
+# (about 1 MB of rows per token) were 20 GB and more. Not less: a smaller window sorts fewer prompts by length, so
+# its batches pad more, and a padded batch's capture costs more than the window saves (1 GiB: the released model's
+# dumps of 8 bundled prompts, 1,264 tokens, two windows instead of one, peaked at 4.8 GB instead of 3.9). The small
+# models' windows of the bundled corpus stay below it (at most 7k tokens, the tiny model's limit is 36k)
+WINDOW_BYTES = 2 << 30
+
+
+def window_tokens_for(graph) -> int:
+    """Tokens whose rows of every node (float32 or int64 as the graph declares them) fill WINDOW_BYTES."""
+    import numpy as np
+
+    per_token = sum(
+        int(np.prod(graph.trailing_shape(n.name))) * np.dtype(n.dtype).itemsize for n in graph if n.axis == "token"
+    )
+    return max(1, WINDOW_BYTES // max(1, per_token))
+
+
+def windows(lengths: list[int], batch_size: int, window_tokens: int | None = None) -> list[list[int]]:
+    """The windows batched_in_order forms over prompts of these lengths (consecutive indices)."""
+    out: list[list[int]] = [[]]
+    tokens = 0
+    for i, n in enumerate(lengths):
+        out[-1].append(i)
+        tokens += n
+        if _window_full(len(out[-1]), tokens, batch_size, window_tokens):
+            out.append([])
+            tokens = 0
+    return [w for w in out if w]
+
+
+def _window_full(prompts: int, tokens: int, batch_size: int, window_tokens: int | None) -> bool:
+    size = batch_size * WINDOW_BATCHES if batch_size > 1 else 1
+    return prompts >= size or (window_tokens is not None and tokens >= window_tokens)
 
 
 def length_sorted_batches(
@@ -32,12 +67,14 @@ def batched_in_order(
     run_batch: Callable[[list[list[int]]], list],
     batch_size: int = 1,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
+    window_tokens: int | None = None,
 ) -> Iterator[tuple[str, object]]:
     """Stream (prompt_id, run_batch's result for it) in the input order. With batch_size > 1, prompts are taken
     a window of WINDOW_BATCHES batches at a time and sorted by length inside the window, so a batch pads little
-    (a shard's order is a hash order, lengths are random); memory is bounded by the window, not the corpus."""
+    (a shard's order is a hash order, lengths are random); memory is bounded by the window, not the corpus. A
+    window also closes at ``window_tokens`` tokens (the side's window_tokens_for its graph; :func:`windows`)."""
     window: list[tuple[str, list[int]]] = []
-    window_size = batch_size * WINDOW_BATCHES if batch_size > 1 else 1
+    tokens = 0
 
     def flush() -> Iterator[tuple[str, object]]:
         results: dict[int, object] = {}
@@ -50,7 +87,9 @@ def batched_in_order(
 
     for item in items:
         window.append(item)
-        if len(window) >= window_size:
+        tokens += len(item[1])
+        if _window_full(len(window), tokens, batch_size, window_tokens):
             yield from flush()
+            tokens = 0
     if window:
         yield from flush()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from .batching import MAX_BATCH_TOKENS, batched_in_order
+from .batching import MAX_BATCH_TOKENS, batched_in_order, window_tokens_for
 from .models.pooling import MeanPoolNormalize
 from .nodes import ARCH_BERT, Graph
 
@@ -114,11 +114,12 @@ class ReferenceRunner:
         the window, so a batch pads little (the shard order is a hash order, lengths are random); a batch
         holds at most ``batch_size`` prompts and ``max_batch_tokens`` padded tokens (so a batch of 512-token
         prompts is smaller than one of short prompts: memory per batch is bounded, not per prompt count).
-        Results are yielded in the input order, so memory is bounded by the window, not the corpus
-        (actdiff.batching: the engine side batches the same way)."""
+        Results are yielded in the input order, so memory is bounded by the window, not the corpus, and a
+        window closes at 2 GiB of results (actdiff.batching: the engine side batches the same way)."""
         t0 = time.perf_counter()
         total = len(prompts) if hasattr(prompts, "__len__") else None
-        for done, item in enumerate(batched_in_order(prompts, self.run_batch, batch_size, max_batch_tokens), 1):
+        window = window_tokens_for(self.graph)  # as the engines' (actdiff.batching)
+        for done, item in enumerate(batched_in_order(prompts, self.run_batch, batch_size, max_batch_tokens, window), 1):
             yield item
             if done % progress_every == 0:
                 rate = done / max(time.perf_counter() - t0, 1e-9)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batching import MAX_BATCH_TOKENS, batched_in_order
+from ..batching import MAX_BATCH_TOKENS, batched_in_order, window_tokens_for
 from ..errors import ModelError
 from ..nodes import Graph
 from .capture import LEVELS, OrtCapture, pad_batch
@@ -145,7 +145,9 @@ class OnnxRuntimeSide:
         return to_prompts(self.graph, raw, batch_ids)
 
     def forward(self, items):
-        yield from batched_in_order(items, self._run_batch, self.batch_size, MAX_BATCH_TOKENS)
+        yield from batched_in_order(
+            items, self._run_batch, self.batch_size, MAX_BATCH_TOKENS, window_tokens_for(self.graph)
+        )
 
     def close(self) -> None:
         self.capture.session = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..batching import batched_in_order
+from ..batching import batched_in_order, window_tokens_for
 from ..engine.core import Engine
 
 ENGINE = "actdiff"
@@ -72,7 +72,7 @@ class EngineSide(EngineReplay):
         """Padded, length-sorted batches of batch_size prompts (actdiff.batching, as the reference), each
         prompt's values yielded in the input order: a padding-only fault (mask_query_axis) shows here."""
         run = lambda batch: self.engine.forward_batch(batch, self.prepared)  # noqa: E731
-        yield from batched_in_order(items, run, self.batch_size)
+        yield from batched_in_order(items, run, self.batch_size, window_tokens=window_tokens_for(self.graph))
 
     def close(self) -> None:
         pass
