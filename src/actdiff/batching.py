@@ -18,12 +18,10 @@ WINDOW_BYTES = 2 << 30
 
 
 def window_tokens_for(graph) -> int:
-    """Tokens whose rows of every node (float32 or int64 as the graph declares them) fill WINDOW_BYTES."""
-    import numpy as np
+    """Tokens whose rows of every node (as the dumps store them: actdiff.h5io.row_bytes) fill WINDOW_BYTES."""
+    from .h5io import row_bytes
 
-    per_token = sum(
-        int(np.prod(graph.trailing_shape(n.name))) * np.dtype(n.dtype).itemsize for n in graph if n.axis == "token"
-    )
+    per_token = sum(row_bytes(graph, n.name) for n in graph if n.axis == "token")
     return max(1, WINDOW_BYTES // max(1, per_token))
 
 
