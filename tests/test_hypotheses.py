@@ -366,3 +366,36 @@ def test_gelu_candidates_share_one_erf_and_give_the_same_bits(tiny, monkeypatch)
     for c, a, b in zip(cands, alone, shared, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=str(c))
     assert n_alone >= len(same_erf) and len(calls) == n_alone - len(same_erf) + 1, (n_alone, len(calls))
+
+
+def test_output_precision_candidates_finish_the_spec_value_and_run_no_op(tiny, monkeypatch):
+    """At one node of every op type, a candidate that overrides only what run_op does after the op (output
+    precision, scale, arithmetic: refops.POST_OP_PARAMS) is scored on the spec's op value, finished: the op runs
+    once for the spec and once per other candidate, and every error is the one computing each candidate
+    whole gives, to the bit."""
+    from actdiff.compare import refops
+
+    calls = []
+    for op, impl in list(refops._IMPL.items()):
+        monkeypatch.setitem(refops._IMPL, op, lambda *a, _impl=impl, _op=op: calls.append(_op) or _impl(*a))
+    v, w = tiny.vals[0], {k: np.asarray(a, dtype=np.float64) for k, a in tiny.weights.items()}
+    cat, post_only_seen = load_catalogue(), 0
+    for name in _one_node_per_op(tiny.graph):
+        node = tiny.graph[name]
+        spec = spec_params(tiny.graph, node)
+        applicable = [h for h in cat if h.applies(tiny.graph, node, spec)]
+        post_only = [h for h in applicable if set(h.params) <= refops.POST_OP_PARAMS]
+        post_only_seen += len(post_only)
+        # a target off the spec (10 % noise) so every candidate is scored, none is exact
+        target = run_op(tiny.graph, node, v, w, spec)
+        if node.kind != "index":
+            target = target * (1.0 + 0.1 * np.random.default_rng(0).standard_normal(target.shape))
+        calls[:] = []
+        d = rank_hypotheses(tiny.graph, node, v, w, target, BUDGET)
+        assert calls.count(node.op) <= 1 + len(applicable) - len(post_only), (name, calls)
+        monkeypatch.setattr(hypotheses, "POST_OP_PARAMS", frozenset())  # every candidate computed whole
+        d0 = rank_hypotheses(tiny.graph, node, v, w, target, BUDGET)
+        monkeypatch.setattr(hypotheses, "POST_OP_PARAMS", refops.POST_OP_PARAMS)
+        assert [(r.name, r.error) for r in d.ranked] == [(r.name, r.error) for r in d0.ranked], name
+        assert d.baseline_error == d0.baseline_error and d.verdict == d0.verdict
+    assert post_only_seen >= 2 * (len(set(OPS)) - 2)  # activations fp16 / bf16 at every float op
