@@ -349,6 +349,64 @@ def test_replay_on_own_inputs_is_the_dump_bit_for_bit(case, variant):
     print(f"\n{case['name']} {variant}: replay of {len(graph.names())} nodes x 3 prompts {replay.seconds:.1f} s")
 
 
+@pytest.mark.parametrize("variant", ["fp32", "int8-dynamic"])
+def test_replay_of_stacked_prompts_is_each_prompts_replay_bit_for_bit(case, variant):
+    """replay_many over a group of prompts gives each prompt's replay_node bit for bit, on the first group (where
+    it proves, per node, that the stacked call does) and on the next (where it relies on that). fp32: every
+    token-wise node outside LAYOUT_OPS is found to stack. int8-dynamic: a matmul's input is quantised with one
+    scale over the whole tensor (DynamicQuantizeLinear), so stacked prompts change each other's rounding:
+    exactly the nodes whose subgraph quantises so are found not to stack, and are replayed prompt by prompt."""
+    from actdiff.nodes import LAYOUT_OPS
+    from actdiff.sides.base import same_bits
+
+    prompts = case["eval"][:6]
+    side = _side(case, variant, _variant_file(case, variant))
+    values = [{**v, "input_ids": np.asarray(ids)} for ids, v in zip(prompts, _forward(side, prompts), strict=True)]
+    side.close()
+    replay, graph = _replay(case, variant), case["graph"]
+    for group in (values[:3], values[3:]):
+        for n in graph:
+            inputs = [{i: v[i] for i in n.inputs} for v in group]
+            for k, out in enumerate(replay.replay_many(n.name, inputs)):
+                assert same_bits(np.ascontiguousarray(out), replay.replay_node(n.name, inputs[k])), n.name
+    assert set(replay.stacks) == {n.name for n in graph if n.axis == "token" and n.op not in LAYOUT_OPS}
+    quantised = {k for k, p in replay.plans.items() if any(x.op_type == "DynamicQuantizeLinear" for x in p.cut.nodes)}
+    assert {k for k, ok in replay.stacks.items() if not ok} == quantised & set(replay.stacks)
+    assert bool(quantised) == (variant == "int8-dynamic")
+
+
+def test_stacking_trial_finds_rows_coupled_by_a_range_over_the_whole_tensor(case):
+    """A group of one prompt twice: int8-dynamic's per-tensor input range is the same stacked or alone, so every
+    node's stacked replay is each prompt's bit for bit, as on ordinary prompts whose extremes sit in rows they all
+    share (MiniLM's statistics saw that). The trial's second check (the second prompt's floats 2^10 larger) must
+    still find the dynamically quantised matmuls coupled, and the rest independent."""
+    from actdiff.nodes import LAYOUT_OPS
+
+    prompt = case["eval"][:1]
+    side = _side(case, "int8-dynamic", _variant_file(case, "int8-dynamic"))
+    values = {**_forward(side, prompt)[0], "input_ids": np.asarray(prompt[0])}
+    side.close()
+    replay, graph = _replay(case, "int8-dynamic"), case["graph"]
+    for n in graph:
+        replay.replay_many(n.name, [{i: values[i] for i in n.inputs}] * 2)
+    assert set(replay.stacks) == {n.name for n in graph if n.axis == "token" and n.op not in LAYOUT_OPS}
+    quantised = {k for k, p in replay.plans.items() if any(x.op_type == "DynamicQuantizeLinear" for x in p.cut.nodes)}
+    assert quantised and {k for k, ok in replay.stacks.items() if not ok} == quantised & set(replay.stacks)
+
+
+def test_shapes_extrapolated_from_two_probes_are_the_probes_at_other_lengths(case):
+    """Source.shapes_at (what a stacked replay is fed instead of probing its length, a forward of the whole
+    model): every Shape/Size value and every value's shape, linear in the length from the probes at 2 and 3
+    tokens, is the probe's own at other lengths."""
+    replay = _replay(case, "fp32")
+    for src in (replay.dumped, replay.exported):
+        for tokens in (5, 64):
+            values, shapes = src.shapes_at(tokens)
+            probed, probed_shapes = src.probe(tokens)
+            assert shapes == probed_shapes and values.keys() == probed.keys()
+            assert all(np.array_equal(values[v], probed[v]) for v in values), tokens
+
+
 def test_forced_routing_separates_expert_kernel_error_from_flips(case):
     """int8-dynamic on the tiny MoE model: with the reference's expert choice and weights forced, the MoE
     block's error is ORT's int8 expert kernels alone. On tokens whose routing flipped it is the same size as on

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sides.base import replay_many
+from ..sides.base import replay_many, same_bits
 from .metrics import rel_l2
 from .propagation import Propagation, step_together
 
@@ -44,16 +44,6 @@ class Replayed:
     local: np.ndarray | None  # the replay on the reference's inputs; None where the replay is not the code that ran
     own: np.ndarray | None  # the replay on the side's own inputs: kept for an index node only
     gap: float | None  # a float node's replay gap (:func:`float_gap`); None for an index node
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Do two arrays hold the same bytes? Compared as integers of the element's width: 8x faster than
-    ``array_equal(equal_nan=True)``, which it implies (equal bits are equal values or the same NaN); arrays it
-    cannot compare so (another dtype or layout) are not the same bits here."""
-    if a.dtype != b.dtype or a.shape != b.shape or not (a.flags.c_contiguous and b.flags.c_contiguous):
-        return False
-    as_int = np.dtype(f"i{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else None
-    return as_int is not None and np.array_equal(a.view(as_int), b.view(as_int))
 
 
 def float_gap(own: np.ndarray, dumped: np.ndarray) -> float:
