@@ -10,15 +10,12 @@ import logging
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from .atomic import atomic_path, write_json_atomic
 from .errors import ModelError
 from .models.loading import WEIGHTS_FILE, convert_pickle_checkpoint, model_summary, resolve_model_dir
 from .models.record import ModelRecord
 from .models.released import released_config
 from .nodes import build_graph
-from .prompts import load_prompt_sheet, split_into_shards
 from .variants import resolve_variant
 
 log = logging.getLogger(__name__)
@@ -62,6 +59,8 @@ def resolve_model(
 
 
 def split_prompts(sheet: str, n_shards: int, outputs: list[str]) -> None:
+    from .prompts import load_prompt_sheet, split_into_shards  # pandas: loaded by the jobs that read tables
+
     df = load_prompt_sheet(sheet)
     shards = split_into_shards(df, n_shards)
     for s, (part, out) in enumerate(zip(shards, outputs, strict=True)):
@@ -82,6 +81,8 @@ def tokenize(
     """Tokens of one shard: transformers (the reference's ids), tokenizers literally, and the engine's own
     tokenizer held to ``engine_target`` (its transformers-5 mode for transformers, its literal mode for
     tokenizers). ``max_length`` None: the model's own limit (token_shards.model_max_length)."""
+    import pandas as pd
+
     from .token_shards import AGREEMENT, tokenize_shard
 
     record = ModelRecord.load(model_json)
@@ -255,6 +256,8 @@ def parity(
     side: str = "actdiff",
 ) -> None:
     """Weight and config parity of a side that exports its weights (our engine)."""
+    import pandas as pd
+
     from .compare.parity import weight_parity
     from .sides import open_side
 

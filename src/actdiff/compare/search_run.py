@@ -16,12 +16,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ..nodes import Graph
+
+if TYPE_CHECKING:  # pandas is imported where a table is read (a statistics job only fills the sample)
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,8 @@ def _array(row, source: str) -> np.ndarray:
 
 def merge_samples(graph: Graph, paths: list[str], prompts: int, nodes: int) -> SearchSample:
     """The run's sample from its shards' ``search_sample`` tables, read in the order given (shard order)."""
+    import pandas as pd
+
     sample = SearchSample(prompts, nodes)
     for p in paths:
         sample.add_table(graph, pd.read_parquet(p), str(p))
@@ -155,6 +160,8 @@ def search_run(paths: list[str], search: RunSearch | None) -> pd.DataFrame:
     """The run's ``search`` rows: its shards' samples (``search_sample`` tables) merged and searched once.
     ``search`` None or a zero budget: nothing is searched; but a sample with rows and no ``search`` is an error
     (the shards kept values for a search nobody would run)."""
+    import pandas as pd
+
     from ..tables import SUMMARY_TABLES
 
     empty = SUMMARY_TABLES["search"].schema.empty_table().to_pandas()

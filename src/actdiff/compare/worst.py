@@ -10,9 +10,12 @@ needs each shard's candidates to rank the whole corpus.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # imported where a table is built: a statistics job only ranks (prompt_score, rank_key)
+    import pandas as pd
 
 _TINY = 1e-30  # a zero budget (an exact op) still ranks by its error
 
@@ -47,6 +50,8 @@ WORST_COLUMNS = [
 def per_prompt(nodes: pd.DataFrame) -> pd.DataFrame:
     """One row per prompt of a shard's nodes table: its score (prompt_score, vectorised) and the columns of
     the worst-inputs table."""
+    import pandas as pd
+
     r = nodes.assign(ratio=over_budget(nodes["local_rel_l2"], nodes["budget"]))
     r["ratio"] = r["ratio"].fillna(-math.inf)
     by_ratio = r.sort_values(["prompt_id", "ratio", "node_index"], ascending=[True, False, True])
