@@ -31,3 +31,11 @@ def test_rank_correlation_is_scipys_spearman(n, noise):
 def test_constant_similarities_have_no_rank_correlation():
     ref = np.ones((4, 3))  # every pair's cosine is 1: no ranking to correlate (scipy gives NaN too)
     assert np.isnan(similarity_rank_correlation(ref, ref))
+
+
+def test_a_nan_embedding_gives_no_rank_correlation():
+    """An engine whose embedding holds a NaN: no correlation to report (scipy propagates NaN; ranks would not)."""
+    ref = np.random.default_rng(1).standard_normal((6, 4))
+    eng = ref.copy()
+    eng[2, 1] = np.nan
+    assert np.isnan(similarity_rank_correlation(ref, eng))

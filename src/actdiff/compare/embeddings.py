@@ -72,13 +72,16 @@ def neighbour_overlap(ref: np.ndarray, eng: np.ndarray, k: int = 10) -> np.ndarr
 def similarity_rank_correlation(ref: np.ndarray, eng: np.ndarray) -> float:
     """Spearman correlation between the upper triangles of the two cosine-similarity matrices: the Pearson
     correlation of their ranks, ties given their average rank (as scipy.stats.spearmanr, whose import was a
-    third of an aggregation job's CPU time). NaN when either triangle is constant."""
+    third of an aggregation job's CPU time). NaN when either triangle is constant or holds a NaN (an engine's
+    non-finite embedding: scipy propagates it too)."""
     n = ref.shape[0]
     if n < 3:
         return 1.0
     iu = np.triu_indices(n, 1)
-    a = average_ranks((_unit(ref) @ _unit(ref).T)[iu])
-    b = average_ranks((_unit(eng) @ _unit(eng).T)[iu])
+    sr, se = (_unit(ref) @ _unit(ref).T)[iu], (_unit(eng) @ _unit(eng).T)[iu]
+    if np.isnan(sr).any() or np.isnan(se).any():
+        return math.nan
+    a, b = average_ranks(sr), average_ranks(se)
     a, b = a - a.mean(), b - b.mean()
     den = math.sqrt(float(a @ a) * float(b @ b))
     return float(a @ b) / den if den > 0 else math.nan

@@ -190,7 +190,7 @@ class OrtReplay:
         self.seconds = 0.0  # spent replaying (sessions built, subgraphs run): the cost of teacher forcing
         self.plans: dict[str, Plan] = {}
         self.unreplayable: dict[str, str] = {}
-        self.stacks: dict[str, bool] = {}  # node -> its stacked replay proven each prompt's bit for bit (replay_many)
+        self.stacks: dict[str, bool] = {}  # node -> passed replay_many's trial (stacked prompts replayed at once)
         for n in graph:
             self._plan_node(n.name, n.name, list(n.inputs))
         for block in graph.moe_blocks():
@@ -237,10 +237,10 @@ class OrtReplay:
         prompts (ORT's per-call overhead; 0.3-0.7x the time for 8 prompts stacked, Zen 4). ORT makes no promise
         that a kernel computes rows independently (a dynamic quantisation's per-tensor scale reads every row),
         so it is tried per node on the first prompts asked for (:meth:`_rows_independent`); a node that fails
-        the trial is replayed prompt by prompt for the rest of the run. Only a
-        token-wise node outside actdiff.nodes.LAYOUT_OPS is tried, and only on more than 3 stacked rows: its
-        cut's Shape values are extrapolated from the probes at 2 and 3 tokens (:meth:`Source.shapes_at`; a probe
-        per stacked length would be a forward of the whole model), which only another length puts to the test."""
+        the trial is replayed prompt by prompt for the rest of the run. Only a token-wise node outside
+        actdiff.nodes.LAYOUT_OPS is tried, and only on more than 3 stacked rows: its cut's Shape values are
+        extrapolated from the probes at 2 and 3 tokens (:meth:`Source.shapes_at`; a probe per stacked length
+        would be a forward of the whole model), which only another length puts to the test."""
         node = self.graph[name]
         if len(inputs) < 2 or not self._stackable(node) or self.stacks.get(name) is False:
             return [self.replay_node(name, x) for x in inputs]
@@ -292,7 +292,7 @@ class OrtReplay:
             self.seconds += time.perf_counter() - t0
 
     def _run_plan(self, key: str, output: str, inputs: dict[str, np.ndarray], stacked: bool = False) -> np.ndarray:
-        """``stacked``: the inputs are several prompts' rows (replay_many; the cut is fed no Shape values)."""
+        """``stacked``: the inputs are several prompts' rows (replay_many; Shape values from Source.shapes_at)."""
         from .side import to_prompts
 
         plan = self.plans.get(key)
