@@ -75,6 +75,7 @@ class Source:
             self.canonical.setdefault(k, k)
         self._probe = None
         self._probed: dict[int, tuple[dict[str, np.ndarray], dict[str, tuple]]] = {}
+        self._extrapolated: tuple[int, tuple] | None = None  # shapes_at's last length and what it gave
 
     def cut(self, outputs: list[str], stops: list[str], through: tuple[str, ...] = ()) -> Cut:
         """The nodes computing ``outputs`` (value names) from ``stops``; raises NotReplayable when the walk
@@ -144,12 +145,15 @@ class Source:
         """:meth:`probe` at ``tokens`` without running the probe at that length (a forward of the whole model):
         every shape value and every axis taken as linear in the length, from the probes at 2 and 3 tokens. Right
         for what depends on the length as the shape of a token-wise value does; OrtReplay.replay_many, its only
-        user, checks what it gives bit for bit before relying on it."""
-        (v2, s2), (v3, s3) = self.probe(2), self.probe(3)
-        values = {v: a + (v3[v] - a) * (tokens - 2) for v, a in v2.items()}
-        shapes = {v: (tuple(a + (b - a) * (tokens - 2) for a, b in zip(sh, s3[v][0], strict=True)), dt)
-                  for v, (sh, dt) in s2.items()}  # fmt: skip
-        return values, shapes
+        user, checks what it gives bit for bit before relying on it. The last length's result is kept: a group's
+        every node is replayed at one stacked length, and extrapolating every value took 0.1-0.25 ms a call."""
+        if self._extrapolated is None or self._extrapolated[0] != tokens:
+            (v2, s2), (v3, s3) = self.probe(2), self.probe(3)
+            values = {v: a + (v3[v] - a) * (tokens - 2) for v, a in v2.items()}
+            shapes = {v: (tuple(a + (b - a) * (tokens - 2) for a, b in zip(sh, s3[v][0], strict=True)), dt)
+                      for v, (sh, dt) in s2.items()}  # fmt: skip
+            self._extrapolated = (tokens, (values, shapes))
+        return self._extrapolated[1]
 
 
 @dataclass
