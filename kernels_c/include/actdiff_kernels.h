@@ -54,7 +54,8 @@ enum {
     AK_DTYPE_F16 = 1,  /* IEEE binary16 stored as uint16_t */
     AK_DTYPE_BF16 = 2, /* bfloat16 stored as uint16_t (upper half of a float) */
     AK_DTYPE_I8 = 3,   /* int8 with a per-output-channel fp32 scale: w = q * scale[oc] */
-    AK_DTYPE_F32_PACKED = 4 /* fp32 packed once by ak_pack_weight_f32 (each expert block packed on its own) */
+    AK_DTYPE_F32_PACKED = 4,  /* fp32 packed once by ak_pack_weight_f32, rows of 32 (each expert block on its own) */
+    AK_DTYPE_F32_PACKED16 = 5 /* the same, each 32-column panel stored as two 16-column halves (see below) */
 };
 
 /* ---- instruction-set paths ---- */
@@ -93,23 +94,28 @@ int ak_matmul_naive(float *out, const float *inp, const void *weight, const floa
                     const float *bias, int T, int C, int OC, int weight_dtype);
 
 /* ---- fp32 weights packed once (at load) for the matmul core ----
- * Layout: K in blocks of 256 rows (the last one shorter); in each block, ceil(N/32) panels, panel p
- * holding columns 32p..32p+31 as (block rows) x 32 contiguous floats, zero padded past N; i.e.
- * element (k, n) is at k0*ceil32(N) + (n/32)*kb*32 + (k-k0)*32 + n%32, k0 = k - k%256, kb = that
- * block's rows. Independent of the ISA path. Values are copied exactly: any matmul on the packed
- * weight (weight_dtype AK_DTYPE_F32_PACKED in ak_matmul, ak_matmul_naive, ak_moe, ak_expert_up,
- * ak_expert_down) is bit-identical to the same call on the fp32 original.
+ * Two layouts (the `layout` arguments below), the same size: K in blocks of 256 rows (the last one
+ * shorter); in each block, columns in runs of W contiguous floats per row, zero padded past ceil32(N):
+ * element (k, n) is at k0*ceil32(N) + (n/W)*kb*W + (k-k0)*W + n%W, k0 = k - k%256, kb = that block's
+ * rows; W = 32 for AK_DTYPE_F32_PACKED, 16 for AK_DTYPE_F32_PACKED16. Every ISA path reads either
+ * layout (ak_set_isa never invalidates a packed weight); ak_packed_layout() names the one the current
+ * path reads fastest (the AVX-512 kernel's 32 columns a row, the AVX2 kernel's 16). Values are copied
+ * exactly: any matmul on the packed weight (weight_dtype = its layout in ak_matmul, ak_matmul_naive,
+ * ak_moe, ak_expert_up, ak_expert_down) is bit-identical to the same call on the fp32 original.
  * The packed matmul weight of an (OC,C) nn.Linear weight is K = C, N = OC, trans = 1;
  * expert w1[e] (F,H): K = H, N = F, trans = 1; expert w2[e] (F,H) un-transposed: K = F, N = H, trans = 0. */
-/* number of floats of a packed (K,N) weight; -1 for a negative size */
+/* number of floats of a packed (K,N) weight (either layout); -1 for a negative size */
 int64_t ak_packed_size(int K, int N);
-/* packed is (ak_packed_size(K,N)); w is (N,K) when trans = 1, (K,N) when trans = 0 */
-int ak_pack_weight_f32(float *packed, const float *w, int K, int N, int trans);
-/* the inverse: w is (N,K) when trans = 1, (K,N) when trans = 0; packed is (ak_packed_size(K,N)) */
-int ak_unpack_weight_f32(float *w, const float *packed, int K, int N, int trans);
-/* out is (T,OC), inp is (T,C), packed from an (OC,C) weight (K = C, N = OC, trans = 1), bias is (OC) or NULL.
- * Same as ak_matmul(..., AK_DTYPE_F32_PACKED) (counted as a matmul call). */
-int ak_matmul_packed(float *out, const float *inp, const float *packed, const float *bias, int T, int C, int OC);
+/* the layout (AK_DTYPE_F32_PACKED or AK_DTYPE_F32_PACKED16) the current ISA path reads fastest */
+int ak_packed_layout(void);
+/* packed is (ak_packed_size(K,N)); w is (N,K) when trans = 1, (K,N) when trans = 0; layout as above */
+int ak_pack_weight_f32(float *packed, const float *w, int K, int N, int trans, int layout);
+/* the inverse: w is (N,K) when trans = 1, (K,N) when trans = 0; packed is (ak_packed_size(K,N)) in layout */
+int ak_unpack_weight_f32(float *w, const float *packed, int K, int N, int trans, int layout);
+/* out is (T,OC), inp is (T,C), packed from an (OC,C) weight (K = C, N = OC, trans = 1) in layout, bias is
+ * (OC) or NULL. Same as ak_matmul(..., layout) (counted as a matmul call). */
+int ak_matmul_packed(float *out, const float *inp, const float *packed, const float *bias, int T, int C, int OC,
+                     int layout);
 
 /* ---- elementwise / row ops ---- */
 /* out is (T,C), inp is (T,C), weight is (C) or NULL (=1), bias is (C) or NULL (=0) */

@@ -71,7 +71,8 @@ static inline float ak_bf16_to_f32(uint16_t h) {
  * b_trans = 1: B is stored (N,K) with row stride ldb (nn.Linear weight layout, op(B) = B^T)
  * b_trans = 0: B is stored (K,N) with row stride ldb.
  * B dtype is b_dtype (AK_DTYPE_*), scales (N) for int8: element = q * scales[n].
- * AK_DTYPE_F32_PACKED: B was packed by ak_pack_weight_f32 (K deep, N wide); b_trans and ldb are unused.
+ * AK_DTYPE_F32_PACKED(16): B was packed by ak_pack_weight_f32 in that layout (K deep, N wide); b_trans and ldb
+ * are unused.
  * C is (M,N) with row stride ldc.  Each C element = fma chain over k=0..K-1 from 0, then + bias[n]. */
 typedef struct {
     int M, N, K;
@@ -105,9 +106,13 @@ void ak_topk_rows(float *weights, int32_t *indices, const float *probs, int T, i
 void ak_combine_rows(float *out, float *weighted, const float *expert_out, const float *weights, const float *bias,
                      int T, int K, int H);
 
+static inline int ak_dtype_is_packed(int dtype) {
+    return dtype == AK_DTYPE_F32_PACKED || dtype == AK_DTYPE_F32_PACKED16;
+}
+
 /* bytes of one expert's (K-deep, N-wide) weight block as stored in weight_dtype */
 static inline size_t ak_weight_block_bytes(int dtype, int K, int N) {
-    if (dtype == AK_DTYPE_F32_PACKED) return (size_t)ak_packed_size(K, N) * sizeof(float);
+    if (ak_dtype_is_packed(dtype)) return (size_t)ak_packed_size(K, N) * sizeof(float);
     size_t es = dtype == AK_DTYPE_F32 ? 4 : dtype == AK_DTYPE_I8 ? 1 : 2;
     return (size_t)K * N * es;
 }

@@ -150,11 +150,13 @@ __attribute__((target("avx512f"))) static void pack_b_avx512(float *dst, const a
 
 /* ---------------- micro-kernels ----------------
  * C tile (mr x NR) at C with stride ldc.  first: start chains from 0, else continue from C.
+ * B row k of the tile: its first NR/2 columns at Bp + k*ldp, the other NR/2 at Bp + k*ldp + boff
+ * (one row of a panel, or two halves stored apart: see the packed layouts).
  * bias: NULL, or NR values added after the chain (last K block only). */
 
 __attribute__((target("avx512f,avx2,fma"))) static inline __attribute__((always_inline)) void
-ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, float *C, int64_t ldc,
-            int first, const float *bias) {
+ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, int64_t boff, float *C,
+            int64_t ldc, int first, const float *bias) {
     __m512 acc[12][2];
 #pragma GCC unroll 12
     for (int m = 0; m < MR; m++) {
@@ -169,7 +171,7 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
 #pragma GCC unroll 4
     for (int k = 0; k < kc; k++) {
         __m512 b0 = _mm512_loadu_ps(Bp + k * ldp);
-        __m512 b1 = _mm512_loadu_ps(Bp + k * ldp + 16);
+        __m512 b1 = _mm512_loadu_ps(Bp + k * ldp + boff);
 #pragma GCC unroll 12
         for (int m = 0; m < MR; m++) {
             __m512 a = _mm512_set1_ps(A[m * lda + k]);
@@ -192,28 +194,34 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
     }
 }
 
-__attribute__((target("avx512f,avx2,fma"))) static void ukr512(int mr, int kc, const float *A, int64_t lda,
-                                                               const float *Bp, int64_t ldp, float *C, int64_t ldc,
-                                                               int first, const float *bias) {
-    switch (mr) {
-    case 12: ukr512_body(12, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 11: ukr512_body(11, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 10: ukr512_body(10, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 9: ukr512_body(9, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 8: ukr512_body(8, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 7: ukr512_body(7, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 6: ukr512_body(6, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 5: ukr512_body(5, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 4: ukr512_body(4, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 3: ukr512_body(3, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 2: ukr512_body(2, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    default: ukr512_body(1, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+/* the 32-column-row layouts (boff 16: the per-call buffer, AK_DTYPE_F32_PACKED) get their own copy with
+ * the offset a constant: passed at run time it cost ~1 % on a Zen 4 (one more register in the loop) */
+#define UKR512_CASES(BOFF)                                                                                             \
+    switch (mr) {                                                                                                      \
+    case 12: ukr512_body(12, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                  \
+    case 11: ukr512_body(11, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                  \
+    case 10: ukr512_body(10, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                  \
+    case 9: ukr512_body(9, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
+    case 8: ukr512_body(8, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
+    case 7: ukr512_body(7, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
+    case 6: ukr512_body(6, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
+    case 5: ukr512_body(5, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
+    case 4: ukr512_body(4, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
+    case 3: ukr512_body(3, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
+    case 2: ukr512_body(2, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
+    default: ukr512_body(1, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                   \
     }
+
+__attribute__((target("avx512f,avx2,fma"))) static void ukr512(int mr, int kc, const float *A, int64_t lda,
+                                                               const float *Bp, int64_t ldp, int64_t boff, float *C,
+                                                               int64_t ldc, int first, const float *bias) {
+    if (boff == 16) UKR512_CASES(16) else UKR512_CASES(boff)
 }
+#undef UKR512_CASES
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
-ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, float *C, int64_t ldc,
-            int first, const float *bias) {
+ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, int64_t boff, float *C,
+            int64_t ldc, int first, const float *bias) {
     __m256 acc[6][2];
 #pragma GCC unroll 6
     for (int m = 0; m < MR; m++) {
@@ -228,7 +236,7 @@ ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
 #pragma GCC unroll 4
     for (int k = 0; k < kc; k++) {
         __m256 b0 = _mm256_loadu_ps(Bp + k * ldp);
-        __m256 b1 = _mm256_loadu_ps(Bp + k * ldp + 8);
+        __m256 b1 = _mm256_loadu_ps(Bp + k * ldp + boff);
 #pragma GCC unroll 6
         for (int m = 0; m < MR; m++) {
             __m256 a = _mm256_broadcast_ss(A + m * lda + k);
@@ -252,21 +260,22 @@ ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
 }
 
 __attribute__((target("avx2,fma"))) static void ukr256(int mr, int kc, const float *A, int64_t lda, const float *Bp,
-                                                       int64_t ldp, float *C, int64_t ldc, int first,
+                                                       int64_t ldp, int64_t boff, float *C, int64_t ldc, int first,
                                                        const float *bias) {
     switch (mr) {
-    case 6: ukr256_body(6, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 5: ukr256_body(5, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 4: ukr256_body(4, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 3: ukr256_body(3, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    case 2: ukr256_body(2, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
-    default: ukr256_body(1, kc, A, lda, Bp, ldp, C, ldc, first, bias); break;
+    case 6: ukr256_body(6, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
+    case 5: ukr256_body(5, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
+    case 4: ukr256_body(4, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
+    case 3: ukr256_body(3, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
+    case 2: ukr256_body(2, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
+    default: ukr256_body(1, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
     }
 }
 
-static void ukr_scalar(int mr, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, float *C,
-                       int64_t ldc, int first, const float *bias) {
+static void ukr_scalar(int mr, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, int64_t boff,
+                       float *C, int64_t ldc, int first, const float *bias) {
     enum { NR = 8 };
+    (void)boff; /* its 8 columns are one run of a row in every layout */
     float acc[4][NR];
     for (int m = 0; m < mr; m++)
         for (int j = 0; j < NR; j++) acc[m][j] = first ? 0.0f : C[m * ldc + j];
@@ -281,7 +290,8 @@ static void ukr_scalar(int mr, int kc, const float *A, int64_t lda, const float 
         for (int j = 0; j < NR; j++) C[m * ldc + j] = bias ? acc[m][j] + bias[j] : acc[m][j];
 }
 
-typedef void (*ukr_fn)(int, int, const float *, int64_t, const float *, int64_t, float *, int64_t, int, const float *);
+typedef void (*ukr_fn)(int, int, const float *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int,
+                       const float *);
 
 /* ---------------- driver ---------------- */
 typedef struct {
@@ -296,11 +306,11 @@ static ukr_desc ukr_for_isa(int isa) {
 }
 
 /* One kc-deep slab of C's columns [n0, n0+nc) for all M rows.  Panel p (NR columns from n0 + p*NR)
- * starts at panels + p*pstride with row stride ldp: the per-call packed buffer (ldp = NR, pstride =
- * kc*NR) or a slice of a pre-packed weight (ldp = AK_PACK_NR).  Edge panels (fewer than NR valid
+ * starts at panel_of[p] with row stride ldp and its second half boff floats on (see the kernels): the
+ * per-call packed buffer or a slice of a pre-packed weight.  Edge panels (fewer than NR valid
  * columns) run the full-width kernel on a scratch tile so padded columns never reach C. */
 static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0, int kc,
-                      const float *const *panel_of, int64_t ldp) {
+                      const float *const *panel_of, int64_t ldp, int64_t boff) {
     float tmpC[12 * 32] __attribute__((aligned(64)));
     float tmpBias[32] __attribute__((aligned(64)));
     float Apack[12 * A_LD] __attribute__((aligned(64)));
@@ -321,7 +331,7 @@ static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0,
             float *Cp = g->C + (int64_t)m0 * g->ldc + ncol0;
             const float *bp = (last && g->bias) ? g->bias + ncol0 : NULL;
             if (ncols == NR) {
-                u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, Cp, g->ldc, first, bp);
+                u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, boff, Cp, g->ldc, first, bp);
                 continue;
             }
             if (!first)
@@ -331,19 +341,22 @@ static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0,
                 for (int j = 0; j < NR; j++) tmpBias[j] = j < ncols ? bp[j] : 0.0f;
                 bp = tmpBias;
             }
-            u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, tmpC, NR, first, bp);
+            u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, boff, tmpC, NR, first, bp);
             for (int m = 0; m < mr; m++)
                 for (int j = 0; j < ncols; j++) Cp[(int64_t)m * g->ldc + j] = tmpC[m * NR + j];
         }
     }
 }
 
-/* address of row k, column n of a pre-packed (K deep, N wide) weight (see ak_pack_weight_f32) */
-static inline const float *packed_at(const float *P, int K, int N, int k, int n) {
+/* columns a row of a packed layout holds contiguously */
+static inline int packed_run(int layout) { return layout == AK_DTYPE_F32_PACKED16 ? AK_PACK_NR / 2 : AK_PACK_NR; }
+
+/* address of row k, column n of a pre-packed (K deep, N wide) weight in a layout whose rows hold W
+ * contiguous columns (see ak_pack_weight_f32) */
+static inline const float *packed_at(const float *P, int K, int N, int k, int n, int W) {
     int k0 = k / AK_PACK_KC * AK_PACK_KC, kcb = K - k0 < AK_PACK_KC ? K - k0 : AK_PACK_KC;
     int64_t npad = (int64_t)(N + AK_PACK_NR - 1) / AK_PACK_NR * AK_PACK_NR;
-    return P + (int64_t)k0 * npad + (int64_t)(n / AK_PACK_NR) * kcb * AK_PACK_NR + (int64_t)(k - k0) * AK_PACK_NR +
-           n % AK_PACK_NR;
+    return P + (int64_t)k0 * npad + (int64_t)(n / W) * kcb * W + (int64_t)(k - k0) * W + n % W;
 }
 
 static void fill_bias_only(const ak_gemm_args *g, int n_begin, int n_end) {
@@ -359,7 +372,7 @@ int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end) {
     }
     const int isa = ak_isa(), K = g->K, NC = NC_COLS; /* NC: a multiple of every NR */
     const ukr_desc u = ukr_for_isa(isa);
-    const int packed = g->b_dtype == AK_DTYPE_F32_PACKED;
+    const int packed = ak_dtype_is_packed(g->b_dtype), W = packed_run(g->b_dtype);
     const float *panel_of[NC_COLS / 8];
     float *buf = NULL;
     if (!packed && !(buf = (float *)ak_aligned_alloc((size_t)KC * NC * sizeof(float)))) return AK_ERR_OUT_OF_MEMORY;
@@ -369,14 +382,17 @@ int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end) {
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = K - k0 < KC ? K - k0 : KC;
             if (packed) { /* the weight was packed at load: point into it, nothing to copy */
-                for (int p = 0; p < np; p++) panel_of[p] = packed_at((const float *)g->B, K, g->N, k0, n0 + p * u.NR);
-                gemm_slab(g, u, n0, nc, k0, kc, panel_of, AK_PACK_NR);
+                for (int p = 0; p < np; p++)
+                    panel_of[p] = packed_at((const float *)g->B, K, g->N, k0, n0 + p * u.NR, W);
+                /* a kernel's second half: in the same row, or (32 columns from 16-column runs) in the next run */
+                int64_t boff = u.NR / 2 < W ? u.NR / 2 : (int64_t)kc * W;
+                gemm_slab(g, u, n0, nc, k0, kc, panel_of, W, boff);
                 continue;
             }
             if (isa == AK_ISA_AVX512) pack_b_avx512(buf, g, n0, nc, k0, kc);
             else pack_b_generic(buf, g, n0, nc, k0, kc, u.NR);
             for (int p = 0; p < np; p++) panel_of[p] = buf + (int64_t)p * kc * u.NR;
-            gemm_slab(g, u, n0, nc, k0, kc, panel_of, u.NR);
+            gemm_slab(g, u, n0, nc, k0, kc, panel_of, u.NR, u.NR / 2);
         }
     }
     ak_aligned_free(buf);
@@ -416,8 +432,8 @@ void ak_gemm_naive(const ak_gemm_args *g) {
             float acc = 0.0f;
             for (int k = 0; k < g->K; k++) {
                 float b;
-                if (g->b_dtype == AK_DTYPE_F32_PACKED) {
-                    b = *packed_at((const float *)g->B, g->K, g->N, k, n);
+                if (ak_dtype_is_packed(g->b_dtype)) {
+                    b = *packed_at((const float *)g->B, g->K, g->N, k, n, packed_run(g->b_dtype));
                 } else {
                     int64_t idx = g->b_trans ? (int64_t)n * g->ldb + k : (int64_t)k * g->ldb + n;
                     b = load_b(g, idx, n);
@@ -436,7 +452,7 @@ static int matmul_check(float *out, const float *inp, const void *weight, const 
     AK_CHECK_PTR(inp);
     AK_CHECK_PTR(weight);
     if (T < 0 || C < 0 || OC < 0) return AK_ERR_INVALID_SIZE;
-    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED) return AK_ERR_INVALID_ARGUMENT;
+    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED16) return AK_ERR_INVALID_ARGUMENT;
     if (weight_dtype == AK_DTYPE_I8 && scales == NULL) return AK_ERR_NULL_POINTER;
     return AK_OK;
 }
@@ -461,53 +477,62 @@ int ak_matmul_naive(float *out, const float *inp, const void *weight, const floa
 }
 
 /* ---------------- weights packed once ----------------
- * Layout (ISA independent, so ak_set_isa never invalidates it): K in blocks of AK_PACK_KC (256) rows,
- * the driver's K blocks; in each block, ceil(N/32) panels of (block rows) x 32 columns, row-major, zero
- * past N.  So the (256 x NC) B block a slab reads is one contiguous range (panels K*32 floats apart
- * would fall in the same L2 sets when K*128 bytes is a multiple of 64 KiB, e.g. K = 3072).  The
- * AVX-512 kernel reads a panel as is; the AVX2 (16) and scalar (8) kernels read column slices with row
- * stride 32.  Values are copied bit for bit: a matmul on the packed weight is identical to one on w. */
+ * Layouts (every ISA path reads both, so ak_set_isa never invalidates a packed weight): K in blocks of
+ * AK_PACK_KC (256) rows, the driver's K blocks; in each block, the columns (zero past N, up to a
+ * multiple of 32) in runs of (block rows) x W, row-major: W = 32 (AK_DTYPE_F32_PACKED) or 16
+ * (AK_DTYPE_F32_PACKED16).  So the (256 x NC) B block a slab reads is one contiguous range (panels
+ * K*32 floats apart would fall in the same L2 sets when K*128 bytes is a multiple of 64 KiB, e.g.
+ * K = 3072).  Why two: the AVX-512 kernel (32 columns) reads a W = 32 run as one 128-byte stream a row,
+ * and W = 16 as two streams; the AVX2 kernel (16 columns) reads W = 16 contiguously and W = 32 as every
+ * other 64-byte line.  Measured side by side on a Zen 4 (2026-12-04, kernels_c/README.md): the AVX2
+ * kernel runs 2-9 % faster on W = 16, the AVX-512 one 1-5 % slower, so ak_packed_layout() follows the
+ * ISA path in use at packing.  Values are copied bit for bit: a matmul on the packed weight is
+ * identical to one on w, in either layout, on every path. */
+int ak_packed_layout(void) { return ak_isa() == AK_ISA_AVX512 ? AK_DTYPE_F32_PACKED : AK_DTYPE_F32_PACKED16; }
+
 int64_t ak_packed_size(int K, int N) {
     if (K < 0 || N < 0) return -1;
     return (int64_t)((N + AK_PACK_NR - 1) / AK_PACK_NR) * AK_PACK_NR * K;
 }
 
-int ak_pack_weight_f32(float *packed, const float *w, int K, int N, int trans) {
+int ak_pack_weight_f32(float *packed, const float *w, int K, int N, int trans, int layout) {
     AK_CHECK_PTR(packed);
     AK_CHECK_PTR(w);
     if (K < 0 || N < 0) return AK_ERR_INVALID_SIZE;
-    if (trans != 0 && trans != 1) return AK_ERR_INVALID_ARGUMENT;
-    int np = (N + AK_PACK_NR - 1) / AK_PACK_NR;
+    if ((trans != 0 && trans != 1) || !ak_dtype_is_packed(layout)) return AK_ERR_INVALID_ARGUMENT;
+    const int W = packed_run(layout), nrun = (N + AK_PACK_NR - 1) / AK_PACK_NR * (AK_PACK_NR / W);
     for (int k0 = 0; k0 < K; k0 += AK_PACK_KC)
-        for (int p = 0; p < np; p++) {
+        for (int p = 0; p < nrun; p++) {
             int kcb = K - k0 < AK_PACK_KC ? K - k0 : AK_PACK_KC;
-            float *panel = (float *)packed_at(packed, K, N, k0, p * AK_PACK_NR);
-            for (int j = 0; j < AK_PACK_NR; j++) { /* column-wise: reads a transposed w row by row */
-                int n = p * AK_PACK_NR + j;
+            float *run = (float *)packed_at(packed, K, N, k0, p * W, W);
+            for (int j = 0; j < W; j++) { /* column-wise: reads a transposed w row by row */
+                int n = p * W + j;
                 for (int k = 0; k < kcb; k++) {
                     float v = 0.0f;
                     if (n < N) v = trans ? w[(int64_t)n * K + k0 + k] : w[(int64_t)(k0 + k) * N + n];
-                    panel[(int64_t)k * AK_PACK_NR + j] = v;
+                    run[(int64_t)k * W + j] = v;
                 }
             }
         }
     return AK_OK;
 }
 
-int ak_unpack_weight_f32(float *w, const float *packed, int K, int N, int trans) {
+int ak_unpack_weight_f32(float *w, const float *packed, int K, int N, int trans, int layout) {
     AK_CHECK_PTR(w);
     AK_CHECK_PTR(packed);
     if (K < 0 || N < 0) return AK_ERR_INVALID_SIZE;
-    if (trans != 0 && trans != 1) return AK_ERR_INVALID_ARGUMENT;
+    if ((trans != 0 && trans != 1) || !ak_dtype_is_packed(layout)) return AK_ERR_INVALID_ARGUMENT;
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) {
-            float v = *packed_at(packed, K, N, k, n);
+            float v = *packed_at(packed, K, N, k, n, packed_run(layout));
             if (trans) w[(int64_t)n * K + k] = v;
             else w[(int64_t)k * N + n] = v;
         }
     return AK_OK;
 }
 
-int ak_matmul_packed(float *out, const float *inp, const float *packed, const float *bias, int T, int C, int OC) {
-    return ak_matmul(out, inp, packed, NULL, bias, T, C, OC, AK_DTYPE_F32_PACKED);
+int ak_matmul_packed(float *out, const float *inp, const float *packed, const float *bias, int T, int C, int OC,
+                     int layout) {
+    if (!ak_dtype_is_packed(layout)) return AK_ERR_INVALID_ARGUMENT;
+    return ak_matmul(out, inp, packed, NULL, bias, T, C, OC, layout);
 }

@@ -25,7 +25,7 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
     AK_CHECK_PTR(w2);
     if (T < 0 || H <= 0 || F <= 0 || E <= 0) return AK_ERR_INVALID_SIZE;
     if (top_k < 1 || top_k > E) return AK_ERR_INVALID_ARGUMENT;
-    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED) return AK_ERR_INVALID_ARGUMENT;
+    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED16) return AK_ERR_INVALID_ARGUMENT;
     if (weight_dtype == AK_DTYPE_I8 && (!w1_scales || !w2_scales)) return AK_ERR_NULL_POINTER;
     if (gelu_approximate != 0 && gelu_approximate != 1) return AK_ERR_INVALID_ARGUMENT;
     if (forced) {

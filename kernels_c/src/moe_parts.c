@@ -73,7 +73,7 @@ int ak_topk(float *weights, int64_t *indices, const float *probs, int T, int E, 
 static int expert_gemm(float *out, const float *inp, int64_t in_row_stride_per_slot, const int64_t *indices, int T,
                        int K, int IN, int OUT, int E, const void *w, const float *scales, int64_t scale_stride,
                        int weight_dtype, int b_trans) {
-    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED) return AK_ERR_INVALID_ARGUMENT;
+    if (weight_dtype < AK_DTYPE_F32 || weight_dtype > AK_DTYPE_F32_PACKED16) return AK_ERR_INVALID_ARGUMENT;
     if (weight_dtype == AK_DTYPE_I8 && !scales) return AK_ERR_NULL_POINTER;
     for (int64_t r = 0; r < (int64_t)T * K; r++)
         if (indices[r] < 0 || indices[r] >= E) return AK_ERR_INDEX_OUT_OF_RANGE;

@@ -1,6 +1,7 @@
 """fp32 weights packed once (kernels.pack_f32): exact round trip, and every op that reads a packed weight
 is BIT-identical (tolerance 0) to the same op on the original float32 array, on every ISA path the CPU
-runs and at 1, 2 and 3 threads. Odd sizes make the last 32-column panel partly padding."""
+runs and at 1, 2 and 3 threads, in both layouts (rows of 32 or 16 columns: every path reads either, so a
+weight packed before ``set_isa`` stays valid). Odd sizes make the last 32-column panel partly padding."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import actdiff.kernels as K
 
 SHAPES = [(1, 1, 1), (3, 33, 47), (13, 64, 70), (25, 129, 100), (7, 768, 97), (30, 520, 400)]  # (T, C, OC)
+LAYOUTS = sorted(K.PACKED_LAYOUTS)
 
 
 def _paths():
@@ -20,23 +22,25 @@ def _paths():
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 17), (47, 33), (32, 64), (100, 129), (65, 3), (70, 600), (33, 256)])
 @pytest.mark.parametrize("trans", [True, False])
-def test_pack_unpack_round_trip_exact(rng, shape, trans):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pack_unpack_round_trip_exact(rng, shape, trans, layout):
     w = rng.standard_normal(shape).astype(np.float32)
-    p = K.pack_f32(w, trans=trans)
-    assert p.shape == w.shape and p.trans == trans
+    p = K.pack_f32(w, trans=trans, layout=layout)
+    assert p.shape == w.shape and p.trans == trans and p.layout == layout
     K_, N = (shape[1], shape[0]) if trans else shape
-    assert p.data.size == -(-N // 32) * 32 * K_  # ceil(N/32) panels of K x 32
+    assert p.data.size == -(-N // 32) * 32 * K_  # ceil(N/32) panels of K x 32, either layout
     assert p.data.ctypes.data % 64 == 0  # one cache line / one AVX-512 load per panel row
     back = p.unpack()
     assert back.dtype == np.float32 and np.array_equal(back.view(np.uint32), w.view(np.uint32))
 
 
 @pytest.mark.parametrize("T,C,OC", SHAPES)
-def test_matmul_packed_bitwise(rng, T, C, OC):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matmul_packed_bitwise(rng, T, C, OC, layout):
     x = rng.standard_normal((T, C)).astype(np.float32)
     w = rng.standard_normal((OC, C)).astype(np.float32)
     b = rng.standard_normal(OC).astype(np.float32)
-    p = K.pack_f32(w)
+    p = K.pack_f32(w, layout=layout)
     ref = K.matmul_naive(x, w, b)
     assert np.array_equal(K.matmul_naive(x, p, b).view(np.uint32), ref.view(np.uint32))
     for isa, threads in _paths():
@@ -49,14 +53,15 @@ def test_matmul_packed_bitwise(rng, T, C, OC):
 
 
 @pytest.mark.parametrize("F,H", [(80, 48), (64, 96), (3072 // 32, 40)])
-def test_moe_and_expert_parts_packed_bitwise(rng, F, H):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_moe_and_expert_parts_packed_bitwise(rng, F, H, layout):
     T, E, k = 37, 5, 2
     x = rng.standard_normal((T, H)).astype(np.float32)
     rw = rng.standard_normal((E, H)).astype(np.float32)
     w1 = rng.standard_normal((E, F, H)).astype(np.float32) * 0.1
     w2 = rng.standard_normal((E, F, H)).astype(np.float32) * 0.1
     bias = rng.standard_normal(H).astype(np.float32)
-    p1, p2 = K.pack_f32(w1), K.pack_f32(w2, trans=False)
+    p1, p2 = K.pack_f32(w1, layout=layout), K.pack_f32(w2, trans=False, layout=layout)
     for isa, threads in _paths():
         K.set_isa(isa)
         K.set_num_threads(threads)
@@ -73,7 +78,22 @@ def test_take_reorders_whole_experts(rng):
     w = rng.standard_normal((4, 40, 24)).astype(np.float32)
     perm = [2, 0, 3, 1]
     for trans in (True, False):
-        assert np.array_equal(K.pack_f32(w, trans=trans).take(perm).unpack(), w[perm])
+        for layout in LAYOUTS:
+            taken = K.pack_f32(w, trans=trans, layout=layout).take(perm)
+            assert taken.layout == layout and np.array_equal(taken.unpack(), w[perm])
+
+
+def test_default_layout_is_the_one_the_isa_path_reads_fastest(rng):
+    """AVX-512's kernel reads 32 columns a row, AVX2's 16 (kernels_c/README.md, Performance); the scalar
+    kernel's 8 are contiguous in both, it gets 16."""
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    want = {"avx512": 4, "avx2": 5, "scalar": 5}
+    try:
+        for isa in K.supported_isas():
+            K.set_isa(isa)
+            assert K.pack_f32(w).layout == want[isa], isa
+    finally:
+        K.set_isa("auto")
 
 
 def test_packed_misuse_is_refused(rng):
@@ -87,3 +107,8 @@ def test_packed_misuse_is_refused(rng):
         K.moe(x, rng.standard_normal((3, 8)).astype(np.float32), K.pack_f32(w), w)
     with pytest.raises(TypeError, match="float32"):
         K.pack_f32(w.astype(np.float16))
+    with pytest.raises(ValueError, match="layout"):
+        K.pack_f32(w, layout=0)
+    rw = rng.standard_normal((3, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="one layout"):
+        K.moe(x, rw, K.pack_f32(w, layout=4), K.pack_f32(w, trans=False, layout=5))

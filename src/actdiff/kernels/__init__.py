@@ -9,6 +9,7 @@ from ._loader import LIB_PATH, LIB_VERSION, KernelVersionError, check_version, f
 from ._ops import (
     ISA_ENV,
     ISA_NAMES,
+    PACKED_LAYOUTS,
     KernelError,
     MoEResult,
     PackedF32,
@@ -56,6 +57,7 @@ __all__ = [
     "LIB_PATH",
     "LIB_VERSION",
     "MoEResult",
+    "PACKED_LAYOUTS",
     "PackedF32",
     "add",
     "attention",

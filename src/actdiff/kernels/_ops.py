@@ -152,14 +152,16 @@ def reset_call_counts() -> None:
 
 
 # ---------------------------------------------------------------- fp32 weights packed once
-_PACKED = 4  # AK_DTYPE_F32_PACKED
-_PACK_NR = 32  # AK_PACK_NR: columns per panel
+PACKED_LAYOUTS = {4: "rows of 32 columns", 5: "rows of 16 columns"}  # AK_DTYPE_F32_PACKED, AK_DTYPE_F32_PACKED16
 
 
 class PackedF32:
     """An fp32 weight packed once (at load) for the C matmul core: ``ak_pack_weight_f32``'s 32-column
     panels, read in place by every ISA path, so no kernel call re-packs it. Matmuls on it are
     bit-identical to the same calls on the original array (the values are copied exactly).
+
+    ``layout`` is the C dtype code of the panels' layout (``PACKED_LAYOUTS``): rows of 32 columns, what
+    the AVX-512 kernel reads fastest, or of 16, the AVX2 kernel's; every path reads both.
 
     ``shape`` is the original array's shape: (OC, C) for a linear weight (``trans``: stored (N, K),
     the product reads it transposed) or (E, F, H) for expert weights, each expert's block packed on its
@@ -169,8 +171,11 @@ class PackedF32:
 
     dtype = np.dtype(np.float32)  # the values it stands for
 
-    def __init__(self, data: np.ndarray, shape: tuple[int, ...], trans: bool):
+    def __init__(self, data: np.ndarray, shape: tuple[int, ...], trans: bool, layout: int):
+        if layout not in PACKED_LAYOUTS:
+            raise ValueError(f"layout must be one of {sorted(PACKED_LAYOUTS)} (ak_packed_layout()), got {layout!r}")
         self.data, self.shape, self.trans = data, tuple(int(d) for d in shape), bool(trans)
+        self.layout = int(layout)
 
     @property
     def ndim(self) -> int:
@@ -185,7 +190,7 @@ class PackedF32:
         return (cols, rows) if self.trans else (rows, cols)
 
     def __repr__(self) -> str:
-        return f"PackedF32(shape={self.shape}, trans={self.trans})"
+        return f"PackedF32(shape={self.shape}, trans={self.trans}, layout={PACKED_LAYOUTS[self.layout]!r})"
 
     def unpack(self) -> np.ndarray:
         """A new float32 array with the original layout and values."""
@@ -193,7 +198,8 @@ class PackedF32:
         blocks = self.data.reshape(-1, self.data.shape[-1])
         out = np.empty((blocks.shape[0],) + self.shape[-2:], np.float32)
         for e in range(blocks.shape[0]):
-            _call("unpack_weight_f32", lib.ak_unpack_weight_f32(_p(out[e]), _p(blocks[e]), K, N, int(self.trans)))
+            status = lib.ak_unpack_weight_f32(_p(out[e]), _p(blocks[e]), K, N, int(self.trans), self.layout)
+            _call("unpack_weight_f32", status)
         return out.reshape(self.shape)
 
     def take(self, experts) -> PackedF32:
@@ -201,7 +207,7 @@ class PackedF32:
         if self.ndim != 3:
             raise ValueError(f"take() re-orders experts of a 3-D weight, this one has shape {self.shape}")
         data = np.ascontiguousarray(self.data[np.asarray(experts)])
-        return PackedF32(data, (data.shape[0],) + self.shape[1:], self.trans)
+        return PackedF32(data, (data.shape[0],) + self.shape[1:], self.trans, self.layout)
 
 
 def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
@@ -212,19 +218,23 @@ def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     return raw[skip : skip + n].reshape(shape)
 
 
-def pack_f32(w, *, trans: bool = True) -> PackedF32:
+def pack_f32(w, *, trans: bool = True, layout: int | None = None) -> PackedF32:
     """Pack a float32 weight once for the matmul core. w (OC, C) linear weight: ``trans=True``;
     (E, F, H) experts: each (F, H) block packed, ``trans=True`` for w1 (read transposed, x @ w1[e]^T),
-    ``trans=False`` for w2 (x @ w2[e])."""
+    ``trans=False`` for w2 (x @ w2[e]). ``layout``: a ``PACKED_LAYOUTS`` code, by default the one the
+    ISA path in use now reads fastest (``ak_packed_layout``)."""
     _arr("w", w, np.float32, ndim=(2, 3))
+    layout = int(lib.ak_packed_layout()) if layout is None else layout
+    if layout not in PACKED_LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(PACKED_LAYOUTS)} or None, got {layout!r}")
     rows, cols = w.shape[-2:]
     K, N = (cols, rows) if trans else (rows, cols)
     per = int(lib.ak_packed_size(K, N))
     blocks = w.reshape(-1, rows, cols)
     data = _aligned_empty((blocks.shape[0], per))
     for e in range(blocks.shape[0]):
-        _call("pack_weight_f32", lib.ak_pack_weight_f32(_p(data[e]), _p(blocks[e]), K, N, int(bool(trans))))
-    return PackedF32(data if w.ndim == 3 else data[0], w.shape, trans)
+        _call("pack_weight_f32", lib.ak_pack_weight_f32(_p(data[e]), _p(blocks[e]), K, N, int(bool(trans)), layout))
+    return PackedF32(data if w.ndim == 3 else data[0], w.shape, trans, layout)
 
 
 def _weight(name: str, w, ndim: int, trans: bool):
@@ -235,7 +245,7 @@ def _weight(name: str, w, ndim: int, trans: bool):
             raise ValueError(f"{name} must be {ndim}-dimensional, got a packed weight of shape {w.shape}")
         if w.trans != trans:
             raise ValueError(f"{name} was packed with trans={w.trans}; this op reads it with trans={trans}")
-        return w.data, _PACKED, w.shape
+        return w.data, w.layout, w.shape
     _arr(name, w, tuple(_DTYPE_CODES), ndim=ndim)
     return w, _DTYPE_CODES[w.dtype], w.shape
 
@@ -491,9 +501,13 @@ def moe(
     w1buf, dt, (E, F, H1) = _weight("w1", w1, 3, trans=True)
     if H1 != H:
         raise ValueError(f"w1 must have shape (E, F, {H}), got {w1.shape}")
-    if dt == _PACKED:
+    if dt in PACKED_LAYOUTS:
         if not isinstance(w2, PackedF32):
             raise TypeError(f"w2 must be a PackedF32 like w1 (pack_f32(w2, trans=False)), got {type(w2).__name__}")
+        if w2.layout != dt:
+            raise ValueError(
+                f"w2 is packed in {PACKED_LAYOUTS[w2.layout]}, w1 in {PACKED_LAYOUTS[dt]}: pack both with one layout"
+            )
         w2buf, _, w2_shape = _weight("w2", w2, 3, trans=False)
         if w2_shape != (E, F, H):
             raise ValueError(f"w2 must have shape {(E, F, H)}, got {w2_shape}")
