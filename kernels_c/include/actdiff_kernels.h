@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define AK_VERSION "0.2.0"
+#define AK_VERSION "0.3.0"
 #define AK_MAX_THREADS 64
 #define AK_PACK_NR 32  /* columns per panel of a packed fp32 weight */
 #define AK_PACK_KC 256 /* rows per K block of a packed fp32 weight */
@@ -95,8 +95,8 @@ int ak_matmul_naive(float *out, const float *inp, const void *weight, const floa
 
 /* ---- fp32 weights packed once (at load) for the matmul core ----
  * Two layouts (the `layout` arguments below), the same size: K in blocks of 256 rows (the last one
- * shorter); in each block, columns in runs of W contiguous floats per row, zero padded past ceil32(N):
- * element (k, n) is at k0*ceil32(N) + (n/W)*kb*W + (k-k0)*W + n%W, k0 = k - k%256, kb = that block's
+ * shorter); in each block, the columns (zero past N, up to ceil32(N)) in runs of W, each run (block
+ * rows) x W contiguous floats, row-major: element (k, n) is at k0*ceil32(N) + (n/W)*kb*W + (k-k0)*W + n%W, k0 = k - k%256, kb = that block's
  * rows; W = 32 for AK_DTYPE_F32_PACKED, 16 for AK_DTYPE_F32_PACKED16. Every ISA path reads either
  * layout (ak_set_isa never invalidates a packed weight); ak_packed_layout() names the one the current
  * path reads fastest (the AVX-512 kernel's 32 columns a row, the AVX2 kernel's 16). Values are copied

@@ -15,6 +15,9 @@
 
 #define KC AK_PACK_KC /* the packed weights' K blocks are the driver's K blocks */
 #define NC_COLS 384
+/* every slab, and every thread's column range (units of NR), starts on a packed panel: the kernels'
+ * second-half offsets (ak_gemm_serial) assume it */
+_Static_assert(NC_COLS % AK_PACK_NR == 0, "a slab of NC_COLS columns must hold whole packed panels");
 /* row stride of the copied A tile: KC + 16 floats, so its 12 rows fall in different L1 sets (rows of A
  * itself are lda apart; lda = 3072 floats = 12 KiB puts all 12 in one 4 KiB-periodic set) */
 #define A_LD (KC + 16)
@@ -194,8 +197,9 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
     }
 }
 
-/* the 32-column-row layouts (boff 16: the per-call buffer, AK_DTYPE_F32_PACKED) get their own copy with
- * the offset a constant: passed at run time it cost ~1 % on a Zen 4 (one more register in the loop) */
+/* the 32-column-row layouts (boff 16: the per-call buffer, AK_DTYPE_F32_PACKED; also a 1-row K block of
+ * 16-column halves, where the next half is 16 on too) get their own copy with the offset a constant:
+ * passed at run time it cost ~1 % on a Zen 4 (one more register in the loop) */
 #define UKR512_CASES(BOFF)                                                                                             \
     switch (mr) {                                                                                                      \
     case 12: ukr512_body(12, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                  \
@@ -533,6 +537,9 @@ int ak_unpack_weight_f32(float *w, const float *packed, int K, int N, int trans,
 
 int ak_matmul_packed(float *out, const float *inp, const float *packed, const float *bias, int T, int C, int OC,
                      int layout) {
-    if (!ak_dtype_is_packed(layout)) return AK_ERR_INVALID_ARGUMENT;
+    if (!ak_dtype_is_packed(layout)) { /* ak_matmul would take 0-3 for other dtypes */
+        ak_count_call(AK_OP_MATMUL);
+        return AK_ERR_INVALID_ARGUMENT;
+    }
     return ak_matmul(out, inp, packed, NULL, bias, T, C, OC, layout);
 }

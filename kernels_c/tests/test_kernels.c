@@ -421,6 +421,10 @@ static void test_moe_packed_layout(int layout) {
     EXPECT(guard_ok(o2, (size_t)T * H) && guard_ok(f2, (size_t)T * K * F) && guard_ok(e2, (size_t)T * K * H),
            "guard moe packed");
     EXPECT(ak_matmul(o2, x, p1, NULL, NULL, 1, 1, 1, 6) == AK_ERR_INVALID_ARGUMENT, "dtype 6 refused");
+    EXPECT(ak_moe(o2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, x, rw, p1, NULL, p2, NULL, b, T, H, F, E, K, 6, 1,
+                  0, 0) == AK_ERR_INVALID_ARGUMENT, "moe dtype 6 refused");
+    EXPECT(ak_expert_up(f2, x, ti64, p1, NULL, T, K, H, F, E, 6) == AK_ERR_INVALID_ARGUMENT, "expert_up dtype 6");
+    EXPECT(ak_expert_down(e2, a1, ti64, p2, NULL, T, K, F, H, E, 6) == AK_ERR_INVALID_ARGUMENT, "expert_down dtype 6");
     free(x); free(rw); free(w1); free(w2); free(b); free(p1); free(p2); free(o1); free(o2); free(tw);
     free(f1); free(f2); free(a1); free(e1); free(e2); free(ti); free(ti64);
 }

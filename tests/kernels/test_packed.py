@@ -107,8 +107,9 @@ def test_packed_misuse_is_refused(rng):
         K.moe(x, rng.standard_normal((3, 8)).astype(np.float32), K.pack_f32(w), w)
     with pytest.raises(TypeError, match="float32"):
         K.pack_f32(w.astype(np.float16))
-    with pytest.raises(ValueError, match="layout"):
-        K.pack_f32(w, layout=0)
+    for bad in (0, 4.0, True, "4"):
+        with pytest.raises(ValueError, match="layout"):
+            K.pack_f32(w, layout=bad)
     rw = rng.standard_normal((3, 8)).astype(np.float32)
     with pytest.raises(ValueError, match="one layout"):
         K.moe(x, rw, K.pack_f32(w, layout=4), K.pack_f32(w, trans=False, layout=5))

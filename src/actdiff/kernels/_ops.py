@@ -152,7 +152,7 @@ def reset_call_counts() -> None:
 
 
 # ---------------------------------------------------------------- fp32 weights packed once
-PACKED_LAYOUTS = {4: "rows of 32 columns", 5: "rows of 16 columns"}  # AK_DTYPE_F32_PACKED, AK_DTYPE_F32_PACKED16
+PACKED_LAYOUTS = {lib.AK_DTYPE_F32_PACKED: "rows of 32 columns", lib.AK_DTYPE_F32_PACKED16: "rows of 16 columns"}
 
 
 class PackedF32:
@@ -172,8 +172,8 @@ class PackedF32:
     dtype = np.dtype(np.float32)  # the values it stands for
 
     def __init__(self, data: np.ndarray, shape: tuple[int, ...], trans: bool, layout: int):
-        if layout not in PACKED_LAYOUTS:
-            raise ValueError(f"layout must be one of {sorted(PACKED_LAYOUTS)} (ak_packed_layout()), got {layout!r}")
+        if isinstance(layout, bool) or not isinstance(layout, int | np.integer) or layout not in PACKED_LAYOUTS:
+            raise ValueError(f"layout must be a code of PACKED_LAYOUTS {PACKED_LAYOUTS}, got {layout!r}")
         self.data, self.shape, self.trans = data, tuple(int(d) for d in shape), bool(trans)
         self.layout = int(layout)
 
@@ -224,9 +224,10 @@ def pack_f32(w, *, trans: bool = True, layout: int | None = None) -> PackedF32:
     ``trans=False`` for w2 (x @ w2[e]). ``layout``: a ``PACKED_LAYOUTS`` code, by default the one the
     ISA path in use now reads fastest (``ak_packed_layout``)."""
     _arr("w", w, np.float32, ndim=(2, 3))
-    layout = int(lib.ak_packed_layout()) if layout is None else layout
-    if layout not in PACKED_LAYOUTS:
-        raise ValueError(f"layout must be one of {sorted(PACKED_LAYOUTS)} or None, got {layout!r}")
+    if layout is None:
+        layout = int(lib.ak_packed_layout())
+    elif isinstance(layout, bool) or not isinstance(layout, int | np.integer) or layout not in PACKED_LAYOUTS:
+        raise ValueError(f"layout must be None or a code of PACKED_LAYOUTS {PACKED_LAYOUTS}, got {layout!r}")
     rows, cols = w.shape[-2:]
     K, N = (cols, rows) if trans else (rows, cols)
     per = int(lib.ak_packed_size(K, N))
