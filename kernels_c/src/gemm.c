@@ -423,7 +423,7 @@ static void gemm_task(void *ctx, int tid, int nth) {
 int ak_gemm(const ak_gemm_args *g) {
     if (g->M <= 0 || g->N <= 0) return AK_OK;
     int isa = ak_isa();
-    int nr = isa == AK_ISA_AVX512 ? 32 : isa == AK_ISA_AVX2 ? 16 : 8;
+    int nr = ukr_for_isa(isa).NR;
     gemm_job j = {g, nr, (g->N + nr - 1) / nr, AK_OK};
     int nth = ak_threads_for(j.units, 2.0 * g->M * (double)g->N * g->K);
     ak_parallel(nth, gemm_task, &j);

@@ -155,6 +155,14 @@ def reset_call_counts() -> None:
 PACKED_LAYOUTS = {lib.AK_DTYPE_F32_PACKED: "rows of 32 columns", lib.AK_DTYPE_F32_PACKED16: "rows of 16 columns"}
 
 
+def _layout_code(layout) -> int:
+    """``layout`` as the C dtype code of a packed layout, or ValueError (an integer of ``PACKED_LAYOUTS``, not a
+    bool, a float or a string that would compare equal to one)."""
+    if isinstance(layout, bool) or not isinstance(layout, int | np.integer) or layout not in PACKED_LAYOUTS:
+        raise ValueError(f"layout must be a code of PACKED_LAYOUTS {PACKED_LAYOUTS} (None: the path's), got {layout!r}")
+    return int(layout)
+
+
 class PackedF32:
     """An fp32 weight packed once (at load) for the C matmul core: ``ak_pack_weight_f32``'s 32-column
     panels, read in place by every ISA path, so no kernel call re-packs it. Matmuls on it are
@@ -172,10 +180,8 @@ class PackedF32:
     dtype = np.dtype(np.float32)  # the values it stands for
 
     def __init__(self, data: np.ndarray, shape: tuple[int, ...], trans: bool, layout: int):
-        if isinstance(layout, bool) or not isinstance(layout, int | np.integer) or layout not in PACKED_LAYOUTS:
-            raise ValueError(f"layout must be a code of PACKED_LAYOUTS {PACKED_LAYOUTS}, got {layout!r}")
         self.data, self.shape, self.trans = data, tuple(int(d) for d in shape), bool(trans)
-        self.layout = int(layout)
+        self.layout = _layout_code(layout)
 
     @property
     def ndim(self) -> int:
@@ -224,10 +230,7 @@ def pack_f32(w, *, trans: bool = True, layout: int | None = None) -> PackedF32:
     ``trans=False`` for w2 (x @ w2[e]). ``layout``: a ``PACKED_LAYOUTS`` code, by default the one the
     ISA path in use now reads fastest (``ak_packed_layout``)."""
     _arr("w", w, np.float32, ndim=(2, 3))
-    if layout is None:
-        layout = int(lib.ak_packed_layout())
-    elif isinstance(layout, bool) or not isinstance(layout, int | np.integer) or layout not in PACKED_LAYOUTS:
-        raise ValueError(f"layout must be None or a code of PACKED_LAYOUTS {PACKED_LAYOUTS}, got {layout!r}")
+    layout = _layout_code(lib.ak_packed_layout() if layout is None else layout)
     rows, cols = w.shape[-2:]
     K, N = (cols, rows) if trans else (rows, cols)
     per = int(lib.ak_packed_size(K, N))
