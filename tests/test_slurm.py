@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,18 @@ def two_runs(slurm_cluster, tmp_path_factory):
     prompts.write_text("".join(lines[: N_PROMPTS + 1]), encoding="utf-8")  # header + 40 prompts
     slurm_logs = tmp / "slurm_logs"
     slurm_res, local_res = tmp / "results-slurm", tmp / "results-local"
-    p_slurm = _run(
+    # the local run goes on beside the SLURM run, which waits on status queries most of its time (measured: the
+    # SLURM run 110 s of which its jobs 45 s, the local run 30 s; this fixture 138 s -> 122 s); their outputs
+    # do not overlap, so Snakemake's locks let both run in this working directory
+    with ThreadPoolExecutor(1) as pool:
+        local = pool.submit(_run, local_res, prompts, "--cores", "2")
+        p_slurm = _slurm_run(slurm_res, prompts, slurm_logs)
+        local.result()
+    return slurm_res, local_res, p_slurm, slurm_logs
+
+
+def _slurm_run(slurm_res: Path, prompts: Path, slurm_logs: Path) -> subprocess.CompletedProcess:
+    return _run(
         slurm_res,
         prompts,
         "--workflow-profile",
@@ -138,8 +150,6 @@ def two_runs(slurm_cluster, tmp_path_factory):
         "--retries",
         "0",
     )
-    _run(local_res, prompts, "--cores", "2")
-    return slurm_res, local_res, p_slurm, slurm_logs
 
 
 def test_profile_names():

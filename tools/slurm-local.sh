@@ -122,6 +122,10 @@ SlurmctldDebug=info
 SlurmdDebug=info
 SlurmctldTimeout=30
 SlurmdTimeout=30
+# every Snakemake start imports the SLURM executor plugin, which runs \`scontrol show config\` (MinJobAge);
+# with the daemons stopped a client retries for MessageTimeout - 1 s: 9 s per Snakemake start at the default 10,
+# 2 s at 3, which is still ample for a round trip on one node
+MessageTimeout=3
 $node_line State=UNKNOWN
 PartitionName=$PARTITION Nodes=$node Default=YES MaxTime=INFINITE State=UP
 EOF
