@@ -368,13 +368,15 @@ static void fill_bias_only(const ak_gemm_args *g, int n_begin, int n_end) {
         for (int n = n_begin; n < n_end; n++) g->C[m * g->ldc + n] = g->bias ? 0.0f + g->bias[n] : 0.0f;
 }
 
-int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end) {
+/* columns [n_begin, n_end) on one ISA path; a multi-threaded caller passes the path its split was made for
+ * (ak_gemm), so an ak_set_isa from another thread mid-call cannot start a worker mid-panel */
+static int gemm_serial_on(const ak_gemm_args *g, int isa, int n_begin, int n_end) {
     if (n_end <= n_begin || g->M <= 0) return AK_OK;
     if (g->K == 0) {
         fill_bias_only(g, n_begin, n_end);
         return AK_OK;
     }
-    const int isa = ak_isa(), K = g->K, NC = NC_COLS; /* NC: a multiple of every NR */
+    const int K = g->K, NC = NC_COLS; /* NC: a multiple of every NR */
     const ukr_desc u = ukr_for_isa(isa);
     const int packed = ak_dtype_is_packed(g->b_dtype), W = packed_run(g->b_dtype);
     const float *panel_of[NC_COLS / 8];
@@ -403,9 +405,13 @@ int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end) {
     return AK_OK;
 }
 
+int ak_gemm_serial(const ak_gemm_args *g, int n_begin, int n_end) {
+    return gemm_serial_on(g, ak_isa(), n_begin, n_end);
+}
+
 typedef struct {
     const ak_gemm_args *g;
-    int nr;
+    int isa, nr; /* read once by ak_gemm: the workers' kernel and the unit of their split */
     int64_t units;
     int status;
 } gemm_job;
@@ -416,7 +422,7 @@ static void gemm_task(void *ctx, int tid, int nth) {
     ak_split(j->units, tid, nth, &b, &e);
     int nb = (int)(b * j->nr), ne = (int)(e * j->nr);
     if (ne > j->g->N) ne = j->g->N;
-    int st = ak_gemm_serial(j->g, nb, ne);
+    int st = gemm_serial_on(j->g, j->isa, nb, ne);
     if (st != AK_OK) __atomic_store_n(&j->status, st, __ATOMIC_RELAXED);
 }
 
@@ -424,7 +430,7 @@ int ak_gemm(const ak_gemm_args *g) {
     if (g->M <= 0 || g->N <= 0) return AK_OK;
     int isa = ak_isa();
     int nr = ukr_for_isa(isa).NR;
-    gemm_job j = {g, nr, (g->N + nr - 1) / nr, AK_OK};
+    gemm_job j = {g, isa, nr, (g->N + nr - 1) / nr, AK_OK};
     int nth = ak_threads_for(j.units, 2.0 * g->M * (double)g->N * g->K);
     ak_parallel(nth, gemm_task, &j);
     return j.status;

@@ -3,6 +3,7 @@
  * stay untouched; every library call goes through CHECK(), which reports file:line. */
 #include "actdiff_kernels.h"
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -481,6 +482,53 @@ static void test_pool_handover(void) {
     free(x); free(w); free(b); free(ref); free(out);
 }
 
+/* ak_set_isa from another thread while ak_matmul runs on a packed weight with 2 threads: every result still
+ * equals the naive loop. ak_gemm splits the columns among its workers in units of its kernel's width and
+ * the workers must use that same kernel: a worker that read the ISA again could start mid-panel (a 16-wide
+ * split under a 32-wide kernel reads across two panels of the packed weight). Flips between the two widest
+ * paths the CPU has, so the test means the same on an AVX2-only machine (avx2/scalar). */
+static int g_flip_stop;
+static int g_flip_isas[2];
+static void *isa_flipper(void *arg) {
+    (void)arg;
+    while (!__atomic_load_n(&g_flip_stop, __ATOMIC_RELAXED)) {
+        ak_set_isa(g_flip_isas[0]);
+        ak_set_isa(g_flip_isas[1]);
+    }
+    return NULL;
+}
+static void test_isa_switch_during_matmul(void) {
+    int n = 0;
+    for (int isa = AK_ISA_AVX512; isa >= AK_ISA_SCALAR && n < 2; isa--)
+        if (ak_cpu_supports_isa(isa)) g_flip_isas[n++] = isa;
+    if (n < 2) return;
+    enum { T = 24, C = 64, OC = 544 }; /* 34 units of 16 split 17/17 at column 272, not a multiple of 32 */
+    float *inp = rand_buf((size_t)T * C), *w = rand_buf((size_t)OC * C), *b = rand_buf(OC);
+    float *ref = galloc((size_t)T * OC), *out = galloc((size_t)T * OC);
+    float *pk = malloc((size_t)ak_packed_size(C, OC) * sizeof(float));
+    CHECK(ak_set_isa(g_flip_isas[0]));
+    int layout = ak_packed_layout(); /* the widest path's layout */
+    CHECK(ak_pack_weight_f32(pk, w, C, OC, 1, layout));
+    CHECK(ak_matmul_naive(ref, inp, w, NULL, b, T, C, OC, AK_DTYPE_F32));
+    CHECK(ak_set_num_threads(2));
+    pthread_t th;
+    __atomic_store_n(&g_flip_stop, 0, __ATOMIC_RELAXED);
+    pthread_create(&th, NULL, isa_flipper, NULL);
+    int bad = 0;
+    for (int it = 0; it < 2000; it++) {
+        CHECK(ak_matmul(out, inp, pk, NULL, b, T, C, OC, layout));
+        bad += memcmp(out, ref, (size_t)T * OC * 4) != 0;
+    }
+    __atomic_store_n(&g_flip_stop, 1, __ATOMIC_RELAXED);
+    pthread_join(th, NULL);
+    EXPECT(bad == 0, "%d of 2000 matmuls differ from the naive loop while the ISA switched (%s/%s)", bad,
+           ak_isa_name(g_flip_isas[0]), ak_isa_name(g_flip_isas[1]));
+    EXPECT(guard_ok(out, (size_t)T * OC), "guard isa switch");
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    CHECK(ak_set_num_threads(1));
+    free(inp); free(w); free(b); free(ref); free(out); free(pk);
+}
+
 int main(void) {
     test_matmul();
     test_attention();
@@ -493,6 +541,7 @@ int main(void) {
     test_gelu_avx2_matches_avx512();
     test_compare();
     test_pool_handover();
+    test_isa_switch_during_matmul();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }
