@@ -12,10 +12,13 @@ ONNXRUNTIME_STAMP := $(VENV)/.installed-onnxruntime
 # llama-cpp-python is built from source by pip (PyPI has no wheel); LLaVA/mtmd is not needed
 LLAMACPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF
 TORCH_VERSION := 2.13.0
-# Memory for --resources mem_mb: 80% of what is available now, so --cores 8 never starts more
+# Memory for --resources mem_mb: 80% of what is available now, so the jobs at once never hold more
 # full-size model copies than fit in RAM.
 MEM_MB := $(shell awk '/MemAvailable/ {printf "%d", $$2/1024*0.8}' /proc/meminfo 2>/dev/null || echo 4000)
-CORES ?= 8
+# One job thread per core: `--cores 8` on a 2-core machine ran four jobs per core, whose statistics jobs then
+# took 1.26-1.39x the CPU time they take alone (caches, context switches) and whose 2-thread dumps spun
+# against the other jobs (bench/README.md, "make report at one job thread per core").
+CORES ?= $(shell nproc 2>/dev/null || echo 2)
 SNAKEMAKE_ARGS ?=
 KERNEL_SOURCES := $(wildcard kernels_c/src/*.c kernels_c/include/*.h src/actdiff/kernels/_build.py setup.py)
 export PATH := $(BIN):$(PATH)
