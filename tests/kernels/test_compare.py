@@ -105,3 +105,39 @@ def test_rel_l2_kernel_matches_numpy():
     nan = z.copy()
     nan[2] = np.nan
     assert math.isnan(rel_l2(nan, z + 1))
+
+
+def _nonfinite_cases():
+    """(a, b) pairs: finite float32, NaN/Inf on one side or both (same or other positions), every value
+    non-finite, float64 against float32, an int array, empty."""
+    rng = np.random.default_rng(11)
+    b = rng.standard_normal((6, 10)).astype(np.float32)
+    a = (b + np.float32(1e-4) * rng.standard_normal(b.shape)).astype(np.float32)
+    cases = [(a, b), (a.astype(np.float64), b), (np.zeros(0, np.float32), np.zeros(0, np.float32))]
+    for value in (np.nan, np.inf, -np.inf):
+        for where in ("a", "b", "both", "both-elsewhere"):
+            x, y = a.copy(), b.copy()
+            if where in ("a", "both"):
+                x[2, 3] = value
+            if where in ("b", "both"):
+                y[2, 3] = value
+            if where == "both-elsewhere":
+                x[1, 1], y[4, 7] = value, value
+            cases.append((x, y))
+    cases.append((np.full((3, 4), np.nan, np.float32), np.full((3, 4), np.nan, np.float32)))
+    cases.append((np.arange(6).reshape(2, 3), np.arange(6).reshape(2, 3) + 1))
+    return cases
+
+
+@pytest.mark.parametrize("k", range(len(_nonfinite_cases())))
+def test_local_error_is_nonfinite_match_and_rel_l2_finite(k):
+    """local_error skips the finiteness passes when the float32 kernel's relative L2 is finite (it lets NaN/Inf
+    propagate, so a finite value proves both arrays finite): on every case it returns exactly what the two
+    functions return, NaN/Inf placements included."""
+    from actdiff.compare.metrics import local_error, nonfinite_match, rel_l2_finite
+
+    a, b = _nonfinite_cases()[k]
+    same, diverged, rel = local_error(a, b)
+    want_rel = rel_l2_finite(a, b)
+    assert (same, diverged) == nonfinite_match(a, b)
+    assert rel == want_rel or (math.isnan(rel) and math.isnan(want_rel))

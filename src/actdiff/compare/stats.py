@@ -54,7 +54,7 @@ from ..variants import Variant, resolve_variant
 from .budgets import TF32_OPS, U32, Noise, budget, fp32_noise, reference_precision_of, status
 from .embeddings import BoundedSample, cosine
 from .grouped import float_gap, grouped, prepare_group, same_bits
-from .metrics import FLOAT_METRICS, compare, nonfinite_match, per_token_errors, rel_l2, rel_l2_finite
+from .metrics import FLOAT_METRICS, compare, local_error, nonfinite_match, per_token_errors, rel_l2
 from .routing import margins, routing_rows
 from .search_run import SearchSample
 from .worst import prompt_score, rank_key
@@ -473,10 +473,11 @@ def _judge_float(ctx: ShardContext, j: Judged, node, b: float, replayed: bool) -
     lo, lref = ctx.local(node.name, j.ref, j.eng, replayed, j.replayed.get(node.name))
     j.local[node.name] = (lo, lref)
     m = compare(j.eng[node.name], j.ref[node.name])
-    same, diverged = nonfinite_match(j.eng[node.name], j.ref[node.name])
-    lsame, ldiverged = nonfinite_match(lo, lref)
+    # compare counted the NaN/Inf of both sides: where there are none, nothing can match or diverge
+    counted = m["nan_ref"] + m["inf_ref"] + m["nan_eng"] + m["inf_eng"]
+    same, diverged = nonfinite_match(j.eng[node.name], j.ref[node.name]) if counted else (0, 0)
+    lsame, ldiverged, local_rel = local_error(lo, lref)
     m["nonfinite_matched"] = same
-    local_rel = rel_l2_finite(lo, lref)
     if diverged or ldiverged:
         return m, local_rel, "fail"
     if not (same or lsame):

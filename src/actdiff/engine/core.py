@@ -23,10 +23,10 @@ import numpy as np
 
 from .. import kernels
 from ..errors import ActdiffError
+from ..heap import reuse_freed_memory
 from ..nodes import ARCH_NOMIC_MOE, INPUT_IDS, LAYOUT_OPS, Graph, MoeBlock, build_graph, load_config_json
 from ..variants import Variant, parse_variant
 from .faults import Fault, get_fault
-from .heap import reuse_freed_memory
 from .weights import Checkpoint, EngineTensor, convert
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Engine:
         self.checkpoint = Checkpoint(self.model_dir / "model.safetensors")
         self._prepared: dict[str, Prepared] = {}
         self._batch: Batch | None = None  # the layout of the forward_batch in progress (None: one sequence)
-        reuse_freed_memory()  # each forward's outputs reuse the last one's pages (actdiff.engine.heap)
+        reuse_freed_memory()  # each forward's outputs reuse the last one's pages (actdiff.heap)
         if threads is not None:
             kernels.set_num_threads(int(threads))
 

@@ -1,4 +1,4 @@
-"""actdiff.engine.heap: with the policy applied, a forward-like round (40 arrays of 4 MiB alive at once, then all
+"""actdiff.heap: with the policy applied, a forward-like round (40 arrays of 4 MiB alive at once, then all
 freed) reuses the last round's pages; without it glibc trims the freed heap top and maps fresh memory, so every
 round faults its 160 MiB in again (measured: 102k faults over 5 rounds, 0 with the policy). Each case runs in a
 fresh process: the policy is process-wide."""
@@ -12,7 +12,7 @@ import sys
 CHILD = r"""
 import json, resource, sys
 import numpy as np
-from actdiff.engine.heap import reuse_freed_memory
+from actdiff.heap import reuse_freed_memory
 ok = reuse_freed_memory() if sys.argv[1] == "policy" else None
 assert sys.argv[1] != "policy" or reuse_freed_memory() == ok  # idempotent
 def faults():
@@ -46,3 +46,18 @@ def test_without_the_policy_the_rounds_fault_their_pages_in():
     """The control: the default malloc maps each round afresh (at least one round's pages over five rounds; the
     kernel may map some of them as huge pages, so not all 5 x 40960), so the test above measures the policy."""
     assert _faults("none")["faults"] > ROUND_PAGES, "the default already reuses freed pages: the policy test is moot"
+
+
+def test_every_workflow_job_applies_the_policy():
+    """actdiff.workflow_support.run (every rule's adapter) applies the policy before the rule's function runs:
+    the statistics' float64 temporaries and the dumps' read windows were mapped afresh otherwise."""
+    child = r"""
+import json, types
+import actdiff.heap as heap
+from actdiff.workflow_support import run
+job = types.SimpleNamespace(log=[], threads=1, rule="probe", wildcards={})
+print(json.dumps({"before": heap._applied, "during": run(job, lambda: heap._applied)}))
+"""
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"before": None, "during": True}, out
