@@ -161,3 +161,59 @@ def test_a_prompt_is_released_before_the_next_one_is_read(tmp_path, graph, small
             n += 1
     assert n == len(LENGTHS) and len(held_during_reads) > 2 * len(LENGTHS)
     assert max(held_during_reads) == 0
+
+
+def test_rows_read_raw_and_checked_are_what_hdf5_reads(tmp_path):
+    """A dataset chunked along rows with Fletcher-32 as its one filter (every node of a dump written with
+    `activation_compression` none) is read as raw chunks, each checksum verified by actdiff.kernels.fletcher32:
+    any row slice (inside a chunk, across chunks, the padded last chunk, empty) is bit for bit HDF5's own read,
+    for float32, float16 and int64, 1-3 dimensions. Compressed datasets, and ones chunked across columns, go
+    through HDF5."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "raw.h5"
+    data = {
+        "f32": rng.standard_normal((101, 7, 3)).astype(np.float32),
+        "f16": rng.standard_normal((53, 5)).astype(np.float16),
+        "i64": rng.integers(-(2**40), 2**40, 77),
+    }
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs.update(schema_version=h5io.SCHEMA_VERSION, graph="{}")
+        f["prompt_ids"], f["token_offsets"] = np.array([b"p"]), np.array([0, 1])
+        for name, v in data.items():
+            f.create_dataset(name, data=v, chunks=(16, *v.shape[1:]), fletcher32=True)
+        f.create_dataset("lzf", data=data["f32"], chunks=(16, 7, 3), fletcher32=True, compression="lzf")
+        f.create_dataset("cols", data=data["f16"], chunks=(16, 2), fletcher32=True)
+    with ActivationReader(path) as r:
+        assert [r._raw_checked(n) for n in (*data, "lzf", "cols")] == [True, True, True, False, False]
+        for name, v in data.items():
+            n = len(v)
+            for lo, hi in [(0, n), (0, 1), (5, 9), (15, 17), (16, 32), (3, 50), (n - 1, n), (n - 20, n), (7, 7)]:
+                got = r._get(name, slice(lo, hi))
+                assert got.dtype == v.dtype and got.shape == v[lo:hi].shape
+                assert got.tobytes() == r._hdf5_get(name, slice(lo, hi)).tobytes() == v[lo:hi].tobytes(), (name, lo)
+
+
+def test_a_damaged_chunk_read_raw_is_named(tmp_path, graph, small_chunks):
+    """Bytes overwritten in a stored chunk of a dump read through the raw path: a DumpError naming the file, the
+    dataset and the chunk's first row, as HDF5's own check would (tests/test_integrity.py for every compression)."""
+    import h5py
+
+    from actdiff.errors import DumpError
+
+    path = tmp_path / "shard-0.h5"
+    _write(path, graph, LENGTHS)
+    name = "nodes/emb_ln"
+    with h5py.File(path) as f:
+        info = f[name].id.get_chunk_info(2)  # the chunk of rows 32-47
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 100)
+        fh.write(b"\x00\x01\x02\x03")
+    with ActivationReader(path) as r:
+        assert r._raw_checked(name)
+        np.testing.assert_array_equal(r._get(name, slice(0, 32)), r._hdf5_get(name, slice(0, 32)))  # intact chunks
+        with pytest.raises(DumpError) as e:
+            r._get(name, slice(30, 40))
+    msg = str(e.value)
+    assert str(path) in msg and repr(name) in msg and "chunk at row 32" in msg and "Fletcher-32" in msg

@@ -205,6 +205,12 @@ int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref,
  * NaN/Inf propagate */
 int ak_rel_l2(double *out, const float *a, const float *b, int64_t n);
 
+/* ---- HDF5's Fletcher-32 checksum (its fletcher32 filter's, appended to each stored chunk) ----
+ * out is one uint32, data is (nbytes) bytes: HDF5's H5_checksum_fletcher32 of them, bit for bit; _naive is
+ * HDF5's loop verbatim */
+int ak_fletcher32(uint32_t *out, const void *data, int64_t nbytes);
+int ak_fletcher32_naive(uint32_t *out, const void *data, int64_t nbytes);
+
 /* CFFI_END */
 
 #ifdef __cplusplus

@@ -119,4 +119,16 @@ static inline size_t ak_weight_block_bytes(int dtype, int K, int N) {
 
 #define AK_CHECK_PTR(p) do { if ((p) == NULL) return AK_ERR_NULL_POINTER; } while (0)
 
+/* NAME_avx512, NAME_avx2, NAME_scalar: the same body compiled for each path, and NAME choosing by ak_isa() */
+#define AK_ISA_VARIANTS(NAME, BODY, PARAMS, ARGS)                                                     \
+    __attribute__((target("avx512f,avx2,fma"))) static void NAME##_avx512 PARAMS { BODY ARGS; }      \
+    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { BODY ARGS; }                 \
+    static void NAME##_scalar PARAMS { BODY ARGS; }                                                   \
+    static void NAME PARAMS {                                                                         \
+        int isa_ = ak_isa();                                                                          \
+        if (isa_ == AK_ISA_AVX512) NAME##_avx512 ARGS;                                                \
+        else if (isa_ == AK_ISA_AVX2) NAME##_avx2 ARGS;                                               \
+        else NAME##_scalar ARGS;                                                                      \
+    }
+
 #endif

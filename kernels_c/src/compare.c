@@ -149,18 +149,6 @@ static inline __attribute__((always_inline)) void compare_body(double sums[5], d
     *n_valid = valid;
 }
 
-/* NAME_avx512, NAME_avx2, NAME_scalar: the same body compiled for each path, and NAME choosing by ak_isa() */
-#define AK_ISA_VARIANTS(NAME, BODY, PARAMS, ARGS)                                                     \
-    __attribute__((target("avx512f,avx2,fma"))) static void NAME##_avx512 PARAMS { BODY ARGS; }      \
-    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { BODY ARGS; }                 \
-    static void NAME##_scalar PARAMS { BODY ARGS; }                                                   \
-    static void NAME PARAMS {                                                                         \
-        int isa_ = ak_isa();                                                                          \
-        if (isa_ == AK_ISA_AVX512) NAME##_avx512 ARGS;                                                \
-        else if (isa_ == AK_ISA_AVX2) NAME##_avx2 ARGS;                                               \
-        else NAME##_scalar ARGS;                                                                      \
-    }
-
 AK_ISA_VARIANTS(compare_pass, compare_body,
                 (double sums[5], double *best, int64_t *max_ulp, int64_t *n_valid, const float *eng,
                  const float *ref, int64_t n),

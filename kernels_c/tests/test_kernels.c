@@ -455,6 +455,45 @@ static void test_gelu_avx2_matches_avx512(void) {
     free(x); free(a); free(b);
 }
 
+/* HDF5's Fletcher-32: the closed-form block sums on every ISA path the CPU runs equal HDF5's loop (the naive)
+ * bit for bit, at every length around the 360-word blocks, odd lengths (the high-byte tail), unaligned starts,
+ * and all-0xff bytes (the largest sums: sum2 wraps modulo 2^32 inside a block). The input is not written. */
+static void test_fletcher32(void) {
+    const int n = 4 * 720 + 9;
+    uint8_t *buf = (uint8_t *)malloc((size_t)n + 4), *copy = (uint8_t *)malloc((size_t)n + 4);
+    for (int i = 0; i < n + 4; i++) buf[i] = (uint8_t)(frand() * 127.0f + 128.0f);
+    memcpy(copy, buf, (size_t)n + 4);
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    for (int fill = 0; fill < 2; fill++) {
+        if (fill) memset(buf, 0xff, (size_t)n + 4), memcpy(copy, buf, (size_t)n + 4);
+        for (int k = 0; k < 3; k++) {
+            if (!ak_cpu_supports_isa(isas[k])) continue;
+            CHECK(ak_set_isa(isas[k]));
+            int bad = 0, cases = 0;
+            for (int off = 0; off < 4; off++)
+                for (int len = 0; len <= n - 4; len += len < 800 ? 1 : 97) {
+                    uint32_t a, b;
+                    CHECK(ak_fletcher32(&a, buf + off, len));
+                    CHECK(ak_fletcher32_naive(&b, buf + off, len));
+                    bad += a != b;
+                    cases++;
+                }
+            EXPECT(bad == 0, "fletcher32 isa %d fill %d: %d of %d lengths differ from HDF5's loop", isas[k], fill, bad,
+                   cases);
+        }
+    }
+    EXPECT(memcmp(buf, copy, (size_t)n + 4) == 0, "fletcher32 left its input as it was");
+    uint32_t v = 1;
+    CHECK(ak_fletcher32(&v, NULL, 0));
+    EXPECT(v == 0, "fletcher32 of nothing is 0, got %u", v);
+    EXPECT(ak_fletcher32(NULL, buf, 4) == AK_ERR_NULL_POINTER, "fletcher32 null out");
+    EXPECT(ak_fletcher32(&v, NULL, 4) == AK_ERR_NULL_POINTER, "fletcher32 null data");
+    EXPECT(ak_fletcher32(&v, buf, -1) == AK_ERR_INVALID_SIZE, "fletcher32 negative size");
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    free(buf);
+    free(copy);
+}
+
 /* The pool's hand-over (spin, then sleep; see AK_SPIN_NS in core.c) under changing thread counts: jobs back to
  * back (workers still spinning), after a pause longer than the spin (workers asleep), and with fewer
  * participants than workers (tid >= nth must skip a job without reading it).  Every result is bitwise the
@@ -543,6 +582,7 @@ int main(void) {
     test_small_ops();
     test_gelu_avx2_matches_avx512();
     test_compare();
+    test_fletcher32();
     test_pool_handover();
     test_isa_switch_during_matmul();
     printf("%d passed, %d failed\n", g_pass, g_fail);

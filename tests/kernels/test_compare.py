@@ -141,3 +141,37 @@ def test_local_error_is_nonfinite_match_and_rel_l2_finite(k):
     want_rel = rel_l2_finite(a, b)
     assert (same, diverged) == nonfinite_match(a, b)
     assert rel == want_rel or (math.isnan(rel) and math.isnan(want_rel))
+
+
+def test_fletcher32_is_the_checksum_hdf5_stores(tmp_path):
+    """ak_fletcher32 (on the ISA path this run uses) and HDF5's loop (the naive) give, for every stored chunk of
+    datasets written by HDF5's fletcher32 filter, the 4 bytes HDF5 appended (little-endian): odd chunk lengths
+    (uint8), one-word chunks, chunks of several 360-word blocks, all-0xff bytes (the largest sums)."""
+    import h5py
+
+    from actdiff.kernels import fletcher32
+
+    rng = np.random.default_rng(7)
+    arrays = {
+        "u8_odd": (rng.integers(0, 256, 1001).astype(np.uint8), (333,)),
+        "u8_ff": (np.full(5000, 0xFF, np.uint8), (1441,)),
+        "f16_word": (rng.standard_normal(9).astype(np.float16), (1,)),
+        "f32": (rng.standard_normal((300, 37)).astype(np.float32), (64, 37)),
+        "i64": (rng.integers(-(2**62), 2**62, 999), (100,)),
+    }
+    path = tmp_path / "sums.h5"
+    with h5py.File(path, "w") as f:
+        for name, (v, chunks) in arrays.items():
+            f.create_dataset(name, data=v, chunks=chunks, fletcher32=True)
+    checked = 0
+    with h5py.File(path) as f:
+        for name in arrays:
+            d = f[name]
+            for i in range(d.id.get_num_chunks()):
+                mask, raw = d.id.read_direct_chunk(d.id.get_chunk_info(i).chunk_offset)
+                stored = int.from_bytes(raw[-4:], "little")
+                body = memoryview(raw)[:-4]
+                assert mask == 0 and fletcher32(body) == fletcher32(body, naive=True) == stored, (name, i)
+                checked += 1
+    assert checked == 4 + 4 + 9 + 5 + 10
+    assert fletcher32(b"") == 0

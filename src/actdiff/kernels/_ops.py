@@ -731,3 +731,15 @@ def rel_l2_f32(a, b) -> float:
     res = ffi.new("double *")
     _call("rel_l2", lib.ak_rel_l2(res, _p(a), _p(b), a.size))
     return float(res[0])
+
+
+def fletcher32(data, *, naive: bool = False) -> int:
+    """HDF5's Fletcher-32 checksum of the bytes of ``data`` (any C-contiguous buffer: bytes, a memoryview, an
+    array), the value HDF5's fletcher32 filter stores after each chunk (ak_fletcher32; ``naive``: HDF5's loop)."""
+    buf = memoryview(data)
+    if not buf.c_contiguous:
+        raise ValueError("fletcher32: data must be C-contiguous")
+    res = ffi.new("uint32_t *")
+    fn = lib.ak_fletcher32_naive if naive else lib.ak_fletcher32
+    _call("fletcher32", fn(res, ffi.from_buffer(buf.cast("B")) if buf.nbytes else ffi.NULL, buf.nbytes))
+    return int(res[0])
