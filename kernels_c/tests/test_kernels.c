@@ -457,7 +457,7 @@ static void test_gelu_avx2_matches_avx512(void) {
 
 /* HDF5's Fletcher-32: the closed-form block sums on every ISA path the CPU runs equal HDF5's loop (the naive)
  * bit for bit, at every length around the 360-word blocks, odd lengths (the high-byte tail), unaligned starts,
- * and all-0xff bytes (the largest sums: sum2 wraps modulo 2^32 inside a block). The input is not written. */
+ * and all-0xff bytes (the largest words). The input is not written. */
 static void test_fletcher32(void) {
     const int n = 4 * 720 + 9;
     uint8_t *buf = (uint8_t *)malloc((size_t)n + 4), *copy = (uint8_t *)malloc((size_t)n + 4);

@@ -146,7 +146,7 @@ def test_local_error_is_nonfinite_match_and_rel_l2_finite(k):
 def test_fletcher32_is_the_checksum_hdf5_stores(tmp_path):
     """ak_fletcher32 (on the ISA path this run uses) and HDF5's loop (the naive) give, for every stored chunk of
     datasets written by HDF5's fletcher32 filter, the 4 bytes HDF5 appended (little-endian): odd chunk lengths
-    (uint8), one-word chunks, chunks of several 360-word blocks, all-0xff bytes (the largest sums)."""
+    (uint8), one-word chunks, chunks of several 360-word blocks, all-0xff bytes (the largest words)."""
     import h5py
 
     from actdiff.kernels import fletcher32
