@@ -741,5 +741,5 @@ def fletcher32(data, *, naive: bool = False) -> int:
         raise ValueError("fletcher32: data must be C-contiguous")
     res = ffi.new("uint32_t *")
     fn = lib.ak_fletcher32_naive if naive else lib.ak_fletcher32
-    _call("fletcher32", fn(res, ffi.from_buffer(buf.cast("B")) if buf.nbytes else ffi.NULL, buf.nbytes))
+    _call("fletcher32", fn(res, _p(buf.cast("B"), "void *"), buf.nbytes))
     return int(res[0])
