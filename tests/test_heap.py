@@ -12,13 +12,15 @@ import sys
 CHILD = r"""
 import json, resource, sys
 import numpy as np
-from actdiff.heap import reuse_freed_memory
-ok = reuse_freed_memory() if sys.argv[1] == "policy" else None
-assert sys.argv[1] != "policy" or reuse_freed_memory() == ok  # idempotent
+from actdiff.heap import reuse_freed_memory, reuse_freed_memory_for_job
+mode, size, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+apply = {"policy": reuse_freed_memory, "job": reuse_freed_memory_for_job}.get(mode)
+ok = apply() if apply else None
+assert apply is None or apply() == ok  # idempotent
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def round_():
-    keep = [np.ones(1 << 20, np.float32) for _ in range(40)]
+    keep = [np.ones(size // 4, np.float32) for _ in range(count)]
     del keep
 round_()  # the first round faults its pages in either way
 f0 = faults()
@@ -28,10 +30,13 @@ print(json.dumps({"applied": ok, "faults": faults() - f0}))
 """
 
 ROUND_PAGES = 40 * (4 << 20) // 4096  # 40960: one round's arrays in 4 KiB pages
+LARGE = (3, 48 << 20)  # a round of large blocks: 3 of 48 MiB, above glibc's largest mmap threshold (32 MiB)
+LARGE_PAGES = LARGE[0] * LARGE[1] // 4096  # 36864
 
 
-def _faults(mode: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True)
+def _faults(mode: str, count: int = 40, size: int = 4 << 20) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, mode, str(size), str(count)], capture_output=True, text=True,
+                       check=True)  # fmt: skip
     return json.loads(r.stdout)
 
 
@@ -48,15 +53,29 @@ def test_without_the_policy_the_rounds_fault_their_pages_in():
     assert _faults("none")["faults"] > ROUND_PAGES, "the default already reuses freed pages: the policy test is moot"
 
 
+def test_a_job_reuses_blocks_above_the_mmap_threshold():
+    """A workflow job's policy (reuse_freed_memory_for_job) takes blocks above 32 MiB from the heap too, so a
+    round of 48 MiB arrays reuses the last round's pages; the engine's policy (blocks up to 32 MiB) maps them
+    afresh every round (measured: 8040 faults over 5 rounds against 0; numpy asks for transparent huge pages on
+    large arrays, so most of a fresh block faults in 2 MiB at a time: 184k faults with that turned off)."""
+    job = _faults("job", *LARGE)
+    assert job["applied"], "glibc's mallopt refused M_MMAP_MAX"
+    assert job["faults"] < LARGE_PAGES // 100, job
+    # the control: with the 32 MiB limit alone each round faults its blocks in again, at least 5 x 144 huge pages
+    # (or 5 x 36864 small ones), so it fails the bound the job's policy meets
+    control = _faults("policy", *LARGE)["faults"]
+    assert control > LARGE_PAGES // 100, f"blocks above 32 MiB were reused without the job policy ({control} faults)"
+
+
 def test_every_workflow_job_applies_the_policy():
-    """actdiff.workflow_support.run (every rule's adapter) applies the policy before the rule's function runs:
-    the statistics' float64 temporaries and the dumps' read windows were mapped afresh otherwise."""
+    """actdiff.workflow_support.run (every rule's adapter) applies the job's policy before the rule's function
+    runs: the statistics' float64 temporaries and the dumps' read windows were mapped afresh otherwise."""
     child = r"""
 import json, types
 import actdiff.heap as heap
 from actdiff.workflow_support import run
 job = types.SimpleNamespace(log=[], threads=1, rule="probe", wildcards={})
-print(json.dumps({"before": heap._applied, "during": run(job, lambda: heap._applied)}))
+print(json.dumps({"before": heap._applied_for_job, "during": run(job, lambda: heap._applied_for_job)}))
 """
     r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
     out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -119,3 +119,48 @@ def test_the_run_search_finds_what_the_shard_search_found(graph, tiny_model_dir,
     rows = search_run(shards, RunSearch.of(tiny_model_dir, {"search_seconds": 30}))
     assert set(rows["node"]) == {name} and (rows["prompts"] == 3).all()
     assert rows["explains"].iloc[0] and rows["rank"].iloc[0] == 1, rows[["name", "error", "baseline_error"]]
+
+
+def test_the_search_reads_each_weight_once_and_finds_what_the_raw_checkpoint_gives(graph, tiny_model_dir, tmp_path):
+    """search_run hands the search the checkpoint's float64 tensors held per searched node (stats.NodeWeights64):
+    every candidate reads the same object, so refops.WEIGHT_MEMO rounds it once, where a fresh read per candidate
+    re-read, converted and rounded it each time (a fifth of MiniLM's ONNX Runtime int8 search). The node's weight
+    is read from the checkpoint once for the whole search, and the table is the one the raw checkpoint gives
+    (all but the CPU seconds)."""
+    from collections import Counter
+
+    from actdiff.compare.refops import run_op, spec_params
+    from actdiff.compare.search_run import run_search
+    from actdiff.compare.stats import CheckpointTensors, NodeWeights64
+
+    class Counting(CheckpointTensors):
+        reads: Counter = Counter()
+
+        def __getitem__(self, key):
+            self.reads[key] += 1
+            return super().__getitem__(key)
+
+        def mapped(self, key):
+            self.reads[key] += 1
+            return super().mapped(key)
+
+    rng = np.random.default_rng(2)
+    name = "encoder.layers.0.attn.out_proj"
+    node = graph[name]
+    ck = CheckpointTensors(tiny_model_dir / "model.safetensors")
+    bf16 = {**spec_params(graph, node), "weight_precision": "bf16"}  # a weight stored in bf16 where fp32 was meant
+    sample = SearchSample(3, 16)
+    for p in range(3):
+        x = {node.inputs[0]: rng.standard_normal(graph.shape(node.inputs[0], int(rng.integers(8, 30))))}
+        sample.offer(graph, name, f"p{p}", x, run_op(graph, node, x, ck, bf16).astype(np.float32), 1e-6)
+    tables = {}
+    for label in ("raw", "held"):
+        raw = Counting(tiny_model_dir / "model.safetensors")
+        raw.reads.clear()
+        weights = raw if label == "raw" else NodeWeights64(raw, graph)
+        tables[label] = run_search(graph, sample, weights, 30.0).drop(columns="seconds")
+        tables[label + " reads"] = dict(raw.reads)
+    pd.testing.assert_frame_equal(tables["raw"], tables["held"])
+    assert tables["raw"]["explains"].iloc[0], tables["raw"][["name", "error"]]  # the bf16 weight, found
+    assert tables["raw reads"][node.weights[0]] > 10, tables["raw reads"]
+    assert tables["held reads"][node.weights[0]] == 1, tables["held reads"]

@@ -14,6 +14,14 @@ The statistics hit the same: their float64 temporaries of a few hundred KiB (one
 of a propagated 40 x 1536 value took 464 us instead of 80 (208 page faults a call). Every workflow job therefore
 applies the policy at its start (actdiff.workflow_support.run): a llama.cpp side's statistics job of the tiny model
 went from 337k to 109k page faults and 1.42 to 0.64 s of system time (bench/README.md).
+
+Blocks above 32 MiB (glibc's largest mmap threshold) were still mapped afresh on every allocation, and a
+workflow job makes many: the quantisation search rounds MiniLM's 30522 x 384 word embeddings (94 MB in float64)
+once per candidate, so the aggregation of an int8 ORT run faulted 4.0 million pages in, 13 of its 49 CPU-s in the
+kernel. A workflow job is a process of our own that runs one rule and exits, so there every block comes from the
+heap (:func:`reuse_freed_memory_for_job`: glibc's mmap count set to 0); that job then faulted 72k pages, 1.3 s
+of system time, its peak RSS 753 -> 822 MB. The engine, which runs in a caller's process too, keeps the 32 MiB
+limit: mapping no block at all is a process-wide choice a library should not make for its caller.
 """
 
 from __future__ import annotations
@@ -21,11 +29,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # <malloc.h>
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: HEAP_MAX_SIZE / 2 on 64-bit
 TRIM_THRESHOLD_BYTES = (1 << 31) - 1  # an int: never trim
 
 _applied: bool | None = None
+_applied_for_job: bool | None = None
 
 
 def reuse_freed_memory() -> bool:
@@ -35,6 +44,15 @@ def reuse_freed_memory() -> bool:
     if _applied is None:
         _applied = _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     return _applied
+
+
+def reuse_freed_memory_for_job() -> bool:
+    """:func:`reuse_freed_memory`, and no block mapped on its own: every block, however large, from the heap
+    (for a workflow job's process only; the module docstring). True where both hold (glibc)."""
+    global _applied_for_job
+    if _applied_for_job is None:
+        _applied_for_job = reuse_freed_memory() and _mallopt(M_MMAP_MAX, 0)
+    return _applied_for_job
 
 
 def _mallopt(param: int, value: int) -> bool:

@@ -11,7 +11,7 @@ import sys
 import time
 
 from .errors import ActdiffError
-from .heap import reuse_freed_memory
+from .heap import reuse_freed_memory_for_job
 
 
 def setup_logging(log_path: str | None = None) -> None:
@@ -60,7 +60,7 @@ def run(snakemake, func, **kwargs):
     log_path = str(snakemake.log[0]) if len(snakemake.log) else None
     setup_logging(log_path)
     pin_threads(snakemake.threads)
-    reuse_freed_memory()  # freed blocks up to 32 MiB reused, not mapped afresh (actdiff.heap)
+    reuse_freed_memory_for_job()  # freed blocks reused, none mapped afresh (actdiff.heap)
     log = logging.getLogger(f"actdiff.rule.{snakemake.rule}")
     log.info("rule %s: wildcards %s, threads %d", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
     try:

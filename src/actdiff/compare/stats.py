@@ -294,6 +294,11 @@ class NodeWeights64(Mapping):
     def __contains__(self, key) -> bool:
         return key in self.raw
 
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from the raw mapping's header where it has one (CheckpointTensors.shape_of)."""
+        shape_of = getattr(self.raw, "shape_of", None)
+        return tuple(shape_of(key)) if shape_of is not None else tuple(np.shape(self.raw[key]))
+
     def __iter__(self):
         return iter(self.raw)
 
