@@ -16,11 +16,12 @@ applies the policy at its start (actdiff.workflow_support.run): a llama.cpp side
 went from 337k to 109k page faults and 1.42 to 0.64 s of system time (bench/README.md).
 
 Blocks above 32 MiB (glibc's largest mmap threshold) were still mapped afresh on every allocation, and a
-workflow job makes many: the quantisation search rounds MiniLM's 30522 x 384 word embeddings (94 MB in float64)
-once per candidate, so the aggregation of an int8 ORT run faulted 4.0 million pages in, 13 of its 49 CPU-s in the
-kernel. A workflow job is a process of our own that runs one rule and exits, so there every block comes from the
-heap (:func:`reuse_freed_memory_for_job`: glibc's mmap count set to 0); that job then faulted 72k pages, 1.3 s
-of system time, its peak RSS 753 -> 822 MB. The engine, which runs in a caller's process too, keeps the 32 MiB
+workflow job can make many: the aggregation of MiniLM's int8 ORT run faulted 4.0 million pages in, 13 of its 49
+CPU-s in the kernel, most of it where the search's candidates work on the embeddings (MiniLM's 30522 x 384 word
+table is 94 MB in float64; the search there took 9.4 CPU-s, 2.8 with every block from the heap). A workflow job is
+a process of our own that runs one rule and exits, so there every block comes from the heap
+(:func:`reuse_freed_memory_for_job`: glibc's mmap count set to 0); that job then faulted 72k pages, 1.3 s of
+system time, its peak RSS 753 -> 822 MB. The engine, which runs in a caller's process too, keeps the 32 MiB
 limit: mapping no block at all is a process-wide choice a library should not make for its caller.
 """
 
