@@ -4,7 +4,7 @@ The Quarto sources are package data, ``actdiff/data/reports/`` (``report.qmd``, 
 call this package:
 ``actdiff.report.data`` loads a run's tables, ``actdiff.report.sections`` turns them into markdown and
 static figures, ``actdiff.report.render`` renders a ``.qmd`` with quarto or, without quarto, with the
-fallback renderer (jupytext + nbclient + pandoc).
+fallback renderer (jupytext, an in-process IPython shell, pandoc).
 """
 
 from __future__ import annotations

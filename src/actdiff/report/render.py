@@ -2,8 +2,9 @@
 
 With ``quarto`` on PATH: ``quarto render <copy> -P key:value ... --to html -M embed-resources:true``.
 Without it, the fallback renderer: jupytext reads the ``.qmd`` (its ```` ```{python} ```` chunks, as R
-Markdown), the parameters are injected in a cell after the one tagged ``parameters`` (like papermill),
-nbclient executes the notebook (a failing cell raises :class:`RenderError`), the executed notebook becomes
+Markdown), the parameters are injected in a cell after the one tagged ``parameters`` (like papermill), an
+IPython shell in this process executes the notebook (actdiff.report.shell: the outputs a kernel gives, without
+a kernel's process; a failing cell raises :class:`RenderError`), the executed notebook becomes
 markdown honouring the Quarto cell options ``echo``, ``output: asis``, ``fig-cap``, ``label``, ``include``,
 callouts and tabsets, and pandoc (pypandoc-binary) writes a standalone HTML with embedded resources, a
 table of contents and the stylesheet shipped next to this module.
@@ -101,7 +102,7 @@ def render(qmd, out_html, params: dict, log: logging.Logger | None = None, title
             produced = _render_quarto(quarto, src, params, log)
             kind = "quarto"
         else:
-            log.info("renderer: fallback (jupytext+nbclient+pandoc)")
+            log.info("renderer: fallback (jupytext, in-process IPython, pandoc)")
             produced = _render_fallback(src, params, log, title)
             kind = "fallback"
         if not produced.is_file() or produced.stat().st_size == 0:
@@ -193,27 +194,15 @@ def inject_parameters(nb, params: dict) -> None:
 
 
 def _execute(nb, work: Path, src: Path, log: logging.Logger) -> None:
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, DeadKernelError
+    from .shell import CellError, execute_notebook
 
-    client = NotebookClient(
-        nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(work)}}, allow_errors=False
-    )
     env = {"MPLBACKEND": "Agg"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    # The kernel's own stderr goes to a file: ipykernel may print a harmless traceback while it shuts down
-    # (its control thread flushes stderr after the iopub socket closed, zmq "Socket operation on non-socket"),
-    # which would otherwise land in the rule's log as if the report had failed. Shown only when a cell fails.
-    kernel_err = work / "kernel-stderr.log"
     try:
-        with open(kernel_err, "wb") as err:
-            client.execute(stderr=err)
-    except (CellExecutionError, DeadKernelError) as e:
-        # nbclient's message holds the cell source and the traceback
-        tail = kernel_err.read_text(errors="replace")[-2000:].strip()
-        extra = f"\nkernel stderr:\n{tail}" if tail else ""
-        msg = f"a cell of {src.name} failed, no report written:\n{_strip_ansi(str(e))[-6000:]}{extra}"
+        n = execute_notebook(nb, work)
+    except CellError as e:
+        msg = f"a cell of {src.name} failed, no report written:\n{e.source}\n{_strip_ansi(e.text)[-6000:]}"
         raise RenderError(msg) from e
     finally:
         for k, v in old.items():
@@ -221,7 +210,7 @@ def _execute(nb, work: Path, src: Path, log: logging.Logger) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    log.info("executed %d cells", sum(c.cell_type == "code" for c in nb.cells))
+    log.info("executed %d cells", n)
 
 
 def _strip_ansi(s: str) -> str:

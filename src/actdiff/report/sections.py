@@ -895,7 +895,7 @@ def _cpu_flags(flags: dict) -> str:
     return ", ".join(f"{f} {'✔' if ok else '✘'}" for f, ok in flags.items()) if flags else "unavailable"
 
 
-REPORT_LIBRARIES = ("actdiff", "numpy", "pandas", "pyarrow", "torch", "matplotlib", "jupytext", "nbclient")
+REPORT_LIBRARIES = ("actdiff", "numpy", "pandas", "pyarrow", "torch", "matplotlib", "jupytext", "ipython")
 
 
 def imported_rows(records: list[dict]) -> list[tuple[str, str]]:

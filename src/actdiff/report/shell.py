@@ -1,0 +1,187 @@
+"""Executing a notebook's code cells in an IPython shell inside this process (the fallback renderer's executor).
+
+The cells run in the same IPython the Jupyter kernel runs them in (``InteractiveShell``: magics, ``display``,
+the display hook of a cell's last expression, ``;`` to silence it), and each cell's outputs are recorded in
+nbformat's shapes, as nbclient records a kernel's messages: ``stream`` (stdout and stderr, in the order they
+were written, displays between them), ``display_data`` and ``execute_result`` with every representation the
+formatters give. What is left out is the kernel's process and its messaging: a report's kernel cost 0.85
+CPU-s to start and stop and its figures went through ZeroMQ as base64 (bench/README.md "Reports rendered in
+the job's process"). A render job is a process of its own, so the shell's state never leaks between reports;
+the shell is created for one notebook and cleared after it, the process's ``__main__``, working directory,
+``sys.path`` and streams restored.
+
+Like the kernel the workflow ran before, the shell keeps no history file (parallel renders share ``~/.ipython``)
+and leaves matplotlib's backend to ``MPLBACKEND`` (the renderer sets Agg, so pyplot figures are never shown
+unless a cell displays them: the reports display ``IPython.display.Image`` objects).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+CELL_TIMEOUT_S = 1200  # the limit nbclient was given per cell
+
+
+class CellError(Exception):
+    """A cell raised (or ran past its time): ``index`` is the code cell's position, ``text`` its traceback."""
+
+    def __init__(self, index: int, source: str, text: str):
+        super().__init__(f"cell {index} failed:\n{source}\n{text}")
+        self.index, self.source, self.text = index, source, text
+
+
+class _Sink:
+    """The outputs of the cell being run, in nbformat's shapes."""
+
+    def __init__(self):
+        self.outputs: list = []
+
+    def stream(self, name: str, text: str) -> None:
+        from nbformat.v4 import new_output
+
+        last = self.outputs[-1] if self.outputs else None
+        if last is not None and last.output_type == "stream" and last.name == name:
+            last.text += text
+        else:
+            self.outputs.append(new_output("stream", name=name, text=text))
+
+    def rich(self, kind: str, data: dict, metadata: dict | None, count: int | None = None) -> None:
+        from nbformat.v4 import new_output
+
+        extra = {"execution_count": count} if kind == "execute_result" else {}
+        self.outputs.append(new_output(kind, data=dict(data), metadata=dict(metadata or {}), **extra))
+
+
+class _Stream:
+    """A text stream writing into the sink (``sys.stdout`` / ``sys.stderr`` while a cell runs)."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def __init__(self, sink: _Sink, name: str):
+        self._sink, self.name = sink, name
+
+    def write(self, text: str) -> int:
+        if text:
+            self._sink.stream(self.name, str(text))
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _shell_classes(sink: _Sink):
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+
+    class Publisher(DisplayPublisher):
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
+            sink.rich("display_data", data, metadata)
+
+        def clear_output(self, wait=False):
+            sink.outputs.clear()
+
+    class Hook(DisplayHook):
+        def write_output_prompt(self):
+            pass
+
+        def write_format_data(self, format_dict, md_dict=None):
+            sink.rich("execute_result", format_dict, md_dict, self.prompt_count)
+
+        def finish_displayhook(self):
+            pass
+
+    class Shell(InteractiveShell):
+        displayhook_class = Hook
+        display_pub_class = Publisher
+
+    return Shell
+
+
+@contextlib.contextmanager
+def _process_state(work: Path, sink: _Sink):
+    """cwd, sys.path[0], ``__main__`` and the streams as a kernel started in ``work`` has them; restored after."""
+    saved = (os.getcwd(), list(sys.path), sys.modules.get("__main__"), sys.stdout, sys.stderr)
+    os.chdir(work)
+    sys.path.insert(0, str(work))
+    sys.stdout, sys.stderr = _Stream(sink, "stdout"), _Stream(sink, "stderr")
+    try:
+        yield
+    finally:
+        cwd, path, main, sys.stdout, sys.stderr = saved
+        os.chdir(cwd)
+        sys.path[:] = path
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Raise TimeoutError in the cell after ``seconds``. Only in the main thread (signals reach no other) and
+    where nothing else uses SIGALRM (its handler and timer are left alone then)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGALRM) not in (
+        signal.SIG_DFL,
+        signal.SIG_IGN,
+    ):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"the cell ran for more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _run_cell(shell, sink: _Sink, index: int, cell, timeout: int) -> None:
+    sink.outputs = []
+    with _time_limit(timeout):
+        result = shell.run_cell(cell.source, store_history=True, silent=False)
+    cell.outputs = sink.outputs
+    cell.execution_count = shell.execution_count - 1
+    err = result.error_before_exec or result.error_in_exec
+    if err is not None:
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        raise CellError(index, cell.source, text)
+
+
+def execute_notebook(nb, work: Path, timeout: int = CELL_TIMEOUT_S) -> int:
+    """Run every code cell of ``nb`` in order in a fresh in-process IPython shell with ``work`` as the working
+    directory, storing each cell's outputs on it; stops at the first failing cell with :class:`CellError`.
+    Returns the number of code cells run."""
+    from traitlets.config import Config
+
+    sink = _Sink()
+    config = Config()
+    config.HistoryManager.enabled = False  # no sqlite history shared by parallel renders
+    Shell = _shell_classes(sink)
+    n = 0
+    with _process_state(Path(work), sink):
+        shell = Shell.instance(config=config)
+        shell.showtraceback = lambda *a, **k: None  # the error is raised with its traceback, not printed
+        try:
+            for i, cell in enumerate(nb.cells):
+                if cell.cell_type == "code":
+                    _run_cell(shell, sink, i, cell, timeout)
+                    n += 1
+        finally:
+            Shell.clear_instance()
+    return n
