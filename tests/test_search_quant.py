@@ -18,7 +18,7 @@ from test_hypotheses import TINY, Model
 from test_search_fit import PROMPTS
 
 from actdiff.compare.findings import Deadline, explains
-from actdiff.compare.refops import quantise, round_to, run_op
+from actdiff.compare.refops import quantise, quantise_int, round_to, run_op, saturated_pairs
 from actdiff.compare.search import make_context, search_node, searchers
 from actdiff.compare.search_quant import quantisation
 
@@ -194,6 +194,31 @@ def test_saturating_integer_kernel_is_found(tiny):
     ctx, found, _ = _quant_findings(tiny, QKV, targets)
     assert found[0].error < BUDGET and found[0].params == planted, found[0].says
     assert "saturating 16-bit" in found[0].says
+
+
+def _saturated_pairs_naive(qa, qw) -> np.ndarray:
+    """The kernel as written: pairs of consecutive k summed in Python integers and clipped to int16."""
+    lost = np.zeros((len(qa), len(qw)))
+    for t, a in enumerate(qa.astype(int).tolist()):
+        for n, w in enumerate(qw.astype(int).tolist()):
+            pairs = (a[k] * w[k] + a[k + 1] * w[k + 1] for k in range(0, len(a) - 1, 2))
+            lost[t, n] = sum(p - min(max(p, -32768), 32767) for p in pairs)
+    return lost
+
+
+@pytest.mark.parametrize("bits,k", [(8, 64), (8, 33), (12, 20), (16, 17)])
+def test_saturated_pairs_is_the_naive_integer_loop(bits, k):
+    """Exactly (equal floats) the loop's loss, dequantised: 8-bit operands (the int32 path), wider ones (int64:
+    a pair of 16-bit products passes 2^31), an odd k (the last k has no pair), rows across the 16-row blocks."""
+    rng = np.random.default_rng(bits * 100 + k)
+    a, w = rng.uniform(0, 3, (37, k)), rng.uniform(-1, 1, (11, k))  # u8 and s8 near their ends: pairs overflow
+    sa, sw = {"bits": bits, "symmetric": False, "granularity": "tensor"}, {"bits": bits, "granularity": "row"}
+    (qa, sca, _), (qw, scw, _) = quantise_int(a, sa), quantise_int(w, sw)
+    expect = _saturated_pairs_naive(qa, qw) * np.reshape(sca, (-1, 1))[0] * np.reshape(scw, (1, -1))
+    got = saturated_pairs(a, sa, w, sw)
+    assert 0.1 * got.size < np.count_nonzero(got) <= got.size  # pairs overflow in most (t, n), not all at 8 bits
+    assert bits > 8 or np.count_nonzero(got) < got.size
+    np.testing.assert_array_equal(got, expect)
 
 
 def test_divergence_beyond_quantisations_reach_caps_the_static_fits(tiny):
