@@ -124,3 +124,25 @@ def test_no_history_file_is_written(tmp_path, monkeypatch):
     work.mkdir()
     execute_notebook(_nb("1 + 1", "2 + 2"), work)
     assert not list(ipdir.rglob("history.sqlite*"))
+
+
+def test_a_callers_ipython_shell_is_left_alone(tmp_path):
+    """Called from a notebook or IPython (a shell already runs in the process): the cells run in a child process,
+    with the same outputs and errors, and the caller's shell keeps its instance and its variables."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    main = sys.modules["__main__"]  # IPython installs its own __main__ module: pytest's is put back below
+    outer = InteractiveShell.instance()
+    try:
+        outer.user_ns["mine"] = 1
+        nb = _nb("import os; print(os.getpid())\nmine = 2\nmine * 21")
+        assert execute_notebook(nb, tmp_path) == 1
+        assert int(nb.cells[0].outputs[0].text) != os.getpid()
+        assert nb.cells[0].outputs[1].data["text/plain"] == "42"
+        assert InteractiveShell.instance() is outer and outer.user_ns["mine"] == 1
+        with pytest.raises(CellError) as e:
+            execute_notebook(_nb("x = 1", "raise KeyError('in-child')"), tmp_path)
+        assert e.value.index == 1 and "KeyError: 'in-child'" in e.value.text
+    finally:
+        InteractiveShell.clear_instance()
+        sys.modules["__main__"] = main

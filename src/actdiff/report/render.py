@@ -194,7 +194,7 @@ def inject_parameters(nb, params: dict) -> None:
 
 
 def _execute(nb, work: Path, src: Path, log: logging.Logger) -> None:
-    from .shell import CellError, execute_notebook
+    from .shell import CellError, ShellProcessError, execute_notebook
 
     env = {"MPLBACKEND": "Agg"}
     old = {k: os.environ.get(k) for k in env}
@@ -204,6 +204,8 @@ def _execute(nb, work: Path, src: Path, log: logging.Logger) -> None:
     except CellError as e:
         msg = f"a cell of {src.name} failed, no report written:\n{e.source}\n{_strip_ansi(e.text)[-6000:]}"
         raise RenderError(msg) from e
+    except ShellProcessError as e:
+        raise RenderError(f"{src.name} could not be executed, no report written: {e}") from e
     finally:
         for k, v in old.items():
             if v is None:

@@ -8,7 +8,8 @@ formatters give. What is left out is the kernel's process and its messaging: a r
 CPU-s to start and stop and its figures went through ZeroMQ as base64 (bench/README.md "Reports rendered in
 the job's process"). A render job is a process of its own, so the shell's state never leaks between reports;
 the shell is created for one notebook and cleared after it, the process's ``__main__``, working directory,
-``sys.path`` and streams restored.
+``sys.path`` and streams restored. A process that already runs an IPython shell (the API called from a notebook)
+keeps it: the cells then run in a child process (``python -m actdiff.report.shell``), the same way.
 
 Like the kernel the workflow ran before, the shell keeps no history file (parallel renders share ``~/.ipython``)
 and leaves matplotlib's backend to ``MPLBACKEND`` (the renderer sets Agg, so pyplot figures are never shown
@@ -18,8 +19,10 @@ unless a cell displays them: the reports display ``IPython.display.Image`` objec
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import traceback
@@ -34,6 +37,10 @@ class CellError(Exception):
     def __init__(self, index: int, source: str, text: str):
         super().__init__(f"cell {index} failed:\n{source}\n{text}")
         self.index, self.source, self.text = index, source, text
+
+
+class ShellProcessError(RuntimeError):
+    """The child process running the cells (a caller's IPython shell in this process) died or wrote no result."""
 
 
 class _Sink:
@@ -164,9 +171,55 @@ def _run_cell(shell, sink: _Sink, index: int, cell, timeout: int) -> None:
 
 
 def execute_notebook(nb, work: Path, timeout: int = CELL_TIMEOUT_S) -> int:
-    """Run every code cell of ``nb`` in order in a fresh in-process IPython shell with ``work`` as the working
-    directory, storing each cell's outputs on it; stops at the first failing cell with :class:`CellError`.
-    Returns the number of code cells run."""
+    """Run every code cell of ``nb`` in order in a fresh IPython shell with ``work`` as the working directory,
+    storing each cell's outputs on it; stops at the first failing cell with :class:`CellError`. Returns the
+    number of code cells run. In this process, unless it already runs an IPython shell (a caller's notebook or
+    terminal: IPython allows one per process, and the report's cells must not run in the caller's): then in a
+    child process, the same way."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    if InteractiveShell.initialized():
+        return _execute_in_child(nb, Path(work), timeout)
+    return _execute_here(nb, Path(work), timeout)
+
+
+def _execute_in_child(nb, work: Path, timeout: int) -> int:
+    import nbformat
+
+    src, out = work / ".actdiff-shell-in.ipynb", work / ".actdiff-shell-out.json"
+    nbformat.write(nb, str(src))
+    cmd = [sys.executable, "-m", "actdiff.report.shell", str(src), str(out), str(work), str(timeout)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0 or not out.is_file():
+        raise ShellProcessError(f"the report's shell process failed (exit {p.returncode}): {p.stderr[-4000:]}")
+    result = json.loads(out.read_text(encoding="utf-8"))
+    done = nbformat.read(str(src), as_version=4)
+    for cell, ran in zip(nb.cells, done.cells, strict=True):
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = ran.outputs, ran.execution_count
+    if result.get("error"):
+        e = result["error"]
+        raise CellError(e["index"], e["source"], e["text"])
+    return int(result["cells"])
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m actdiff.report.shell IN.ipynb OUT.json WORK TIMEOUT``: run IN's cells here, write the executed
+    notebook back to IN and ``{"cells": n}`` or ``{"error": {...}}`` to OUT (the child of _execute_in_child)."""
+    import nbformat
+
+    src, out, work, timeout = Path(argv[0]), Path(argv[1]), Path(argv[2]), int(argv[3])
+    nb = nbformat.read(str(src), as_version=4)
+    try:
+        result = {"cells": _execute_here(nb, work, timeout)}
+    except CellError as e:
+        result = {"error": {"index": e.index, "source": e.source, "text": e.text}}
+    nbformat.write(nb, str(src))
+    out.write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+def _execute_here(nb, work: Path, timeout: int) -> int:
     from traitlets.config import Config
 
     sink = _Sink()
@@ -174,7 +227,7 @@ def execute_notebook(nb, work: Path, timeout: int = CELL_TIMEOUT_S) -> int:
     config.HistoryManager.enabled = False  # no sqlite history shared by parallel renders
     Shell = _shell_classes(sink)
     n = 0
-    with _process_state(Path(work), sink):
+    with _process_state(work, sink):
         shell = Shell.instance(config=config)
         shell.showtraceback = lambda *a, **k: None  # the error is raised with its traceback, not printed
         try:
@@ -185,3 +238,7 @@ def execute_notebook(nb, work: Path, timeout: int = CELL_TIMEOUT_S) -> int:
         finally:
             Shell.clear_instance()
     return n
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
