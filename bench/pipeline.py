@@ -38,7 +38,7 @@ What is measured, per run (all from one run; the machine may be shared, so rates
   (prompts / (end of the last compute_stats - start of the first tokenize), from log timestamps) includes
   every start-up and scheduling gap; the end-to-end rate is prompts / wall of the whole snakemake run;
 - peak RSS per rule: this script polls every 0.1 s the ``VmHWM`` of every job's processes (the rule's
-  script and what it starts, e.g. the report's Jupyter kernel; VmHWM is the kernel's high-water mark of
+  script and what it starts, e.g. the report's pandoc; VmHWM is the kernel's high-water mark of
   resident memory, so a peak between two polls is not missed, only growth in the last poll interval before
   exit is); a job's peak is the sum over its processes (exact for the one-process jobs, an upper bound
   otherwise). It also reads Snakemake's ``max_rss`` (sampled every 0.5 s for the first 30 s of a job, then
@@ -290,7 +290,7 @@ def write_config(run_dir: Path, sheet: Path, model: str, source: dict, batch_siz
 # ----------------------------------------------------------------------------- monitoring a snakemake run
 class Monitor(threading.Thread):
     """Poll the snakemake process tree: VmHWM/VmRSS of every rule job (its script process and whatever that
-    starts, e.g. the report's Jupyter kernel), and the HDF5 dumps."""
+    starts, e.g. the report's pandoc), and the HDF5 dumps."""
 
     def __init__(self, root_pid: int, h5_dirs: list[Path]):
         super().__init__(daemon=True)

@@ -3,7 +3,7 @@
 Takes one finished run (its shard tables and tokens), replicates its prompts to ``--prompts`` prompts (prompt
 ``p`` becomes ``p~0``, ``p~1``, ...; ``--shards`` shards of equal size), then runs ``aggregate_stats`` and
 ``render_report`` on the original and on the replica, each in its own process, and records each one's peak
-resident memory (VmHWM of the process; for the report, also its Jupyter kernel and pandoc, from
+resident memory (VmHWM of the process; for the report, also its pandoc, and quarto's kernel where quarto renders, from
 RUSAGE_CHILDREN). Prints a table and writes JSON.
 
     python bench/report_memory.py --results results/ci --model tiny-nomic-moe --side actdiff \\

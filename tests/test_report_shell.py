@@ -146,3 +146,18 @@ def test_a_callers_ipython_shell_is_left_alone(tmp_path):
     finally:
         InteractiveShell.clear_instance()
         sys.modules["__main__"] = main
+
+
+def test_a_cell_logs_as_in_a_kernel_and_the_callers_logging_is_kept(tmp_path, caplog):
+    """A kernel's root logger has no handler: a cell's warning reaches its stderr (logging's last resort), its
+    info goes nowhere; the rule's own log handlers see neither, and get their logger back after the cells."""
+    import logging
+
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    nb = _nb("import logging\nlogging.getLogger('cell').info('quiet')\nlogging.getLogger('cell').warning('loud')")
+    with caplog.at_level(logging.INFO):
+        execute_notebook(nb, tmp_path)
+        assert not [r for r in caplog.records if r.name == "cell"]
+    assert [(o.name, o.text) for o in nb.cells[0].outputs] == [("stderr", "loud\n")]
+    assert (root.handlers, root.level) == before

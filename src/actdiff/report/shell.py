@@ -8,7 +8,7 @@ formatters give. What is left out is the kernel's process and its messaging: a r
 CPU-s to start and stop and its figures went through ZeroMQ as base64 (bench/README.md "Reports rendered in
 the job's process"). A render job is a process of its own, so the shell's state never leaks between reports;
 the shell is created for one notebook and cleared after it, the process's ``__main__``, working directory,
-``sys.path`` and streams restored. A process that already runs an IPython shell (the API called from a notebook)
+``sys.path``, streams and root logger (a kernel's has no handler while the cells run) restored. A process that already runs an IPython shell (the API called from a notebook)
 keeps it: the cells then run in a child process (``python -m actdiff.report.shell``), the same way.
 
 Like the kernel the workflow ran before, the shell keeps no history file (parallel renders share ``~/.ipython``)
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -120,15 +121,21 @@ def _shell_classes(sink: _Sink):
 
 @contextlib.contextmanager
 def _process_state(work: Path, sink: _Sink):
-    """cwd, sys.path[0], ``__main__`` and the streams as a kernel started in ``work`` has them; restored after."""
+    """cwd, sys.path[0], ``__main__``, the streams and the root logger as a kernel started in ``work`` has them
+    (no handler, level WARNING: a record a cell logs reaches the cell's stderr through logging's last resort, as
+    in a kernel, not the rule's log); restored after."""
+    root = logging.getLogger()
     saved = (os.getcwd(), list(sys.path), sys.modules.get("__main__"), sys.stdout, sys.stderr)
+    saved_log = (root.handlers[:], root.level)
     os.chdir(work)
     sys.path.insert(0, str(work))
     sys.stdout, sys.stderr = _Stream(sink, "stdout"), _Stream(sink, "stderr")
+    root.handlers, root.level = [], logging.WARNING
     try:
         yield
     finally:
         cwd, path, main, sys.stdout, sys.stderr = saved
+        root.handlers, root.level = saved_log
         os.chdir(cwd)
         sys.path[:] = path
         if main is not None:
