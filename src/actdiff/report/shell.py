@@ -8,8 +8,9 @@ formatters give. What is left out is the kernel's process and its messaging: a r
 CPU-s to start and stop and its figures went through ZeroMQ as base64 (bench/README.md "Reports rendered in
 the job's process"). A render job is a process of its own, so the shell's state never leaks between reports;
 the shell is created for one notebook and cleared after it, the process's ``__main__``, working directory,
-``sys.path``, streams and root logger (a kernel's has no handler while the cells run) restored. A process that already runs an IPython shell (the API called from a notebook)
-keeps it: the cells then run in a child process (``python -m actdiff.report.shell``), the same way.
+``sys.path``, streams and root logger (a kernel's has no handler while the cells run) restored. A process that
+already runs an IPython shell (the API called from a notebook) keeps it: the cells then run in a child process
+(``python -m actdiff.report.shell``), the same way.
 
 Like the kernel the workflow ran before, the shell keeps no history file (parallel renders share ``~/.ipython``)
 and leaves matplotlib's backend to ``MPLBACKEND`` (the renderer sets Agg, so pyplot figures are never shown
