@@ -4,7 +4,7 @@ The cells run in the same IPython the Jupyter kernel runs them in (``Interactive
 the display hook of a cell's last expression, ``;`` to silence it), and each cell's outputs are recorded in
 nbformat's shapes, as nbclient records a kernel's messages: ``stream`` (stdout and stderr, in the order they
 were written, displays between them), ``display_data`` and ``execute_result`` with every representation the
-formatters give. What is left out is the kernel's process and its messaging: a report's kernel cost 0.85
+formatters give. What is left out is the kernel's process and its messaging: a report's kernel cost 0.85-0.96
 CPU-s to start and stop and its figures went through ZeroMQ as base64 (bench/README.md "Reports rendered in
 the job's process"). A render job is a process of its own, so the shell's state never leaks between reports;
 the shell is created for one notebook and cleared after it, the process's ``__main__``, working directory,
@@ -34,7 +34,8 @@ CELL_TIMEOUT_S = 1200  # the limit nbclient was given per cell
 
 
 class CellError(Exception):
-    """A cell raised (or ran past its time): ``index`` is the code cell's position, ``text`` its traceback."""
+    """A cell raised (or ran past its time): ``index`` is its position among the notebook's cells, ``text`` its
+    traceback."""
 
     def __init__(self, index: int, source: str, text: str):
         super().__init__(f"cell {index} failed:\n{source}\n{text}")
