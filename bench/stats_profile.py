@@ -93,7 +93,8 @@ def sample():  # the main thread's stack whenever the RSS reaches a new high: wh
 rec = ModelRecord.load(a["model_json"])
 out = Path(a["out"]); out.mkdir(parents=True, exist_ok=True)
 outputs = {t: str(out / f"{t}.parquet") for t in SHARD_TABLES}
-threading.Thread(target=sample, daemon=True).start()
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 prof = cProfile.Profile() if a["cprofile"] else None
 noise, noise_s = None, 0.0
 if a["shared_noise"]:  # rule reference_noise's table, measured first (once per shard in the workflow)
@@ -107,6 +108,10 @@ with threadpool_limits(limits=1):
     if prof: prof.disable()
 dt = time.perf_counter() - t0
 done.set()
+# joined before the interpreter exits: left running into its shutdown, the worker hung there for good (every
+# thread asleep, the main one waiting for h5py's lock while clearing the modules) or exited 1, in 3 of 3 runs on
+# the full-size fixture on 2026-12-05
+sampler.join()
 graph = build_graph(rec.config)
 nodes = pq.read_table(outputs["nodes"], columns=["prompt_id", "tokens"]).to_pandas().drop_duplicates("prompt_id")
 flops = sum(sum(stats_flops(graph, int(t)).values()) for t in nodes["tokens"])
