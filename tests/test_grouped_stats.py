@@ -10,6 +10,7 @@ import pytest
 from helpers import engine_dump, shard_outputs
 
 from actdiff.compare import grouped
+from actdiff.compare import stats as stats_module
 from actdiff.compare.grouped import same_bits
 from actdiff.compare.refnoise import measure_reference_noise
 from actdiff.compare.stats import compute_shard_stats
@@ -61,6 +62,48 @@ def test_groups_are_bounded_in_bytes_and_keep_the_order():
     assert [len(g) for g in grouped.grouped(items, max_bytes=1)] == [1] * 6
 
 
+def test_planned_groups_stay_within_the_bound_and_read_no_prompt_ahead():
+    """With each prompt's size known before it is read (the statistics' plan from the token offsets), a prompt
+    that would take its group past the bound starts the next group, and it is read only once the group before
+    it has been handed on: the old rule (close once the bound is reached) put a 512-token prompt of the released
+    model in one group with the short prompt before it, and held both with their replays."""
+    nbytes = [80, 80, 80, 800, 80, 8]
+    read: list[str] = []
+
+    def paired():
+        for i, n in enumerate(nbytes):
+            read.append(f"p{i}")
+            yield f"p{i}", {"a": np.zeros(n // 8, np.float32)}, {"a": np.zeros(n // 8, np.float32)}
+
+    seen = []
+    for g in grouped.grouped(paired(), max_bytes=160, sizes=nbytes):
+        assert read == [p for gr in seen for p in gr] + [p for p, _, _ in g], "a prompt was read ahead of its group"
+        assert len(g) == 1 or sum(nbytes[int(p[1:])] for p, _, _ in g) <= 160
+        seen.append([p for p, _, _ in g])
+    assert seen == [["p0", "p1"], ["p2"], ["p3"], ["p4", "p5"]]
+    with pytest.raises(ValueError, match="more prompts than the sizes"):
+        list(grouped.grouped(paired(), max_bytes=160, sizes=nbytes[:-1]))
+    with pytest.raises(ValueError, match="the sizes are not the prompts"):
+        list(grouped.grouped(paired(), max_bytes=160, sizes=[*nbytes, 8]))
+
+
+def test_group_bound_follows_the_longest_prompt_only_where_it_exceeds_the_default(tiny_model_dir):
+    """GROUP_BYTES while every prompt's dumps are smaller (the bundled corpus on the small models); where one prompt's
+    are larger (the released model's 512-token prompt: 1.1 GB), groups may take two thirds of the longest prompt's,
+    about what that prompt holds judged alone with its replays."""
+    from actdiff.h5io import row_bytes
+    from actdiff.nodes import build_graph, load_config_json
+
+    graph = build_graph(load_config_json(tiny_model_dir))
+    per_token = 2 * sum(row_bytes(graph, n.name) for n in graph if n.axis == "token")
+    per_prompt = 2 * sum(row_bytes(graph, n.name) for n in graph if n.axis != "token")
+    bound, sizes = grouped.group_plan(graph, [3, 4])
+    assert (bound, sizes) == (grouped.GROUP_BYTES, [3 * per_token + per_prompt, 4 * per_token + per_prompt])
+    long = 2 * grouped.GROUP_BYTES // per_token  # one prompt's dumps twice the default bound
+    bound, sizes = grouped.group_plan(graph, [29, long, 4])
+    assert sizes[1] == long * per_token + per_prompt and bound == sizes[1] * 2 // 3 > grouped.GROUP_BYTES
+
+
 @pytest.mark.e2e
 def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_dir, tmp_path, monkeypatch):
     """A fault (failing nodes, hypotheses, the search's sample) judged in the default groups and in groups of one
@@ -73,12 +116,26 @@ def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_d
     variant = resolve_variant("fp32+fault=f1", {"f1": "gelu_tanh"})
     eng = tmp_path / "eng.h5"
     engine_dump(tiny_model_dir, ref, eng, variant)
-    tables = {}
-    for label, max_bytes in (("grouped", grouped.GROUP_BYTES), ("alone", 1)):
-        monkeypatch.setattr(grouped, "GROUP_BYTES", max_bytes)
+    tables, lengths = {}, {}
+    for label, bound in (("grouped", None), ("alone", 1)):  # the plan's own bound, or one prompt per group
+        seen = lengths[label] = []
+
+        def plan(graph, tokens, bound=bound):
+            default, sizes = grouped.group_plan(graph, tokens)
+            return default if bound is None else bound, sizes
+
+        def recorded(paired, *args, seen=seen):
+            for group in grouped.grouped(paired, *args):
+                seen.append(len(group))
+                yield group
+                del group
+
+        monkeypatch.setattr(stats_module, "group_plan", plan)
+        monkeypatch.setattr(stats_module, "grouped", recorded)
         out = shard_outputs(tmp_path / label)
         compute_shard_stats(tiny_model_dir, ref, eng, "actdiff", variant, 0, out, noise=noise)
         tables[label] = {t: pd.read_parquet(out[t]) for t in SHARD_TABLES}
+    assert max(lengths["alone"]) == 1 and max(lengths["grouped"]) > 1, lengths
     assert len(tables["grouped"]["nodes"]) > 0 and (tables["grouped"]["nodes"]["status"] == "fail").any()
     for t in SHARD_TABLES:
         a, b = tables["grouped"][t], tables["alone"][t]

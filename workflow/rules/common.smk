@@ -120,7 +120,8 @@ def model_files(wildcards):
 def stats_mem_mb(wildcards):
     """Memory of one statistics job: a reference run's, the bound of its memo of rounded weights
     (actdiff.compare.refops.WEIGHT_MEMO, filled where a precision or a hypothesis rounds them), and twice the
-    group of short prompts judged together (actdiff.compare.grouped: dumps, windows, replays)."""
+    group of short prompts judged together (actdiff.compare.grouped: dumps, windows, replays; where the shard's
+    longest prompt is larger, a group holds no more than that prompt does, which the reference's share covers)."""
     return reference_mem_mb(wildcards) + (WEIGHT_MEMO.max_bytes >> 20) + (2 * GROUP_BYTES >> 20)
 
 

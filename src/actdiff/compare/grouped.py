@@ -10,22 +10,27 @@ at once: the side's replay_many (actdiff.sides.base; one kernel call over the st
 computes rows independently, bitwise what per-prompt calls give) and propagation.step_together. A group of one
 prompt (a long prompt, at full size) gets nothing ahead: it is judged node by node as it always was.
 
-Memory: the group's dumps (``GROUP_BYTES``, both sides, and one prompt more: a group closes once it reaches
-the bound), the read windows they are views into (actdiff.h5io.WINDOW_BYTES per dump, more where a group spans
-windows), and the replays on the reference's inputs (at most half the dumps); a float node's replay on the
-side's own inputs is reduced to its gap here and not kept. Measured on the tiny model's bundled shard and its
+Memory: the group's dumps (at most :func:`group_bytes`, both sides: a prompt that would take a group past it
+starts the next group, one larger than it is a group of its own), the read windows they are views into
+(actdiff.h5io.WINDOW_BYTES per dump, more where a group spans windows), and the replays on the reference's
+inputs (at most half the dumps); a float node's replay on the side's own inputs is reduced to its gap here and
+not kept. Measured on the tiny model's bundled shard and its
 5x copy (Zen 4): peak RSS 475 and 579 MB against 417 and 500 MB judging prompt by prompt (+58 and +79 MB, under
-2 x GROUP_BYTES, which the workflow's statistics jobs reserve: stats_mem_mb).
+2 x GROUP_BYTES, which the workflow's statistics jobs reserve: stats_mem_mb). Where the shard's longest prompt
+takes more than that, groups may take two thirds of it (:func:`group_bytes`): the job holds as much for that
+prompt anyway.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..h5io import row_bytes
 from ..sides.base import replay_many, same_bits
 from .metrics import rel_l2
 from .propagation import Propagation, step_together
@@ -59,10 +64,32 @@ def _nbytes(values: dict) -> int:
     return sum(getattr(v, "nbytes", 0) for v in values.values())
 
 
-def grouped(paired: Iterable[tuple[str, dict, dict]], max_bytes: int | None = None) -> Iterator[list]:
-    """The (prompt_id, reference values, side values) of ``paired`` in groups of consecutive prompts, each closed
-    once its values reach ``max_bytes`` (default GROUP_BYTES; a prompt larger than that is a group of its own)."""
+def group_plan(graph, tokens: list[int]) -> tuple[int, list[int]]:
+    """(the bound on a group's dumps, the dumps' bytes of each prompt, both sides) for prompts of these token
+    counts, judged in this order. The bound is GROUP_BYTES, or two thirds of the longest prompt's dumps where they
+    are larger: a group holds its dumps and its replays on the reference's inputs (at most half the dumps), so a
+    group within two thirds of the longest prompt's dumps holds about what that prompt holds when judged alone,
+    and the job's peak does not grow. At full size (2.1 MB of dumps per token) every prompt used to be a group of
+    one; short prompts beside a long one now share a visit of each node (its float64 weights converted once, one
+    float64 product over their stacked rows where a prompt's few rows left it bound by reading the weights)."""
+    per_token = 2 * sum(row_bytes(graph, n.name) for n in graph if n.axis == "token")
+    per_prompt = 2 * sum(row_bytes(graph, n.name) for n in graph if n.axis != "token")
+    sizes = [int(t) * per_token + per_prompt for t in tokens]
+    return max(GROUP_BYTES, max(sizes, default=0) * 2 // 3), sizes
+
+
+def grouped(
+    paired: Iterable[tuple[str, dict, dict]], max_bytes: int | None = None, sizes: Iterable[int] | None = None
+) -> Iterator[list]:
+    """The (prompt_id, reference values, side values) of ``paired`` in groups of consecutive prompts, bounded by
+    ``max_bytes`` (default GROUP_BYTES). ``sizes``: each prompt's bytes in the same order, known before it is read
+    (from the dumps' token offsets): then a prompt that would take its group past the bound starts the next group,
+    read only once the group before it is judged, so a group never holds more than the bound (a prompt larger than
+    it is a group of its own). Without them a group closes once its values reach the bound."""
     limit = GROUP_BYTES if max_bytes is None else max_bytes
+    if sizes is not None:
+        yield from _counted(paired, _group_counts(sizes, limit))
+        return
     group, size = [], 0
     for item in paired:
         group.append(item)
@@ -73,6 +100,33 @@ def grouped(paired: Iterable[tuple[str, dict, dict]], max_bytes: int | None = No
             group, size = [], 0
     if group:
         yield group
+
+
+def _group_counts(sizes: Iterable[int], limit: int) -> list[int]:
+    """Prompts per group: consecutive prompts while their sizes sum to at most ``limit`` (at least one)."""
+    counts: list[int] = []
+    size = 0
+    for n in sizes:
+        if counts and size + n <= limit:
+            counts[-1] += 1
+            size += n
+        else:
+            counts.append(1)
+            size = n
+    return counts
+
+
+def _counted(paired: Iterable, counts: list[int]) -> Iterator[list]:
+    """``paired`` in groups of ``counts`` items, each group read only after the one before it is consumed."""
+    items = iter(paired)
+    for count in counts:
+        group = list(itertools.islice(items, count))
+        if len(group) < count:
+            raise ValueError(f"{len(group)} prompt(s) where the plan counts {count}: the sizes are not the prompts'")
+        yield group
+        del group  # not held while the next group is read
+    if next(items, None) is not None:
+        raise ValueError("more prompts than the sizes the groups were planned with")
 
 
 def replay_group(graph, replay, missing: frozenset, fused: frozenset, group: list) -> list[dict[str, Replayed]]:

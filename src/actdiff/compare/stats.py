@@ -53,7 +53,7 @@ from ..tables import EMBEDDING_SAMPLE, SHARD_TABLES, empty_table
 from ..variants import Variant, resolve_variant
 from .budgets import TF32_OPS, U32, Noise, budget, fp32_noise, reference_precision_of, status
 from .embeddings import BoundedSample, cosine
-from .grouped import float_gap, grouped, prepare_group, same_bits
+from .grouped import float_gap, group_plan, grouped, prepare_group, same_bits
 from .metrics import FLOAT_METRICS, compare, local_error, nonfinite_match, per_token_errors, rel_l2
 from .routing import margins, routing_rows
 from .search_run import SearchSample
@@ -775,7 +775,10 @@ def compute_shard_stats(
             )  # fmt: skip
             skip = _fitted_prompts(eng_h5, er, rr, writers["nodes"])
             _record_reference(ref_h5, rr, writers["nodes"])
-            for group in grouped(_paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip)):
+            paired = _paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip)
+            # planned from the token offsets: a group is read only once the one before it is judged
+            tokens = [int(rr.offsets[i + 1] - rr.offsets[i]) for i, p in enumerate(rr.prompt_ids) if p not in skip]
+            for group in grouped(paired, *group_plan(graph, tokens)):
                 for (pid, ref, eng), pre in zip(group, prepare_group(ctx, group), strict=True):
                     j = judge_prompt(ctx, pid, ref, eng, pre)
                     for build in BUILDERS:
