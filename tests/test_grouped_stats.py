@@ -91,17 +91,18 @@ def test_group_bound_follows_the_longest_prompt_only_where_it_exceeds_the_defaul
     """GROUP_BYTES while every prompt's dumps are smaller (the bundled corpus on the small models); where one prompt's
     are larger (the released model's 512-token prompt: 1.1 GB), groups may take two thirds of the longest prompt's,
     about what that prompt holds judged alone with its replays."""
-    from actdiff.h5io import row_bytes
+    from actdiff.h5io import prompt_values_bytes
     from actdiff.nodes import build_graph, load_config_json
 
     graph = build_graph(load_config_json(tiny_model_dir))
-    per_token = 2 * sum(row_bytes(graph, n.name) for n in graph if n.axis == "token")
-    per_prompt = 2 * sum(row_bytes(graph, n.name) for n in graph if n.axis != "token")
-    bound, sizes = grouped.group_plan(graph, [3, 4])
-    assert (bound, sizes) == (grouped.GROUP_BYTES, [3 * per_token + per_prompt, 4 * per_token + per_prompt])
-    long = 2 * grouped.GROUP_BYTES // per_token  # one prompt's dumps twice the default bound
+
+    def dumps(tokens):  # both sides
+        return 2 * prompt_values_bytes(graph, tokens)
+
+    assert grouped.group_plan(graph, [3, 4]) == (grouped.GROUP_BYTES, [dumps(3), dumps(4)])
+    long = 2 * grouped.GROUP_BYTES // (dumps(1) - dumps(0))  # one prompt's dumps twice the default bound
     bound, sizes = grouped.group_plan(graph, [29, long, 4])
-    assert sizes[1] == long * per_token + per_prompt and bound == sizes[1] * 2 // 3 > grouped.GROUP_BYTES
+    assert sizes == [dumps(29), dumps(long), dumps(4)] and bound == dumps(long) * 2 // 3 > grouped.GROUP_BYTES
 
 
 @pytest.mark.e2e

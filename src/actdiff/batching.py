@@ -18,10 +18,10 @@ WINDOW_BYTES = 2 << 30
 
 
 def window_tokens_for(graph) -> int:
-    """Tokens whose rows of every node (as the dumps store them: actdiff.h5io.row_bytes) fill WINDOW_BYTES."""
-    from .h5io import row_bytes
+    """Tokens whose rows of every node (as the dumps store them: actdiff.h5io.prompt_values_bytes) fill WINDOW_BYTES."""
+    from .h5io import prompt_values_bytes
 
-    per_token = sum(row_bytes(graph, n.name) for n in graph if n.axis == "token")
+    per_token = prompt_values_bytes(graph, 1) - prompt_values_bytes(graph, 0)
     return max(1, WINDOW_BYTES // max(1, per_token))
 
 

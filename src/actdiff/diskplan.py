@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
-from .h5io import dump_bytes_bound, row_bytes
+from .h5io import dump_bytes_bound, prompt_values_bytes
 from .nodes import Graph
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -75,7 +75,7 @@ class ModelDumps:
 
     def prompt_data_bytes(self) -> int:
         """The node values of one prompt at max_length, without any file overhead (a lower bound per prompt)."""
-        return sum(row_bytes(self.graph, n.name) * (self.max_tokens if n.axis == "token" else 1) for n in self.graph)
+        return prompt_values_bytes(self.graph, self.max_tokens)
 
     def shard_bytes(self, prompts: int, id_bytes: int) -> int:
         """Bound on one side's dump of a shard of ``prompts`` prompts."""

@@ -66,6 +66,12 @@ def row_bytes(graph: Graph, name: str) -> int:
     return max(1, int(np.prod(graph.trailing_shape(name))) * np.dtype(graph[name].dtype).itemsize)
 
 
+def prompt_values_bytes(graph: Graph, tokens: int) -> int:
+    """Bytes of one prompt's rows of every node in a dump, ``tokens`` tokens long, without any file overhead (token
+    nodes a row per token, prompt-level nodes one row)."""
+    return sum(row_bytes(graph, n.name) * (tokens if n.axis == "token" else 1) for n in graph)
+
+
 def chunk_rows(nbytes_per_row: int) -> int:
     """Rows per HDF5 chunk of a node dataset: about _CHUNK_BYTES, at most 1024 rows."""
     return max(1, min(1024, _CHUNK_BYTES // nbytes_per_row))

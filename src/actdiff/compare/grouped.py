@@ -10,14 +10,14 @@ at once: the side's replay_many (actdiff.sides.base; one kernel call over the st
 computes rows independently, bitwise what per-prompt calls give) and propagation.step_together. A group of one
 prompt (a long prompt, at full size) gets nothing ahead: it is judged node by node as it always was.
 
-Memory: the group's dumps (at most :func:`group_bytes`, both sides: a prompt that would take a group past it
+Memory: the group's dumps (at most :func:`group_plan`'s bound, both sides: a prompt that would take a group past it
 starts the next group, one larger than it is a group of its own), the read windows they are views into
 (actdiff.h5io.WINDOW_BYTES per dump, more where a group spans windows), and the replays on the reference's
 inputs (at most half the dumps); a float node's replay on the side's own inputs is reduced to its gap here and
 not kept. Measured on the tiny model's bundled shard and its
 5x copy (Zen 4): peak RSS 475 and 579 MB against 417 and 500 MB judging prompt by prompt (+58 and +79 MB, under
 2 x GROUP_BYTES, which the workflow's statistics jobs reserve: stats_mem_mb). Where the shard's longest prompt
-takes more than that, groups may take two thirds of it (:func:`group_bytes`): the job holds as much for that
+takes more than that, groups may take two thirds of it (:func:`group_plan`): the job holds as much for that
 prompt anyway.
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..h5io import row_bytes
+from ..h5io import prompt_values_bytes
 from ..sides.base import replay_many, same_bits
 from .metrics import rel_l2
 from .propagation import Propagation, step_together
@@ -72,9 +72,9 @@ def group_plan(graph, tokens: list[int]) -> tuple[int, list[int]]:
     and the job's peak does not grow. At full size (2.1 MB of dumps per token) every prompt used to be a group of
     one; short prompts beside a long one now share a visit of each node (its float64 weights converted once, one
     float64 product over their stacked rows where a prompt's few rows left it bound by reading the weights)."""
-    per_token = 2 * sum(row_bytes(graph, n.name) for n in graph if n.axis == "token")
-    per_prompt = 2 * sum(row_bytes(graph, n.name) for n in graph if n.axis != "token")
-    sizes = [int(t) * per_token + per_prompt for t in tokens]
+    fixed = prompt_values_bytes(graph, 0)  # linear in the tokens: the prompt-level rows and the rows per token
+    per_token = prompt_values_bytes(graph, 1) - fixed
+    sizes = [2 * (int(t) * per_token + fixed) for t in tokens]
     return max(GROUP_BYTES, max(sizes, default=0) * 2 // 3), sizes
 
 
