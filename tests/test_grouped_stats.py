@@ -54,14 +54,6 @@ def test_engine_replay_of_stacked_prompts_is_each_prompts_replay_bit_for_bit(eng
     assert {"MATMUL", "LAYERNORM", "GELU", "TOPK", "EXPERT_FC1", "EXPERT_FC2"} <= stacked_ops
 
 
-def test_groups_are_bounded_in_bytes_and_keep_the_order():
-    items = [(f"p{i}", {"a": np.zeros(n, np.float32)}, {"a": np.zeros(n, np.float32)}) for i, n in
-             enumerate([10, 10, 10, 100, 10, 1])]  # fmt: skip
-    groups = list(grouped.grouped(items, max_bytes=160))
-    assert [[p for p, _, _ in g] for g in groups] == [["p0", "p1"], ["p2", "p3"], ["p4", "p5"]]
-    assert [len(g) for g in grouped.grouped(items, max_bytes=1)] == [1] * 6
-
-
 def test_planned_groups_stay_within_the_bound_and_read_no_prompt_ahead():
     """With each prompt's size known before it is read (the statistics' plan from the token offsets), a prompt
     that would take its group past the bound starts the next group, and it is read only once the group before
@@ -76,15 +68,16 @@ def test_planned_groups_stay_within_the_bound_and_read_no_prompt_ahead():
             yield f"p{i}", {"a": np.zeros(n // 8, np.float32)}, {"a": np.zeros(n // 8, np.float32)}
 
     seen = []
-    for g in grouped.grouped(paired(), max_bytes=160, sizes=nbytes):
+    for g in grouped.grouped(paired(), 160, nbytes):
         assert read == [p for gr in seen for p in gr] + [p for p, _, _ in g], "a prompt was read ahead of its group"
         assert len(g) == 1 or sum(nbytes[int(p[1:])] for p, _, _ in g) <= 160
         seen.append([p for p, _, _ in g])
     assert seen == [["p0", "p1"], ["p2"], ["p3"], ["p4", "p5"]]
+    assert [len(g) for g in grouped.grouped(paired(), 1, nbytes)] == [1] * 6
     with pytest.raises(ValueError, match="more prompts than the sizes"):
-        list(grouped.grouped(paired(), max_bytes=160, sizes=nbytes[:-1]))
+        list(grouped.grouped(paired(), 160, nbytes[:-1]))
     with pytest.raises(ValueError, match="the sizes are not the prompts"):
-        list(grouped.grouped(paired(), max_bytes=160, sizes=[*nbytes, 8]))
+        list(grouped.grouped(paired(), 160, [*nbytes, 8]))
 
 
 def test_group_bound_follows_the_longest_prompt_only_where_it_exceeds_the_default(tiny_model_dir):

@@ -136,7 +136,7 @@ def test_a_prompt_is_released_before_the_next_one_is_read(tmp_path, graph, small
     keep the previous prompt until the next was complete, two prompts at once (+1 GB at full size)."""
     import weakref
 
-    from actdiff.compare.grouped import grouped
+    from actdiff.compare.grouped import group_plan, grouped
     from actdiff.compare.stats import _paired_prompts
 
     monkeypatch.setattr(h5io, "WINDOW_BYTES", 1)  # windows of one chunk: reads all along the way
@@ -154,7 +154,9 @@ def test_a_prompt_is_released_before_the_next_one_is_read(tmp_path, graph, small
 
             reader._get = checked
         n = 0
-        for group in grouped(_paired_prompts(*paths, rr, er, rr.node_names), max_bytes=1):
+        # the statistics' own plan (actdiff.compare.grouped.group_plan), with a bound of one prompt per group
+        sizes = group_plan(graph, list(LENGTHS))[1]
+        for group in grouped(_paired_prompts(*paths, rr, er, rr.node_names), 1, sizes):
             ((pid, ref, eng),) = group
             alive[:] = [weakref.ref(v) for v in (*ref.values(), *eng.values())]
             del group, ref, eng

@@ -60,10 +60,6 @@ def float_gap(own: np.ndarray, dumped: np.ndarray) -> float:
     return gap if math.isfinite(gap) else math.inf
 
 
-def _nbytes(values: dict) -> int:
-    return sum(getattr(v, "nbytes", 0) for v in values.values())
-
-
 def group_plan(graph, tokens: list[int]) -> tuple[int, list[int]]:
     """(the bound on a group's dumps, the dumps' bytes of each prompt, both sides) for prompts of these token
     counts, judged in this order. The bound is GROUP_BYTES, or two thirds of the longest prompt's dumps where they
@@ -78,28 +74,13 @@ def group_plan(graph, tokens: list[int]) -> tuple[int, list[int]]:
     return max(GROUP_BYTES, max(sizes, default=0) * 2 // 3), sizes
 
 
-def grouped(
-    paired: Iterable[tuple[str, dict, dict]], max_bytes: int | None = None, sizes: Iterable[int] | None = None
-) -> Iterator[list]:
-    """The (prompt_id, reference values, side values) of ``paired`` in groups of consecutive prompts, bounded by
-    ``max_bytes`` (default GROUP_BYTES). ``sizes``: each prompt's bytes in the same order, known before it is read
-    (from the dumps' token offsets): then a prompt that would take its group past the bound starts the next group,
-    read only once the group before it is judged, so a group never holds more than the bound (a prompt larger than
-    it is a group of its own). Without them a group closes once its values reach the bound."""
-    limit = GROUP_BYTES if max_bytes is None else max_bytes
-    if sizes is not None:
-        yield from _counted(paired, _group_counts(sizes, limit))
-        return
-    group, size = [], 0
-    for item in paired:
-        group.append(item)
-        size += _nbytes(item[1]) + _nbytes(item[2])
-        del item  # the group holds it; this name would hold the last prompt while the next one is read
-        if size >= limit:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
+def grouped(paired: Iterable[tuple[str, dict, dict]], max_bytes: int, sizes: Iterable[int]) -> Iterator[list]:
+    """The (prompt_id, reference values, side values) of ``paired`` in groups of consecutive prompts of at most
+    ``max_bytes`` together. ``sizes``: each prompt's bytes in the same order, known before it is read
+    (:func:`group_plan`, from the dumps' token offsets): a prompt that would take its group past the bound starts
+    the next group, read only once the group before it is judged (a prompt larger than the bound is a group of its
+    own)."""
+    yield from _counted(paired, _group_counts(sizes, max_bytes))
 
 
 def _group_counts(sizes: Iterable[int], limit: int) -> list[int]:
