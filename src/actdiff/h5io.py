@@ -105,37 +105,38 @@ def dump_bytes_bound(graph: Graph, prompts: int, tokens: int, prompt_id_bytes: i
 
 
 class ActivationWriter:
-    """Stream per-prompt node values into one HDF5 file; use as a context manager."""
+    """Write per-prompt node values into one HDF5 file; use as a context manager.
 
-    def __init__(self, path: str | Path, graph: Graph, attrs: dict, compression: str = "none"):
+    Two ways in. :meth:`append` takes a prompt's values of every node, prompts in their order, and buffers them
+    to write _FLUSH_BYTES at a time. With a ``plan`` (every prompt's id and token count, in the file's order,
+    known before the first value), :meth:`put` writes one node's rows of one prompt at once, at the rows the plan
+    gives it, in any order, and :meth:`done` closes a prompt: a side that streams (actdiff.sides.base.RowSink)
+    then holds no prompt's values, the writer none either."""
+
+    def __init__(
+        self, path: str | Path, graph: Graph, attrs: dict, compression: str = "none",
+        plan: list[tuple[str, int]] | None = None,
+    ):  # fmt: skip
         if compression not in COMPRESSIONS:
             raise ValueError(f"activation compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
         self.path = Path(path)
         self.graph = graph
         self.tmp = temp_path_for(self.path)
-        self.f = h5py.File(self.tmp, "w")
-        self.prompt_ids: list[str] = []
-        self.offsets = [0]
+        # planned writes land anywhere: no chunk cache (per dataset, 1 MiB each would be 220 MiB at full size); a
+        # partial chunk is read back and rewritten instead, as fast here (8 full-size prompts, any order, 1.7 s)
+        self.f = h5py.File(self.tmp, "w", **({"rdcc_nbytes": 0} if plan is not None else {}))
+        self.plan = None if plan is None else [(str(pid), int(t)) for pid, t in plan]
+        self.prompt_ids: list[str] = [] if plan is None else [pid for pid, _ in self.plan]
+        self.offsets = [0] if plan is None else [0, *np.cumsum([t for _, t in self.plan], dtype=np.int64).tolist()]
         self.nonfinite = {n.name: 0 for n in graph}
         self._buf: dict[str, list[np.ndarray]] = {n.name: [] for n in graph}
         self._buf_bytes = 0
         self._ids: list[np.ndarray] = []
         self._ids_complete = True
-        grp = self.f.create_group("nodes")
-        self.ds = {}
-        for n in graph:
-            trailing = graph.trailing_shape(n.name)
-            d = grp.create_dataset(
-                n.name,
-                shape=(0, *trailing),
-                maxshape=(None, *trailing),
-                dtype=np.dtype(n.dtype),
-                chunks=(chunk_rows(row_bytes(graph, n.name)), *trailing),
-                **COMPRESSIONS[compression],
-                **CHECKSUM,
-            )
-            d.attrs.update({"op": n.op, "index": n.index, "shape": n.shape_template, "kind": n.kind, "axis": n.axis})
-            self.ds[n.name] = d
+        self._put: list[dict[str, int]] = [{} for _ in self.plan] if plan is not None else []  # node -> NaN/Inf
+        self._planned_ids: dict[int, np.ndarray] = {}
+        self._closed: set[int] = set()
+        self.ds = self._create_datasets(compression)
         self.f.attrs.update({k: v for k, v in attrs.items() if v is not None})
         self.f.attrs["schema_version"] = SCHEMA_VERSION
         self.f.attrs["graph"] = graph.to_json()
@@ -143,9 +144,31 @@ class ActivationWriter:
         self.f.attrs["created_unix"] = time.time()
         self.f.attrs["compression"] = compression
 
+    def _create_datasets(self, compression: str) -> dict:
+        """One dataset per node under /nodes: empty to append to, or planned at its final rows."""
+        grp = self.f.create_group("nodes")
+        ds = {}
+        for n in self.graph:
+            trailing = self.graph.trailing_shape(n.name)
+            rows = 0 if self.plan is None else (self.offsets[-1] if n.axis == "token" else len(self.plan))
+            d = grp.create_dataset(
+                n.name,
+                shape=(rows, *trailing),
+                maxshape=(None, *trailing),  # a chunk may hold more rows than a small planned dump
+                dtype=np.dtype(n.dtype),
+                chunks=(chunk_rows(row_bytes(self.graph, n.name)), *trailing),
+                **COMPRESSIONS[compression],
+                **CHECKSUM,
+            )
+            d.attrs.update({"op": n.op, "index": n.index, "shape": n.shape_template, "kind": n.kind, "axis": n.axis})
+            ds[n.name] = d
+        return ds
+
     def append(self, prompt_id: str, values: dict[str, np.ndarray], input_ids=None) -> list[str]:
         """Add one prompt's values (every node, shaped per the graph) and, optionally, its token ids (stored in
         ``/input_ids`` when every prompt has them). Returns the nodes with NaN/Inf."""
+        if self.plan is not None:
+            raise RuntimeError("a planned ActivationWriter takes put() and done(), not append()")
         T = None
         bad = []
         for n in self.graph:
@@ -154,29 +177,62 @@ class ActivationWriter:
             a = np.asarray(values[n.name])
             if n.axis == "token":
                 T = a.shape[0] if T is None else T
-            expected = self.graph.shape(n.name, T if n.axis == "token" else 1)
-            if a.shape != expected:
-                raise DumpError(f"prompt {prompt_id!r}: node {n.name!r} has shape {a.shape}, graph says {expected}")
-            a = a.astype(n.dtype, copy=False)
-            if n.kind != "index":
-                nf = int(a.size - np.count_nonzero(np.isfinite(a)))
-                if nf:
-                    self.nonfinite[n.name] += nf
-                    bad.append(n.name)
+            a, nonfinite = self._checked(prompt_id, n.name, a, T)
+            self.nonfinite[n.name] += nonfinite
+            if nonfinite:
+                bad.append(n.name)
             self._buf[n.name].append(a)
             self._buf_bytes += a.nbytes
-        if input_ids is not None:
-            ids = np.asarray(input_ids, dtype=np.int64)
-            if ids.shape != (T,):
-                raise DumpError(f"prompt {prompt_id!r}: {ids.shape[0]} input ids for {T} tokens")
+        ids = self._checked_ids(prompt_id, input_ids, T)
+        if ids is not None:
             self._ids.append(ids)
-        else:
-            self._ids_complete = False
         self.prompt_ids.append(prompt_id)
         self.offsets.append(self.offsets[-1] + int(T))
         if self._buf_bytes >= _FLUSH_BYTES:
             self._flush()
         return bad
+
+    def put(self, index: int, name: str, value: np.ndarray) -> None:
+        """Write node ``name``'s rows of the plan's prompt ``index`` now (its tokens' rows, or its one row of a
+        prompt-level node). A node put twice keeps the last value."""
+        pid, T = self.plan[index]
+        if index in self._closed:
+            raise DumpError(f"prompt {pid!r}: node {name!r} given after the prompt was done")
+        a, nonfinite = self._checked(pid, name, np.asarray(value), T)
+        lo = self.offsets[index] if self.graph[name].axis == "token" else index
+        self.ds[name][lo : lo + a.shape[0]] = a
+        self.nonfinite[name] += nonfinite - self._put[index].get(name, 0)
+        self._put[index][name] = nonfinite
+
+    def done(self, index: int, input_ids=None) -> list[str]:
+        """Close the plan's prompt ``index``: every node must have been put. Returns the nodes with NaN/Inf."""
+        pid, T = self.plan[index]
+        absent = [n.name for n in self.graph if n.name not in self._put[index]]
+        if absent:
+            raise DumpError(f"prompt {pid!r}: node {absent[0]!r} was not recorded ({len(absent)} nodes)")
+        ids = self._checked_ids(pid, input_ids, T)
+        if ids is not None:
+            self._planned_ids[index] = ids
+        self._closed.add(index)
+        return [name for name, nonfinite in self._put[index].items() if nonfinite]
+
+    def _checked(self, pid: str, name: str, a: np.ndarray, T: int | None) -> tuple[np.ndarray, int]:
+        """``a`` in the node's dtype once its shape is the graph's for ``T`` tokens; how many NaN/Inf it holds."""
+        n = self.graph[name]
+        expected = self.graph.shape(name, T if n.axis == "token" else 1)
+        if a.shape != expected:
+            raise DumpError(f"prompt {pid!r}: node {name!r} has shape {a.shape}, graph says {expected}")
+        a = a.astype(n.dtype, copy=False)
+        return a, 0 if n.kind == "index" else int(a.size - np.count_nonzero(np.isfinite(a)))
+
+    def _checked_ids(self, pid: str, input_ids, T: int | None) -> np.ndarray | None:
+        if input_ids is None:
+            self._ids_complete = False
+            return None
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.shape != (T,):
+            raise DumpError(f"prompt {pid!r}: {ids.shape[0]} input ids for {T} tokens")
+        return ids
 
     def _flush(self) -> None:
         for name, parts in self._buf.items():
@@ -200,6 +256,11 @@ class ActivationWriter:
 
     def _finish(self) -> None:
         self._flush()
+        if self.plan is not None:
+            open_ = [self.plan[i][0] for i in range(len(self.plan)) if i not in self._closed]
+            if open_:
+                raise DumpError(f"{self.path}: {len(open_)} prompt(s) never done, the first {open_[0]!r}")
+            self._ids = [self._planned_ids[i] for i in sorted(self._planned_ids)]
         # fixed-length utf-8 bytes: HDF5 cannot checksum variable-length strings (the reader decodes them)
         ids = np.array([p.encode("utf-8") for p in self.prompt_ids] or [b""], dtype=bytes)[: len(self.prompt_ids)]
         self.f.create_dataset("prompt_ids", data=ids, **CHECKSUM)

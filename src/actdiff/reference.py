@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from .batching import MAX_BATCH_TOKENS, batched_in_order, window_tokens_for
+from .batching import MAX_BATCH_TOKENS, batch_plan, batched_in_order, window_tokens_for
 from .models.pooling import MeanPoolNormalize
 from .nodes import ARCH_BERT, Graph
 
@@ -35,6 +35,7 @@ class ReferenceRunner:
         self.pools_in_forward = isinstance(own, MeanPoolNormalize)
         self.pooling = own if self.pools_in_forward else MeanPoolNormalize().to(self.device)
         self._captured: dict[str, torch.Tensor] = {}
+        self._emit = None  # while streaming: where a hook hands a node's value (stream)
         self._handles = []
         modules = dict(model.named_modules())
         modules.update({f"pooling.{k}": m for k, m in self.pooling.named_modules() if k})
@@ -56,24 +57,32 @@ class ReferenceRunner:
         def hook(_mod, _args, output):
             t = output[0] if isinstance(output, tuple) else output
             for n in names:
-                self._captured[n] = t.detach()
+                self._take(n, t.detach())
 
         return hook
 
     def _in_hook(self, names):
         def hook(_mod, args):
             for n in names:
-                self._captured[n] = args[0].detach()
+                self._take(n, args[0].detach())
 
         return hook
+
+    def _take(self, name: str, t: torch.Tensor) -> None:
+        """A node's value as its hook sees it: held until the batch's forward ends, or, while streaming
+        (:meth:`stream`), handed on now."""
+        if self._emit is None:
+            self._captured[name] = t
+        else:
+            self._emit(name, t)
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
 
-    @torch.inference_mode()
-    def run_batch(self, batch_ids: list[list[int]]) -> list[dict[str, np.ndarray]]:
-        """Run prompts (token id lists) as one right-padded batch; return per-prompt node values."""
+    def _forward(self, batch_ids: list[list[int]]) -> int:
+        """The model on prompts (token id lists) as one right-padded batch, the hooks taking every node; returns
+        the padded length."""
         B = len(batch_ids)
         S = max(len(x) for x in batch_ids)
         pad = self.graph.dims.pad_token_id
@@ -83,23 +92,53 @@ class ReferenceRunner:
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, : len(seq)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        self._captured.clear()
         extra = {"token_type_ids": torch.zeros_like(ids)} if self.graph.dims.arch == ARCH_BERT else {}
         hidden = self.model(input_ids=ids, attention_mask=mask, **extra)[0]  # a ModelOutput: last_hidden_state
         if not self.pools_in_forward:
             self.pooling(hidden, mask)
-        out: list[dict[str, np.ndarray]] = [{} for _ in range(B)]
+        return S
+
+    def _per_prompt(self, name: str, t: torch.Tensor, batch_ids: list[list[int]], S: int) -> list[np.ndarray]:
+        """A node's batch value as each prompt's numpy array (float32 or int64), its real tokens only, as views."""
+        n, B = self.graph[name], len(batch_ids)
+        trailing = self.graph.trailing_shape(name)
+        # MoE nodes are captured flat as (B*S, ...)
+        t = t.reshape(B, 1, *trailing) if n.axis == "prompt" else t.reshape(B, S, *trailing)
+        arr = t.to(torch.int64 if n.kind == "index" else torch.float32).cpu().numpy()
+        return [arr[b] if n.axis == "prompt" else arr[b, : len(seq)] for b, seq in enumerate(batch_ids)]
+
+    @torch.inference_mode()
+    def run_batch(self, batch_ids: list[list[int]]) -> list[dict[str, np.ndarray]]:
+        """Run prompts (token id lists) as one right-padded batch; return per-prompt node values."""
+        self._captured.clear()
+        S = self._forward(batch_ids)
+        out: list[dict[str, np.ndarray]] = [{} for _ in batch_ids]
         for n in self.graph:
-            t = self._captured[n.name]
-            trailing = self.graph.trailing_shape(n.name)
-            if n.axis == "prompt":
-                t = t.reshape(B, 1, *trailing)
-            else:
-                t = t.reshape(B, S, *trailing)  # MoE nodes are captured flat as (B*S, ...)
-            arr = t.to(torch.int64 if n.kind == "index" else torch.float32).cpu().numpy()
-            for b, seq in enumerate(batch_ids):
-                out[b][n.name] = arr[b] if n.axis == "prompt" else arr[b, : len(seq)]
+            for b, a in enumerate(self._per_prompt(n.name, self._captured[n.name], batch_ids, S)):
+                out[b][n.name] = a
         return out
+
+    @torch.inference_mode()
+    def stream(self, prompts: list[tuple[str, list[int]]], sink, batch_size: int = 1,
+               max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:  # fmt: skip
+        """:meth:`run`'s batches, each node's values handed to ``sink`` (actdiff.sides.base.RowSink) when its hook
+        fires: no batch's values are held."""
+        lengths = [len(ids) for _, ids in prompts]
+        for batch in batch_plan(lengths, batch_size, max_batch_tokens, window_tokens_for(self.graph)):
+            batch_ids = [prompts[i][1] for i in batch]
+            S = max(lengths[i] for i in batch)
+
+            def emit(name, t, batch=batch, batch_ids=batch_ids, S=S):
+                for i, a in zip(batch, self._per_prompt(name, t, batch_ids, S), strict=True):
+                    sink.put(i, name, a)
+
+            self._emit = emit
+            try:
+                self._forward(batch_ids)
+            finally:
+                self._emit = None
+            for i in batch:
+                sink.done(i)
 
     def run(
         self,

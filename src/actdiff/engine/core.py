@@ -382,55 +382,91 @@ class Engine:
     def forward_batch(self, batch_ids, variant: str = "fp32", fused_moe: bool = True) -> list[dict[str, np.ndarray]]:
         """Run prompts (token id lists) as one right-padded batch with an attention mask, as the reference
         does; return each prompt's node values without its padding (the same shapes as :meth:`forward`)."""
-        p = self.prepare(variant)
+        lay, flat = self._padded(batch_ids)
+        if lay is None:
+            return []
+        vals = self._run_batch(flat, lay, self.prepare(variant), fused_moe)
+        return [{node.name: self._rows_of(node, vals[node.name], lay, b) for node in self.graph} for b in range(lay.B)]
+
+    def forward_batch_into(self, batch_ids, put, variant: str = "fp32", fused_moe: bool = True) -> None:
+        """:meth:`forward_batch`'s values handed to ``put(b, name, value)`` (``b`` the prompt's place in the batch)
+        as each node is computed; a node's values are dropped once the last node reading them has run, so a batch
+        holds only what later nodes still read (a full-size batch held every node: 1.06 MB per token)."""
+        lay, flat = self._padded(batch_ids)
+        if lay is None:
+            return
+
+        def emit(node, a):
+            for b in range(lay.B):
+                put(b, node.name, self._rows_of(node, a, lay, b))
+
+        self._run_batch(flat, lay, self.prepare(variant), fused_moe, emit)
+
+    def _padded(self, batch_ids) -> tuple[Batch | None, np.ndarray]:
+        """The batch's layout and its flattened, right-padded ids (None for no prompts)."""
         seqs = [np.asarray(ids, dtype=np.int64) for ids in batch_ids]
         for ids in seqs:
             if ids.ndim != 1 or ids.shape[0] == 0:
                 raise ActdiffError(f"input_ids must be a non-empty 1-D sequence, got shape {ids.shape}")
         if not seqs:
-            return []
+            return None, np.zeros(0, dtype=np.int64)
         lay = Batch(tuple(len(ids) for ids in seqs), max(len(ids) for ids in seqs))
         flat = np.full(lay.B * lay.S, self.dims.pad_token_id, dtype=np.int64)
         for b, ids in enumerate(seqs):
             flat[lay.rows(b)][: len(ids)] = ids
+        return lay, flat
+
+    def _run_batch(self, flat, lay: Batch, p: Prepared, fused_moe: bool, emit=None) -> dict[str, np.ndarray]:
         self._batch = lay
         try:
-            vals = self._run_graph(flat, p, fused_moe)
+            return self._run_graph(flat, p, fused_moe, emit)
         finally:
             self._batch = None
-        return [self._unpad(vals, lay, b) for b in range(lay.B)]
 
-    def _run_graph(self, ids: np.ndarray, p: Prepared, fused_moe: bool) -> dict[str, np.ndarray]:
-        """Every node in graph order on the (flattened) ids; the node values, rows as the ids."""
+    def _run_graph(self, ids: np.ndarray, p: Prepared, fused_moe: bool, emit=None) -> dict[str, np.ndarray]:
+        """Every node in graph order on the (flattened) ids; the node values, rows as the ids. With ``emit``,
+        each value goes to ``emit(node, value)`` when computed and is dropped after its last reader."""
         round_act = p.variant.precision == "fp16-act"
         vals: dict[str, np.ndarray] = {INPUT_IDS: ids}
+        dying = self._last_reads() if emit is not None else {}
         skip: set[str] = set()
-        for node in self.graph:
-            if node.name in skip:
-                continue
-            if node.op == "ROUTER" and fused_moe and not round_act:
-                moe_vals = self._fused_moe(node, vals[node.inputs[0]], p)
-                vals.update(moe_vals)
-                skip.update(moe_vals)
-                continue
-            out = self.run_node(node.name, {i: vals[i] for i in node.inputs}, p)
-            if round_act and node.kind != "index":
-                out = _fp16(out)
-            vals[node.name] = out
-        del vals[INPUT_IDS]
+        for k, node in enumerate(self.graph):
+            if node.name not in skip:
+                if node.op == "ROUTER" and fused_moe and not round_act:
+                    new = self._fused_moe(node, vals[node.inputs[0]], p)
+                    skip.update(new)
+                else:
+                    out = self.run_node(node.name, {i: vals[i] for i in node.inputs}, p)
+                    new = {node.name: _fp16(out) if round_act and node.kind != "index" else out}
+                vals.update(new)
+                for name, a in new.items() if emit is not None else ():
+                    emit(self.graph[name], a)
+            for name in dying.get(k, ()):
+                del vals[name]
+        vals.pop(INPUT_IDS, None)
         return vals
 
-    def _unpad(self, vals: dict[str, np.ndarray], lay: Batch, b: int) -> dict[str, np.ndarray]:
-        """Sequence b's values: its real rows of the token nodes, its row of the prompt nodes, as views. Copies
+    def _last_reads(self) -> dict[int, list[str]]:
+        """Graph position -> the values no node after it reads (the ids, and every node: its own position when
+        nothing reads it)."""
+        last = {INPUT_IDS: 0}
+        for k, node in enumerate(self.graph):
+            last[node.name] = k
+            for i in node.inputs:
+                last[i] = k
+        dying: dict[int, list[str]] = {}
+        for name, k in last.items():
+            dying.setdefault(k, []).append(name)
+        return dying
+
+    @staticmethod
+    def _rows_of(node, a: np.ndarray, lay: Batch, b: int) -> np.ndarray:
+        """Sequence b's values of a node: its real rows of a token node, its row of a prompt node, as views. Copies
         were a third of a full-size 512-token forward (0.79 of 2.4 s, mostly page faults of ~700 MB of fresh
         memory) and doubled a batch's memory while they were made; a view keeps its batch's arrays alive until
         every prompt of the batch is dropped, which batched_in_order's window of batches does anyway. Nothing
         downstream writes into a value."""
-        out = {}
-        for node in self.graph:
-            a = vals[node.name]
-            out[node.name] = a[b : b + 1] if node.axis == "prompt" else a[lay.rows(b)][: lay.lengths[b]]
-        return out
+        return a[b : b + 1] if node.axis == "prompt" else a[lay.rows(b)][: lay.lengths[b]]
 
     def _fused_moe(self, router_node, h, p: Prepared) -> dict[str, np.ndarray]:
         block = self._moe_block(router_node.name)

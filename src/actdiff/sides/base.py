@@ -32,6 +32,21 @@ class Side(Protocol):
 
     def close(self) -> None: ...
 
+    # optional: ``stream(items, sink: RowSink) -> None``, forward's values handed to ``sink`` node by node as
+    # they are computed, in any order, none held: the dumps of a model whose values are large use it
+    # (actdiff.batching.streams_rows); it runs the batches forward runs (actdiff.batching.batch_plan), so the
+    # values are forward's, bit for bit
+
+
+class RowSink(Protocol):
+    """Where a streaming side (``Side.stream``) hands its values: prompts by their index in the items given."""
+
+    def put(self, index: int, name: str, value: np.ndarray) -> None:
+        """Node ``name``'s value for prompt ``index``, shaped as forward() gives it."""
+
+    def done(self, index: int) -> None:
+        """Every node of prompt ``index`` was put."""
+
 
 @runtime_checkable
 class Replay(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..batching import batched_in_order, window_tokens_for
+from ..batching import MAX_BATCH_TOKENS, batch_plan, batched_in_order, window_tokens_for
 from ..engine.core import Engine
 
 ENGINE = "actdiff"
@@ -72,7 +72,18 @@ class EngineSide(EngineReplay):
         """Padded, length-sorted batches of batch_size prompts (actdiff.batching, as the reference), each
         prompt's values yielded in the input order: a padding-only fault (mask_query_axis) shows here."""
         run = lambda batch: self.engine.forward_batch(batch, self.prepared)  # noqa: E731
-        yield from batched_in_order(items, run, self.batch_size, window_tokens=window_tokens_for(self.graph))
+        yield from batched_in_order(items, run, self.batch_size, MAX_BATCH_TOKENS, window_tokens_for(self.graph))
+
+    def stream(self, items, sink) -> None:
+        """forward's batches, each node's values handed to ``sink`` as the engine computes them
+        (actdiff.sides.base.RowSink)."""
+        items = list(items)
+        lengths = [len(ids) for _, ids in items]
+        for batch in batch_plan(lengths, self.batch_size, MAX_BATCH_TOKENS, window_tokens_for(self.graph)):
+            put = lambda b, name, value, batch=batch: sink.put(batch[b], name, value)  # noqa: E731
+            self.engine.forward_batch_into([items[i][1] for i in batch], put, self.prepared)
+            for i in batch:
+                sink.done(i)
 
     def close(self) -> None:
         pass

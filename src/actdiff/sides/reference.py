@@ -65,6 +65,9 @@ class ReferenceSide:
     def forward(self, items):
         yield from self.runner.run(items, batch_size=self.batch_size)
 
+    def stream(self, items, sink) -> None:
+        self.runner.stream(list(items), sink, batch_size=self.batch_size)
+
     def close(self) -> None:
         from .. import reference_device as rd
 
