@@ -1,6 +1,6 @@
 """Statistics computed for groups of prompts (actdiff.compare.grouped): the engine's replay of stacked prompts is
 its per-prompt replay bit for bit, and a shard's tables are the same whether its prompts are judged in groups or
-one by one."""
+one by one, their values read whole or node by node."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from actdiff.compare.refnoise import measure_reference_noise
 from actdiff.compare.stats import compute_shard_stats
 from actdiff.engine.core import Engine
 from actdiff.engine.faults import runnable_faults
+from actdiff.h5io import NodeByNode
 from actdiff.nodes import INPUT_IDS, LAYOUT_OPS
 from actdiff.tables import SHARD_TABLES
 from actdiff.variants import resolve_variant
@@ -83,7 +84,7 @@ def test_planned_groups_stay_within_the_bound_and_read_no_prompt_ahead():
 def test_group_bound_follows_the_longest_prompt_only_where_it_exceeds_the_default(tiny_model_dir):
     """GROUP_BYTES while every prompt's dumps are smaller (the bundled corpus on the small models); where one prompt's
     are larger (the released model's 512-token prompt: 1.1 GB), groups may take two thirds of the longest prompt's,
-    about what that prompt holds judged alone with its replays."""
+    about what that prompt holds judged alone with its replays, up to HOLD_BYTES."""
     from actdiff.h5io import prompt_values_bytes
     from actdiff.nodes import build_graph, load_config_json
 
@@ -96,6 +97,8 @@ def test_group_bound_follows_the_longest_prompt_only_where_it_exceeds_the_defaul
     long = 2 * grouped.GROUP_BYTES // (dumps(1) - dumps(0))  # one prompt's dumps twice the default bound
     bound, sizes = grouped.group_plan(graph, [29, long, 4])
     assert sizes == [dumps(29), dumps(long), dumps(4)] and bound == dumps(long) * 2 // 3 > grouped.GROUP_BYTES
+    huge = 2 * grouped.HOLD_BYTES // (dumps(1) - dumps(0))  # past HOLD_BYTES: read node by node, groups stay within
+    assert grouped.group_plan(graph, [29, huge, 4])[0] == grouped.HOLD_BYTES
 
 
 @pytest.mark.e2e
@@ -111,8 +114,11 @@ def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_d
     eng = tmp_path / "eng.h5"
     engine_dump(tiny_model_dir, ref, eng, variant)
     tables, lengths = {}, {}
-    for label, bound in (("grouped", None), ("alone", 1)):  # the plan's own bound, or one prompt per group
+    # the plan's own bound, one prompt per group, and one prompt per group read node by node (h5io.NodeByNode: a
+    # prompt larger than HOLD_BYTES)
+    for label, bound, hold in (("grouped", None, None), ("alone", 1, None), ("node_by_node", 1, 0)):
         seen = lengths[label] = []
+        monkeypatch.setattr(stats_module, "HOLD_BYTES", grouped.HOLD_BYTES if hold is None else hold)
 
         def plan(graph, tokens, bound=bound):
             default, sizes = grouped.group_plan(graph, tokens)
@@ -120,7 +126,7 @@ def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_d
 
         def recorded(paired, *args, seen=seen):
             for group in grouped.grouped(paired, *args):
-                seen.append(len(group))
+                seen.append(len(group) if not isinstance(group[0][1], NodeByNode) else "node by node")
                 yield group
                 del group
 
@@ -130,6 +136,10 @@ def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_d
         compute_shard_stats(tiny_model_dir, ref, eng, "actdiff", variant, 0, out, noise=noise)
         tables[label] = {t: pd.read_parquet(out[t]) for t in SHARD_TABLES}
     assert max(lengths["alone"]) == 1 and max(lengths["grouped"]) > 1, lengths
+    assert set(lengths["node_by_node"]) == {"node by node"}
+    for t in SHARD_TABLES:  # the same per-prompt path, the values read whole or node by node: equal bit for bit
+        a, b = tables["alone"][t], tables["node_by_node"][t]
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=t)
     assert len(tables["grouped"]["nodes"]) > 0 and (tables["grouped"]["nodes"]["status"] == "fail").any()
     for t in SHARD_TABLES:
         a, b = tables["grouped"][t], tables["alone"][t]

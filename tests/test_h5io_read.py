@@ -219,3 +219,31 @@ def test_a_damaged_chunk_read_raw_is_named(tmp_path, graph, small_chunks):
             r._get(name, slice(30, 40))
     msg = str(e.value)
     assert str(path) in msg and repr(name) in msg and "chunk at row 32" in msg and "Fletcher-32" in msg
+
+
+def test_prompts_read_node_by_node_are_the_prompts_values(tmp_path, graph, small_chunks):
+    """iter_prompts(lazy=...): those prompts' values come node by node from the dump (h5io.NodeByNode), the same
+    values as a whole read, the others read as before; the nodes kept stay within the cache's bytes (at least the
+    last one read), a value set on it is kept, and reading the same node twice in a row reads it once."""
+    vals = _write(tmp_path / "d.h5", graph, LENGTHS)
+    names = graph.names()
+    lazy = frozenset({2, 4, 9})
+    with ActivationReader(tmp_path / "d.h5") as r:
+        for p, pid, got in r.iter_prompts(names, lazy=lazy):
+            assert isinstance(got, h5io.NodeByNode) == (p in lazy)
+            assert set(got) == {*names, "input_ids"} and len(got) == len(names) + 1
+            for name in [*names, "input_ids"]:
+                assert np.array_equal(got[name], vals[pid][name]), (pid, name)
+        one = r.node(names[-1], "p9").nbytes
+        x = h5io.NodeByNode(r, 9, names, cache_bytes=3 * one)
+        rows = _counting(r)
+        for name in names:
+            x[name]
+            x[name]
+            assert x._bytes <= max(3 * one, x._cache[name].nbytes)
+        assert all(v == (1 if r.f[d].attrs.get("axis") == "prompt" else LENGTHS[9]) for d, v in rows.items())
+        assert len(rows) == len(names)
+        x["extra"] = np.ones(2)
+        assert "extra" in x and np.array_equal(dict(x)["extra"], np.ones(2))
+        with pytest.raises(KeyError):
+            x["no such node"]

@@ -21,6 +21,8 @@ import contextlib
 import json
 import os
 import time
+from collections import OrderedDict
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import h5py
@@ -49,6 +51,11 @@ _CHUNK_BYTES = 256 << 10
 # iter_prompts' read windows, all nodes' together per file: larger reads are faster (bench/dump_read.py), and a
 # prompt's values are views into them, so a consumer holding several prompts holds their windows too
 WINDOW_BYTES = 64 << 20
+# NodeByNode keeps the nodes last read of a prompt read node by node, this many bytes a side: a layer of the
+# released model's 512-token prompt is 36 MB (54 MB with its experts, the largest node 12.6 MB), so a node's
+# inputs and the residual it adds are still there when it is judged: 1,172 reads for the 880 node values of two
+# such prompts (the statistics' second looks, at the failing and key nodes, read again)
+NODE_CACHE_BYTES = 64 << 20
 
 
 # HDF5 filters per `activation_compression` setting. Activations are float32 noise to a compressor: gzip
@@ -419,14 +426,15 @@ class ActivationReader:
             return self._get(f"nodes/{name}", slice(i, i + 1))
         return self._get(f"nodes/{name}", slice(self.offsets[i], self.offsets[i + 1]))
 
-    def iter_prompts(self, names: list[str], window_bytes: int | None = None):
+    def iter_prompts(self, names: list[str], window_bytes: int | None = None, lazy: frozenset[int] = frozenset()):
         """Yield (index, prompt_id, {node: values}) for every prompt in file order. Each node is read whole HDF5
         chunks at a time, each chunk once (:class:`_ChunkWindow`): a prompt's rows are a slice of the chunks
         holding them (reading a prompt's rows alone reads and checksums its whole chunks, for each prompt in
         them). The nodes' windows share ``window_bytes`` (default WINDOW_BYTES; at least one chunk each): fewer,
         larger reads are faster (one 1 MiB read per node instead of four of 256 KiB: 0.41 s against 0.56 s for 455
         MB of the released model's values, bench/dump_read.py). Memory: the windows, and one prompt's rows (a
-        prompt's values are views into its windows: a window stays while a view of it is held)."""
+        prompt's values are views into its windows: a window stays while a view of it is held). The prompts whose
+        indices are in ``lazy`` are not read here: their values are a :class:`NodeByNode`."""
         has_ids = "input_ids" in self.f
         each = (WINDOW_BYTES if window_bytes is None else window_bytes) // max(1, len(names))
         windows = {name: _ChunkWindow(self, f"nodes/{name}", each) for name in names}
@@ -435,7 +443,10 @@ class ActivationReader:
         for p in range(len(self.prompt_ids)):
             # no local of this frame holds the values: a reference kept here until the next prompt's values are
             # read held two prompts at once (0.5 GB a side for a 512-token prompt of the released model)
-            yield p, self.prompt_ids[p], _prompt_rows(windows, per_prompt, ids, p, self.offsets)
+            if p in lazy:
+                yield p, self.prompt_ids[p], NodeByNode(self, p, names)
+            else:
+                yield p, self.prompt_ids[p], _prompt_rows(windows, per_prompt, ids, p, self.offsets)
 
     def input_ids(self, prompt: int | str) -> np.ndarray:
         i = self.index[prompt] if isinstance(prompt, str) else prompt
@@ -461,6 +472,56 @@ def _prompt_rows(windows: dict, per_prompt: dict, ids, p: int, offsets) -> dict[
     if ids is not None:
         vals["input_ids"] = ids.rows(a, b)
     return vals
+
+
+class NodeByNode(MutableMapping):
+    """One prompt's values ``{node: rows}`` (and its ``input_ids``), each node read from the dump when asked for
+    and the last ones asked for kept, up to ``cache_bytes`` (at least the last): a prompt too large to hold whole
+    (a 512-token prompt of the released model: 0.54 GB a side) is judged node by node, and a node's inputs, read
+    just before it, are still there. Values set on it are kept as given."""
+
+    def __init__(self, reader: ActivationReader, p: int, names: list[str], cache_bytes: int = NODE_CACHE_BYTES):
+        self.reader, self.p, self.names = reader, p, frozenset(names)
+        self.rows = slice(int(reader.offsets[p]), int(reader.offsets[p + 1]))
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._set: dict[str, np.ndarray] = {}
+        if "input_ids" in reader.f:
+            self._set["input_ids"] = reader._get("input_ids", self.rows)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._set:
+            return self._set[name]
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        if name not in self.names:
+            raise KeyError(name)
+        per_prompt = self.reader.f["nodes"][name].attrs.get("axis") == "prompt"
+        a = self.reader._get(f"nodes/{name}", slice(self.p, self.p + 1) if per_prompt else self.rows)
+        self._cache[name] = a
+        self._bytes += a.nbytes
+        while self._bytes > self.cache_bytes and len(self._cache) > 1:
+            self._bytes -= self._cache.popitem(last=False)[1].nbytes
+        return a
+
+    def __setitem__(self, name: str, value) -> None:
+        self._set[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name in self._cache:
+            self._bytes -= self._cache.pop(name).nbytes
+        self._set.pop(name, None)
+
+    def __contains__(self, name) -> bool:
+        return name in self._set or name in self.names
+
+    def __iter__(self):
+        return iter([*self._set, *(n for n in self.names if n not in self._set)])
+
+    def __len__(self) -> int:
+        return len(self._set) + sum(1 for n in self.names if n not in self._set)
 
 
 def raw_checked(d: h5py.Dataset) -> bool:

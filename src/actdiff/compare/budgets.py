@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections import ChainMap
 from typing import NamedTuple
 
 import numpy as np
@@ -156,11 +157,12 @@ def sequential_sum_noise(graph: Graph, node: Node, ref: dict, weights, params: d
         k, q, y = graph.reduction_length(node, tokens=T), np.sum(x * x, axis=0), np.sum(x, axis=0)
     else:
         k = graph.reduction_length(node)
-        squared = dict(ref)
+        squares = {}
         for i in node.inputs:
             v = np.asarray(ref[i])
             if v.dtype.kind == "f":
-                squared[i] = np.square(v, dtype=np.float64)
+                squares[i] = np.square(v, dtype=np.float64)
+        squared = ChainMap(squares, ref)  # not a copy: a prompt read node by node (h5io.NodeByNode) would read all
         # squared once per node and prompt in a reused buffer where the mapping offers it (compare.stats)
         square = getattr(weights, "squared", None) or (lambda w: np.square(np.asarray(weights[w], dtype=np.float64)))
         sq_weights = {w: square(w) for w in node.weights}

@@ -18,7 +18,7 @@ not kept. Measured on the tiny model's bundled shard and its
 5x copy (Zen 4): peak RSS 475 and 579 MB against 417 and 500 MB judging prompt by prompt (+58 and +79 MB, under
 2 x GROUP_BYTES, which the workflow's statistics jobs reserve: stats_mem_mb). Where the shard's longest prompt
 takes more than that, groups may take two thirds of it (:func:`group_plan`): the job holds as much for that
-prompt anyway.
+prompt anyway; never more than HOLD_BYTES, past which a prompt's values are read node by node.
 """
 
 from __future__ import annotations
@@ -40,6 +40,14 @@ from .propagation import Propagation, step_together
 # corpus (1-thread statistics jobs, Zen 4) against groups of one: 48 MB took 12-34 % less CPU time (tiny fp32,
 # MiniLM fp32, a GELU fault); 128 MB no less, and it raises the job's peak memory by as much more
 GROUP_BYTES = 48 << 20
+# The most of both dumps' values a statistics job holds at once: a group (group_plan) stays within it, a prompt
+# larger is read node by node (actdiff.h5io.NodeByNode), the nodes it last read kept. The released model's
+# 512-token prompt holds 1.08 GB of values (both sides) beside 1.13 GB of weights packed for the engine's replay:
+# two such prompts peaked at 3.46 GB read whole, 2.58 GB node by node, the same tables (its weights are 1.9 GB,
+# the issue's bound on a job 1.5x them, 2.85 GB). A group within this bound holds it and half as much again of
+# replays. The small models never reach it (a 512-token prompt of MiniLM: 173 MB): their groups and reads are
+# as before
+HOLD_BYTES = 512 << 20
 
 
 @dataclass
@@ -65,13 +73,14 @@ def group_plan(graph, tokens: list[int]) -> tuple[int, list[int]]:
     counts, judged in this order. The bound is GROUP_BYTES, or two thirds of the longest prompt's dumps where they
     are larger: a group holds its dumps and its replays on the reference's inputs (at most half the dumps), so a
     group within two thirds of the longest prompt's dumps holds about what that prompt holds when judged alone,
-    and the job's peak does not grow. At full size (2.1 MB of dumps per token) every prompt used to be a group of
-    one; short prompts beside a long one now share a visit of each node (its float64 weights converted once, one
-    float64 product over their stacked rows where a prompt's few rows left it bound by reading the weights)."""
+    and the job's peak does not grow. Never more than HOLD_BYTES: a prompt beyond that is read node by node. At
+    full size (2.1 MB of dumps per token) every prompt used to be a group of one; short prompts beside a long one
+    now share a visit of each node (its float64 weights converted once, one float64 product over their stacked
+    rows where a prompt's few rows left it bound by reading the weights)."""
     fixed = prompt_values_bytes(graph, 0)  # linear in the tokens: the prompt-level rows and the rows per token
     per_token = prompt_values_bytes(graph, 1) - fixed
     sizes = [2 * (int(t) * per_token + fixed) for t in tokens]
-    return max(GROUP_BYTES, max(sizes, default=0) * 2 // 3), sizes
+    return max(GROUP_BYTES, min(max(sizes, default=0) * 2 // 3, HOLD_BYTES)), sizes
 
 
 def grouped(paired: Iterable[tuple[str, dict, dict]], max_bytes: int, sizes: Iterable[int]) -> Iterator[list]:

@@ -47,13 +47,13 @@ import pyarrow.parquet as pq
 
 from ..atomic import atomic_path, disk_full_error, is_disk_full
 from ..errors import DumpError
-from ..h5io import ActivationReader
+from ..h5io import ActivationReader, NodeByNode
 from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph, build_graph, load_config_json
 from ..tables import EMBEDDING_SAMPLE, SHARD_TABLES, empty_table
 from ..variants import Variant, resolve_variant
 from .budgets import TF32_OPS, U32, Noise, budget, fp32_noise, reference_precision_of, status
 from .embeddings import BoundedSample, cosine
-from .grouped import float_gap, group_plan, grouped, prepare_group, same_bits
+from .grouped import HOLD_BYTES, float_gap, group_plan, grouped, prepare_group, same_bits
 from .metrics import FLOAT_METRICS, compare, local_error, nonfinite_match, per_token_errors, rel_l2
 from .routing import margins, routing_rows
 from .search_run import SearchSample
@@ -775,10 +775,13 @@ def compute_shard_stats(
             )  # fmt: skip
             skip = _fitted_prompts(eng_h5, er, rr, writers["nodes"])
             _record_reference(ref_h5, rr, writers["nodes"])
-            paired = _paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip)
-            # planned from the token offsets: a group is read only once the one before it is judged
-            tokens = [int(rr.offsets[i + 1] - rr.offsets[i]) for i, p in enumerate(rr.prompt_ids) if p not in skip]
-            for group in grouped(paired, *group_plan(graph, tokens)):
+            # planned from the token offsets: a group is read only once the one before it is judged, a prompt
+            # larger than HOLD_BYTES is read node by node
+            judged = [(i, p) for i, p in enumerate(rr.prompt_ids) if p not in skip]
+            bound, sizes = group_plan(graph, [int(rr.offsets[i + 1] - rr.offsets[i]) for i, _ in judged])
+            lazy = frozenset(p for (_, p), size in zip(judged, sizes, strict=True) if size > HOLD_BYTES)
+            paired = _paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip, lazy)
+            for group in grouped(paired, bound, sizes):
                 for (pid, ref, eng), pre in zip(group, prepare_group(ctx, group), strict=True):
                     j = judge_prompt(ctx, pid, ref, eng, pre)
                     for build in BUILDERS:
@@ -836,21 +839,27 @@ def _missing_nodes(eng_h5, er: ActivationReader) -> frozenset:
     return missing
 
 
-def _paired_prompts(ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, names: list[str], skip=frozenset()):
-    """(prompt_id, reference values, side values) for every prompt of the reference dump but those in ``skip``."""
+def _paired_prompts(
+    ref_h5, eng_h5, rr: ActivationReader, er: ActivationReader, names: list[str], skip=frozenset(), lazy=frozenset()
+):
+    """(prompt_id, reference values, side values) for every prompt of the reference dump but those in ``skip``;
+    those in ``lazy`` read node by node (actdiff.h5io.NodeByNode)."""
     missing = [p for p in rr.prompt_ids if p not in er.index and p not in skip]
     if missing:
         raise DumpError(
             f"{eng_h5}: {len(missing)} prompt(s) of the reference dump are missing, e.g. "
             f"{missing[:3]}; the two dumps come from different token files"
         )
-    eng_iter = er.iter_prompts(names) if er.prompt_ids == rr.prompt_ids else None
-    for _, pid, ref in rr.iter_prompts(names):
+    lazy_at = frozenset(i for i, p in enumerate(rr.prompt_ids) if p in lazy)
+    eng_iter = er.iter_prompts(names, lazy=lazy_at) if er.prompt_ids == rr.prompt_ids else None
+    for _, pid, ref in rr.iter_prompts(names, lazy=lazy_at):
         if eng_iter is not None:
             _, _, eng = next(eng_iter)  # read in step with the reference, skipped prompts too
         if pid in skip:
             continue
-        if eng_iter is None:  # different prompt order: random access
+        if eng_iter is None and pid in lazy:
+            eng = NodeByNode(er, er.index[pid], names)
+        elif eng_iter is None:  # different prompt order: random access
             eng = {n: er.node(n, pid) for n in names}
             if "input_ids" in er.f:
                 eng[INPUT_IDS] = er.input_ids(pid)
