@@ -190,6 +190,30 @@ class CheckpointTensors(Mapping):
         # had read resident, the released model's 1.9 GB of weights on top of the engine's own copy
         return np.memmap(self.path, dtype=dtype, mode="r", offset=start + lo, shape=tuple(info["shape"]))
 
+    def flat_blocks(self, key: str, values: int):
+        """The tensor's values in C order as float32, ``values`` at a time: (offset, block) pairs, each block read
+        from the file into memory of its own (not a map: the pages a map has read stay resident with it)."""
+        from ..engine.weights import _ST_DTYPES, Checkpoint
+
+        if key not in self._key_set:
+            raise KeyError(key)
+        if self._header is None:
+            ck = Checkpoint(self.path)
+            self._header = (ck.header, ck.data_start)
+        header, start = self._header
+        info = header[key]
+        n = int(np.prod(info["shape"], dtype=np.int64))
+        if info["dtype"] not in ("F32", "F16", "F64"):  # bf16 and the integer types: numpy cannot read them
+            whole = np.asarray(self[key]).astype(np.float32, copy=False).reshape(-1)
+            yield from ((lo, whole[lo : lo + values]) for lo in range(0, n, values))
+            return
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
+        with open(self.path, "rb") as f:
+            for lo in range(0, n, values):
+                f.seek(start + info["data_offsets"][0] + lo * dtype.itemsize)
+                block = np.fromfile(f, dtype=dtype, count=min(values, n - lo))
+                yield lo, block.astype(np.float32, copy=False)
+
     def __contains__(self, key) -> bool:
         return key in self._key_set  # Mapping's own would read the tensor to find out
 
