@@ -1208,6 +1208,19 @@ def targets(res: dict) -> dict:
             "criterion": "< 4e9 bytes (4 GB; 4 GiB = 4.29e9 bytes)",
             "pass": bool(peak[worst] < RSS_TARGET_BYTES),
         }
+    weights = res.get("fullsize_weights_bytes")
+    runs = [k for k in ("fullsize", "fullsize_long") if res.get(k)]
+    if weights and runs:  # issue 19 item 2: every job of a full-size run, the bundled and the long prompts
+        peak = {f"{k}: {rule}": b for k in runs for rule, b in res[k]["peak_rss_bytes_by_rule"].items()}
+        worst = max(peak, key=peak.get)
+        t["full-size peak RSS of every rule <= 1.5x the fp32 weights"] = {
+            "value_bytes": peak[worst],
+            "rule": worst,
+            "weights_bytes": weights,
+            "ratio": peak[worst] / weights,
+            "criterion": "<= 1.5 x the checkpoint's bytes (model.safetensors, fp32)",
+            "pass": bool(peak[worst] <= 1.5 * weights),
+        }
     sc = res.get("scaling")
     if sc and len(sc["prompts"]) > 1:
         grows = {k: v["grows"] for k, v in sc["memory"].items() if v["grows"] is not None}
@@ -1388,6 +1401,7 @@ def run_fullsize(args, n_full: int, base: Path, res: dict) -> None:
     t0 = time.perf_counter()
     full_dir = build_fullsize_random(ROOT / args.fullsize_dir, seed=0, tokenizer_dir=TINY_DIR)
     res["fullsize_build_or_reuse_s"] = time.perf_counter() - t0
+    res["fullsize_weights_bytes"] = (full_dir / "model.safetensors").stat().st_size
     by_batch: dict[str, dict] = {}
     for bs in [int(b) for b in args.fullsize_batch_sizes.split(",")]:
         picked: list[str] = []
