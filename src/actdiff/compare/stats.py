@@ -169,45 +169,42 @@ class CheckpointTensors(Mapping):
             raise KeyError(key)
         return self._file.get_tensor(key)
 
+    def _located(self, key: str) -> tuple[dict, int, np.dtype | None]:
+        """The tensor's header entry, the byte where the file's data starts, and the dtype numpy reads it as
+        (None for bf16 and the other dtypes numpy cannot read from the file)."""
+        from ..engine.weights import _ST_DTYPES, Checkpoint
+
+        if key not in self._key_set:
+            raise KeyError(key)
+        if self._header is None:
+            ck = Checkpoint(self.path)
+            self._header = (ck.header, ck.data_start)
+        header, start = self._header
+        info = header[key]
+        readable = info["dtype"] in ("F32", "F16", "F64")
+        return info, start, np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<") if readable else None
+
     def mapped(self, key: str) -> np.ndarray:
         """The tensor as a read-only memory map of the file: only the pages an op reads become resident, for
         the tables an op gathers rows from (the released word table is 0.77 GB, and reading it whole for
         every prompt and pass was a third of the statistics stage). A dtype numpy cannot map (bf16): read."""
-        from ..engine.weights import _ST_DTYPES, Checkpoint
-
-        if key not in self._key_set:
-            raise KeyError(key)
-        if self._header is None:
-            ck = Checkpoint(self.path)
-            self._header = (ck.header, ck.data_start)
-        header, start = self._header
-        info = header[key]
-        if info["dtype"] not in ("F32", "F16", "F64") or not info["shape"]:
+        info, start, dtype = self._located(key)
+        if dtype is None or not info["shape"]:
             return self[key]
-        lo = info["data_offsets"][0]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
         # a fresh map per call, released with its last view: a map kept per tensor kept every page the spec ops
         # had read resident, the released model's 1.9 GB of weights on top of the engine's own copy
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=start + lo, shape=tuple(info["shape"]))
+        offset = start + info["data_offsets"][0]
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=tuple(info["shape"]))
 
     def flat_blocks(self, key: str, values: int):
         """The tensor's values in C order as float32, ``values`` at a time: (offset, block) pairs, each block read
         from the file into memory of its own (not a map: the pages a map has read stay resident with it)."""
-        from ..engine.weights import _ST_DTYPES, Checkpoint
-
-        if key not in self._key_set:
-            raise KeyError(key)
-        if self._header is None:
-            ck = Checkpoint(self.path)
-            self._header = (ck.header, ck.data_start)
-        header, start = self._header
-        info = header[key]
+        info, start, dtype = self._located(key)
         n = int(np.prod(info["shape"], dtype=np.int64))
-        if info["dtype"] not in ("F32", "F16", "F64"):  # bf16 and the integer types: numpy cannot read them
+        if dtype is None:
             whole = np.asarray(self[key]).astype(np.float32, copy=False).reshape(-1)
             yield from ((lo, whole[lo : lo + values]) for lo in range(0, n, values))
             return
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
         with open(self.path, "rb") as f:
             for lo in range(0, n, values):
                 f.seek(start + info["data_offsets"][0] + lo * dtype.itemsize)
