@@ -243,7 +243,9 @@ def test_fused_nodes_per_level(case, tmp_path):
     assert all("com.microsoft.BiasGelu" in reason for reason in fused["all"].values())
 
 
-def test_side_dump_writes_fused_nodes_as_placeholders(case, tmp_path):
+def test_side_dump_writes_fused_nodes_as_placeholders(case, tmp_path, monkeypatch):
+    """... and streamed (the released model's values: actdiff.batching.streams_rows), the same file bit for bit."""
+    import actdiff.sides.dump as dump_module
     from actdiff.h5io import ActivationReader
     from actdiff.sides import open_side
     from actdiff.sides.dump import dump_shard
@@ -253,8 +255,14 @@ def test_side_dump_writes_fused_nodes_as_placeholders(case, tmp_path):
     items = [(f"p{i}", x) for i, x in enumerate(case["eval"][:4])]
     out = tmp_path / "ort.h5"
     dump_shard(side, case["record"].provenance(), items, out, 0)
+    monkeypatch.setattr(dump_module, "streams_rows", lambda graph: True)
+    dump_shard(side, case["record"].provenance(), items, tmp_path / "streamed.h5", 0)
     side.close()
     r = ActivationReader(out)
+    streamed = ActivationReader(tmp_path / "streamed.h5")
+    assert streamed.prompt_ids == r.prompt_ids and list(streamed.offsets) == list(r.offsets)
+    for name in r.node_names:
+        assert np.array_equal(streamed.f["nodes"][name][()], r.f["nodes"][name][()], equal_nan=True), name
     assert json.loads(r.attrs["fused_away"]).keys() == set(side.missing_nodes)
     for n in side.missing_nodes:
         assert np.isnan(r.node_all(n)).all()

@@ -94,6 +94,19 @@ def streams_rows(graph) -> bool:
     return token_bytes(graph) * MAX_BATCH_TOKENS > STREAM_BYTES
 
 
+def stream_batches(items, sink, run_into: Callable, batch_size: int, graph, max_batch_tokens: int = MAX_BATCH_TOKENS):
+    """``Side.stream`` of a side whose forward runs batched_in_order's batches: the same batches (:func:`batch_plan`),
+    ``run_into(batch_ids, put)`` running one and handing each value to ``put(b, name, value)`` (``b``: the prompt's
+    place in the batch); here the values go on to ``sink`` (actdiff.sides.base.RowSink) by the prompt's place in
+    ``items``, and each prompt is done once its batch has run."""
+    items = list(items)
+    lengths = [len(ids) for _, ids in items]
+    for batch in batch_plan(lengths, batch_size, max_batch_tokens, window_tokens_for(graph)):
+        run_into([items[i][1] for i in batch], lambda b, name, value, batch=batch: sink.put(batch[b], name, value))
+        for i in batch:
+            sink.done(i)
+
+
 def batched_in_order(
     items: Iterable[tuple[str, list[int]]],
     run_batch: Callable[[list[list[int]]], list],

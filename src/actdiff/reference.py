@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from .batching import MAX_BATCH_TOKENS, batch_plan, batched_in_order, window_tokens_for
+from .batching import MAX_BATCH_TOKENS, batched_in_order, window_tokens_for
 from .models.pooling import MeanPoolNormalize
 from .nodes import ARCH_BERT, Graph
 
@@ -35,7 +35,7 @@ class ReferenceRunner:
         self.pools_in_forward = isinstance(own, MeanPoolNormalize)
         self.pooling = own if self.pools_in_forward else MeanPoolNormalize().to(self.device)
         self._captured: dict[str, torch.Tensor] = {}
-        self._emit = None  # while streaming: where a hook hands a node's value (stream)
+        self._emit = None  # while streaming: where a hook hands a node's value (run_batch_into)
         self._handles = []
         modules = dict(model.named_modules())
         modules.update({f"pooling.{k}": m for k, m in self.pooling.named_modules() if k})
@@ -70,7 +70,7 @@ class ReferenceRunner:
 
     def _take(self, name: str, t: torch.Tensor) -> None:
         """A node's value as its hook sees it: held until the batch's forward ends, or, while streaming
-        (:meth:`stream`), handed on now."""
+        (:meth:`run_batch_into`), handed on now."""
         if self._emit is None:
             self._captured[name] = t
         else:
@@ -119,26 +119,20 @@ class ReferenceRunner:
         return out
 
     @torch.inference_mode()
-    def stream(self, prompts: list[tuple[str, list[int]]], sink, batch_size: int = 1,
-               max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:  # fmt: skip
-        """:meth:`run`'s batches, each node's values handed to ``sink`` (actdiff.sides.base.RowSink) when its hook
-        fires: no batch's values are held."""
-        lengths = [len(ids) for _, ids in prompts]
-        for batch in batch_plan(lengths, batch_size, max_batch_tokens, window_tokens_for(self.graph)):
-            batch_ids = [prompts[i][1] for i in batch]
-            S = max(lengths[i] for i in batch)
+    def run_batch_into(self, batch_ids: list[list[int]], put) -> None:
+        """:meth:`run_batch`'s values handed to ``put(b, name, value)`` (``b``: the prompt's place in the batch) as
+        each node's hook fires: no batch's values are held (actdiff.batching.stream_batches)."""
+        S = max(len(x) for x in batch_ids)
 
-            def emit(name, t, batch=batch, batch_ids=batch_ids, S=S):
-                for i, a in zip(batch, self._per_prompt(name, t, batch_ids, S), strict=True):
-                    sink.put(i, name, a)
+        def emit(name, t):
+            for b, a in enumerate(self._per_prompt(name, t, batch_ids, S)):
+                put(b, name, a)
 
-            self._emit = emit
-            try:
-                self._forward(batch_ids)
-            finally:
-                self._emit = None
-            for i in batch:
-                sink.done(i)
+        self._emit = emit
+        try:
+            self._forward(batch_ids)
+        finally:
+            self._emit = None
 
     def run(
         self,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..batching import MAX_BATCH_TOKENS, batched_in_order, window_tokens_for
+from ..batching import MAX_BATCH_TOKENS, batched_in_order, stream_batches, window_tokens_for
 from ..errors import ModelError
 from ..nodes import Graph
 from .capture import LEVELS, OrtCapture, pad_batch
@@ -148,6 +148,17 @@ class OnnxRuntimeSide:
         yield from batched_in_order(
             items, self._run_batch, self.batch_size, MAX_BATCH_TOKENS, window_tokens_for(self.graph)
         )
+
+    def stream(self, items, sink) -> None:
+        """forward's batches, each prompt's values handed to ``sink`` (actdiff.sides.base.RowSink) once its batch
+        has run (the session returns a batch's outputs at once): no window of batches is held."""
+
+        def run_into(batch_ids, put):
+            for b, vals in enumerate(self._run_batch(batch_ids)):
+                for name, value in vals.items():
+                    put(b, name, value)
+
+        stream_batches(items, sink, run_into, self.batch_size, self.graph)
 
     def close(self) -> None:
         self.capture.session = None

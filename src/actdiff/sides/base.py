@@ -32,9 +32,9 @@ class Side(Protocol):
 
     def close(self) -> None: ...
 
-    # optional: ``stream(items, sink: RowSink) -> None``, forward's values handed to ``sink`` node by node as
-    # they are computed, in any order, none held: the dumps of a model whose values are large use it
-    # (actdiff.batching.streams_rows); it runs the batches forward runs (actdiff.batching.batch_plan), so the
+    # optional: ``stream(items, sink: RowSink) -> None``, forward's values handed to ``sink`` as they are
+    # computed, in any order, none held: the dumps of a model whose values are large use it
+    # (actdiff.batching.streams_rows); it runs the batches forward runs (actdiff.batching.stream_batches), so the
     # values are forward's, bit for bit
 
 

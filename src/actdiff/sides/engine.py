@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..batching import MAX_BATCH_TOKENS, batch_plan, batched_in_order, window_tokens_for
+from ..batching import MAX_BATCH_TOKENS, batched_in_order, stream_batches, window_tokens_for
 from ..engine.core import Engine
 
 ENGINE = "actdiff"
@@ -77,13 +77,8 @@ class EngineSide(EngineReplay):
     def stream(self, items, sink) -> None:
         """forward's batches, each node's values handed to ``sink`` as the engine computes them
         (actdiff.sides.base.RowSink)."""
-        items = list(items)
-        lengths = [len(ids) for _, ids in items]
-        for batch in batch_plan(lengths, self.batch_size, MAX_BATCH_TOKENS, window_tokens_for(self.graph)):
-            put = lambda b, name, value, batch=batch: sink.put(batch[b], name, value)  # noqa: E731
-            self.engine.forward_batch_into([items[i][1] for i in batch], put, self.prepared)
-            for i in batch:
-                sink.done(i)
+        run_into = lambda batch, put: self.engine.forward_batch_into(batch, put, self.prepared)  # noqa: E731
+        stream_batches(items, sink, run_into, self.batch_size, self.graph)
 
     def close(self) -> None:
         pass

@@ -66,7 +66,9 @@ class ReferenceSide:
         yield from self.runner.run(items, batch_size=self.batch_size)
 
     def stream(self, items, sink) -> None:
-        self.runner.stream(list(items), sink, batch_size=self.batch_size)
+        from ..batching import stream_batches
+
+        stream_batches(items, sink, self.runner.run_batch_into, self.batch_size, self.graph)
 
     def close(self) -> None:
         from .. import reference_device as rd
