@@ -4,10 +4,10 @@ held. A full-size model streams (1.06 MB of values per token: its reference dump
 streamed); the small models write in order, so these tests force streaming on the tiny model.
 
 Asserted: a streamed dump is the in-order dump bit for bit (reference and engine, padded batches, every node,
-the input ids, offsets and NaN/Inf counts); the engine's streamed forward holds a fraction of a prompt's
-values (tracemalloc); the planned writer takes rows in any order, keeps a node's last value, and refuses a
-prompt that lacks a node, a value of the wrong shape, rows after the prompt was done and a prompt never done,
-leaving no file."""
+the input ids, offsets and NaN/Inf counts; gzip-compressed chunks rewritten in part too); the engine's streamed
+forward holds a fraction of a prompt's values (tracemalloc); the planned writer takes rows in any order, keeps a
+node's last value, and refuses a prompt that lacks a node, a value of the wrong shape, rows after the prompt was
+done and a prompt never done, leaving no file."""
 
 from __future__ import annotations
 
@@ -32,20 +32,24 @@ def _items(vocab: int) -> list[tuple[str, list[int]]]:
     return [(f"p{i:02d}", rng.integers(5, vocab, n).tolist()) for i, n in enumerate(LENGTHS)]
 
 
-def _dump(side, items, out, monkeypatch, stream: bool):
+def _dump(side, items, out, monkeypatch, stream: bool, compression: str = "none"):
     monkeypatch.setattr(dump_module, "streams_rows", lambda graph: stream)
-    dump_module.dump_shard(side, {"model": "tiny"}, items, out, 0)
+    dump_module.dump_shard(side, {"model": "tiny"}, items, out, 0, compression=compression)
     return ActivationReader(out)
 
 
-@pytest.mark.parametrize("side_name", ["reference", "actdiff"])
-def test_streamed_dump_is_the_ordered_dump_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch, side_name):
+@pytest.mark.parametrize(
+    "side_name, compression",
+    [("reference", "none"), ("actdiff", "none"), ("actdiff", "gzip")],  # a compressed chunk rewritten in part
+)
+def test_streamed_dump_is_the_ordered_dump_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch, side_name, compression):
     with actdiff.load(tiny_model_dir, side=side_name, batch_size=4) as m:
         side = m.side
         items = _items(side.graph.dims.vocab)
         assert len(batch_plan(list(LENGTHS), 4)) > 2  # several padded batches, each sorted by length
-        ordered = _dump(side, items, tmp_path / "ordered.h5", monkeypatch, stream=False)
-        streamed = _dump(side, items, tmp_path / "streamed.h5", monkeypatch, stream=True)
+        ordered = _dump(side, items, tmp_path / "ordered.h5", monkeypatch, False, compression)
+        streamed = _dump(side, items, tmp_path / "streamed.h5", monkeypatch, True, compression)
+        assert streamed.attrs["compression"] == compression
     assert streamed.prompt_ids == ordered.prompt_ids == [p for p, _ in items]
     assert list(streamed.offsets) == list(ordered.offsets)
     assert np.array_equal(streamed.f["input_ids"][()], ordered.f["input_ids"][()])
