@@ -482,13 +482,12 @@ class NodeByNode(MutableMapping):
 
     def __init__(self, reader: ActivationReader, p: int, names: list[str], cache_bytes: int = NODE_CACHE_BYTES):
         self.reader, self.p, self.names = reader, p, frozenset(names)
-        self.rows = slice(int(reader.offsets[p]), int(reader.offsets[p + 1]))
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._bytes = 0
         self._set: dict[str, np.ndarray] = {}
         if "input_ids" in reader.f:
-            self._set["input_ids"] = reader._get("input_ids", self.rows)
+            self._set["input_ids"] = reader.input_ids(p)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._set:
@@ -498,8 +497,7 @@ class NodeByNode(MutableMapping):
             return self._cache[name]
         if name not in self.names:
             raise KeyError(name)
-        per_prompt = self.reader.f["nodes"][name].attrs.get("axis") == "prompt"
-        a = self.reader._get(f"nodes/{name}", slice(self.p, self.p + 1) if per_prompt else self.rows)
+        a = self.reader.node(name, self.p)
         self._cache[name] = a
         self._bytes += a.nbytes
         while self._bytes > self.cache_bytes and len(self._cache) > 1:
