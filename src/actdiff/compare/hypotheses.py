@@ -51,6 +51,7 @@ from .refops import (
     aux_inputs,
     finish_op,
     op_value,
+    rows_independent,
     run_op,
     shared_products,
     spec_params,
@@ -227,29 +228,96 @@ def _error(target: np.ndarray, pred: np.ndarray, denom: float, index: bool) -> f
     return 0.0 if num == 0.0 else math.inf
 
 
-def _candidates(graph, node, cat, spec, inputs, weights, error, spec_value) -> tuple[list[Ranked], list[str]]:
-    """Each applicable entry of ``cat`` run on the node's inputs and scored by ``error(output)``; and the names
-    of those that need inputs not given. An entry that overrides only what run_op does after the op (its
-    output precision: a quarter of the candidates ranked on a reduced-precision run) finishes the spec's
-    ``spec_value`` instead of computing the op again: the same values, since the op never reads those."""
-    ranked: list[Ranked] = []
-    not_tested: list[str] = []
+class _Prompts:
+    """The inputs of one node on several prompts, for running an op once over their stacked rows where its rows
+    are independent (refops.rows_independent) and prompt by prompt elsewhere. One op call per prompt, node and
+    candidate was most of the ranking's cost on short prompts: their ops are microseconds of arithmetic behind
+    a Python call, and a float64 product of a few rows runs below the core's rate."""
+
+    def __init__(self, graph: Graph, node: Node, inputs: list[dict], weights):
+        self.graph, self.node, self.inputs, self.weights = graph, node, inputs, weights
+        rows = [np.shape(x[node.inputs[0]])[0] if node.inputs and node.inputs[0] in x else -1 for x in inputs]
+        self.rows = rows if len(inputs) > 1 and min(rows) >= 0 else None  # None: prompt by prompt
+        self.rows_of: dict[str, np.ndarray] = {}  # input name -> the prompts' rows stacked
+
+    def _stack(self, names: list[str]) -> dict[str, np.ndarray] | None:
+        """The named inputs stacked along rows; None where a prompt lacks one or its rows are not the node's."""
+        for n in names:
+            if n not in self.rows_of:
+                parts = [np.asarray(x[n]) if n in x else None for x in self.inputs]
+                if any(a is None or a.ndim == 0 or a.shape[0] != r for a, r in zip(parts, self.rows, strict=True)):
+                    return None
+                self.rows_of[n] = np.concatenate(parts)
+        return {n: self.rows_of[n] for n in names}
+
+    def stacked(self, compute, params: dict, names: list[str]) -> np.ndarray | None:
+        """``compute`` of the stacked ``names`` (rows of every prompt in turn; :meth:`split` parts them), or None
+        where the rows under ``params`` are not independent or the inputs do not stack."""
+        if self.rows is None or not rows_independent(self.node, params):
+            return None
+        x = self._stack(names)
+        if x is None:
+            return None
+        y = compute(x)
+        return y if y.ndim > 0 and y.shape[0] == sum(self.rows) else None
+
+    def split(self, y: np.ndarray) -> list[np.ndarray]:
+        return np.split(y, np.cumsum(self.rows)[:-1])
+
+
+def _candidates(graph, node, cat, spec, prompts: _Prompts, errors, spec_values, spec_stacked) -> tuple[list, list]:
+    """Per prompt: each applicable entry of ``cat`` run on the node's inputs and scored by ``errors(outputs)``,
+    and the names of those that need inputs the prompt lacks. An entry that overrides only what run_op does
+    after the op (its output precision: a quarter of the candidates ranked on a reduced-precision run) finishes
+    the spec's ``spec_values`` instead of computing the op again: the same values, since the op never reads
+    those. An entry that cannot apply on a prompt (NotApplicable) is left out there."""
+    n = len(prompts.inputs)
+    ranked: list[list[Ranked]] = [[] for _ in range(n)]
+    not_tested: list[list[str]] = [[] for _ in range(n)]
     for h in cat:
         if not h.applies(graph, node, spec):
             continue
         params = {**spec, **h.params}
         try:
-            if any(n not in inputs for n in aux_inputs(graph, node, params)):
-                not_tested.append(h.name)
-                continue
-            if set(h.params) <= POST_OP_PARAMS:
-                out = finish_op(node, spec_value, params)
-            else:
-                out = run_op(graph, node, inputs, weights, params)
+            names = list(node.inputs) + aux_inputs(graph, node, params)
         except NotApplicable:
             continue
-        ranked.append(Ranked(h.name, error(out), h.says))
+        have = [all(i in x for i in names) for x in prompts.inputs]
+        for k in (k for k in range(n) if not have[k]):
+            not_tested[k].append(h.name)
+        post_op = set(h.params) <= POST_OP_PARAMS
+        outs = _outputs(graph, node, params, prompts, names, have, (spec_values, spec_stacked) if post_op else None)
+        for k, e in enumerate(errors(outs)):
+            if outs[k] is not None:
+                ranked[k].append(Ranked(h.name, e, h.says))
     return ranked, not_tested
+
+
+def _outputs(graph, node, params, prompts: _Prompts, names, have, spec) -> list:
+    """One candidate's output per prompt (None where it lacks an input or the params cannot apply); ``spec``:
+    the spec's op values (per prompt, stacked or None) for a candidate that only finishes them, else None."""
+
+    def each(k: int):
+        if not have[k]:
+            return None
+        try:
+            if spec is not None:
+                return finish_op(node, spec[0][k], params)
+            return run_op(graph, node, prompts.inputs[k], prompts.weights, params)
+        except NotApplicable:
+            return None
+
+    if all(have):
+        try:
+            if spec is None:
+                y = prompts.stacked(lambda x: run_op(graph, node, x, prompts.weights, params), params, names)
+            else:
+                y = None if spec[1] is None else prompts.stacked(lambda _: finish_op(node, spec[1], params), params, [])
+        except NotApplicable:  # on the stacked rows: prompt by prompt, as each one can
+            y = None
+        if y is not None:
+            return prompts.split(y)
+    return [each(k) for k in range(len(have))]
 
 
 def rank_hypotheses(
@@ -268,32 +336,73 @@ def rank_hypotheses(
     extra input is absent is listed in ``not_tested``). ``weights``: raw checkpoint tensors by name.
     ``target``: the engine's output for this node on these inputs. ``budget``: the node's relative-L2
     error budget (for index nodes: the allowed fraction of differing ids)."""
+    return rank_hypotheses_many(graph, node, [(inputs, target, budget)], weights, catalogue)[0]
+
+
+def rank_hypotheses_many(
+    graph: Graph,
+    node: Node | str,
+    items: list[tuple[dict[str, np.ndarray], np.ndarray, float]],
+    weights: dict[str, np.ndarray],
+    catalogue: list[Hypothesis] | None = None,
+) -> list[Diagnosis]:
+    """:func:`rank_hypotheses` at one node for several prompts, ``items``: (inputs, target, budget) each; the
+    spec op and every candidate run once over the prompts' stacked rows where they compute rows independently
+    (refops.rows_independent), prompt by prompt elsewhere. Each prompt's errors, denominators and verdict are
+    its own, as ranked alone: the same values but where a stacked float64 product rounds differently in its
+    last bits (another BLAS blocking; ~1e-16 relative, far below any budget)."""
     if isinstance(node, str):
         node = graph[node]
     cat = load_catalogue() if catalogue is None else catalogue
     index = node.kind == "index"
     spec = spec_params(graph, node)
+    prompts = _Prompts(graph, node, [x for x, _, _ in items], weights)
     with shared_products():  # a candidate that changes only what follows a product reuses the spec op's
-        spec_value = op_value(graph, node, inputs, weights, dict(spec))
-        spec_out = finish_op(node, spec_value, spec)
-        target = np.asarray(target)
-        if not index:  # converted once, not by every candidate's error
-            target = target.astype(np.float64, copy=False)
-        if target.shape != spec_out.shape:
-            raise ValueError(f"node {node.name}: engine output has shape {target.shape}, the graph says "
-                             f"{spec_out.shape}")  # fmt: skip
-        denom = float(np.linalg.norm(spec_out)) if not index else 0.0
-        if not index and denom == 0.0:
-            denom = float(np.linalg.norm(target))
-        err0 = _error(target, spec_out, denom, index)
-        ranked, not_tested = _candidates(graph, node, cat, spec, inputs, weights,
-                                         lambda out: _error(target, out, denom, index), spec_value)  # fmt: skip
+        spec_stacked = prompts.stacked(lambda x: op_value(graph, node, x, weights, dict(spec)), spec, list(node.inputs))
+        if spec_stacked is not None:
+            spec_values = prompts.split(spec_stacked)
+        else:
+            spec_values = [op_value(graph, node, x, weights, dict(spec)) for x in prompts.inputs]
+        spec_outs = [finish_op(node, v, spec) for v in spec_values]
+        targets = [_target(node, t, o, index) for (_, t, _), o in zip(items, spec_outs, strict=True)]
+        denoms = [_denominator(o, t, index) for o, t in zip(spec_outs, targets, strict=True)]
+
+        def errors(outs: list) -> list[float]:
+            return [math.nan if o is None else _error(t, o, d, index) for t, o, d in zip(targets, outs, denoms,
+                                                                                          strict=True)]  # fmt: skip
+
+        err0s = errors(spec_outs)
+        ranked, not_tested = _candidates(graph, node, cat, spec, prompts, errors, spec_values, spec_stacked)
+    return [_verdict(node, index, float(b), e0, r, nt)
+            for (_, _, b), e0, r, nt in zip(items, err0s, ranked, not_tested, strict=True)]  # fmt: skip
+
+
+def _target(node: Node, target, spec_out: np.ndarray, index: bool) -> np.ndarray:
+    """The engine's output as the errors read it (float64 once, not per candidate), its shape checked."""
+    target = np.asarray(target)
+    if not index:
+        target = target.astype(np.float64, copy=False)
+    if target.shape != spec_out.shape:
+        raise ValueError(f"node {node.name}: engine output has shape {target.shape}, the graph says "
+                         f"{spec_out.shape}")  # fmt: skip
+    return target
+
+
+def _denominator(spec_out: np.ndarray, target: np.ndarray, index: bool) -> float:
+    if index:
+        return 0.0
+    denom = float(np.linalg.norm(spec_out))
+    return denom if denom != 0.0 else float(np.linalg.norm(target))
+
+
+def _verdict(node: Node, index: bool, budget: float, err0: float, ranked: list[Ranked], not_tested: list[str]):
+    """The Diagnosis of one prompt at ``node`` from its baseline error and its ranked candidates."""
     ranked.sort(key=lambda r: r.error)  # stable: catalogue order breaks ties
 
     def passes(err: float) -> bool:
         return explains(err, err0, budget)  # the one rule for every explanation (actdiff.compare.findings)
 
-    d = Diagnosis(node.name, node.op, "mismatch_fraction" if index else "rel_l2", float(budget), err0, UNEXPLAINED)
+    d = Diagnosis(node.name, node.op, "mismatch_fraction" if index else "rel_l2", budget, err0, UNEXPLAINED)
     d.ranked, d.not_tested = ranked, not_tested
     if err0 <= budget:
         d.verdict = MATCHES_SPEC

@@ -100,7 +100,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..nodes import ARCH_BERT, Graph, Node, ntk_rotary_base
+from ..nodes import ARCH_BERT, LAYOUT_OPS, Graph, Node, ntk_rotary_base
 
 try:
     from scipy.special import erf as _erf
@@ -1069,6 +1069,27 @@ def run_op(
 # The parameters only run_op's last steps read (finish_op), after the op itself: a candidate that overrides
 # nothing else has the op's value of the parameters it starts from (actdiff.compare.hypotheses reuses it)
 POST_OP_PARAMS = frozenset({"output_scale", "arithmetic", "output_precision"})
+
+# The parameters that round values computed from the inputs (run_op's operands, its intermediate steps, its
+# result); weight_precision and round_at's "weight.<i>" round checkpoint tensors, the same for every row
+_VALUE_PRECISIONS = ("accumulate", "arithmetic", "output_precision")
+
+
+def rows_independent(node: Node, params: dict) -> bool:
+    """Whether run_op computes each row (token) of its output from that row of its inputs alone under the
+    complete ``params``, so that several prompts' inputs stacked along their rows give every prompt's own output
+    rows (up to the last bits of a float64 product, which BLAS blocks by the row count). Not for the ops that
+    read positions or mix tokens (actdiff.nodes.LAYOUT_OPS: EMBED, ROPE, ATTENTION, POOL), nor for a
+    quantisation spec on values (``round_at`` on an operand or a step, or as a precision: a dynamic range spans
+    the tensor's rows unless it is per row, a static one is safe but rare enough to run prompt by prompt), nor
+    ``int_pairs`` (its loss is computed on the operands as given, rows counted). A string precision rounds per
+    value, or per row along the last axis (int8). tests/test_hypotheses_stacked.py runs every catalogue entry at
+    every node of both bundled models stacked and prompt by prompt."""
+    if node.op in LAYOUT_OPS or params.get("int_pairs", "exact") != "exact":
+        return False
+    values = [params.get(k) for k in _VALUE_PRECISIONS]
+    values += [v for k, v in params.get("round_at", {}).items() if not k.startswith("weight.")]
+    return not any(isinstance(v, dict) for v in values)
 
 
 def op_value(graph: Graph, node: Node, inputs: dict[str, np.ndarray], weights: dict[str, np.ndarray],

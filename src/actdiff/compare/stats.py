@@ -411,6 +411,7 @@ class Judged:
     mismatched: set = field(default_factory=set)  # nodes whose replay does not reproduce the dump
     propagated: dict[str, float] = field(default_factory=dict)  # node -> propagated budget
     replayed: dict = field(default_factory=dict)  # node -> its replays, computed with its group (compare.grouped)
+    diagnoses: dict | None = None  # node -> (Diagnosis, inputs, target, budget), ranked with its group (diagnose_group)
 
     @property
     def tokens(self) -> int:
@@ -626,20 +627,48 @@ def build_tokens(ctx: ShardContext, j: Judged) -> None:
         )
 
 
-def build_hypotheses(ctx: ShardContext, j: Judged) -> None:
-    """Root-cause ranking at the first divergent node (or every failing node): the catalogue first, on the
-    values the judged code ran on (a replaying side: its replay on the reference's inputs; a side without a
-    replay, or a node whose replay does not reproduce the dump: its dumped output on its own inputs). Every
-    node's value is passed, since some hypotheses read another node (e.g. per-expert bias needs the top-k
-    weights). A node the catalogue leaves unexplained goes into the search's bounded sample."""
-    from .hypotheses import UNEXPLAINED, rank_hypotheses
+def _diagnosed_nodes(ctx: ShardContext, j: Judged) -> list[str]:
+    """Where a prompt's root cause is ranked: every failing node, or its first divergent node only."""
+    return j.failing if ctx.cfg.diagnose_all_failing else [j.first] if j.first else []
 
-    for name in j.failing if ctx.cfg.diagnose_all_failing else [j.first] if j.first else []:
-        own = ctx.replay is None or name in j.mismatched
-        inputs, target = (j.eng, j.eng[name]) if own else (j.ref, j.local[name][0])
-        b = ctx.budget(name, j.noise[name])
-        # the float64 weights: a resident model's are converted once per job, not per hypothesis and prompt
-        d = rank_hypotheses(ctx.graph, ctx.graph[name], inputs, ctx.weights64, target, b, catalogue=ctx.catalogue)
+
+def diagnose_group(ctx: ShardContext, js: list[Judged]) -> None:
+    """Root-cause ranking (actdiff.compare.hypotheses) of the judged prompts of a group, node by node: the prompts
+    failing at a node are ranked there together (rank_hypotheses_many: one op over their stacked rows where the op
+    allows), on the values the judged code ran on (a replaying side: its replay on the reference's inputs; a side
+    without a replay, or a node whose replay does not reproduce the dump: its dumped output on its own inputs).
+    Every node's value is passed, since some hypotheses read another node (e.g. per-expert bias needs the top-k
+    weights). Each prompt keeps its diagnoses (``j.diagnoses``) for build_hypotheses, which writes them in the
+    prompt's order."""
+    from .hypotheses import rank_hypotheses_many
+
+    at: dict[str, list[tuple[Judged, dict, np.ndarray, float]]] = {}
+    for j in js:
+        j.diagnoses = {}
+        for name in _diagnosed_nodes(ctx, j):
+            own = ctx.replay is None or name in j.mismatched
+            inputs, target = (j.eng, j.eng[name]) if own else (j.ref, j.local[name][0])
+            at.setdefault(name, []).append((j, inputs, target, ctx.budget(name, j.noise[name])))
+    try:
+        for node in (n for n in ctx.graph if n.name in at):
+            ctx.weights64.visit(node)  # the float64 weights: converted once for the group's prompts
+            items = at.pop(node.name)
+            ds = rank_hypotheses_many(ctx.graph, node, [i[1:] for i in items], ctx.weights64, ctx.catalogue)
+            for (j, inputs, target, b), d in zip(items, ds, strict=True):
+                j.diagnoses[node.name] = (d, inputs, target, b)
+    finally:
+        ctx.weights64.visit(None)
+
+
+def build_hypotheses(ctx: ShardContext, j: Judged) -> None:
+    """The prompt's diagnoses (diagnose_group) into the hypotheses table; a node the catalogue leaves unexplained
+    goes into the search's bounded sample."""
+    from .hypotheses import UNEXPLAINED
+
+    if j.diagnoses is None:
+        diagnose_group(ctx, [j])
+    for name in _diagnosed_nodes(ctx, j):
+        d, inputs, target, b = j.diagnoses[name]
         ctx.writers["hypotheses"].add(_diagnosis_rows(j.pid, name, name == j.first, d))
         if d.verdict == UNEXPLAINED and ctx.search is not None:
             ctx.search.offer(ctx.graph, name, j.pid, inputs, target, b)
@@ -803,11 +832,15 @@ def compute_shard_stats(
             lazy = frozenset(p for (_, p), size in zip(judged, sizes, strict=True) if size > HOLD_BYTES)
             paired = _paired_prompts(ref_h5, eng_h5, rr, er, graph.names(), skip, lazy)
             for group in grouped(paired, bound, sizes):
-                for (pid, ref, eng), pre in zip(group, prepare_group(ctx, group), strict=True):
-                    j = judge_prompt(ctx, pid, ref, eng, pre)
+                ahead = prepare_group(ctx, group)
+                js = [judge_prompt(ctx, pid, ref, eng, pre) for (pid, ref, eng), pre in zip(group, ahead, strict=True)]
+                del ahead  # what judging kept of it is in js (the local values of failing nodes)
+                diagnose_group(ctx, js)
+                while js:
+                    j = js.pop(0)
                     for build in BUILDERS:
                         build(ctx, j)
-                    del j, ref, eng, pre
+                    del j
                     n_prompts += 1
                     if n_prompts % 100 == 0:
                         rate = n_prompts / (time.perf_counter() - t0)

@@ -1,0 +1,135 @@
+"""Root-cause ranking of several prompts at once (actdiff.compare.hypotheses.rank_hypotheses_many): the spec op and
+every candidate run once over the prompts' stacked rows where refops.rows_independent says the op computes rows
+independently, prompt by prompt elsewhere.
+
+What must hold: wherever rows_independent says yes, the stacked op gives every prompt's own values (to the last
+bits of a float64 product, which BLAS blocks by the row count: at most 1e-12 of the values' scale here), for the
+spec and every catalogue entry at every node of both bundled models; where a parameter couples the rows (a
+quantisation range over the whole tensor) the rule says no and the ranking still equals each prompt's own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import ensure_tiny_model
+from test_hypotheses import TINY, Model
+
+from actdiff.compare.hypotheses import load_catalogue, rank_hypotheses, rank_hypotheses_many
+from actdiff.compare.refops import NotApplicable, aux_inputs, rows_independent, run_op, spec_params
+from actdiff.nodes import LAYOUT_OPS
+
+# three prompts of different lengths: stacked rows that a per-prompt op would not see together
+TINY_PROMPTS = [[0, 45, 120, 987, 33, 2001, 64, 5, 2], [0, 3000, 17, 2], [0, 11, 12, 13, 14, 15, 2]]
+BERT_PROMPTS = [[101, 2023, 2003, 1037, 3231, 6251, 1012, 102], [101, 7592, 102], [101, 2000, 2001, 2002, 102]]
+# a stacked float64 product may round differently from a prompt's own in its last bits: relative to the largest
+# value of the node, a sum of K products each rounded to 2^-53 differs by at most ~K * 2^-53 (K <= 1536 here)
+STACKED_RTOL = 1e-12
+BUDGET = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Model:
+    ensure_tiny_model()
+    return Model(TINY, TINY_PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_model_dir) -> Model:
+    return Model(minilm_model_dir, BERT_PROMPTS)
+
+
+def _weights64(m: Model) -> dict:
+    return {k: np.asarray(a, dtype=np.float64) if a.dtype.kind == "f" else a for k, a in m.weights.items()}
+
+
+def _stacked_and_alone(m: Model, node, params, w) -> tuple[list, list] | None:
+    """(every prompt's output from one op over the stacked rows, each prompt's own), None where not applicable."""
+    names = list(node.inputs) + aux_inputs(m.graph, node, params)
+    x = {n: np.concatenate([v[n] for v in m.vals]) for n in names}
+    try:
+        stacked = run_op(m.graph, node, x, w, params)
+        alone = [run_op(m.graph, node, v, w, params) for v in m.vals]
+    except NotApplicable:
+        return None
+    rows = np.cumsum([len(v[node.inputs[0]]) for v in m.vals])[:-1]
+    return np.split(stacked, rows), alone
+
+
+@pytest.mark.parametrize("which", ["tiny", "minilm"])
+def test_rows_independent_ops_give_each_prompt_its_own_values_stacked(which, request):
+    """Every node of the model, the spec and every catalogue entry that applies there: where rows_independent
+    says yes, stacked = alone within STACKED_RTOL (index nodes exactly); the layout ops are never stacked."""
+    m: Model = request.getfixturevalue(which)
+    w, cat, checked = _weights64(m), load_catalogue(), 0
+    for node in m.graph:
+        spec = spec_params(m.graph, node)
+        cases = [spec] + [{**spec, **h.params} for h in cat if h.applies(m.graph, node, spec)]
+        if node.op in LAYOUT_OPS:
+            assert not any(rows_independent(node, p) for p in cases), node.name
+            continue
+        for params in cases:
+            assert rows_independent(node, params), (node.name, params)  # no catalogue entry couples rows
+            got = _stacked_and_alone(m, node, params, w)
+            if got is None:
+                continue
+            for s, a in zip(*got, strict=True):
+                assert s.shape == a.shape and s.dtype == a.dtype, (node.name, params)
+                if node.kind == "index":
+                    np.testing.assert_array_equal(s, a, err_msg=f"{node.name} {params}")
+                    continue
+                scale = max(float(np.max(np.abs(a), initial=0.0)), 1e-300)
+                diff = float(np.max(np.abs(s - a), initial=0.0))
+                assert diff <= STACKED_RTOL * scale, (node.name, params, diff / scale)
+            checked += 1
+    assert checked >= 100, checked  # the models' every non-layout node, most with several candidates
+
+
+def test_a_range_over_the_whole_tensor_is_never_stacked(tiny, tmp_path):
+    """A catalogue entry whose output is quantised with one dynamic range per tensor couples the prompts' rows:
+    stacked, the ranges would be the group's. rows_independent says no, and the ranking of three prompts
+    together gives each the errors it gets alone, bit for bit."""
+    node = next(n for n in tiny.graph if n.op == "MATMUL")
+    spec = spec_params(tiny.graph, node)
+    coupled = {**spec, "output_precision": {"bits": 4, "granularity": "tensor"}}
+    assert not rows_independent(node, coupled)
+    assert rows_independent(node, {**spec, "output_precision": "int8"})  # int8 strings round per row
+    w = _weights64(tiny)
+    stacked, alone = _stacked_and_alone(tiny, node, coupled, w)
+    assert any(not np.array_equal(s, a) for s, a in zip(stacked, alone, strict=True))  # the coupling is real
+    (tmp_path / "cat.yaml").write_text(
+        "- name: output_4bit_per_tensor\n  op: MATMUL\n"
+        "  params: {output_precision: {bits: 4, granularity: tensor}}\n"
+        "  says: the output is quantised to 4 bits with one range per tensor.\n"
+    )
+    cat = load_catalogue(tmp_path / "cat.yaml")
+    targets = alone  # the engine computed exactly that, prompt by prompt
+    many = rank_hypotheses_many(tiny.graph, node, [(v, t, BUDGET) for v, t in zip(tiny.vals, targets, strict=True)],
+                                w, cat)  # fmt: skip
+    for v, t, d in zip(tiny.vals, targets, many, strict=True):
+        one = rank_hypotheses(tiny.graph, node, v, w, t, BUDGET, cat)
+        assert [(r.name, r.error) for r in d.ranked] == [(r.name, r.error) for r in one.ranked]
+        assert d.ranked[0].error == 0.0 and d.explained_by == "output_4bit_per_tensor"
+
+
+@pytest.mark.parametrize("which", ["tiny", "minilm"])
+def test_ranking_together_is_each_prompts_own_ranking(which, request):
+    """The engine's fp16 outputs at every node (every float node then diverges from the fp32 spec): ranked for the
+    three prompts together, every prompt has the verdict, cause, candidate order and not-tested list it has
+    alone, and the same errors to STACKED_RTOL in absolute terms: an error is a norm relative to the spec value's
+    norm, so values that move by STACKED_RTOL of their scale move it by about as much, however small the error
+    itself (a candidate that nearly matches: 2e-7 whose last bits cancel)."""
+    m: Model = request.getfixturevalue(which)
+    w, cat = _weights64(m), load_catalogue()
+    for node in m.graph:
+        targets = [m.engine_out(node.name, "fp16", k) for k in range(len(m.vals))]
+        budgets = [BUDGET * (k + 1) for k in range(len(m.vals))]  # each prompt's own budget
+        many = rank_hypotheses_many(m.graph, node, list(zip(m.vals, targets, budgets, strict=True)), w, cat)
+        for v, t, b, d in zip(m.vals, targets, budgets, many, strict=True):
+            one = rank_hypotheses(m.graph, node, v, w, t, b, cat)
+            assert (d.verdict, d.explained_by, d.budget, d.not_tested) == (
+                one.verdict, one.explained_by, one.budget, one.not_tested), node.name  # fmt: skip
+            assert [r.name for r in d.ranked] == [r.name for r in one.ranked], node.name
+            np.testing.assert_allclose([r.error for r in d.ranked], [r.error for r in one.ranked],
+                                       rtol=0, atol=STACKED_RTOL, err_msg=node.name)  # fmt: skip
+            np.testing.assert_allclose(d.baseline_error, one.baseline_error, rtol=0, atol=STACKED_RTOL)
