@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from ..h5io import prompt_values_bytes
 from ..sides.base import replay_many, same_bits
 from .metrics import rel_l2
 from .propagation import Propagation, step_together
+from .refops import run_op_many, spec_params
 
 # The dumps read per group, both sides together: 9 prompts of the tiny model's bundled corpus, 5 of MiniLM's, a
 # single prompt at full size (~2 MB per token and side), which is then judged as before. Measured on the bundled
@@ -143,6 +144,14 @@ def replay_group(graph, replay, missing: frozenset, fused: frozenset, group: lis
     return per
 
 
+# The spec op's float64 values on the side's own inputs held per group ahead of judging (spec_on_own_inputs): a
+# side without a replay (llama.cpp, an imported dump) is judged on them at every node, an ONNX Runtime int8 run
+# at half its nodes. The small models' groups need at most twice their side's dumps (48 MB at GROUP_BYTES); at
+# full size a group may hold up to HOLD_BYTES of dumps, and the nodes past this bound are computed per prompt
+# while judged, as before, so the job's peak does not grow
+SPEC_AHEAD_BYTES = 64 << 20
+
+
 @dataclass
 class Ahead:
     """One prompt's values computed with its group's, per node (judge_prompt uses them instead of computing)."""
@@ -150,6 +159,27 @@ class Ahead:
     replayed: dict[str, Replayed]
     noise: dict  # node -> the reference's noise (budgets.Noise)
     propagated: dict[str, float]  # node -> propagated budget
+    spec: dict[str, np.ndarray] = field(default_factory=dict)  # node -> the spec op on the side's own inputs
+
+
+def spec_on_own_inputs(ctx, node, group: list, replayed: list[dict[str, Replayed]]) -> dict[int, np.ndarray]:
+    """Per prompt of ``group`` judged at ``node`` against the spec op on its own inputs (stats.ShardContext.local:
+    a side without a replay; a float node outside ``fused`` whose replay does not reproduce its dump), that
+    value, from one op over their stacked rows where the op allows (refops.run_op_many). Index nodes of a
+    replaying side and nodes whose inputs were not captured are left to the judging."""
+    g = ctx.graph
+    if node.name in ctx.missing or any(i in ctx.missing for i in node.inputs):
+        return {}
+    if ctx.replay is None:
+        need = list(range(len(group)))
+    elif node.kind == "index" or node.name in ctx.fused:
+        return {}
+    else:
+        need = [k for k, r in enumerate(replayed) if node.name in r and r[node.name].gap not in (None, 0.0)]
+    if not need:
+        return {}
+    own = [{i: group[k][2][i] for i in node.inputs} for k in need]
+    return dict(zip(need, run_op_many(g, node, own, ctx.weights64, spec_params(g, node)), strict=True))
 
 
 def prepare_group(ctx, group: list) -> list[Ahead | None]:
@@ -162,6 +192,8 @@ def prepare_group(ctx, group: list) -> list[Ahead | None]:
     replayed = replay_group(ctx.graph, ctx.replay, ctx.missing, ctx.fused, group)
     noise: list[dict] = [{} for _ in group]
     budgets: list[dict[str, float]] = [{} for _ in group]
+    spec: list[dict[str, np.ndarray]] = [{} for _ in group]
+    held = 0
     props = [Propagation(ctx.graph, pid, ref, eng, ctx.weights64) for pid, ref, eng in group]
     try:
         for node in ctx.graph:
@@ -170,6 +202,10 @@ def prepare_group(ctx, group: list) -> list[Ahead | None]:
                 noise[k][node.name] = ctx.reference_noise(pid, ref, node)
                 budgets[k][node.name] = ctx.budget(node.name, noise[k][node.name])
             step_together(props, node, budgets)
+            if held <= SPEC_AHEAD_BYTES:
+                for k, y in spec_on_own_inputs(ctx, node, group, replayed).items():
+                    spec[k][node.name] = y
+                    held += y.nbytes
     finally:
         ctx.weights64.visit(None)
-    return [Ahead(r, nz, p.out) for r, nz, p in zip(replayed, noise, props, strict=True)]
+    return [Ahead(r, nz, p.out, sp) for r, nz, p, sp in zip(replayed, noise, props, spec, strict=True)]

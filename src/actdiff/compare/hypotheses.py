@@ -55,6 +55,7 @@ from .refops import (
     run_op,
     shared_products,
     spec_params,
+    stacked_rows,
 )
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "data" / "hypotheses.yaml"
@@ -232,37 +233,31 @@ class _Prompts:
     """The inputs of one node on several prompts, for running an op once over their stacked rows where its rows
     are independent (refops.rows_independent) and prompt by prompt elsewhere. One op call per prompt, node and
     candidate was most of the ranking's cost on short prompts: their ops are microseconds of arithmetic behind
-    a Python call, and a float64 product of a few rows runs below the core's rate."""
+    a Python call, and a float64 product of a few rows runs below the core's rate. The stacked inputs are kept
+    for the node's every candidate."""
 
     def __init__(self, graph: Graph, node: Node, inputs: list[dict], weights):
         self.graph, self.node, self.inputs, self.weights = graph, node, inputs, weights
-        rows = [np.shape(x[node.inputs[0]])[0] if node.inputs and node.inputs[0] in x else -1 for x in inputs]
-        self.rows = rows if len(inputs) > 1 and min(rows) >= 0 else None  # None: prompt by prompt
-        self.rows_of: dict[str, np.ndarray] = {}  # input name -> the prompts' rows stacked
+        self.kept: dict[tuple, tuple | None] = {}  # input names -> refops.stacked_rows of them
 
-    def _stack(self, names: list[str]) -> dict[str, np.ndarray] | None:
-        """The named inputs stacked along rows; None where a prompt lacks one or its rows are not the node's."""
-        for n in names:
-            if n not in self.rows_of:
-                parts = [np.asarray(x[n]) if n in x else None for x in self.inputs]
-                if any(a is None or a.ndim == 0 or a.shape[0] != r for a, r in zip(parts, self.rows, strict=True)):
-                    return None
-                self.rows_of[n] = np.concatenate(parts)
-        return {n: self.rows_of[n] for n in names}
-
-    def stacked(self, compute, params: dict, names: list[str]) -> np.ndarray | None:
-        """``compute`` of the stacked ``names`` (rows of every prompt in turn; :meth:`split` parts them), or None
-        where the rows under ``params`` are not independent or the inputs do not stack."""
-        if self.rows is None or not rows_independent(self.node, params):
+    def stacked(self, compute, params: dict, names: list[str]) -> tuple[np.ndarray, list[int]] | None:
+        """(``compute`` of the stacked ``names``: the rows of every prompt in turn, each prompt's row count), or
+        None where the rows under ``params`` are not independent or the inputs do not stack."""
+        if len(self.inputs) < 2 or not rows_independent(self.node, params):
             return None
-        x = self._stack(names)
-        if x is None:
+        key = tuple(names) or tuple(self.node.inputs)  # a candidate that reads no input: the node's rows
+        if key not in self.kept:
+            self.kept[key] = stacked_rows(self.inputs, list(key))
+        if self.kept[key] is None:
             return None
+        x, rows = self.kept[key]
         y = compute(x)
-        return y if y.ndim > 0 and y.shape[0] == sum(self.rows) else None
+        return (y, rows) if y.ndim > 0 and len(y) == sum(rows) else None
 
-    def split(self, y: np.ndarray) -> list[np.ndarray]:
-        return np.split(y, np.cumsum(self.rows)[:-1])
+
+def _split(stacked: tuple[np.ndarray, list[int]]) -> list[np.ndarray]:
+    y, rows = stacked
+    return np.split(y, np.cumsum(rows)[:-1])
 
 
 def _candidates(graph, node, cat, spec, prompts: _Prompts, errors, spec_values, spec_stacked) -> tuple[list, list]:
@@ -311,12 +306,14 @@ def _outputs(graph, node, params, prompts: _Prompts, names, have, spec) -> list:
         try:
             if spec is None:
                 y = prompts.stacked(lambda x: run_op(graph, node, x, prompts.weights, params), params, names)
+            elif spec[1] is not None:  # the spec's op value of the stacked rows, finished once
+                y = prompts.stacked(lambda _: finish_op(node, spec[1][0], params), params, [])
             else:
-                y = None if spec[1] is None else prompts.stacked(lambda _: finish_op(node, spec[1], params), params, [])
+                y = None
         except NotApplicable:  # on the stacked rows: prompt by prompt, as each one can
             y = None
         if y is not None:
-            return prompts.split(y)
+            return _split(y)
     return [each(k) for k in range(len(have))]
 
 
@@ -360,7 +357,7 @@ def rank_hypotheses_many(
     with shared_products():  # a candidate that changes only what follows a product reuses the spec op's
         spec_stacked = prompts.stacked(lambda x: op_value(graph, node, x, weights, dict(spec)), spec, list(node.inputs))
         if spec_stacked is not None:
-            spec_values = prompts.split(spec_stacked)
+            spec_values = _split(spec_stacked)
         else:
             spec_values = [op_value(graph, node, x, weights, dict(spec)) for x in prompts.inputs]
         spec_outs = [finish_op(node, v, spec) for v in spec_values]

@@ -38,9 +38,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..nodes import EMBEDDING, INPUT_IDS, LAYOUT_OPS, POOLED, Graph
+from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph
 from .metrics import rel_l2
-from .refops import run_op, spec_params
+from .refops import run_op, run_op_many, spec_params
 from .routing import near_ties
 
 
@@ -175,18 +175,12 @@ class Propagation:
 
 def step_together(props: list[Propagation], node, budgets: list[Mapping[str, float]]) -> None:
     """:meth:`Propagation.step` of ``node`` for several prompts (``budgets``: each one's), with one spec op over
-    their stacked rows where the op computes rows independently (all but actdiff.nodes.LAYOUT_OPS): a float64
-    op per prompt and node was most of the propagation's cost on short prompts. The random draws stay each
-    prompt's own, in graph order; a stacked float64 product may round differently from a prompt's own in the
-    last bits (another BLAS blocking), far below the budgets the simulation adds."""
-    if len(props) < 2 or node.op in LAYOUT_OPS:
-        for prop, b in zip(props, budgets, strict=True):
-            prop.step(node, b)
-        return
-    g, inputs = props[0].graph, [p.inputs(node) for p in props]
-    rows = np.cumsum([len(x[node.inputs[0]]) for x in inputs])[:-1]
-    stacked = {i: np.concatenate([x[i] for x in inputs]) for i in node.inputs}
-    ys = np.split(run_op(g, node, stacked, props[0].weights, spec_params(g, node)), rows)
+    their stacked rows where the op computes rows independently (refops.run_op_many): a float64 op per prompt and
+    node was most of the propagation's cost on short prompts. The random draws stay each prompt's own, in graph
+    order; a stacked float64 product may round differently from a prompt's own in the last bits (another BLAS
+    blocking), far below the budgets the simulation adds."""
+    g = props[0].graph
+    ys = run_op_many(g, node, [p.inputs(node) for p in props], props[0].weights, spec_params(g, node))
     for prop, y, b in zip(props, ys, budgets, strict=True):
         prop.finish(node, y, b)
 

@@ -378,16 +378,19 @@ class ShardContext:
     def budget(self, name: str, noise: Noise) -> float:
         return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets, self.reference)
 
-    def local(self, name: str, ref: dict, eng: dict, replayed: bool = True, pre=None) -> tuple[np.ndarray, np.ndarray]:
+    def local(self, name: str, ref: dict, eng: dict, replayed: bool = True, pre=None, spec=None) -> tuple:
         """(output to judge, the value it is judged against) of a node under teacher forcing. ``replayed``
         False (no replay, or a replay that does not reproduce the dump): the side's dumped output against the
         spec op on the side's own inputs. ``pre``: the node's replays computed with its group's
-        (actdiff.compare.grouped.Replayed), else the replay runs here."""
+        (actdiff.compare.grouped.Replayed), else the replay runs here; ``spec``: the spec op on the side's own
+        inputs computed with its group's (grouped.spec_on_own_inputs), else it runs here."""
         node = self.graph[name]
         if self.replay is not None and replayed:
             if pre is not None and pre.local is not None:
                 return pre.local, ref[name]
             return self.replay.replay_node(name, {i: ref[i] for i in node.inputs}), ref[name]
+        if spec is not None:
+            return eng[name], spec
         from .refops import run_op, spec_params
 
         spec = run_op(self.graph, node, {i: eng[i] for i in node.inputs}, self.weights64, spec_params(self.graph, node))
@@ -411,6 +414,7 @@ class Judged:
     mismatched: set = field(default_factory=set)  # nodes whose replay does not reproduce the dump
     propagated: dict[str, float] = field(default_factory=dict)  # node -> propagated budget
     replayed: dict = field(default_factory=dict)  # node -> its replays, computed with its group (compare.grouped)
+    spec: dict = field(default_factory=dict)  # node -> the spec op on its own inputs, computed with its group
     diagnoses: dict | None = None  # node -> (Diagnosis, inputs, target, budget), ranked with its group (diagnose_group)
 
     @property
@@ -468,7 +472,7 @@ def _judge_index(ctx: ShardContext, j: Judged, node, replayed: bool) -> tuple[di
     """Top-k expert ids: a disagreement at a near-tie (margin within the probabilities' budget) is legitimate;
     only disagreements at clear margins count against the node."""
     r, e = j.ref[node.name], j.eng[node.name]
-    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed, j.replayed.get(node.name))
+    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed, j.replayed.get(node.name), j.spec.pop(node.name, None))
     probs = ctx.graph.moe_block_of(node.name).probs
     judged_probs = j.ref[probs] if replayed and ctx.replay is not None else j.eng[probs]
     clear = margins(judged_probs, e.shape[1]) > ctx.budget(probs, j.noise[probs])
@@ -497,7 +501,7 @@ def _judge_float(ctx: ShardContext, j: Judged, node, b: float, replayed: bool) -
     itself on the judged inputs) fail; the same NaN/Inf at the same positions on both sides make the node
     NONFINITE unless its finite values fail their budget: nothing can be compared there, so the node neither
     passes nor is an engine failure (the model itself produces them)."""
-    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed, j.replayed.get(node.name))
+    lo, lref = ctx.local(node.name, j.ref, j.eng, replayed, j.replayed.get(node.name), j.spec.pop(node.name, None))
     j.local[node.name] = (lo, lref)
     m = compare(j.eng[node.name], j.ref[node.name])
     # compare counted the NaN/Inf of both sides: where there are none, nothing can match or diverge
@@ -560,7 +564,8 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) 
     budgets), used instead of computing it here."""
     from .propagation import Propagation
 
-    j = Judged(pid, ref, eng, dict(ahead.noise) if ahead else {}, replayed=ahead.replayed if ahead else {})
+    j = Judged(pid, ref, eng, dict(ahead.noise) if ahead else {}, replayed=ahead.replayed if ahead else {},
+               spec=ahead.spec if ahead else {})  # fmt: skip
     prop = None if ahead else Propagation(ctx.graph, pid, ref, eng, ctx.weights64)
     budgets = {}
     try:
