@@ -132,9 +132,25 @@ def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_d
     tables, lengths = {}, {}
     # the plan's own bound, one prompt per group, and one prompt per group read node by node (h5io.NodeByNode: a
     # prompt larger than HOLD_BYTES)
-    for label, bound, hold in (("grouped", None, None), ("alone", 1, None), ("node_by_node", 1, 0)):
+    # without a replay also the default groups with no spec values held ahead past the first node
+    # (grouped.SPEC_AHEAD_BYTES 0: the rest computed per prompt while judged, the path of a full-size group)
+    runs = (("grouped", None, None), ("alone", 1, None), ("node_by_node", 1, 0))
+    ahead_calls: list[int] = []
+    if not replay:
+        runs += (("capped", None, None),)
+        spec_ahead = grouped.spec_on_own_inputs
+
+        def counted(*args):
+            out = spec_ahead(*args)
+            ahead_calls.append(len(out))
+            return out
+
+        monkeypatch.setattr(grouped, "spec_on_own_inputs", counted)
+    for label, bound, hold in runs:
         seen = lengths[label] = []
         monkeypatch.setattr(stats_module, "HOLD_BYTES", grouped.HOLD_BYTES if hold is None else hold)
+        monkeypatch.setattr(grouped, "SPEC_AHEAD_BYTES", 0 if label == "capped" else 64 << 20)
+        ahead_calls.clear()
 
         def plan(graph, tokens, bound=bound):
             default, sizes = grouped.group_plan(graph, tokens)
@@ -151,6 +167,11 @@ def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_d
         out = shard_outputs(tmp_path / label)
         compute_shard_stats(tiny_model_dir, ref, eng, "actdiff", variant, 0, out, noise=noise)
         tables[label] = {t: pd.read_parquet(out[t]) for t in SHARD_TABLES}
+        groups = sum(1 for n in seen if n != 1)  # a group of one prompt is judged node by node, nothing ahead
+        if label == "grouped" and not replay:
+            assert sum(n > 0 for n in ahead_calls) > groups  # several nodes of each group computed ahead
+        if label == "capped":  # the first node of each group only (values of the tiny model are never 0 bytes)
+            assert sum(n > 0 for n in ahead_calls) == groups, (ahead_calls, seen)
     assert max(lengths["alone"]) == 1 and max(lengths["grouped"]) > 1, lengths
     assert set(lengths["node_by_node"]) == {"node by node"}
     for t in SHARD_TABLES:  # the same per-prompt path, the values read whole or node by node: equal bit for bit
@@ -160,14 +181,20 @@ def test_tables_are_the_same_judged_in_groups_or_one_by_one(ci_run, tiny_model_d
     assert len(nodes) > 0 and (nodes["status"] == "fail").any()
     assert nodes["replay_gap"].notna().any() == replay  # the path the parameter names ran
     for t in SHARD_TABLES:
-        a, b = tables["grouped"][t], tables["alone"][t]
-        assert list(a.columns) == list(b.columns) and len(a) == len(b), t
-        for c in a.columns:
-            if c == "propagated_budget":
-                np.testing.assert_allclose(a[c], b[c], rtol=1e-8, atol=0, err_msg=t)
-            elif not replay and c in SPEC_COLUMNS:
-                np.testing.assert_allclose(a[c], b[c], rtol=0, atol=SPEC_LOCAL_ATOL, err_msg=f"{t}.{c}")
-            elif not replay and c == "amplification":
-                np.testing.assert_allclose(a[c], b[c], rtol=SPEC_AMPLIFICATION_RTOL, atol=0, err_msg=f"{t}.{c}")
-            else:
-                pd.testing.assert_series_equal(a[c], b[c], check_exact=True, obj=f"{t}.{c}")
+        _same_tables(tables["grouped"][t], tables["alone"][t], t, replay)
+        if not replay:
+            _same_tables(tables["capped"][t], tables["grouped"][t], t, replay)
+
+
+def _same_tables(a: pd.DataFrame, b: pd.DataFrame, t: str, replay: bool) -> None:
+    """Equal but for the float64 values that stacking may round differently (see the test)."""
+    assert list(a.columns) == list(b.columns) and len(a) == len(b), t
+    for c in a.columns:
+        if c == "propagated_budget":
+            np.testing.assert_allclose(a[c], b[c], rtol=1e-8, atol=0, err_msg=t)
+        elif not replay and c in SPEC_COLUMNS:
+            np.testing.assert_allclose(a[c], b[c], rtol=0, atol=SPEC_LOCAL_ATOL, err_msg=f"{t}.{c}")
+        elif not replay and c == "amplification":
+            np.testing.assert_allclose(a[c], b[c], rtol=SPEC_AMPLIFICATION_RTOL, atol=0, err_msg=f"{t}.{c}")
+        else:
+            pd.testing.assert_series_equal(a[c], b[c], check_exact=True, obj=f"{t}.{c}")
