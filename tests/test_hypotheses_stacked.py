@@ -28,15 +28,13 @@ STACKED_RTOL = 1e-12
 BUDGET = 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiny() -> Model:
-    ensure_tiny_model()
-    return Model(TINY, TINY_PROMPTS)
-
-
-@pytest.fixture(scope="module")
-def minilm(minilm_model_dir) -> Model:
-    return Model(minilm_model_dir, BERT_PROMPTS)
+@pytest.fixture(scope="module", params=["tiny", "minilm"])
+def model(request) -> Model:
+    """Each bundled model with three prompts of different lengths."""
+    if request.param == "tiny":
+        ensure_tiny_model()
+        return Model(TINY, TINY_PROMPTS)
+    return Model(request.getfixturevalue("minilm_model_dir"), BERT_PROMPTS)
 
 
 def _weights64(m: Model) -> dict:
@@ -56,11 +54,10 @@ def _stacked_and_alone(m: Model, node, params, w) -> tuple[list, list] | None:
     return np.split(stacked, rows), alone
 
 
-@pytest.mark.parametrize("which", ["tiny", "minilm"])
-def test_rows_independent_ops_give_each_prompt_its_own_values_stacked(which, request):
+def test_rows_independent_ops_give_each_prompt_its_own_values_stacked(model):
     """Every node of the model, the spec and every catalogue entry that applies there: where rows_independent
     says yes, stacked = alone within STACKED_RTOL (index nodes exactly); the layout ops are never stacked."""
-    m: Model = request.getfixturevalue(which)
+    m = model
     w, cat, checked = _weights64(m), load_catalogue(), 0
     for node in m.graph:
         spec = spec_params(m.graph, node)
@@ -85,17 +82,17 @@ def test_rows_independent_ops_give_each_prompt_its_own_values_stacked(which, req
     assert checked >= 100, checked  # the models' every non-layout node, most with several candidates
 
 
-def test_a_range_over_the_whole_tensor_is_never_stacked(tiny, tmp_path):
+def test_a_range_over_the_whole_tensor_is_never_stacked(model, tmp_path):
     """A catalogue entry whose output is quantised with one dynamic range per tensor couples the prompts' rows:
     stacked, the ranges would be the group's. rows_independent says no, and the ranking of three prompts
     together gives each the errors it gets alone, bit for bit."""
-    node = next(n for n in tiny.graph if n.op == "MATMUL")
-    spec = spec_params(tiny.graph, node)
+    node = next(n for n in model.graph if n.op == "MATMUL")
+    spec = spec_params(model.graph, node)
     coupled = {**spec, "output_precision": {"bits": 4, "granularity": "tensor"}}
     assert not rows_independent(node, coupled)
     assert rows_independent(node, {**spec, "output_precision": "int8"})  # int8 strings round per row
-    w = _weights64(tiny)
-    stacked, alone = _stacked_and_alone(tiny, node, coupled, w)
+    w = _weights64(model)
+    stacked, alone = _stacked_and_alone(model, node, coupled, w)
     assert any(not np.array_equal(s, a) for s, a in zip(stacked, alone, strict=True))  # the coupling is real
     (tmp_path / "cat.yaml").write_text(
         "- name: output_4bit_per_tensor\n  op: MATMUL\n"
@@ -104,22 +101,21 @@ def test_a_range_over_the_whole_tensor_is_never_stacked(tiny, tmp_path):
     )
     cat = load_catalogue(tmp_path / "cat.yaml")
     targets = alone  # the engine computed exactly that, prompt by prompt
-    many = rank_hypotheses_many(tiny.graph, node, [(v, t, BUDGET) for v, t in zip(tiny.vals, targets, strict=True)],
+    many = rank_hypotheses_many(model.graph, node, [(v, t, BUDGET) for v, t in zip(model.vals, targets, strict=True)],
                                 w, cat)  # fmt: skip
-    for v, t, d in zip(tiny.vals, targets, many, strict=True):
-        one = rank_hypotheses(tiny.graph, node, v, w, t, BUDGET, cat)
+    for v, t, d in zip(model.vals, targets, many, strict=True):
+        one = rank_hypotheses(model.graph, node, v, w, t, BUDGET, cat)
         assert [(r.name, r.error) for r in d.ranked] == [(r.name, r.error) for r in one.ranked]
         assert d.ranked[0].error == 0.0 and d.explained_by == "output_4bit_per_tensor"
 
 
-@pytest.mark.parametrize("which", ["tiny", "minilm"])
-def test_ranking_together_is_each_prompts_own_ranking(which, request):
+def test_ranking_together_is_each_prompts_own_ranking(model):
     """The engine's fp16 outputs at every node (every float node then diverges from the fp32 spec): ranked for the
     three prompts together, every prompt has the verdict, cause, candidate order and not-tested list it has
     alone, and the same errors to STACKED_RTOL in absolute terms: an error is a norm relative to the spec value's
     norm, so values that move by STACKED_RTOL of their scale move it by about as much, however small the error
     itself (a candidate that nearly matches: 2e-7 whose last bits cancel)."""
-    m: Model = request.getfixturevalue(which)
+    m = model
     w, cat = _weights64(m), load_catalogue()
     for node in m.graph:
         targets = [m.engine_out(node.name, "fp16", k) for k in range(len(m.vals))]
