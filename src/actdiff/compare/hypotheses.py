@@ -236,8 +236,8 @@ class _Prompts:
     a Python call, and a float64 product of a few rows runs below the core's rate. The stacked inputs are kept
     for the node's every candidate."""
 
-    def __init__(self, graph: Graph, node: Node, inputs: list[dict], weights):
-        self.graph, self.node, self.inputs, self.weights = graph, node, inputs, weights
+    def __init__(self, node: Node, inputs: list[dict], weights):
+        self.node, self.inputs, self.weights = node, inputs, weights
         self.kept: dict[tuple, tuple | None] = {}  # input names -> refops.stacked_rows of them
 
     def stacked(self, compute, params: dict, names: list[str]) -> tuple[np.ndarray, list[int]] | None:
@@ -353,7 +353,7 @@ def rank_hypotheses_many(
     cat = load_catalogue() if catalogue is None else catalogue
     index = node.kind == "index"
     spec = spec_params(graph, node)
-    prompts = _Prompts(graph, node, [x for x, _, _ in items], weights)
+    prompts = _Prompts(node, [x for x, _, _ in items], weights)
     with shared_products():  # a candidate that changes only what follows a product reuses the spec op's
         spec_stacked = prompts.stacked(lambda x: op_value(graph, node, x, weights, dict(spec)), spec, list(node.inputs))
         if spec_stacked is not None:

@@ -415,7 +415,7 @@ class Judged:
     propagated: dict[str, float] = field(default_factory=dict)  # node -> propagated budget
     replayed: dict = field(default_factory=dict)  # node -> its replays, computed with its group (compare.grouped)
     spec: dict = field(default_factory=dict)  # node -> the spec op on its own inputs, computed with its group
-    diagnoses: dict | None = None  # node -> (Diagnosis, inputs, target, budget), ranked with its group (diagnose_group)
+    diagnoses: dict = field(default_factory=dict)  # node -> (Diagnosis, inputs, target, budget): diagnose_group
 
     @property
     def tokens(self) -> int:
@@ -649,7 +649,6 @@ def diagnose_group(ctx: ShardContext, js: list[Judged]) -> None:
 
     at: dict[str, list[tuple[Judged, dict, np.ndarray, float]]] = {}
     for j in js:
-        j.diagnoses = {}
         for name in _diagnosed_nodes(ctx, j):
             own = ctx.replay is None or name in j.mismatched
             inputs, target = (j.eng, j.eng[name]) if own else (j.ref, j.local[name][0])
@@ -666,12 +665,10 @@ def diagnose_group(ctx: ShardContext, js: list[Judged]) -> None:
 
 
 def build_hypotheses(ctx: ShardContext, j: Judged) -> None:
-    """The prompt's diagnoses (diagnose_group) into the hypotheses table; a node the catalogue leaves unexplained
-    goes into the search's bounded sample."""
+    """The prompt's diagnoses (diagnose_group ranks them for its group first) into the hypotheses table; a node
+    the catalogue leaves unexplained goes into the search's bounded sample."""
     from .hypotheses import UNEXPLAINED
 
-    if j.diagnoses is None:
-        diagnose_group(ctx, [j])
     for name in _diagnosed_nodes(ctx, j):
         d, inputs, target, b = j.diagnoses[name]
         ctx.writers["hypotheses"].add(_diagnosis_rows(j.pid, name, name == j.first, d))
