@@ -57,8 +57,9 @@ def test_stats_flops_parts(tiny):
     parts = pipeline.stats_flops(tiny, T)
     f = tiny.flops(T)
     assert parts["fp32_replays"] == 2 * f
-    assert parts["float64_spec_passes"] == f  # the propagated budgets; the noise is reference_noise's
-    assert f < pipeline.noise_flops(tiny, T) < 2 * f  # the sum ops are most, not all, of a forward
+    assert "float64_spec_passes" not in parts  # the fp32 run's propagated budgets are reference_noise's
+    # the noise and the propagated budgets, a forward each, and the envelope: the sum ops, most but not all of one
+    assert 2 * f < pipeline.noise_flops(tiny, T) < 3 * f
     moe = sum(tiny.node_flops(x, T) for b in tiny.moe_blocks() for x in b.nodes())
     assert parts["forced_moe"] == moe
 

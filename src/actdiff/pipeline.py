@@ -178,11 +178,12 @@ def dump_import(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def reference_noise(model_json: str, ref_h5: str, out: str) -> None:
-    """The reference's fp32 noise per (prompt, node) of one shard, shared by every run's statistics."""
+def reference_noise(model_json: str, ref_h5: str, out: str, budgets: dict | None = None) -> None:
+    """The reference's fp32 noise per (prompt, node) of one shard, shared by every run's statistics, and the
+    propagated budgets of an fp32 engine (``budgets``: the config's overrides, as compute_stats gets them)."""
     from .compare.refnoise import measure_reference_noise
 
-    measure_reference_noise(ModelRecord.load(model_json).dir, ref_h5, out)
+    measure_reference_noise(ModelRecord.load(model_json).dir, ref_h5, out, budgets)
 
 
 def compute_stats(

@@ -150,6 +150,11 @@ _REFERENCE_NOISE = pa.schema(
         ("node", pa.string()),
         ("measured", pa.float64()),  # budgets.Noise.measured: the reference against float64 (NaN: not measurable)
         ("envelope", pa.float64()),  # budgets.Noise.envelope: the sequential-summation model (0 outside its ops)
+        # the propagated budget of an engine at the reference's precision, from a simulation that follows no
+        # engine's routing (NaN at index nodes), and that simulation's expert ids at top-k indices nodes (tokens x
+        # k, row-major; null elsewhere): actdiff.compare.refnoise, shared by the runs where it is their own
+        ("propagated", pa.float64()),
+        ("routed", pa.list_(pa.int16())),
     ]
 )
 EMBEDDING_SAMPLE = "embeddings"  # the shard table of sampled final embeddings, and the JSON summary made from it
@@ -192,7 +197,8 @@ SUMMARY_TABLES: dict[str, Table] = {
 }
 
 # per model and shard, read by every run's statistics (actdiff.compare.refnoise)
-REFERENCE_NOISE = Table("reference_noise", "reference", "the reference's fp32 noise per (prompt, node), in graph order",
+REFERENCE_NOISE = Table("reference_noise", "reference", "the reference's fp32 noise and the fp32 propagated budget per "
+                        "(prompt, node), in graph order",
                         _REFERENCE_NOISE)  # fmt: skip
 
 # the summary tables aggregation writes (weights come from the parity rule)

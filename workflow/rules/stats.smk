@@ -1,11 +1,14 @@
 rule reference_noise:
-    """The reference's fp32 noise per (prompt, node) of one shard, which every node's budget scales: measured once
-    here and read by every side's and variant's statistics of the shard (actdiff.compare.refnoise)."""
+    """The reference's fp32 noise per (prompt, node) of one shard, which every node's budget scales, and the
+    propagated budgets of an fp32 engine: computed once here and read by every side's and variant's statistics of
+    the shard, the budgets by the fp32 runs where they are their own (actdiff.compare.refnoise)."""
     input:
         model=L.model_json("{model}"),
         ref=L.activations("{model}", REFERENCE_SIDE, REFERENCE_VARIANT, "{shard}"),
     output:
         noise=L.reference_noise("{model}", "{shard}"),
+    params:
+        budgets=config["budgets"],
     log:
         L.log("reference_noise", "{model}", "shard-{shard}"),
     conda:

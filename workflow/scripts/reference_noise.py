@@ -1,4 +1,5 @@
-"""Adapter for rule reference_noise: the reference's fp32 noise of one shard, shared by every run's statistics."""
+"""Adapter for rule reference_noise: the reference's fp32 noise of one shard and an fp32 engine's propagated budgets,
+shared by the runs' statistics."""
 
 from actdiff.pipeline import reference_noise
 from actdiff.workflow_support import run
@@ -9,4 +10,5 @@ run(
     model_json=snakemake.input.model,  # noqa: F821
     ref_h5=snakemake.input.ref,  # noqa: F821
     out=snakemake.output.noise,  # noqa: F821
+    budgets=snakemake.params.budgets,  # noqa: F821
 )

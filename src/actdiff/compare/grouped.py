@@ -185,7 +185,8 @@ def spec_on_own_inputs(ctx, node, group: list, replayed: list[dict[str, Replayed
 def prepare_group(ctx, group: list) -> list[Ahead | None]:
     """Per prompt of ``group`` (``ctx``: the shard's actdiff.compare.stats.ShardContext), what is computed ahead;
     None for a group of one. Node by node: the replays, then each prompt's reference noise (from the shard's
-    noise table, else measured) and budget, then the propagation step of all prompts, with the node's float64
+    noise table, else measured) and budget, then the propagation step of the prompts whose propagated budgets
+    the noise table does not hold for this run (ShardContext.shared_propagation), with the node's float64
     weights converted once for the group (NodeWeights64.visit)."""
     if len(group) < 2:
         return [None] * len(group)
@@ -194,18 +195,23 @@ def prepare_group(ctx, group: list) -> list[Ahead | None]:
     budgets: list[dict[str, float]] = [{} for _ in group]
     spec: list[dict[str, np.ndarray]] = [{} for _ in group]
     held = 0
-    props = [Propagation(ctx.graph, pid, ref, eng, ctx.weights64) for pid, ref, eng in group]
+    shared = [ctx.shared_propagation(pid, ref, eng) for pid, ref, eng in group]
+    own = [k for k, s in enumerate(shared) if s is None]  # the prompts simulated here
+    props = [Propagation(ctx.graph, *group[k], ctx.weights64) for k in own]
     try:
         for node in ctx.graph:
             ctx.weights64.visit(node)
             for k, (pid, ref, _) in enumerate(group):
                 noise[k][node.name] = ctx.reference_noise(pid, ref, node)
                 budgets[k][node.name] = ctx.budget(node.name, noise[k][node.name])
-            step_together(props, node, budgets)
+            if props:
+                step_together(props, node, [budgets[k] for k in own])
             if held <= SPEC_AHEAD_BYTES:
                 for k, y in spec_on_own_inputs(ctx, node, group, replayed).items():
                     spec[k][node.name] = y
                     held += y.nbytes
     finally:
         ctx.weights64.visit(None)
-    return [Ahead(r, nz, p.out, sp) for r, nz, p, sp in zip(replayed, noise, props, spec, strict=True)]
+    for k, prop in zip(own, props, strict=True):
+        shared[k] = prop.out
+    return [Ahead(r, nz, p, sp) for r, nz, p, sp in zip(replayed, noise, shared, spec, strict=True)]

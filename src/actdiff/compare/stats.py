@@ -378,6 +378,17 @@ class ShardContext:
     def budget(self, name: str, noise: Noise) -> float:
         return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets, self.reference)
 
+    def shared_propagation(self, pid: str, ref: dict, eng: dict) -> dict[str, float] | None:
+        """The prompt's propagated budgets from the noise table's shared simulation where they are this run's own
+        (actdiff.compare.refnoise: a run at the table's precision, with its budgets, whose engine made no other
+        choice at a near tie than the simulation did); None where the run simulates the prompt itself."""
+        t = self.noise_table
+        if t is None or not t.shares(self.variant.precision, self.cfg.budgets, self.reference):
+            return None
+        probs = [self.graph[b.probs] for b in self.graph.moe_blocks()]
+        budgets = {n.name: self.budget(n.name, self.reference_noise(pid, ref, n)) for n in probs}
+        return t.propagated(pid, ref, eng, budgets)
+
     def local(self, name: str, ref: dict, eng: dict, replayed: bool = True, pre=None, spec=None) -> tuple:
         """(output to judge, the value it is judged against) of a node under teacher forcing. ``replayed``
         False (no replay, or a replay that does not reproduce the dump): the side's dumped output against the
@@ -566,7 +577,8 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) 
 
     j = Judged(pid, ref, eng, dict(ahead.noise) if ahead else {}, replayed=ahead.replayed if ahead else {},
                spec=ahead.spec if ahead else {})  # fmt: skip
-    prop = None if ahead else Propagation(ctx.graph, pid, ref, eng, ctx.weights64)
+    shared = None if ahead else ctx.shared_propagation(pid, ref, eng)
+    prop = None if ahead or shared is not None else Propagation(ctx.graph, pid, ref, eng, ctx.weights64)
     budgets = {}
     try:
         for node in ctx.graph:
@@ -583,7 +595,7 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) 
     finally:
         ctx.weights64.visit(None)  # the last node's float64 weights are not kept past the prompt
     _first_divergence(ctx, j)
-    j.propagated = ahead.propagated if ahead else prop.out
+    j.propagated = ahead.propagated if ahead else shared if shared is not None else prop.out
     j.rows["propagated_budget"] = [j.propagated[n] for n in j.rows["node"]]
     rel = dict(zip(j.rows["node"], j.rows["rel_l2"], strict=True))
     over = [rel[n] > j.propagated[n] for n in ctx.outputs if n not in ctx.missing]
