@@ -129,7 +129,9 @@ LOG_DONE = {
     # actdiff.sides.dump logs every side the same way: "<side> <variant>: dumped N prompts, T tokens, K nodes ..."
     "dump_reference": re.compile(r"reference \S+: dumped (\d+) prompts, \d+ tokens, .* in ([\d.]+) s \("),
     "dump_engine": re.compile(r"actdiff \S+: dumped (\d+) prompts, \d+ tokens, .* in ([\d.]+) s \("),
-    "reference_noise": re.compile(r"reference noise: (\d+) prompts x \d+ nodes in ([\d.]+) s"),
+    "reference_noise": re.compile(
+        r"reference noise(?: and \w+ propagated budgets)?: (\d+) prompts x \d+ nodes in ([\d.]+) s"
+    ),
     "compute_stats": re.compile(r"stats: (\d+) prompts in ([\d.]+) s \("),
 }
 SCRIPT_RE = re.compile(r"\.snakemake/scripts/tmp[^/\s]*?\.(\w+)\.py")

@@ -195,3 +195,20 @@ def test_growth_fits_lines_and_prompts_per_hour():
     assert not any(m["grows"] for m in g["memory"].values())  # flat memory is reported flat
     md = "\n".join(pipeline.growth_markdown({"growth_fit": g, "growth": runs}))
     assert "about **1,193 prompts**" in md and "+ 3.00 s/prompt" in md
+
+
+def test_the_completion_patterns_match_what_the_jobs_log(tiny_model_dir, tmp_path, caplog):
+    """The floor reads each stage's prompts and seconds from its job's completion line (pipeline.LOG_DONE): the
+    reference noise's line as measure_reference_noise logs it (its wording changed once and the floor stopped)."""
+    import logging
+
+    from test_stats import _dump_pair
+
+    from actdiff.compare.refnoise import measure_reference_noise
+
+    ref, _ = _dump_pair(tmp_path, tiny_model_dir, "fp32", 1, n_prompts=2)
+    with caplog.at_level(logging.INFO, logger="actdiff.compare.refnoise"):
+        measure_reference_noise(tiny_model_dir, ref, tmp_path / "noise.parquet")
+    lines = [r.getMessage() for r in caplog.records if r.name == "actdiff.compare.refnoise"]
+    m = [pipeline.LOG_DONE["reference_noise"].search(line) for line in lines]
+    assert any(x is not None and x.group(1) == "2" for x in m), lines

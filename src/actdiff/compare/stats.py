@@ -31,6 +31,7 @@ by :mod:`actdiff.compare.worst`, whose first values survive deleting the HDF5 du
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import json
 import logging
@@ -382,12 +383,18 @@ class ShardContext:
         """The prompt's propagated budgets from the noise table's shared simulation where they are this run's own
         (actdiff.compare.refnoise: a run at the table's precision, with its budgets, whose engine made no other
         choice at a near tie than the simulation did); None where the run simulates the prompt itself."""
-        t = self.noise_table
-        if t is None or not t.shares(self.variant.precision, self.cfg.budgets, self.reference):
+        if not self._shares_propagation:
             return None
         probs = [self.graph[b.probs] for b in self.graph.moe_blocks()]
         budgets = {n.name: self.budget(n.name, self.reference_noise(pid, ref, n)) for n in probs}
-        return t.propagated(pid, ref, eng, budgets)
+        return self.noise_table.propagated(pid, ref, eng, budgets)
+
+    @functools.cached_property
+    def _shares_propagation(self) -> bool:
+        """Were the noise table's propagated budgets simulated with this run's budgets (refnoise.NoiseTable.shares)?
+        Asked once per shard."""
+        t = self.noise_table
+        return t is not None and t.shares(self.variant.precision, self.cfg.budgets, self.reference)
 
     def local(self, name: str, ref: dict, eng: dict, replayed: bool = True, pre=None, spec=None) -> tuple:
         """(output to judge, the value it is judged against) of a node under teacher forcing. ``replayed``
