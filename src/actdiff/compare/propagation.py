@@ -114,8 +114,8 @@ def _route_like_engine(graph: Graph, node, y: np.ndarray, vals: dict, ref: Mappi
     probabilities at them, renormalised as the spec says). Where both choose alike nothing is replaced, so a
     simulation that follows no engine is this one bit for bit wherever :func:`shared_routing_holds`."""
     block = graph.moe_block_of(node.name)
-    if block is None or block.probs not in vals:
-        return y
+    if block is None or block.probs not in vals or block.topk_indices not in eng or block.probs not in eng:
+        return y  # nothing to follow (a simulation that follows no engine: refnoise's)
     own = y if node.attrs.get("part") == "indices" else _own_choice(graph, block, vals[block.probs])
     take = _engine_choice(graph, block, ref, eng, budgets, own)
     if take is None:
