@@ -201,8 +201,9 @@ def test_every_precision_is_budgeted_by_its_formats():
 
     noise = Noise(1e-7)
 
-    def b(op, precision, kind="float"):  # the allowance above the noise, rounded off SAFETY's last bits
-        return round(budget(SimpleNamespace(name="n", op=op, kind=kind), precision, noise) / SAFETY - 1e-7, 15)
+    def b(op, precision, kind="float", side=None):  # the allowance above the noise, rounded off SAFETY's last bits
+        node = SimpleNamespace(name="n", op=op, kind=kind)
+        return round(budget(node, precision, noise, side=side) / SAFETY - 1e-7, 15)
 
     for p in PRECISIONS:  # a precision added to an engine without a policy fails here
         assert b("MATMUL", p) >= 0 and b("ADD", p) >= 0
@@ -216,6 +217,16 @@ def test_every_precision_is_budgeted_by_its_formats():
     assert b("ADD", "fp16-act") == 2 * 2.0**-11 and b("TOPK", "fp16-act", kind="index") == 0.0
     assert {p for p in PRECISIONS if unbudgeted(p)} == {"int8-dynamic", "int8-static"}
     assert "activations quantised to int8" in unbudgeted("int8-static")
+    # ONNX Runtime's fp16 model holds every value between two ops in float16, so its fp16 is budgeted for fp16
+    # weights (every weighted op: the converter rounds embeddings and routers too) and fp16 activations; the
+    # fp16 of our engine and llama.cpp, whose name it shares, stays weights only
+    for op in WEIGHTED_OPS:
+        assert b(op, "fp16", side="onnxruntime") == 3 * 2.0**-11 and b(op, "fp16", side="llamacpp") == 2.0**-11, op
+    assert b("ADD", "fp16", side="onnxruntime") == 2 * 2.0**-11 and b("ADD", "fp16", side="actdiff") == 0.0
+    assert b("TOPK", "fp16", kind="index", side="onnxruntime") == 0.0
+    for p in ("fp32", "int8-dynamic", "int8-static"):  # the names only ORT runs, or whose formats match
+        assert b("MATMUL", p, side="onnxruntime") == b("MATMUL", p) and b("ADD", p, side="onnxruntime") == b("ADD", p)
+    assert unbudgeted("fp16", "onnxruntime") is None
 
 
 def _sequential_sum(t: np.ndarray) -> np.ndarray:

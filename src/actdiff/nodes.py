@@ -42,6 +42,9 @@ EMBEDDING = "embedding"  # the L2-normalised sentence embedding: the model's fin
 # attention over the prompt's keys, pooling over its tokens. Every other op computes each row of its output from
 # the same row of its inputs, so the rows of several prompts stacked together are computed as each alone.
 LAYOUT_OPS = frozenset({"EMBED", "ROPE", "ATTENTION", "POOL"})
+# The ops that sum over the prompt's tokens (attention over its keys, pooling over its rows): their reduction
+# length is the prompt's length (Graph.reduction_length), a padded batch's longest in a batched forward.
+TOKEN_SUM_OPS = frozenset({"ATTENTION", "POOL"})
 
 
 @dataclass(frozen=True)
@@ -360,7 +363,7 @@ class Graph:
         ATTENTION and POOL sum over tokens, whose number is dynamic: pass ``tokens`` (else ValueError).
         Every other op is elementwise or a copy: 1."""
         n = self.by_name[node] if isinstance(node, str) else node
-        if n.op in ("ATTENTION", "POOL"):
+        if n.op in TOKEN_SUM_OPS:
             if tokens is None:
                 raise ValueError(f"node {n.name}: {n.op} sums over tokens; pass tokens=")
             return int(tokens)

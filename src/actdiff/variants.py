@@ -39,19 +39,31 @@ class Policy:
     activations: str = "fp32"  # the format activations are rounded to: fp32, fp16, int8 (quantised)
 
 
-POLICIES = {
+_SHARED_POLICIES = {
     "fp32": Policy(),
     "fp16": Policy("fp16"),  # weights stored fp16, fp32 accumulation (actdiff.engine.weights)
     "bf16": Policy("bf16"),
     "int8": Policy("int8", ("ROUTER", "EMBED")),  # per-channel symmetric; routers and embeddings stay fp32
     "fp16-act": Policy(activations="fp16"),  # activations rounded to fp16 after every node
     "q8_0": Policy("int8"),  # llama.cpp's blocks of 32 weights with one fp16 scale: int8's rule
-    **{p: Policy(**d) for p, d in ONNXRUNTIME_POLICIES.items()},
+}
+# an engine's own policies, declared by its package: for a precision only it runs (ORT's int8-dynamic), and for
+# one whose name it shares but whose formats differ there (ORT's fp16 rounds its activations to fp16 too)
+ENGINE_POLICIES = {"onnxruntime": {p: Policy(**d) for p, d in ONNXRUNTIME_POLICIES.items()}}
+# by precision name: the shared policy of a name, else the one engine's that runs it
+POLICIES = {
+    **{p: pol for own in ENGINE_POLICIES.values() for p, pol in own.items() if p not in _SHARED_POLICIES},
+    **_SHARED_POLICIES,
 }
 
 
-def policy(precision: str) -> Policy:
-    """The precision policy of ``precision`` (a ConfigError for a precision no engine declares)."""
+def policy(precision: str, side: str | None = None) -> Policy:
+    """The precision policy of ``precision`` as engine ``side`` runs it: the engine's own where its package
+    declares one for that name (ENGINE_POLICIES), else the name's (a ConfigError for a precision no engine
+    declares). ``side`` None: the name's policy, which for a shared name is our engine's and llama.cpp's."""
+    own = ENGINE_POLICIES.get(side, {})
+    if precision in own:
+        return own[precision]
     if precision not in POLICIES:
         raise ConfigError(f"precision {precision!r} has no precision policy: one of {', '.join(POLICIES)}")
     return POLICIES[precision]

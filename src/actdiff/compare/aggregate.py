@@ -765,7 +765,7 @@ def _unbudgeted_is_never_pass(v: dict) -> None:
     from .budgets import unbudgeted
 
     try:
-        gap = unbudgeted(parse_variant(str(v.get("variant"))).precision)
+        gap = unbudgeted(parse_variant(str(v.get("variant"))).precision, v.get("side"))
     except ConfigError:  # a run labelled outside the variant grammar (a test's meta): nothing to add
         return
     if gap is None:
@@ -969,6 +969,12 @@ def _causes(summary: pd.DataFrame, hyp: pd.DataFrame, searched: pd.DataFrame) ->
 def _cause_words(c: dict) -> str:
     if c["hypothesis"] == "unexplained":
         t = c.get("tried", {})
+        if not t.get("catalogue") and not t.get("searched"):  # the statistics ranked nothing at these nodes
+            return (
+                "no candidate cause was tried there: causes are ranked only where a node's local error exceeds its "
+                "budget (a node listed for its replay alone may be within it), and with stats.diagnose_all_failing "
+                "false only at the first such node"
+            )
         return (
             f"nothing tried reproduces the engine there: {t.get('catalogue', 0)} catalogue entries and "
             f"{t.get('searched', 0)} searched candidates"

@@ -16,7 +16,7 @@ implementation it has three sources:
   rms error of a weight ~ (max|w|/rms|w|) / (127 * sqrt(12)) ~ 2^-7 for Gaussian-like rows of width
   768; taken as 2^-7). Each output is a sum of many independently rounded terms, so the output's relative
   error is about u itself;
-- activation rounding (fp16-act): output and inputs rounded to fp16, u = 2^-11 each;
+- activation rounding (fp16-act, ONNX Runtime's fp16): output and inputs rounded to fp16, u = 2^-11 each;
 - the reference's own precision (:data:`U_REFERENCE`, from the dump's ``reference_precision``:
   actdiff.reference_device). The terms above assume the reference computed in fp32, whatever its device: on
   CUDA with TF32 off its noise is still measured from its own values (its GEMM order, its libdevice exp/erf
@@ -231,14 +231,17 @@ def _layernorm_sum_error(x: np.ndarray, weights, node: Node, params: dict) -> tu
     return float(np.sqrt(np.sum(scale_err**2 * normalised2 + shift_err**2 * float(np.sum(g * g))))), 0.0
 
 
-def budget(node: Node, precision: str, noise: Noise, overrides: dict | None = None, reference: str = "fp32") -> float:
-    """Relative-L2 budget of the node's local error for an engine at ``precision``, given the node's fp32
-    noise on this prompt (:func:`fp32_noise`) and the reference's own precision (``reference``: the dump's
-    reference_precision, :data:`U_REFERENCE`)."""
+def budget(
+    node: Node, precision: str, noise: Noise, overrides: dict | None = None, reference: str = "fp32",
+    side: str | None = None,
+) -> float:
+    """Relative-L2 budget of the node's local error for engine ``side`` at ``precision`` (its policy:
+    actdiff.variants.policy), given the node's fp32 noise on this prompt (:func:`fp32_noise`) and the
+    reference's own precision (``reference``: the dump's reference_precision, :data:`U_REFERENCE`)."""
     for pattern, value in (overrides or {}).items():
         if fnmatch.fnmatchcase(node.name, pattern):
             return float(value)
-    pol = policy(precision)
+    pol = policy(precision, side)
     u_w = U_WEIGHTS[pol.weights] if node.op in WEIGHTED_OPS and node.op not in pol.fp32_ops else 0.0
     u_a = U_ACT.get(pol.activations, 0.0) * (2 if node.kind != "index" else 0)
     u_r = U_REFERENCE[reference] if node.op in TF32_OPS else 0.0
@@ -259,9 +262,9 @@ def reference_precision_of(attrs, where: str = "the reference dump") -> str:
     return raw
 
 
-def unbudgeted(precision: str) -> str | None:
-    """What a precision rounds that no budget allows for (None: every error source has its rule)."""
-    pol = policy(precision)
+def unbudgeted(precision: str, side: str | None = None) -> str | None:
+    """What engine ``side``'s precision rounds that no budget allows for (None: every error source has its rule)."""
+    pol = policy(precision, side)
     if pol.activations not in U_ACT:
         return f"activations quantised to {pol.activations}, which no precision policy budgets"
     return None

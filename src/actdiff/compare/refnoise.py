@@ -156,12 +156,13 @@ class NoiseTable:
         i, k = self.row[pid], self.col[name]
         return Noise(float(self.measured[i, k]), float(self.envelope[i, k]))
 
-    def shares(self, precision: str, overrides: dict | None, reference: str) -> bool:
-        """Were the table's propagated budgets simulated with the budgets of a run at ``precision`` with these
-        budget overrides against a reference of this precision?"""
+    def shares(self, precision: str, overrides: dict | None, reference: str, side: str | None = None) -> bool:
+        """Were the table's propagated budgets simulated with the budgets of engine ``side``'s run at ``precision``
+        with these budget overrides against a reference of this precision?"""
         same = {"overrides": dict(overrides or {}), "reference": reference}
         same = json.loads(json.dumps(same))  # as the table recorded them
-        return self.simulated is not None and policy(precision) == policy(SHARED_PRECISION) and same == self.simulated
+        shared = policy(precision, side) == policy(SHARED_PRECISION)
+        return self.simulated is not None and shared and same == self.simulated
 
     def propagated(self, pid: str, ref, eng, budgets) -> dict[str, float] | None:
         """Prompt ``pid``'s propagated budgets (node -> value) for the engine whose values are ``eng``, where the

@@ -350,6 +350,7 @@ class ShardContext:
     reference: str = "fp32"  # the reference dump's own precision (budgets.U_REFERENCE)
     weights64: NodeWeights64 | None = None  # the visited node's weights in float64 (set in __post_init__)
     noise_table: object = None  # actdiff.compare.refnoise.NoiseTable, or None: the noise is measured here
+    side: str | None = None  # the engine that produced the values (its precision policy: actdiff.variants.policy)
 
     def __post_init__(self):
         if self.weights64 is None:
@@ -377,7 +378,7 @@ class ShardContext:
         return fp32_noise(self.graph, node, ref, self.weights64)
 
     def budget(self, name: str, noise: Noise) -> float:
-        return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets, self.reference)
+        return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets, self.reference, self.side)
 
     def shared_propagation(self, pid: str, ref: dict, eng: dict) -> dict[str, float] | None:
         """The prompt's propagated budgets from the noise table's shared simulation where they are this run's own
@@ -394,7 +395,7 @@ class ShardContext:
         """Were the noise table's propagated budgets simulated with this run's budgets (refnoise.NoiseTable.shares)?
         Asked once per shard."""
         t = self.noise_table
-        return t is not None and t.shares(self.variant.precision, self.cfg.budgets, self.reference)
+        return t is not None and t.shares(self.variant.precision, self.cfg.budgets, self.reference, self.side)
 
     def local(self, name: str, ref: dict, eng: dict, replayed: bool = True, pre=None, spec=None) -> tuple:
         """(output to judge, the value it is judged against) of a node under teacher forcing. ``replayed``
@@ -842,7 +843,7 @@ def compute_shard_stats(
                 fused=replay.fused_nodes() if replay is not None else frozenset(), outputs=tuple(output_nodes(graph)),
                 search=SearchSample(cfg.search_prompts, cfg.search_nodes) if cfg.search_seconds > 0 else None,
                 reference=reference_precision_of(rr.attrs, str(ref_h5)),
-                noise_table=NoiseTable(noise, rr.prompt_ids, graph, ref_h5) if noise else None,
+                noise_table=NoiseTable(noise, rr.prompt_ids, graph, ref_h5) if noise else None, side=side,
             )  # fmt: skip
             skip = _fitted_prompts(eng_h5, er, rr, writers["nodes"])
             _record_reference(ref_h5, rr, writers["nodes"])

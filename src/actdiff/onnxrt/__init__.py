@@ -18,13 +18,17 @@ INSTALL = "pip install -e '.[onnxruntime]'"
 # the ORT variants (actdiff.onnxrt.variants makes their model files); actdiff.variants asks this tuple which
 # precisions the onnxruntime engine runs, so a new variant is added here only
 VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
-# the precision policy of each variant whose name is ORT's own, in the terms every precision is budgeted by
-# (actdiff.variants.Policy, actdiff.compare.budgets): the weights' storage format, the weighted ops whose
-# weights stay fp32, the activations' format. quantize_dynamic quantises every MatMul (the router's too)
-# and the word-embedding Gather; the static QDQ variant quantises MatMuls only (variants.STATIC_OPS), so the
-# embedding table stays fp32. Both quantise the activations entering a quantised MatMul to 8 bits per tensor.
-# fp32 and fp16 are the shared precisions of those names (their policies are actdiff.variants').
+# the precision policy of each variant, in the terms every precision is budgeted by (actdiff.variants.Policy,
+# actdiff.compare.budgets): the weights' storage format, the weighted ops whose weights stay fp32, the
+# activations' format. quantize_dynamic quantises every MatMul (the router's too) and the word-embedding
+# Gather; the static QDQ variant quantises MatMuls only (variants.STATIC_OPS), so the embedding table stays
+# fp32. Both quantise the activations entering a quantised MatMul to 8 bits per tensor. fp16 is the float16
+# conversion (variants.make_fp16): every initializer (embeddings and routers too) and every value between two
+# ops becomes float16, so its activations are fp16 as well, unlike the fp16 of our engine and llama.cpp
+# (weights only), whose name it shares: actdiff.variants.policy gives a side's own policy of a name first.
+# fp32 is the shared precision of that name.
 POLICIES = {
+    "fp16": {"weights": "fp16", "fp32_ops": (), "activations": "fp16"},
     "int8-dynamic": {"weights": "int8", "fp32_ops": (), "activations": "int8"},
     "int8-static": {"weights": "int8", "fp32_ops": ("EMBED",), "activations": "int8"},
 }
