@@ -61,6 +61,33 @@ def test_matmul_vs_float64(rng, T, C, OC, wdt):
     assert np.array_equal(K.matmul_naive(x, wk, b, scales=scales), out)
 
 
+@pytest.mark.parametrize("T,C,OC", [(1, 17, 5), (7, 300, 70), (40, 519, 33), (3, 16, 64)])
+def test_reduced_weights_convert_every_bit_pattern_exactly(rng, T, C, OC):
+    """fp16 and bf16 weights of every kind of bit pattern (random 16-bit words: zeros of both signs, subnormals,
+    normals, Inf, NaN with any payload) and int8 with per-channel scales, read by the packing's run conversion
+    (16 or 8 values at a time on the vector paths, the rest one by one: C and OC leave remainders): each matmul
+    equals the naive loop's, which converts value by value, and the fp32 matmul of the exactly converted values;
+    so does expert_down, whose un-transposed weights are converted along the output channels."""
+    x = f32(rng, T, C)
+    words = rng.integers(0, 1 << 16, size=(OC, C), dtype=np.uint16)
+    f16 = words.view(np.float16)
+    cases = [(f16, None, f16.astype(np.float32)), (words, None, K.bf16_to_f32(words))]
+    q, sc = K.quantize_int8(f32(rng, OC, C))
+    cases.append((q, sc, q.astype(np.float32) * sc[:, None]))
+    for wk, scales, exact in cases:
+        out = K.matmul(x, wk, scales=scales)
+        assert np.array_equal(out, K.matmul_naive(x, wk, scales=scales), equal_nan=True), wk.dtype
+        assert np.array_equal(out, K.matmul(x, K.pack_f32(exact)), equal_nan=True), wk.dtype
+    E, k = 3, 2
+    idx = rng.integers(0, E, size=(T, k)).astype(np.int32)
+    act = f32(rng, T, k, C)
+    w2 = rng.integers(0, 1 << 16, size=(E, C, OC), dtype=np.uint16).view(np.float16)  # (E, F, H): F = C here
+    assert np.array_equal(K.expert_down(act, idx, w2), K.expert_down(act, idx, w2.astype(np.float32)), equal_nan=True)
+    q2, s2 = K.quantize_int8(f32(rng, E, C, OC), axis=1)
+    d2 = q2.astype(np.float32) * s2[:, None, :]
+    assert np.array_equal(K.expert_down(act, idx, q2, scales=s2), K.expert_down(act, idx, d2))
+
+
 def test_matmul_vs_torch_and_numpy(rng):
     x = f32(rng, 128, 768)
     w = f32(rng, 2304, 768)
