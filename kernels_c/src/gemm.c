@@ -276,6 +276,75 @@ __attribute__((target("avx512f"))) static void pack_b_avx512(float *dst, const a
     }
 }
 
+/* AVX2 packing of a transposed B (the 16-column panels of the AVX2 kernel): 8x8 transposes, as pack_b_avx512
+ * does with 16x16 ones; the per-value scatter of pack_b_generic wrote each panel column by column (fp32 at 64
+ * rows: 0.66x the packed weight's speed on the AVX2 path). Checked once against plain indexing before use. */
+__attribute__((target("avx2"))) static void transpose8_store(const float *src, int64_t ld, float *dst, int dld) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * ld);
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);     /* r0[0] r1[0] r0[1] r1[1] | [4] [5] */
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]); /* r0[2] r1[2] r0[3] r1[3] | [6] [7] */
+    }
+    for (int h = 0; h < 2; h++) { /* rows 0-3 (h = 0) and 4-7 (h = 1) */
+        u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));     /* col 0 | col 4 */
+        u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));     /* col 1 | col 5 */
+        u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0)); /* col 2 | col 6 */
+        u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2)); /* col 3 | col 7 */
+    }
+    for (int c = 0; c < 4; c++) {
+        _mm256_storeu_ps(dst + (int64_t)c * dld, _mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
+        _mm256_storeu_ps(dst + (int64_t)(c + 4) * dld, _mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
+    }
+}
+
+static int g_t8_ok = -1;
+
+__attribute__((target("avx2"))) static int transpose8_selftest(void) {
+    float src[8 * 11], dst[8 * 9];
+    for (int i = 0; i < 8 * 11; i++) src[i] = (float)i;
+    transpose8_store(src, 11, dst, 9);
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 8; j++)
+            if (dst[j * 9 + i] != src[i * 11 + j]) return 0;
+    return 1;
+}
+
+__attribute__((target("avx2"))) static void pack_b_avx2(float *dst, const ak_gemm_args *g, int n0, int nc, int k0,
+                                                       int kc) {
+    const int NR = 16;
+    if (g_t8_ok < 0) g_t8_ok = transpose8_selftest();
+    if (!(g->b_trans && g_t8_ok == 1)) {
+        pack_b_generic(dst, g, n0, nc, k0, kc, NR, AK_ISA_AVX2);
+        return;
+    }
+    const int f32 = g->b_dtype == AK_DTYPE_F32;
+    float conv[8 * KC]; /* a reduced-precision B: 8 of its rows converted to fp32 (b_convert), then transposed */
+    int np = (nc + NR - 1) / NR;
+    for (int p = 0; p < np; p++) {
+        float *panel = dst + (int64_t)p * kc * NR;
+        int valid = nc - p * NR;
+        if (valid > NR) valid = NR;
+        if (valid < NR) {
+            pack_b_generic(panel, g, n0 + p * NR, valid, k0, kc, NR, AK_ISA_AVX2);
+            continue;
+        }
+        int kfull = kc & ~7;
+        for (int jb = 0; jb < 16; jb += 8) {
+            const int n = n0 + p * NR + jb;
+            const float *src = (const float *)g->B + (int64_t)n * g->ldb + k0;
+            int64_t ld = g->ldb;
+            if (!f32) {
+                for (int j = 0; j < 8; j++) b_convert_avx2(conv + j * kc, g, (int64_t)(n + j) * g->ldb + k0, n + j, kc, 0);
+                src = conv, ld = kc;
+            }
+            for (int k = 0; k < kfull; k += 8) transpose8_store(src + k, ld, panel + (int64_t)k * NR + jb, NR);
+            for (int j = 0; j < 8; j++)
+                for (int k = kfull; k < kc; k++) panel[(int64_t)k * NR + jb + j] = src[(int64_t)j * ld + k];
+        }
+    }
+}
+
 /* ---------------- micro-kernels ----------------
  * C tile (mr x NR) at C with stride ldc.  first: start chains from 0, else continue from C.
  * B row k of the tile: its first NR/2 columns at Bp + k*ldp, the other NR/2 at Bp + k*ldp + boff
@@ -521,6 +590,7 @@ static int gemm_serial_on(const ak_gemm_args *g, int isa, int n_begin, int n_end
                 continue;
             }
             if (isa == AK_ISA_AVX512) pack_b_avx512(buf, g, n0, nc, k0, kc);
+            else if (isa == AK_ISA_AVX2) pack_b_avx2(buf, g, n0, nc, k0, kc);
             else pack_b_generic(buf, g, n0, nc, k0, kc, u.NR, isa);
             for (int p = 0; p < np; p++) panel_of[p] = buf + (int64_t)p * kc * u.NR;
             gemm_slab(g, u, n0, nc, k0, kc, panel_of, u.NR, u.NR / 2);
