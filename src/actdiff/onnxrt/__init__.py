@@ -24,9 +24,10 @@ VARIANTS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 # Gather; the static QDQ variant quantises MatMuls only (variants.STATIC_OPS), so the embedding table stays
 # fp32. Both quantise the activations entering a quantised MatMul to 8 bits per tensor. fp16 is the float16
 # conversion (variants.make_fp16): every initializer (embeddings and routers too) and every value between two
-# ops becomes float16, so its activations are fp16 as well, unlike the fp16 of our engine and llama.cpp
-# (weights only), whose name it shares: actdiff.variants.policy gives a side's own policy of a name first.
-# fp32 is the shared precision of that name.
+# ops is typed float16 (ORT's CPU provider runs the ops it has no float16 kernel for in float32 between inserted
+# Casts, so a value is rounded to fp16 where it enters or leaves a float16 kernel: at most once per node, which
+# the fp16 activation allowance covers), unlike the fp16 of our engine and llama.cpp (weights only), whose name
+# it shares: actdiff.variants.policy gives a side's own policy of a name first. fp32 is the shared one's.
 POLICIES = {
     "fp16": {"weights": "fp16", "fp32_ops": (), "activations": "fp16"},
     "int8-dynamic": {"weights": "int8", "fp32_ops": (), "activations": "int8"},
