@@ -240,40 +240,47 @@ __attribute__((target("avx512f"))) static int transpose16_selftest(void) {
     return 1;
 }
 
-__attribute__((target("avx512f"))) static void pack_b_avx512(float *dst, const ak_gemm_args *g, int n0, int nc,
-                                                            int k0, int kc) {
-    const int NR = 32;
-    if (g_t16_ok < 0) g_t16_ok = transpose16_selftest();
-    if (!(g->b_trans && g_t16_ok == 1)) {
-        pack_b_generic(dst, g, n0, nc, k0, kc, NR, AK_ISA_AVX512);
-        return;
-    }
+typedef void (*transpose_fn)(const float *src, int64_t ld, float *dst, int dld);
+typedef void (*convert_fn)(float *dst, const ak_gemm_args *g, int64_t idx, int n, int count, int per_column);
+
+/* A transposed B packed into NR-column panels through TB x TB transposes (tr: TB rows of B, TB values each, to TB
+ * panel rows), TB rows of a reduced-precision B converted to fp32 first (cv); a partial panel by pack_b_generic.
+ * The AVX-512 (NR 32, TB 16) and AVX2 (NR 16, TB 8) packers, once their transpose passed its self-test. */
+static void pack_b_transposed(float *dst, const ak_gemm_args *g, int n0, int nc, int k0, int kc, int NR, int TB,
+                              transpose_fn tr, convert_fn cv, int isa) {
     const int f32 = g->b_dtype == AK_DTYPE_F32;
-    float conv[16 * KC]; /* a reduced-precision B: 16 of its rows converted to fp32 (b_convert), then transposed */
+    float conv[16 * KC]; /* a reduced-precision B: TB (<= 16) of its rows converted to fp32, then transposed */
     int np = (nc + NR - 1) / NR;
     for (int p = 0; p < np; p++) {
         float *panel = dst + (int64_t)p * kc * NR;
         int valid = nc - p * NR;
         if (valid > NR) valid = NR;
         if (valid < NR) {
-            ak_gemm_args g2 = *g;
-            pack_b_generic(panel, &g2, n0 + p * NR, valid, k0, kc, NR, AK_ISA_AVX512);
+            pack_b_generic(panel, g, n0 + p * NR, valid, k0, kc, NR, isa);
             continue;
         }
-        int kfull = kc & ~15;
-        for (int jb = 0; jb < 32; jb += 16) {
+        int kfull = kc - kc % TB;
+        for (int jb = 0; jb < NR; jb += TB) {
             const int n = n0 + p * NR + jb;
             const float *src = (const float *)g->B + (int64_t)n * g->ldb + k0;
             int64_t ld = g->ldb;
             if (!f32) {
-                for (int j = 0; j < 16; j++) b_convert_avx512(conv + j * kc, g, (int64_t)(n + j) * g->ldb + k0, n + j, kc, 0);
+                for (int j = 0; j < TB; j++) cv(conv + j * kc, g, (int64_t)(n + j) * g->ldb + k0, n + j, kc, 0);
                 src = conv, ld = kc;
             }
-            for (int k = 0; k < kfull; k += 16) transpose16_store(src + k, ld, panel + (int64_t)k * NR + jb, NR);
-            for (int j = 0; j < 16; j++)
+            for (int k = 0; k < kfull; k += TB) tr(src + k, ld, panel + (int64_t)k * NR + jb, NR);
+            for (int j = 0; j < TB; j++)
                 for (int k = kfull; k < kc; k++) panel[(int64_t)k * NR + jb + j] = src[(int64_t)j * ld + k];
         }
     }
+}
+
+static void pack_b_avx512(float *dst, const ak_gemm_args *g, int n0, int nc, int k0, int kc) {
+    if (g_t16_ok < 0) g_t16_ok = transpose16_selftest();
+    if (g->b_trans && g_t16_ok == 1)
+        pack_b_transposed(dst, g, n0, nc, k0, kc, 32, 16, transpose16_store, b_convert_avx512, AK_ISA_AVX512);
+    else
+        pack_b_generic(dst, g, n0, nc, k0, kc, 32, AK_ISA_AVX512);
 }
 
 /* AVX2 packing of a transposed B (the 16-column panels of the AVX2 kernel): 8x8 transposes, as pack_b_avx512
@@ -310,39 +317,12 @@ __attribute__((target("avx2"))) static int transpose8_selftest(void) {
     return 1;
 }
 
-__attribute__((target("avx2"))) static void pack_b_avx2(float *dst, const ak_gemm_args *g, int n0, int nc, int k0,
-                                                       int kc) {
-    const int NR = 16;
+static void pack_b_avx2(float *dst, const ak_gemm_args *g, int n0, int nc, int k0, int kc) {
     if (g_t8_ok < 0) g_t8_ok = transpose8_selftest();
-    if (!(g->b_trans && g_t8_ok == 1)) {
-        pack_b_generic(dst, g, n0, nc, k0, kc, NR, AK_ISA_AVX2);
-        return;
-    }
-    const int f32 = g->b_dtype == AK_DTYPE_F32;
-    float conv[8 * KC]; /* a reduced-precision B: 8 of its rows converted to fp32 (b_convert), then transposed */
-    int np = (nc + NR - 1) / NR;
-    for (int p = 0; p < np; p++) {
-        float *panel = dst + (int64_t)p * kc * NR;
-        int valid = nc - p * NR;
-        if (valid > NR) valid = NR;
-        if (valid < NR) {
-            pack_b_generic(panel, g, n0 + p * NR, valid, k0, kc, NR, AK_ISA_AVX2);
-            continue;
-        }
-        int kfull = kc & ~7;
-        for (int jb = 0; jb < 16; jb += 8) {
-            const int n = n0 + p * NR + jb;
-            const float *src = (const float *)g->B + (int64_t)n * g->ldb + k0;
-            int64_t ld = g->ldb;
-            if (!f32) {
-                for (int j = 0; j < 8; j++) b_convert_avx2(conv + j * kc, g, (int64_t)(n + j) * g->ldb + k0, n + j, kc, 0);
-                src = conv, ld = kc;
-            }
-            for (int k = 0; k < kfull; k += 8) transpose8_store(src + k, ld, panel + (int64_t)k * NR + jb, NR);
-            for (int j = 0; j < 8; j++)
-                for (int k = kfull; k < kc; k++) panel[(int64_t)k * NR + jb + j] = src[(int64_t)j * ld + k];
-        }
-    }
+    if (g->b_trans && g_t8_ok == 1)
+        pack_b_transposed(dst, g, n0, nc, k0, kc, 16, 8, transpose8_store, b_convert_avx2, AK_ISA_AVX2);
+    else
+        pack_b_generic(dst, g, n0, nc, k0, kc, 16, AK_ISA_AVX2);
 }
 
 /* ---------------- micro-kernels ----------------
