@@ -28,7 +28,11 @@ from actdiff.sides.configured import IMPORT, configured_runs, engine_specs, usab
 from actdiff.report.render import REPORTS_DIR
 from actdiff.onnxrt import VARIANTS as ONNXRUNTIME_VARIANTS
 from actdiff.variants import VARIANT_RE
+from actdiff.workflow_support import coalesce_scheduler_wakeups
 
+
+# Snakemake's scheduler woke once per second per finished job by the end of a run; one pending wakeup instead
+coalesce_scheduler_wakeups()
 
 try:
     validate_config(config)  # against the packaged schema, actdiff/data/config.schema.yaml
