@@ -12,7 +12,7 @@ from test_stats import _dump_pair
 
 from actdiff.compare import propagation as P
 from actdiff.compare import refnoise
-from actdiff.compare.budgets import budget, fp32_noise
+from actdiff.compare.budgets import Noise, budget, fp32_noise
 from actdiff.compare.refnoise import NoiseTable, measure_reference_noise
 from actdiff.compare.stats import StatsConfig, compute_shard_stats
 from actdiff.h5io import ActivationReader
@@ -190,3 +190,52 @@ def test_the_simulated_engine_takes_the_engine_s_experts_only_where_they_differ(
         np.testing.assert_array_equal(out_i[1:], own[1:])
         np.testing.assert_array_equal(out_w[0], ref[0, ids[0]])
         np.testing.assert_array_equal(out_w[1:], y_w[1:])
+
+
+def test_float32_products_only_where_the_budget_dwarfs_float32_rounding(tiny_model_dir):
+    """propagation.float32_product_ok: a MATMUL whose run budget is at least FLOAT32_PRODUCT_MARGIN times its fp32
+    budget (reduced-precision weights), never at fp32 budgets, at another op, or without a measured noise."""
+    graph = build_graph(load_config_json(tiny_model_dir))
+    mm = next(n for n in graph if n.op == "MATMUL")
+    other = next(n for n in graph if n.op == "LAYERNORM")
+    noise = Noise(3e-7)
+    fp16 = budget(mm, "fp16", noise)
+    assert P.float32_product_ok(mm, fp16, noise)
+    assert not P.float32_product_ok(mm, budget(mm, "fp32", noise), noise)
+    assert not P.float32_product_ok(mm, P.FLOAT32_PRODUCT_MARGIN * budget(mm, "fp32", noise) * 0.99, noise)
+    assert not P.float32_product_ok(other, fp16, noise)
+    assert not P.float32_product_ok(mm, fp16, Noise(float("nan")))
+    assert not P.float32_product_ok(mm, float("inf"), noise)
+
+
+def test_float32_products_move_reduced_precision_budgets_within_the_margin(tiny_model_dir, tmp_path, monkeypatch):
+    """A bf16 run's statistics with the simulation's MATMUL products in float32 and with every product in float64
+    (the margin set to infinity): every table equal but the propagated budgets, which move by at most
+    1/FLOAT32_PRODUCT_MARGIN relatively (the added rounding is at most that fraction of the perturbation it
+    accompanies, module comment), and not at all before the first product taken in float32."""
+    ref, eng = _dump_pair(tmp_path, tiny_model_dir, "bf16", 1, n_prompts=12)
+    taken = []
+    real = P.float32_products
+
+    def counted():
+        taken.append(1)
+        return real()
+
+    monkeypatch.setattr(P, "float32_products", counted)
+    margin = P.FLOAT32_PRODUCT_MARGIN
+    f32 = _stats(tmp_path, "f32", tiny_model_dir, ref, eng, "bf16", None)
+    monkeypatch.setattr(P, "FLOAT32_PRODUCT_MARGIN", float("inf"))
+    n_taken = len(taken)
+    f64 = _stats(tmp_path, "f64", tiny_model_dir, ref, eng, "bf16", None)
+    assert n_taken > 0 and len(taken) == n_taken, (n_taken, len(taken))
+    for t in SHARD_TABLES:
+        a, b = f32[t], f64[t]
+        if t == "nodes":
+            x, y = a["propagated_budget"].to_numpy(), b["propagated_budget"].to_numpy()
+            first = min(n.index for n in build_graph(load_config_json(tiny_model_dir)) if n.op == "MATMUL")
+            before = a["node_index"].to_numpy() < first
+            np.testing.assert_array_equal(x[before], y[before])
+            np.testing.assert_allclose(x, y, rtol=1.0 / margin, atol=0)
+            assert not np.array_equal(x, y)
+            a, b = a.drop(columns="propagated_budget"), b.drop(columns="propagated_budget")
+        pd.testing.assert_frame_equal(a, b, check_exact=True)

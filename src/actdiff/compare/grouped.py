@@ -33,7 +33,7 @@ import numpy as np
 from ..h5io import prompt_values_bytes
 from ..sides.base import replay_many, same_bits
 from .metrics import rel_l2
-from .propagation import Propagation, step_together
+from .propagation import Propagation, float32_product_ok, step_together
 from .refops import run_op_many, spec_params
 
 # The dumps read per group, both sides together: 9 prompts of the tiny model's bundled corpus, 5 of MiniLM's, a
@@ -205,7 +205,8 @@ def prepare_group(ctx, group: list) -> list[Ahead | None]:
                 noise[k][node.name] = ctx.reference_noise(pid, ref, node)
                 budgets[k][node.name] = ctx.budget(node.name, noise[k][node.name])
             if props:
-                step_together(props, node, [budgets[k] for k in own])
+                f32 = all(float32_product_ok(node, budgets[k][node.name], noise[k][node.name]) for k in own)
+                step_together(props, node, [budgets[k] for k in own], f32)
             if held <= SPEC_AHEAD_BYTES:
                 for k, y in spec_on_own_inputs(ctx, node, group, replayed).items():
                     spec[k][node.name] = y

@@ -32,11 +32,14 @@ simulation that follows no engine serves every run at a precision with the same 
 :func:`shared_routing_holds` (actdiff.compare.refnoise: the fp32 budgets, simulated once per shard).
 
 Cost: one float64 forward per prompt, about what the fp32-noise measurement already costs; 41 % of a MiniLM
-fp32 statistics job and 32 % of the tiny model's before the fp32 runs shared it.
+fp32 statistics job and 32 % of the tiny model's before the fp32 runs shared it. A run whose budget at a MATMUL
+dwarfs what float32 rounding adds there (reduced-precision weights: :func:`float32_product_ok`) takes that
+product in float32, about twice as fast (MiniLM's fp16 statistics 20.0 -> 17.7 CPU-s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -45,8 +48,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph
+from .budgets import Noise, budget
 from .metrics import rel_l2
-from .refops import run_op, run_op_many, spec_params
+from .refops import float32_products, run_op, run_op_many, spec_params
 from .routing import near_ties
 
 
@@ -55,6 +59,29 @@ def output_nodes(graph: Graph) -> list[str]:
     normalised embedding."""
     pool = graph[POOLED]
     return [*pool.inputs, POOLED, EMBEDDING]
+
+
+# A product the simulation takes in float32 adds its own rounding to the node's simulated error: the float32
+# rounding of both operands and another order of the sums, i.e. a correct fp32 kernel's error on these values,
+# which the node's fp32 budget bounds (budgets.SAFETY times the reference's measured fp32 noise there, SAFETY
+# covering a second implementation's 3x and the tail). Where the run's budget at the node is at least
+# FLOAT32_PRODUCT_MARGIN times that, the added error is at most 1/64 of the perturbation the simulation adds
+# there, and it reaches later nodes as that perturbation does: a propagated budget moves by at most 1/64 (1.6 %)
+# were the two aligned, and by far less as independent roundings are (MiniLM at fp16, 357 prompts: at most
+# 2.3e-4 relative, 0 on average; bench/README.md). Reduced-precision weights give a MATMUL 500-5000x its fp32
+# budget (2^-11 or more against noise of 1e-7-1e-6); an fp32 run's budgets are the fp32 budgets, so it is
+# simulated in float64 throughout.
+FLOAT32_PRODUCT_MARGIN = 64.0
+
+
+def float32_product_ok(node, run_budget: float, noise: Noise) -> bool:
+    """May the simulation take ``node``'s product in float32 (refops.float32_products), given the run's local
+    budget there and the node's fp32 noise on this prompt? Only a MATMUL (a dense product: the float64 product
+    was most of a reduced-precision run's simulation), with a measured noise and a finite budget at least
+    FLOAT32_PRODUCT_MARGIN times the fp32 budget."""
+    if node.op != "MATMUL" or not math.isfinite(run_budget) or not math.isfinite(noise.measured):
+        return False
+    return run_budget >= FLOAT32_PRODUCT_MARGIN * budget(node, "fp32", noise)
 
 
 def _seed(prompt_id: str) -> int:
@@ -193,11 +220,13 @@ class Propagation:
             if self.last_use.get(i, -1) <= node.index:
                 self.vals.pop(i, None)
 
-    def step(self, node, budgets: Mapping[str, float]) -> float:
+    def step(self, node, budgets: Mapping[str, float], float32_product: bool = False) -> float:
         """The node's propagated budget (NaN for an index node); ``budgets`` holds the local budgets of the
-        node and of every node before it."""
+        node and of every node before it; ``float32_product``: :func:`float32_product_ok` at this node."""
         g = self.graph
-        return self.finish(node, run_op(g, node, self.inputs(node), self.weights, spec_params(g, node)), budgets)
+        with float32_products() if float32_product else contextlib.nullcontext():
+            y = run_op(g, node, self.inputs(node), self.weights, spec_params(g, node))
+        return self.finish(node, y, budgets)
 
     def inputs(self, node) -> dict[str, np.ndarray]:
         """The simulated engine's values of the node's inputs."""
@@ -221,14 +250,16 @@ class Propagation:
         return self.out[node.name]
 
 
-def step_together(props: list[Propagation], node, budgets: list[Mapping[str, float]]) -> None:
+def step_together(props: list[Propagation], node, budgets: list[Mapping[str, float]], float32_product=False) -> None:
     """:meth:`Propagation.step` of ``node`` for several prompts (``budgets``: each one's), with one spec op over
     their stacked rows where the op computes rows independently (refops.run_op_many): a float64 op per prompt and
     node was most of the propagation's cost on short prompts. The random draws stay each prompt's own, in graph
     order; a stacked float64 product may round differently from a prompt's own in the last bits (another BLAS
-    blocking), far below the budgets the simulation adds."""
+    blocking), far below the budgets the simulation adds. ``float32_product``: :func:`float32_product_ok` at this
+    node for every one of the prompts."""
     g = props[0].graph
-    ys = run_op_many(g, node, [p.inputs(node) for p in props], props[0].weights, spec_params(g, node))
+    with float32_products() if float32_product else contextlib.nullcontext():
+        ys = run_op_many(g, node, [p.inputs(node) for p in props], props[0].weights, spec_params(g, node))
     for prop, y, b in zip(props, ys, budgets, strict=True):
         prop.finish(node, y, b)
 

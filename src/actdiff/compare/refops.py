@@ -644,6 +644,7 @@ def _matmul(graph, node, x, w, p):
 
 
 _SHARED: list | None = None  # (weight, operand, product) of the block under shared_products; None: none shared
+_FLOAT32_PRODUCTS = False  # inside float32_products()
 SHARED_PRODUCTS_KEPT = 8
 
 
@@ -679,8 +680,26 @@ def _shared(key, a: np.ndarray, compute) -> np.ndarray:
     return y
 
 
+@contextlib.contextmanager
+def float32_products():
+    """Within the block, MATMUL's product ``a @ W.T`` is computed in float32 (both operands rounded to float32,
+    numpy's sgemm, about twice float64's speed) and returned in float64, never shared. For a caller whose
+    tolerance at the node is far above what float32 rounding adds there: the propagation simulation at a node
+    whose budget is many times the fp32 budget (actdiff.compare.propagation.float32_product_ok)."""
+    global _FLOAT32_PRODUCTS
+    outer = _FLOAT32_PRODUCTS
+    _FLOAT32_PRODUCTS = True
+    try:
+        yield
+    finally:
+        _FLOAT32_PRODUCTS = outer
+
+
 def _product(a: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """``a @ W.T`` in float64 (read-only where shared: :func:`shared_products`)."""
+    """``a @ W.T`` in float64 (read-only where shared: :func:`shared_products`; float32 arithmetic inside
+    :func:`float32_products`)."""
+    if _FLOAT32_PRODUCTS:
+        return (np.asarray(a, np.float32) @ np.asarray(W, np.float32).T).astype(np.float64)
     return _shared(W, a, lambda x: x @ W.T)
 
 

@@ -581,7 +581,7 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) 
     so each node's weights are converted to float64 once for all its spec passes (NodeWeights64). ``ahead``:
     what was computed with the prompt's group (actdiff.compare.grouped.Ahead: replays, noise, propagated
     budgets), used instead of computing it here."""
-    from .propagation import Propagation
+    from .propagation import Propagation, float32_product_ok
 
     j = Judged(pid, ref, eng, dict(ahead.noise) if ahead else {}, replayed=ahead.replayed if ahead else {},
                spec=ahead.spec if ahead else {})  # fmt: skip
@@ -595,7 +595,7 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) 
             j.replayed.pop(node.name, None)
             budgets[node.name] = row["budget"]
             if prop is not None:
-                prop.step(node, budgets)
+                prop.step(node, budgets, float32_product_ok(node, row["budget"], j.noise[node.name]))
             if row["status"] != "fail":  # the builders read the local values of failing nodes only
                 j.local.pop(node.name, None)
             for k, v in row.items():
