@@ -34,7 +34,7 @@ simulation that follows no engine serves every run at a precision with the same 
 Cost: one float64 forward per prompt, about what the fp32-noise measurement already costs; 41 % of a MiniLM
 fp32 statistics job and 32 % of the tiny model's before the fp32 runs shared it. A run whose budget at a MATMUL
 dwarfs what float32 rounding adds there (reduced-precision weights: :func:`float32_product_ok`) takes that
-product in float32, about twice as fast (MiniLM's fp16 statistics 20.0 -> 17.7 CPU-s).
+product in float32, about twice as fast (MiniLM's fp16 statistics 20.2 -> 17.7 CPU-s).
 """
 
 from __future__ import annotations
@@ -250,7 +250,9 @@ class Propagation:
         return self.out[node.name]
 
 
-def step_together(props: list[Propagation], node, budgets: list[Mapping[str, float]], float32_product=False) -> None:
+def step_together(
+    props: list[Propagation], node, budgets: list[Mapping[str, float]], float32_product: bool = False
+) -> None:
     """:meth:`Propagation.step` of ``node`` for several prompts (``budgets``: each one's), with one spec op over
     their stacked rows where the op computes rows independently (refops.run_op_many): a float64 op per prompt and
     node was most of the propagation's cost on short prompts. The random draws stay each prompt's own, in graph
