@@ -34,6 +34,10 @@ static inline void ak_split(int64_t n, int tid, int nth, int64_t *b, int64_t *e)
 
 void *ak_aligned_alloc(size_t bytes);
 void ak_aligned_free(void *p);
+/* a 64-byte aligned block of at least `bytes`, the calling thread's kept scratch when free (see core.c); give
+ * it back with ak_scratch_put before the thread's next ak_scratch_get. NULL when out of memory. */
+void *ak_scratch_get(size_t bytes);
+void ak_scratch_put(void *p);
 
 /* ---- scalar conversions ---- */
 static inline float ak_f16_to_f32(uint16_t h) {

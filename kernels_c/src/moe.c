@@ -42,27 +42,27 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
     int need_router = !forced || router_logits || probs;
     float *lg = router_logits, *pr = probs, *tw = topk_weights, *eo = expert_out;
     int32_t *ti = topk_indices;
-    float *own_lg = NULL, *own_pr = NULL, *own_tw = NULL, *own_eo = NULL, *xe = NULL, *he = NULL, *ae = NULL,
-          *ye = NULL;
-    int32_t *own_ti = NULL, *rows = NULL;
-    if (need_router) {
-        AK_CHECK_PTR(router_w);
-        if (!lg) lg = own_lg = (float *)ak_aligned_alloc((size_t)T * E * sizeof(float));
-        if (!pr) pr = own_pr = (float *)ak_aligned_alloc((size_t)T * E * sizeof(float));
+    /* every temporary in one scratch block (ak_scratch_get: kept between calls); the activation overwrites
+     * fc1's values in place unless the caller asks for both */
+    size_t nrow = (size_t)T * K, sz[10], total = 0;
+    size_t n_lg = need_router && !lg ? (size_t)T * E : 0, n_pr = need_router && !pr ? (size_t)T * E : 0;
+    const size_t want[10] = {n_lg, n_pr, tw ? 0 : nrow, ti ? 0 : nrow, eo ? 0 : nrow * H, nrow * H, nrow * F,
+                             fc1 ? nrow * F : 0, nrow * H, nrow};
+    for (int i = 0; i < 10; i++) total += sz[i] = (want[i] * sizeof(float) + 63) & ~(size_t)63;
+    char *block = (char *)ak_scratch_get(total), *at = block;
+    float *region[10];
+    if (!block) return AK_ERR_OUT_OF_MEMORY;
+    for (int i = 0; i < 10; i++) {
+        region[i] = sz[i] ? (float *)at : NULL;
+        at += sz[i];
     }
-    if (!tw) tw = own_tw = (float *)ak_aligned_alloc((size_t)T * K * sizeof(float));
-    if (!ti) ti = own_ti = (int32_t *)ak_aligned_alloc((size_t)T * K * sizeof(int32_t));
-    if (!eo) eo = own_eo = (float *)ak_aligned_alloc((size_t)T * K * H * sizeof(float));
-    size_t nrow = (size_t)T * K;
-    xe = (float *)ak_aligned_alloc(nrow * H * sizeof(float));
-    he = (float *)ak_aligned_alloc(nrow * F * sizeof(float));
-    ae = (float *)ak_aligned_alloc(nrow * F * sizeof(float));
-    ye = (float *)ak_aligned_alloc(nrow * H * sizeof(float));
-    rows = (int32_t *)ak_aligned_alloc(nrow * sizeof(int32_t));
-    if ((need_router && (!lg || !pr)) || !tw || !ti || !eo || !xe || !he || !ae || !ye || !rows) {
-        status = AK_ERR_OUT_OF_MEMORY;
-        goto done;
-    }
+    if (n_lg) lg = region[0];
+    if (n_pr) pr = region[1];
+    if (!tw) tw = region[2];
+    if (!ti) ti = (int32_t *)region[3];
+    if (!eo) eo = region[4];
+    float *xe = region[5], *he = region[6], *ae = fc1 ? region[7] : region[6], *ye = region[8];
+    int32_t *rows = (int32_t *)region[9];
     if (need_router) {
         ak_gemm_args g = {T, E, H, inp, H, router_w, H, AK_DTYPE_F32, 1, NULL, NULL, lg, E};
         status = ak_gemm(&g);
@@ -99,15 +99,6 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
     }
     ak_combine_rows(out, weighted, eo, tw, bias, T, K, H);
 done:
-    ak_aligned_free(own_lg);
-    ak_aligned_free(own_pr);
-    ak_aligned_free(own_tw);
-    ak_aligned_free(own_ti);
-    ak_aligned_free(own_eo);
-    ak_aligned_free(xe);
-    ak_aligned_free(he);
-    ak_aligned_free(ae);
-    ak_aligned_free(ye);
-    ak_aligned_free(rows);
+    ak_scratch_put(block);
     return status;
 }

@@ -78,15 +78,14 @@ static int expert_gemm(float *out, const float *inp, int64_t in_row_stride_per_s
     for (int64_t r = 0; r < (int64_t)T * K; r++)
         if (indices[r] < 0 || indices[r] >= E) return AK_ERR_INDEX_OUT_OF_RANGE;
     if (T == 0) return AK_OK;
-    size_t nrow = (size_t)T * K;
-    float *xe = (float *)ak_aligned_alloc(nrow * IN * sizeof(float));
-    float *ye = (float *)ak_aligned_alloc(nrow * OUT * sizeof(float));
-    int32_t *rows = (int32_t *)ak_aligned_alloc(nrow * sizeof(int32_t));
+    /* the gathered rows, their products and the row list in one scratch block (kept between calls, as ak_moe) */
+    size_t nrow = (size_t)T * K, n_xe = (nrow * IN * sizeof(float) + 63) & ~(size_t)63;
+    size_t n_ye = (nrow * OUT * sizeof(float) + 63) & ~(size_t)63;
+    char *block = (char *)ak_scratch_get(n_xe + n_ye + nrow * sizeof(int32_t));
+    if (!block) return AK_ERR_OUT_OF_MEMORY;
+    float *xe = (float *)block, *ye = (float *)(block + n_xe);
+    int32_t *rows = (int32_t *)(block + n_xe + n_ye);
     int status = AK_OK;
-    if (!xe || !ye || !rows) {
-        status = AK_ERR_OUT_OF_MEMORY;
-        goto done;
-    }
     size_t w_bytes = ak_weight_block_bytes(weight_dtype, IN, OUT); /* one expert: IN deep, OUT wide */
     for (int e = 0; e < E; e++) {
         int ne = 0;
@@ -107,9 +106,7 @@ static int expert_gemm(float *out, const float *inp, int64_t in_row_stride_per_s
             memcpy(out + (int64_t)rows[i] * OUT, ye + (int64_t)i * OUT, (size_t)OUT * sizeof(float));
     }
 done:
-    ak_aligned_free(xe);
-    ak_aligned_free(ye);
-    ak_aligned_free(rows);
+    ak_scratch_put(block);
     return status;
 }
 

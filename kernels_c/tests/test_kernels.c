@@ -209,6 +209,62 @@ static void test_moe(void) {
     free(x); free(rw); free(w1); free(w2); free(b); free(o1); free(o2); free(o3); free(pr); free(lg); free(tw); free(eo); free(ti);
 }
 
+/* ak_moe's temporaries live in a per-thread scratch block kept between calls (core.c): a block grown by a
+ * larger call, left full of its values, or in use on another thread changes no bit of any result; with fc1
+ * not asked for the activation is taken in place, and act still equals gelu(fc1). */
+typedef struct {
+    const float *x, *rw, *w1, *w2, *b;
+    float *out;
+    int T, H, F, E, K;
+    int status;
+} moe_call;
+static void *moe_call_run(void *arg) {
+    moe_call *c = (moe_call *)arg;
+    for (int it = 0; it < 20 && c->status == AK_OK; it++)
+        c->status = ak_moe(c->out, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, c->x, c->rw, c->w1, NULL, c->w2,
+                           NULL, c->b, c->T, c->H, c->F, c->E, c->K, AK_DTYPE_F32, 0, 0, 0);
+    return NULL;
+}
+static void test_moe_scratch(void) {
+    int T = 37, TL = 300, H = 48, F = 80, E = 5, K = 2;
+    float *x = rand_buf((size_t)TL * H), *rw = rand_buf((size_t)E * H), *w1 = rand_buf((size_t)E * F * H),
+          *w2 = rand_buf((size_t)E * F * H), *b = rand_buf(H);
+    float *o1 = galloc((size_t)T * H), *o2 = galloc((size_t)T * H), *big = galloc((size_t)TL * H);
+    float *fc1 = galloc((size_t)T * K * F), *act = galloc((size_t)T * K * F), *act2 = galloc((size_t)T * K * F),
+          *g = galloc((size_t)T * K * F);
+    CHECK(ak_set_num_threads(1));
+    CHECK(ak_moe(o1, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, x, rw, w1, NULL, w2, NULL, b, T, H, F, E, K,
+                 AK_DTYPE_F32, 0, 0, 0));
+    CHECK(ak_moe(big, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, x, rw, w1, NULL, w2, NULL, b, TL, H, F, E, K,
+                 AK_DTYPE_F32, 0, 0, 0)); /* grows the block and leaves it full */
+    CHECK(ak_moe(o2, NULL, NULL, NULL, NULL, fc1, act, NULL, NULL, x, rw, w1, NULL, w2, NULL, b, T, H, F, E, K,
+                 AK_DTYPE_F32, 0, 0, 0));
+    EXPECT(memcmp(o1, o2, (size_t)T * H * 4) == 0, "moe after a larger call, with fc1 and act asked for");
+    CHECK(ak_moe(o2, NULL, NULL, NULL, NULL, NULL, act2, NULL, NULL, x, rw, w1, NULL, w2, NULL, b, T, H, F, E, K,
+                 AK_DTYPE_F32, 0, 0, 0));
+    EXPECT(memcmp(o1, o2, (size_t)T * H * 4) == 0, "moe with the activation taken in place");
+    EXPECT(memcmp(act, act2, (size_t)T * K * F * 4) == 0, "act with and without fc1");
+    CHECK(ak_gelu(g, fc1, (int64_t)T * K * F, 0));
+    EXPECT(memcmp(g, act, (size_t)T * K * F * 4) == 0, "act = gelu(fc1)");
+    moe_call c[2];
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++) {
+        c[i] = (moe_call){x, rw, w1, w2, b, galloc((size_t)(i ? T : TL) * H), i ? T : TL, H, F, E, K, AK_OK};
+        if (pthread_create(&th[i], NULL, moe_call_run, &c[i]) != 0) {
+            fprintf(stderr, "%s:%d: pthread_create failed\n", __FILE__, __LINE__);
+            exit(1);
+        }
+    }
+    for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
+    CHECK(c[0].status);
+    CHECK(c[1].status);
+    EXPECT(memcmp(c[1].out, o1, (size_t)T * H * 4) == 0, "moe on two threads at once");
+    EXPECT(guard_ok(o1, (size_t)T * H) && guard_ok(o2, (size_t)T * H) && guard_ok(act, (size_t)T * K * F) &&
+           guard_ok(act2, (size_t)T * K * F) && guard_ok(fc1, (size_t)T * K * F), "guard moe scratch");
+    free(x); free(rw); free(w1); free(w2); free(b); free(o1); free(o2); free(big); free(fc1); free(act); free(act2);
+    free(g); free(c[0].out); free(c[1].out);
+}
+
 static void test_small_ops(void) {
     int T = 9, C = 37;
     size_t n = (size_t)T * C;
@@ -576,6 +632,7 @@ int main(void) {
     test_attention();
     test_attention_padded();
     test_moe();
+    test_moe_scratch();
     test_pack_roundtrip();
     test_matmul_packed();
     test_moe_packed();
