@@ -42,10 +42,13 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
     int need_router = !forced || router_logits || probs;
     float *lg = router_logits, *pr = probs, *tw = topk_weights, *eo = expert_out;
     int32_t *ti = topk_indices;
+    if (need_router) AK_CHECK_PTR(router_w); /* forced routing with logits or probs asked for */
     /* every temporary in one scratch block (ak_scratch_get: kept between calls); the activation overwrites
      * fc1's values in place unless the caller asks for both */
     size_t nrow = (size_t)T * K, sz[10], total = 0;
     size_t n_lg = need_router && !lg ? (size_t)T * E : 0, n_pr = need_router && !pr ? (size_t)T * E : 0;
+    /* regions: logits, probs, top-k weights, top-k indices, expert outputs (each unless the caller gave it),
+     * gathered rows, fc1, the activation (when fc1 is asked for), products, row list */
     const size_t want[10] = {n_lg, n_pr, tw ? 0 : nrow, ti ? 0 : nrow, eo ? 0 : nrow * H, nrow * H, nrow * F,
                              fc1 ? nrow * F : 0, nrow * H, nrow};
     for (int i = 0; i < 10; i++) total += sz[i] = (want[i] * sizeof(float) + 63) & ~(size_t)63;

@@ -206,6 +206,9 @@ static void test_moe(void) {
     ti[0] = E;
     EXPECT(ak_moe(o3, NULL, NULL, tw, ti, NULL, NULL, NULL, NULL, x, NULL, w1, NULL, w2, NULL, b, T, H, F, E, K, 0, 0, 0, 1) ==
            AK_ERR_INDEX_OUT_OF_RANGE, "bad index");
+    ti[0] = 0;
+    EXPECT(ak_moe(o3, lg, NULL, tw, ti, NULL, NULL, NULL, NULL, x, NULL, w1, NULL, w2, NULL, b, T, H, F, E, K, 0, 0, 0, 1) ==
+           AK_ERR_NULL_POINTER, "forced routing asking for the logits needs router_w");
     free(x); free(rw); free(w1); free(w2); free(b); free(o1); free(o2); free(o3); free(pr); free(lg); free(tw); free(eo); free(ti);
 }
 
