@@ -37,6 +37,8 @@ void ak_aligned_free(void *p);
 /* a 64-byte aligned block of at least `bytes`, the calling thread's kept scratch when free (see core.c); give
  * it back with ak_scratch_put before the thread's next ak_scratch_get. NULL when out of memory. */
 void *ak_scratch_get(size_t bytes);
+/* bytes rounded up to a whole 64-byte line: regions carved from one scratch block stay aligned */
+static inline size_t ak_round64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 void ak_scratch_put(void *p);
 
 /* ---- scalar conversions ---- */

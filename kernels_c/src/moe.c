@@ -51,7 +51,7 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
      * gathered rows, fc1, the activation (when fc1 is asked for), products, row list */
     const size_t want[10] = {n_lg, n_pr, tw ? 0 : nrow, ti ? 0 : nrow, eo ? 0 : nrow * H, nrow * H, nrow * F,
                              fc1 ? nrow * F : 0, nrow * H, nrow};
-    for (int i = 0; i < 10; i++) total += sz[i] = (want[i] * sizeof(float) + 63) & ~(size_t)63;
+    for (int i = 0; i < 10; i++) total += sz[i] = ak_round64(want[i] * sizeof(float));
     char *block = (char *)ak_scratch_get(total), *at = block;
     float *region[10];
     if (!block) return AK_ERR_OUT_OF_MEMORY;

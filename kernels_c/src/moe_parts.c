@@ -79,8 +79,8 @@ static int expert_gemm(float *out, const float *inp, int64_t in_row_stride_per_s
         if (indices[r] < 0 || indices[r] >= E) return AK_ERR_INDEX_OUT_OF_RANGE;
     if (T == 0) return AK_OK;
     /* the gathered rows, their products and the row list in one scratch block (kept between calls, as ak_moe) */
-    size_t nrow = (size_t)T * K, n_xe = (nrow * IN * sizeof(float) + 63) & ~(size_t)63;
-    size_t n_ye = (nrow * OUT * sizeof(float) + 63) & ~(size_t)63;
+    size_t nrow = (size_t)T * K, n_xe = ak_round64(nrow * IN * sizeof(float));
+    size_t n_ye = ak_round64(nrow * OUT * sizeof(float));
     char *block = (char *)ak_scratch_get(n_xe + n_ye + nrow * sizeof(int32_t));
     if (!block) return AK_ERR_OUT_OF_MEMORY;
     float *xe = (float *)block, *ye = (float *)(block + n_xe);
