@@ -211,6 +211,18 @@ int ak_rel_l2(double *out, const float *a, const float *b, int64_t n);
 int ak_fletcher32(uint32_t *out, const void *data, int64_t nbytes);
 int ak_fletcher32_naive(uint32_t *out, const void *data, int64_t nbytes);
 
+/* ---- the propagated budget's perturbation (actdiff.compare.propagation._perturb) ----
+ * out is (T,F), y is (T,F), s is (F), g is (T*F) or NULL, ref is (T,F) or NULL, err is 2 doubles (when ref);
+ * s, g and ref are float32 (the draws and the dump), y and out double.
+ * col[f] = sum_t y[t,f]^2, yn = sqrt(sum col), sn = sqrt(sum col * s^2), gn = sqrt(sum g^2) (double sums),
+ * c = budget * yn / sqrt(2); out = y * (1 + (c / sn) * s[f]) (y where sn = 0) + (double)(g * (float)(c / gn))
+ * (the float32 product; none where gn = 0); err = sum (out - ref)^2, sum ref^2. *done = 0 and out untouched
+ * where yn is 0 or not finite (nothing to scale), else 1. _naive: the same as plain loops (bitwise equal). */
+int ak_perturb_f64(double *out, double *err, int *done, const double *y, const float *s, const float *g,
+                   const float *ref, double budget, int64_t T, int64_t F);
+int ak_perturb_f64_naive(double *out, double *err, int *done, const double *y, const float *s, const float *g,
+                         const float *ref, double budget, int64_t T, int64_t F);
+
 /* CFFI_END */
 
 #ifdef __cplusplus

@@ -553,6 +553,82 @@ static void test_fletcher32(void) {
     free(copy);
 }
 
+/* The propagated budget's perturbation (perturb.c): on every ISA path the CPU runs, bitwise the naive loops (also
+ * at sizes that leave a row tail of the 8 lanes and with one token); within 1e-12 of the plain definition (other
+ * orders of the double sums); its error sums those of out against ref; no draws where gn = 0 (g NULL), out = y
+ * plus the draws where sn = 0 (s all zero); nothing done where y is 0 or NaN; argument errors. */
+static double perturb_definition_gap(const double *out, const double *y, const float *s, const float *g,
+                                     double budget, int64_t T, int64_t F) {
+    double yy = 0, ys = 0, gg = 0, worst = 0;
+    for (int64_t i = 0; i < T * F; i++) {
+        yy += y[i] * y[i];
+        ys += y[i] * y[i] * s[i % F] * s[i % F];
+        gg += (double)g[i] * g[i];
+    }
+    double c = budget * sqrt(yy) / sqrt(2.0);
+    for (int64_t i = 0; i < T * F; i++) {
+        /* the draws' term as the kernel's float32 product (its scale from these sums, equal to the kernel's
+         * float32 scale unless c / gn sits within 1e-15 of a float32 rounding boundary, not so for this seed) */
+        double want = y[i] * (1.0 + c / sqrt(ys) * s[i % F]) + (double)(g[i] * (float)(c / sqrt(gg)));
+        double gap = fabs(out[i] - want) / (c / sqrt((double)(T * F)));
+        if (gap > worst) worst = gap;
+    }
+    return worst; /* in units of the perturbation's rms per element: ~1e-15 from the sums' orders */
+}
+
+static void test_perturb(void) {
+    const int64_t sizes[][2] = {{13, 37}, {1, 384}, {20, 64}};
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    for (int z = 0; z < 3; z++) {
+        int64_t T = sizes[z][0], F = sizes[z][1], n = T * F;
+        double *y = (double *)malloc((size_t)n * 8);
+        float *s = (float *)malloc((size_t)F * 4);
+        double *a = (double *)malloc((size_t)n * 8), *b = (double *)malloc((size_t)n * 8);
+        float *g = (float *)malloc((size_t)n * 4), *r = (float *)malloc((size_t)n * 4);
+        for (int64_t i = 0; i < n; i++) y[i] = frand() * 3.0, g[i] = frand(), r[i] = (float)(y[i] + 1e-3 * frand());
+        for (int64_t f = 0; f < F; f++) s[f] = frand();
+        double ea[2], eb[2];
+        int da = 0, db = 0;
+        CHECK(ak_perturb_f64_naive(b, eb, &db, y, s, g, r, 1e-3, T, F));
+        for (int k = 0; k < 3; k++) {
+            if (!ak_cpu_supports_isa(isas[k])) continue;
+            CHECK(ak_set_isa(isas[k]));
+            memset(a, 0, (size_t)n * 8);
+            CHECK(ak_perturb_f64(a, ea, &da, y, s, g, r, 1e-3, T, F));
+            EXPECT(da == 1 && db == 1 && memcmp(a, b, (size_t)n * 8) == 0 && memcmp(ea, eb, sizeof ea) == 0,
+                   "perturb %lldx%lld isa %d: bitwise its naive loops", (long long)T, (long long)F, isas[k]);
+        }
+        CHECK(ak_set_isa(AK_ISA_AUTO));
+        double gap = perturb_definition_gap(a, y, s, g, 1e-3, T, F), se = 0, sr = 0;
+        EXPECT(gap <= 1e-9, "perturb %lldx%lld: %g of the perturbation's rms from its definition", (long long)T,
+               (long long)F, gap);
+        for (int64_t i = 0; i < n; i++) se += (a[i] - r[i]) * (a[i] - r[i]), sr += (double)r[i] * r[i];
+        EXPECT(fabs(ea[0] - se) <= 1e-12 * se && fabs(ea[1] - sr) <= 1e-12 * sr, "perturb error sums");
+        CHECK(ak_perturb_f64(a, NULL, &da, y, s, NULL, NULL, 1e-3, T, F)); /* no per-element draws */
+        for (int64_t f = 0; f < F; f++) s[f] = 0.0f;
+        CHECK(ak_perturb_f64(b, NULL, &db, y, s, g, NULL, 1e-3, T, F)); /* no shared part */
+        int ok = 1;
+        double yy = 0, gg = 0;
+        for (int64_t i = 0; i < n; i++) yy += y[i] * y[i], gg += (double)g[i] * g[i];
+        float gs = (float)(1e-3 * sqrt(yy) / sqrt(2.0) / sqrt(gg));
+        for (int64_t i = 0; i < n; i++) ok &= fabs(b[i] - (y[i] + (double)(g[i] * gs))) <= 1e-15 * fabs(y[i]) + 1e-18;
+        EXPECT(da == 1 && db == 1 && ok, "perturb: one part where the other has no draws");
+        free(y); free(s); free(a); free(b); free(g); free(r);
+    }
+    double y0[4] = {0, 0, 0, 0}, out[4] = {7, 7, 7, 7}, e[2];
+    float s0[2] = {1, 1};
+    float g0[4] = {1, 1, 1, 1};
+    int done = 5;
+    CHECK(ak_perturb_f64(out, e, &done, y0, s0, g0, NULL, 1e-3, 2, 2));
+    EXPECT(done == 0 && out[0] == 7, "perturb: y = 0 has nothing to scale, out untouched");
+    y0[1] = NAN;
+    CHECK(ak_perturb_f64(out, e, &done, y0, s0, g0, NULL, 1e-3, 2, 2));
+    EXPECT(done == 0 && out[1] == 7, "perturb: a NaN norm has nothing to scale");
+    EXPECT(ak_perturb_f64(NULL, e, &done, y0, s0, g0, NULL, 1e-3, 2, 2) == AK_ERR_NULL_POINTER, "perturb null out");
+    EXPECT(ak_perturb_f64(out, NULL, &done, y0, s0, g0, g0, 1e-3, 2, 2) == AK_ERR_NULL_POINTER, "perturb ref, no err");
+    EXPECT(ak_perturb_f64(out, e, &done, y0, s0, g0, NULL, 1e-3, -1, 2) == AK_ERR_INVALID_SIZE, "perturb size");
+}
+
 /* The pool's hand-over (spin, then sleep; see AK_SPIN_NS in core.c) under changing thread counts: jobs back to
  * back (workers still spinning), after a pause longer than the spin (workers asleep), and with fewer
  * participants than workers (tid >= nth must skip a job without reading it).  Every result is bitwise the
@@ -643,6 +719,7 @@ int main(void) {
     test_gelu_avx2_matches_avx512();
     test_compare();
     test_fletcher32();
+    test_perturb();
     test_pool_handover();
     test_isa_switch_during_matmul();
     printf("%d passed, %d failed\n", g_pass, g_fail);

@@ -733,6 +733,37 @@ def rel_l2_f32(a, b) -> float:
     return float(res[0])
 
 
+def _is(x, dtype, ndim: int) -> bool:
+    """The quick form of :func:`_arr`'s checks for a per-node hot path (which then calls _arr only for the error)."""
+    return type(x) is np.ndarray and x.dtype == dtype and x.ndim == ndim and x.flags.c_contiguous
+
+
+def perturb_f64(y, s, g, budget: float, ref=None, *, naive: bool = False):
+    """The propagated budget's perturbation of ``y`` (float64 [T, F]; actdiff.compare.propagation._perturbed):
+    ``s`` the per-feature draws (float32 [F]), ``g`` the per-element ones (float32, T*F of them), ``ref``
+    (float32 [T, F]) or None. Returns (out, (sum (out - ref)^2, sum ref^2) or None), or None where ||y|| is 0 or
+    not finite (nothing to scale). ak_perturb_f64; ``naive``: its plain-loop reference."""
+    ok = _is(y, np.float64, 2) and _is(s, np.float32, 1) and _is(g, np.float32, 1)
+    if not ok or s.shape[0] != y.shape[1] or g.shape[0] != y.size or max(y.shape) > _INT_MAX:
+        _arr("y", y, np.float64, ndim=2)
+        _arr("s", s, np.float32, shape=(y.shape[1],))
+        _arr("g", g, np.float32, shape=(y.size,))
+        _arr("y", y, np.float64, ndim=2)  # a dimension too large
+    if ref is not None and not (_is(ref, np.float32, 2) and ref.shape == y.shape):
+        _arr("ref", ref, np.float32, shape=y.shape)
+    T, F = y.shape
+    out = np.empty((T, F), np.float64)
+    err, done = ffi.new("double[2]"), ffi.new("int *")
+    fn = lib.ak_perturb_f64_naive if naive else lib.ak_perturb_f64
+    ref_p = ffi.NULL if ref is None else ffi.from_buffer("float[]", ref)
+    _call("perturb_f64", fn(ffi.from_buffer("double[]", out), err, done, ffi.from_buffer("double[]", y),
+                            ffi.from_buffer("float[]", s), ffi.from_buffer("float[]", g), ref_p, float(budget), T,
+                            F))  # fmt: skip
+    if not done[0]:
+        return None
+    return out, ((err[0], err[1]) if ref is not None else None)
+
+
 def fletcher32(data, *, naive: bool = False) -> int:
     """HDF5's Fletcher-32 checksum of the bytes of ``data`` (any C-contiguous buffer: bytes, a memoryview, an
     array), the value HDF5's fletcher32 filter stores after each chunk (ak_fletcher32; ``naive``: HDF5's loop)."""
