@@ -125,6 +125,23 @@ static inline size_t ak_weight_block_bytes(int dtype, int K, int N) {
 
 #define AK_CHECK_PTR(p) do { if ((p) == NULL) return AK_ERR_NULL_POINTER; } while (0)
 
+/* GCC vector types for the reductions that keep 8 interleaved double lanes (position i in lane i % 8) whatever the
+ * ISA path (compare.c, perturb.c): two fours on AVX2 and in portable C, one eight on AVX-512, the same lanes so
+ * the same bits. VF/VI/VU: float, int32, uint32 vectors of one width; VD/VL: double and int64. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef uint32_t v4u __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef int64_t v8l __attribute__((vector_size(64)));
+/* a macro, not a function: a function taking or returning a vector has an ABI that depends on the ISA it is
+ * compiled for (GCC warns) */
+#define LOADV(VT, p) ({ VT v_; memcpy(&v_, (p), sizeof v_); v_; })
+
 /* NAME_avx512, NAME_avx2, NAME_scalar: the same body compiled for each path, and NAME choosing by ak_isa() */
 #define AK_ISA_VARIANTS(NAME, BODY, PARAMS, ARGS)                                                     \
     __attribute__((target("avx512f,avx2,fma"))) static void NAME##_avx512 PARAMS { BODY ARGS; }      \

@@ -350,9 +350,31 @@ static void test_compare(void) {
     for (size_t i = 5; i < n; i += 89) r[i] = (i % 2) ? INFINITY : NAN;
     size_t ties[3] = {700, 301, 999};
     for (int t = 0; t < 3; t++) e[ties[t]] = 4.5f, r[ties[t]] = 0.5f; /* |e - r| = 4 exactly, above every other */
-    CHECK(ak_compare(&a, e, r, (int64_t)n));
     CHECK(ak_compare_naive(&b, e, r, (int64_t)n));
-    EXPECT(memcmp(&a, &b, sizeof a) == 0, "compare with NaN/Inf and tied maxima equals its naive reference bitwise");
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512}; /* fours on two paths, eights on AVX-512 */
+    for (int k = 0; k < 3; k++) {
+        if (!ak_cpu_supports_isa(isas[k])) continue;
+        CHECK(ak_set_isa(isas[k]));
+        for (size_t m = n - 9; m <= n; m++) { /* every tail length after the blocks of 8 */
+            ak_compare_result c, d;
+            CHECK(ak_compare(&c, e, r, (int64_t)m));
+            CHECK(ak_compare_naive(&d, e, r, (int64_t)m));
+            EXPECT(memcmp(&c, &d, sizeof c) == 0, "compare isa %d n %zu: bitwise its naive reference", isas[k], m);
+        }
+        CHECK(ak_compare(&a, e, r, (int64_t)n));
+        EXPECT(memcmp(&a, &b, sizeof a) == 0, "compare with NaN/Inf and tied maxima, isa %d, equals its naive "
+               "reference bitwise", isas[k]);
+        /* finite arrays: ak_rel_l2's sums are the naive compare's, bit for bit, on every path */
+        float *f = rand_buf(n), *g = rand_buf(n);
+        ak_compare_result d;
+        double rl2;
+        CHECK(ak_compare_naive(&d, f, g, (int64_t)n - 3));
+        CHECK(ak_rel_l2(&rl2, f, g, (int64_t)n - 3));
+        EXPECT(rl2 == sqrt(d.sum_sq_err) / sqrt(d.sum_sq_ref), "rel_l2 isa %d: the naive sums' ratio bitwise", isas[k]);
+        free(f);
+        free(g);
+    }
+    CHECK(ak_set_isa(AK_ISA_AUTO));
     EXPECT(a.argmax == 301 && a.nan_eng > 0 && a.inf_ref > 0 && a.n_valid < (int64_t)n,
            "argmax %lld (first of the tied maxima: 301)", (long long)a.argmax);
     free(e); free(r);
