@@ -126,8 +126,8 @@ static inline size_t ak_weight_block_bytes(int dtype, int K, int N) {
 #define AK_CHECK_PTR(p) do { if ((p) == NULL) return AK_ERR_NULL_POINTER; } while (0)
 
 /* GCC vector types for the reductions that keep 8 interleaved double lanes (position i in lane i % 8) whatever the
- * ISA path (compare.c, perturb.c): two fours on AVX2 and in portable C, one eight on AVX-512, the same lanes so
- * the same bits. VF/VI/VU: float, int32, uint32 vectors of one width; VD/VL: double and int64. */
+ * ISA path (compare.c): two fours on AVX2 and in portable C, one eight on AVX-512, the same lanes so the same
+ * bits. VF/VI/VU: float, int32, uint32 vectors of one width; VD/VL: double and int64. */
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 typedef uint32_t v4u __attribute__((vector_size(16)));

@@ -752,7 +752,6 @@ def perturb_f64(y, s, g, budget: float, ref=None, *, naive: bool = False):
         _arr("y", y, np.float64, ndim=2)
         _arr("s", s, np.float32, shape=(y.shape[1],))
         _arr("g", g, np.float32, shape=(y.size,))
-        _arr("y", y, np.float64, ndim=2)  # a dimension too large
     if ref is not None and not (_is(ref, np.float32, 2) and ref.shape == y.shape):
         _arr("ref", ref, np.float32, shape=y.shape)
     T, F = y.shape
