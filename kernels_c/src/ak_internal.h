@@ -125,9 +125,18 @@ static inline size_t ak_weight_block_bytes(int dtype, int K, int N) {
 
 #define AK_CHECK_PTR(p) do { if ((p) == NULL) return AK_ERR_NULL_POINTER; } while (0)
 
-/* GCC vector types for the reductions that keep 8 interleaved double lanes (position i in lane i % 8) whatever the
- * ISA path (compare.c): two fours on AVX2 and in portable C, one eight on AVX-512, the same lanes so the same
- * bits. VF/VI/VU: float, int32, uint32 vectors of one width; VD/VL: double and int64. */
+/* Eight interleaved accumulator lanes (position i goes to lane i % 8; lanes are summed pairwise at the end,
+ * lanes_total): the additions of one lane depend on each other, the lanes do not, so a reduction is not one long
+ * chain of dependent double additions, and the lanes fit vector registers (no reassociation is needed, so every
+ * ISA path gives the same bits). compare.c and perturb.c reduce this way, their naive loops too: bitwise equal. */
+#define LANES 8
+
+static inline double lanes_total(const double *l) {
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+/* GCC vector types for those lanes (compare.c): two fours on AVX2 and in portable C, one eight on AVX-512, the
+ * same lanes so the same bits. VF/VI/VU: float, int32, uint32 vectors of one width; VD/VL: double and int64. */
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 typedef uint32_t v4u __attribute__((vector_size(16)));

@@ -20,24 +20,14 @@ static inline int64_t ordered_int(float x) {
     return i < 0 ? (int64_t)INT32_MIN - (int64_t)i : (int64_t)i;
 }
 
-/* Eight interleaved accumulator lanes (position i goes to lane i % 8; lanes are summed pairwise at the end):
- * the additions of one lane depend on each other, the lanes do not, so the loop is not one long chain of
- * dependent double additions, and the compiler can keep the lanes in vector registers (no reassociation is
- * needed, so every ISA clone gives the same bits). ak_compare_naive uses the same lanes: bitwise equal. */
-#define LANES 8
-
 static inline int finite_bits(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
     return (u & 0x7f800000u) != 0x7f800000u;
 }
 
-static inline double lanes_total(const double *l) {
-    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
-}
-
 /* The eight lanes as vectors (GCC vector extensions, ak_internal.h): lane l holds the positions i with i % 8 == l,
- * exactly the lanes above, so each ISA path adds the same numbers in the same order as the scalar loop. Two fours
+ * the lanes of ak_internal.h, so each ISA path adds the same numbers in the same order as the scalar loop. Two fours
  * on AVX2 and in portable C (four doubles are one AVX register; an eight-wide type would go through the stack on
  * AVX2), one eight on AVX-512 (one zmm register per accumulator: 1.85 -> 1.35 ns a position at 7680 positions,
  * Intel Xeon model 207). Non-finite positions are zeroed with bit masks (a select would need C++). Written as
@@ -250,7 +240,7 @@ int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref,
  * for the local error, where the full ak_compare would compute a dozen unused numbers. */
 static inline __attribute__((always_inline)) void rel_l2_body(double *num, double *den, const float *a,
                                                               const float *b, int64_t n) {
-    /* the 8 lanes as two vectors of four (as compare_body): written as scalar lanes GCC kept them scalar,
+    /* the 8 lanes as two vectors of four (as compare_body4): written as scalar lanes GCC kept them scalar,
      * 0.8 ns a position */
     v4d sn[2] = {{0}}, sd[2] = {{0}};
     int64_t full = n - n % LANES;
