@@ -35,6 +35,23 @@ def pytest_report_header(config):
     return [f"actdiff kernels: ISA path {K.get_isa()} ({how}); paths this CPU lacks (untestable here): {lacks}"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_library_thread():
+    """torch and the BLAS libraries (threadpoolctl) at one thread in this process, as in every pipeline job
+    (rule threads 1). `make test` runs this suite beside test-c and test-isa on a 2-core machine, and a
+    2-thread torch or OpenBLAS call waits on a thread the other process holds: the whole-corpus engine parity
+    took 21.9 s alone, 65 s with one core busy (39.7 s of it torch's 2-thread forward) and 144 s in CI. A test
+    about threads sets its own count (the kernels' determinism, the engine at 2 threads)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class PipelineRun:
     results: Path

@@ -62,7 +62,7 @@ def test_fp32_engine_matches_reference_on_whole_corpus(model, corpus, tiny_model
     ref_model, cfg, _ = load_reference_model(model_dir)
     graph = build_graph(cfg)
     runner = ReferenceRunner(ref_model, graph)
-    engine = Engine(model_dir, threads=2)
+    engine = Engine(model_dir, threads=1)  # as dump_engine (engine_threads: 1); 2 threads: the batch tests below
     worst = {n.name: 0.0 for n in graph}
     cosines, flips = [], []
     for pid, ids in zip(corpus["prompt_id"], ids_all, strict=True):
