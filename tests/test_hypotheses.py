@@ -344,28 +344,22 @@ def test_shared_products_give_the_same_bits_and_compute_each_product_once(tiny, 
     assert d.baseline_error == d0.baseline_error
 
 
-def test_gelu_candidates_share_one_erf_and_give_the_same_bits(tiny, monkeypatch):
-    """Inside refops.shared_products the GELU candidates that take erf of the same values (the spec, its output
-    rounded to fp16 or bf16) compute it once, and every candidate gives the bits it gives alone."""
+def test_gelu_candidates_give_their_own_bits_inside_shared_products(tiny):
+    """Inside refops.shared_products every GELU candidate gives the bits it gives alone. (Their erf is no longer
+    shared: at 1-3 ns a value (actdiff.kernels.erf_f64) computing it again costs what comparing the inputs with a
+    kept one did, and a kept erf took the place of a product.)"""
     from actdiff.compare import refops
 
-    calls = []
-    erf = refops._erf
-    monkeypatch.setattr(refops, "_erf", lambda x: calls.append(x.shape) or erf(x))
     v, w = tiny.vals[0], {k: np.asarray(a, dtype=np.float64) for k, a in tiny.weights.items()}
     node = next(n for n in tiny.graph if n.op == "GELU")
     spec = spec_params(tiny.graph, node)
     cands = [spec] + [{**spec, **h.params} for h in load_catalogue() if h.applies(tiny.graph, node, spec)]
-    scale = spec.get("erf_scale")
-    same_erf = [c for c in cands if c["form"] == "erf" and not c.get("round_at") and c.get("erf_scale") == scale]
-    assert len(same_erf) >= 3  # the spec, activations fp16 / bf16
+    assert sum(c["form"] == "erf" and not c.get("round_at") for c in cands) >= 3  # the spec, activations fp16/bf16
     alone = [run_op(tiny.graph, node, v, w, c) for c in cands]
-    n_alone, calls[:] = len(calls), []
     with refops.shared_products():
         shared = [run_op(tiny.graph, node, v, w, c) for c in cands]
     for c, a, b in zip(cands, alone, shared, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=str(c))
-    assert n_alone >= len(same_erf) and len(calls) == n_alone - len(same_erf) + 1, (n_alone, len(calls))
 
 
 def test_output_precision_candidates_finish_the_spec_value_and_run_no_op(tiny, monkeypatch):

@@ -223,6 +223,15 @@ int ak_perturb_f64(double *out, double *err, int *done, const double *y, const f
 int ak_perturb_f64_naive(double *out, double *err, int *done, const double *y, const float *s, const float *g,
                          const float *ref, double budget, int64_t T, int64_t F);
 
+/* ---- float64 erf (the reference ops' exact-erf GELU, actdiff.compare.refops) ----
+ * y is (n), x is (n), double; y may be x. glibc's vector erf (libmvec, found at the first call) on the avx512 and
+ * avx2 paths, libm's erf on the scalar path or without libmvec: within a few ULP of erf, each value's result
+ * independent of its position (kernels_c/src/erf.c). _impl: the path whose erf runs now (AK_ISA_*: AK_ISA_SCALAR
+ * where libmvec is missing); _naive: libm's erf in a plain loop. */
+int ak_erf_f64(double *y, const double *x, int64_t n);
+int ak_erf_f64_naive(double *y, const double *x, int64_t n);
+int ak_erf_f64_impl(int *isa);
+
 /* CFFI_END */
 
 #ifdef __cplusplus

@@ -651,6 +651,59 @@ static void test_perturb(void) {
     EXPECT(ak_perturb_f64(out, e, &done, y0, s0, g0, NULL, 1e-3, -1, 2) == AK_ERR_INVALID_SIZE, "perturb size");
 }
 
+/* ULPs between two doubles of one sign (or both zero): the distance of their bit patterns */
+static int64_t ulp_distance(double a, double b) {
+    int64_t ia, ib;
+    memcpy(&ia, &a, 8);
+    memcpy(&ib, &b, 8);
+    if (ia < 0) ia = INT64_MIN - ia; /* sign-magnitude to a monotonic integer line */
+    if (ib < 0) ib = INT64_MIN - ib;
+    return ia > ib ? ia - ib : ib - ia;
+}
+
+/* ak_erf_f64 on every path this CPU runs against libm's erf (the naive loop): within 5 ULP, as glibc bounds its
+ * vector functions within 4 ULP and its scalar erf within 1 on x86_64; special values exact; each value's result
+ * the same at every position (a partial last vector is padded) and in place. */
+static void test_erf(void) {
+    enum { N = 4099 };
+    static double x[N], want[N], got[N], one[N];
+    const double special[] = {0.0, -0.0, 4.9e-324, -1e-310, 1e-300, 1e-8, -0.5, 0.84375, 1.0, 1.25, -2.5, 3.5,
+                              5.9, -6.0, 27.0, 1e300, INFINITY, -INFINITY, NAN};
+    const int ns = (int)(sizeof special / sizeof special[0]);
+    for (int i = 0; i < N; i++) x[i] = i < ns ? special[i] : frand() * (i % 3 == 0 ? 8.0 : i % 3 == 1 ? 2.0 : 0.6);
+    CHECK(ak_erf_f64_naive(want, x, N));
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    for (int k = 0; k < 3; k++) {
+        if (!ak_cpu_supports_isa(isas[k])) continue;
+        CHECK(ak_set_isa(isas[k]));
+        int impl = -1;
+        CHECK(ak_erf_f64_impl(&impl));
+        CHECK(ak_erf_f64(got, x, N));
+        int64_t worst = 0;
+        int specials_ok = 1, nan_ok = isnan(got[ns - 1]);
+        for (int i = 0; i < N; i++)
+            if (!isnan(x[i]) && ulp_distance(got[i], want[i]) > worst) worst = ulp_distance(got[i], want[i]);
+        for (int i = 0; i < ns - 1; i++) specials_ok &= fabs(special[i]) >= 6.0 ? got[i] == want[i] : 1;
+        specials_ok &= signbit(got[1]) && got[0] == 0.0 && got[1] == 0.0;
+        EXPECT(worst <= 5 && specials_ok && nan_ok && impl <= isas[k],
+               "erf isa %d (impl %d): %lld ULP from libm's (at most 5), +-0, +-1 beyond 6, NaN", isas[k], impl,
+               (long long)worst);
+        int same = 1;
+        for (int len = 1; len <= 17; len++) /* each tail length: the values alone give the array's bits */
+            for (int at = 0; at + len <= 64; at += 7) {
+                CHECK(ak_erf_f64(one, x + at, len));
+                same &= memcmp(one, got + at, (size_t)len * 8) == 0;
+            }
+        memcpy(one, x, sizeof x);
+        CHECK(ak_erf_f64(one, one, N));
+        EXPECT(same && memcmp(one, got, sizeof got) == 0, "erf isa %d: position-independent, in place", isas[k]);
+    }
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    EXPECT(ak_erf_f64(NULL, x, 1) == AK_ERR_NULL_POINTER && ak_erf_f64(got, x, -1) == AK_ERR_INVALID_SIZE &&
+               ak_erf_f64(got, x, 0) == AK_OK && ak_erf_f64_impl(NULL) == AK_ERR_NULL_POINTER,
+           "erf argument checks");
+}
+
 /* The pool's hand-over (spin, then sleep; see AK_SPIN_NS in core.c) under changing thread counts: jobs back to
  * back (workers still spinning), after a pause longer than the spin (workers asleep), and with fewer
  * participants than workers (tid >= nth must skip a job without reading it).  Every result is bitwise the
@@ -742,6 +795,7 @@ int main(void) {
     test_compare();
     test_fletcher32();
     test_perturb();
+    test_erf();
     test_pool_handover();
     test_isa_switch_during_matmul();
     printf("%d passed, %d failed\n", g_pass, g_fail);

@@ -230,3 +230,39 @@ def test_perturb_leaves_what_it_cannot_scale_and_checks_its_arguments():
         K.perturb_f64(np.ones((2, 4)), s, np.ones(7, np.float32), 1e-3)
     with pytest.raises(ValueError, match=r"ref must have shape \(2, 4\)"):
         K.perturb_f64(np.ones((2, 4)), s, g, 1e-3, np.ones((4, 2), np.float32))
+
+
+# ------------------------------------------------------------------------------------ float64 erf
+def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ULPs between doubles of one sign (or zeros): the distance of their bits on a monotonic integer line."""
+    ia, ib = a.view(np.int64), b.view(np.int64)
+    line = lambda i: np.where(i < 0, np.iinfo(np.int64).min - i, i)  # noqa: E731
+    return np.abs(line(ia) - line(ib))
+
+
+def test_erf_within_5_ulp_of_libm_on_every_path_and_the_same_at_every_position():
+    """ak_erf_f64 on every ISA path this CPU runs: within 5 ULP of libm's erf (math.erf), the bound glibc
+    gives its vector functions (4 ULP) plus its scalar erf's (1); exactly +-0, +-1 beyond |x| = 6, NaN kept,
+    any shape; each value's result the same alone as inside a longer array (a partial vector is padded), so a
+    prompt's rows give the same bits alone or stacked with others'. The naive loop is libm's erf."""
+    import actdiff.kernels as K
+
+    rng = np.random.default_rng(7)
+    special = np.array([0.0, -0.0, 5e-324, -1e-310, 1e-300, 1e-8, -0.5, 0.84375, 1.0, 1.25, -2.5, 3.5, 5.9, -6.0,
+                        27.0, 1e300, np.inf, -np.inf])  # fmt: skip
+    x = np.concatenate([special, rng.standard_normal(3000) * 3.0, rng.uniform(-0.7, 0.7, 1000)])
+    want = np.array([math.erf(v) for v in x])
+    assert np.array_equal(K.erf_f64(x, naive=True), want)
+    for isa in K.supported_isas():
+        K.set_isa(isa)
+        got = K.erf_f64(x)
+        assert _ulps(got, want).max() <= 5, (isa, K.erf_f64_path(), int(_ulps(got, want).max()))
+        assert np.array_equal(got[:2], [0.0, -0.0]) and np.signbit(got[1])
+        big = np.abs(x) >= 6.0
+        assert np.array_equal(got[big], np.sign(x[big]))
+        for start, n in [(0, 1), (3, 7), (17, 9), (40, 17), (4010, 8)]:  # tails of every vector width
+            assert np.array_equal(K.erf_f64(x[start : start + n]), got[start : start + n]), (isa, start, n)
+        assert np.array_equal(K.erf_f64(x.reshape(-1, 7)).ravel(), got)
+    assert np.isnan(K.erf_f64(np.array([np.nan]))[0])
+    assert K.erf_f64(np.float64(0.5)).shape == () and K.erf_f64(np.zeros((0, 3))).shape == (0, 3)
+    assert np.array_equal(K.erf_f64(x[::2]), K.erf_f64(x)[::2])  # a strided view is copied, not misread

@@ -93,7 +93,6 @@ kernel that sums u8 x s8 products two at a time into a saturating 16-bit integer
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import weakref
@@ -105,19 +104,13 @@ import numpy as np
 from ..nodes import ARCH_BERT, LAYOUT_OPS, Graph, Node, ntk_rotary_base
 
 
-@functools.lru_cache(maxsize=1)
-def _erf_ufunc():
-    """scipy's float64 erf, imported where first used: scipy.special's import (0.12-0.19 s) was paid by every job
-    that imports this module, the reports and aggregations that never take an erf among them."""
-    try:
-        from scipy.special import erf
-    except ImportError:  # pragma: no cover - scipy is a dependency of the venv
-        return np.vectorize(math.erf, otypes=[np.float64])
-    return erf
-
-
 def _erf(x: np.ndarray) -> np.ndarray:
-    return _erf_ufunc()(x)
+    """float64 erf (actdiff.kernels.erf_f64: glibc's vector erf, within a few ULP of libm's): scipy's scalar loop
+    took 15-37 ns a value, 3-7 % of a statistics job with GELU nodes, and its import 0.3 s of every job that
+    took one."""
+    from ..kernels import erf_f64
+
+    return erf_f64(x)
 
 
 OPS = (
@@ -703,13 +696,6 @@ def _product(a: np.ndarray, W: np.ndarray) -> np.ndarray:
     return _shared(W, a, lambda x: x @ W.T)
 
 
-def _shared_erf(x: np.ndarray) -> np.ndarray:
-    """``erf(x)``, computed once per equal ``x`` within a :func:`shared_products` block: the spec and the
-    catalogue's output-precision candidates at a GELU node take erf of the same values, and float64 erf was a
-    fifth of a statistics job with a failing GELU (scipy's, 37 ns per value here). Kept with the products."""
-    return _shared(_erf, x, _erf)
-
-
 def _split(graph, node, x, w, p):
     a = _f(x[0])
     T = a.shape[0]
@@ -880,7 +866,7 @@ def _gelu_gate(a: np.ndarray, form: str, p: dict) -> np.ndarray:
             inner = a / math.sqrt(2.0)
         else:
             inner = a * _r(p, "constant", c)
-        return 0.5 * (1.0 + _r(p, "fn", _shared_erf(_r(p, "inner", inner))))
+        return 0.5 * (1.0 + _r(p, "fn", _erf(_r(p, "inner", inner))))
     if form == "tanh":
         c = _r(p, "constant", float(p.get("tanh_scale", TANH_SCALE)))
         k = _r(p, "constant", float(p.get("tanh_cubic", TANH_CUBIC)))

@@ -62,7 +62,7 @@ def make_builder(module_name: str = "actdiff.kernels._kernels", sanitize: bool =
         sources=sources(absolute=module_name == "_kernels"),
         include_dirs=[INCLUDE_DIR],
         extra_compile_args=args,
-        extra_link_args=(["-fsanitize=address,undefined"] if sanitize else []) + ["-lm"],
+        extra_link_args=(["-fsanitize=address,undefined"] if sanitize else []) + ["-lm", "-ldl"],
         depends=[HEADER] + glob.glob(os.path.join(KERNELS_DIR, "src", "*.h")),
     )
     return ffi

@@ -742,6 +742,27 @@ def rel_l2_f32(a, b) -> float:
     return float(res[0])
 
 
+def erf_f64(x, *, naive: bool = False) -> np.ndarray:
+    """erf of float64 values, elementwise, any shape (float64 out): ak_erf_f64, glibc's vector erf (libmvec) on
+    the avx512 and avx2 paths, libm's on the scalar path or where libmvec is missing (:func:`erf_f64_path`);
+    within 5 ULP of libm's erf, a value's result independent of the array around it. ``naive``: libm's erf in a
+    plain loop."""
+    x = np.asarray(x, dtype=np.float64)
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)  # (not for all: it makes a 0-d array 1-d)
+    y = np.empty_like(x)
+    fn = lib.ak_erf_f64_naive if naive else lib.ak_erf_f64
+    _call("erf_f64", fn(ffi.from_buffer("double[]", y), ffi.from_buffer("double[]", x), x.size))
+    return y
+
+
+def erf_f64_path() -> str:
+    """The ISA path whose erf :func:`erf_f64` runs now: the current path's libmvec erf, or "scalar" (libm's)."""
+    isa = ffi.new("int *")
+    _call("erf_f64_impl", lib.ak_erf_f64_impl(isa))
+    return _ISA_BY_ID[int(isa[0])]
+
+
 def perturb_f64(y, s, g, budget: float, ref=None, *, naive: bool = False):
     """The propagated budget's perturbation of ``y`` (float64 [T, F]; actdiff.compare.propagation._perturbed):
     ``s`` the per-feature draws (float32 [F]), ``g`` the per-element ones (float32, T*F of them), ``ref``
