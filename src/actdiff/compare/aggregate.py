@@ -442,26 +442,30 @@ def _concat(frames: list[pd.DataFrame], empty: pd.DataFrame | None) -> pd.DataFr
 
 def _exact_node_part(nodes: pd.DataFrame) -> pd.DataFrame:
     """One shard's exact per-node counts, maxima and worst prompts (combined over shards by _apply_exact)."""
+    status = nodes["status"]
+    # the counts and maxima as columns summed and maximised per group by pandas itself: a Python function per
+    # group and column (pandas' slow path) took 0.11 s of a MiniLM run's 0.85 s of aggregation, now 0.035 s
     nodes = nodes.assign(
         # the propagated error beyond what correct local errors can produce (actdiff.compare.propagation)
         over_propagated=nodes["rel_l2"] > nodes["propagated_budget"],
         # a local failure on a prompt whose outputs diverge: a deviation with an effect
-        fail_with_effect=(nodes["status"] == "fail") & nodes["output_diverges"],
+        fail_with_effect=(status == "fail") & nodes["output_diverges"],
+        **{f"is_{s}": status == s for s in ("fail", "warn", "not_captured", "nonfinite")},
+        **{f"finite_{m}": nodes[m].replace([np.inf, -np.inf], np.nan) for m in QUANTILE_METRICS},
     )
     g = nodes.groupby(["node_index", "node"], sort=True)
     part = g.agg(
         n_prompts=("prompt_id", "size"),
-        fail=("status", lambda x: int((x == "fail").sum())),
-        warn=("status", lambda x: int((x == "warn").sum())),
-        not_captured=("status", lambda x: int((x == "not_captured").sum())),
-        nonfinite=("status", lambda x: int((x == "nonfinite").sum())),
+        fail=("is_fail", "sum"),
+        warn=("is_warn", "sum"),
+        not_captured=("is_not_captured", "sum"),
+        nonfinite=("is_nonfinite", "sum"),
         replay_mismatch=("replay_mismatch", "sum"),
         over_propagated=("over_propagated", "sum"),
         fail_with_effect=("fail_with_effect", "sum"),
         replay_gap_max=("replay_gap", "max"),
+        **{f"{m}_max": (f"finite_{m}", "max") for m in QUANTILE_METRICS},
     )
-    for m in QUANTILE_METRICS:
-        part[f"{m}_max"] = g[m].agg(lambda v: v.replace([np.inf, -np.inf], np.nan).max())
     # ties (exact zeros are common) broken by prompt_id, so the worst prompts do not depend on shard order
     worst = nodes.sort_values(["local_rel_l2", "prompt_id"], ascending=[False, True]).groupby("node").head(3)
     part["worst"] = worst.groupby(["node_index", "node"]).apply(
