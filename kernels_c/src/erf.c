@@ -30,30 +30,28 @@ static void find_libmvec(void) {
     g_erf4 = dlsym(h, "_ZGVdN4v_erf"); /* the handle stays open: the pointers are used for the process's life */
 }
 
-/* y (n) = erf(x (n)) with libmvec's 8-wide erf; y may be x */
+/* y (n) = erf(x (n)) with F, a libmvec erf of W doubles in one vector (LOAD, STORE: its unaligned moves), the last
+ * partial vector padded with zeros; y may be x. A macro: the two paths differ in vector type and intrinsics. */
+#define VECTOR_ERF(W, LOAD, STORE, F)                                                                           \
+    do {                                                                                                         \
+        int64_t i = 0;                                                                                           \
+        for (; i + (W) <= n; i += (W)) STORE(y + i, F(LOAD(x + i)));                                             \
+        if (i < n) {                                                                                             \
+            double buf[W] = {0};                                                                                 \
+            memcpy(buf, x + i, (size_t)(n - i) * sizeof(double));                                                \
+            STORE(buf, F(LOAD(buf)));                                                                            \
+            memcpy(y + i, buf, (size_t)(n - i) * sizeof(double));                                                \
+        }                                                                                                        \
+    } while (0)
+
 __attribute__((target("avx512f"))) static void erf_avx512(double *y, const double *x, int64_t n) {
     __m512d (*f)(__m512d) = (__m512d (*)(__m512d))g_erf8;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm512_storeu_pd(y + i, f(_mm512_loadu_pd(x + i)));
-    if (i < n) {
-        double buf[8] = {0};
-        memcpy(buf, x + i, (size_t)(n - i) * sizeof(double));
-        _mm512_storeu_pd(buf, f(_mm512_loadu_pd(buf)));
-        memcpy(y + i, buf, (size_t)(n - i) * sizeof(double));
-    }
+    VECTOR_ERF(8, _mm512_loadu_pd, _mm512_storeu_pd, f);
 }
 
-/* the same with libmvec's 4-wide AVX2 erf */
 __attribute__((target("avx2,fma"))) static void erf_avx2(double *y, const double *x, int64_t n) {
     __m256d (*f)(__m256d) = (__m256d (*)(__m256d))g_erf4;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) _mm256_storeu_pd(y + i, f(_mm256_loadu_pd(x + i)));
-    if (i < n) {
-        double buf[4] = {0};
-        memcpy(buf, x + i, (size_t)(n - i) * sizeof(double));
-        _mm256_storeu_pd(buf, f(_mm256_loadu_pd(buf)));
-        memcpy(y + i, buf, (size_t)(n - i) * sizeof(double));
-    }
+    VECTOR_ERF(4, _mm256_loadu_pd, _mm256_storeu_pd, f);
 }
 
 static int erf_impl(void) {
