@@ -111,12 +111,6 @@ def _draw(n: int, rng: np.random.Generator) -> np.ndarray:
     return _bank()[o : o + n]
 
 
-def _direction(n: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """``n`` independent standard normal values (float32; read-only) and their L2 norm."""
-    g = _draw(n, rng)
-    return g, math.sqrt(float(np.dot(g, g)))
-
-
 def _perturb(y: np.ndarray, budget: float, rng: np.random.Generator) -> np.ndarray:
     """``y`` plus an error of relative L2 ``budget``, half of its energy independent per element (rounding) and
     half a per-feature relative error shared by every token (what a rounded weight or scale does: it does not
