@@ -398,21 +398,38 @@ class ActivationReader:
         d = self._raw[dataset]
         shape, dtype = d.shape, d.dtype
         per, row = d.chunks[0], dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
-        out = np.empty((hi - lo, *shape[1:]), dtype)
-        flat, tail, read = out.reshape(-1).view(np.uint8), (0,) * (len(shape) - 1), d.id.read_direct_chunk
+        # 4 bytes past the rows: a whole chunk is read in place, its checksum landing just after its rows (where the
+        # next chunk's rows then go); a separate buffer per chunk was a fresh allocation and a copy of every byte
+        flat = np.empty((hi - lo) * row + 4, np.uint8)
+        tail = (0,) * (len(shape) - 1)
         for c0 in range(lo // per * per, hi, per):
-            try:
-                mask, raw = read((c0, *tail))
-            except (OSError, KeyError, ValueError):
-                mask, raw = 1, b""
-            if mask:
+            a, b = max(lo, c0), min(hi, c0 + per)  # the rows of this chunk asked for
+            whole = (a, b) == (c0, c0 + per)
+            raw = self._raw_chunk(d, (c0, *tail), flat[(a - lo) * row : (b - lo) * row + 4] if whole else None)
+            if raw is None:
                 return self._hdf5_get(dataset, slice(lo, hi))
-            body = memoryview(raw)[:-4]
+            body = raw[:-4]
             if len(raw) != per * row + 4 or fletcher32(body) != int.from_bytes(raw[-4:], "little"):
                 raise self.corrupted(dataset, f"the stored chunk at row {c0} does not match its Fletcher-32 checksum")
-            a, b = max(lo, c0), min(hi, c0 + per)  # the rows of this chunk asked for
-            flat[(a - lo) * row : (b - lo) * row] = np.frombuffer(body, np.uint8, (b - a) * row, (a - c0) * row)
-        return out
+            if not whole:
+                flat[(a - lo) * row : (b - lo) * row] = np.frombuffer(body, np.uint8, (b - a) * row, (a - c0) * row)
+        return flat[:-4].view(dtype).reshape(hi - lo, *shape[1:])
+
+    @staticmethod
+    def _raw_chunk(d, offsets: tuple, into: np.ndarray | None) -> memoryview | None:
+        """The stored bytes of one chunk (into ``into`` where given and large enough), or None where it is not
+        stored whole with every filter applied (HDF5 then reads it)."""
+        try:
+            if into is not None:
+                try:
+                    mask, raw = d.id.read_direct_chunk(offsets, out=into)
+                except ValueError:  # stored larger than its rows: read it apart (the size check then names it)
+                    mask, raw = d.id.read_direct_chunk(offsets)
+            else:
+                mask, raw = d.id.read_direct_chunk(offsets)
+        except (OSError, KeyError, ValueError):
+            return None
+        return None if mask else memoryview(raw)
 
     def node_all(self, name: str) -> np.ndarray:
         if name not in self.f["nodes"]:
