@@ -332,7 +332,7 @@ def _replay(case, variant: str, level: str = "disable"):
     return open_replay("onnxruntime", case["dir"], variant, provenance)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-dynamic"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-dynamic", "int8-static"])
 def test_replay_on_own_inputs_is_the_dump_bit_for_bit(case, variant):
     """Teacher forcing is only sound if the replay is the code that ran: every node's subgraph, fed the side's
     own inputs, gives its dumped value exactly (same kernels, same shapes, one thread), and every MoE block
@@ -355,6 +355,36 @@ def test_replay_on_own_inputs_is_the_dump_bit_for_bit(case, variant):
             forced = replay.forced_moe(b, values[b.input], values[b.topk_indices], values[b.topk_weights])
             assert np.array_equal(forced, values[b.output]), f"MoE layer {b.layer}"
     print(f"\n{case['name']} {variant}: replay of {len(graph.names())} nodes x 3 prompts {replay.seconds:.1f} s")
+
+
+def test_weights_dequantised_once_and_fed_as_runtime_values(case):
+    """int8-static dequantises every matmul weight in the graph (DequantizeLinear of an int8 initializer), which
+    ORT at level disable recomputes at every run. The replay computes each such value once (replay.fold_constants)
+    and feeds it: no cut still holds a node that reads only weights, and the values are graph inputs, not weights
+    (ORT pre-packs a MatMul's constant operand, another code path than the dump's; the bit-for-bit replay test above
+    holds them to the dump). Every folded value is ORT's DequantizeLinear of its weight, bit for bit."""
+    import onnx
+    from onnx import numpy_helper
+
+    replay = _replay(case, "int8-static")
+    src = replay.dumped
+    proto = onnx.load(str(_variant_file(case, "int8-static")))
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and all(i in weights for i in n.input)]
+    assert len(dq) >= 4 * case["graph"].dims.layers, "the variant no longer stores quantised weights"
+    assert set(src.folded) >= {n.output[0] for n in dq}
+    assert not set(src.folded) & {t.name for t in src.proto.graph.initializer}
+    assert set(src.folded) <= {i.name for i in src.proto.graph.input}
+    for plan in replay.plans.values():
+        assert not [n.op_type for n in plan.cut.nodes if n.input and all(i in src.consts for i in n.input if i)]
+    for n in dq[:3]:
+        q, scale, *zero = (weights[i] for i in n.input)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        z = zero[0].astype(np.int32).reshape(shape) if zero else 0
+        expected = ((q.astype(np.int32) - z).astype(np.float32) * scale.reshape(shape)).astype(np.float32)
+        assert np.array_equal(src.folded[n.output[0]], expected), n.output[0]
 
 
 def test_padded_batch_sums_over_tokens_on_another_path(case):

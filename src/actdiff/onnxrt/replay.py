@@ -6,14 +6,16 @@ weights, make the inputs the subgraph's graph inputs, run it in its own session 
 is done in the graph the dump ran (:class:`.capture.OrtCapture`'s optimised graph at the dump's level, run
 with optimisation disabled as the capture runs it), so a replay executes the very kernels of the dump.
 
-Two kinds of values outside the node's inputs are fed instead of recomputed:
+Three kinds of values outside the node's inputs are fed instead of recomputed:
 
 - ``Shape``/``Size`` outputs: the export computes reshape targets, positions and masks from the shapes of
   upstream values (a ``Shape`` of ``embeddings`` inside layer 3). Shapes depend on the prompt's length only, so
   they are read once per length from a probe session (the same graph, every ``Shape``/``Size`` output marked)
   run on padding ids of that length;
 - the graph inputs: ``attention_mask`` is all ones (one prompt, no padding), ``input_ids`` only where the node
-  reads it as a canonical input (the embedding gathers).
+  reads it as a canonical input (the embedding gathers);
+- what the graph computes from weights alone (an int8 weight's DequantizeLinear): computed once when the replay
+  opens, by the same kernels (:func:`fold_constants`).
 
 A node whose optimised graph computes it from values other than its inputs (a fused kernel that reads across
 the node's inputs, e.g. a normalisation fused with the residual add before it) cannot be cut there; it is
@@ -57,7 +59,7 @@ class Cut:
     nodes: list
     stops: list[str]  # value names fed from the caller's inputs
     shapes: list[str]  # Shape/Size outputs fed from the probe
-    graph_inputs: list[str]  # input_ids / attention_mask
+    graph_inputs: list[str]  # input_ids / attention_mask / values folded from weights (Source.folded)
 
 
 class Source:
@@ -66,6 +68,9 @@ class Source:
     ``value``: {canonical node: its value's name in this graph}."""
 
     def __init__(self, proto, value: dict[str, str], level: str, threads: int, pad_id: int):
+        self.folded: dict[str, np.ndarray] = {}
+        if level == "disable":  # ORT computes what reads only weights at every run at this level (fold_constants)
+            proto, self.folded = fold_constants(proto, set(value.values()), threads)
         self.proto, self.value, self.level, self.threads, self.pad_id = proto, value, level, threads, pad_id
         self.producer = {o: n for n in proto.graph.node for o in n.output}
         self.consts = {i.name for i in proto.graph.initializer}
@@ -136,7 +141,8 @@ class Source:
                 self._probe = (cpu_session(mark_outputs(self.proto, names).SerializeToString(), "disable", 1), names)
             sess, names = self._probe
             ids = np.full((1, tokens), self.pad_id, np.int64)
-            out = dict(zip(names, sess.run(names, {INPUT_IDS: ids, INPUT_MASK: np.ones_like(ids)}), strict=True))
+            feeds = {INPUT_IDS: ids, INPUT_MASK: np.ones_like(ids), **self.folded}
+            out = dict(zip(names, sess.run(names, feeds), strict=True))
             shapes = {v: out[v] for v in self._shape_values}
             self._probed[tokens] = (shapes, {k: (a.shape, a.dtype) for k, a in out.items()})
         return self._probed[tokens]
@@ -314,8 +320,71 @@ class OrtReplay:
             feeds[v] = np.asarray(inputs[node]).reshape(shape).astype(types[v], copy=False)
         if INPUT_MASK in plan.cut.graph_inputs:
             feeds[INPUT_MASK] = np.ones((1, tokens), np.int64)  # one prompt, no padding
+        feeds.update({v: plan.source.folded[v] for v in plan.cut.graph_inputs if v in plan.source.folded})
         out = plan.session.run([plan.output], feeds)[0]
         return to_prompts(self.graph, {output: out}, [[0] * tokens])[0][output]
+
+
+# ops whose value on constant inputs is not a constant
+UNFOLDABLE_OPS = (*SHAPE_OPS, "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                  "Bernoulli", "Dropout")  # fmt: skip
+
+
+def fold_constants(proto, keep: set[str], threads: int) -> tuple[object, dict[str, np.ndarray]]:
+    """(``proto``, changed in place: without the nodes it computes from weights alone; their values): a
+    quantised weight's DequantizeLinear and what reads only weights and Constants. At level disable, the level of
+    the graph the dump ran, ORT recomputes them at every run: each replay of an int8-static MiniLM matmul
+    dequantised its weight again (0.5-2.2 ms a call against 0.14-0.5 with the value given), and so did the probe's
+    whole forward per prompt length (Intel Xeon model 207). The values are computed once here by ORT's own kernels
+    at that level and become graph inputs, fed at every run (Source.folded): a runtime tensor, as the kernel's
+    output was in the dump. Not weights: ORT pre-packs a MatMul's constant operand, whose products then differ from
+    the dump's in the last bits on some rows (MiniLM int8-static: 413 of 26512 node replays). Values in ``keep``
+    (the canonical nodes) and the graph's outputs stay computed; nodes with subgraphs are left alone."""
+    import onnx
+
+    consts = {t.name for t in proto.graph.initializer}
+    consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}  # weights to ORT as well
+    kept_values = set(keep) | {o.name for o in proto.graph.output}
+    gone: set[int] = set()  # indices in proto.graph.node
+    for k, node in enumerate(proto.graph.node):
+        if (node.op_type not in (*UNFOLDABLE_OPS, "Constant") and node.input
+                and all(i in consts or i == "" for i in node.input)
+                and not _outer_names(node) and not kept_values & set(node.output)):  # fmt: skip
+            gone.add(k)
+            consts.update(node.output)
+    if not gone:
+        return proto, {}
+    folded = [n for k, n in enumerate(proto.graph.node) if k in gone]
+    rest = [n for k, n in enumerate(proto.graph.node) if k not in gone]
+    read = {i for n in rest for i in (*n.input, *_outer_names(n))} | kept_values
+    names = [o for n in folded for o in n.output if o in read]
+    outputs = [onnx.helper.make_empty_tensor_value_info(v) for v in names]
+    read_by_folded = {i for n in folded for i in n.input}
+    constants = [n for n in proto.graph.node if n.op_type == "Constant" and read_by_folded & set(n.output)]
+    weights = [t for t in proto.graph.initializer if t.name in read_by_folded]
+    sub = onnx.helper.make_graph([*constants, *folded], "actdiff-fold", [], outputs, weights)
+    model = onnx.helper.make_model(sub, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    values = dict(zip(names, cpu_session(model.SerializeToString(), "disable", threads).run(names, {}), strict=True))
+    _delete(proto.graph.node, gone)  # in place: a copy of the model's weights took 0.1-0.2 s
+    _delete(proto.graph.initializer, {k for k, t in enumerate(proto.graph.initializer) if t.name not in read})
+    unread = {k for k, i in enumerate(proto.graph.input) if i.name in consts and i.name not in read}
+    _delete(proto.graph.input, unread)  # an old IR lists its weights as inputs
+    proto.graph.input.extend([_value_info(v, a) for v, a in values.items()])
+    log.info("onnxruntime replay: %d node(s) computed from weights alone, run once", len(folded))
+    return proto, values
+
+
+def _delete(field, indices: set[int]) -> None:
+    """Delete these items of a repeated protobuf field (the others are not copied)."""
+    for k in sorted(indices, reverse=True):
+        del field[k]
+
+
+def _value_info(name: str, value: np.ndarray):
+    import onnx
+    from onnx.helper import np_dtype_to_tensor_dtype
+
+    return onnx.helper.make_tensor_value_info(name, np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
 
 
 def _outer_names(node) -> list[str]:
