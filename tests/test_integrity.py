@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import ensure_tiny_model
 
+import actdiff.h5io as h5io
 from actdiff.errors import DiskFullError, DumpError
 from actdiff.h5io import SCHEMA_VERSION, ActivationReader, ActivationWriter
 from actdiff.nodes import graph_for_model_dir
@@ -87,21 +88,44 @@ ENOSPC_H5 = (
 )
 
 
-def test_disk_full_while_writing_a_dump(tmp_path, graph, monkeypatch):
-    """h5py's RuntimeError on a full disk becomes a DiskFullError naming the dump; no temporary file is left."""
+# what h5py raises when a chunk written whole (write_direct_chunk, actdiff.h5io._DirectChunks) finds the disk full
+# (a 1 MB tmpfs filled)
+ENOSPC_DIRECT = OSError(
+    28,
+    "Can't write unprocessed chunk data (file write failed: time = Sun Dec  6 04:19:53 2026, filename = 'x.h5', "
+    "file descriptor = 3, errno = 28, error message = 'No space left on device', buf = 0x1, total write size = 4032)",
+)
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf"])
+def test_disk_full_while_writing_a_dump(tmp_path, graph, monkeypatch, compression):
+    """h5py's error on a full disk becomes a DiskFullError naming the dump; no temporary file is left. Both ways
+    a dump is written: whole chunks checksummed by actdiff (none, the default) and HDF5's filter pipeline (lzf)."""
     path = tmp_path / "shard-0.h5"
-    real = h5py.Dataset.__setitem__
     calls = {"n": 0}
+    if compression == "none":
+        real = h5io._DirectChunks._write
 
-    def full(self, key, value):
-        calls["n"] += 1
-        if calls["n"] > 3:  # a few datasets are written, then the disk fills
-            raise RuntimeError(ENOSPC_H5)
-        return real(self, key, value)
+        def full(self):
+            calls["n"] += 1
+            if calls["n"] > 3:  # a few chunks are written, then the disk fills
+                raise ENOSPC_DIRECT
+            return real(self)
 
-    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+        monkeypatch.setattr(h5io._DirectChunks, "_write", full)
+    else:
+        real = h5py.Dataset.__setitem__
+
+        def full(self, key, value):
+            calls["n"] += 1
+            if calls["n"] > 3:  # a few datasets are written, then the disk fills
+                raise RuntimeError(ENOSPC_H5)
+            return real(self, key, value)
+
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
     with pytest.raises(DiskFullError) as e:
-        _write_dump(path, graph)
+        _write_dump(path, graph, compression)
+    assert calls["n"] > 3
     msg = str(e.value)
     assert msg.startswith(f"{path}: the disk is full (no space left on device)")
     assert "The partial file was removed" in msg and "rerun" in msg
