@@ -232,6 +232,14 @@ int ak_erf_f64(double *y, const double *x, int64_t n);
 int ak_erf_f64_naive(double *y, const double *x, int64_t n);
 int ak_erf_f64_impl(int *isa);
 
+/* ---- float32 rounded to float16 precision (the fp16-act variant's activations, actdiff.engine) ----
+ * out and x are (n) float32; out may be x. Each value to the nearest float16 (ties to even; 65520 and up: infinity;
+ * float16 subnormals kept), returned as float32; a NaN stays a NaN of its sign, quiet, its payload cut to float16's.
+ * The avx512 path converts with AVX-512F, the avx2 path with F16C (the scalar code where the CPU lacks it): the same
+ * bits as the scalar code on every input (kernels_c/src/half.c). _naive: the scalar code. */
+int ak_round_f16(float *out, const float *x, int64_t n);
+int ak_round_f16_naive(float *out, const float *x, int64_t n);
+
 /* CFFI_END */
 
 #ifdef __cplusplus

@@ -704,6 +704,57 @@ static void test_erf(void) {
            "erf argument checks");
 }
 
+static float f32_of_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* float32 rounded to float16 precision: hand-derived values at every boundary (ties to even between normals and
+ * between subnormals, the overflow to infinity at 65520, 2^-25 to zero, the largest subnormal up to the smallest
+ * normal, signed zeros, infinities, NaN), then every path bit for bit the scalar code on random values of every
+ * magnitude (NaN payloads too), every tail length and in place. Exact: no tolerance. */
+static void test_round_f16(void) {
+    const float in[] = {0.0f, -0.0f, 1.0f, 65504.0f, f32_of_bits(0x477fefffu), 65520.0f, -1e10f, INFINITY,
+                        0x1p-24f, 0x1p-25f, f32_of_bits(0x33000001u), 0x3p-25f, 1.0f + 0x1p-11f, 1.0f + 0x3p-11f,
+                        0x1p-14f, f32_of_bits(0x387fffffu), -0x1.8p-20f, 3.14159265f};
+    const float want[] = {0.0f, -0.0f, 1.0f, 65504.0f, 65504.0f, INFINITY, -INFINITY, INFINITY,
+                          0x1p-24f, 0.0f, 0x1p-24f, 0x2p-24f, 1.0f, 1.0f + 0x2p-10f,
+                          0x1p-14f, 0x1p-14f, -0x1.8p-20f, 3.140625f};
+    enum { NS = sizeof in / sizeof in[0], N = 4099 };
+    static float x[N], ref[N], got[N], one[N];
+    for (int i = 0; i < N; i++) { /* random bits: every exponent, NaN payloads and signs among them */
+        uint32_t u = (uint32_t)(frand() * 2147483648.0f) * 2u + (uint32_t)(i & 1);
+        x[i] = i < NS ? in[i] : i % 4 == 0 ? f32_of_bits(u) : frand() * (float)(1 << (i % 20));
+    }
+    x[NS] = NAN, x[NS + 1] = -NAN, x[NS + 2] = f32_of_bits(0x7f800001u); /* quiet, negative, signalling NaN */
+    CHECK(ak_round_f16_naive(ref, x, N));
+    int exact = 1;
+    for (int i = 0; i < NS; i++) exact &= memcmp(&ref[i], &want[i], 4) == 0;
+    EXPECT(exact && isnan(ref[NS]) && isnan(ref[NS + 1]) && signbit(ref[NS + 1]) && isnan(ref[NS + 2]),
+           "round_f16: boundary values and NaN");
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    for (int k = 0; k < 3; k++) {
+        if (!ak_cpu_supports_isa(isas[k])) continue;
+        CHECK(ak_set_isa(isas[k]));
+        CHECK(ak_round_f16(got, x, N));
+        int same = memcmp(got, ref, sizeof ref) == 0;
+        for (int len = 1; len <= 33; len++) /* each tail length */
+            for (int at = 0; at + len <= 96; at += 11) {
+                CHECK(ak_round_f16(one, x + at, len));
+                same &= memcmp(one, ref + at, (size_t)len * 4) == 0;
+            }
+        memcpy(one, x, sizeof x);
+        CHECK(ak_round_f16(one, one, N));
+        EXPECT(same && memcmp(one, ref, sizeof ref) == 0, "round_f16 isa %d: the scalar code's bits, in place",
+               isas[k]);
+    }
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    EXPECT(ak_round_f16(NULL, x, 1) == AK_ERR_NULL_POINTER && ak_round_f16(got, NULL, 1) == AK_ERR_NULL_POINTER &&
+               ak_round_f16(got, x, -1) == AK_ERR_INVALID_SIZE && ak_round_f16(got, x, 0) == AK_OK,
+           "round_f16 argument checks");
+}
+
 /* The pool's hand-over (spin, then sleep; see AK_SPIN_NS in core.c) under changing thread counts: jobs back to
  * back (workers still spinning), after a pause longer than the spin (workers asleep), and with fewer
  * participants than workers (tid >= nth must skip a job without reading it).  Every result is bitwise the
@@ -796,6 +847,7 @@ int main(void) {
     test_fletcher32();
     test_perturb();
     test_erf();
+    test_round_f16();
     test_pool_handover();
     test_isa_switch_during_matmul();
     printf("%d passed, %d failed\n", g_pass, g_fail);

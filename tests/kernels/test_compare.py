@@ -266,3 +266,28 @@ def test_erf_within_5_ulp_of_libm_on_every_path_and_the_same_at_every_position()
     assert np.isnan(K.erf_f64(np.array([np.nan]))[0])
     assert K.erf_f64(np.float64(0.5)).shape == () and K.erf_f64(np.zeros((0, 3))).shape == (0, 3)
     assert np.array_equal(K.erf_f64(x[::2]), K.erf_f64(x)[::2])  # a strided view is copied, not misread
+
+
+def test_round_f16_is_numpys_float16_round_trip_on_every_path():
+    """ak_round_f16 (the fp16-act variant's activations) gives exactly ``astype(float16).astype(float32)`` on
+    every ISA path this CPU runs, for every 251st float32 bit pattern (17 million values: every exponent, the
+    float16 subnormals, the overflow to infinity, ties) besides the boundary values; a NaN stays a NaN of its
+    sign, and every path gives the scalar code's bits, NaN payloads included. Any shape, strided views copied."""
+    import actdiff.kernels as K
+
+    x = np.arange(0, 1 << 32, 251, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = np.array([65504.0, 65519.996, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 1 + 2.0**-11, 2.0**-14],
+                     np.float32)  # fmt: skip
+    x = np.concatenate([edges, -edges, x])
+    nan = np.isnan(x)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    naive = K.round_f16(x, naive=True)
+    assert np.array_equal(naive[~nan], want[~nan]) and np.array_equal(np.signbit(naive), np.signbit(want))
+    assert np.isnan(naive[nan]).all()
+    for isa in K.supported_isas():
+        K.set_isa(isa)
+        assert np.array_equal(K.round_f16(x).view(np.uint32), naive.view(np.uint32)), isa
+        assert np.array_equal(K.round_f16(x[:37].reshape(37, 1)).ravel(), naive[:37])
+    assert np.array_equal(K.round_f16(x[:1000:3]), naive[:1000:3])
+    assert K.round_f16(np.float32(1.0 + 2.0**-11)).shape == () and K.round_f16(np.zeros((0, 4))).shape == (0, 4)

@@ -756,6 +756,19 @@ def erf_f64(x, *, naive: bool = False) -> np.ndarray:
     return y
 
 
+def round_f16(x, *, naive: bool = False) -> np.ndarray:
+    """float32 values rounded to float16 precision, as float32 (any shape): ak_round_f16, the values
+    ``x.astype(float16).astype(float32)`` gives (a NaN stays a NaN, quiet) at a twentieth of its time on the avx512
+    and avx2 paths. ``naive``: the scalar code."""
+    x = np.asarray(x, dtype=np.float32)
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    fn = lib.ak_round_f16_naive if naive else lib.ak_round_f16
+    _call("round_f16", fn(ffi.from_buffer("float[]", y), ffi.from_buffer("float[]", x), x.size))
+    return y
+
+
 def erf_f64_path() -> str:
     """The ISA path whose erf :func:`erf_f64` runs now: the current path's libmvec erf, or "scalar" (libm's)."""
     isa = ffi.new("int *")
