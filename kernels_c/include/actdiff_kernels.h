@@ -240,6 +240,15 @@ int ak_erf_f64_impl(int *isa);
 int ak_round_f16(float *out, const float *x, int64_t n);
 int ak_round_f16_naive(float *out, const float *x, int64_t n);
 
+/* ---- float64 rounded to float16 or bfloat16 precision (the reference ops' rounding, actdiff.compare.refops) ----
+ * out and x are (n) double; out may be x. AK_ROUND_F16: to the nearest float16 straight from float64, as numpy
+ * rounds (no double rounding: float32 rounded to odd on the way); AK_ROUND_BF16: to float32, then to bfloat16,
+ * nearest even each time. A NaN stays a NaN. AVX-512 (F, VL) on the avx512 path for float16; the scalar code otherwise,
+ * with the same bits (kernels_c/src/half.c). _naive: the scalar code. AK_ERR_INVALID_ARGUMENT for another format. */
+enum { AK_ROUND_F16 = 1, AK_ROUND_BF16 = 2 };
+int ak_round_f64(double *out, const double *x, int64_t n, int format);
+int ak_round_f64_naive(double *out, const double *x, int64_t n, int format);
+
 /* CFFI_END */
 
 #ifdef __cplusplus

@@ -755,6 +755,66 @@ static void test_round_f16(void) {
            "round_f16 argument checks");
 }
 
+static double f64_of_bits(uint64_t u) {
+    double d;
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
+/* float64 rounded to float16 and bfloat16 precision: hand-derived values, among them the ones a rounding through
+ * float32 gets wrong for float16 (just above a tie between two float16 values, within float32's last bit of it)
+ * and bfloat16's defined double rounding (a float64 just above a bfloat16 tie that float32 rounds onto the tie);
+ * then every path bit for bit the scalar code on random bit patterns and values, every tail length, in place. */
+static void test_round_f64(void) {
+    const double in16[] = {0.0, -0.0, 1.0 + 0x1p-11 + 0x1p-40, 1.0 + 0x1p-11, 1.0 + 0x3p-11, 65519.99999, 65520.0,
+                           0x1p-25, 0x1p-25 + 0x1p-60, -0x3p-25, 1e300, -INFINITY, 0x1.ffep-15};
+    const double want16[] = {0.0, -0.0, 1.0 + 0x1p-10, 1.0, 1.0 + 0x2p-10, 65504.0, INFINITY,
+                             0.0, 0x1p-24, -0x2p-24, INFINITY, -INFINITY, 0x1p-14};
+    const double inb[] = {1.0 + 0x1p-8 + 0x1p-40, 1.0 + 0x1p-8 + 0x1p-20, 1.0 + 0x3p-8, 3.4e38, -2.5};
+    const double wantb[] = {1.0, 1.0 + 0x1p-7, 1.0 + 0x4p-8, INFINITY, -2.5};
+    enum { N16 = sizeof in16 / sizeof in16[0], NB = sizeof inb / sizeof inb[0], N = 2053 };
+    static double x[N], ref[2][N], got[N], one[N];
+    double w[N16 > NB ? N16 : NB];
+    CHECK(ak_round_f64_naive(w, in16, N16, AK_ROUND_F16));
+    int exact = memcmp(w, want16, sizeof want16) == 0;
+    CHECK(ak_round_f64_naive(w, inb, NB, AK_ROUND_BF16));
+    exact &= memcmp(w, wantb, sizeof wantb) == 0;
+    EXPECT(exact, "round_f64: boundary values of float16 and bfloat16");
+    for (int i = 0; i < N; i++) {
+        uint64_t u = ((uint64_t)(uint32_t)(frand() * 2147483648.0f) << 33) ^ (uint64_t)(uint32_t)(frand() * 2e9f);
+        x[i] = i % 3 == 0 ? f64_of_bits(u) : (double)frand() * ldexp(1.0, i % 40 - 24);
+    }
+    x[5] = NAN, x[6] = -NAN;
+    const int formats[2] = {AK_ROUND_F16, AK_ROUND_BF16};
+    for (int f = 0; f < 2; f++) {
+        CHECK(ak_round_f64_naive(ref[f], x, N, formats[f]));
+        EXPECT(isnan(ref[f][5]) && isnan(ref[f][6]), "round_f64 format %d: NaN stays NaN", formats[f]);
+    }
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    for (int k = 0; k < 3; k++) {
+        if (!ak_cpu_supports_isa(isas[k])) continue;
+        CHECK(ak_set_isa(isas[k]));
+        for (int f = 0; f < 2; f++) {
+            CHECK(ak_round_f64(got, x, N, formats[f]));
+            int same = memcmp(got, ref[f], sizeof got) == 0;
+            for (int len = 1; len <= 17; len++)
+                for (int at = 0; at + len <= 64; at += 7) {
+                    CHECK(ak_round_f64(one, x + at, len, formats[f]));
+                    same &= memcmp(one, ref[f] + at, (size_t)len * 8) == 0;
+                }
+            memcpy(one, x, sizeof x);
+            CHECK(ak_round_f64(one, one, N, formats[f]));
+            EXPECT(same && memcmp(one, ref[f], sizeof one) == 0, "round_f64 isa %d format %d: the scalar bits",
+                   isas[k], formats[f]);
+        }
+    }
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    EXPECT(ak_round_f64(NULL, x, 1, AK_ROUND_F16) == AK_ERR_NULL_POINTER &&
+               ak_round_f64(got, x, -1, AK_ROUND_F16) == AK_ERR_INVALID_SIZE &&
+               ak_round_f64(got, x, 1, 3) == AK_ERR_INVALID_ARGUMENT && ak_round_f64(got, x, 0, AK_ROUND_BF16) == AK_OK,
+           "round_f64 argument checks");
+}
+
 /* The pool's hand-over (spin, then sleep; see AK_SPIN_NS in core.c) under changing thread counts: jobs back to
  * back (workers still spinning), after a pause longer than the spin (workers asleep), and with fewer
  * participants than workers (tid >= nth must skip a job without reading it).  Every result is bitwise the
@@ -848,6 +908,7 @@ int main(void) {
     test_perturb();
     test_erf();
     test_round_f16();
+    test_round_f64();
     test_pool_handover();
     test_isa_switch_during_matmul();
     printf("%d passed, %d failed\n", g_pass, g_fail);

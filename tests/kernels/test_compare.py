@@ -291,3 +291,38 @@ def test_round_f16_is_numpys_float16_round_trip_on_every_path():
         assert np.array_equal(K.round_f16(x[:37].reshape(37, 1)).ravel(), naive[:37])
     assert np.array_equal(K.round_f16(x[:1000:3]), naive[:1000:3])
     assert K.round_f16(np.float32(1.0 + 2.0**-11)).shape == () and K.round_f16(np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_round_f64_is_numpys_float16_and_refops_bfloat16_on_every_path():
+    """ak_round_f64 (the reference ops' rounding): "fp16" is exactly numpy's float64 -> float16 rounding (one
+    rounding: the values just above a float16 tie that float32 would round onto the tie are the test), "bf16"
+    is float32 then bfloat16, nearest even each time, as refops defines it (here against numpy's five passes);
+    on random bit patterns, every float16 tie and its neighbours, values of every magnitude, infinities, the
+    overflow edge; NaN stays NaN; every path gives the scalar code's bits."""
+    import actdiff.kernels as K
+
+    rng = np.random.default_rng(11)
+    patterns = rng.integers(0, 2**64, 200_000, dtype=np.uint64, endpoint=False).view(np.float64)
+    halves = np.unique(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64))
+    halves = halves[np.isfinite(halves)]
+    ties = (halves[1:] + halves[:-1]) / 2
+    near = [ties, np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf), ties * (1 + 2.0**-30), halves]
+    scaled = rng.standard_normal(100_000) * np.exp(rng.uniform(-40, 15, 100_000))
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, 1e300, 65519.99999, 65520.0, 2.0**-25, 2.0**-25 * (1 + 2.0**-40)])
+    x = np.concatenate([patterns, *near, scaled, edges])
+    nan = np.isnan(x)
+    with np.errstate(all="ignore"):
+        f32 = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+        bf16 = ((f32 + 0x7FFF + ((f32 >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+        want = {"fp16": x.astype(np.float16).astype(np.float64), "bf16": bf16.astype(np.float64)}
+    for precision, w in want.items():
+        naive = K.round_f64(x, precision, naive=True)
+        assert np.array_equal(naive[~nan], w[~nan]) and np.isnan(naive[nan]).all(), precision
+        assert np.array_equal(np.signbit(naive[~nan]), np.signbit(w[~nan]))
+        for isa in K.supported_isas():
+            K.set_isa(isa)
+            assert np.array_equal(K.round_f64(x, precision).view(np.uint64), naive.view(np.uint64)), (isa, precision)
+            assert np.array_equal(K.round_f64(x[3:40].reshape(37, 1), precision).ravel(), naive[3:40])
+    assert np.array_equal(K.round_f64(x[:999:3], "fp16"), K.round_f64(x, "fp16")[:999:3])
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        K.round_f64(x, "fp8")

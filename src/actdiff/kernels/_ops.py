@@ -769,6 +769,25 @@ def round_f16(x, *, naive: bool = False) -> np.ndarray:
     return y
 
 
+_ROUND_FORMATS = {"fp16": 1, "bf16": 2}  # AK_ROUND_F16, AK_ROUND_BF16
+
+
+def round_f64(x, precision: str, *, naive: bool = False) -> np.ndarray:
+    """float64 values rounded to ``precision`` ("fp16": to the nearest float16 straight from float64, as numpy's
+    ``astype(float16)``; "bf16": to float32, then to bfloat16, nearest even each time), as float64, any shape; a
+    NaN stays a NaN. ak_round_f64; ``naive``: its scalar code."""
+    if precision not in _ROUND_FORMATS:
+        raise ValueError(f"round_f64: precision {precision!r} is not one of {', '.join(_ROUND_FORMATS)}")
+    x = np.asarray(x, dtype=np.float64)
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    fn = lib.ak_round_f64_naive if naive else lib.ak_round_f64
+    _call("round_f64", fn(ffi.from_buffer("double[]", y), ffi.from_buffer("double[]", x), x.size,
+                          _ROUND_FORMATS[precision]))  # fmt: skip
+    return y
+
+
 def erf_f64_path() -> str:
     """The ISA path whose erf :func:`erf_f64` runs now: the current path's libmvec erf, or "scalar" (libm's)."""
     isa = ffi.new("int *")
