@@ -43,22 +43,22 @@ static void round_scalar(float *out, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = ak_f16_to_f32(f32_to_f16_bits(x[i]));
 }
 
+/* out (n) = x (n) rounded through float16, W floats a vector (LOAD/STORE its float moves, TO_PH/FROM_PH its
+ * conversions), the tail through the scalar code. A macro: the two paths differ in vector types and intrinsics. */
+#define VECTOR_ROUND(W, LOAD, STORE, TO_PH, FROM_PH)                                                            \
+    do {                                                                                                         \
+        int64_t i = 0;                                                                                           \
+        for (; i + (W) <= n; i += (W))                                                                           \
+            STORE(out + i, FROM_PH(TO_PH(LOAD(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));          \
+        round_scalar(out + i, x + i, n - i);                                                                     \
+    } while (0)
+
 __attribute__((target("avx512f"))) static void round_avx512(float *out, const float *x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(h));
-    }
-    round_scalar(out + i, x + i, n - i);
+    VECTOR_ROUND(16, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_cvtps_ph, _mm512_cvtph_ps);
 }
 
 __attribute__((target("avx2,f16c"))) static void round_avx2(float *out, const float *x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
-    }
-    round_scalar(out + i, x + i, n - i);
+    VECTOR_ROUND(8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_cvtps_ph, _mm256_cvtph_ps);
 }
 
 int ak_round_f16(float *out, const float *x, int64_t n) {
