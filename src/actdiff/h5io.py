@@ -578,7 +578,7 @@ class _DirectChunks:
 
     def add(self, a: np.ndarray) -> None:
         raw = np.ascontiguousarray(a, dtype=self.d.dtype).reshape(-1).view(np.uint8)
-        i, n = 0, len(raw) // self.row if self.row else 0
+        i, n = 0, len(raw) // self.row
         while i < n:
             k = min(self.per - self.filled, n - i)
             self.buf[self.filled * self.row : (self.filled + k) * self.row] = raw[i * self.row : (i + k) * self.row]
