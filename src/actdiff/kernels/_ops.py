@@ -747,12 +747,18 @@ def erf_f64(x, *, naive: bool = False) -> np.ndarray:
     the avx512 and avx2 paths, libm's on the scalar path or where libmvec is missing (:func:`erf_f64_path`);
     within 5 ULP of libm's erf, a value's result independent of the array around it. ``naive``: libm's erf in a
     plain loop."""
-    x = np.asarray(x, dtype=np.float64)
+    return _elementwise("erf_f64", lib.ak_erf_f64_naive if naive else lib.ak_erf_f64, x, np.float64)
+
+
+def _elementwise(op: str, fn, x, dtype, *extra) -> np.ndarray:
+    """``fn(out, x, n, *extra)``, a C op of one value per value, on ``x`` as C-contiguous ``dtype`` (float32 or
+    float64) values of any shape; ``out`` has ``x``'s shape."""
+    x = np.asarray(x, dtype=dtype)
     if not x.flags.c_contiguous:
         x = np.ascontiguousarray(x)  # (not for all: it makes a 0-d array 1-d)
     y = np.empty_like(x)
-    fn = lib.ak_erf_f64_naive if naive else lib.ak_erf_f64
-    _call("erf_f64", fn(ffi.from_buffer("double[]", y), ffi.from_buffer("double[]", x), x.size))
+    ctype = "double[]" if x.dtype == np.float64 else "float[]"
+    _call(op, fn(ffi.from_buffer(ctype, y), ffi.from_buffer(ctype, x), x.size, *extra))
     return y
 
 
@@ -760,13 +766,7 @@ def round_f16(x, *, naive: bool = False) -> np.ndarray:
     """float32 values rounded to float16 precision, as float32 (any shape): ak_round_f16, the values
     ``x.astype(float16).astype(float32)`` gives (a NaN stays a NaN, quiet) at a twentieth of its time on the avx512
     and avx2 paths. ``naive``: the scalar code."""
-    x = np.asarray(x, dtype=np.float32)
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
-    y = np.empty_like(x)
-    fn = lib.ak_round_f16_naive if naive else lib.ak_round_f16
-    _call("round_f16", fn(ffi.from_buffer("float[]", y), ffi.from_buffer("float[]", x), x.size))
-    return y
+    return _elementwise("round_f16", lib.ak_round_f16_naive if naive else lib.ak_round_f16, x, np.float32)
 
 
 _ROUND_FORMATS = {"fp16": 1, "bf16": 2}  # AK_ROUND_F16, AK_ROUND_BF16
@@ -778,14 +778,8 @@ def round_f64(x, precision: str, *, naive: bool = False) -> np.ndarray:
     NaN stays a NaN. ak_round_f64; ``naive``: its scalar code."""
     if precision not in _ROUND_FORMATS:
         raise ValueError(f"round_f64: precision {precision!r} is not one of {', '.join(_ROUND_FORMATS)}")
-    x = np.asarray(x, dtype=np.float64)
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
-    y = np.empty_like(x)
     fn = lib.ak_round_f64_naive if naive else lib.ak_round_f64
-    _call("round_f64", fn(ffi.from_buffer("double[]", y), ffi.from_buffer("double[]", x), x.size,
-                          _ROUND_FORMATS[precision]))  # fmt: skip
-    return y
+    return _elementwise("round_f64", fn, x, np.float64, _ROUND_FORMATS[precision])
 
 
 def erf_f64_path() -> str:
