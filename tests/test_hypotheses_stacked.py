@@ -129,3 +129,33 @@ def test_ranking_together_is_each_prompts_own_ranking(model):
             np.testing.assert_allclose([r.error for r in d.ranked], [r.error for r in one.ranked],
                                        rtol=0, atol=STACKED_RTOL, err_msg=node.name)  # fmt: skip
             np.testing.assert_allclose(d.baseline_error, one.baseline_error, rtol=0, atol=STACKED_RTOL)
+
+
+def test_float32_products_move_each_error_within_the_float32_rounding_bound(model):
+    """Where a run's budget allows (propagation.float32_product_ok, stats.diagnose_group), the ranking takes a
+    MATMUL's products in float32 (refops.float32_products). The engine's int8 outputs at every MATMUL, three
+    prompts together: every prompt keeps its verdict, cause and not-tested list, and each candidate's error moves
+    by at most what float32 products can move it. That bound, derived: the operands are float32 values (the
+    reference's activations, fp32 weights, and their roundings to fp16/bf16/int8 grids), so each product is
+    exact in float32's 48-bit products and only the K-term sums round: |y32 - y64| <= K u32 (|x| @ |W|^T)
+    element by element (u32 = 2^-24), and an error, a norm relative to the spec's, moves by at most the norm of
+    that over the spec's norm (times 1.01 for the float64 side's own rounding)."""
+    m = model
+    w, cat = _weights64(m), load_catalogue()
+    budget = 0.05  # an int8 run's MATMUL budget: its every entry is judged against this
+    for node in (n for n in m.graph if n.op == "MATMUL"):
+        items = [(v, m.engine_out(node.name, "int8", k), budget) for k, v in enumerate(m.vals)]
+        f64 = rank_hypotheses_many(m.graph, node, items, w, cat)
+        f32 = rank_hypotheses_many(m.graph, node, items, w, cat, float32_product=True)
+        K = m.graph.reduction_length(node)
+        W = np.abs(w[node.weights[0]])
+        for (v, _, _), a, b in zip(items, f64, f32, strict=True):
+            x = np.abs(np.asarray(v[node.inputs[0]], np.float64)).reshape(-1, W.shape[1])
+            spec = run_op(m.graph, node, v, w, spec_params(m.graph, node))
+            bound = 1.01 * K * 2.0**-24 * float(np.linalg.norm(x @ W.T)) / float(np.linalg.norm(spec))
+            assert (a.verdict, a.explained_by, a.not_tested) == (b.verdict, b.explained_by, b.not_tested), node.name
+            errs = {r.name: r.error for r in a.ranked}
+            assert {r.name for r in b.ranked} == set(errs), node.name
+            moved = max(abs(r.error - errs[r.name]) for r in b.ranked)
+            assert moved <= bound, (node.name, moved, bound)
+            assert moved > 0.0 or not a.ranked, node.name  # float32 was used: the errors moved in the last bits

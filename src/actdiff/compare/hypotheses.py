@@ -32,6 +32,7 @@ and the others are listed in ``also_consistent`` so a report can say the data do
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -50,6 +51,7 @@ from .refops import (
     NotApplicable,
     aux_inputs,
     finish_op,
+    float32_products,
     op_value,
     rows_independent,
     run_op,
@@ -342,19 +344,24 @@ def rank_hypotheses_many(
     items: list[tuple[dict[str, np.ndarray], np.ndarray, float]],
     weights: dict[str, np.ndarray],
     catalogue: list[Hypothesis] | None = None,
+    float32_product: bool = False,
 ) -> list[Diagnosis]:
     """:func:`rank_hypotheses` at one node for several prompts, ``items``: (inputs, target, budget) each; the
     spec op and every candidate run once over the prompts' stacked rows where they compute rows independently
     (refops.rows_independent), prompt by prompt elsewhere. Each prompt's errors, denominators and verdict are
     its own, as ranked alone: the same values but where a stacked float64 product rounds differently in its
-    last bits (another BLAS blocking; ~1e-16 relative, far below any budget)."""
+    last bits (another BLAS blocking; ~1e-16 relative, far below any budget). ``float32_product``: the node's
+    products in float32 (refops.float32_products), for a node whose every prompt's budget allows it
+    (actdiff.compare.propagation.float32_product_ok: the float32 rounding is at most 1/64 of the budget, which
+    the errors are judged against; a reduced-precision run's matmuls, 500-5000x their fp32 budget)."""
     if isinstance(node, str):
         node = graph[node]
     cat = load_catalogue() if catalogue is None else catalogue
     index = node.kind == "index"
     spec = spec_params(graph, node)
     prompts = _Prompts(node, [x for x, _, _ in items], weights)
-    with shared_products():  # a candidate that changes only what follows a product reuses the spec op's
+    precision = float32_products() if float32_product else contextlib.nullcontext()
+    with precision, shared_products():  # a candidate that changes only what follows a product reuses the spec op's
         spec_stacked = prompts.stacked(lambda x: op_value(graph, node, x, weights, dict(spec)), spec, list(node.inputs))
         if spec_stacked is not None:
             spec_values = _split(spec_stacked)

@@ -646,7 +646,7 @@ def _matmul(graph, node, x, w, p):
     return y.reshape(graph.shape(node.name, T))
 
 
-_SHARED: list | None = None  # (weight, operand, product) of the block under shared_products; None: none shared
+_SHARED: list | None = None  # (weight, float32?, operand, product) of the block under shared_products; None: none
 _FLOAT32_PRODUCTS = False  # inside float32_products()
 SHARED_PRODUCTS_KEPT = 8
 
@@ -668,17 +668,18 @@ def shared_products():
 
 
 def _shared(key, a: np.ndarray, compute) -> np.ndarray:
-    """``compute(a)``, computed once per ``key`` object and equal ``a`` within a :func:`shared_products` block
-    (read-only there); the last SHARED_PRODUCTS_KEPT results are kept."""
+    """``compute(a)``, computed once per ``key`` object, equal ``a`` and arithmetic (float64, or float32 inside
+    :func:`float32_products`) within a :func:`shared_products` block (read-only there); the last
+    SHARED_PRODUCTS_KEPT results are kept."""
     memo = _SHARED
     if memo is None:
         return compute(a)
-    for k, x, y in memo:
-        if k is key and x.shape == a.shape and np.array_equal(x, a):
+    for k, f32, x, y in memo:
+        if k is key and f32 == _FLOAT32_PRODUCTS and x.shape == a.shape and np.array_equal(x, a):
             return y
     y = compute(a)
     y.flags.writeable = False
-    memo.append((key, a, y))
+    memo.append((key, _FLOAT32_PRODUCTS, a, y))
     del memo[:-SHARED_PRODUCTS_KEPT]
     return y
 
@@ -686,9 +687,10 @@ def _shared(key, a: np.ndarray, compute) -> np.ndarray:
 @contextlib.contextmanager
 def float32_products():
     """Within the block, MATMUL's product ``a @ W.T`` is computed in float32 (both operands rounded to float32,
-    numpy's sgemm, about twice float64's speed) and returned in float64, never shared. For a caller whose
-    tolerance at the node is far above what float32 rounding adds there: the propagation simulation at a node
-    whose budget is many times the fp32 budget (actdiff.compare.propagation.float32_product_ok)."""
+    numpy's sgemm, about twice float64's speed) and returned in float64, shared (:func:`shared_products`) only
+    with products computed so. For a caller whose tolerance at the node is far above what float32 rounding adds
+    there (actdiff.compare.propagation.float32_product_ok): the propagation simulation, and the ranking of
+    hypotheses (actdiff.compare.hypotheses), at a node whose budget is many times the fp32 budget."""
     global _FLOAT32_PRODUCTS
     outer = _FLOAT32_PRODUCTS
     _FLOAT32_PRODUCTS = True
@@ -702,7 +704,7 @@ def _product(a: np.ndarray, W: np.ndarray) -> np.ndarray:
     """``a @ W.T`` in float64 (read-only where shared: :func:`shared_products`; float32 arithmetic inside
     :func:`float32_products`)."""
     if _FLOAT32_PRODUCTS:
-        return (np.asarray(a, np.float32) @ np.asarray(W, np.float32).T).astype(np.float64)
+        return _shared(W, a, lambda x: (np.asarray(x, np.float32) @ np.asarray(W, np.float32).T).astype(np.float64))
     return _shared(W, a, lambda x: x @ W.T)
 
 

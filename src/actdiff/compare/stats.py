@@ -666,6 +666,7 @@ def diagnose_group(ctx: ShardContext, js: list[Judged]) -> None:
     weights). Each prompt keeps its diagnoses (``j.diagnoses``) for build_hypotheses, which writes them in the
     prompt's order."""
     from .hypotheses import rank_hypotheses_many
+    from .propagation import float32_product_ok
 
     at: dict[str, list[tuple[Judged, dict, np.ndarray, float]]] = {}
     for j in js:
@@ -677,7 +678,8 @@ def diagnose_group(ctx: ShardContext, js: list[Judged]) -> None:
         for node in (n for n in ctx.graph if n.name in at):
             ctx.weights64.visit(node)  # the float64 weights: converted once for the group's prompts
             items = at.pop(node.name)
-            ds = rank_hypotheses_many(ctx.graph, node, [i[1:] for i in items], ctx.weights64, ctx.catalogue)
+            f32 = all(float32_product_ok(node, b, j.noise[node.name]) for j, _, _, b in items)
+            ds = rank_hypotheses_many(ctx.graph, node, [i[1:] for i in items], ctx.weights64, ctx.catalogue, f32)
             for (j, inputs, target, b), d in zip(items, ds, strict=True):
                 j.diagnoses[node.name] = (d, inputs, target, b)
     finally:
