@@ -13,14 +13,24 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
-#define KC AK_PACK_KC /* the packed weights' K blocks are the driver's K blocks */
+/* K blocks. KC: a B packed per call (an unpacked or reduced-precision weight) and a packed weight multiplied by
+ * fewer than PACKED_DEEP_ROWS rows, in parts of its K block: a 256-deep panel (32 KiB) stays in L1 across the
+ * row tiles. From PACKED_DEEP_ROWS rows on, a packed weight's whole K block (KC_PACKED = AK_PACK_KC = 768): C's
+ * partial sums make fewer round trips, 4-5 % of the AVX-512 path's rate at 256-512 rows; the whole block at 32-128
+ * rows (an expert's share of a MoE layer) was 3-11 % slower (kernels_c/README.md, 2026-12-06). Every choice
+ * gives the same bits: each element's chain runs over k in order, spilled to C exactly between blocks. */
+#define KC 256
+#define KC_PACKED AK_PACK_KC
+#define KC_MAX (KC > KC_PACKED ? KC : KC_PACKED)
+#define PACKED_DEEP_ROWS 256
+_Static_assert(KC_PACKED % KC == 0, "a packed K block must split into whole KC parts");
 #define NC_COLS 384
 /* every slab, and every thread's column range (units of NR), starts on a packed panel: the kernels'
  * second-half offsets (ak_gemm_serial) assume it */
 _Static_assert(NC_COLS % AK_PACK_NR == 0, "a slab of NC_COLS columns must hold whole packed panels");
-/* row stride of the copied A tile: KC + 16 floats, so its 12 rows fall in different L1 sets (rows of A
- * itself are lda apart; lda = 3072 floats = 12 KiB puts all 12 in one 4 KiB-periodic set) */
-#define A_LD (KC + 16)
+/* row stride of the copied A tile: KC_MAX + 16 floats (784: 49 cache lines, so its 12 rows fall in different L1
+ * sets; rows of A itself are lda apart, and lda = 3072 floats = 12 KiB puts all 12 in one 4 KiB-periodic set) */
+#define A_LD (KC_MAX + 16)
 
 /* ---------------- B packing ----------------
  * dst holds ceil(nc/NR) panels, each kc x NR (row k contiguous), zero padded. */
@@ -559,13 +569,16 @@ static int gemm_serial_on(const ak_gemm_args *g, int isa, int n_begin, int n_end
     for (int n0 = n_begin; n0 < n_end; n0 += NC) {
         int nc = n_end - n0 < NC ? n_end - n0 : NC;
         int np = (nc + u.NR - 1) / u.NR;
-        for (int k0 = 0; k0 < K; k0 += KC) {
-            int kc = K - k0 < KC ? K - k0 : KC;
+        const int kstep = packed && g->M >= PACKED_DEEP_ROWS ? KC_PACKED : KC;
+        for (int k0 = 0; k0 < K; k0 += kstep) {
+            int kc = K - k0 < kstep ? K - k0 : kstep;
             if (packed) { /* the weight was packed at load: point into it, nothing to copy */
                 for (int p = 0; p < np; p++)
                     panel_of[p] = packed_at((const float *)g->B, K, g->N, k0, n0 + p * u.NR, W);
-                /* a kernel's second half: in the same row, or (32 columns from 16-column runs) in the next run */
-                int64_t boff = u.NR / 2 < W ? u.NR / 2 : (int64_t)kc * W;
+                /* a kernel's second half: in the same row, or (32 columns from 16-column runs) in the next run,
+                 * which starts after the packed block's every row (kc may be a part of the block) */
+                int kb = k0 / KC_PACKED * KC_PACKED, kcb = K - kb < KC_PACKED ? K - kb : KC_PACKED;
+                int64_t boff = u.NR / 2 < W ? u.NR / 2 : (int64_t)kcb * W;
                 gemm_slab(g, u, n0, nc, k0, kc, panel_of, W, boff);
                 continue;
             }
@@ -663,9 +676,9 @@ int ak_matmul_naive(float *out, const float *inp, const void *weight, const floa
 
 /* ---------------- weights packed once ----------------
  * Layouts (every ISA path reads both, so ak_set_isa never invalidates a packed weight): K in blocks of
- * AK_PACK_KC (256) rows, the driver's K blocks; in each block, the columns (zero past N, up to a
+ * AK_PACK_KC (768) rows, the driver's K blocks; in each block, the columns (zero past N, up to a
  * multiple of 32) in runs of (block rows) x W, row-major: W = 32 (AK_DTYPE_F32_PACKED) or 16
- * (AK_DTYPE_F32_PACKED16).  So the (256 x NC) B block a slab reads is one contiguous range (panels
+ * (AK_DTYPE_F32_PACKED16).  So the (768 x NC) B block a slab reads is one contiguous range (panels
  * K*32 floats apart would fall in the same L2 sets when K*128 bytes is a multiple of 64 KiB, e.g.
  * K = 3072).  Why two: the AVX-512 kernel (32 columns) reads a W = 32 run as one 128-byte stream a row,
  * and W = 16 as two streams; the AVX2 kernel (16 columns) reads W = 16 contiguously and W = 32 as every

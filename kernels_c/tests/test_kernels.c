@@ -73,7 +73,8 @@ static uint16_t f32_to_bf16(float f) {
 }
 
 static void test_matmul(void) {
-    const int shapes[][3] = {{1, 1, 1}, {1, 17, 5}, {3, 33, 47}, {13, 64, 70}, {25, 129, 100}, {40, 300, 33}, {7, 768, 97}};
+    const int shapes[][3] = {{1, 1, 1},     {1, 17, 5},   {3, 33, 47}, {13, 64, 70},
+                             {25, 129, 100}, {40, 300, 33}, {7, 768, 97}, {5, 1000, 70}};
     int nisa = 0, isas[3];
     for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
@@ -392,7 +393,8 @@ static float *pack_blocks(const float *w, int E, int K, int N, int trans, int la
 }
 
 static void test_pack_roundtrip(void) {
-    const int shapes[][2] = {{1, 1}, {17, 5}, {33, 47}, {64, 32}, {129, 100}, {3, 65}, {600, 70}, {256, 33}};
+    const int shapes[][2] = {{1, 1},   {17, 5}, {33, 47},  {64, 32},  {129, 100},
+                             {3, 65},  {600, 70}, {256, 33}, {1700, 40}}; /* 1700: three K blocks */
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
         int K = shapes[s][0], N = shapes[s][1];
         EXPECT(ak_packed_size(K, N) == (int64_t)((N + 31) / 32) * 32 * K, "packed size K=%d N=%d", K, N);
@@ -403,7 +405,7 @@ static void test_pack_roundtrip(void) {
                 float *p = pack_blocks(w, 1, K, N, trans, layout);
                 /* the documented address of (k, n) in the first K block, checked for every column */
                 for (int n = 0; n < (N + 31) / 32 * 32; n++) { /* padding is zero: padded lanes stay finite */
-                    float v = p[(int64_t)(n / W) * (K < 256 ? K : 256) * W + n % W];
+                    float v = p[(int64_t)(n / W) * (K < AK_PACK_KC ? K : AK_PACK_KC) * W + n % W];
                     EXPECT(n < N ? v == w[trans ? (int64_t)n * K : n] : v == 0.0f, "address/zero pad n=%d W=%d", n, W);
                 }
                 CHECK(ak_unpack_weight_f32(back, p, K, N, trans, layout));
@@ -433,7 +435,8 @@ static void test_pack_roundtrip(void) {
 /* the matmul on a packed weight is bitwise the naive loop on the original, every layout, ISA and thread count */
 static void test_matmul_packed(void) {
     const int shapes[][3] = {{1, 1, 1}, {1, 17, 5}, {3, 33, 47}, {13, 64, 70}, {25, 129, 100},
-                             {40, 300, 33}, {7, 768, 97}, {30, 520, 400}, {12, 256, 48}};
+                             {40, 300, 33}, {7, 768, 97}, {30, 520, 400}, {12, 256, 48}, {9, 1700, 40},
+                             {260, 1000, 70}}; /* 260 rows: the driver's deep K blocks (PACKED_DEEP_ROWS) */
     int nisa = 0, isas[3];
     for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {

@@ -10,7 +10,9 @@ import pytest
 
 import actdiff.kernels as K
 
-SHAPES = [(1, 1, 1), (3, 33, 47), (13, 64, 70), (25, 129, 100), (7, 768, 97), (30, 520, 400)]  # (T, C, OC)
+# (T, C, OC); 260 rows take the driver's deep K blocks (gemm.c PACKED_DEEP_ROWS), the others parts of a packed block
+SHAPES = [(1, 1, 1), (3, 33, 47), (13, 64, 70), (25, 129, 100), (7, 768, 97), (30, 520, 400), (9, 1700, 40),
+          (260, 1000, 70)]
 LAYOUTS = sorted(K.PACKED_LAYOUTS)
 
 
@@ -20,7 +22,9 @@ def _paths():
             yield isa, threads
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (47, 33), (32, 64), (100, 129), (65, 3), (70, 600), (33, 256)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (5, 17), (47, 33), (32, 64), (100, 129), (65, 3), (70, 600), (33, 256), (40, 1700)]
+)
 @pytest.mark.parametrize("trans", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_pack_unpack_round_trip_exact(rng, shape, trans, layout):
