@@ -12,7 +12,7 @@ import actdiff.kernels as K
 
 # (T, C, OC); 260 rows take the driver's deep K blocks (gemm.c PACKED_DEEP_ROWS), the others parts of a packed block
 SHAPES = [(1, 1, 1), (3, 33, 47), (13, 64, 70), (25, 129, 100), (7, 768, 97), (30, 520, 400), (9, 1700, 40),
-          (260, 1000, 70)]
+          (260, 1000, 70)]  # fmt: skip
 LAYOUTS = sorted(K.PACKED_LAYOUTS)
 
 
