@@ -1142,6 +1142,32 @@ def rows_independent(node: Node, params: dict) -> bool:
     return not any(isinstance(v, dict) for v in values)
 
 
+# The products, and the parameters under which one stays linear in each row of its float inputs (given the weights
+# and the row's index inputs): these only choose, lay out, permute or round the weights (the same for every row),
+# or scale the result. Any other parameter, or one of the value roundings below set, makes linear_in_rows say no.
+_LINEAR_OPS = frozenset({"MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2"})
+_LINEAR_PARAMS = frozenset({
+    "weight_orientation", "w1_orientation", "w2_orientation", "weight_precision", "expert_index_map", "input_order",
+    "weight_order", "output_scale", "bias", "bias_scale", "accumulate", "arithmetic", "output_precision", "round_at",
+    "int_pairs",
+})  # fmt: skip
+
+
+def linear_in_rows(node: Node, params: dict) -> bool:
+    """Whether run_op under the complete ``params`` computes each output row as a linear function of that row of
+    its float inputs, for fixed weights and index inputs: a product whose values are rounded nowhere (accumulate,
+    arithmetic and output precision fp64, round_at on weights only, exact int_pairs), without a bias, and with no
+    parameter outside _LINEAR_PARAMS. Then summing such an op's outputs over rows that share their index inputs
+    equals the op on those rows summed (actdiff.compare.budgets.sequential_sum_noise)."""
+    if node.op not in _LINEAR_OPS or not rows_independent(node, params) or set(params) - _LINEAR_PARAMS:
+        return False
+    if any(params.get(k, "fp64") != "fp64" for k in _VALUE_PRECISIONS):
+        return False
+    if any(not k.startswith("weight.") for k in params.get("round_at", {})):
+        return False
+    return params.get("bias", "none") == "none"
+
+
 def stacked_rows(inputs: list[Mapping], names: list[str]) -> tuple[dict[str, np.ndarray], list[int]] | None:
     """The named values of several prompts stacked along their rows, and each prompt's row count; None where a
     prompt lacks one or the named values of a prompt do not have the same rows."""
