@@ -32,8 +32,7 @@ extern "C" {
 #define AK_VERSION "0.3.0"
 #define AK_MAX_THREADS 64
 #define AK_PACK_NR 32  /* columns per panel of a packed fp32 weight */
-#define AK_PACK_KC 768 /* rows per K block of a packed fp32 weight (kernels_c/README.md: 256 left C's partial sums
-                          * 3 round trips at K = 768, 4-5 % of the AVX-512 path's rate at 256-512 rows) */
+#define AK_PACK_KC 256 /* rows per K block of a packed fp32 weight */
 
 /* CFFI_BEGIN */
 

@@ -13,24 +13,23 @@
 #include <stdlib.h>
 #include <immintrin.h>
 
-/* K blocks. KC: a B packed per call (an unpacked or reduced-precision weight) and a packed weight multiplied by
- * fewer than PACKED_DEEP_ROWS rows, in parts of its K block: a 256-deep panel (32 KiB) stays in L1 across the
- * row tiles. From PACKED_DEEP_ROWS rows on, a packed weight's whole K block (KC_PACKED = AK_PACK_KC = 768): C's
- * partial sums make fewer round trips, 4-5 % of the AVX-512 path's rate at 256-512 rows; the whole block at 32-128
- * rows (an expert's share of a MoE layer) was 3-11 % slower (kernels_c/README.md, 2026-12-06). Every choice
- * gives the same bits: each element's chain runs over k in order, spilled to C exactly between blocks. */
-#define KC 256
-#define KC_PACKED AK_PACK_KC
-#define KC_MAX (KC > KC_PACKED ? KC : KC_PACKED)
+/* K blocks. KC: the driver's K block, a packed weight's (AK_PACK_KC) and a B packed per call (an unpacked or
+ * reduced-precision weight). From PACKED_DEEP_ROWS rows on, a packed weight's consecutive whole blocks are taken
+ * KC_DEEP deep in one kernel call, the kernel stepping from one block's panel to the next's (a constant stride):
+ * C's partial sums then make a third of the round trips, 4-5 % of the AVX-512 path's rate at 256-512 rows. Blocks
+ * packed 768 deep instead did as well there but lost 3-4 % below 256 rows, where a 256-deep panel (32 KiB, the next
+ * one contiguous) stays in L1 across the row tiles (kernels_c/README.md, 2026-12-06). Every choice gives the same
+ * bits: each element's chain runs over k in order, spilled to C exactly between calls. */
+#define KC AK_PACK_KC
+#define KC_DEEP (3 * KC)
 #define PACKED_DEEP_ROWS 256
-_Static_assert(KC_PACKED % KC == 0, "a packed K block must split into whole KC parts");
 #define NC_COLS 384
 /* every slab, and every thread's column range (units of NR), starts on a packed panel: the kernels'
  * second-half offsets (ak_gemm_serial) assume it */
 _Static_assert(NC_COLS % AK_PACK_NR == 0, "a slab of NC_COLS columns must hold whole packed panels");
-/* row stride of the copied A tile: KC_MAX + 16 floats (784: 49 cache lines, so its 12 rows fall in different L1
+/* row stride of the copied A tile: KC_DEEP + 16 floats (784: 49 cache lines, so its 12 rows fall in different L1
  * sets; rows of A itself are lda apart, and lda = 3072 floats = 12 KiB puts all 12 in one 4 KiB-periodic set) */
-#define A_LD (KC_MAX + 16)
+#define A_LD (KC_DEEP + 16)
 
 /* ---------------- B packing ----------------
  * dst holds ceil(nc/NR) panels, each kc x NR (row k contiguous), zero padded. */
@@ -343,7 +342,7 @@ static void pack_b_avx2(float *dst, const ak_gemm_args *g, int n0, int nc, int k
 
 __attribute__((target("avx512f,avx2,fma"))) static inline __attribute__((always_inline)) void
 ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, int64_t boff, float *C,
-            int64_t ldc, int first, const float *bias) {
+            int64_t ldc, int first, const float *bias, int seg, int64_t sstride) {
     __m512 acc[12][2];
 #pragma GCC unroll 12
     for (int m = 0; m < MR; m++) {
@@ -355,15 +354,19 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
             acc[m][1] = _mm512_loadu_ps(C + m * ldc + 16);
         }
     }
+    for (int ks = 0; ks < kc; ks += seg) { /* segments of seg rows, sstride floats apart in B (one block each) */
+        const float *Bk = Bp + (int64_t)(ks / seg) * sstride, *Ak = A + ks;
+        const int ke = kc - ks < seg ? kc - ks : seg;
 #pragma GCC unroll 4
-    for (int k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_loadu_ps(Bp + k * ldp);
-        __m512 b1 = _mm512_loadu_ps(Bp + k * ldp + boff);
+        for (int k = 0; k < ke; k++) {
+            __m512 b0 = _mm512_loadu_ps(Bk + k * ldp);
+            __m512 b1 = _mm512_loadu_ps(Bk + k * ldp + boff);
 #pragma GCC unroll 12
-        for (int m = 0; m < MR; m++) {
-            __m512 a = _mm512_set1_ps(A[m * lda + k]);
-            acc[m][0] = _mm512_fmadd_ps(a, b0, acc[m][0]);
-            acc[m][1] = _mm512_fmadd_ps(a, b1, acc[m][1]);
+            for (int m = 0; m < MR; m++) {
+                __m512 a = _mm512_set1_ps(Ak[m * lda + k]);
+                acc[m][0] = _mm512_fmadd_ps(a, b0, acc[m][0]);
+                acc[m][1] = _mm512_fmadd_ps(a, b1, acc[m][1]);
+            }
         }
     }
     if (bias) {
@@ -386,30 +389,31 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
  * passed at run time it cost ~1 % on a Zen 4 (one more register in the loop) */
 #define UKR512_CASES(BOFF)                                                                                             \
     switch (mr) {                                                                                                      \
-    case 12: ukr512_body(12, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                  \
-    case 11: ukr512_body(11, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                  \
-    case 10: ukr512_body(10, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                  \
-    case 9: ukr512_body(9, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
-    case 8: ukr512_body(8, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
-    case 7: ukr512_body(7, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
-    case 6: ukr512_body(6, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
-    case 5: ukr512_body(5, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
-    case 4: ukr512_body(4, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
-    case 3: ukr512_body(3, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
-    case 2: ukr512_body(2, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                    \
-    default: ukr512_body(1, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias); break;                                   \
+    case 12: ukr512_body(12, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                  \
+    case 11: ukr512_body(11, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                  \
+    case 10: ukr512_body(10, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                  \
+    case 9: ukr512_body(9, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
+    case 8: ukr512_body(8, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
+    case 7: ukr512_body(7, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
+    case 6: ukr512_body(6, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
+    case 5: ukr512_body(5, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
+    case 4: ukr512_body(4, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
+    case 3: ukr512_body(3, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
+    case 2: ukr512_body(2, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
+    default: ukr512_body(1, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                   \
     }
 
 __attribute__((target("avx512f,avx2,fma"))) static void ukr512(int mr, int kc, const float *A, int64_t lda,
                                                                const float *Bp, int64_t ldp, int64_t boff, float *C,
-                                                               int64_t ldc, int first, const float *bias) {
+                                                               int64_t ldc, int first, const float *bias, int seg,
+                                                               int64_t sstride) {
     if (boff == 16) UKR512_CASES(16) else UKR512_CASES(boff)
 }
 #undef UKR512_CASES
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
 ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, int64_t boff, float *C,
-            int64_t ldc, int first, const float *bias) {
+            int64_t ldc, int first, const float *bias, int seg, int64_t sstride) {
     __m256 acc[6][2];
 #pragma GCC unroll 6
     for (int m = 0; m < MR; m++) {
@@ -421,15 +425,19 @@ ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
             acc[m][1] = _mm256_loadu_ps(C + m * ldc + 8);
         }
     }
+    for (int ks = 0; ks < kc; ks += seg) { /* segments of seg rows, sstride floats apart in B (one block each) */
+        const float *Bk = Bp + (int64_t)(ks / seg) * sstride, *Ak = A + ks;
+        const int ke = kc - ks < seg ? kc - ks : seg;
 #pragma GCC unroll 4
-    for (int k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_loadu_ps(Bp + k * ldp);
-        __m256 b1 = _mm256_loadu_ps(Bp + k * ldp + boff);
+        for (int k = 0; k < ke; k++) {
+            __m256 b0 = _mm256_loadu_ps(Bk + k * ldp);
+            __m256 b1 = _mm256_loadu_ps(Bk + k * ldp + boff);
 #pragma GCC unroll 6
-        for (int m = 0; m < MR; m++) {
-            __m256 a = _mm256_broadcast_ss(A + m * lda + k);
-            acc[m][0] = _mm256_fmadd_ps(a, b0, acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(a, b1, acc[m][1]);
+            for (int m = 0; m < MR; m++) {
+                __m256 a = _mm256_broadcast_ss(Ak + m * lda + k);
+                acc[m][0] = _mm256_fmadd_ps(a, b0, acc[m][0]);
+                acc[m][1] = _mm256_fmadd_ps(a, b1, acc[m][1]);
+            }
         }
     }
     if (bias) {
@@ -449,26 +457,26 @@ ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
 
 __attribute__((target("avx2,fma"))) static void ukr256(int mr, int kc, const float *A, int64_t lda, const float *Bp,
                                                        int64_t ldp, int64_t boff, float *C, int64_t ldc, int first,
-                                                       const float *bias) {
+                                                       const float *bias, int seg, int64_t sstride) {
     switch (mr) {
-    case 6: ukr256_body(6, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
-    case 5: ukr256_body(5, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
-    case 4: ukr256_body(4, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
-    case 3: ukr256_body(3, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
-    case 2: ukr256_body(2, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
-    default: ukr256_body(1, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias); break;
+    case 6: ukr256_body(6, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias, seg, sstride); break;
+    case 5: ukr256_body(5, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias, seg, sstride); break;
+    case 4: ukr256_body(4, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias, seg, sstride); break;
+    case 3: ukr256_body(3, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias, seg, sstride); break;
+    case 2: ukr256_body(2, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias, seg, sstride); break;
+    default: ukr256_body(1, kc, A, lda, Bp, ldp, boff, C, ldc, first, bias, seg, sstride); break;
     }
 }
 
 static void ukr_scalar(int mr, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, int64_t boff,
-                       float *C, int64_t ldc, int first, const float *bias) {
+                       float *C, int64_t ldc, int first, const float *bias, int seg, int64_t sstride) {
     enum { NR = 8 };
     (void)boff; /* its 8 columns are one run of a row in every layout */
     float acc[4][NR];
     for (int m = 0; m < mr; m++)
         for (int j = 0; j < NR; j++) acc[m][j] = first ? 0.0f : C[m * ldc + j];
     for (int k = 0; k < kc; k++) {
-        const float *b = Bp + k * ldp;
+        const float *b = Bp + (int64_t)(k / seg) * sstride + (k % seg) * ldp;
         for (int m = 0; m < mr; m++) {
             float a = A[m * lda + k];
             for (int j = 0; j < NR; j++) acc[m][j] = fmaf(a, b[j], acc[m][j]);
@@ -479,7 +487,7 @@ static void ukr_scalar(int mr, int kc, const float *A, int64_t lda, const float 
 }
 
 typedef void (*ukr_fn)(int, int, const float *, int64_t, const float *, int64_t, int64_t, float *, int64_t, int,
-                       const float *);
+                       const float *, int, int64_t);
 
 /* ---------------- driver ---------------- */
 typedef struct {
@@ -498,7 +506,7 @@ static ukr_desc ukr_for_isa(int isa) {
  * per-call packed buffer or a slice of a pre-packed weight.  Edge panels (fewer than NR valid
  * columns) run the full-width kernel on a scratch tile so padded columns never reach C. */
 static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0, int kc,
-                      const float *const *panel_of, int64_t ldp, int64_t boff) {
+                      const float *const *panel_of, int64_t ldp, int64_t boff, int seg, int64_t sstride) {
     float tmpC[12 * 32] __attribute__((aligned(64)));
     float tmpBias[32] __attribute__((aligned(64)));
     float Apack[12 * A_LD] __attribute__((aligned(64)));
@@ -519,7 +527,7 @@ static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0,
             float *Cp = g->C + (int64_t)m0 * g->ldc + ncol0;
             const float *bp = (last && g->bias) ? g->bias + ncol0 : NULL;
             if (ncols == NR) {
-                u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, boff, Cp, g->ldc, first, bp);
+                u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, boff, Cp, g->ldc, first, bp, seg, sstride);
                 continue;
             }
             if (!first)
@@ -529,7 +537,7 @@ static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0,
                 for (int j = 0; j < NR; j++) tmpBias[j] = j < ncols ? bp[j] : 0.0f;
                 bp = tmpBias;
             }
-            u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, boff, tmpC, NR, first, bp);
+            u.ukr(mr, kc, Ab, lda, panel_of[p], ldp, boff, tmpC, NR, first, bp, seg, sstride);
             for (int m = 0; m < mr; m++)
                 for (int j = 0; j < ncols; j++) Cp[(int64_t)m * g->ldc + j] = tmpC[m * NR + j];
         }
@@ -569,24 +577,27 @@ static int gemm_serial_on(const ak_gemm_args *g, int isa, int n_begin, int n_end
     for (int n0 = n_begin; n0 < n_end; n0 += NC) {
         int nc = n_end - n0 < NC ? n_end - n0 : NC;
         int np = (nc + u.NR - 1) / u.NR;
-        const int kstep = packed && g->M >= PACKED_DEEP_ROWS ? KC_PACKED : KC;
-        for (int k0 = 0; k0 < K; k0 += kstep) {
-            int kc = K - k0 < kstep ? K - k0 : kstep;
+        const int64_t npad = (int64_t)(g->N + AK_PACK_NR - 1) / AK_PACK_NR * AK_PACK_NR;
+        for (int k0 = 0, kc; k0 < K; k0 += kc) {
+            kc = K - k0 < KC ? K - k0 : KC;
             if (packed) { /* the weight was packed at load: point into it, nothing to copy */
+                /* from PACKED_DEEP_ROWS rows on, up to KC_DEEP / KC whole blocks at once (see KC_DEEP) */
+                int whole = (K - k0) / KC < KC_DEEP / KC ? (K - k0) / KC : KC_DEEP / KC;
+                if (g->M >= PACKED_DEEP_ROWS && whole > 1) kc = whole * KC;
                 for (int p = 0; p < np; p++)
                     panel_of[p] = packed_at((const float *)g->B, K, g->N, k0, n0 + p * u.NR, W);
                 /* a kernel's second half: in the same row, or (32 columns from 16-column runs) in the next run,
-                 * which starts after the packed block's every row (kc may be a part of the block) */
-                int kb = k0 / KC_PACKED * KC_PACKED, kcb = K - kb < KC_PACKED ? K - kb : KC_PACKED;
+                 * after the block's every row */
+                int kcb = kc < KC ? kc : KC;
                 int64_t boff = u.NR / 2 < W ? u.NR / 2 : (int64_t)kcb * W;
-                gemm_slab(g, u, n0, nc, k0, kc, panel_of, W, boff);
+                gemm_slab(g, u, n0, nc, k0, kc, panel_of, W, boff, KC, KC * npad);
                 continue;
             }
             if (isa == AK_ISA_AVX512) pack_b_avx512(buf, g, n0, nc, k0, kc);
             else if (isa == AK_ISA_AVX2) pack_b_avx2(buf, g, n0, nc, k0, kc);
             else pack_b_generic(buf, g, n0, nc, k0, kc, u.NR, isa);
             for (int p = 0; p < np; p++) panel_of[p] = buf + (int64_t)p * kc * u.NR;
-            gemm_slab(g, u, n0, nc, k0, kc, panel_of, u.NR, u.NR / 2);
+            gemm_slab(g, u, n0, nc, k0, kc, panel_of, u.NR, u.NR / 2, KC, 0);
         }
     }
     ak_aligned_free(buf);
@@ -676,9 +687,9 @@ int ak_matmul_naive(float *out, const float *inp, const void *weight, const floa
 
 /* ---------------- weights packed once ----------------
  * Layouts (every ISA path reads both, so ak_set_isa never invalidates a packed weight): K in blocks of
- * AK_PACK_KC (768) rows, the driver's K blocks; in each block, the columns (zero past N, up to a
+ * AK_PACK_KC (256) rows, the driver's K blocks; in each block, the columns (zero past N, up to a
  * multiple of 32) in runs of (block rows) x W, row-major: W = 32 (AK_DTYPE_F32_PACKED) or 16
- * (AK_DTYPE_F32_PACKED16).  So the (768 x NC) B block a slab reads is one contiguous range (panels
+ * (AK_DTYPE_F32_PACKED16).  So the (256 x NC) B block a slab reads is one contiguous range (panels
  * K*32 floats apart would fall in the same L2 sets when K*128 bytes is a multiple of 64 KiB, e.g.
  * K = 3072).  Why two: the AVX-512 kernel (32 columns) reads a W = 32 run as one 128-byte stream a row,
  * and W = 16 as two streams; the AVX2 kernel (16 columns) reads W = 16 contiguously and W = 32 as every

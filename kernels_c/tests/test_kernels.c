@@ -436,7 +436,7 @@ static void test_pack_roundtrip(void) {
 static void test_matmul_packed(void) {
     const int shapes[][3] = {{1, 1, 1}, {1, 17, 5}, {3, 33, 47}, {13, 64, 70}, {25, 129, 100},
                              {40, 300, 33}, {7, 768, 97}, {30, 520, 400}, {12, 256, 48}, {9, 1700, 40},
-                             {260, 1000, 70}}; /* 260 rows: the driver's deep K blocks (PACKED_DEEP_ROWS) */
+                             {260, 1000, 70}, {300, 600, 40}}; /* 260, 300 rows: 3 and 2 blocks a call (KC_DEEP) */
     int nisa = 0, isas[3];
     for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {

@@ -10,9 +10,9 @@ import pytest
 
 import actdiff.kernels as K
 
-# (T, C, OC); 260 rows take the driver's deep K blocks (gemm.c PACKED_DEEP_ROWS), the others parts of a packed block
+# (T, C, OC); at 260 and 300 rows the driver takes 3 and 2 packed K blocks a call (gemm.c KC_DEEP), then the rest
 SHAPES = [(1, 1, 1), (3, 33, 47), (13, 64, 70), (25, 129, 100), (7, 768, 97), (30, 520, 400), (9, 1700, 40),
-          (260, 1000, 70)]  # fmt: skip
+          (260, 1000, 70), (300, 600, 40)]  # fmt: skip
 LAYOUTS = sorted(K.PACKED_LAYOUTS)
 
 
