@@ -32,7 +32,6 @@ and the others are listed in ``also_consistent`` so a report can say the data do
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -360,8 +359,8 @@ def rank_hypotheses_many(
     index = node.kind == "index"
     spec = spec_params(graph, node)
     prompts = _Prompts(node, [x for x, _, _ in items], weights)
-    precision = float32_products() if float32_product else contextlib.nullcontext()
-    with precision, shared_products():  # a candidate that changes only what follows a product reuses the spec op's
+    # a candidate that changes only what follows a product reuses the spec op's (shared_products)
+    with float32_products(float32_product), shared_products():
         spec_stacked = prompts.stacked(lambda x: op_value(graph, node, x, weights, dict(spec)), spec, list(node.inputs))
         if spec_stacked is not None:
             spec_values = _split(spec_stacked)

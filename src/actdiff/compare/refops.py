@@ -685,15 +685,16 @@ def _shared(key, a: np.ndarray, compute) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def float32_products():
+def float32_products(on: bool = True):
     """Within the block, MATMUL's product ``a @ W.T`` is computed in float32 (both operands rounded to float32,
     numpy's sgemm, about twice float64's speed) and returned in float64, shared (:func:`shared_products`) only
     with products computed so. For a caller whose tolerance at the node is far above what float32 rounding adds
     there (actdiff.compare.propagation.float32_product_ok): the propagation simulation, and the ranking of
-    hypotheses (actdiff.compare.hypotheses), at a node whose budget is many times the fp32 budget."""
+    hypotheses (actdiff.compare.hypotheses), at a node whose budget is many times the fp32 budget. ``on`` False:
+    the block changes nothing (the products stay as the enclosing code has them)."""
     global _FLOAT32_PRODUCTS
     outer = _FLOAT32_PRODUCTS
-    _FLOAT32_PRODUCTS = True
+    _FLOAT32_PRODUCTS = outer or on
     try:
         yield
     finally:
