@@ -387,20 +387,21 @@ ukr512_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, 
 /* the 32-column-row layouts (boff 16: the per-call buffer, AK_DTYPE_F32_PACKED; also a 1-row K block of
  * 16-column halves, where the next half is 16 on too) get their own copy with the offset a constant:
  * passed at run time it cost ~1 % on a Zen 4 (one more register in the loop) */
+#define UKR512_ARGS(BOFF) kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride
 #define UKR512_CASES(BOFF)                                                                                             \
     switch (mr) {                                                                                                      \
-    case 12: ukr512_body(12, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                  \
-    case 11: ukr512_body(11, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                  \
-    case 10: ukr512_body(10, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                  \
-    case 9: ukr512_body(9, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
-    case 8: ukr512_body(8, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
-    case 7: ukr512_body(7, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
-    case 6: ukr512_body(6, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
-    case 5: ukr512_body(5, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
-    case 4: ukr512_body(4, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
-    case 3: ukr512_body(3, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
-    case 2: ukr512_body(2, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                    \
-    default: ukr512_body(1, kc, A, lda, Bp, ldp, BOFF, C, ldc, first, bias, seg, sstride); break;                                   \
+    case 12: ukr512_body(12, UKR512_ARGS(BOFF)); break;                                                                \
+    case 11: ukr512_body(11, UKR512_ARGS(BOFF)); break;                                                                \
+    case 10: ukr512_body(10, UKR512_ARGS(BOFF)); break;                                                                \
+    case 9: ukr512_body(9, UKR512_ARGS(BOFF)); break;                                                                  \
+    case 8: ukr512_body(8, UKR512_ARGS(BOFF)); break;                                                                  \
+    case 7: ukr512_body(7, UKR512_ARGS(BOFF)); break;                                                                  \
+    case 6: ukr512_body(6, UKR512_ARGS(BOFF)); break;                                                                  \
+    case 5: ukr512_body(5, UKR512_ARGS(BOFF)); break;                                                                  \
+    case 4: ukr512_body(4, UKR512_ARGS(BOFF)); break;                                                                  \
+    case 3: ukr512_body(3, UKR512_ARGS(BOFF)); break;                                                                  \
+    case 2: ukr512_body(2, UKR512_ARGS(BOFF)); break;                                                                  \
+    default: ukr512_body(1, UKR512_ARGS(BOFF)); break;                                                                 \
     }
 
 __attribute__((target("avx512f,avx2,fma"))) static void ukr512(int mr, int kc, const float *A, int64_t lda,
@@ -410,6 +411,7 @@ __attribute__((target("avx512f,avx2,fma"))) static void ukr512(int mr, int kc, c
     if (boff == 16) UKR512_CASES(16) else UKR512_CASES(boff)
 }
 #undef UKR512_CASES
+#undef UKR512_ARGS
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
 ukr256_body(const int MR, int kc, const float *A, int64_t lda, const float *Bp, int64_t ldp, int64_t boff, float *C,
@@ -571,13 +573,13 @@ static int gemm_serial_on(const ak_gemm_args *g, int isa, int n_begin, int n_end
     const int K = g->K, NC = NC_COLS; /* NC: a multiple of every NR */
     const ukr_desc u = ukr_for_isa(isa);
     const int packed = ak_dtype_is_packed(g->b_dtype), W = packed_run(g->b_dtype);
+    const int64_t npad = (int64_t)(g->N + AK_PACK_NR - 1) / AK_PACK_NR * AK_PACK_NR; /* a packed block's width */
     const float *panel_of[NC_COLS / 8];
     float *buf = NULL;
     if (!packed && !(buf = (float *)ak_aligned_alloc((size_t)KC * NC * sizeof(float)))) return AK_ERR_OUT_OF_MEMORY;
     for (int n0 = n_begin; n0 < n_end; n0 += NC) {
         int nc = n_end - n0 < NC ? n_end - n0 : NC;
         int np = (nc + u.NR - 1) / u.NR;
-        const int64_t npad = (int64_t)(g->N + AK_PACK_NR - 1) / AK_PACK_NR * AK_PACK_NR;
         for (int k0 = 0, kc; k0 < K; k0 += kc) {
             kc = K - k0 < KC ? K - k0 : KC;
             if (packed) { /* the weight was packed at load: point into it, nothing to copy */
