@@ -74,7 +74,8 @@ static uint16_t f32_to_bf16(float f) {
 
 static void test_matmul(void) {
     const int shapes[][3] = {{1, 1, 1},     {1, 17, 5},   {3, 33, 47}, {13, 64, 70},
-                             {25, 129, 100}, {40, 300, 33}, {7, 768, 97}, {5, 1000, 70}};
+                             {25, 129, 100}, {40, 300, 33}, {7, 768, 97}, {5, 1000, 70},
+                             {14, 512, 70}}; /* 512: rows a multiple of 512 floats apart, copied (gemm.c A_LD) */
     int nisa = 0, isas[3];
     for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
@@ -436,7 +437,8 @@ static void test_pack_roundtrip(void) {
 static void test_matmul_packed(void) {
     const int shapes[][3] = {{1, 1, 1}, {1, 17, 5}, {3, 33, 47}, {13, 64, 70}, {25, 129, 100},
                              {40, 300, 33}, {7, 768, 97}, {30, 520, 400}, {12, 256, 48}, {9, 1700, 40},
-                             {260, 1000, 70}, {300, 600, 40}}; /* 260, 300 rows: 3 and 2 blocks a call (KC_DEEP) */
+                             {260, 1000, 70}, {300, 600, 40},  /* 260, 300 rows: 3 and 2 blocks a call (KC_DEEP) */
+                             {14, 1024, 70}, {270, 1536, 40}}; /* tiles copied (A_LD): rows 2 KiB-multiples apart */
     int nisa = 0, isas[3];
     for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
