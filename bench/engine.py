@@ -15,7 +15,11 @@ interleaved: one warm-up of each, then rounds of one run of each, the order rota
 and ratios are ratios of those medians (the median of the per-round ratios is recorded too). Only the
 forward is timed (model loading, weight preparation and GGUF conversion are not). The engine's forward
 returns every node's value (that is its API), the torch forward returns the last hidden state, llama.cpp
-returns the mean-pooled embedding.
+returns the mean-pooled embedding. A fourth side, "engine streamed", is the engine's forward as a dump runs it
+(``Engine.forward_batch_into``): each node's value handed over when computed and dropped after its last reader, as
+torch's eager forward drops its intermediates (the same arithmetic and bits; checked on the warm-up). Keeping
+every value of a 512-token forward (about 700 MB) puts each op's output in memory no cache holds, which the
+streamed forward reuses warm.
 
 llama.cpp: llama-cpp-python 0.3.36 through ``actdiff.llamacpp.capture.LlamaCppRunner(gguf, threads=n,
 capture_nodes=False)``: n_threads = n_threads_batch = n, flash attention disabled, n_ctx = n_batch =
@@ -334,6 +338,19 @@ class Trio:
         vals = self.engine.forward(ids, variant)
         return time.perf_counter() - t0, vals[self.last], vals["pooled"].reshape(-1)
 
+    def run_engine_streamed(self, ids, variant="fp32"):
+        """The forward as a dump runs it (see the module docstring); keeps the last hidden state and the pooled
+        embedding only."""
+        want, kept = (self.last, "pooled"), {}
+
+        def put(b, name, value):
+            if name in want:
+                kept[name] = value
+
+        t0 = time.perf_counter()
+        self.engine.forward_batch_into([ids], put, variant)
+        return time.perf_counter() - t0, kept[self.last], kept["pooled"].reshape(-1)
+
     def run_torch(self, ids):
         torch = self.torch
         x = torch.tensor([ids])
@@ -396,6 +413,7 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, peak_core: float, or
     with_llama = p.gguf is not None
     runs = {
         "engine": lambda: p.run_engine(ids)[0],
+        "engine_streamed": lambda: p.run_engine_streamed(ids)[0],
         "torch": lambda: p.run_torch(ids)[0],
     }
     if with_llama:
@@ -404,6 +422,9 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, peak_core: float, or
     runs.update({s: (lambda run=run: run()[0]) for s, run in ort_runs.items()})
     # warm-up (and the outputs for the sanity checks)
     _, h_e, pooled_e = p.run_engine(ids)
+    _, h_s, pooled_s = p.run_engine_streamed(ids)
+    if not (np.array_equal(h_s, h_e) and np.array_equal(pooled_s, pooled_e)):
+        raise RuntimeError(f"the streamed forward differs from Engine.forward at T={T}, {threads} thread(s)")
     _, h_t = p.run_torch(ids)
     pooled_l = p.run_llamacpp(ids, threads)[1] if with_llama else None
     ort_out = {s: run()[1] for s, run in ort_runs.items()}
@@ -427,7 +448,11 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, peak_core: float, or
         "torch_pct_peak": 100 * fl / t_s / 1e9 / pk,
         "model_gflop": fl / 1e9,
         "peak_gflops": pk,
+        "engine_streamed_ms": med["engine_streamed"] * 1e3,
+        "ratio_torch_over_engine_streamed": t_s / med["engine_streamed"],
+        "engine_streamed_pct_peak": 100 * fl / med["engine_streamed"] / 1e9 / pk,
         "engine_ms_all": [x * 1e3 for x in times["engine"]],
+        "engine_streamed_ms_all": [x * 1e3 for x in times["engine_streamed"]],
         "torch_ms_all": [x * 1e3 for x in times["torch"]],
         "repeats": repeats,
         "max_abs_diff_last_hidden_engine_vs_torch": float(np.abs(h_e - h_t).max()),
@@ -760,12 +785,15 @@ def main() -> None:
         "about": {
             "what": "whole-model forward, engine fp32 (C kernels) vs torch fp32 reference (eager) vs llama.cpp "
             "f32 GGUF, same token ids",
-            "timing": "one warm-up each, then rounds of one run per side (engine, torch, llama.cpp), the order "
-            "rotated every round; median of the repeats; only the forward is timed",
+            "timing": "one warm-up each, then rounds of one run per side (engine, engine streamed, torch, "
+            "llama.cpp), the order rotated every round; median of the repeats; only the forward is timed",
             "flops": "analytic: 2*T*in*out per matmul (Wqkv, out_proj, dense fc1/fc2, router, top-k expert "
             "fc1/fc2) + 2*2*T*T*hidden for attention",
             "peak": PEAK_NOTE,
             "ratio_torch_over_engine": "torch time / engine time; > 1 means the engine is faster",
+            "engine_streamed": "the engine's forward as a dump runs it (Engine.forward_batch_into): each value handed "
+            "over when computed and dropped after its last reader, as torch's eager forward drops its intermediates; "
+            "bitwise Engine.forward's values (checked on the warm-up); ratio_torch_over_engine_streamed likewise",
             "llamacpp": "llama.cpp (llama-cpp-python 0.3.36) on the f32 GGUF of the same checkpoint: LlamaCppRunner("
             "capture_nodes=False, no eval callback), n_threads = n_threads_batch = threads, flash attention "
             "disabled, mean pooling; timed: runner.forward = llama_batch fill + llama_encode + pooled copy",
@@ -840,7 +868,7 @@ def main() -> None:
     hdr = (
         f"{'model':9s} {'T':>4s} {'thr':>3s} {'GFLOP':>6s} {'engine ms':>10s} {'torch ms':>9s} {'llama ms':>9s} "
         f"{'torch/eng':>9s} {'eng/llama':>9s} {'torch/llama':>11s} {'eng %pk':>7s} {'torch %pk':>9s} "
-        f"{'llama %pk':>9s} {'max|diff|':>9s}"
+        f"{'llama %pk':>9s} {'max|diff|':>9s} {'streamed ms':>11s} {'torch/str':>9s}"
     )
     fp32_full_128_2 = None
     for name, d in (("tiny", tiny_dir), ("fullsize", full_dir)):
@@ -876,7 +904,8 @@ def main() -> None:
                     f"{cell(r, 'ratio_engine_over_llamacpp', 9, '.2f')} "
                     f"{cell(r, 'ratio_torch_over_llamacpp', 11, '.2f')} "
                     f"{r['engine_pct_peak']:7.1f} {r['torch_pct_peak']:9.1f} {cell(r, 'llamacpp_pct_peak', 9, '.1f')} "
-                    f"{r['max_abs_diff_last_hidden_engine_vs_torch']:9.1e}"
+                    f"{r['max_abs_diff_last_hidden_engine_vs_torch']:9.1e} {r['engine_streamed_ms']:11.2f} "
+                    f"{r['ratio_torch_over_engine_streamed']:9.2f}"
                 )
                 print_ort(r)
         if ort is not None:
