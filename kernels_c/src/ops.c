@@ -110,14 +110,23 @@ __attribute__((target("avx2,fma"))) static inline __m256 exp256(__m256 x) {
  * s = sum e_i (fixed order per ISA), out_i = e_i / s. */
 __attribute__((target("avx512f"))) static void softmax_row_avx512(float *out, const float *in, int n) {
     __m512 vm = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0; /* lanes that met a NaN: the scan for the first one runs only then (a scalar loop over
+                        * every row was a third of the softmax, 0.17 us of a 512-key row) */
     int i = 0;
-    for (; i + 16 <= n; i += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(in + i));
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(in + i);
+        vm = _mm512_max_ps(vm, x);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    }
     if (i < n) {
         __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
-        vm = _mm512_mask_max_ps(vm, k, vm, _mm512_maskz_loadu_ps(k, in + i));
+        __m512 x = _mm512_maskz_loadu_ps(k, in + i);
+        vm = _mm512_mask_max_ps(vm, k, vm, x);
+        nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
     }
     float m = _mm512_reduce_max_ps(vm);
-    for (int j = 0; j < n; j++) if (in[j] != in[j]) { m = in[j]; break; }
+    if (nan)
+        for (int j = 0; j < n; j++) if (in[j] != in[j]) { m = in[j]; break; }
     __m512 mm = _mm512_set1_ps(m), vs = _mm512_setzero_ps();
     for (i = 0; i + 16 <= n; i += 16) {
         __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(in + i), mm));
@@ -140,13 +149,22 @@ __attribute__((target("avx512f"))) static void softmax_row_avx512(float *out, co
 __attribute__((target("avx2,fma"))) static void softmax_row_avx2(float *out, const float *in, int n) {
     float m = -INFINITY;
     int i = 0;
-    __m256 vm = _mm256_set1_ps(-INFINITY);
-    for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(in + i));
+    __m256 vm = _mm256_set1_ps(-INFINITY), un = _mm256_setzero_ps(); /* un: lanes that met a NaN (see avx512) */
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(in + i);
+        vm = _mm256_max_ps(vm, x);
+        un = _mm256_or_ps(un, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    }
     float t[8];
     _mm256_storeu_ps(t, vm);
     for (int j = 0; j < 8; j++) if (t[j] > m) m = t[j];
-    for (; i < n; i++) if (in[i] > m) m = in[i];
-    for (int j = 0; j < n; j++) if (in[j] != in[j]) { m = in[j]; break; }
+    int nan = _mm256_movemask_ps(un) != 0;
+    for (; i < n; i++) {
+        if (in[i] > m) m = in[i];
+        nan |= in[i] != in[i];
+    }
+    if (nan)
+        for (int j = 0; j < n; j++) if (in[j] != in[j]) { m = in[j]; break; }
     __m256 mm = _mm256_set1_ps(m), vs = _mm256_setzero_ps();
     for (i = 0; i + 8 <= n; i += 8) {
         __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(in + i), mm));
