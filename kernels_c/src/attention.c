@@ -1,7 +1,11 @@
 /* attention.c -- multi-head attention (bidirectional with key-padding mask, optional causal).
  *
- * Work units are (head, block of QB query rows); threads take contiguous ranges of units,
- * so no reduction is ever split.  Per unit:
+ * Work units are (head, block of qb query rows); threads take contiguous ranges of units,
+ * so no reduction is ever split.  qb = QB (64), or every query row of a head when the attention is not causal
+ * and the head's T x T scores fit SCORES_WHOLE_HEAD, with heads enough to share among the threads: the gemm core
+ * packs K_h and V_h once per call, so per block they were packed T / 64 times (9 % of a 512-token layer's
+ * attention). The same bits either way: a score's chain runs over hd, an output's over the keys in order,
+ * whatever rows share the call.  Per unit:
  *   S  (qb x nk) = Q_blk (qb x hd) @ K_h^T      (gemm core, chain over hd)
  *   S *= scale; masked keys -> weight 0; row softmax (max-subtracted)
  *   O  (qb x hd) = P (qb x nk) @ V_h            (gemm core, chain over keys in order)
@@ -15,12 +19,14 @@
 #include <stdlib.h>
 
 #define QB 64
+#define SCORES_WHOLE_HEAD (1 << 18) /* floats: T <= 512, 1 MiB a thread (an L2 holds it between the products) */
 
 typedef struct {
     float *out;
     const float *q, *k, *v;
     const uint8_t *mask;
     int T, nh, hd, causal;
+    int qb;   /* query rows a unit */
     int kend; /* 1 + last visible key (T without a mask; 0 when every key is masked) */
     float scale;
     int64_t units;
@@ -28,9 +34,9 @@ typedef struct {
 } attn_job;
 
 static void attn_unit(attn_job *j, int64_t u, float *S) {
-    int nqb = (j->T + QB - 1) / QB;
+    int nqb = (j->T + j->qb - 1) / j->qb;
     int h = (int)(u / nqb), qbi = (int)(u % nqb);
-    int q0 = qbi * QB, qb = j->T - q0 < QB ? j->T - q0 : QB;
+    int q0 = qbi * j->qb, qb = j->T - q0 < j->qb ? j->T - q0 : j->qb;
     int64_t ld = (int64_t)j->nh * j->hd;
     int nk = j->causal ? (q0 + qb < j->T ? q0 + qb : j->T) : j->T;
     if (nk > j->kend) nk = j->kend;
@@ -48,9 +54,14 @@ static void attn_unit(attn_job *j, int64_t u, float *S) {
         int i = q0 + r;
         int lim = j->causal && i + 1 < nk ? i + 1 : nk;
         int visible = 0;
-        for (int c = 0; c < lim; c++) {
-            if (j->mask && !j->mask[c]) s[c] = -INFINITY;
-            else { s[c] = s[c] * j->scale; visible++; }
+        if (!j->mask) { /* no key masked: one multiply a score (a loop the compiler vectorises) */
+            for (int c = 0; c < lim; c++) s[c] = s[c] * j->scale;
+            visible = lim;
+        } else {
+            for (int c = 0; c < lim; c++) {
+                if (!j->mask[c]) s[c] = -INFINITY;
+                else { s[c] = s[c] * j->scale; visible++; }
+            }
         }
         for (int c = lim; c < nk; c++) s[c] = -INFINITY;
         if (visible == 0) {
@@ -70,7 +81,7 @@ static void attn_task(void *ctx, int tid, int nth) {
     int64_t b, e;
     ak_split(j->units, tid, nth, &b, &e);
     if (b >= e) return;
-    float *S = (float *)ak_aligned_alloc((size_t)QB * j->T * sizeof(float));
+    float *S = (float *)ak_aligned_alloc((size_t)j->qb * j->T * sizeof(float));
     if (!S) { __atomic_store_n(&j->status, AK_ERR_OUT_OF_MEMORY, __ATOMIC_RELAXED); return; }
     for (int64_t u = b; u < e; u++) attn_unit(j, u, S);
     ak_aligned_free(S);
@@ -95,8 +106,10 @@ int ak_attention(float *out, const float *q, const float *k, const float *v, con
     int kend = T;
     if (key_mask)
         while (kend > 0 && !key_mask[kend - 1]) kend--;
-    attn_job j = {out, q, k, v, key_mask, T, nh, hd, causal ? 1 : 0, kend, scale, 0, AK_OK};
-    j.units = (int64_t)nh * ((T + QB - 1) / QB);
+    int nth = ak_get_num_threads();
+    int whole = !causal && (int64_t)T * T <= SCORES_WHOLE_HEAD && (nh % nth == 0 || nh >= 4 * nth);
+    attn_job j = {out, q, k, v, key_mask, T, nh, hd, causal ? 1 : 0, whole ? T : QB, kend, scale, 0, AK_OK};
+    j.units = (int64_t)nh * ((T + j.qb - 1) / j.qb);
     ak_parallel(ak_threads_for(j.units, 4.0 * nh * (double)T * T * hd), attn_task, &j);
     return j.status;
 }
