@@ -346,13 +346,23 @@ void ak_gelu_par(float *out, const float *in, int64_t n, int approximate) {
 }
 
 /* ---------------- add ---------------- */
+typedef struct { float *out; const float *a, *b; int64_t n; } add_job;
+static void add_task(void *ctx, int tid, int nth) {
+    const add_job *j = (const add_job *)ctx;
+    int64_t b, e;
+    ak_split(j->n, tid, nth, &b, &e);
+    for (int64_t i = b; i < e; i++) j->out[i] = j->a[i] + j->b[i];
+}
+
+/* element ranges over threads (a full-size residual add of 512 tokens is 393k values) */
 int ak_add(float *out, const float *a, const float *b, int64_t n) {
     ak_count_call(AK_OP_ADD);
     AK_CHECK_PTR(out);
     AK_CHECK_PTR(a);
     AK_CHECK_PTR(b);
     if (n < 0) return AK_ERR_INVALID_SIZE;
-    for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+    add_job j = {out, a, b, n};
+    ak_parallel(ak_threads_for(n, (double)n), add_task, &j);
     return AK_OK;
 }
 
@@ -412,6 +422,47 @@ int ak_embedding(float *out, const int64_t *ids, const float *table, int T, int 
 }
 
 /* ---------------- rotary ---------------- */
+typedef struct {
+    float *out;
+    const float *inp;
+    const int64_t *positions;
+    const float *inv;
+    int T, nh, hd, rot_dim, interleaved, status;
+} rotary_job;
+
+static void rotary_task(void *ctx, int tid, int nth) {
+    rotary_job *j = (rotary_job *)ctx;
+    int64_t tb, te;
+    ak_split(j->T, tid, nth, &tb, &te);
+    if (tb >= te) return;
+    const int half = j->rot_dim / 2, hd = j->hd;
+    float *cs = (float *)ak_aligned_alloc((size_t)(2 * half + 1) * sizeof(float));
+    if (!cs) { __atomic_store_n(&j->status, AK_ERR_OUT_OF_MEMORY, __ATOMIC_RELAXED); return; }
+    for (int64_t t = tb; t < te; t++) {
+        float pos = (float)j->positions[t];
+        for (int i = 0; i < half; i++) {
+            float ang = pos * j->inv[i];
+            cs[2 * i] = cosf(ang);
+            cs[2 * i + 1] = sinf(ang);
+        }
+        for (int h = 0; h < j->nh; h++) {
+            const float *x = j->inp + (t * j->nh + h) * hd;
+            float *o = j->out + (t * j->nh + h) * hd;
+            for (int i = 0; i < half; i++) {
+                int i1 = j->interleaved ? 2 * i : i, i2 = j->interleaved ? 2 * i + 1 : i + half;
+                float c = cs[2 * i], s = cs[2 * i + 1];
+                float x1 = x[i1], x2 = x[i2];
+                float a = x1 * c, b = x2 * s, d = x2 * c, e = x1 * s;
+                o[i1] = a - b;
+                o[i2] = d + e;
+            }
+            if (o != x)
+                for (int i = j->rot_dim; i < hd; i++) o[i] = x[i];
+        }
+    }
+    ak_aligned_free(cs);
+}
+
 int ak_rotary(float *out, const float *inp, const int64_t *positions, int T, int nh, int hd, int rot_dim, float base,
               int interleaved) {
     ak_count_call(AK_OP_ROTARY);
@@ -422,35 +473,14 @@ int ak_rotary(float *out, const float *inp, const int64_t *positions, int T, int
     if (rot_dim < 0 || rot_dim > hd || (rot_dim & 1)) return AK_ERR_INVALID_SIZE;
     if (!(base > 0.0f)) return AK_ERR_INVALID_ARGUMENT;
     int half = rot_dim / 2;
-    float *cs = (float *)ak_aligned_alloc((size_t)(2 * half + 1) * sizeof(float));
     float *inv = (float *)ak_aligned_alloc((size_t)(half + 1) * sizeof(float));
-    if (!cs || !inv) { ak_aligned_free(cs); ak_aligned_free(inv); return AK_ERR_OUT_OF_MEMORY; }
+    if (!inv) return AK_ERR_OUT_OF_MEMORY;
     for (int i = 0; i < half; i++) inv[i] = 1.0f / powf(base, (float)(2 * i) / (float)rot_dim);
-    for (int t = 0; t < T; t++) {
-        float pos = (float)positions[t];
-        for (int i = 0; i < half; i++) {
-            float ang = pos * inv[i];
-            cs[2 * i] = cosf(ang);
-            cs[2 * i + 1] = sinf(ang);
-        }
-        for (int h = 0; h < nh; h++) {
-            const float *x = inp + ((int64_t)t * nh + h) * hd;
-            float *o = out + ((int64_t)t * nh + h) * hd;
-            for (int i = 0; i < half; i++) {
-                int i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
-                float c = cs[2 * i], s = cs[2 * i + 1];
-                float x1 = x[i1], x2 = x[i2];
-                float a = x1 * c, b = x2 * s, d = x2 * c, e = x1 * s;
-                o[i1] = a - b;
-                o[i2] = d + e;
-            }
-            if (o != x)
-                for (int i = rot_dim; i < hd; i++) o[i] = x[i];
-        }
-    }
-    ak_aligned_free(cs);
+    rotary_job j = {out, inp, positions, inv, T, nh, hd, rot_dim, interleaved, AK_OK};
+    /* tokens over threads: the cosf/sinf of each (token, pair) are most of the op (16k of them at 512 tokens) */
+    ak_parallel(ak_threads_for(T, 40.0 * T * (half + nh * hd)), rotary_task, &j);
     ak_aligned_free(inv);
-    return AK_OK;
+    return j.status;
 }
 
 /* ---------------- mean pooling ---------------- */

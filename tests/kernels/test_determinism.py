@@ -19,7 +19,16 @@ def _run_all(rng_seed=7):
     w1 = rng.standard_normal((8, 128, 64)).astype(np.float32)
     w2 = rng.standard_normal((8, 128, 64)).astype(np.float32)
     big = rng.standard_normal((64, 3000)).astype(np.float32)
+    rot = rng.standard_normal((300, 4, 64)).astype(np.float32)  # tokens split over threads
+    moe = K.moe(h, rw, w1, w2, top_k=2, return_intermediates=True)  # rows gathered and scattered over threads
     return [
+        K.rotary(rot, base=500.0),
+        K.rotary(rot, interleaved=True),
+        K.add(big, big[::-1].copy()),
+        moe.fc1,
+        moe.act,
+        moe.expert_out,
+        moe.weighted,
         K.matmul(x, w),
         K.matmul(x, w.astype(np.float16)),
         K.matmul(x, K.f32_to_bf16(w)),
