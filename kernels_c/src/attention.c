@@ -81,10 +81,11 @@ static void attn_task(void *ctx, int tid, int nth) {
     int64_t b, e;
     ak_split(j->units, tid, nth, &b, &e);
     if (b >= e) return;
-    float *S = (float *)ak_aligned_alloc((size_t)j->qb * j->T * sizeof(float));
+    /* the thread's scratch block, kept between calls as the MoE's (a head's scores are 1 MiB at 512 tokens) */
+    float *S = (float *)ak_scratch_get((size_t)j->qb * j->T * sizeof(float));
     if (!S) { __atomic_store_n(&j->status, AK_ERR_OUT_OF_MEMORY, __ATOMIC_RELAXED); return; }
     for (int64_t u = b; u < e; u++) attn_unit(j, u, S);
-    ak_aligned_free(S);
+    ak_scratch_put(S);
 }
 
 static int attn_check(float *out, const float *q, const float *k, const float *v, int T, int nh, int hd) {
