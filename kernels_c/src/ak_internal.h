@@ -108,9 +108,13 @@ void ak_gelu_par(float *out, const float *in, int64_t n, int approximate);
 /* weights is (T,K), indices is (T,K), probs is (T,E): descending prob, ties -> lower index, NaN first */
 void ak_topk_rows(float *weights, int32_t *indices, const float *probs, int T, int E, int K, int renormalize);
 /* out/weighted are (T,H) (either may be NULL), expert_out is (T,K,H), weights is (T,K), bias is (H) or NULL:
- * weighted = sum_j weights[:,j] * expert_out[:,j] in slot order (product then add), out = weighted + bias */
+ * weighted = sum_j weights[:,j] * expert_out[:,j] in slot order (product then add), out = weighted + bias; tokens
+ * split over threads */
 void ak_combine_rows(float *out, float *weighted, const float *expert_out, const float *weights, const float *bias,
                      int T, int K, int H);
+/* rows[i] of an expert's ne rows of width floats: gathered into a contiguous block (src row rows[i] / div) or
+ * scattered from one (scatter: dst row rows[i]), split over threads */
+void ak_copy_rows(float *dst, const float *src, const int32_t *rows, int ne, int64_t width, int div, int scatter);
 
 static inline int ak_dtype_is_packed(int dtype) {
     return dtype == AK_DTYPE_F32_PACKED || dtype == AK_DTYPE_F32_PACKED16;

@@ -15,49 +15,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-/* One expert's rows moved between its contiguous block and their (token, slot) rows, split over threads: gathering
- * the tokens' inputs (src row rows[i] / div) or scattering its results (dst row rows[i]). Run on the calling thread
- * alone, the copies of a 512-token layer (fc1 and act 12.6 MB each when asked for) kept the second thread idle. */
-typedef struct {
-    float *dst;
-    const float *src;
-    const int32_t *rows;
-    int64_t width; /* floats a row */
-    int ne, div, scatter;
-} rows_job;
-
-static void rows_task(void *ctx, int tid, int nth) {
-    const rows_job *j = (const rows_job *)ctx;
-    int64_t b, e;
-    ak_split(j->ne, tid, nth, &b, &e);
-    const size_t bytes = (size_t)j->width * sizeof(float);
-    for (int64_t i = b; i < e; i++) {
-        if (j->scatter) memcpy(j->dst + (int64_t)j->rows[i] * j->width, j->src + i * j->width, bytes);
-        else memcpy(j->dst + i * j->width, j->src + (int64_t)(j->rows[i] / j->div) * j->width, bytes);
-    }
-}
-
-static void copy_rows(float *dst, const float *src, const int32_t *rows, int ne, int64_t width, int div, int scatter) {
-    rows_job j = {dst, src, rows, width, ne, div, scatter};
-    ak_parallel(ak_threads_for(ne, 4.0 * ne * width), rows_task, &j); /* a copied float counts as 4 flops */
-}
-
-/* the weighted sum over slots (ak_combine_rows), tokens split over threads: each row's arithmetic is unchanged */
-typedef struct {
-    float *out, *weighted;
-    const float *eo, *tw, *bias;
-    int T, K, H;
-} combine_job;
-
-static void combine_task(void *ctx, int tid, int nth) {
-    const combine_job *j = (const combine_job *)ctx;
-    int64_t b, e;
-    ak_split(j->T, tid, nth, &b, &e);
-    if (e <= b) return;
-    ak_combine_rows(j->out ? j->out + b * j->H : NULL, j->weighted ? j->weighted + b * j->H : NULL,
-                    j->eo + b * j->K * j->H, j->tw + b * j->K, j->bias, (int)(e - b), j->K, j->H);
-}
-
 int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, int32_t *topk_indices, float *fc1,
            float *act, float *expert_out, float *weighted, const float *inp, const float *router_w, const void *w1,
            const float *w1_scales, const void *w2, const float *w2_scales, const float *bias, int T, int H, int F,
@@ -124,7 +81,7 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
         for (int64_t r = 0; r < (int64_t)T * K; r++)
             if (ti[r] == e) rows[ne++] = (int32_t)r;
         if (ne == 0) continue;
-        copy_rows(xe, inp, rows, ne, H, K, 0);
+        ak_copy_rows(xe, inp, rows, ne, H, K, 0);
         const char *w1e = (const char *)w1 + (size_t)e * w1_bytes;
         const char *w2e = (const char *)w2 + (size_t)e * w2_bytes;
         ak_gemm_args g1 = {ne, F, H, xe, H, w1e, H, weight_dtype, 1,
@@ -136,12 +93,11 @@ int ak_moe(float *out, float *router_logits, float *probs, float *topk_weights, 
                            weight_dtype == AK_DTYPE_I8 ? w2_scales + (int64_t)e * H : NULL, NULL, ye, H};
         status = ak_gemm(&g2);
         if (status) goto done;
-        copy_rows(eo, ye, rows, ne, H, 1, 1);
-        if (fc1) copy_rows(fc1, he, rows, ne, F, 1, 1);
-        if (act) copy_rows(act, ae, rows, ne, F, 1, 1);
+        ak_copy_rows(eo, ye, rows, ne, H, 1, 1);
+        if (fc1) ak_copy_rows(fc1, he, rows, ne, F, 1, 1);
+        if (act) ak_copy_rows(act, ae, rows, ne, F, 1, 1);
     }
-    combine_job cj = {out, weighted, eo, tw, bias, T, K, H};
-    ak_parallel(ak_threads_for(T, 2.0 * T * K * H), combine_task, &cj);
+    ak_combine_rows(out, weighted, eo, tw, bias, T, K, H);
 done:
     ak_scratch_put(block);
     return status;

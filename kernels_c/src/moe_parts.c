@@ -38,8 +38,8 @@ void ak_topk_rows(float *weights, int32_t *indices, const float *probs, int T, i
     }
 }
 
-void ak_combine_rows(float *out, float *weighted, const float *expert_out, const float *weights, const float *bias,
-                     int T, int K, int H) {
+static void combine_rows_serial(float *out, float *weighted, const float *expert_out, const float *weights,
+                                const float *bias, int T, int K, int H) {
     for (int t = 0; t < T; t++) {
         const float *w = weights + (int64_t)t * K;
         for (int h = 0; h < H; h++) {
@@ -52,6 +52,56 @@ void ak_combine_rows(float *out, float *weighted, const float *expert_out, const
             if (out) out[(int64_t)t * H + h] = bias ? acc + bias[h] : acc;
         }
     }
+}
+
+/* the weighted sum over slots, tokens split over threads (it ran on the calling thread alone): each row's arithmetic
+ * is unchanged */
+typedef struct {
+    float *out, *weighted;
+    const float *eo, *tw, *bias;
+    int T, K, H;
+} combine_job;
+
+static void combine_task(void *ctx, int tid, int nth) {
+    const combine_job *j = (const combine_job *)ctx;
+    int64_t b, e;
+    ak_split(j->T, tid, nth, &b, &e);
+    if (e <= b) return;
+    combine_rows_serial(j->out ? j->out + b * j->H : NULL, j->weighted ? j->weighted + b * j->H : NULL,
+                        j->eo + b * j->K * j->H, j->tw + b * j->K, j->bias, (int)(e - b), j->K, j->H);
+}
+
+void ak_combine_rows(float *out, float *weighted, const float *expert_out, const float *weights, const float *bias,
+                     int T, int K, int H) {
+    combine_job j = {out, weighted, expert_out, weights, bias, T, K, H};
+    ak_parallel(ak_threads_for(T, 2.0 * T * K * H), combine_task, &j);
+}
+
+/* One expert's rows moved between its contiguous block and their (token, slot) rows, split over threads: gathering
+ * the inputs (src row rows[i] / div) or scattering the results (dst row rows[i]). Run on the calling thread alone,
+ * the copies of a 512-token layer (fc1 and act 12.6 MB each when asked for) kept the second thread idle. */
+typedef struct {
+    float *dst;
+    const float *src;
+    const int32_t *rows;
+    int64_t width; /* floats a row */
+    int ne, div, scatter;
+} rows_job;
+
+static void rows_task(void *ctx, int tid, int nth) {
+    const rows_job *j = (const rows_job *)ctx;
+    int64_t b, e;
+    ak_split(j->ne, tid, nth, &b, &e);
+    const size_t bytes = (size_t)j->width * sizeof(float);
+    for (int64_t i = b; i < e; i++) {
+        if (j->scatter) memcpy(j->dst + (int64_t)j->rows[i] * j->width, j->src + i * j->width, bytes);
+        else memcpy(j->dst + i * j->width, j->src + (int64_t)(j->rows[i] / j->div) * j->width, bytes);
+    }
+}
+
+void ak_copy_rows(float *dst, const float *src, const int32_t *rows, int ne, int64_t width, int div, int scatter) {
+    rows_job j = {dst, src, rows, width, ne, div, scatter};
+    ak_parallel(ak_threads_for(ne, 4.0 * ne * width), rows_task, &j); /* a copied float counts as 4 flops */
 }
 
 int ak_topk(float *weights, int64_t *indices, const float *probs, int T, int E, int K, int renormalize) {
@@ -92,18 +142,14 @@ static int expert_gemm(float *out, const float *inp, int64_t in_row_stride_per_s
         for (int64_t r = 0; r < (int64_t)T * K; r++)
             if (indices[r] == e) rows[ne++] = (int32_t)r;
         if (ne == 0) continue;
-        for (int i = 0; i < ne; i++) {
-            /* slot-wise input (act, T*K rows) or token-wise input (h, T rows) */
-            int64_t src = in_row_stride_per_slot ? rows[i] : rows[i] / K;
-            memcpy(xe + (int64_t)i * IN, inp + src * IN, (size_t)IN * sizeof(float));
-        }
+        /* slot-wise input (act, T*K rows) or token-wise input (h, T rows) */
+        ak_copy_rows(xe, inp, rows, ne, IN, in_row_stride_per_slot ? 1 : K, 0);
         const char *we = (const char *)w + (size_t)e * w_bytes;
         ak_gemm_args g = {ne, OUT, IN, xe, IN, we, b_trans ? IN : OUT, weight_dtype, b_trans,
                           weight_dtype == AK_DTYPE_I8 ? scales + (int64_t)e * scale_stride : NULL, NULL, ye, OUT};
         status = ak_gemm(&g);
         if (status) goto done;
-        for (int i = 0; i < ne; i++)
-            memcpy(out + (int64_t)rows[i] * OUT, ye + (int64_t)i * OUT, (size_t)OUT * sizeof(float));
+        ak_copy_rows(out, ye, rows, ne, OUT, 1, 1);
     }
 done:
     ak_scratch_put(block);
