@@ -88,12 +88,30 @@ def code(s) -> str:
     return f"{ticks} {s} {ticks}" if ticks == "``" else f"`{s}`"
 
 
+FIG_DPI = 90  # the report's PNGs
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure laid out at the resolution it is saved at, on the Agg canvas that saves it: its tight_layout and
+    its save then share one renderer, and with it matplotlib's cache of text extents (keyed by renderer), so each
+    tick label is measured once; a figure at the default 100 dpi laid out its text at 100 dpi and again at 90."""
+    fig = Figure(figsize=figsize, dpi=FIG_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _image(fig: Figure):
+    """The figure as an embedded PNG. A laid-out figure whose every artist lies inside it is saved as it is: one
+    draw. One that reaches past its edges (tick labels tight_layout could not make room for) is saved cropped to
+    what it draws (``bbox_inches="tight"``: a second layout pass and draw)."""
     from IPython.display import Image
 
-    FigureCanvasAgg(fig)
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    drawn = fig.get_tightbbox(canvas.get_renderer())
+    w, h = fig.get_size_inches()
+    inside = drawn.x0 >= 0 and drawn.y0 >= 0 and drawn.x1 <= w and drawn.y1 <= h
+    fig.savefig(buf, format="png", dpi=FIG_DPI, **({} if inside else {"bbox_inches": "tight"}))
     return Image(data=buf.getvalue(), format="png")
 
 
@@ -583,7 +601,7 @@ def parity_md(run: Run, max_rows: int = 15) -> str:
 def fig_node_error(run: Run):
     s = _nodes(run)
     x = np.arange(len(s))
-    fig = Figure(figsize=(11, 6.5))
+    fig = _figure((11, 6.5))
     axes = fig.subplots(2, 1, sharex=True)
     for ax, (m, label) in zip(axes, [("rel_l2", "relative L2 (propagated)"), ("cosine", "1 − cosine")], strict=False):
         if m == "cosine":
@@ -658,7 +676,7 @@ def fig_heatmap(run: Run, worst_n: int = 20):
     )
     piv = piv.reindex(index=prompts, columns=s["node_index"])
     z = np.log10(_floor(piv.to_numpy()))
-    fig = Figure(figsize=(11, 0.25 * len(prompts) + 2.2))
+    fig = _figure((11, 0.25 * len(prompts) + 2.2))
     ax = fig.subplots()
     im = ax.imshow(
         z,
@@ -688,7 +706,7 @@ def fig_token_error(run: Run, max_nodes: int = 4, max_prompts: int = 6):
     order = _nodes(run)[["node", "node_index"]]
     present = set(t["node"].unique())  # once: a set rebuilt per node iterated the whole table per node
     nodes = [n for n in order["node"] if n in present][:max_nodes]
-    fig = Figure(figsize=(11, 2.6 * len(nodes)))
+    fig = _figure((11, 2.6 * len(nodes)))
     axes = np.atleast_1d(fig.subplots(len(nodes), 1, squeeze=False)[:, 0])
     for ax, node in zip(axes, nodes, strict=False):
         g = t[t["node"] == node]
@@ -710,7 +728,7 @@ def fig_token_error(run: Run, max_nodes: int = 4, max_prompts: int = 6):
 def fig_amplification(run: Run):
     s = _nodes(run)
     x = np.arange(len(s))
-    fig = Figure(figsize=(11, 5.5))
+    fig = _figure((11, 5.5))
     ax, ax2 = fig.subplots(2, 1, sharex=True)
     ax.plot(x, _floor(s["local_rel_l2_p50"]), color="tab:green", lw=1.3, label="local (op on reference inputs), median")
     ax.plot(x, _floor(s["local_rel_l2_max"]), "^", color="tab:green", ms=3, label="local, worst input")
@@ -759,7 +777,7 @@ def routing_md(run: Run) -> str:
 def fig_routing(run: Run):
     r = run.summary["routing"].sort_values("layer")
     n = len(r)
-    fig = Figure(figsize=(11, 3.0 + 2.4 * n))
+    fig = _figure((11, 3.0 + 2.4 * n))
     gs = fig.add_gridspec(1 + n, 2)
     ax = fig.add_subplot(gs[0, :])
     ax.bar(r["layer"].astype(str), r["agreement"], color="tab:blue")
@@ -822,7 +840,7 @@ def fig_embeddings(run: Run):
     if not hist.size or not hist.sum():
         return None
     edges = np.maximum(COSINE_EDGES, FLOOR)
-    fig = Figure(figsize=(8, 3))
+    fig = _figure((8, 3))
     ax = fig.subplots()
     ax.bar(edges[:-1], hist, width=np.diff(edges), align="edge", color="tab:blue")
     _scale(ax, "x", "log")
