@@ -1,13 +1,16 @@
 /* test_kernels.c -- plain C tests of the kernel library (no framework).
  * Every output buffer is followed by a guard region of sentinel values that must
  * stay untouched; every library call goes through CHECK(), which reports file:line. */
+#define _DEFAULT_SOURCE /* mmap, mprotect, sysconf: the guard page of test_prefetch_past_the_weight */
 #include "actdiff_kernels.h"
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 static int g_fail = 0, g_pass = 0;
 
@@ -475,6 +478,44 @@ static void test_matmul_packed(void) {
     }
 }
 
+/* The kernels prefetch B PF_ROWS (32) rows past the row they read, past the weight's end on its last rows: a packed
+ * weight that ends where an inaccessible page begins gives the naive loop's bits on every path, layout and thread
+ * count, and no fault (a fault ends the test binary). */
+static void test_prefetch_past_the_weight(void) {
+    const int shapes[][3] = {{13, 64, 70}, {40, 300, 33}, {260, 1000, 70}};
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    int nisa = 0, isas[3];
+    for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        int T = shapes[s][0], C = shapes[s][1], OC = shapes[s][2];
+        float *inp = rand_buf((size_t)T * C), *w = rand_buf((size_t)OC * C);
+        float *ref = galloc((size_t)T * OC), *out = galloc((size_t)T * OC);
+        CHECK(ak_matmul_naive(ref, inp, w, NULL, NULL, T, C, OC, AK_DTYPE_F32));
+        const size_t bytes = (size_t)ak_packed_size(C, OC) * sizeof(float);
+        const size_t span = (bytes + page - 1) / page * page;
+        char *map = (char *)mmap(NULL, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        EXPECT(map != MAP_FAILED && mprotect(map + span, page, PROT_NONE) == 0, "guard page mapping");
+        if (map == MAP_FAILED) continue;
+        float *p = (float *)(map + span - bytes); /* its last float touches the inaccessible page */
+        for (int li = 0; li < 2; li++) {
+            CHECK(ak_pack_weight_f32(p, w, C, OC, 1, packed_layouts[li]));
+            for (int ii = 0; ii < nisa; ii++) {
+                CHECK(ak_set_isa(isas[ii]));
+                for (int nt = 1; nt <= 2; nt++) {
+                    CHECK(ak_set_num_threads(nt));
+                    memset(out, 0, (size_t)T * OC * 4);
+                    CHECK(ak_matmul_packed(out, inp, p, NULL, T, C, OC, packed_layouts[li]));
+                    EXPECT(memcmp(out, ref, (size_t)T * OC * 4) == 0, "weight before a guard page T=%d C=%d OC=%d "
+                           "layout=%d isa=%d nt=%d", T, C, OC, packed_layouts[li], isas[ii], nt);
+                }
+            }
+            CHECK(ak_set_isa(AK_ISA_AUTO));
+        }
+        munmap(map, span + page);
+        free(inp); free(w); free(ref); free(out);
+    }
+}
+
 /* ak_moe and the expert part ops on packed expert weights in a layout (F, H not multiples of 32: w1 and
  * w2 blocks have different padded sizes) are bitwise the unpacked calls */
 static void test_moe_packed_layout(int layout) {
@@ -908,6 +949,7 @@ int main(void) {
     test_moe_scratch();
     test_pack_roundtrip();
     test_matmul_packed();
+    test_prefetch_past_the_weight();
     test_moe_packed();
     test_small_ops();
     test_gelu_avx2_matches_avx512();
