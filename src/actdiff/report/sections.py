@@ -101,14 +101,13 @@ def _figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _image(fig: Figure):
-    """The figure as an embedded PNG. A laid-out figure whose every artist lies inside it is saved as it is: one
-    draw. One that reaches past its edges (tick labels tight_layout could not make room for) is saved cropped to
-    what it draws (``bbox_inches="tight"``: a second layout pass and draw)."""
+    """A figure made by :func:`_figure` as an embedded PNG. A laid-out figure whose every artist lies inside it is
+    saved as it is: one draw. One that reaches past its edges (tick labels tight_layout could not make room for) is
+    saved cropped to what it draws (``bbox_inches="tight"``: a second layout pass and draw)."""
     from IPython.display import Image
 
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    drawn = fig.get_tightbbox(canvas.get_renderer())
+    drawn = fig.get_tightbbox(fig.canvas.get_renderer())
     w, h = fig.get_size_inches()
     inside = drawn.x0 >= 0 and drawn.y0 >= 0 and drawn.x1 <= w and drawn.y1 <= h
     fig.savefig(buf, format="png", dpi=FIG_DPI, **({} if inside else {"bbox_inches": "tight"}))
