@@ -2,10 +2,12 @@
  * compare.c -- error sums between an engine array and a reference array (actdiff.compare.metrics).
  *
  * The comparison of two dumps computes a dozen metrics per (prompt, node); in numpy that is ~30 array
- * passes with float64 temporaries per call. Here it is one vectorised pass (the sums, the maxima and the count of
- * finite pairs) with double accumulators, a scan to the first maximum (argmax), and a count of NaN/Inf only where
- * there are any; the Python side derives max abs, mean abs, RMSE, relative L2, cosine, SQNR, NMSE from them.
+ * passes with float64 temporaries per call. Here it is one vectorised pass (the sums, the maxima, the first
+ * position of the largest difference and the count of finite pairs) with double accumulators, and a count of
+ * NaN/Inf only where there are any; the Python side derives max abs, mean abs, RMSE, relative L2, cosine, SQNR,
+ * NMSE from them.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,11 +47,6 @@ static inline int finite_bits(float x) {
         ((VI)(0x80000000u - (VU)i_) & neg_) | (i_ & ~neg_);                                           \
     })
 
-/* |eng[i] - ref[i]| in double where both values are finite, else 0 (such a position never holds the maximum) */
-static inline double abs_diff(float fe, float fr) {
-    return (finite_bits(fe) & finite_bits(fr)) ? fabs((double)fe - (double)fr) : 0.0;
-}
-
 #define COUNT_FLUSH ((INT64_C(1) << 30) - 1) /* positions between flushes of the int32 count lanes */
 
 /* One pass over the positions where both values are finite (non-finite positions add zeros and hold no maximum):
@@ -59,32 +56,54 @@ static inline double abs_diff(float fe, float fr) {
  * below) and picked by ak_isa(), like every other kernel, so ACTDIFF_KERNELS_ISA / ak_set_isa() reach it and the
  * tests run each path on any CPU that has it (target_clones would pick the best path behind the dispatcher's
  * back and leave the others untested). */
-#define DEFINE_COMPARE_BODY(NAME, W, VF, VI, VU, VD, VL, MASKED)                                       \
-    static inline __attribute__((always_inline)) void NAME(double sums[5], double *best, int64_t *max_ulp,     \
-                                                           int64_t *n_valid, const float *eng, const float *ref, \
-                                                           int64_t n) {                                        \
+/* Widening conversions, exact whatever instructions do them: GCC 12 lowers __builtin_convertvector from eight
+ * floats or int32 to eight doubles or int64 as two halves and an insert (four instructions, not one), so the
+ * AVX-512 bodies call the one instruction (compare's pass 0.85 -> 0.70 ns a position at 23040 positions, ak_rel_l2's
+ * 0.34 -> 0.17 with its own eight-wide body below; Xeon model 207) */
+#define CVT4_PD(x) __builtin_convertvector((x), v4d)
+#define CVT4_EPI64(x) __builtin_convertvector((x), v4l)
+static inline __attribute__((always_inline, target("avx512f"))) v8d cvt8_pd_ps(v8f x) {
+    return (v8d)_mm512_cvtps_pd((__m256)x);
+}
+static inline __attribute__((always_inline, target("avx512f"))) v8d cvt8_pd_epi32(v8i x) {
+    return (v8d)_mm512_cvtepi32_pd((__m256i)x);
+}
+static inline __attribute__((always_inline, target("avx512f"))) v8l cvt8_epi64(v8i x) {
+    return (v8l)_mm512_cvtepi32_epi64((__m256i)x);
+}
+#define CVT8_PD(x) _Generic((x), v8f: cvt8_pd_ps, v8i: cvt8_pd_epi32)(x)
+#define CVT8_EPI64(x) cvt8_epi64(x)
+#define AVX512_TARGET __attribute__((target("avx512f,avx2,fma")))
+
+#define DEFINE_COMPARE_BODY(NAME, W, VF, VI, VU, VD, VL, MASKED, CVT_PD, CVT_EPI64, TARGET)                         \
+    static inline __attribute__((always_inline)) TARGET void NAME(double sums[5], double *best, int64_t *argmax, \
+                                                           int64_t *max_ulp, int64_t *n_valid, const float *eng,  \
+                                                           const float *ref, int64_t n) {                        \
         enum { H = LANES / (W) }; /* vectors per block of 8 positions; vector h holds lanes W*h .. W*h+W-1 */    \
         VD sa[H] = {{0}}, se[H] = {{0}}, sr[H] = {{0}}, sq[H] = {{0}}, dt[H] = {{0}}, mb[H] = {{0}}, mu[H] = {{0}}; \
         VI nv[H] = {{0}};                                                                                       \
+        VL mi[H], iota = {0};                                                                                   \
+        for (int l = 0; l < (W); l++) iota[l] = l;                                                              \
+        for (int h = 0; h < H; h++) mi[h] = iota + (W) * h; /* each lane's first position */                    \
         int64_t full = n - n % LANES, valid = 0;                                                                \
         for (int64_t i0 = 0; i0 < full; i0 += LANES) {                                                          \
             for (int h = 0; h < H; h++) {                                                                       \
                 VF fe = LOADV(VF, eng + i0 + (W) * h), fr = LOADV(VF, ref + i0 + (W) * h);                      \
                 VI ok32 = (MASKED) ? FINITEV(VI, fe, fr) : ~(VI){0};                                            \
-                VL ok = __builtin_convertvector(ok32, VL);                                                      \
-                VD e = (VD)((VL)__builtin_convertvector(fe, VD) & ok);                                          \
-                VD r = (VD)((VL)__builtin_convertvector(fr, VD) & ok), d = e - r;                               \
+                VL ok = CVT_EPI64(ok32);                                                                        \
+                VD e = (VD)((VL)CVT_PD(fe) & ok);                                                               \
+                VD r = (VD)((VL)CVT_PD(fr) & ok), d = e - r;                                                    \
                 VD ad = (VD)((VL)d & INT64_MAX);                                                                \
                 sa[h] += ad;                                                                                    \
                 se[h] += d * d;                                                                                 \
                 sr[h] += r * r;                                                                                 \
                 sq[h] += e * e;                                                                                 \
                 dt[h] += e * r;                                                                                 \
-                VL gt = ad > mb[h];                                                                             \
+                VL gt = ad > mb[h]; /* strictly: a lane keeps the first position of its largest |d| */          \
                 mb[h] = (VD)(((VL)ad & gt) | ((VL)mb[h] & ~gt));                                                \
+                mi[h] = ((iota + (i0 + (W) * h)) & gt) | (mi[h] & ~gt);                                         \
                 /* the ULP distance in double: both ordered ints are exact there, and so is their difference */ \
-                VD u = __builtin_convertvector(ORDEREDV(VI, VU, fe), VD) -                                      \
-                       __builtin_convertvector(ORDEREDV(VI, VU, fr), VD);                                       \
+                VD u = CVT_PD(ORDEREDV(VI, VU, fe)) - CVT_PD(ORDEREDV(VI, VU, fr));                             \
                 u = (VD)((VL)u & INT64_MAX & ok);                                                               \
                 VL ug = u > mu[h];                                                                              \
                 mu[h] = (VD)(((VL)u & ug) | ((VL)mu[h] & ~ug));                                                 \
@@ -99,26 +118,37 @@ static inline double abs_diff(float fe, float fr) {
         }                                                                                                       \
         double l[5][LANES], bl[LANES], ul[LANES];                                                               \
         int32_t cl[LANES];                                                                                      \
+        int64_t il[LANES];                                                                                      \
         const VD *acc[5] = {sa, se, sr, sq, dt};                                                                \
         for (int q = 0; q < 5; q++) memcpy(l[q], acc[q], sizeof l[q]);                                          \
         memcpy(bl, mb, sizeof bl);                                                                              \
+        memcpy(il, mi, sizeof il);                                                                              \
         memcpy(ul, mu, sizeof ul);                                                                              \
         memcpy(cl, nv, sizeof cl);                                                                              \
-        compare_finish(sums, best, max_ulp, n_valid, l, bl, ul, cl, valid, eng, ref, full, n);                  \
+        compare_finish(sums, best, argmax, max_ulp, n_valid, l, bl, il, ul, cl, valid, eng, ref, full, n);      \
     }
 
-/* the maxima and counts of the lanes, then the tail into lanes i % 8 as the scalar loop */
-static inline __attribute__((always_inline)) void compare_finish(double sums[5], double *best, int64_t *max_ulp,
-                                                                 int64_t *n_valid, double l[5][LANES],
-                                                                 const double *bl, const double *ul,
+/* the maxima and counts of the lanes, then the tail into lanes i % 8 as the scalar loop. The first position of the
+ * largest |d| (numpy.argmax's): the smallest of the lanes' first positions of it (il), or a later tail position
+ * holding a larger one. A scan for it after the pass took as long as the pass, up to where it stopped. */
+static inline __attribute__((always_inline)) void compare_finish(double sums[5], double *best, int64_t *argmax,
+                                                                 int64_t *max_ulp, int64_t *n_valid,
+                                                                 double l[5][LANES], const double *bl,
+                                                                 const int64_t *il, const double *ul,
                                                                  const int32_t *cl, int64_t valid, const float *eng,
                                                                  const float *ref, int64_t full, int64_t n) {
     *best = 0.0;
+    *argmax = 0;
     *max_ulp = 0;
     for (int k = 0; k < LANES; k++) {
         if (bl[k] > *best) *best = bl[k];
         if ((int64_t)ul[k] > *max_ulp) *max_ulp = (int64_t)ul[k];
         valid += cl[k];
+    }
+    if (full > 0) {
+        *argmax = full;
+        for (int k = 0; k < LANES; k++)
+            if (bl[k] == *best && il[k] < *argmax) *argmax = il[k];
     }
     for (int64_t i = full; i < n; i++) {
         float fe = eng[i], fr = ref[i];
@@ -129,7 +159,10 @@ static inline __attribute__((always_inline)) void compare_finish(double sums[5],
         l[2][k] += r * r;
         l[3][k] += e * e;
         l[4][k] += e * r;
-        if (fabs(d) > *best) *best = fabs(d);
+        if (fabs(d) > *best) {
+            *best = fabs(d);
+            *argmax = i;
+        }
         if (!ok) continue;
         int64_t u = llabs(ordered_int(fe) - ordered_int(fr));
         if (u > *max_ulp) *max_ulp = u;
@@ -139,20 +172,21 @@ static inline __attribute__((always_inline)) void compare_finish(double sums[5],
     *n_valid = valid;
 }
 
-DEFINE_COMPARE_BODY(compare_body4, 4, v4f, v4i, v4u, v4d, v4l, 1)
-DEFINE_COMPARE_BODY(compare_body8, 8, v8f, v8i, v8u, v8d, v8l, 1)
+DEFINE_COMPARE_BODY(compare_body4, 4, v4f, v4i, v4u, v4d, v4l, 1, CVT4_PD, CVT4_EPI64, )
+DEFINE_COMPARE_BODY(compare_body8, 8, v8f, v8i, v8u, v8d, v8l, 1, CVT8_PD, CVT8_EPI64, AVX512_TARGET)
 /* the same pass taking every position as finite (no masks: a quarter of the vector operations); where that holds,
  * every mask above is all ones and the results are the same bits. Where it does not, a NaN or Inf reaches one of
  * the sums (eng^2, ref^2 or |d|: finite floats squared and summed in double stay far from its range), which
  * ak_compare sees and runs the masked pass instead. */
-DEFINE_COMPARE_BODY(compare_fast4, 4, v4f, v4i, v4u, v4d, v4l, 0)
-DEFINE_COMPARE_BODY(compare_fast8, 8, v8f, v8i, v8u, v8d, v8l, 0)
+DEFINE_COMPARE_BODY(compare_fast4, 4, v4f, v4i, v4u, v4d, v4l, 0, CVT4_PD, CVT4_EPI64, )
+DEFINE_COMPARE_BODY(compare_fast8, 8, v8f, v8i, v8u, v8d, v8l, 0, CVT8_PD, CVT8_EPI64, AVX512_TARGET)
 
 /* the AVX-512 path on eight-wide vectors, the others on two fours (an eight-wide type would go through the
  * stack on AVX2): the same lanes, so the same bits */
 #define COMPARE_PARAMS                                                                                          \
-    (double sums[5], double *best, int64_t *max_ulp, int64_t *n_valid, const float *eng, const float *ref, int64_t n)
-#define COMPARE_ARGS (sums, best, max_ulp, n_valid, eng, ref, n)
+    (double sums[5], double *best, int64_t *argmax, int64_t *max_ulp, int64_t *n_valid, const float *eng,         \
+     const float *ref, int64_t n)
+#define COMPARE_ARGS (sums, best, argmax, max_ulp, n_valid, eng, ref, n)
 __attribute__((target("avx512f,avx2,fma"))) static void compare_pass_avx512 COMPARE_PARAMS {
     compare_body8 COMPARE_ARGS;
 }
@@ -184,13 +218,7 @@ int ak_compare(ak_compare_result *out, const float *eng, const float *ref, int64
     if (n < 0) return AK_ERR_INVALID_SIZE;
     memset(out, 0, sizeof *out);
     double sums[5], best;
-    compare_pass(sums, &best, &out->max_ulp, &out->n_valid, eng, ref, n);
-    /* the first position holding the largest |eng - ref| (as numpy.argmax): a scan that stops there */
-    for (int64_t i = 0; i < n; i++)
-        if (abs_diff(eng[i], ref[i]) == best) {
-            out->argmax = i;
-            break;
-        }
+    compare_pass(sums, &best, &out->argmax, &out->max_ulp, &out->n_valid, eng, ref, n);
     if (out->n_valid < n) /* some value is NaN or Inf: count them (a finite pair adds nothing) */
         for (int64_t i = 0; i < n; i++) {
             float fe = eng[i], fr = ref[i];
@@ -256,34 +284,45 @@ int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref,
 /* ||a - b|| / ||b|| accumulated in double (8 lanes, same order on every ISA path); NaN/Inf propagate as in
  * the arithmetic (no masking), as numpy's definition does. The statistics call this once per node and prompt
  * for the local error, where the full ak_compare would compute a dozen unused numbers. */
-static inline __attribute__((always_inline)) void rel_l2_body(double *num, double *den, const float *a,
-                                                              const float *b, int64_t n) {
-    /* the 8 lanes as two vectors of four (as compare_body4): written as scalar lanes GCC kept them scalar,
-     * 0.8 ns a position */
-    v4d sn[2] = {{0}}, sd[2] = {{0}};
-    int64_t full = n - n % LANES;
-    for (int64_t i0 = 0; i0 < full; i0 += LANES) {
-        for (int h = 0; h < 2; h++) {
-            v4d x = __builtin_convertvector(LOAD4(a + i0 + 4 * h), v4d);
-            v4d y = __builtin_convertvector(LOAD4(b + i0 + 4 * h), v4d), d = x - y;
-            sn[h] += d * d;
-            sd[h] += y * y;
-        }
+#define DEFINE_REL_L2_BODY(NAME, W, VF, VD, CVT_PD, TARGET)                                                      \
+    static inline __attribute__((always_inline)) TARGET void NAME(double *num, double *den, const float *a,          \
+                                                                  const float *b, int64_t n) {                     \
+        enum { H = LANES / (W) }; /* the 8 lanes as compare's bodies hold them */                                    \
+        VD sn[H] = {{0}}, sd[H] = {{0}};                                                                             \
+        int64_t full = n - n % LANES;                                                                                \
+        for (int64_t i0 = 0; i0 < full; i0 += LANES) {                                                               \
+            for (int h = 0; h < H; h++) {                                                                            \
+                VD x = CVT_PD(LOADV(VF, a + i0 + (W) * h)), y = CVT_PD(LOADV(VF, b + i0 + (W) * h)), d = x - y;      \
+                sn[h] += d * d;                                                                                      \
+                sd[h] += y * y;                                                                                      \
+            }                                                                                                        \
+        }                                                                                                            \
+        double ln[LANES], ld[LANES];                                                                                 \
+        memcpy(ln, sn, sizeof ln);                                                                                   \
+        memcpy(ld, sd, sizeof ld);                                                                                   \
+        for (int64_t i = full; i < n; i++) {                                                                         \
+            double x = a[i], y = b[i], d = x - y;                                                                    \
+            ln[i % LANES] += d * d;                                                                                  \
+            ld[i % LANES] += y * y;                                                                                  \
+        }                                                                                                            \
+        *num = lanes_total(ln);                                                                                      \
+        *den = lanes_total(ld);                                                                                      \
     }
-    double ln[LANES], ld[LANES];
-    memcpy(ln, sn, sizeof ln);
-    memcpy(ld, sd, sizeof ld);
-    for (int64_t i = full; i < n; i++) {
-        double x = a[i], y = b[i], d = x - y;
-        ln[i % LANES] += d * d;
-        ld[i % LANES] += y * y;
-    }
-    *num = lanes_total(ln);
-    *den = lanes_total(ld);
-}
 
-AK_ISA_VARIANTS(rel_l2_sums, rel_l2_body, (double *num, double *den, const float *a, const float *b, int64_t n),
-                (num, den, a, b, n))
+/* the 8 lanes as two vectors of four (as compare_body4; written as scalar lanes GCC kept them scalar, 0.8 ns a
+ * position), one of eight on AVX-512 */
+DEFINE_REL_L2_BODY(rel_l2_body4, 4, v4f, v4d, CVT4_PD, )
+DEFINE_REL_L2_BODY(rel_l2_body8, 8, v8f, v8d, CVT8_PD, AVX512_TARGET)
+#define REL_L2_PARAMS (double *num, double *den, const float *a, const float *b, int64_t n)
+AVX512_TARGET static void rel_l2_sums_avx512 REL_L2_PARAMS { rel_l2_body8(num, den, a, b, n); }
+__attribute__((target("avx2,fma"))) static void rel_l2_sums_avx2 REL_L2_PARAMS { rel_l2_body4(num, den, a, b, n); }
+static void rel_l2_sums_scalar REL_L2_PARAMS { rel_l2_body4(num, den, a, b, n); }
+static void rel_l2_sums REL_L2_PARAMS {
+    int isa = ak_isa();
+    if (isa == AK_ISA_AVX512) rel_l2_sums_avx512(num, den, a, b, n);
+    else if (isa == AK_ISA_AVX2) rel_l2_sums_avx2(num, den, a, b, n);
+    else rel_l2_sums_scalar(num, den, a, b, n);
+}
 
 /* out is one double, a is (n), b is (n): out = ||a - b|| / ||b|| (0 when both norms are 0, inf when only b's) */
 int ak_rel_l2(double *out, const float *a, const float *b, int64_t n) {

@@ -322,6 +322,35 @@ static void test_small_ops(void) {
     free(x); free(o); free(w); free(b);
 }
 
+/* argmax, the first position of the largest |e - r|, taken from the lanes' own first positions and the tail: values
+ * from a set of four, so ties are everywhere (in one lane, across lanes, between the lanes and the tail, all equal),
+ * with NaN/Inf among them, at every length up to four blocks of 8; the naive loop's result bitwise on every path */
+static void test_compare_argmax_ties(void) {
+    const float vals[6] = {0.0f, 0.5f, -0.5f, 1.0f, NAN, INFINITY};
+    float e[40], r[40];
+    uint32_t s = 12345u;
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    for (int trial = 0; trial < 400; trial++) {
+        int n = trial % 41, nonfinite = trial % 3 == 0;
+        for (int i = 0; i < n; i++) {
+            s = s * 1664525u + 1013904223u;
+            e[i] = vals[(s >> 8) % (nonfinite ? 6u : 4u)];
+            r[i] = vals[(s >> 16) % 4u];
+        }
+        if (trial % 5 == 1) memcpy(r, e, sizeof(float) * (size_t)n); /* every difference 0: argmax 0 */
+        ak_compare_result want, got;
+        CHECK(ak_compare_naive(&want, e, r, n));
+        for (int k = 0; k < 3; k++) {
+            if (!ak_cpu_supports_isa(isas[k])) continue;
+            CHECK(ak_set_isa(isas[k]));
+            CHECK(ak_compare(&got, e, r, n));
+            EXPECT(memcmp(&got, &want, sizeof got) == 0, "compare ties isa %d n %d: argmax %lld, naive %lld",
+                   isas[k], n, (long long)got.argmax, (long long)want.argmax);
+        }
+        CHECK(ak_set_isa(AK_ISA_AUTO));
+    }
+}
+
 static void test_compare(void) {
     size_t n = 1001;
     float *e = rand_buf(n), *r = rand_buf(n);
@@ -386,6 +415,7 @@ static void test_compare(void) {
     EXPECT(a.argmax == 301 && a.nan_eng > 0 && a.inf_ref > 0 && a.n_valid < (int64_t)n,
            "argmax %lld (first of the tied maxima: 301)", (long long)a.argmax);
     free(e); free(r);
+    test_compare_argmax_ties();
 }
 
 static const int packed_layouts[2] = {AK_DTYPE_F32_PACKED, AK_DTYPE_F32_PACKED16};
