@@ -7,7 +7,6 @@
  * NaN/Inf only where there are any; the Python side derives max abs, mean abs, RMSE, relative L2, cosine, SQNR,
  * NMSE from them.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,25 +55,6 @@ static inline int finite_bits(float x) {
  * below) and picked by ak_isa(), like every other kernel, so ACTDIFF_KERNELS_ISA / ak_set_isa() reach it and the
  * tests run each path on any CPU that has it (target_clones would pick the best path behind the dispatcher's
  * back and leave the others untested). */
-/* Widening conversions, exact whatever instructions do them: GCC 12 lowers __builtin_convertvector from eight
- * floats or int32 to eight doubles or int64 as two halves and an insert (four instructions, not one), so the
- * AVX-512 bodies call the one instruction (compare's pass 0.85 -> 0.70 ns a position at 23040 positions, ak_rel_l2's
- * 0.34 -> 0.17 with its own eight-wide body below; Xeon model 207) */
-#define CVT4_PD(x) __builtin_convertvector((x), v4d)
-#define CVT4_EPI64(x) __builtin_convertvector((x), v4l)
-static inline __attribute__((always_inline, target("avx512f"))) v8d cvt8_pd_ps(v8f x) {
-    return (v8d)_mm512_cvtps_pd((__m256)x);
-}
-static inline __attribute__((always_inline, target("avx512f"))) v8d cvt8_pd_epi32(v8i x) {
-    return (v8d)_mm512_cvtepi32_pd((__m256i)x);
-}
-static inline __attribute__((always_inline, target("avx512f"))) v8l cvt8_epi64(v8i x) {
-    return (v8l)_mm512_cvtepi32_epi64((__m256i)x);
-}
-#define CVT8_PD(x) _Generic((x), v8f: cvt8_pd_ps, v8i: cvt8_pd_epi32)(x)
-#define CVT8_EPI64(x) cvt8_epi64(x)
-#define AVX512_TARGET __attribute__((target("avx512f,avx2,fma")))
-
 #define DEFINE_COMPARE_BODY(NAME, W, VF, VI, VU, VD, VL, MASKED, CVT_PD, CVT_EPI64, TARGET)                         \
     static inline __attribute__((always_inline)) TARGET void NAME(double sums[5], double *best, int64_t *argmax, \
                                                            int64_t *max_ulp, int64_t *n_valid, const float *eng,  \

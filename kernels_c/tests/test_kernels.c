@@ -678,9 +678,9 @@ static double perturb_definition_gap(const double *out, const double *y, const f
 }
 
 static void test_perturb(void) {
-    const int64_t sizes[][2] = {{13, 37}, {1, 384}, {20, 64}};
+    const int64_t sizes[][2] = {{13, 37}, {1, 384}, {20, 64}, {3, 2}, {7, 5}}; /* blocks of 8 and tails, tails alone */
     const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
-    for (int z = 0; z < 3; z++) {
+    for (int z = 0; z < 5; z++) {
         int64_t T = sizes[z][0], F = sizes[z][1], n = T * F;
         double *y = (double *)malloc((size_t)n * 8);
         float *s = (float *)malloc((size_t)F * 4);
