@@ -340,6 +340,41 @@ def test_aggregate_sample_keeps_counts_exact_and_shard_order_irrelevant(ci_run, 
     assert small["routing"]["flips"].tolist() == full["routing"]["flips"].tolist()
 
 
+def test_node_summary_quantiles_are_of_the_finite_values():
+    """aggregate.node_summary: per node, the quantiles and maxima of each metric over its finite values (NaN and
+    +-Inf left out; NaN where none is finite), local error over budget at most its largest finite ratio (a zero
+    budget gives none), medians and counts over every prompt: pandas' definitions, written out here."""
+    import numpy as np
+
+    from actdiff.compare.aggregate import _SAMPLED_NODE_COLUMNS, QUANTILE_METRICS, node_summary
+
+    rng = np.random.default_rng(3)
+    n = 240
+    df = pd.DataFrame({c: rng.lognormal(size=n) for c in _SAMPLED_NODE_COLUMNS})
+    df = df.assign(prompt_id=[f"p{i % 40}" for i in range(n)], node_index=np.arange(n) % 6,
+                   node=[f"n{i % 6}" for i in range(n)], op="MATMUL", layer=0, is_output=False,
+                   status=rng.choice(["pass", "warn", "fail"], n))  # fmt: skip
+    df.loc[df.index[:15], "budget"] = 0.0
+    df.loc[df.index[15:30], "local_rel_l2"] = np.inf
+    df.loc[df.index[30:60], "rel_l2"] = np.nan
+    df.loc[df["node_index"] == 4, "cosine"] = -np.inf  # no finite value at node 4
+    got = node_summary(df).set_index("node")
+    for name, g in df.groupby("node"):
+        row = got.loc[name]
+        assert row["n_prompts"] == len(g) and row["fail"] == (g["status"] == "fail").sum()
+        assert row["budget_median"] == g["budget"].median()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (g["local_rel_l2"] / g["budget"]).replace([np.inf, -np.inf], np.nan).max()
+        assert row["local_over_budget_max"] == ratio
+        for m in QUANTILE_METRICS:
+            v = g[m].replace([np.inf, -np.inf], np.nan).dropna().to_numpy(np.float64)
+            for q, label in ((0.10, "p10"), (0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
+                want = np.quantile(v, q) if v.size else np.nan
+                assert row[f"{m}_{label}"] == want or (np.isnan(want) and np.isnan(row[f"{m}_{label}"]))
+            assert row[f"{m}_max"] == v.max() if v.size else np.isnan(row[f"{m}_max"])
+    assert np.isnan(got.loc["n4", "cosine_p50"]) and np.isnan(got.loc["n4", "cosine_max"])
+
+
 # ------------------------------------------------- a padding-only fault, in a batched engine dump (no ci_run)
 def _dump_pair(tmp, model_dir, variant, batch_size, n_prompts=24):
     """A batch-1 reference dump and an engine dump at ``batch_size`` of the first corpus prompts, through

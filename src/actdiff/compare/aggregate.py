@@ -31,6 +31,17 @@ def _write(df: pd.DataFrame, path: str) -> None:
         df.to_parquet(tmp, index=False)
 
 
+_QUANTILES, _QUANTILE_LABELS = (0.10, 0.5, 0.9, 0.99), ("p10", "p50", "p90", "p99")
+
+
+def _finite_max_ratio(num: pd.Series, den: pd.Series) -> float:
+    """The largest finite value of ``num / den`` (NaN where there is none)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = num.to_numpy(np.float64) / den.to_numpy(np.float64)
+    r = r[np.isfinite(r)]
+    return float(r.max()) if r.size else math.nan
+
+
 def node_summary(nodes: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (idx, name), g in nodes.groupby(["node_index", "node"], sort=True):
@@ -51,12 +62,15 @@ def node_summary(nodes: pd.DataFrame) -> pd.DataFrame:
             "budget_median": float(g["budget"].median()),
             "propagated_budget_median": float(g["propagated_budget"].median()),
             # budgets follow each prompt's fp32 noise: the worst prompt's own ratio, not max over median
-            "local_over_budget_max": float((g["local_rel_l2"] / g["budget"]).replace([np.inf, -np.inf], np.nan).max()),
+            "local_over_budget_max": _finite_max_ratio(g["local_rel_l2"], g["budget"]),
         }
         for m in QUANTILE_METRICS:
-            v = g[m].replace([np.inf, -np.inf], np.nan).dropna().to_numpy(np.float64)
-            for q, label in ((0.10, "p10"), (0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
-                row[f"{m}_{label}"] = float(np.quantile(v, q)) if v.size else math.nan
+            # the finite values (pandas' replace and dropna per metric and node were half of this function's time)
+            v = g[m].to_numpy(np.float64)
+            v = v[np.isfinite(v)]
+            qs = np.quantile(v, _QUANTILES) if v.size else [math.nan] * len(_QUANTILES)
+            for q, label in zip(qs, _QUANTILE_LABELS, strict=True):
+                row[f"{m}_{label}"] = float(q)
             row[f"{m}_max"] = float(v.max()) if v.size else math.nan
         worst = g.sort_values("local_rel_l2", ascending=False).head(3)
         row["worst_prompts"] = json.dumps(worst["prompt_id"].tolist())
