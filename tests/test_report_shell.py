@@ -161,3 +161,30 @@ def test_a_cell_logs_as_in_a_kernel_and_the_callers_logging_is_kept(tmp_path, ca
         assert not [r for r in caplog.records if r.name == "cell"]
     assert [(o.name, o.text) for o in nb.cells[0].outputs] == [("stderr", "loud\n")]
     assert (root.handlers, root.level) == before
+
+
+def test_the_page_holds_its_figures_and_stylesheet(tmp_path):
+    """render.embed_resources (the fallback renderer, after pandoc): each figure the render wrote becomes a data
+    URI, the stylesheet a <style> block; links and data URIs stay as they are; a figure that is not there is a
+    RenderError naming it."""
+    import base64
+
+    from actdiff.report.render import RenderError, embed_resources
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
+    (tmp_path / "figure-1.png").write_bytes(png)
+    (tmp_path / "figure-2.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    css = tmp_path / "a & b.css"
+    css.write_text("body { color: #123; }\n")
+    page = (
+        '<head><link rel="stylesheet" href="' + str(tmp_path / "a &amp; b.css") + '" /></head><body>'
+        '<img src="figure-1.png" alt="one" /><p><img class="w" src="figure-2.svg" /></p>'
+        '<a href="../index.html">index</a><img src="data:image/png;base64,AAAA" /></body>'
+    )
+    out = embed_resources(page, tmp_path)
+    assert f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="one" />' in out
+    assert 'src="data:image/svg+xml;base64,' in out and "figure-" not in out
+    assert '<style type="text/css">\nbody { color: #123; }\n</style>' in out and "<link" not in out
+    assert '<a href="../index.html">index</a>' in out and 'src="data:image/png;base64,AAAA"' in out
+    with pytest.raises(RenderError, match="figure-3.png"):
+        embed_resources('<img src="figure-3.png" />', tmp_path)
