@@ -188,3 +188,5 @@ def test_the_page_holds_its_figures_and_stylesheet(tmp_path):
     assert '<a href="../index.html">index</a>' in out and 'src="data:image/png;base64,AAAA"' in out
     with pytest.raises(RenderError, match="figure-3.png"):
         embed_resources('<img src="figure-3.png" />', tmp_path)
+    with pytest.raises(RenderError, match="stylesheet"):
+        embed_resources(f'<link href="{css}" rel="stylesheet">', tmp_path)

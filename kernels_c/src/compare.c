@@ -35,7 +35,6 @@ static inline int finite_bits(float x) {
  * scalar lanes the loops were not vectorised: 3-7 ns per position, about as long as the node's replayed matmul
  * at short prompts; ak_rel_l2's were not either, until it took the same vectors (0.92 -> 0.43 ns). A scalar
  * operand of a vector operation is broadcast. */
-#define LOAD4(p) LOADV(v4f, p)
 /* int32 lanes: -1 where both floats are finite */
 #define FINITEV(VI, fe, fr) ((((VI)(fe) & 0x7f800000) != 0x7f800000) & (((VI)(fr) & 0x7f800000) != 0x7f800000))
 /* ordered_int per lane, in int32 (a negative float's bits i map to INT32_MIN - i, which stays in range;

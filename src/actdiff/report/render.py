@@ -379,4 +379,7 @@ def embed_resources(html_text: str, work: Path) -> str:
     def style(m: re.Match) -> str:
         return f'<style type="text/css">\n{Path(html.unescape(m.group(1))).read_text(encoding="utf-8")}</style>'
 
-    return _STYLESHEET.sub(style, _IMG_SRC.sub(image, html_text))
+    page = _STYLESHEET.sub(style, _IMG_SRC.sub(image, html_text))
+    if 'rel="stylesheet"' in page:  # another pandoc's markup: the page would point at a file it does not hold
+        raise RenderError("the rendered page links a stylesheet in a form embed_resources does not read")
+    return page
