@@ -176,16 +176,21 @@ static inline __attribute__((always_inline, target("avx512f"))) v8l cvt8_epi64(v
 #define CVT8_EPI64(x) cvt8_epi64(x)
 #define AVX512_TARGET __attribute__((target("avx512f,avx2,fma")))
 
-/* NAME_avx512, NAME_avx2, NAME_scalar: the same body compiled for each path, and NAME choosing by ak_isa() */
-#define AK_ISA_VARIANTS(NAME, BODY, PARAMS, ARGS)                                                     \
-    __attribute__((target("avx512f,avx2,fma"))) static void NAME##_avx512 PARAMS { BODY ARGS; }      \
-    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { BODY ARGS; }                 \
-    static void NAME##_scalar PARAMS { BODY ARGS; }                                                   \
+/* NAME_avx512 compiling BODY8, NAME_avx2 and NAME_scalar compiling BODY4, and NAME choosing by ak_isa(): a kernel
+ * whose AVX-512 body holds its 8 lanes in one vector and the others in two fours (compare.c), the same lanes so the
+ * same bits */
+#define AK_ISA_VARIANTS_WIDE(NAME, BODY8, BODY4, PARAMS, ARGS)                                       \
+    AVX512_TARGET static void NAME##_avx512 PARAMS { BODY8 ARGS; }                                   \
+    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { BODY4 ARGS; }                \
+    static void NAME##_scalar PARAMS { BODY4 ARGS; }                                                  \
     static void NAME PARAMS {                                                                         \
         int isa_ = ak_isa();                                                                          \
         if (isa_ == AK_ISA_AVX512) NAME##_avx512 ARGS;                                                \
         else if (isa_ == AK_ISA_AVX2) NAME##_avx2 ARGS;                                               \
         else NAME##_scalar ARGS;                                                                      \
     }
+
+/* NAME_avx512, NAME_avx2, NAME_scalar: the same body compiled for each path, and NAME choosing by ak_isa() */
+#define AK_ISA_VARIANTS(NAME, BODY, PARAMS, ARGS) AK_ISA_VARIANTS_WIDE(NAME, BODY, BODY, PARAMS, ARGS)
 
 #endif

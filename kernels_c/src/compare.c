@@ -166,28 +166,15 @@ DEFINE_COMPARE_BODY(compare_fast8, 8, v8f, v8i, v8u, v8d, v8l, 0, CVT8_PD, CVT8_
     (double sums[5], double *best, int64_t *argmax, int64_t *max_ulp, int64_t *n_valid, const float *eng,         \
      const float *ref, int64_t n)
 #define COMPARE_ARGS (sums, best, argmax, max_ulp, n_valid, eng, ref, n)
-__attribute__((target("avx512f,avx2,fma"))) static void compare_pass_avx512 COMPARE_PARAMS {
-    compare_body8 COMPARE_ARGS;
-}
-__attribute__((target("avx2,fma"))) static void compare_pass_avx2 COMPARE_PARAMS { compare_body4 COMPARE_ARGS; }
-static void compare_pass_scalar COMPARE_PARAMS { compare_body4 COMPARE_ARGS; }
-__attribute__((target("avx512f,avx2,fma"))) static void compare_fast_avx512 COMPARE_PARAMS {
-    compare_fast8 COMPARE_ARGS;
-}
-__attribute__((target("avx2,fma"))) static void compare_fast_avx2 COMPARE_PARAMS { compare_fast4 COMPARE_ARGS; }
-static void compare_fast_scalar COMPARE_PARAMS { compare_fast4 COMPARE_ARGS; }
+AK_ISA_VARIANTS_WIDE(compare_masked, compare_body8, compare_body4, COMPARE_PARAMS, COMPARE_ARGS)
+AK_ISA_VARIANTS_WIDE(compare_fast, compare_fast8, compare_fast4, COMPARE_PARAMS, COMPARE_ARGS)
 /* the unmasked pass, then the masked one where a sum shows a NaN or Inf among the values */
 static void compare_pass COMPARE_PARAMS {
-    int isa = ak_isa();
-    if (isa == AK_ISA_AVX512) compare_fast_avx512 COMPARE_ARGS;
-    else if (isa == AK_ISA_AVX2) compare_fast_avx2 COMPARE_ARGS;
-    else compare_fast_scalar COMPARE_ARGS;
+    compare_fast COMPARE_ARGS;
     int finite = isfinite(*best);
     for (int q = 0; q < 5; q++) finite &= isfinite(sums[q]) != 0;
     if (finite) return;
-    if (isa == AK_ISA_AVX512) compare_pass_avx512 COMPARE_ARGS;
-    else if (isa == AK_ISA_AVX2) compare_pass_avx2 COMPARE_ARGS;
-    else compare_pass_scalar COMPARE_ARGS;
+    compare_masked COMPARE_ARGS;
 }
 
 /* out is one ak_compare_result, eng is (n), ref is (n).
@@ -292,16 +279,8 @@ int ak_compare_naive(ak_compare_result *out, const float *eng, const float *ref,
  * position), one of eight on AVX-512 */
 DEFINE_REL_L2_BODY(rel_l2_body4, 4, v4f, v4d, CVT4_PD, )
 DEFINE_REL_L2_BODY(rel_l2_body8, 8, v8f, v8d, CVT8_PD, AVX512_TARGET)
-#define REL_L2_PARAMS (double *num, double *den, const float *a, const float *b, int64_t n)
-AVX512_TARGET static void rel_l2_sums_avx512 REL_L2_PARAMS { rel_l2_body8(num, den, a, b, n); }
-__attribute__((target("avx2,fma"))) static void rel_l2_sums_avx2 REL_L2_PARAMS { rel_l2_body4(num, den, a, b, n); }
-static void rel_l2_sums_scalar REL_L2_PARAMS { rel_l2_body4(num, den, a, b, n); }
-static void rel_l2_sums REL_L2_PARAMS {
-    int isa = ak_isa();
-    if (isa == AK_ISA_AVX512) rel_l2_sums_avx512(num, den, a, b, n);
-    else if (isa == AK_ISA_AVX2) rel_l2_sums_avx2(num, den, a, b, n);
-    else rel_l2_sums_scalar(num, den, a, b, n);
-}
+AK_ISA_VARIANTS_WIDE(rel_l2_sums, rel_l2_body8, rel_l2_body4,
+                     (double *num, double *den, const float *a, const float *b, int64_t n), (num, den, a, b, n))
 
 /* out is one double, a is (n), b is (n): out = ||a - b|| / ||b|| (0 when both norms are 0, inf when only b's) */
 int ak_rel_l2(double *out, const float *a, const float *b, int64_t n) {
