@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -402,6 +403,33 @@ class Trio:
         del self.engine, self.model, self.runners
 
 
+# a last-hidden difference above this is more than fp32 rounding through the layers (1e-6 to 1e-5 here)
+DIFF_EXPLAINED_ABOVE = 1e-3
+
+
+def routing_near_ties(p: Trio, ids: list[int], h_e: np.ndarray, h_t: np.ndarray) -> dict | None:
+    """Where the engine's last hidden state differs from torch's by more than DIFF_EXPLAINED_ABOVE: how many
+    tokens differ that much, and the smallest gap between the k-th and the (k+1)-th largest router probability
+    of any token in any MoE layer (the engine's forward). A gap within fp32 rounding (one ulp of a probability
+    is ~3e-8) is a near-tie that either side may break its own way: that token then runs another expert, its row
+    differs from there on, and bidirectional attention carries the difference to every token of the next
+    layers. No error of either side (the pipeline judges routing at clear margins only: actdiff.compare.routing).
+    None where nothing differs that much, or the model has no MoE layer."""
+    differing = int((np.abs(h_e - h_t).max(axis=1) > DIFF_EXPLAINED_ABOVE).sum())
+    blocks = p.engine.graph.moe_blocks()
+    if not differing or not blocks:
+        return None
+    vals, k = p.engine.forward(ids, "fp32"), p.engine.graph.dims.top_k
+    gap, layer, token = math.inf, None, None
+    for b in blocks:
+        probs = -np.sort(-np.asarray(vals[b.probs], np.float64), axis=1)  # each token's, largest first
+        g = probs[:, k - 1] - probs[:, k]
+        i = int(np.argmin(g))
+        if g[i] < gap:
+            gap, layer, token = float(g[i]), b.layer, i
+    return {"tokens_differing": differing, "smallest_topk_gap": gap, "at_layer": layer, "at_token": token}
+
+
 def bench_trio(p: Trio, T: int, threads: int, repeats: int, peak_core: float, ort=None) -> dict:
     """One row: every side on the same T random ids, rotated rounds; ``ort`` (engine_ort.OrtSides) adds the
     ORT sessions of each variant to the rotation."""
@@ -456,6 +484,7 @@ def bench_trio(p: Trio, T: int, threads: int, repeats: int, peak_core: float, or
         "torch_ms_all": [x * 1e3 for x in times["torch"]],
         "repeats": repeats,
         "max_abs_diff_last_hidden_engine_vs_torch": float(np.abs(h_e - h_t).max()),
+        "routing_near_ties": routing_near_ties(p, ids, h_e, h_t),
         # other processes on the cores inflate OpenMP runtimes (torch, llama.cpp) most at 2 threads
         "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
     }
@@ -684,6 +713,18 @@ def run_batched_rows(p: Trio, threads: list[int], repeats: int, peak_core: float
     p.close_batched_runners()
 
 
+def print_near_ties(r: dict) -> None:
+    """A line under a row whose max|diff| is more than rounding: how many tokens, and the closest routing call."""
+    t = r.get("routing_near_ties")
+    if t:
+        print(
+            f"          {t['tokens_differing']} token(s) differ by more than {DIFF_EXPLAINED_ABOVE:g}; the smallest "
+            f"gap between a top-k and the next expert's router probability: {t['smallest_topk_gap']:.1e} (layer "
+            f"{t['at_layer']}, token {t['at_token']}): within fp32 rounding, a near-tie either side may break its "
+            "own way (attention then spreads that token's change to all)"
+        )
+
+
 def print_ort(r: dict, per_s: int | None = None) -> None:
     """The ORT sides of a row: time (or prompts/s), ratios to the other sides, accuracy against torch."""
     for v in engine_ort.ORT_VARIANTS:
@@ -907,6 +948,7 @@ def main() -> None:
                     f"{r['max_abs_diff_last_hidden_engine_vs_torch']:9.1e} {r['engine_streamed_ms']:11.2f} "
                     f"{r['ratio_torch_over_engine_streamed']:9.2f}"
                 )
+                print_near_ties(r)
                 print_ort(r)
         if ort is not None:
             ort_res["session_create_s"] = ort.session_s
