@@ -82,6 +82,7 @@ import engine_ort  # noqa: E402
 import numpy as np  # noqa: E402
 
 from actdiff import sysinfo  # noqa: E402
+from actdiff.compare.routing import margins  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = ROOT / "resources/models/tiny-nomic-moe"
@@ -422,8 +423,7 @@ def routing_near_ties(p: Trio, ids: list[int], h_e: np.ndarray, h_t: np.ndarray)
     vals, k = p.engine.forward(ids, "fp32"), p.engine.graph.dims.top_k
     gap, layer, token = math.inf, None, None
     for b in blocks:
-        probs = -np.sort(-np.asarray(vals[b.probs], np.float64), axis=1)  # each token's, largest first
-        g = probs[:, k - 1] - probs[:, k]
+        g = margins(vals[b.probs], k)  # the routing table's own: k-th minus (k+1)-th largest, per token
         i = int(np.argmin(g))
         if g[i] < gap:
             gap, layer, token = float(g[i]), b.layer, i
