@@ -247,3 +247,39 @@ def test_deadline_cap_applies_within_its_block_only():
     with d.capped(0.0):
         assert d.expired()
     assert not d.expired() and d.seconds == 100
+
+
+def test_float32_grid_finds_the_float64_grids_least(tiny):
+    """search_quant._Scorer.grid with ``coarse``: a static step's grid scored with float32 products, the points
+    near the least scored again in float64, gives the float64 grid's least point and residual exactly, counts
+    each candidate once, and every other point's float32 residual lies within COARSE_MARGIN / 2 of the measured
+    float32 rounding from its float64 one (the margin's premise; measured here: 0.05x). Where the product is
+    quantised after the fitted input (a rounding a float32 product could flip), the grid stays float64."""
+    from actdiff.compare.search_quant import COARSE_MARGIN, _coarse_grid, _operands, _result_steps, _Scorer, _seed
+    from actdiff.compare.search_quant import _static_range as static
+    from actdiff.compare.search_quant import _with as with_
+
+    lo, hi = _static_range(tiny, QKV)
+    planted = {"input.0": _scheme(False, "tensor", [lo, hi]), "weight.0": _scheme(True, "row")}
+    targets = _targets(tiny, QKV, {"round_at": planted})
+    runs = []
+    for coarse in (False, True):
+        ctx = make_context(tiny.graph, QKV, tiny.vals, targets, tiny.weights, BUDGET, Deadline(600))
+        scorer, operands = _Scorer(ctx), _operands(ctx)
+        i = [o.key for o in operands].index("input.0")
+        base = tuple(planted["weight.0"] if o.key == "weight.0" else None for o in operands)
+        spec = _scheme(False, "tensor")
+        s0, zp0 = _seed(ctx, operands[i], spec)
+        choices = [with_(base, i, static(spec, s0 * 2.0**u, zp0)) for u in np.arange(-64, 65) / 64]
+        assert _coarse_grid(ctx, operands, base, i)
+        runs.append((scorer.grid(operands, choices, coarse), ctx.tried, scorer))
+    (v64, tried64, _), (v32, tried32, scorer32) = runs
+    k = int(np.argmin(v64))
+    assert int(np.argmin(v32)) == k and v32[k] == v64[k] and tried32 == tried64
+    delta = scorer32.float32_rounding()
+    assert 0 < delta < 1e-5
+    assert max(abs(a - b) for a, b in zip(v32, v64, strict=True)) <= COARSE_MARGIN / 2 * delta
+    steps = [*operands, *_result_steps(ctx)]
+    product_rounded = with_((*base, *(None,) * (len(steps) - len(base))), [o.key for o in steps].index("product"),
+                            _scheme(False, "tensor"))  # fmt: skip
+    assert not _coarse_grid(ctx, steps, product_rounded, i)

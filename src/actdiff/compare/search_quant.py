@@ -31,6 +31,7 @@ it does not delay what they explain.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from .findings import Finding, sample_error
-from .refops import ROUND_STEPS, NotApplicable, round_output, run_op
+from .refops import ROUND_STEPS, NotApplicable, float32_products, round_output, run_op, shared_products
 from .search import SearchContext, register
 from .search_fit import (
     SCREEN_PASS,
@@ -68,6 +69,11 @@ F32_ULPS = 64  # a fitted static step is polished over +- this many float32 ulps
 # joint refinement of the static steps (_joint_refine) down to a stride of 1e-7 in log2 of a step (7e-8 relative,
 # about one float32 ulp: _polish takes it from there)
 JOINT_TOL = 1e-7
+# a MATMUL input's scale grid is scored with float32 products (refops.float32_products, about twice as fast), and
+# every grid point within COARSE_MARGIN x the float32 rounding measured at the node (_Scorer.float32_rounding) of
+# the least is scored again in float64: the float64 least of the grid is among them unless a point's float32
+# rounding is over COARSE_MARGIN / 2 times the spec operands' (a quantised operand has their magnitudes)
+COARSE_MARGIN = 64.0
 ZP_WINDOW = 8  # static zero points tried at each edge of the no-clipping interval (_zero_points)
 EXPERT_OPS = ("EXPERT_FC1", "EXPERT_FC2")
 INTEGER_KERNEL_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1")  # ops refops can run as an integer kernel (int_pairs)
@@ -134,17 +140,65 @@ class _Scorer:
         self.scored: dict[str, tuple[float, tuple]] = {}
         self.unrounded: tuple[str, list | None] = ("", None)  # (params, the op's values before output rounding)
 
-    def score(self, operands: list[Operand], choice: tuple) -> float:
+        self.delta32: float | None = None  # float32 products' rounding at the node (float32_rounding)
+
+    def score(self, operands: list[Operand], choice: tuple, counted: bool = True) -> float:
+        """The residual of ``choice`` on the subset, float64, memoised; ``counted`` False: a candidate already
+        counted in ``tried`` (scored again in float64 after a float32 grid)."""
         key = repr(choice)
         if key not in self.scored:
             before = self.sub.tried
             params = _params(operands, choice)
             out = params.pop("output_precision", None)
             e = _evaluate(self.sub, params) if out is None else self._rounded_output(params, out)
-            if self.sub is not self.ctx:
+            if not counted:
+                self.sub.tried = before
+            elif self.sub is not self.ctx:
                 self.ctx.tried += self.sub.tried - before
             self.scored[key] = (e, choice)
         return self.scored[key][0]
+
+    def grid(self, operands: list[Operand], choices: list[tuple], coarse: bool) -> list[float] | None:
+        """The residuals of a grid's ``choices`` (None once the deadline passes). ``coarse`` (the choices run
+        a MATMUL whose product nothing rounds after it, _coarse_grid): scored with float32 products, then
+        each within COARSE_MARGIN x float32_rounding() of the least again in float64 (score): the float64
+        least of the grid, and its residual, as scoring every point in float64 gives."""
+        expired = self.ctx.deadline.expired
+        if not coarse or not math.isfinite(self.float32_rounding()):
+            vals = []
+            for c in choices:
+                if expired():
+                    return None
+                vals.append(self.score(operands, c))
+            return vals
+        vals = []
+        with float32_products(), np.errstate(all="ignore"):
+            for c in choices:
+                if expired():
+                    return None
+                key = repr(c)
+                vals.append(self.scored[key][0] if key in self.scored else self._score32(operands, c))
+        low = min(vals) + COARSE_MARGIN * self.float32_rounding()
+        return [self.score(operands, c, counted=False) if v <= low else v for c, v in zip(choices, vals, strict=True)]
+
+    def _score32(self, operands: list[Operand], choice: tuple) -> float:
+        before = self.sub.tried
+        e = self.sub.evaluate(_params(operands, choice))
+        if self.sub is not self.ctx:
+            self.ctx.tried += self.sub.tried - before
+        return e
+
+    def float32_rounding(self) -> float:
+        """Relative L2 by which float32 products move the spec op's output on the subset (measured once)."""
+        if self.delta32 is None:
+            sub = self.sub
+            try:
+                with float32_products(), np.errstate(all="ignore"):
+                    y = [run_op(sub.graph, sub.node, x, sub.weights, dict(sub.spec)) for x in sub.inputs]
+                self.delta32 = sample_error(sub.spec_out, y, sub.denom)
+            except (NotApplicable, KeyError, ValueError, FloatingPointError):
+                self.delta32 = math.inf
+        return self.delta32
 
     def _rounded_output(self, params: dict, out) -> float:
         """The residual with the op's output rounded as ``out`` says: the op's values before that rounding
@@ -232,15 +286,26 @@ def _fit_scale(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], bas
     # made as much finer (ORT's tiny L3 experts.out: a 0.3% half-width basin between grid points 1.1% apart)
     n = SCALE_STEPS * math.ceil(max(zp0, 2 ** spec["bits"] - 1 - zp0) / 2 ** (spec["bits"] - 1))
     grid = np.arange(-n, n + 1) / n
-    vals = []
-    for u in grid:
-        if ctx.deadline.expired():
-            return None
-        vals.append(f(u))
+    choices = [_with(base, i, _static_range(spec, s0 * 2.0**u, zp0)) for u in grid]
+    vals = scorer.grid(operands, choices, _coarse_grid(ctx, operands, base, i))
+    if vals is None:
+        return None
     k = int(np.argmin(vals))
     lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
     r = minimize_scalar(f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10, "maxiter": 100})
     return s0 * 2.0 ** (r.x if r.fun <= vals[k] else grid[k]), zp0, spec
+
+
+def _coarse_grid(ctx: SearchContext, operands: list[Operand], base: tuple, i: int) -> bool:
+    """May the grid of operand ``i``'s static step be scored with float32 products (_Scorer.grid)? Only a MATMUL's
+    input, with nothing rounded after the product (no intermediate step or output quantised in ``base``, no
+    reduced-precision spec): the residual then moves by at most what the products' rounding moves the output."""
+    if ctx.node.op != "MATMUL" or not operands[i].key.startswith("input."):
+        return False
+    if ctx.spec.get("accumulate", "fp64") != "fp64" or ctx.spec.get("output_precision", "fp64") != "fp64":
+        return False
+    return all(c is None or o.key.startswith(("input.", "weight.")) or o.key == "kernel"
+               for o, c in zip(operands, base, strict=True))  # fmt: skip
 
 
 def _with(choice: tuple, i: int, spec: dict) -> tuple:
@@ -363,7 +428,12 @@ def _refine(ctx: SearchContext, scorer: _Scorer, operands: list[Operand]) -> lis
                 continue
 
         if o.activation:
-            base = _improve(ctx, scorer, full, base, i, dynamic=i >= len(operands))
+            # a step's (or the output's) candidates all take the same products, of operands quantised as in
+            # ``base``: computed once (refops.shared_products; the same float64 values). A fit of MiniLM's fc2
+            # product step ran the 256 x 1536 x 384 product afresh for each of its ~300 candidates. Not for an
+            # input's fit: each of its candidates has other operand values, and the memo would only compare them
+            with shared_products() if i >= len(operands) else contextlib.nullcontext():
+                base = _improve(ctx, scorer, full, base, i, dynamic=i >= len(operands))
         elif o.key.startswith("weight."):
             # a weight's scheme is chosen again with the activations' static ranges in place: alone (the dynamic
             # stage) a per-channel s8 weight moved ORT's L0.attn.out_proj by 5% only, under SCREEN_PASS, beside an
