@@ -38,7 +38,7 @@ import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
 from .findings import Finding, explains
-from .refops import AXES, PATH_STEPS, ROUND_STEPS, TERM_SCALES, attention_scale, round_to, run_op
+from .refops import AXES, PATH_STEPS, ROUND_STEPS, TERM_SCALES, attention_scale, round_to, run_op, shared_products
 from .search import SearchContext, make_context, register
 
 IMPROVES = 0.5  # a candidate is reported only if its residual is below this fraction of the spec's error
@@ -389,8 +389,17 @@ def precision(ctx: SearchContext) -> Iterator[Finding]:
     stored in a narrow format rounds at several points, none of which explains it alone."""
     if not _searchable(ctx):
         return
+    # the candidates round values before or after the same few products (the input and weight rounded or not):
+    # each product computed once (refops.shared_products; the same float64 values). Found in the block, yielded
+    # after it: a generator suspended inside the block would leave the memo on for its caller's code
+    with shared_products():
+        found = _precision_findings(ctx)
+    yield from found
+
+
+def _precision_findings(ctx: SearchContext) -> list[Finding]:
     screen = _Screened(ctx)
-    singles = []
+    singles, out = [], []
     for params, name, words in _precision_candidates(ctx):
         if ctx.deadline.expired():
             break
@@ -403,10 +412,10 @@ def precision(ctx: SearchContext) -> Iterator[Finding]:
                 break
             # first: at an equal residual the joint set wins (the findings' sort is stable), as it says more
             found = list(rounding_points(ctx, prec))
-            yield from found
+            out += found
             if any(explains(f.error, ctx.err0, ctx.budget) for f in found):
                 break  # the next format's set is not needed (halves the cost where fp16 explains)
-    yield from singles
+    return out + singles
 
 
 def _rounding_point_names(ctx: SearchContext) -> list[str]:
