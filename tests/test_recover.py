@@ -113,6 +113,29 @@ def test_matmul_too_few_rows_falls_back_to_substitution(tiny):
     assert best.kind == "structure" and best.params["tensor"] == other
 
 
+
+def test_substitutions_scored_in_float32_keep_the_float64_least(tiny):
+    """recover._substitution_errors on a MATMUL (search.coarse_scores): every substitution scored with float32
+    products, those near the least again in float64. The least is the planted tensor with its float64 residual
+    (as scoring each in float64 gives), each candidate is counted once in ``tried``, and the others kept their
+    float32 residuals (the float64 pass ran on few of them)."""
+    from actdiff.compare.recover import _rerun, _substitutes, _substitution_errors, _tensors_shaped
+
+    name, other = "encoder.layers.1.attn.out_proj", "encoder.layers.0.attn.out_proj.weight"
+    own = f"{name}.weight"
+    targets = tiny.planted(name, {own: _w(tiny, other)})
+    ctx = make_context(tiny.graph, name, tiny.inputs(name), targets, tiny.weights, BUDGET, Deadline(600))
+    shape = tuple(np.shape(tiny.weights[own]))
+    cands = [(n, t) for n in _tensors_shaped(ctx, {shape, shape[::-1]}) for t in (False, True)
+             if _substitutes(ctx, n, t, own, shape)]  # fmt: skip
+    tried = ctx.tried
+    errs = _substitution_errors(ctx, own, cands)
+    assert ctx.tried - tried == len(cands) == len(errs) > 4
+    exact = [_rerun(ctx, {own: _w(tiny, n).T if t else _w(tiny, n)}) for n, t in cands]
+    k = int(np.argmin(exact))
+    assert cands[k] == (other, False) and int(np.argmin(errs)) == k and errs[k] == exact[k]
+    assert sum(e == x for e, x in zip(errs, exact, strict=True)) < len(cands) / 2
+
 ROUTER_PERM = [1, 0, 2, 3, 4, 5, 7, 6]
 
 

@@ -250,12 +250,14 @@ def test_deadline_cap_applies_within_its_block_only():
 
 
 def test_float32_grid_finds_the_float64_grids_least(tiny):
-    """search_quant._Scorer.grid with ``coarse``: a static step's grid scored with float32 products, the points
-    near the least scored again in float64, gives the float64 grid's least point and residual exactly, counts
-    each candidate once, and every other point's float32 residual lies within COARSE_MARGIN / 2 of the measured
-    float32 rounding from its float64 one (the margin's premise; measured here: 0.05x). Where the product is
-    quantised after the fitted input (a rounding a float32 product could flip), the grid stays float64."""
-    from actdiff.compare.search_quant import COARSE_MARGIN, _coarse_grid, _operands, _result_steps, _Scorer, _seed
+    """search_quant._Scorer.grid with ``coarse`` (search.coarse_scores): a static step's grid scored with float32
+    products, the points near the least scored again in float64, gives the float64 grid's least point and
+    residual exactly, counts each candidate once, and every other point's float32 residual lies within
+    COARSE_MARGIN / 2 of the measured float32 rounding from its float64 one (the margin's premise; measured
+    here: 0.05x). Where the product is quantised after the fitted input (a rounding a float32 product could
+    flip), the grid stays float64."""
+    from actdiff.compare.search import COARSE_MARGIN, float32_rounding
+    from actdiff.compare.search_quant import _coarse_grid, _operands, _result_steps, _Scorer, _seed
     from actdiff.compare.search_quant import _static_range as static
     from actdiff.compare.search_quant import _with as with_
 
@@ -276,7 +278,7 @@ def test_float32_grid_finds_the_float64_grids_least(tiny):
     (v64, tried64, _), (v32, tried32, scorer32) = runs
     k = int(np.argmin(v64))
     assert int(np.argmin(v32)) == k and v32[k] == v64[k] and tried32 == tried64
-    delta = scorer32.float32_rounding()
+    delta = float32_rounding(scorer32.sub)
     assert 0 < delta < 1e-5
     assert max(abs(a - b) for a, b in zip(v32, v64, strict=True)) <= COARSE_MARGIN / 2 * delta
     steps = [*operands, *_result_steps(ctx)]

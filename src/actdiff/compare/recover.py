@@ -31,7 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from ..nodes import INPUT_IDS
 from .findings import Finding
 from .refops import NotApplicable, run_op
-from .search import SearchContext, register
+from .search import SearchContext, coarse_scores, float32_rounding, linear_after_product, register
 
 log = logging.getLogger(__name__)
 
@@ -577,20 +577,43 @@ def substitute_weights(ctx: SearchContext) -> Iterator[Finding]:
         return
     for own in node.weights:
         shape = _shape_of(ctx.weights, own)
-        best = None
-        for name in _tensors_shaped(ctx, {shape, shape[::-1]}):
-            for transposed in (False, True):
-                if ctx.deadline.expired():
-                    break
-                c = np.asarray(ctx.weights[name])
-                c = c.T if transposed else c
-                if c.shape != shape or (name == own and not transposed) or (transposed and c.ndim < 2):
-                    continue
-                err = _rerun(ctx, {own: c})
-                if best is None or err < best[0]:
-                    best = (err, name, transposed)
+        cands = [(name, transposed) for name in _tensors_shaped(ctx, {shape, shape[::-1]})
+                 for transposed in (False, True) if _substitutes(ctx, name, transposed, own, shape)]  # fmt: skip
+        errs = _substitution_errors(ctx, own, cands)
+        best = min(((e, *c) for e, c in zip(errs, cands, strict=False)), key=lambda b: b[0], default=None)
         if best is not None and best[0] < ctx.err0:  # only a substitution that improves on the spec is news
             yield _substitution_finding(ctx, own, *best)
+
+
+def _substitutes(ctx: SearchContext, name: str, transposed: bool, own: str, shape: tuple) -> bool:
+    """Whether checkpoint tensor ``name`` (transposed) can stand for the slot ``own`` of ``shape``: the shape, not
+    the slot's own tensor as it is, no vector transposed (read from the header, not the tensor)."""
+    have = _shape_of(ctx.weights, name)
+    if transposed and len(have) < 2:
+        return False
+    return (have[::-1] if transposed else have) == shape and not (name == own and not transposed)
+
+
+def _substitution_errors(ctx: SearchContext, own: str, cands: list[tuple[str, bool]]) -> list[float]:
+    """The residual of each substitution in ``cands`` (fewer once the deadline passes). Only their least is
+    reported, so a MATMUL whose product nothing rounds after it scores them with float32 products first, and in
+    float64 those near the least (search.coarse_scores: the same least, the same residual)."""
+
+    def err(c: tuple[str, bool], counted: bool = True) -> float:
+        before = ctx.tried
+        t = np.asarray(ctx.weights[c[0]])
+        e = _rerun(ctx, {own: t.T if c[1] else t})
+        ctx.tried = ctx.tried if counted else before
+        return e
+
+    if linear_after_product(ctx, {}) and np.isfinite(float32_rounding(ctx)):
+        return coarse_scores(ctx, cands, err, lambda c: err(c, counted=False))
+    errs = []
+    for c in cands:
+        if ctx.deadline.expired():
+            break
+        errs.append(err(c))
+    return errs
 
 
 def _substitution_finding(ctx: SearchContext, own: str, err: float, name: str, transposed: bool) -> Finding:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..nodes import Graph, Node
 from .findings import Deadline, Finding, SearchResult, cpu_seconds, sample_error
-from .refops import NotApplicable, run_op, spec_params
+from .refops import NotApplicable, float32_products, run_op, spec_params
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class SearchContext:
     denom: float = 0.0  # sqrt(sum ||spec||^2): the shared denominator
     err0: float = 0.0  # the spec's own error against the targets
     tried: int = 0
+    delta32: float | None = None  # float32 products' rounding of the spec op's output (float32_rounding)
 
     def error_of(self, preds: list[np.ndarray]) -> float:
         self.tried += 1
@@ -60,6 +61,55 @@ class SearchContext:
             self.tried += 1
             return float("inf")
         return self.error_of(preds)
+
+
+# Candidates compared only to find the least (a grid's point, a substituted tensor) may be scored with float32
+# products (refops.float32_products, about twice as fast) where nothing rounds the op's output after its product
+# (linear_after_product): a residual then moves by about the products' own rounding of the output, measured at the
+# node (float32_rounding). Every candidate within COARSE_MARGIN times that of the float32 least is scored again in
+# float64 (coarse_scores): the float64 least is among them unless a candidate's float32 rounding is over
+# COARSE_MARGIN / 2 times the spec operands' (a candidate's operands have their magnitudes; measured: the residual
+# moved by 0.05x the output's rounding).
+COARSE_MARGIN = 64.0
+
+
+def linear_after_product(ctx: SearchContext, params: dict) -> bool:
+    """Whether the node's op under the spec with ``params`` is a MATMUL whose product nothing rounds after it (no
+    intermediate step or output rounded, no reduced-precision arithmetic)."""
+    p = {**ctx.spec, **params}
+    if ctx.node.op != "MATMUL" or p.get("accumulate", "fp64") != "fp64" or p.get("output_precision", "fp64") != "fp64":
+        return False
+    return all(k.startswith(("input.", "weight.")) for k in p.get("round_at", {}))
+
+
+def float32_rounding(ctx: SearchContext) -> float:
+    """Relative L2 by which float32 products move the spec op's output on ``ctx``'s sample (measured once; inf
+    where the spec op cannot run)."""
+    if ctx.delta32 is None:
+        try:
+            with float32_products(), np.errstate(all="ignore"):
+                y = [run_op(ctx.graph, ctx.node, x, ctx.weights, dict(ctx.spec)) for x in ctx.inputs]
+            ctx.delta32 = sample_error(ctx.spec_out, y, ctx.denom)
+        except (NotApplicable, KeyError, ValueError, FloatingPointError):
+            ctx.delta32 = float("inf")
+    return ctx.delta32
+
+
+def coarse_scores(ctx: SearchContext, candidates: list, score32: Callable, score64: Callable) -> list[float]:
+    """Residuals of ``candidates``, in order, for a caller that needs their least: ``score32(c)`` run with float32
+    products, then ``score64(c)`` for each within COARSE_MARGIN x float32_rounding(ctx) of the least. The float64
+    least, and its residual, as scoring every candidate in float64 gives. Stops when the deadline passes (fewer
+    values than candidates)."""
+    vals = []
+    with float32_products(), np.errstate(all="ignore"):
+        for c in candidates:
+            if ctx.deadline.expired():
+                break
+            vals.append(score32(c))
+    if not vals:
+        return vals
+    low = min(vals) + COARSE_MARGIN * float32_rounding(ctx)
+    return [score64(c) if v <= low else v for c, v in zip(candidates, vals, strict=False)]
 
 
 Searcher = Callable[[SearchContext], Iterable[Finding]]

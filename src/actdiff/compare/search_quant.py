@@ -25,8 +25,10 @@ search on their log2, _joint_refine), since a step fitted while another value's 
 lands beside its narrow basin.
 
 Cost: every candidate is scored on whole prompts of at most MAX_FIT_ROWS rows (search_fit._prompt_subset)
-and only the best few on the whole sample; registered after the cheap searchers of search_fit (SEARCH_MODULES),
-it does not delay what they explain.
+and only the best few on the whole sample; a MATMUL input's scale grid with float32 products where nothing rounds
+after the product, the points near its least again in float64 (search.coarse_scores: the same least); a step's
+fit takes the op's products once (refops.shared_products). Registered after the cheap searchers of search_fit
+(SEARCH_MODULES), it does not delay what they explain.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from .findings import Finding, sample_error
-from .refops import ROUND_STEPS, NotApplicable, float32_products, round_output, run_op, shared_products
-from .search import SearchContext, register
+from .refops import ROUND_STEPS, NotApplicable, round_output, run_op, shared_products
+from .search import SearchContext, coarse_scores, float32_rounding, linear_after_product, register
 from .search_fit import (
     SCREEN_PASS,
     _evaluate,
@@ -69,11 +71,6 @@ F32_ULPS = 64  # a fitted static step is polished over +- this many float32 ulps
 # joint refinement of the static steps (_joint_refine) down to a stride of 1e-7 in log2 of a step (7e-8 relative,
 # about one float32 ulp: _polish takes it from there)
 JOINT_TOL = 1e-7
-# a MATMUL input's scale grid is scored with float32 products (refops.float32_products, about twice as fast), and
-# every grid point within COARSE_MARGIN x the float32 rounding measured at the node (_Scorer.float32_rounding) of
-# the least is scored again in float64: the float64 least of the grid is among them unless a point's float32
-# rounding is over COARSE_MARGIN / 2 times the spec operands' (a quantised operand has their magnitudes)
-COARSE_MARGIN = 64.0
 ZP_WINDOW = 8  # static zero points tried at each edge of the no-clipping interval (_zero_points)
 EXPERT_OPS = ("EXPERT_FC1", "EXPERT_FC2")
 INTEGER_KERNEL_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1")  # ops refops can run as an integer kernel (int_pairs)
@@ -140,8 +137,6 @@ class _Scorer:
         self.scored: dict[str, tuple[float, tuple]] = {}
         self.unrounded: tuple[str, list | None] = ("", None)  # (params, the op's values before output rounding)
 
-        self.delta32: float | None = None  # float32 products' rounding at the node (float32_rounding)
-
     def score(self, operands: list[Operand], choice: tuple, counted: bool = True) -> float:
         """The residual of ``choice`` on the subset, float64, memoised; ``counted`` False: a candidate already
         counted in ``tried`` (scored again in float64 after a float32 grid)."""
@@ -159,46 +154,29 @@ class _Scorer:
         return self.scored[key][0]
 
     def grid(self, operands: list[Operand], choices: list[tuple], coarse: bool) -> list[float] | None:
-        """The residuals of a grid's ``choices`` (None once the deadline passes). ``coarse`` (the choices run
-        a MATMUL whose product nothing rounds after it, _coarse_grid): scored with float32 products, then
-        each within COARSE_MARGIN x float32_rounding() of the least again in float64 (score): the float64
-        least of the grid, and its residual, as scoring every point in float64 gives."""
-        expired = self.ctx.deadline.expired
-        if not coarse or not math.isfinite(self.float32_rounding()):
-            vals = []
-            for c in choices:
-                if expired():
-                    return None
-                vals.append(self.score(operands, c))
-            return vals
+        """The residuals of a grid's ``choices`` (None once the deadline passes). ``coarse`` (a MATMUL whose product
+        nothing rounds after it, _coarse_grid): search.coarse_scores, float32 products then float64 near the least:
+        the float64 grid's least and its residual."""
+        if coarse and math.isfinite(float32_rounding(self.sub)):
+            vals = coarse_scores(self.sub, choices, lambda c: self._score32(operands, c),
+                                 lambda c: self.score(operands, c, counted=False))  # fmt: skip
+            return vals if len(vals) == len(choices) else None
         vals = []
-        with float32_products(), np.errstate(all="ignore"):
-            for c in choices:
-                if expired():
-                    return None
-                key = repr(c)
-                vals.append(self.scored[key][0] if key in self.scored else self._score32(operands, c))
-        low = min(vals) + COARSE_MARGIN * self.float32_rounding()
-        return [self.score(operands, c, counted=False) if v <= low else v for c, v in zip(choices, vals, strict=True)]
+        for c in choices:
+            if self.ctx.deadline.expired():
+                return None
+            vals.append(self.score(operands, c))
+        return vals
 
     def _score32(self, operands: list[Operand], choice: tuple) -> float:
+        key = repr(choice)
+        if key in self.scored:  # a float64 residual is as good
+            return self.scored[key][0]
         before = self.sub.tried
         e = self.sub.evaluate(_params(operands, choice))
         if self.sub is not self.ctx:
             self.ctx.tried += self.sub.tried - before
         return e
-
-    def float32_rounding(self) -> float:
-        """Relative L2 by which float32 products move the spec op's output on the subset (measured once)."""
-        if self.delta32 is None:
-            sub = self.sub
-            try:
-                with float32_products(), np.errstate(all="ignore"):
-                    y = [run_op(sub.graph, sub.node, x, sub.weights, dict(sub.spec)) for x in sub.inputs]
-                self.delta32 = sample_error(sub.spec_out, y, sub.denom)
-            except (NotApplicable, KeyError, ValueError, FloatingPointError):
-                self.delta32 = math.inf
-        return self.delta32
 
     def _rounded_output(self, params: dict, out) -> float:
         """The residual with the op's output rounded as ``out`` says: the op's values before that rounding
@@ -297,15 +275,9 @@ def _fit_scale(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], bas
 
 
 def _coarse_grid(ctx: SearchContext, operands: list[Operand], base: tuple, i: int) -> bool:
-    """May the grid of operand ``i``'s static step be scored with float32 products (_Scorer.grid)? Only a MATMUL's
-    input, with nothing rounded after the product (no intermediate step or output quantised in ``base``, no
-    reduced-precision spec): the residual then moves by at most what the products' rounding moves the output."""
-    if ctx.node.op != "MATMUL" or not operands[i].key.startswith("input."):
-        return False
-    if ctx.spec.get("accumulate", "fp64") != "fp64" or ctx.spec.get("output_precision", "fp64") != "fp64":
-        return False
-    return all(c is None or o.key.startswith(("input.", "weight.")) or o.key == "kernel"
-               for o, c in zip(operands, base, strict=True))  # fmt: skip
+    """May the grid of operand ``i``'s static step be scored with float32 products (_Scorer.grid)? An input's, where
+    the op with ``base`` is a MATMUL whose product nothing rounds after it (search.linear_after_product)."""
+    return operands[i].key.startswith("input.") and linear_after_product(ctx, _params(operands, base))
 
 
 def _with(choice: tuple, i: int, spec: dict) -> tuple:
