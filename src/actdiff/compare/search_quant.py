@@ -146,12 +146,17 @@ class _Scorer:
             params = _params(operands, choice)
             out = params.pop("output_precision", None)
             e = _evaluate(self.sub, params) if out is None else self._rounded_output(params, out)
-            if not counted:
-                self.sub.tried = before
-            elif self.sub is not self.ctx:
-                self.ctx.tried += self.sub.tried - before
+            self._tally(before, counted)
             self.scored[key] = (e, choice)
         return self.scored[key][0]
+
+    def _tally(self, before: int, counted: bool = True) -> None:
+        """The candidates the subset scored since its count was ``before`` counted in the run's ``tried`` (or not at
+        all: candidates scored again)."""
+        if not counted:
+            self.sub.tried = before
+        elif self.sub is not self.ctx:
+            self.ctx.tried += self.sub.tried - before
 
     def grid(self, operands: list[Operand], choices: list[tuple], coarse: bool) -> list[float] | None:
         """The residuals of a grid's ``choices`` (None once the deadline passes). ``coarse`` (a MATMUL whose product
@@ -174,8 +179,7 @@ class _Scorer:
             return self.scored[key][0]
         before = self.sub.tried
         e = self.sub.evaluate(_params(operands, choice))
-        if self.sub is not self.ctx:
-            self.ctx.tried += self.sub.tried - before
+        self._tally(before)
         return e
 
     def _rounded_output(self, params: dict, out) -> float:
@@ -256,16 +260,18 @@ def _fit_scale(ctx: SearchContext, scorer: _Scorer, operands: list[Operand], bas
     spec = {"bits": BITS[0], "symmetric": False, "granularity": "tensor", "range": "dynamic"}
     s0, zp0 = _seed(ctx, operands[i], spec)
 
+    def at(u: float) -> tuple:
+        return _with(base, i, _static_range(spec, s0 * 2.0**u, zp0))
+
     def f(u: float) -> float:
-        return scorer.score(operands, _with(base, i, _static_range(spec, s0 * 2.0**u, zp0)))
+        return scorer.score(operands, at(u))
 
     # the basin narrows as the values' largest |q - zp| grows: an asymmetric range with its zero point near one
     # end (a GELU's output: ORT's zero point 10) reaches |q - zp| ~ 245, twice a centred range's, so the grid is
     # made as much finer (ORT's tiny L3 experts.out: a 0.3% half-width basin between grid points 1.1% apart)
     n = SCALE_STEPS * math.ceil(max(zp0, 2 ** spec["bits"] - 1 - zp0) / 2 ** (spec["bits"] - 1))
     grid = np.arange(-n, n + 1) / n
-    choices = [_with(base, i, _static_range(spec, s0 * 2.0**u, zp0)) for u in grid]
-    vals = scorer.grid(operands, choices, _coarse_grid(ctx, operands, base, i))
+    vals = scorer.grid(operands, [at(u) for u in grid], _coarse_grid(ctx, operands, base, i))
     if vals is None:
         return None
     k = int(np.argmin(vals))
