@@ -1,6 +1,7 @@
 """A finished Snakemake script job ends without the interpreter's teardown (actdiff.workflow_support.end_script_job):
 what the job promises is still done (its output, its log flushed and closed, its temporary directories removed,
-its exit status 0), and nothing but a script job's main thread ends that way."""
+its exit functions run, with every object frozen for the collection one may ask for, its exit status 0), and
+nothing but a script job's main thread ends that way."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
-import logging, sys, tempfile, threading, time
+import atexit, gc, logging, sys, tempfile, threading, time
 sys.path.insert(0, {src!r})
 from actdiff.workflow_support import end_script_job, setup_logging
 
@@ -22,6 +23,8 @@ tmp = tempfile.TemporaryDirectory(prefix="actdiff-end-job-")  # removed by its f
 open(snakemake.output.tmpdir, "w").write(tmp.name)
 if snakemake.wildcards.kind == "thread":  # a worker still running: the process must wait for it as usual
     threading.Thread(target=lambda: (time.sleep(0.5), open(snakemake.output.out, "a").write("worker\\n"))).start()
+# what an exit function finds (IPython's asks for a full collection): every object frozen where the job ends early
+atexit.register(lambda: open(snakemake.output.out, "a").write(f"frozen {{gc.get_freeze_count() > 0}}\\n"))
 logging.getLogger("test").info("last line of the log")
 print("stdout line", end="")  # unflushed until the exit flushes it
 open(snakemake.output.out, "a").write("main\\n")
@@ -48,8 +51,8 @@ def test_script_job_ends_with_everything_done(tmp_path):
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "out"
-    assert (out / "fast.txt").read_text() == "main\n"
-    assert (out / "thread.txt").read_text() == "main\nworker\n"  # the worker finished before the process ended
+    assert (out / "fast.txt").read_text() == "main\nfrozen True\n"
+    assert (out / "thread.txt").read_text() == "main\nworker\nfrozen False\n"  # the worker finished first
     for kind in ("fast", "thread"):
         assert "last line of the log" in (out / f"{kind}.log").read_text()  # logging flushed and closed
         assert not Path((out / f"{kind}.tmpdir").read_text()).exists()  # the finaliser ran

@@ -212,6 +212,49 @@ def test_failing_cell_fails_the_render(tmp_path, caplog):
     assert not out.exists(), "a failing cell must not leave a report behind"
 
 
+def test_the_collector_is_off_while_the_fallback_renders_and_as_it_was_after(tmp_path, monkeypatch):
+    """render._collector_paused: the cells run with Python's cyclic collector off (a report's imports and figures
+    set off hundreds of collections), and the render leaves it as it found it: on when it was on, off when the
+    caller had it off, on again after a failing cell."""
+    import gc
+
+    renderer = sys.modules["actdiff.report.render"]  # the module (the package's ``render`` is the function)
+    monkeypatch.setattr(renderer, "find_quarto", lambda: None)  # the fallback, also where quarto exists
+    qmd = tmp_path / "gc.qmd"
+    qmd.write_text(
+        textwrap.dedent("""\
+        ---
+        title: gc
+        ---
+
+        ```{python}
+        #| tags: [parameters]
+        fail = False
+        ```
+
+        ```{python}
+        #| output: asis
+        import gc
+        print(f"collector-on-{gc.isenabled()}")
+        if fail:
+            raise ValueError("cell failed on purpose")
+        ```
+        """)
+    )
+    assert gc.isenabled()
+    render(qmd, tmp_path / "on.html", {"fail": False})
+    assert "collector-on-False" in (tmp_path / "on.html").read_text() and gc.isenabled()
+    with pytest.raises(RenderError, match="on purpose"):
+        render(qmd, tmp_path / "failed.html", {"fail": True})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        render(qmd, tmp_path / "off.html", {"fail": False})
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_quarto_path_with_stand_in(results, tmp_path, monkeypatch, caplog):
     bindir = tmp_path / "bin"
     bindir.mkdir()
