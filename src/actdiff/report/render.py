@@ -332,12 +332,12 @@ def tabsets_to_css_tabs(md: str) -> str:
 
 @contextlib.contextmanager
 def _collector_paused():
-    """Python's cyclic garbage collector off while the fallback renders, as it was before after it. A report's
-    cells import matplotlib and pandas and draw six figures: hundreds of thousands of container objects, which
-    set off ~500 young and 5 full collections, 0.48-0.63 of a render's 4.5-5.4 CPU-s (tiny model, Zen 4; 0.26-0.29
-    with the collector off while the cells ran, most of it then one collection of what they had made; 0.0 here).
-    Nothing is kept from being freed but cycles (figures and their artists): a few tens of MB, +8-20 MB peak RSS
-    measured, collected when the collector next runs (a render job's process ends at once: none)."""
+    """Python's cyclic garbage collector off while the fallback renders, and after it as it was before. A report's
+    cells import matplotlib and pandas and draw six figures: hundreds of thousands of container objects, which set
+    off ~500 young and 5 full collections, 0.40-0.63 of a render job's 4.3-5.4 CPU-s (tiny model, Zen 4); with the
+    collector paused, 0.12-0.13 s remain (its first collection after the render). Only cycles wait to be freed
+    (figures and their artists: +17 MB peak RSS measured), until the collector next runs; a render job's process
+    ends first (bench/README.md, "the reports' cyclic collector paused")."""
     was = gc.isenabled()
     gc.disable()
     try:
