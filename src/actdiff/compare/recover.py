@@ -603,7 +603,8 @@ def _substitution_errors(ctx: SearchContext, own: str, cands: list[tuple[str, bo
         before = ctx.tried
         t = np.asarray(ctx.weights[c[0]])
         e = _rerun(ctx, {own: t.T if c[1] else t})
-        ctx.tried = ctx.tried if counted else before
+        if not counted:  # scored again in float64 after coarse_scores' float32 pass: counted there
+            ctx.tried = before
         return e
 
     if linear_after_product(ctx, {}) and np.isfinite(float32_rounding(ctx)):

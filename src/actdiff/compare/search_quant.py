@@ -178,7 +178,7 @@ class _Scorer:
         if key in self.scored:  # a float64 residual is as good
             return self.scored[key][0]
         before = self.sub.tried
-        e = self.sub.evaluate(_params(operands, choice))
+        e = _evaluate(self.sub, _params(operands, choice))
         self._tally(before)
         return e
 
