@@ -4,8 +4,10 @@
 
 Every rule's adapter ends its log with one "job cost:" line (actdiff.workflow_support.job_cost_line): the job's
 wall seconds since its process started (imports included), the CPU seconds of the process and of the children it
-waited for, and its peak RSS. This script sums those lines over ``<results>/logs`` per rule and prints jobs, CPU
-seconds, their share of the run's CPU, mean and largest per job, summed job wall time and peak RSS. With the
+waited for, its peak RSS, the system seconds of that CPU and the minor page faults. This script sums those lines
+over ``<results>/logs`` per rule and prints jobs, CPU seconds, their share of the run's CPU, mean and largest per
+job, the system seconds and page faults (thousands; "-" where a job's line predates them), summed job wall time
+and peak RSS. With the
 Snakemake log of the run it also prints the run's wall time (first to last timestamp) and the CPU the jobs used
 per second of it (2.0 = both cores busy on a 2-core machine).
 
@@ -39,7 +41,7 @@ def job_costs(logs: Path) -> tuple[list[dict], list[str]]:
         if cost is None:
             missing.append(str(log.relative_to(logs)))
             continue
-        jobs.append({k: cost[k] for k in ("rule", "wall_s", "cpu_s", "max_rss_mb")})
+        jobs.append({k: cost[k] for k in ("rule", "wall_s", "cpu_s", "max_rss_mb", "sys_s", "minflt")})
     return jobs, missing
 
 
@@ -54,9 +56,20 @@ def per_rule(jobs: list[dict]) -> list[dict]:
         rows.append({
             "rule": rule, "jobs": len(js), "cpu_s": sum(cpu), "cpu_share": sum(cpu) / total_cpu,
             "cpu_s_mean": sum(cpu) / len(js), "cpu_s_max": max(cpu), "wall_s_sum": sum(j["wall_s"] for j in js),
-            "max_rss_mb": max(j["max_rss_mb"] for j in js),
+            "max_rss_mb": max(j["max_rss_mb"] for j in js), "sys_s": _sum_known(js, "sys_s"),
+            "minflt": _sum_known(js, "minflt"),
         })  # fmt: skip
     return sorted(rows, key=lambda r: -r["cpu_s"])
+
+
+def _sum_known(js: list[dict], key: str):
+    """The jobs' sum of ``key``, or None where a job's cost line predates it (a partial sum would pass for a whole)."""
+    values = [j.get(key) for j in js]
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def run_wall_s(snakemake_log: Path) -> float | None:
@@ -67,14 +80,19 @@ def run_wall_s(snakemake_log: Path) -> float | None:
 
 
 def print_table(rows: list[dict], missing: list[str], wall: float | None) -> None:
-    print("| rule | jobs | CPU s | share | CPU s / job (mean, max) | job wall s (sum) | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| rule | jobs | CPU s | share | CPU s / job (mean, max) | of it system s | minor faults (k) "
+          "| job wall s (sum) | peak RSS MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['rule']} | {r['jobs']} | {r['cpu_s']:.1f} | {100 * r['cpu_share']:.1f} % | "
-              f"{r['cpu_s_mean']:.1f}, {r['cpu_s_max']:.1f} | {r['wall_s_sum']:.0f} | {r['max_rss_mb']} |")  # fmt: skip
+              f"{r['cpu_s_mean']:.1f}, {r['cpu_s_max']:.1f} | {_fmt(r['sys_s'], '.1f')} | "
+              f"{_fmt(None if r['minflt'] is None else r['minflt'] / 1000, '.0f')} | {r['wall_s_sum']:.0f} | "
+              f"{r['max_rss_mb']} |")  # fmt: skip
     cpu = sum(r["cpu_s"] for r in rows)
     wall_sum = sum(r["wall_s_sum"] for r in rows)
-    print(f"| all | {sum(r['jobs'] for r in rows)} | {cpu:.1f} | 100 % | | {wall_sum:.0f} | |")
+    sys_s, faults = _sum_known(rows, "sys_s"), _sum_known(rows, "minflt")
+    print(f"| all | {sum(r['jobs'] for r in rows)} | {cpu:.1f} | 100 % | | {_fmt(sys_s, '.1f')} | "
+          f"{_fmt(None if faults is None else faults / 1000, '.0f')} | {wall_sum:.0f} | |")  # fmt: skip
     if missing:
         print(f"\njobs without a cost line: {len(missing)} (e.g. {missing[:3]})")
     if wall:

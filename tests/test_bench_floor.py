@@ -134,29 +134,42 @@ def test_peak_runs_every_isa_the_cpu_has():
 
 
 def test_report_time_sums_job_cost_lines(tmp_path):
-    """bench/report_time.py sums the "job cost:" lines the adapters log (workflow_support.job_cost_line), per rule;
-    a log without one is listed, never silently dropped."""
+    """bench/report_time.py sums the "job cost:" lines the adapters log (workflow_support.job_cost_line), per rule,
+    their system seconds and page faults too; a log without one is listed, never silently dropped, and a family
+    with a line from before the system seconds were logged shows none rather than a partial sum."""
+    import resource
+
     import report_time
 
     from actdiff.workflow_support import job_cost_line, parse_job_cost
 
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     line = job_cost_line("compute_stats")  # this process's real figures, parsed back
     cost = parse_job_cost(f"2026 INFO started\n2026 INFO {line}\n")
     assert cost is not None and cost["rule"] == "compute_stats" and cost["cpu_s"] > 0 and cost["max_rss_mb"] > 0, line
+    assert 0 <= cost["sys_s"] <= cost["cpu_s"] + 0.01 and cost["minflt"] >= before > 0, line  # 0.01: both rounded
     assert parse_job_cost("2026 ERROR failed before the end\n") is None
     logs = tmp_path / "logs"
-    jobs = [("a/x.log", "compute_stats", 3.5), ("a/y.log", "compute_stats", 1.5), ("b/z.log", "tokenize", 1.0)]
-    for rel, rule, cpu in jobs:
+    new = " sys_s={:.2f} minflt={}"
+    jobs = [
+        ("a/x.log", "compute_stats", 3.5, new.format(0.5, 1000)),
+        ("a/y.log", "compute_stats", 1.5, new.format(0.25, 2500)),
+        ("b/z.log", "tokenize", 1.0, ""),
+        ("b/w.log", "tokenize", 1.0, new.format(0.1, 9)),
+    ]
+    for rel, rule, cpu, tail in jobs:
         (logs / rel).parent.mkdir(parents=True, exist_ok=True)
         (logs / rel).write_text(f"2026 INFO started\n2026 INFO job cost: rule={rule} wall_s=9.00 cpu_s={cpu:.2f} "
-                                "max_rss_mb=120 children_max_rss_mb=0\n")  # fmt: skip
+                                f"max_rss_mb=120 children_max_rss_mb=0{tail}\n")  # fmt: skip
     (logs / "c.log").write_text("2026 ERROR failed before the end\n")
     jobs, missing = report_time.job_costs(logs)
     rows = {r["rule"]: r for r in report_time.per_rule(jobs)}
     assert missing == ["c.log"]
     assert rows["compute_stats"]["jobs"] == 2 and rows["compute_stats"]["cpu_s"] == pytest.approx(5.0)
-    assert rows["compute_stats"]["cpu_share"] == pytest.approx(5.0 / 6.0)
+    assert rows["compute_stats"]["cpu_share"] == pytest.approx(5.0 / 7.0)
+    assert rows["compute_stats"]["sys_s"] == pytest.approx(0.75) and rows["compute_stats"]["minflt"] == 3500
     assert rows["tokenize"]["cpu_s_max"] == pytest.approx(1.0)
+    assert rows["tokenize"]["sys_s"] is None and rows["tokenize"]["minflt"] is None  # one line predates them
     slog = tmp_path / "run.log"
     slog.write_text("[Wed Dec  2 13:02:58 2026]\nrule x\n[Wed Dec  2 13:07:28 2026]\nFinished\n")
     assert report_time.run_wall_s(slog) == pytest.approx(270.0)

@@ -115,25 +115,30 @@ JOB_COST_PREFIX = "job cost:"
 def job_cost_line(rule: str) -> str:
     """One parseable line of what this job cost (bench/report_time.py sums them per rule family): wall seconds
     since the process started (imports included), CPU seconds of this process and of the children it waited
-    for (a report's Jupyter kernel, pandoc), and its peak RSS. Snakemake's own benchmark samples CPU time every
+    for (a report's Jupyter kernel, pandoc), and its peak RSS; then how much of that CPU was the kernel's
+    (``sys_s``) and the minor page faults (``minflt``): pages the job touched for the first time, which on a
+    guest that hands freed memory back to its host cost far more system time than anywhere else (bench/README.md,
+    "Where a report's CPU and system time go on this guest"). Snakemake's own benchmark samples CPU time every
     few seconds and misses most of a short job's."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
     return (
         f"{JOB_COST_PREFIX} rule={rule} wall_s={_process_age_s():.2f} cpu_s={cpu:.2f} "
-        f"max_rss_mb={own.ru_maxrss / 1024:.0f} children_max_rss_mb={kids.ru_maxrss / 1024:.0f}"
+        f"max_rss_mb={own.ru_maxrss / 1024:.0f} children_max_rss_mb={kids.ru_maxrss / 1024:.0f} "
+        f"sys_s={own.ru_stime + kids.ru_stime:.2f} minflt={own.ru_minflt + kids.ru_minflt}"
     )
 
 
 _JOB_COST_RE = re.compile(
     re.escape(JOB_COST_PREFIX) + r" rule=(\S+) wall_s=([0-9.]+) cpu_s=([0-9.]+) max_rss_mb=([0-9]+)"
-    r"(?: children_max_rss_mb=([0-9]+))?"
+    r"(?: children_max_rss_mb=([0-9]+))?(?: sys_s=([0-9.]+) minflt=([0-9]+))?"
 )
 
 
 def parse_job_cost(text: str) -> dict | None:
     """The last :func:`job_cost_line` in a log's ``text`` as {rule, wall_s, cpu_s, max_rss_mb,
-    children_max_rss_mb}, or None when the log has none (the job failed, or ran before the line existed).
+    children_max_rss_mb, sys_s, minflt} (the last two None in a line from before they were logged), or None when
+    the log has none (the job failed, or ran before the line existed).
     Benchmarks read a job's cost here: Snakemake's ``benchmark:`` directive, which sampled every job's processes
     from the scheduler every 0.5 s, was dropped (it cost the scheduler's
     process about 0.2 CPU-s a job: 142 -> 96 CPU-s over `make report`, bench/README.md)."""
@@ -143,7 +148,8 @@ def parse_job_cost(text: str) -> dict | None:
     m = hits[-1]
     kids = int(m[5]) if m[5] is not None else 0
     return {"rule": m[1], "wall_s": float(m[2]), "cpu_s": float(m[3]), "max_rss_mb": int(m[4]),
-            "children_max_rss_mb": kids}  # fmt: skip
+            "children_max_rss_mb": kids, "sys_s": float(m[6]) if m[6] is not None else None,
+            "minflt": int(m[7]) if m[7] is not None else None}  # fmt: skip
 
 
 def _process_age_s() -> float:
