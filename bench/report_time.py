@@ -68,8 +68,9 @@ def _sum_known(js: list[dict], key: str):
     return None if any(v is None for v in values) else sum(values)
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v, spec: str, scale: float = 1.0) -> str:
+    """``v / scale`` formatted by ``spec``, "-" where ``v`` is None (not logged)."""
+    return "-" if v is None else format(v / scale, spec)
 
 
 def run_wall_s(snakemake_log: Path) -> float | None:
@@ -86,13 +87,13 @@ def print_table(rows: list[dict], missing: list[str], wall: float | None) -> Non
     for r in rows:
         print(f"| {r['rule']} | {r['jobs']} | {r['cpu_s']:.1f} | {100 * r['cpu_share']:.1f} % | "
               f"{r['cpu_s_mean']:.1f}, {r['cpu_s_max']:.1f} | {_fmt(r['sys_s'], '.1f')} | "
-              f"{_fmt(None if r['minflt'] is None else r['minflt'] / 1000, '.0f')} | {r['wall_s_sum']:.0f} | "
+              f"{_fmt(r['minflt'], '.0f', 1000)} | {r['wall_s_sum']:.0f} | "
               f"{r['max_rss_mb']} |")  # fmt: skip
     cpu = sum(r["cpu_s"] for r in rows)
     wall_sum = sum(r["wall_s_sum"] for r in rows)
     sys_s, faults = _sum_known(rows, "sys_s"), _sum_known(rows, "minflt")
     print(f"| all | {sum(r['jobs'] for r in rows)} | {cpu:.1f} | 100 % | | {_fmt(sys_s, '.1f')} | "
-          f"{_fmt(None if faults is None else faults / 1000, '.0f')} | {wall_sum:.0f} | |")  # fmt: skip
+          f"{_fmt(faults, '.0f', 1000)} | {wall_sum:.0f} | |")  # fmt: skip
     if missing:
         print(f"\njobs without a cost line: {len(missing)} (e.g. {missing[:3]})")
     if wall:
