@@ -1,6 +1,7 @@
 """``actdiff run [snakemake arguments]``: the documented way to start the workflow.
 
-It checks every ``--configfile`` argument, then replaces itself with ``python -m snakemake`` with the arguments
+It checks every ``--configfile`` argument, starts the run's warm process (actdiff.warm: the script jobs run in
+forks of it, with their libraries loaded), then replaces itself with ``python -m snakemake`` with the arguments
 unchanged. Snakemake reads config files in its command-line layer, before the Snakefile runs, so the workflow
 cannot improve two of its messages:
 
@@ -100,6 +101,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"actdiff run: {e}", file=sys.stderr)
         return 1
+    from .warm import start
+
+    env, _lifeline = start(argv)  # the run's warm process (actdiff.warm), alive while Snakemake holds _lifeline
+    os.environ.update(env)  # Snakemake's jobs find it by this
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "snakemake", *argv])
     return 0  # pragma: no cover - execv does not return

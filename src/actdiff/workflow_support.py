@@ -13,6 +13,7 @@ import time
 
 from .errors import ActdiffError
 from .heap import reuse_freed_memory_for_job
+from .warm import in_child
 
 
 def setup_logging(log_path: str | None = None) -> None:
@@ -64,7 +65,8 @@ def run(snakemake, func, **kwargs):
     pin_threads(snakemake.threads)
     reuse_freed_memory_for_job()  # freed blocks reused, none mapped afresh (actdiff.heap)
     log = logging.getLogger(f"actdiff.rule.{snakemake.rule}")
-    log.info("rule %s: wildcards %s, threads %d", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
+    where = " (in a fork of the run's warm process, actdiff.warm)" if in_child() else ""
+    log.info("rule %s: wildcards %s, threads %d%s", snakemake.rule, dict(snakemake.wildcards), snakemake.threads, where)
     try:
         result = func(**kwargs)
     except ActdiffError as e:

@@ -1,5 +1,9 @@
 """Adapter for rule aggregate_stats: corpus aggregates, the worst prompts and the verdict."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.layout import Layout
 from actdiff.pipeline import aggregate_stats
 from actdiff.tables import SHARD_TABLES

@@ -1,5 +1,9 @@
 """Adapter for rule compute_stats: statistics of one shard."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import compute_stats
 from actdiff.workflow_support import run
 

@@ -1,5 +1,9 @@
 """Adapter for rule convert_gguf: the model as a GGUF of the variant's weight type."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import convert_gguf
 from actdiff.workflow_support import run
 

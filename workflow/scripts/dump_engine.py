@@ -1,5 +1,9 @@
 """Adapter for rule dump_engine: record every node of the actdiff engine for one shard and variant."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import dump
 from actdiff.workflow_support import run
 

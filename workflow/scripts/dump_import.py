@@ -1,5 +1,9 @@
 """Adapter for rule dump_import: an outside engine (config kind import) over one shard, imported."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import dump_import
 from actdiff.workflow_support import run
 

@@ -1,5 +1,9 @@
 """Adapter for rule dump_onnxruntime: record every canonical node ONNX Runtime computes for one shard."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import dump
 from actdiff.workflow_support import run
 

@@ -1,5 +1,9 @@
 """Adapter for rule export_onnx: the fp32 reference as ONNX, every canonical node a named value."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import export_onnx
 from actdiff.workflow_support import run
 

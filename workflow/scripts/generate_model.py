@@ -1,5 +1,9 @@
 """Adapter for rule generate_model: build an embedded default model from its seed."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import generate_model
 from actdiff.workflow_support import run
 

@@ -1,5 +1,9 @@
 """Adapter for rule onnx_variant: an ONNX Runtime variant's model file made from the fp32 export."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import onnx_variant
 from actdiff.workflow_support import run
 

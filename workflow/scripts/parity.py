@@ -1,5 +1,9 @@
 """Adapter for rule parity: weight and config parity of the engine at one variant."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import parity
 from actdiff.workflow_support import run
 

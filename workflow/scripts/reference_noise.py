@@ -1,6 +1,10 @@
 """Adapter for rule reference_noise: the reference's fp32 noise of one shard and an fp32 engine's propagated budgets,
 shared by the runs' statistics."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import reference_noise
 from actdiff.workflow_support import run
 

@@ -1,5 +1,9 @@
 """Adapter for rule render_report: the HTML report of one (model, side, variant)."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.layout import Layout
 from actdiff.report import render_report
 from actdiff.workflow_support import run

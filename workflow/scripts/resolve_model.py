@@ -1,5 +1,9 @@
 """Adapter for rule resolve_model: locate and fingerprint a model."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import resolve_model
 from actdiff.workflow_support import run
 

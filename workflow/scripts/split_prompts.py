@@ -1,5 +1,9 @@
 """Adapter for rule split_prompts: validate the prompt sheet and write one Parquet per shard."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import split_prompts
 from actdiff.workflow_support import run
 

@@ -1,5 +1,9 @@
 """Adapter for rule tokenize: token ids for one shard (transformers, tokenizers, the engine's own)."""
 
+from actdiff.warm import hand_over
+
+hand_over()  # in a fork of the run's warm process, where there is one (actdiff.warm)
+
 from actdiff.pipeline import tokenize
 from actdiff.workflow_support import run
 

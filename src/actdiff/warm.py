@@ -1,0 +1,295 @@
+"""A warm process per workflow run: each Snakemake script job runs in a fork of it, with the libraries loaded.
+
+Every job of the workflow is a fresh Python process that imports what its rule needs before it does any work:
+numpy, pyarrow, pandas, h5py, scipy, matplotlib, IPython and jupytext, and our own modules. In the default report's
+163 jobs that is about a tenth of the run's CPU (0.4 s a statistics job, 0.9 s a report: bench/README.md). ``actdiff
+run`` therefore starts one warm process beside Snakemake (:func:`start`): it imports those libraries once and
+listens on a Unix socket. A script job's adapter hands itself over first thing (:func:`hand_over`): it sends its
+command line, working directory, environment and standard streams, and the warm process forks a child that runs
+the adapter's script from the top, as Snakemake would have, with everything already imported. The job's own
+process waits, passes on the signals it is sent, and exits as the child did.
+
+What a job is to Snakemake does not change: its process runs for as long as the job, its exit status (or the signal
+that ended it) is the job's, a SIGTERM reaches the job. A job whose process is killed outright (SIGKILL: a timeout, a
+cancelled run) takes its child with it: the child watches the connection to the job's process and kills itself when
+that process is gone, so no orphan writes outputs after Snakemake has given up on the job (they are written to a
+temporary name and renamed, actdiff.atomic, so a killed job leaves none either way). Where the warm process is not
+there (not started yet, another way of running Snakemake, a job SLURM runs: its limits and accounting must hold
+the job's own process) the job runs in its own process as before.
+
+Fork safety: the warm process never starts a thread. It loads the libraries with one BLAS thread (OpenBLAS would
+start its pool at load) and checks that it is alone in its process before serving; a child sets its thread counts
+as every job does (actdiff.workflow_support.pin_threads) and reads the kernel path from its own environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+SOCKET_ENV = "ACTDIFF_WARM_SOCKET"  # the warm process's socket, for the jobs of the run
+SWITCH_ENV = "ACTDIFF_WARM"  # "0": no warm process (every job in a process of its own)
+# Snakemake arguments after which no job runs: no warm process is started for them
+NO_JOBS_FLAGS = frozenset({"-n", "--dry-run", "--dryrun", "--lint", "--list", "-l", "--list-rules", "--summary",
+                           "-S", "--detailed-summary", "-D", "--dag", "--rulegraph", "--filegraph", "--version",
+                           "-v", "--help", "-h", "--unlock", "--cleanup-metadata", "--list-target-rules"})  # fmt: skip
+# What the workflow's jobs import, loaded once in the warm process (any that is not installed is left out)
+PRELOAD = (
+    "numpy", "scipy.optimize", "scipy.special", "pyarrow", "pyarrow.compute", "pyarrow.parquet", "pyarrow.dataset",
+    "pandas", "h5py", "yaml", "threadpoolctl", "safetensors", "matplotlib.figure", "matplotlib.backends.backend_agg",
+    "IPython.core.interactiveshell", "IPython.core.completer", "jupytext", "nbformat", "pypandoc", "snakemake.script",
+    "actdiff.workflow_support", "actdiff.pipeline", "actdiff.layout", "actdiff.tables", "actdiff.kernels",
+    "actdiff.engine", "actdiff.sides", "actdiff.compare.stats", "actdiff.compare.aggregate",
+    "actdiff.compare.refnoise", "actdiff.compare.search", "actdiff.compare.search_fit",
+    "actdiff.compare.search_quant", "actdiff.compare.recover", "actdiff.compare.recover_index",
+    "actdiff.compare.parity", "actdiff.report", "actdiff.report.render", "actdiff.report.sections",
+    "actdiff.report.shell",
+)  # fmt: skip
+# threads a library starts at load that survive a fork by design: pyarrow's jemalloc purges freed pages in the
+# background, and jemalloc takes its locks around fork (pthread_atfork) and starts the thread again in a child
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
+_ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ACTDIFF_NUM_THREADS")
+_HEADER = struct.Struct("!I")
+
+_in_child = False  # set in a job forked by the warm process
+
+
+# ------------------------------------------------------------------------------------------- the job's side
+def hand_over() -> None:
+    """Run this script job in a fork of the run's warm process and end this process as the job ended there; return
+    (the job then runs here) where there is none to hand it to. A Snakemake script adapter calls this first."""
+    path = os.environ.get(SOCKET_ENV, "")
+    if _in_child or not path or os.environ.get("SLURM_JOB_ID"):
+        return
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(path)
+        request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+        socket.send_fds(conn, [_HEADER.pack(len(request))], [0, 1, 2])
+        conn.sendall(request)
+        replies = conn.makefile("r", encoding="utf-8")
+        first = replies.readline().split()
+    except OSError:
+        return  # gone since it was started, or refusing: the job runs here
+    if first[:1] != ["pid"]:
+        return
+    child = int(first[1])
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda s, _f: _pass_on(child, s))
+    _end_as(replies.readline().split())
+
+
+def _pass_on(child: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child, sig)
+
+
+def _end_as(status: list[str]) -> None:
+    """End this process as the child ended: ``exit N`` or ``signal N``; anything else (the warm process went away
+    before it could say) is a failed job."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    if len(status) == 2 and status[0] == "signal":
+        sig = int(status[1])
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    if len(status) == 2 and status[0] == "exit":
+        os._exit(int(status[1]))
+    print("actdiff: the warm process ended before this job's status was known", file=sys.stderr)
+    os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------- starting one
+def start(argv: list[str]) -> tuple[dict[str, str], int | None]:
+    """Start the run's warm process for ``actdiff run``'s Snakemake arguments: (the environment variables its jobs
+    find it by, its lifeline), or ({}, None) where none is started (switched off, no job will run, a SLURM job). It
+    lives until its lifeline, a pipe's write end left open here, closes: ``actdiff run`` keeps it across its exec of
+    Snakemake (Snakemake's jobs do not inherit it), so the warm process ends with Snakemake, however that ends."""
+    if os.environ.get(SWITCH_ENV, "1") == "0" or NO_JOBS_FLAGS & set(argv) or os.environ.get("SLURM_JOB_ID"):
+        return {}, None
+    where = Path(tempfile.mkdtemp(prefix="actdiff-warm-"))
+    path = where / "socket"
+    read_end, write_end = os.pipe()
+    env = {**os.environ, **{v: "1" for v in _ONE_THREAD}}
+    subprocess.Popen(  # noqa: S603 - our own module, this interpreter
+        [sys.executable, "-m", "actdiff.warm", str(path), str(read_end)], pass_fds=(read_end,), env=env,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    os.close(read_end)
+    os.set_inheritable(write_end, True)
+    return {SOCKET_ENV: str(path)}, write_end
+
+
+def in_child() -> bool:
+    """Is this process a job forked by the run's warm process?"""
+    return _in_child
+
+
+# ---------------------------------------------------------------------------------------- the warm process
+def serve(path: str, lifeline: int) -> int:
+    """Load PRELOAD, then fork a child per job handed over until the lifeline closes (Snakemake has ended)."""
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    threads = _other_threads()
+    if threads:
+        print(f"actdiff warm process: a library started threads ({', '.join(threads)}); not serving, every job runs "
+              "in its own process", file=sys.stderr)  # fmt: skip
+        return 1
+    gc.collect()
+    gc.freeze()  # what is loaded stays out of the children's collections (they would write to every page of it)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    jobs: dict[int, socket.socket] = {}
+    try:
+        while True:
+            ready, _, _ = select.select([listener, lifeline, wake_r], [], [])
+            if lifeline in ready:
+                return 0
+            if wake_r in ready:
+                os.read(wake_r, 512)
+                _reap(jobs)
+            if listener in ready:
+                _accept(listener, jobs, (listener.fileno(), lifeline, wake_r, wake_w))
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
+
+
+def _other_threads() -> list[str]:
+    """The names of this process's threads but the main one and those FORK_SAFE_THREADS names."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != os.getpid():
+            with contextlib.suppress(OSError):
+                names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    return [n for n in names if n not in FORK_SAFE_THREADS]
+
+
+def _accept(listener: socket.socket, jobs: dict, own_fds: tuple) -> None:
+    conn, _ = listener.accept()
+    try:
+        head, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+        (size,) = _HEADER.unpack(head)
+        body = b""
+        while len(body) < size:
+            part = conn.recv(size - len(body))
+            if not part:
+                raise OSError("the job's process went away")
+            body += part
+        request = json.loads(body)
+    except (OSError, ValueError, struct.error):
+        conn.close()
+        return
+    pid = os.fork()
+    if pid == 0:
+        _child(conn, fds, request, [c for c in jobs.values()], own_fds)
+    for fd in fds:
+        os.close(fd)
+    jobs[pid] = conn
+    with contextlib.suppress(OSError):
+        conn.sendall(f"pid {pid}\n".encode())
+
+
+def _reap(jobs: dict) -> None:
+    while jobs:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = jobs.pop(pid, None)
+        if conn is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)  # -N: ended by signal N
+        said = f"signal {-code}" if code < 0 else f"exit {code}"
+        with contextlib.suppress(OSError):
+            conn.sendall(f"{said}\n".encode())
+        conn.close()
+
+
+def _child(conn: socket.socket, fds: list[int], request: dict, others: list, own_fds: tuple) -> None:
+    """The job, in the forked child: the job's streams, directory, environment and command line, then its script;
+    never returns."""
+    global _in_child
+    _in_child = True
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for c in others:
+            c.close()
+        for fd in own_fds:
+            os.close(fd)
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        _from_environment()
+        threading.Thread(target=_die_with_job, args=(conn,), daemon=True, name="actdiff-warm-lifeline").start()
+        sys.argv = list(request["argv"])
+        import runpy
+
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - the job's traceback, as its own process would print it
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+
+
+def _from_environment() -> None:
+    """What the loaded libraries took from the warm process's environment, taken again from the job's: the kernel
+    path (ACTDIFF_KERNELS_ISA, checked as at import)."""
+    kernels = sys.modules.get("actdiff.kernels")
+    if kernels is not None:
+        kernels.forced_isa()
+        kernels.lib.ak_set_isa(kernels.lib.AK_ISA_AUTO)
+
+
+def _die_with_job(conn: socket.socket) -> None:
+    """Kill this child when the job's process is gone (the connection's other end closed: it was killed)."""
+    with contextlib.suppress(OSError):
+        while conn.recv(64):
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":  # run as actdiff.warm, not __main__: a child's _in_child is the module its jobs import
+    from actdiff import warm
+
+    sys.exit(warm.serve(sys.argv[1], int(sys.argv[2])))
