@@ -201,7 +201,13 @@ def _accept(listener: socket.socket, jobs: dict, own_fds: tuple) -> None:
     except (OSError, ValueError, struct.error):
         conn.close()
         return
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # no process to spare: the job runs in its own (hand_over reads no pid)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        return
     if pid == 0:
         _child(conn, fds, request, [c for c in jobs.values()], own_fds)
     for fd in fds:
