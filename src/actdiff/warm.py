@@ -60,7 +60,6 @@ PRELOAD = (
 # threads a library starts at load that survive a fork by design: pyarrow's jemalloc purges freed pages in the
 # background, and jemalloc takes its locks around fork (pthread_atfork) and starts the thread again in a child
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
-_ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ACTDIFF_NUM_THREADS")
 _HEADER = struct.Struct("!I")
 
 _in_child = False  # set in a job forked by the warm process
@@ -91,6 +90,13 @@ def hand_over() -> None:
     _end_as(replies.readline().split())
 
 
+def flush_streams() -> None:
+    """Flush stdout and stderr before a process ends without the interpreter's teardown (``os._exit``)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or gone: nothing left to flush
+            stream.flush()
+
+
 def _pass_on(child: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(child, sig)
@@ -99,9 +105,7 @@ def _pass_on(child: int, sig: int) -> None:
 def _end_as(status: list[str]) -> None:
     """End this process as the child ended: ``exit N`` or ``signal N``; anything else (the warm process went away
     before it could say) is a failed job."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+    flush_streams()
     if len(status) == 2 and status[0] == "signal":
         sig = int(status[1])
         signal.signal(sig, signal.SIG_DFL)
@@ -122,8 +126,10 @@ def start(argv: list[str]) -> tuple[dict[str, str], int | None]:
         return {}, None
     where = Path(tempfile.mkdtemp(prefix="actdiff-warm-"))
     path = where / "socket"
+    from .workflow_support import THREAD_VARS  # (it imports this module)
+
     read_end, write_end = os.pipe()
-    env = {**os.environ, **{v: "1" for v in _ONE_THREAD}}
+    env = {**os.environ, **{v: "1" for v in THREAD_VARS}}
     subprocess.Popen(  # noqa: S603 - our own module, this interpreter
         [sys.executable, "-m", "actdiff.warm", str(path), str(read_end)], pass_fds=(read_end,), env=env,
         stdin=subprocess.DEVNULL, start_new_session=True,
@@ -272,9 +278,7 @@ def _child(conn: socket.socket, fds: list[int], request: dict, others: list, own
 
         traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
+        flush_streams()
         os._exit(code)
 
 

@@ -13,7 +13,7 @@ import time
 
 from .errors import ActdiffError
 from .heap import reuse_freed_memory_for_job
-from .warm import in_child
+from .warm import flush_streams, in_child
 
 
 def setup_logging(log_path: str | None = None) -> None:
@@ -24,6 +24,10 @@ def setup_logging(log_path: str | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
     )
+
+
+# what a job's libraries read their thread counts from: BLAS, OpenMP (torch), MKL, our kernels' pool
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ACTDIFF_NUM_THREADS")
 
 
 def pin_threads(n: int) -> None:
@@ -44,7 +48,7 @@ def pin_threads(n: int) -> None:
     from threadpoolctl import threadpool_limits
 
     n = max(1, int(n))
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ACTDIFF_NUM_THREADS"):
+    for var in THREAD_VARS:
         os.environ[var] = str(n)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     threadpool_limits(limits=n)
@@ -103,11 +107,7 @@ def end_script_job() -> None:
         return
     gc.freeze()  # an exit function's full collection (IPython's, in a report) need not visit what the exit frees
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or gone: nothing left to flush
-            pass
+    flush_streams()
     os._exit(0)
 
 
