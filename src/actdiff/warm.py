@@ -61,6 +61,9 @@ PRELOAD = (
 # background, and jemalloc takes its locks around fork (pthread_atfork) and starts the thread again in a child
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 _HEADER = struct.Struct("!I")
+# the signals a job's own process passes on to its fork (SIGKILL cannot be: the fork watches for it instead), and
+# which the fork takes back from the warm process's handling (SIGINT: Python's KeyboardInterrupt, as in any job)
+PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 _in_child = False  # set in a job forked by the warm process
 
@@ -85,7 +88,7 @@ def hand_over() -> None:
     if first[:1] != ["pid"]:
         return
     child = int(first[1])
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in PASSED_ON:
         signal.signal(sig, lambda s, _f: _pass_on(child, s))
     _end_as(replies.readline().split())
 
@@ -249,9 +252,8 @@ def _child(conn: socket.socket, fds: list[int], request: dict, others: list, own
     code = 1
     try:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGCHLD, *PASSED_ON):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         for c in others:
             c.close()
         for fd in own_fds:

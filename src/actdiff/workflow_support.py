@@ -116,12 +116,13 @@ JOB_COST_PREFIX = "job cost:"
 
 def job_cost_line(rule: str) -> str:
     """One parseable line of what this job cost (bench/report_time.py sums them per rule family): wall seconds
-    since the process started (imports included), CPU seconds of this process and of the children it waited
-    for (a report's Jupyter kernel, pandoc), and its peak RSS; then how much of that CPU was the kernel's
-    (``sys_s``) and the minor page faults (``minflt``): pages the job touched for the first time, which on a
-    guest that hands freed memory back to its host cost far more system time than anywhere else (bench/README.md,
-    "Where a report's CPU and system time go on this guest"). Snakemake's own benchmark samples CPU time every
-    few seconds and misses most of a short job's."""
+    since the process started (imports included; in a fork of the run's warm process, actdiff.warm: since the
+    fork, the imports done there once and the job's own waiting process not counted), CPU seconds of this process
+    and of the children it waited for (a report's Jupyter kernel, pandoc), and its peak RSS; then how much of that
+    CPU was the kernel's (``sys_s``) and the minor page faults (``minflt``): pages the job touched for the first
+    time, which on a guest that hands freed memory back to its host cost far more system time than anywhere else
+    (bench/README.md, "Where a report's CPU and system time go on this guest"). Snakemake's own benchmark samples
+    CPU time every few seconds and misses most of a short job's."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
     return (
