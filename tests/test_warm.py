@@ -18,6 +18,7 @@ import pytest
 from helpers import BIN, REPO, run_cmd
 
 from actdiff import warm
+from actdiff.workflow_support import THREAD_VARS
 
 SRC = REPO / "src"
 
@@ -124,6 +125,82 @@ def test_the_kernel_path_is_the_jobs(server, tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert out.split() == ["scalar"]
+
+
+def test_the_later_libraries_are_loaded_while_it_serves(server, tmp_path):
+    """PRELOAD_LATER (torch, transformers, ...) loads after the warm process listens, one module at a time while no
+    job waits: a job forked once they are in finds them loaded, without importing them itself."""
+    script = _job(tmp_path, f"import sys\nprint(all(m in sys.modules for m in {warm.PRELOAD_LATER!r}))\n")
+    deadline = time.monotonic() + 120
+    while True:
+        p = _run(script, server, tmp_path)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        if out.split() == ["True"]:
+            break
+        assert time.monotonic() < deadline, "the later libraries were never loaded"
+        time.sleep(0.5)
+
+
+def test_a_later_library_that_starts_a_thread_ends_the_serving_but_not_the_jobs_in_flight(tmp_path):
+    """A fork of a process with a second thread could inherit that thread's locks held: once a later library starts
+    one, the socket goes and the next job runs in its own process, while the job forked before it runs to its end
+    and its caller gets its status."""
+    flag = tmp_path / "connecting"  # written by the first job just before it connects
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent(f"""
+        import pathlib, time
+        while not pathlib.Path({str(flag)!r}).exists():
+            time.sleep(0.05)
+        time.sleep(1)
+    """), encoding="utf-8")  # fmt: skip
+    (tmp_path / "starts_a_thread.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n",
+        encoding="utf-8",
+    )
+    serve = tmp_path / "serve.py"
+    serve.write_text(textwrap.dedent("""
+        import sys
+        from actdiff import warm
+        warm.PRELOAD, warm.PRELOAD_LATER = ("numpy",), ("slow_import", "starts_a_thread")
+        sys.exit(warm.serve(sys.argv[1], int(sys.argv[2])))
+    """), encoding="utf-8")  # fmt: skip
+    path = tmp_path / "warm" / "socket"
+    path.parent.mkdir()
+    read_end, lifeline = os.pipe()
+    env = {**os.environ, **{v: "1" for v in THREAD_VARS}, "PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}"}
+    server = subprocess.Popen([sys.executable, str(serve), str(path), str(read_end)], pass_fds=(read_end,), env=env,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    os.close(read_end)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert time.monotonic() < deadline, "the warm process never listened"
+            time.sleep(0.05)
+        script = tmp_path / "job.py"
+        script.write_text(textwrap.dedent(f"""
+            import pathlib, time
+            pathlib.Path({str(flag)!r}).touch()
+            from actdiff import warm
+            warm.hand_over()
+            time.sleep(2)
+            print(warm.in_child())
+        """), encoding="utf-8")  # fmt: skip
+        first = _run(script, {warm.SOCKET_ENV: str(path)}, tmp_path)  # handed over while slow_import loads
+        deadline = time.monotonic() + 60
+        while path.exists():
+            assert time.monotonic() < deadline, "the warm process went on serving with a second thread"
+            time.sleep(0.05)
+        second = _run(script, {warm.SOCKET_ENV: str(path)}, tmp_path)
+        for p, where in ((first, "True"), (second, "False")):
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            assert out.split() == [where]
+        assert server.wait(timeout=60) == 1
+        assert "a library started threads" in server.stderr.read()
+    finally:
+        os.close(lifeline)
+        server.kill()
+        server.wait()
 
 
 def test_without_a_warm_process_the_job_runs_here(tmp_path):

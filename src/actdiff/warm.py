@@ -1,13 +1,14 @@
 """A warm process per workflow run: each Snakemake script job runs in a fork of it, with the libraries loaded.
 
 Every job of the workflow is a fresh Python process that imports what its rule needs before it does any work:
-numpy, pyarrow, pandas, h5py, scipy, matplotlib, IPython and jupytext, and our own modules. In the default report's
-163 jobs that is about a tenth of the run's CPU (0.4 s a statistics job, 0.9 s a report: bench/README.md). ``actdiff
-run`` therefore starts one warm process beside Snakemake (:func:`start`): it imports those libraries once and
-listens on a Unix socket. A script job's adapter hands itself over first thing (:func:`hand_over`): it sends its
-command line, working directory, environment and standard streams, and the warm process forks a child that runs
-the adapter's script from the top, as Snakemake would have, with everything already imported. The job's own
-process waits, passes on the signals it is sent, and exits as the child did.
+numpy, pyarrow, pandas, h5py, scipy, matplotlib, IPython and jupytext, and our own modules; torch and transformers
+for the tokenizers, the reference and the ONNX export. In the default report's 163 jobs that is about a tenth of the
+run's CPU (0.4 s a statistics job, 0.9 s a report, 1.5-3 s a job that loads torch: bench/README.md). ``actdiff run``
+therefore starts one warm process beside Snakemake (:func:`start`): it imports those libraries once (PRELOAD, then
+listening on a Unix socket, PRELOAD_LATER while no job waits). A script job's adapter hands itself over first thing
+(:func:`hand_over`): it sends its command line, working directory, environment and standard streams, and the warm
+process forks a child that runs the adapter's script from the top, as Snakemake would have, with everything already
+imported. The job's own process waits, passes on the signals it is sent, and exits as the child did.
 
 What a job is to Snakemake does not change: its process runs for as long as the job, its exit status (or the signal
 that ended it) is the job's, a SIGTERM reaches the job. A job whose process is killed outright (SIGKILL: a timeout, a
@@ -56,6 +57,15 @@ PRELOAD = (
     "actdiff.compare.search_quant", "actdiff.compare.recover", "actdiff.compare.recover_index",
     "actdiff.compare.parity", "actdiff.report", "actdiff.report.render", "actdiff.report.sections",
     "actdiff.report.shell",
+)  # fmt: skip
+# Loaded once the warm process serves, one module at a time while no job is waiting to be handed over: the reference's
+# and the tokenizers' libraries (the tokenize, dump_reference and export_onnx jobs imported them for 1.5-3 CPU-s
+# each) take about 4 s to load, longer than Snakemake takes to start its first jobs, which would run in their own
+# processes meanwhile. A job forked before they are all loaded imports the rest itself. torch loads GNU libgomp,
+# which reads OMP_WAIT_POLICY as it loads: start() sets it as pin_threads does for a job's own process.
+PRELOAD_LATER = (
+    "torch", "transformers", "tokenizers", "transformers.models.bert.modeling_bert", "actdiff.models.nomic_moe",
+    "actdiff.reference", "actdiff.token_shards", "actdiff.onnxrt.export",
 )  # fmt: skip
 # threads a library starts at load that survive a fork by design: pyarrow's jemalloc purges freed pages in the
 # background, and jemalloc takes its locks around fork (pthread_atfork) and starts the thread again in a child
@@ -133,6 +143,7 @@ def start(argv: list[str]) -> tuple[dict[str, str], int | None]:
 
     read_end, write_end = os.pipe()
     env = {**os.environ, **{v: "1" for v in THREAD_VARS}}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (PRELOAD_LATER)
     subprocess.Popen(  # noqa: S603 - our own module, this interpreter
         [sys.executable, "-m", "actdiff.warm", str(path), str(read_end)], pass_fds=(read_end,), env=env,
         stdin=subprocess.DEVNULL, start_new_session=True,
@@ -149,17 +160,12 @@ def in_child() -> bool:
 
 # ---------------------------------------------------------------------------------------- the warm process
 def serve(path: str, lifeline: int) -> int:
-    """Load PRELOAD, then fork a child per job handed over until the lifeline closes (Snakemake has ended)."""
-    for name in PRELOAD:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
-    threads = _other_threads()
-    if threads:
-        print(f"actdiff warm process: a library started threads ({', '.join(threads)}); not serving, every job runs "
-              "in its own process", file=sys.stderr)  # fmt: skip
+    """Load PRELOAD, then fork a child per job handed over until the lifeline closes (Snakemake has ended), loading
+    PRELOAD_LATER whenever no job waits. A library that starts a thread ends the serving: at once where it is one of
+    PRELOAD; where it is a later one, the socket goes (the next jobs run in their own processes) and the jobs already
+    forked are seen to their end."""
+    if not _load(PRELOAD):
         return 1
-    gc.collect()
-    gc.freeze()  # what is loaded stays out of the children's collections (they would write to every page of it)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -168,9 +174,11 @@ def serve(path: str, lifeline: int) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     jobs: dict[int, socket.socket] = {}
+    later = list(PRELOAD_LATER)
     try:
-        while True:
-            ready, _, _ = select.select([listener, lifeline, wake_r], [], [])
+        while listener.fileno() >= 0 or jobs:
+            waits = [w for w in (listener, lifeline, wake_r) if not isinstance(w, socket.socket) or w.fileno() >= 0]
+            ready, _, _ = select.select(waits, [], [], 0 if later and listener.fileno() >= 0 else None)
             if lifeline in ready:
                 return 0
             if wake_r in ready:
@@ -178,11 +186,35 @@ def serve(path: str, lifeline: int) -> int:
                 _reap(jobs)
             if listener in ready:
                 _accept(listener, jobs, (listener.fileno(), lifeline, wake_r, wake_w))
+            elif not ready and not _load([later.pop(0)]):
+                _stop_listening(listener, path)
+        return 1
     finally:
-        listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-            os.rmdir(os.path.dirname(path))
+        _stop_listening(listener, path)
+
+
+def _load(names) -> bool:
+    """Import ``names`` (any not installed is left out) and freeze what is loaded out of the children's collections
+    (they would write to every page of it); False, and why on stderr, where a library started a thread."""
+    for name in names:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    threads = _other_threads()
+    if threads:
+        print(f"actdiff warm process: a library started threads ({', '.join(threads)}); not serving, the next jobs "
+              "run in their own processes", file=sys.stderr)  # fmt: skip
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
+
+
+def _stop_listening(listener: socket.socket, path: str) -> None:
+    """No more jobs handed over: the socket and its directory go, so a job finds none and runs in its own process."""
+    listener.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
 
 
 def _other_threads() -> list[str]:
