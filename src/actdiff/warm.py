@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 SOCKET_ENV = "ACTDIFF_WARM_SOCKET"  # the warm process's socket, for the jobs of the run
@@ -66,6 +67,7 @@ PRELOAD = (
 PRELOAD_LATER = (
     "torch", "transformers", "tokenizers", "transformers.models.bert.modeling_bert", "actdiff.models.nomic_moe",
     "actdiff.reference", "actdiff.token_shards", "actdiff.onnxrt.export",
+    "tabulate",  # what torch's exit handler (torch._dynamo.utils.dump_compile_times) imports: 37 ms in every job's exit
 )  # fmt: skip
 # threads a library starts at load that survive a fork by design: pyarrow's jemalloc purges freed pages in the
 # background, and jemalloc takes its locks around fork (pthread_atfork) and starts the thread again in a child
@@ -205,6 +207,11 @@ def _load(names) -> bool:
               "run in their own processes", file=sys.stderr)  # fmt: skip
         return False
     gc.collect()
+    for obj in gc.get_objects():  # (the objects not frozen yet)
+        if type(obj) is weakref.finalize:
+            # this process's objects: a job forked from it would run it at its own exit (torch's 176 operator
+            # libraries, 30 ms a job) and, for a temporary directory of this process's, remove it from under us
+            obj.atexit = False
     gc.freeze()
     return True
 
