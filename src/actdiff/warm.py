@@ -178,9 +178,9 @@ def serve(path: str, lifeline: int) -> int:
     jobs: dict[int, socket.socket] = {}
     later = list(PRELOAD_LATER)
     try:
-        while listener.fileno() >= 0 or jobs:
-            waits = [w for w in (listener, lifeline, wake_r) if not isinstance(w, socket.socket) or w.fileno() >= 0]
-            ready, _, _ = select.select(waits, [], [], 0 if later and listener.fileno() >= 0 else None)
+        while (listening := listener.fileno() >= 0) or jobs:
+            waits = [lifeline, wake_r, *([listener] if listening else [])]
+            ready, _, _ = select.select(waits, [], [], 0 if later and listening else None)
             if lifeline in ready:
                 return 0
             if wake_r in ready:
@@ -196,8 +196,9 @@ def serve(path: str, lifeline: int) -> int:
 
 
 def _load(names) -> bool:
-    """Import ``names`` (any not installed is left out) and freeze what is loaded out of the children's collections
-    (they would write to every page of it); False, and why on stderr, where a library started a thread."""
+    """Import ``names`` (any not installed is left out), then keep what is loaded out of the children's collections
+    (they would write to every page of it) and its finalizers out of their exits; False, and why on stderr, where a
+    library started a thread."""
     for name in names:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
