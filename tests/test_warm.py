@@ -18,7 +18,7 @@ import pytest
 from helpers import BIN, REPO, run_cmd
 
 from actdiff import warm
-from actdiff.workflow_support import THREAD_VARS
+from actdiff.workflow_support import set_thread_environment
 
 SRC = REPO / "src"
 
@@ -167,7 +167,8 @@ def test_a_later_library_that_starts_a_thread_ends_the_serving_but_not_the_jobs_
     path = tmp_path / "warm" / "socket"
     path.parent.mkdir()
     read_end, lifeline = os.pipe()
-    env = {**os.environ, **{v: "1" for v in THREAD_VARS}, "PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}"}
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}"}
+    set_thread_environment(env, 1)  # as warm.start does
     server = subprocess.Popen([sys.executable, str(serve), str(path), str(read_end)], pass_fds=(read_end,), env=env,
                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     os.close(read_end)

@@ -141,11 +141,11 @@ def start(argv: list[str]) -> tuple[dict[str, str], int | None]:
         return {}, None
     where = Path(tempfile.mkdtemp(prefix="actdiff-warm-"))
     path = where / "socket"
-    from .workflow_support import THREAD_VARS  # (it imports this module)
+    from .workflow_support import set_thread_environment  # (it imports this module)
 
     read_end, write_end = os.pipe()
-    env = {**os.environ, **{v: "1" for v in THREAD_VARS}}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (PRELOAD_LATER)
+    env = dict(os.environ)
+    set_thread_environment(env, 1)  # one BLAS thread; libgomp (torch, PRELOAD_LATER) reads OMP_WAIT_POLICY at load
     subprocess.Popen(  # noqa: S603 - our own module, this interpreter
         [sys.executable, "-m", "actdiff.warm", str(path), str(read_end)], pass_fds=(read_end,), env=env,
         stdin=subprocess.DEVNULL, start_new_session=True,

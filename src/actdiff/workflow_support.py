@@ -30,6 +30,15 @@ def setup_logging(log_path: str | None = None) -> None:
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ACTDIFF_NUM_THREADS")
 
 
+def set_thread_environment(env, n: int) -> None:
+    """Set in ``env`` (a process's environment, or one to start a process with) what libraries loaded after it read
+    their threads from: THREAD_VARS to ``n``, and OpenMP's idle workers passive unless ``env`` says otherwise
+    (:func:`pin_threads`)."""
+    for var in THREAD_VARS:
+        env[var] = str(n)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def pin_threads(n: int) -> None:
     """Pin BLAS/OpenMP/torch threads and our C kernels' pool for this process to the rule's thread count. The
     environment variables reach libraries loaded later; numpy's BLAS is loaded already (the adapter imported
@@ -48,9 +57,7 @@ def pin_threads(n: int) -> None:
     from threadpoolctl import threadpool_limits
 
     n = max(1, int(n))
-    for var in THREAD_VARS:
-        os.environ[var] = str(n)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_thread_environment(os.environ, n)
     threadpool_limits(limits=n)
     if "actdiff.kernels" in sys.modules:  # loaded already: its pool may have read the default; else the variable
         sys.modules["actdiff.kernels"].set_num_threads(min(n, 64))
