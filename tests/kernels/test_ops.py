@@ -182,6 +182,20 @@ def test_bf16_conversion():
     assert np.isnan(K.bf16_to_f32(K.f32_to_bf16(np.array([np.nan], np.float32))))[0]
 
 
+def test_bf16_conversion_at_every_exponent_and_rounding_boundary():
+    # every sign/exponent/high-mantissa pattern with the low 16 bits at each rounding case (0, below half, half
+    # with an even and odd kept bit, above half, all ones): round-to-nearest-even as torch does it, NaN kept
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    bits = (hi[:, None] | low[None, :]).ravel()
+    x = bits.view(np.float32)
+    got = K.bf16_to_f32(K.f32_to_bf16(x))
+    nan = np.isnan(x)
+    ref = torch.from_numpy(x[~nan]).to(torch.bfloat16).to(torch.float32).numpy()
+    assert np.array_equal(got[~nan].view(np.uint32), ref.view(np.uint32))
+    assert np.isnan(got[nan]).all() and nan.sum() == 2 * ((1 << 7) - 1) * 6 + 2 * 5
+
+
 # ------------------------------------------------------------------ elementwise / rows
 @pytest.mark.parametrize("shape", [(1, 1), (3, 17), (64, 768), (2, 5, 33)])
 def test_layernorm(rng, shape):

@@ -262,14 +262,24 @@ def _weight(name: str, w, ndim: int, trans: bool):
 
 # ---------------------------------------------------------------- dtype helpers
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """fp32 -> bf16 storage (uint16) with round-to-nearest-even; NaN stays a (quiet) NaN."""
+    """fp32 -> bf16 storage (uint16) with round-to-nearest-even; NaN stays a (quiet) NaN.
+
+    In uint32, in place on one temporary: bits + 0x7FFF + (bit 16) cannot wrap for any non-NaN pattern (the
+    largest, -inf's 0xFF800000, stays under 2**32), and NaN patterns are rewritten after. The earlier uint64
+    version allocated three arrays of twice the size: loading a bf16 engine's 30522 x 384 embedding table
+    took 1.7 s in a fresh process, nearly all of it page faults of those arrays (0.02 s now)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    b = x.view(np.uint32).astype(np.uint64)
-    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    b = x.view(np.uint32)
+    r = b >> 16
+    r &= 1
+    r += 0x7FFF
+    r += b
+    r >>= 16
+    out = r.astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
-        r[nan] = ((b[nan] >> 16) | 0x40).astype(np.uint16)
-    return r
+        out[nan] = ((b[nan] >> 16) | 0x40).astype(np.uint16)
+    return out
 
 
 def bf16_to_f32(x: np.ndarray) -> np.ndarray:
