@@ -38,6 +38,8 @@ def server():
     while os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(path), "the warm process outlived its lifeline"
+    startup = env["PYTHONPATH"].split(os.pathsep)[0]
+    assert not os.path.exists(startup), "the warm process left its sitecustomize behind"
 
 
 def _job(tmp_path: Path, body: str) -> Path:
@@ -202,6 +204,43 @@ def test_a_later_library_that_starts_a_thread_ends_the_serving_but_not_the_jobs_
         os.close(lifeline)
         server.kill()
         server.wait()
+
+
+def test_a_snakemake_script_job_is_handed_over_before_its_preamble(server, tmp_path):
+    """start()'s sitecustomize hands a Snakemake script job over as its interpreter starts, so the preamble (which
+    imports Snakemake, unpickling the job's object) runs in the fork only; without it, in the job's own process
+    too. In a Python process that is no such job, another sitecustomize later on the path runs as it would have."""
+    ran = tmp_path / "preamble-ran-in"
+    scripts = tmp_path / ".snakemake" / "scripts"
+    scripts.mkdir(parents=True)
+    script = scripts / "tmp1234abcd.job.py"
+    script.write_text(
+        f"{warm.PREAMBLE_START} (automatically inserted, do not edit) ########\n"
+        f"import os; open({str(ran)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        f"{warm.PREAMBLE_END}\n"
+        '"""An adapter."""\n\nfrom actdiff.warm import hand_over\n\nhand_over()  # first thing\n'
+        "import os\nprint(os.getpid())\n",
+        encoding="utf-8",
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import sys\nsys.other_sitecustomize = True\n", encoding="utf-8")
+    for early in (True, False):
+        ran.unlink(missing_ok=True)
+        path = [server["PYTHONPATH"]] if early else []
+        env = {**os.environ, **server, "PYTHONPATH": os.pathsep.join([*path, str(SRC), str(other)])}
+        p = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert out.split()[0] != str(p.pid)  # the fork's
+        assert ran.read_text().split() == ([out.split()[0]] if early else [str(p.pid), out.split()[0]])
+    # a Python process that is no Snakemake script job is left alone, and the other sitecustomize still runs
+    code = "import os, sys; print(os.getpid(), getattr(sys, 'other_sitecustomize', False))"
+    env = {**os.environ, **server, "PYTHONPATH": os.pathsep.join([server["PYTHONPATH"], str(SRC), str(other)])}
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=60)
+    assert out.split() == [str(p.pid), "True"]
 
 
 def test_without_a_warm_process_the_job_runs_here(tmp_path):

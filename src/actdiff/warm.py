@@ -34,9 +34,7 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -78,6 +76,42 @@ _HEADER = struct.Struct("!I")
 PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 _in_child = False  # set in a job forked by the warm process
+# Snakemake's preamble of a script job (snakemake.script.PythonScript): its first line, and the line that ends it
+PREAMBLE_START, PREAMBLE_END = "######## snakemake preamble start", "######## snakemake preamble end #########"
+STARTUP = "startup"  # beside the socket: the folder start() puts first on the jobs' PYTHONPATH
+# Its sitecustomize, which a job's interpreter imports as it starts: a Snakemake script job is handed over there,
+# before its preamble (hand_over_early), and any other sitecustomize on the path then runs as it would have
+_SITECUSTOMIZE = f"""\
+\"\"\"Written by actdiff.warm.start for one workflow run (actdiff.warm.hand_over_early).\"\"\"
+import sys
+
+
+def _hand_over_early():
+    try:
+        with open(sys.argv[0], encoding="utf-8") as f:
+            if f.read(len({PREAMBLE_START!r})) != {PREAMBLE_START!r}:
+                return
+        from actdiff.warm import hand_over_early
+    except (OSError, ImportError, IndexError, ValueError):
+        return
+    hand_over_early()
+
+
+def _next_sitecustomize():
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is not None and spec.loader is not None:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+_hand_over_early()
+_next_sitecustomize()
+"""
 
 
 # ------------------------------------------------------------------------------------------- the job's side
@@ -103,6 +137,22 @@ def hand_over() -> None:
     for sig in PASSED_ON:
         signal.signal(sig, lambda s, _f: _pass_on(child, s))
     _end_as(replies.readline().split())
+
+
+def hand_over_early() -> None:
+    """:func:`hand_over` as the job's interpreter starts, before Snakemake's preamble (the run's sitecustomize,
+    :func:`start`), where the script calls it at its top level after the preamble, as every adapter does first
+    thing. The preamble unpickles the job's ``snakemake`` object, which imports Snakemake: 0.10-0.12 CPU-s of
+    the job's own process before it could hand over, in each of a run's 164 jobs, which the fork then runs again
+    with Snakemake loaded. Anything else, or a script that does not hand over, goes on as it would have."""
+    try:
+        text = Path(sys.argv[0]).read_text(encoding="utf-8")
+    except (OSError, ValueError, IndexError):
+        return
+    preamble, end, body = text.partition(PREAMBLE_END)
+    adapter = "\nfrom actdiff.warm import hand_over\n" in body and "\nhand_over()" in body
+    if preamble.startswith(PREAMBLE_START) and end and adapter:
+        hand_over()
 
 
 def flush_streams() -> None:
@@ -136,9 +186,14 @@ def start(argv: list[str]) -> tuple[dict[str, str], int | None]:
     """Start the run's warm process for ``actdiff run``'s Snakemake arguments: (the environment variables its jobs
     find it by, its lifeline), or ({}, None) where none is started (switched off, no job will run, a SLURM job). It
     lives until its lifeline, a pipe's write end left open here, closes: ``actdiff run`` keeps it across its exec of
-    Snakemake (Snakemake's jobs do not inherit it), so the warm process ends with Snakemake, however that ends."""
+    Snakemake (Snakemake's jobs do not inherit it), so the warm process ends with Snakemake, however that ends. The
+    variables put a sitecustomize first on the jobs' PYTHONPATH (:func:`hand_over_early`); the warm process
+    removes it with its socket."""
     if os.environ.get(SWITCH_ENV, "1") == "0" or NO_JOBS_FLAGS & set(argv) or os.environ.get("SLURM_JOB_ID"):
         return {}, None
+    import subprocess  # here, not at the top: a job's own process imports this module only to hand itself over
+    import tempfile
+
     where = Path(tempfile.mkdtemp(prefix="actdiff-warm-"))
     path = where / "socket"
     from .workflow_support import set_thread_environment  # (it imports this module)
@@ -152,7 +207,10 @@ def start(argv: list[str]) -> tuple[dict[str, str], int | None]:
     )  # fmt: skip
     os.close(read_end)
     os.set_inheritable(write_end, True)
-    return {SOCKET_ENV: str(path)}, write_end
+    (where / STARTUP).mkdir()
+    (where / STARTUP / "sitecustomize.py").write_text(_SITECUSTOMIZE, encoding="utf-8")
+    python_path = os.pathsep.join(p for p in (str(where / STARTUP), os.environ.get("PYTHONPATH", "")) if p)
+    return {SOCKET_ENV: str(path), "PYTHONPATH": python_path}, write_end
 
 
 def in_child() -> bool:
@@ -167,6 +225,7 @@ def serve(path: str, lifeline: int) -> int:
     PRELOAD; where it is a later one, the socket goes (the next jobs run in their own processes) and the jobs already
     forked are seen to their end."""
     if not _load(PRELOAD):
+        _stop_listening(None, path)
         return 1
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -217,11 +276,17 @@ def _load(names) -> bool:
     return True
 
 
-def _stop_listening(listener: socket.socket, path: str) -> None:
-    """No more jobs handed over: the socket and its directory go, so a job finds none and runs in its own process."""
-    listener.close()
+def _stop_listening(listener: socket.socket | None, path: str) -> None:
+    """No more jobs handed over: the socket, the sitecustomize start() wrote beside it and their directory go, so a
+    job finds none and runs in its own process."""
+    import shutil
+
+    if listener is not None:
+        listener.close()
     with contextlib.suppress(OSError):
         os.unlink(path)
+    shutil.rmtree(Path(path).parent / STARTUP, ignore_errors=True)
+    with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(path))
 
 
