@@ -241,6 +241,10 @@ def test_a_snakemake_script_job_is_handed_over_before_its_preamble(server, tmp_p
     p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
     out, _ = p.communicate(timeout=60)
     assert out.split() == [str(p.pid), "True"]
+    # nor is a script read from a pipe, which the check must not consume
+    piped = subprocess.run(["bash", "-c", f"{sys.executable} <(printf 'print(6 * 7)')"], env=env, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert piped.stdout.split() == ["42"], piped.stderr
 
 
 def test_without_a_warm_process_the_job_runs_here(tmp_path):

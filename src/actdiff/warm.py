@@ -87,7 +87,11 @@ import sys
 
 
 def _hand_over_early():
-    try:
+    import os
+
+    try:  # a regular file only: reading from a pipe (python <(...)) would take the script's first bytes
+        if not (sys.argv[0].endswith(".py") and os.path.isfile(sys.argv[0])):
+            return
         with open(sys.argv[0], encoding="utf-8") as f:
             if f.read(len({PREAMBLE_START!r})) != {PREAMBLE_START!r}:
                 return
