@@ -6,9 +6,11 @@ for the tokenizers, the reference and the ONNX export. In the default report's 1
 run's CPU (0.4 s a statistics job, 0.9 s a report, 1.5-3 s a job that loads torch: bench/README.md). ``actdiff run``
 therefore starts one warm process beside Snakemake (:func:`start`): it imports those libraries once (PRELOAD, then
 listening on a Unix socket, PRELOAD_LATER while no job waits). A script job's adapter hands itself over first thing
-(:func:`hand_over`): it sends its command line, working directory, environment and standard streams, and the warm
-process forks a child that runs the adapter's script from the top, as Snakemake would have, with everything already
-imported. The job's own process waits, passes on the signals it is sent, and exits as the child did.
+(:func:`hand_over`; as its interpreter starts, before Snakemake's preamble, through the sitecustomize start() puts on
+the jobs' PYTHONPATH: :func:`hand_over_early`): it sends its command line, working directory, environment and
+standard streams, and the warm process forks a child that runs the adapter's script from the top, as Snakemake would
+have, with everything already imported. The job's own process waits, passes on the signals it is sent, and exits as
+the child did.
 
 What a job is to Snakemake does not change: its process runs for as long as the job, its exit status (or the signal
 that ended it) is the job's, a SIGTERM reaches the job. A job whose process is killed outright (SIGKILL: a timeout, a
