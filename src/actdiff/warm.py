@@ -148,9 +148,10 @@ def hand_over() -> None:
 def hand_over_early() -> None:
     """:func:`hand_over` as the job's interpreter starts, before Snakemake's preamble (the run's sitecustomize,
     :func:`start`), where the script calls it at its top level after the preamble, as every adapter does first
-    thing. The preamble unpickles the job's ``snakemake`` object, which imports Snakemake: 0.10-0.12 CPU-s of
-    the job's own process before it could hand over, in each of a run's 164 jobs, which the fork then runs again
-    with Snakemake loaded. Anything else, or a script that does not hand over, goes on as it would have."""
+    thing. The preamble unpickles the job's ``snakemake`` object, which imports Snakemake: 56-87 ms of CPU and of
+    latency in the job's own process before it could hand over (bench/README.md), in each of a run's 164 jobs, and
+    the fork runs it again anyway, with Snakemake loaded. Anything else, or a script that does not hand over, goes
+    on as it would have."""
     try:
         text = Path(sys.argv[0]).read_text(encoding="utf-8")
     except (OSError, ValueError, IndexError):
