@@ -164,6 +164,39 @@ def test_float32_products_move_each_error_within_the_float32_rounding_bound(mode
             assert moved > 0.0 or not a.ranked, node.name  # float32 was used: the errors moved in the last bits
 
 
+def test_float32_products_are_the_kernels_matmul_on_every_isa_path(model):
+    """refops.float32_products takes a MATMUL's product with the C matmul core (refops._product_f32) on the
+    float32-rounded operands, so the ranking's and the simulation's float32 products are the same bits on every
+    CPU, ISA path and thread count (kernels_c's arithmetic contract), where numpy's sgemm changed with the CPU.
+    Every MATMUL, each prompt's rows, every path this CPU runs at one and two threads: the op's value (its
+    product plus its bias in float64) equals the product computed by actdiff.kernels.matmul on the unpacked
+    float32 weight, plus the same bias, bit for bit."""
+    from actdiff import kernels
+    from actdiff.compare.refops import float32_products, op_value
+
+    m = model
+    w = _weights64(m)
+    before = (kernels.get_isa(), kernels.get_num_threads())
+    try:
+        for isa in kernels.supported_isas():
+            for threads in (1, 2):
+                kernels.set_isa(isa)
+                kernels.set_num_threads(threads)
+                for node in (n for n in m.graph if n.op == "MATMUL"):
+                    spec = spec_params(m.graph, node)
+                    W32 = np.asarray(w[node.weights[0]], np.float32)
+                    b = np.asarray(w[node.weights[1]], np.float64) if len(node.weights) > 1 else 0.0
+                    for v in m.vals:
+                        with float32_products():
+                            y = op_value(m.graph, node, v, w, dict(spec))
+                        x = np.asarray(v[node.inputs[0]], np.float32).reshape(-1, W32.shape[1])
+                        want = kernels.matmul(np.ascontiguousarray(x), W32).astype(np.float64) + b
+                        assert np.array_equal(np.asarray(y).reshape(want.shape), want), (isa, threads, node.name)
+    finally:
+        kernels.set_isa(before[0])
+        kernels.set_num_threads(before[1])
+
+
 # ---- the reference noise's sum envelope on summed rows (budgets._squared_op_sum)
 # The reference noise's sum envelope (actdiff.compare.budgets.sequential_sum_noise) reads the op on squared inputs
 # and squared weights only through its sum over the outputs. Where the op is linear in each row

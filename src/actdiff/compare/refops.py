@@ -687,8 +687,8 @@ def _shared(key, a: np.ndarray, compute) -> np.ndarray:
 @contextlib.contextmanager
 def float32_products(on: bool = True):
     """Within the block, MATMUL's product ``a @ W.T`` is computed in float32 (both operands rounded to float32,
-    numpy's sgemm, about twice float64's speed) and returned in float64, shared (:func:`shared_products`) only
-    with products computed so. For a caller whose tolerance at the node is far above what float32 rounding adds
+    :func:`_product_f32`) and returned in float64, shared (:func:`shared_products`) only with products computed
+    so. For a caller whose tolerance at the node is far above what float32 rounding adds
     there (actdiff.compare.propagation.float32_product_ok): the propagation simulation, and the ranking of
     hypotheses (actdiff.compare.hypotheses), at a node whose budget is many times the fp32 budget. ``on`` False:
     the block changes nothing (the products stay as the enclosing code has them)."""
@@ -704,10 +704,32 @@ def float32_products(on: bool = True):
 def _product(a: np.ndarray, W: np.ndarray) -> np.ndarray:
     """``a @ W.T`` in float64 (read-only where shared: :func:`shared_products`; float32 arithmetic inside
     :func:`float32_products`)."""
-    if _FLOAT32_PRODUCTS:  # the weight in float32 memoised: converting it per call was a fifth of such a product
-        W32 = WEIGHT_MEMO.get(W, "float32", lambda: np.asarray(W, np.float32))
-        return _shared(W, a, lambda x: (np.asarray(x, np.float32) @ W32.T).astype(np.float64))
+    if _FLOAT32_PRODUCTS:  # the weight packed once and memoised: converting it per call was a fifth of a product
+        packed = WEIGHT_MEMO.get(W, "float32 packed", lambda: _packed_f32(W))
+        return _shared(W, a, lambda x: _product_f32(x, packed))
     return _shared(W, a, lambda x: x @ W.T)
+
+
+def _packed_f32(W: np.ndarray):
+    from .. import kernels
+
+    return kernels.pack_f32(np.ascontiguousarray(W, np.float32))
+
+
+def _product_f32(a: np.ndarray, packed) -> np.ndarray:
+    """``a @ W.T`` in float32 arithmetic, in float64: ``a`` rounded to float32, the product by the C matmul core
+    on ``W`` packed once (actdiff.kernels.pack_f32), each element one fused multiply-add chain in k order: the
+    engine's own fp32 arithmetic, a correct fp32 kernel's error, and the same bits on every CPU and ISA path and
+    at any thread count. numpy's sgemm (OpenBLAS) took 1.10-1.22x as long on a group's stacked rows (rows x K x N
+    of 160-256 x 384 x 1536, 160-256 x 1536 x 384, 200 x 384 x 384) and 1.67x on 40 rows (Zen 4, one thread
+    each, the conversions included): the ranking's and the simulation's products 16-20 % less time
+    (bench/README.md)."""
+    from .. import kernels
+
+    x = np.ascontiguousarray(a, np.float32)
+    if x.shape[0] == 0:
+        return np.zeros((0, packed.shape[0]))
+    return kernels.matmul(x, packed).astype(np.float64)
 
 
 def _split(graph, node, x, w, p):
@@ -1296,7 +1318,8 @@ class WeightMemo:
         self.bytes = 0
 
     def get(self, a, rounding: str, compute) -> np.ndarray:
-        """``compute()`` (``a`` rounded as ``rounding`` names it), memoised for the ndarray ``a``."""
+        """``compute()`` (``a`` rounded as ``rounding`` names it: an ndarray, or a weight packed for the C matmul
+        core, whose panels are made read-only), memoised for the ndarray ``a``."""
         if not isinstance(a, np.ndarray):
             return compute()
         key = (id(a), rounding)
@@ -1307,7 +1330,7 @@ class WeightMemo:
         out = compute()
         if out.nbytes > self.max_bytes:
             return out
-        out.flags.writeable = False  # shared by every later caller
+        (out if isinstance(out, np.ndarray) else out.data).flags.writeable = False  # shared by every later caller
         self._drop(key)
         self.items[key] = (weakref.ref(a, lambda _ref, key=key: self._drop(key)), out)
         self.bytes += out.nbytes
