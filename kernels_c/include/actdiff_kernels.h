@@ -240,6 +240,17 @@ int ak_erf_f64_impl(int *isa);
 int ak_round_f16(float *out, const float *x, int64_t n);
 int ak_round_f16_naive(float *out, const float *x, int64_t n);
 
+/* ---- float32 <-> float16 storage (ONNX Runtime's float16 values, actdiff.onnxrt) ----
+ * convert_f32_f16: out (n) float16 bits of x (n) float32, nearest even (65520 and up: infinity; subnormals kept);
+ * convert_f16_f32: out (n) float32 of h (n) float16 bits, exact. numpy's astype bit for bit on every input and path,
+ * NaN included (its payload's bits that fit kept, never quieted). F16C on the avx2 path, AVX-512 (F, BW) on the
+ * avx512 path, the scalar code otherwise or where a vector holds a NaN (kernels_c/src/half.c). _naive: the scalar
+ * code. */
+int ak_convert_f32_f16(uint16_t *out, const float *x, int64_t n);
+int ak_convert_f32_f16_naive(uint16_t *out, const float *x, int64_t n);
+int ak_convert_f16_f32(float *out, const uint16_t *h, int64_t n);
+int ak_convert_f16_f32_naive(float *out, const uint16_t *h, int64_t n);
+
 /* ---- float64 rounded to float16 or bfloat16 precision (the reference ops' rounding, actdiff.compare.refops) ----
  * out and x are (n) double; out may be x. AK_ROUND_F16: to the nearest float16 straight from float64, as numpy
  * rounds (no double rounding: float32 rounded to odd on the way); AK_ROUND_BF16: to float32, then to bfloat16,

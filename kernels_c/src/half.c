@@ -80,6 +80,115 @@ int ak_round_f16_naive(float *out, const float *x, int64_t n) {
     return AK_OK;
 }
 
+/* ---- float32 <-> float16 storage, numpy's astype bit for bit (ONNX Runtime's float16 values, actdiff.onnxrt) ----
+ *
+ * numpy converts in software, value by value: 6.2 ns a value to float16 and 11.4 ns back (numpy 2.4, Zen 4), the
+ * float32 copy of every value of an ONNX Runtime float16 dump and each replayed node's inputs and outputs. The
+ * avx512 path converts 16 values an instruction, the avx2 path 8 (F16C), as above. NaN: numpy keeps a NaN's payload
+ * bits that fit and never quiets it (to float16: the mantissa's top 10 bits, made nonzero where they are all zero;
+ * to float32: shifted up by 13), where the instructions quiet a signalling NaN; so a vector holding a NaN goes
+ * through the scalar code, which follows numpy (npy_floatbits_to_halfbits, npy_halfbits_to_floatbits). Every
+ * other value converts exactly as the scalar code does (nearest even, overflow to infinity, subnormals kept). */
+
+static inline uint16_t f32_to_f16_storage(float x) {
+    uint32_t f;
+    memcpy(&f, &x, sizeof f);
+    uint32_t a = f & 0x7fffffffu;
+    if (a <= 0x7f800000u) return f32_to_f16_bits(x);
+    uint16_t h = (uint16_t)(0x7c00u + ((a & 0x007fffffu) >> 13)); /* NaN: its payload's top bits, kept a NaN */
+    if (h == 0x7c00u) h++;
+    return (uint16_t)(((f >> 16) & 0x8000u) | h);
+}
+
+static void to_f16_scalar(uint16_t *out, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_f16_storage(x[i]);
+}
+
+static void from_f16_scalar(float *out, const uint16_t *h, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = ak_f16_to_f32(h[i]);
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void to_f16_avx512(uint16_t *out, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) to_f16_scalar(out + i, x + i, 16);
+        else _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    to_f16_scalar(out + i, x + i, n - i);
+}
+
+__attribute__((target("avx2,f16c"))) static void to_f16_avx2(uint16_t *out, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) to_f16_scalar(out + i, x + i, 8);
+        else _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    to_f16_scalar(out + i, x + i, n - i);
+}
+
+/* a float16 NaN: all exponent bits and a nonzero mantissa, i.e. its magnitude above infinity's 0x7c00 */
+__attribute__((target("avx512f,avx512bw"))) static void from_f16_avx512(float *out, const uint16_t *h, int64_t n) {
+    const __m256i mag = _mm256_set1_epi16(0x7fff), inf = _mm256_set1_epi16(0x7c00);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(h + i));
+        if (_mm256_movemask_epi8(_mm256_cmpgt_epi16(_mm256_and_si256(v, mag), inf))) from_f16_scalar(out + i, h + i, 16);
+        else _mm512_storeu_ps(out + i, _mm512_cvtph_ps(v));
+    }
+    from_f16_scalar(out + i, h + i, n - i);
+}
+
+__attribute__((target("avx2,f16c"))) static void from_f16_avx2(float *out, const uint16_t *h, int64_t n) {
+    const __m128i mag = _mm_set1_epi16(0x7fff), inf = _mm_set1_epi16(0x7c00);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(h + i));
+        if (_mm_movemask_epi8(_mm_cmpgt_epi16(_mm_and_si128(v, mag), inf))) from_f16_scalar(out + i, h + i, 8);
+        else _mm256_storeu_ps(out + i, _mm256_cvtph_ps(v));
+    }
+    from_f16_scalar(out + i, h + i, n - i);
+}
+
+int ak_convert_f32_f16(uint16_t *out, const float *x, int64_t n) {
+    AK_CHECK_PTR(out);
+    AK_CHECK_PTR(x);
+    if (n < 0) return AK_ERR_INVALID_SIZE;
+    int isa = ak_isa();
+    if (isa == AK_ISA_AVX512 && __builtin_cpu_supports("avx512bw")) to_f16_avx512(out, x, n);
+    else if (isa >= AK_ISA_AVX2 && __builtin_cpu_supports("f16c")) to_f16_avx2(out, x, n);
+    else to_f16_scalar(out, x, n);
+    return AK_OK;
+}
+
+int ak_convert_f32_f16_naive(uint16_t *out, const float *x, int64_t n) {
+    AK_CHECK_PTR(out);
+    AK_CHECK_PTR(x);
+    if (n < 0) return AK_ERR_INVALID_SIZE;
+    to_f16_scalar(out, x, n);
+    return AK_OK;
+}
+
+int ak_convert_f16_f32(float *out, const uint16_t *h, int64_t n) {
+    AK_CHECK_PTR(out);
+    AK_CHECK_PTR(h);
+    if (n < 0) return AK_ERR_INVALID_SIZE;
+    int isa = ak_isa();
+    if (isa == AK_ISA_AVX512 && __builtin_cpu_supports("avx512bw")) from_f16_avx512(out, h, n);
+    else if (isa >= AK_ISA_AVX2 && __builtin_cpu_supports("f16c")) from_f16_avx2(out, h, n);
+    else from_f16_scalar(out, h, n);
+    return AK_OK;
+}
+
+int ak_convert_f16_f32_naive(float *out, const uint16_t *h, int64_t n) {
+    AK_CHECK_PTR(out);
+    AK_CHECK_PTR(h);
+    if (n < 0) return AK_ERR_INVALID_SIZE;
+    from_f16_scalar(out, h, n);
+    return AK_OK;
+}
+
 /* ---- float64 values rounded to float16 or bfloat16 precision, kept in float64 (the reference ops' rounding,
  * actdiff.compare.refops.round_to) ----
  *

@@ -834,6 +834,71 @@ static void test_round_f16(void) {
            "round_f16 argument checks");
 }
 
+/* float32 <-> float16 storage: float16 -> float32 on all 65536 bit patterns, exact, each one checked against its
+ * value built from its fields (sign, exponent, mantissa; a NaN's payload shifted up by 13, never quieted); float32
+ * -> float16 on the round_f16 boundary values above, NaN payloads (quiet, signalling, one whose top 10 mantissa
+ * bits are zero: it stays a NaN, 0x7c01) and random bits of every exponent, the naive code against round_f16's
+ * values for non-NaN; then every path bit for bit the scalar code, with a NaN inside a vector, every tail length.
+ * Exact: no tolerance. */
+static void test_convert_f16(void) {
+    enum { NH = 65536, N = 4099 };
+    static uint16_t h[NH], h2[N], hg[N];
+    static float f[NH], fg[NH], x[N], r[N];
+    for (int i = 0; i < NH; i++) h[i] = (uint16_t)i;
+    CHECK(ak_convert_f16_f32_naive(f, h, NH));
+    int exact = 1;
+    for (int i = 0; i < NH; i++) {
+        uint32_t s = (uint32_t)(i & 0x8000) << 16, e = (uint32_t)(i >> 10) & 0x1fu, m = (uint32_t)i & 0x3ffu, u;
+        if (e == 0x1f) u = s | 0x7f800000u | (m << 13);
+        else {
+            float v = ldexpf((float)(e ? (m | 0x400u) : m), (e ? (int)e : 1) - 25);
+            memcpy(&u, &v, 4);
+            u |= s;
+        }
+        exact &= memcmp(&f[i], &u, 4) == 0;
+    }
+    EXPECT(exact, "convert_f16_f32: every float16 bit pattern exactly, NaN payloads kept");
+    for (int i = 0; i < N; i++) {
+        uint32_t u = (uint32_t)(frand() * 2147483648.0f) * 2u + (uint32_t)(i & 1);
+        x[i] = i % 3 == 0 ? f32_of_bits(u) : frand() * (float)(1 << (i % 20)) * (i & 2 ? 1.0f : 0x1p-20f);
+    }
+    x[5] = f32_of_bits(0x7f800001u), x[6] = f32_of_bits(0xffc00000u), x[7] = f32_of_bits(0x7fbfe000u);
+    x[8] = 65520.0f, x[9] = f32_of_bits(0x477fefffu), x[10] = 0x3p-25f, x[11] = 0x1p-25f;
+    x[40] = f32_of_bits(0x7f802000u); /* a NaN inside the third vector of either path */
+    CHECK(ak_convert_f32_f16_naive(h2, x, N));
+    CHECK(ak_round_f16_naive(r, x, N));
+    int same = h2[5] == 0x7c01u && h2[6] == 0xfe00u && h2[7] == 0x7dffu && h2[8] == 0x7c00u && h2[9] == 0x7bffu &&
+               h2[10] == 0x0002u && h2[11] == 0x0000u && h2[40] == 0x7c01u;
+    for (int i = 0; i < N; i++) {
+        if (isnan(x[i])) continue;
+        float back = 0.0f;
+        CHECK(ak_convert_f16_f32_naive(&back, &h2[i], 1));
+        same &= memcmp(&back, &r[i], 4) == 0;
+    }
+    EXPECT(same, "convert_f32_f16: nearest even as round_f16 for non-NaN, NaN payloads as numpy");
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    for (int k = 0; k < 3; k++) {
+        if (!ak_cpu_supports_isa(isas[k])) continue;
+        CHECK(ak_set_isa(isas[k]));
+        CHECK(ak_convert_f16_f32(fg, h, NH));
+        CHECK(ak_convert_f32_f16(hg, x, N));
+        int ok = memcmp(fg, f, sizeof f) == 0 && memcmp(hg, h2, sizeof hg) == 0;
+        for (int len = 1; len <= 33; len++) /* each tail length */
+            for (int at = 0; at + len <= 96; at += 11) {
+                CHECK(ak_convert_f32_f16(hg, x + at, len));
+                CHECK(ak_convert_f16_f32(fg, h + 0x7bf0 + at, len)); /* the largest finite values, infinity, NaNs */
+                ok &= memcmp(hg, h2 + at, (size_t)len * 2) == 0 && memcmp(fg, f + 0x7bf0 + at, (size_t)len * 4) == 0;
+            }
+        EXPECT(ok, "convert_f16 isa %d: the scalar code's bits both ways", isas[k]);
+    }
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    EXPECT(ak_convert_f32_f16(NULL, x, 1) == AK_ERR_NULL_POINTER && ak_convert_f32_f16(hg, NULL, 1) == AK_ERR_NULL_POINTER &&
+               ak_convert_f16_f32(NULL, h, 1) == AK_ERR_NULL_POINTER && ak_convert_f16_f32(fg, NULL, 1) == AK_ERR_NULL_POINTER &&
+               ak_convert_f32_f16(hg, x, -1) == AK_ERR_INVALID_SIZE && ak_convert_f16_f32(fg, h, -1) == AK_ERR_INVALID_SIZE &&
+               ak_convert_f32_f16(hg, x, 0) == AK_OK && ak_convert_f16_f32(fg, h, 0) == AK_OK,
+           "convert_f16 argument checks");
+}
+
 static double f64_of_bits(uint64_t u) {
     double d;
     memcpy(&d, &u, sizeof d);
@@ -988,6 +1053,7 @@ int main(void) {
     test_perturb();
     test_erf();
     test_round_f16();
+    test_convert_f16();
     test_round_f64();
     test_pool_handover();
     test_isa_switch_during_matmul();

@@ -293,6 +293,42 @@ def test_round_f16_is_numpys_float16_round_trip_on_every_path():
     assert K.round_f16(np.float32(1.0 + 2.0**-11)).shape == () and K.round_f16(np.zeros((0, 4))).shape == (0, 4)
 
 
+def test_f16_storage_conversions_are_numpys_astype_on_every_path():
+    """ak_convert_f32_f16 / ak_convert_f16_f32 (an ONNX Runtime float16 variant's values, actdiff.onnxrt.side.cast)
+    give ``astype(float16)`` / ``astype(float32)`` bit for bit on every ISA path this CPU runs: every float16 bit
+    pattern to float32, and every 251st float32 bit pattern (17 million: every exponent, NaN payloads quiet and
+    signalling, the float16 subnormals, the overflow to infinity, ties) besides the boundary values, to float16.
+    Exact: numpy's software conversion is the definition (NaN payloads kept, never quieted). Any shape, strided
+    views copied, 0-d and empty arrays; f32_to_f16 takes float32 only, f16_to_f32 float16 only."""
+    import actdiff.kernels as K
+
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    x = np.arange(0, 1 << 32, 251, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = np.array([65504.0, 65519.996, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 1 + 2.0**-11, 2.0**-14],
+                     np.float32)  # fmt: skip
+    x = np.concatenate([edges, -edges, np.array([0x7F800001, 0x7F802000, 0xFFC00000], np.uint32).view(np.float32), x])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want16, want32 = x.astype(np.float16).view(np.uint16), h.astype(np.float32).view(np.uint32)
+    before = K.get_isa()
+    try:
+        for isa in K.supported_isas():
+            K.set_isa(isa)
+            assert np.array_equal(K.f32_to_f16(x).view(np.uint16), want16), isa
+            assert np.array_equal(K.f16_to_f32(h).view(np.uint32), want32), isa
+            assert np.array_equal(K.f32_to_f16(x[:37].reshape(37, 1)).ravel().view(np.uint16), want16[:37])
+    finally:
+        K.set_isa(before)
+    assert np.array_equal(K.f32_to_f16(x, naive=True).view(np.uint16), want16)
+    assert np.array_equal(K.f16_to_f32(h, naive=True).view(np.uint32), want32)
+    assert np.array_equal(K.f32_to_f16(x[:1000:3]).view(np.uint16), want16[:1000:3])
+    assert np.array_equal(K.f16_to_f32(h[::-7]).view(np.uint32), want32[::-7])
+    assert K.f32_to_f16(np.float32(1.5)).shape == () and K.f16_to_f32(np.zeros((0, 4), np.float16)).shape == (0, 4)
+    with pytest.raises(TypeError, match="float16"):
+        K.f16_to_f32(np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="float32"):  # float64 through float32 would round twice
+        K.f32_to_f16(np.zeros(3))
+
+
 def test_round_f64_is_numpys_float16_and_refops_bfloat16_on_every_path():
     """ak_round_f64 (the reference ops' rounding): "fp16" is exactly numpy's float64 -> float16 rounding (one
     rounding: the values just above a float16 tie that float32 would round onto the tie are the test), "bf16"
