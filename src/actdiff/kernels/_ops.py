@@ -784,28 +784,27 @@ def f32_to_f16(x, *, naive: bool = False) -> np.ndarray:
     included, 20-40x faster on the avx512 and avx2 paths (numpy converts value by value in software). Only float32
     in: a float64 value through float32 would be rounded twice, which numpy's own conversion is not. ``naive``: the
     scalar code."""
-    x = np.asarray(x)
-    if x.dtype != np.float32:
-        raise TypeError(f"f32_to_f16 converts float32 values, got {x.dtype}")
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
-    y = np.empty(x.shape, np.float16)
     fn = lib.ak_convert_f32_f16_naive if naive else lib.ak_convert_f32_f16
-    _call("convert_f32_f16", fn(ffi.from_buffer("uint16_t[]", y), ffi.from_buffer("float[]", x), x.size))
-    return y
+    return _convert("f32_to_f16", fn, x, (np.float32, "float[]"), (np.float16, "uint16_t[]"))
 
 
 def f16_to_f32(h, *, naive: bool = False) -> np.ndarray:
     """float16 values to float32 (any shape), exact: ak_convert_f16_f32, ``h.astype(float32)`` bit for bit, NaN
     payloads included. ``naive``: the scalar code."""
-    h = np.asarray(h)
-    if h.dtype != np.float16:
-        raise TypeError(f"f16_to_f32 converts float16 values, got {h.dtype}")
-    if not h.flags.c_contiguous:
-        h = np.ascontiguousarray(h)
-    y = np.empty(h.shape, np.float32)
     fn = lib.ak_convert_f16_f32_naive if naive else lib.ak_convert_f16_f32
-    _call("convert_f16_f32", fn(ffi.from_buffer("float[]", y), ffi.from_buffer("uint16_t[]", h), h.size))
+    return _convert("f16_to_f32", fn, h, (np.float16, "uint16_t[]"), (np.float32, "float[]"))
+
+
+def _convert(op: str, fn, x, src: tuple, dst: tuple) -> np.ndarray:
+    """``fn(out, x, n)`` on ``x`` of the dtype ``src[0]`` (any shape, copied where not C-contiguous) into a new
+    array of ``dst[0]``; ``src[1]``, ``dst[1]``: their C buffer types."""
+    x = np.asarray(x)
+    if x.dtype != src[0]:
+        raise TypeError(f"{op} converts {np.dtype(src[0]).name} values, got {x.dtype}")
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    y = np.empty(x.shape, dst[0])
+    _call(op, fn(ffi.from_buffer(dst[1], y), ffi.from_buffer(src[1], x), x.size))
     return y
 
 
