@@ -327,6 +327,12 @@ def test_f16_storage_conversions_are_numpys_astype_on_every_path():
         K.f16_to_f32(np.zeros(3, np.float32))
     with pytest.raises(TypeError, match="float32"):  # float64 through float32 would round twice
         K.f32_to_f16(np.zeros(3))
+    # cast: astype(dtype, copy=False) with these two in C; anything else as numpy does it
+    assert np.array_equal(K.cast(x, np.float16).view(np.uint16), want16) and K.cast(x, np.float32) is x
+    assert np.array_equal(K.cast(h, np.float32).view(np.uint32), want32)
+    d = np.array([1 + 2.0**-11 + 2.0**-40, 0.1])  # float64 to float16 rounded once, as numpy does
+    assert np.array_equal(K.cast(d, np.float16).view(np.uint16), d.astype(np.float16).view(np.uint16))
+    assert K.cast(np.array([1.7]), np.int64).tolist() == [1]
 
 
 def test_round_f64_is_numpys_float16_and_refops_bfloat16_on_every_path():

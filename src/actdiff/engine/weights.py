@@ -63,7 +63,7 @@ def round_to(x: np.ndarray, storage: str) -> np.ndarray:
     from .. import kernels
 
     if storage == "float16":
-        return kernels.f16_to_f32(_to_f16(x))
+        return kernels.f16_to_f32(kernels.cast(x, np.float16))  # numpy's bits, in C
     if storage == "bf16":
         return kernels.bf16_to_f32(kernels.f32_to_bf16(x))
     return x
@@ -219,12 +219,6 @@ def convert(graph: Graph, ckpt: Checkpoint, precision: str, w2_orientation: str 
     return out
 
 
-def _to_f16(a: np.ndarray) -> np.ndarray:
-    from .. import kernels
-
-    return kernels.f32_to_f16(a) if a.dtype == np.float32 else a.astype(np.float16)  # the C kernel: numpy's bits
-
-
 def _store(key: str, a: np.ndarray, storage: str, layout: str, int8_axis: int, trans: bool) -> EngineTensor:
     """``trans``: the kernels read the weight transposed (x @ w^T: linear weights, expert w1) or not (w2)."""
     from .. import kernels
@@ -232,7 +226,7 @@ def _store(key: str, a: np.ndarray, storage: str, layout: str, int8_axis: int, t
     if storage == "float32":  # packed once here; the caller drops ``a``, so only the packed copy stays
         return EngineTensor(key, key, f"{layout}; float32", kernels.pack_f32(np.ascontiguousarray(a), trans=trans))
     if storage == "float16":
-        return EngineTensor(key, key, f"{layout}; float16 storage", _to_f16(a), storage="float16")
+        return EngineTensor(key, key, f"{layout}; float16 storage", kernels.cast(a, np.float16), storage="float16")
     if storage == "bf16":
         return EngineTensor(key, key, f"{layout}; bf16 storage (RNE)", kernels.f32_to_bf16(a), storage="bf16")
     q, s = kernels.quantize_int8(a, axis=int8_axis)

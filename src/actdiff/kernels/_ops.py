@@ -795,6 +795,20 @@ def f16_to_f32(h, *, naive: bool = False) -> np.ndarray:
     return _convert("f16_to_f32", fn, h, (np.float16, "uint16_t[]"), (np.float32, "float[]"))
 
 
+def cast(a: np.ndarray, dtype) -> np.ndarray:
+    """``a.astype(dtype, copy=False)``, with float32 <-> float16 by :func:`f32_to_f16` / :func:`f16_to_f32`
+    (numpy's bits, NaN payloads included, 20-40x faster): an ONNX Runtime float16 variant's every dumped value and
+    every input and output of its replays (actdiff.onnxrt), the engine's float16 weights."""
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return a
+    if a.dtype == np.float32 and dtype == np.float16:
+        return f32_to_f16(a)
+    if a.dtype == np.float16 and dtype == np.float32:
+        return f16_to_f32(a)
+    return a.astype(dtype)
+
+
 def _convert(op: str, fn, x, src: tuple, dst: tuple) -> np.ndarray:
     """``fn(out, x, n)`` on ``x`` of the dtype ``src[0]`` (any shape, copied where not C-contiguous) into a new
     array of ``dst[0]``; ``src[1]``, ``dst[1]``: their C buffer types."""

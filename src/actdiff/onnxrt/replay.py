@@ -303,7 +303,8 @@ class OrtReplay:
 
     def _run_plan(self, key: str, output: str, inputs: dict[str, np.ndarray], stacked: bool = False) -> np.ndarray:
         """``stacked``: the inputs are several prompts' rows (replay_many; Shape values from Source.shapes_at)."""
-        from .side import cast, to_prompts
+        from .. import kernels
+        from .side import to_prompts
 
         plan = self.plans.get(key)
         if plan is None:
@@ -317,7 +318,7 @@ class OrtReplay:
         feeds = {v: shape_values[v] for v in plan.cut.shapes}
         for node, v in plan.feeds.items():
             shape = (1, tokens) if node == INPUT_IDS else raw[v][0]
-            feeds[v] = cast(np.asarray(inputs[node]).reshape(shape), types[v])
+            feeds[v] = kernels.cast(np.asarray(inputs[node]).reshape(shape), types[v])  # float16 in C
         if INPUT_MASK in plan.cut.graph_inputs:
             feeds[INPUT_MASK] = np.ones((1, tokens), np.int64)  # one prompt, no padding
         feeds.update({v: plan.source.folded[v] for v in plan.cut.graph_inputs if v in plan.source.folded})

@@ -49,32 +49,18 @@ def check_model_file(path: Path, graph: Graph) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def cast(a: np.ndarray, dtype) -> np.ndarray:
-    """``a.astype(dtype, copy=False)``, float32 <-> float16 by the C kernels (actdiff.kernels.f32_to_f16 and
-    f16_to_f32: numpy's bits, NaN payloads included): numpy converts half floats value by value in software, 2-4 ns
-    a value against 0.1, on every value of a float16 variant's dump and every input and output of its replays."""
-    from .. import kernels
-
-    dtype = np.dtype(dtype)
-    if a.dtype == dtype:
-        return a
-    if a.dtype == np.float32 and dtype == np.float16:
-        return kernels.f32_to_f16(a)
-    if a.dtype == np.float16 and dtype == np.float32:
-        return kernels.f16_to_f32(a)
-    return a.astype(dtype)
-
-
 def to_prompts(graph: Graph, raw: dict[str, np.ndarray], batch_ids: list[list[int]]) -> list[dict[str, np.ndarray]]:
     """ORT's batch values -> one dict per prompt without padding, shaped and typed as the reference dump's
     (actdiff.reference.ReferenceRunner.run_batch: MoE nodes come flat as (B*S, ...))."""
+    from .. import kernels
+
     B, S = len(batch_ids), max(len(x) for x in batch_ids)
     out: list[dict[str, np.ndarray]] = [{} for _ in range(B)]
     for name, value in raw.items():
         n = graph[name]
         lead = (B, 1) if n.axis == "prompt" else (B, S)
         arr = value.reshape(*lead, *graph.trailing_shape(name))
-        arr = cast(arr, np.int64 if n.kind == "index" else np.float32)
+        arr = kernels.cast(arr, np.int64 if n.kind == "index" else np.float32)  # float16 in C
         for b, seq in enumerate(batch_ids):
             out[b][name] = arr[b] if n.axis == "prompt" else arr[b, : len(seq)]
     return out
