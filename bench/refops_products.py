@@ -12,7 +12,7 @@ per-round ratios (numpy's time over ours: above 1, ours is faster). One BLAS and
 workflow job runs them. Prints the CPU's kernel path beside the figures.
 
 ``--conversions`` also times the float32 <-> float16 conversions of an ONNX Runtime float16 variant's values
-(actdiff.onnxrt.side.cast: actdiff.kernels.f32_to_f16 / f16_to_f32, numpy's bits) against numpy's astype, into
+(actdiff.kernels.cast: f32_to_f16 / f16_to_f32, numpy's bits) against numpy's astype, into
 preallocated arrays (np.copyto), per value."""
 
 from __future__ import annotations

@@ -294,7 +294,7 @@ def test_round_f16_is_numpys_float16_round_trip_on_every_path():
 
 
 def test_f16_storage_conversions_are_numpys_astype_on_every_path():
-    """ak_convert_f32_f16 / ak_convert_f16_f32 (an ONNX Runtime float16 variant's values, actdiff.onnxrt.side.cast)
+    """ak_convert_f32_f16 / ak_convert_f16_f32 (an ONNX Runtime float16 variant's values, actdiff.kernels.cast)
     give ``astype(float16)`` / ``astype(float32)`` bit for bit on every ISA path this CPU runs: every float16 bit
     pattern to float32, and every 251st float32 bit pattern (17 million: every exponent, NaN payloads quiet and
     signalling, the float16 subnormals, the overflow to infinity, ties) besides the boundary values, to float16.
