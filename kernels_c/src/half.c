@@ -82,9 +82,10 @@ int ak_round_f16_naive(float *out, const float *x, int64_t n) {
 
 /* ---- float32 <-> float16 storage, numpy's astype bit for bit (ONNX Runtime's float16 values, actdiff.onnxrt) ----
  *
- * numpy converts in software, value by value: 6.2 ns a value to float16 and 11.4 ns back (numpy 2.4, Zen 4), the
- * float32 copy of every value of an ONNX Runtime float16 dump and each replayed node's inputs and outputs. The
- * avx512 path converts 16 values an instruction, the avx2 path 8 (F16C), as above. NaN: numpy keeps a NaN's payload
+ * numpy converts in software, value by value: 2.5 ns a value to float16 and 1.7 back into preallocated arrays (numpy
+ * 2.4, Zen 4), for the float32 copy of every value of an ONNX Runtime float16 dump and each replayed node's inputs
+ * and outputs. The avx512 path converts 16 values an instruction, the avx2 path 8 (F16C), as above: 0.084 ns a value
+ * (bench/refops_products.py --conversions). NaN: numpy keeps a NaN's payload
  * bits that fit and never quiets it (to float16: the mantissa's top 10 bits, made nonzero where they are all zero;
  * to float32: shifted up by 13), where the instructions quiet a signalling NaN; so a vector holding a NaN goes
  * through the scalar code, which follows numpy (npy_floatbits_to_halfbits, npy_halfbits_to_floatbits). Every
