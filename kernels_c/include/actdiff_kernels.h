@@ -33,6 +33,7 @@ extern "C" {
 #define AK_MAX_THREADS 64
 #define AK_PACK_NR 32  /* columns per panel of a packed fp32 weight */
 #define AK_PACK_KC 256 /* rows per K block of a packed fp32 weight */
+#define AK_PACK64_KC 256 /* rows per K block of a packed float64 weight (ak_pack_weight_f64) */
 
 /* CFFI_BEGIN */
 
@@ -259,6 +260,24 @@ int ak_convert_f16_f32_naive(float *out, const uint16_t *h, int64_t n);
 enum { AK_ROUND_F16 = 1, AK_ROUND_BF16 = 2 };
 int ak_round_f64(double *out, const double *x, int64_t n, int format);
 int ak_round_f64_naive(double *out, const double *x, int64_t n, int format);
+
+/* ---- float64 matmul on a weight packed once (the reference ops' products, actdiff.compare.refops) ----
+ * out (T,N) = inp (T,K) @ W with no bias: each element the double fma chain over k = 0..K-1 from 0.0, the same
+ * bits on every ISA path, thread count and row count (kernels_c/src/gemm64.c). The packed layout: K in blocks of
+ * AK_PACK64_KC rows (the last one shorter); in each block the columns, zero past N up to a multiple of 16, in runs
+ * of 8, each run (block rows) x 8 contiguous doubles: element (k, n) at k0 * ceil16(N) + (n / 8) * kb * 8 +
+ * (k - k0) * 8 + n % 8, k0 = k - k % AK_PACK64_KC, kb = that block's rows. Every path reads it. */
+/* number of doubles of a packed (K,N) weight; -1 for a negative size */
+int64_t ak_packed64_size(int K, int N);
+/* packed is (ak_packed64_size(K,N)); w is (N,K) when trans = 1 (an nn.Linear weight), (K,N) when trans = 0 */
+int ak_pack_weight_f64(double *packed, const double *w, int K, int N, int trans);
+/* out is (T,N), inp is (T,K), packed by ak_pack_weight_f64; out must not overlap inp or packed */
+int ak_matmul_f64_packed(double *out, const double *inp, const double *packed, int T, int K, int N);
+/* the same on the unpacked weight w (N,K), its blocks packed per call as they come: the same bits (for a weight
+ * used once, where packing it whole first would cost more) */
+int ak_matmul_f64(double *out, const double *inp, const double *w, int T, int K, int N);
+/* the same per-element arithmetic in plain loops on the unpacked weight w (N,K) */
+int ak_matmul_f64_naive(double *out, const double *inp, const double *w, int T, int K, int N);
 
 /* CFFI_END */
 

@@ -27,7 +27,7 @@ static uint64_t g_counts[AK_NUM_OPS];
 static const char *g_op_names[AK_NUM_OPS] = {
     "matmul", "matmul_naive", "layernorm", "gelu", "softmax", "add", "embedding", "rotary",
     "attention", "attention_naive", "moe", "mean_pool", "l2_normalize", "topk", "expert_up", "expert_down",
-    "moe_combine",
+    "moe_combine", "matmul_f64", "matmul_f64_naive",
 };
 void ak_count_call(int op) { __atomic_fetch_add(&g_counts[op], 1, __ATOMIC_RELAXED); }
 int ak_num_ops(void) { return AK_NUM_OPS; }

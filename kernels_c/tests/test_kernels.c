@@ -1036,6 +1036,102 @@ static void test_isa_switch_during_matmul(void) {
     free(inp); free(w); free(b); free(ref); free(out); free(pk);
 }
 
+/* float64 matmul on a packed weight (gemm64.c): the naive chain's bits on every path, thread count and tile, from
+ * either orientation; the naive chain itself within the fma chain's bound of the exact sum (|error| <= K u sum
+ * |x w| to first order, u = 2^-53: each of the K roundings is at most u times a partial sum, itself at most the
+ * sum of |x w|, so 1.01 K u covers the second-order terms for K u << 1); NaN and Inf rows; argument checks. */
+static double *rand_buf64(size_t n) {
+    double *p = (double *)galloc(2 * n); /* the guard: GUARD floats past 2n floats */
+    for (size_t i = 0; i < n; i++) p[i] = (double)frand() + (double)frand() * 0x1p-24; /* all 53 bits in use */
+    return p;
+}
+
+static void test_matmul_f64_values(const double *x, const double *w, const double *out, int T, int K, int N) {
+    int bad = 0;
+    for (int t = 0; t < T; t++)
+        for (int n = 0; n < N; n++) {
+            long double exact = 0, mag = 0;
+            for (int k = 0; k < K; k++) {
+                exact += (long double)x[(int64_t)t * K + k] * w[(int64_t)n * K + k];
+                mag += fabsl((long double)x[(int64_t)t * K + k] * w[(int64_t)n * K + k]);
+            }
+            bad += fabsl(out[(int64_t)t * N + n] - exact) > 1.01L * K * 0x1p-53L * mag;
+        }
+    EXPECT(bad == 0, "matmul_f64_naive T=%d K=%d N=%d: %d elements beyond K u sum|x w|", T, K, N, bad);
+}
+
+static void test_matmul_f64(void) {
+    const int shapes[][3] = {{1, 1, 1},    {1, 384, 1536}, {5, 17, 7},   {12, 64, 16},  {13, 100, 9},
+                             {30, 384, 384}, {25, 257, 40}, {7, 600, 24}, {30, 512, 33}, {29, 1536, 48},
+                             {260, 300, 70}, {3, 0, 20}};
+    int nisa = 0, isas[3];
+    for (int isa = 0; isa < 3; isa++) if (ak_cpu_supports_isa(isa)) isas[nisa++] = isa;
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
+        const int T = shapes[s][0], K = shapes[s][1], N = shapes[s][2];
+        const size_t no = (size_t)T * N, np = (size_t)ak_packed64_size(K, N);
+        double *x = rand_buf64((size_t)T * K + 1), *w = rand_buf64((size_t)N * K + 1), *wt = rand_buf64((size_t)N * K + 1);
+        double *ref = rand_buf64(no), *out = rand_buf64(no), *p = rand_buf64(np + 1), *pt = rand_buf64(np + 1);
+        for (int n = 0; n < N; n++)
+            for (int k = 0; k < K; k++) wt[(int64_t)k * N + n] = w[(int64_t)n * K + k];
+        CHECK(ak_pack_weight_f64(p, w, K, N, 1));
+        CHECK(ak_pack_weight_f64(pt, wt, K, N, 0));
+        EXPECT(memcmp(p, pt, np * sizeof(double)) == 0, "pack_f64 trans=1 and trans=0 differ K=%d N=%d", K, N);
+        CHECK(ak_matmul_f64_naive(ref, x, w, T, K, N));
+        test_matmul_f64_values(x, w, ref, T, K, N);
+        for (int ii = 0; ii < nisa; ii++) {
+            CHECK(ak_set_isa(isas[ii]));
+            for (int nt = 1; nt <= 3; nt++) {
+                CHECK(ak_set_num_threads(nt));
+                memset(out, 0x7f, no * sizeof(double)); /* no zero left from the last call can pass */
+                CHECK(ak_matmul_f64_packed(out, x, p, T, K, N));
+                EXPECT(memcmp(out, ref, no * sizeof(double)) == 0, "matmul_f64 T=%d K=%d N=%d isa=%d nt=%d", T, K, N,
+                       isas[ii], nt);
+                EXPECT(guard_ok((float *)out, 2 * no), "guard matmul_f64 T=%d K=%d N=%d", T, K, N);
+                memset(out, 0x7f, no * sizeof(double));
+                CHECK(ak_matmul_f64(out, x, w, T, K, N)); /* the unpacked weight, packed per call */
+                EXPECT(memcmp(out, ref, no * sizeof(double)) == 0, "matmul_f64 unpacked T=%d K=%d N=%d isa=%d nt=%d",
+                       T, K, N, isas[ii], nt);
+                EXPECT(guard_ok((float *)out, 2 * no), "guard matmul_f64 unpacked T=%d K=%d N=%d", T, K, N);
+            }
+        }
+        CHECK(ak_set_isa(AK_ISA_AUTO));
+        CHECK(ak_set_num_threads(1));
+        free(x); free(w); free(wt); free(ref); free(out); free(p); free(pt);
+    }
+}
+
+static void test_matmul_f64_nan_and_arguments(void) {
+    enum { T = 14, K = 300, N = 21 };
+    double *x = rand_buf64(T * K), *w = rand_buf64(N * K), *p = rand_buf64((size_t)ak_packed64_size(K, N));
+    double *out = rand_buf64(T * N), *ref = rand_buf64(T * N);
+    x[3 * K + 299] = NAN;    /* row 3, at the last k: every output NaN */
+    x[5 * K + 7] = INFINITY; /* row 5: every weight at k = 7 is nonzero (frand), so every output +-Inf */
+    CHECK(ak_pack_weight_f64(p, w, K, N, 1));
+    CHECK(ak_matmul_f64_naive(ref, x, w, T, K, N));
+    int nan3 = 0, inf5 = 0;
+    for (int n = 0; n < N; n++) nan3 += isnan(ref[3 * N + n]) != 0, inf5 += isinf(ref[5 * N + n]) != 0;
+    EXPECT(nan3 == N && inf5 == N, "naive: %d NaN in row 3, %d Inf in row 5 of %d", nan3, inf5, N);
+    for (int isa = 0; isa < 3; isa++) {
+        if (!ak_cpu_supports_isa(isa)) continue;
+        CHECK(ak_set_isa(isa));
+        CHECK(ak_matmul_f64_packed(out, x, p, T, K, N));
+        EXPECT(memcmp(out, ref, sizeof(double) * T * N) == 0, "matmul_f64 NaN/Inf rows isa=%d", isa);
+        CHECK(ak_matmul_f64(out, x, w, T, K, N));
+        EXPECT(memcmp(out, ref, sizeof(double) * T * N) == 0, "matmul_f64 unpacked NaN/Inf rows isa=%d", isa);
+    }
+    CHECK(ak_set_isa(AK_ISA_AUTO));
+    EXPECT(ak_packed64_size(-1, 3) == -1 && ak_packed64_size(3, 17) == 3 * 32, "packed64_size");
+    EXPECT(ak_pack_weight_f64(NULL, w, K, N, 1) == AK_ERR_NULL_POINTER, "pack NULL");
+    EXPECT(ak_pack_weight_f64(p, w, K, N, 2) == AK_ERR_INVALID_ARGUMENT, "pack trans=2");
+    EXPECT(ak_pack_weight_f64(p, w, -1, N, 1) == AK_ERR_INVALID_SIZE, "pack K<0");
+    EXPECT(ak_matmul_f64_packed(out, NULL, p, T, K, N) == AK_ERR_NULL_POINTER, "matmul_f64 NULL");
+    EXPECT(ak_matmul_f64_packed(out, x, p, T, K, -1) == AK_ERR_INVALID_SIZE, "matmul_f64 N<0");
+    EXPECT(ak_matmul_f64_naive(NULL, x, w, T, K, N) == AK_ERR_NULL_POINTER, "naive NULL");
+    EXPECT(ak_matmul_f64(out, x, NULL, T, K, N) == AK_ERR_NULL_POINTER, "unpacked NULL");
+    EXPECT(ak_matmul_f64(out, x, w, -1, K, N) == AK_ERR_INVALID_SIZE, "unpacked T<0");
+    free(x); free(w); free(p); free(out); free(ref);
+}
+
 int main(void) {
     test_matmul();
     test_attention();
@@ -1055,6 +1151,8 @@ int main(void) {
     test_round_f16();
     test_convert_f16();
     test_round_f64();
+    test_matmul_f64();
+    test_matmul_f64_nan_and_arguments();
     test_pool_handover();
     test_isa_switch_during_matmul();
     printf("%d passed, %d failed\n", g_pass, g_fail);

@@ -222,11 +222,11 @@ class PackedF32:
         return PackedF32(data, (data.shape[0],) + self.shape[1:], self.trans, self.layout)
 
 
-def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros-free buffer whose first element is 64-byte aligned (one cache line, one AVX-512 load)."""
-    n = int(np.prod(shape, dtype=np.int64))
-    raw = np.empty(n + 16, np.float32)
-    skip = (-raw.ctypes.data % 64) // 4
+def _aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Uninitialised buffer whose first element is 64-byte aligned (one cache line, one AVX-512 load)."""
+    n, size = int(np.prod(shape, dtype=np.int64)), np.dtype(dtype).itemsize
+    raw = np.empty(n + 64 // size, dtype)
+    skip = (-raw.ctypes.data % 64) // size
     return raw[skip : skip + n].reshape(shape)
 
 
@@ -334,6 +334,85 @@ def matmul(inp, weight, bias=None, *, scales=None, out=None):
 def matmul_naive(inp, weight, bias=None, *, scales=None, out=None):
     """Reference triple loop with the same per-element arithmetic as matmul."""
     return _matmul(lib.ak_matmul_naive, "matmul_naive", inp, weight, bias, scales, out)
+
+
+class PackedF64:
+    """A float64 weight packed once for :func:`matmul_f64` (``ak_pack_weight_f64``'s runs of 8 columns, read in
+    place by every ISA path). ``shape``: the original array's, (N, K) when ``trans`` (an nn.Linear weight, the
+    product reads it transposed), else (K, N), or (E, ...) of those for expert weights, each expert packed on its
+    own (:meth:`block`); ``data``: the panels, one row per expert for a 3-D weight."""
+
+    dtype = np.dtype(np.float64)  # the values it stands for
+
+    def __init__(self, data: np.ndarray, shape: tuple[int, ...], trans: bool):
+        self.data, self.shape, self.trans = data, tuple(int(d) for d in shape), bool(trans)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def kn(self) -> tuple[int, int]:
+        """(K, N): the product's depth and its output columns."""
+        rows, cols = self.shape[-2:]
+        return (cols, rows) if self.trans else (rows, cols)
+
+    def block(self, e: int) -> PackedF64:
+        """Expert ``e``'s weight of a 3-D one (no copy)."""
+        if len(self.shape) != 3:
+            raise ValueError(f"block() takes an expert of a 3-D weight, this one has shape {self.shape}")
+        return PackedF64(self.data[e], self.shape[1:], self.trans)
+
+    def __repr__(self) -> str:
+        return f"PackedF64(shape={self.shape}, trans={self.trans})"
+
+
+def pack_f64(w, *, trans: bool = True) -> PackedF64:
+    """Pack a float64 weight once for :func:`matmul_f64`: (N, K) with ``trans=True`` (x @ w^T), (K, N) with
+    ``trans=False`` (x @ w); (E, ., .) expert weights each block on its own. The values are copied exactly."""
+    _arr("w", w, np.float64, ndim=(2, 3))
+    rows, cols = w.shape[-2:]
+    K, N = (cols, rows) if trans else (rows, cols)
+    blocks = w.reshape(w.shape[0] if w.ndim == 3 else 1, rows, cols)
+    data = _aligned_empty((blocks.shape[0], int(lib.ak_packed64_size(K, N))), np.float64)
+    for e, block in enumerate(blocks):
+        status = lib.ak_pack_weight_f64(_p(data[e], "double *"), _p(block, "double *"), K, N, int(bool(trans)))
+        _call("pack_weight_f64", status)
+    return PackedF64(data if w.ndim == 3 else data[0], w.shape, trans)
+
+
+def matmul_f64(inp, weight, *, out=None) -> np.ndarray:
+    """out (..., N) = inp (..., K) @ weight^T, float64: each element the double fma chain over k in order from 0,
+    no bias (the same bits on every ISA path, thread count and number of rows). ``weight``: a 2-D PackedF64
+    (:func:`pack_f64`, for a weight used again) or the (N, K) float64 weight itself, its blocks packed per call
+    (for a weight used once): the same bits either way."""
+    if isinstance(weight, PackedF64):
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be a 2-D packed weight (an expert's: .block(e)), got shape {weight.shape}")
+        K, N = weight.kn
+        return _matmul_f64(lib.ak_matmul_f64_packed, "matmul_f64", inp, weight.data, K, N, out)
+    if not isinstance(weight, np.ndarray):
+        raise TypeError(f"weight must be a PackedF64 (pack_f64(w)) or an (N, K) ndarray, got {type(weight).__name__}")
+    _arr("weight", weight, np.float64, ndim=2)
+    return _matmul_f64(lib.ak_matmul_f64, "matmul_f64", inp, weight, weight.shape[1], weight.shape[0], out)
+
+
+def matmul_f64_naive(inp, w, *, out=None) -> np.ndarray:
+    """:func:`matmul_f64`'s arithmetic in plain loops on the unpacked (N, K) float64 weight ``w``."""
+    _arr("w", w, np.float64, ndim=2)
+    return _matmul_f64(lib.ak_matmul_f64_naive, "matmul_f64_naive", inp, w, w.shape[1], w.shape[0], out)
+
+
+def _matmul_f64(fn, opname: str, inp, wbuf: np.ndarray, K: int, N: int, out) -> np.ndarray:
+    _arr("inp", inp, np.float64)
+    if inp.ndim < 1 or inp.shape[-1] != K:
+        raise ValueError(f"inp must have a last dimension of {K} (the weight's K), got shape {inp.shape}")
+    T = int(np.prod(inp.shape[:-1], dtype=np.int64))
+    if T > _INT_MAX:
+        raise ValueError("inp has too many rows")
+    out = _out("out", out, inp.shape[:-1] + (N,), [("inp", inp), ("weight", wbuf)], dtype=np.float64)
+    _call(opname, fn(_p(out, "double *"), _p(inp, "double *"), _p(wbuf, "double *"), T, K, N))
+    return out
 
 
 def _rows(name, x):
