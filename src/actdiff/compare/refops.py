@@ -707,13 +707,43 @@ def _product(a: np.ndarray, W: np.ndarray) -> np.ndarray:
     if _FLOAT32_PRODUCTS:  # the weight packed once and memoised: converting it per call was a fifth of a product
         packed = WEIGHT_MEMO.get(W, "float32 packed", lambda: _packed_f32(W))
         return _shared(W, a, lambda x: _product_f32(x, packed))
-    return _shared(W, a, lambda x: x @ W.T)
+    return _shared(W, a, lambda x: _product_f64(x, W))
+
+
+# A float64 product of fewer rows than this packs its weight whole once the weight comes again (memoised with the
+# rounded weights, WEIGHT_MEMO); more rows pack each block of it as the kernel reaches it. On a prompt's 30 rows
+# the per-call packing cost a quarter of the product (MiniLM's 30 x 384 x 1536: 0.77 ms packed whole, 0.96 packed
+# per call); on 128-256 rows 3-7 %, where whole copies of every weight the search rounds (106 packings, 200 MB
+# more memory, against 43 with this bound) cost more than they saved (Zen 4, bench/README.md). A weight made per
+# call (the search's candidates) is used once and never packed whole.
+PACK_WHOLE_BELOW_ROWS = 128
 
 
 def _packed_f32(W: np.ndarray):
     from .. import kernels
 
     return kernels.pack_f32(np.ascontiguousarray(W, np.float32))
+
+
+def _packed_f64(W: np.ndarray):
+    from .. import kernels
+
+    return kernels.pack_f64(np.ascontiguousarray(W, np.float64))
+
+
+def _product_f64(a: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``a @ W.T`` in float64 by the C float64 matmul (actdiff.kernels.matmul_f64): each element one fused
+    multiply-add chain in k order, the same bits on every CPU, ISA path, thread count and row count, so a prompt's
+    rows give the same values alone or stacked with others' (numpy's dgemm rounded by the CPU's kernel and the row
+    count, and packed W again on every call). W is packed whole (memoised) for a product of few rows once W comes
+    again, else its blocks are packed per call: the same bits (PACK_WHOLE_BELOW_ROWS)."""
+    from .. import kernels
+
+    packed = None
+    if len(a) < PACK_WHOLE_BELOW_ROWS:
+        packed = WEIGHT_MEMO.get_reused(W, "float64 packed", lambda: _packed_f64(W))
+    weight = np.ascontiguousarray(W, np.float64) if packed is None else packed
+    return kernels.matmul_f64(np.ascontiguousarray(a, np.float64), weight)
 
 
 def _product_f32(a: np.ndarray, packed) -> np.ndarray:
@@ -948,7 +978,7 @@ def _gelu(graph, node, x, w, p):
 
 def _router(graph, node, x, w, p):
     W = _rounded_weight(_f(w[node.weights[0]]), p["weight_precision"], axis=1)
-    return _f(x[0]) @ W.T - _int_pairs_loss(p, len(x[0]))
+    return _product_f64(_f(x[0]), W) - _int_pairs_loss(p, len(x[0]))
 
 
 def _softmax_op(graph, node, x, w, p):
@@ -1017,21 +1047,36 @@ def _rounded_experts(graph, key, w, orientation, precision, axis: int) -> np.nda
                                                           axis=axis))  # fmt: skip
 
 
-def _grouped(rows: np.ndarray, idx: np.ndarray, mats, fn, out_dim: int) -> np.ndarray:
-    """out[t, j] = fn(rows[t, j], mats[idx[t, j]]), looping over experts (memory ~ T*k*out_dim)."""
+def _packed_experts(graph, key, w, orientation, precision, axis: int, trans: bool):
+    """:func:`_rounded_experts` packed for the float64 matmul (each expert's (F, H) block: ``trans`` for x @ w1[e]^T,
+    not for x @ w2[e]), memoised per stored tensor like the rounding."""
+    from .. import kernels
+
+    tag = json.dumps(["experts float64 packed", orientation, precision, axis, trans], sort_keys=True)
+    return WEIGHT_MEMO.get(w[key], tag, lambda: kernels.pack_f64(np.ascontiguousarray(
+        _rounded_experts(graph, key, w, orientation, precision, axis)), trans=trans))  # fmt: skip
+
+
+def _grouped(rows: np.ndarray, idx: np.ndarray, packed, out_dim: int) -> np.ndarray:
+    """out[t, j] = rows[t, j] @ expert idx[t, j]'s weight of ``packed`` (actdiff.kernels.PackedF64, 3-D), by the
+    float64 matmul, looping over experts (memory ~ T*k*out_dim): a row's bits do not depend on the other rows an
+    expert gets, so stacked prompts give each prompt its own values."""
+    from .. import kernels
+
     T, k = idx.shape
     out = np.zeros((T, k, out_dim))
     for e in np.unique(idx):
         sel = idx == e
-        out[sel] = fn(rows[sel], mats[e])
+        out[sel] = kernels.matmul_f64(np.ascontiguousarray(rows[sel], np.float64), packed.block(e))
     return out
 
 
 def _expert_fc1(graph, node, x, w, p):
     h, idx = _f(x[0]), _map_experts(x[1], p["expert_index_map"], graph.dims.experts)
-    w1 = _rounded_experts(graph, node.weights[0], w, p["w1_orientation"], p["weight_precision"], 2)  # reduced: H
+    # reduced precision: along H
+    w1 = _packed_experts(graph, node.weights[0], w, p["w1_orientation"], p["weight_precision"], 2, trans=True)
     rows = np.broadcast_to(h[:, None, :], (*idx.shape, h.shape[-1]))
-    out = _grouped(rows, idx, w1, lambda r, m: r @ m.T, graph.dims.inner)
+    out = _grouped(rows, idx, w1, graph.dims.inner)
     if p.get("int_pairs", "exact") != "exact":  # every expert's rows on every token, as one integer kernel
         if p["w1_orientation"] != "FH":
             raise NotApplicable("int_pairs applies to the expert weights as stored (FH)")
@@ -1042,8 +1087,9 @@ def _expert_fc1(graph, node, x, w, p):
 
 def _expert_fc2(graph, node, x, w, p):
     a, idx = _f(x[0]), _map_experts(x[1], p["expert_index_map"], graph.dims.experts)
-    w2 = _rounded_experts(graph, node.weights[0], w, p["w2_orientation"], p["weight_precision"], 1)  # reduced: F
-    return _grouped(a, idx, w2, lambda r, m: r @ m, graph.dims.hidden)
+    # reduced precision: along F
+    w2 = _packed_experts(graph, node.weights[0], w, p["w2_orientation"], p["weight_precision"], 1, trans=False)
+    return _grouped(a, idx, w2, graph.dims.hidden)
 
 
 def _moe_sum(graph, node, x, w, p):
@@ -1315,6 +1361,7 @@ class WeightMemo:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.items: OrderedDict = OrderedDict()  # (id of the tensor, rounding) -> (weak reference to it, result)
+        self.seen: dict = {}  # (id of the tensor, rounding) -> weak reference: asked for once (get_reused)
         self.bytes = 0
 
     def get(self, a, rounding: str, compute) -> np.ndarray:
@@ -1337,6 +1384,20 @@ class WeightMemo:
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self.items)))
         return out
+
+    def get_reused(self, a, rounding: str, compute):
+        """:meth:`get` for a tensor memoised or seen once before under ``rounding``; None the first time, which is
+        remembered as long as the tensor lives: for a result that pays only when the tensor is used again (a
+        weight packed whole for the C float64 matmul, where the search makes a candidate's weight per call)."""
+        if not isinstance(a, np.ndarray):
+            return None
+        key = (id(a), rounding)
+        hit, seen = self.items.get(key), self.seen.get(key)
+        if (hit is not None and hit[0]() is a) or (seen is not None and seen() is a):
+            self.seen.pop(key, None)
+            return self.get(a, rounding, compute)
+        self.seen[key] = weakref.ref(a, lambda ref, key=key: self.seen.pop(key) if self.seen.get(key) is ref else None)
+        return None
 
     def _drop(self, key) -> None:
         old = self.items.pop(key, None)
