@@ -265,20 +265,21 @@ static int matmul_f64_check(const double *out, const double *inp, const double *
     return AK_OK;
 }
 
-int ak_matmul_f64_packed(double *out, const double *inp, const double *packed, int T, int K, int N) {
-    ak_count_call(AK_OP_MATMUL_F64);
-    int st = matmul_f64_check(out, inp, packed, T, K, N);
-    if (st || T == 0 || N == 0) return st;
-    const gemm64_job j = {out, inp, packed, T, K, N, ak_isa(), 1, (N + 15) / 16};
-    return gemm64(&j);
-}
-
-int ak_matmul_f64(double *out, const double *inp, const double *w, int T, int K, int N) {
+/* w: packed (ak_pack_weight_f64) when packed, else the (N,K) weight */
+static int matmul_f64_on(double *out, const double *inp, const double *w, int T, int K, int N, int packed) {
     ak_count_call(AK_OP_MATMUL_F64);
     int st = matmul_f64_check(out, inp, w, T, K, N);
     if (st || T == 0 || N == 0) return st;
-    const gemm64_job j = {out, inp, w, T, K, N, ak_isa(), 0, (N + 15) / 16};
+    const gemm64_job j = {out, inp, w, T, K, N, ak_isa(), packed, (N + 15) / 16};
     return gemm64(&j);
+}
+
+int ak_matmul_f64_packed(double *out, const double *inp, const double *packed, int T, int K, int N) {
+    return matmul_f64_on(out, inp, packed, T, K, N, 1);
+}
+
+int ak_matmul_f64(double *out, const double *inp, const double *w, int T, int K, int N) {
+    return matmul_f64_on(out, inp, w, T, K, N, 0);
 }
 
 int ak_matmul_f64_naive(double *out, const double *inp, const double *w, int T, int K, int N) {
