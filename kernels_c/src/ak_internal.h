@@ -33,6 +33,16 @@ static inline void ak_split(int64_t n, int tid, int nth, int64_t *b, int64_t *e)
     *e = *b + q + (tid < r ? 1 : 0);
 }
 
+/* Whether a GEMM tile's rows, `stride` bytes apart, crowd into few L1 sets, so the tile is worth copying to rows
+ * padded apart (gemm.c's A_LD, gemm64.c's A64_LD). At one k the kernel reads a line of each of its 12 rows; an L1D
+ * of 64 sets of 64-byte lines (Intel's 48 KiB 12-way, AMD's 32 KiB 8-way) puts rows `stride` bytes apart in
+ * 64 / gcd(stride / 64, 64) sets: 12 KiB (3072 floats) in 1, 6 KiB in 2, 3 KiB and 9 KiB in 4 (3 lines a set,
+ * beside B's). So rows a multiple of 2 KiB apart are copied and others read in place: the copy of every tile, once
+ * per column slab, was 3 % of the engine's full-size forward (12 rows x 768 floats copied per 384 columns), and
+ * reading 768-float rows in place took the 512 x 768 x N products from 226-228 to 228-233 GFLOP/s (Xeon model 207,
+ * kernels_c/README.md). The same bits either way. */
+static inline int ak_rows_share_l1_sets(int64_t stride) { return stride % 2048 == 0; }
+
 void *ak_aligned_alloc(size_t bytes);
 void ak_aligned_free(void *p);
 /* a 64-byte aligned block of at least `bytes`, the calling thread's kept scratch when free (see core.c); give

@@ -44,14 +44,6 @@ static inline __attribute__((always_inline)) void prefetch_b(const float *row, i
     __builtin_prefetch((const void *)((uintptr_t)row + (uintptr_t)(PF_ROWS * ldp * (int64_t)sizeof(float))), 0, 3);
 }
 
-/* Whether a tile's rows, lda floats apart, crowd into few L1 sets, so the tile is worth copying to A_LD. At one k
- * the kernel reads a line of each of its 12 rows; an L1D of 64 sets of 64-byte lines (Intel's 48 KiB 12-way, AMD's
- * 32 KiB 8-way) puts rows lda floats apart in 64 / gcd(lda / 16, 64) sets: lda = 3072 (a 12 KiB stride) in 1, 1536
- * in 2, 768 and 2304 in 4 (3 lines a set, beside B's). So rows a multiple of 512 floats (2 KiB) apart are copied
- * and others read in place: the copy of every tile, once per column slab, was 3 % of the engine's full-size forward
- * (12 rows x 768 floats copied per 384 columns), and reading 768-float rows in place took the 512 x 768 x N
- * products from 226-228 to 228-233 GFLOP/s (Xeon model 207, kernels_c/README.md). The same bits either way. */
-static inline int a_rows_share_l1_sets(int64_t lda) { return lda % 512 == 0; }
 
 /* ---------------- B packing ----------------
  * dst holds ceil(nc/NR) panels, each kc x NR (row k contiguous), zero padded. */
@@ -544,7 +536,8 @@ static void gemm_slab(const ak_gemm_args *g, ukr_desc u, int n0, int nc, int k0,
         int mr = g->M - m0 < MR ? g->M - m0 : MR;
         const float *Ab = g->A + (int64_t)m0 * g->lda + k0;
         int64_t lda = g->lda;
-        if (np > 1 && a_rows_share_l1_sets(lda)) { /* copied once, read by np panels: rows A_LD apart */
+        /* copied once, read by np panels: rows A_LD apart */
+        if (np > 1 && ak_rows_share_l1_sets(lda * (int64_t)sizeof(float))) {
             for (int m = 0; m < mr; m++) memcpy(Apack + m * A_LD, Ab + (int64_t)m * lda, (size_t)kc * sizeof(float));
             Ab = Apack;
             lda = A_LD;

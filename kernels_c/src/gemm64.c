@@ -5,7 +5,7 @@
  * on every ISA path, thread count, tile and row count (a prompt's rows alone or stacked with others'), like the fp32
  * core (gemm.c). Why our own: numpy's dgemm (OpenBLAS) packs W again on every call, and the reference ops' products
  * are mostly a prompt's 20-60 rows against a weight it has just packed (384 x 384 doubles: 1.2 MB, beyond a Zen 4's
- * 1 MiB L2), so they ran at 31-36 GFLOP/s of a 58 GFLOP/s float64 peak (kernels_c/README.md, 2026-12-07).
+ * 1 MiB L2), so they ran at 31-36 GFLOP/s of a 58 GFLOP/s float64 peak (bench/README.md, 2026-12-07).
  *
  * Packed layout (ak_pack_weight_f64): K in blocks of AK_PACK64_KC rows (the last one shorter); in each block the
  * columns, zero past N up to a multiple of 16, in runs of 8, each run (block rows) x 8 contiguous doubles,
@@ -21,7 +21,7 @@
 /* columns per slab: a K block of the slab (256 x 256 doubles, 512 KiB) is read once per row tile from L2 */
 #define NC64 256
 /* row stride of a copied A tile: 264 doubles (33 cache lines), so its rows fall in different L1 sets; rows of A
- * itself 2 KiB apart or a multiple of it (K = 512, 1536, 3072 doubles) would share a few (see gemm.c's A_LD) */
+ * itself a multiple of 2 KiB apart (K = 512, 1536, 3072 doubles) would share a few (ak_rows_share_l1_sets) */
 #define A64_LD (KC64 + 8)
 _Static_assert(NC64 % 16 == 0, "a slab holds whole 16-column pairs of runs");
 
@@ -148,7 +148,7 @@ static ukr64_desc ukr64_for_isa(int isa) {
 /* ---------------- driver ---------------- */
 typedef struct {
     double *out;
-    const double *inp, *w; /* w: packed (ak_pack_weight_f64), or the (N,K) weight itself (packed) */
+    const double *inp, *w; /* w: packed by ak_pack_weight_f64 (packed = 1), or the (N,K) weight itself */
     int T, K, N, isa, packed;
     int64_t units; /* 16-column units the threads split */
 } gemm64_job;
@@ -160,14 +160,15 @@ static void gemm64_block(const gemm64_job *j, ukr64_desc u, const double *blk, i
                          int nc) {
     double tmp[12 * 16] __attribute__((aligned(64)));
     double Apack[12 * A64_LD] __attribute__((aligned(64)));
-    const int first = k0 == 0, copy = (j->K % 256 == 0) && nc > u.NR;
+    const int first = k0 == 0, copy = nc > u.NR && ak_rows_share_l1_sets(j->K * (int64_t)sizeof(double));
     const int64_t boff = (int64_t)kb * RUN64;
     for (int m0 = 0; m0 < j->T; m0 += u.MR) {
         const int mr = j->T - m0 < u.MR ? j->T - m0 : u.MR;
         const double *A = j->inp + (int64_t)m0 * j->K + k0;
         int64_t lda = j->K;
         if (copy) { /* read by every tile of the slab: rows A64_LD apart */
-            for (int m = 0; m < mr; m++) memcpy(Apack + m * A64_LD, A + (int64_t)m * j->K, (size_t)kb * sizeof(double));
+            for (int m = 0; m < mr; m++)
+                memcpy(Apack + m * A64_LD, A + (int64_t)m * j->K, (size_t)kb * sizeof(double));
             A = Apack;
             lda = A64_LD;
         }
@@ -179,7 +180,8 @@ static void gemm64_block(const gemm64_job *j, ukr64_desc u, const double *blk, i
                 u.ukr(mr, kb, A, lda, Bp, boff, C, j->N, first);
                 continue;
             }
-            for (int m = 0; m < mr && !first; m++) memcpy(tmp + m * u.NR, C + (int64_t)m * j->N, ncols * sizeof(double));
+            for (int m = 0; m < mr && !first; m++)
+                memcpy(tmp + m * u.NR, C + (int64_t)m * j->N, ncols * sizeof(double));
             u.ukr(mr, kb, A, lda, Bp, boff, tmp, u.NR, first);
             for (int m = 0; m < mr; m++) memcpy(C + (int64_t)m * j->N, tmp + m * u.NR, ncols * sizeof(double));
         }
@@ -199,13 +201,16 @@ static void pack_run_f64(double *run, const double *w, int K, int N, int trans, 
     }
     for (int k = 0; k < kb; k++)
         for (int c = 0; c < RUN64; c++)
-            run[k * RUN64 + c] = c >= valid ? 0.0 : trans ? w[(int64_t)(n + c) * K + k0 + k] : w[(int64_t)(k0 + k) * N + n + c];
+            run[k * RUN64 + c] = c >= valid ? 0.0
+                                 : trans    ? w[(int64_t)(n + c) * K + k0 + k]
+                                            : w[(int64_t)(k0 + k) * N + n + c];
 }
 
 /* rows k0.. (kb of them) of the (N,K) weight w's columns [n0, n0 + nc), in the packed layout of a block from
  * column n0 on (zeros past N, up to a multiple of 16): what ak_pack_weight_f64 puts there */
 static void pack_block_f64(double *dst, const double *w, int K, int N, int k0, int kb, int n0, int nc) {
-    for (int c = 0; c < (nc + 15) / 16 * 16; c += RUN64) pack_run_f64(dst + (int64_t)c * kb, w, K, N, 1, k0, kb, n0 + c);
+    for (int c = 0; c < (nc + 15) / 16 * 16; c += RUN64)
+        pack_run_f64(dst + (int64_t)c * kb, w, K, N, 1, k0, kb, n0 + c);
 }
 
 /* output columns [nb, ne) (nb a multiple of 16) on the calling thread; an unpacked weight's blocks are packed
