@@ -431,7 +431,7 @@ static float *pack_blocks(const float *w, int E, int K, int N, int trans, int la
 
 static void test_pack_roundtrip(void) {
     const int shapes[][2] = {{1, 1},   {17, 5}, {33, 47},  {64, 32},  {129, 100},
-                             {3, 65},  {600, 70}, {256, 33}, {1700, 40}}; /* 1700: three K blocks */
+                             {3, 65},  {600, 70}, {256, 33}, {1700, 40}, {300, 777}}; /* 1700: three K blocks; 777: 25 runs */
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
         int K = shapes[s][0], N = shapes[s][1];
         EXPECT(ak_packed_size(K, N) == (int64_t)((N + 31) / 32) * 32 * K, "packed size K=%d N=%d", K, N);
