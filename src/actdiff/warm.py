@@ -284,15 +284,17 @@ def _load(names) -> bool:
 
 
 def _stop_listening(listener: socket.socket | None, path: str) -> None:
-    """No more jobs handed over: the socket, the sitecustomize start() wrote beside it and their directory go, so a
-    job finds none and runs in its own process."""
+    """No more jobs handed over: the sitecustomize start() wrote beside the socket, the socket and their directory
+    go, so a job finds none and runs in its own process. The socket goes after the sitecustomize: its going is the
+    one sign that the warm process has cleaned up (a teardown that checked the sitecustomize once the socket was
+    gone found it still there on a loaded machine)."""
     import shutil
 
     if listener is not None:
         listener.close()
+    shutil.rmtree(Path(path).parent / STARTUP, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.unlink(path)
-    shutil.rmtree(Path(path).parent / STARTUP, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(path))
 
