@@ -141,3 +141,29 @@ def test_weights_are_not_read_to_be_sized(tiny_model_dir):
     NodeWeights64(raw, graph)
     assert read == [], read
     assert raw[w] is not None and read == [w]  # reading is what reads
+
+
+def test_the_sum_envelope_of_stacked_prompts_is_each_prompts_own(faulty_pair, tiny_model_dir):
+    """fp32_noise_many runs the sum envelope's squared op once over the prompts' summed rows stacked
+    (budgets._squared_op_sums): at every MATMUL, ROUTER and expert product of the tiny model, each prompt's sum and
+    noise are the ones it gets alone, bit for bit (each row's float64 products are its own: kernels.matmul_f64)."""
+    import numpy as np
+
+    from actdiff.compare.budgets import SUM_OPS, _squared_op_sum, _squared_op_sums, fp32_noise, fp32_noise_many
+    from actdiff.compare.refops import spec_params
+
+    _, ref, _, _ = faulty_pair
+    graph = build_graph(load_config_json(tiny_model_dir))
+    weights = NodeWeights64(CheckpointTensors(tiny_model_dir / "model.safetensors"), graph)
+    with ActivationReader(ref) as rr:
+        prompts = [{k: np.array(v) for k, v in vals.items()} for _, _, vals in rr.iter_prompts(graph.names())][:6]
+    checked = set()
+    for node in (n for n in graph if n.op in SUM_OPS and n.op != "POOL"):
+        weights.visit(node)
+        sums = _squared_op_sums(graph, node, prompts, weights, spec_params(graph, node))
+        assert all(q is not None for q in sums), node.name  # every product of the spec is linear in its rows
+        alone = [_squared_op_sum(graph, node, p, weights, spec_params(graph, node)) for p in prompts]
+        assert sums == alone, node.name
+        assert fp32_noise_many(graph, node, prompts, weights) == [fp32_noise(graph, node, p, weights) for p in prompts]
+        checked.add(node.op)
+    assert checked == set(SUM_OPS) - {"POOL"}

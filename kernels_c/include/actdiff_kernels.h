@@ -261,6 +261,19 @@ enum { AK_ROUND_F16 = 1, AK_ROUND_BF16 = 2 };
 int ak_round_f64(double *out, const double *x, int64_t n, int format);
 int ak_round_f64_naive(double *out, const double *x, int64_t n, int format);
 
+/* ---- uniform affine quantisation of float64 values (the reference ops' quantise, actdiff.compare.refops) ----
+ * out and x are (rows, cols) double, row-major; out may be x. scale (float32) and zp (double, whole numbers) hold one
+ * value for the tensor (AK_QUANT_TENSOR: [0]), per row ([rows]) or per column ([cols]), as per says.
+ * q = clip((double)rintf((float)x / scale) + zp, qmin, qmax) (ONNX QuantizeLinear: a float32 division, rounded half
+ * to even); out = q, or (q - zp) * (double)scale where dequantise (DequantizeLinear). A NaN stays a NaN. The same
+ * bits on every ISA path (kernels_c/src/quant.c). _naive: one plain loop. AK_ERR_INVALID_ARGUMENT for another per,
+ * or qmin > qmax. */
+enum { AK_QUANT_TENSOR = 0, AK_QUANT_ROW = 1, AK_QUANT_COLUMN = 2 };
+int ak_quantise_f64(double *out, const double *x, const float *scale, const double *zp, int64_t rows, int64_t cols,
+                    int per, double qmin, double qmax, int dequantise);
+int ak_quantise_f64_naive(double *out, const double *x, const float *scale, const double *zp, int64_t rows,
+                          int64_t cols, int per, double qmin, double qmax, int dequantise);
+
 /* ---- float64 matmul on a weight packed once (the reference ops' products, actdiff.compare.refops) ----
  * out (T,N) = inp (T,K) @ W with no bias: each element the double fma chain over k = 0..K-1 from 0.0, the same
  * bits on every ISA path, thread count and row count (kernels_c/src/gemm64.c). The packed layout: K in blocks of

@@ -1132,6 +1132,58 @@ static void test_matmul_f64_nan_and_arguments(void) {
     free(x); free(w); free(p); free(out); free(ref);
 }
 
+/* uniform affine quantisation (ONNX QuantizeLinear / DequantizeLinear): hand-derived values with scale 0.1f and
+ * zero point 10 on [0, 255]: 0.35 is 3.5 steps in float32 (0.35f / 0.1f rounds up to the tie, which goes to the
+ * even 4), 3.4999999 in float64 (which would give 3); 0.25 is the tie 2.5 (to 2); the clip at both ends, infinities
+ * clipped, NaN kept; then every path bit for bit the plain loop on random values, a scale per tensor, row and
+ * column, every row length from 1 to 19 (the vector loops' tails), and in place. */
+static void test_quantise_f64(void) {
+    const double in[] = {0.25, 0.35, 0.45, 100.0, -100.0, INFINITY, -INFINITY, 0.0, -0.0, NAN};
+    const double want[] = {12.0, 14.0, 14.0, 255.0, 0.0, 255.0, 0.0, 10.0, 10.0};
+    enum { NH = sizeof in / sizeof in[0], R = 23, C = 19 };
+    const float s1 = 0.1f;
+    const double z1 = 10.0;
+    double q[NH], dq[NH];
+    CHECK(ak_quantise_f64_naive(q, in, &s1, &z1, 1, NH, AK_QUANT_TENSOR, 0.0, 255.0, 0));
+    CHECK(ak_quantise_f64_naive(dq, in, &s1, &z1, 1, NH, AK_QUANT_TENSOR, 0.0, 255.0, 1));
+    int exact = memcmp(q, want, sizeof want) == 0 && isnan(q[NH - 1]) && isnan(dq[NH - 1]);
+    for (int i = 0; i < NH - 1; i++) exact &= dq[i] == (want[i] - 10.0) * (double)0.1f;
+    EXPECT(exact, "quantise_f64: hand-derived values (float32 quotient, ties to even, clip, NaN)");
+    static double x[R * C], ref[R * C], got[R * C];
+    float scale[R > C ? R : C];
+    double zp[R > C ? R : C];
+    for (int i = 0; i < R * C; i++) x[i] = (double)frand() * 40.0 + (i % 11 == 0 ? 0.5 : 0.0);
+    x[3] = NAN, x[4] = INFINITY, x[5] = -INFINITY;
+    for (int i = 0; i < (R > C ? R : C); i++) scale[i] = 0.05f + 0.01f * (float)(i % 7), zp[i] = (double)(i % 200);
+    const int pers[3] = {AK_QUANT_TENSOR, AK_QUANT_ROW, AK_QUANT_COLUMN};
+    const int isas[3] = {AK_ISA_SCALAR, AK_ISA_AVX2, AK_ISA_AVX512};
+    for (int p = 0; p < 3; p++)
+        for (int dequantise = 0; dequantise < 2; dequantise++) {
+            CHECK(ak_quantise_f64_naive(ref, x, scale, zp, R, C, pers[p], 0.0, 255.0, dequantise));
+            for (int k = 0; k < 3; k++) {
+                if (!ak_cpu_supports_isa(isas[k])) continue;
+                CHECK(ak_set_isa(isas[k]));
+                CHECK(ak_quantise_f64(got, x, scale, zp, R, C, pers[p], 0.0, 255.0, dequantise));
+                int same = memcmp(got, ref, sizeof got) == 0;
+                for (int len = 1; len <= C && pers[p] != AK_QUANT_COLUMN; len++) {
+                    CHECK(ak_quantise_f64(got, x, scale, zp, 1, len, pers[p], 0.0, 255.0, dequantise));
+                    same &= memcmp(got, ref, (size_t)len * sizeof(double)) == 0;
+                }
+                memcpy(got, x, sizeof x);
+                CHECK(ak_quantise_f64(got, got, scale, zp, R, C, pers[p], 0.0, 255.0, dequantise));
+                EXPECT(same && memcmp(got, ref, sizeof got) == 0, "quantise_f64 isa %d per %d dequantise %d: the "
+                       "plain loop's bits", isas[k], pers[p], dequantise);
+            }
+            CHECK(ak_set_isa(AK_ISA_AUTO));
+        }
+    EXPECT(ak_quantise_f64(NULL, x, scale, zp, 1, 1, AK_QUANT_TENSOR, 0.0, 255.0, 0) == AK_ERR_NULL_POINTER &&
+               ak_quantise_f64(got, x, scale, zp, -1, 1, AK_QUANT_TENSOR, 0.0, 255.0, 0) == AK_ERR_INVALID_SIZE &&
+               ak_quantise_f64(got, x, scale, zp, 1, 1, 3, 0.0, 255.0, 0) == AK_ERR_INVALID_ARGUMENT &&
+               ak_quantise_f64(got, x, scale, zp, 1, 1, AK_QUANT_ROW, 5.0, 1.0, 0) == AK_ERR_INVALID_ARGUMENT &&
+               ak_quantise_f64(NULL, NULL, NULL, NULL, 0, 4, AK_QUANT_ROW, 0.0, 1.0, 0) == AK_OK,
+           "quantise_f64 argument checks");
+}
+
 int main(void) {
     test_matmul();
     test_attention();
@@ -1151,6 +1203,7 @@ int main(void) {
     test_round_f16();
     test_convert_f16();
     test_round_f64();
+    test_quantise_f64();
     test_matmul_f64();
     test_matmul_f64_nan_and_arguments();
     test_pool_handover();

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actdiff.compare.metrics import FLOAT_METRICS, compare, compare_reference
+from actdiff.compare.refops import QUANT_GRANULARITIES
 from actdiff.kernels import compare_sums, rel_l2_f32
 
 INT_KEYS = ("nan_ref", "inf_ref", "nan_eng", "inf_eng", "max_abs_token", "max_abs_channel", "max_ulp")
@@ -368,3 +369,73 @@ def test_round_f64_is_numpys_float16_and_refops_bfloat16_on_every_path():
     assert np.array_equal(K.round_f64(x[:999:3], "fp16"), K.round_f64(x, "fp16")[:999:3])
     with pytest.raises(ValueError, match="precision 'fp8'"):
         K.round_f64(x, "fp8")
+
+
+def _quantise_numpy(x, scale, zp, qmin, qmax):
+    """ONNX QuantizeLinear as numpy passes (refops' definition before the kernel): a float32 division, rounded
+    half to even, the zero point added in float64, then clipped."""
+    return np.clip(np.rint(x.astype(np.float32) / scale).astype(np.float64) + zp, qmin, qmax)
+
+
+def test_quantise_f64_is_onnx_quantize_linear_on_every_path():
+    """ak_quantise_f64 (the search's quantisation of a sample, actdiff.compare.refops): q and (q - zp) * scale bit
+    for bit the numpy passes, for a scale per tensor, row and column, signed and unsigned grids of 2-16 bits;
+    on values at and beside every rounding tie of the grid (the float32 quotient decides: a float64 quotient of
+    n + 0.5 - 1e-9 is a tie in float32), far outside the range (clipped), infinities and NaN (kept); every path
+    gives the plain loop's bits, rows of every tail length."""
+    import actdiff.kernels as K
+
+    rng = np.random.default_rng(5)
+    rows, cols = 37, 53
+    for bits, symmetric in [(8, False), (8, True), (2, False), (4, True), (16, False)]:
+        qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+        for per, shape in [("tensor", (1, 1)), ("row", (rows, 1)), ("column", (1, cols))]:
+            scale = (rng.uniform(0.01, 0.2, shape) * rng.choice([1.0, 2.0**-20, 2.0**10], shape)).astype(np.float32)
+            zp = np.zeros(shape) if symmetric else np.rint(rng.uniform(0, qmax, shape))
+            steps = rng.integers(-2 * qmax - 5, 2 * qmax + 5, (rows, cols)) + rng.choice([0.0, 0.5, 0.25], (rows, cols))
+            x = steps * scale.astype(np.float64) * (1 + rng.choice([0.0, 1e-9, -1e-9, 3e-8], (rows, cols)))
+            x[0, :6] = [np.inf, -np.inf, np.nan, -0.0, 1e300, -1e300]
+            with np.errstate(all="ignore"):
+                want = _quantise_numpy(x, scale, zp, qmin, qmax)
+                want_dq = (want - zp) * scale.astype(np.float64)
+            naive = K.quantise_f64(x, scale, zp, qmin, qmax, per, naive=True)
+            naive_dq = K.quantise_f64(x, scale, zp, qmin, qmax, per, dequantise=True, naive=True)
+            assert np.array_equal(naive, want, equal_nan=True) and np.isnan(naive[0, 2]), (bits, per)
+            assert np.array_equal(naive_dq, want_dq, equal_nan=True), (bits, per)
+            for isa in K.supported_isas():
+                K.set_isa(isa)
+                got = K.quantise_f64(x, scale, zp, qmin, qmax, per)
+                got_dq = K.quantise_f64(x, scale, zp, qmin, qmax, per, dequantise=True)
+                assert np.array_equal(got.view(np.uint64), naive.view(np.uint64)), (isa, bits, per)
+                assert np.array_equal(got_dq.view(np.uint64), naive_dq.view(np.uint64)), (isa, bits, per)
+                if per != "column":  # rows of every length from 1 to 17 (the vector loops' tails)
+                    for n in range(1, 18):
+                        part = K.quantise_f64(np.ascontiguousarray(x[:, :n]), scale, zp, qmin, qmax, per)
+                        assert np.array_equal(part.view(np.uint64), naive[:, :n].view(np.uint64)), (isa, n)
+    with pytest.raises(ValueError, match="needs 37"):
+        K.quantise_f64(x, np.ones(3, np.float32), 0.0, 0, 255, "row")
+    with pytest.raises(ValueError, match="per 'block'"):
+        K.quantise_f64(x, np.ones(1, np.float32), 0.0, 0, 255, "block")
+    assert K.quantise_f64(np.zeros((0, 4)), np.ones(1, np.float32), 0.0, 0, 255, "tensor").shape == (0, 4)
+
+
+@pytest.mark.parametrize(("granularity", "static"), [(g, False) for g in QUANT_GRANULARITIES] + [("tensor", True)])
+def test_refops_quantise_is_the_numpy_definition(granularity, static):
+    """refops.quantise_int and quantise (the kernel where one scale spans a tensor, row or column; numpy for
+    blocks) give the numpy definition's integers, scales and dequantised values bit for bit, with the ranges
+    from the values themselves or from another tensor (``like``: an embedding's whole table)."""
+    from actdiff.compare.refops import quantise, quantise_int
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((12, 40)) * np.exp(rng.uniform(-3, 3, (12, 1)))
+    for symmetric in (False, True):
+        spec = {"bits": 8, "symmetric": symmetric, "granularity": granularity, "blocks": 3,
+                "range": [-1.5, 2.25] if static else "dynamic"}  # fmt: skip
+        for like in (None, x * 1.5):
+            q, scale, zp = quantise_int(x, spec, like)
+            ref = x.reshape(3, 4, 40) if granularity.startswith("block") else x
+            qmax = 127 if symmetric else 255
+            want = _quantise_numpy(ref, scale.astype(np.float32), zp, -qmax if symmetric else 0, qmax)
+            assert np.array_equal(q, want), (symmetric, like is None)
+            dq = quantise(x, spec, like)
+            assert np.array_equal(dq, ((want - zp) * scale).reshape(x.shape)), (symmetric, like is None)

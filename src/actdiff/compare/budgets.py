@@ -104,11 +104,14 @@ class Noise(NamedTuple):
         return max(self.measured, self.envelope) if math.isfinite(self.measured) else self.envelope
 
 
-def fp32_noise(graph: Graph, node: Node, ref: dict, weights, exact: np.ndarray | None = None) -> Noise:
+def fp32_noise(
+    graph: Graph, node: Node, ref: dict, weights, exact: np.ndarray | None = None, q: float | None = None
+) -> Noise:
     """The reference's own fp32 rounding error at ``node`` on one prompt: its value against the float64 spec
     op (refops) on the reference's own inputs (``ref`` holds every node of the prompt; ``exact``: that op's
-    value when the caller has it, :func:`fp32_noise_many`). NaN when the spec op cannot run on them (the
-    budget then falls back to the floor) or for index nodes, which have no noise."""
+    value when the caller has it, :func:`fp32_noise_many`; ``q``: likewise :func:`_squared_op_sum`'s value).
+    NaN when the spec op cannot run on them (the budget then falls back to the floor) or for index nodes, which
+    have no noise."""
     if node.kind == "index":
         return Noise(math.nan)
     params = spec_params(graph, node)
@@ -124,7 +127,7 @@ def fp32_noise(graph: Graph, node: Node, ref: dict, weights, exact: np.ndarray |
     diff = float(np.linalg.norm(value - exact))
     measured = diff / den if den > 0 else (0.0 if diff == 0 else math.inf)
     if node.op in SUM_OPS:
-        return Noise(measured, sequential_sum_noise(graph, node, ref, weights, params, exact))
+        return Noise(measured, sequential_sum_noise(graph, node, ref, weights, params, exact, q))
     if node.op in NORM_OPS and params.get("axis", "hidden") == "hidden":
         return Noise(measured, normalisation_noise(node, ref, weights, params, exact))
     return Noise(measured)
@@ -137,11 +140,13 @@ def fp32_noise_many(graph: Graph, node: Node, refs: list[dict], weights) -> list
     float64 product per prompt and node was half of the reference noise's time on MiniLM's short prompts."""
     if node.kind == "index" or len(refs) < 2:
         return [fp32_noise(graph, node, ref, weights) for ref in refs]
+    params = spec_params(graph, node)
     try:
-        exacts = run_op_many(graph, node, refs, weights, spec_params(graph, node))
+        exacts = run_op_many(graph, node, refs, weights, params)
     except NotApplicable:  # maybe not on every prompt alone: each its own
         return [fp32_noise(graph, node, ref, weights) for ref in refs]
-    return [fp32_noise(graph, node, ref, weights, exact) for ref, exact in zip(refs, exacts, strict=True)]
+    qs = _squared_op_sums(graph, node, refs, weights, params) if node.op in SUM_OPS else [None] * len(refs)
+    return [fp32_noise(graph, node, ref, weights, exact, q) for ref, exact, q in zip(refs, exacts, qs, strict=True)]
 
 
 # Ops whose output is a long sum of products (or of values) where the reference's kernel may be far more
@@ -158,7 +163,9 @@ SUM_OPS = ("MATMUL", "ROUTER", "EXPERT_FC1", "EXPERT_FC2", "POOL")
 NORM_OPS = ("LAYERNORM", "L2NORM")
 
 
-def sequential_sum_noise(graph: Graph, node: Node, ref: dict, weights, params: dict, exact: np.ndarray) -> float:
+def sequential_sum_noise(
+    graph: Graph, node: Node, ref: dict, weights, params: dict, exact: np.ndarray, q: float | None = None
+) -> float:
     """Rms relative error of computing ``node`` as K-term sums in fp32, one term after another (with FMA).
 
     Each addition s_k = s_(k-1) + t_k rounds with a relative error uniform in [-u, u] (u = 2^-24, rms
@@ -166,15 +173,15 @@ def sequential_sum_noise(graph: Graph, node: Node, ref: dict, weights, params: d
     of an output summed in an arbitrary order, sum_k s_k^2 ~ (K/6) q + (K/3) y^2 with q = sum_k t_k^2 and
     y = sum_k t_k (random-permutation average: (K+1)/6 (q - y^2/K) for the spread, sum (k y/K)^2 for the
     drift). q is the same op on squared inputs and squared weights, so cancellation (q >> y^2) is accounted
-    for from the data; only its sum over the outputs enters (:func:`_squared_op_sum`). One more rounding for
-    the bias (or the mean's division)."""
+    for from the data; only its sum over the outputs enters (:func:`_squared_op_sum`, or ``q`` where the caller
+    has it: :func:`_squared_op_sums`). One more rounding for the bias (or the mean's division)."""
     T = len(ref[INPUT_IDS])
     if node.op == "POOL":
         x = np.asarray(ref[node.inputs[0]], dtype=np.float64).reshape(T, -1)
         k, q, y = graph.reduction_length(node, tokens=T), float(np.sum(x * x)), np.sum(x, axis=0)
     else:
         k = graph.reduction_length(node)
-        q = _squared_op_sum(graph, node, ref, weights, params)
+        q = _squared_op_sum(graph, node, ref, weights, params) if q is None else q
         y = exact
         if params.get("bias") == "once":  # the sum itself: the spec output less its bias (no second matmul)
             b = np.asarray(weights[node.weights[1]], dtype=np.float64)
@@ -193,19 +200,46 @@ def _squared_op_sum(graph: Graph, node: Node, ref: dict, weights, params: dict) 
     that share their index inputs (a token's experts; all rows of a MATMUL) is the op on those rows summed, so
     the op runs once per distinct index row: one row of a MATMUL instead of T, at most a few dozen of an expert
     product's. The squared product over every row was a third of the reference noise's float64 products."""
-    squares = {}
-    for i in node.inputs:
-        v = np.asarray(ref[i])
-        if v.dtype.kind == "f":
-            squares[i] = np.square(v, dtype=np.float64)
-    square = getattr(weights, "squared", None) or (lambda w: np.square(np.asarray(weights[w], dtype=np.float64)))
-    sq_weights = {w: square(w) for w in node.weights}
-    no_bias = {**params, "bias": "none"} if "bias" in params else params
+    squares = _float_squares(node, ref)
+    sq_weights, no_bias = _squared_weights(node, weights), _without_bias(params)
     if linear_in_rows(node, no_bias):
         return float(np.sum(run_op(graph, node, _rows_summed(node, ref, squares), sq_weights, no_bias)))
     squared = ChainMap(squares, ref)  # not a copy: a prompt read node by node (h5io.NodeByNode) would read all
     # squared once per node and prompt in a reused buffer where the mapping offers it (compare.stats)
     return float(np.sum(run_op(graph, node, squared, sq_weights, no_bias)))
+
+
+def _squared_op_sums(graph: Graph, node: Node, refs: list[dict], weights, params: dict) -> list[float | None]:
+    """:func:`_squared_op_sum` of each prompt of ``refs`` where the op is linear in rows, the op run once over the
+    prompts' summed rows stacked (refops.run_op_many: each row's float64 products are its own bits, so each sum is
+    the one the prompt alone gives): one summed row per prompt and MATMUL read the whole squared weight for each
+    prompt (MiniLM's reference noise: 2-3 of its 22 CPU-s). None for a prompt where the caller computes its own."""
+    no_bias = _without_bias(params)
+    if node.op == "POOL" or len(refs) < 2 or not linear_in_rows(node, no_bias):
+        return [None] * len(refs)
+    summed = [_rows_summed(node, ref, _float_squares(node, ref)) for ref in refs]
+    return [float(np.sum(y)) for y in run_op_many(graph, node, summed, _squared_weights(node, weights), no_bias)]
+
+
+def _float_squares(node: Node, ref: dict) -> dict[str, np.ndarray]:
+    """The node's float inputs squared, in float64."""
+    squares = {}
+    for i in node.inputs:
+        v = np.asarray(ref[i])
+        if v.dtype.kind == "f":
+            squares[i] = np.square(v, dtype=np.float64)
+    return squares
+
+
+def _squared_weights(node: Node, weights) -> dict[str, np.ndarray]:
+    """The node's weights squared in float64 (the mapping's own memoised squares where it has them:
+    compare.stats.NodeWeights64.squared)."""
+    square = getattr(weights, "squared", None) or (lambda w: np.square(np.asarray(weights[w], dtype=np.float64)))
+    return {w: square(w) for w in node.weights}
+
+
+def _without_bias(params: dict) -> dict:
+    return {**params, "bias": "none"} if "bias" in params else params
 
 
 def _rows_summed(node: Node, ref: dict, floats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -116,8 +116,8 @@ def sample_error(targets: list[np.ndarray], preds: list[np.ndarray], denom: floa
     for t, p in zip(targets, preds, strict=True):
         if np.shape(t) != np.shape(p):
             return math.inf
-        d = np.asarray(t, np.float64) - np.asarray(p, np.float64)
-        num += float(np.sum(d * d))
+        d = np.atleast_1d(np.asarray(t, np.float64) - np.asarray(p, np.float64))  # a new array: squared in place
+        num += float(np.sum(np.multiply(d, d, out=d)))  # (the same values as d * d, summed alike)
     if not math.isfinite(num):
         return math.inf
     if denom > 0:

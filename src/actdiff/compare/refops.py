@@ -440,6 +440,27 @@ def quantise_int(x: np.ndarray, spec: dict, like: np.ndarray | None = None) -> t
     tensor's own min/max, at run time) or a fixed ``[lo, hi]`` (a calibrated, static range; per tensor).
     ``like``: the tensor the ranges are taken from (default ``x``; an embedding table's whole table when ``x`` are
     rows gathered from it, for granularities other than ``row``)."""
+    xv, scale, zp, qmin, qmax, per = _quant_ranges(x, spec, like)
+    return _quantised(xv, scale, zp, qmin, qmax, per), scale.astype(np.float64), zp
+
+
+def _quantised(xv: np.ndarray, scale, zp, qmin: int, qmax: int, per: str | None, dequantise: bool = False):
+    """q of :func:`quantise_int` (or (q - zp) * scale where ``dequantise``) from :func:`_quant_ranges`' operands:
+    one pass in C where one scale spans a tensor, row or column (a search scores hundreds of ranges on one sample:
+    numpy's seven passes took longer than the float64 product after them), the same bits as the numpy here."""
+    if per is not None:
+        from ..kernels import quantise_f64
+
+        return quantise_f64(xv, scale, zp, qmin, qmax, per, dequantise=dequantise)
+    # np.rint rounds half to even, as ONNX QuantizeLinear specifies
+    q = np.clip(np.rint(xv.astype(np.float32) / scale).astype(np.float64) + zp, qmin, qmax)
+    return (q - zp) * scale.astype(np.float64) if dequantise else q
+
+
+def _quant_ranges(x: np.ndarray, spec: dict, like: np.ndarray | None) -> tuple:
+    """:func:`quantise_int`'s operands: (x as its [rows, cols] or [blocks, rows/block, cols] view, the float32
+    scale and the zero point, broadcastable to it, qmin, qmax, and what one scale spans for
+    actdiff.kernels.quantise_f64: "tensor", "row", "column", or None for a block granularity)."""
     bits, sym, gran, rng = check_quant_spec(spec)
     x = np.asarray(x, dtype=np.float64)
     src = x if like is None else np.asarray(like)
@@ -465,16 +486,16 @@ def quantise_int(x: np.ndarray, spec: dict, like: np.ndarray | None = None) -> t
     fits = all(s in (1, n) for s, n in zip(np.shape(scale)[-2:], m.shape, strict=False))
     if not fits and not gran.startswith("block"):
         raise NotApplicable(f"ranges of a {list(np.shape(src))} tensor cannot apply to {list(x.shape)} values")
-    xv = m.reshape(scale.shape[0], -1, m.shape[1]) if gran.startswith("block") else m
-    # np.rint rounds half to even, as ONNX QuantizeLinear specifies
-    q = np.clip(np.rint(xv.astype(np.float32) / scale).astype(np.float64) + zp, qmin, qmax)
-    return q, scale.astype(np.float64), zp
+    if gran.startswith("block"):
+        return m.reshape(scale.shape[0], -1, m.shape[1]), scale, zp, qmin, qmax, None
+    shape = np.shape(scale)
+    per = "tensor" if np.size(scale) == 1 else "row" if shape == (m.shape[0], 1) else "column"
+    return np.ascontiguousarray(m), scale, zp, qmin, qmax, per
 
 
 def quantise(x: np.ndarray, spec: dict, like: np.ndarray | None = None) -> np.ndarray:
     """``x`` quantised as ``spec`` says and dequantised (see :func:`quantise_int`), shaped as ``x``."""
-    q, scale, zp = quantise_int(x, spec, like)
-    return ((q - zp) * scale).reshape(np.shape(x))
+    return _quantised(*_quant_ranges(x, spec, like), dequantise=True).reshape(np.shape(x))
 
 
 def saturated_pairs(a: np.ndarray, spec_a: dict, w: np.ndarray, spec_w: dict) -> np.ndarray:
@@ -641,8 +662,10 @@ def _matmul(graph, node, x, w, p):
         raise ValueError(f"weight_orientation {p['weight_orientation']!r}")
     W = _rounded_weight(W, p["weight_precision"], axis=1, transposed=p["weight_orientation"] == "transposed")
     b = _f(w[node.weights[1]]) if len(node.weights) > 1 else None
-    y = _apply_bias(_r(p, "product", _product(a, W) - _int_pairs_loss(p, T)), b, p["bias"], node,
-                    p.get("bias_scale", 1.0))  # fmt: skip
+    product, loss = _product(a, W), _int_pairs_loss(p, T)
+    if not (isinstance(loss, float) and loss == 0.0):  # x - 0.0 is x: no pass over the product for the exact kernel
+        product = product - loss
+    y = _apply_bias(_r(p, "product", product), b, p["bias"], node, p.get("bias_scale", 1.0))
     return y.reshape(graph.shape(node.name, T))
 
 

@@ -914,6 +914,31 @@ def round_f64(x, precision: str, *, naive: bool = False) -> np.ndarray:
     return _elementwise("round_f64", fn, x, np.float64, _ROUND_FORMATS[precision])
 
 
+_QUANT_PER = {"tensor": 0, "row": 1, "column": 2}  # AK_QUANT_TENSOR, AK_QUANT_ROW, AK_QUANT_COLUMN
+
+
+def quantise_f64(x, scale, zp, qmin: float, qmax: float, per: str, *, dequantise: bool = False, naive: bool = False):
+    """Uniform affine quantisation of float64 values ``x`` (rows, cols), as ONNX QuantizeLinear:
+    q = clip(rint(float32(x) / scale) + zp, qmin, qmax) with ``scale`` float32 and ``zp`` (whole numbers) one per
+    ``per``: "tensor" (one value), "row" (rows of them) or "column" (cols); returns q, or (q - zp) * scale where
+    ``dequantise`` (DequantizeLinear), float64 (rows, cols). A NaN stays a NaN. ak_quantise_f64: one pass, the bits
+    of actdiff.compare.refops.quantise_int's numpy passes; ``naive``: its plain loop."""
+    if per not in _QUANT_PER:
+        raise ValueError(f"quantise_f64: per {per!r} is not one of {', '.join(_QUANT_PER)}")
+    _arr("x", x, np.float64, ndim=2)
+    rows, cols = x.shape
+    n = {"tensor": 1, "row": rows, "column": cols}[per]
+    s = np.ascontiguousarray(np.asarray(scale, np.float32).reshape(-1))
+    z = np.ascontiguousarray(np.broadcast_to(np.asarray(zp, np.float64).reshape(-1), s.shape))
+    if s.shape != (n,):
+        raise ValueError(f"quantise_f64: {s.size} scale(s) for per {per!r} of a {rows} x {cols} tensor (needs {n})")
+    out = np.empty((rows, cols), np.float64)
+    fn = lib.ak_quantise_f64_naive if naive else lib.ak_quantise_f64
+    args = (rows, cols, _QUANT_PER[per], float(qmin), float(qmax), int(bool(dequantise)))
+    _call("quantise_f64", fn(_p(out, "double *"), _p(x, "double *"), _p(s), _p(z, "double *"), *args))
+    return out
+
+
 def erf_f64_path() -> str:
     """The ISA path whose erf :func:`erf_f64` runs now: the current path's libmvec erf, or "scalar" (libm's)."""
     isa = ffi.new("int *")
