@@ -38,10 +38,7 @@ static inline __attribute__((always_inline)) void quant_body(double *out, const 
             const int64_t at = per == AK_QUANT_ROW ? r : 0;
             const float s = scale[at];
             const double z = zp[at];
-            if (dequantise)
-                for (int64_t c = 0; c < cols; c++) o[c] = quant_one(xr[c], s, z, qmin, qmax, 1);
-            else
-                for (int64_t c = 0; c < cols; c++) o[c] = quant_one(xr[c], s, z, qmin, qmax, 0);
+            for (int64_t c = 0; c < cols; c++) o[c] = quant_one(xr[c], s, z, qmin, qmax, dequantise);
         }
     }
 }

@@ -215,7 +215,7 @@ def _squared_op_sums(graph: Graph, node: Node, refs: list[dict], weights, params
     the one the prompt alone gives): one summed row per prompt and MATMUL read the whole squared weight for each
     prompt (MiniLM's reference noise: 2-3 of its 22 CPU-s). None for a prompt where the caller computes its own."""
     no_bias = _without_bias(params)
-    if node.op == "POOL" or len(refs) < 2 or not linear_in_rows(node, no_bias):
+    if len(refs) < 2 or not linear_in_rows(node, no_bias):  # (no POOL: not one of its ops)
         return [None] * len(refs)
     summed = [_rows_summed(node, ref, _float_squares(node, ref)) for ref in refs]
     return [float(np.sum(y)) for y in run_op_many(graph, node, summed, _squared_weights(node, weights), no_bias)]
