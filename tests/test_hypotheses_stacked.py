@@ -19,7 +19,15 @@ from test_hypotheses import TINY, Model
 
 from actdiff.compare.budgets import SUM_OPS, _rows_summed, _squared_op_sum
 from actdiff.compare.hypotheses import load_catalogue, rank_hypotheses, rank_hypotheses_many
-from actdiff.compare.refops import NotApplicable, aux_inputs, linear_in_rows, rows_independent, run_op, spec_params
+from actdiff.compare.refops import (
+    NotApplicable,
+    aux_inputs,
+    linear_in_rows,
+    rows_independent,
+    run_op,
+    spec_params,
+    squared_weights_output_sum,
+)
 from actdiff.nodes import LAYOUT_OPS
 
 # three prompts of different lengths: stacked rows that a per-prompt op would not see together
@@ -254,3 +262,49 @@ def test_a_rounding_a_bias_or_an_unknown_parameter_is_not_linear(model, override
     assert linear_in_rows(node, spec)
     assert linear_in_rows(node, {**spec, "round_at": {"weight.0": "fp16"}})  # a weight's rounding: every row's own
     assert not linear_in_rows(node, {**spec, **override})
+
+
+# The spec's plain products take q without running the op: the summed rows dotted with the weights' squares summed
+# over the outputs (refops.squared_weights_output_sum). The test above checks it through _squared_op_sum on the spec;
+# these check it under the layouts it also reads (a weight read transposed, expert tensors read (E, H, F), a
+# permuted expert index) against the op over every row on squared weights, to the same float64 rounding of two
+# summation orders (SUM_RTOL), and that whatever rounds a weight, scales the output or swaps operands is refused
+# (None: the envelope then runs the op on squared weights).
+LAYOUTS = {
+    "MATMUL": [{"weight_orientation": "transposed"}],
+    "EXPERT_FC1": [{"w1_orientation": "HF"}, {"expert_index_map": "reversed"}],
+    "EXPERT_FC2": [{"w2_orientation": "HF"}, {"expert_index_map": "off_by_one"}],
+}
+
+
+def test_weight_squares_summed_over_the_outputs_under_every_layout(model):
+    m, w = model, _weights64(model)
+    checked = set()
+    for node in (n for n in m.graph if n.op in LAYOUTS):
+        for layout in LAYOUTS[node.op]:
+            spec = spec_params(m.graph, node)
+            params = {**spec, **({"bias": "none"} if "bias" in spec else {}), **layout}
+            for v in m.vals:
+                floats = {i: np.square(np.asarray(v[i], np.float64)) for i in node.inputs if v[i].dtype.kind == "f"}
+                try:
+                    want = _every_row(m, node, v, w, params)
+                except NotApplicable:  # a non-square weight read transposed
+                    continue
+                got = squared_weights_output_sum(m.graph, node, _rows_summed(node, v, floats), w, params)
+                assert got is not None and abs(got - want) <= SUM_RTOL * want, (node.name, layout, got, want)
+                checked.add(node.op)
+    assert checked == ({"MATMUL", "EXPERT_FC1", "EXPERT_FC2"} if any(n.op == "ROUTER" for n in m.graph) else
+                       {"MATMUL"})  # fmt: skip
+
+
+@pytest.mark.parametrize("override", [
+    {"weight_precision": "fp32"}, {"round_at": {"weight.0": "fp16"}}, {"output_scale": 2.0}, {"bias": "once"},
+    {"accumulate": "bf16"},
+])  # fmt: skip
+def test_weight_squares_summed_only_for_the_plain_product(model, override):
+    node = next(n for n in model.graph if n.op == "MATMUL")
+    v, w = model.vals[0], _weights64(model)
+    plain = {**spec_params(model.graph, node), "bias": "none"}
+    x = {node.inputs[0]: np.square(np.asarray(v[node.inputs[0]], np.float64)).sum(axis=0, keepdims=True)}
+    assert squared_weights_output_sum(model.graph, node, x, w, plain) is not None
+    assert squared_weights_output_sum(model.graph, node, x, w, {**plain, **override}) is None

@@ -61,7 +61,7 @@ import numpy as np
 
 from ..nodes import INPUT_IDS, Graph, Node
 from ..variants import policy
-from .refops import NotApplicable, linear_in_rows, run_op, run_op_many, spec_params
+from .refops import NotApplicable, linear_in_rows, run_op, run_op_many, spec_params, squared_weights_output_sum
 
 U32 = 2.0**-24
 R_IMPL = 3.0  # accuracy ratio between two correct fp32 implementations of one op (see the module docstring)
@@ -199,18 +199,25 @@ def _squared_op_sum(graph: Graph, node: Node, ref: dict, weights, params: dict) 
     Where the op is linear in each row (refops.linear_in_rows: every product of the spec), the sum over the rows
     that share their index inputs (a token's experts; all rows of a MATMUL) is the op on those rows summed, so
     the op runs once per distinct index row: one row of a MATMUL instead of T, at most a few dozen of an expert
-    product's. The squared product over every row was a third of the reference noise's float64 products."""
+    product's. The squared product over every row was a third of the reference noise's float64 products. On the
+    spec's plain products not even that: the summed rows dotted with the weights' squares summed over the outputs
+    (refops.squared_weights_output_sum), no squared weight made."""
     squares = _float_squares(node, ref)
-    sq_weights, no_bias = _squared_weights(node, weights), _without_bias(params)
+    no_bias = _without_bias(params)
     if linear_in_rows(node, no_bias):
-        return float(np.sum(run_op(graph, node, _rows_summed(node, ref, squares), sq_weights, no_bias)))
+        summed = _rows_summed(node, ref, squares)
+        q = squared_weights_output_sum(graph, node, summed, weights, no_bias)
+        if q is not None:
+            return q
+        return float(np.sum(run_op(graph, node, summed, _squared_weights(node, weights), no_bias)))
     squared = ChainMap(squares, ref)  # not a copy: a prompt read node by node (h5io.NodeByNode) would read all
     # squared once per node and prompt in a reused buffer where the mapping offers it (compare.stats)
-    return float(np.sum(run_op(graph, node, squared, sq_weights, no_bias)))
+    return float(np.sum(run_op(graph, node, squared, _squared_weights(node, weights), no_bias)))
 
 
 def _squared_op_sums(graph: Graph, node: Node, refs: list[dict], weights, params: dict) -> list[float | None]:
-    """:func:`_squared_op_sum` of each prompt of ``refs`` where the op is linear in rows, the op run once over the
+    """:func:`_squared_op_sum` of each prompt of ``refs`` where the op is linear in rows: on the spec's plain
+    products each prompt's own (a dot product, refops.squared_weights_output_sum), else the op run once over the
     prompts' summed rows stacked (refops.run_op_many: each row's float64 products are its own bits, so each sum is
     the one the prompt alone gives): one summed row per prompt and MATMUL read the whole squared weight for each
     prompt (MiniLM's reference noise: 2-3 of its 22 CPU-s). None for a prompt where the caller computes its own."""
@@ -218,6 +225,9 @@ def _squared_op_sums(graph: Graph, node: Node, refs: list[dict], weights, params
     if len(refs) < 2 or not linear_in_rows(node, no_bias):  # (no POOL: not one of its ops)
         return [None] * len(refs)
     summed = [_rows_summed(node, ref, _float_squares(node, ref)) for ref in refs]
+    qs = [squared_weights_output_sum(graph, node, s, weights, no_bias) for s in summed]
+    if all(q is not None for q in qs):
+        return qs
     return [float(np.sum(y)) for y in run_op_many(graph, node, summed, _squared_weights(node, weights), no_bias)]
 
 

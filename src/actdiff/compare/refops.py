@@ -1271,6 +1271,51 @@ def linear_in_rows(node: Node, params: dict) -> bool:
     return params.get("bias", "none") == "none"
 
 
+def squared_weights_output_sum(graph: Graph, node: Node, inputs: Mapping, weights, params: dict) -> float | None:
+    """The sum over every output of run_op on ``inputs`` with the node's weight squared element by element, computed
+    without the product; None where ``params`` are not the plain product this reads (the caller then runs the op on
+    squared weights). The sum envelope's q (actdiff.compare.budgets.sequential_sum_noise) is this on squared inputs.
+
+    A product's outputs summed are its input rows dotted with its weight summed over the outputs: y = x W^T gives
+    sum_j y_tj = sum_k x_tk c_k, c_k = sum_j W_jk^2 here; an expert product the same per expert (c per expert and
+    input feature). c is memoised per stored tensor (:data:`WEIGHT_MEMO`: K values, or E x K). The op on squared
+    weights made a float64 square of each weight and packed it for the product: at full size 0.3 GB per MoE
+    layer's pair of expert tensors, squared and packed per node visit. The same value up to float64's rounding of
+    another summation order (terms of one sign: ~(T + K + N) 2^-53 relative; tests/test_hypotheses_stacked.py).
+
+    The plain product: ``params`` linear in rows (:func:`linear_in_rows`, so no bias and no value rounding), the
+    weight unrounded (weight_precision fp64, no round_at), operands and weights in their own roles, output scale 1;
+    any weight orientation and expert index map."""
+    p = {**spec_params(graph, node), **params}
+    plain = (p.get("weight_precision", "fp64") == "fp64" and not p.get("round_at") and p.get("output_scale", 1.0) == 1.0
+             and list(p.get("input_order", range(len(node.inputs)))) == list(range(len(node.inputs)))
+             and list(p.get("weight_order", range(len(node.weights)))) == list(range(len(node.weights))))  # fmt: skip
+    if not (plain and linear_in_rows(node, p)):
+        return None
+    key, x = node.weights[0], _f(inputs[node.inputs[0]])
+    if node.op in ("MATMUL", "ROUTER"):
+        transposed = p.get("weight_orientation", "as_stored") == "transposed"
+        tag = json.dumps(["squares summed over the outputs", transposed])
+        c = WEIGHT_MEMO.get(weights[key], tag, lambda: _squares_summed(_f(weights[key]), 1 if transposed else 0))
+        return float(np.sum(x.reshape(-1, len(c)) @ c))
+    idx = _map_experts(inputs[node.inputs[1]], p["expert_index_map"], graph.dims.experts)
+    fc1 = node.op == "EXPERT_FC1"
+    orientation = p["w1_orientation" if fc1 else "w2_orientation"]
+    tag = json.dumps(["expert squares summed over the outputs", node.op, orientation])
+    # (E, F, H): fc1 maps H to F (summed over F), fc2 F to H (summed over H)
+    c = WEIGHT_MEMO.get(weights[key], tag, lambda: _squares_summed(_expert_weights(graph, key, weights, orientation),
+                                                                   1 if fc1 else 2))  # fmt: skip
+    rows = x[:, None, :] if fc1 else x  # fc1's row is the token's for each of its k experts
+    return float(np.einsum("tsi,tsi->", np.broadcast_to(rows, (*idx.shape, c.shape[-1])), c[idx]))
+
+
+def _squares_summed(a: np.ndarray, axis: int) -> np.ndarray:
+    """sum over ``axis`` of ``a`` squared, in float64, without a squared copy of ``a``."""
+    letters = "ijk"[: a.ndim]
+    kept = letters.replace(letters[axis], "")
+    return np.einsum(f"{letters},{letters}->{kept}", a, a)
+
+
 def stacked_rows(inputs: list[Mapping], names: list[str]) -> tuple[dict[str, np.ndarray], list[int]] | None:
     """The named values of several prompts stacked along their rows, and each prompt's row count; None where a
     prompt lacks one or the named values of a prompt do not have the same rows."""
