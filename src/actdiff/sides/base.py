@@ -71,14 +71,24 @@ class Replay(Protocol):
         bit for bit (actdiff.compare.stats checks both: the replay must be the code that ran)."""
 
 
+_SAME_WIDTH_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+# At most this many bytes, two arrays' bytes are compared as bytes objects (two copies and a memcmp: 1.6 us for
+# 20 KB against 4.7 for the integer views, whose per-call cost of numpy's comparison and reduction is most of a
+# small array's time). The statistics compare every node's replay with its dump: a prompt of the tiny model is
+# 20 KB a node, 50-100 thousand comparisons a job.
+SAME_BITS_AS_BYTES = 1 << 16
+
+
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Do two arrays hold the same bytes? Compared as integers of the element's width: 8x faster than
-    ``array_equal(equal_nan=True)``, which it implies (equal bits are equal values or the same NaN); arrays it
-    cannot compare so (another dtype or layout) are not the same bits here."""
+    """Do two arrays hold the same bytes? Compared as integers of the element's width (bytes where small,
+    SAME_BITS_AS_BYTES): 8x faster than ``array_equal(equal_nan=True)``, which it implies (equal bits are equal
+    values or the same NaN); arrays of another dtype, shape or layout are not the same bits here."""
     if a.dtype != b.dtype or a.shape != b.shape or not (a.flags.c_contiguous and b.flags.c_contiguous):
         return False
-    as_int = np.dtype(f"i{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else None
-    return as_int is not None and np.array_equal(a.view(as_int), b.view(as_int))
+    if a.nbytes <= SAME_BITS_AS_BYTES:
+        return a.tobytes() == b.tobytes()
+    as_int = _SAME_WIDTH_INT.get(a.dtype.itemsize, np.uint8)
+    return np.array_equal(a.view(as_int), b.view(as_int))
 
 
 def replay_many(replay: Replay, name: str, inputs: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
