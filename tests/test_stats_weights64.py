@@ -71,3 +71,38 @@ def test_a_buffer_viewed_from_outside_is_never_reused(tiny):
     assert np.array_equal(w64[first.weights[0]], np.asarray(raw[first.weights[0]], dtype=np.float64))
     w64.visit(None)
     assert not w64.held and not w64.pool
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_expert_products_pack_the_stored_float32_tensors(tiny, mode):
+    """An expert product's float64 weights are packed straight from the checkpoint's float32 tensors
+    (NodeWeights64.stored, kernels.pack_f64 of float32: each value widened exactly), so the per-node mode makes no
+    float64 copy of them; the op's values are those of the float64 copies bit for bit (tolerance 0), as is the sum
+    envelope's q (the weights' squares summed over the outputs)."""
+    from actdiff.compare.budgets import _squared_op_sum
+    from actdiff.compare.refops import WEIGHT_MEMO, run_op, spec_params
+
+    graph, raw = tiny
+    rng = np.random.default_rng(3)
+    T, d = 9, graph.dims
+    for op in ("EXPERT_FC1", "EXPERT_FC2"):
+        node = _first(graph, op)
+        w64 = NodeWeights64(raw, graph, resident_bytes=MODES[mode])
+        w64.visit(node)
+        key = node.weights[0]
+        stored = w64.stored(key)
+        assert stored.dtype == np.float32 and not stored.flags.writeable and w64.stored(key) is stored
+        assert w64.stored("no such tensor") is None
+        idx = rng.integers(0, d.experts, (T, d.top_k))
+        width = d.hidden if op == "EXPERT_FC1" else d.inner
+        x = rng.standard_normal((T, width) if op == "EXPERT_FC1" else (T, d.top_k, width))
+        vals = {node.inputs[0]: x, node.inputs[1]: idx}
+        copies = {k: np.asarray(raw[k], dtype=np.float64) for k in node.weights}
+        spec = spec_params(graph, node)
+        got, want = run_op(graph, node, vals, w64, spec), run_op(graph, node, vals, copies, spec)
+        assert np.array_equal(got, want), op
+        if mode == "per_node":
+            assert ("w", key) not in w64.held  # no float64 copy was made
+        q, q64 = _squared_op_sum(graph, node, vals, w64, spec), _squared_op_sum(graph, node, vals, copies, spec)
+        assert abs(q - q64) <= 1e-12 * q64, (op, q, q64)
+    WEIGHT_MEMO.items.clear()

@@ -284,6 +284,9 @@ int ak_quantise_f64_naive(double *out, const double *x, const float *scale, cons
 int64_t ak_packed64_size(int K, int N);
 /* packed is (ak_packed64_size(K,N)); w is (N,K) when trans = 1 (an nn.Linear weight), (K,N) when trans = 0 */
 int ak_pack_weight_f64(double *packed, const double *w, int K, int N, int trans);
+/* the same from a float32 weight w, each value widened exactly: the packed bits of its float64 copy, without the
+ * copy (a float32 checkpoint's tensor packed straight for the float64 products) */
+int ak_pack_weight_f64_of_f32(double *packed, const float *w, int K, int N, int trans);
 /* out is (T,N), inp is (T,K), packed by ak_pack_weight_f64; out must not overlap inp or packed */
 int ak_matmul_f64_packed(double *out, const double *inp, const double *packed, int T, int K, int N);
 /* the same on the unpacked weight w (N,K), its blocks packed per call as they come: the same bits (for a weight

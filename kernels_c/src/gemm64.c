@@ -190,21 +190,25 @@ static void gemm64_block(const gemm64_job *j, ukr64_desc u, const double *blk, i
 
 /* One run of the packed layout: rows k0.. (kb of them) of columns n..n+7 of w, (N,K) when trans, else (K,N); zeros
  * past column N. Row by row, the run's 8 values contiguous: a transposed weight is read down its 8 rows at once
- * (8 streams through L1), where a column at a time wrote every 64th double (packing ran at 2 ns a value). */
-static void pack_run_f64(double *run, const double *w, int K, int N, int trans, int k0, int kb, int n) {
-    const int valid = N - n >= RUN64 ? RUN64 : (N - n > 0 ? N - n : 0);
-    if (valid == RUN64 && trans) {
-        const double *src = w + (int64_t)n * K + k0;
-        for (int k = 0; k < kb; k++)
-            for (int c = 0; c < RUN64; c++) run[k * RUN64 + c] = src[(int64_t)c * K + k];
-        return;
+ * (8 streams through L1), where a column at a time wrote every 64th double (packing ran at 2 ns a value). One body
+ * for a float64 weight and a float32 one (each value widened exactly: the same packed bits as its float64 copy's). */
+#define PACK_RUN_F64(NAME, SRC)                                                                                      \
+    static void NAME(double *run, const SRC *w, int K, int N, int trans, int k0, int kb, int n) {                    \
+        const int valid = N - n >= RUN64 ? RUN64 : (N - n > 0 ? N - n : 0);                                         \
+        if (valid == RUN64 && trans) {                                                                               \
+            const SRC *src = w + (int64_t)n * K + k0;                                                                \
+            for (int k = 0; k < kb; k++)                                                                             \
+                for (int c = 0; c < RUN64; c++) run[k * RUN64 + c] = (double)src[(int64_t)c * K + k];                \
+            return;                                                                                                  \
+        }                                                                                                            \
+        for (int k = 0; k < kb; k++)                                                                                 \
+            for (int c = 0; c < RUN64; c++)                                                                          \
+                run[k * RUN64 + c] = c >= valid ? 0.0                                                                \
+                                     : trans    ? (double)w[(int64_t)(n + c) * K + k0 + k]                           \
+                                                : (double)w[(int64_t)(k0 + k) * N + n + c];                          \
     }
-    for (int k = 0; k < kb; k++)
-        for (int c = 0; c < RUN64; c++)
-            run[k * RUN64 + c] = c >= valid ? 0.0
-                                 : trans    ? w[(int64_t)(n + c) * K + k0 + k]
-                                            : w[(int64_t)(k0 + k) * N + n + c];
-}
+PACK_RUN_F64(pack_run_f64, double)
+PACK_RUN_F64(pack_run_f64_of_f32, float)
 
 /* rows k0.. (kb of them) of the (N,K) weight w's columns [n0, n0 + nc), in the packed layout of a block from
  * column n0 on (zeros past N, up to a multiple of 16): what ak_pack_weight_f64 puts there */
@@ -301,15 +305,32 @@ int ak_matmul_f64_naive(double *out, const double *inp, const double *w, int T, 
 }
 
 /* w is (N,K) when trans = 1 (an nn.Linear weight), (K,N) when trans = 0; packed is (ak_packed64_size(K,N)) */
-int ak_pack_weight_f64(double *packed, const double *w, int K, int N, int trans) {
+/* the whole weight in the packed layout, run by run; w64 or w32 (the other NULL) */
+static int pack_weight_f64(double *packed, const double *w64, const float *w32, int K, int N, int trans) {
     AK_CHECK_PTR(packed);
-    AK_CHECK_PTR(w);
+    if (!w64 && !w32) return AK_ERR_NULL_POINTER;
     if (K < 0 || N < 0) return AK_ERR_INVALID_SIZE;
     if (trans != 0 && trans != 1) return AK_ERR_INVALID_ARGUMENT;
     const int64_t np = padded_n(N);
     for (int k0 = 0; k0 < K; k0 += KC64) {
         const int kb = K - k0 < KC64 ? K - k0 : KC64;
-        for (int64_t n = 0; n < np; n += RUN64) pack_run_f64(packed + k0 * np + n * kb, w, K, N, trans, k0, kb, (int)n);
+        for (int64_t n = 0; n < np; n += RUN64) {
+            double *run = packed + k0 * np + n * kb;
+            if (w64)
+                pack_run_f64(run, w64, K, N, trans, k0, kb, (int)n);
+            else
+                pack_run_f64_of_f32(run, w32, K, N, trans, k0, kb, (int)n);
+        }
     }
     return AK_OK;
+}
+
+int ak_pack_weight_f64(double *packed, const double *w, int K, int N, int trans) {
+    AK_CHECK_PTR(w);
+    return pack_weight_f64(packed, w, NULL, K, N, trans);
+}
+
+int ak_pack_weight_f64_of_f32(double *packed, const float *w, int K, int N, int trans) {
+    AK_CHECK_PTR(w);
+    return pack_weight_f64(packed, NULL, w, K, N, trans);
 }

@@ -1076,6 +1076,20 @@ static void test_matmul_f64(void) {
         CHECK(ak_pack_weight_f64(p, w, K, N, 1));
         CHECK(ak_pack_weight_f64(pt, wt, K, N, 0));
         EXPECT(memcmp(p, pt, np * sizeof(double)) == 0, "pack_f64 trans=1 and trans=0 differ K=%d N=%d", K, N);
+        { /* from float32: the packed bits of its float64 copy, either orientation (padding zeros included) */
+            float *w32 = rand_buf((size_t)N * K + 1), *wt32 = rand_buf((size_t)N * K + 1);
+            double *w32x = rand_buf64((size_t)N * K + 1), *p32 = rand_buf64(np + 1), *p64 = rand_buf64(np + 1);
+            for (int64_t i = 0; i < (int64_t)N * K; i++) w32x[i] = (double)w32[i];
+            for (int n = 0; n < N; n++)
+                for (int k = 0; k < K; k++) wt32[(int64_t)k * N + n] = w32[(int64_t)n * K + k];
+            CHECK(ak_pack_weight_f64(p64, w32x, K, N, 1));
+            CHECK(ak_pack_weight_f64_of_f32(p32, w32, K, N, 1));
+            EXPECT(memcmp(p32, p64, np * sizeof(double)) == 0, "pack_f64_of_f32 trans=1 K=%d N=%d", K, N);
+            memset(p32, 0x7f, np * sizeof(double));
+            CHECK(ak_pack_weight_f64_of_f32(p32, wt32, K, N, 0));
+            EXPECT(memcmp(p32, p64, np * sizeof(double)) == 0, "pack_f64_of_f32 trans=0 K=%d N=%d", K, N);
+            free(w32); free(wt32); free(w32x); free(p32); free(p64);
+        }
         CHECK(ak_matmul_f64_naive(ref, x, w, T, K, N));
         test_matmul_f64_values(x, w, ref, T, K, N);
         for (int ii = 0; ii < nisa; ii++) {
@@ -1124,6 +1138,10 @@ static void test_matmul_f64_nan_and_arguments(void) {
     EXPECT(ak_pack_weight_f64(NULL, w, K, N, 1) == AK_ERR_NULL_POINTER, "pack NULL");
     EXPECT(ak_pack_weight_f64(p, w, K, N, 2) == AK_ERR_INVALID_ARGUMENT, "pack trans=2");
     EXPECT(ak_pack_weight_f64(p, w, -1, N, 1) == AK_ERR_INVALID_SIZE, "pack K<0");
+    EXPECT(ak_pack_weight_f64_of_f32(p, NULL, K, N, 1) == AK_ERR_NULL_POINTER, "pack_of_f32 NULL w");
+    EXPECT(ak_pack_weight_f64_of_f32(NULL, (const float *)w, K, N, 1) == AK_ERR_NULL_POINTER, "pack_of_f32 NULL");
+    EXPECT(ak_pack_weight_f64_of_f32(p, (const float *)w, K, N, 2) == AK_ERR_INVALID_ARGUMENT, "pack_of_f32 trans=2");
+    EXPECT(ak_pack_weight_f64_of_f32(p, (const float *)w, K, -1, 1) == AK_ERR_INVALID_SIZE, "pack_of_f32 N<0");
     EXPECT(ak_matmul_f64_packed(out, NULL, p, T, K, N) == AK_ERR_NULL_POINTER, "matmul_f64 NULL");
     EXPECT(ak_matmul_f64_packed(out, x, p, T, K, -1) == AK_ERR_INVALID_SIZE, "matmul_f64 N<0");
     EXPECT(ak_matmul_f64_naive(NULL, x, w, T, K, N) == AK_ERR_NULL_POINTER, "naive NULL");

@@ -439,3 +439,22 @@ def test_refops_quantise_is_the_numpy_definition(granularity, static):
             assert np.array_equal(q, want), (symmetric, like is None)
             dq = quantise(x, spec, like)
             assert np.array_equal(dq, ((want - zp) * scale).reshape(x.shape)), (symmetric, like is None)
+
+
+@pytest.mark.parametrize("trans", [True, False])
+@pytest.mark.parametrize("shape", [(48, 40), (17, 5), (3, 33, 20)])
+def test_pack_f64_of_float32_is_the_float64_copy_packed(shape, trans):
+    """kernels.pack_f64 of a float32 weight (ak_pack_weight_f64_of_f32) widens each value as it packs: the packed
+    bits of its float64 copy, padding included, and the same products on every path."""
+    from actdiff import kernels
+
+    w = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    a, b = kernels.pack_f64(w, trans=trans), kernels.pack_f64(w.astype(np.float64), trans=trans)
+    assert a.shape == b.shape and a.trans == b.trans
+    assert np.array_equal(a.data.view(np.int64), b.data.view(np.int64))
+    if len(shape) == 2:
+        K = shape[1] if trans else shape[0]
+        x = np.random.default_rng(6).standard_normal((7, K))
+        assert np.array_equal(kernels.matmul_f64(x, a), kernels.matmul_f64(x, b))
+    with pytest.raises(TypeError):
+        kernels.pack_f64(w.astype(np.float16), trans=trans)

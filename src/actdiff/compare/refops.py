@@ -1047,16 +1047,28 @@ def _map_experts(idx: np.ndarray, mode: str, E: int) -> np.ndarray:
 
 def _expert_weights(graph, key, w, orientation):
     """An expert weight (E*F, H) as (E, F, H): ``FH`` as released, ``HF`` = read as (E, H, F), transposed."""
+    return _expert_view(graph, _f(w[key]), orientation)
+
+
+def _expert_view(graph, a: np.ndarray, orientation) -> np.ndarray:
+    """:func:`_expert_weights` of the tensor ``a`` in its own dtype (a view)."""
     d = graph.dims
     E, F, H = d.experts, d.inner, d.hidden
-    a = _f(w[key])
     if orientation == "FH":
-        a = a.reshape(E, F, H)
-    elif orientation == "HF":
-        a = a.reshape(E, H, F).transpose(0, 2, 1)
-    else:
-        raise ValueError(f"orientation {orientation!r}")
-    return a
+        return a.reshape(E, F, H)
+    if orientation == "HF":
+        return a.reshape(E, H, F).transpose(0, 2, 1)
+    raise ValueError(f"orientation {orientation!r}")
+
+
+def _stored_float32(w, key) -> np.ndarray | None:
+    """The checkpoint's own float32 tensor where the weights mapping hands it out (compare.stats.NodeWeights64.stored:
+    one object per tensor while its node is visited), for a product that widens it to float64 as it packs it: the
+    float64 copy the mapping would make first is not needed (at full size a 151 MB float64 copy of each expert
+    tensor per node visit, 8 % of the reference noise). None where the mapping has no such tensor."""
+    stored = getattr(w, "stored", None)
+    a = stored(key) if stored is not None else None
+    return a if isinstance(a, np.ndarray) and a.dtype == np.float32 else None
 
 
 def _rounded_experts(graph, key, w, orientation, precision, axis: int) -> np.ndarray:
@@ -1072,10 +1084,15 @@ def _rounded_experts(graph, key, w, orientation, precision, axis: int) -> np.nda
 
 def _packed_experts(graph, key, w, orientation, precision, axis: int, trans: bool):
     """:func:`_rounded_experts` packed for the float64 matmul (each expert's (F, H) block: ``trans`` for x @ w1[e]^T,
-    not for x @ w2[e]), memoised per stored tensor like the rounding."""
+    not for x @ w2[e]), memoised per stored tensor like the rounding; an unrounded float32 tensor the mapping hands
+    out (:func:`_stored_float32`) packed straight from it (the same packed bits)."""
     from .. import kernels
 
     tag = json.dumps(["experts float64 packed", orientation, precision, axis, trans], sort_keys=True)
+    f32 = _stored_float32(w, key) if precision == "fp64" else None
+    if f32 is not None:
+        return WEIGHT_MEMO.get(f32, tag, lambda: kernels.pack_f64(np.ascontiguousarray(_expert_view(
+            graph, f32, orientation)), trans=trans))  # fmt: skip
     return WEIGHT_MEMO.get(w[key], tag, lambda: kernels.pack_f64(np.ascontiguousarray(
         _rounded_experts(graph, key, w, orientation, precision, axis)), trans=trans))  # fmt: skip
 
@@ -1302,18 +1319,20 @@ def squared_weights_output_sum(graph: Graph, node: Node, inputs: Mapping, weight
     fc1 = node.op == "EXPERT_FC1"
     orientation = p["w1_orientation" if fc1 else "w2_orientation"]
     tag = json.dumps(["expert squares summed over the outputs", node.op, orientation])
-    # (E, F, H): fc1 maps H to F (summed over F), fc2 F to H (summed over H)
-    c = WEIGHT_MEMO.get(weights[key], tag, lambda: _squares_summed(_expert_weights(graph, key, weights, orientation),
-                                                                   1 if fc1 else 2))  # fmt: skip
+    # (E, F, H): fc1 maps H to F (summed over F), fc2 F to H (summed over H); squares of float32 values are exact in
+    # float64, so the checkpoint's own tensor where the mapping hands it out (no float64 copy made for this)
+    a = _stored_float32(weights, key)
+    a = _f(weights[key]) if a is None else a
+    c = WEIGHT_MEMO.get(a, tag, lambda: _squares_summed(_expert_view(graph, a, orientation), 1 if fc1 else 2))
     rows = x[:, None, :] if fc1 else x  # fc1's row is the token's for each of its k experts
     return float(np.einsum("tsi,tsi->", np.broadcast_to(rows, (*idx.shape, c.shape[-1])), c[idx]))
 
 
 def _squares_summed(a: np.ndarray, axis: int) -> np.ndarray:
-    """sum over ``axis`` of ``a`` squared, in float64, without a squared copy of ``a``."""
+    """sum over ``axis`` of ``a`` squared, in float64 (a float32 ``a``'s squares exact), without a squared copy."""
     letters = "ijk"[: a.ndim]
     kept = letters.replace(letters[axis], "")
-    return np.einsum(f"{letters},{letters}->{kept}", a, a)
+    return np.einsum(f"{letters},{letters}->{kept}", a, a, dtype=np.float64)
 
 
 def stacked_rows(inputs: list[Mapping], names: list[str]) -> tuple[dict[str, np.ndarray], list[int]] | None:
@@ -1360,13 +1379,42 @@ def op_value(graph: Graph, node: Node, inputs: dict[str, np.ndarray], weights: d
             raise NotApplicable("int_pairs applies to the operands in their spec roles and orientation")
         p["_int_raw"] = (np.asarray(inputs[node.inputs[0]]), weights[node.weights[0]])
     xs = _operands([np.asarray(inputs[n]) for n in names], p["input_order"], "input", p)
-    ws = _operands([weights[k] for k in node.weights], p["weight_order"], "weight", p, node.op == "EMBED")
-    w = dict(zip(node.weights, ws, strict=True))
+    if list(p["weight_order"]) == list(range(len(node.weights))) and not any(
+        k.startswith("weight.") for k in p.get("round_at", {})
+    ):  # the weights as given: read when the op reads them (_NodeWeights)
+        w = _NodeWeights(weights, node.weights)
+    else:
+        ws = _operands([weights[k] for k in node.weights], p["weight_order"], "weight", p, node.op == "EMBED")
+        w = dict(zip(node.weights, ws, strict=True))
     acc = p.get("accumulate", "fp64")
     if acc != "fp64":  # reduced-precision kernel: operands and result rounded
         xs = [a if a.dtype.kind in "iu" else round_to(a, acc) for a in xs]
         w = {k: _rounded_weight(v, acc, axis=-1) for k, v in w.items()}  # the weights: memoised
     return _IMPL[node.op](graph, node, xs, w, p)
+
+
+class _NodeWeights(Mapping):
+    """A node's weights in their own roles, each read from the caller's mapping when the op reads it, and that
+    mapping's stored tensors where it has them (:func:`_stored_float32`): an op that packs a float32 tensor straight
+    for its float64 product never has its float64 copy made."""
+
+    def __init__(self, weights: Mapping, keys):
+        self.weights, self.keys_ = weights, tuple(keys)
+
+    def __getitem__(self, key: str):
+        if key not in self.keys_:
+            raise KeyError(key)
+        return self.weights[key]
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+    def stored(self, key: str):
+        stored = getattr(self.weights, "stored", None)
+        return stored(key) if stored is not None and key in self.keys_ else None
 
 
 def finish_op(node: Node, out: np.ndarray, p: dict, owned: bool = False) -> np.ndarray:

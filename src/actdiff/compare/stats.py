@@ -253,6 +253,7 @@ class NodeWeights64(Mapping):
         self.convert = frozenset(w for n in graph if n.op != "EMBED" for w in n.weights)
         self.keep: frozenset = frozenset()
         self.held: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # (kind, key) -> (buffer, view)
+        self.stored_held: dict[str, np.ndarray] = {}  # key -> the checkpoint's own tensor (:meth:`stored`)
         self.pool: dict[tuple[int, ...], list[np.ndarray]] = {}
         # from the header where the mapping has one (reading every tensor here raised the job's peak RSS by 1.1 GB)
         shape, stored = getattr(raw, "shape_of", None) or (lambda k: np.shape(raw[k])), frozenset(raw)
@@ -266,7 +267,7 @@ class NodeWeights64(Mapping):
             self.keep = self.convert
             return
         buffers = [b for b, _ in self.held.values()]
-        self.held = {}
+        self.held, self.stored_held = {}, {}
         for b in buffers if node is not None else []:
             free = self.pool.setdefault(b.shape, [])
             if sys.getrefcount(b) <= 3 and len(free) < self.POOL_PER_SHAPE:  # `buffers`, `b`, the call's own
@@ -302,6 +303,18 @@ class NodeWeights64(Mapping):
             a.flags.writeable = False
             return a
         return self._hold("w", key, np.shape(t), lambda out: np.copyto(out, t))
+
+    def stored(self, key: str) -> np.ndarray | None:
+        """The checkpoint's own tensor of a held node weight (read-only; mapped from the file where the mapping
+        maps), one object for as long as the node's are held: a float32 tensor a float64 product packs straight
+        from it (refops._stored_float32). None for a tensor not held (another node's)."""
+        if key not in self.keep:
+            return None
+        if key not in self.stored_held:
+            t = np.asarray(self.raw.mapped(key) if hasattr(self.raw, "mapped") else self.raw[key]).view()
+            t.flags.writeable = False
+            self.stored_held[key] = t
+        return self.stored_held[key]
 
     def squared(self, key: str) -> np.ndarray:
         """The tensor's square in float64 (the sum envelope's q, budgets.sequential_sum_noise), equal bit for

@@ -369,15 +369,18 @@ class PackedF64:
 
 def pack_f64(w, *, trans: bool = True) -> PackedF64:
     """Pack a float64 weight once for :func:`matmul_f64`: (N, K) with ``trans=True`` (x @ w^T), (K, N) with
-    ``trans=False`` (x @ w); (E, ., .) expert weights each block on its own. The values are copied exactly."""
-    _arr("w", w, np.float64, ndim=(2, 3))
+    ``trans=False`` (x @ w); (E, ., .) expert weights each block on its own. The values are copied exactly; a
+    float32 weight is widened as it is packed (ak_pack_weight_f64_of_f32: the packed bits of its float64 copy,
+    without the copy)."""
+    _arr("w", w, (np.float64, np.float32), ndim=(2, 3))
     rows, cols = w.shape[-2:]
     K, N = (cols, rows) if trans else (rows, cols)
     blocks = w.reshape(w.shape[0] if w.ndim == 3 else 1, rows, cols)
     data = _aligned_empty((blocks.shape[0], int(lib.ak_packed64_size(K, N))), np.float64)
+    of_f32 = w.dtype == np.float32
+    fn, ctype = (lib.ak_pack_weight_f64_of_f32, "float *") if of_f32 else (lib.ak_pack_weight_f64, "double *")
     for e, block in enumerate(blocks):
-        status = lib.ak_pack_weight_f64(_p(data[e], "double *"), _p(block, "double *"), K, N, int(bool(trans)))
-        _call("pack_weight_f64", status)
+        _call("pack_weight_f64", fn(_p(data[e], "double *"), _p(block, ctype), K, N, int(bool(trans))))
     return PackedF64(data if w.ndim == 3 else data[0], w.shape, trans)
 
 
