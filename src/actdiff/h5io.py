@@ -355,6 +355,7 @@ class ActivationReader:
         self.attrs = dict(self.f.attrs)
         self.index = {p: i for i, p in enumerate(self.prompt_ids)}
         self._raw: dict = {}  # dataset path -> its h5py Dataset where _rows_checked reads it (raw_checked), else None
+        self._per_prompt: dict[str, bool] = {}  # node -> stored one row per prompt (:meth:`per_prompt`)
 
     @property
     def node_names(self) -> list[str]:
@@ -446,10 +447,17 @@ class ActivationReader:
             raise DumpError(f"{self.path}: node {name!r} is not in this dump")
         return self._get(f"nodes/{name}")
 
+    def per_prompt(self, name: str) -> bool:
+        """Does the dump store node ``name`` one row per prompt (its ``axis`` attribute), not per token? Read once
+        per node: looking a dataset and its attribute up through h5py took 50-100 us, and a long prompt read node
+        by node (NodeByNode) asked it for every node of every prompt."""
+        if name not in self._per_prompt:
+            self._per_prompt[name] = self.f["nodes"][name].attrs.get("axis", "token") == "prompt"
+        return self._per_prompt[name]
+
     def node(self, name: str, prompt: int | str) -> np.ndarray:
         i = self.index[prompt] if isinstance(prompt, str) else prompt
-        d = self.f["nodes"][name]
-        if d.attrs.get("axis", "token") == "prompt":
+        if self.per_prompt(name):
             return self._get(f"nodes/{name}", slice(i, i + 1))
         return self._get(f"nodes/{name}", slice(self.offsets[i], self.offsets[i + 1]))
 
@@ -465,7 +473,7 @@ class ActivationReader:
         has_ids = "input_ids" in self.f
         each = (WINDOW_BYTES if window_bytes is None else window_bytes) // max(1, len(names))
         windows = {name: _ChunkWindow(self, f"nodes/{name}", each) for name in names}
-        per_prompt = {name: self.f["nodes"][name].attrs.get("axis", "token") == "prompt" for name in names}
+        per_prompt = {name: self.per_prompt(name) for name in names}
         ids = _ChunkWindow(self, "input_ids", each) if has_ids else None
         for p in range(len(self.prompt_ids)):
             # no local of this frame holds the values: a reference kept here until the next prompt's values are
