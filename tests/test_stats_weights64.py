@@ -80,7 +80,7 @@ def test_expert_products_pack_the_stored_float32_tensors(tiny, mode):
     float64 copy of them; the op's values are those of the float64 copies bit for bit (tolerance 0), as is the sum
     envelope's q (the weights' squares summed over the outputs)."""
     from actdiff.compare.budgets import _squared_op_sum
-    from actdiff.compare.refops import WEIGHT_MEMO, run_op, spec_params
+    from actdiff.compare.refops import run_op, spec_params
 
     graph, raw = tiny
     rng = np.random.default_rng(3)
@@ -105,4 +105,3 @@ def test_expert_products_pack_the_stored_float32_tensors(tiny, mode):
             assert ("w", key) not in w64.held  # no float64 copy was made
         q, q64 = _squared_op_sum(graph, node, vals, w64, spec), _squared_op_sum(graph, node, vals, copies, spec)
         assert abs(q - q64) <= 1e-12 * q64, (op, q, q64)
-    WEIGHT_MEMO.items.clear()
