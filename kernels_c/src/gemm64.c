@@ -304,11 +304,9 @@ int ak_matmul_f64_naive(double *out, const double *inp, const double *w, int T, 
     return AK_OK;
 }
 
-/* w is (N,K) when trans = 1 (an nn.Linear weight), (K,N) when trans = 0; packed is (ak_packed64_size(K,N)) */
-/* the whole weight in the packed layout, run by run; w64 or w32 (the other NULL) */
+/* the whole weight in the packed layout, run by run; w64 or w32 (the other NULL: the public entries check theirs) */
 static int pack_weight_f64(double *packed, const double *w64, const float *w32, int K, int N, int trans) {
     AK_CHECK_PTR(packed);
-    if (!w64 && !w32) return AK_ERR_NULL_POINTER;
     if (K < 0 || N < 0) return AK_ERR_INVALID_SIZE;
     if (trans != 0 && trans != 1) return AK_ERR_INVALID_ARGUMENT;
     const int64_t np = padded_n(N);
@@ -325,11 +323,13 @@ static int pack_weight_f64(double *packed, const double *w64, const float *w32, 
     return AK_OK;
 }
 
+/* w is (N,K) when trans = 1 (an nn.Linear weight), (K,N) when trans = 0; packed is (ak_packed64_size(K,N)) */
 int ak_pack_weight_f64(double *packed, const double *w, int K, int N, int trans) {
     AK_CHECK_PTR(w);
     return pack_weight_f64(packed, w, NULL, K, N, trans);
 }
 
+/* the same from a float32 w, each value widened exactly */
 int ak_pack_weight_f64_of_f32(double *packed, const float *w, int K, int N, int trans) {
     AK_CHECK_PTR(w);
     return pack_weight_f64(packed, NULL, w, K, N, trans);
