@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
+
 MAX_BATCH_TOKENS = 2048  # padded tokens per batch: memory per batch is bounded, not per prompt count
 WINDOW_BATCHES = 8  # prompts are length-sorted within a window of this many batches
 # A window's results are held until its first prompt's turn comes: every node's rows of all its prompts. A window
@@ -138,3 +140,48 @@ def batched_in_order(
             tokens = 0
     if window:
         yield from flush()
+
+
+def stack_rows(parts: list) -> np.ndarray:
+    """``parts`` (arrays of one dtype and row shape) one after another along their first axis, as np.concatenate
+    gives them; a read-only view of the memory they lie in where they lie there back to back: consecutive prompts'
+    rows of a node read from a dump are slices of one read window (actdiff.h5io), which a statistics job stacked
+    for every node of every group of prompts it replays (copying its dumps once more)."""
+    at = _consecutive(parts) if len(parts) > 1 else None
+    if at is None:
+        return np.concatenate(parts)
+    first, owner = parts[0], parts[0].base
+    shape = (sum(len(p) for p in parts), *first.shape[1:])
+    view = np.ndarray(shape, first.dtype, buffer=owner, offset=at - owner.__array_interface__["data"][0])
+    view.flags.writeable = False
+    return view
+
+
+def _consecutive(parts: list) -> int | None:
+    """The address of the first of ``parts`` where they are C-contiguous views of one C-contiguous array (their
+    common ``base``, which owns the memory), of one dtype and row shape, lying back to back in order; else None.
+    The cheap checks first: values made apart, as the propagation's, fail at the first part."""
+    first = parts[0]
+    owner = first.base if type(first) is np.ndarray else None
+    if type(owner) is not np.ndarray or first.ndim == 0 or not owner.flags.c_contiguous:
+        return None
+    for p in parts:
+        if (type(p) is not np.ndarray or p.base is not owner or p.dtype != first.dtype or p.shape[1:] != first.shape[1:]
+                or not p.flags.c_contiguous):  # fmt: skip
+            return None
+    at = start = first.__array_interface__["data"][0]
+    for p in parts:
+        if p.__array_interface__["data"][0] != at:
+            return None
+        at += p.nbytes
+    return start
+
+
+def split_rows(y: np.ndarray, rows: list[int]) -> list[np.ndarray]:
+    """``y``'s rows cut into consecutive parts of ``rows`` rows each (views; what np.split at the cumulative
+    counts gives, without its per-call overhead)."""
+    out, at = [], 0
+    for n in rows:
+        out.append(y[at : at + n])
+        at += n
+    return out

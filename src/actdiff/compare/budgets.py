@@ -322,21 +322,50 @@ def _layernorm_sum_error(x: np.ndarray, weights, node: Node, params: dict) -> tu
 
 
 def budget(
-    node: Node, precision: str, noise: Noise, overrides: dict | None = None, reference: str = "fp32",
+    node: Node,
+    precision: str,
+    noise: Noise,
+    overrides: dict | None = None,
+    reference: str = "fp32",
     side: str | None = None,
 ) -> float:
     """Relative-L2 budget of the node's local error for engine ``side`` at ``precision`` (its policy:
     actdiff.variants.policy), given the node's fp32 noise on this prompt (:func:`fp32_noise`) and the
     reference's own precision (``reference``: the dump's reference_precision, :data:`U_REFERENCE`)."""
+    return budget_of(budget_terms(node, precision, overrides, reference, side), noise)
+
+
+class BudgetTerms(NamedTuple):
+    """What a node's budget adds to its fp32 noise at one precision (:func:`budget_terms`): the same for every
+    prompt, so a statistics job works them out once per node (a budget is asked for twice per node and prompt)."""
+
+    override: float | None  # the configured budget of a node an ``overrides`` pattern names
+    u_w: float  # the weights' rounding
+    u_a: float  # the activations' rounding, on the node's inputs and its output
+    u_r: float  # the reference's own precision (tf32 products)
+
+
+def budget_terms(
+    node: Node, precision: str, overrides: dict | None = None, reference: str = "fp32", side: str | None = None
+) -> BudgetTerms:
+    """The prompt-independent terms of :func:`budget` for ``node``."""
     for pattern, value in (overrides or {}).items():
         if fnmatch.fnmatchcase(node.name, pattern):
-            return float(value)
+            return BudgetTerms(float(value), 0.0, 0.0, 0.0)
     pol = policy(precision, side)
     u_w = U_WEIGHTS[pol.weights] if node.op in WEIGHTED_OPS and node.op not in pol.fp32_ops else 0.0
     u_a = U_ACT.get(pol.activations, 0.0) * (2 if node.kind != "index" else 0)
     u_r = U_REFERENCE[reference] if node.op in TF32_OPS else 0.0
-    floor = noise.value if math.isfinite(noise.value) and noise.value > NOISE_FLOOR else NOISE_FLOOR
-    return SAFETY * (floor + u_w + u_a + u_r)
+    return BudgetTerms(None, u_w, u_a, u_r)
+
+
+def budget_of(terms: BudgetTerms, noise: Noise) -> float:
+    """:func:`budget` from the node's terms and its fp32 noise on the prompt (the same sum, in the same order)."""
+    if terms.override is not None:
+        return terms.override
+    v = noise.value
+    floor = v if math.isfinite(v) and v > NOISE_FLOOR else NOISE_FLOOR
+    return SAFETY * (floor + terms.u_w + terms.u_a + terms.u_r)
 
 
 def reference_precision_of(attrs, where: str = "the reference dump") -> str:

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..batching import split_rows
 from ..errors import ConfigError
 from ..nodes import Graph, Node
 from .findings import explains
@@ -258,7 +259,7 @@ class _Prompts:
 
 def _split(stacked: tuple[np.ndarray, list[int]]) -> list[np.ndarray]:
     y, rows = stacked
-    return np.split(y, np.cumsum(rows)[:-1])
+    return split_rows(y, rows)
 
 
 def _candidates(graph, node, cat, spec, prompts: _Prompts, errors, spec_values, spec_stacked) -> tuple[list, list]:

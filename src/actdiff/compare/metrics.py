@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..kernels import compare_sums, rel_l2_f32
+from ..kernels import compare_result, rel_l2_f32
 
 FLOAT_METRICS = ("max_abs", "mean_abs", "rmse", "rel_l2", "cosine", "sqnr_db", "nmse", "max_ulp")
 
@@ -101,27 +101,27 @@ def compare(eng: np.ndarray, ref: np.ndarray) -> dict:
         raise ValueError(f"shape mismatch: engine {eng.shape} vs reference {ref.shape}")
     if not _fast(eng, ref) or eng.size == 0:
         return compare_reference(eng, ref)
-    s = compare_sums(eng, ref)
-    out = {k: s[k] for k in ("nan_ref", "inf_ref", "nan_eng", "inf_eng")}
-    n = s["n_valid"]
+    s = compare_result(eng, ref)
+    out = {"nan_ref": s.nan_ref, "inf_ref": s.inf_ref, "nan_eng": s.nan_eng, "inf_eng": s.inf_eng}
+    n = s.n_valid
     if n == 0:
         out.update({k: math.nan for k in FLOAT_METRICS})
         out.update(max_abs_token=-1, max_abs_channel=-1)
         return out
     per_row = eng.size // max(eng.shape[0], 1) if eng.ndim else 1
-    flat, sig, err = s["argmax"], s["sum_sq_ref"], s["sum_sq_err"]
-    ne, nr = math.sqrt(s["sum_sq_eng"]), math.sqrt(sig)
+    flat, sig, err = s.argmax, s.sum_sq_ref, s.sum_sq_err
+    ne, nr = math.sqrt(s.sum_sq_eng), math.sqrt(sig)
     out.update(
-        max_abs=s["max_abs"],
+        max_abs=s.max_abs,
         max_abs_token=flat // per_row if per_row else 0,
         max_abs_channel=flat % per_row if per_row else 0,
-        mean_abs=s["sum_abs"] / n,
+        mean_abs=s.sum_abs / n,
         rmse=math.sqrt(err / n),
         rel_l2=(math.sqrt(err) / nr) if nr > 0 else (0.0 if err == 0 else math.inf),
-        cosine=s["dot"] / (ne * nr) if ne > 0 and nr > 0 else (1.0 if ne == nr else 0.0),
+        cosine=s.dot / (ne * nr) if ne > 0 and nr > 0 else (1.0 if ne == nr else 0.0),
         sqnr_db=(10 * math.log10(sig / err)) if err > 0 and sig > 0 else math.inf,
         nmse=(err / sig) if sig > 0 else (0.0 if err == 0 else math.inf),
-        max_ulp=int(s["max_ulp"]),
+        max_ulp=int(s.max_ulp),
     )
     return out
 

@@ -102,6 +102,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..batching import split_rows, stack_rows
 from ..nodes import ARCH_BERT, LAYOUT_OPS, Graph, Node, ntk_rotary_base
 
 
@@ -1344,7 +1345,7 @@ def stacked_rows(inputs: list[Mapping], names: list[str]) -> tuple[dict[str, np.
     rows = [len(a) for a in parts[names[0]]]
     if any([len(a) for a in p] != rows for p in parts.values()):
         return None
-    return {n: np.concatenate(p) for n, p in parts.items()}, rows
+    return {n: stack_rows(p) for n, p in parts.items()}, rows
 
 
 def run_op_many(graph: Graph, node: Node, inputs: list[Mapping], weights, params: dict) -> list[np.ndarray]:
@@ -1358,7 +1359,7 @@ def run_op_many(graph: Graph, node: Node, inputs: list[Mapping], weights, params
         x, rows = stacked
         y = run_op(graph, node, x, weights, params)
         if y.ndim > 0 and len(y) == sum(rows):
-            return np.split(y, np.cumsum(rows)[:-1])
+            return split_rows(y, rows)
     return [run_op(graph, node, x, weights, params) for x in inputs]
 
 

@@ -52,7 +52,7 @@ from ..h5io import ActivationReader, NodeByNode
 from ..nodes import EMBEDDING, INPUT_IDS, POOLED, Graph, build_graph, load_config_json
 from ..tables import EMBEDDING_SAMPLE, SHARD_TABLES, empty_table
 from ..variants import Variant, resolve_variant
-from .budgets import TF32_OPS, U32, Noise, budget, fp32_noise, reference_precision_of, status
+from .budgets import TF32_OPS, U32, Noise, budget_of, budget_terms, fp32_noise, reference_precision_of, status
 from .embeddings import BoundedSample, cosine
 from .grouped import HOLD_BYTES, float_gap, group_plan, grouped, prepare_group, same_bits
 from .metrics import FLOAT_METRICS, compare, local_error, nonfinite_match, per_token_errors, rel_l2
@@ -364,6 +364,7 @@ class ShardContext:
     weights64: NodeWeights64 | None = None  # the visited node's weights in float64 (set in __post_init__)
     noise_table: object = None  # actdiff.compare.refnoise.NoiseTable, or None: the noise is measured here
     side: str | None = None  # the engine that produced the values (its precision policy: actdiff.variants.policy)
+    _budget_terms: dict = field(default_factory=dict)  # node -> budgets.BudgetTerms at the run's precision
 
     def __post_init__(self):
         if self.weights64 is None:
@@ -391,7 +392,14 @@ class ShardContext:
         return fp32_noise(self.graph, node, ref, self.weights64)
 
     def budget(self, name: str, noise: Noise) -> float:
-        return budget(self.graph[name], self.variant.precision, noise, self.cfg.budgets, self.reference, self.side)
+        """The run's local budget at node ``name`` given its fp32 noise on a prompt (budgets.budget), from the
+        node's prompt-independent terms, worked out once per node."""
+        terms = self._budget_terms.get(name)
+        if terms is None:
+            terms = self._budget_terms[name] = budget_terms(
+                self.graph[name], self.variant.precision, self.cfg.budgets, self.reference, self.side
+            )
+        return budget_of(terms, noise)
 
     def shared_propagation(self, pid: str, ref: dict, eng: dict) -> dict[str, float] | None:
         """The prompt's propagated budgets from the noise table's shared simulation where they are this run's own
@@ -601,6 +609,7 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) 
     shared = None if ahead else ctx.shared_propagation(pid, ref, eng)
     prop = None if ahead or shared is not None else Propagation(ctx.graph, pid, ref, eng, ctx.weights64)
     budgets = {}
+    rows = []
     try:
         for node in ctx.graph:
             ctx.weights64.visit(node)
@@ -611,10 +620,10 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) 
                 prop.step(node, budgets, float32_product_ok(node, row["budget"], j.noise[node.name]))
             if row["status"] != "fail":  # the builders read the local values of failing nodes only
                 j.local.pop(node.name, None)
-            for k, v in row.items():
-                j.rows.setdefault(k, []).append(v)
+            rows.append(row)
     finally:
         ctx.weights64.visit(None)  # the last node's float64 weights are not kept past the prompt
+    j.rows = _columns(rows)
     _first_divergence(ctx, j)
     j.propagated = ahead.propagated if ahead else shared if shared is not None else prop.out
     j.rows["propagated_budget"] = [j.propagated[n] for n in j.rows["node"]]
@@ -623,6 +632,18 @@ def judge_prompt(ctx: ShardContext, pid: str, ref: dict, eng: dict, ahead=None) 
     j.rows["output_diverges"] = [any(over)] * len(ctx.graph)
     j.rows["is_output"] = [n in ctx.outputs for n in j.rows["node"]]
     return j
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """A prompt's rows of the nodes table (one dict per node, every one with the same keys) as its columns: one
+    list per column at the end, where appending each value to its column as the rows came (a dict lookup per value,
+    ~30 columns per node and prompt) was a tenth of a small model's statistics job."""
+    if not rows:
+        return {}
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    if any(len(r) != len(cols) for r in rows):
+        raise ValueError(f"nodes table rows of one prompt with different columns: {sorted(cols)}")
+    return cols
 
 
 def _first_divergence(ctx: ShardContext, j: Judged) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import kernels
+from ..batching import split_rows, stack_rows
 from ..errors import ActdiffError
 from ..heap import reuse_freed_memory
 from ..nodes import ARCH_NOMIC_MOE, INPUT_IDS, LAYOUT_OPS, Graph, MoeBlock, build_graph, load_config_json
@@ -200,9 +201,9 @@ class Engine:
         node = self.graph[name]
         if len(inputs) < 2 or node.op in LAYOUT_OPS:
             return [self.replay_node(name, x, variant) for x in inputs]
-        rows = np.cumsum([len(x[node.inputs[0]]) for x in inputs])[:-1]
-        out = self.replay_node(name, {i: np.concatenate([x[i] for x in inputs]) for i in node.inputs}, variant)
-        return np.split(out, rows)
+        rows = [len(x[node.inputs[0]]) for x in inputs]
+        out = self.replay_node(name, {i: stack_rows([x[i] for x in inputs]) for i in node.inputs}, variant)
+        return split_rows(out, rows)
 
     def _moe_block(self, node: str | MoeBlock) -> MoeBlock:
         """The MoE block of a block node (e.g. its router's name), or the block itself."""
