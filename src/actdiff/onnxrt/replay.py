@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batching import split_rows, stack_rows
 from ..errors import ModelError
 from ..nodes import INPUT_IDS, LAYOUT_OPS, TOKEN_SUM_OPS, Graph
 from ..sides.base import same_bits
@@ -254,10 +255,10 @@ class OrtReplay:
         node = self.graph[name]
         if len(inputs) < 2 or not self._stackable(node) or self.stacks.get(name) is False:
             return [self.replay_node(name, x) for x in inputs]
-        rows = np.cumsum([len(x[node.inputs[0]]) for x in inputs])[:-1]
-        stacked = {i: np.concatenate([x[i] for x in inputs]) for i in node.inputs}
+        rows = [len(x[node.inputs[0]]) for x in inputs]
+        stacked = {i: stack_rows([x[i] for x in inputs]) for i in node.inputs}  # a view of a dump's window, if it can
         if name in self.stacks:
-            return np.split(self._run(name, name, stacked, stacked=True), rows)
+            return split_rows(self._run(name, name, stacked, stacked=True), rows)
         if _tokens(self.graph, stacked) <= 3:
             return [self.replay_node(name, x) for x in inputs]
         alone = [self.replay_node(name, x) for x in inputs]
@@ -276,7 +277,7 @@ class OrtReplay:
         node = self.graph[name]
         loud = {i: np.concatenate([inputs[0][i], _scaled_floats(inputs[1][i], 1024.0)]) for i in node.inputs}
         try:
-            together = np.split(self._run(name, name, stacked, stacked=True), rows)
+            together = split_rows(self._run(name, name, stacked, stacked=True), rows)
             first = self._run(name, name, loud, stacked=True)[: rows[0]]
         except Exception as e:  # noqa: BLE001 - a trial that fails only means: not stackable
             log.debug("onnxruntime replay of %s: stacked prompts fail (%s)", name, e)
