@@ -41,7 +41,7 @@ from ..h5io import ActivationReader
 from ..nodes import Graph, build_graph, load_config_json
 from ..tables import REFERENCE_NOISE
 from ..variants import REFERENCE_VARIANT, policy
-from .budgets import Noise, budget, fp32_noise_many, reference_precision_of
+from .budgets import Noise, budget_of, budget_terms, fp32_noise_many, reference_precision_of
 from .grouped import group_plan, grouped
 from .propagation import Propagation, shared_routing_holds, step_together
 
@@ -94,9 +94,10 @@ def _measure_group(graph: Graph, group: list, weights64, shared: dict, cols: dic
     try:
         for node in graph:
             weights64.visit(node)
+            terms = budget_terms(node, SHARED_PRECISION, shared["overrides"], shared["reference"])
             for k, nz in enumerate(fp32_noise_many(graph, node, [ref for _, ref in group], weights64)):
                 noise[k].append(nz)
-                budgets[k][node.name] = budget(node, SHARED_PRECISION, nz, shared["overrides"], shared["reference"])
+                budgets[k][node.name] = budget_of(terms, nz)
             step_together(props, node, budgets)
     finally:
         weights64.visit(None)
