@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ..batching import split_rows
 from ..nodes import INPUT_IDS
 from .findings import Finding
 from .refops import NotApplicable, run_op
@@ -440,7 +441,7 @@ def recover_token_map(ctx: SearchContext) -> Iterator[Finding]:
     if fn is not None:  # a consistent function of the id: applied to every id (also ones it never saw)
         mapped = [fn(i) % size for i in ids]
     else:  # no simple function: the rows found, token by token
-        mapped = np.split(rows, np.cumsum([len(i) for i in ids])[:-1])
+        mapped = split_rows(rows, [len(i) for i in ids])
     replace = {} if name_t == own else {own: ctx.weights[name_t]}
     err = _rerun(ctx, replace, inputs=[{**x, INPUT_IDS: m} for x, m in zip(ctx.inputs, mapped, strict=True)])
     pairs = sorted({(int(a), int(b)) for a, b in zip(flat, rows, strict=True) if a != b})
